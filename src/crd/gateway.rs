@@ -1,0 +1,909 @@
+//! `ApiGateway`: one gateway deployment, how its revisions roll out, how it is watched and where
+//! its escalations go.
+
+// Each `printcolumn(...)` repeats `type_ = ...`; clippy reads them as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::duration::KubeDuration;
+
+/// Desired state of one API gateway: what runs, how new revisions are gated, how it is watched.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "apitree.io",
+    version = "v1alpha1",
+    kind = "ApiGateway",
+    namespaced,
+    status = "ApiGatewayStatus",
+    shortname = "agw",
+    category = "apitree",
+    doc = "An API gateway that apitree deploys with a 5-check Blue/Green gate, watches for error-rate anomalies and heals.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the gateway is in its lifecycle"
+    ),
+    printcolumn(
+        name = "Active",
+        type_ = "string",
+        json_path = ".status.activeRevision",
+        description = "Revision that takes traffic"
+    ),
+    printcolumn(
+        name = "Gate",
+        type_ = "string",
+        json_path = ".status.gate.progress",
+        description = "Gate checks passed for the preview revision, e.g. 3/5"
+    ),
+    printcolumn(
+        name = "Incidents",
+        type_ = "integer",
+        json_path = ".status.openIncidents",
+        description = "Open incidents"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiGatewaySpec {
+    /// Container image of the proxy. Empty means the operator's own image, so operator and data
+    /// plane upgrade together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Proxy replicas per color (blue and green each run this many while both are up).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+
+    /// Compute resources of each proxy container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// What the proxy does: routes, rate-limit tiers and defaults. Any change here is a new
+    /// revision and goes through the gate.
+    pub proxy: ProxySpec,
+
+    /// PostgreSQL holding keys, orgs, credentials and incidents. Without it the proxy runs
+    /// DB-less from the rendered config and drift checks are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<SecretKeyRef>,
+
+    /// Redis for rate-limit counters shared across replicas. Without it each replica limits on
+    /// its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<SecretKeyRef>,
+
+    /// Secrets the proxy needs: the key-hashing pepper and the versioned master key that
+    /// decrypts upstream credentials. Their versions are part of the revision hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<ProxySecrets>,
+
+    /// How a new revision rolls out.
+    #[serde(default)]
+    pub gate: GateSpec,
+
+    /// How the running gateway is watched for anomalies.
+    #[serde(default)]
+    pub detection: DetectionSpec,
+
+    /// Where escalations go.
+    #[serde(default)]
+    pub escalation: EscalationSpec,
+
+    /// What to do when the gateway database's schema drifts from what this release expects:
+    /// `auto` fixes additive and security drift at once, `prompt` asks on Slack before fixing,
+    /// `report` only records it, `off` does not check.
+    #[serde(default)]
+    pub drift_policy: DriftPolicy,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+/// A key inside a Secret in the resource's namespace.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret whose value is used (for databases and Redis: the URL).
+    #[serde(default = "default_url_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".to_string()
+}
+
+/// Secrets of the data plane.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySecrets {
+    /// Pepper for HMAC-SHA256 API-key hashes. Changing it invalidates every stored key hash.
+    pub key_pepper: SecretKeyRef,
+    /// Master key (32 bytes, base64) for AES-256-GCM upstream credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_key: Option<SecretKeyRef>,
+    /// Version id of the master key; stored with every ciphertext so keys can rotate.
+    #[serde(default = "default_master_key_version")]
+    #[schemars(range(min = 1))]
+    pub master_key_version: i32,
+}
+
+fn default_master_key_version() -> i32 {
+    1
+}
+
+/// The proxy's behaviour.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.routes.all(r, self.routes.exists_one(o, o.name == r.name))", "message": "route names must be unique"},
+    {"rule": "self.routes.all(r, !has(r.tier) || self.tiers.exists(t, t.name == r.tier))", "message": "a route names a tier that is not defined in proxy.tiers"},
+    {"rule": "!has(self.defaultTier) || self.tiers.exists(t, t.name == self.defaultTier)", "message": "defaultTier names a tier that is not defined in proxy.tiers"}
+]))]
+pub struct ProxySpec {
+    /// Routes, matched by longest path prefix.
+    #[schemars(length(min = 1, max = 128))]
+    pub routes: Vec<RouteSpec>,
+    /// Rate-limit tiers that API keys and routes refer to by name.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.all(t, self.exists_one(o, o.name == t.name))", "message": "tier names must be unique"}
+    ]))]
+    pub tiers: Vec<TierSpec>,
+    /// Tier of keys that name none (or a tier that no longer exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_tier: Option<String>,
+    /// Upstream timeout of routes that set none.
+    #[serde(default = "default_route_timeout")]
+    pub default_timeout: KubeDuration,
+}
+
+fn default_route_timeout() -> KubeDuration {
+    KubeDuration::from_secs(30)
+}
+
+/// One route of the gateway.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// Route name, used in metrics, incidents and access logs.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Path prefix that selects this route, e.g. `/weather/`.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub path_prefix: String,
+    /// Upstream base URL; the path after the prefix is appended.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://"))]
+    pub upstream: String,
+    /// Upstream call timeout; defaults to `proxy.defaultTimeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<KubeDuration>,
+    /// Key scopes allowed on this route. A `test` key on a `live`-only route gets 403.
+    #[serde(default = "default_scopes")]
+    #[schemars(length(min = 1, max = 2))]
+    pub scopes: Vec<KeyScope>,
+    /// Rate-limit tier for this route's traffic; defaults to the key's own tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Name of the upstream credential injected into calls (BYOK or system), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// Korean PII handling on responses: `off`, `flag` (header and metric) or `mask` (rewrite).
+    #[serde(default)]
+    pub pii: PiiMode,
+    /// Circuit breaker of this route's upstream.
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    /// Log request and response bodies. Off by default: access logs hold metadata only.
+    #[serde(default)]
+    pub log_bodies: bool,
+}
+
+fn default_scopes() -> Vec<KeyScope> {
+    vec![KeyScope::Live, KeyScope::Test]
+}
+
+/// API key scope.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyScope {
+    /// Production keys (`at_live_…`).
+    Live,
+    /// Sandbox keys (`at_test_…`).
+    Test,
+}
+
+/// PII handling of a route.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum PiiMode {
+    /// No scanning.
+    #[default]
+    Off,
+    /// Scan; report findings in a response header and a metric; do not change the body.
+    Flag,
+    /// Scan and replace findings in the response body.
+    Mask,
+}
+
+/// Circuit-breaker settings of an upstream.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerSpec {
+    /// Open after this many consecutive failures.
+    #[serde(default = "default_consecutive_failures")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: u32,
+    /// Or open when this share of calls in the rolling window failed (0 < ratio ≤ 1)…
+    #[serde(default = "default_failure_ratio")]
+    #[schemars(range(min = 0.01, max = 1.0))]
+    pub failure_ratio: f64,
+    /// …and the window holds at least this many calls.
+    #[serde(default = "default_min_calls")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub min_calls: u32,
+    /// How long the breaker stays open before half-open probes.
+    #[serde(default = "default_open_for")]
+    pub open_for: KubeDuration,
+    /// Probes let through while half-open; all must succeed to close.
+    #[serde(default = "default_half_open_probes")]
+    #[schemars(range(min = 1, max = 100))]
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            failure_ratio: default_failure_ratio(),
+            min_calls: default_min_calls(),
+            open_for: default_open_for(),
+            half_open_probes: default_half_open_probes(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_failure_ratio() -> f64 {
+    0.5
+}
+fn default_min_calls() -> u32 {
+    20
+}
+fn default_open_for() -> KubeDuration {
+    KubeDuration::from_secs(30)
+}
+fn default_half_open_probes() -> u32 {
+    3
+}
+
+/// A rate-limit tier: limits per key and per org over a 10-second burst, a minute and a day.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TierSpec {
+    /// Tier name, referenced by keys and routes.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Limits of each API key.
+    pub per_key: WindowLimits,
+    /// Limits of all keys of one org together.
+    pub per_org: WindowLimits,
+}
+
+/// Request limits over the three windows; all are checked and counted together.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.burst10s <= self.perMinute && self.perMinute <= self.perDay", "message": "limits must not shrink as windows grow: burst10s <= perMinute <= perDay"}
+]))]
+pub struct WindowLimits {
+    /// Requests per 10 seconds.
+    #[schemars(range(min = 1))]
+    pub burst10s: u64,
+    /// Requests per minute.
+    #[schemars(range(min = 1))]
+    pub per_minute: u64,
+    /// Requests per day (the daily quota).
+    #[schemars(range(min = 1))]
+    pub per_day: u64,
+}
+
+/// How a new revision is gated before it takes traffic.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GateSpec {
+    /// Time every green replica has to become ready (check 1, rollout).
+    #[serde(default = "default_rollout_deadline")]
+    pub rollout_deadline: KubeDuration,
+    /// How long green's traffic is observed before the analysis check decides (check 5).
+    #[serde(default = "default_observation_window")]
+    pub observation_window: KubeDuration,
+    /// Requests green must have served in the window; fewer makes the analysis Inconclusive,
+    /// never Passed.
+    #[serde(default = "default_min_samples")]
+    #[schemars(range(min = 1))]
+    pub min_samples: u64,
+    /// Green fails when its error ratio exceeds blue's by more than this (absolute, 0.01 = one
+    /// percentage point) and the difference is significant.
+    #[serde(default = "default_max_error_ratio_increase")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_ratio_increase: f64,
+    /// Green fails when its p99 latency exceeds blue's by this factor.
+    #[serde(default = "default_max_latency_ratio")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub max_latency_ratio: f64,
+    /// Significance level of the analysis test.
+    #[serde(default = "default_gate_alpha")]
+    #[schemars(range(min = 0.0001, max = 0.5))]
+    pub alpha: f64,
+    /// Requests sent through the preview endpoint (check 4). A probe without a key that must be
+    /// refused is always added.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub smoke: Vec<SmokeProbe>,
+    /// Switch traffic as soon as 5/5 checks pass; otherwise wait in AwaitingApproval for the
+    /// `apitree.io/promote=<revision>` annotation or the Slack Promote button.
+    #[serde(default)]
+    pub auto_promote: bool,
+    /// How long blue stays warm after the switch; a critical incident on green inside it rolls
+    /// back automatically.
+    #[serde(default = "default_rollback_window")]
+    pub rollback_window: KubeDuration,
+}
+
+impl Default for GateSpec {
+    fn default() -> Self {
+        Self {
+            rollout_deadline: default_rollout_deadline(),
+            observation_window: default_observation_window(),
+            min_samples: default_min_samples(),
+            max_error_ratio_increase: default_max_error_ratio_increase(),
+            max_latency_ratio: default_max_latency_ratio(),
+            alpha: default_gate_alpha(),
+            smoke: Vec::new(),
+            auto_promote: false,
+            rollback_window: default_rollback_window(),
+        }
+    }
+}
+
+fn default_rollout_deadline() -> KubeDuration {
+    KubeDuration::from_secs(600)
+}
+fn default_observation_window() -> KubeDuration {
+    KubeDuration::from_secs(300)
+}
+fn default_min_samples() -> u64 {
+    200
+}
+fn default_max_error_ratio_increase() -> f64 {
+    0.01
+}
+fn default_max_latency_ratio() -> f64 {
+    1.5
+}
+fn default_gate_alpha() -> f64 {
+    0.05
+}
+fn default_rollback_window() -> KubeDuration {
+    KubeDuration::from_secs(1_800)
+}
+
+/// One smoke request sent to the preview revision.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SmokeProbe {
+    /// Probe name shown in the gate's check detail.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Request path, e.g. `/weather/today`.
+    #[schemars(regex(pattern = r"^/"))]
+    pub path: String,
+    /// HTTP method.
+    #[serde(default = "default_method")]
+    #[schemars(regex(pattern = r"^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS)$"))]
+    pub method: String,
+    /// Status the probe must get back.
+    #[serde(default = "default_expect_status")]
+    #[schemars(range(min = 100, max = 599))]
+    pub expect_status: u16,
+    /// Secret key holding the API key the probe sends; none sends no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<SecretKeyRef>,
+}
+
+fn default_method() -> String {
+    "GET".to_string()
+}
+fn default_expect_status() -> u16 {
+    200
+}
+
+/// How the running gateway is watched.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.thresholds.warning < self.thresholds.high && self.thresholds.high < self.thresholds.critical", "message": "thresholds must be ordered: warning < high < critical"},
+    {"rule": "self.source.type != 'prometheus' || has(self.source.prometheusUrl)", "message": "source.prometheusUrl is required when source.type is prometheus"}
+]))]
+pub struct DetectionSpec {
+    /// Length of one scoring window.
+    #[serde(default = "default_detection_window")]
+    pub window: KubeDuration,
+    /// How the baseline is computed from past windows.
+    #[serde(default)]
+    pub baseline: BaselineMethod,
+    /// Floor of the baseline error ratio, so a near-zero baseline cannot turn one error into "10x".
+    #[serde(default = "default_baseline_floor")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub baseline_floor: f64,
+    /// Score multiples (current ratio / baseline) for each severity.
+    #[serde(default)]
+    pub thresholds: SeverityThresholds,
+    /// Significance level: a severity is raised only when the excess has a p-value below this.
+    #[serde(default = "default_detection_alpha")]
+    #[schemars(range(min = 0.000001, max = 0.5))]
+    pub alpha: f64,
+    /// Requests a window must hold before it can raise anything.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1))]
+    pub min_requests: u64,
+    /// Consecutive quiet windows before an incident de-escalates or resolves.
+    #[serde(default = "default_resolve_after")]
+    #[schemars(range(min = 1, max = 100))]
+    pub resolve_after_windows: u32,
+    /// Where window metrics come from.
+    #[serde(default)]
+    pub source: MetricSource,
+}
+
+impl Default for DetectionSpec {
+    fn default() -> Self {
+        Self {
+            window: default_detection_window(),
+            baseline: BaselineMethod::default(),
+            baseline_floor: default_baseline_floor(),
+            thresholds: SeverityThresholds::default(),
+            alpha: default_detection_alpha(),
+            min_requests: default_min_requests(),
+            resolve_after_windows: default_resolve_after(),
+            source: MetricSource::default(),
+        }
+    }
+}
+
+fn default_detection_window() -> KubeDuration {
+    KubeDuration::from_secs(300)
+}
+fn default_baseline_floor() -> f64 {
+    0.001
+}
+fn default_detection_alpha() -> f64 {
+    0.01
+}
+fn default_min_requests() -> u64 {
+    100
+}
+fn default_resolve_after() -> u32 {
+    3
+}
+
+/// Baseline method.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum BaselineMethod {
+    /// Same time last week when a week of history exists, else the recent median.
+    #[default]
+    Auto,
+    /// Always the median of recent windows.
+    RecentMedian,
+    /// Always the same time of day one week earlier (Inconclusive until history exists).
+    SameTimeLastWeek,
+}
+
+/// Severity multiples of the baseline.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SeverityThresholds {
+    /// Warning at this multiple.
+    #[serde(default = "default_warning")]
+    #[schemars(range(min = 1.0))]
+    pub warning: f64,
+    /// High at this multiple.
+    #[serde(default = "default_high")]
+    #[schemars(range(min = 1.0))]
+    pub high: f64,
+    /// Critical at this multiple.
+    #[serde(default = "default_critical")]
+    #[schemars(range(min = 1.0))]
+    pub critical: f64,
+}
+
+impl Default for SeverityThresholds {
+    fn default() -> Self {
+        Self {
+            warning: default_warning(),
+            high: default_high(),
+            critical: default_critical(),
+        }
+    }
+}
+
+fn default_warning() -> f64 {
+    3.0
+}
+fn default_high() -> f64 {
+    5.0
+}
+fn default_critical() -> f64 {
+    10.0
+}
+
+/// Where the detector reads window metrics.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricSource {
+    /// `scrape` reads each proxy's `/metrics`; `prometheus` queries a Prometheus server.
+    #[serde(default, rename = "type")]
+    pub type_: MetricSourceType,
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub prometheus_url: Option<String>,
+}
+
+/// Metric source kind.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum MetricSourceType {
+    /// Scrape the proxies directly.
+    #[default]
+    Scrape,
+    /// Query PromQL over HTTP.
+    Prometheus,
+}
+
+/// Where escalations go.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EscalationSpec {
+    /// Slack delivery. Without it notifications go to Events and the operator log only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackSpec>,
+    /// Link to the runbook shown in every escalation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runbook_url: Option<String>,
+}
+
+/// Slack delivery settings.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SlackSpec {
+    /// Channel per severity; a missing severity falls back to the next lower one that is set.
+    pub channels: SlackChannels,
+    /// User group mentioned on critical incidents, e.g. `S0123ABCD` for @oncall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical_mention: Option<String>,
+    /// Secret key holding the bot token (`xoxb-…`).
+    pub token: SecretKeyRef,
+    /// Secret key holding the signing secret that verifies button clicks.
+    pub signing_secret: SecretKeyRef,
+}
+
+/// Slack channel ids by severity.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SlackChannels {
+    /// Channel for warnings and rollout notices.
+    pub warning: String,
+    /// Channel for high severity; defaults to the warning channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high: Option<String>,
+    /// Channel for critical severity; defaults to the high channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical: Option<String>,
+}
+
+/// Schema-drift policy.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum DriftPolicy {
+    /// Fix additive and security drift at once; destructive changes still wait for approval.
+    Auto,
+    /// Ask on Slack before fixing anything.
+    #[default]
+    Prompt,
+    /// Only record drift in status and fail the schema gate check.
+    Report,
+    /// Do not check.
+    Off,
+}
+
+/// Observed state of an ApiGateway.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiGatewayStatus {
+    /// Lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<GatewayPhase>,
+    /// Color that takes traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_color: Option<Color>,
+    /// Revision that takes traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_revision: Option<String>,
+    /// Revision under test behind the preview Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_revision: Option<String>,
+    /// The gate of the preview revision (or of the last one gated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateStatus>,
+    /// Last revision the gate refused or rolled back; not retried until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_revision: Option<RejectedRevision>,
+    /// Number of open incidents.
+    #[serde(default)]
+    pub open_incidents: i32,
+    /// Open incidents, most severe first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incidents: Vec<IncidentSummary>,
+    /// Result of the last schema-drift check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftSummary>,
+    /// Conditions: `Ready`, `Progressing`, `Degraded`, `SpecValid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Lifecycle phase of a gateway.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum GatewayPhase {
+    /// One revision serves; nothing in flight.
+    Stable,
+    /// A new revision is being deployed.
+    Progressing,
+    /// The gate is checking the preview revision.
+    Gating,
+    /// 5/5 passed; waiting for a human to promote.
+    AwaitingApproval,
+    /// Traffic switched; blue kept warm inside the rollback window.
+    Promoting,
+    /// The last revision was refused or rolled back; the previous one serves.
+    RolledBack,
+    /// The spec is invalid or the gateway cannot serve as asked.
+    Degraded,
+}
+
+/// Deployment color.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Color {
+    Blue,
+    Green,
+}
+
+/// The gate run of one revision.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GateStatus {
+    /// Revision the checks ran against; results never carry over to another revision.
+    pub revision: String,
+    /// Checks passed out of five, e.g. `3/5`.
+    pub progress: String,
+    /// When the gate started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// The five checks in order.
+    #[serde(default)]
+    pub checks: Vec<GateCheckStatus>,
+}
+
+/// One recorded check verdict.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GateCheckStatus {
+    /// Check name: rollout, health, schema, smoke, analysis.
+    pub name: String,
+    /// Verdict.
+    pub phase: CheckPhase,
+    /// Observed value, e.g. `0.8%` or `3/3 ready`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<String>,
+    /// Threshold it was compared with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<String>,
+    /// Samples the verdict rests on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
+    /// p-value of the significance test, where one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
+    /// Why the check is in this phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339 start time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// RFC 3339 finish time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+/// Verdict of one gate check.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum CheckPhase {
+    Pending,
+    Running,
+    Passed,
+    Failed,
+    Inconclusive,
+    Skipped,
+}
+
+/// A revision the gate refused or rolled back.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedRevision {
+    /// The revision hash.
+    pub revision: String,
+    /// Failed check or rollback trigger, in words.
+    pub reason: String,
+    /// RFC 3339 time of the decision.
+    pub at: String,
+}
+
+/// An open incident in brief.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IncidentSummary {
+    /// Incident id.
+    pub id: String,
+    /// Signal: errorRatio, authFailures, latency, breakerOpen, credentialChange.
+    pub signal: String,
+    /// Route, or empty for gateway-wide signals.
+    #[serde(default)]
+    pub route: String,
+    /// warning, high or critical.
+    pub severity: String,
+    /// Score: current ratio / baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// RFC 3339 time it opened.
+    pub opened_at: String,
+}
+
+/// Result of the last drift check.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftSummary {
+    /// RFC 3339 time of the check.
+    pub checked_at: String,
+    /// Objects the migrations create that the database lacks.
+    #[serde(default)]
+    pub missing: u32,
+    /// Objects in the database the migrations do not create.
+    #[serde(default)]
+    pub extra: u32,
+    /// Objects that differ.
+    #[serde(default)]
+    pub changed: u32,
+    /// Of those, items that weaken security (RLS off, policy or audit trigger gone).
+    #[serde(default)]
+    pub security: u32,
+    /// Short human summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A problem with a spec that the schema cannot express.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecProblem {
+    /// JSON path of the field, e.g. `spec.proxy.routes[1].tier`.
+    pub path: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl ApiGatewaySpec {
+    /// Checks the rules that span fields. The same rules are CEL validations in the CRD, so a
+    /// cluster refuses such a spec at admission; this catches them where no API server runs
+    /// (`apitree local`) and in resources applied before the CRD was upgraded.
+    pub fn problems(&self) -> Vec<SpecProblem> {
+        let mut out = Vec::new();
+        let mut push = |path: String, message: String| out.push(SpecProblem { path, message });
+        let t = &self.detection.thresholds;
+        if !(t.warning < t.high && t.high < t.critical) {
+            push(
+                "spec.detection.thresholds".into(),
+                format!(
+                    "thresholds must be ordered warning < high < critical, got {} / {} / {}",
+                    t.warning, t.high, t.critical
+                ),
+            );
+        }
+        if self.detection.source.type_ == MetricSourceType::Prometheus
+            && self.detection.source.prometheus_url.is_none()
+        {
+            push(
+                "spec.detection.source.prometheusUrl".into(),
+                "required when source.type is prometheus".into(),
+            );
+        }
+        let mut route_names = BTreeMap::new();
+        for (i, r) in self.proxy.routes.iter().enumerate() {
+            if let Some(first) = route_names.insert(r.name.as_str(), i) {
+                push(
+                    format!("spec.proxy.routes[{i}].name"),
+                    format!("route name {:?} is already used by routes[{first}]", r.name),
+                );
+            }
+            if let Some(tier) = &r.tier {
+                if !self.proxy.tiers.iter().any(|t| &t.name == tier) {
+                    push(
+                        format!("spec.proxy.routes[{i}].tier"),
+                        format!("tier {tier:?} is not defined in spec.proxy.tiers"),
+                    );
+                }
+            }
+        }
+        if let Some(tier) = &self.proxy.default_tier {
+            if !self.proxy.tiers.iter().any(|t| &t.name == tier) {
+                push(
+                    "spec.proxy.defaultTier".into(),
+                    format!("tier {tier:?} is not defined in spec.proxy.tiers"),
+                );
+            }
+        }
+        let mut tier_names = BTreeMap::new();
+        for (i, tier) in self.proxy.tiers.iter().enumerate() {
+            if let Some(first) = tier_names.insert(tier.name.as_str(), i) {
+                push(
+                    format!("spec.proxy.tiers[{i}].name"),
+                    format!(
+                        "tier name {:?} is already used by tiers[{first}]",
+                        tier.name
+                    ),
+                );
+            }
+            for (who, l) in [("perKey", &tier.per_key), ("perOrg", &tier.per_org)] {
+                if !(l.burst10s <= l.per_minute && l.per_minute <= l.per_day) {
+                    push(
+                        format!("spec.proxy.tiers[{i}].{who}"),
+                        "limits must not shrink as windows grow: burst10s <= perMinute <= perDay"
+                            .into(),
+                    );
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,202 @@
+//! The gateway database: connection, migrations and one file per table family.
+
+pub mod audit;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    Connection, PgConnection, PgPool,
+};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// How long `connect` waits for the first connection before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Database errors. Messages name the server (never the password) and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(
+        "invalid database URL: {reason}; expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+    )]
+    InvalidUrl { reason: String },
+
+    #[error("cannot connect to PostgreSQL at {target}: {cause}; {hint}")]
+    Connect {
+        target: String,
+        cause: String,
+        hint: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error("migrating the database at {target} failed: {source}")]
+    Migrate {
+        target: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    #[error("{operation} failed: {source}")]
+    Query {
+        operation: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl DbError {
+    /// A stable label for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::InvalidUrl { .. } => "InvalidDatabaseUrl",
+            Self::Connect { .. } => "DatabaseUnreachable",
+            Self::Migrate { .. } => "MigrationFailed",
+            Self::Query { .. } => "DatabaseQuery",
+        }
+    }
+
+    pub(crate) fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| Self::Query { operation, source }
+    }
+}
+
+/// Parses a database URL without ever echoing its password back.
+pub fn parse_url(url: &str) -> Result<PgConnectOptions, DbError> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(DbError::InvalidUrl {
+            reason: "the scheme must be postgres:// or postgresql://".into(),
+        });
+    }
+    PgConnectOptions::from_str(url).map_err(|e| DbError::InvalidUrl {
+        reason: redact(&e.to_string(), url),
+    })
+}
+
+/// `host:port/database` of a connection, for messages.
+pub fn describe_target(opts: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("(default database)")
+    )
+}
+
+/// Opens a small pool and proves it works with one round trip.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let opts = parse_url(url)?;
+    let target = describe_target(&opts);
+    let fail = |source: sqlx::Error| {
+        let (cause, hint) = classify_connect_error(&source);
+        DbError::Connect {
+            target: target.clone(),
+            cause: redact(&cause, url),
+            hint,
+            source,
+        }
+    };
+    // One direct connection first: a pool retries until its timeout and then reports only
+    // "timed out", hiding the refused connection or bad password the user needs to see.
+    let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&opts))
+        .await
+        .map_err(|_| fail(sqlx::Error::PoolTimedOut))?
+        .map_err(fail)?;
+    let _ = probe.close().await;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(opts)
+        .await
+        .map_err(fail)
+}
+
+/// Applies every pending migration; already applied ones are skipped, so this is idempotent.
+pub async fn migrate(pool: &PgPool, target: &str) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await.map_err(|source| DbError::Migrate {
+        target: target.to_string(),
+        source,
+    })
+}
+
+fn classify_connect_error(err: &sqlx::Error) -> (String, &'static str) {
+    use std::io::ErrorKind;
+    match err {
+        sqlx::Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionRefused => (
+                "connection refused".into(),
+                "check that PostgreSQL is running and listening on that host and port",
+            ),
+            ErrorKind::NotFound | ErrorKind::AddrNotAvailable => {
+                (io.to_string(), "check the host name in the URL")
+            }
+            _ => (
+                io.to_string(),
+                "check the host, port and network path to the server",
+            ),
+        },
+        sqlx::Error::PoolTimedOut => (
+            format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            "check the host, port and any firewall between here and the server",
+        ),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") | Some("28000") => (
+                db.message().to_string(),
+                "check the user name and password in the URL",
+            ),
+            Some("3D000") => (
+                db.message().to_string(),
+                "create the database or fix its name in the URL",
+            ),
+            _ => (db.message().to_string(), "check the server log for details"),
+        },
+        sqlx::Error::Tls(e) => (
+            e.to_string(),
+            "check sslmode in the URL and the server's TLS settings",
+        ),
+        other => (
+            other.to_string(),
+            "check the URL and that the server is reachable",
+        ),
+    }
+}
+
+/// Replaces the URL's password, wherever it appears in `text`, with `****`.
+fn redact(text: &str, url: &str) -> String {
+    let Some(rest) = url.split_once("://").map(|(_, r)| r) else {
+        return text.to_string();
+    };
+    let userinfo = match rest.rsplit_once('@') {
+        Some((userinfo, _)) => userinfo,
+        None => return text.to_string(),
+    };
+    match userinfo.split_once(':') {
+        Some((_, password)) if !password.is_empty() => text.replace(password, "****"),
+        _ => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_scheme_is_refused_with_the_expected_form() {
+        let err = parse_url("mysql://root@localhost/test")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        let url = "postgres://app:s3cr3t-pw@db.example:5432/gw";
+        let text = "error near postgres://app:s3cr3t-pw@db.example";
+        assert!(!redact(text, url).contains("s3cr3t-pw"));
+        let opts = parse_url(url).unwrap();
+        assert_eq!(describe_target(&opts), "db.example:5432/gw");
+    }
+}

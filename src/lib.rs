@@ -1,0 +1,10 @@
+//! apitree: a self-healing operator and gateway for API marketplaces.
+//!
+//! The binary in `main.rs` only parses the command line and dispatches here. See
+//! `DESIGN.md` in the shared docs for the module map and dependency directions: `crd` depends on
+//! nothing of ours, and only the operator's kube layer writes to the Kubernetes API.
+
+pub mod cli;
+pub mod crd;
+pub mod db;
+pub mod telemetry;

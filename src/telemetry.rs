@@ -1,0 +1,37 @@
+//! Logging setup: tracing to stderr, as text or JSON, filtered by an env-filter expression.
+
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+use crate::cli::LogFormat;
+
+/// Why logging could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid log filter {filter:?}: {source}; use e.g. `info` or `apitree=debug,kube=warn`")]
+pub struct TelemetryError {
+    filter: String,
+    #[source]
+    source: tracing_subscriber::filter::ParseError,
+}
+
+/// Installs the global subscriber. Call once, before anything logs.
+pub fn init(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
+    let env_filter = EnvFilter::try_new(filter).map_err(|source| TelemetryError {
+        filter: filter.to_string(),
+        source,
+    })?;
+    let registry = tracing_subscriber::registry().with(env_filter);
+    match format {
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .flatten_event(true),
+            )
+            .init(),
+    }
+    Ok(())
+}

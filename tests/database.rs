@@ -1,0 +1,277 @@
+//! The gateway database schema against a real PostgreSQL.
+
+mod common;
+
+use apitree::db::{self, audit};
+use common::TestDb;
+use serde_json::json;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+use uuid::Uuid;
+
+#[tokio::test]
+async fn migrations_apply_twice_without_change() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let tables_before: Vec<String> = table_names(&pool).await;
+    db::migrate(&pool, &tdb.name)
+        .await
+        .expect("second run is a no-op");
+    assert_eq!(tables_before, table_names(&pool).await);
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, db::MIGRATOR.iter().count());
+    for t in [
+        "orgs",
+        "users",
+        "api_keys",
+        "apis",
+        "upstream_credentials",
+        "usage_counters",
+        "incidents",
+        "notification_outbox",
+        "audit_log",
+    ] {
+        assert!(
+            tables_before.iter().any(|n| n == t),
+            "table {t} missing: {tables_before:?}"
+        );
+    }
+}
+
+async fn table_names(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Tenant tables: orgs itself and every table with an org_id column.
+async fn tenant_tables(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT table_name::text FROM information_schema.columns
+         WHERE table_schema = 'public' AND (column_name = 'org_id' OR table_name = 'orgs')
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Inserts one row in every tenant table for `org` and returns the org's API key id.
+async fn seed_org(pool: &PgPool, name: &str, tag: &str) -> Uuid {
+    let org = Uuid::new_v4();
+    let user = Uuid::new_v4();
+    let key = Uuid::new_v4();
+    let api = Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
+        .bind(org)
+        .bind(name)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO users (id, org_id, email, role) VALUES ($1, $2, $3, 'seller')")
+        .bind(user)
+        .bind(org)
+        .bind(format!("owner@{name}.example"))
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO api_keys (id, org_id, prefix, key_hash, scope) VALUES ($1, $2, $3, $4, 'live')",
+    )
+    .bind(key).bind(org).bind(format!("at_live_{tag}")).bind(vec![tag.as_bytes()[0]; 32])
+    .execute(pool).await.unwrap();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', $3, 'http://up.example/')")
+        .bind(api).bind(org).bind(format!("/{name}/")).execute(pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
+         VALUES ($1, $2, $3, 'vendor', 'byok', '\\x00ff', $4, 1)",
+    )
+    .bind(Uuid::new_v4()).bind(org).bind(api).bind(vec![0u8; 12]).execute(pool).await.unwrap();
+    sqlx::query("INSERT INTO usage_counters (org_id, api_key_id, api_id, window_start, requests) VALUES ($1, $2, $3, now(), 5)")
+        .bind(org).bind(key).bind(api).execute(pool).await.unwrap();
+    audit::append(
+        pool,
+        "test",
+        "org.create",
+        name,
+        Some(org),
+        &json!({"name": name}),
+    )
+    .await
+    .unwrap();
+    org
+}
+
+#[tokio::test]
+async fn tenant_role_sees_only_its_own_org_in_every_tenant_table() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let org_a = seed_org(&pool, "alpha", "aaaa").await;
+    let org_b = seed_org(&pool, "bravo", "bbbb").await;
+
+    let tables = tenant_tables(&pool).await;
+    assert!(
+        tables.len() >= 7,
+        "expected the tenant tables, found {tables:?}"
+    );
+    for t in &tables {
+        let rls: bool =
+            sqlx::query_scalar("SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass")
+                .bind(t)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert!(rls, "row-level security is not enabled on {t}");
+    }
+
+    // A non-superuser role, as a tenant-facing service would use.
+    let role = format!("tenant_{}", Uuid::new_v4().simple());
+    common::exec(
+        &pool,
+        format!("CREATE ROLE {role} NOLOGIN NOSUPERUSER NOBYPASSRLS"),
+    )
+    .await
+    .unwrap();
+    common::exec(
+        &pool,
+        format!("GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role}"),
+    )
+    .await
+    .unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    common::exec(&mut *conn, format!("SET ROLE {role}"))
+        .await
+        .unwrap();
+    common::exec(&mut *conn, format!("SET apitree.org_id = '{org_a}'"))
+        .await
+        .unwrap();
+    for t in &tables {
+        let org_col = if t == "orgs" { "id" } else { "org_id" };
+        let rows = sqlx::query(AssertSqlSafe(format!("SELECT {org_col} AS org FROM {t}")))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        assert!(!rows.is_empty(), "{t}: org A should see its own rows");
+        for r in rows {
+            let org: Option<Uuid> = r.get("org");
+            assert_eq!(org, Some(org_a), "{t}: a row of another org is visible");
+        }
+    }
+    // Writing a row for org B while set to org A is refused.
+    let err = sqlx::query("INSERT INTO users (id, org_id, email) VALUES ($1, $2, 'x@b.example')")
+        .bind(Uuid::new_v4())
+        .bind(org_b)
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("row-level security"), "{err}");
+
+    // With no org set, nothing is visible.
+    common::exec(&mut *conn, "RESET apitree.org_id".into())
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    common::exec(&mut *conn, "RESET ROLE".into()).await.unwrap();
+    drop(conn);
+    common::exec(
+        &pool,
+        format!("REASSIGN OWNED BY {role} TO CURRENT_USER; DROP OWNED BY {role}; DROP ROLE {role}"),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn audit_log_refuses_update_delete_and_truncate() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    audit::append(
+        &pool,
+        "alice",
+        "key.create",
+        "at_live_abcd",
+        None,
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    for stmt in [
+        "UPDATE audit_log SET actor = 'mallory'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        let err = common::exec(&pool, stmt.to_string())
+            .await
+            .expect_err(stmt)
+            .to_string();
+        assert!(err.contains("append-only"), "{stmt}: {err}");
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn audit_hash_chain_links_rows_and_exposes_tampering() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    // Concurrent writers still produce one gapless chain.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            audit::append(
+                &pool,
+                &format!("actor-{i}"),
+                "key.rotate",
+                "at_live_zzzz",
+                None,
+                &json!({"n": i, "note": "grace 24h", "nested": {"b": [1, 2.50, "x"], "a": null}}),
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rows = audit::read_rows(&pool, 0, 1000).await.unwrap();
+    assert_eq!(rows.len(), 20);
+    for pair in rows.windows(2) {
+        assert_eq!(pair[1].id, pair[0].id + 1);
+        assert_eq!(
+            pair[1].prev_hash, pair[0].hash,
+            "row {} does not link to {}",
+            pair[1].id, pair[0].id
+        );
+    }
+    let mut verifier = audit::ChainVerifier::new();
+    for r in &rows {
+        verifier.feed(r).expect("untouched chain verifies");
+    }
+    assert_eq!(verifier.verified(), 20);
+
+    // A superuser edits row 7 behind the triggers' back; the chain names that row.
+    common::exec(&pool, "ALTER TABLE audit_log DISABLE TRIGGER USER; UPDATE audit_log SET actor = 'mallory' WHERE id = 7; ALTER TABLE audit_log ENABLE TRIGGER USER".into())
+        .await.unwrap();
+    let rows = audit::read_rows(&pool, 0, 1000).await.unwrap();
+    let mut verifier = audit::ChainVerifier::new();
+    let broken = rows
+        .iter()
+        .find_map(|r| verifier.feed(r).err())
+        .expect("tampering detected");
+    assert_eq!(broken.id, 7);
+}
