@@ -9,7 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// a Kubernetes operator that gates every new revision Blue/Green, detects error-rate anomalies,
 /// remediates schema drift and prompts credential rotation.
 #[derive(Debug, Parser)]
-#[command(name = "apitree", version, propagate_version = true)]
+#[command(
+    name = "apitree",
+    version,
+    propagate_version = true,
+    after_help = "Examples:\n  apitree crds | kubectl apply --server-side -f -\n  apitree crds --out crds --out charts/apitree/crds\n  DATABASE_URL=postgres://postgres@127.0.0.1/apitree apitree migrate"
+)]
 pub struct Cli {
     /// Log line format on stderr: `text` for people, `json` for log pipelines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "APITREE_LOG_FORMAT")]
