@@ -7,4 +7,5 @@
 pub mod cli;
 pub mod crd;
 pub mod db;
+pub mod proxy;
 pub mod telemetry;

@@ -1,0 +1,278 @@
+//! A circuit breaker per upstream: a small state machine on an injected clock.
+//!
+//! Closed → Open after `consecutive_failures` failures in a row, or when at least `min_calls`
+//! calls in the current 30-second window failed at `failure_ratio` or more. Open refuses calls
+//! (fast 503) for `open_for`; then Half-open lets `half_open_probes` calls through: all succeed →
+//! Closed, any fails → Open again.
+
+use std::sync::Mutex;
+
+use crate::crd::gateway::BreakerSpec;
+
+/// Length of the window the failure ratio is computed over.
+const RATIO_WINDOW_MS: u64 = 30_000;
+
+/// Observable breaker state (also the metric value: 0, 1, 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
+}
+
+impl BreakerState {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::HalfOpen => "half_open",
+            Self::Open => "open",
+        }
+    }
+}
+
+/// Settings in milliseconds and counts.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerSettings {
+    pub consecutive_failures: u32,
+    pub failure_ratio: f64,
+    pub min_calls: u32,
+    pub open_for_ms: u64,
+    pub half_open_probes: u32,
+}
+
+impl From<&BreakerSpec> for BreakerSettings {
+    fn from(s: &BreakerSpec) -> Self {
+        Self {
+            consecutive_failures: s.consecutive_failures,
+            failure_ratio: s.failure_ratio,
+            min_calls: s.min_calls,
+            open_for_ms: s.open_for.as_std().as_millis() as u64,
+            half_open_probes: s.half_open_probes,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    consecutive: u32,
+    window_start: u64,
+    calls: u32,
+    failures: u32,
+    open_until: u64,
+    probes_started: u32,
+    probes_ok: u32,
+}
+
+/// What happened on a transition, for metrics and detector events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Opened,
+    HalfOpened,
+    Closed,
+}
+
+/// One upstream's breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    settings: BreakerSettings,
+    inner: Mutex<Inner>,
+}
+
+/// Permission to call; report the outcome with [`Breaker::record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Allowed,
+    Probe,
+    Refused { retry_after_ms: u64 },
+}
+
+impl Breaker {
+    pub fn new(settings: BreakerSettings) -> Self {
+        Self {
+            settings,
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                consecutive: 0,
+                window_start: 0,
+                calls: 0,
+                failures: 0,
+                open_until: 0,
+                probes_started: 0,
+                probes_ok: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.lock().state
+    }
+
+    /// Asks to make a call at `now_ms`. May move Open → Half-open.
+    pub fn admit(&self, now_ms: u64) -> (Admission, Option<Transition>) {
+        let mut s = self.lock();
+        match s.state {
+            BreakerState::Closed => (Admission::Allowed, None),
+            BreakerState::Open if now_ms < s.open_until => (
+                Admission::Refused {
+                    retry_after_ms: s.open_until - now_ms,
+                },
+                None,
+            ),
+            BreakerState::Open => {
+                s.state = BreakerState::HalfOpen;
+                s.probes_started = 1;
+                s.probes_ok = 0;
+                (Admission::Probe, Some(Transition::HalfOpened))
+            }
+            BreakerState::HalfOpen if s.probes_started < self.settings.half_open_probes => {
+                s.probes_started += 1;
+                (Admission::Probe, None)
+            }
+            BreakerState::HalfOpen => (
+                Admission::Refused {
+                    retry_after_ms: 1_000,
+                },
+                None,
+            ),
+        }
+    }
+
+    /// Records the outcome of an admitted call.
+    pub fn record(&self, ok: bool, now_ms: u64) -> Option<Transition> {
+        let settings = self.settings;
+        let mut s = self.lock();
+        match s.state {
+            BreakerState::HalfOpen => {
+                if !ok {
+                    return Some(open(&mut s, now_ms, settings));
+                }
+                s.probes_ok += 1;
+                if s.probes_ok >= settings.half_open_probes {
+                    s.state = BreakerState::Closed;
+                    s.consecutive = 0;
+                    s.calls = 0;
+                    s.failures = 0;
+                    s.window_start = now_ms;
+                    return Some(Transition::Closed);
+                }
+                None
+            }
+            BreakerState::Open => None,
+            BreakerState::Closed => {
+                if now_ms.saturating_sub(s.window_start) >= RATIO_WINDOW_MS {
+                    s.window_start = now_ms;
+                    s.calls = 0;
+                    s.failures = 0;
+                }
+                s.calls += 1;
+                if ok {
+                    s.consecutive = 0;
+                    return None;
+                }
+                s.failures += 1;
+                s.consecutive += 1;
+                let ratio_trip = s.calls >= settings.min_calls
+                    && s.failures as f64 / s.calls as f64 >= settings.failure_ratio;
+                if s.consecutive >= settings.consecutive_failures || ratio_trip {
+                    return Some(open(&mut s, now_ms, settings));
+                }
+                None
+            }
+        }
+    }
+}
+
+fn open(s: &mut Inner, now_ms: u64, settings: BreakerSettings) -> Transition {
+    s.state = BreakerState::Open;
+    s.open_until = now_ms + settings.open_for_ms;
+    s.consecutive = 0;
+    s.calls = 0;
+    s.failures = 0;
+    Transition::Opened
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerSettings {
+            consecutive_failures: 3,
+            failure_ratio: 0.5,
+            min_calls: 10,
+            open_for_ms: 5_000,
+            half_open_probes: 2,
+        })
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_refuses_fast() {
+        let b = breaker();
+        assert_eq!(b.record(false, 0), None);
+        assert_eq!(b.record(false, 1), None);
+        assert_eq!(b.record(false, 2), Some(Transition::Opened));
+        assert_eq!(
+            b.admit(100).0,
+            Admission::Refused {
+                retry_after_ms: 4_902
+            }
+        );
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn opens_on_failure_ratio_with_enough_calls() {
+        let b = breaker();
+        let mut t = None;
+        for i in 0..10 {
+            t = b.record(i % 2 == 0, i);
+        }
+        assert_eq!(
+            t,
+            Some(Transition::Opened),
+            "5 of 10 failed, never 3 in a row"
+        );
+    }
+
+    #[test]
+    fn half_open_probes_close_or_reopen() {
+        let b = breaker();
+        for i in 0..3 {
+            b.record(false, i);
+        }
+        assert_eq!(
+            b.admit(5_002),
+            (Admission::Probe, Some(Transition::HalfOpened))
+        );
+        assert_eq!(b.admit(5_003).0, Admission::Probe);
+        assert!(
+            matches!(b.admit(5_004).0, Admission::Refused { .. }),
+            "only 2 probes at a time"
+        );
+        assert_eq!(b.record(true, 5_010), None);
+        assert_eq!(b.record(true, 5_011), Some(Transition::Closed));
+        assert_eq!(b.admit(5_012).0, Admission::Allowed);
+
+        for i in 0..3 {
+            b.record(false, 6_000 + i);
+        }
+        assert_eq!(b.admit(11_100).0, Admission::Probe);
+        assert_eq!(b.record(false, 11_101), Some(Transition::Opened));
+        assert!(matches!(b.admit(11_102).0, Admission::Refused { .. }));
+    }
+
+    #[test]
+    fn successes_reset_the_consecutive_count_below_min_calls() {
+        let b = breaker();
+        // F F S, three times: never 3 failures in a row, and 9 calls is below min_calls.
+        for i in 0..9 {
+            assert_eq!(b.record(i % 3 == 2, i), None, "call {i}");
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+}

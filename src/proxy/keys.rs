@@ -1,0 +1,250 @@
+//! API keys: format, checksum, generation and the HMAC-SHA256 stored form.
+//!
+//! A key reads `at_<scope>_<30 base62 chars><6 base62 checksum chars>`, e.g.
+//! `at_live_Xy…`. The checksum (CRC-32 of everything before it) lets the gateway refuse a typo
+//! before any lookup. Keys are stored only as HMAC-SHA256 under a server-side pepper; the first
+//! 8 body characters form a public prefix (`at_live_Xy3kQ9ab`) used in logs and listings.
+
+use std::fmt;
+
+use hmac::{Hmac, KeyInit, Mac};
+use rand::RngExt;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::crd::gateway::KeyScope;
+
+const BODY_LEN: usize = 30;
+const CHECK_LEN: usize = 6;
+const PREFIX_BODY_LEN: usize = 8;
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Why a presented key was refused before lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFormatError {
+    #[error("API keys start with at_live_ or at_test_")]
+    UnknownPrefix,
+    #[error("the API key has the wrong length or characters; copy it again in full")]
+    Malformed,
+    #[error("the API key's checksum does not match; it was probably mistyped or truncated")]
+    BadChecksum,
+}
+
+/// A syntactically valid key (checksum verified). Its Debug output never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    text: String,
+    scope: KeyScope,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey({}…)", self.prefix())
+    }
+}
+
+fn scope_tag(scope: KeyScope) -> &'static str {
+    match scope {
+        KeyScope::Live => "at_live_",
+        KeyScope::Test => "at_test_",
+    }
+}
+
+fn checksum(head: &str) -> String {
+    let mut n = crc32(head.as_bytes()) as u64;
+    let mut out = [b'0'; CHECK_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// CRC-32 (IEEE), bitwise: keys are short and checked once per request.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+impl ApiKey {
+    /// Generates a new random key of `scope`.
+    pub fn generate(scope: KeyScope) -> Self {
+        let mut rng = rand::rng();
+        let body: String = (0..BODY_LEN)
+            .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
+            .collect();
+        let head = format!("{}{body}", scope_tag(scope));
+        let text = format!("{head}{}", checksum(&head));
+        Self { text, scope }
+    }
+
+    /// Parses a presented key, checking shape and checksum (no lookup).
+    pub fn parse(text: &str) -> Result<Self, KeyFormatError> {
+        let scope = if text.starts_with("at_live_") {
+            KeyScope::Live
+        } else if text.starts_with("at_test_") {
+            KeyScope::Test
+        } else {
+            return Err(KeyFormatError::UnknownPrefix);
+        };
+        let rest = &text.as_bytes()[8..];
+        if rest.len() != BODY_LEN + CHECK_LEN || !rest.iter().all(u8::is_ascii_alphanumeric) {
+            return Err(KeyFormatError::Malformed);
+        }
+        let (head, check) = text.split_at(8 + BODY_LEN);
+        if checksum(head)
+            .as_bytes()
+            .ct_eq(check.as_bytes())
+            .unwrap_u8()
+            != 1
+        {
+            return Err(KeyFormatError::BadChecksum);
+        }
+        Ok(Self {
+            text: text.to_string(),
+            scope,
+        })
+    }
+
+    pub fn scope(&self) -> KeyScope {
+        self.scope
+    }
+
+    /// The public prefix, e.g. `at_live_Xy3kQ9ab`.
+    pub fn prefix(&self) -> &str {
+        &self.text[..8 + PREFIX_BODY_LEN]
+    }
+
+    /// The full secret text; shown to the user once, at creation.
+    pub fn expose_secret(&self) -> &str {
+        &self.text
+    }
+}
+
+/// The server-side pepper keys are hashed under. Debug output never shows it.
+#[derive(Clone)]
+pub struct Pepper(Vec<u8>);
+
+impl fmt::Debug for Pepper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pepper(****)")
+    }
+}
+
+/// Why a pepper was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("the key pepper must be at least 32 bytes (got {0}); generate one with `head -c 48 /dev/urandom | base64`")]
+pub struct WeakPepper(usize);
+
+impl Pepper {
+    pub fn new(bytes: Vec<u8>) -> Result<Self, WeakPepper> {
+        if bytes.len() < 32 {
+            return Err(WeakPepper(bytes.len()));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The stored form of a key: HMAC-SHA256(pepper, key).
+    pub fn hash(&self, key: &ApiKey) -> KeyHash {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length");
+        mac.update(key.text.as_bytes());
+        KeyHash(mac.finalize().into_bytes().into())
+    }
+}
+
+/// A stored key hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    /// Compares in constant time.
+    pub fn ct_eq(&self, other: &KeyHash) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let bytes = hex::decode(text).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({}…)", &self.to_hex()[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_parse_and_keep_their_scope() {
+        for scope in [KeyScope::Live, KeyScope::Test] {
+            let key = ApiKey::generate(scope);
+            let parsed = ApiKey::parse(key.expose_secret()).unwrap();
+            assert_eq!(parsed.scope(), scope);
+            assert_eq!(parsed.prefix().len(), 16);
+        }
+    }
+
+    #[test]
+    fn a_single_typo_is_caught_by_the_checksum() {
+        let key = ApiKey::generate(KeyScope::Live);
+        let text = key.expose_secret();
+        for i in 8..text.len() {
+            let mut bytes = text.as_bytes().to_vec();
+            bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+            let typo = String::from_utf8(bytes).unwrap();
+            assert_eq!(
+                ApiKey::parse(&typo),
+                Err(KeyFormatError::BadChecksum),
+                "position {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_are_named() {
+        assert_eq!(
+            ApiKey::parse("sk_live_abc"),
+            Err(KeyFormatError::UnknownPrefix)
+        );
+        assert_eq!(ApiKey::parse("at_live_abc"), Err(KeyFormatError::Malformed));
+        let key = ApiKey::generate(KeyScope::Test);
+        let truncated = &key.expose_secret()[..40];
+        assert_eq!(ApiKey::parse(truncated), Err(KeyFormatError::Malformed));
+    }
+
+    #[test]
+    fn hashes_depend_on_the_pepper_and_debug_hides_secrets() {
+        let key = ApiKey::generate(KeyScope::Live);
+        let p1 = Pepper::new(vec![1; 32]).unwrap();
+        let p2 = Pepper::new(vec![2; 32]).unwrap();
+        assert!(p1.hash(&key).ct_eq(&p1.hash(&key)));
+        assert!(!p1.hash(&key).ct_eq(&p2.hash(&key)));
+        let shown = format!("{key:?} {p1:?}");
+        assert!(!shown.contains(&key.expose_secret()[16..]));
+        assert!(Pepper::new(vec![0; 8]).is_err());
+    }
+
+    #[test]
+    fn crc32_matches_the_reference_vector() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+}
