@@ -52,6 +52,147 @@ pub enum Command {
     /// row-level security, the incident and notification-outbox tables and the append-only,
     /// hash-chained audit log. Exits 1 with a one-line reason when the database is unreachable.
     Migrate(DatabaseArgs),
+
+    /// Run the gateway proxy (the data plane).
+    ///
+    /// DB-less: routes, tiers, orgs, keys (hashed) and encrypted credentials come from a YAML
+    /// file. Secrets never do: the key pepper comes from APITREE_KEY_PEPPER or the file named
+    /// by secrets.pepperFile, master keys from APITREE_MASTER_KEY(+_VERSION) or
+    /// secrets.masterKeyFile. An invalid file exits 1 listing every problem with its YAML path.
+    /// SIGHUP reloads the file (an invalid new file keeps the old config); SIGTERM/Ctrl-C drain
+    /// in-flight requests, then exit.
+    ///
+    ///   apitree proxy --config examples/proxy.yaml
+    Proxy(ProxyArgs),
+
+    /// API keys: hash one for a DB-less config, or generate a new one.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+
+    /// Upstream credentials: encrypt one for a config or database entry.
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
+
+    /// Korean PII detectors on stdin: list findings, or mask them (--mask).
+    #[command(subcommand)]
+    Pii(PiiCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The proxy's YAML configuration.
+    #[arg(long, short = 'c', value_name = "FILE", env = "APITREE_CONFIG")]
+    pub config: PathBuf,
+    /// Share rate-limit counters across replicas through Redis, e.g. redis://127.0.0.1:6379.
+    /// When Redis fails, limits are applied per replica and /readyz reports degraded.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// Override the config's listen address.
+    #[arg(long, value_name = "ADDR", env = "APITREE_LISTEN")]
+    pub listen: Option<String>,
+    /// Override the config's admin address (/metrics, /healthz, /readyz).
+    #[arg(long, value_name = "ADDR", env = "APITREE_ADMIN")]
+    pub admin: Option<String>,
+    /// Do not write the JSON access log to stdout.
+    #[arg(long, env = "APITREE_NO_ACCESS_LOG")]
+    pub no_access_log: bool,
+}
+
+/// Where commands find the key pepper and master keys.
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// Read secrets.pepperFile / secrets.masterKeyFile from this proxy config (env variables
+    /// APITREE_KEY_PEPPER and APITREE_MASTER_KEY win over it).
+    #[arg(long, short = 'c', value_name = "FILE", env = "APITREE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print the stored form (prefix and HMAC hash) of a key, as a `keys:` entry for a DB-less
+    /// config. Pass the key as an argument or `-` to read it from stdin (keeps it out of shell
+    /// history).
+    Hash {
+        /// The key, or `-` for stdin.
+        key: String,
+        /// Org id to put in the entry.
+        #[arg(long, default_value = "ORG_ID")]
+        org: String,
+        #[command(flatten)]
+        secrets: SecretArgs,
+    },
+    /// Generate a new key. Prints the key once (to stdout) and its config entry (to stderr).
+    Generate {
+        /// live or test.
+        #[arg(long, value_enum, default_value_t = Scope::Live)]
+        scope: Scope,
+        /// Org id to put in the entry.
+        #[arg(long, default_value = "ORG_ID")]
+        org: String,
+        #[command(flatten)]
+        secrets: SecretArgs,
+    },
+}
+
+/// Key scope on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scope {
+    Live,
+    Test,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCommand {
+    /// Encrypt an upstream credential read from stdin for one org and API (route); prints a
+    /// `credentials:` entry. The ciphertext only decrypts for that org and API.
+    Encrypt {
+        /// Name routes use to refer to it.
+        #[arg(long)]
+        name: String,
+        /// Org the credential belongs to (the buyer's for BYOK).
+        #[arg(long)]
+        org: String,
+        /// Route (API) it is for.
+        #[arg(long)]
+        api: String,
+        /// byok or system.
+        #[arg(long, default_value = "system")]
+        kind: String,
+        /// Header to inject.
+        #[arg(long, default_value = "authorization")]
+        header: String,
+        /// Text before the secret in the header value.
+        #[arg(long, default_value = "Bearer ")]
+        value_prefix: String,
+        #[command(flatten)]
+        secrets: SecretArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PiiCommand {
+    /// Scan stdin. Lists findings (line, column, kind), or with --mask writes stdin to stdout
+    /// with every finding masked (streaming, bounded memory).
+    Scan {
+        /// Write the masked text instead of a list of findings.
+        #[arg(long)]
+        mask: bool,
+        /// Findings as text lines or one JSON document.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,15 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
 
-use apitree::cli::{Cli, Command, CrdsArgs, DatabaseArgs};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use apitree::cli::{
+    Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, KeysCommand, OutputFormat,
+    PiiCommand, ProxyArgs, Scope, SecretArgs,
+};
+use apitree::crd::gateway::KeyScope;
+use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
 use apitree::{crd, db, telemetry};
 
 fn main() -> ExitCode {
@@ -42,7 +50,217 @@ async fn run(command: Command) -> Result<()> {
     match command {
         Command::Crds(args) => crds(args),
         Command::Migrate(args) => migrate(args).await,
+        Command::Proxy(args) => run_proxy(args).await,
+        Command::Keys(cmd) => keys(cmd),
+        Command::Credentials(cmd) => credentials(cmd),
+        Command::Pii(PiiCommand::Scan { mask, format }) => pii_scan(mask, format),
     }
+}
+
+async fn run_proxy(args: ProxyArgs) -> Result<()> {
+    let opts = proxy::ProxyOptions {
+        config: args.config,
+        redis_url: args.redis_url,
+        listen: args.listen,
+        admin: args.admin,
+        access_log: !args.no_access_log,
+    };
+    proxy::serve(opts, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The proxy config named by --config (for its secret file paths), or an empty one.
+fn secret_sources(args: &SecretArgs) -> Result<(ProxyConfig, PathBuf)> {
+    match &args.config {
+        Some(path) => {
+            let cfg = ProxyConfig::load(path)?;
+            Ok((
+                cfg,
+                path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ))
+        }
+        None => Ok((serde_saphyr::from_str("{}")?, PathBuf::new())),
+    }
+}
+
+fn keys(cmd: KeysCommand) -> Result<()> {
+    match cmd {
+        KeysCommand::Hash { key, org, secrets } => {
+            let text = if key == "-" {
+                let mut buf = String::new();
+                std::io::stdin().read_to_string(&mut buf)?;
+                buf.trim().to_string()
+            } else {
+                key
+            };
+            let key = ApiKey::parse(&text).map_err(|e| anyhow!("{e}"))?;
+            let (cfg, base) = secret_sources(&secrets)?;
+            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            print!("{}", key_entry(&key, &pepper, &org));
+        }
+        KeysCommand::Generate {
+            scope,
+            org,
+            secrets,
+        } => {
+            let (cfg, base) = secret_sources(&secrets)?;
+            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            let key = ApiKey::generate(match scope {
+                Scope::Live => KeyScope::Live,
+                Scope::Test => KeyScope::Test,
+            });
+            println!("{}", key.expose_secret());
+            eprintln!(
+                "# Store only this entry; the key above is shown once.\n{}",
+                key_entry(&key, &pepper, &org)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn key_entry(key: &ApiKey, pepper: &proxy::keys::Pepper, org: &str) -> String {
+    let scope = match key.scope() {
+        KeyScope::Live => "live",
+        KeyScope::Test => "test",
+    };
+    format!(
+        "- prefix: {}\n  hash: {}\n  org: {org}\n  scope: {scope}\n",
+        key.prefix(),
+        pepper.hash(key).to_hex()
+    )
+}
+
+fn credentials(cmd: CredentialsCommand) -> Result<()> {
+    let CredentialsCommand::Encrypt {
+        name,
+        org,
+        api,
+        kind,
+        header,
+        value_prefix,
+        secrets,
+    } = cmd;
+    if !matches!(kind.as_str(), "byok" | "system") {
+        return Err(anyhow!("--kind must be byok or system, got {kind:?}"));
+    }
+    let (cfg, base) = secret_sources(&secrets)?;
+    let keys = state::load_master_keys(&cfg, &base)
+        .map_err(|e| anyhow!(e))?
+        .ok_or_else(|| anyhow!("{}", proxy::vault::VaultError::Missing))?;
+    let mut value = String::new();
+    std::io::stdin().read_to_string(&mut value)?;
+    let value = value.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(anyhow!("no credential on stdin: pipe the secret in, e.g. `printf %s \"$TOKEN\" | apitree credentials encrypt ...`"));
+    }
+    let sealed = keys.encrypt(&org, &api, value);
+    print!(
+        "- name: {name}\n  org: {org}\n  api: {api}\n  kind: {kind}\n  keyVersion: {}\n  nonce: {}\n  ciphertext: {}\n  header: {header}\n  valuePrefix: {value_prefix:?}\n",
+        sealed.key_version,
+        sealed.nonce_b64(),
+        sealed.ciphertext_b64()
+    );
+    Ok(())
+}
+
+fn pii_scan(mask: bool, format: OutputFormat) -> Result<()> {
+    let mut stdin = std::io::stdin().lock();
+    if mask {
+        let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+        let mut masker = pii::StreamMasker::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = stdin.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            stdout.write_all(&masker.push(&buf[..n]))?;
+        }
+        stdout.write_all(&masker.finish())?;
+        stdout.flush()?;
+        let summary = masker.counts.summary();
+        eprintln!(
+            "masked: {}",
+            if summary.is_empty() {
+                "nothing found".into()
+            } else {
+                summary
+            }
+        );
+        return Ok(());
+    }
+    let mut text = Vec::new();
+    stdin.read_to_end(&mut text)?;
+    let findings = pii::scan(&text);
+    let mut masked = text.clone();
+    pii::apply_mask(&mut masked, &findings);
+    let mut counts = pii::Counts::default();
+    counts.add(&findings);
+    let rows: Vec<serde_json::Value> = findings
+        .iter()
+        .map(|f| {
+            let line = text[..f.start].iter().filter(|b| **b == b'\n').count() + 1;
+            let line_start = text[..f.start]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map(|p| p + 1)
+                .unwrap_or(0);
+            let column = String::from_utf8_lossy(&text[line_start..f.start])
+                .chars()
+                .count()
+                + 1;
+            serde_json::json!({
+                "kind": f.kind.label(),
+                "line": line,
+                "column": column,
+                "masked": String::from_utf8_lossy(&masked[f.start..f.end]),
+            })
+        })
+        .collect();
+    match format {
+        OutputFormat::Json => {
+            let by_kind: serde_json::Map<String, serde_json::Value> = pii::PiiKind::ALL
+                .iter()
+                .map(|k| (k.label().to_string(), counts.0[*k as usize].into()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"findings": rows, "counts": by_kind})
+            );
+        }
+        OutputFormat::Text => {
+            for r in &rows {
+                println!(
+                    "{}:{}\t{}\t{}",
+                    r["line"],
+                    r["column"],
+                    r["kind"].as_str().unwrap_or(""),
+                    r["masked"].as_str().unwrap_or("")
+                );
+            }
+            eprintln!("{} finding(s)", findings.len());
+        }
+    }
+    Ok(())
 }
 
 fn crds(args: CrdsArgs) -> Result<()> {

@@ -1,7 +1,193 @@
-//! The gateway data plane.
+//! The gateway data plane: `apitree proxy`.
+//!
+//! One module per layer (keys, ratelimit + limiter, vault, breaker, pii, accesslog, metrics),
+//! the compiled configuration (`state`), and `server`, the one place that stacks the layers.
 
+pub mod accesslog;
 pub mod breaker;
+pub mod config;
 pub mod keys;
+pub mod limiter;
+pub mod metrics;
 pub mod pii;
 pub mod ratelimit;
+pub mod server;
+pub mod state;
 pub mod vault;
+
+use std::{future::Future, path::PathBuf, sync::Arc};
+
+use tokio::net::TcpListener;
+
+use config::{InvalidConfig, ProxyConfig};
+use server::Gateway;
+use state::{GatewayState, SharedState};
+
+/// How `apitree proxy` was asked to run.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub config: PathBuf,
+    pub redis_url: Option<String>,
+    pub listen: Option<String>,
+    pub admin: Option<String>,
+    pub access_log: bool,
+}
+
+/// Why the proxy could not start. Nothing starts half-configured.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    Config(#[from] InvalidConfig),
+    #[error("{0}")]
+    Secrets(String),
+    #[error("cannot listen on {addr}: {source}; is another process using the port?")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Redis(#[from] limiter::RedisUrlError),
+}
+
+/// A gateway ready to serve, with its listeners bound.
+pub struct Prepared {
+    pub gateway: Arc<Gateway>,
+    pub listener: TcpListener,
+    pub admin: TcpListener,
+    pub grace: std::time::Duration,
+    pub config: ProxyConfig,
+}
+
+/// Loads and validates everything, binds the listeners; does not serve yet.
+pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
+    let mut cfg = ProxyConfig::load(&opts.config)?;
+    if let Some(l) = &opts.listen {
+        cfg.listen = l.clone();
+    }
+    if let Some(a) = &opts.admin {
+        cfg.admin = a.clone();
+    }
+    let base = opts.config.parent().map(PathBuf::from).unwrap_or_default();
+    let file = opts.config.display().to_string();
+    let pepper = state::load_pepper(&cfg, &base).map_err(ProxyError::Secrets)?;
+    let master_keys = state::load_master_keys(&cfg, &base).map_err(ProxyError::Secrets)?;
+    warn_on_example_secrets(&cfg);
+    let state = GatewayState::build(&cfg, &file, master_keys.as_ref(), None)?;
+    let metrics = metrics::ProxyMetrics::new();
+    metrics.config_reloads.with_label_values(&["ok"]).inc();
+    let limiter = match &opts.redis_url {
+        Some(url) => limiter::Limiter::shared(url, metrics.clone())?,
+        None => limiter::Limiter::local(metrics.clone()),
+    };
+    let access_log = if opts.access_log {
+        accesslog::AccessLog::stdout(metrics.access_log_dropped.clone())
+    } else {
+        accesslog::AccessLog::disabled(metrics.access_log_dropped.clone())
+    };
+    let gateway = Arc::new(Gateway::new(
+        SharedState::new(state),
+        pepper,
+        limiter,
+        metrics,
+        access_log,
+        server::system_clock(),
+    ));
+    let bind = |addr: String| async move {
+        TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ProxyError::Bind { addr, source })
+    };
+    let listener = bind(cfg.listen.clone()).await?;
+    let admin = bind(cfg.admin.clone()).await?;
+    Ok(Prepared {
+        gateway,
+        listener,
+        admin,
+        grace: cfg.shutdown_grace.as_std(),
+        config: cfg,
+    })
+}
+
+fn warn_on_example_secrets(cfg: &ProxyConfig) {
+    for path in [&cfg.secrets.pepper_file, &cfg.secrets.master_key_file]
+        .into_iter()
+        .flatten()
+    {
+        if path.to_string_lossy().contains("example") {
+            tracing::warn!(file = %path.display(), "using an EXAMPLE secret file: fine for trying apitree out, never for real traffic");
+        }
+    }
+}
+
+/// Reloads the config file into a running gateway; keeps the old config when the new one is
+/// invalid (and says why).
+pub fn reload(gateway: &Gateway, opts: &ProxyOptions) -> Result<(), ProxyError> {
+    let result = (|| {
+        let cfg = ProxyConfig::load(&opts.config)?;
+        let base = opts.config.parent().map(PathBuf::from).unwrap_or_default();
+        let master_keys = state::load_master_keys(&cfg, &base).map_err(ProxyError::Secrets)?;
+        let previous = gateway.state.load();
+        let state = GatewayState::build(
+            &cfg,
+            &opts.config.display().to_string(),
+            master_keys.as_ref(),
+            Some(&previous),
+        )?;
+        gateway.state.store(state);
+        Ok(())
+    })();
+    let label = if result.is_ok() { "ok" } else { "error" };
+    gateway
+        .metrics
+        .config_reloads
+        .with_label_values(&[label])
+        .inc();
+    result
+}
+
+/// Runs `apitree proxy` until `shutdown` resolves. SIGHUP reloads the config file.
+pub async fn serve(
+    opts: ProxyOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    let prepared = prepare(&opts).await?;
+    let gw = prepared.gateway.clone();
+    tracing::info!(
+        listen = %prepared.config.listen,
+        admin = %prepared.config.admin,
+        routes = prepared.config.routes.len(),
+        keys = prepared.config.keys.len(),
+        rate_limits = if opts.redis_url.is_some() { "redis" } else { "local" },
+        "apitree proxy is serving"
+    );
+    #[cfg(unix)]
+    {
+        let gw = gw.clone();
+        let opts = opts.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match reload(&gw, &opts) {
+                    Ok(()) => tracing::info!("configuration reloaded"),
+                    Err(e) => tracing::error!(
+                        "configuration NOT reloaded, still serving the previous one: {e}"
+                    ),
+                }
+            }
+        });
+    }
+    server::run(
+        gw,
+        prepared.listener,
+        prepared.admin,
+        shutdown,
+        prepared.grace,
+    )
+    .await;
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! One JSON line per request on stdout: metadata only (request id, org, key prefix, route,
+//! status, upstream status, latency, bytes). Bodies and secrets never appear here unless a route
+//! sets `logBodies`. Lines go through a bounded queue to a writer thread so a slow stdout cannot
+//! stall requests; a full queue drops the line and counts it.
+
+use std::{
+    io::Write,
+    sync::mpsc::{sync_channel, SyncSender, TrySendError},
+};
+
+use prometheus::IntCounter;
+use serde::Serialize;
+
+/// One access-log record.
+#[derive(Debug, Serialize)]
+pub struct AccessRecord<'a> {
+    pub ts: String,
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub route: &'a str,
+    pub org: Option<&'a str>,
+    pub key_prefix: Option<&'a str>,
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    pub latency_ms: f64,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    pub error_code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+}
+
+/// Where access-log lines go.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: Option<SyncSender<String>>,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    /// Starts the writer thread on stdout.
+    pub fn stdout(dropped: IntCounter) -> Self {
+        let (tx, rx) = sync_channel::<String>(65_536);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+                while let Ok(line) = rx.recv() {
+                    let _ = out.write_all(line.as_bytes());
+                    // Flush when the queue is drained, so lines appear promptly when idle.
+                    while let Ok(line) = rx.try_recv() {
+                        let _ = out.write_all(line.as_bytes());
+                    }
+                    let _ = out.flush();
+                }
+            })
+            .expect("spawn access-log thread");
+        Self {
+            tx: Some(tx),
+            dropped,
+        }
+    }
+
+    /// A log that writes nothing.
+    pub fn disabled(dropped: IntCounter) -> Self {
+        Self { tx: None, dropped }
+    }
+
+    pub fn write(&self, record: &AccessRecord<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let Ok(mut line) = serde_json::to_string(record) else {
+            return;
+        };
+        line.push('\n');
+        if let Err(TrySendError::Full(_)) = tx.try_send(line) {
+            self.dropped.inc();
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The proxy's declarative configuration (DB-less mode) and its validation.
+//!
+//! Validation collects every problem with its YAML path before anything starts, so a bad file
+//! is fixed in one round instead of one error per restart. Routes, tiers and breaker settings use
+//! the same types as the `ApiGateway` resource, so what the operator renders is what runs.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::KeyHash;
+use super::vault::{MasterKeys, Sealed};
+use crate::crd::duration::KubeDuration;
+use crate::crd::gateway::{KeyScope, RouteSpec, TierSpec};
+
+/// The YAML file `apitree proxy --config FILE` reads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address of the public listener.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default = "default_admin")]
+    pub admin: String,
+    /// Where secrets come from. Never the secrets themselves.
+    #[serde(default)]
+    pub secrets: SecretSources,
+    /// Rate-limit tiers.
+    #[serde(default)]
+    pub tiers: Vec<TierSpec>,
+    /// Tier of keys that name none.
+    #[serde(default)]
+    pub default_tier: Option<String>,
+    /// Upstream timeout of routes that set none.
+    #[serde(default = "default_timeout")]
+    pub default_timeout: KubeDuration,
+    /// Orgs (tenants).
+    #[serde(default)]
+    pub orgs: Vec<OrgEntry>,
+    /// API keys in stored form (prefix and HMAC hash; `apitree keys hash KEY` prints one).
+    #[serde(default)]
+    pub keys: Vec<KeyEntry>,
+    /// Encrypted upstream credentials (`apitree credentials encrypt` prints one).
+    #[serde(default)]
+    pub credentials: Vec<CredentialEntry>,
+    /// Routes, matched by longest path prefix.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// How long shutdown waits for in-flight requests.
+    #[serde(default = "default_drain")]
+    pub shutdown_grace: KubeDuration,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_timeout() -> KubeDuration {
+    KubeDuration::from_secs(30)
+}
+fn default_drain() -> KubeDuration {
+    KubeDuration::from_secs(30)
+}
+
+/// Files holding secrets, relative to the config file. Environment variables win over them.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretSources {
+    /// File with the key-hashing pepper (≥ 32 bytes). Env: `APITREE_KEY_PEPPER`.
+    pub pepper_file: Option<PathBuf>,
+    /// File of `version:base64` master keys. Env: `APITREE_MASTER_KEY` + `APITREE_MASTER_KEY_VERSION`.
+    pub master_key_file: Option<PathBuf>,
+}
+
+/// An org.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrgEntry {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A key in stored form.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyEntry {
+    /// Stable id (defaults to the prefix); counts and limits are kept per id.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Public prefix, e.g. `at_live_Xy3kQ9ab`.
+    pub prefix: String,
+    /// Hex HMAC-SHA256 of the key under the pepper.
+    pub hash: String,
+    /// Org id.
+    pub org: String,
+    pub scope: KeyScope,
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub daily_quota: Option<u64>,
+    /// RFC 3339; the key is refused afterwards.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// RFC 3339; set on a rotated key: valid until then.
+    #[serde(default)]
+    pub grace_until: Option<String>,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// An encrypted upstream credential.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialEntry {
+    /// Name routes refer to.
+    pub name: String,
+    /// Org the ciphertext is bound to: the buyer's org for BYOK, the seller's for system keys.
+    pub org: String,
+    /// Route (API) the ciphertext is bound to.
+    pub api: String,
+    pub kind: CredentialKind,
+    pub key_version: u32,
+    pub nonce: String,
+    pub ciphertext: String,
+    /// Header to set on upstream calls.
+    #[serde(default = "default_header")]
+    pub header: String,
+    /// Text before the secret in the header value, e.g. `Bearer `.
+    #[serde(default)]
+    pub value_prefix: String,
+}
+
+fn default_header() -> String {
+    "authorization".into()
+}
+
+/// Who owns a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CredentialKind {
+    /// The buyer's own upstream key, used for that buyer's org only.
+    Byok,
+    /// The platform's or seller's key, used for every org without a BYOK key.
+    System,
+}
+
+/// One validation problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A config that cannot run, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{} has {} problem(s):\n{}", .file, .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct InvalidConfig {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+/// Parses a timestamp into unix milliseconds.
+pub fn parse_time_ms(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+impl ProxyConfig {
+    /// Reads and parses a file; YAML errors become a problem with the line.
+    pub fn load(path: &Path) -> Result<Self, InvalidConfig> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| InvalidConfig {
+            file: file.clone(),
+            problems: vec![Problem {
+                path: "(file)".into(),
+                message: format!("cannot read it: {e}"),
+            }],
+        })?;
+        serde_saphyr::from_str(&text).map_err(|e| InvalidConfig {
+            file,
+            problems: vec![Problem {
+                path: "(yaml)".into(),
+                message: e.to_string(),
+            }],
+        })
+    }
+
+    /// Every problem that would keep this config from running as written. `master_keys` is
+    /// used to prove each credential decrypts for its org and API.
+    pub fn problems(&self, master_keys: Option<&MasterKeys>) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut push = |path: String, message: String| out.push(Problem { path, message });
+
+        for (field, value) in [("listen", &self.listen), ("admin", &self.admin)] {
+            if value.parse::<SocketAddr>().is_err() {
+                push(
+                    field.into(),
+                    format!("{value:?} is not an address like 127.0.0.1:8080"),
+                );
+            }
+        }
+        if self.listen == self.admin {
+            push("admin".into(), "must differ from listen".into());
+        }
+
+        let tiers: HashSet<&str> = self.tiers.iter().map(|t| t.name.as_str()).collect();
+        let mut seen = HashSet::new();
+        for (i, t) in self.tiers.iter().enumerate() {
+            if !seen.insert(t.name.as_str()) {
+                push(
+                    format!("tiers[{i}].name"),
+                    format!("duplicate tier {:?}", t.name),
+                );
+            }
+            for (who, l) in [("perKey", &t.per_key), ("perOrg", &t.per_org)] {
+                if l.burst10s == 0 || l.per_minute == 0 || l.per_day == 0 {
+                    push(
+                        format!("tiers[{i}].{who}"),
+                        "limits must be at least 1".into(),
+                    );
+                } else if !(l.burst10s <= l.per_minute && l.per_minute <= l.per_day) {
+                    push(
+                        format!("tiers[{i}].{who}"),
+                        "limits must not shrink as windows grow: burst10s <= perMinute <= perDay"
+                            .into(),
+                    );
+                }
+            }
+        }
+        if let Some(d) = &self.default_tier {
+            if !tiers.contains(d.as_str()) {
+                push(
+                    "defaultTier".into(),
+                    format!("tier {d:?} is not defined in tiers"),
+                );
+            }
+        }
+
+        let orgs: HashSet<&str> = self.orgs.iter().map(|o| o.id.as_str()).collect();
+        let mut seen = HashSet::new();
+        for (i, o) in self.orgs.iter().enumerate() {
+            if o.id.is_empty() {
+                push(format!("orgs[{i}].id"), "must not be empty".into());
+            } else if !seen.insert(o.id.as_str()) {
+                push(format!("orgs[{i}].id"), format!("duplicate org {:?}", o.id));
+            }
+        }
+
+        if self.routes.is_empty() {
+            push("routes".into(), "at least one route is needed".into());
+        }
+        let mut names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let p = |f: &str| format!("routes[{i}].{f}");
+            if !names.insert(r.name.as_str()) {
+                push(p("name"), format!("duplicate route {:?}", r.name));
+            }
+            if !r.path_prefix.starts_with('/') {
+                push(p("pathPrefix"), "must start with /".into());
+            } else if !prefixes.insert(r.path_prefix.as_str()) {
+                push(
+                    p("pathPrefix"),
+                    format!("{:?} is used by another route", r.path_prefix),
+                );
+            }
+            match r.upstream.parse::<http::Uri>() {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http") | Some("https"))
+                        && u.authority().is_some() => {}
+                _ => push(
+                    p("upstream"),
+                    format!(
+                        "{:?} is not an http(s) URL like http://10.0.0.5:8080/",
+                        r.upstream
+                    ),
+                ),
+            }
+            if r.scopes.is_empty() {
+                push(p("scopes"), "allow at least one of live, test".into());
+            }
+            if let Some(t) = &r.tier {
+                if !tiers.contains(t.as_str()) {
+                    push(p("tier"), format!("tier {t:?} is not defined in tiers"));
+                }
+            }
+            if let Some(c) = &r.credential {
+                if !self
+                    .credentials
+                    .iter()
+                    .any(|e| &e.name == c && e.api == r.name)
+                {
+                    push(
+                        p("credential"),
+                        format!("no credential named {c:?} is bound to route {:?}", r.name),
+                    );
+                }
+            }
+        }
+
+        let mut ids = HashSet::new();
+        let mut hashes = HashSet::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            let p = |f: &str| format!("keys[{i}].{f}");
+            let tag = match k.scope {
+                KeyScope::Live => "at_live_",
+                KeyScope::Test => "at_test_",
+            };
+            if !k.prefix.starts_with(tag) {
+                push(
+                    p("prefix"),
+                    format!(
+                        "a {} key's prefix starts with {tag}",
+                        tag.trim_matches('_').trim_start_matches("at_")
+                    ),
+                );
+            }
+            if KeyHash::from_hex(&k.hash).is_none() {
+                push(
+                    p("hash"),
+                    "must be 64 hex characters (HMAC-SHA256); get it from `apitree keys hash KEY`"
+                        .into(),
+                );
+            } else if !hashes.insert(k.hash.to_ascii_lowercase()) {
+                push(p("hash"), "the same key is listed twice".into());
+            }
+            if !ids.insert(k.id.clone().unwrap_or_else(|| k.prefix.clone())) {
+                push(p("id"), "duplicate key id".into());
+            }
+            if !orgs.contains(k.org.as_str()) {
+                push(p("org"), format!("org {:?} is not defined in orgs", k.org));
+            }
+            match &k.tier {
+                Some(t) if !tiers.contains(t.as_str()) => {
+                    push(p("tier"), format!("tier {t:?} is not defined in tiers"))
+                }
+                None if self.default_tier.is_none() => {
+                    push(p("tier"), "set a tier here or defaultTier".into())
+                }
+                _ => {}
+            }
+            for (f, v) in [("expiresAt", &k.expires_at), ("graceUntil", &k.grace_until)] {
+                if let Some(v) = v {
+                    if parse_time_ms(v).is_none() {
+                        push(
+                            p(f),
+                            format!("{v:?} is not an RFC 3339 time like 2026-12-31T00:00:00Z"),
+                        );
+                    }
+                }
+            }
+            if k.daily_quota == Some(0) {
+                push(
+                    p("dailyQuota"),
+                    "must be at least 1 (revoke the key to block it)".into(),
+                );
+            }
+        }
+
+        let route_names: HashSet<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
+        let mut bound = HashSet::new();
+        for (i, c) in self.credentials.iter().enumerate() {
+            let p = |f: &str| format!("credentials[{i}].{f}");
+            if !orgs.contains(c.org.as_str()) {
+                push(p("org"), format!("org {:?} is not defined in orgs", c.org));
+            }
+            if !route_names.contains(c.api.as_str()) {
+                push(
+                    p("api"),
+                    format!("route {:?} is not defined in routes", c.api),
+                );
+            }
+            if !bound.insert((c.name.as_str(), c.org.as_str(), c.api.as_str())) {
+                push(
+                    p("name"),
+                    "the same credential is listed twice for this org and route".into(),
+                );
+            }
+            if http::HeaderName::from_bytes(c.header.as_bytes()).is_err() {
+                push(
+                    p("header"),
+                    format!("{:?} is not a valid header name", c.header),
+                );
+            }
+            match (Sealed::from_base64(&c.name, c.key_version, &c.nonce, &c.ciphertext), master_keys) {
+                (Err(e), _) => push(p("ciphertext"), e.to_string()),
+                (Ok(sealed), Some(keys)) => {
+                    if let Err(e) = keys.decrypt(&c.name, &c.org, &c.api, &sealed) {
+                        push(p("ciphertext"), e.to_string());
+                    }
+                }
+                (Ok(_), None) => push(p("keyVersion"), "no master key is loaded to decrypt it; set APITREE_MASTER_KEY or secrets.masterKeyFile".into()),
+            }
+        }
+        out
+    }
+
+    /// Per-route list of the credentials bound to it, by org (for lookups at request time).
+    pub fn credentials_by_route(&self) -> BTreeMap<&str, HashMap<&str, &CredentialEntry>> {
+        let mut out: BTreeMap<&str, HashMap<&str, &CredentialEntry>> = BTreeMap::new();
+        for c in &self.credentials {
+            out.entry(c.api.as_str())
+                .or_default()
+                .insert(c.org.as_str(), c);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> ProxyConfig {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_path() {
+        let cfg = parse(
+            r#"
+listen: "nonsense"
+tiers:
+  - name: small
+    perKey: { burst10s: 50, perMinute: 10, perDay: 100 }
+    perOrg: { burst10s: 5, perMinute: 10, perDay: 100 }
+orgs: [{ id: acme }]
+keys:
+  - prefix: at_test_abcdefgh
+    hash: "zz"
+    org: ghost
+    scope: live
+routes:
+  - name: demo
+    pathPrefix: /demo/
+    upstream: "ftp://x"
+    tier: gold
+  - name: demo
+    pathPrefix: /demo/
+    upstream: http://127.0.0.1:1/
+"#,
+        );
+        let paths: Vec<String> = cfg.problems(None).into_iter().map(|p| p.path).collect();
+        for want in [
+            "listen",
+            "tiers[0].perKey",
+            "keys[0].prefix",
+            "keys[0].hash",
+            "keys[0].org",
+            "keys[0].tier",
+            "routes[0].upstream",
+            "routes[0].tier",
+            "routes[1].name",
+            "routes[1].pathPrefix",
+        ] {
+            assert!(
+                paths.iter().any(|p| p == want),
+                "missing {want} in {paths:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_saphyr::from_str::<ProxyConfig>("listen: 127.0.0.1:1\nlisten_port: 3\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+}

@@ -1,0 +1,127 @@
+//! Where rate-limit counters live: in this process, or shared through Redis.
+//!
+//! With Redis, each decision is one script call (one round trip). When Redis fails or is slow,
+//! the request is decided by the local counters instead, the fallback is counted, and readiness
+//! reports `degraded` until Redis answers again.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::metrics::ProxyMetrics;
+use super::ratelimit::{
+    decide, redis_call, redis_observed, Decision, Limits, LocalLimiter, REDIS_SCRIPT,
+};
+
+/// How long a shared decision may take before the local counters decide instead.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+pub struct Limiter {
+    local: LocalLimiter,
+    redis: Option<SharedCounters>,
+    metrics: ProxyMetrics,
+}
+
+struct SharedCounters {
+    conn: ConnectionManager,
+    script: redis::Script,
+    healthy: AtomicBool,
+}
+
+/// Why Redis could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Redis URL: {0}; expected redis://HOST[:PORT][/DB]")]
+pub struct RedisUrlError(String);
+
+impl Limiter {
+    pub fn local(metrics: ProxyMetrics) -> Self {
+        Self {
+            local: LocalLimiter::default(),
+            redis: None,
+            metrics,
+        }
+    }
+
+    /// Shares counters through Redis at `url`. Connects lazily: a Redis that is down at start
+    /// only degrades readiness.
+    pub fn shared(url: &str, metrics: ProxyMetrics) -> Result<Self, RedisUrlError> {
+        let client = redis::Client::open(url).map_err(|e| RedisUrlError(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| RedisUrlError(e.to_string()))?;
+        Ok(Self {
+            local: LocalLimiter::default(),
+            redis: Some(SharedCounters {
+                conn,
+                script: redis::Script::new(REDIS_SCRIPT),
+                healthy: AtomicBool::new(true),
+            }),
+            metrics,
+        })
+    }
+
+    /// `off`, `ok` or `degraded`, for /readyz.
+    pub fn backend_status(&self) -> &'static str {
+        match &self.redis {
+            None => "off",
+            Some(r) if r.healthy.load(Ordering::Relaxed) => "ok",
+            Some(_) => "degraded",
+        }
+    }
+
+    /// Decides and counts one request.
+    pub async fn check(&self, key_id: &str, org_id: &str, limits: Limits, now_ms: u64) -> Decision {
+        if let Some(shared) = &self.redis {
+            let (keys, argv) = redis_call(key_id, org_id, limits, now_ms);
+            let mut inv = shared.script.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for a in &argv {
+                inv.arg(a);
+            }
+            let mut conn = shared.conn.clone();
+            let reply =
+                tokio::time::timeout(REDIS_TIMEOUT, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
+            match reply {
+                Ok(Ok(values)) => {
+                    if let Some(observed) = redis_observed(&values) {
+                        shared.healthy.store(true, Ordering::Relaxed);
+                        let decision = decide(limits, &observed, now_ms);
+                        // The script is the authority on whether the request was counted.
+                        if (values[0] == 1) == decision.allowed {
+                            return decision;
+                        }
+                        return Decision {
+                            allowed: values[0] == 1,
+                            ..decision
+                        };
+                    }
+                    tracing::warn!(
+                        "unexpected reply from the Redis rate-limit script; deciding locally"
+                    );
+                }
+                Ok(Err(e)) => {
+                    if shared.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "Redis rate-limit store failed; deciding locally until it answers");
+                    }
+                }
+                Err(_) => {
+                    if shared.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "Redis rate-limit store timed out; deciding locally until it answers"
+                        );
+                    }
+                }
+            }
+            self.metrics.limiter_fallbacks.inc();
+        }
+        self.local.check(key_id, org_id, limits, now_ms)
+    }
+}

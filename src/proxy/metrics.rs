@@ -1,0 +1,159 @@
+//! The proxy's Prometheus metrics (`apitree_proxy_*`). Labels come from closed sets only: route
+//! names from the config, status classes, reasons, windows, PII kinds. Never keys, paths or
+//! error text.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Label used for requests that matched no route (or were refused before routing).
+pub const NO_ROUTE: &str = "none";
+
+/// Every metric the proxy exports.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub auth_failures: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub breaker_state: IntGaugeVec,
+    pub breaker_opens: IntCounterVec,
+    pub pii_findings: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub limiter_fallbacks: IntCounter,
+    pub in_flight: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub access_log_dropped: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProxyMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "apitree_proxy_request_duration_seconds",
+                "Time from request to response headers, by route.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["route"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(duration.clone()))
+            .expect("unique metric");
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "apitree_proxy_breaker_state",
+                "Circuit breaker state by route: 0 closed, 1 half-open, 2 open.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(breaker_state.clone()))
+            .expect("unique metric");
+        let in_flight = IntGauge::new(
+            "apitree_proxy_in_flight_requests",
+            "Requests being served now.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(in_flight.clone()))
+            .expect("unique metric");
+        let limiter_fallbacks = IntCounter::new(
+            "apitree_proxy_ratelimit_fallbacks_total",
+            "Rate-limit decisions made locally because the shared Redis store failed.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(limiter_fallbacks.clone()))
+            .expect("unique metric");
+        let access_log_dropped = IntCounter::new(
+            "apitree_proxy_access_log_dropped_total",
+            "Access-log lines dropped because the writer fell behind.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(access_log_dropped.clone()))
+            .expect("unique metric");
+        Self {
+            requests: counter_vec(
+                &r,
+                "apitree_proxy_requests_total",
+                "Requests by route and status class (2xx..5xx).",
+                &["route", "status_class"],
+            ),
+            auth_failures: counter_vec(
+                &r,
+                "apitree_proxy_auth_failures_total",
+                "Refused credentials by reason.",
+                &["reason"],
+            ),
+            rate_limited: counter_vec(
+                &r,
+                "apitree_proxy_rate_limited_total",
+                "Requests refused by a rate limit, by subject (key, org) and window.",
+                &["subject", "window"],
+            ),
+            breaker_opens: counter_vec(
+                &r,
+                "apitree_proxy_breaker_opens_total",
+                "Times a route's circuit breaker opened.",
+                &["route"],
+            ),
+            pii_findings: counter_vec(
+                &r,
+                "apitree_proxy_pii_findings_total",
+                "PII found in responses, by route and kind.",
+                &["route", "kind"],
+            ),
+            upstream_errors: counter_vec(
+                &r,
+                "apitree_proxy_upstream_errors_total",
+                "Failed upstream calls by route and kind (connect, timeout, status_5xx).",
+                &["route", "kind"],
+            ),
+            config_reloads: counter_vec(
+                &r,
+                "apitree_proxy_config_reloads_total",
+                "Configuration loads by result (ok, error).",
+                &["result"],
+            ),
+            duration,
+            breaker_state,
+            in_flight,
+            limiter_fallbacks,
+            access_log_dropped,
+            registry: r,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// `2xx`, `4xx`… for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,832 @@
+//! The request path, assembled in one place, and the listeners.
+//!
+//! Outer to inner: request id + access log → API-key auth → route match → key scope → rate
+//! limits (key and org, three windows) → upstream credential → circuit breaker → upstream call
+//! with timeout → PII on the response → metrics. Route matching happens before the limits (the
+//! design lists it after) so that a route's own tier applies and unknown paths cost no quota.
+//!
+//! Errors are classified once, where they happen, as a [`Refusal`]; [`rescue`] is the one place
+//! that turns them into HTTP statuses with a JSON body naming the problem and the request id.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use prometheus::IntCounter;
+use rand::RngExt;
+use tokio::net::TcpListener;
+
+use super::accesslog::{AccessLog, AccessRecord};
+use super::breaker::{Admission, Transition};
+use super::keys::{ApiKey, KeyFormatError, Pepper};
+use super::limiter::Limiter;
+use super::metrics::{status_class, ProxyMetrics, NO_ROUTE};
+use super::pii::{self, PiiKind, StreamMasker};
+use super::ratelimit::Decision;
+use super::state::{KeyRecord, Route, SharedState};
+use crate::crd::gateway::{KeyScope, PiiMode};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Flag mode scans bodies up to this size; larger ones pass unscanned (and say so).
+const FLAG_SCAN_LIMIT: usize = 8 * 1024 * 1024;
+/// `logBodies` routes log at most this much of a request body.
+const LOGGED_BODY_LIMIT: usize = 4 * 1024;
+/// `logBodies` routes buffer request bodies up to this size.
+const LOG_BODY_BUFFER_LIMIT: usize = 1024 * 1024;
+
+/// Milliseconds since the Unix epoch; injectable for tests.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// Health of an optional dependency, for /readyz.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DependencyStatus {
+    Off,
+    Ok,
+    Degraded,
+}
+
+impl DependencyStatus {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Ok => "ok",
+            Self::Degraded => "degraded",
+        }
+    }
+}
+
+/// The data plane.
+pub struct Gateway {
+    pub state: SharedState,
+    pub pepper: Pepper,
+    pub limiter: Limiter,
+    pub metrics: ProxyMetrics,
+    pub access_log: AccessLog,
+    pub clock: Clock,
+    /// Set by the database loader in PostgreSQL mode.
+    pub database: std::sync::Mutex<DependencyStatus>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    draining: std::sync::atomic::AtomicBool,
+}
+
+/// Why a request was not served as asked. Classified where it happens.
+#[derive(Debug)]
+pub enum Refusal {
+    MissingKey,
+    BadKey(KeyFormatError),
+    UnknownKey,
+    RevokedKey,
+    ExpiredKey,
+    GraceEnded,
+    NoRoute,
+    ScopeForbidden(KeyScope),
+    NoTier,
+    NoCredential,
+    RateLimited(Decision),
+    BreakerOpen { retry_after_ms: u64 },
+    UpstreamTimeout(Duration),
+    UpstreamUnreachable,
+    BodyTooLarge,
+    Internal(&'static str),
+}
+
+impl Refusal {
+    /// Stable machine-readable code (also the access log's error_code).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_api_key",
+            Self::BadKey(_) => "malformed_api_key",
+            Self::UnknownKey => "unknown_api_key",
+            Self::RevokedKey => "revoked_api_key",
+            Self::ExpiredKey => "expired_api_key",
+            Self::GraceEnded => "rotated_api_key",
+            Self::NoRoute => "no_route",
+            Self::ScopeForbidden(_) => "scope_forbidden",
+            Self::NoTier => "no_rate_limit_tier",
+            Self::NoCredential => "no_upstream_credential",
+            Self::RateLimited(_) => "rate_limited",
+            Self::BreakerOpen { .. } => "upstream_circuit_open",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::BodyTooLarge => "body_too_large",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
+/// The one place refusals become responses.
+pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
+    let (status, message): (StatusCode, String) = match refusal {
+        Refusal::MissingKey => (StatusCode::UNAUTHORIZED, "an API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`".into()),
+        Refusal::BadKey(e) => (StatusCode::UNAUTHORIZED, e.to_string()),
+        Refusal::UnknownKey => (StatusCode::UNAUTHORIZED, "the API key is not valid".into()),
+        Refusal::RevokedKey => (StatusCode::UNAUTHORIZED, "the API key was revoked; create a new one".into()),
+        Refusal::ExpiredKey => (StatusCode::UNAUTHORIZED, "the API key has expired; create a new one".into()),
+        Refusal::GraceEnded => (StatusCode::UNAUTHORIZED, "the API key was rotated and its grace period has ended; use the new key".into()),
+        Refusal::NoRoute => (StatusCode::NOT_FOUND, "no API is served at this path".into()),
+        Refusal::ScopeForbidden(KeyScope::Test) => (StatusCode::FORBIDDEN, "this API accepts live keys only; a test key cannot call it".into()),
+        Refusal::ScopeForbidden(KeyScope::Live) => (StatusCode::FORBIDDEN, "this API accepts test keys only".into()),
+        Refusal::NoTier => (StatusCode::INTERNAL_SERVER_ERROR, "no rate-limit tier applies to this key; the gateway operator must set one".into()),
+        Refusal::NoCredential => (StatusCode::FORBIDDEN, "this API needs an upstream credential and none is set for your org; add your own (BYOK)".into()),
+        Refusal::RateLimited(d) => {
+            let (s, w) = d.blocked.unwrap_or((super::ratelimit::Subject::Key, super::ratelimit::Window::Burst10s));
+            (StatusCode::TOO_MANY_REQUESTS, format!("rate limit exceeded: the {} {} limit; retry after {}s", s.label(), w.label(), d.retry_after_secs))
+        }
+        Refusal::BreakerOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "the upstream API is failing and calls to it are paused; retry later".into()),
+        Refusal::UpstreamTimeout(t) => (StatusCode::GATEWAY_TIMEOUT, format!("the upstream API did not answer within {}ms", t.as_millis())),
+        Refusal::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "the upstream API could not be reached".into()),
+        Refusal::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large for this API".into()),
+        Refusal::Internal(what) => (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {what}")),
+    };
+    let body =
+        serde_json::json!({"error": message, "code": refusal.code(), "request_id": request_id});
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    match refusal {
+        Refusal::MissingKey
+        | Refusal::BadKey(_)
+        | Refusal::UnknownKey
+        | Refusal::RevokedKey
+        | Refusal::ExpiredKey
+        | Refusal::GraceEnded => {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"apitree\""),
+            );
+        }
+        Refusal::RateLimited(d) => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
+            insert_str(h, "ratelimit-policy", &d.policy_header());
+            insert_str(h, "ratelimit", &d.ratelimit_header());
+        }
+        Refusal::BreakerOpen { retry_after_ms } => {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)),
+            );
+        }
+        _ => {}
+    }
+    resp
+}
+
+fn insert_str(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// What the access log and metrics need to know about a request.
+#[derive(Default)]
+struct Trace {
+    route: Option<Arc<Route>>,
+    key: Option<Arc<KeyRecord>>,
+    upstream_status: Option<u16>,
+    request_body: Option<String>,
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+}
+
+fn request_id(h: &HeaderMap) -> String {
+    if let Some(v) = h.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !v.is_empty()
+            && v.len() <= 64
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return v.to_string();
+        }
+    }
+    let n: u128 = rand::rng().random();
+    format!("{n:032x}")
+}
+
+fn presented_key(h: &HeaderMap) -> Option<&str> {
+    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            return Some(v[7..].trim());
+        }
+    }
+    h.get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+impl Gateway {
+    pub fn new(
+        state: SharedState,
+        pepper: Pepper,
+        limiter: Limiter,
+        metrics: ProxyMetrics,
+        access_log: AccessLog,
+        clock: Clock,
+    ) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .unwrap_or_else(|_| {
+                // No system CA bundle: plain-http upstreams still work; https ones fail to verify.
+                tracing::warn!(
+                    "no system CA certificates found; https upstreams will fail verification"
+                );
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                    rustls::ClientConfig::builder()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                )
+            })
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        Self {
+            state,
+            pepper,
+            limiter,
+            metrics,
+            access_log,
+            clock,
+            database: std::sync::Mutex::new(DependencyStatus::Off),
+            client,
+            draining: Default::default(),
+        }
+    }
+
+    /// Serves one request through the whole stack.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        self.metrics.in_flight.inc();
+        // Step 1: request id (kept from the client when well-formed) and what the log needs.
+        let request_id = request_id(req.headers());
+        let method = req.method().clone();
+        let bytes_in = req.body().size_hint().exact();
+        let mut trace = Trace::default();
+        let mut error_code = None;
+        let mut resp = match self.serve(req, peer, &request_id, &mut trace).await {
+            Ok(resp) => resp,
+            Err(refusal) => {
+                error_code = Some(refusal.code());
+                if matches!(
+                    refusal,
+                    Refusal::MissingKey
+                        | Refusal::BadKey(_)
+                        | Refusal::UnknownKey
+                        | Refusal::RevokedKey
+                        | Refusal::ExpiredKey
+                        | Refusal::GraceEnded
+                ) {
+                    self.metrics
+                        .auth_failures
+                        .with_label_values(&[refusal.code()])
+                        .inc();
+                }
+                rescue(&refusal, &request_id)
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        let status = resp.status().as_u16();
+        let route = trace
+            .route
+            .as_ref()
+            .map(|r| r.name.as_str())
+            .unwrap_or(NO_ROUTE);
+        let elapsed = started.elapsed();
+        self.metrics
+            .requests
+            .with_label_values(&[route, status_class(status)])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        self.access_log.write(&AccessRecord {
+            ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            request_id: &request_id,
+            method: method.as_str(),
+            route,
+            org: trace.key.as_ref().map(|k| k.org.as_str()),
+            key_prefix: trace.key.as_ref().map(|k| k.prefix.as_str()),
+            status,
+            upstream_status: trace.upstream_status,
+            latency_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            bytes_in,
+            bytes_out: resp.body().size_hint().exact(),
+            error_code,
+            request_body: trace.request_body.take(),
+        });
+        self.metrics.in_flight.dec();
+        resp
+    }
+
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, Refusal> {
+        let state = self.state.load();
+        let now = (self.clock)();
+
+        // Step 2: API-key auth. Shape and checksum first (no lookup for typos), then the
+        // HMAC under the pepper, compared in constant time.
+        let text = presented_key(req.headers()).ok_or(Refusal::MissingKey)?;
+        let key = ApiKey::parse(text).map_err(Refusal::BadKey)?;
+        let record = state
+            .key(&self.pepper.hash(&key))
+            .ok_or(Refusal::UnknownKey)?
+            .clone();
+        trace.key = Some(record.clone());
+        let now_i = now as i64;
+        if record.revoked {
+            return Err(Refusal::RevokedKey);
+        }
+        if record.expires_at_ms.is_some_and(|t| t <= now_i) {
+            return Err(Refusal::ExpiredKey);
+        }
+        if record.grace_until_ms.is_some_and(|t| t <= now_i) {
+            return Err(Refusal::GraceEnded);
+        }
+
+        // Step 3: route match (longest prefix) and the route's key scopes.
+        let route = state
+            .route_for(req.uri().path())
+            .ok_or(Refusal::NoRoute)?
+            .clone();
+        trace.route = Some(route.clone());
+        if !route.allows(record.scope) {
+            return Err(Refusal::ScopeForbidden(record.scope));
+        }
+
+        // Step 4: rate limits, key and org, three windows, decided and counted together.
+        let limits = state.limits_for(&record, &route).ok_or(Refusal::NoTier)?;
+        let decision = self
+            .limiter
+            .check(&record.id, &record.org, limits, now)
+            .await;
+        if !decision.allowed {
+            if let Some((s, w)) = decision.blocked {
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&[s.label(), w.label()])
+                    .inc();
+            }
+            return Err(Refusal::RateLimited(decision));
+        }
+
+        // Step 5: the upstream credential for the caller's org (BYOK first, else system).
+        let credential = match &route.credential {
+            Some(_) => Some(
+                route
+                    .credential_for(&record.org)
+                    .ok_or(Refusal::NoCredential)?
+                    .clone(),
+            ),
+            None => None,
+        };
+
+        // Step 6: circuit breaker.
+        let (admission, transition) = route.breaker.admit(now);
+        self.note_breaker(&route, transition);
+        if let Admission::Refused { retry_after_ms } = admission {
+            return Err(Refusal::BreakerOpen { retry_after_ms });
+        }
+
+        // Step 7: the upstream request. The buyer's key never leaves the gateway.
+        let (mut parts, body) = req.into_parts();
+        let path_and_query = route.upstream_path(parts.uri.path(), parts.uri.query());
+        parts.uri = Uri::builder()
+            .scheme(route.scheme.clone())
+            .authority(route.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| Refusal::Internal("could not build the upstream URL"))?;
+        let h = &mut parts.headers;
+        strip_hop_by_hop(h);
+        h.remove(header::AUTHORIZATION);
+        h.remove("x-api-key");
+        h.remove(header::HOST);
+        if let Ok(v) = HeaderValue::from_str(route.authority.as_str()) {
+            h.insert(header::HOST, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert("x-request-id", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+            h.append("x-forwarded-for", v);
+        }
+        if route.pii != PiiMode::Off {
+            // Compressed bodies cannot be scanned.
+            h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        if let Some(c) = credential {
+            h.insert(c.header, c.value);
+        }
+        let body: Body = if route.log_bodies {
+            let collected = http_body_util::Limited::new(body, LOG_BODY_BUFFER_LIMIT)
+                .collect()
+                .await
+                .map_err(|_| Refusal::BodyTooLarge)?
+                .to_bytes();
+            let shown = &collected[..collected.len().min(LOGGED_BODY_LIMIT)];
+            trace.request_body = Some(String::from_utf8_lossy(shown).into_owned());
+            full(collected)
+        } else {
+            body.map_err(|e| Box::new(e) as BoxError).boxed()
+        };
+        let upstream_req = Request::from_parts(parts, body);
+        let result = tokio::time::timeout(route.timeout, self.client.request(upstream_req)).await;
+        let resp = match result {
+            Err(_) => {
+                self.upstream_failed(&route, "timeout", now);
+                return Err(Refusal::UpstreamTimeout(route.timeout));
+            }
+            Ok(Err(_)) => {
+                self.upstream_failed(&route, "connect", now);
+                return Err(Refusal::UpstreamUnreachable);
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status();
+        if status.is_server_error() {
+            self.upstream_failed(&route, "status_5xx", now);
+        } else {
+            self.note_breaker(&route, route.breaker.record(true, (self.clock)()));
+        }
+        trace.upstream_status = Some(status.as_u16());
+
+        // Step 8: the response, with PII handling where the route asks for it.
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        insert_str(
+            &mut parts.headers,
+            "ratelimit",
+            &decision.ratelimit_header(),
+        );
+        let counters = || {
+            PiiKind::ALL.map(|k| {
+                self.metrics
+                    .pii_findings
+                    .with_label_values(&[route.name.as_str(), k.label()])
+            })
+        };
+        let body: Body = match route.pii {
+            PiiMode::Off => body.map_err(|e| Box::new(e) as BoxError).boxed(),
+            PiiMode::Mask => MaskingBody::new(body, counters()).boxed(),
+            PiiMode::Flag => {
+                let (head, rest, complete) = collect_up_to(body, FLAG_SCAN_LIMIT).await;
+                if complete {
+                    let all: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).collect();
+                    let mut counts = pii::Counts::default();
+                    counts.add(&pii::scan(&all));
+                    for (i, c) in counters().iter().enumerate() {
+                        c.inc_by(counts.0[i]);
+                    }
+                    let summary = if counts.total() == 0 {
+                        "none".to_string()
+                    } else {
+                        counts.summary()
+                    };
+                    insert_str(&mut parts.headers, "x-apitree-pii", &summary);
+                } else {
+                    insert_str(&mut parts.headers, "x-apitree-pii", "unscanned");
+                }
+                PrefixedBody { head, rest }.boxed()
+            }
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    fn upstream_failed(&self, route: &Route, kind: &'static str, now: u64) {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[route.name.as_str(), kind])
+            .inc();
+        let _ = now;
+        self.note_breaker(route, route.breaker.record(false, (self.clock)()));
+    }
+
+    fn note_breaker(&self, route: &Route, transition: Option<Transition>) {
+        let Some(t) = transition else { return };
+        self.metrics
+            .breaker_state
+            .with_label_values(&[route.name.as_str()])
+            .set(route.breaker.state() as i64);
+        match t {
+            Transition::Opened => {
+                self.metrics
+                    .breaker_opens
+                    .with_label_values(&[route.name.as_str()])
+                    .inc();
+                tracing::warn!(route = %route.name, "circuit breaker opened: upstream calls are paused");
+            }
+            Transition::HalfOpened => {
+                tracing::info!(route = %route.name, "circuit breaker half-open: probing the upstream")
+            }
+            Transition::Closed => {
+                tracing::info!(route = %route.name, "circuit breaker closed: upstream recovered")
+            }
+        }
+    }
+
+    /// Starts refusing readiness so load balancers drain this instance.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The admin endpoints: /metrics, /healthz, /readyz.
+    pub fn admin(&self, req: &Request<Incoming>) -> Response<Body> {
+        let json = |status: StatusCode, v: serde_json::Value| {
+            let mut r = Response::new(full(v.to_string()));
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        };
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => {
+                let mut r = Response::new(full(self.metrics.render()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+            (&Method::GET, "/readyz") => {
+                let state = self.state.load();
+                let database = *self.database.lock().unwrap_or_else(|p| p.into_inner());
+                let limiter = self.limiter.backend_status();
+                let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
+                let status = if draining {
+                    "draining"
+                } else if limiter == "degraded" || database == DependencyStatus::Degraded {
+                    "degraded"
+                } else {
+                    "ready"
+                };
+                let code = if draining {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                json(
+                    code,
+                    serde_json::json!({
+                        "status": status,
+                        "config": {"source": state.source, "routes": state.routes.len(), "keys": state.keys.len()},
+                        "rateLimitStore": limiter,
+                        "database": database.label(),
+                    }),
+                )
+            }
+            _ => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not found; try /metrics, /healthz or /readyz", "code": "no_route"}),
+            ),
+        }
+    }
+}
+
+/// Reads frames until `limit` bytes; returns them, the rest of the body, and whether the body
+/// ended within the limit.
+async fn collect_up_to(
+    mut body: Incoming,
+    limit: usize,
+) -> (VecDeque<Bytes>, Option<Incoming>, bool) {
+    let mut head = VecDeque::new();
+    let mut size = 0;
+    loop {
+        match body.frame().await {
+            None => return (head, None, true),
+            Some(Err(_)) => return (head, None, false),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    size += data.len();
+                    head.push_back(data);
+                    if size > limit {
+                        return (head, Some(body), false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Already-read chunks followed by the rest of a body.
+struct PrefixedBody {
+    head: VecDeque<Bytes>,
+    rest: Option<Incoming>,
+}
+
+impl HttpBody for PrefixedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match self.rest.as_mut() {
+            None => Poll::Ready(None),
+            Some(rest) => Pin::new(rest)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+}
+
+/// Masks PII while streaming, with bounded memory; same length in and out.
+struct MaskingBody {
+    inner: Incoming,
+    masker: StreamMasker,
+    done: bool,
+    counters: [IntCounter; 3],
+}
+
+impl MaskingBody {
+    fn new(inner: Incoming, counters: [IntCounter; 3]) -> Self {
+        Self {
+            inner,
+            masker: StreamMasker::new(),
+            done: false,
+            counters,
+        }
+    }
+}
+
+impl HttpBody for MaskingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        let out = self.masker.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let out = self.masker.finish();
+                    let counts = self.masker.counts;
+                    for (i, c) in self.counters.iter().enumerate() {
+                        c.inc_by(counts.0[i]);
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs the public and admin listeners until `shutdown` resolves, then drains in-flight
+/// requests for up to `grace`.
+pub async fn run(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let gw = gateway.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
+                });
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move { let _ = conn.await; });
+            }
+            accepted = admin.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let gw = gateway.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(gw.admin(&req)) }
+                });
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move { let _ = conn.await; });
+            }
+        }
+    }
+    gateway.start_draining();
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: draining in-flight requests"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain period ended with requests still in flight");
+    }
+}

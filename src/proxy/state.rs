@@ -1,0 +1,339 @@
+//! The gateway's live configuration: routes, keys, tiers and decrypted credentials, compiled
+//! from a validated config for fast lookups. Swapped as a whole on reload.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use http::{uri::Authority, uri::Scheme, HeaderName, HeaderValue};
+
+use super::breaker::{Breaker, BreakerSettings};
+use super::config::{parse_time_ms, CredentialKind, InvalidConfig, ProxyConfig};
+use super::keys::{KeyHash, Pepper};
+use super::ratelimit::Limits;
+use super::vault::MasterKeys;
+use crate::crd::gateway::{KeyScope, PiiMode, TierSpec};
+
+/// A key as the gateway knows it (never the key itself).
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub id: String,
+    pub prefix: String,
+    pub hash: KeyHash,
+    pub org: String,
+    pub scope: KeyScope,
+    pub tier: Option<String>,
+    pub daily_quota: Option<u64>,
+    pub expires_at_ms: Option<i64>,
+    pub grace_until_ms: Option<i64>,
+    pub revoked: bool,
+}
+
+/// A header to inject upstream; the value is marked sensitive so it is never logged by hyper.
+#[derive(Clone)]
+pub struct Injected {
+    pub header: HeaderName,
+    pub value: HeaderValue,
+}
+
+impl std::fmt::Debug for Injected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Injected({}: ****)", self.header)
+    }
+}
+
+/// One compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub prefix: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub base_path: String,
+    pub timeout: Duration,
+    pub allow_live: bool,
+    pub allow_test: bool,
+    pub tier: Option<String>,
+    pub credential: Option<String>,
+    /// BYOK credentials by org.
+    pub byok: HashMap<String, Injected>,
+    pub system: Option<Injected>,
+    pub pii: PiiMode,
+    pub log_bodies: bool,
+    pub breaker: Arc<Breaker>,
+    breaker_settings: (u32, u64, u32, u64, u32),
+}
+
+impl Route {
+    /// Does `path` fall under this route? `/demo` matches `/demo` and `/demo/x`, not `/demox`.
+    pub fn matches(&self, path: &str) -> bool {
+        path.starts_with(&self.prefix)
+            && (self.prefix.ends_with('/')
+                || path.len() == self.prefix.len()
+                || path.as_bytes()[self.prefix.len()] == b'/')
+    }
+
+    /// The upstream path and query for a request path under this route.
+    pub fn upstream_path(&self, path: &str, query: Option<&str>) -> String {
+        let rest = path[self.prefix.len()..].trim_start_matches('/');
+        let mut out = String::with_capacity(self.base_path.len() + rest.len() + 16);
+        out.push_str(self.base_path.trim_end_matches('/'));
+        out.push('/');
+        out.push_str(rest);
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+
+    pub fn allows(&self, scope: KeyScope) -> bool {
+        match scope {
+            KeyScope::Live => self.allow_live,
+            KeyScope::Test => self.allow_test,
+        }
+    }
+
+    /// The credential for a caller's org: its own (BYOK) first, else the system one.
+    pub fn credential_for(&self, org: &str) -> Option<&Injected> {
+        self.byok.get(org).or(self.system.as_ref())
+    }
+}
+
+/// Everything a request needs to be decided.
+#[derive(Debug)]
+pub struct GatewayState {
+    /// Longest prefix first.
+    pub routes: Vec<Arc<Route>>,
+    pub keys: HashMap<KeyHash, Arc<KeyRecord>>,
+    pub tiers: HashMap<String, TierSpec>,
+    pub default_tier: Option<String>,
+    /// Where this state came from, for /readyz.
+    pub source: String,
+}
+
+impl GatewayState {
+    /// Compiles a config. Breakers of unchanged routes are carried over from `previous`, so a
+    /// reload does not close an open breaker.
+    pub fn build(
+        cfg: &ProxyConfig,
+        file: &str,
+        master_keys: Option<&MasterKeys>,
+        previous: Option<&GatewayState>,
+    ) -> Result<Self, InvalidConfig> {
+        let problems = cfg.problems(master_keys);
+        if !problems.is_empty() {
+            return Err(InvalidConfig {
+                file: file.to_string(),
+                problems,
+            });
+        }
+        let default_timeout = cfg.default_timeout.as_std();
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for r in &cfg.routes {
+            let uri: http::Uri = r.upstream.parse().expect("validated");
+            let settings = BreakerSettings::from(&r.breaker);
+            let fingerprint = (
+                settings.consecutive_failures,
+                settings.failure_ratio.to_bits(),
+                settings.min_calls,
+                settings.open_for_ms,
+                settings.half_open_probes,
+            );
+            let breaker = previous
+                .and_then(|p| {
+                    p.routes
+                        .iter()
+                        .find(|o| o.name == r.name && o.breaker_settings == fingerprint)
+                })
+                .map(|o| o.breaker.clone())
+                .unwrap_or_else(|| Arc::new(Breaker::new(settings)));
+            let mut byok = HashMap::new();
+            let mut system = None;
+            if let (Some(name), Some(keys)) = (&r.credential, master_keys) {
+                for c in cfg
+                    .credentials
+                    .iter()
+                    .filter(|c| &c.name == name && c.api == r.name)
+                {
+                    let sealed = super::vault::Sealed::from_base64(
+                        &c.name,
+                        c.key_version,
+                        &c.nonce,
+                        &c.ciphertext,
+                    )
+                    .expect("validated");
+                    let secret = keys
+                        .decrypt(&c.name, &c.org, &c.api, &sealed)
+                        .expect("validated");
+                    let mut value =
+                        HeaderValue::from_str(&format!("{}{}", c.value_prefix, secret.expose()))
+                            .map_err(|_| InvalidConfig {
+                                file: file.to_string(),
+                                problems: vec![super::config::Problem {
+                                    path: format!("credentials[{}]", c.name),
+                                    message: "the decrypted value is not a valid header value"
+                                        .into(),
+                                }],
+                            })?;
+                    value.set_sensitive(true);
+                    let injected = Injected {
+                        header: HeaderName::from_bytes(c.header.as_bytes()).expect("validated"),
+                        value,
+                    };
+                    match c.kind {
+                        CredentialKind::Byok => {
+                            byok.insert(c.org.clone(), injected);
+                        }
+                        CredentialKind::System => system = Some(injected),
+                    }
+                }
+            }
+            routes.push(Arc::new(Route {
+                name: r.name.clone(),
+                prefix: r.path_prefix.clone(),
+                scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
+                authority: uri.authority().cloned().expect("validated"),
+                base_path: uri.path().to_string(),
+                timeout: r
+                    .timeout
+                    .as_ref()
+                    .map(|t| t.as_std())
+                    .unwrap_or(default_timeout),
+                allow_live: r.scopes.contains(&KeyScope::Live),
+                allow_test: r.scopes.contains(&KeyScope::Test),
+                tier: r.tier.clone(),
+                credential: r.credential.clone(),
+                byok,
+                system,
+                pii: r.pii,
+                log_bodies: r.log_bodies,
+                breaker,
+                breaker_settings: fingerprint,
+            }));
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+
+        let keys = cfg
+            .keys
+            .iter()
+            .map(|k| {
+                let hash = KeyHash::from_hex(&k.hash).expect("validated");
+                let rec = KeyRecord {
+                    id: k.id.clone().unwrap_or_else(|| k.prefix.clone()),
+                    prefix: k.prefix.clone(),
+                    hash,
+                    org: k.org.clone(),
+                    scope: k.scope,
+                    tier: k.tier.clone(),
+                    daily_quota: k.daily_quota,
+                    expires_at_ms: k.expires_at.as_deref().and_then(parse_time_ms),
+                    grace_until_ms: k.grace_until.as_deref().and_then(parse_time_ms),
+                    revoked: k.revoked,
+                };
+                (hash, Arc::new(rec))
+            })
+            .collect();
+        Ok(Self {
+            routes,
+            keys,
+            tiers: cfg
+                .tiers
+                .iter()
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect(),
+            default_tier: cfg.default_tier.clone(),
+            source: file.to_string(),
+        })
+    }
+
+    pub fn route_for(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+
+    /// Looks a key up by its hash, comparing in constant time.
+    pub fn key(&self, hash: &KeyHash) -> Option<&Arc<KeyRecord>> {
+        self.keys.get(hash).filter(|k| k.hash.ct_eq(hash))
+    }
+
+    /// The limits for a key on a route: the route's tier, else the key's, else the default.
+    pub fn limits_for(&self, key: &KeyRecord, route: &Route) -> Option<Limits> {
+        let name = route
+            .tier
+            .as_ref()
+            .or(key.tier.as_ref())
+            .or(self.default_tier.as_ref())?;
+        let tier = self
+            .tiers
+            .get(name)
+            .or_else(|| self.default_tier.as_ref().and_then(|d| self.tiers.get(d)))?;
+        Some(Limits::new(&tier.per_key, &tier.per_org, key.daily_quota))
+    }
+}
+
+/// The current state, swapped atomically on reload.
+#[derive(Debug)]
+pub struct SharedState(RwLock<Arc<GatewayState>>);
+
+impl SharedState {
+    pub fn new(state: GatewayState) -> Self {
+        Self(RwLock::new(Arc::new(state)))
+    }
+    pub fn load(&self) -> Arc<GatewayState> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub fn store(&self, state: GatewayState) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+    }
+}
+
+/// Loads the pepper from `APITREE_KEY_PEPPER` or the config's pepper file.
+pub fn load_pepper(cfg: &ProxyConfig, base: &std::path::Path) -> Result<Pepper, String> {
+    let bytes = if let Ok(v) = std::env::var("APITREE_KEY_PEPPER") {
+        v.into_bytes()
+    } else if let Some(f) = &cfg.secrets.pepper_file {
+        let path = base.join(f);
+        std::fs::read(&path)
+            .map_err(|e| format!("cannot read the pepper file {}: {e}", path.display()))?
+    } else {
+        return Err(
+            "no key pepper: set APITREE_KEY_PEPPER or secrets.pepperFile (at least 32 bytes)"
+                .into(),
+        );
+    };
+    let trimmed = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
+    Pepper::new(trimmed).map_err(|e| e.to_string())
+}
+
+/// Loads master keys from `APITREE_MASTER_KEY(_VERSION)` or the config's key file; None when
+/// neither is set (then no route may use a credential).
+pub fn load_master_keys(
+    cfg: &ProxyConfig,
+    base: &std::path::Path,
+) -> Result<Option<MasterKeys>, String> {
+    if let Ok(key) = std::env::var("APITREE_MASTER_KEY") {
+        let version = std::env::var("APITREE_MASTER_KEY_VERSION")
+            .ok()
+            .map(|v| {
+                v.parse::<u32>().map_err(|_| {
+                    format!("APITREE_MASTER_KEY_VERSION {v:?} is not a positive integer")
+                })
+            })
+            .transpose()?
+            .unwrap_or(1);
+        return MasterKeys::single(version, &key)
+            .map(Some)
+            .map_err(|e| e.to_string());
+    }
+    if let Some(f) = &cfg.secrets.master_key_file {
+        let path = base.join(f);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read the master-key file {}: {e}", path.display()))?;
+        return MasterKeys::parse_file(&text)
+            .map(Some)
+            .map_err(|e| e.to_string());
+    }
+    Ok(None)
+}
