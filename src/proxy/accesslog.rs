@@ -40,12 +40,16 @@ pub struct AccessLog {
 impl AccessLog {
     /// Starts the writer thread on stdout.
     pub fn stdout(dropped: IntCounter) -> Self {
+        Self::to_writer(Box::new(std::io::stdout()), dropped)
+    }
+
+    /// Starts the writer thread on any writer.
+    pub fn to_writer(writer: Box<dyn Write + Send>, dropped: IntCounter) -> Self {
         let (tx, rx) = sync_channel::<String>(65_536);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                let stdout = std::io::stdout();
-                let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+                let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer);
                 while let Ok(line) = rx.recv() {
                     let _ = out.write_all(line.as_bytes());
                     // Flush when the queue is drained, so lines appear promptly when idle.

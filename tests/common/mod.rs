@@ -1,6 +1,8 @@
 //! Shared test support: throwaway PostgreSQL databases on the real server.
 #![allow(dead_code)]
 
+pub mod gateway;
+
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 /// Server the tests use; `scripts/test` makes sure it is up. Override with APITREE_TEST_PG.

@@ -1,0 +1,526 @@
+//! The gateway proxy end to end: real HTTP through the stack to an in-process upstream.
+
+mod common;
+
+use std::time::Duration;
+
+use apitree::crd::gateway::KeyScope;
+use apitree::proxy::{limiter::Limiter, metrics::ProxyMetrics};
+use common::gateway::*;
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+
+struct Setup {
+    gw: TestGateway,
+    up: Upstream,
+    live: String,
+    test: String,
+    other_org_live: String,
+}
+
+/// Two orgs (alpha, beta), a small tier, routes for every behaviour.
+async fn setup(extra_keys: &str) -> Setup {
+    let up = start_upstream().await;
+    let upstream = format!("http://{}/", up.addr.unwrap());
+    let (live, live_e) = key_entry(KeyScope::Live, "alpha", "");
+    let (test, test_e) = key_entry(KeyScope::Test, "alpha", "");
+    let (beta, beta_e) = key_entry(KeyScope::Live, "beta", "");
+    let creds = credential_entry("vendor", "alpha", "api", "system", UPSTREAM_SECRET)
+        + &credential_entry("vendor", "beta", "api", "byok", BYOK_SECRET);
+    let yaml = format!(
+        r#"
+tiers:
+  - name: small
+    perKey: {{ burst10s: 5, perMinute: 100, perDay: 1000 }}
+    perOrg: {{ burst10s: 8, perMinute: 100, perDay: 1000 }}
+  - name: roomy
+    perKey: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}
+    perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}
+defaultTier: roomy
+orgs: [{{ id: alpha }}, {{ id: beta }}]
+keys:
+{live_e}{test_e}{beta_e}{extra_keys}
+credentials:
+{creds}
+routes:
+  - {{ name: api, pathPrefix: /api/, upstream: "{upstream}v1/", credential: vendor }}
+  - {{ name: live-only, pathPrefix: /live-only/, upstream: "{upstream}", scopes: [live] }}
+  - {{ name: limited, pathPrefix: /limited/, upstream: "{upstream}", tier: small }}
+  - {{ name: masked, pathPrefix: /masked/, upstream: "{upstream}", pii: mask }}
+  - {{ name: flagged, pathPrefix: /flagged/, upstream: "{upstream}", pii: flag }}
+  - {{ name: fragile, pathPrefix: /fragile/, upstream: "{upstream}", timeout: 300ms,
+       breaker: {{ consecutiveFailures: 3, openFor: 30s, halfOpenProbes: 1 }} }}
+  - {{ name: logged, pathPrefix: /logged/, upstream: "{upstream}", logBodies: true }}
+"#
+    );
+    let gw = start_gateway(&yaml, None).await;
+    Setup {
+        gw,
+        up,
+        live: live.expose_secret().to_string(),
+        test: test.expose_secret().to_string(),
+        other_org_live: beta.expose_secret().to_string(),
+    }
+}
+
+async fn get(url: &str, key: Option<&str>) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = client().get(url);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn a_valid_key_reaches_the_upstream_with_the_credential_and_never_the_buyers_key() {
+    let s = setup("").await;
+    let (status, headers, body) =
+        get(&s.gw.url("/api/weather/today?city=seoul"), Some(&s.live)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["path"], "/v1/weather/today");
+    assert_eq!(body["query"], "city=seoul");
+    let seen = body["headers"].as_object().unwrap();
+    assert_eq!(seen["authorization"], format!("Bearer {UPSTREAM_SECRET}"));
+    assert!(
+        !body.to_string().contains(&s.live),
+        "the buyer's key was forwarded"
+    );
+    let rid = headers["x-request-id"].to_str().unwrap();
+    assert_eq!(seen["x-request-id"], rid);
+    assert!(headers.contains_key("ratelimit"));
+
+    // X-API-Key works too, and is stripped as well.
+    let resp = client()
+        .get(s.gw.url("/api/x"))
+        .header("x-api-key", &s.live)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["headers"].get("x-api-key").is_none());
+}
+
+#[tokio::test]
+async fn byok_orgs_get_their_own_upstream_credential() {
+    let s = setup("").await;
+    let (_, _, body) = get(&s.gw.url("/api/x"), Some(&s.other_org_live)).await;
+    assert_eq!(
+        body["headers"]["authorization"],
+        format!("Bearer {BYOK_SECRET}")
+    );
+}
+
+#[tokio::test]
+async fn auth_failures_are_401_json_with_the_request_id() {
+    let (revoked, revoked_e) = key_entry(KeyScope::Live, "alpha", ", revoked: true");
+    let (expired, expired_e) = key_entry(
+        KeyScope::Live,
+        "alpha",
+        ", expiresAt: \"2020-01-01T00:00:00Z\"",
+    );
+    let (rotated, rotated_e) = key_entry(
+        KeyScope::Live,
+        "alpha",
+        ", graceUntil: \"2020-01-01T00:00:00Z\"",
+    );
+    let (in_grace, in_grace_e) = key_entry(
+        KeyScope::Live,
+        "alpha",
+        ", graceUntil: \"2999-01-01T00:00:00Z\"",
+    );
+    let s = setup(&(revoked_e + &expired_e + &rotated_e + &in_grace_e)).await;
+    let mut typo = s.live.clone().into_bytes();
+    typo[12] = if typo[12] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    let unknown = apitree::proxy::keys::ApiKey::generate(KeyScope::Live);
+    for (key, code) in [
+        (None, "missing_api_key"),
+        (Some(typo.as_str()), "malformed_api_key"),
+        (Some(unknown.expose_secret()), "unknown_api_key"),
+        (Some(revoked.expose_secret()), "revoked_api_key"),
+        (Some(expired.expose_secret()), "expired_api_key"),
+        (Some(rotated.expose_secret()), "rotated_api_key"),
+    ] {
+        let (status, headers, body) = get(&s.gw.url("/api/x"), key).await;
+        assert_eq!(status, 401, "{code}: {body}");
+        assert_eq!(body["code"], code);
+        assert_eq!(
+            body["request_id"],
+            headers["x-request-id"].to_str().unwrap()
+        );
+        assert!(body["error"].as_str().unwrap().len() > 10);
+        assert!(headers.contains_key("www-authenticate"));
+    }
+    assert_eq!(
+        s.up.hits.load(Ordering::SeqCst),
+        0,
+        "refused requests must not reach the upstream"
+    );
+    let (status, _, _) = get(&s.gw.url("/api/x"), Some(in_grace.expose_secret())).await;
+    assert_eq!(
+        status, 200,
+        "a rotated key is valid during its grace period"
+    );
+    let metrics = client()
+        .get(s.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("apitree_proxy_auth_failures_total{reason=\"revoked_api_key\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_test_key_on_a_live_only_route_is_forbidden() {
+    let s = setup("").await;
+    let (status, _, body) = get(&s.gw.url("/live-only/x"), Some(&s.test)).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["code"], "scope_forbidden");
+    let (status, _, _) = get(&s.gw.url("/live-only/x"), Some(&s.live)).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = get(&s.gw.url("/nowhere"), Some(&s.live)).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("no_route")));
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_ietf_headers() {
+    let s = setup("").await;
+    for i in 0..5 {
+        let (status, headers, _) = get(&s.gw.url("/limited/x"), Some(&s.live)).await;
+        assert_eq!(status, 200, "request {i}");
+        let rl = headers["ratelimit"].to_str().unwrap();
+        assert_eq!(
+            rl,
+            format!("\"key-burst\";r={};t=", 4 - i) + rl.rsplit_once("t=").unwrap().1
+        );
+    }
+    let (status, headers, body) = get(&s.gw.url("/limited/x"), Some(&s.live)).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["code"], "rate_limited");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    let policy = headers["ratelimit-policy"].to_str().unwrap();
+    assert!(
+        policy.contains("\"key-burst\";q=5;w=10") && policy.contains("\"org-day\";q=1000;w=86400"),
+        "{policy}"
+    );
+    assert!(headers["ratelimit"].to_str().unwrap().contains(";r=0;"));
+    // The org limit (8) applies across the org's keys: the test key gets 3 more, not 5.
+    let mut ok = 0;
+    for _ in 0..5 {
+        if get(&s.gw.url("/limited/x"), Some(&s.test)).await.0 == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3);
+    assert_eq!(s.up.hits.load(Ordering::SeqCst), 8);
+}
+
+#[tokio::test]
+async fn failing_upstream_opens_the_breaker_and_then_fails_fast() {
+    let s = setup("").await;
+    for _ in 0..3 {
+        let (status, _, _) = get(&s.gw.url("/fragile/fail"), Some(&s.live)).await;
+        assert_eq!(
+            status, 500,
+            "upstream errors pass through until the breaker opens"
+        );
+    }
+    let hits = s.up.hits.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let (status, headers, body) = get(&s.gw.url("/fragile/anything"), Some(&s.live)).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["code"], "upstream_circuit_open");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(
+        s.up.hits.load(Ordering::SeqCst),
+        hits,
+        "an open breaker must not call the upstream"
+    );
+    assert!(started.elapsed() < Duration::from_millis(200));
+    let metrics = client()
+        .get(s.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("apitree_proxy_breaker_opens_total{route=\"fragile\"} 1"));
+    assert!(metrics.contains("apitree_proxy_breaker_state{route=\"fragile\"} 2"));
+}
+
+#[tokio::test]
+async fn slow_upstreams_time_out_with_504() {
+    let s = setup("").await;
+    let (status, _, body) = get(&s.gw.url("/fragile/slow"), Some(&s.live)).await;
+    assert_eq!(status, 504);
+    assert_eq!(body["code"], "upstream_timeout");
+    assert!(body["error"].as_str().unwrap().contains("300ms"));
+}
+
+#[tokio::test]
+async fn pii_is_masked_in_responses_and_flagged_where_asked() {
+    let s = setup("").await;
+    let (status, headers, body) = get(&s.gw.url("/masked/pii"), Some(&s.live)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["rrn"], "900101-1******");
+    assert_eq!(body["phone"], "010-****-5432");
+    assert_eq!(body["note"], "계좌 ***-***-**6789");
+    assert!(headers.get("x-apitree-pii").is_none());
+
+    let (_, headers, body) = get(&s.gw.url("/flagged/pii"), Some(&s.live)).await;
+    assert_eq!(body["rrn"], RRN, "flag mode leaves the body alone");
+    assert_eq!(headers["x-apitree-pii"], "rrn=1, phone=1, bank_account=1");
+
+    let (_, _, body) = get(&s.gw.url("/live-only/pii"), Some(&s.live)).await;
+    assert_eq!(body["rrn"], RRN, "PII mode off");
+
+    let metrics = client()
+        .get(s.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("apitree_proxy_pii_findings_total{kind=\"rrn\",route=\"masked\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn streaming_masking_handles_values_split_across_chunks() {
+    let s = setup("").await;
+    let resp = client()
+        .get(s.gw.url("/masked/pii-stream"))
+        .bearer_auth(&s.live)
+        .send()
+        .await
+        .unwrap();
+    let declared = resp.content_length();
+    let text = resp.text().await.unwrap();
+    assert_eq!(
+        declared,
+        Some(text.len() as u64),
+        "masking keeps the length"
+    );
+    assert_eq!(text.lines().count(), 2000);
+    assert!(
+        !text.contains(RRN) && !text.contains("-1234-"),
+        "unmasked value left"
+    );
+    assert_eq!(text.matches("900101-1******").count(), 2000);
+    assert_eq!(text.matches("010-****-").count(), 2000);
+}
+
+#[tokio::test]
+async fn access_log_holds_metadata_and_never_secrets() {
+    let s = setup("").await;
+    get(&s.gw.url("/api/x"), Some(&s.live)).await;
+    let resp = client()
+        .post(s.gw.url("/logged/x"))
+        .bearer_auth(&s.live)
+        .body("{\"order\":42}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    get(&s.gw.url("/api/x"), Some("at_live_not-a-real-key")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = s.gw.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    let first = &lines[0];
+    assert_eq!(first["route"], "api");
+    assert_eq!(first["org"], "alpha");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["upstream_status"], 200);
+    assert_eq!(first["key_prefix"], &s.live[..16]);
+    assert!(first["latency_ms"].as_f64().unwrap() > 0.0);
+    assert!(first.get("request_body").is_none());
+    assert_eq!(
+        lines[1]["request_body"], "{\"order\":42}",
+        "logBodies routes log the body"
+    );
+    assert_eq!(lines[2]["error_code"], "malformed_api_key");
+    for secret in [s.live.as_str(), UPSTREAM_SECRET, "not-a-real-key"] {
+        assert!(!log.contains(secret), "secret {secret:?} in the access log");
+    }
+}
+
+#[tokio::test]
+async fn admin_endpoints_expose_metrics_that_promtool_accepts_and_readiness() {
+    let s = setup("").await;
+    get(&s.gw.url("/api/x"), Some(&s.live)).await;
+    get(&s.gw.url("/limited/x"), None).await;
+    let metrics = client()
+        .get(s.gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "apitree_proxy_requests_total{route=\"api\",status_class=\"2xx\"} 1",
+        "apitree_proxy_request_duration_seconds_bucket",
+        "apitree_proxy_in_flight_requests",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    assert!(!metrics.contains(&s.live[8..]), "a key leaked into metrics");
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (scripts/test installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ready: Value = client()
+        .get(s.gw.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["config"]["routes"], 7);
+    assert_eq!(ready["rateLimitStore"], "off");
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let mut s = setup("").await;
+    let url = s.gw.url("/live-only/slow");
+    let key = s.live.clone();
+    let slow = tokio::spawn(async move {
+        client()
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.gw.shutdown().await;
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "the in-flight request finished"
+    );
+    assert!(
+        client().get(s.gw.url("/api/x")).send().await.is_err(),
+        "no new connections after shutdown"
+    );
+}
+
+fn redis_url() -> String {
+    std::env::var("APITREE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+#[tokio::test]
+async fn two_replicas_share_limits_through_redis() {
+    let up = start_upstream().await;
+    let (key, entry) = key_entry(KeyScope::Live, "shared-org", "");
+    let org = format!("org-{}", uuid::Uuid::new_v4().simple());
+    let entry = entry.replace("shared-org", &org);
+    let yaml = format!(
+        "tiers:\n  - {{ name: t, perKey: {{ burst10s: 6, perMinute: 100, perDay: 1000 }}, perOrg: {{ burst10s: 100, perMinute: 100, perDay: 1000 }} }}\ndefaultTier: t\norgs: [{{ id: {org} }}]\nkeys:\n{entry}routes:\n  - {{ name: r, pathPrefix: /, upstream: \"http://{}/\" }}\n",
+        up.addr.unwrap()
+    );
+    let m1 = ProxyMetrics::new();
+    let m2 = ProxyMetrics::new();
+    let a = start_gateway(&yaml, Some(Limiter::shared(&redis_url(), m1).unwrap())).await;
+    let b = start_gateway(&yaml, Some(Limiter::shared(&redis_url(), m2).unwrap())).await;
+    let mut ok = 0;
+    for i in 0..10 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        if get(&gw.url("/x"), Some(key.expose_secret())).await.0 == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 6, "the burst limit of 6 holds across both replicas");
+    let ready: Value = client()
+        .get(a.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["rateLimitStore"], "ok");
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_local_limits_and_reports_degraded() {
+    let up = start_upstream().await;
+    let (key, entry) = key_entry(KeyScope::Live, "o", "");
+    let yaml = format!(
+        "tiers:\n  - {{ name: t, perKey: {{ burst10s: 3, perMinute: 100, perDay: 1000 }}, perOrg: {{ burst10s: 100, perMinute: 100, perDay: 1000 }} }}\ndefaultTier: t\norgs: [{{ id: o }}]\nkeys:\n{entry}routes:\n  - {{ name: r, pathPrefix: /, upstream: \"http://{}/\" }}\n",
+        up.addr.unwrap()
+    );
+    let metrics = ProxyMetrics::new();
+    // Nothing listens on port 1.
+    let gw = start_gateway(
+        &yaml,
+        Some(Limiter::shared("redis://127.0.0.1:1", metrics.clone()).unwrap()),
+    )
+    .await;
+    let statuses: Vec<u16> = futures::future::join_all(
+        (0..4).map(|_| async { get(&gw.url("/x"), Some(key.expose_secret())).await.0 }),
+    )
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![200, 200, 200, 429],
+        "local limits still apply: {statuses:?}"
+    );
+    assert_eq!(metrics.limiter_fallbacks.get(), 4);
+    let ready: Value = client()
+        .get(gw.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "degraded");
+    assert_eq!(ready["rateLimitStore"], "degraded");
+}
