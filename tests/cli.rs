@@ -118,3 +118,188 @@ fn a_bad_log_filter_is_refused_with_an_example() {
         stderr(&out)
     );
 }
+
+fn apitree_stdin(args: &[&str], env: &[(&str, &str)], input: &str) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_apitree"));
+    cmd.args(args)
+        .env_remove("APITREE_KEY_PEPPER")
+        .env_remove("APITREE_MASTER_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn proxy_with_an_invalid_config_lists_every_problem_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "listen: nope\nkeys:\n  - { prefix: at_live_x, hash: zz, org: ghost, scope: live }\nroutes:\n  - { name: a, pathPrefix: /a/, upstream: \"ftp://x\", tier: gold }\n",
+    )
+    .unwrap();
+    let out = apitree_stdin(
+        &["proxy", "--config", path.to_str().unwrap()],
+        &[("APITREE_KEY_PEPPER", "p-0123456789-0123456789-0123456789")],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    for want in [
+        "listen:",
+        "keys[0].hash:",
+        "keys[0].org:",
+        "routes[0].upstream:",
+        "routes[0].tier:",
+    ] {
+        assert!(err.contains(want), "{want} missing from:\n{err}");
+    }
+    assert!(
+        err.contains("5 problem(s)") || err.contains("problem(s)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn proxy_refuses_to_start_without_a_pepper() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.yaml");
+    std::fs::write(
+        &path,
+        "routes:\n  - { name: a, pathPrefix: /a/, upstream: \"http://127.0.0.1:1/\" }\n",
+    )
+    .unwrap();
+    let out = apitree_stdin(&["proxy", "--config", path.to_str().unwrap()], &[], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no key pepper"), "{}", stderr(&out));
+}
+
+#[test]
+fn pii_scan_masks_stdin_and_lists_findings() {
+    let text = "고객 주민번호 900101-1234568, 연락처 010-1234-5678\norder 12345\n";
+    let out = apitree_stdin(&["pii", "scan", "--mask"], &[], text);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout.clone()).unwrap(),
+        "고객 주민번호 900101-1******, 연락처 010-****-5678\norder 12345\n"
+    );
+    assert!(stderr(&out).contains("rrn=1, phone=1"));
+
+    let out = apitree_stdin(&["pii", "scan", "--format", "json"], &[], text);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["counts"]["rrn"], 1);
+    assert_eq!(doc["findings"][0]["line"], 1);
+    assert_eq!(doc["findings"][0]["column"], 9);
+    assert_eq!(doc["findings"][1]["masked"], "010-****-5678");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("1234568"),
+        "findings are reported masked"
+    );
+}
+
+#[test]
+fn keys_hash_prints_the_stored_form_and_refuses_typos() {
+    let pepper = "p-0123456789-0123456789-0123456789";
+    let key = apitree::proxy::keys::ApiKey::generate(apitree::crd::gateway::KeyScope::Test);
+    let out = apitree_stdin(
+        &["keys", "hash", "-", "--org", "acme"],
+        &[("APITREE_KEY_PEPPER", pepper)],
+        key.expose_secret(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = String::from_utf8(out.stdout).unwrap();
+    let want = apitree::proxy::keys::Pepper::new(pepper.as_bytes().to_vec())
+        .unwrap()
+        .hash(&key)
+        .to_hex();
+    assert!(
+        entry.contains(&format!("hash: {want}"))
+            && entry.contains("scope: test")
+            && entry.contains("org: acme"),
+        "{entry}"
+    );
+    assert!(!entry.contains(key.expose_secret()));
+
+    let out = apitree_stdin(
+        &["keys", "hash", "at_test_short"],
+        &[("APITREE_KEY_PEPPER", pepper)],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("wrong length"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn the_proxy_example_runs_as_is_and_its_documented_keys_work() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = repo.join("examples/proxy.yaml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let keys: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("#   live: ")
+                .or_else(|| l.strip_prefix("#   test: "))
+        })
+        .map(|k| k.trim().to_string())
+        .collect();
+    assert_eq!(keys.len(), 2, "the example documents a live and a test key");
+    let opts = apitree::proxy::ProxyOptions {
+        config: example,
+        redis_url: None,
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        access_log: false,
+    };
+    let prepared = apitree::proxy::prepare(&opts)
+        .await
+        .expect("the example starts as-is");
+    let addr = prepared.listener.local_addr().unwrap();
+    tokio::spawn(apitree::proxy::server::run(
+        prepared.gateway,
+        prepared.listener,
+        prepared.admin,
+        std::future::pending(),
+        std::time::Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    // Nothing listens on the example upstream port here, so allowed requests get 502; what
+    // matters is that both keys authenticate and that 40 quick requests meet the limit.
+    let test_on_live_only = client
+        .get(format!("http://{addr}/live-only/"))
+        .bearer_auth(&keys[1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(test_on_live_only.status(), 403);
+    let mut limited = 0;
+    for _ in 0..40 {
+        let s = client
+            .get(format!("http://{addr}/demo/"))
+            .bearer_auth(&keys[0])
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_ne!(s, 401, "the documented live key must authenticate");
+        if s == 429 {
+            limited += 1;
+        }
+    }
+    assert!(
+        limited >= 10,
+        "40 quick requests should see 429s, saw {limited}"
+    );
+}

@@ -214,7 +214,7 @@ impl ProxyConfig {
                 );
             }
         }
-        if self.listen == self.admin {
+        if self.listen == self.admin && !self.listen.ends_with(":0") {
             push("admin".into(), "must differ from listen".into());
         }
 
