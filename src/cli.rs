@@ -65,9 +65,14 @@ pub enum Command {
     ///   apitree proxy --config examples/proxy.yaml
     Proxy(ProxyArgs),
 
-    /// API keys: hash one for a DB-less config, or generate a new one.
+    /// API keys: create, rotate, revoke and list them in the database; hash or generate one for a
+    /// DB-less config.
     #[command(subcommand)]
     Keys(KeysCommand),
+
+    /// Orgs (tenants) in the gateway database.
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
 
     /// Upstream credentials: encrypt one for a config or database entry.
     #[command(subcommand)]
@@ -92,6 +97,16 @@ pub struct ProxyArgs {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
+    /// Database mode: serve orgs, keys, APIs and credentials from this PostgreSQL database (on
+    /// top of the file's), reloading on every change. If the database goes away the last good
+    /// configuration keeps serving and /readyz reports degraded.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
     /// Override the config's listen address.
     #[arg(long, value_name = "ADDR", env = "APITREE_LISTEN")]
     pub listen: Option<String>,
@@ -113,7 +128,97 @@ pub struct SecretArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum OrgsCommand {
+    /// Create an org; prints its id (a UUID).
+    Create {
+        /// Display name (unique).
+        name: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
+}
+
+/// Who is acting, for the audit log.
+#[derive(Debug, Args)]
+pub struct ActorArgs {
+    /// Name recorded in the audit log (defaults to $USER).
+    #[arg(long, env = "APITREE_ACTOR")]
+    pub actor: Option<String>,
+}
+
+impl ActorArgs {
+    pub fn resolve(&self) -> String {
+        self.actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .filter(|a| !a.is_empty())
+            .map(|a| format!("cli:{a}"))
+            .unwrap_or_else(|| "cli".into())
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KeysCommand {
+    /// Create a key in the database. Prints the key once; only its hash is stored.
+    Create {
+        /// Org id (from `apitree orgs create`).
+        #[arg(long)]
+        org: uuid::Uuid,
+        /// live or test.
+        #[arg(long, value_enum)]
+        scope: Scope,
+        /// Rate-limit tier name (keys with a tier the proxy does not define use its default).
+        #[arg(long, default_value = "default")]
+        tier: String,
+        /// Requests per UTC day for this key (overrides the tier's per-day limit).
+        #[arg(long)]
+        daily_quota: Option<u64>,
+        /// A label for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
+    /// Issue a replacement key. The old key stays valid for the grace period, then stops.
+    Rotate {
+        /// Key id (from `apitree keys list`).
+        id: uuid::Uuid,
+        /// How long the old key keeps working, e.g. 24h or 3d.
+        #[arg(long, default_value = "24h")]
+        grace: crate::crd::KubeDuration,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
+    /// Revoke a key now.
+    Revoke {
+        /// Key id.
+        id: uuid::Uuid,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
+    /// List keys (prefixes and state; never the keys).
+    List {
+        /// Only this org's keys.
+        #[arg(long)]
+        org: Option<uuid::Uuid>,
+        /// Table or JSON.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
     /// Print the stored form (prefix and HMAC hash) of a key, as a `keys:` entry for a DB-less
     /// config. Pass the key as an argument or `-` to read it from stdin (keeps it out of shell
     /// history).

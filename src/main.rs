@@ -9,8 +9,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use apitree::cli::{
-    Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, KeysCommand, OutputFormat,
-    PiiCommand, ProxyArgs, Scope, SecretArgs,
+    Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, KeysCommand, OrgsCommand,
+    OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -51,7 +51,13 @@ async fn run(command: Command) -> Result<()> {
         Command::Crds(args) => crds(args),
         Command::Migrate(args) => migrate(args).await,
         Command::Proxy(args) => run_proxy(args).await,
-        Command::Keys(cmd) => keys(cmd),
+        Command::Keys(cmd) => keys(cmd).await,
+        Command::Orgs(OrgsCommand::Create { name, db, actor }) => {
+            let pool = open_db(&db).await?;
+            let id = db::keys::create_org(&pool, &name, &actor.resolve()).await?;
+            println!("{id}");
+            Ok(())
+        }
         Command::Credentials(cmd) => credentials(cmd),
         Command::Pii(PiiCommand::Scan { mask, format }) => pii_scan(mask, format),
     }
@@ -61,6 +67,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<()> {
     let opts = proxy::ProxyOptions {
         config: args.config,
         redis_url: args.redis_url,
+        database_url: args.database_url,
         listen: args.listen,
         admin: args.admin,
         access_log: !args.no_access_log,
@@ -101,8 +108,131 @@ fn secret_sources(args: &SecretArgs) -> Result<(ProxyConfig, PathBuf)> {
     }
 }
 
-fn keys(cmd: KeysCommand) -> Result<()> {
+async fn open_db(args: &DatabaseArgs) -> Result<sqlx::PgPool> {
+    let url = args.resolve().context(
+        "no database URL: pass --database-url, or set APITREE_DATABASE_URL or DATABASE_URL",
+    )?;
+    Ok(db::connect(&url, 2).await?)
+}
+
+fn to_scope(scope: Scope) -> KeyScope {
+    match scope {
+        Scope::Live => KeyScope::Live,
+        Scope::Test => KeyScope::Test,
+    }
+}
+
+async fn keys(cmd: KeysCommand) -> Result<()> {
     match cmd {
+        KeysCommand::Create {
+            org,
+            scope,
+            tier,
+            daily_quota,
+            name,
+            db: dbargs,
+            secrets,
+            actor,
+        } => {
+            let (cfg, base) = secret_sources(&secrets)?;
+            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            let pool = open_db(&dbargs).await?;
+            let daily_quota = daily_quota.map(|q| q.min(i64::MAX as u64) as i64);
+            let new = db::keys::NewKey {
+                org,
+                scope: to_scope(scope),
+                tier: &tier,
+                daily_quota,
+                name: &name,
+            };
+            let issued = db::keys::create_key(&pool, &pepper, new, &actor.resolve()).await?;
+            println!("{}", issued.key.expose_secret());
+            eprintln!(
+                "created key {} (id {}); this is the only time it is shown",
+                issued.key.prefix(),
+                issued.id
+            );
+        }
+        KeysCommand::Rotate {
+            id,
+            grace,
+            db: dbargs,
+            secrets,
+            actor,
+        } => {
+            let (cfg, base) = secret_sources(&secrets)?;
+            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            let pool = open_db(&dbargs).await?;
+            let grace = chrono::Duration::from_std(grace.as_std())
+                .map_err(|_| anyhow!("--grace is too long"))?;
+            let rotation = db::keys::rotate_key(
+                &pool,
+                &pepper,
+                id,
+                grace,
+                chrono::Utc::now(),
+                &actor.resolve(),
+            )
+            .await?
+            .ok_or_else(|| {
+                anyhow!("no active, unrotated key with id {id}; see `apitree keys list`")
+            })?;
+            println!("{}", rotation.new.key.expose_secret());
+            eprintln!(
+                "new key {} (id {}); the old key {} stays valid until {} and is refused after that",
+                rotation.new.key.prefix(),
+                rotation.new.id,
+                rotation.old_prefix,
+                rotation
+                    .grace_until
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+        }
+        KeysCommand::Revoke {
+            id,
+            db: dbargs,
+            actor,
+        } => {
+            let pool = open_db(&dbargs).await?;
+            let prefix = db::keys::revoke_key(&pool, id, &actor.resolve())
+                .await?
+                .ok_or_else(|| anyhow!("no active key with id {id}; see `apitree keys list`"))?;
+            eprintln!("revoked {prefix}");
+        }
+        KeysCommand::List {
+            org,
+            format,
+            db: dbargs,
+        } => {
+            let pool = open_db(&dbargs).await?;
+            let rows = db::keys::list_keys(&pool, org).await?;
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                OutputFormat::Text => {
+                    println!(
+                        "{:<36}  {:<16}  {:<5}  {:<10}  STATE",
+                        "ID", "PREFIX", "SCOPE", "TIER"
+                    );
+                    let now = chrono::Utc::now();
+                    for r in rows {
+                        let state = match (r.revoked_at, r.grace_until, r.expires_at) {
+                            (Some(_), _, _) => "revoked".to_string(),
+                            (_, Some(g), _) if g <= now => "rotated (grace over)".into(),
+                            (_, Some(g), _) => format!(
+                                "rotated, valid until {}",
+                                g.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                            ),
+                            (_, _, Some(e)) if e <= now => "expired".into(),
+                            _ => "active".into(),
+                        };
+                        println!(
+                            "{:<36}  {:<16}  {:<5}  {:<10}  {state}",
+                            r.id, r.prefix, r.scope, r.tier
+                        );
+                    }
+                }
+            }
+        }
         KeysCommand::Hash { key, org, secrets } => {
             let text = if key == "-" {
                 let mut buf = String::new();
@@ -123,10 +253,7 @@ fn keys(cmd: KeysCommand) -> Result<()> {
         } => {
             let (cfg, base) = secret_sources(&secrets)?;
             let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
-            let key = ApiKey::generate(match scope {
-                Scope::Live => KeyScope::Live,
-                Scope::Test => KeyScope::Test,
-            });
+            let key = ApiKey::generate(to_scope(scope));
             println!("{}", key.expose_secret());
             eprintln!(
                 "# Store only this entry; the key above is shown once.\n{}",

@@ -259,6 +259,7 @@ async fn the_proxy_example_runs_as_is_and_its_documented_keys_work() {
     let opts = apitree::proxy::ProxyOptions {
         config: example,
         redis_url: None,
+        database_url: None,
         listen: Some("127.0.0.1:0".into()),
         admin: Some("127.0.0.1:0".into()),
         access_log: false,
@@ -301,5 +302,68 @@ async fn the_proxy_example_runs_as_is_and_its_documented_keys_work() {
     assert!(
         limited >= 10,
         "40 quick requests should see 429s, saw {limited}"
+    );
+}
+
+#[tokio::test]
+async fn orgs_and_keys_admin_commands_print_ids_keys_and_grace() {
+    let tdb = common::TestDb::new().await;
+    let _pool = tdb.migrated_pool().await;
+    let pepper = ("APITREE_KEY_PEPPER", "p-0123456789-0123456789-0123456789");
+    let db = ("APITREE_DATABASE_URL", tdb.url.as_str());
+    let out = apitree_stdin(&["orgs", "create", "acme", "--actor", "ops"], &[db], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let org = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(uuid::Uuid::parse_str(&org).is_ok(), "{org}");
+
+    let out = apitree_stdin(
+        &[
+            "keys",
+            "create",
+            "--org",
+            &org,
+            "--scope",
+            "live",
+            "--daily-quota",
+            "100",
+        ],
+        &[db, pepper],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(apitree::proxy::keys::ApiKey::parse(&key).is_ok(), "{key}");
+    assert!(stderr(&out).contains("only time it is shown"));
+
+    let out = apitree_stdin(&["keys", "list", "--format", "json"], &[db], "");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["prefix"], &key[..16]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&key),
+        "list never shows keys"
+    );
+    let id = rows[0]["id"].as_str().unwrap().to_string();
+
+    let out = apitree_stdin(&["keys", "rotate", &id, "--grace", "2h"], &[db, pepper], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("the old key {} stays valid until", &key[..16])),
+        "{err}"
+    );
+    let out = apitree_stdin(&["keys", "rotate", &id], &[db, pepper], "");
+    assert_eq!(out.status.code(), Some(1), "a key is rotated once");
+    assert!(stderr(&out).contains("no active, unrotated key"));
+
+    let out = apitree_stdin(&["keys", "revoke", &id], &[db], "");
+    assert!(out.status.success());
+    let out = apitree_stdin(&["keys", "list"], &[db], "");
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("revoked") && table.contains("active"),
+        "{table}"
     );
 }

@@ -32,6 +32,17 @@ impl KubeDuration {
         self.value
     }
 
+    /// Builds a duration from milliseconds, spelled in seconds when exact.
+    pub fn from_millis(ms: u64) -> Self {
+        if ms.is_multiple_of(1000) {
+            return Self::from_secs(ms / 1000);
+        }
+        Self {
+            text: format!("{ms}ms"),
+            value: Duration::from_millis(ms),
+        }
+    }
+
     /// Builds a duration from whole seconds, spelled in the largest exact unit.
     pub fn from_secs(secs: u64) -> Self {
         let text = match secs {

@@ -6,6 +6,7 @@
 pub mod accesslog;
 pub mod breaker;
 pub mod config;
+pub mod dbmode;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
@@ -28,6 +29,8 @@ use state::{GatewayState, SharedState};
 pub struct ProxyOptions {
     pub config: PathBuf,
     pub redis_url: Option<String>,
+    /// Serve orgs, keys, APIs and credentials from this PostgreSQL database.
+    pub database_url: Option<String>,
     pub listen: Option<String>,
     pub admin: Option<String>,
     pub access_log: bool,
@@ -48,6 +51,8 @@ pub enum ProxyError {
     },
     #[error("{0}")]
     Redis(#[from] limiter::RedisUrlError),
+    #[error("{0}")]
+    Database(#[from] crate::db::DbError),
 }
 
 /// A gateway ready to serve, with its listeners bound.
@@ -73,7 +78,21 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     let pepper = state::load_pepper(&cfg, &base).map_err(ProxyError::Secrets)?;
     let master_keys = state::load_master_keys(&cfg, &base).map_err(ProxyError::Secrets)?;
     warn_on_example_secrets(&cfg);
-    let state = GatewayState::build(&cfg, &file, master_keys.as_ref(), None)?;
+    let (state, database) = match &opts.database_url {
+        None => (
+            GatewayState::build(&cfg, &file, master_keys.as_ref(), None)?,
+            None,
+        ),
+        Some(url) => {
+            let pool = crate::db::connect(url, 4).await?;
+            let source = format!(
+                "{file} + database {}",
+                crate::db::describe_target(&crate::db::parse_url(url)?)
+            );
+            let state = dbmode::load(&pool, &cfg, &source, master_keys.as_ref(), None).await?;
+            (state, Some((pool, source)))
+        }
+    };
     let metrics = metrics::ProxyMetrics::new();
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     let limiter = match &opts.redis_url {
@@ -98,6 +117,16 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
             .await
             .map_err(|source| ProxyError::Bind { addr, source })
     };
+    if let Some((pool, source)) = database {
+        *gateway.database.lock().unwrap_or_else(|p| p.into_inner()) = server::DependencyStatus::Ok;
+        tokio::spawn(dbmode::watch(
+            gateway.clone(),
+            pool,
+            cfg.clone(),
+            source,
+            master_keys.clone(),
+        ));
+    }
     let listener = bind(cfg.listen.clone()).await?;
     let admin = bind(cfg.admin.clone()).await?;
     Ok(Prepared {
@@ -121,8 +150,12 @@ fn warn_on_example_secrets(cfg: &ProxyConfig) {
 }
 
 /// Reloads the config file into a running gateway; keeps the old config when the new one is
-/// invalid (and says why).
+/// invalid (and says why). In database mode the database watcher reloads instead.
 pub fn reload(gateway: &Gateway, opts: &ProxyOptions) -> Result<(), ProxyError> {
+    if opts.database_url.is_some() {
+        tracing::info!("database mode reloads on database changes; restart to apply file changes");
+        return Ok(());
+    }
     let result = (|| {
         let cfg = ProxyConfig::load(&opts.config)?;
         let base = opts.config.parent().map(PathBuf::from).unwrap_or_default();

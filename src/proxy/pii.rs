@@ -109,7 +109,7 @@ fn right_boundary(buf: &[u8], end: usize) -> bool {
     match buf.get(end) {
         None => true,
         Some(&b) if is_word_byte(b) => false,
-        Some(&b) if matches!(b, b'-' | b'.') => !buf.get(end + 1).is_some_and(u8::is_ascii_digit),
+        Some(b'-' | b'.') => !buf.get(end + 1).is_some_and(u8::is_ascii_digit),
         Some(_) => true,
     }
 }
@@ -245,7 +245,7 @@ fn classify(buf: &[u8], start: usize, gs: &[(usize, usize)], sep: Option<u8>) ->
     let bank_shape = if lens.len() == 1 {
         (10..=14).contains(&d.len())
     } else {
-        sep == Some(b'-') && BANK_GROUPS.iter().any(|g| *g == lens.as_slice())
+        sep == Some(b'-') && BANK_GROUPS.contains(&lens.as_slice())
     };
     if bank_shape && has_context(buf, start, BANK_WORDS) {
         return finding(PiiKind::BankAccount, start, end, 0, 4);

@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, Hash, Hasher},
+    hash::BuildHasher,
     sync::{Arc, Mutex},
 };
 
@@ -271,9 +271,7 @@ impl Default for LocalLimiter {
 
 impl LocalLimiter {
     fn shard<'a>(&self, shards: &'a [Shard], id: &str) -> &'a Shard {
-        let mut h = self.hasher.build_hasher();
-        id.hash(&mut h);
-        &shards[(h.finish() as usize) % SHARDS]
+        &shards[(self.hasher.hash_one(id) as usize) % SHARDS]
     }
 
     /// Decides and, when allowed, counts the request against all six counters at once.

@@ -1,0 +1,385 @@
+//! Orgs, API keys, registered APIs and upstream credentials: the admin writes (each audited in
+//! the same transaction) and the reads a database-mode proxy serves from.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{audit, DbError};
+use crate::crd::gateway::KeyScope;
+use crate::proxy::config::{CredentialEntry, CredentialKind, KeyEntry, OrgEntry};
+use crate::proxy::keys::{ApiKey, Pepper};
+
+fn scope_str(scope: KeyScope) -> &'static str {
+    match scope {
+        KeyScope::Live => "live",
+        KeyScope::Test => "test",
+    }
+}
+
+/// Creates an org; returns its id.
+pub async fn create_org(pool: &PgPool, name: &str, actor: &str) -> Result<Uuid, DbError> {
+    let id = Uuid::new_v4();
+    let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
+        .bind(id)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::query("create org"))?;
+    audit::append(
+        &mut *tx,
+        actor,
+        "org.create",
+        &id.to_string(),
+        Some(id),
+        &json!({"name": name}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::query("commit"))?;
+    Ok(id)
+}
+
+/// A new key: shown once, stored hashed.
+pub struct IssuedKey {
+    pub id: Uuid,
+    pub key: ApiKey,
+}
+
+/// Settings of a new key.
+pub struct NewKey<'a> {
+    pub org: Uuid,
+    pub scope: KeyScope,
+    pub tier: &'a str,
+    pub daily_quota: Option<i64>,
+    pub name: &'a str,
+}
+
+async fn insert_key(
+    tx: &mut sqlx::PgConnection,
+    pepper: &Pepper,
+    new: &NewKey<'_>,
+) -> Result<IssuedKey, DbError> {
+    let key = ApiKey::generate(new.scope);
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO api_keys (id, org_id, name, prefix, key_hash, scope, tier, daily_quota)
+         VALUES ($1, $2, $3, $4, $5, $6::key_scope, $7, $8)",
+    )
+    .bind(id)
+    .bind(new.org)
+    .bind(new.name)
+    .bind(key.prefix())
+    .bind(pepper.hash(&key).0.to_vec())
+    .bind(scope_str(new.scope))
+    .bind(new.tier)
+    .bind(new.daily_quota)
+    .execute(&mut *tx)
+    .await
+    .map_err(DbError::query("create API key"))?;
+    Ok(IssuedKey { id, key })
+}
+
+/// Creates a key for an org.
+pub async fn create_key(
+    pool: &PgPool,
+    pepper: &Pepper,
+    new: NewKey<'_>,
+    actor: &str,
+) -> Result<IssuedKey, DbError> {
+    let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
+    let issued = insert_key(&mut tx, pepper, &new).await?;
+    audit::append(
+        &mut *tx,
+        actor,
+        "key.create",
+        issued.key.prefix(),
+        Some(new.org),
+        &json!({"key_id": issued.id, "scope": scope_str(new.scope), "tier": new.tier, "daily_quota": new.daily_quota}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::query("commit"))?;
+    Ok(issued)
+}
+
+/// What a rotation did.
+pub struct Rotation {
+    pub new: IssuedKey,
+    pub old_prefix: String,
+    pub grace_until: DateTime<Utc>,
+}
+
+/// Issues a replacement for key `id`; the old key stays valid until `now + grace`.
+pub async fn rotate_key(
+    pool: &PgPool,
+    pepper: &Pepper,
+    id: Uuid,
+    grace: chrono::Duration,
+    now: DateTime<Utc>,
+    actor: &str,
+) -> Result<Option<Rotation>, DbError> {
+    let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
+    let row: Option<(Uuid, String, String, String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT org_id, scope::text, tier, prefix, daily_quota, name FROM api_keys
+         WHERE id = $1 AND revoked_at IS NULL AND replaced_by IS NULL FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(DbError::query("read API key"))?;
+    let Some((org, scope, tier, old_prefix, daily_quota, name)) = row else {
+        return Ok(None);
+    };
+    let scope = if scope == "live" {
+        KeyScope::Live
+    } else {
+        KeyScope::Test
+    };
+    let new = insert_key(
+        &mut tx,
+        pepper,
+        &NewKey {
+            org,
+            scope,
+            tier: &tier,
+            daily_quota,
+            name: &name,
+        },
+    )
+    .await?;
+    let grace_until = now + grace;
+    sqlx::query("UPDATE api_keys SET grace_until = $2, replaced_by = $3 WHERE id = $1")
+        .bind(id)
+        .bind(grace_until)
+        .bind(new.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::query("mark rotated key"))?;
+    audit::append(
+        &mut *tx,
+        actor,
+        "key.rotate",
+        &old_prefix,
+        Some(org),
+        &json!({"old_key_id": id, "new_key_id": new.id, "new_prefix": new.key.prefix(), "grace_until": grace_until}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::query("commit"))?;
+    Ok(Some(Rotation {
+        new,
+        old_prefix,
+        grace_until,
+    }))
+}
+
+/// Revokes key `id` now; returns its prefix, or None when there is no such active key.
+pub async fn revoke_key(pool: &PgPool, id: Uuid, actor: &str) -> Result<Option<String>, DbError> {
+    let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
+    let row: Option<(String, Uuid)> =
+        sqlx::query_as("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING prefix, org_id")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(DbError::query("revoke API key"))?;
+    let Some((prefix, org)) = row else {
+        return Ok(None);
+    };
+    audit::append(
+        &mut *tx,
+        actor,
+        "key.revoke",
+        &prefix,
+        Some(org),
+        &json!({"key_id": id}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::query("commit"))?;
+    Ok(Some(prefix))
+}
+
+/// One row of `apitree keys list`.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+pub struct KeyListing {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub prefix: String,
+    pub scope: String,
+    pub tier: String,
+    pub daily_quota: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub grace_until: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+pub async fn list_keys(pool: &PgPool, org: Option<Uuid>) -> Result<Vec<KeyListing>, DbError> {
+    sqlx::query_as(
+        "SELECT id, org_id, prefix, scope::text AS scope, tier, daily_quota, created_at, expires_at, grace_until, revoked_at
+         FROM api_keys WHERE $1::uuid IS NULL OR org_id = $1 ORDER BY created_at, prefix",
+    )
+    .bind(org)
+    .fetch_all(pool)
+    .await
+    .map_err(DbError::query("list API keys"))
+}
+
+/// Everything a proxy serves from the database, as config entries.
+pub struct DbEntities {
+    pub orgs: Vec<OrgEntry>,
+    pub keys: Vec<KeyEntry>,
+    pub routes: Vec<crate::crd::gateway::RouteSpec>,
+    pub credentials: Vec<CredentialEntry>,
+}
+
+/// Reads orgs, keys, APIs and credentials in one snapshot (one repeatable-read transaction).
+pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
+    let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::query("begin snapshot"))?;
+    let orgs: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM orgs ORDER BY id")
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(DbError::query("load orgs"))?;
+    type KeyRow = (
+        Uuid,
+        Uuid,
+        String,
+        Vec<u8>,
+        String,
+        String,
+        Option<i64>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    );
+    let keys: Vec<KeyRow> = sqlx::query_as(
+        "SELECT id, org_id, prefix, key_hash, scope::text, tier, daily_quota, expires_at, grace_until, revoked_at
+         FROM api_keys ORDER BY id",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(DbError::query("load API keys"))?;
+    type ApiRow = (
+        String,
+        String,
+        String,
+        Vec<String>,
+        String,
+        i32,
+        bool,
+        Option<String>,
+    );
+    let apis: Vec<ApiRow> = sqlx::query_as(
+        "SELECT a.name, a.path_prefix, a.upstream_url, a.scopes::text[], a.pii_mode, a.timeout_ms, a.log_bodies,
+                (SELECT c.name FROM upstream_credentials c WHERE c.api_id = a.id ORDER BY c.name LIMIT 1)
+         FROM apis a ORDER BY a.name",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(DbError::query("load APIs"))?;
+    type CredRow = (
+        String,
+        Uuid,
+        String,
+        String,
+        i32,
+        Vec<u8>,
+        Vec<u8>,
+        String,
+        String,
+    );
+    let creds: Vec<CredRow> = sqlx::query_as(
+        "SELECT c.name, c.org_id, a.name, c.kind::text, c.key_version, c.nonce, c.ciphertext, c.header, c.value_prefix
+         FROM upstream_credentials c JOIN apis a ON a.id = c.api_id ORDER BY c.id",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(DbError::query("load upstream credentials"))?;
+    tx.commit().await.map_err(DbError::query("end snapshot"))?;
+
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let scope = |s: &str| {
+        if s == "live" {
+            KeyScope::Live
+        } else {
+            KeyScope::Test
+        }
+    };
+    Ok(DbEntities {
+        orgs: orgs
+            .into_iter()
+            .map(|(id, name)| OrgEntry {
+                id: id.to_string(),
+                name,
+            })
+            .collect(),
+        keys: keys
+            .into_iter()
+            .map(
+                |(id, org, prefix, hash, sc, tier, quota, expires, grace, revoked)| KeyEntry {
+                    id: Some(id.to_string()),
+                    prefix,
+                    hash: hex::encode(hash),
+                    org: org.to_string(),
+                    scope: scope(&sc),
+                    tier: Some(tier),
+                    daily_quota: quota.map(|q| q as u64),
+                    expires_at: expires.map(|t| t.to_rfc3339()),
+                    grace_until: grace.map(|t| t.to_rfc3339()),
+                    revoked: revoked.is_some(),
+                },
+            )
+            .collect(),
+        routes: apis
+            .into_iter()
+            .map(
+                |(name, prefix, upstream, scopes, pii, timeout_ms, log_bodies, credential)| {
+                    crate::crd::gateway::RouteSpec {
+                        name,
+                        path_prefix: prefix,
+                        upstream,
+                        timeout: Some(crate::crd::KubeDuration::from_millis(
+                            timeout_ms.max(1) as u64
+                        )),
+                        scopes: scopes.iter().map(|s| scope(s)).collect(),
+                        tier: None,
+                        credential,
+                        pii: match pii.as_str() {
+                            "mask" => crate::crd::gateway::PiiMode::Mask,
+                            "flag" => crate::crd::gateway::PiiMode::Flag,
+                            _ => crate::crd::gateway::PiiMode::Off,
+                        },
+                        breaker: Default::default(),
+                        log_bodies,
+                    }
+                },
+            )
+            .collect(),
+        credentials: creds
+            .into_iter()
+            .map(
+                |(name, org, api, kind, version, nonce, ciphertext, header, value_prefix)| {
+                    CredentialEntry {
+                        name,
+                        org: org.to_string(),
+                        api,
+                        kind: if kind == "byok" {
+                            CredentialKind::Byok
+                        } else {
+                            CredentialKind::System
+                        },
+                        key_version: version as u32,
+                        nonce: b64.encode(nonce),
+                        ciphertext: b64.encode(ciphertext),
+                        header,
+                        value_prefix,
+                    }
+                },
+            )
+            .collect(),
+    })
+}

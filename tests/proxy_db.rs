@@ -1,0 +1,351 @@
+//! Database mode against the real PostgreSQL: keys created, revoked and rotated with the admin
+//! commands take effect in a running proxy through LISTEN/NOTIFY; losing the database keeps the
+//! last good configuration serving.
+
+mod common;
+
+use std::time::Duration;
+
+use apitree::crd::gateway::KeyScope;
+use apitree::db::keys as dbkeys;
+use common::gateway::*;
+use common::TestDb;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+struct DbGateway {
+    addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(
+    tdb: &TestDb,
+    pool: &PgPool,
+    upstream: std::net::SocketAddr,
+    org: Uuid,
+) -> DbGateway {
+    install_crypto();
+    // One API with an encrypted system credential, as an admin would register it.
+    let api = Uuid::new_v4();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', $3)")
+        .bind(api)
+        .bind(org)
+        .bind(format!("http://{upstream}/"))
+        .execute(pool)
+        .await
+        .unwrap();
+    let sealed = master_keys().encrypt(&org.to_string(), "weather", UPSTREAM_SECRET);
+    sqlx::query(
+        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
+         VALUES ($1, $2, $3, 'vendor', 'system', $4, $5, 1)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(org)
+    .bind(api)
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .execute(pool)
+    .await
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
+    std::fs::write(dir.path().join("master"), format!("1:{MASTER_KEY_B64}\n")).unwrap();
+    let cfg = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &cfg,
+        "secrets: { pepperFile: pepper, masterKeyFile: master }\ntiers:\n  - { name: std, perKey: { burst10s: 1000, perMinute: 10000, perDay: 100000 }, perOrg: { burst10s: 1000, perMinute: 10000, perDay: 100000 } }\ndefaultTier: std\n",
+    )
+    .unwrap();
+    let opts = apitree::proxy::ProxyOptions {
+        config: cfg,
+        redis_url: None,
+        database_url: Some(tdb.url.clone()),
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        access_log: false,
+    };
+    let p = apitree::proxy::prepare(&opts)
+        .await
+        .expect("database mode starts");
+    let (addr, admin) = (
+        p.listener.local_addr().unwrap(),
+        p.admin.local_addr().unwrap(),
+    );
+    tokio::spawn(apitree::proxy::server::run(
+        p.gateway,
+        p.listener,
+        p.admin,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    DbGateway {
+        addr,
+        admin,
+        _dir: dir,
+    }
+}
+
+async fn status(gw: &DbGateway, key: &str) -> u16 {
+    client()
+        .get(format!("http://{}/weather/today", gw.addr))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Polls until `f` holds (reloads are asynchronous), failing after 5 s.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn readiness(gw: &DbGateway) -> Value {
+    client()
+        .get(format!("http://{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn key_lifecycle_reaches_a_running_proxy_and_is_audited() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let up = start_upstream().await;
+    let org = dbkeys::create_org(&pool, "acme", "test:alice")
+        .await
+        .unwrap();
+    let first = dbkeys::create_key(
+        &pool,
+        &pepper(),
+        dbkeys::NewKey {
+            org,
+            scope: KeyScope::Live,
+            tier: "gold",
+            daily_quota: None,
+            name: "ci",
+        },
+        "test:alice",
+    )
+    .await
+    .unwrap();
+    let gw = start(&tdb, &pool, up.addr.unwrap(), org).await;
+    assert_eq!(
+        status(&gw, first.key.expose_secret()).await,
+        200,
+        "a key from the database works (unknown tier → default)"
+    );
+    let resp: Value = client()
+        .get(format!("http://{}/weather/x", gw.addr))
+        .bearer_auth(first.key.expose_secret())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp["headers"]["authorization"],
+        format!("Bearer {UPSTREAM_SECRET}")
+    );
+
+    // A key created while the proxy runs works without a restart.
+    let second = dbkeys::create_key(
+        &pool,
+        &pepper(),
+        dbkeys::NewKey {
+            org,
+            scope: KeyScope::Test,
+            tier: "std",
+            daily_quota: Some(5),
+            name: "",
+        },
+        "test:bob",
+    )
+    .await
+    .unwrap();
+    let k2 = second.key.expose_secret().to_string();
+    eventually("the new key is accepted", || async {
+        status(&gw, &k2).await == 200
+    })
+    .await;
+
+    // Rotation: both keys work during the grace period.
+    let rotation = dbkeys::rotate_key(
+        &pool,
+        &pepper(),
+        first.id,
+        chrono::Duration::hours(24),
+        chrono::Utc::now(),
+        "test:alice",
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let k3 = rotation.new.key.expose_secret().to_string();
+    eventually("the rotated-in key is accepted", || async {
+        status(&gw, &k3).await == 200
+    })
+    .await;
+    assert_eq!(
+        status(&gw, first.key.expose_secret()).await,
+        200,
+        "the old key is valid during its grace period"
+    );
+    // A grace period that has ended refuses the old key.
+    sqlx::query("UPDATE api_keys SET grace_until = now() - interval '1 second' WHERE id = $1")
+        .bind(first.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let k1 = first.key.expose_secret().to_string();
+    eventually("the old key is refused after its grace", || async {
+        status(&gw, &k1).await == 401
+    })
+    .await;
+
+    // Revocation takes effect at once.
+    dbkeys::revoke_key(&pool, second.id, "test:bob")
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("the revoked key is refused", || async {
+        status(&gw, &k2).await == 401
+    })
+    .await;
+
+    let actions: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT actor, action, target FROM audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let names: Vec<&str> = actions.iter().map(|a| a.1.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "org.create",
+            "key.create",
+            "key.create",
+            "key.rotate",
+            "key.revoke"
+        ]
+    );
+    assert_eq!(actions[4].0, "test:bob");
+    assert_eq!(
+        actions[4].2,
+        &k2[..16],
+        "the audit target is the key prefix, never the key"
+    );
+    let audit_text: String =
+        sqlx::query_scalar("SELECT string_agg(detail::text, ' ') FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    for k in [&k1, &k2, &k3] {
+        assert!(
+            !audit_text.contains(k.as_str()),
+            "a key leaked into the audit log"
+        );
+    }
+}
+
+#[tokio::test]
+async fn losing_the_database_keeps_the_last_config_and_degrades_readiness() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let up = start_upstream().await;
+    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
+    let issued = dbkeys::create_key(
+        &pool,
+        &pepper(),
+        dbkeys::NewKey {
+            org,
+            scope: KeyScope::Live,
+            tier: "std",
+            daily_quota: None,
+            name: "",
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let key = issued.key.expose_secret().to_string();
+    let gw = start(&tdb, &pool, up.addr.unwrap(), org).await;
+    assert_eq!(readiness(&gw).await["database"], "ok");
+    pool.close().await;
+
+    // Take the database away: refuse new connections and end the existing ones.
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    let name = tdb.name.clone();
+    common::exec(
+        &admin,
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+    )
+    .await
+    .unwrap();
+    common::exec(
+        &admin,
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    )
+    .await
+    .unwrap();
+    eventually("readiness reports the database degraded", || async {
+        readiness(&gw).await["database"] == "degraded"
+    })
+    .await;
+    let ready = readiness(&gw).await;
+    assert_eq!(ready["status"], "degraded");
+    assert_eq!(
+        status(&gw, &key).await,
+        200,
+        "the last good configuration keeps serving"
+    );
+
+    // Bring it back: the proxy reconnects, reloads and is ready again.
+    common::exec(
+        &admin,
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"),
+    )
+    .await
+    .unwrap();
+    let pool = tdb.pool().await;
+    let later = dbkeys::create_key(
+        &pool,
+        &pepper(),
+        dbkeys::NewKey {
+            org,
+            scope: KeyScope::Live,
+            tier: "std",
+            daily_quota: None,
+            name: "",
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let later = later.key.expose_secret().to_string();
+    eventually("the database is ok again", || async {
+        readiness(&gw).await["database"] == "ok"
+    })
+    .await;
+    eventually("a key created after the outage works", || async {
+        status(&gw, &later).await == 200
+    })
+    .await;
+}
