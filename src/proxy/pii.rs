@@ -116,44 +116,79 @@ fn right_boundary(buf: &[u8], end: usize) -> bool {
 
 fn has_context(buf: &[u8], start: usize, words: &[&str]) -> bool {
     let from = start.saturating_sub(CONTEXT);
-    let window = buf[from..start].to_ascii_lowercase();
+    let window = &buf[from..start];
     words.iter().any(|w| {
         let w = w.as_bytes();
-        window.len() >= w.len() && window.windows(w.len()).any(|s| s == w)
+        window.len() >= w.len() && window.windows(w.len()).any(|s| s.eq_ignore_ascii_case(w))
     })
 }
 
-/// Digit groups of a number starting at `i`: (start, len) pairs and the separator used.
-fn groups(buf: &[u8], mut i: usize) -> (Vec<(usize, usize)>, Option<u8>) {
-    let mut out = Vec::with_capacity(4);
-    let mut sep = None;
+/// Up to five digit groups of a number, kept on the stack (the scanner runs per byte).
+#[derive(Clone, Copy, Default)]
+struct Groups {
+    spans: [(usize, usize); 5],
+    n: usize,
+    sep: Option<u8>,
+}
+
+impl Groups {
+    fn lens(&self, k: usize) -> ([usize; 5], usize) {
+        let mut out = [0; 5];
+        for (o, g) in out.iter_mut().zip(&self.spans[..k]) {
+            *o = g.1;
+        }
+        (out, k)
+    }
+}
+
+/// Digit groups of a number starting at `i`, and the separator used.
+fn groups(buf: &[u8], mut i: usize) -> Groups {
+    let mut out = Groups::default();
     loop {
         let start = i;
         while i < buf.len() && buf[i].is_ascii_digit() {
             i += 1;
         }
-        out.push((start, i - start));
-        if out.len() == 5 || i + 1 >= buf.len() {
+        out.spans[out.n] = (start, i - start);
+        out.n += 1;
+        if out.n == 5 || i + 1 >= buf.len() {
             break;
         }
         let s = buf[i];
-        let sep_ok = match sep {
+        let sep_ok = match out.sep {
             None => matches!(s, b'-' | b' ' | b'.'),
             Some(existing) => s == existing,
         };
         if !sep_ok || !buf[i + 1].is_ascii_digit() {
             break;
         }
-        sep = Some(s);
+        out.sep = Some(s);
         i += 1;
     }
-    (out, sep)
+    out
 }
 
-fn digits_of(buf: &[u8], gs: &[(usize, usize)]) -> Vec<u8> {
-    gs.iter()
-        .flat_map(|&(s, l)| buf[s..s + l].iter().map(|d| d - b'0'))
-        .collect()
+/// Longest digit string any pattern needs.
+const MAX_DIGITS: usize = 16;
+
+/// The digits of the first `k` groups as values 0–9, or None when there are too many.
+fn digits_of(
+    buf: &[u8],
+    gs: &[(usize, usize)],
+    lead_zero: bool,
+) -> Option<([u8; MAX_DIGITS], usize)> {
+    let mut out = [0u8; MAX_DIGITS];
+    let mut n = usize::from(lead_zero);
+    for &(s, l) in gs {
+        if n + l > MAX_DIGITS {
+            return None;
+        }
+        for (o, d) in out[n..n + l].iter_mut().zip(&buf[s..s + l]) {
+            *o = d - b'0';
+        }
+        n += l;
+    }
+    Some((out, n))
 }
 
 fn valid_rrn_date(d: &[u8]) -> bool {
@@ -210,16 +245,19 @@ fn finding(
 
 /// Classifies a number whose groups are `gs` (already boundary-checked).
 fn classify(buf: &[u8], start: usize, gs: &[(usize, usize)], sep: Option<u8>) -> Option<Finding> {
-    let lens: Vec<usize> = gs.iter().map(|g| g.1).collect();
-    let d = digits_of(buf, gs);
+    let mut lens_buf = [0usize; 5];
+    for (o, g) in lens_buf.iter_mut().zip(gs) {
+        *o = g.1;
+    }
+    let lens = &lens_buf[..gs.len()];
+    let (digits, n) = digits_of(buf, gs, false)?;
+    let d = &digits[..n];
     let (last_start, last_len) = gs[gs.len() - 1];
     let end = last_start + last_len;
 
     // Resident registration number.
     let rrn_shape = (lens == [6, 7] && matches!(sep, Some(b'-') | Some(b' '))) || lens == [13];
-    if rrn_shape
-        && valid_rrn_date(&d)
-        && (rrn_checksum_ok(&d) || has_context(buf, start, RRN_WORDS))
+    if rrn_shape && valid_rrn_date(d) && (rrn_checksum_ok(d) || has_context(buf, start, RRN_WORDS))
     {
         return finding(PiiKind::Rrn, start, end, 7, 0);
     }
@@ -228,10 +266,10 @@ fn classify(buf: &[u8], start: usize, gs: &[(usize, usize)], sep: Option<u8>) ->
     let phone_grouped = |head: usize| {
         lens.len() == 3 && lens[0] == head && matches!(lens[1], 3 | 4) && lens[2] == 4
     };
-    if is_mobile(&d) && (phone_grouped(3) || (lens.len() == 1 && matches!(d.len(), 10 | 11))) {
+    if is_mobile(d) && (phone_grouped(3) || (lens.len() == 1 && matches!(d.len(), 10 | 11))) {
         return finding(PiiKind::Phone, start, end, 3, 4);
     }
-    if let Some(area) = area_code_len(&d) {
+    if let Some(area) = area_code_len(d) {
         let plain = lens.len() == 1 && (d.len() == area + 7 || d.len() == area + 8);
         if phone_grouped(area) || plain {
             return finding(PiiKind::Phone, start, end, area as u8, 4);
@@ -245,7 +283,7 @@ fn classify(buf: &[u8], start: usize, gs: &[(usize, usize)], sep: Option<u8>) ->
     let bank_shape = if lens.len() == 1 {
         (10..=14).contains(&d.len())
     } else {
-        sep == Some(b'-') && BANK_GROUPS.contains(&lens.as_slice())
+        sep == Some(b'-') && BANK_GROUPS.contains(&lens)
     };
     if bank_shape && has_context(buf, start, BANK_WORDS) {
         return finding(PiiKind::BankAccount, start, end, 0, 4);
@@ -265,12 +303,13 @@ fn international(buf: &[u8], i: usize) -> Option<Finding> {
     if !buf.get(j).is_some_and(u8::is_ascii_digit) {
         return None;
     }
-    let (gs, _) = groups(buf, j);
+    let g = groups(buf, j);
+    let gs = &g.spans[..g.n];
     // Put the trunk 0 back to reuse the domestic rules: +82 10-... is 010-...
-    let mut d = vec![0u8];
-    d.extend(digits_of(buf, &gs));
-    let lens: Vec<usize> = gs.iter().map(|g| g.1).collect();
-    for k in (1..=gs.len()).rev() {
+    let (digits, _) = digits_of(buf, gs, true)?;
+    let d = &digits[..];
+    let (lens, _) = g.lens(g.n);
+    for k in (1..=g.n).rev() {
         let end = gs[k - 1].0 + gs[k - 1].1;
         if end - i > MAX_MATCH || !right_boundary(buf, end) {
             continue;
@@ -318,9 +357,15 @@ fn scan_range(buf: &[u8], from: usize, until: usize, out: &mut Vec<Finding>) {
             }
             continue;
         }
-        let (gs, sep) = groups(buf, i);
+        let g = groups(buf, i);
+        let (gs, sep) = (&g.spans[..g.n], g.sep);
+        // Fast path: a lone run of fewer than 9 digits matches no pattern.
+        if g.n == 1 && gs[0].1 < 9 {
+            i = gs[0].0 + gs[0].1;
+            continue;
+        }
         let mut matched = None;
-        for k in (1..=gs.len()).rev() {
+        for k in (1..=g.n).rev() {
             let end = gs[k - 1].0 + gs[k - 1].1;
             if end - i > MAX_MATCH || !right_boundary(buf, end) {
                 continue;

@@ -85,6 +85,48 @@ impl DependencyStatus {
     }
 }
 
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+thread_local! {
+    // One connection pool per worker thread: a request and its upstream connection stay on
+    // one thread, so serving it needs no cross-thread wake-ups.
+    static UPSTREAM: std::cell::OnceCell<UpstreamClient> = const { std::cell::OnceCell::new() };
+}
+
+fn upstream_client() -> UpstreamClient {
+    UPSTREAM.with(|c| c.get_or_init(build_upstream_client).clone())
+}
+
+fn build_upstream_client() -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .unwrap_or_else(|_| {
+            // No system CA bundle: plain-http upstreams still work; https ones fail to verify.
+            tracing::warn!(
+                "no system CA certificates found; https upstreams will fail verification"
+            );
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+        })
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        // Small requests: one flattened write beats writev (measured in benches/).
+        .http1_writev(false)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .build(https)
+}
+
 /// The data plane.
 pub struct Gateway {
     pub state: SharedState,
@@ -95,7 +137,6 @@ pub struct Gateway {
     pub clock: Clock,
     /// Set by the database loader in PostgreSQL mode.
     pub database: std::sync::Mutex<DependencyStatus>,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
     draining: std::sync::atomic::AtomicBool,
 }
 
@@ -278,31 +319,6 @@ impl Gateway {
         access_log: AccessLog,
         clock: Clock,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .unwrap_or_else(|_| {
-                // No system CA bundle: plain-http upstreams still work; https ones fail to verify.
-                tracing::warn!(
-                    "no system CA certificates found; https upstreams will fail verification"
-                );
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                    rustls::ClientConfig::builder()
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                )
-            })
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .build(https);
         Self {
             state,
             pepper,
@@ -311,7 +327,6 @@ impl Gateway {
             access_log,
             clock,
             database: std::sync::Mutex::new(DependencyStatus::Off),
-            client,
             draining: Default::default(),
         }
     }
@@ -508,7 +523,8 @@ impl Gateway {
             body.map_err(|e| Box::new(e) as BoxError).boxed()
         };
         let upstream_req = Request::from_parts(parts, body);
-        let result = tokio::time::timeout(route.timeout, self.client.request(upstream_req)).await;
+        let result =
+            tokio::time::timeout(route.timeout, upstream_client().request(upstream_req)).await;
         let resp = match result {
             Err(_) => {
                 self.upstream_failed(&route, "timeout", now);
@@ -777,6 +793,19 @@ impl HttpBody for MaskingBody {
     }
 }
 
+/// Worker threads for the public listener: `APITREE_WORKERS`, else one per CPU.
+pub fn default_workers() -> usize {
+    std::env::var("APITREE_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &usize| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
 /// Runs the public and admin listeners until `shutdown` resolves, then drains in-flight
 /// requests for up to `grace`.
 pub async fn run(
@@ -786,25 +815,67 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    run_with_workers(gateway, listener, admin, shutdown, grace, default_workers()).await
+}
+
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// Like [`run`] with an explicit number of workers. Each worker is a thread with its own
+/// single-threaded runtime and upstream connection pool (like nginx's worker processes): a
+/// connection, its requests and their upstream calls stay on one thread. This task accepts
+/// and hands connections out round-robin, and serves the admin port itself.
+pub async fn run_with_workers(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    workers: usize,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut senders = Vec::with_capacity(workers);
+    let mut finished = Vec::with_capacity(workers);
+    for i in 0..workers.max(1) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let gw = gateway.clone();
+        let stop = stop_rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("proxy-worker-{i}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(worker(gw, rx, stop, grace)),
+                    Err(e) => tracing::error!("cannot start proxy worker {i}: {e}"),
+                }
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start proxy worker thread {i}: {e}");
+            continue;
+        }
+        senders.push(tx);
+        finished.push(done_rx);
+    }
+
+    let admin_graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = http1_builder();
     tokio::pin!(shutdown);
+    let mut next = 0usize;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                let gw = gateway.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
-                });
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move { let _ = conn.await; });
+                let Ok(std_stream) = stream.into_std() else { continue };
+                if senders.is_empty() {
+                    continue;
+                }
+                let _ = senders[next % senders.len()].send((std_stream, peer));
+                next = next.wrapping_add(1);
             }
             accepted = admin.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
@@ -813,16 +884,63 @@ pub async fn run(
                     let gw = gw.clone();
                     async move { Ok::<_, Infallible>(gw.admin(&req)) }
                 });
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                let conn = admin_graceful.watch(http.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move { let _ = conn.await; });
             }
         }
     }
+    drop(listener);
     gateway.start_draining();
     tracing::info!(
         grace_secs = grace.as_secs(),
         "shutting down: draining in-flight requests"
     );
+    let _ = stop_tx.send(true);
+    drop(senders);
+    for done in finished {
+        let _ = done.await;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(100), admin_graceful.shutdown()).await;
+}
+
+fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true)
+        .writev(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    http
+}
+
+/// One worker: serves the connections it is handed until told to stop, then drains.
+async fn worker(
+    gateway: Arc<Gateway>,
+    mut conns: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = http1_builder();
+    loop {
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+            next = conns.recv() => {
+                let Some((std_stream, peer)) = next else { break };
+                let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
+                let gw = gateway.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
+                });
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move { let _ = conn.await; });
+            }
+        }
+    }
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
