@@ -26,9 +26,35 @@ pub struct Limiter {
 }
 
 struct SharedCounters {
-    conn: ConnectionManager,
+    id: usize,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
     script: redis::Script,
     healthy: AtomicBool,
+}
+
+static NEXT_LIMITER_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    // One Redis connection per worker thread and limiter, so a decision's round trip is
+    // driven on the thread that waits for it.
+    static CONNECTIONS: std::cell::RefCell<std::collections::HashMap<usize, ConnectionManager>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+impl SharedCounters {
+    fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        CONNECTIONS.with(|c| {
+            let mut map = c.borrow_mut();
+            if let Some(conn) = map.get(&self.id) {
+                return Ok(conn.clone());
+            }
+            let conn =
+                ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())?;
+            map.insert(self.id, conn.clone());
+            Ok(conn)
+        })
+    }
 }
 
 /// Why Redis could not be set up.
@@ -53,12 +79,12 @@ impl Limiter {
             .set_connection_timeout(Some(REDIS_TIMEOUT))
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| RedisUrlError(e.to_string()))?;
         Ok(Self {
             local: LocalLimiter::default(),
             redis: Some(SharedCounters {
-                conn,
+                id: NEXT_LIMITER_ID.fetch_add(1, Ordering::Relaxed),
+                client,
+                config,
                 script: redis::Script::new(REDIS_SCRIPT),
                 healthy: AtomicBool::new(true),
             }),
@@ -86,9 +112,13 @@ impl Limiter {
             for a in &argv {
                 inv.arg(a);
             }
-            let mut conn = shared.conn.clone();
-            let reply =
-                tokio::time::timeout(REDIS_TIMEOUT, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
+            let reply = match shared.connection() {
+                Ok(mut conn) => {
+                    tokio::time::timeout(REDIS_TIMEOUT, inv.invoke_async::<Vec<i64>>(&mut conn))
+                        .await
+                }
+                Err(e) => Ok(Err(e)),
+            };
             match reply {
                 Ok(Ok(values)) => {
                     if let Some(observed) = redis_observed(&values) {

@@ -147,13 +147,28 @@ impl ProxyMetrics {
     }
 }
 
-/// `2xx`, `4xx`… for a status code.
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+/// A route's request counters (by status class) and latency histogram, resolved once so the
+/// request path does no label lookups.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    requests: [IntCounter; 5],
+    duration: prometheus::Histogram,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+impl ProxyMetrics {
+    pub fn for_route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|c| self.requests.with_label_values(&[route, c])),
+            duration: self.duration.with_label_values(&[route]),
+        }
     }
 }

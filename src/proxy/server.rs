@@ -39,7 +39,7 @@ use super::accesslog::{AccessLog, AccessRecord};
 use super::breaker::{Admission, Transition};
 use super::keys::{ApiKey, KeyFormatError, Pepper};
 use super::limiter::Limiter;
-use super::metrics::{status_class, ProxyMetrics, NO_ROUTE};
+use super::metrics::{ProxyMetrics, NO_ROUTE};
 use super::pii::{self, PiiKind, StreamMasker};
 use super::ratelimit::Decision;
 use super::state::{KeyRecord, Route, SharedState};
@@ -376,14 +376,16 @@ impl Gateway {
             .map(|r| r.name.as_str())
             .unwrap_or(NO_ROUTE);
         let elapsed = started.elapsed();
-        self.metrics
-            .requests
-            .with_label_values(&[route, status_class(status)])
-            .inc();
-        self.metrics
-            .duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+        match &trace.route {
+            Some(r) => r
+                .metrics
+                .get_or_init(|| self.metrics.for_route(&r.name))
+                .observe(status, elapsed.as_secs_f64()),
+            None => self
+                .metrics
+                .for_route(NO_ROUTE)
+                .observe(status, elapsed.as_secs_f64()),
+        }
         self.access_log.write(&AccessRecord {
             ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             request_id: &request_id,

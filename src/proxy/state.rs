@@ -64,6 +64,8 @@ pub struct Route {
     pub log_bodies: bool,
     pub breaker: Arc<Breaker>,
     breaker_settings: (u32, u64, u32, u64, u32),
+    /// This route's metric handles, resolved on first use.
+    pub metrics: std::sync::OnceLock<super::metrics::RouteMetrics>,
 }
 
 impl Route {
@@ -212,6 +214,7 @@ impl GatewayState {
                 log_bodies: r.log_bodies,
                 breaker,
                 breaker_settings: fingerprint,
+                metrics: std::sync::OnceLock::new(),
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
