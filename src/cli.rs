@@ -78,6 +78,10 @@ pub enum Command {
     #[command(subcommand)]
     Credentials(CredentialsCommand),
 
+    /// The anomaly detector.
+    #[command(subcommand)]
+    Detect(DetectCommand),
+
     /// Korean PII detectors on stdin: list findings, or mask them (--mask).
     #[command(subcommand)]
     Pii(PiiCommand),
@@ -276,6 +280,31 @@ pub enum CredentialsCommand {
         value_prefix: String,
         #[command(flatten)]
         secrets: SecretArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DetectCommand {
+    /// Run recorded windows through the detector to see what it would have raised.
+    ///
+    /// Input CSV with a header: `timestamp,requests,errors` (optional `auth_failures`,
+    /// `p99_ms`) or `timestamp,value` for a plain gauge; timestamps RFC 3339 or unix seconds, one
+    /// row per window. Prints one line per row (JSON objects with --format json): timestamp,
+    /// baseline, ratio, p_value, severity (the incident's level), anomaly_score in [0, 1] and
+    /// event (open, escalate, deescalate, resolve). Malformed input exits 1 naming the line.
+    ///
+    ///   apitree detect replay --input errors.csv --config detection.yaml --format json
+    Replay {
+        /// The CSV file (`-` for stdin).
+        #[arg(long, short = 'i', value_name = "FILE")]
+        input: PathBuf,
+        /// Detection settings: YAML shaped like an ApiGateway's spec.detection (window,
+        /// thresholds, alpha, minRequests, baseline, baselineFloor, resolveAfterWindows).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// text or json.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
     },
 }
 

@@ -7,5 +7,6 @@
 pub mod cli;
 pub mod crd;
 pub mod db;
+pub mod detect;
 pub mod proxy;
 pub mod telemetry;

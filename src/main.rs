@@ -9,8 +9,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use apitree::cli::{
-    Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, KeysCommand, OrgsCommand,
-    OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
+    Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DetectCommand, KeysCommand,
+    OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -65,6 +65,11 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Credentials(cmd) => credentials(cmd),
         Command::Pii(PiiCommand::Scan { mask, format }) => pii_scan(mask, format),
+        Command::Detect(DetectCommand::Replay {
+            input,
+            config,
+            format,
+        }) => detect_replay(&input, config.as_deref(), format),
     }
 }
 
@@ -311,6 +316,47 @@ fn credentials(cmd: CredentialsCommand) -> Result<()> {
         sealed.nonce_b64(),
         sealed.ciphertext_b64()
     );
+    Ok(())
+}
+
+fn detect_replay(input: &Path, config: Option<&Path>, format: OutputFormat) -> Result<()> {
+    use apitree::crd::gateway::DetectionSpec;
+    use apitree::detect::{replay, ScoreConfig};
+    let spec: DetectionSpec = match config {
+        None => DetectionSpec::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+            serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+        }
+    };
+    let t = &spec.thresholds;
+    if !(t.warning < t.high && t.high < t.critical) {
+        return Err(anyhow!(
+            "thresholds must be ordered warning < high < critical, got {} / {} / {}",
+            t.warning,
+            t.high,
+            t.critical
+        ));
+    }
+    let text = if input == Path::new("-") {
+        let mut buf = String::new();
+        std::io::stdin().read_to_string(&mut buf)?;
+        buf
+    } else {
+        std::fs::read_to_string(input)
+            .map_err(|e| anyhow!("cannot read {}: {e}", input.display()))?
+    };
+    let rows = replay::replay(&text, &ScoreConfig::from(&spec))
+        .map_err(|e| anyhow!("{}: {e}", input.display()))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for r in &rows {
+        match format {
+            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(r)?)?,
+            OutputFormat::Text => writeln!(out, "{}", replay::text_line(r))?,
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

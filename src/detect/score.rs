@@ -1,0 +1,418 @@
+//! Scoring one window against a baseline: pure functions, no clock reads, no I/O.
+//!
+//! The score is current ratio / baseline ratio. A severity (3x / 5x / 10x by default) is only
+//! raised when the excess is statistically significant — a binomial upper-tail test of the
+//! window's errors against the baseline ratio — and the window has enough requests. Low traffic
+//! therefore never pages on noise, while a large jump that is significant even on few requests
+//! (many errors, a tiny p-value) still does. A traffic drop with an unchanged error ratio scores
+//! about 1 and raises nothing.
+
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
+
+use crate::crd::gateway::{BaselineMethod, DetectionSpec};
+
+/// Incident severity, ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    None,
+    Warning,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Warning => "warning",
+            Self::High => "high",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// Scoring settings (from an `ApiGateway`'s `spec.detection`).
+#[derive(Debug, Clone)]
+pub struct ScoreConfig {
+    pub warning: f64,
+    pub high: f64,
+    pub critical: f64,
+    pub alpha: f64,
+    pub min_requests: u64,
+    pub baseline_floor: f64,
+    pub baseline: BaselineMethod,
+    pub resolve_after: u32,
+    /// Window length in seconds.
+    pub window_secs: i64,
+}
+
+impl From<&DetectionSpec> for ScoreConfig {
+    fn from(d: &DetectionSpec) -> Self {
+        Self {
+            warning: d.thresholds.warning,
+            high: d.thresholds.high,
+            critical: d.thresholds.critical,
+            alpha: d.alpha,
+            min_requests: d.min_requests,
+            baseline_floor: d.baseline_floor,
+            baseline: d.baseline,
+            resolve_after: d.resolve_after_windows,
+            window_secs: d.window.as_std().as_secs().max(1) as i64,
+        }
+    }
+}
+
+impl ScoreConfig {
+    /// The severity a score multiple reaches, ignoring significance.
+    pub fn level(&self, ratio: f64) -> Severity {
+        if ratio >= self.critical {
+            Severity::Critical
+        } else if ratio >= self.high {
+            Severity::High
+        } else if ratio >= self.warning {
+            Severity::Warning
+        } else {
+            Severity::None
+        }
+    }
+
+    /// The multiple a severity starts at.
+    pub fn threshold(&self, s: Severity) -> f64 {
+        match s {
+            Severity::None => 1.0,
+            Severity::Warning => self.warning,
+            Severity::High => self.high,
+            Severity::Critical => self.critical,
+        }
+    }
+}
+
+/// One past window as the baseline sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Past {
+    /// Window start, unix seconds.
+    pub at: i64,
+    /// The window's value: an error ratio, or a gauge value.
+    pub value: f64,
+    /// Requests in the window (1 for gauges).
+    pub weight: u64,
+}
+
+const WEEK: i64 = 7 * 86_400;
+/// Recent windows the median fallback uses.
+const RECENT: usize = 12;
+/// Fewest past windows a baseline rests on.
+const MIN_HISTORY: usize = 3;
+
+/// Errors a window must be expected to hold (at the baseline ratio) before an ordinary
+/// severity can be raised: below that, counts are too small for 3x to mean anything.
+pub const MIN_EXPECTED_ERRORS: f64 = 5.0;
+
+/// The central value of past windows: for error ratios the pooled ratio (total errors / total
+/// requests, which stays right when most small windows hold zero errors), for gauges the median.
+fn central(points: &[&Past]) -> Option<f64> {
+    if points.is_empty() {
+        return None;
+    }
+    if points.iter().all(|p| p.weight == 1) {
+        return median(points.iter().map(|p| p.value).collect());
+    }
+    let requests: f64 = points.iter().map(|p| p.weight as f64).sum();
+    let errors: f64 = points.iter().map(|p| p.value * p.weight as f64).sum();
+    (requests > 0.0).then(|| errors / requests)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// The baseline for a window starting at `now` from quiet past windows (anomalous windows are
+/// left out by the caller). Same time last week(s) when that history exists, else the median
+/// of recent windows; None when there is too little history to judge.
+pub fn baseline(history: &[Past], now: i64, cfg: &ScoreConfig) -> Option<f64> {
+    let past: Vec<&Past> = history
+        .iter()
+        .filter(|p| p.at < now && p.weight > 0)
+        .collect();
+    let weekly = || {
+        // Up to four prior weeks, each within half a window of the same time.
+        let tolerance = (cfg.window_secs / 2).max(1);
+        let same_time: Vec<&Past> = (1..=4)
+            .filter_map(|w| {
+                let target = now - w * WEEK;
+                past.iter()
+                    .filter(|p| (p.at - target).abs() <= tolerance)
+                    .min_by_key(|p| (p.at - target).abs())
+                    .copied()
+            })
+            .collect();
+        central(&same_time)
+    };
+    let recent = || {
+        // Recent means the last day: a week-old window says nothing about the current level.
+        let mut sorted: Vec<&&Past> = past.iter().filter(|p| p.at >= now - 86_400).collect();
+        if sorted.len() < MIN_HISTORY {
+            return None;
+        }
+        sorted.sort_by_key(|p| std::cmp::Reverse(p.at));
+        let recent: Vec<&Past> = sorted.iter().take(RECENT).map(|p| **p).collect();
+        central(&recent)
+    };
+    match cfg.baseline {
+        BaselineMethod::SameTimeLastWeek => weekly(),
+        BaselineMethod::RecentMedian => recent(),
+        // Same time last week, blended with the recent level so a shifted week (a holiday, a
+        // migration) does not skew it alone: the larger of the two guards against false alarms.
+        BaselineMethod::Auto => match (weekly(), recent()) {
+            (Some(w), Some(r)) => Some(w.max(r)),
+            (w, r) => w.or(r),
+        },
+    }
+}
+
+/// The verdict on one window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    /// The baseline used (after the floor), None when there was too little history.
+    pub baseline: Option<f64>,
+    /// Current value / baseline.
+    pub ratio: f64,
+    /// Probability of seeing this many errors (or this deviation) if nothing had changed.
+    pub p_value: f64,
+    /// The severity this window supports on its own (already gated by significance and sample size).
+    pub severity: Severity,
+    /// 0 (normal) to 1 (at least critical and certainly significant).
+    pub anomaly_score: f64,
+}
+
+fn anomaly_score(ratio: f64, p_value: f64, cfg: &ScoreConfig) -> f64 {
+    if ratio <= 1.0 {
+        return 0.0;
+    }
+    let size = (ratio.ln() / cfg.critical.ln()).min(1.0);
+    (size * (1.0 - p_value)).clamp(0.0, 1.0)
+}
+
+/// Scores an error-ratio window: `errors` of `requests` against the baseline ratio.
+pub fn score_errors(
+    requests: u64,
+    errors: u64,
+    baseline_ratio: Option<f64>,
+    cfg: &ScoreConfig,
+) -> Score {
+    let errors = errors.min(requests);
+    let Some(base) = baseline_ratio else {
+        return Score {
+            baseline: None,
+            ratio: 1.0,
+            p_value: 1.0,
+            severity: Severity::None,
+            anomaly_score: 0.0,
+        };
+    };
+    let base = base.max(cfg.baseline_floor).min(1.0);
+    if requests == 0 {
+        return Score {
+            baseline: Some(base),
+            ratio: 0.0,
+            p_value: 1.0,
+            severity: Severity::None,
+            anomaly_score: 0.0,
+        };
+    }
+    let current = errors as f64 / requests as f64;
+    let ratio = current / base;
+    // P(X >= errors) for X ~ Binomial(requests, base).
+    let p_value = if errors == 0 {
+        1.0
+    } else {
+        Binomial::new(base, requests)
+            .map(|b| b.sf(errors - 1))
+            .unwrap_or(1.0)
+    };
+    let expected = requests as f64 * base;
+    let enough = (requests >= cfg.min_requests && expected >= MIN_EXPECTED_ERRORS)
+        // A jump that is significant even on few requests still pages.
+        || (errors >= 5 && p_value < cfg.alpha / 100.0);
+    let severity = if enough && p_value < cfg.alpha {
+        cfg.level(ratio)
+    } else {
+        Severity::None
+    };
+    Score {
+        baseline: Some(base),
+        ratio,
+        p_value,
+        severity,
+        anomaly_score: anomaly_score(ratio, p_value, cfg),
+    }
+}
+
+/// Scores a plain gauge: deviation from the baseline in either direction, significant by a
+/// robust z-score (median and MAD of the history).
+pub fn score_gauge(
+    value: f64,
+    baseline_value: Option<f64>,
+    history: &[f64],
+    cfg: &ScoreConfig,
+) -> Score {
+    let Some(base) = baseline_value else {
+        return Score {
+            baseline: None,
+            ratio: 1.0,
+            p_value: 1.0,
+            severity: Severity::None,
+            anomaly_score: 0.0,
+        };
+    };
+    let floor = cfg.baseline_floor.max(f64::MIN_POSITIVE);
+    let b = base.abs().max(floor);
+    let v = value.abs().max(floor);
+    let ratio = if v >= b { v / b } else { b / v };
+    let med = median(history.to_vec()).unwrap_or(base);
+    let mad = median(history.iter().map(|x| (x - med).abs()).collect()).unwrap_or(0.0);
+    // MAD of a constant series is 0; fall back to a small share of the level so it stays finite.
+    let scale = (1.4826 * mad).max(b * 0.01).max(f64::MIN_POSITIVE);
+    let z = (value - med).abs() / scale;
+    let p_value = Normal::new(0.0, 1.0)
+        .map(|n| 2.0 * (1.0 - n.cdf(z)))
+        .unwrap_or(1.0)
+        .clamp(0.0, 1.0);
+    let severity = if p_value < cfg.alpha {
+        cfg.level(ratio)
+    } else {
+        Severity::None
+    };
+    Score {
+        baseline: Some(base),
+        ratio,
+        p_value,
+        severity,
+        anomaly_score: anomaly_score(ratio, p_value, cfg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn cfg() -> ScoreConfig {
+        ScoreConfig {
+            warning: 3.0,
+            high: 5.0,
+            critical: 10.0,
+            alpha: 0.01,
+            min_requests: 100,
+            baseline_floor: 0.001,
+            baseline: BaselineMethod::Auto,
+            resolve_after: 3,
+            window_secs: 300,
+        }
+    }
+
+    #[test]
+    fn a_zero_baseline_is_floored_so_one_error_is_not_10x() {
+        let s = score_errors(1000, 1, Some(0.0), &cfg());
+        assert_eq!(s.baseline, Some(0.001));
+        assert!((s.ratio - 1.0).abs() < 1e-9);
+        assert_eq!(s.severity, Severity::None);
+    }
+
+    #[test]
+    fn low_traffic_noise_never_pages_but_a_big_significant_jump_does() {
+        // 2 errors in 20 requests against 1%: 10x, but p ≈ 0.017 and too few requests.
+        let s = score_errors(20, 2, Some(0.01), &cfg());
+        assert!(s.ratio >= 10.0);
+        assert_eq!(s.severity, Severity::None);
+        // 15 errors in 30 requests against 1%: p is astronomically small → critical.
+        let s = score_errors(30, 15, Some(0.01), &cfg());
+        assert_eq!(s.severity, Severity::Critical, "{s:?}");
+    }
+
+    #[test]
+    fn a_traffic_drop_with_the_same_ratio_is_not_an_error_spike() {
+        let busy = score_errors(10_000, 100, Some(0.01), &cfg());
+        let quiet = score_errors(500, 5, Some(0.01), &cfg());
+        assert_eq!(busy.severity, Severity::None);
+        assert_eq!(quiet.severity, Severity::None);
+        assert!((quiet.ratio - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn severities_follow_the_multiples_when_significant() {
+        let c = cfg();
+        assert_eq!(
+            score_errors(10_000, 350, Some(0.01), &c).severity,
+            Severity::Warning
+        );
+        assert_eq!(
+            score_errors(10_000, 600, Some(0.01), &c).severity,
+            Severity::High
+        );
+        assert_eq!(
+            score_errors(10_000, 1_200, Some(0.01), &c).severity,
+            Severity::Critical
+        );
+        let s = score_errors(10_000, 1_200, Some(0.01), &c);
+        assert!(s.anomaly_score > 0.9 && s.anomaly_score <= 1.0);
+    }
+
+    #[test]
+    fn baseline_prefers_same_time_last_week_and_falls_back_to_recent_median() {
+        let now = 1_767_225_600;
+        let mut history: Vec<Past> = (1..=6)
+            .map(|i| Past {
+                at: now - i * 300,
+                value: 0.02,
+                weight: 1000,
+            })
+            .collect();
+        let mut c = cfg();
+        assert_eq!(baseline(&history, now, &c), Some(0.02));
+        history.push(Past {
+            at: now - WEEK + 60,
+            value: 0.05,
+            weight: 1000,
+        });
+        c.baseline = BaselineMethod::SameTimeLastWeek;
+        assert_eq!(baseline(&history, now, &c), Some(0.05));
+        c.baseline = BaselineMethod::Auto;
+        assert_eq!(baseline(&history, now, &c), Some(0.05));
+        c.baseline = BaselineMethod::RecentMedian;
+        assert_eq!(baseline(&history, now, &c), Some(0.02));
+        assert_eq!(
+            baseline(&history[..2], now, &c),
+            None,
+            "two windows are too little history"
+        );
+    }
+
+    #[test]
+    fn gauges_deviate_in_either_direction() {
+        let c = cfg();
+        let history: Vec<f64> = (0..24).map(|i| 100.0 + (i % 3) as f64).collect();
+        assert_eq!(
+            score_gauge(101.0, Some(101.0), &history, &c).severity,
+            Severity::None
+        );
+        assert_eq!(
+            score_gauge(1_200.0, Some(101.0), &history, &c).severity,
+            Severity::Critical
+        );
+        assert_eq!(
+            score_gauge(8.0, Some(101.0), &history, &c).severity,
+            Severity::Critical,
+            "a drop to a tenth"
+        );
+    }
+}
