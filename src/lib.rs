@@ -8,5 +8,6 @@ pub mod cli;
 pub mod crd;
 pub mod db;
 pub mod detect;
+pub mod notify;
 pub mod proxy;
 pub mod telemetry;

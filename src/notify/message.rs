@@ -1,0 +1,105 @@
+//! What an incident looks like in Slack: one Block Kit message (title, severity, ratio vs
+//! baseline, p-value, window, gateway/route, runbook hint, links, buttons) kept up to date,
+//! and one thread reply per change. Built from the notice alone: no secret can reach it.
+
+use serde_json::{json, Value};
+
+use super::IncidentNotice;
+use crate::detect::{IncidentEvent, Severity};
+
+fn emoji(s: Severity) -> &'static str {
+    match s {
+        Severity::Critical => ":red_circle:",
+        Severity::High => ":large_orange_circle:",
+        Severity::Warning => ":large_yellow_circle:",
+        Severity::None => ":white_check_mark:",
+    }
+}
+
+/// The one-line summary (also the notification text and the message's fallback).
+pub fn summary(n: &IncidentNotice) -> String {
+    let state = if n.event == IncidentEvent::Resolve {
+        "RESOLVED".to_string()
+    } else {
+        n.severity.label().to_uppercase()
+    };
+    let route = if n.route.is_empty() {
+        "all routes".to_string()
+    } else {
+        format!("route {}", n.route)
+    };
+    format!(
+        "{} {state}: {} on {} ({route}) at {:.1}x baseline",
+        emoji(n.severity),
+        n.signal,
+        n.gateway,
+        n.ratio
+    )
+}
+
+/// The main message's blocks.
+pub fn incident_blocks(n: &IncidentNotice) -> Value {
+    let mut fields = vec![
+        json!({"type": "mrkdwn", "text": format!("*Severity*\n{}", n.severity.label())}),
+        json!({"type": "mrkdwn", "text": format!("*Ratio vs baseline*\n{:.1}x ({:.3}% vs {:.3}%)", n.ratio, n.current * 100.0, n.baseline * 100.0)}),
+        json!({"type": "mrkdwn", "text": format!("*p-value*\n{:.2e}", n.p_value)}),
+        json!({"type": "mrkdwn", "text": format!("*Window*\n{}s ending {}", n.window_secs, n.at)}),
+        json!({"type": "mrkdwn", "text": format!("*Gateway*\n{}", n.gateway)}),
+        json!({"type": "mrkdwn", "text": format!("*Route*\n{}", if n.route.is_empty() { "-" } else { &n.route })}),
+    ];
+    if let Some(who) = &n.acknowledged_by {
+        fields.push(json!({"type": "mrkdwn", "text": format!("*Acknowledged*\n<@{who}>")}));
+    }
+    let mut blocks = vec![
+        json!({"type": "header", "text": {"type": "plain_text", "text": format!("{} {} on {}", n.severity.label().to_uppercase(), n.signal, n.gateway)}}),
+        json!({"type": "section", "text": {"type": "mrkdwn", "text": summary(n)}, "fields": fields}),
+    ];
+    let mut hint = format!(
+        "Runbook: {}",
+        n.runbook_url.as_deref().unwrap_or(
+            "check the gateway's recent rollout, its upstream health and `kubectl describe agw`"
+        )
+    );
+    if let Some(url) = &n.status_url {
+        hint.push_str(&format!(" · <{url}|status page>"));
+    }
+    blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": hint}]}));
+    if n.event != IncidentEvent::Resolve {
+        let id = n.incident_id.to_string();
+        let mut buttons = vec![
+            json!({"type": "button", "action_id": "ack", "text": {"type": "plain_text", "text": "Acknowledge"}, "value": id}),
+            json!({"type": "button", "action_id": "silence_1h", "text": {"type": "plain_text", "text": "Silence 1h"}, "value": id}),
+        ];
+        if let Some(rev) = &n.rollout_revision {
+            buttons.push(json!({"type": "button", "action_id": "promote", "style": "primary", "text": {"type": "plain_text", "text": "Promote"}, "value": format!("{id}:{rev}")}));
+            buttons.push(json!({"type": "button", "action_id": "rollback", "style": "danger", "text": {"type": "plain_text", "text": "Roll back"}, "value": format!("{id}:{rev}")}));
+        }
+        blocks
+            .push(json!({"type": "actions", "block_id": "incident_actions", "elements": buttons}));
+    }
+    Value::Array(blocks)
+}
+
+/// The thread reply recording one change.
+pub fn change_text(n: &IncidentNotice) -> String {
+    let what = match n.event {
+        IncidentEvent::Open => "opened",
+        IncidentEvent::Escalate => "escalated",
+        IncidentEvent::Deescalate => "de-escalated",
+        IncidentEvent::Resolve => "resolved",
+    };
+    let mention = match (&n.critical_mention, n.severity, n.event) {
+        (Some(group), Severity::Critical, IncidentEvent::Open | IncidentEvent::Escalate) => {
+            format!("<!subteam^{group}> ")
+        }
+        _ => String::new(),
+    };
+    format!(
+        "{mention}{} {what} to *{}* at {}: {:.1}x baseline, p={:.2e}",
+        emoji(n.severity),
+        n.severity.label(),
+        n.at,
+        n.ratio,
+        n.p_value
+    )
+}

@@ -1,0 +1,162 @@
+//! Notifications: what an incident change says and where it goes.
+//!
+//! Slack (`slack`) goes through a durable outbox (`outbox`: PostgreSQL, or memory when no
+//! database is configured) so a failed post is retried, never dropped; each incident is one
+//! message updated in place with its history in a thread. The console notifier serves `demo` and
+//! `local` when no Slack token is set; the recording notifier serves tests.
+
+pub mod message;
+pub mod outbox;
+pub mod slack;
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+use crate::detect::{IncidentEvent, Severity};
+use outbox::{Kind, Outbox};
+
+/// One change of one incident, with everything a message needs (and nothing secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncidentNotice {
+    pub incident_id: Uuid,
+    /// Increases with every change of this incident; makes delivery idempotent.
+    pub seq: u32,
+    pub gateway: String,
+    pub route: String,
+    pub signal: String,
+    pub severity: Severity,
+    pub event: IncidentEvent,
+    /// Current value / baseline.
+    pub ratio: f64,
+    /// Current error ratio.
+    pub current: f64,
+    pub baseline: f64,
+    pub p_value: f64,
+    pub window_secs: u64,
+    /// RFC 3339 end of the window.
+    pub at: String,
+    pub runbook_url: Option<String>,
+    pub status_url: Option<String>,
+    /// Set when the incident concerns a rollout: adds Promote / Roll back buttons.
+    pub rollout_revision: Option<String>,
+    pub acknowledged_by: Option<String>,
+    /// Slack user-group id mentioned on critical incidents.
+    pub critical_mention: Option<String>,
+}
+
+/// Slack channel ids by severity; a missing one falls back to the next lower.
+#[derive(Debug, Clone)]
+pub struct Channels {
+    pub warning: String,
+    pub high: Option<String>,
+    pub critical: Option<String>,
+}
+
+impl Channels {
+    pub fn for_severity(&self, s: Severity) -> &str {
+        let high = self.high.as_deref().unwrap_or(&self.warning);
+        match s {
+            Severity::Critical => self.critical.as_deref().unwrap_or(high),
+            Severity::High => high,
+            _ => &self.warning,
+        }
+    }
+}
+
+/// Where notices go.
+pub enum Notifier {
+    /// Readable lines on stderr, coloured on a terminal.
+    Console,
+    /// Slack through the outbox; a [`slack::SlackDelivery`] drains it.
+    Slack {
+        outbox: std::sync::Arc<Outbox>,
+        channels: Channels,
+    },
+    /// Kept in memory, for tests.
+    Recording(Mutex<Vec<IncidentNotice>>),
+}
+
+/// Why a notice could not be recorded for delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("storing a notification in the outbox failed: {0}")]
+    Outbox(#[from] crate::db::DbError),
+}
+
+impl Notifier {
+    pub fn recording() -> Self {
+        Self::Recording(Mutex::new(Vec::new()))
+    }
+
+    /// What a recording notifier saw.
+    pub fn recorded(&self) -> Vec<IncidentNotice> {
+        match self {
+            Self::Recording(v) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Records one incident change for delivery.
+    pub async fn notify(&self, n: &IncidentNotice) -> Result<(), NotifyError> {
+        match self {
+            Self::Console => {
+                let line = format!("[{}] {}", n.at, message::change_text(n).replace('*', ""));
+                if std::io::stderr().is_terminal() {
+                    let colour = match (n.event, n.severity) {
+                        (IncidentEvent::Resolve, _) => "32",
+                        (_, Severity::Critical) => "1;31",
+                        (_, Severity::High) => "33",
+                        _ => "36",
+                    };
+                    eprintln!("\x1b[{colour}m{line}\x1b[0m  {}", message::summary(n));
+                } else {
+                    eprintln!("{line}  {}", message::summary(n));
+                }
+                Ok(())
+            }
+            Self::Recording(v) => {
+                v.lock().unwrap_or_else(|p| p.into_inner()).push(n.clone());
+                Ok(())
+            }
+            Self::Slack { outbox, channels } => {
+                let channel = channels.for_severity(n.severity).to_string();
+                let blocks = message::incident_blocks(n);
+                let text = message::summary(n);
+                let key = |kind: &str| format!("{}:{}:{kind}", n.incident_id, n.seq);
+                if n.event == IncidentEvent::Open {
+                    let body = serde_json::json!({"text": text, "blocks": blocks});
+                    outbox
+                        .enqueue(n.incident_id, Kind::Main, &channel, body, &key("main"))
+                        .await?;
+                } else {
+                    let body = serde_json::json!({"text": text, "blocks": blocks});
+                    outbox
+                        .enqueue(n.incident_id, Kind::Update, &channel, body, &key("update"))
+                        .await?;
+                }
+                let reply = serde_json::json!({"text": message::change_text(n)});
+                outbox
+                    .enqueue(n.incident_id, Kind::Reply, &channel, reply, &key("reply"))
+                    .await?;
+                // An escalation into a severity routed elsewhere is also posted there.
+                if matches!(n.event, IncidentEvent::Escalate)
+                    && channels.for_severity(n.severity) != channels.for_severity(Severity::Warning)
+                {
+                    let body = serde_json::json!({"text": format!("{} {}", message::change_text(n), message::summary(n)), "standalone": true});
+                    outbox
+                        .enqueue(
+                            n.incident_id,
+                            Kind::Reply,
+                            channels.for_severity(n.severity),
+                            body,
+                            &key("crosspost"),
+                        )
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Slack delivery against a local stand-in for the Slack Web API: update in place, threading,
+//! 429 and 500 handling, no loss across a restart (PostgreSQL outbox), signed interactions.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use apitree::detect::{IncidentEvent, Severity};
+use apitree::notify::{
+    outbox::Outbox,
+    slack::{self, Action, InteractionError, SlackConfig, SlackDelivery},
+    Channels, IncidentNotice, Notifier,
+};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const TOKEN: &str = "xoxb-test-token-never-in-payloads";
+
+#[derive(Default)]
+struct StandIn {
+    /// (method, body, authorization header)
+    calls: Vec<(String, Value, String)>,
+    /// Status codes to answer before answering normally.
+    failures: Vec<u16>,
+    next_ts: u32,
+}
+
+async fn start_stand_in() -> (SocketAddr, Arc<Mutex<StandIn>>) {
+    common::gateway::install_crypto();
+    let state = Arc::new(Mutex::new(StandIn::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let st = st.clone();
+                        async move {
+                            let method = req.uri().path().trim_start_matches("/api/").to_string();
+                            let auth = req
+                                .headers()
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let mut s = st.lock().unwrap();
+                            let resp = if !s.failures.is_empty() {
+                                let code = s.failures.remove(0);
+                                let mut r = hyper::Response::builder().status(code);
+                                if code == 429 {
+                                    r = r.header("retry-after", "1");
+                                }
+                                r.body(Full::new(Bytes::from_static(
+                                    b"{\"ok\":false,\"error\":\"ratelimited\"}",
+                                )))
+                                .unwrap()
+                            } else {
+                                s.next_ts += 1;
+                                let ts = json
+                                    .get("ts")
+                                    .and_then(Value::as_str)
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| format!("1700000000.{:06}", s.next_ts));
+                                let reply =
+                                    json!({"ok": true, "channel": json["channel"], "ts": ts});
+                                hyper::Response::builder()
+                                    .status(200)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(reply.to_string())))
+                                    .unwrap()
+                            };
+                            s.calls.push((method, json, auth));
+                            Ok::<_, Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, state)
+}
+
+fn config(addr: SocketAddr) -> SlackConfig {
+    SlackConfig {
+        token: TOKEN.into(),
+        signing_secret: Some("signing-secret".into()),
+        api_url: format!("http://{addr}/api"),
+    }
+}
+
+fn channels() -> Channels {
+    Channels {
+        warning: "C-WARN".into(),
+        high: None,
+        critical: Some("C-CRIT".into()),
+    }
+}
+
+fn notice(
+    id: Uuid,
+    seq: u32,
+    event: IncidentEvent,
+    severity: Severity,
+    ratio: f64,
+) -> IncidentNotice {
+    IncidentNotice {
+        incident_id: id,
+        seq,
+        gateway: "apis/marketplace".into(),
+        route: "payments".into(),
+        signal: "error ratio".into(),
+        severity,
+        event,
+        ratio,
+        current: ratio * 0.01,
+        baseline: 0.01,
+        p_value: 1e-9,
+        window_secs: 300,
+        at: "2026-11-29T07:00:00Z".into(),
+        runbook_url: Some("https://runbooks.example/apitree".into()),
+        status_url: None,
+        rollout_revision: None,
+        acknowledged_by: None,
+        critical_mention: Some("S0ONCALL".into()),
+    }
+}
+
+async fn drain(delivery: &SlackDelivery) {
+    for _ in 0..20 {
+        let r = delivery.deliver_due().await.unwrap();
+        if r.delivered == 0 && r.failed == 0 {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_message_per_incident_updated_in_place_with_a_threaded_history() {
+    let (addr, stand_in) = start_stand_in().await;
+    let outbox = Arc::new(Outbox::memory());
+    let notifier = Notifier::Slack {
+        outbox: outbox.clone(),
+        channels: channels(),
+    };
+    let delivery = SlackDelivery::new(&config(addr), outbox);
+    let id = Uuid::new_v4();
+    notifier
+        .notify(&notice(id, 1, IncidentEvent::Open, Severity::Warning, 3.5))
+        .await
+        .unwrap();
+    notifier
+        .notify(&notice(
+            id,
+            2,
+            IncidentEvent::Escalate,
+            Severity::Critical,
+            12.0,
+        ))
+        .await
+        .unwrap();
+    notifier
+        .notify(&notice(id, 3, IncidentEvent::Resolve, Severity::None, 1.0))
+        .await
+        .unwrap();
+    // A duplicate of an already queued change is ignored.
+    notifier
+        .notify(&notice(id, 3, IncidentEvent::Resolve, Severity::None, 1.0))
+        .await
+        .unwrap();
+    drain(&delivery).await;
+
+    let calls = stand_in.lock().unwrap().calls.clone();
+    let methods: Vec<&str> = calls.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        methods,
+        [
+            "chat.postMessage",
+            "chat.postMessage",
+            "chat.update",
+            "chat.postMessage",
+            "chat.postMessage",
+            "chat.update",
+            "chat.postMessage"
+        ],
+        "post, reply, update, reply, cross-post to the critical channel, update, reply"
+    );
+    let main_ts = "1700000000.000001";
+    assert_eq!(calls[0].1["channel"], "C-WARN");
+    assert!(calls[0].1["blocks"].to_string().contains("Acknowledge"));
+    assert_eq!(calls[1].1["thread_ts"], main_ts);
+    assert_eq!(calls[2].1["ts"], main_ts);
+    assert_eq!(calls[2].1["channel"], "C-WARN");
+    assert!(calls[2].1["text"].as_str().unwrap().contains("CRITICAL"));
+    assert!(
+        calls[3].1["text"]
+            .as_str()
+            .unwrap()
+            .contains("<!subteam^S0ONCALL>"),
+        "critical mentions on-call"
+    );
+    assert_eq!(calls[4].1["channel"], "C-CRIT");
+    assert!(calls[4].1.get("thread_ts").is_none());
+    assert!(calls[5].1["text"].as_str().unwrap().contains("RESOLVED"));
+    assert!(
+        !calls[5].1["blocks"].to_string().contains("Acknowledge"),
+        "a resolved incident has no buttons"
+    );
+    for (_, body, auth) in &calls {
+        assert!(
+            !body.to_string().contains(TOKEN),
+            "the token leaked into a payload"
+        );
+        assert_eq!(auth, &format!("Bearer {TOKEN}"));
+    }
+}
+
+#[tokio::test]
+async fn rate_limits_and_server_errors_are_retried_and_nothing_is_lost_across_a_restart() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let (addr, stand_in) = start_stand_in().await;
+    stand_in.lock().unwrap().failures = vec![429, 500, 500];
+    let notifier = Notifier::Slack {
+        outbox: Arc::new(Outbox::Postgres(pool.clone())),
+        channels: channels(),
+    };
+    let id = Uuid::new_v4();
+    notifier
+        .notify(&notice(id, 1, IncidentEvent::Open, Severity::High, 6.0))
+        .await
+        .unwrap();
+
+    {
+        // First process: Slack answers 429 then 500; the rows stay in the outbox.
+        let delivery = SlackDelivery::new(&config(addr), Arc::new(Outbox::Postgres(pool.clone())));
+        let r = delivery.deliver_due().await.unwrap();
+        assert_eq!((r.delivered, r.failed), (0, 1));
+        let retry_in: f64 = sqlx::query_scalar("SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM notification_outbox WHERE kind = 'main'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(
+            retry_in > 0.5 && retry_in <= 1.1,
+            "429 honours Retry-After: 1 (got {retry_in})"
+        );
+        assert_eq!(
+            delivery.deliver_due().await.unwrap().delivered,
+            0,
+            "not retried before Retry-After"
+        );
+    }
+    // Restart: a new delivery process picks the rows up and retries through the 500s.
+    let delivery = SlackDelivery::new(&config(addr), Arc::new(Outbox::Postgres(pool.clone())));
+    let mut delivered = 0;
+    for _ in 0..40 {
+        sqlx::query(
+            "UPDATE notification_outbox SET next_attempt_at = now() WHERE delivered_at IS NULL",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        delivered += delivery.deliver_due().await.unwrap().delivered;
+        if delivered == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(delivered, 2, "main message and thread reply both delivered");
+    let (attempts, last_error): (i32, Option<String>) =
+        sqlx::query_as("SELECT attempts, last_error FROM notification_outbox WHERE kind = 'main'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 4, "three failures and one success");
+    assert!(!last_error.unwrap_or_default().contains(TOKEN));
+    let calls = stand_in.lock().unwrap().calls.len();
+    assert_eq!(calls, 5);
+    assert_eq!(
+        Outbox::Postgres(pool.clone())
+            .pending_count()
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn signed_interactions_are_verified_audited_and_update_the_message() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let notifier = Notifier::recording();
+    let id = Uuid::new_v4();
+    let payload = json!({"type": "block_actions", "user": {"id": "U123", "username": "jiwoo"}, "actions": [{"action_id": "ack", "value": id.to_string()}]});
+    let body = format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
+    );
+    let now = chrono::Utc::now().timestamp().to_string();
+    let good = slack::sign("signing-secret", &now, &body);
+
+    let got = slack::handle_interaction(
+        Some("signing-secret"),
+        Some(&good),
+        Some(&now),
+        &body,
+        Some(&pool),
+        &notifier,
+        |i| {
+            let mut n = notice(i.incident, 2, IncidentEvent::Escalate, Severity::High, 6.0);
+            n.acknowledged_by = Some(i.user_id.clone());
+            Some(n)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.action, Action::Acknowledge);
+    assert_eq!(got.incident, id);
+    assert_eq!(
+        notifier.recorded()[0].acknowledged_by.as_deref(),
+        Some("U123")
+    );
+    let (actor, action, target): (String, String, String) =
+        sqlx::query_as("SELECT actor, action, target FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (actor.as_str(), action.as_str(), target),
+        ("slack:jiwoo (U123)", "slack.acknowledge", id.to_string())
+    );
+
+    let wrong = slack::sign("another-secret", &now, &body);
+    let err = slack::verify_interaction(Some("signing-secret"), Some(&wrong), Some(&now), &body)
+        .unwrap_err();
+    assert_eq!(err, InteractionError::BadSignature);
+    let stale_ts = (chrono::Utc::now().timestamp() - 600).to_string();
+    let stale = slack::sign("signing-secret", &stale_ts, &body);
+    let err =
+        slack::verify_interaction(Some("signing-secret"), Some(&stale), Some(&stale_ts), &body)
+            .unwrap_err();
+    assert_eq!(
+        err,
+        InteractionError::BadSignature,
+        "a replayed request older than 5 minutes is refused"
+    );
+    let err =
+        slack::verify_interaction(Some("signing-secret"), None, Some(&now), &body).unwrap_err();
+    assert_eq!(err, InteractionError::MissingHeaders);
+}
