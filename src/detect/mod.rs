@@ -7,6 +7,7 @@
 pub mod incident;
 pub mod replay;
 pub mod score;
+pub mod source;
 
 pub use incident::{IncidentEvent, Series, Tracker, Verdict};
 pub use score::{Score, ScoreConfig, Severity};

@@ -1,0 +1,292 @@
+//! Where window metrics come from: the proxies' `/metrics` (scraped and parsed with
+//! prometheus-parse) or a Prometheus server (PromQL over its HTTP API). Both produce the same
+//! per-route windows: requests, errors (5xx, which includes upstream failures: 502/503/504) and
+//! the gateway's auth failures.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// One route's window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteWindow {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+/// One window of a gateway: per route, plus gateway-wide auth failures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GatewayWindow {
+    pub routes: BTreeMap<String, RouteWindow>,
+    pub auth_failures: u64,
+}
+
+/// Why a window could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot fetch {url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("cannot parse the metrics from {url}: {reason}")]
+    Parse { url: String, reason: String },
+    #[error("Prometheus at {url} answered an error for {query:?}: {reason}")]
+    Query {
+        url: String,
+        query: String,
+        reason: String,
+    },
+}
+
+/// Cumulative counters of one proxy.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Totals {
+    requests: HashMap<String, f64>,
+    errors: HashMap<String, f64>,
+    auth_failures: f64,
+}
+
+/// Parses a `/metrics` exposition into cumulative totals.
+fn totals(text: &str, url: &str) -> Result<Totals, SourceError> {
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).map_err(|e| {
+            SourceError::Parse {
+                url: url.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+    let mut t = Totals::default();
+    for s in scrape.samples {
+        let value = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v)
+            | prometheus_parse::Value::Gauge(v) => v,
+            _ => continue,
+        };
+        match s.metric.as_str() {
+            "apitree_proxy_requests_total" => {
+                let route = s.labels.get("route").unwrap_or("none").to_string();
+                *t.requests.entry(route.clone()).or_default() += value;
+                if s.labels.get("status_class") == Some("5xx") {
+                    *t.errors.entry(route).or_default() += value;
+                }
+            }
+            "apitree_proxy_auth_failures_total" => t.auth_failures += value,
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+/// Counter increase, treating a drop as a restart (the new value is all new).
+fn increase(now: f64, before: Option<f64>) -> u64 {
+    let d = match before {
+        Some(b) if now >= b => now - b,
+        _ => now,
+    };
+    d.max(0.0).round() as u64
+}
+
+/// Scrapes proxies directly; windows are differences between consecutive scrapes.
+pub struct ScrapeSource {
+    client: reqwest::Client,
+    targets: Vec<String>,
+    last: HashMap<String, Totals>,
+}
+
+impl ScrapeSource {
+    /// `targets` are `/metrics` URLs, one per proxy replica.
+    pub fn new(targets: Vec<String>) -> Self {
+        Self {
+            client: http_client(),
+            targets,
+            last: HashMap::new(),
+        }
+    }
+
+    /// The window since the previous call. The first call only primes the counters and
+    /// returns None.
+    pub async fn window(&mut self) -> Result<Option<GatewayWindow>, SourceError> {
+        let mut out = GatewayWindow::default();
+        let mut primed = true;
+        for url in &self.targets {
+            let text = self
+                .client
+                .get(url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| SourceError::Fetch {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?
+                .text()
+                .await
+                .map_err(|e| SourceError::Fetch {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
+            let now = totals(&text, url)?;
+            match self.last.get(url) {
+                None => primed = false,
+                Some(before) => {
+                    for (route, req) in &now.requests {
+                        let w = out.routes.entry(route.clone()).or_default();
+                        w.requests += increase(*req, before.requests.get(route).copied());
+                        w.errors += increase(
+                            now.errors.get(route).copied().unwrap_or(0.0),
+                            before.errors.get(route).copied(),
+                        );
+                    }
+                    out.auth_failures += increase(now.auth_failures, Some(before.auth_failures));
+                }
+            }
+            self.last.insert(url.clone(), now);
+        }
+        Ok(primed.then_some(out))
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Queries a Prometheus server that scrapes the proxies.
+pub struct PrometheusSource {
+    client: reqwest::Client,
+    base: String,
+    /// Label matchers selecting this gateway's series, e.g. `namespace="apis",gateway="m"`.
+    selector: String,
+}
+
+impl PrometheusSource {
+    pub fn new(base: &str, selector: &str) -> Self {
+        Self {
+            client: http_client(),
+            base: base.trim_end_matches('/').to_string(),
+            selector: selector.to_string(),
+        }
+    }
+
+    fn matchers(&self, extra: &str) -> String {
+        let parts: Vec<&str> = [self.selector.as_str(), extra]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
+        format!("{{{}}}", parts.join(","))
+    }
+
+    async fn query(
+        &self,
+        promql: &str,
+    ) -> Result<Vec<(BTreeMap<String, String>, f64)>, SourceError> {
+        let url = format!("{}/api/v1/query", self.base);
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", promql)
+            .finish();
+        let resp: Value = self
+            .client
+            .get(format!("{url}?{query}"))
+            .send()
+            .await
+            .map_err(|e| SourceError::Fetch {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?
+            .json()
+            .await
+            .map_err(|e| SourceError::Fetch {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        if resp["status"] != "success" {
+            return Err(SourceError::Query {
+                url,
+                query: promql.to_string(),
+                reason: resp["error"]
+                    .as_str()
+                    .unwrap_or("unknown error")
+                    .to_string(),
+            });
+        }
+        let mut out = Vec::new();
+        for r in resp["data"]["result"].as_array().into_iter().flatten() {
+            let labels = r["metric"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let value = r["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            out.push((labels, value));
+        }
+        Ok(out)
+    }
+
+    /// The window of `window` ending now.
+    pub async fn window(&self, window: Duration) -> Result<GatewayWindow, SourceError> {
+        let range = format!("{}s", window.as_secs().max(1));
+        let requests = self
+            .query(&format!(
+                "sum by (route) (increase(apitree_proxy_requests_total{}[{range}]))",
+                self.matchers("")
+            ))
+            .await?;
+        let errors = self
+            .query(&format!(
+                "sum by (route) (increase(apitree_proxy_requests_total{}[{range}]))",
+                self.matchers("status_class=\"5xx\"")
+            ))
+            .await?;
+        let auth = self
+            .query(&format!(
+                "sum(increase(apitree_proxy_auth_failures_total{}[{range}]))",
+                self.matchers("")
+            ))
+            .await?;
+        let mut out = GatewayWindow::default();
+        for (labels, v) in requests {
+            let route = labels.get("route").cloned().unwrap_or_default();
+            out.routes.entry(route).or_default().requests = v.round() as u64;
+        }
+        for (labels, v) in errors {
+            let route = labels.get("route").cloned().unwrap_or_default();
+            out.routes.entry(route).or_default().errors = v.round() as u64;
+        }
+        out.auth_failures = auth.first().map(|(_, v)| v.round() as u64).unwrap_or(0);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_totals_split_errors_by_route_and_survive_restarts() {
+        let text = "# TYPE apitree_proxy_requests_total counter\n\
+apitree_proxy_requests_total{route=\"a\",status_class=\"2xx\"} 90\n\
+apitree_proxy_requests_total{route=\"a\",status_class=\"5xx\"} 10\n\
+apitree_proxy_requests_total{route=\"b\",status_class=\"4xx\"} 5\n\
+# TYPE apitree_proxy_auth_failures_total counter\n\
+apitree_proxy_auth_failures_total{reason=\"unknown_api_key\"} 3\n";
+        let t = totals(text, "x").unwrap();
+        assert_eq!(t.requests["a"], 100.0);
+        assert_eq!(t.errors["a"], 10.0);
+        assert_eq!(t.requests["b"], 5.0);
+        assert_eq!(t.auth_failures, 3.0);
+        assert_eq!(increase(150.0, Some(100.0)), 50);
+        assert_eq!(
+            increase(20.0, Some(100.0)),
+            20,
+            "a counter reset counts from zero"
+        );
+    }
+}
