@@ -5,11 +5,11 @@
 //! below 80% of the current level's threshold, so a series flapping around a threshold keeps one
 //! incident instead of paging on every crossing.
 
-use std::collections::VecDeque;
-
 use serde::Serialize;
 
-use super::score::{baseline, score_errors, score_gauge, Past, Score, ScoreConfig, Severity};
+use super::score::{
+    baseline_with_recent, score_errors, score_gauge, Past, Score, ScoreConfig, Severity, RECENT,
+};
 
 /// Share of a level's threshold a ratio must fall below to count as calm.
 pub const HYSTERESIS: f64 = 0.8;
@@ -96,19 +96,50 @@ pub struct Verdict {
 const MAX_HISTORY: usize = 5 * 7 * 24 * 60;
 
 /// One watched series: its quiet history (the baseline's input) and its incident.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Series {
-    history: VecDeque<Past>,
+    /// Sorted by time; trimmed in chunks so appends stay amortised O(1).
+    history: Vec<Past>,
+    /// The latest quiet windows (unordered ring), kept inline for cache-friendly ticks.
+    recent: [Past; RECENT],
+    recent_len: usize,
+    recent_next: usize,
     pub tracker: Tracker,
+}
+
+impl Default for Series {
+    fn default() -> Self {
+        Self {
+            history: Vec::new(),
+            recent: [Past {
+                at: 0,
+                value: 0.0,
+                weight: 0,
+            }; RECENT],
+            recent_len: 0,
+            recent_next: 0,
+            tracker: Tracker::default(),
+        }
+    }
 }
 
 impl Series {
     fn remember(&mut self, past: Past, verdict_quiet: bool) {
         // Anomalous windows stay out of the baseline, so a long incident never becomes normal.
         if verdict_quiet {
-            self.history.push_back(past);
-            if self.history.len() > MAX_HISTORY {
-                self.history.pop_front();
+            // Kept sorted by time (the baseline binary-searches it); a late window is inserted.
+            match self.history.last() {
+                Some(last) if last.at > past.at => {
+                    let i = self.history.partition_point(|p| p.at <= past.at);
+                    self.history.insert(i, past);
+                }
+                _ => self.history.push(past),
+            }
+            self.recent[self.recent_next] = past;
+            self.recent_next = (self.recent_next + 1) % RECENT;
+            self.recent_len = (self.recent_len + 1).min(RECENT);
+            if self.history.len() > MAX_HISTORY + MAX_HISTORY / 4 {
+                self.history.drain(..MAX_HISTORY / 4);
             }
         }
     }
@@ -121,7 +152,7 @@ impl Series {
         errors: u64,
         cfg: &ScoreConfig,
     ) -> Verdict {
-        let base = baseline(self.history.make_contiguous(), at, cfg);
+        let base = baseline_with_recent(&self.history, &self.recent[..self.recent_len], at, cfg);
         let score = score_errors(requests, errors, base, cfg);
         let event = self.tracker.step(&score, cfg);
         let severity = self.tracker.level();
@@ -146,7 +177,7 @@ impl Series {
 
     /// A gauge window.
     pub fn observe_gauge(&mut self, at: i64, value: f64, cfg: &ScoreConfig) -> Verdict {
-        let base = baseline(self.history.make_contiguous(), at, cfg);
+        let base = baseline_with_recent(&self.history, &self.recent[..self.recent_len], at, cfg);
         let recent: Vec<f64> = self
             .history
             .iter()
