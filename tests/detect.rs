@@ -175,3 +175,104 @@ fn the_replay_command_prints_one_json_object_per_row_and_rejects_bad_rows() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning < high < critical"));
 }
+
+mod common;
+
+use apitree::detect::engine::{Detector, IncidentStore, NoticeContext};
+use apitree::detect::source::{GatewayWindow, RouteWindow};
+use apitree::notify::Notifier;
+use std::sync::Arc;
+
+fn window(shop: (u64, u64), cart: (u64, u64), auth_failures: u64) -> GatewayWindow {
+    let mut w = GatewayWindow {
+        auth_failures,
+        ..Default::default()
+    };
+    w.routes.insert(
+        "shop".into(),
+        RouteWindow {
+            requests: shop.0,
+            errors: shop.1,
+        },
+    );
+    w.routes.insert(
+        "cart".into(),
+        RouteWindow {
+            requests: cart.0,
+            errors: cart.1,
+        },
+    );
+    w
+}
+
+#[tokio::test]
+async fn the_engine_keeps_one_incident_per_route_and_signal_in_postgres_and_notifies_each_change() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let store = Arc::new(IncidentStore::Postgres(pool.clone()));
+    let notifier = Arc::new(Notifier::recording());
+    let ctx = NoticeContext {
+        runbook_url: Some("https://runbooks.example/gw".into()),
+        ..Default::default()
+    };
+    let mut d = Detector::new(
+        "apis/marketplace",
+        ScoreConfig::from(&DetectionSpec::default()),
+        ctx,
+        store.clone(),
+        notifier.clone(),
+    );
+    for i in 0..12 {
+        assert!(d
+            .observe(T0 + i * WINDOW, &window((5000, 50), (3000, 30), 20))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+    // Shop breaks at 12x; cart stays healthy; a burst of bad keys hits auth.
+    let n = d
+        .observe(T0 + 12 * WINDOW, &window((5000, 600), (3000, 31), 900))
+        .await
+        .unwrap();
+    let opened: Vec<(String, String, &str)> = n
+        .iter()
+        .map(|x| (x.route.clone(), x.signal.clone(), x.severity.label()))
+        .collect();
+    assert_eq!(
+        opened,
+        [
+            ("shop".to_string(), "error ratio".to_string(), "critical"),
+            (String::new(), "auth failures".to_string(), "critical")
+        ]
+    );
+    let open = store.open().await.unwrap();
+    assert_eq!(open.len(), 2);
+    let shop_id = n[0].incident_id;
+    assert!(open.iter().any(|i| i.id == shop_id && i.route == "shop"));
+
+    for i in 13..16 {
+        d.observe(T0 + i * WINDOW, &window((5000, 50), (3000, 30), 20))
+            .await
+            .unwrap();
+    }
+    assert!(
+        store.open().await.unwrap().is_empty(),
+        "both resolved after three quiet windows"
+    );
+    let (max, resolved): (String, bool) = sqlx::query_as(
+        "SELECT max_severity::text, resolved_at IS NOT NULL FROM incidents WHERE id = $1",
+    )
+    .bind(shop_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((max.as_str(), resolved), ("critical", true));
+    let seen = notifier.recorded();
+    assert_eq!(seen.len(), 4, "two opens, two resolves");
+    assert!(seen.iter().all(|s| s.runbook_url.is_some()));
+    assert_eq!(
+        seen.iter().filter(|s| s.incident_id == shop_id).count(),
+        2,
+        "the resolve refers to the same incident"
+    );
+}

@@ -4,6 +4,7 @@
 //! Everything here decides in pure functions with the time passed in; sources (scrape /
 //! Prometheus), persistence and notifications sit at the edges.
 
+pub mod engine;
 pub mod incident;
 pub mod replay;
 pub mod score;
