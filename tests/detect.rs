@@ -193,6 +193,7 @@ fn window(shop: (u64, u64), cart: (u64, u64), auth_failures: u64) -> GatewayWind
         RouteWindow {
             requests: shop.0,
             errors: shop.1,
+            ..Default::default()
         },
     );
     w.routes.insert(
@@ -200,6 +201,7 @@ fn window(shop: (u64, u64), cart: (u64, u64), auth_failures: u64) -> GatewayWind
         RouteWindow {
             requests: cart.0,
             errors: cart.1,
+            ..Default::default()
         },
     );
     w
@@ -274,5 +276,54 @@ async fn the_engine_keeps_one_incident_per_route_and_signal_in_postgres_and_noti
         seen.iter().filter(|s| s.incident_id == shop_id).count(),
         2,
         "the resolve refers to the same incident"
+    );
+}
+
+#[tokio::test]
+async fn breaker_opens_and_latency_jumps_are_signals_too() {
+    let store = Arc::new(IncidentStore::memory());
+    let notifier = Arc::new(Notifier::recording());
+    let mut d = Detector::new(
+        "gw",
+        ScoreConfig::from(&DetectionSpec::default()),
+        NoticeContext::default(),
+        store.clone(),
+        notifier.clone(),
+    );
+    let with = |p99: f64, open: bool| {
+        let mut w = window((5000, 50), (3000, 30), 20);
+        let shop = w.routes.get_mut("shop").unwrap();
+        shop.p99_ms = Some(p99);
+        shop.breaker_open = open;
+        w
+    };
+    for i in 0..12 {
+        d.observe(T0 + i * WINDOW, &with(80.0 + (i % 3) as f64, false))
+            .await
+            .unwrap();
+    }
+    let n = d
+        .observe(T0 + 12 * WINDOW, &with(2_000.0, true))
+        .await
+        .unwrap();
+    let got: Vec<(&str, &str, &str)> = n
+        .iter()
+        .map(|x| (x.signal.as_str(), x.event.label(), x.severity.label()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("p99 latency", "open", "critical"),
+            ("circuit open", "open", "high")
+        ]
+    );
+    let n = d
+        .observe(T0 + 13 * WINDOW, &with(81.0, false))
+        .await
+        .unwrap();
+    assert!(
+        n.iter()
+            .any(|x| x.signal == "circuit open" && x.event.label() == "resolve"),
+        "{n:?}"
     );
 }

@@ -60,6 +60,10 @@ async fn scraping_the_proxy_yields_exact_windows() {
     assert_eq!(w.routes["shop"].requests, 30);
     assert_eq!(w.routes["shop"].errors, 10);
     assert_eq!(w.auth_failures, 3);
+    let p99 = w.routes["shop"]
+        .p99_ms
+        .expect("p99 from the latency histogram");
+    assert!(p99 > 0.0 && p99 < 5_000.0, "{p99}");
     let w = source.window().await.unwrap().unwrap();
     assert_eq!(
         w.routes["shop"].requests, 0,
@@ -162,6 +166,7 @@ async fn promql_windows_from_a_real_prometheus_server() {
         "error ratio {ratio} from {w:?}"
     );
     assert!(w.auth_failures >= 4, "{w:?}");
+    assert!(shop.p99_ms.is_some_and(|p| p > 0.0), "{w:?}");
     let bad = PrometheusSource::new(&base, "gateway=~\"(\"");
     let err = bad
         .window(Duration::from_secs(60))

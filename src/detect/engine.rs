@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::incident::{IncidentEvent, Series};
+use super::incident::{IncidentEvent, Series, Verdict};
 use super::score::{ScoreConfig, Severity};
 use super::source::GatewayWindow;
 use crate::db::DbError;
@@ -18,6 +18,8 @@ use crate::notify::{IncidentNotice, Notifier};
 /// Signal names (also incident `signal` values).
 pub const ERROR_RATIO: &str = "error ratio";
 pub const AUTH_FAILURES: &str = "auth failures";
+pub const P99_LATENCY: &str = "p99 latency";
+pub const CIRCUIT_OPEN: &str = "circuit open";
 
 /// A stored incident.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,77 +213,155 @@ impl Detector {
         at: i64,
         window: &GatewayWindow,
     ) -> Result<Vec<IncidentNotice>, DbError> {
-        let mut inputs: Vec<(String, &'static str, u64, u64)> = window
-            .routes
-            .iter()
-            .filter(|(route, _)| route.as_str() != crate::proxy::metrics::NO_ROUTE)
-            .map(|(route, w)| (route.clone(), ERROR_RATIO, w.requests, w.errors))
-            .collect();
-        let total: u64 = window.routes.values().map(|w| w.requests).sum();
-        inputs.push((
-            String::new(),
-            AUTH_FAILURES,
-            total,
-            window.auth_failures.min(total),
-        ));
-
         let mut notices = Vec::new();
-        for (route, signal, requests, errors) in inputs {
-            let w = self
-                .watched
-                .entry((route.clone(), signal))
-                .or_insert_with(|| Watched {
-                    series: Series::default(),
-                    incident: None,
-                    seq: 0,
-                });
-            let verdict = w.series.observe_errors(at, requests, errors, &self.cfg);
-            let Some(event) = verdict.event else { continue };
-            w.seq += 1;
-            let mut notice = IncidentNotice {
-                incident_id: w.incident.unwrap_or_else(Uuid::nil),
-                seq: w.seq,
-                gateway: self.gateway.clone(),
-                route: route.clone(),
-                signal: signal.to_string(),
-                severity: verdict.severity,
-                event,
-                ratio: verdict.score.ratio,
-                current: if requests > 0 {
-                    errors as f64 / requests as f64
-                } else {
-                    0.0
-                },
-                baseline: verdict.score.baseline.unwrap_or(0.0),
-                p_value: verdict.score.p_value,
-                window_secs: self.cfg.window_secs as u64,
-                at: chrono::DateTime::from_timestamp(at + self.cfg.window_secs, 0)
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                    .unwrap_or_default(),
-                runbook_url: self.context.runbook_url.clone(),
-                status_url: self.context.status_url.clone(),
-                rollout_revision: None,
-                acknowledged_by: None,
-                critical_mention: self.context.critical_mention.clone(),
-            };
-            let id = self
-                .store
-                .record(w.incident, &self.gateway, &route, signal, &notice)
-                .await?;
-            notice.incident_id = id;
-            w.incident = if event == IncidentEvent::Resolve {
-                None
+        let total: u64 = window.routes.values().map(|w| w.requests).sum();
+        for (route, w) in &window.routes {
+            if route.as_str() == crate::proxy::metrics::NO_ROUTE {
+                continue;
+            }
+            let cfg = self.cfg.clone();
+            // Error ratio, scored.
+            let verdict = self
+                .watched(route, ERROR_RATIO)
+                .series
+                .observe_errors(at, w.requests, w.errors, &cfg);
+            let current = if w.requests > 0 {
+                w.errors as f64 / w.requests as f64
             } else {
-                Some(id)
+                0.0
             };
-            if event == IncidentEvent::Resolve {
-                w.seq = 0;
+            if let Some(n) = self
+                .change(at, route, ERROR_RATIO, &verdict, current)
+                .await?
+            {
+                notices.push(n);
             }
-            if let Err(e) = self.notifier.notify(&notice).await {
-                tracing::error!("cannot queue the notification for incident {id}: {e}");
+            // p99 latency, scored as a gauge once the window has enough requests to mean it.
+            if let Some(p99) = w.p99_ms.filter(|_| w.requests >= cfg.min_requests) {
+                let verdict = self
+                    .watched(route, P99_LATENCY)
+                    .series
+                    .observe_gauge(at, p99, &cfg);
+                if let Some(n) = self.change(at, route, P99_LATENCY, &verdict, p99).await? {
+                    notices.push(n);
+                }
             }
-            notices.push(notice);
+            // Circuit breaker: an event signal, open while the breaker is (or just was) open.
+            let open = w.breaker_open || w.breaker_opens > 0;
+            let was_open = self.watched(route, CIRCUIT_OPEN).incident.is_some();
+            if open != was_open {
+                let (severity, event) = if open {
+                    (Severity::High, IncidentEvent::Open)
+                } else {
+                    (Severity::None, IncidentEvent::Resolve)
+                };
+                let verdict = event_verdict(at, severity, event);
+                if let Some(n) = self
+                    .change(at, route, CIRCUIT_OPEN, &verdict, w.breaker_opens as f64)
+                    .await?
+                {
+                    notices.push(n);
+                }
+            }
+        }
+        let cfg = self.cfg.clone();
+        let auth = window.auth_failures.min(total);
+        let verdict = self
+            .watched("", AUTH_FAILURES)
+            .series
+            .observe_errors(at, total, auth, &cfg);
+        let current = if total > 0 {
+            auth as f64 / total as f64
+        } else {
+            0.0
+        };
+        if let Some(n) = self
+            .change(at, "", AUTH_FAILURES, &verdict, current)
+            .await?
+        {
+            notices.push(n);
         }
         Ok(notices)
+    }
+
+    fn watched(&mut self, route: &str, signal: &'static str) -> &mut Watched {
+        self.watched
+            .entry((route.to_string(), signal))
+            .or_insert_with(|| Watched {
+                series: Series::default(),
+                incident: None,
+                seq: 0,
+            })
+    }
+
+    /// Stores and notifies the change a verdict carries, if any.
+    async fn change(
+        &mut self,
+        at: i64,
+        route: &str,
+        signal: &'static str,
+        verdict: &Verdict,
+        current: f64,
+    ) -> Result<Option<IncidentNotice>, DbError> {
+        let Some(event) = verdict.event else {
+            return Ok(None);
+        };
+        let window_secs = self.cfg.window_secs;
+        let (gateway, context) = (self.gateway.clone(), self.context.clone());
+        let (store, notifier) = (self.store.clone(), self.notifier.clone());
+        let w = self.watched(route, signal);
+        w.seq += 1;
+        let mut notice = IncidentNotice {
+            incident_id: w.incident.unwrap_or_else(Uuid::nil),
+            seq: w.seq,
+            gateway: gateway.clone(),
+            route: route.to_string(),
+            signal: signal.to_string(),
+            severity: verdict.severity,
+            event,
+            ratio: verdict.score.ratio,
+            current,
+            baseline: verdict.score.baseline.unwrap_or(0.0),
+            p_value: verdict.score.p_value,
+            window_secs: window_secs as u64,
+            at: chrono::DateTime::from_timestamp(at + window_secs, 0)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default(),
+            runbook_url: context.runbook_url,
+            status_url: context.status_url,
+            rollout_revision: None,
+            acknowledged_by: None,
+            critical_mention: context.critical_mention,
+        };
+        let id = store
+            .record(w.incident, &gateway, route, signal, &notice)
+            .await?;
+        notice.incident_id = id;
+        if event == IncidentEvent::Resolve {
+            w.incident = None;
+            w.seq = 0;
+        } else {
+            w.incident = Some(id);
+        }
+        if let Err(e) = notifier.notify(&notice).await {
+            tracing::error!("cannot queue the notification for incident {id}: {e}");
+        }
+        Ok(Some(notice))
+    }
+}
+
+/// A verdict for an event signal (not scored).
+fn event_verdict(at: i64, severity: Severity, event: IncidentEvent) -> Verdict {
+    Verdict {
+        at,
+        score: super::score::Score {
+            baseline: None,
+            ratio: 1.0,
+            p_value: 0.0,
+            severity,
+            anomaly_score: if severity == Severity::None { 0.0 } else { 1.0 },
+        },
+        severity,
+        event: Some(event),
     }
 }

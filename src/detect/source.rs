@@ -13,6 +13,42 @@ use serde_json::Value;
 pub struct RouteWindow {
     pub requests: u64,
     pub errors: u64,
+    /// 99th-percentile latency over the window, in milliseconds (when requests were seen).
+    pub p99_ms: Option<f64>,
+    /// Times the route's circuit breaker opened in the window.
+    pub breaker_opens: u64,
+    /// Whether the breaker was open (or half-open) at the end of the window.
+    pub breaker_open: bool,
+}
+
+/// The `q` quantile of a cumulative histogram (upper bound, cumulative count), interpolated
+/// linearly inside the bucket the way PromQL's `histogram_quantile` does.
+pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let mut b: Vec<(f64, f64)> = buckets.to_vec();
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let total = b.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in b {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            let inside = count - below;
+            let frac = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
+            return Some(lower + (le - lower) * frac);
+        }
+        lower = le;
+        below = count;
+    }
+    Some(lower)
 }
 
 /// One window of a gateway: per route, plus gateway-wide auth failures.
@@ -43,6 +79,10 @@ struct Totals {
     requests: HashMap<String, f64>,
     errors: HashMap<String, f64>,
     auth_failures: f64,
+    breaker_opens: HashMap<String, f64>,
+    breaker_state: HashMap<String, f64>,
+    /// Cumulative latency buckets per route: (upper bound in seconds, count).
+    latency: HashMap<String, Vec<(f64, f64)>>,
 }
 
 /// Parses a `/metrics` exposition into cumulative totals.
@@ -56,21 +96,35 @@ fn totals(text: &str, url: &str) -> Result<Totals, SourceError> {
         })?;
     let mut t = Totals::default();
     for s in scrape.samples {
+        let route = s.labels.get("route").unwrap_or("none").to_string();
         let value = match s.value {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Untyped(v)
             | prometheus_parse::Value::Gauge(v) => v,
+            prometheus_parse::Value::Histogram(h)
+                if s.metric == "apitree_proxy_request_duration_seconds" =>
+            {
+                t.latency
+                    .insert(route, h.iter().map(|c| (c.less_than, c.count)).collect());
+                continue;
+            }
             _ => continue,
         };
         match s.metric.as_str() {
             "apitree_proxy_requests_total" => {
-                let route = s.labels.get("route").unwrap_or("none").to_string();
                 *t.requests.entry(route.clone()).or_default() += value;
                 if s.labels.get("status_class") == Some("5xx") {
                     *t.errors.entry(route).or_default() += value;
                 }
             }
             "apitree_proxy_auth_failures_total" => t.auth_failures += value,
+            "apitree_proxy_breaker_opens_total" => {
+                *t.breaker_opens.entry(route).or_default() += value
+            }
+            "apitree_proxy_breaker_state" => {
+                let e = t.breaker_state.entry(route).or_default();
+                *e = e.max(value);
+            }
             _ => {}
         }
     }
@@ -136,6 +190,28 @@ impl ScrapeSource {
                             now.errors.get(route).copied().unwrap_or(0.0),
                             before.errors.get(route).copied(),
                         );
+                        w.breaker_opens += increase(
+                            now.breaker_opens.get(route).copied().unwrap_or(0.0),
+                            before.breaker_opens.get(route).copied(),
+                        );
+                        w.breaker_open |=
+                            now.breaker_state.get(route).copied().unwrap_or(0.0) > 0.0;
+                        if let Some(buckets) = now.latency.get(route) {
+                            let prev = before.latency.get(route);
+                            let delta: Vec<(f64, f64)> = buckets
+                                .iter()
+                                .map(|(le, c)| {
+                                    let p = prev
+                                        .and_then(|p| p.iter().find(|(l, _)| l == le))
+                                        .map(|x| x.1);
+                                    (*le, increase(*c, p) as f64)
+                                })
+                                .collect();
+                            // Several replicas: keep the worst p99.
+                            if let Some(q) = histogram_quantile(0.99, &delta) {
+                                w.p99_ms = Some(w.p99_ms.unwrap_or(0.0).max(q * 1000.0));
+                            }
+                        }
                     }
                     out.auth_failures += increase(now.auth_failures, Some(before.auth_failures));
                 }
@@ -261,6 +337,44 @@ impl PrometheusSource {
             out.routes.entry(route).or_default().errors = v.round() as u64;
         }
         out.auth_failures = auth.first().map(|(_, v)| v.round() as u64).unwrap_or(0);
+        let opens = self
+            .query(&format!(
+                "sum by (route) (increase(apitree_proxy_breaker_opens_total{}[{range}]))",
+                self.matchers("")
+            ))
+            .await?;
+        for (labels, v) in opens {
+            out.routes
+                .entry(labels.get("route").cloned().unwrap_or_default())
+                .or_default()
+                .breaker_opens = v.round() as u64;
+        }
+        let state = self
+            .query(&format!(
+                "max by (route) (apitree_proxy_breaker_state{})",
+                self.matchers("")
+            ))
+            .await?;
+        for (labels, v) in state {
+            out.routes
+                .entry(labels.get("route").cloned().unwrap_or_default())
+                .or_default()
+                .breaker_open = v > 0.0;
+        }
+        let p99 = self
+            .query(&format!(
+                "histogram_quantile(0.99, sum by (route, le) (increase(apitree_proxy_request_duration_seconds_bucket{}[{range}])))",
+                self.matchers("")
+            ))
+            .await?;
+        for (labels, v) in p99 {
+            if v.is_finite() {
+                out.routes
+                    .entry(labels.get("route").cloned().unwrap_or_default())
+                    .or_default()
+                    .p99_ms = Some(v * 1000.0);
+            }
+        }
         Ok(out)
     }
 }
@@ -287,6 +401,22 @@ apitree_proxy_auth_failures_total{reason=\"unknown_api_key\"} 3\n";
             increase(20.0, Some(100.0)),
             20,
             "a counter reset counts from zero"
+        );
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket_like_promql() {
+        let b = [
+            (0.01, 50.0),
+            (0.1, 90.0),
+            (1.0, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert!((histogram_quantile(0.5, &b).unwrap() - 0.01).abs() < 1e-9);
+        assert!((histogram_quantile(0.99, &b).unwrap() - 0.91).abs() < 1e-9);
+        assert_eq!(
+            histogram_quantile(0.99, &[(0.1, 0.0), (f64::INFINITY, 0.0)]),
+            None
         );
     }
 }
