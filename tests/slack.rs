@@ -366,3 +366,84 @@ async fn signed_interactions_are_verified_audited_and_update_the_message() {
         slack::verify_interaction(Some("signing-secret"), None, Some(&now), &body).unwrap_err();
     assert_eq!(err, InteractionError::MissingHeaders);
 }
+
+#[tokio::test]
+async fn the_interaction_endpoint_answers_over_http() {
+    common::gateway::install_crypto();
+    let notifier = Arc::new(Notifier::recording());
+    let endpoint = Arc::new(slack::InteractionEndpoint {
+        signing_secret: Some("signing-secret".into()),
+        audit: None,
+        notifier: notifier.clone(),
+        apply: Arc::new(|i: &slack::Interaction| {
+            let mut n = notice(
+                i.incident,
+                5,
+                IncidentEvent::Escalate,
+                Severity::Critical,
+                11.0,
+            );
+            n.acknowledged_by = Some(i.user_id.clone());
+            n.rollout_revision = i.revision.clone();
+            Some(n)
+        }),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let ep = ep.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let ep = ep.clone();
+                    async move {
+                        Ok::<_, Infallible>(ep.serve(req).await.map(|b| Full::new(Bytes::from(b))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let id = Uuid::new_v4();
+    let payload = json!({"user": {"id": "U9", "username": "minji"}, "actions": [{"action_id": "rollback", "value": format!("{id}:rev-abc123")}]});
+    let body = format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
+    );
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let client = reqwest::Client::new();
+    let post = |sig: String, ts: String| {
+        client
+            .post(format!("http://{addr}/slack/interactions"))
+            .header("x-slack-signature", sig)
+            .header("x-slack-request-timestamp", ts)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.clone())
+            .send()
+    };
+    let ok = post(slack::sign("signing-secret", &ts, &body), ts.clone())
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let seen = notifier.recorded();
+    assert_eq!(seen[0].rollout_revision.as_deref(), Some("rev-abc123"));
+    assert_eq!(seen[0].acknowledged_by.as_deref(), Some("U9"));
+    let bad = post(slack::sign("nope", &ts, &body), ts.clone())
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    let err: Value = bad.json().await.unwrap();
+    assert_eq!(err["code"], "bad_signature");
+    assert!(!err.to_string().contains("signing-secret"));
+    assert_eq!(
+        notifier.recorded().len(),
+        1,
+        "a refused press changes nothing"
+    );
+}

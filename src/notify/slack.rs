@@ -364,3 +364,91 @@ pub async fn handle_interaction(
     }
     Ok(interaction)
 }
+
+/// What the interaction endpoint needs: the signing secret, the audit pool, the notifier and
+/// what to do with a press.
+pub struct InteractionEndpoint {
+    pub signing_secret: Option<String>,
+    pub audit: Option<sqlx::PgPool>,
+    pub notifier: Arc<super::Notifier>,
+    #[allow(clippy::type_complexity)]
+    pub apply: Arc<dyn Fn(&Interaction) -> Option<super::IncidentNotice> + Send + Sync>,
+}
+
+/// Largest interaction body accepted (Slack's are a few KiB).
+const MAX_INTERACTION_BODY: usize = 64 * 1024;
+
+impl InteractionEndpoint {
+    /// Serves `POST /slack/interactions`: 200 on a verified press, 401 on a bad or stale
+    /// signature, 400 on a malformed payload; bodies are JSON `{"error", "code"}`.
+    pub async fn serve(&self, req: http::Request<hyper::body::Incoming>) -> http::Response<String> {
+        use http_body_util::BodyExt;
+        let reply = |status: u16, v: Value| {
+            http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(v.to_string())
+                .unwrap_or_default()
+        };
+        if req.method() != http::Method::POST {
+            return reply(
+                405,
+                json!({"error": "use POST", "code": "method_not_allowed"}),
+            );
+        }
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (sig, ts) = (
+            header("x-slack-signature"),
+            header("x-slack-request-timestamp"),
+        );
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_INTERACTION_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+            Err(_) => {
+                return reply(
+                    413,
+                    json!({"error": "the interaction body is too large", "code": "body_too_large"}),
+                )
+            }
+        };
+        let apply = self.apply.clone();
+        match handle_interaction(
+            self.signing_secret.as_deref(),
+            sig.as_deref(),
+            ts.as_deref(),
+            &body,
+            self.audit.as_ref(),
+            &self.notifier,
+            |i| apply(i),
+        )
+        .await
+        {
+            Ok(i) => {
+                tracing::info!(action = i.action.audit_name(), incident = %i.incident, user = %i.user_id, "Slack action");
+                reply(200, json!({}))
+            }
+            Err(e @ (InteractionError::BadSignature | InteractionError::MissingHeaders)) => {
+                tracing::warn!("refused a Slack interaction: {e}");
+                reply(
+                    401,
+                    json!({"error": e.to_string(), "code": "bad_signature"}),
+                )
+            }
+            Err(e @ InteractionError::NoSecret) => reply(
+                503,
+                json!({"error": e.to_string(), "code": "not_configured"}),
+            ),
+            Err(e) => reply(
+                400,
+                json!({"error": e.to_string(), "code": "malformed_interaction"}),
+            ),
+        }
+    }
+}
