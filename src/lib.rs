@@ -11,3 +11,4 @@ pub mod detect;
 pub mod notify;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;

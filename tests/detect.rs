@@ -327,3 +327,59 @@ async fn breaker_opens_and_latency_jumps_are_signals_too() {
         "{n:?}"
     );
 }
+
+#[tokio::test]
+async fn credential_changes_from_the_audit_log_are_attached_to_the_auth_incident_that_follows() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let notifier = Arc::new(Notifier::recording());
+    let mut d = Detector::new(
+        "gw",
+        ScoreConfig::from(&DetectionSpec::default()),
+        NoticeContext::default(),
+        Arc::new(IncidentStore::memory()),
+        notifier.clone(),
+    );
+    apitree::db::audit::append(
+        &pool,
+        "cli:ops",
+        "key.rotate",
+        "at_live_Xy3kQ9ab",
+        None,
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    apitree::db::audit::append(
+        &pool,
+        "cli:ops",
+        "org.create",
+        "acme",
+        None,
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    let rows = apitree::db::audit::read_rows(&pool, 0, 100).await.unwrap();
+    d.note_audit(&rows);
+    // Quiet history up to just before the rotation, then an auth spike in the window that
+    // contains it.
+    let start = rows[0].at.timestamp() - 12 * WINDOW - 60;
+    for i in 0..12 {
+        d.observe(start + i * WINDOW, &window((5000, 50), (3000, 30), 20))
+            .await
+            .unwrap();
+    }
+    let n = d
+        .observe(start + 12 * WINDOW, &window((5000, 50), (3000, 30), 2_000))
+        .await
+        .unwrap();
+    let auth = n
+        .iter()
+        .find(|x| x.signal == "auth failures")
+        .expect("auth incident");
+    assert_eq!(auth.related_changes.len(), 1, "{:?}", auth.related_changes);
+    assert!(auth.related_changes[0].starts_with("key.rotate at_live_Xy3kQ9ab at "));
+    let blocks = apitree::notify::message::incident_blocks(auth).to_string();
+    assert!(blocks.contains("Recent credential changes"), "{blocks}");
+}

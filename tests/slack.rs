@@ -141,6 +141,7 @@ fn notice(
         rollout_revision: None,
         acknowledged_by: None,
         critical_mention: Some("S0ONCALL".into()),
+        related_changes: vec![],
     }
 }
 

@@ -187,6 +187,18 @@ pub struct Detector {
     watched: HashMap<(String, &'static str), Watched>,
     store: Arc<IncidentStore>,
     notifier: Arc<Notifier>,
+    /// Credential changes seen lately: (unix seconds, description).
+    changes: Vec<(i64, String)>,
+}
+
+/// How long a credential change stays relevant to new incidents.
+const CHANGE_RELEVANCE_SECS: i64 = 2 * 3600;
+
+/// Audit actions that change credentials.
+pub fn is_credential_change(action: &str) -> bool {
+    action.starts_with("key.")
+        || action.starts_with("credential.")
+        || action.starts_with("master_key.")
 }
 
 impl Detector {
@@ -204,6 +216,7 @@ impl Detector {
             watched: HashMap::new(),
             store,
             notifier,
+            changes: Vec::new(),
         }
     }
 
@@ -284,6 +297,30 @@ impl Detector {
         Ok(notices)
     }
 
+    /// Feeds audit-log rows (any; non-credential actions are ignored). Credential changes are
+    /// an event signal: they do not open incidents, they are attached to the error-ratio and
+    /// auth-failure incidents that follow them within two hours.
+    pub fn note_audit(&mut self, rows: &[crate::db::audit::AuditRow]) {
+        for r in rows.iter().filter(|r| is_credential_change(&r.action)) {
+            let at = r.at.timestamp();
+            let when = r.at.format("%H:%M:%SZ");
+            self.changes.push((
+                at,
+                format!("{} {} at {when} by {}", r.action, r.target, r.actor),
+            ));
+        }
+        self.changes.sort_by_key(|c| c.0);
+    }
+
+    fn recent_changes(&self, at: i64) -> Vec<String> {
+        let end = at + self.cfg.window_secs;
+        self.changes
+            .iter()
+            .filter(|(t, _)| *t <= end && *t >= end - CHANGE_RELEVANCE_SECS)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
     fn watched(&mut self, route: &str, signal: &'static str) -> &mut Watched {
         self.watched
             .entry((route.to_string(), signal))
@@ -309,6 +346,11 @@ impl Detector {
         let window_secs = self.cfg.window_secs;
         let (gateway, context) = (self.gateway.clone(), self.context.clone());
         let (store, notifier) = (self.store.clone(), self.notifier.clone());
+        let related = if signal == AUTH_FAILURES || signal == ERROR_RATIO {
+            self.recent_changes(at)
+        } else {
+            Vec::new()
+        };
         let w = self.watched(route, signal);
         w.seq += 1;
         let mut notice = IncidentNotice {
@@ -332,6 +374,7 @@ impl Detector {
             rollout_revision: None,
             acknowledged_by: None,
             critical_mention: context.critical_mention,
+            related_changes: related,
         };
         let id = store
             .record(w.incident, &gateway, route, signal, &notice)

@@ -64,6 +64,15 @@ pub fn incident_blocks(n: &IncidentNotice) -> Value {
         hint.push_str(&format!(" · <{url}|status page>"));
     }
     blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": hint}]}));
+    if !n.related_changes.is_empty() {
+        let list = n
+            .related_changes
+            .iter()
+            .map(|c| format!("• {c}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*Recent credential changes*\n{list}")}}));
+    }
     if n.event != IncidentEvent::Resolve {
         let id = n.incident_id.to_string();
         let mut buttons = vec![

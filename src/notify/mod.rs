@@ -44,6 +44,10 @@ pub struct IncidentNotice {
     pub acknowledged_by: Option<String>,
     /// Slack user-group id mentioned on critical incidents.
     pub critical_mention: Option<String>,
+    /// Credential changes shortly before this change (key rotations, revocations, credential
+    /// writes), e.g. `key.rotate at_live_Xy3kQ9ab at 07:01:12Z`: the first thing to suspect
+    /// when auth failures jump.
+    pub related_changes: Vec<String>,
 }
 
 /// Slack channel ids by severity; a missing one falls back to the next lower.

@@ -82,20 +82,7 @@ fn backoff(attempts: i32) -> Duration {
 
 impl SlackDelivery {
     pub fn new(config: &SlackConfig, outbox: Arc<Outbox>) -> Self {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .unwrap_or_else(|_| {
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                    rustls::ClientConfig::builder()
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                )
-            })
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let https = crate::tls::https_or_http();
         let connector = Connector::from(https).with_slack_api_url(&config.api_url);
         Self {
             client: SlackClient::new(connector),

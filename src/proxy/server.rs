@@ -98,26 +98,7 @@ fn upstream_client() -> UpstreamClient {
 }
 
 fn build_upstream_client() -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .unwrap_or_else(|_| {
-            // No system CA bundle: plain-http upstreams still work; https ones fail to verify.
-            tracing::warn!(
-                "no system CA certificates found; https upstreams will fail verification"
-            );
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-        })
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let https = crate::tls::https_or_http();
     Client::builder(TokioExecutor::new())
         // Small requests: one flattened write beats writev (measured in benches/).
         .http1_writev(false)
