@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use apitree::crd::gateway::KeyScope;
-use apitree::detect::source::{PrometheusSource, ScrapeSource};
+use apitree::detect::source::{MetricSource, PrometheusSource};
 use common::gateway::*;
 
 async fn proxy_with_traffic_source() -> (TestGateway, String) {
@@ -50,13 +50,15 @@ async fn traffic(gw: &TestGateway, key: &str, ok: usize, failing: usize) {
 #[tokio::test]
 async fn scraping_the_proxy_yields_exact_windows() {
     let (gw, key) = proxy_with_traffic_source().await;
-    let mut source = ScrapeSource::new(vec![gw.admin_url("/metrics")]);
+    let spec = apitree::crd::gateway::MetricSource::default();
+    let mut source = MetricSource::from_spec(&spec, vec![gw.admin_url("/metrics")], "");
+    let window = Duration::from_secs(300);
     assert!(
-        source.window().await.unwrap().is_none(),
+        source.window(window).await.unwrap().is_none(),
         "the first scrape only primes"
     );
     traffic(&gw, &key, 20, 10).await;
-    let w = source.window().await.unwrap().unwrap();
+    let w = source.window(window).await.unwrap().unwrap();
     assert_eq!(w.routes["shop"].requests, 30);
     assert_eq!(w.routes["shop"].errors, 10);
     assert_eq!(w.auth_failures, 3);
@@ -64,7 +66,7 @@ async fn scraping_the_proxy_yields_exact_windows() {
         .p99_ms
         .expect("p99 from the latency histogram");
     assert!(p99 > 0.0 && p99 < 5_000.0, "{p99}");
-    let w = source.window().await.unwrap().unwrap();
+    let w = source.window(window).await.unwrap().unwrap();
     assert_eq!(
         w.routes["shop"].requests, 0,
         "the next window starts from the last scrape"
