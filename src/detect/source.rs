@@ -379,6 +379,37 @@ impl PrometheusSource {
     }
 }
 
+/// Either source, behind one interface: what the detector loop holds.
+pub enum MetricSource {
+    Scrape(ScrapeSource),
+    Prometheus(PrometheusSource),
+}
+
+impl MetricSource {
+    /// From an `ApiGateway`'s `spec.detection.source`: `targets` are the proxies' `/metrics`
+    /// URLs (scrape), `selector` the label matchers of this gateway's series (Prometheus).
+    pub fn from_spec(
+        spec: &crate::crd::gateway::MetricSource,
+        targets: Vec<String>,
+        selector: &str,
+    ) -> Self {
+        match (spec.type_, &spec.prometheus_url) {
+            (crate::crd::gateway::MetricSourceType::Prometheus, Some(url)) => {
+                Self::Prometheus(PrometheusSource::new(url, selector))
+            }
+            _ => Self::Scrape(ScrapeSource::new(targets)),
+        }
+    }
+
+    /// The window of length `window` ending now; None while a scrape source is priming.
+    pub async fn window(&mut self, window: Duration) -> Result<Option<GatewayWindow>, SourceError> {
+        match self {
+            Self::Scrape(s) => s.window().await,
+            Self::Prometheus(p) => p.window(window).await.map(Some),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,36 +449,5 @@ apitree_proxy_auth_failures_total{reason=\"unknown_api_key\"} 3\n";
             histogram_quantile(0.99, &[(0.1, 0.0), (f64::INFINITY, 0.0)]),
             None
         );
-    }
-}
-
-/// Either source, behind one interface: what the detector loop holds.
-pub enum MetricSource {
-    Scrape(ScrapeSource),
-    Prometheus(PrometheusSource),
-}
-
-impl MetricSource {
-    /// From an `ApiGateway`'s `spec.detection.source`: `targets` are the proxies' `/metrics`
-    /// URLs (scrape), `selector` the label matchers of this gateway's series (Prometheus).
-    pub fn from_spec(
-        spec: &crate::crd::gateway::MetricSource,
-        targets: Vec<String>,
-        selector: &str,
-    ) -> Self {
-        match (spec.type_, &spec.prometheus_url) {
-            (crate::crd::gateway::MetricSourceType::Prometheus, Some(url)) => {
-                Self::Prometheus(PrometheusSource::new(url, selector))
-            }
-            _ => Self::Scrape(ScrapeSource::new(targets)),
-        }
-    }
-
-    /// The window of length `window` ending now; None while a scrape source is priming.
-    pub async fn window(&mut self, window: Duration) -> Result<Option<GatewayWindow>, SourceError> {
-        match self {
-            Self::Scrape(s) => s.window().await,
-            Self::Prometheus(p) => p.window(window).await.map(Some),
-        }
     }
 }
