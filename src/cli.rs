@@ -78,6 +78,10 @@ pub enum Command {
     #[command(subcommand)]
     Credentials(CredentialsCommand),
 
+    /// The append-only audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+
     /// The anomaly detector.
     #[command(subcommand)]
     Detect(DetectCommand),
@@ -280,6 +284,16 @@ pub enum CredentialsCommand {
         value_prefix: String,
         #[command(flatten)]
         secrets: SecretArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the audit log's hash chain. Exit 0 when intact; exit 3 naming the first row
+    /// whose content or link does not match (e.g. edited by a superuser with triggers off).
+    Verify {
+        #[command(flatten)]
+        db: DatabaseArgs,
     },
 }
 

@@ -9,8 +9,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use apitree::cli::{
-    Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DetectCommand, KeysCommand,
-    OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
+    AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DetectCommand,
+    KeysCommand, OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -46,10 +46,25 @@ fn main() -> ExitCode {
         Err(err) => {
             // One line: the top-level message already carries the cause and what to check.
             eprintln!("error: {err}");
+            if err.is::<Tampered>() {
+                return ExitCode::from(3);
+            }
             ExitCode::FAILURE
         }
     }
 }
+
+/// The audit chain did not verify: a distinct exit code so scripts can tell it from errors.
+#[derive(Debug)]
+struct Tampered;
+
+impl std::fmt::Display for Tampered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the audit log has been altered")
+    }
+}
+
+impl std::error::Error for Tampered {}
 
 async fn run(command: Command) -> Result<()> {
     match command {
@@ -65,6 +80,29 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Credentials(cmd) => credentials(cmd),
         Command::Pii(PiiCommand::Scan { mask, format }) => pii_scan(mask, format),
+        Command::Audit(AuditCommand::Verify { db: dbargs }) => {
+            let pool = open_db(&dbargs).await?;
+            let mut verifier = db::audit::ChainVerifier::new();
+            let mut after = 0;
+            loop {
+                let rows = db::audit::read_rows(&pool, after, 5_000).await?;
+                let Some(last) = rows.last() else { break };
+                after = last.id;
+                for row in &rows {
+                    if let Err(broken) = verifier.feed(row) {
+                        eprintln!(
+                            "audit log chain BROKEN at row {}: {} ({} rows before it verified)",
+                            broken.id,
+                            broken.reason,
+                            verifier.verified()
+                        );
+                        return Err(anyhow!(Tampered));
+                    }
+                }
+            }
+            println!("audit log intact: {} rows verified", verifier.verified());
+            Ok(())
+        }
         Command::Detect(DetectCommand::Replay {
             input,
             config,

@@ -367,3 +367,32 @@ async fn orgs_and_keys_admin_commands_print_ids_keys_and_grace() {
         "{table}"
     );
 }
+
+#[tokio::test]
+async fn audit_verify_passes_an_intact_chain_and_names_the_first_altered_row() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    for i in 0..5 {
+        apitree::db::audit::append(
+            &pool,
+            "ops",
+            "key.create",
+            &format!("at_live_{i:08}"),
+            None,
+            &serde_json::json!({"i": i}),
+        )
+        .await
+        .unwrap();
+    }
+    let db = ("APITREE_DATABASE_URL", tdb.url.as_str());
+    let out = apitree_stdin(&["audit", "verify"], &[db], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 rows verified"));
+
+    common::exec(&pool, "ALTER TABLE audit_log DISABLE TRIGGER USER; UPDATE audit_log SET detail = '{\"i\": 99}' WHERE id = 3; ALTER TABLE audit_log ENABLE TRIGGER USER".into())
+        .await
+        .unwrap();
+    let out = apitree_stdin(&["audit", "verify"], &[db], "");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("BROKEN at row 3"), "{}", stderr(&out));
+}
