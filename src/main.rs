@@ -142,6 +142,12 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The key pepper from the environment or the --config file's secrets.pepperFile.
+fn pepper_from(secrets: &SecretArgs) -> Result<proxy::keys::Pepper> {
+    let (cfg, base) = secret_sources(secrets)?;
+    state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))
+}
+
 /// The proxy config named by --config (for its secret file paths), or an empty one.
 fn secret_sources(args: &SecretArgs) -> Result<(ProxyConfig, PathBuf)> {
     match &args.config {
@@ -182,8 +188,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
             secrets,
             actor,
         } => {
-            let (cfg, base) = secret_sources(&secrets)?;
-            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            let pepper = pepper_from(&secrets)?;
             let pool = open_db(&dbargs).await?;
             let daily_quota = daily_quota.map(|q| q.min(i64::MAX as u64) as i64);
             let new = db::keys::NewKey {
@@ -208,8 +213,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
             secrets,
             actor,
         } => {
-            let (cfg, base) = secret_sources(&secrets)?;
-            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            let pepper = pepper_from(&secrets)?;
             let pool = open_db(&dbargs).await?;
             let grace = chrono::Duration::from_std(grace.as_std())
                 .map_err(|_| anyhow!("--grace is too long"))?;
@@ -290,8 +294,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
                 key
             };
             let key = ApiKey::parse(&text).map_err(|e| anyhow!("{e}"))?;
-            let (cfg, base) = secret_sources(&secrets)?;
-            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            let pepper = pepper_from(&secrets)?;
             print!("{}", key_entry(&key, &pepper, &org));
         }
         KeysCommand::Generate {
@@ -299,8 +302,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
             org,
             secrets,
         } => {
-            let (cfg, base) = secret_sources(&secrets)?;
-            let pepper = state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))?;
+            let pepper = pepper_from(&secrets)?;
             let key = ApiKey::generate(to_scope(scope));
             println!("{}", key.expose_secret());
             eprintln!(

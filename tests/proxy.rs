@@ -170,14 +170,7 @@ async fn auth_failures_are_401_json_with_the_request_id() {
         status, 200,
         "a rotated key is valid during its grace period"
     );
-    let metrics = client()
-        .get(s.gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.gw.metrics_text().await;
     assert!(
         metrics.contains("apitree_proxy_auth_failures_total{reason=\"revoked_api_key\"} 1"),
         "{metrics}"
@@ -252,14 +245,7 @@ async fn failing_upstream_opens_the_breaker_and_then_fails_fast() {
         "an open breaker must not call the upstream"
     );
     assert!(started.elapsed() < Duration::from_millis(200));
-    let metrics = client()
-        .get(s.gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.gw.metrics_text().await;
     assert!(metrics.contains("apitree_proxy_breaker_opens_total{route=\"fragile\"} 1"));
     assert!(metrics.contains("apitree_proxy_breaker_state{route=\"fragile\"} 2"));
 }
@@ -290,14 +276,7 @@ async fn pii_is_masked_in_responses_and_flagged_where_asked() {
     let (_, _, body) = get(&s.gw.url("/live-only/pii"), Some(&s.live)).await;
     assert_eq!(body["rrn"], RRN, "PII mode off");
 
-    let metrics = client()
-        .get(s.gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.gw.metrics_text().await;
     assert!(
         metrics.contains("apitree_proxy_pii_findings_total{kind=\"rrn\",route=\"masked\"} 1"),
         "{metrics}"
@@ -372,14 +351,7 @@ async fn admin_endpoints_expose_metrics_that_promtool_accepts_and_readiness() {
     let s = setup("").await;
     get(&s.gw.url("/api/x"), Some(&s.live)).await;
     get(&s.gw.url("/limited/x"), None).await;
-    let metrics = client()
-        .get(s.gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.gw.metrics_text().await;
     for name in [
         "apitree_proxy_requests_total{route=\"api\",status_class=\"2xx\"} 1",
         "apitree_proxy_request_duration_seconds_bucket",
@@ -410,14 +382,7 @@ async fn admin_endpoints_expose_metrics_that_promtool_accepts_and_readiness() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let ready: Value = client()
-        .get(s.gw.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = s.gw.readiness().await;
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["config"]["routes"], 7);
     assert_eq!(ready["rateLimitStore"], "off");
@@ -475,14 +440,7 @@ async fn two_replicas_share_limits_through_redis() {
         }
     }
     assert_eq!(ok, 6, "the burst limit of 6 holds across both replicas");
-    let ready: Value = client()
-        .get(a.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = a.readiness().await;
     assert_eq!(ready["rateLimitStore"], "ok");
 }
 
@@ -513,14 +471,7 @@ async fn redis_down_falls_back_to_local_limits_and_reports_degraded() {
         "local limits still apply: {statuses:?}"
     );
     assert_eq!(metrics.limiter_fallbacks.get(), 4);
-    let ready: Value = client()
-        .get(gw.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = gw.readiness().await;
     assert_eq!(ready["status"], "degraded");
     assert_eq!(ready["rateLimitStore"], "degraded");
 }

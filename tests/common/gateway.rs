@@ -166,6 +166,28 @@ impl TestGateway {
             let _ = done.await;
         }
     }
+    /// The admin port's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+    /// The admin port's `/readyz` document.
+    pub async fn readiness(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
     /// Access-log lines written so far.
     pub fn log_text(&self) -> String {
         String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
