@@ -154,25 +154,13 @@ impl Series {
     ) -> Verdict {
         let base = baseline_with_recent(&self.history, &self.recent[..self.recent_len], at, cfg);
         let score = score_errors(requests, errors, base, cfg);
-        let event = self.tracker.step(&score, cfg);
-        let severity = self.tracker.level();
-        if requests > 0 {
-            let ratio = errors.min(requests) as f64 / requests as f64;
-            self.remember(
-                Past {
-                    at,
-                    value: ratio,
-                    weight: requests,
-                },
-                severity == Severity::None && score.severity == Severity::None,
-            );
-        }
-        Verdict {
+        // An empty window says nothing about the level: it does not enter the history.
+        let past = (requests > 0).then(|| Past {
             at,
-            score,
-            severity,
-            event,
-        }
+            value: errors.min(requests) as f64 / requests as f64,
+            weight: requests,
+        });
+        self.conclude(at, score, past, cfg)
     }
 
     /// A gauge window.
@@ -186,16 +174,34 @@ impl Series {
             .map(|p| p.value)
             .collect();
         let score = score_gauge(value, base, &recent, cfg);
-        let event = self.tracker.step(&score, cfg);
-        let severity = self.tracker.level();
-        self.remember(
-            Past {
+        self.conclude(
+            at,
+            score,
+            Some(Past {
                 at,
                 value,
                 weight: 1,
-            },
-            severity == Severity::None && score.severity == Severity::None,
-        );
+            }),
+            cfg,
+        )
+    }
+
+    /// Steps the incident and remembers the window when it was quiet.
+    fn conclude(
+        &mut self,
+        at: i64,
+        score: Score,
+        past: Option<Past>,
+        cfg: &ScoreConfig,
+    ) -> Verdict {
+        let event = self.tracker.step(&score, cfg);
+        let severity = self.tracker.level();
+        if let Some(past) = past {
+            self.remember(
+                past,
+                severity == Severity::None && score.severity == Severity::None,
+            );
+        }
         Verdict {
             at,
             score,
