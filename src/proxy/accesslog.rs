@@ -80,6 +80,11 @@ impl AccessLog {
         Self { tx: None, dropped }
     }
 
+    /// Whether lines are written at all (callers skip building records otherwise).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     pub fn write(&self, record: &AccessRecord<'_>) {
         let Some(tx) = &self.tx else { return };
         let Ok(mut line) = serde_json::to_string(record) else {

@@ -5,7 +5,7 @@
 //! the same types as the `ApiGateway` resource, so what the operator renders is what runs.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -406,17 +406,6 @@ impl ProxyConfig {
                 }
                 (Ok(_), None) => push(p("keyVersion"), "no master key is loaded to decrypt it; set APITREE_MASTER_KEY or secrets.masterKeyFile".into()),
             }
-        }
-        out
-    }
-
-    /// Per-route list of the credentials bound to it, by org (for lookups at request time).
-    pub fn credentials_by_route(&self) -> BTreeMap<&str, HashMap<&str, &CredentialEntry>> {
-        let mut out: BTreeMap<&str, HashMap<&str, &CredentialEntry>> = BTreeMap::new();
-        for c in &self.credentials {
-            out.entry(c.api.as_str())
-                .or_default()
-                .insert(c.org.as_str(), c);
         }
         out
     }

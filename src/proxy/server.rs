@@ -119,6 +119,8 @@ pub struct Gateway {
     /// Set by the database loader in PostgreSQL mode.
     pub database: std::sync::Mutex<DependencyStatus>,
     draining: std::sync::atomic::AtomicBool,
+    /// Metric handles of requests refused before routing (resolved once).
+    no_route_metrics: super::metrics::RouteMetrics,
 }
 
 /// Why a request was not served as asked. Classified where it happens.
@@ -143,6 +145,19 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The caller's credentials were refused (401, counted as an auth failure).
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            Self::MissingKey
+                | Self::BadKey(_)
+                | Self::UnknownKey
+                | Self::RevokedKey
+                | Self::ExpiredKey
+                | Self::GraceEnded
+        )
+    }
+
     /// Stable machine-readable code (also the access log's error_code).
     pub fn code(&self) -> &'static str {
         match self {
@@ -200,12 +215,7 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     match refusal {
-        Refusal::MissingKey
-        | Refusal::BadKey(_)
-        | Refusal::UnknownKey
-        | Refusal::RevokedKey
-        | Refusal::ExpiredKey
-        | Refusal::GraceEnded => {
+        r if r.is_auth() => {
             h.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"apitree\""),
@@ -300,7 +310,9 @@ impl Gateway {
         access_log: AccessLog,
         clock: Clock,
     ) -> Self {
+        let no_route_metrics = metrics.for_route(NO_ROUTE);
         Self {
+            no_route_metrics,
             state,
             pepper,
             limiter,
@@ -330,15 +342,7 @@ impl Gateway {
             Ok(resp) => resp,
             Err(refusal) => {
                 error_code = Some(refusal.code());
-                if matches!(
-                    refusal,
-                    Refusal::MissingKey
-                        | Refusal::BadKey(_)
-                        | Refusal::UnknownKey
-                        | Refusal::RevokedKey
-                        | Refusal::ExpiredKey
-                        | Refusal::GraceEnded
-                ) {
+                if refusal.is_auth() {
                     self.metrics
                         .auth_failures
                         .with_label_values(&[refusal.code()])
@@ -362,26 +366,25 @@ impl Gateway {
                 .metrics
                 .get_or_init(|| self.metrics.for_route(&r.name))
                 .observe(status, elapsed.as_secs_f64()),
-            None => self
-                .metrics
-                .for_route(NO_ROUTE)
-                .observe(status, elapsed.as_secs_f64()),
+            None => self.no_route_metrics.observe(status, elapsed.as_secs_f64()),
         }
-        self.access_log.write(&AccessRecord {
-            ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            request_id: &request_id,
-            method: method.as_str(),
-            route,
-            org: trace.key.as_ref().map(|k| k.org.as_str()),
-            key_prefix: trace.key.as_ref().map(|k| k.prefix.as_str()),
-            status,
-            upstream_status: trace.upstream_status,
-            latency_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
-            bytes_in,
-            bytes_out: resp.body().size_hint().exact(),
-            error_code,
-            request_body: trace.request_body.take(),
-        });
+        if self.access_log.enabled() {
+            self.access_log.write(&AccessRecord {
+                ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                request_id: &request_id,
+                method: method.as_str(),
+                route,
+                org: trace.key.as_ref().map(|k| k.org.as_str()),
+                key_prefix: trace.key.as_ref().map(|k| k.prefix.as_str()),
+                status,
+                upstream_status: trace.upstream_status,
+                latency_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+                bytes_in,
+                bytes_out: resp.body().size_hint().exact(),
+                error_code,
+                request_body: trace.request_body.take(),
+            });
+        }
         self.metrics.in_flight.dec();
         resp
     }
@@ -510,18 +513,18 @@ impl Gateway {
             tokio::time::timeout(route.timeout, upstream_client().request(upstream_req)).await;
         let resp = match result {
             Err(_) => {
-                self.upstream_failed(&route, "timeout", now);
+                self.upstream_failed(&route, "timeout");
                 return Err(Refusal::UpstreamTimeout(route.timeout));
             }
             Ok(Err(_)) => {
-                self.upstream_failed(&route, "connect", now);
+                self.upstream_failed(&route, "connect");
                 return Err(Refusal::UpstreamUnreachable);
             }
             Ok(Ok(resp)) => resp,
         };
         let status = resp.status();
         if status.is_server_error() {
-            self.upstream_failed(&route, "status_5xx", now);
+            self.upstream_failed(&route, "status_5xx");
         } else {
             self.note_breaker(&route, route.breaker.record(true, (self.clock)()));
         }
@@ -569,12 +572,11 @@ impl Gateway {
         Ok(Response::from_parts(parts, body))
     }
 
-    fn upstream_failed(&self, route: &Route, kind: &'static str, now: u64) {
+    fn upstream_failed(&self, route: &Route, kind: &'static str) {
         self.metrics
             .upstream_errors
             .with_label_values(&[route.name.as_str(), kind])
             .inc();
-        let _ = now;
         self.note_breaker(route, route.breaker.record(false, (self.clock)()));
     }
 
