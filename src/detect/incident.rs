@@ -214,20 +214,10 @@ impl Series {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::gateway::BaselineMethod;
 
     fn cfg() -> ScoreConfig {
-        ScoreConfig {
-            warning: 3.0,
-            high: 5.0,
-            critical: 10.0,
-            alpha: 0.01,
-            min_requests: 100,
-            baseline_floor: 0.001,
-            baseline: BaselineMethod::Auto,
-            resolve_after: 3,
-            window_secs: 300,
-        }
+        // The documented defaults (spec.detection with nothing set).
+        ScoreConfig::from(&crate::crd::gateway::DetectionSpec::default())
     }
 
     fn run(series: &mut Series, start: i64, error_counts: &[u64]) -> Vec<Verdict> {

@@ -236,6 +236,36 @@ pub struct Score {
     pub anomaly_score: f64,
 }
 
+impl Score {
+    /// Nothing to judge (no baseline yet, or an empty window).
+    fn unjudged(baseline: Option<f64>, ratio: f64) -> Self {
+        Self {
+            baseline,
+            ratio,
+            p_value: 1.0,
+            severity: Severity::None,
+            anomaly_score: 0.0,
+        }
+    }
+
+    /// The severity `ratio` reaches, when the window has enough data and the excess is
+    /// significant at `cfg.alpha`.
+    fn judged(base: f64, ratio: f64, p_value: f64, enough: bool, cfg: &ScoreConfig) -> Self {
+        let severity = if enough && p_value < cfg.alpha {
+            cfg.level(ratio)
+        } else {
+            Severity::None
+        };
+        Self {
+            baseline: Some(base),
+            ratio,
+            p_value,
+            severity,
+            anomaly_score: anomaly_score(ratio, p_value, cfg),
+        }
+    }
+}
+
 fn anomaly_score(ratio: f64, p_value: f64, cfg: &ScoreConfig) -> f64 {
     if ratio <= 1.0 {
         return 0.0;
@@ -253,23 +283,11 @@ pub fn score_errors(
 ) -> Score {
     let errors = errors.min(requests);
     let Some(base) = baseline_ratio else {
-        return Score {
-            baseline: None,
-            ratio: 1.0,
-            p_value: 1.0,
-            severity: Severity::None,
-            anomaly_score: 0.0,
-        };
+        return Score::unjudged(None, 1.0);
     };
     let base = base.max(cfg.baseline_floor).min(1.0);
     if requests == 0 {
-        return Score {
-            baseline: Some(base),
-            ratio: 0.0,
-            p_value: 1.0,
-            severity: Severity::None,
-            anomaly_score: 0.0,
-        };
+        return Score::unjudged(Some(base), 0.0);
     }
     let current = errors as f64 / requests as f64;
     let ratio = current / base;
@@ -298,18 +316,7 @@ pub fn score_errors(
     let enough = (requests >= cfg.min_requests && expected >= MIN_EXPECTED_ERRORS)
         // A jump that is significant even on few requests still pages.
         || (errors >= 5 && p_value < cfg.alpha / 100.0);
-    let severity = if enough && p_value < cfg.alpha {
-        cfg.level(ratio)
-    } else {
-        Severity::None
-    };
-    Score {
-        baseline: Some(base),
-        ratio,
-        p_value,
-        severity,
-        anomaly_score: anomaly_score(ratio, p_value, cfg),
-    }
+    Score::judged(base, ratio, p_value, enough, cfg)
 }
 
 /// Scores a plain gauge: deviation from the baseline in either direction, significant by a
@@ -321,13 +328,7 @@ pub fn score_gauge(
     cfg: &ScoreConfig,
 ) -> Score {
     let Some(base) = baseline_value else {
-        return Score {
-            baseline: None,
-            ratio: 1.0,
-            p_value: 1.0,
-            severity: Severity::None,
-            anomaly_score: 0.0,
-        };
+        return Score::unjudged(None, 1.0);
     };
     let floor = cfg.baseline_floor.max(f64::MIN_POSITIVE);
     let b = base.abs().max(floor);
@@ -342,18 +343,7 @@ pub fn score_gauge(
         .map(|n| 2.0 * (1.0 - n.cdf(z)))
         .unwrap_or(1.0)
         .clamp(0.0, 1.0);
-    let severity = if p_value < cfg.alpha {
-        cfg.level(ratio)
-    } else {
-        Severity::None
-    };
-    Score {
-        baseline: Some(base),
-        ratio,
-        p_value,
-        severity,
-        anomaly_score: anomaly_score(ratio, p_value, cfg),
-    }
+    Score::judged(base, ratio, p_value, true, cfg)
 }
 
 #[cfg(test)]
@@ -361,17 +351,8 @@ mod tests {
     use super::*;
 
     pub fn cfg() -> ScoreConfig {
-        ScoreConfig {
-            warning: 3.0,
-            high: 5.0,
-            critical: 10.0,
-            alpha: 0.01,
-            min_requests: 100,
-            baseline_floor: 0.001,
-            baseline: BaselineMethod::Auto,
-            resolve_after: 3,
-            window_secs: 300,
-        }
+        // The documented defaults (spec.detection with nothing set).
+        ScoreConfig::from(&crate::crd::gateway::DetectionSpec::default())
     }
 
     #[test]
