@@ -8,6 +8,7 @@ pub mod cli;
 pub mod crd;
 pub mod db;
 pub mod detect;
+pub mod gate;
 pub mod notify;
 pub mod proxy;
 pub mod telemetry;

@@ -661,6 +661,12 @@ pub struct ApiGatewayStatus {
     /// Revision under test behind the preview Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_revision: Option<String>,
+    /// Revision kept warm on the other color after a switch, until the rollback window ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_revision: Option<String>,
+    /// RFC 3339 time traffic last switched colors; the rollback window counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_at: Option<String>,
     /// The gate of the preview revision (or of the last one gated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateStatus>,
@@ -704,11 +710,28 @@ pub enum GatewayPhase {
 }
 
 /// Deployment color.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub enum Color {
     Blue,
     Green,
+}
+
+impl Color {
+    /// The color that is not this one.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Blue => Self::Green,
+            Self::Green => Self::Blue,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blue => "blue",
+            Self::Green => "green",
+        }
+    }
 }
 
 /// The gate run of one revision.
@@ -722,6 +745,10 @@ pub struct GateStatus {
     /// When the gate started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// Identity of the green instances the checks ran against (pod names and restarts, or the
+    /// local process); when it changes mid-gate the checks start over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// The five checks in order.
     #[serde(default)]
     pub checks: Vec<GateCheckStatus>,
