@@ -89,6 +89,38 @@ pub enum Command {
     /// Korean PII detectors on stdin: list findings, or mask them (--mask).
     #[command(subcommand)]
     Pii(PiiCommand),
+
+    /// A self-contained tour on embedded defaults: no cluster, database or Slack needed.
+    ///
+    /// Starts a sample API, a gateway on the local platform (in-process proxies behind a front
+    /// listener) and synthetic clients with valid and invalid keys; rolls out a good revision
+    /// through the 5-check gate (5/5 → switch); injects an error burst the detector escalates
+    /// 3x → 5x → 10x and resolves; rolls out two bad revisions the gate refuses (a broken
+    /// upstream caught by the smoke check, a flaky one caught by the analysis check).
+    /// Notifications go to stderr, or to Slack when SLACK_BOT_TOKEN is set (SLACK_API_URL is
+    /// honoured). Takes about a minute and leaves nothing running.
+    ///
+    ///   apitree demo
+    ///   apitree demo --format json > summary.json
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// `json` prints only one JSON summary on stdout (gate runs, incidents, notification
+    /// count); progress stays on stderr.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+    /// Leave the gateway and the sample API up after the tour, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Slack channel for the tour's notifications when SLACK_BOT_TOKEN is set.
+    #[arg(
+        long,
+        env = "APITREE_DEMO_SLACK_CHANNEL",
+        default_value = "apitree-demo"
+    )]
+    pub slack_channel: String,
 }
 
 #[derive(Debug, Args)]

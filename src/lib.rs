@@ -10,6 +10,8 @@ pub mod db;
 pub mod detect;
 pub mod gate;
 pub mod notify;
+pub mod operator;
+pub mod platform;
 pub mod proxy;
 pub mod telemetry;
 pub mod tls;

@@ -9,8 +9,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use apitree::cli::{
-    AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DetectCommand,
-    KeysCommand, OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
+    AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DemoArgs,
+    DetectCommand, KeysCommand, OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope,
+    SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -27,7 +28,12 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let cli = Cli::parse();
-    if let Err(err) = telemetry::init(cli.log_format, &cli.log_filter) {
+    // The demo tells its story through notifications on stderr; operator logs would repeat it.
+    let quiet_demo = matches!(cli.command, Command::Demo(_))
+        && cli.log_filter == "info"
+        && std::env::var_os("APITREE_LOG").is_none();
+    let filter = if quiet_demo { "error" } else { &cli.log_filter };
+    if let Err(err) = telemetry::init(cli.log_format, filter) {
         eprintln!("error: {err}");
         return ExitCode::FAILURE;
     }
@@ -108,7 +114,29 @@ async fn run(command: Command) -> Result<()> {
             config,
             format,
         }) => detect_replay(&input, config.as_deref(), format),
+        Command::Demo(args) => demo(args).await,
     }
+}
+
+async fn demo(args: DemoArgs) -> Result<()> {
+    let gateway = apitree::operator::demo::run(apitree::operator::demo::DemoOptions {
+        keep_running: args.keep_running,
+        slack_channel: Some(args.slack_channel),
+    })
+    .await?;
+    let summary = apitree::operator::demo::summary(&gateway);
+    match args.format {
+        OutputFormat::Json => println!("{summary}"),
+        OutputFormat::Text => {
+            eprintln!(
+                "\ndemo finished: {} gate runs, {} incidents, {} notifications",
+                gateway.runs.len(),
+                gateway.incidents.len(),
+                gateway.notifications
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn run_proxy(args: ProxyArgs) -> Result<()> {

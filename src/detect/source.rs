@@ -144,8 +144,12 @@ fn increase(now: f64, before: Option<f64>) -> u64 {
 pub struct ScrapeSource {
     client: reqwest::Client,
     targets: Vec<String>,
-    last: HashMap<String, Totals>,
+    last: Option<Snapshot>,
 }
+
+/// Cumulative counters of a set of proxies at one moment, by `/metrics` URL.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot(HashMap<String, Totals>);
 
 impl ScrapeSource {
     /// `targets` are `/metrics` URLs, one per proxy replica.
@@ -153,73 +157,92 @@ impl ScrapeSource {
         Self {
             client: http_client(),
             targets,
-            last: HashMap::new(),
+            last: None,
         }
     }
 
-    /// The window since the previous call. The first call only primes the counters and
-    /// returns None.
-    pub async fn window(&mut self) -> Result<Option<GatewayWindow>, SourceError> {
-        let mut out = GatewayWindow::default();
-        let mut primed = true;
+    /// The `/metrics` URLs this source reads.
+    pub fn targets(&self) -> &[String] {
+        &self.targets
+    }
+
+    /// Reads every target's counters now.
+    pub async fn snapshot(&self) -> Result<Snapshot, SourceError> {
+        let mut out = HashMap::new();
         for url in &self.targets {
+            let fetch_error = |e: reqwest::Error| SourceError::Fetch {
+                url: url.clone(),
+                reason: e.to_string(),
+            };
             let text = self
                 .client
                 .get(url)
                 .send()
                 .await
                 .and_then(|r| r.error_for_status())
-                .map_err(|e| SourceError::Fetch {
-                    url: url.clone(),
-                    reason: e.to_string(),
-                })?
+                .map_err(fetch_error)?
                 .text()
                 .await
-                .map_err(|e| SourceError::Fetch {
-                    url: url.clone(),
-                    reason: e.to_string(),
-                })?;
-            let now = totals(&text, url)?;
-            match self.last.get(url) {
-                None => primed = false,
-                Some(before) => {
-                    for (route, req) in &now.requests {
-                        let w = out.routes.entry(route.clone()).or_default();
-                        w.requests += increase(*req, before.requests.get(route).copied());
-                        w.errors += increase(
-                            now.errors.get(route).copied().unwrap_or(0.0),
-                            before.errors.get(route).copied(),
-                        );
-                        w.breaker_opens += increase(
-                            now.breaker_opens.get(route).copied().unwrap_or(0.0),
-                            before.breaker_opens.get(route).copied(),
-                        );
-                        w.breaker_open |=
-                            now.breaker_state.get(route).copied().unwrap_or(0.0) > 0.0;
-                        if let Some(buckets) = now.latency.get(route) {
-                            let prev = before.latency.get(route);
-                            let delta: Vec<(f64, f64)> = buckets
-                                .iter()
-                                .map(|(le, c)| {
-                                    let p = prev
-                                        .and_then(|p| p.iter().find(|(l, _)| l == le))
-                                        .map(|x| x.1);
-                                    (*le, increase(*c, p) as f64)
-                                })
-                                .collect();
-                            // Several replicas: keep the worst p99.
-                            if let Some(q) = histogram_quantile(0.99, &delta) {
-                                w.p99_ms = Some(w.p99_ms.unwrap_or(0.0).max(q * 1000.0));
-                            }
-                        }
-                    }
-                    out.auth_failures += increase(now.auth_failures, Some(before.auth_failures));
+                .map_err(fetch_error)?;
+            out.insert(url.clone(), totals(&text, url)?);
+        }
+        Ok(Snapshot(out))
+    }
+
+    /// The window since the previous call. The first call only primes the counters and
+    /// returns None.
+    pub async fn window(&mut self) -> Result<Option<GatewayWindow>, SourceError> {
+        let now = self.snapshot().await?;
+        let out = self
+            .last
+            .as_ref()
+            .map(|before| window_between(before, &now));
+        self.last = Some(now);
+        Ok(out)
+    }
+}
+
+/// What happened between two snapshots of the same targets. A target missing from `before`
+/// (a replica that appeared since) counts from zero.
+pub fn window_between(before: &Snapshot, now: &Snapshot) -> GatewayWindow {
+    let mut out = GatewayWindow::default();
+    for (url, now) in &now.0 {
+        let before = before.0.get(url);
+        let prior = |m: fn(&Totals) -> &HashMap<String, f64>, route: &str| {
+            before.and_then(|b| m(b).get(route).copied())
+        };
+        for (route, req) in &now.requests {
+            let w = out.routes.entry(route.clone()).or_default();
+            w.requests += increase(*req, prior(|t| &t.requests, route));
+            w.errors += increase(
+                now.errors.get(route).copied().unwrap_or(0.0),
+                prior(|t| &t.errors, route),
+            );
+            w.breaker_opens += increase(
+                now.breaker_opens.get(route).copied().unwrap_or(0.0),
+                prior(|t| &t.breaker_opens, route),
+            );
+            w.breaker_open |= now.breaker_state.get(route).copied().unwrap_or(0.0) > 0.0;
+            if let Some(buckets) = now.latency.get(route) {
+                let prev = before.and_then(|b| b.latency.get(route));
+                let delta: Vec<(f64, f64)> = buckets
+                    .iter()
+                    .map(|(le, c)| {
+                        let p = prev
+                            .and_then(|p| p.iter().find(|(l, _)| l == le))
+                            .map(|x| x.1);
+                        (*le, increase(*c, p) as f64)
+                    })
+                    .collect();
+                // Several replicas: keep the worst p99.
+                if let Some(q) = histogram_quantile(0.99, &delta) {
+                    w.p99_ms = Some(w.p99_ms.unwrap_or(0.0).max(q * 1000.0));
                 }
             }
-            self.last.insert(url.clone(), now);
         }
-        Ok(primed.then_some(out))
+        out.auth_failures += increase(now.auth_failures, before.map(|b| b.auth_failures));
     }
+    out
 }
 
 fn http_client() -> reqwest::Client {

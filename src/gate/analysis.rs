@@ -31,7 +31,7 @@ impl Traffic {
 }
 
 /// Latency differences below this are noise on a loopback or in-cluster hop, whatever the ratio.
-const LATENCY_FLOOR_MS: f64 = 5.0;
+const LATENCY_FLOOR_MS: f64 = 10.0;
 
 /// The analysis verdict.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,8 +206,8 @@ mod tests {
         let j = judge(&t(1000, 0, 10.0), &t(1000, 0, 40.0), &spec());
         assert_eq!(j.phase, CheckPhase::Failed);
         assert!(j.reason.contains("4.0× blue's"), "{}", j.reason);
-        // 3 ms vs 1 ms is 3× but only 2 ms: loopback noise.
-        let j = judge(&t(1000, 0, 1.0), &t(1000, 0, 3.0), &spec());
+        // 9 ms vs 3 ms is 3× but only 6 ms: loopback noise.
+        let j = judge(&t(1000, 0, 3.0), &t(1000, 0, 9.0), &spec());
         assert_eq!(j.phase, CheckPhase::Passed);
     }
 

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::IncidentNotice;
+use super::{IncidentNotice, RolloutNotice};
 use crate::detect::{IncidentEvent, Severity};
 
 fn emoji(s: Severity) -> &'static str {
@@ -111,4 +111,24 @@ pub fn change_text(n: &IncidentNotice) -> String {
         n.ratio,
         n.p_value
     )
+}
+
+/// A rollout step: what happened, the gate's progress and the reason, with Promote / Roll back
+/// buttons while a person can still decide.
+pub fn rollout_blocks(n: &RolloutNotice) -> Value {
+    let mut blocks = vec![
+        json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*{}* · gateway `{}` · revision `{}` · gate {}\n{}", n.kind, n.gateway, n.revision, n.progress, n.reason)}}),
+    ];
+    let value = format!("{}:{}", n.id, n.revision);
+    let mut buttons = Vec::new();
+    if n.promote_button {
+        buttons.push(json!({"type": "button", "action_id": "promote", "style": "primary", "text": {"type": "plain_text", "text": "Promote"}, "value": value}));
+    }
+    if n.rollback_button {
+        buttons.push(json!({"type": "button", "action_id": "rollback", "style": "danger", "text": {"type": "plain_text", "text": "Roll back"}, "value": value}));
+    }
+    if !buttons.is_empty() {
+        blocks.push(json!({"type": "actions", "block_id": "rollout_actions", "elements": buttons}));
+    }
+    Value::Array(blocks)
 }

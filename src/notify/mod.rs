@@ -50,6 +50,26 @@ pub struct IncidentNotice {
     pub related_changes: Vec<String>,
 }
 
+/// Slack markup made readable on a console: no `*bold*` stars, no `:emoji:` codes.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for word in text.replace('*', "").split(' ') {
+        let emoji = word.len() > 2
+            && word.starts_with(':')
+            && word.ends_with(':')
+            && word[1..word.len() - 1]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_');
+        if !emoji {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(word);
+        }
+    }
+    out
+}
+
 /// Slack channel ids by severity; a missing one falls back to the next lower.
 #[derive(Debug, Clone)]
 pub struct Channels {
@@ -79,7 +99,35 @@ pub enum Notifier {
         channels: Channels,
     },
     /// Kept in memory, for tests.
-    Recording(Mutex<Vec<IncidentNotice>>),
+    Recording(Mutex<Vec<IncidentNotice>>, Mutex<Vec<RolloutNotice>>),
+}
+
+/// A step of a rollout people should hear about: a gate started, passed, waits for approval,
+/// refused a revision, promoted it or rolled it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutNotice {
+    /// Distinguishes this message; button presses carry it back.
+    pub id: Uuid,
+    pub gateway: String,
+    /// Event reason: GateStarted, AwaitingApproval, Promoted, Rejected, RolledBack, …
+    pub kind: String,
+    pub revision: String,
+    pub reason: String,
+    /// Gate progress, e.g. `4/5`.
+    pub progress: String,
+    /// Offer Promote (while awaiting approval) and Roll back buttons.
+    pub promote_button: bool,
+    pub rollback_button: bool,
+}
+
+impl RolloutNotice {
+    /// One line for consoles and as the Slack fallback text.
+    pub fn line(&self) -> String {
+        format!(
+            "rollout {}: {} revision {} (gate {}): {}",
+            self.gateway, self.kind, self.revision, self.progress, self.reason
+        )
+    }
 }
 
 /// Why a notice could not be recorded for delivery.
@@ -91,14 +139,55 @@ pub enum NotifyError {
 
 impl Notifier {
     pub fn recording() -> Self {
-        Self::Recording(Mutex::new(Vec::new()))
+        Self::Recording(Mutex::new(Vec::new()), Mutex::new(Vec::new()))
     }
 
     /// What a recording notifier saw.
     pub fn recorded(&self) -> Vec<IncidentNotice> {
         match self {
-            Self::Recording(v) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Self::Recording(v, _) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             _ => Vec::new(),
+        }
+    }
+
+    /// Rollout notices a recording notifier saw.
+    pub fn recorded_rollouts(&self) -> Vec<RolloutNotice> {
+        match self {
+            Self::Recording(_, v) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Records one rollout step for delivery.
+    pub async fn rollout(&self, n: &RolloutNotice) -> Result<(), NotifyError> {
+        match self {
+            Self::Console => {
+                let line = n.line();
+                if std::io::stderr().is_terminal() {
+                    let colour = match n.kind.as_str() {
+                        "Rejected" | "RolledBack" => "1;31",
+                        "Promoted" | "Deployed" | "RolloutSettled" => "32",
+                        _ => "36",
+                    };
+                    eprintln!("\x1b[{colour}m{line}\x1b[0m");
+                } else {
+                    eprintln!("{line}");
+                }
+                Ok(())
+            }
+            Self::Recording(_, v) => {
+                v.lock().unwrap_or_else(|p| p.into_inner()).push(n.clone());
+                Ok(())
+            }
+            Self::Slack { outbox, channels } => {
+                let body =
+                    serde_json::json!({"text": n.line(), "blocks": message::rollout_blocks(n)});
+                let key = format!("rollout:{}:{}:{}", n.gateway, n.revision, n.kind);
+                outbox
+                    .enqueue(n.id, Kind::Main, &channels.warning, body, &key)
+                    .await?;
+                Ok(())
+            }
         }
     }
 
@@ -106,7 +195,7 @@ impl Notifier {
     pub async fn notify(&self, n: &IncidentNotice) -> Result<(), NotifyError> {
         match self {
             Self::Console => {
-                let line = format!("[{}] {}", n.at, message::change_text(n).replace('*', ""));
+                let line = format!("[{}] {}", n.at, plain(&message::change_text(n)));
                 if std::io::stderr().is_terminal() {
                     let colour = match (n.event, n.severity) {
                         (IncidentEvent::Resolve, _) => "32",
@@ -114,13 +203,16 @@ impl Notifier {
                         (_, Severity::High) => "33",
                         _ => "36",
                     };
-                    eprintln!("\x1b[{colour}m{line}\x1b[0m  {}", message::summary(n));
+                    eprintln!(
+                        "\x1b[{colour}m{line}\x1b[0m  {}",
+                        plain(&message::summary(n))
+                    );
                 } else {
-                    eprintln!("{line}  {}", message::summary(n));
+                    eprintln!("{line}  {}", plain(&message::summary(n)));
                 }
                 Ok(())
             }
-            Self::Recording(v) => {
+            Self::Recording(v, _) => {
                 v.lock().unwrap_or_else(|p| p.into_inner()).push(n.clone());
                 Ok(())
             }

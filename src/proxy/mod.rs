@@ -138,6 +138,83 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     })
 }
 
+/// A proxy running inside this process on loopback ports: one replica of the local platform.
+pub struct Embedded {
+    pub addr: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Embedded {
+    /// Stops accepting, drains in-flight requests (up to the config's shutdown grace) and waits.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+    }
+}
+
+/// Starts a DB-less proxy from an in-memory config on 127.0.0.1 ephemeral ports (the config's
+/// listen and admin addresses are ignored), with one worker thread and its own metrics.
+pub async fn start_embedded(
+    cfg: &ProxyConfig,
+    source: &str,
+    pepper: keys::Pepper,
+    master_keys: Option<&vault::MasterKeys>,
+) -> Result<Embedded, ProxyError> {
+    let state = GatewayState::build(cfg, source, master_keys, None)?;
+    let metrics = metrics::ProxyMetrics::new();
+    metrics.config_reloads.with_label_values(&["ok"]).inc();
+    let gateway = Arc::new(Gateway::new(
+        SharedState::new(state),
+        pepper,
+        limiter::Limiter::local(metrics.clone()),
+        metrics.clone(),
+        accesslog::AccessLog::disabled(metrics.access_log_dropped.clone()),
+        server::system_clock(),
+    ));
+    let bind = || async {
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|source| ProxyError::Bind {
+                addr: "127.0.0.1:0".into(),
+                source,
+            })
+    };
+    let (listener, admin) = (bind().await?, bind().await?);
+    let local = |l: &TcpListener| {
+        l.local_addr().map_err(|source| ProxyError::Bind {
+            addr: "127.0.0.1:0".into(),
+            source,
+        })
+    };
+    let (addr, admin_addr) = (local(&listener)?, local(&admin)?);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = cfg.shutdown_grace.as_std();
+    let done = tokio::spawn(server::run_with_workers(
+        gateway.clone(),
+        listener,
+        admin,
+        async {
+            let _ = rx.await;
+        },
+        grace,
+        1,
+    ));
+    Ok(Embedded {
+        addr,
+        admin: admin_addr,
+        gateway,
+        stop: Some(tx),
+        done: Some(done),
+    })
+}
+
 fn warn_on_example_secrets(cfg: &ProxyConfig) {
     for path in [&cfg.secrets.pepper_file, &cfg.secrets.master_key_file]
         .into_iter()

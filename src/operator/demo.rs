@@ -1,0 +1,543 @@
+//! `apitree demo`: the whole product on one machine with embedded defaults, no cluster, database
+//! or Slack. A sample API, a gateway on the local platform and synthetic clients (valid and
+//! invalid keys); then a good revision through the gate, an error burst the detector escalates
+//! 3x → 5x → 10x and resolves, and two bad revisions the gate refuses (a broken upstream caught
+//! by smoke, a flaky one caught by analysis). Everything it started stops before it returns.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use super::rollout::{reconcile, Context, Managed};
+use crate::crd::gateway::{ApiGatewaySpec, GatewayPhase, KeyScope, SecretKeyRef};
+use crate::detect::engine::IncidentStore;
+use crate::notify::outbox::Outbox;
+use crate::notify::slack::{SlackConfig, SlackDelivery};
+use crate::notify::{Channels, Notifier};
+use crate::platform::local::{LocalPlatform, LocalSecrets};
+use crate::platform::Platform;
+use crate::proxy::config::{KeyEntry, OrgEntry, ProxyConfig};
+use crate::proxy::keys::{ApiKey, Pepper};
+
+/// How the demo runs.
+#[derive(Debug, Clone, Default)]
+pub struct DemoOptions {
+    /// Leave the gateway, the sample API and the status page up after the tour (until Ctrl-C).
+    pub keep_running: bool,
+    /// Slack channel for notifications when `SLACK_BOT_TOKEN` is set.
+    pub slack_channel: Option<String>,
+}
+
+/// Why the demo stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot start the demo's {what}: {reason}")]
+    Start { what: &'static str, reason: String },
+    #[error("the demo got stuck at \"{stage}\" (gateway phase {phase}); this is a bug, please report it with the log above")]
+    Stuck { stage: &'static str, phase: String },
+}
+
+/// The JSON summary `apitree demo --format json` prints.
+pub fn summary(m: &Managed) -> Value {
+    let runs: Vec<Value> = m
+        .runs
+        .iter()
+        .map(|r| {
+            json!({
+                "revision": r.revision,
+                "outcome": r.outcome,
+                "reason": r.reason,
+                "checks": r.checks.iter().map(|c| json!({
+                    "name": c.name,
+                    "phase": c.phase,
+                    "observed": c.observed,
+                    "threshold": c.threshold,
+                    "reason": c.reason,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "gate_runs": runs,
+        "incidents": m.incidents,
+        "notifications": m.notifications,
+    })
+}
+
+/// The sample upstream API: `/weather/*` and `/fx/*` answer JSON after ~10 ms; a share of
+/// `/weather/*` calls fails with 500 (spread evenly, set by the demo); `/flaky/*` fails 40%.
+struct SampleApi {
+    addr: SocketAddr,
+    weather_failure_per_mille: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// True for `share_per_mille` of the calls numbered `n`, spread evenly.
+fn fails(n: u64, share_per_mille: u64) -> bool {
+    (n + 1) * share_per_mille / 1000 > n * share_per_mille / 1000
+}
+
+async fn start_sample_api() -> Result<SampleApi, DemoError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| DemoError::Start {
+            what: "sample API",
+            reason: e.to_string(),
+        })?;
+    let addr = listener.local_addr().map_err(|e| DemoError::Start {
+        what: "sample API",
+        reason: e.to_string(),
+    })?;
+    let share = Arc::new(AtomicU64::new(15));
+    let counters = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let s = share.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (share, counters) = (s.clone(), counters.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (share, counters) = (share.clone(), counters.clone());
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            let path = req.uri().path().to_string();
+                            let failed = if path.starts_with("/weather/") {
+                                let n = counters.0.fetch_add(1, Ordering::Relaxed);
+                                fails(n, share.load(Ordering::Relaxed))
+                            } else if path.starts_with("/flaky/") {
+                                let n = counters.1.fetch_add(1, Ordering::Relaxed);
+                                fails(n, 400)
+                            } else {
+                                false
+                            };
+                            let (status, body) = if failed {
+                                (500, json!({"error": "sample API failure"}))
+                            } else if path.contains("weather") {
+                                (200, json!({"city": "Seoul", "tempC": 3.5, "sky": "clear"}))
+                            } else {
+                                (200, json!({"pair": "USD/KRW", "rate": 1391.2}))
+                            };
+                            Ok::<_, Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body.to_string())))
+                                    .unwrap_or_default(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(SampleApi {
+        addr,
+        weather_failure_per_mille: share,
+        task,
+    })
+}
+
+/// A port nothing listens on: the "broken upstream" of a bad revision.
+async fn closed_port() -> u16 {
+    match TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l.local_addr().map(|a| a.port()).unwrap_or(9),
+        Err(_) => 9,
+    }
+}
+
+/// The demo gateway's spec; `{weather}` and `{fx}` are upstream base URLs.
+const SPEC: &str = r#"
+replicas: 2
+proxy:
+  routes:
+  - name: weather
+    pathPrefix: /weather/
+    upstream: "{weather}"
+    timeout: 5s
+  - name: fx
+    pathPrefix: /fx/
+    upstream: "{fx}"
+  tiers:
+  - name: standard
+    perKey: { burst10s: 100000, perMinute: 600000, perDay: 100000000 }
+    perOrg: { burst10s: 100000, perMinute: 600000, perDay: 100000000 }
+  defaultTier: standard
+gate:
+  rolloutDeadline: 20s
+  observationWindow: 4s
+  minSamples: 100
+  # Loopback latencies on a busy laptop jitter across histogram buckets; a real gateway keeps
+  # the default 1.5.
+  maxLatencyRatio: 3
+  autoPromote: true
+  rollbackWindow: 6s
+  smoke:
+  - name: weather-today
+    path: /weather/today
+    apiKey: { name: demo-keys, key: live }
+detection:
+  window: 2s
+  minRequests: 100
+  resolveAfterWindows: 2
+"#;
+
+fn spec(weather: &str, fx: &str) -> ApiGatewaySpec {
+    let text = SPEC.replace("{weather}", weather).replace("{fx}", fx);
+    // The embedded spec is part of the binary and covered by a test.
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("embedded demo spec: {e}"))
+}
+
+/// Synthetic clients: mostly valid keys, 3% invalid ones; a third of the requests go to the
+/// preview endpoint while a gate is running, so green has traffic to be judged on.
+fn start_traffic(
+    active: String,
+    preview: Arc<RwLock<Option<String>>>,
+    key: String,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(16)
+        .build()
+        .unwrap_or_default();
+    (0..8u64)
+        .map(|worker| {
+            let (client, active, preview, key, stop) = (
+                client.clone(),
+                active.clone(),
+                preview.clone(),
+                key.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = worker;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 8;
+                    let base = match preview.read().map(|p| p.clone()) {
+                        Ok(Some(p)) if n % 3 == 0 => p,
+                        _ => active.clone(),
+                    };
+                    let path = if n % 4 == 0 {
+                        "/fx/usd-krw"
+                    } else {
+                        "/weather/today"
+                    };
+                    let presented = if n % 33 == 0 {
+                        "at_live_thisKeyDoesNotExist000000000000000".to_string()
+                    } else {
+                        key.clone()
+                    };
+                    let _ = client
+                        .get(format!("{base}{path}"))
+                        .bearer_auth(presented)
+                        .send()
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect()
+}
+
+struct Tour {
+    m: Managed,
+    ctx: Context<LocalPlatform>,
+    preview: Arc<RwLock<Option<String>>>,
+}
+
+impl Tour {
+    async fn tick(&mut self) {
+        reconcile(&mut self.m, &self.ctx, Timestamp::now()).await;
+        let gating = matches!(
+            self.m.status.phase,
+            Some(GatewayPhase::Gating | GatewayPhase::AwaitingApproval)
+        );
+        let url = if gating {
+            self.ctx.platform.preview_url(&self.m.name).await
+        } else {
+            None
+        };
+        if let Ok(mut p) = self.preview.write() {
+            *p = url;
+        }
+    }
+
+    /// Ticks every 250 ms until `done` or `limit` passes.
+    async fn until(
+        &mut self,
+        stage: &'static str,
+        limit: Duration,
+        done: impl Fn(&Managed) -> bool,
+    ) -> Result<(), DemoError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            self.tick().await;
+            if done(&self.m) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(DemoError::Stuck {
+                    stage,
+                    phase: self
+                        .m
+                        .status
+                        .phase
+                        .map(|p| format!("{p:?}"))
+                        .unwrap_or_else(|| "none".into()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn set_spec(&mut self, spec: ApiGatewaySpec) {
+        let generation = self.m.generation + 1;
+        self.m.update_spec(spec, generation);
+    }
+}
+
+fn stage(text: &str) {
+    eprintln!("\n== {text}");
+}
+
+/// Runs the tour and returns the gateway as it ended (its runs, incidents and notifications).
+pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
+    let api = start_sample_api().await?;
+    let upstream = format!("http://{}", api.addr);
+    let mut pepper_bytes = [0u8; 32];
+    rand::fill(&mut pepper_bytes);
+    let pepper = Pepper::new(pepper_bytes.to_vec()).map_err(|e| DemoError::Start {
+        what: "key pepper",
+        reason: e.to_string(),
+    })?;
+    let key = ApiKey::generate(KeyScope::Live);
+    let mut base: ProxyConfig = serde_saphyr::from_str("{}").map_err(|e| DemoError::Start {
+        what: "base config",
+        reason: e.to_string(),
+    })?;
+    base.orgs = vec![OrgEntry {
+        id: "acme".into(),
+        name: "ACME Travel".into(),
+    }];
+    base.keys = vec![KeyEntry {
+        id: None,
+        prefix: key.prefix().to_string(),
+        hash: pepper.hash(&key).to_hex(),
+        org: "acme".into(),
+        scope: KeyScope::Live,
+        tier: None,
+        daily_quota: None,
+        expires_at: None,
+        grace_until: None,
+        revoked: false,
+    }];
+    base.shutdown_grace = crate::crd::duration::KubeDuration::from_secs(1);
+
+    let (notifier, delivery) = match SlackConfig::from_env() {
+        Some(slack) => {
+            let outbox = Arc::new(Outbox::memory());
+            let channel = opts
+                .slack_channel
+                .clone()
+                .unwrap_or_else(|| "apitree-demo".into());
+            let delivery = SlackDelivery::new(&slack, outbox.clone());
+            let stop = Arc::new(tokio::sync::Notify::new());
+            let s = stop.clone();
+            let task = tokio::spawn(delivery.run(Duration::from_millis(500), async move {
+                s.notified().await
+            }));
+            (
+                Notifier::Slack {
+                    outbox,
+                    channels: Channels {
+                        warning: channel,
+                        high: None,
+                        critical: None,
+                    },
+                },
+                Some((stop, task)),
+            )
+        }
+        None => (Notifier::Console, None),
+    };
+    let notifier = Arc::new(notifier);
+    let platform = Arc::new(LocalPlatform::new(
+        LocalSecrets {
+            pepper,
+            master_keys: None,
+        },
+        None,
+    ));
+    let secret_key = key.expose_secret().to_string();
+    let ctx = Context {
+        platform: platform.clone(),
+        notifier: notifier.clone(),
+        store: Arc::new(IncidentStore::memory()),
+        base,
+        master_keys: None,
+        secrets: Arc::new(move |r: &SecretKeyRef| {
+            (r.name == "demo-keys" && r.key == "live").then(|| secret_key.clone())
+        }),
+        secret_versions: vec![("demo-keys".into(), "1".into())],
+        default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
+        http: reqwest::Client::new(),
+        status_url: None,
+    };
+    let m = Managed::new(
+        "demo",
+        spec(&format!("{upstream}/weather/"), &format!("{upstream}/fx/")),
+        1,
+        notifier.clone(),
+        ctx.store.clone(),
+        None,
+    );
+    let mut tour = Tour {
+        m,
+        ctx,
+        preview: Arc::new(RwLock::new(None)),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let result = tour_steps(&mut tour, &api, &upstream, &key, stop.clone()).await;
+    stop.store(true, Ordering::Relaxed);
+    if opts.keep_running && result.is_ok() {
+        if let Some(url) = platform.active_url("demo").await {
+            eprintln!("\nkept running: the gateway answers at {url}; Ctrl-C stops it");
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    platform.shutdown().await;
+    api.task.abort();
+    if let Some((stop, task)) = delivery {
+        // One last pass so the final notices reach Slack.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        stop.notify_one();
+        let _ = task.await;
+    }
+    result.map(|()| tour.m)
+}
+
+async fn tour_steps(
+    tour: &mut Tour,
+    api: &SampleApi,
+    upstream: &str,
+    key: &ApiKey,
+    stop: Arc<AtomicBool>,
+) -> Result<(), DemoError> {
+    let (weather, fx) = (format!("{upstream}/weather/"), format!("{upstream}/fx/"));
+    stage("1/5 first deploy: revision on blue behind the front listener");
+    tour.until("first deploy", Duration::from_secs(20), |m| {
+        m.status.phase == Some(GatewayPhase::Stable)
+    })
+    .await?;
+    let active = tour
+        .ctx
+        .platform
+        .active_url("demo")
+        .await
+        .unwrap_or_default();
+    eprintln!("gateway at {active}; synthetic clients start (3% with an invalid key)");
+    let traffic = start_traffic(
+        active,
+        tour.preview.clone(),
+        key.expose_secret().to_string(),
+        stop.clone(),
+    );
+
+    stage("2/5 a good revision (fx gets a 10s timeout) goes through the 5-check gate");
+    let mut good = spec(&weather, &fx);
+    good.proxy.routes[1].timeout = Some(crate::crd::duration::KubeDuration::from_secs(10));
+    tour.set_spec(good.clone());
+    tour.until("good revision", Duration::from_secs(40), |m| {
+        m.runs.len() == 1 && m.status.phase == Some(GatewayPhase::Stable)
+    })
+    .await?;
+
+    stage("3/5 an error burst on route weather: 5.5% → 9% → 20% failures, then back to normal");
+    // The detector needs quiet windows of green to know what normal is (the switch restarted
+    // its scrape); a ramp into a thin baseline would drag the baseline up with it.
+    let learned = tour.m.error_ratios.len() + 6;
+    tour.until("baseline", Duration::from_secs(30), |m| {
+        m.error_ratios.len() >= learned
+    })
+    .await?;
+    for (share, windows) in [(55, 2), (90, 2), (200, 2)] {
+        api.weather_failure_per_mille
+            .store(share, Ordering::Relaxed);
+        let until = tokio::time::Instant::now() + Duration::from_secs(2 * windows);
+        while tokio::time::Instant::now() < until {
+            tour.tick().await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    api.weather_failure_per_mille.store(15, Ordering::Relaxed);
+    tour.until("incident resolution", Duration::from_secs(40), |m| {
+        !m.incidents.is_empty() && m.incidents.iter().all(|i| i.resolved)
+    })
+    .await?;
+
+    stage("4/5 a bad revision: route weather points at an upstream that is down");
+    let port = closed_port().await;
+    let mut broken = good.clone();
+    broken.proxy.routes[0].upstream = format!("http://127.0.0.1:{port}/weather/");
+    tour.set_spec(broken);
+    tour.until("broken revision", Duration::from_secs(30), |m| {
+        m.runs.len() == 2
+    })
+    .await?;
+
+    stage("5/5 a subtly bad revision: route fx moves to a flaky upstream (40% errors)");
+    let mut flaky = good.clone();
+    flaky.proxy.routes[1].upstream = format!("{upstream}/flaky/");
+    tour.set_spec(flaky);
+    tour.until("flaky revision", Duration::from_secs(40), |m| {
+        m.runs.len() == 3
+    })
+    .await?;
+
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        let _ = t.await;
+    }
+    for run in &tour.m.runs {
+        eprintln!(
+            "gate run {}: {} ({})",
+            run.revision, run.outcome, run.reason
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_spec_parses_and_has_no_problems() {
+        let s = spec("http://127.0.0.1:1/weather/", "http://127.0.0.1:1/fx/");
+        assert!(s.problems().is_empty());
+        assert!(s.gate.auto_promote);
+    }
+
+    #[test]
+    fn failure_shares_are_exact_over_a_thousand_calls() {
+        for share in [0, 15, 50, 85, 180, 400, 1000] {
+            let n = (0..1000).filter(|&n| fails(n, share)).count() as u64;
+            assert_eq!(n, share);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! What a gateway should run, computed without I/O: the rendered proxy configuration of a spec
+//! and the revision that names it.
+
+use sha2::{Digest, Sha256};
+
+use crate::crd::gateway::ApiGatewaySpec;
+use crate::proxy::config::ProxyConfig;
+use crate::proxy::vault::MasterKeys;
+
+/// The proxy configuration a spec asks for: the spec's routes, tiers and defaults over `base`
+/// (orgs, keys, credentials and secret sources, which live outside the resource).
+pub fn render(spec: &ApiGatewaySpec, base: &ProxyConfig) -> ProxyConfig {
+    let mut cfg = base.clone();
+    cfg.routes = spec.proxy.routes.clone();
+    cfg.tiers = spec.proxy.tiers.clone();
+    cfg.default_tier = spec.proxy.default_tier.clone();
+    cfg.default_timeout = spec.proxy.default_timeout.clone();
+    // Replicas listen where the platform puts them.
+    cfg.listen = "127.0.0.1:0".into();
+    cfg.admin = "127.0.0.1:0".into();
+    cfg
+}
+
+/// The revision: a short hash of everything that changes the proxy's behaviour — image,
+/// rendered config and the versions of the secrets it uses — so a config-only or credential
+/// change goes through the gate too. Secret *versions* (resourceVersions, file digests), never
+/// secret values, go in.
+pub fn revision(image: &str, cfg: &ProxyConfig, secret_versions: &[(String, String)]) -> String {
+    let mut h = Sha256::new();
+    h.update(image.as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(cfg).unwrap_or_default());
+    for (name, version) in secret_versions {
+        h.update([0]);
+        h.update(name.as_bytes());
+        h.update([b'=']);
+        h.update(version.as_bytes());
+    }
+    hex::encode(&h.finalize()[..5])
+}
+
+/// Everything wrong with a spec, as `path: message` lines: the cross-field rules of the CRD and
+/// what the proxy would refuse at start-up.
+pub fn problems(
+    spec: &ApiGatewaySpec,
+    rendered: &ProxyConfig,
+    master_keys: Option<&MasterKeys>,
+) -> Vec<String> {
+    let mut out: Vec<String> = spec
+        .problems()
+        .into_iter()
+        .map(|p| format!("{}: {}", p.path, p.message))
+        .collect();
+    for p in rendered.problems(master_keys) {
+        let path = if p.path.starts_with("routes") || p.path.starts_with("tiers") {
+            format!("spec.proxy.{}", p.path)
+        } else {
+            p.path
+        };
+        out.push(format!("{path}: {}", p.message));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> ApiGatewaySpec {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    const SPEC: &str = "proxy:\n  routes:\n  - name: weather\n    pathPrefix: /weather/\n    upstream: http://127.0.0.1:9/\n";
+
+    #[test]
+    fn any_proxy_change_is_a_new_revision_and_the_same_spec_is_the_same_one() {
+        let base: ProxyConfig = serde_saphyr::from_str("{}").unwrap();
+        let a = render(&spec(SPEC), &base);
+        let r1 = revision("img:1", &a, &[]);
+        assert_eq!(r1, revision("img:1", &render(&spec(SPEC), &base), &[]));
+        assert_eq!(r1.len(), 10);
+        let mut b = spec(SPEC);
+        b.proxy.routes[0].upstream = "http://127.0.0.1:10/".into();
+        assert_ne!(r1, revision("img:1", &render(&b, &base), &[]));
+        assert_ne!(r1, revision("img:2", &a, &[]));
+        assert_ne!(r1, revision("img:1", &a, &[("pepper".into(), "v2".into())]));
+        // Replica count is not behaviour: scaling is not a rollout.
+        let mut c = spec(SPEC);
+        c.replicas = 5;
+        assert_eq!(r1, revision("img:1", &render(&c, &base), &[]));
+    }
+
+    #[test]
+    fn problems_name_the_spec_path() {
+        let mut s = spec(SPEC);
+        s.proxy.routes[0].tier = Some("gold".into());
+        let base: ProxyConfig = serde_saphyr::from_str("{}").unwrap();
+        let problems = problems(&s, &render(&s, &base), None);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("spec.proxy.routes[0].tier:")),
+            "{problems:?}"
+        );
+    }
+}

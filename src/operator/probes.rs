@@ -1,0 +1,269 @@
+//! The I/O half of gate checks 2–4: health (every green replica's `/readyz`), schema (the
+//! database is at the migration this release ships) and smoke (probes through the preview
+//! endpoint, always including one without a key that must be refused).
+
+use std::time::Duration;
+
+use crate::crd::gateway::{ApiGatewaySpec, CheckPhase, SecretKeyRef, SmokeProbe};
+use crate::gate::{GateCheck, ProbeResult};
+
+/// Resolves a Secret key reference to its value (Kubernetes Secret, local manifest, demo).
+pub type SecretResolver = dyn Fn(&SecretKeyRef) -> Option<String> + Send + Sync;
+
+/// Where and what to probe.
+pub struct ProbeTarget<'a> {
+    pub http: &'a reqwest::Client,
+    pub spec: &'a ApiGatewaySpec,
+    pub revision: &'a str,
+    pub preview_url: Option<String>,
+    pub admin_urls: Vec<String>,
+    pub secrets: &'a SecretResolver,
+}
+
+fn result(
+    check: GateCheck,
+    t: &ProbeTarget<'_>,
+    phase: CheckPhase,
+    observed: String,
+    threshold: &str,
+    samples: u64,
+    reason: String,
+) -> ProbeResult {
+    ProbeResult {
+        check,
+        revision: t.revision.to_string(),
+        phase,
+        observed: Some(observed),
+        threshold: Some(threshold.to_string()),
+        samples: Some(samples),
+        reason,
+    }
+}
+
+/// Runs the probe of `check` (health, schema or smoke).
+pub async fn run(check: GateCheck, t: &ProbeTarget<'_>) -> ProbeResult {
+    match check {
+        GateCheck::Schema => schema(t).await,
+        GateCheck::Smoke => smoke(t).await,
+        _ => health(t).await,
+    }
+}
+
+async fn health(t: &ProbeTarget<'_>) -> ProbeResult {
+    let total = t.admin_urls.len();
+    let mut good = 0;
+    let mut problems = Vec::new();
+    for url in &t.admin_urls {
+        let answer = t
+            .http
+            .get(format!("{url}/readyz"))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await;
+        match answer {
+            Ok(r) => {
+                let code = r.status();
+                let doc: serde_json::Value = r.json().await.unwrap_or_default();
+                let status = doc["status"].as_str().unwrap_or("unknown").to_string();
+                if code.is_success() && status == "ready" {
+                    good += 1;
+                } else {
+                    problems.push(format!(
+                        "{url}: {status} (database {}, rate-limit store {})",
+                        doc["database"].as_str().unwrap_or("?"),
+                        doc["rateLimitStore"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("{url}: no answer ({e})")),
+        }
+    }
+    let observed = format!("{good}/{total} replicas ready");
+    let (phase, reason) = if total > 0 && good == total {
+        (
+            CheckPhase::Passed,
+            "config loaded and every dependency reachable on every replica".to_string(),
+        )
+    } else if total == 0 {
+        (
+            CheckPhase::Failed,
+            "green has no replicas to ask".to_string(),
+        )
+    } else {
+        (CheckPhase::Failed, problems.join("; "))
+    };
+    result(
+        GateCheck::Health,
+        t,
+        phase,
+        observed,
+        "every replica's /readyz says ready",
+        total as u64,
+        reason,
+    )
+}
+
+async fn schema(t: &ProbeTarget<'_>) -> ProbeResult {
+    let expected = crate::db::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    let threshold = format!("migration {expected}");
+    let Some(db) = &t.spec.database else {
+        return result(
+            GateCheck::Schema,
+            t,
+            CheckPhase::Skipped,
+            "no database".into(),
+            &threshold,
+            0,
+            "no database configured: the proxy runs DB-less from its rendered config".into(),
+        );
+    };
+    let fail = |observed: String, reason: String| {
+        result(
+            GateCheck::Schema,
+            t,
+            CheckPhase::Failed,
+            observed,
+            &threshold,
+            0,
+            reason,
+        )
+    };
+    let Some(url) = (t.secrets)(db) else {
+        return fail(
+            "unknown".into(),
+            format!(
+                "Secret {} has no key {:?}; create it with the database URL",
+                db.name, db.key
+            ),
+        );
+    };
+    let pool = match crate::db::connect(&url, 1).await {
+        Ok(p) => p,
+        Err(e) => return fail("unreachable".into(), e.to_string()),
+    };
+    let applied: Result<Option<i64>, _> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&pool)
+            .await;
+    pool.close().await;
+    match applied {
+        Ok(Some(v)) if v == expected => result(
+            GateCheck::Schema,
+            t,
+            CheckPhase::Passed,
+            format!("migration {v}"),
+            &threshold,
+            1,
+            "the database is at the schema this release expects".into(),
+        ),
+        Ok(v) => fail(
+            format!("migration {}", v.unwrap_or(0)),
+            format!(
+                "the database is at migration {} but this release expects {expected}; run `apitree migrate`",
+                v.unwrap_or(0)
+            ),
+        ),
+        Err(e) => fail(
+            "no migration table".into(),
+            format!("cannot read the applied migrations ({e}); run `apitree migrate`"),
+        ),
+    }
+}
+
+/// The probes a gate sends: the configured ones plus a keyless request that must be refused.
+pub fn smoke_probes(spec: &ApiGatewaySpec) -> Vec<SmokeProbe> {
+    let mut probes = spec.gate.smoke.clone();
+    let path = spec
+        .proxy
+        .routes
+        .first()
+        .map(|r| r.path_prefix.clone())
+        .unwrap_or_else(|| "/".into());
+    probes.push(SmokeProbe {
+        name: "no-key-is-refused".into(),
+        path,
+        method: "GET".into(),
+        expect_status: 401,
+        api_key: None,
+    });
+    probes
+}
+
+async fn smoke(t: &ProbeTarget<'_>) -> ProbeResult {
+    let probes = smoke_probes(t.spec);
+    let total = probes.len();
+    let Some(base) = &t.preview_url else {
+        return result(
+            GateCheck::Smoke,
+            t,
+            CheckPhase::Failed,
+            "no preview endpoint".into(),
+            "every probe gets its expected status",
+            0,
+            "the preview endpoint does not exist yet".into(),
+        );
+    };
+    let mut failures = Vec::new();
+    for p in &probes {
+        let method = reqwest::Method::from_bytes(p.method.as_bytes()).unwrap_or_default();
+        let mut req = t
+            .http
+            .request(method, format!("{base}{}", p.path))
+            .timeout(Duration::from_secs(10));
+        if let Some(r) = &p.api_key {
+            match (t.secrets)(r) {
+                Some(key) => req = req.bearer_auth(key),
+                None => {
+                    failures.push(format!(
+                        "{}: Secret {} has no key {:?}",
+                        p.name, r.name, r.key
+                    ));
+                    continue;
+                }
+            }
+        }
+        match req.send().await {
+            Ok(resp) if resp.status().as_u16() == p.expect_status => {}
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                let code = body["code"].as_str().unwrap_or("");
+                failures.push(format!(
+                    "{}: {} {} → {status}{}, expected {}",
+                    p.name,
+                    p.method,
+                    p.path,
+                    if code.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({code})")
+                    },
+                    p.expect_status
+                ));
+            }
+            Err(e) => failures.push(format!("{}: no answer ({e})", p.name)),
+        }
+    }
+    let passed = total - failures.len();
+    let (phase, reason) = if failures.is_empty() {
+        (
+            CheckPhase::Passed,
+            "every probe got its expected status".to_string(),
+        )
+    } else {
+        (CheckPhase::Failed, failures.join("; "))
+    };
+    result(
+        GateCheck::Smoke,
+        t,
+        phase,
+        format!("{passed}/{total} probes passed"),
+        "every probe gets its expected status",
+        total as u64,
+        reason,
+    )
+}

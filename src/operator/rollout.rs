@@ -1,0 +1,666 @@
+//! One gateway's control loop, platform-independent: validate the spec, render the revision,
+//! observe both colors, step the gate, carry out its actions (deploy, probe, count, switch,
+//! scale down, notify) and keep the detector watching the active color. `apitree local` and
+//! `apitree demo` drive it on the local platform; status goes wherever the caller keeps it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::plan;
+use super::probes::{self, ProbeTarget, SecretResolver};
+use crate::crd::condition::{set_condition, ConditionStatus};
+use crate::crd::gateway::{
+    ApiGatewaySpec, ApiGatewayStatus, Color, GateCheckStatus, GatewayPhase, IncidentSummary,
+};
+use crate::detect::engine::{Detector, IncidentStore, NoticeContext};
+use crate::detect::source::{window_between, GatewayWindow, ScrapeSource, Snapshot};
+use crate::detect::{IncidentEvent, ScoreConfig, Severity};
+use crate::gate::{self, Action, AnalysisWindow, NoticeKind, Observations, Request, Traffic};
+use crate::notify::{Notifier, RolloutNotice};
+use crate::platform::{Deployment, Platform};
+use crate::proxy::config::ProxyConfig;
+use crate::proxy::vault::MasterKeys;
+
+/// What every gateway's loop shares.
+pub struct Context<P: Platform> {
+    pub platform: Arc<P>,
+    pub notifier: Arc<Notifier>,
+    pub store: Arc<IncidentStore>,
+    /// Orgs, keys, credentials and secret sources the rendered configs start from.
+    pub base: ProxyConfig,
+    pub master_keys: Option<MasterKeys>,
+    pub secrets: Arc<SecretResolver>,
+    /// Versions of the secrets the proxies use; part of every revision.
+    pub secret_versions: Vec<(String, String)>,
+    /// Image of a spec that names none (the operator's own).
+    pub default_image: String,
+    pub http: reqwest::Client,
+    /// Link to the status page, shown in notifications.
+    pub status_url: Option<String>,
+}
+
+/// A finished gate run, for the status page and the demo summary.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GateRun {
+    pub revision: String,
+    /// promoted, rejected or rolled_back.
+    pub outcome: &'static str,
+    pub reason: String,
+    pub checks: Vec<GateCheckStatus>,
+}
+
+/// One incident as the demo summary and the status page tell it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IncidentRecord {
+    pub signal: String,
+    pub route: String,
+    pub max_severity: Severity,
+    pub resolved: bool,
+    #[serde(skip)]
+    pub opened_at: String,
+    #[serde(skip)]
+    pub severity: Severity,
+    #[serde(skip)]
+    pub ratio: f64,
+}
+
+/// An Event: reason and message, newest last.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GatewayEvent {
+    pub at: String,
+    pub reason: String,
+    pub message: String,
+    pub warning: bool,
+}
+
+struct AnalysisCounters {
+    revision: String,
+    active: ScrapeSource,
+    preview: ScrapeSource,
+    active_start: Snapshot,
+    preview_start: Snapshot,
+}
+
+/// Windows of the error ratio kept for the status page's sparkline.
+const SPARKLINE: usize = 60;
+const EVENTS_KEPT: usize = 50;
+
+/// One gateway under management.
+pub struct Managed {
+    pub name: String,
+    pub spec: ApiGatewaySpec,
+    pub generation: i64,
+    pub status: ApiGatewayStatus,
+    /// Pending human requests (annotation or Slack).
+    pub promote: Option<Request>,
+    pub rollback: Option<Request>,
+    pub runs: Vec<GateRun>,
+    pub events: VecDeque<GatewayEvent>,
+    /// Gateway-wide error ratio per detection window, oldest first.
+    pub error_ratios: VecDeque<f64>,
+    /// Every incident seen, in the order they opened.
+    pub incidents: Vec<IncidentRecord>,
+    pub notifications: usize,
+    analysis: Option<AnalysisCounters>,
+    detector: Detector,
+    detect_source: Option<ScrapeSource>,
+    next_detect: Option<Timestamp>,
+    critical: Option<String>,
+    open: BTreeMap<(String, String), usize>,
+}
+
+impl Managed {
+    pub fn new(
+        name: &str,
+        spec: ApiGatewaySpec,
+        generation: i64,
+        ctx_notifier: Arc<Notifier>,
+        store: Arc<IncidentStore>,
+        status_url: Option<String>,
+    ) -> Self {
+        let detector = Detector::new(
+            name,
+            ScoreConfig::from(&spec.detection),
+            NoticeContext {
+                runbook_url: spec.escalation.runbook_url.clone(),
+                status_url,
+                critical_mention: spec
+                    .escalation
+                    .slack
+                    .as_ref()
+                    .and_then(|s| s.critical_mention.clone()),
+            },
+            store,
+            ctx_notifier,
+        );
+        Self {
+            name: name.to_string(),
+            spec,
+            generation,
+            status: ApiGatewayStatus::default(),
+            promote: None,
+            rollback: None,
+            runs: Vec::new(),
+            events: VecDeque::new(),
+            error_ratios: VecDeque::new(),
+            incidents: Vec::new(),
+            notifications: 0,
+            analysis: None,
+            detector,
+            detect_source: None,
+            next_detect: None,
+            critical: None,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// A new spec (file edited, resource updated). The gate notices the new revision.
+    pub fn update_spec(&mut self, spec: ApiGatewaySpec, generation: i64) {
+        self.spec = spec;
+        self.generation = generation;
+    }
+
+    fn event(&mut self, now: Timestamp, reason: &str, message: String, warning: bool) {
+        if warning {
+            tracing::warn!(gateway = %self.name, reason, "{message}");
+        } else {
+            tracing::info!(gateway = %self.name, reason, "{message}");
+        }
+        self.events.push_back(GatewayEvent {
+            at: now.to_string(),
+            reason: reason.to_string(),
+            message,
+            warning,
+        });
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+    }
+
+    /// The revision the spec asks for, or every problem that keeps it from running.
+    pub fn desired<P: Platform>(
+        &self,
+        ctx: &Context<P>,
+    ) -> Result<(String, ProxyConfig), Vec<String>> {
+        let rendered = plan::render(&self.spec, &ctx.base);
+        let problems = plan::problems(&self.spec, &rendered, ctx.master_keys.as_ref());
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let image = self.spec.image.as_deref().unwrap_or(&ctx.default_image);
+        Ok((
+            plan::revision(image, &rendered, &ctx.secret_versions),
+            rendered,
+        ))
+    }
+}
+
+fn traffic(w: &GatewayWindow) -> Traffic {
+    let mut t = Traffic::default();
+    for (route, r) in &w.routes {
+        if route == crate::proxy::metrics::NO_ROUTE {
+            continue;
+        }
+        t.requests += r.requests;
+        t.errors += r.errors;
+        if let Some(p) = r.p99_ms {
+            t.p99_ms = Some(t.p99_ms.unwrap_or(0.0).max(p));
+        }
+    }
+    t
+}
+
+fn metrics_urls(admins: Vec<String>) -> Vec<String> {
+    admins.into_iter().map(|a| format!("{a}/metrics")).collect()
+}
+
+/// One pass of one gateway's loop.
+pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) {
+    let (desired, rendered) = match m.desired(ctx) {
+        Ok(d) => d,
+        Err(problems) => return refuse_spec(m, problems, now),
+    };
+    let generation = Some(m.generation);
+    set_condition(
+        &mut m.status.conditions,
+        "SpecValid",
+        ConditionStatus::True,
+        "Valid",
+        "the spec renders to a proxy configuration that starts",
+        generation,
+        now,
+    );
+    let platform = &ctx.platform;
+    let mut obs = Observations {
+        desired: desired.clone(),
+        replicas: m.spec.replicas,
+        promote: m.promote.clone(),
+        rollback: m.rollback.clone(),
+        critical_incident: m.critical.clone(),
+        ..Observations::default()
+    };
+    obs.analysis = analysis_window(m).await;
+    for _ in 0..8 {
+        obs.blue = platform.observe(&m.name, Color::Blue).await;
+        obs.green = platform.observe(&m.name, Color::Green).await;
+        let before = m.status.phase;
+        let (status, actions) = gate::step(&m.status, &m.spec.gate, &obs, now);
+        m.status = status;
+        obs.probe = None;
+        let mut again = false;
+        for action in actions {
+            again |= perform(m, ctx, &mut obs, action, &desired, &rendered, now).await;
+        }
+        if m.status.phase != before {
+            // Requests are for one decision; a stale one must not act on a later gate.
+            m.promote = None;
+            m.rollback = None;
+            obs.promote = None;
+            obs.rollback = None;
+        }
+        if !again {
+            break;
+        }
+    }
+    if m.status.phase != Some(GatewayPhase::Promoting) {
+        m.critical = None;
+    }
+    update_conditions(m, now);
+    m.status.observed_generation = generation;
+    detect(m, ctx, now).await;
+}
+
+fn refuse_spec(m: &mut Managed, problems: Vec<String>, now: Timestamp) {
+    let message = format!(
+        "the spec cannot run; fix these and apply again: {}",
+        problems.join("; ")
+    );
+    let generation = Some(m.generation);
+    let changed = set_condition(
+        &mut m.status.conditions,
+        "SpecValid",
+        ConditionStatus::False,
+        "InvalidSpec",
+        &message,
+        generation,
+        now,
+    );
+    let new_generation = m.status.observed_generation != generation;
+    if changed || new_generation {
+        m.event(now, "InvalidSpec", message.clone(), true);
+    }
+    if m.status.active_revision.is_none() {
+        m.status.phase = Some(GatewayPhase::Degraded);
+    }
+    set_condition(
+        &mut m.status.conditions,
+        "Degraded",
+        ConditionStatus::True,
+        "InvalidSpec",
+        &message,
+        generation,
+        now,
+    );
+    m.status.observed_generation = generation;
+}
+
+fn update_conditions(m: &mut Managed, now: Timestamp) {
+    let generation = Some(m.generation);
+    let phase = m.status.phase;
+    let serving = m.status.active_revision.is_some();
+    let (ready, reason) = if serving {
+        (ConditionStatus::True, "Serving")
+    } else {
+        (ConditionStatus::False, "NotServing")
+    };
+    let active = m.status.active_revision.clone().unwrap_or_default();
+    set_condition(
+        &mut m.status.conditions,
+        "Ready",
+        ready,
+        reason,
+        &format!("active revision {active}"),
+        generation,
+        now,
+    );
+    let progressing = matches!(
+        phase,
+        Some(
+            GatewayPhase::Progressing
+                | GatewayPhase::Gating
+                | GatewayPhase::AwaitingApproval
+                | GatewayPhase::Promoting
+        )
+    );
+    let phase_name = phase.map(|p| format!("{p:?}")).unwrap_or_default();
+    set_condition(
+        &mut m.status.conditions,
+        "Progressing",
+        if progressing {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        },
+        &phase_name,
+        &m.status
+            .gate
+            .as_ref()
+            .map(|g| format!("gate {} for revision {}", g.progress, g.revision))
+            .unwrap_or_default(),
+        generation,
+        now,
+    );
+    let rejected = phase == Some(GatewayPhase::RolledBack);
+    set_condition(
+        &mut m.status.conditions,
+        "Degraded",
+        if rejected {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        },
+        if rejected {
+            "RevisionRejected"
+        } else {
+            "AsExpected"
+        },
+        &m.status
+            .rejected_revision
+            .as_ref()
+            .filter(|_| rejected)
+            .map(|r| format!("revision {} was refused: {}", r.revision, r.reason))
+            .unwrap_or_default(),
+        generation,
+        now,
+    );
+}
+
+/// Green's and blue's traffic since the analysis window started, when it is being counted.
+async fn analysis_window(m: &mut Managed) -> Option<AnalysisWindow> {
+    let gate_revision = m.status.gate.as_ref().map(|g| g.revision.clone())?;
+    let counters = m
+        .analysis
+        .as_ref()
+        .filter(|a| a.revision == gate_revision)?;
+    let (active, preview) = match (
+        counters.active.snapshot().await,
+        counters.preview.snapshot().await,
+    ) {
+        (Ok(a), Ok(p)) => (a, p),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(gateway = %m.name, "analysis counters lost, the window restarts: {e}");
+            m.analysis = None;
+            return None;
+        }
+    };
+    Some(AnalysisWindow {
+        revision: gate_revision,
+        active: traffic(&window_between(&counters.active_start, &active)),
+        preview: traffic(&window_between(&counters.preview_start, &preview)),
+    })
+}
+
+/// Carries out one action; true when the gate should step again at once.
+async fn perform<P: Platform>(
+    m: &mut Managed,
+    ctx: &Context<P>,
+    obs: &mut Observations,
+    action: Action,
+    desired: &str,
+    rendered: &ProxyConfig,
+    now: Timestamp,
+) -> bool {
+    let platform = &ctx.platform;
+    match action {
+        Action::Deploy { color, revision } => {
+            let d = Deployment {
+                gateway: m.name.clone(),
+                revision: revision.clone(),
+                replicas: m.spec.replicas,
+                config: rendered.clone(),
+            };
+            if revision != desired {
+                return false;
+            }
+            match platform.deploy(color, &d).await {
+                Ok(()) => true,
+                Err(e) => {
+                    // The rollout check times out and refuses the revision; say why now.
+                    m.event(now, e.category(), e.to_string(), true);
+                    false
+                }
+            }
+        }
+        Action::Probe(check) => {
+            let active = m.status.active_color.unwrap_or(Color::Blue);
+            let target = ProbeTarget {
+                http: &ctx.http,
+                spec: &m.spec,
+                revision: desired,
+                preview_url: platform.preview_url(&m.name).await,
+                admin_urls: platform.admin_urls(&m.name, active.other()).await,
+                secrets: ctx.secrets.as_ref(),
+            };
+            obs.probe = Some(probes::run(check, &target).await);
+            true
+        }
+        Action::StartAnalysis => {
+            let active = m.status.active_color.unwrap_or(Color::Blue);
+            let active_src =
+                ScrapeSource::new(metrics_urls(platform.admin_urls(&m.name, active).await));
+            let preview_src = ScrapeSource::new(metrics_urls(
+                platform.admin_urls(&m.name, active.other()).await,
+            ));
+            match (active_src.snapshot().await, preview_src.snapshot().await) {
+                (Ok(active_start), Ok(preview_start)) => {
+                    m.analysis = Some(AnalysisCounters {
+                        revision: desired.to_string(),
+                        active: active_src,
+                        preview: preview_src,
+                        active_start,
+                        preview_start,
+                    });
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    m.event(now, "AnalysisUnavailable", e.to_string(), true);
+                }
+            }
+            false
+        }
+        Action::Switch { to, revision } => {
+            if let Err(e) = platform.switch(&m.name, to).await {
+                m.event(now, e.category(), e.to_string(), true);
+            }
+            m.detect_source = None;
+            m.event(
+                now,
+                "Switched",
+                format!("traffic now goes to {} (revision {revision})", to.as_str()),
+                false,
+            );
+            false
+        }
+        Action::ScaleDown { color } => {
+            platform.scale_down(&m.name, color).await;
+            if m.analysis.is_some() {
+                m.analysis = None;
+            }
+            false
+        }
+        Action::Notify(n) => {
+            announce(m, ctx, n, now).await;
+            false
+        }
+    }
+}
+
+async fn announce<P: Platform>(
+    m: &mut Managed,
+    ctx: &Context<P>,
+    n: gate::GateNotice,
+    now: Timestamp,
+) {
+    let warning = matches!(n.kind, NoticeKind::Rejected | NoticeKind::RolledBack);
+    m.event(
+        now,
+        n.kind.reason(),
+        format!("revision {}: {}", n.revision, n.reason),
+        warning,
+    );
+    let outcome = match n.kind {
+        NoticeKind::Promoted => Some("promoted"),
+        NoticeKind::Rejected => Some("rejected"),
+        NoticeKind::RolledBack => Some("rolled_back"),
+        _ => None,
+    };
+    if let Some(outcome) = outcome {
+        m.runs.push(GateRun {
+            revision: n.revision.clone(),
+            outcome,
+            reason: n.reason.clone(),
+            checks: m
+                .status
+                .gate
+                .as_ref()
+                .filter(|g| g.revision == n.revision)
+                .map(|g| g.checks.clone())
+                .unwrap_or_default(),
+        });
+    }
+    let progress = m
+        .status
+        .gate
+        .as_ref()
+        .filter(|g| g.revision == n.revision)
+        .map(|g| g.progress.clone())
+        .unwrap_or_else(|| "-".into());
+    let notice = RolloutNotice {
+        id: uuid::Uuid::new_v4(),
+        gateway: m.name.clone(),
+        kind: n.kind.reason().to_string(),
+        revision: n.revision,
+        reason: n.reason,
+        progress,
+        promote_button: n.kind == NoticeKind::AwaitingApproval,
+        rollback_button: matches!(n.kind, NoticeKind::AwaitingApproval | NoticeKind::Promoted),
+    };
+    m.notifications += 1;
+    if let Err(e) = ctx.notifier.rollout(&notice).await {
+        tracing::error!(gateway = %m.name, "cannot queue the rollout notification: {e}");
+    }
+}
+
+/// Scores the active color's last window when one is due.
+async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) {
+    if m.next_detect.is_some_and(|t| now < t) {
+        return;
+    }
+    let window = m.spec.detection.window.as_std();
+    m.next_detect = now.checked_add(window).ok();
+    let Some(active) = m.status.active_color else {
+        return;
+    };
+    let urls = metrics_urls(ctx.platform.admin_urls(&m.name, active).await);
+    if m.detect_source
+        .as_ref()
+        .is_none_or(|s| s.targets() != urls.as_slice())
+    {
+        m.detect_source = Some(ScrapeSource::new(urls));
+    }
+    let Some(source) = m.detect_source.as_mut() else {
+        return;
+    };
+    let w = match source.window().await {
+        Ok(Some(w)) => w,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(gateway = %m.name, "cannot read the active color's metrics: {e}");
+            m.detect_source = None;
+            return;
+        }
+    };
+    let t = traffic(&w);
+    m.error_ratios.push_back(if t.requests > 0 {
+        t.errors as f64 / t.requests as f64
+    } else {
+        0.0
+    });
+    while m.error_ratios.len() > SPARKLINE {
+        m.error_ratios.pop_front();
+    }
+    let at = now.as_second() - window.as_secs() as i64;
+    let notices = match m.detector.observe(at, &w).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(gateway = %m.name, "cannot record incidents: {e}");
+            return;
+        }
+    };
+    for n in notices {
+        m.notifications += 1;
+        let key = (n.route.clone(), n.signal.clone());
+        match n.event {
+            IncidentEvent::Open => {
+                m.open.insert(key, m.incidents.len());
+                m.incidents.push(IncidentRecord {
+                    signal: n.signal.clone(),
+                    route: n.route.clone(),
+                    max_severity: n.severity,
+                    resolved: false,
+                    opened_at: n.at.clone(),
+                    severity: n.severity,
+                    ratio: n.ratio,
+                });
+            }
+            IncidentEvent::Resolve => {
+                if let Some(i) = m.open.remove(&key) {
+                    m.incidents[i].resolved = true;
+                    m.incidents[i].severity = Severity::None;
+                }
+            }
+            _ => {
+                if let Some(&i) = m.open.get(&key) {
+                    let r = &mut m.incidents[i];
+                    r.severity = n.severity;
+                    r.max_severity = r.max_severity.max(n.severity);
+                    r.ratio = n.ratio;
+                }
+            }
+        }
+        if m.status.phase == Some(GatewayPhase::Promoting)
+            && n.severity == Severity::Critical
+            && n.event != IncidentEvent::Resolve
+        {
+            m.critical = Some(crate::notify::message::summary(&n));
+        }
+    }
+    let mut open: Vec<IncidentSummary> = m
+        .open
+        .values()
+        .map(|&i| {
+            let r = &m.incidents[i];
+            IncidentSummary {
+                id: format!("{}/{}", r.route, r.signal),
+                signal: r.signal.clone(),
+                route: r.route.clone(),
+                severity: r.severity.label().to_string(),
+                ratio: Some(r.ratio),
+                opened_at: r.opened_at.clone(),
+            }
+        })
+        .collect();
+    open.sort_by_key(|i| std::cmp::Reverse(severity_rank(&i.severity)));
+    m.status.open_incidents = open.len() as i32;
+    m.status.incidents = open;
+}
+
+fn severity_rank(s: &str) -> u8 {
+    match s {
+        "critical" => 3,
+        "high" => 2,
+        "warning" => 1,
+        _ => 0,
+    }
+}

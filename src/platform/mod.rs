@@ -1,0 +1,90 @@
+//! Where proxies run. One trait, two implementations: `kube` (Deployments and Services in a
+//! cluster) and `local` (proxies inside this process on loopback ports, behind a front listener
+//! that switches color atomically). The controller and the gate do not know which one they drive.
+
+pub mod local;
+
+use std::future::Future;
+
+use crate::crd::gateway::Color;
+use crate::gate::ColorObservation;
+use crate::proxy::config::ProxyConfig;
+
+/// One color of one gateway as the plan wants it.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub gateway: String,
+    pub revision: String,
+    pub replicas: i32,
+    /// The rendered proxy configuration (routes, tiers, orgs, keys, credentials).
+    pub config: ProxyConfig,
+}
+
+/// Why a platform call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("cannot start {color} of gateway {gateway}: {reason}")]
+    Start {
+        gateway: String,
+        color: &'static str,
+        reason: String,
+    },
+    #[error("gateway {0} is not known to the platform")]
+    UnknownGateway(String),
+    #[error("cannot open the front listener of gateway {gateway} on {addr}: {reason}")]
+    Listen {
+        gateway: String,
+        addr: String,
+        reason: String,
+    },
+}
+
+impl PlatformError {
+    /// Stable label for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Start { .. } => "StartFailed",
+            Self::UnknownGateway(_) => "UnknownGateway",
+            Self::Listen { .. } => "ListenFailed",
+        }
+    }
+}
+
+/// A place where gateway colors run.
+pub trait Platform: Send + Sync + 'static {
+    /// Makes `color` run `d` (idempotent: the same revision is left alone).
+    fn deploy(
+        &self,
+        color: Color,
+        d: &Deployment,
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send;
+
+    /// What runs on `color`, and how much of it is ready; None when nothing runs.
+    fn observe(
+        &self,
+        gateway: &str,
+        color: Color,
+    ) -> impl Future<Output = Option<ColorObservation>> + Send;
+
+    /// Sends all traffic to `to` in one step; the preview endpoint then reaches the other color.
+    fn switch(
+        &self,
+        gateway: &str,
+        to: Color,
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send;
+
+    /// Stops `color`.
+    fn scale_down(&self, gateway: &str, color: Color) -> impl Future<Output = ()> + Send;
+
+    /// Base URL of the preview endpoint (smoke probes and analysis traffic go here).
+    fn preview_url(&self, gateway: &str) -> impl Future<Output = Option<String>> + Send;
+
+    /// Base URL of the active endpoint (what clients use).
+    fn active_url(&self, gateway: &str) -> impl Future<Output = Option<String>> + Send;
+
+    /// Admin base URLs (`/metrics`, `/readyz`) of each replica of `color`.
+    fn admin_urls(&self, gateway: &str, color: Color) -> impl Future<Output = Vec<String>> + Send;
+
+    /// Removes everything of the gateway (resource deleted).
+    fn remove(&self, gateway: &str) -> impl Future<Output = ()> + Send;
+}
