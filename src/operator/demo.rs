@@ -74,11 +74,19 @@ pub fn summary(m: &Managed) -> Value {
 }
 
 /// The sample upstream API: `/weather/*` and `/fx/*` answer JSON after ~10 ms; a share of
-/// `/weather/*` calls fails with 500 (spread evenly, set by the demo); `/flaky/*` fails 40%.
-struct SampleApi {
-    addr: SocketAddr,
-    weather_failure_per_mille: Arc<AtomicU64>,
+/// `/weather/*` calls fails with 500 (spread evenly, set by the demo); `/flaky/*` fails 40%;
+/// `/v2/*` answers like the rest but fails the share `v2_failure_per_mille` says (0 at first).
+pub struct SampleApi {
+    pub addr: SocketAddr,
+    pub weather_failure_per_mille: Arc<AtomicU64>,
+    pub v2_failure_per_mille: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SampleApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// True for `share_per_mille` of the calls numbered `n`, spread evenly.
@@ -86,49 +94,64 @@ fn fails(n: u64, share_per_mille: u64) -> bool {
     (n + 1) * share_per_mille / 1000 > n * share_per_mille / 1000
 }
 
-async fn start_sample_api() -> Result<SampleApi, DemoError> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| DemoError::Start {
-            what: "sample API",
-            reason: e.to_string(),
-        })?;
-    let addr = listener.local_addr().map_err(|e| DemoError::Start {
+#[derive(Default)]
+struct SampleState {
+    weather_share: Arc<AtomicU64>,
+    v2_share: Arc<AtomicU64>,
+    weather_calls: AtomicU64,
+    flaky_calls: AtomicU64,
+    v2_calls: AtomicU64,
+}
+
+impl SampleState {
+    fn answer(&self, path: &str) -> (u16, Value) {
+        let next = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+        let failed = if path.starts_with("/v2/") {
+            fails(next(&self.v2_calls), self.v2_share.load(Ordering::Relaxed))
+        } else if path.starts_with("/weather/") {
+            fails(
+                next(&self.weather_calls),
+                self.weather_share.load(Ordering::Relaxed),
+            )
+        } else if path.starts_with("/flaky/") {
+            fails(next(&self.flaky_calls), 400)
+        } else {
+            false
+        };
+        if failed {
+            (500, json!({"error": "sample API failure"}))
+        } else if path.contains("weather") {
+            (200, json!({"city": "Seoul", "tempC": 3.5, "sky": "clear"}))
+        } else {
+            (200, json!({"pair": "USD/KRW", "rate": 1391.2}))
+        }
+    }
+}
+
+/// Starts the sample API on a loopback port; it stops when dropped.
+pub async fn start_sample_api() -> Result<SampleApi, DemoError> {
+    let fail = |e: std::io::Error| DemoError::Start {
         what: "sample API",
         reason: e.to_string(),
-    })?;
-    let share = Arc::new(AtomicU64::new(15));
-    let counters = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-    let s = share.clone();
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(fail)?;
+    let addr = listener.local_addr().map_err(fail)?;
+    let state = Arc::new(SampleState::default());
+    state.weather_share.store(15, Ordering::Relaxed);
+    let (weather, v2) = (state.weather_share.clone(), state.v2_share.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (share, counters) = (s.clone(), counters.clone());
+            let state = state.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (share, counters) = (share.clone(), counters.clone());
+                        let state = state.clone();
                         async move {
                             tokio::time::sleep(Duration::from_millis(10)).await;
-                            let path = req.uri().path().to_string();
-                            let failed = if path.starts_with("/weather/") {
-                                let n = counters.0.fetch_add(1, Ordering::Relaxed);
-                                fails(n, share.load(Ordering::Relaxed))
-                            } else if path.starts_with("/flaky/") {
-                                let n = counters.1.fetch_add(1, Ordering::Relaxed);
-                                fails(n, 400)
-                            } else {
-                                false
-                            };
-                            let (status, body) = if failed {
-                                (500, json!({"error": "sample API failure"}))
-                            } else if path.contains("weather") {
-                                (200, json!({"city": "Seoul", "tempC": 3.5, "sky": "clear"}))
-                            } else {
-                                (200, json!({"pair": "USD/KRW", "rate": 1391.2}))
-                            };
+                            let (status, body) = state.answer(req.uri().path());
                             Ok::<_, Infallible>(
                                 hyper::Response::builder()
                                     .status(status)
@@ -147,7 +170,8 @@ async fn start_sample_api() -> Result<SampleApi, DemoError> {
     });
     Ok(SampleApi {
         addr,
-        weather_failure_per_mille: share,
+        weather_failure_per_mille: weather,
+        v2_failure_per_mille: v2,
         task,
     })
 }
@@ -196,15 +220,17 @@ detection:
   resolveAfterWindows: 2
 "#;
 
-fn spec(weather: &str, fx: &str) -> ApiGatewaySpec {
+/// The demo gateway's spec with its routes pointing at `weather` and `fx`.
+pub fn spec(weather: &str, fx: &str) -> ApiGatewaySpec {
     let text = SPEC.replace("{weather}", weather).replace("{fx}", fx);
     // The embedded spec is part of the binary and covered by a test.
     serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("embedded demo spec: {e}"))
 }
 
-/// Synthetic clients: mostly valid keys, 3% invalid ones; a third of the requests go to the
-/// preview endpoint while a gate is running, so green has traffic to be judged on.
-fn start_traffic(
+/// Synthetic clients: 8 loops of GETs, three in four to `/weather/today`, the rest to
+/// `/fx/usd-krw`, 3% with an invalid key; a third of the requests go to the preview endpoint
+/// while `preview` holds one, so green has traffic to be judged on. They stop when `stop` is set.
+pub fn start_traffic(
     active: String,
     preview: Arc<RwLock<Option<String>>>,
     key: String,
@@ -254,14 +280,25 @@ fn start_traffic(
         .collect()
 }
 
-struct Tour {
-    m: Managed,
-    ctx: Context<LocalPlatform>,
-    preview: Arc<RwLock<Option<String>>>,
+/// A gateway on the local platform driven by hand: the demo's stages and the end-to-end tests.
+pub struct Tour {
+    pub m: Managed,
+    pub ctx: Context<LocalPlatform>,
+    /// The preview URL while a gate runs, for synthetic clients.
+    pub preview: Arc<RwLock<Option<String>>>,
 }
 
 impl Tour {
-    async fn tick(&mut self) {
+    pub fn new(m: Managed, ctx: Context<LocalPlatform>) -> Self {
+        Self {
+            m,
+            ctx,
+            preview: Arc::new(RwLock::new(None)),
+        }
+    }
+
+    /// One reconcile pass now; publishes the preview URL while a gate runs.
+    pub async fn tick(&mut self) {
         reconcile(&mut self.m, &self.ctx, Timestamp::now()).await;
         let gating = matches!(
             self.m.status.phase,
@@ -278,7 +315,7 @@ impl Tour {
     }
 
     /// Ticks every 250 ms until `done` or `limit` passes.
-    async fn until(
+    pub async fn until(
         &mut self,
         stage: &'static str,
         limit: Duration,
@@ -305,7 +342,8 @@ impl Tour {
         }
     }
 
-    fn set_spec(&mut self, spec: ApiGatewaySpec) {
+    /// A new spec, as if the resource had been edited.
+    pub fn set_spec(&mut self, spec: ApiGatewaySpec) {
         let generation = self.m.generation + 1;
         self.m.update_spec(spec, generation);
     }
@@ -315,10 +353,11 @@ fn stage(text: &str) {
     eprintln!("\n== {text}");
 }
 
-/// Runs the tour and returns the gateway as it ended (its runs, incidents and notifications).
-pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
-    let api = start_sample_api().await?;
-    let upstream = format!("http://{}", api.addr);
+/// A local-platform context with one org (`acme`), one live API key (returned, and resolvable
+/// as Secret `demo-keys`/`live` for smoke probes) and a fresh random pepper.
+pub fn local_context(
+    notifier: Arc<Notifier>,
+) -> Result<(Context<LocalPlatform>, ApiKey), DemoError> {
     let mut pepper_bytes = [0u8; 32];
     rand::fill(&mut pepper_bytes);
     let pepper = Pepper::new(pepper_bytes.to_vec()).map_err(|e| DemoError::Start {
@@ -347,7 +386,35 @@ pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
         revoked: false,
     }];
     base.shutdown_grace = crate::crd::duration::KubeDuration::from_secs(1);
+    let platform = Arc::new(LocalPlatform::new(
+        LocalSecrets {
+            pepper,
+            master_keys: None,
+        },
+        None,
+    ));
+    let secret_key = key.expose_secret().to_string();
+    let ctx = Context {
+        platform,
+        notifier,
+        store: Arc::new(IncidentStore::memory()),
+        base,
+        master_keys: None,
+        secrets: Arc::new(move |r: &SecretKeyRef| {
+            (r.name == "demo-keys" && r.key == "live").then(|| secret_key.clone())
+        }),
+        secret_versions: vec![("demo-keys".into(), "1".into())],
+        default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
+        http: reqwest::Client::new(),
+        status_url: None,
+    };
+    Ok((ctx, key))
+}
 
+/// Runs the tour and returns the gateway as it ended (its runs, incidents and notifications).
+pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
+    let api = start_sample_api().await?;
+    let upstream = format!("http://{}", api.addr);
     let (notifier, delivery) = match SlackConfig::from_env() {
         Some(slack) => {
             let outbox = Arc::new(Outbox::memory());
@@ -375,42 +442,17 @@ pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
         }
         None => (Notifier::Console, None),
     };
-    let notifier = Arc::new(notifier);
-    let platform = Arc::new(LocalPlatform::new(
-        LocalSecrets {
-            pepper,
-            master_keys: None,
-        },
-        None,
-    ));
-    let secret_key = key.expose_secret().to_string();
-    let ctx = Context {
-        platform: platform.clone(),
-        notifier: notifier.clone(),
-        store: Arc::new(IncidentStore::memory()),
-        base,
-        master_keys: None,
-        secrets: Arc::new(move |r: &SecretKeyRef| {
-            (r.name == "demo-keys" && r.key == "live").then(|| secret_key.clone())
-        }),
-        secret_versions: vec![("demo-keys".into(), "1".into())],
-        default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
-        http: reqwest::Client::new(),
-        status_url: None,
-    };
+    let (ctx, key) = local_context(Arc::new(notifier))?;
+    let platform = ctx.platform.clone();
     let m = Managed::new(
         "demo",
         spec(&format!("{upstream}/weather/"), &format!("{upstream}/fx/")),
         1,
-        notifier.clone(),
+        ctx.notifier.clone(),
         ctx.store.clone(),
         None,
     );
-    let mut tour = Tour {
-        m,
-        ctx,
-        preview: Arc::new(RwLock::new(None)),
-    };
+    let mut tour = Tour::new(m, ctx);
     let stop = Arc::new(AtomicBool::new(false));
     let result = tour_steps(&mut tour, &api, &upstream, &key, stop.clone()).await;
     stop.store(true, Ordering::Relaxed);
@@ -421,7 +463,7 @@ pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
         let _ = tokio::signal::ctrl_c().await;
     }
     platform.shutdown().await;
-    api.task.abort();
+    drop(api);
     if let Some((stop, task)) = delivery {
         // One last pass so the final notices reach Slack.
         tokio::time::sleep(Duration::from_millis(600)).await;

@@ -1,0 +1,411 @@
+//! The ApiGateway loop end to end on the local platform: real in-process proxies behind real
+//! front listeners, a real upstream, synthetic clients over HTTP, and the gate and detector
+//! deciding. Also `apitree demo` itself, run as a user would.
+//!
+//! Tests here share two cores with real traffic and latency checks, so they take turns.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use apitree::crd::duration::KubeDuration;
+use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase, Color, GatewayPhase};
+use apitree::notify::Notifier;
+use apitree::operator::demo::{self, SampleApi, Tour};
+use apitree::operator::rollout::Managed;
+use apitree::platform::Platform;
+use apitree::proxy::keys::ApiKey;
+
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Run {
+    tour: Tour,
+    api: SampleApi,
+    key: ApiKey,
+    notifier: Arc<Notifier>,
+    stop: Arc<AtomicBool>,
+    traffic: Vec<tokio::task::JoinHandle<()>>,
+    upstream: String,
+}
+
+/// The demo's spec with fast windows, tweaked by `f`.
+fn fast_spec(upstream: &str, f: impl FnOnce(&mut ApiGatewaySpec)) -> ApiGatewaySpec {
+    let mut spec = demo::spec(&format!("{upstream}/weather/"), &format!("{upstream}/fx/"));
+    spec.gate.observation_window = KubeDuration::from_secs(2);
+    spec.gate.min_samples = 50;
+    spec.gate.rollback_window = KubeDuration::from_secs(60);
+    spec.detection.window = KubeDuration::from_secs(1);
+    spec.detection.min_requests = 50;
+    f(&mut spec);
+    spec
+}
+
+impl Run {
+    async fn start(f: impl FnOnce(&mut ApiGatewaySpec)) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let api = demo::start_sample_api().await.unwrap();
+        api.weather_failure_per_mille.store(0, Ordering::Relaxed);
+        let upstream = format!("http://{}", api.addr);
+        let notifier = Arc::new(Notifier::recording());
+        let (ctx, key) = demo::local_context(notifier.clone()).unwrap();
+        let m = Managed::new(
+            "shop",
+            fast_spec(&upstream, f),
+            1,
+            notifier.clone(),
+            ctx.store.clone(),
+            None,
+        );
+        Self {
+            tour: Tour::new(m, ctx),
+            api,
+            key,
+            notifier,
+            stop: Arc::new(AtomicBool::new(false)),
+            traffic: Vec::new(),
+            upstream,
+        }
+    }
+
+    /// First deploy, then synthetic clients on the active endpoint.
+    async fn serving(f: impl FnOnce(&mut ApiGatewaySpec)) -> Self {
+        let mut run = Self::start(f).await;
+        run.until("first deploy", 20, |m| {
+            m.status.phase == Some(GatewayPhase::Stable)
+        })
+        .await;
+        let active = run.active_url().await;
+        run.traffic = demo::start_traffic(
+            active,
+            run.tour.preview.clone(),
+            run.key.expose_secret().to_string(),
+            run.stop.clone(),
+        );
+        run
+    }
+
+    async fn until(&mut self, what: &'static str, secs: u64, done: impl Fn(&Managed) -> bool) {
+        if let Err(e) = self.tour.until(what, Duration::from_secs(secs), done).await {
+            panic!(
+                "{e}\nstatus: {}\nevents: {:#?}",
+                serde_json::to_string_pretty(&self.tour.m.status).unwrap(),
+                self.tour.m.events
+            );
+        }
+    }
+
+    async fn active_url(&self) -> String {
+        self.tour.ctx.platform.active_url("shop").await.unwrap()
+    }
+
+    /// GET through the active endpoint with the valid key.
+    async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.active_url().await))
+            .bearer_auth(self.key.expose_secret())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+
+    fn edit(&mut self, f: impl FnOnce(&mut ApiGatewaySpec)) {
+        let mut spec = self.tour.m.spec.clone();
+        f(&mut spec);
+        self.tour.set_spec(spec);
+    }
+
+    fn notice_kinds(&self) -> Vec<String> {
+        self.notifier
+            .recorded_rollouts()
+            .into_iter()
+            .map(|n| n.kind)
+            .collect()
+    }
+
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.traffic {
+            let _ = t.await;
+        }
+        self.tour.ctx.platform.shutdown().await;
+        drop(self.api);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_revision_passes_five_checks_and_takes_traffic_while_blue_stays_warm() {
+    let _turn = TURN.lock().await;
+    let mut run = Run::serving(|_| {}).await;
+    let first = run.tour.m.status.active_revision.clone().unwrap();
+    assert_eq!(run.tour.m.status.active_color, Some(Color::Blue));
+    // The new revision adds a route: before the switch the gateway does not know it.
+    assert_eq!(run.get("/geo/seoul").await.0, 404);
+    let upstream = run.upstream.clone();
+    run.edit(|s| {
+        let mut geo = s.proxy.routes[1].clone();
+        geo.name = "geo".into();
+        geo.path_prefix = "/geo/".into();
+        geo.upstream = format!("{upstream}/fx/");
+        s.proxy.routes.push(geo);
+    });
+    run.until("promotion", 30, |m| {
+        m.status.phase == Some(GatewayPhase::Promoting)
+    })
+    .await;
+    let status = run.tour.m.status.clone();
+    assert_ne!(status.active_revision.as_deref(), Some(first.as_str()));
+    assert_eq!(status.active_color, Some(Color::Green));
+    assert_eq!(status.previous_revision.as_deref(), Some(first.as_str()));
+    let gate = status.gate.unwrap();
+    assert_eq!(gate.progress, "5/5");
+    let phases: Vec<CheckPhase> = gate.checks.iter().map(|c| c.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            CheckPhase::Passed,
+            CheckPhase::Passed,
+            CheckPhase::Skipped,
+            CheckPhase::Passed,
+            CheckPhase::Passed
+        ]
+    );
+    let analysis = &gate.checks[4];
+    assert!(analysis.samples.unwrap() >= 50, "{analysis:?}");
+    assert!(analysis.p_value.is_some());
+    assert_eq!(
+        gate.checks[3].observed.as_deref(),
+        Some("2/2 probes passed")
+    );
+    // Traffic switched: the new route answers through the same front listener.
+    assert_eq!(run.get("/geo/seoul").await.0, 200);
+    // Blue is kept warm for the rollback window.
+    let blue = run.tour.ctx.platform.admin_urls("shop", Color::Blue).await;
+    assert_eq!(blue.len(), 2);
+    let kinds = run.notice_kinds();
+    assert_eq!(kinds, ["Deployed", "GateStarted", "Promoted"]);
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "True");
+    run.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_with_a_broken_upstream_is_refused_and_blue_keeps_serving() {
+    let _turn = TURN.lock().await;
+    let mut run = Run::serving(|_| {}).await;
+    let first = run.tour.m.status.active_revision.clone().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    run.edit(|s| s.proxy.routes[0].upstream = format!("http://127.0.0.1:{dead}/weather/"));
+    run.until("refusal", 30, |m| {
+        m.status.phase == Some(GatewayPhase::RolledBack)
+    })
+    .await;
+    let status = run.tour.m.status.clone();
+    assert_eq!(status.active_revision.as_deref(), Some(first.as_str()));
+    let rejected = status.rejected_revision.unwrap();
+    assert!(
+        rejected
+            .reason
+            .starts_with("smoke check failed: weather-today: GET /weather/today → 502"),
+        "{}",
+        rejected.reason
+    );
+    assert!(run
+        .tour
+        .ctx
+        .platform
+        .admin_urls("shop", Color::Green)
+        .await
+        .is_empty());
+    assert_eq!(run.get("/weather/today").await.0, 200);
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "RevisionRejected");
+    // The refused revision is not retried while the spec still asks for it.
+    for _ in 0..6 {
+        run.tour.tick().await;
+    }
+    let started = run
+        .notice_kinds()
+        .iter()
+        .filter(|k| *k == "GateStarted")
+        .count();
+    assert_eq!(started, 1);
+    assert_eq!(run.tour.m.runs.len(), 1);
+    assert_eq!(run.tour.m.runs[0].outcome, "rejected");
+    run.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_incident_inside_the_rollback_window_switches_back_to_blue() {
+    let _turn = TURN.lock().await;
+    let mut run = Run::serving(|_| {}).await;
+    let first = run.tour.m.status.active_revision.clone().unwrap();
+    // Let the detector learn what normal looks like on blue.
+    run.until("baseline", 30, |m| m.error_ratios.len() >= 5)
+        .await;
+    let upstream = run.upstream.clone();
+    run.edit(|s| s.proxy.routes[0].upstream = format!("{upstream}/v2/weather/"));
+    run.until("promotion", 30, |m| {
+        m.status.phase == Some(GatewayPhase::Promoting)
+    })
+    .await;
+    // The new revision's upstream starts failing half its calls after the switch.
+    run.api.v2_failure_per_mille.store(500, Ordering::Relaxed);
+    run.until("automatic rollback", 30, |m| {
+        m.status.phase == Some(GatewayPhase::RolledBack)
+    })
+    .await;
+    let status = run.tour.m.status.clone();
+    assert_eq!(status.active_revision.as_deref(), Some(first.as_str()));
+    assert_eq!(status.active_color, Some(Color::Blue));
+    let rejected = status.rejected_revision.unwrap();
+    assert!(
+        rejected
+            .reason
+            .starts_with("critical incident inside the rollback window"),
+        "{}",
+        rejected.reason
+    );
+    assert!(
+        rejected.reason.contains("route weather"),
+        "{}",
+        rejected.reason
+    );
+    // Blue serves again; the bad green is gone.
+    for _ in 0..20 {
+        assert_eq!(run.get("/weather/today").await.0, 200);
+    }
+    assert!(run
+        .tour
+        .ctx
+        .platform
+        .admin_urls("shop", Color::Green)
+        .await
+        .is_empty());
+    let outcomes: Vec<&str> = run.tour.m.runs.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["promoted", "rolled_back"]);
+    assert!(run.notice_kinds().contains(&"RolledBack".to_string()));
+    run.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_gets_a_condition_and_one_event_and_deploys_nothing() {
+    let _turn = TURN.lock().await;
+    let mut run = Run::start(|s| s.proxy.routes[1].tier = Some("gold".into())).await;
+    for _ in 0..3 {
+        run.tour.tick().await;
+    }
+    let status = &run.tour.m.status;
+    assert_eq!(status.phase, Some(GatewayPhase::Degraded));
+    let spec_valid = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SpecValid")
+        .unwrap();
+    assert_eq!(spec_valid.status, "False");
+    assert!(
+        spec_valid
+            .message
+            .contains("spec.proxy.routes[1].tier: tier \"gold\" is not defined"),
+        "{}",
+        spec_valid.message
+    );
+    let events: Vec<_> = run
+        .tour
+        .m
+        .events
+        .iter()
+        .filter(|e| e.reason == "InvalidSpec")
+        .collect();
+    assert_eq!(
+        events.len(),
+        1,
+        "one Event per bad generation, not per pass"
+    );
+    assert!(events[0].warning);
+    assert!(run.tour.ctx.platform.active_url("shop").await.is_none());
+    // Fixing the spec deploys.
+    run.edit(|s| s.proxy.routes[1].tier = None);
+    run.until("first deploy after the fix", 20, |m| {
+        m.status.phase == Some(GatewayPhase::Stable)
+    })
+    .await;
+    run.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_one_json_summary_of_its_tour() {
+    let _turn = TURN.lock().await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
+            .args(["demo", "--format", "json"])
+            .env_remove("SLACK_BOT_TOKEN")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the demo finishes in under 3 minutes")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout must be exactly one JSON document: {e}"));
+    let runs = summary["gate_runs"].as_array().unwrap();
+    let outcomes: Vec<&str> = runs
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["promoted", "rejected", "rejected"]);
+    let check = |run: usize, name: &str| -> serde_json::Value {
+        runs[run]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(check(0, "analysis")["phase"], "Passed");
+    assert_eq!(check(1, "smoke")["phase"], "Failed");
+    assert!(runs[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("upstream_unreachable"));
+    assert_eq!(check(2, "smoke")["phase"], "Passed");
+    assert_eq!(check(2, "analysis")["phase"], "Failed");
+    let incidents = summary["incidents"].as_array().unwrap();
+    let weather = incidents
+        .iter()
+        .find(|i| i["route"] == "weather" && i["signal"] == "error ratio")
+        .expect("an error-ratio incident on route weather");
+    assert_eq!(weather["max_severity"], "critical");
+    assert_eq!(weather["resolved"], true);
+    // Deployed, 3 × (GateStarted + outcome), settled, and the incident's open, two
+    // escalations and resolve at least.
+    assert!(
+        summary["notifications"].as_u64().unwrap() >= 12,
+        "{summary}"
+    );
+    // Progress went to stderr, readable without Slack markup.
+    assert!(
+        stderr.contains("rollout demo: Promoted revision"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("escalated to critical"), "{stderr}");
+    assert!(!stderr.contains(":red_circle:"), "{stderr}");
+}
