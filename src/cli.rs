@@ -103,6 +103,45 @@ pub enum Command {
     ///   apitree demo
     ///   apitree demo --format json > summary.json
     Demo(DemoArgs),
+
+    /// Run the ApiGateway controller on this machine: manifests from files, proxies in-process.
+    ///
+    /// Reads ApiGateway and Secret manifests from FILE_OR_DIR (every *.yaml / *.yml of a
+    /// directory). Each gateway gets a front listener (what clients call) and a preview listener
+    /// (what the gate probes); every new revision — an edited file — passes the 5-check gate
+    /// before the front switches to it. Approve with the annotation apitree.io/promote=<revision>
+    /// or the Slack Promote button; roll back with apitree.io/rollback=<revision>. Orgs, keys,
+    /// credentials and the pepper come from --proxy-config (the `apitree proxy` file format).
+    /// The status page, /metrics, /healthz and /readyz are on --http.
+    ///
+    ///   apitree local -f examples/local --proxy-config examples/proxy.yaml
+    Local(LocalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// A manifest file, or a directory of them.
+    #[arg(long = "file", short = 'f', value_name = "FILE_OR_DIR")]
+    pub path: PathBuf,
+    /// Orgs, keys, credentials and secret sources for every gateway (the proxy config format;
+    /// its routes and tiers are replaced by each ApiGateway's).
+    #[arg(long, value_name = "FILE", env = "APITREE_CONFIG")]
+    pub proxy_config: Option<PathBuf>,
+    /// Address of the status page, metrics and Slack interactions.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080",
+        env = "APITREE_HTTP"
+    )]
+    pub http: String,
+    /// First port of the gateways' listeners: gateway n (in name order of first sight) gets
+    /// PORT+2n (front) and PORT+2n+1 (preview). Ephemeral ports when unset.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Slack channel for notifications when SLACK_BOT_TOKEN is set.
+    #[arg(long, env = "APITREE_SLACK_CHANNEL", default_value = "apitree")]
+    pub slack_channel: String,
 }
 
 #[derive(Debug, Args)]
@@ -111,9 +150,18 @@ pub struct DemoArgs {
     /// count); progress stays on stderr.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
-    /// Leave the gateway and the sample API up after the tour, until Ctrl-C.
+    /// Leave the gateway, its synthetic clients, the sample API and the status page up after
+    /// the tour, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
+    /// Address of the status page with --keep-running.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080",
+        env = "APITREE_HTTP"
+    )]
+    pub http: String,
     /// Slack channel for the tour's notifications when SLACK_BOT_TOKEN is set.
     #[arg(
         long,

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod crd;
+pub mod dashboard;
 pub mod db;
 pub mod detect;
 pub mod gate;

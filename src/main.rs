@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use apitree::cli::{
     AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DemoArgs,
-    DetectCommand, KeysCommand, OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope,
+    DetectCommand, KeysCommand, LocalArgs, OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope,
     SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
@@ -115,13 +115,40 @@ async fn run(command: Command) -> Result<()> {
             format,
         }) => detect_replay(&input, config.as_deref(), format),
         Command::Demo(args) => demo(args).await,
+        Command::Local(args) => local(args).await,
     }
+}
+
+async fn local(args: LocalArgs) -> Result<()> {
+    let (notifier, delivery) = apitree::notify::slack::console_or_slack(&args.slack_channel);
+    let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let opts = apitree::operator::local::LocalOptions {
+        path: args.path,
+        proxy_config: args.proxy_config,
+        http: args.http,
+        base_port: args.port,
+        interval: std::time::Duration::from_secs(1),
+    };
+    let result = apitree::operator::local::run(
+        opts,
+        std::sync::Arc::new(notifier),
+        signing_secret,
+        shutdown_signal(),
+    )
+    .await;
+    if let Some(d) = delivery {
+        d.finish().await;
+    }
+    Ok(result?)
 }
 
 async fn demo(args: DemoArgs) -> Result<()> {
     let gateway = apitree::operator::demo::run(apitree::operator::demo::DemoOptions {
         keep_running: args.keep_running,
         slack_channel: Some(args.slack_channel),
+        http: args.http,
     })
     .await?;
     let summary = apitree::operator::demo::summary(&gateway);

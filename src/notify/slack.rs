@@ -58,6 +58,47 @@ impl SlackConfig {
     }
 }
 
+/// A [`SlackDelivery`] running in the background.
+pub struct DeliveryTask {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeliveryTask {
+    /// Delivers what is due once more, then stops.
+    pub async fn finish(self) {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+/// Slack through an in-memory outbox when `SLACK_BOT_TOKEN` is set (every severity to
+/// `channel`), otherwise the console. Used where no database holds a durable outbox (`demo`,
+/// `local`).
+pub fn console_or_slack(channel: &str) -> (super::Notifier, Option<DeliveryTask>) {
+    let Some(config) = SlackConfig::from_env() else {
+        return (super::Notifier::Console, None);
+    };
+    let outbox = Arc::new(Outbox::memory());
+    let delivery = SlackDelivery::new(&config, outbox.clone());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let task = tokio::spawn(delivery.run(
+        Duration::from_millis(500),
+        async move { s.notified().await },
+    ));
+    let notifier = super::Notifier::Slack {
+        outbox,
+        channels: super::Channels {
+            warning: channel.to_string(),
+            high: None,
+            critical: None,
+        },
+    };
+    (notifier, Some(DeliveryTask { stop, task }))
+}
+
 type Connector = SlackClientHyperConnector<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
 >;

@@ -19,22 +19,25 @@ use tokio::net::TcpListener;
 
 use super::rollout::{reconcile, Context, Managed};
 use crate::crd::gateway::{ApiGatewaySpec, GatewayPhase, KeyScope, SecretKeyRef};
+use crate::dashboard::GatewayView;
 use crate::detect::engine::IncidentStore;
-use crate::notify::outbox::Outbox;
-use crate::notify::slack::{SlackConfig, SlackDelivery};
-use crate::notify::{Channels, Notifier};
+use crate::notify::slack::console_or_slack;
+use crate::notify::Notifier;
+use crate::operator::http::HttpState;
 use crate::platform::local::{LocalPlatform, LocalSecrets};
 use crate::platform::Platform;
 use crate::proxy::config::{KeyEntry, OrgEntry, ProxyConfig};
 use crate::proxy::keys::{ApiKey, Pepper};
 
 /// How the demo runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DemoOptions {
     /// Leave the gateway, the sample API and the status page up after the tour (until Ctrl-C).
     pub keep_running: bool,
     /// Slack channel for notifications when `SLACK_BOT_TOKEN` is set.
     pub slack_channel: Option<String>,
+    /// Address of the status page with `keep_running`.
+    pub http: String,
 }
 
 /// Why the demo stopped early.
@@ -286,6 +289,7 @@ pub struct Tour {
     pub ctx: Context<LocalPlatform>,
     /// The preview URL while a gate runs, for synthetic clients.
     pub preview: Arc<RwLock<Option<String>>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Tour {
@@ -294,6 +298,7 @@ impl Tour {
             m,
             ctx,
             preview: Arc::new(RwLock::new(None)),
+            background: Vec::new(),
         }
     }
 
@@ -347,6 +352,39 @@ impl Tour {
         let generation = self.m.generation + 1;
         self.m.update_spec(spec, generation);
     }
+}
+
+/// `--keep-running`: the gateway, its clients and the status page stay up until Ctrl-C.
+async fn keep_running(tour: &mut Tour, addr: &str) -> Result<(), std::io::Error> {
+    let listener = TcpListener::bind(addr).await?;
+    let state = Arc::new(HttpState::new(tour.ctx.metrics.clone(), None));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::operator::http::serve(
+        listener,
+        state.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let url = tour.ctx.platform.active_url(&tour.m.name).await;
+    eprintln!(
+        "\nkept running: status page http://{addr}/, gateway {}; Ctrl-C stops everything",
+        url.as_deref().unwrap_or("-")
+    );
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tour.tick().await;
+        let url = tour.ctx.platform.active_url(&tour.m.name).await;
+        state.publish(vec![GatewayView::of(&tour.m, url)]);
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    Ok(())
 }
 
 fn stage(text: &str) {
@@ -407,6 +445,7 @@ pub fn local_context(
         default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
         http: reqwest::Client::new(),
         status_url: None,
+        metrics: Arc::new(super::metrics::OperatorMetrics::new()),
     };
     Ok((ctx, key))
 }
@@ -415,33 +454,8 @@ pub fn local_context(
 pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
     let api = start_sample_api().await?;
     let upstream = format!("http://{}", api.addr);
-    let (notifier, delivery) = match SlackConfig::from_env() {
-        Some(slack) => {
-            let outbox = Arc::new(Outbox::memory());
-            let channel = opts
-                .slack_channel
-                .clone()
-                .unwrap_or_else(|| "apitree-demo".into());
-            let delivery = SlackDelivery::new(&slack, outbox.clone());
-            let stop = Arc::new(tokio::sync::Notify::new());
-            let s = stop.clone();
-            let task = tokio::spawn(delivery.run(Duration::from_millis(500), async move {
-                s.notified().await
-            }));
-            (
-                Notifier::Slack {
-                    outbox,
-                    channels: Channels {
-                        warning: channel,
-                        high: None,
-                        critical: None,
-                    },
-                },
-                Some((stop, task)),
-            )
-        }
-        None => (Notifier::Console, None),
-    };
+    let channel = opts.slack_channel.as_deref().unwrap_or("apitree-demo");
+    let (notifier, delivery) = console_or_slack(channel);
     let (ctx, key) = local_context(Arc::new(notifier))?;
     let platform = ctx.platform.clone();
     let m = Managed::new(
@@ -454,21 +468,28 @@ pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
     );
     let mut tour = Tour::new(m, ctx);
     let stop = Arc::new(AtomicBool::new(false));
-    let result = tour_steps(&mut tour, &api, &upstream, &key, stop.clone()).await;
-    stop.store(true, Ordering::Relaxed);
+    let result = tour_steps(
+        &mut tour,
+        &api,
+        &upstream,
+        &key,
+        stop.clone(),
+        opts.keep_running,
+    )
+    .await;
     if opts.keep_running && result.is_ok() {
-        if let Some(url) = platform.active_url("demo").await {
-            eprintln!("\nkept running: the gateway answers at {url}; Ctrl-C stops it");
+        if let Err(e) = keep_running(&mut tour, &opts.http).await {
+            tracing::error!("{e}");
         }
-        let _ = tokio::signal::ctrl_c().await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in std::mem::take(&mut tour.background) {
+        let _ = t.await;
     }
     platform.shutdown().await;
     drop(api);
-    if let Some((stop, task)) = delivery {
-        // One last pass so the final notices reach Slack.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        stop.notify_one();
-        let _ = task.await;
+    if let Some(delivery) = delivery {
+        delivery.finish().await;
     }
     result.map(|()| tour.m)
 }
@@ -479,6 +500,7 @@ async fn tour_steps(
     upstream: &str,
     key: &ApiKey,
     stop: Arc<AtomicBool>,
+    keep_traffic: bool,
 ) -> Result<(), DemoError> {
     let (weather, fx) = (format!("{upstream}/weather/"), format!("{upstream}/fx/"));
     stage("1/5 first deploy: revision on blue behind the front listener");
@@ -551,9 +573,15 @@ async fn tour_steps(
     })
     .await?;
 
-    stop.store(true, Ordering::Relaxed);
+    if !keep_traffic {
+        stop.store(true, Ordering::Relaxed);
+    }
     for t in traffic {
-        let _ = t.await;
+        if keep_traffic {
+            tour.background.push(t);
+        } else {
+            let _ = t.await;
+        }
     }
     for run in &tour.m.runs {
         eprintln!(

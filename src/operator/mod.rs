@@ -2,6 +2,9 @@
 //! probes (`probes`), and the runners that drive it on the local platform (`local`, `demo`).
 
 pub mod demo;
+pub mod http;
+pub mod local;
+pub mod metrics;
 pub mod plan;
 pub mod probes;
 pub mod rollout;

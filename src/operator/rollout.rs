@@ -39,6 +39,7 @@ pub struct Context<P: Platform> {
     pub http: reqwest::Client,
     /// Link to the status page, shown in notifications.
     pub status_url: Option<String>,
+    pub metrics: Arc<super::metrics::OperatorMetrics>,
 }
 
 /// A finished gate run, for the status page and the demo summary.
@@ -109,6 +110,8 @@ pub struct Managed {
     next_detect: Option<Timestamp>,
     critical: Option<String>,
     open: BTreeMap<(String, String), usize>,
+    /// Why the latest edit of the resource could not be read; the last good spec keeps running.
+    manifest_error: Option<String>,
 }
 
 impl Managed {
@@ -153,6 +156,21 @@ impl Managed {
             next_detect: None,
             critical: None,
             open: BTreeMap::new(),
+            manifest_error: None,
+        }
+    }
+
+    /// The resource was edited into something that does not parse: keep running the last good
+    /// spec, say so in `SpecValid` and an Event (once per distinct problem).
+    pub fn manifest_problem(&mut self, problem: &str, now: Timestamp) {
+        if self.manifest_error.as_deref() != Some(problem) {
+            self.manifest_error = Some(problem.to_string());
+            self.event(
+                now,
+                "InvalidManifest",
+                format!("{problem}; still running the last valid spec"),
+                true,
+            );
         }
     }
 
@@ -160,6 +178,7 @@ impl Managed {
     pub fn update_spec(&mut self, spec: ApiGatewaySpec, generation: i64) {
         self.spec = spec;
         self.generation = generation;
+        self.manifest_error = None;
     }
 
     fn event(&mut self, now: Timestamp, reason: &str, message: String, warning: bool) {
@@ -218,17 +237,36 @@ fn metrics_urls(admins: Vec<String>) -> Vec<String> {
 
 /// One pass of one gateway's loop.
 pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) {
+    let timer = ctx.metrics.reconcile_duration.start_timer();
     let (desired, rendered) = match m.desired(ctx) {
         Ok(d) => d,
-        Err(problems) => return refuse_spec(m, problems, now),
+        Err(problems) => {
+            ctx.metrics
+                .reconciles
+                .with_label_values(&["invalid_spec"])
+                .inc();
+            return refuse_spec(m, problems, now);
+        }
     };
     let generation = Some(m.generation);
+    let (valid, reason, message) = match &m.manifest_error {
+        Some(problem) => (
+            ConditionStatus::False,
+            "InvalidManifest",
+            format!("{problem}; still running the last valid spec"),
+        ),
+        None => (
+            ConditionStatus::True,
+            "Valid",
+            "the spec renders to a proxy configuration that starts".to_string(),
+        ),
+    };
     set_condition(
         &mut m.status.conditions,
         "SpecValid",
-        ConditionStatus::True,
-        "Valid",
-        "the spec renders to a proxy configuration that starts",
+        valid,
+        reason,
+        &message,
         generation,
         now,
     );
@@ -270,6 +308,8 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
     update_conditions(m, now);
     m.status.observed_generation = generation;
     detect(m, ctx, now).await;
+    timer.observe_duration();
+    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
 }
 
 fn refuse_spec(m: &mut Managed, problems: Vec<String>, now: Timestamp) {
@@ -428,6 +468,7 @@ async fn perform<P: Platform>(
                 Ok(()) => true,
                 Err(e) => {
                     // The rollout check times out and refuses the revision; say why now.
+                    ctx.metrics.errors.with_label_values(&[e.category()]).inc();
                     m.event(now, e.category(), e.to_string(), true);
                     false
                 }
@@ -516,6 +557,7 @@ async fn announce<P: Platform>(
         _ => None,
     };
     if let Some(outcome) = outcome {
+        ctx.metrics.gate_results.with_label_values(&[outcome]).inc();
         m.runs.push(GateRun {
             revision: n.revision.clone(),
             outcome,

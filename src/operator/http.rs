@@ -1,0 +1,129 @@
+//! The operator's HTTP port: the status page (`/`, `/api/gateways`), `/metrics`, `/healthz`,
+//! `/readyz` and, when a signing secret is configured, Slack's `POST /slack/interactions`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::metrics::OperatorMetrics;
+use crate::dashboard::{GatewayView, PAGE};
+use crate::notify::slack::InteractionEndpoint;
+
+/// What the HTTP port serves from.
+pub struct HttpState {
+    /// The gateways as of the last pass of the loop.
+    pub views: RwLock<Vec<GatewayView>>,
+    pub metrics: Arc<OperatorMetrics>,
+    /// True once the loop has completed a pass (and, in a cluster, holds the lease).
+    pub ready: AtomicBool,
+    pub interactions: Option<InteractionEndpoint>,
+}
+
+impl HttpState {
+    pub fn new(metrics: Arc<OperatorMetrics>, interactions: Option<InteractionEndpoint>) -> Self {
+        Self {
+            views: RwLock::new(Vec::new()),
+            metrics,
+            ready: AtomicBool::new(false),
+            interactions,
+        }
+    }
+
+    pub fn publish(&self, views: Vec<GatewayView>) {
+        *self.views.write().unwrap_or_else(|p| p.into_inner()) = views;
+        self.ready.store(true, Ordering::Relaxed);
+    }
+}
+
+fn reply(status: u16, content_type: &str, body: String) -> http::Response<String> {
+    http::Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .body(body)
+        .unwrap_or_default()
+}
+
+fn json_error(status: u16, code: &str, message: &str) -> http::Response<String> {
+    reply(
+        status,
+        "application/json",
+        serde_json::json!({"error": message, "code": code}).to_string(),
+    )
+}
+
+async fn route(
+    state: Arc<HttpState>,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<String> {
+    use http::Method;
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => reply(200, "text/html; charset=utf-8", PAGE.to_string()),
+        (&Method::GET, "/api/gateways") => {
+            let views = state.views.read().unwrap_or_else(|p| p.into_inner());
+            reply(
+                200,
+                "application/json",
+                serde_json::to_string(&*views).unwrap_or_else(|_| "[]".into()),
+            )
+        }
+        (&Method::GET, "/metrics") => {
+            reply(200, "text/plain; version=0.0.4", state.metrics.render())
+        }
+        (&Method::GET, "/healthz") => reply(200, "application/json", r#"{"status":"ok"}"#.into()),
+        (&Method::GET, "/readyz") => {
+            if state.ready.load(Ordering::Relaxed) {
+                reply(200, "application/json", r#"{"status":"ready"}"#.into())
+            } else {
+                json_error(
+                    503,
+                    "not_ready",
+                    "the control loop has not completed a pass yet",
+                )
+            }
+        }
+        (_, "/slack/interactions") => match &state.interactions {
+            Some(endpoint) => endpoint.serve(req).await,
+            None => json_error(
+                404,
+                "not_configured",
+                "Slack interactivity is off: set SLACK_SIGNING_SECRET to enable the buttons",
+            ),
+        },
+        _ => json_error(
+            404,
+            "no_route",
+            "not found; try /, /api/gateways, /metrics, /healthz, /readyz or /slack/interactions",
+        ),
+    }
+}
+
+/// Serves until `stop` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let state = state.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(state, req).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! `apitree local -f FILE_OR_DIR`: the ApiGateway loop on this machine. ApiGateway and Secret
+//! manifests come from YAML files (a directory is read in name order); proxies run in-process on
+//! the local platform; editing a file starts a new revision through the gate. Annotations
+//! `apitree.io/promote=<revision>` and `apitree.io/rollback=<revision>` in the files, or the
+//! Slack buttons, act as they do in a cluster. The status page, `/metrics`, `/healthz` and
+//! `/readyz` are served on `--http`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::http::{self, HttpState};
+use super::metrics::OperatorMetrics;
+use super::rollout::{reconcile, Context, Managed};
+use crate::crd::gateway::{ApiGatewaySpec, SecretKeyRef};
+use crate::dashboard::GatewayView;
+use crate::detect::engine::IncidentStore;
+use crate::gate::Request;
+use crate::notify::slack::{Action, InteractionEndpoint};
+use crate::notify::Notifier;
+use crate::platform::local::{LocalPlatform, LocalSecrets};
+use crate::platform::Platform;
+use crate::proxy::config::ProxyConfig;
+
+/// Annotation that approves a revision waiting in AwaitingApproval.
+pub const PROMOTE_ANNOTATION: &str = "apitree.io/promote";
+/// Annotation that rolls back (or refuses) a revision.
+pub const ROLLBACK_ANNOTATION: &str = "apitree.io/rollback";
+
+/// How `apitree local` runs.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// A manifest file or a directory of them.
+    pub path: PathBuf,
+    /// A proxy config (the `apitree proxy` format) supplying orgs, keys, credentials and the
+    /// pepper and master-key sources; its routes and tiers are replaced by each ApiGateway's.
+    pub proxy_config: Option<PathBuf>,
+    /// Address of the status page and metrics.
+    pub http: String,
+    /// First port of the gateways' front listeners (two per gateway: active and preview).
+    pub base_port: Option<u16>,
+    /// How often the loop runs.
+    pub interval: Duration,
+}
+
+/// Why `apitree local` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{0}")]
+    ProxyConfig(String),
+    #[error("cannot listen on {addr}: {reason}; pick another address with --http")]
+    Listen { addr: String, reason: String },
+}
+
+/// An ApiGateway read from a file.
+#[derive(Debug, Clone)]
+pub struct GatewayManifest {
+    pub name: String,
+    /// The spec, or why it does not parse.
+    pub spec: Result<ApiGatewaySpec, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Everything the files say.
+#[derive(Debug, Clone, Default)]
+pub struct Manifests {
+    pub gateways: Vec<GatewayManifest>,
+    /// (Secret name, key) → value.
+    pub secrets: HashMap<(String, String), String>,
+    /// Secret name → digest of its content (its "resourceVersion" here).
+    pub secret_versions: BTreeMap<String, String>,
+    /// Documents that could not be read, with where and why.
+    pub problems: Vec<String>,
+}
+
+fn digest(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..4])
+}
+
+fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LocalError> {
+    let read_err = |e: std::io::Error| LocalError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(read_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every ApiGateway and Secret in `path`. Unreadable documents become problems, not
+/// errors: one bad file must not stop the gateways of the others.
+pub fn load_manifests(path: &Path) -> Result<Manifests, LocalError> {
+    let mut out = Manifests::default();
+    for file in yaml_files(path)? {
+        let text = std::fs::read_to_string(&file).map_err(|e| LocalError::Read {
+            path: file.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let docs: Vec<Value> = match serde_saphyr::from_str_multiple(&text) {
+            Ok(d) => d,
+            Err(e) => {
+                out.problems
+                    .push(format!("{}: not valid YAML: {e}", file.display()));
+                continue;
+            }
+        };
+        for (i, doc) in docs.into_iter().enumerate() {
+            let at = format!("{} (document {})", file.display(), i + 1);
+            let name = doc["metadata"]["name"].as_str().unwrap_or("").to_string();
+            match doc["kind"].as_str() {
+                Some("ApiGateway") => {
+                    if name.is_empty() {
+                        out.problems
+                            .push(format!("{at}: ApiGateway without metadata.name"));
+                        continue;
+                    }
+                    let annotations = doc["metadata"]["annotations"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let spec = serde_json::from_value::<ApiGatewaySpec>(doc["spec"].clone())
+                        .map_err(|e| format!("{at}: spec: {e}"));
+                    out.gateways.push(GatewayManifest {
+                        name,
+                        spec,
+                        annotations,
+                    });
+                }
+                Some("Secret") => {
+                    let mut content = Vec::new();
+                    if let Some(data) = doc["data"].as_object() {
+                        for (k, v) in data {
+                            let decoded = v
+                                .as_str()
+                                .and_then(|v| {
+                                    base64::engine::general_purpose::STANDARD.decode(v).ok()
+                                })
+                                .and_then(|b| String::from_utf8(b).ok());
+                            match decoded {
+                                Some(value) => {
+                                    content.push(format!("{k}={value}"));
+                                    out.secrets.insert((name.clone(), k.clone()), value);
+                                }
+                                None => out.problems.push(format!(
+                                    "{at}: Secret {name} data.{k} is not base64 of UTF-8 text"
+                                )),
+                            }
+                        }
+                    }
+                    if let Some(data) = doc["stringData"].as_object() {
+                        for (k, v) in data {
+                            let value = v.as_str().unwrap_or_default().to_string();
+                            content.push(format!("{k}={value}"));
+                            out.secrets.insert((name.clone(), k.clone()), value);
+                        }
+                    }
+                    content.sort();
+                    out.secret_versions
+                        .insert(name, digest(content.join("\n").as_bytes()));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn newest_change(path: &Path) -> Option<SystemTime> {
+    yaml_files(path)
+        .ok()?
+        .iter()
+        .filter_map(|f| f.metadata().and_then(|m| m.modified()).ok())
+        .max()
+}
+
+/// Fingerprint of the pepper and master keys the proxies use (never the values).
+fn base_secret_versions(cfg: &ProxyConfig, dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let sources = [
+        ("pepper", "APITREE_KEY_PEPPER", &cfg.secrets.pepper_file),
+        (
+            "master-keys",
+            "APITREE_MASTER_KEY",
+            &cfg.secrets.master_key_file,
+        ),
+    ];
+    for (name, env, file) in sources {
+        let bytes = std::env::var(env)
+            .ok()
+            .map(String::into_bytes)
+            .or_else(|| file.as_ref().and_then(|f| std::fs::read(dir.join(f)).ok()));
+        if let Some(b) = bytes {
+            out.push((name.to_string(), digest(&b)));
+        }
+    }
+    out
+}
+
+/// A human's request from the Slack buttons, routed to the gateway whose revision it names.
+#[derive(Debug, Clone)]
+struct ButtonPress {
+    action: Action,
+    request: Request,
+}
+
+/// Runs until `stop` resolves.
+pub async fn run(
+    opts: LocalOptions,
+    notifier: Arc<Notifier>,
+    signing_secret: Option<String>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), LocalError> {
+    let (base, pepper, master_keys, versions) = match &opts.proxy_config {
+        Some(path) => {
+            let cfg =
+                ProxyConfig::load(path).map_err(|e| LocalError::ProxyConfig(e.to_string()))?;
+            let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+            let pepper =
+                crate::proxy::state::load_pepper(&cfg, &dir).map_err(LocalError::ProxyConfig)?;
+            let keys = crate::proxy::state::load_master_keys(&cfg, &dir)
+                .map_err(LocalError::ProxyConfig)?;
+            let versions = base_secret_versions(&cfg, &dir);
+            (cfg, pepper, keys, versions)
+        }
+        None => {
+            tracing::warn!("no --proxy-config: the gateways know no API keys and refuse every request with 401");
+            let mut bytes = [0u8; 32];
+            rand::fill(&mut bytes);
+            let pepper = crate::proxy::keys::Pepper::new(bytes.to_vec())
+                .map_err(|e| LocalError::ProxyConfig(e.to_string()))?;
+            let cfg: ProxyConfig =
+                serde_saphyr::from_str("{}").map_err(|e| LocalError::ProxyConfig(e.to_string()))?;
+            (cfg, pepper, None, Vec::new())
+        }
+    };
+    let metrics = Arc::new(OperatorMetrics::new());
+    let (press_tx, mut press_rx) = tokio::sync::mpsc::unbounded_channel::<ButtonPress>();
+    let interactions = signing_secret.map(|secret| InteractionEndpoint {
+        signing_secret: Some(secret),
+        audit: None,
+        notifier: notifier.clone(),
+        apply: Arc::new(move |i| {
+            if let (Action::Promote | Action::Rollback, Some(revision)) = (i.action, &i.revision) {
+                let _ = press_tx.send(ButtonPress {
+                    action: i.action,
+                    request: Request {
+                        revision: revision.clone(),
+                        by: format!("slack:{}", i.user_name),
+                    },
+                });
+            }
+            None
+        }),
+    });
+    let state = Arc::new(HttpState::new(metrics.clone(), interactions));
+    let listener = tokio::net::TcpListener::bind(&opts.http)
+        .await
+        .map_err(|e| LocalError::Listen {
+            addr: opts.http.clone(),
+            reason: e.to_string(),
+        })?;
+    let status_url = listener.local_addr().ok().map(|a| format!("http://{a}/"));
+    tracing::info!(url = status_url.as_deref().unwrap_or(""), "status page");
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, state.clone(), async {
+        let _ = http_stop_rx.await;
+    }));
+
+    let platform = Arc::new(LocalPlatform::new(
+        LocalSecrets {
+            pepper,
+            master_keys: master_keys.clone(),
+        },
+        opts.base_port,
+    ));
+    let store = Arc::new(IncidentStore::memory());
+    let mut gateways: BTreeMap<String, Managed> = BTreeMap::new();
+    let mut seen: Option<SystemTime> = None;
+    let mut manifests = Manifests::default();
+    tokio::pin!(stop);
+    loop {
+        let changed = newest_change(&opts.path);
+        if seen.is_none() || changed != seen {
+            seen = changed.or(Some(SystemTime::UNIX_EPOCH));
+            match load_manifests(&opts.path) {
+                Ok(m) => {
+                    for p in &m.problems {
+                        tracing::error!("{p}");
+                    }
+                    manifests = m;
+                }
+                Err(e) => tracing::error!("{e}; keeping the manifests read before"),
+            }
+            let names: Vec<String> = manifests.gateways.iter().map(|g| g.name.clone()).collect();
+            let gone: Vec<String> = gateways
+                .keys()
+                .filter(|n| !names.contains(n))
+                .cloned()
+                .collect();
+            for name in gone {
+                tracing::info!(gateway = %name, "manifest removed: stopping the gateway");
+                platform.remove(&name).await;
+                gateways.remove(&name);
+            }
+            for g in &manifests.gateways {
+                match (&g.spec, gateways.get_mut(&g.name)) {
+                    (Ok(spec), Some(m)) => {
+                        if &m.spec != spec {
+                            let generation = m.generation + 1;
+                            m.update_spec(spec.clone(), generation);
+                        }
+                    }
+                    (Ok(spec), None) => {
+                        gateways.insert(
+                            g.name.clone(),
+                            Managed::new(
+                                &g.name,
+                                spec.clone(),
+                                1,
+                                notifier.clone(),
+                                store.clone(),
+                                status_url.clone(),
+                            ),
+                        );
+                    }
+                    (Err(problem), Some(m)) => m.manifest_problem(problem, Timestamp::now()),
+                    (Err(_), None) => {}
+                }
+            }
+        }
+        let mut secret_versions = versions.clone();
+        secret_versions.extend(
+            manifests
+                .secret_versions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        let secrets = manifests.secrets.clone();
+        let ctx = Context {
+            platform: platform.clone(),
+            notifier: notifier.clone(),
+            store: store.clone(),
+            base: base.clone(),
+            master_keys: master_keys.clone(),
+            secrets: Arc::new(move |r: &SecretKeyRef| {
+                secrets.get(&(r.name.clone(), r.key.clone())).cloned()
+            }),
+            secret_versions,
+            default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
+            http: reqwest::Client::new(),
+            status_url: status_url.clone(),
+            metrics: metrics.clone(),
+        };
+        while let Ok(press) = press_rx.try_recv() {
+            for m in gateways.values_mut() {
+                let names_it = m
+                    .status
+                    .gate
+                    .as_ref()
+                    .is_some_and(|g| g.revision == press.request.revision)
+                    || m.status.active_revision.as_deref() == Some(press.request.revision.as_str());
+                if names_it {
+                    match press.action {
+                        Action::Promote => m.promote = Some(press.request.clone()),
+                        _ => m.rollback = Some(press.request.clone()),
+                    }
+                }
+            }
+        }
+        for g in &manifests.gateways {
+            if let Some(m) = gateways.get_mut(&g.name) {
+                let ask = |key: &str| {
+                    g.annotations.get(key).map(|rev| Request {
+                        revision: rev.clone(),
+                        by: format!("annotation {key}"),
+                    })
+                };
+                if let Some(r) = ask(PROMOTE_ANNOTATION) {
+                    m.promote.get_or_insert(r);
+                }
+                if let Some(r) = ask(ROLLBACK_ANNOTATION) {
+                    m.rollback.get_or_insert(r);
+                }
+            }
+        }
+        let now = Timestamp::now();
+        metrics.phases.reset();
+        let mut views = Vec::new();
+        for m in gateways.values_mut() {
+            reconcile(m, &ctx, now).await;
+            let phase = m.status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+            metrics.phases.with_label_values(&[phase.as_str()]).inc();
+            views.push(GatewayView::of(m, platform.active_url(&m.name).await));
+        }
+        state.publish(views);
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(opts.interval) => {}
+        }
+    }
+    platform.shutdown().await;
+    let _ = http_stop_tx.send(());
+    let _ = server.await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_gateways_and_secrets_and_reports_bad_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "apiVersion: apitree.io/v1alpha1\nkind: ApiGateway\nmetadata:\n  name: shop\n  annotations:\n    apitree.io/promote: abc\nspec:\n  proxy:\n    routes:\n    - name: r\n      pathPrefix: /r/\n      upstream: http://127.0.0.1:9/\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: keys\ndata:\n  live: c2VjcmV0\nstringData:\n  test: plain\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b.yml"),
+            "kind: ApiGateway\nmetadata:\n  name: broken\nspec:\n  proxy: {}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let m = load_manifests(dir.path()).unwrap();
+        assert_eq!(m.gateways.len(), 2);
+        assert!(m.gateways[0].spec.is_ok());
+        assert_eq!(m.gateways[0].annotations[PROMOTE_ANNOTATION], "abc");
+        let broken = m.gateways[1].spec.as_ref().unwrap_err();
+        assert!(broken.contains("b.yml (document 1): spec:"), "{broken}");
+        assert!(broken.contains("routes"), "{broken}");
+        assert_eq!(m.secrets[&("keys".into(), "live".into())], "secret");
+        assert_eq!(m.secrets[&("keys".into(), "test".into())], "plain");
+        // A Secret's version changes with its content, and does not reveal it.
+        let v = m.secret_versions["keys"].clone();
+        assert_eq!(v.len(), 8);
+        assert!(!v.contains("secret"));
+    }
+}
