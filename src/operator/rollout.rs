@@ -112,6 +112,8 @@ pub struct Managed {
     open: BTreeMap<(String, String), usize>,
     /// Why the latest edit of the resource could not be read; the last good spec keeps running.
     manifest_error: Option<String>,
+    /// uid of the resource in a cluster (owner references of its children).
+    pub uid: Option<String>,
 }
 
 impl Managed {
@@ -157,6 +159,7 @@ impl Managed {
             critical: None,
             open: BTreeMap::new(),
             manifest_error: None,
+            uid: None,
         }
     }
 
@@ -460,6 +463,13 @@ async fn perform<P: Platform>(
                 revision: revision.clone(),
                 replicas: m.spec.replicas,
                 config: rendered.clone(),
+                image: m
+                    .spec
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| ctx.default_image.clone()),
+                spec: m.spec.clone(),
+                owner_uid: m.uid.clone(),
             };
             if revision != desired {
                 return false;

@@ -2,22 +2,30 @@
 //! cluster) and `local` (proxies inside this process on loopback ports, behind a front listener
 //! that switches color atomically). The controller and the gate do not know which one they drive.
 
+pub mod kube;
 pub mod local;
 
 use std::future::Future;
 
-use crate::crd::gateway::Color;
+use crate::crd::gateway::{ApiGatewaySpec, Color};
 use crate::gate::ColorObservation;
 use crate::proxy::config::ProxyConfig;
 
 /// One color of one gateway as the plan wants it.
 #[derive(Debug, Clone)]
 pub struct Deployment {
+    /// `name` locally, `namespace/name` in a cluster.
     pub gateway: String,
     pub revision: String,
     pub replicas: i32,
     /// The rendered proxy configuration (routes, tiers, orgs, keys, credentials).
     pub config: ProxyConfig,
+    /// Container image (clusters only).
+    pub image: String,
+    /// The resource's spec: secret references, resources (clusters only).
+    pub spec: ApiGatewaySpec,
+    /// uid of the ApiGateway, for owner references (clusters only).
+    pub owner_uid: Option<String>,
 }
 
 /// Why a platform call failed.
@@ -37,6 +45,14 @@ pub enum PlatformError {
         addr: String,
         reason: String,
     },
+    #[error("cannot {verb} {kind} {name}: {source}")]
+    Kube {
+        verb: &'static str,
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: ::kube::Error,
+    },
 }
 
 impl PlatformError {
@@ -46,6 +62,9 @@ impl PlatformError {
             Self::Start { .. } => "StartFailed",
             Self::UnknownGateway(_) => "UnknownGateway",
             Self::Listen { .. } => "ListenFailed",
+            Self::Kube { verb: "apply", .. } => "ApplyFailed",
+            Self::Kube { verb: "delete", .. } => "DeleteFailed",
+            Self::Kube { .. } => "KubeApiError",
         }
     }
 }

@@ -56,6 +56,25 @@ pub struct ProxyConfig {
     pub shutdown_grace: KubeDuration,
 }
 
+impl Default for ProxyConfig {
+    /// Nothing configured: every field at its documented default.
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin: default_admin(),
+            secrets: SecretSources::default(),
+            tiers: Vec::new(),
+            default_tier: None,
+            default_timeout: default_timeout(),
+            orgs: Vec::new(),
+            keys: Vec::new(),
+            credentials: Vec::new(),
+            routes: Vec::new(),
+            shutdown_grace: default_drain(),
+        }
+    }
+}
+
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }

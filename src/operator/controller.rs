@@ -1,0 +1,423 @@
+//! The ApiGateway controller in a cluster: kube-runtime's Controller drives `reconcile`, wrapped
+//! in the finalizer helper so deleting a gateway deletes its children first. Each pass loads the
+//! gateway's status from the object (so a restarted operator resumes mid-gate), runs the shared
+//! loop (`rollout::reconcile`) on the Kubernetes platform, publishes the pass's Events and writes
+//! the status back with server-side apply.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+
+use super::http::HttpState;
+use super::metrics::OperatorMetrics;
+use super::probes::SecretResolver;
+use super::rollout::{self, Context, Managed};
+use crate::crd::gateway::{ApiGateway, GatewayPhase, SecretKeyRef};
+use crate::dashboard::GatewayView;
+use crate::detect::engine::IncidentStore;
+use crate::gate::Request;
+use crate::notify::Notifier;
+use crate::platform::kube::{KubePlatform, FIELD_MANAGER};
+use crate::proxy::config::ProxyConfig;
+
+/// Finalizer that makes deletion remove the gateway's children first.
+pub const FINALIZER: &str = "apitree.io/cleanup";
+pub use super::local::{PROMOTE_ANNOTATION, ROLLBACK_ANNOTATION};
+
+/// Why a pass failed. Each variant names the operation; `category` is the metric label and the
+/// Event reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("cannot write the status of ApiGateway {name}: {source}")]
+    PatchStatus {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot delete the children of ApiGateway {name}: {source}")]
+    Cleanup {
+        name: String,
+        #[source]
+        source: crate::platform::PlatformError,
+    },
+    #[error("finalizer of ApiGateway {name}: {reason}")]
+    Finalizer { name: String, reason: String },
+}
+
+impl ControllerError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::PatchStatus { .. } => "PatchStatus",
+            Self::Cleanup { .. } => "Cleanup",
+            Self::Finalizer { .. } => "Finalizer",
+        }
+    }
+}
+
+/// A Slack button press waiting for its gateway's next pass.
+#[derive(Debug, Clone)]
+pub struct Press {
+    pub promote: bool,
+    pub request: Request,
+}
+
+/// Everything the controller shares between passes.
+pub struct Operator {
+    pub client: Client,
+    pub platform: Arc<KubePlatform>,
+    pub metrics: Arc<OperatorMetrics>,
+    pub notifier: Arc<Notifier>,
+    pub store: Arc<IncidentStore>,
+    pub default_image: String,
+    pub http: reqwest::Client,
+    pub status_url: Option<String>,
+    pub reporter: Reporter,
+    /// The operator's clock; tests move it by hand.
+    pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    pub views: Arc<HttpState>,
+    gateways: tokio::sync::Mutex<HashMap<String, Managed>>,
+    presses: Mutex<Vec<Press>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Operator {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        platform: Arc<KubePlatform>,
+        metrics: Arc<OperatorMetrics>,
+        notifier: Arc<Notifier>,
+        default_image: String,
+        status_url: Option<String>,
+        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+        views: Arc<HttpState>,
+    ) -> Self {
+        Self {
+            client,
+            platform,
+            metrics,
+            notifier,
+            store: Arc::new(IncidentStore::memory()),
+            default_image,
+            http: reqwest::Client::new(),
+            status_url,
+            reporter: Reporter {
+                controller: "apitree-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            clock,
+            views,
+            gateways: tokio::sync::Mutex::new(HashMap::new()),
+            presses: Mutex::new(Vec::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Queues a Slack Promote / Roll back press for the gateway whose revision it names.
+    pub fn press(&self, p: Press) {
+        self.presses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p);
+    }
+}
+
+fn key(obj: &ApiGateway) -> String {
+    format!(
+        "{}/{}",
+        obj.namespace().unwrap_or_else(|| "default".into()),
+        obj.name_any()
+    )
+}
+
+/// One pass over one ApiGateway.
+pub async fn reconcile(obj: Arc<ApiGateway>, op: Arc<Operator>) -> Result<Action, ControllerError> {
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<ApiGateway> = Api::namespaced(op.client.clone(), &ns);
+    let name = key(&obj);
+    let result = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(gw) => apply(gw, &op).await,
+            Finalizer::Cleanup(gw) => cleanup(gw, &op).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => {
+            op.failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            Ok(action)
+        }
+        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
+        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => Err(e),
+        Err(e) => Err(ControllerError::Finalizer {
+            name,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Transient failures back off per object: 5 s, 10 s, 20 s … up to 5 minutes.
+pub fn error_policy(obj: Arc<ApiGateway>, err: &ControllerError, op: Arc<Operator>) -> Action {
+    op.metrics.errors.with_label_values(&[err.category()]).inc();
+    op.metrics.reconciles.with_label_values(&["error"]).inc();
+    let mut failures = op.failures.lock().unwrap_or_else(|e| e.into_inner());
+    let n = failures.entry(key(&obj)).or_insert(0);
+    *n += 1;
+    let wait = Duration::from_secs(5u64 << (*n - 1).min(6)).min(Duration::from_secs(300));
+    tracing::warn!(gateway = %key(&obj), retry_in_s = wait.as_secs(), "{err}");
+    Action::requeue(wait)
+}
+
+/// Values of the Secrets a pass needs (smoke-probe keys, the database URL) and the versions of
+/// those the proxies use (pepper, master key, database, Redis), which go into the revision.
+async fn secrets(
+    client: &Client,
+    ns: &str,
+    obj: &ApiGateway,
+) -> (HashMap<(String, String), String>, Vec<(String, String)>) {
+    let spec = &obj.spec;
+    let mut wanted: Vec<(&SecretKeyRef, bool)> = Vec::new();
+    if let Some(s) = &spec.secrets {
+        wanted.push((&s.key_pepper, true));
+        if let Some(m) = &s.master_key {
+            wanted.push((m, true));
+        }
+    }
+    if let Some(d) = &spec.database {
+        wanted.push((d, true));
+    }
+    if let Some(r) = &spec.redis {
+        wanted.push((r, true));
+    }
+    for p in &spec.gate.smoke {
+        if let Some(k) = &p.api_key {
+            wanted.push((k, false));
+        }
+    }
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let mut values = HashMap::new();
+    let mut versions = Vec::new();
+    let mut fetched: HashMap<String, Option<Secret>> = HashMap::new();
+    for (r, versioned) in wanted {
+        if !fetched.contains_key(&r.name) {
+            let got = match api.get_opt(&r.name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(secret = %r.name, "cannot read Secret: {e}");
+                    None
+                }
+            };
+            fetched.insert(r.name.clone(), got);
+        }
+        let secret = fetched.get(&r.name).and_then(|s| s.as_ref());
+        if versioned {
+            let version = secret
+                .and_then(|s| s.metadata.resource_version.clone())
+                .unwrap_or_else(|| "missing".into());
+            let entry = (r.name.clone(), version);
+            if !versions.contains(&entry) {
+                versions.push(entry);
+            }
+        }
+        let value = secret
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(&r.key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok());
+        if let Some(v) = value {
+            values.insert((r.name.clone(), r.key.clone()), v);
+        }
+    }
+    (values, versions)
+}
+
+/// How soon to look again: gate timers need seconds; a quiet gateway its detection window.
+fn requeue_after(m: &Managed) -> Action {
+    match m.status.phase {
+        Some(GatewayPhase::Degraded) if m.status.active_revision.is_none() => {
+            // An invalid spec waits for the user to change it.
+            Action::await_change()
+        }
+        Some(
+            GatewayPhase::Progressing
+            | GatewayPhase::Gating
+            | GatewayPhase::Promoting
+            | GatewayPhase::AwaitingApproval,
+        ) => Action::requeue(Duration::from_secs(2)),
+        _ => Action::requeue(
+            m.spec
+                .detection
+                .window
+                .as_std()
+                .clamp(Duration::from_secs(5), Duration::from_secs(60)),
+        ),
+    }
+}
+
+async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, ControllerError> {
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let name = key(&obj);
+    let generation = obj.metadata.generation.unwrap_or(1);
+    let (values, versions) = secrets(&op.client, &ns, &obj).await;
+    let resolver: Arc<SecretResolver> =
+        Arc::new(move |r: &SecretKeyRef| values.get(&(r.name.clone(), r.key.clone())).cloned());
+    let ctx = Context {
+        platform: op.platform.clone(),
+        notifier: op.notifier.clone(),
+        store: op.store.clone(),
+        base: ProxyConfig::default(),
+        master_keys: None,
+        secrets: resolver,
+        secret_versions: versions,
+        default_image: op.default_image.clone(),
+        http: op.http.clone(),
+        status_url: op.status_url.clone(),
+        metrics: op.metrics.clone(),
+    };
+    let mut gateways = op.gateways.lock().await;
+    let m = gateways.entry(name.clone()).or_insert_with(|| {
+        Managed::new(
+            &name,
+            obj.spec.clone(),
+            generation,
+            op.notifier.clone(),
+            op.store.clone(),
+            op.status_url.clone(),
+        )
+    });
+    if m.spec != obj.spec || m.generation != generation {
+        m.update_spec(obj.spec.clone(), generation);
+    }
+    m.uid = obj.metadata.uid.clone();
+    // The object's status is the truth: a restarted operator resumes from it.
+    m.status = obj.status.clone().unwrap_or_default();
+    let annotation = |k: &str| {
+        obj.annotations().get(k).map(|rev| Request {
+            revision: rev.clone(),
+            by: format!("annotation {k}"),
+        })
+    };
+    m.promote = annotation(PROMOTE_ANNOTATION);
+    m.rollback = annotation(ROLLBACK_ANNOTATION);
+    for p in op
+        .presses
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain(..)
+    {
+        let names_it = m
+            .status
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.revision == p.request.revision)
+            || m.status.active_revision.as_deref() == Some(p.request.revision.as_str());
+        if names_it && p.promote {
+            m.promote = Some(p.request);
+        } else if names_it {
+            m.rollback = Some(p.request);
+        }
+    }
+    let seen = m.events.len();
+    let last_at = m.events.back().map(|e| e.at.clone());
+    rollout::reconcile(m, &ctx, (op.clock)()).await;
+    // Events of this pass (the ring may have dropped old ones; count from the last seen).
+    let fresh: Vec<_> = match &last_at {
+        Some(at) => m
+            .events
+            .iter()
+            .skip_while(|e| &e.at <= at)
+            .cloned()
+            .collect(),
+        None => m.events.iter().skip(seen).cloned().collect(),
+    };
+    let recorder = Recorder::new(op.client.clone(), op.reporter.clone());
+    let reference = obj.object_ref(&());
+    for e in fresh {
+        let event = KubeEvent {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.clone(),
+            note: Some(e.message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            tracing::warn!(gateway = %name, "cannot publish an Event: {err}");
+        }
+    }
+    let status = serde_json::json!({
+        "apiVersion": "apitree.io/v1alpha1",
+        "kind": "ApiGateway",
+        "status": m.status,
+    });
+    let api: Api<ApiGateway> = Api::namespaced(op.client.clone(), &ns);
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .map_err(|source| ControllerError::PatchStatus {
+        name: name.clone(),
+        source,
+    })?;
+    let action = requeue_after(m);
+    let views: Vec<GatewayView> = gateways
+        .values()
+        .map(|g| GatewayView::of(g, None))
+        .collect();
+    op.views.publish(views);
+    Ok(action)
+}
+
+async fn cleanup(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, ControllerError> {
+    let name = key(&obj);
+    op.platform
+        .delete_children(&name)
+        .await
+        .map_err(|source| ControllerError::Cleanup {
+            name: name.clone(),
+            source,
+        })?;
+    op.gateways.lock().await.remove(&name);
+    tracing::info!(gateway = %name, "deleted: children removed");
+    Ok(Action::await_change())
+}
+
+/// Runs the controller until `stop` resolves.
+pub async fn run(
+    op: Arc<Operator>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let gateways: Api<ApiGateway> = Api::all(op.client.clone());
+    let deployments: Api<Deployment> = Api::all(op.client.clone());
+    Controller::new(gateways, watcher::Config::default())
+        .owns(
+            deployments,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=apitree-operator"),
+        )
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, op)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+}

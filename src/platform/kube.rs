@@ -1,0 +1,623 @@
+//! The Kubernetes platform: per color a Deployment `<name>-<color>` with a ConfigMap of its
+//! rendered proxy config; Services `<name>` (active) and `<name>-preview`; a
+//! PodDisruptionBudget and a ServiceAccount. Every write is a server-side apply with one field
+//! manager; every child carries the managed-by and gateway labels and an owner reference to its
+//! ApiGateway. Besides `operator::controller`, this is the only module that writes to the API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::{Deployment as KubeDeployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, Pod, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::Client;
+use sha2::{Digest, Sha256};
+
+use super::{Deployment, Platform, PlatformError};
+use crate::crd::gateway::{Color, SecretKeyRef};
+use crate::gate::ColorObservation;
+
+/// The one field manager of everything the operator writes.
+pub const FIELD_MANAGER: &str = "apitree-operator";
+/// Label naming the ApiGateway a child belongs to.
+pub const GATEWAY_LABEL: &str = "apitree.io/gateway";
+/// Label naming the color of a Deployment or pod.
+pub const COLOR_LABEL: &str = "apitree.io/color";
+/// Annotation holding the revision a Deployment runs.
+pub const REVISION_ANNOTATION: &str = "apitree.io/revision";
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "apitree-operator");
+const PUBLIC_PORT: i32 = 8080;
+const ADMIN_PORT: i32 = 9090;
+
+/// How the operator reaches a Service or a pod. In a cluster: cluster DNS and pod IPs. Tests
+/// point it at servers on loopback.
+pub type Resolver = dyn Fn(Target<'_>) -> String + Send + Sync;
+
+/// Something the operator sends HTTP to.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    Service {
+        namespace: &'a str,
+        name: &'a str,
+        port: i32,
+    },
+    Pod {
+        ip: &'a str,
+        port: i32,
+    },
+}
+
+/// In-cluster addresses.
+pub fn cluster_resolver(t: Target<'_>) -> String {
+    match t {
+        Target::Service {
+            namespace,
+            name,
+            port,
+        } => format!("http://{name}.{namespace}.svc:{port}"),
+        Target::Pod { ip, port } => format!("http://{ip}:{port}"),
+    }
+}
+
+/// Deployments and Services in a cluster.
+pub struct KubePlatform {
+    client: Client,
+    resolve: Arc<Resolver>,
+}
+
+fn split(gateway: &str) -> (&str, &str) {
+    gateway.split_once('/').unwrap_or(("default", gateway))
+}
+
+fn labels(name: &str, color: Option<Color>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "apitree".to_string()),
+        ("app.kubernetes.io/instance".to_string(), name.to_string()),
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (GATEWAY_LABEL.to_string(), name.to_string()),
+    ]);
+    if let Some(c) = color {
+        l.insert(COLOR_LABEL.to_string(), c.as_str().to_string());
+    }
+    l
+}
+
+fn selector(name: &str, color: Option<Color>) -> String {
+    let mut s = format!("{GATEWAY_LABEL}={name}");
+    if let Some(c) = color {
+        s.push_str(&format!(",{COLOR_LABEL}={}", c.as_str()));
+    }
+    s
+}
+
+fn owner(name: &str, uid: &Option<String>) -> Option<Vec<OwnerReference>> {
+    uid.as_ref().map(|uid| {
+        vec![OwnerReference {
+            api_version: "apitree.io/v1alpha1".into(),
+            kind: "ApiGateway".into(),
+            name: name.to_string(),
+            uid: uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }]
+    })
+}
+
+fn meta(
+    name: String,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    owners: Option<Vec<OwnerReference>>,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels),
+        owner_references: owners,
+        ..ObjectMeta::default()
+    }
+}
+
+fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: r.name.clone(),
+                key: r.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("admin".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+/// The Deployment of one color. The revision is on the pod template too, so a new revision
+/// rolls the pods even when only the ConfigMap changed.
+pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
+    let (ns, name) = split(&d.gateway);
+    let full = format!("{name}-{}", color.as_str());
+    let mut env = vec![EnvVar {
+        name: "APITREE_LOG_FORMAT".into(),
+        value: Some("json".into()),
+        ..EnvVar::default()
+    }];
+    if let Some(s) = &d.spec.secrets {
+        env.push(secret_env("APITREE_KEY_PEPPER", &s.key_pepper));
+        if let Some(m) = &s.master_key {
+            env.push(secret_env("APITREE_MASTER_KEY", m));
+            env.push(EnvVar {
+                name: "APITREE_MASTER_KEY_VERSION".into(),
+                value: Some(s.master_key_version.to_string()),
+                ..EnvVar::default()
+            });
+        }
+    }
+    if let Some(db) = &d.spec.database {
+        env.push(secret_env("APITREE_DATABASE_URL", db));
+    }
+    if let Some(redis) = &d.spec.redis {
+        env.push(secret_env("APITREE_REDIS_URL", redis));
+    }
+    let pod_labels = labels(name, Some(color));
+    let annotations = BTreeMap::from([(REVISION_ANNOTATION.to_string(), d.revision.clone())]);
+    let mut m = meta(
+        full.clone(),
+        ns,
+        labels(name, Some(color)),
+        owner(name, &d.owner_uid),
+    );
+    m.annotations = Some(annotations.clone());
+    KubeDeployment {
+        metadata: m,
+        spec: DeploymentSpec {
+            replicas: Some(d.replicas),
+            selector: LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (GATEWAY_LABEL.to_string(), name.to_string()),
+                    (COLOR_LABEL.to_string(), color.as_str().to_string()),
+                ])),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.to_string()),
+                    containers: vec![Container {
+                        name: "proxy".into(),
+                        image: Some(d.image.clone()),
+                        args: Some(vec![
+                            "proxy".into(),
+                            "--config".into(),
+                            "/etc/apitree/proxy.yaml".into(),
+                        ]),
+                        env: Some(env),
+                        ports: Some(vec![
+                            ContainerPort {
+                                name: Some("http".into()),
+                                container_port: PUBLIC_PORT,
+                                ..ContainerPort::default()
+                            },
+                            ContainerPort {
+                                name: Some("admin".into()),
+                                container_port: ADMIN_PORT,
+                                ..ContainerPort::default()
+                            },
+                        ]),
+                        readiness_probe: Some(http_probe("/readyz")),
+                        liveness_probe: Some(http_probe("/healthz")),
+                        resources: d.spec.resources.clone(),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "config".into(),
+                            mount_path: "/etc/apitree".into(),
+                            read_only: Some(true),
+                            ..VolumeMount::default()
+                        }]),
+                        ..Container::default()
+                    }],
+                    volumes: Some(vec![Volume {
+                        name: "config".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: full,
+                            ..ConfigMapVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    }
+}
+
+/// The ConfigMap with one color's rendered config; listeners on all interfaces, secrets from
+/// the environment the Deployment sets.
+pub fn config_map(color: Color, d: &Deployment) -> ConfigMap {
+    let (ns, name) = split(&d.gateway);
+    let mut cfg = d.config.clone();
+    cfg.listen = format!("0.0.0.0:{PUBLIC_PORT}");
+    cfg.admin = format!("0.0.0.0:{ADMIN_PORT}");
+    cfg.secrets = Default::default();
+    let yaml = serde_saphyr::to_string(&cfg).unwrap_or_default();
+    ConfigMap {
+        metadata: meta(
+            format!("{name}-{}", color.as_str()),
+            ns,
+            labels(name, Some(color)),
+            owner(name, &d.owner_uid),
+        ),
+        data: Some(BTreeMap::from([("proxy.yaml".to_string(), yaml)])),
+        ..ConfigMap::default()
+    }
+}
+
+/// A Service selecting one color of the gateway.
+pub fn service(gateway: &str, name: String, color: Color, owner_uid: &Option<String>) -> Service {
+    let (ns, gw) = split(gateway);
+    Service {
+        metadata: meta(name, ns, labels(gw, None), owner(gw, owner_uid)),
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([
+                (GATEWAY_LABEL.to_string(), gw.to_string()),
+                (COLOR_LABEL.to_string(), color.as_str().to_string()),
+            ])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+impl KubePlatform {
+    pub fn new(client: Client, resolve: Arc<Resolver>) -> Self {
+        Self { client, resolve }
+    }
+
+    fn api<K>(&self, ns: &str) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    async fn apply<K>(&self, ns: &str, name: &str, obj: &K) -> Result<(), PlatformError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let kind = short_kind::<K>();
+        self.api::<K>(ns)
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(obj),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| PlatformError::Kube {
+                verb: "apply",
+                kind,
+                name: format!("{ns}/{name}"),
+                source,
+            })
+    }
+
+    /// Pods of one color (or of the whole gateway).
+    async fn pods(&self, gateway: &str, color: Option<Color>) -> Vec<Pod> {
+        let (ns, name) = split(gateway);
+        match self
+            .api::<Pod>(ns)
+            .list(&ListParams::default().labels(&selector(name, color)))
+            .await
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(gateway, "cannot list pods: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The children of a gateway, to be deleted (resource deleted) by kind and name.
+    async fn delete_labelled<K>(&self, gateway: &str) -> Result<(), PlatformError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let (ns, name) = split(gateway);
+        let api = self.api::<K>(ns);
+        let kind = short_kind::<K>();
+        let list = api
+            .list(&ListParams::default().labels(&format!(
+                "{GATEWAY_LABEL}={name},{}={}",
+                MANAGED_BY.0, MANAGED_BY.1
+            )))
+            .await
+            .map_err(|source| PlatformError::Kube {
+                verb: "list",
+                kind,
+                name: format!("{ns}/{name}"),
+                source,
+            })?;
+        for item in list.items {
+            let child = item.meta().name.clone().unwrap_or_default();
+            match api.delete(&child, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(PlatformError::Kube {
+                        verb: "delete",
+                        kind,
+                        name: format!("{ns}/{child}"),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every child of the gateway (the finalizer's work).
+    pub async fn delete_children(&self, gateway: &str) -> Result<(), PlatformError> {
+        self.delete_labelled::<KubeDeployment>(gateway).await?;
+        self.delete_labelled::<Service>(gateway).await?;
+        self.delete_labelled::<ConfigMap>(gateway).await?;
+        self.delete_labelled::<PodDisruptionBudget>(gateway).await?;
+        self.delete_labelled::<ServiceAccount>(gateway).await?;
+        Ok(())
+    }
+}
+
+fn short_kind<K: kube::Resource>() -> &'static str
+where
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match K::kind(&Default::default()).as_ref() {
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        "ConfigMap" => "ConfigMap",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        "ServiceAccount" => "ServiceAccount",
+        "Pod" => "Pod",
+        _ => "object",
+    }
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+impl Platform for KubePlatform {
+    async fn deploy(&self, color: Color, d: &Deployment) -> Result<(), PlatformError> {
+        let (ns, name) = split(&d.gateway);
+        let full = format!("{name}-{}", color.as_str());
+        let sa = ServiceAccount {
+            metadata: meta(
+                name.to_string(),
+                ns,
+                labels(name, None),
+                owner(name, &d.owner_uid),
+            ),
+            ..ServiceAccount::default()
+        };
+        self.apply(ns, name, &sa).await?;
+        self.apply(ns, &full, &config_map(color, d)).await?;
+        self.apply(ns, &full, &deployment(color, d)).await?;
+        let pdb = PodDisruptionBudget {
+            metadata: meta(
+                full.clone(),
+                ns,
+                labels(name, Some(color)),
+                owner(name, &d.owner_uid),
+            ),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([
+                        (GATEWAY_LABEL.to_string(), name.to_string()),
+                        (COLOR_LABEL.to_string(), color.as_str().to_string()),
+                    ])),
+                    ..LabelSelector::default()
+                }),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            status: None,
+        };
+        self.apply(ns, &full, &pdb).await?;
+        // The preview Service reaches the color being deployed.
+        let preview = format!("{name}-preview");
+        self.apply(
+            ns,
+            &preview,
+            &service(&d.gateway, preview.clone(), color, &d.owner_uid),
+        )
+        .await
+    }
+
+    async fn observe(&self, gateway: &str, color: Color) -> Option<ColorObservation> {
+        let (ns, name) = split(gateway);
+        let full = format!("{name}-{}", color.as_str());
+        let d = match self.api::<KubeDeployment>(ns).get_opt(&full).await {
+            Ok(d) => d?,
+            Err(e) => {
+                tracing::warn!(
+                    gateway,
+                    color = color.as_str(),
+                    "cannot read the Deployment: {e}"
+                );
+                return None;
+            }
+        };
+        let replicas = d.spec.replicas.unwrap_or(1);
+        if replicas == 0 {
+            return None;
+        }
+        let revision = d
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REVISION_ANNOTATION))
+            .cloned()
+            .unwrap_or_default();
+        let status = d.status.unwrap_or_default();
+        // Ready pods of an older template do not count until the rollout has caught up.
+        let current = status.observed_generation >= d.metadata.generation
+            && status.updated_replicas.unwrap_or(0) >= replicas;
+        let ready = if current {
+            status.ready_replicas.unwrap_or(0)
+        } else {
+            0
+        };
+        let mut pods: Vec<String> = self
+            .pods(gateway, Some(color))
+            .await
+            .iter()
+            .map(|p| {
+                let restarts: i32 = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .map(|c| c.iter().map(|c| c.restart_count).sum())
+                    .unwrap_or(0);
+                format!("{}:{restarts}", p.metadata.name.clone().unwrap_or_default())
+            })
+            .collect();
+        pods.sort();
+        Some(ColorObservation {
+            revision,
+            ready,
+            replicas,
+            instance: hex::encode(&Sha256::digest(pods.join(",").as_bytes())[..4]),
+        })
+    }
+
+    async fn switch(&self, gateway: &str, to: Color) -> Result<(), PlatformError> {
+        let (ns, name) = split(gateway);
+        let owner_uid = self
+            .api::<KubeDeployment>(ns)
+            .get_opt(&format!("{name}-{}", to.as_str()))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.metadata.owner_references)
+            .and_then(|o| o.first().map(|o| o.uid.clone()));
+        self.apply(
+            ns,
+            name,
+            &service(gateway, name.to_string(), to, &owner_uid),
+        )
+        .await?;
+        let preview = format!("{name}-preview");
+        self.apply(
+            ns,
+            &preview,
+            &service(gateway, preview.clone(), to.other(), &owner_uid),
+        )
+        .await
+    }
+
+    async fn scale_down(&self, gateway: &str, color: Color) {
+        let (ns, name) = split(gateway);
+        let full = format!("{name}-{}", color.as_str());
+        let patch = serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": full},
+            "spec": {"replicas": 0},
+        });
+        if let Err(e) = self
+            .api::<KubeDeployment>(ns)
+            .patch(
+                &full,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            if !matches!(&e, kube::Error::Api(s) if s.code == 404) {
+                tracing::warn!(gateway, color = color.as_str(), "cannot scale down: {e}");
+            }
+        }
+    }
+
+    async fn preview_url(&self, gateway: &str) -> Option<String> {
+        let (ns, name) = split(gateway);
+        Some((self.resolve)(Target::Service {
+            namespace: ns,
+            name: &format!("{name}-preview"),
+            port: 80,
+        }))
+    }
+
+    async fn active_url(&self, gateway: &str) -> Option<String> {
+        let (ns, name) = split(gateway);
+        Some((self.resolve)(Target::Service {
+            namespace: ns,
+            name,
+            port: 80,
+        }))
+    }
+
+    async fn admin_urls(&self, gateway: &str, color: Color) -> Vec<String> {
+        self.pods(gateway, Some(color))
+            .await
+            .iter()
+            .filter(|p| pod_ready(p))
+            .filter_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+            .map(|ip| {
+                (self.resolve)(Target::Pod {
+                    ip: &ip,
+                    port: ADMIN_PORT,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove(&self, gateway: &str) {
+        if let Err(e) = self.delete_children(gateway).await {
+            tracing::warn!(gateway, "cannot delete the gateway's children: {e}");
+        }
+    }
+}

@@ -1,0 +1,722 @@
+//! The ApiGateway controller against a mocked API server (tower-test): every call a pass makes
+//! is asserted — method, path and what the body carries — in order, and a call that is missing
+//! or extra fails the test. Pods' admin ports and the preview Service are stub HTTP servers on
+//! loopback.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apitree::crd::gateway::{
+    ApiGateway, ApiGatewaySpec, ApiGatewayStatus, CheckPhase, Color, GateCheckStatus, GateStatus,
+    GatewayPhase,
+};
+use apitree::notify::Notifier;
+use apitree::operator::controller::{reconcile, Operator};
+use apitree::operator::http::HttpState;
+use apitree::operator::metrics::OperatorMetrics;
+use apitree::operator::plan;
+use apitree::platform::kube::{KubePlatform, Target};
+use apitree::proxy::config::ProxyConfig;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::Client;
+use serde_json::{json, Value};
+
+const NS: &str = "shop-ns";
+const IMAGE: &str = "ghcr.io/apitree/apitree:test";
+
+// ---------------------------------------------------------------------------------------------
+// Stub pods: /readyz, /metrics with counters that grow on every scrape, and a gateway that
+// refuses keyless requests unless told to be broken.
+
+#[derive(Default)]
+struct Pods {
+    scrapes: AtomicU64,
+    /// Green errors per scrape (of 500 requests).
+    errors_per_scrape: AtomicU64,
+    /// The gateway forgets to ask for keys.
+    open_door: AtomicBool,
+}
+
+async fn start_pods() -> (String, Arc<Pods>) {
+    let pods = Arc::new(Pods::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let p = pods.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let p = p.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let p = p.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/readyz" => (200, json!({"status": "ready", "database": "off", "rateLimitStore": "local"}).to_string()),
+                            "/metrics" => {
+                                let n = p.scrapes.fetch_add(1, Ordering::SeqCst) + 1;
+                                let errors = n * p.errors_per_scrape.load(Ordering::SeqCst);
+                                (200, format!(
+                                    "# TYPE apitree_proxy_requests_total counter\napitree_proxy_requests_total{{route=\"r\",status_class=\"2xx\"}} {}\napitree_proxy_requests_total{{route=\"r\",status_class=\"5xx\"}} {errors}\n",
+                                    n * 500 - errors
+                                ))
+                            }
+                            _ if req.headers().contains_key("authorization") || p.open_door.load(Ordering::SeqCst) => (200, "{}".into()),
+                            _ => (401, json!({"error": "missing key", "code": "missing_key"}).to_string()),
+                        };
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (url, pods)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenario runner.
+
+/// One expected API call and the answer to it.
+struct Call {
+    method: &'static str,
+    /// Path and query must start with this.
+    path: String,
+    /// Strings the request body must contain.
+    body_has: Vec<String>,
+    reply: Reply,
+}
+
+enum Reply {
+    Json(u16, Value),
+    /// The object the request carried (what an apply returns).
+    Echo,
+    /// The body of the last apply to the same path, as the object now stored.
+    Stored(Box<dyn Fn(Value) -> Value + Send>),
+}
+
+fn call(method: &'static str, path: &str) -> Call {
+    Call {
+        method,
+        path: path.to_string(),
+        body_has: Vec::new(),
+        reply: Reply::Echo,
+    }
+}
+
+impl Call {
+    fn has(mut self, s: &str) -> Self {
+        self.body_has.push(s.to_string());
+        self
+    }
+    fn reply(mut self, status: u16, v: Value) -> Self {
+        self.reply = Reply::Json(status, v);
+        self
+    }
+    fn stored(mut self, f: impl Fn(Value) -> Value + Send + 'static) -> Self {
+        self.reply = Reply::Stored(Box::new(f));
+        self
+    }
+    fn not_found(self) -> Self {
+        self.reply(
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+        )
+    }
+}
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// Answers the calls in order; panics (failing the test) on a call that does not match.
+fn run_scenario(
+    handle: Arc<tokio::sync::Mutex<Handle>>,
+    calls: Vec<Call>,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut handle = handle.lock().await;
+        let mut stored: HashMap<String, Value> = HashMap::new();
+        let mut bodies = Vec::new();
+        for (i, c) in calls.into_iter().enumerate() {
+            let next = tokio::time::timeout(Duration::from_secs(10), handle.next_request()).await;
+            let Ok(Some((req, send))) = next else {
+                panic!("call {i} ({} {}) never came", c.method, c.path);
+            };
+            let method = req.method().to_string();
+            let path = req.uri().path_and_query().unwrap().to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&body).to_string();
+            assert_eq!(
+                (method.as_str(), path.starts_with(&c.path)),
+                (c.method, true),
+                "call {i}: expected {} {}, got {method} {path}",
+                c.method,
+                c.path
+            );
+            for s in &c.body_has {
+                assert!(
+                    text.contains(s.as_str()),
+                    "call {i} {method} {path}: body lacks {s:?}:\n{text}"
+                );
+            }
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let bare = path.split('?').next().unwrap().to_string();
+            if method == "PATCH" {
+                stored.insert(bare.clone(), value.clone());
+            }
+            let (status, reply) = match c.reply {
+                Reply::Json(s, v) => (s, v),
+                Reply::Echo => (200, value.clone()),
+                Reply::Stored(f) => (
+                    200,
+                    f(stored
+                        .get(&bare)
+                        .cloned()
+                        .unwrap_or_else(|| panic!("nothing applied at {bare}"))),
+                ),
+            };
+            bodies.push(value);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+        // Nothing more may come.
+        if let Ok(Some((req, _))) =
+            tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await
+        {
+            panic!("unexpected extra call {} {}", req.method(), req.uri());
+        }
+        bodies
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures.
+
+fn spec() -> ApiGatewaySpec {
+    serde_json::from_value(json!({
+        "image": IMAGE,
+        "replicas": 2,
+        "proxy": {"routes": [{"name": "r", "pathPrefix": "/r/", "upstream": "http://upstream.shop-ns.svc/"}]},
+        "gate": {"observationWindow": "60s", "minSamples": 100, "autoPromote": true, "rollbackWindow": "10m"},
+        "detection": {"window": "30s"}
+    }))
+    .unwrap()
+}
+
+fn revision_of(spec: &ApiGatewaySpec) -> String {
+    plan::revision(IMAGE, &plan::render(spec, &ProxyConfig::default()), &[])
+}
+
+struct Fixture {
+    gw: ApiGateway,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let mut gw = ApiGateway::new("shop", spec());
+        gw.metadata.namespace = Some(NS.into());
+        gw.metadata.uid = Some("uid-1".into());
+        gw.metadata.generation = Some(1);
+        gw.metadata.resource_version = Some("7".into());
+        gw.metadata.finalizers = Some(vec!["apitree.io/cleanup".into()]);
+        Self { gw }
+    }
+    fn with_status(mut self, s: ApiGatewayStatus) -> Self {
+        self.gw.status = Some(s);
+        self
+    }
+    fn annotate(mut self, k: &str, v: &str) -> Self {
+        self.gw
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(k.into(), v.into());
+        self
+    }
+}
+
+fn check(name: &str, phase: CheckPhase, started: Timestamp) -> GateCheckStatus {
+    GateCheckStatus {
+        name: name.into(),
+        phase,
+        observed: None,
+        threshold: None,
+        samples: None,
+        p_value: None,
+        reason: None,
+        started_at: Some(started.to_string()),
+        finished_at: None,
+    }
+}
+
+/// Blue serves `old`; a gate for `new` is at the given check phases.
+fn gating(old: &str, new: &str, phases: [CheckPhase; 5], at: Timestamp) -> ApiGatewayStatus {
+    let names = ["rollout", "health", "schema", "smoke", "analysis"];
+    ApiGatewayStatus {
+        phase: Some(GatewayPhase::Gating),
+        active_color: Some(Color::Blue),
+        active_revision: Some(old.into()),
+        preview_revision: Some(new.into()),
+        gate: Some(GateStatus {
+            revision: new.into(),
+            progress: String::new(),
+            started_at: Some(at.to_string()),
+            instance: None,
+            checks: names
+                .iter()
+                .zip(phases)
+                .map(|(n, p)| check(n, p, at))
+                .collect(),
+        }),
+        ..ApiGatewayStatus::default()
+    }
+}
+
+struct Harness {
+    op: Arc<Operator>,
+    clock: Arc<Mutex<Timestamp>>,
+    pods: Arc<Pods>,
+    handle: Arc<tokio::sync::Mutex<Handle>>,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, NS);
+        let (pods_url, pods) = start_pods().await;
+        let resolver = Arc::new(move |_t: Target<'_>| pods_url.clone());
+        let clock = Arc::new(Mutex::new(Timestamp::from_second(1_900_000_000).unwrap()));
+        let c = clock.clone();
+        let metrics = Arc::new(OperatorMetrics::new());
+        let op = Arc::new(Operator::new(
+            client.clone(),
+            Arc::new(KubePlatform::new(client, resolver)),
+            metrics.clone(),
+            Arc::new(Notifier::recording()),
+            "apitree:dev".into(),
+            None,
+            Arc::new(move || *c.lock().unwrap()),
+            Arc::new(HttpState::new(metrics, None)),
+        ));
+        Self {
+            op,
+            clock,
+            pods,
+            handle: Arc::new(tokio::sync::Mutex::new(handle)),
+        }
+    }
+
+    /// One reconcile pass that must make exactly `calls`; returns the request bodies.
+    async fn pass(&self, gw: &ApiGateway, calls: Vec<Call>) -> (Action, Vec<Value>) {
+        let scenario = run_scenario(self.handle.clone(), calls);
+        let action = tokio::time::timeout(
+            Duration::from_secs(20),
+            reconcile(Arc::new(gw.clone()), self.op.clone()),
+        )
+        .await
+        .expect("reconcile finished")
+        .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+        (
+            action,
+            scenario
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
+        )
+    }
+
+    fn advance(&self, secs: i64) {
+        let mut c = self.clock.lock().unwrap();
+        *c = c
+            .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
+            .unwrap();
+    }
+}
+
+fn deployments(name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/deployments/{name}")
+}
+fn services(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/services/{name}")
+}
+fn pods_of(color: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/pods?&labelSelector=apitree.io%2Fgateway%3Dshop%2Capitree.io%2Fcolor%3D{color}")
+}
+fn status_path() -> String {
+    format!("/apis/apitree.io/v1alpha1/namespaces/{NS}/apigateways/shop/status?")
+}
+/// The status apply; answered with the object as stored.
+fn status_patch() -> Call {
+    call("PATCH", &status_path()).stored(|mut v| {
+        v["metadata"] = json!({"name": "shop", "namespace": NS});
+        v["spec"] = serde_json::to_value(spec()).unwrap();
+        v
+    })
+}
+
+fn events_path() -> String {
+    format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")
+}
+
+/// A Deployment running `revision` with all replicas ready.
+fn ready_deployment(name: &str, revision: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS, "generation": 1,
+                     "annotations": {"apitree.io/revision": revision},
+                     "ownerReferences": [{"apiVersion": "apitree.io/v1alpha1", "kind": "ApiGateway", "name": "shop", "uid": "uid-1"}]},
+        "spec": {"replicas": 2, "selector": {}, "template": {}},
+        "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2}
+    })
+}
+
+fn pod_list(color: &str) -> Value {
+    let ids = [0, 1];
+    json!({
+        "apiVersion": "v1", "kind": "PodList", "metadata": {},
+        "items": ids.iter().map(|i| json!({
+            "metadata": {"name": format!("shop-{color}-{i}")},
+            "status": {"podIP": format!("10.0.0.{i}"), "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "proxy", "restartCount": 0, "ready": true, "image": IMAGE, "imageID": "", "started": true}]}
+        })).collect::<Vec<_>>()
+    })
+}
+
+fn observe_both(blue: Option<&str>, green: Option<&str>) -> Vec<Call> {
+    let mut calls = Vec::new();
+    for (color, rev) in [("blue", blue), ("green", green)] {
+        let name = format!("shop-{color}");
+        match rev {
+            Some(r) => {
+                calls.push(call("GET", &deployments(&name)).reply(200, ready_deployment(&name, r)));
+                calls.push(call("GET", &pods_of(color)).reply(200, pod_list(color)));
+            }
+            None => calls.push(call("GET", &deployments(&name)).not_found()),
+        }
+    }
+    calls
+}
+
+fn event(reason: &str) -> Call {
+    call("POST", &events_path()).has(&format!("\"reason\":\"{reason}\""))
+}
+
+fn status_of(bodies: &[Value]) -> ApiGatewayStatus {
+    let last = bodies.last().unwrap();
+    serde_json::from_value(last["status"].clone()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn empty_pods() -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})
+}
+
+#[tokio::test]
+async fn first_deploy_applies_the_children_then_serves_blue_once_ready() {
+    let h = Harness::new().await;
+    let fx = Fixture::new();
+    let rev = revision_of(&fx.gw.spec);
+    let mut calls = observe_both(None, None);
+    calls.extend([
+        call("PATCH", &format!("/api/v1/namespaces/{NS}/serviceaccounts/shop?&force=true&fieldManager=apitree-operator"))
+            .has("\"uid\":\"uid-1\"")
+            .has("\"app.kubernetes.io/managed-by\":\"apitree-operator\""),
+        call("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/shop-blue?"))
+            .has("proxy.yaml")
+            .has("pathPrefix: /r/")
+            .has("listen: 0.0.0.0:8080"),
+        call("PATCH", &deployments("shop-blue"))
+            .has(&format!("\"apitree.io/revision\":\"{rev}\""))
+            .has("\"replicas\":2")
+            .has(IMAGE)
+            .has("\"readinessProbe\""),
+        call("PATCH", &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/shop-blue?"))
+            .has("\"maxUnavailable\":1"),
+        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"blue\""),
+        // Observed again at once: applied, not ready yet.
+        call("GET", &deployments("shop-blue")).stored(|mut d| {
+            d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
+            d["metadata"]["generation"] = json!(1);
+            d
+        }),
+        call("GET", &pods_of("blue")).reply(200, empty_pods()),
+        call("GET", &deployments("shop-green")).not_found(),
+        status_patch().has("\"phase\":\"Progressing\""),
+    ]);
+    let (action, bodies) = h.pass(&fx.gw, calls).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+    let status = status_of(&bodies);
+    assert_eq!(status.phase, Some(GatewayPhase::Progressing));
+    assert_eq!(status.active_revision, None);
+
+    // Second pass: blue is ready → the active Service points at it.
+    let fx = fx.with_status(status);
+    let mut calls = observe_both(Some(&rev), None);
+    calls.extend([
+        call("GET", &deployments("shop-blue")).reply(200, ready_deployment("shop-blue", &rev)),
+        call("PATCH", &services("shop?"))
+            .has("\"apitree.io/color\":\"blue\"")
+            .has("\"uid\":\"uid-1\""),
+        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"green\""),
+        // (The detector's next window is not due yet: no scrape.)
+        event("Switched"),
+        event("Deployed"),
+        status_patch()
+            .has("\"phase\":\"Stable\"")
+            .has(&format!("\"activeRevision\":\"{rev}\""))
+            .has("\"type\":\"Ready\""),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    assert_eq!(status.active_color, Some(Color::Blue));
+    assert_eq!(status.observed_generation, Some(1));
+}
+
+#[tokio::test]
+async fn a_new_revision_passes_the_analysis_and_the_active_service_switches_to_green() {
+    use CheckPhase::*;
+    let h = Harness::new().await;
+    let old = "0ld0ld0ld0";
+    let fx = Fixture::new();
+    let new = revision_of(&fx.gw.spec);
+    let t0 = *h.clock.lock().unwrap();
+    let fx = fx.with_status(gating(
+        old,
+        &new,
+        [Passed, Passed, Skipped, Passed, Running],
+        t0,
+    ));
+    // Pass 1: a fresh operator has no analysis counters: the window starts now.
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        status_patch()
+            .has("\"phase\":\"Gating\"")
+            .has("\"progress\":\"4/5\""),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    assert_eq!(status.gate.as_ref().unwrap().checks[4].phase, Running);
+
+    // Pass 2, a window later: green served thousands of clean requests → promote.
+    h.advance(61);
+    let fx = fx.with_status(status);
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        call("GET", &deployments("shop-green")).reply(200, ready_deployment("shop-green", &new)),
+        call("PATCH", &services("shop?")).has("\"apitree.io/color\":\"green\""),
+        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"blue\""),
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        event("Switched"),
+        event("Promoted"),
+        status_patch()
+            .has("\"phase\":\"Promoting\"")
+            .has("\"progress\":\"5/5\"")
+            .has(&format!("\"previousRevision\":\"{old}\"")),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    assert_eq!(status.active_color, Some(Color::Green));
+    let analysis = &status.gate.unwrap().checks[4];
+    assert_eq!(analysis.phase, Passed);
+    assert!(analysis.samples.unwrap() >= 1000, "{analysis:?}");
+}
+
+#[tokio::test]
+async fn a_gateway_that_lets_keyless_requests_through_fails_smoke_and_green_is_scaled_down() {
+    use CheckPhase::*;
+    let h = Harness::new().await;
+    h.pods.open_door.store(true, Ordering::SeqCst);
+    let old = "0ld0ld0ld0";
+    let fx = Fixture::new();
+    let new = revision_of(&fx.gw.spec);
+    let t0 = *h.clock.lock().unwrap();
+    let fx = fx.with_status(gating(
+        old,
+        &new,
+        [Passed, Passed, Skipped, Pending, Pending],
+        t0,
+    ));
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        // The smoke probe goes through the preview Service; green's pods are listed for it.
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+    ]);
+    // With the probe's result the gate steps again on a fresh observation.
+    calls.extend(observe_both(Some(old), Some(&new)));
+    calls.extend([
+        call("PATCH", &deployments("shop-green"))
+            .has("\"replicas\":0")
+            .has("\"name\":\"shop-green\""),
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        event("Rejected"),
+        status_patch()
+            .has("\"phase\":\"RolledBack\"")
+            .has("no-key-is-refused: GET /r/ → 200, expected 401")
+            .has("\"reason\":\"RevisionRejected\""),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    assert_eq!(status.active_revision.as_deref(), Some(old));
+    assert_eq!(status.rejected_revision.unwrap().revision, new);
+    assert_eq!(status.gate.unwrap().checks[3].phase, Failed);
+}
+
+#[tokio::test]
+async fn the_promote_annotation_switches_a_revision_awaiting_approval() {
+    use CheckPhase::*;
+    let h = Harness::new().await;
+    let old = "0ld0ld0ld0";
+    let fx = Fixture::new();
+    let new = revision_of(&fx.gw.spec);
+    let t0 = *h.clock.lock().unwrap();
+    let mut status = gating(old, &new, [Passed, Passed, Skipped, Passed, Passed], t0);
+    status.phase = Some(GatewayPhase::AwaitingApproval);
+    // Without the annotation nothing moves.
+    let fx = fx.with_status(status);
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        status_patch().has("\"phase\":\"AwaitingApproval\""),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    let fx = fx.with_status(status).annotate("apitree.io/promote", &new);
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        call("GET", &deployments("shop-green")).reply(200, ready_deployment("shop-green", &new)),
+        call("PATCH", &services("shop?")).has("\"apitree.io/color\":\"green\""),
+        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"blue\""),
+        event("Switched"),
+        event("Promoted").has("promoted by annotation apitree.io/promote"),
+        status_patch().has("\"phase\":\"Promoting\""),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    assert_eq!(
+        status_of(&bodies).active_revision.as_deref(),
+        Some(new.as_str())
+    );
+}
+
+#[tokio::test]
+async fn the_rollback_annotation_inside_the_window_switches_back_to_blue() {
+    let h = Harness::new().await;
+    let old = "0ld0ld0ld0";
+    let fx = Fixture::new();
+    let new = revision_of(&fx.gw.spec);
+    let t0 = *h.clock.lock().unwrap();
+    let status = ApiGatewayStatus {
+        phase: Some(GatewayPhase::Promoting),
+        active_color: Some(Color::Green),
+        active_revision: Some(new.clone()),
+        previous_revision: Some(old.into()),
+        switched_at: Some(t0.to_string()),
+        ..ApiGatewayStatus::default()
+    };
+    h.advance(120);
+    let fx = fx.with_status(status).annotate("apitree.io/rollback", &new);
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        call("GET", &deployments("shop-blue")).reply(200, ready_deployment("shop-blue", old)),
+        call("PATCH", &services("shop?")).has("\"apitree.io/color\":\"blue\""),
+        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"green\""),
+        call("PATCH", &deployments("shop-green")).has("\"replicas\":0"),
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        event("Switched"),
+        event("RolledBack").has("rolled back by annotation apitree.io/rollback"),
+        status_patch()
+            .has("\"phase\":\"RolledBack\"")
+            .has(&format!("\"activeRevision\":\"{old}\"")),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    assert_eq!(status.active_color, Some(Color::Blue));
+    assert_eq!(status.rejected_revision.unwrap().revision, new);
+}
+
+#[tokio::test]
+async fn deletion_removes_every_labelled_child_then_the_finalizer() {
+    let h = Harness::new().await;
+    let mut fx = Fixture::new();
+    fx.gw.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        *h.clock.lock().unwrap(),
+    ));
+    let selector = "labelSelector=apitree.io%2Fgateway%3Dshop%2Capp.kubernetes.io%2Fmanaged-by%3Dapitree-operator";
+    let list = |kind: &str, names: &[&str]| {
+        json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {},
+               "items": names.iter().map(|n| json!({"metadata": {"name": n, "namespace": NS}})).collect::<Vec<_>>()})
+    };
+    let ok = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+    let calls = vec![
+        call(
+            "GET",
+            &format!("/apis/apps/v1/namespaces/{NS}/deployments?&{selector}"),
+        )
+        .reply(200, list("Deployment", &["shop-blue", "shop-green"])),
+        call("DELETE", &deployments("shop-blue")).reply(200, ok.clone()),
+        call("DELETE", &deployments("shop-green")).reply(200, ok.clone()),
+        call(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services?&{selector}"),
+        )
+        .reply(200, list("Service", &["shop", "shop-preview"])),
+        call("DELETE", &services("shop")).reply(200, ok.clone()),
+        call("DELETE", &services("shop-preview")).reply(200, ok.clone()),
+        call(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/configmaps?&{selector}"),
+        )
+        .reply(200, list("ConfigMap", &["shop-blue"])),
+        call(
+            "DELETE",
+            &format!("/api/v1/namespaces/{NS}/configmaps/shop-blue"),
+        )
+        .reply(200, ok.clone()),
+        call(
+            "GET",
+            &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets?&{selector}"),
+        )
+        .reply(200, list("PodDisruptionBudget", &[])),
+        call(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/serviceaccounts?&{selector}"),
+        )
+        .reply(200, list("ServiceAccount", &["shop"])),
+        call(
+            "DELETE",
+            &format!("/api/v1/namespaces/{NS}/serviceaccounts/shop"),
+        )
+        .reply(200, ok.clone()),
+        // The finalizer comes off only after the children are gone.
+        call(
+            "PATCH",
+            &format!("/apis/apitree.io/v1alpha1/namespaces/{NS}/apigateways/shop?"),
+        )
+        .has("\"op\":\"remove\"")
+        .has("/metadata/finalizers/0")
+        .reply(200, serde_json::to_value(&fx.gw).unwrap()),
+    ];
+    let (action, _) = h.pass(&fx.gw, calls).await;
+    assert_eq!(action, Action::await_change());
+}
