@@ -116,6 +116,44 @@ pub enum Command {
     ///
     ///   apitree local -f examples/local --proxy-config examples/proxy.yaml
     Local(LocalArgs),
+
+    /// Run the ApiGateway controller in a cluster (in-cluster config or KUBECONFIG).
+    ///
+    /// One replica leads through a Lease and reconciles; the others stand by (their /readyz
+    /// says 503 until they lead). Serves the status page, /metrics (apitree_operator_*),
+    /// /healthz, /readyz and, with SLACK_SIGNING_SECRET, POST /slack/interactions on --http.
+    /// Notifications go to the log, or to Slack when SLACK_BOT_TOKEN is set.
+    Operator(OperatorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// Address of the status page, metrics, health and Slack interactions.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8080",
+        env = "APITREE_HTTP"
+    )]
+    pub http: String,
+    /// Namespace of the leader Lease: the operator's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "apitree-system")]
+    pub lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "APITREE_LEASE", default_value = "apitree-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease; the pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Slack channel for notifications when SLACK_BOT_TOKEN is set.
+    #[arg(long, env = "APITREE_SLACK_CHANNEL", default_value = "apitree")]
+    pub slack_channel: String,
+    /// Proxy image of gateways whose spec names none: the operator's own image.
+    #[arg(long, env = "APITREE_IMAGE")]
+    pub image: Option<String>,
+    /// Public URL of the status page, linked from notifications.
+    #[arg(long, env = "APITREE_STATUS_URL")]
+    pub status_url: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use apitree::cli::{
     AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DemoArgs,
-    DetectCommand, KeysCommand, LocalArgs, OrgsCommand, OutputFormat, PiiCommand, ProxyArgs, Scope,
-    SecretArgs,
+    DetectCommand, KeysCommand, LocalArgs, OperatorArgs, OrgsCommand, OutputFormat, PiiCommand,
+    ProxyArgs, Scope, SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -116,7 +116,30 @@ async fn run(command: Command) -> Result<()> {
         }) => detect_replay(&input, config.as_deref(), format),
         Command::Demo(args) => demo(args).await,
         Command::Local(args) => local(args).await,
+        Command::Operator(args) => operator(args).await,
     }
+}
+
+async fn operator(args: OperatorArgs) -> Result<()> {
+    let identity = args.identity.unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("apitree-{}", std::process::id()))
+    });
+    let opts = apitree::operator::serve::OperatorOptions {
+        http: args.http,
+        namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        identity,
+        slack_channel: args.slack_channel,
+        default_image: args
+            .image
+            .unwrap_or_else(|| format!("ghcr.io/apitree/apitree:{}", env!("CARGO_PKG_VERSION"))),
+        status_url: args.status_url,
+    };
+    let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    apitree::operator::serve::run(opts, signing_secret, shutdown_signal()).await?;
+    Ok(())
 }
 
 async fn local(args: LocalArgs) -> Result<()> {

@@ -1,0 +1,170 @@
+//! `apitree operator`: connects to the cluster, serves the HTTP port (status page, metrics,
+//! health, Slack interactions), waits for the leader Lease and runs the ApiGateway controller
+//! while it holds it.
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::Client;
+
+use super::controller::{self, Operator, Press};
+use super::http::{self, HttpState};
+use super::lease;
+use super::metrics::OperatorMetrics;
+use crate::notify::slack::{console_or_slack, Action, InteractionEndpoint};
+use crate::platform::kube::{cluster_resolver, KubePlatform};
+
+/// How `apitree operator` runs.
+#[derive(Debug, Clone)]
+pub struct OperatorOptions {
+    /// Address of the HTTP port.
+    pub http: String,
+    /// Namespace of the leader Lease (the operator's own).
+    pub namespace: String,
+    pub lease_name: String,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    /// Slack channel of notifications when SLACK_BOT_TOKEN is set.
+    pub slack_channel: String,
+    /// Image of gateways whose spec names none.
+    pub default_image: String,
+    /// Public URL of the status page, linked from notifications.
+    pub status_url: Option<String>,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error(
+        "cannot reach the Kubernetes API: {0}; run inside a cluster or point KUBECONFIG at one"
+    )]
+    Connect(#[source] kube::Error),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("{0}")]
+    Lease(#[from] lease::LeaseError),
+    #[error("lost the leader Lease {0} to another replica; exiting so a fresh start stands by")]
+    LostLease(String),
+}
+
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs until `stop` resolves or leadership is lost.
+pub async fn run(
+    opts: OperatorOptions,
+    signing_secret: Option<String>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), OperatorError> {
+    let client = Client::try_default()
+        .await
+        .map_err(OperatorError::Connect)?;
+    let metrics = Arc::new(OperatorMetrics::new());
+    let (notifier, delivery) = console_or_slack(&opts.slack_channel);
+    let notifier = Arc::new(notifier);
+    // Button presses reach the operator, which the endpoint is built before.
+    let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
+    let cell = operator_cell.clone();
+    let interactions = signing_secret.map(|secret| InteractionEndpoint {
+        signing_secret: Some(secret),
+        audit: None,
+        notifier: notifier.clone(),
+        apply: Arc::new(move |i| {
+            if let (Action::Promote | Action::Rollback, Some(revision)) = (i.action, &i.revision) {
+                if let Some(op) = cell.get().and_then(Weak::upgrade) {
+                    op.press(Press {
+                        promote: i.action == Action::Promote,
+                        request: crate::gate::Request {
+                            revision: revision.clone(),
+                            by: format!("slack:{}", i.user_name),
+                        },
+                    });
+                }
+            }
+            None
+        }),
+    });
+    let state = Arc::new(HttpState::new(metrics.clone(), interactions));
+    let listener = tokio::net::TcpListener::bind(&opts.http)
+        .await
+        .map_err(|e| OperatorError::Listen {
+            addr: opts.http.clone(),
+            reason: e.to_string(),
+        })?;
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, state.clone(), async {
+        let _ = http_stopped.await;
+    }));
+    let op = Arc::new(Operator::new(
+        client.clone(),
+        Arc::new(KubePlatform::new(
+            client.clone(),
+            Arc::new(cluster_resolver),
+        )),
+        metrics,
+        notifier,
+        opts.default_image.clone(),
+        opts.status_url.clone(),
+        Arc::new(Timestamp::now),
+        state,
+    ));
+    let _ = operator_cell.set(Arc::downgrade(&op));
+
+    let leases: Api<Lease> = Api::namespaced(client, &opts.namespace);
+    let (ctl_stop, ctl_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut ctl_stop = Some(ctl_stop);
+    let mut ctl_stopped = Some(ctl_stopped);
+    let mut running: Option<tokio::task::JoinHandle<()>> = None;
+    tokio::pin!(stop);
+    let outcome = loop {
+        match lease::try_lead(
+            &leases,
+            &opts.lease_name,
+            &opts.identity,
+            LEASE_DURATION,
+            Timestamp::now(),
+        )
+        .await
+        {
+            Ok(true) if running.is_none() => {
+                tracing::info!(lease = %opts.lease_name, identity = %opts.identity, "leading: starting the ApiGateway controller");
+                let stopped = ctl_stopped.take();
+                running = Some(tokio::spawn(controller::run(op.clone(), async move {
+                    if let Some(s) = stopped {
+                        let _ = s.await;
+                    }
+                })));
+            }
+            Ok(true) => {}
+            Ok(false) if running.is_some() => {
+                break Err(OperatorError::LostLease(opts.lease_name.clone()));
+            }
+            Ok(false) => tracing::debug!("standing by: another replica holds the lease"),
+            Err(e) if running.is_some() => {
+                // Cannot renew: another replica may take over once the lease expires; stop first.
+                tracing::error!("{e}");
+                break Err(OperatorError::LostLease(opts.lease_name.clone()));
+            }
+            Err(e) => tracing::warn!("{e}; retrying"),
+        }
+        tokio::select! {
+            _ = &mut stop => break Ok(()),
+            _ = tokio::time::sleep(RENEW_EVERY) => {}
+        }
+    };
+    if let Some(s) = ctl_stop.take() {
+        let _ = s.send(());
+    }
+    if let Some(r) = running {
+        let _ = r.await;
+    }
+    let _ = http_stop.send(());
+    let _ = server.await;
+    if let Some(d) = delivery {
+        d.finish().await;
+    }
+    outcome
+}
