@@ -720,3 +720,38 @@ async fn deletion_removes_every_labelled_child_then_the_finalizer() {
     let (action, _) = h.pass(&fx.gw, calls).await;
     assert_eq!(action, Action::await_change());
 }
+
+#[tokio::test]
+async fn a_slack_token_that_does_not_resolve_is_one_warning_event_not_one_per_pass() {
+    let h = Harness::new().await;
+    let mut fx = Fixture::new();
+    fx.gw.spec.escalation.slack = Some(
+        serde_json::from_value(json!({
+            "channels": {"warning": "C0WARN"},
+            "token": {"name": "slack-app", "key": "bot-token"},
+            "signingSecret": {"name": "slack-app", "key": "signing-secret"}
+        }))
+        .unwrap(),
+    );
+    let rev = revision_of(&fx.gw.spec);
+    let fx = fx.with_status(ApiGatewayStatus {
+        phase: Some(GatewayPhase::Stable),
+        active_color: Some(Color::Blue),
+        active_revision: Some(rev.clone()),
+        ..ApiGatewayStatus::default()
+    });
+    let secret = format!("/api/v1/namespaces/{NS}/secrets/slack-app");
+    let mut calls = vec![call("GET", &secret).not_found()];
+    calls.extend(observe_both(Some(&rev), None));
+    calls.extend([
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        event("SlackNotConfigured").has("Secret slack-app has no key \\\"bot-token\\\""),
+        status_patch().has("\"phase\":\"Stable\""),
+    ]);
+    h.pass(&fx.gw, calls).await;
+    // The same problem on the next pass: no second Event.
+    let mut calls = vec![call("GET", &secret).not_found()];
+    calls.extend(observe_both(Some(&rev), None));
+    calls.push(status_patch());
+    h.pass(&fx.gw, calls).await;
+}

@@ -374,6 +374,7 @@ async fn the_interaction_endpoint_answers_over_http() {
     let notifier = Arc::new(Notifier::recording());
     let endpoint = Arc::new(slack::InteractionEndpoint {
         signing_secret: Some("signing-secret".into()),
+        extra_secrets: Default::default(),
         audit: None,
         notifier: notifier.clone(),
         apply: Arc::new(|i: &slack::Interaction| {

@@ -220,6 +220,11 @@ impl Detector {
         }
     }
 
+    /// Where notices go from now on (the gateway's Slack settings changed).
+    pub fn set_notifier(&mut self, notifier: Arc<Notifier>) {
+        self.notifier = notifier;
+    }
+
     /// Scores one window (starting at `at`, unix seconds) and records and notifies every change.
     pub async fn observe(
         &mut self,

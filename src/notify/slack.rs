@@ -40,6 +40,14 @@ impl fmt::Debug for SlackConfig {
 }
 
 impl SlackConfig {
+    /// `SLACK_API_URL`, else Slack's own.
+    pub fn api_url_from_env() -> String {
+        std::env::var("SLACK_API_URL")
+            .unwrap_or_else(|_| "https://slack.com/api".into())
+            .trim_end_matches('/')
+            .to_string()
+    }
+
     /// From `SLACK_BOT_TOKEN`, `SLACK_SIGNING_SECRET`, `SLACK_API_URL`; None without a token.
     pub fn from_env() -> Option<Self> {
         let token = std::env::var("SLACK_BOT_TOKEN")
@@ -50,10 +58,7 @@ impl SlackConfig {
             signing_secret: std::env::var("SLACK_SIGNING_SECRET")
                 .ok()
                 .filter(|s| !s.is_empty()),
-            api_url: std::env::var("SLACK_API_URL")
-                .unwrap_or_else(|_| "https://slack.com/api".into())
-                .trim_end_matches('/')
-                .to_string(),
+            api_url: Self::api_url_from_env(),
         })
     }
 }
@@ -80,6 +85,22 @@ pub fn console_or_slack(channel: &str) -> (super::Notifier, Option<DeliveryTask>
     let Some(config) = SlackConfig::from_env() else {
         return (super::Notifier::Console, None);
     };
+    let (notifier, task) = slack_notifier(
+        &config,
+        super::Channels {
+            warning: channel.to_string(),
+            high: None,
+            critical: None,
+        },
+    );
+    (notifier, Some(task))
+}
+
+/// Slack through an in-memory outbox drained in the background.
+pub fn slack_notifier(
+    config: &SlackConfig,
+    channels: super::Channels,
+) -> (super::Notifier, DeliveryTask) {
     let outbox = Arc::new(Outbox::memory());
     let delivery = SlackDelivery::new(&config, outbox.clone());
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -88,15 +109,8 @@ pub fn console_or_slack(channel: &str) -> (super::Notifier, Option<DeliveryTask>
         Duration::from_millis(500),
         async move { s.notified().await },
     ));
-    let notifier = super::Notifier::Slack {
-        outbox,
-        channels: super::Channels {
-            warning: channel.to_string(),
-            high: None,
-            critical: None,
-        },
-    };
-    (notifier, Some(DeliveryTask { stop, task }))
+    let notifier = super::Notifier::Slack { outbox, channels };
+    (notifier, DeliveryTask { stop, task })
 }
 
 type Connector = SlackClientHyperConnector<
@@ -397,6 +411,9 @@ pub async fn handle_interaction(
 /// what to do with a press.
 pub struct InteractionEndpoint {
     pub signing_secret: Option<String>,
+    /// More signing secrets a press may be signed with (the gateways' own Slack apps); the
+    /// operator keeps this current.
+    pub extra_secrets: Arc<std::sync::RwLock<Vec<String>>>,
     pub audit: Option<sqlx::PgPool>,
     pub notifier: Arc<super::Notifier>,
     #[allow(clippy::type_complexity)]
@@ -447,8 +464,23 @@ impl InteractionEndpoint {
             }
         };
         let apply = self.apply.clone();
+        // The first secret the request verifies with; else the primary one, whose refusal is
+        // then reported.
+        let extra = self
+            .extra_secrets
+            .read()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let secret = self
+            .signing_secret
+            .iter()
+            .chain(extra.iter())
+            .find(|s| verify_interaction(Some(s), sig.as_deref(), ts.as_deref(), &body).is_ok())
+            .or(self.signing_secret.as_ref())
+            .or(extra.first())
+            .cloned();
         match handle_interaction(
-            self.signing_secret.as_deref(),
+            secret.as_deref(),
             sig.as_deref(),
             ts.as_deref(),
             &body,

@@ -27,7 +27,8 @@ use crate::crd::gateway::{ApiGateway, GatewayPhase, SecretKeyRef};
 use crate::dashboard::GatewayView;
 use crate::detect::engine::IncidentStore;
 use crate::gate::Request;
-use crate::notify::Notifier;
+use crate::notify::slack::{slack_notifier, DeliveryTask, SlackConfig};
+use crate::notify::{Channels, Notifier};
 use crate::platform::kube::{KubePlatform, FIELD_MANAGER};
 use crate::proxy::config::ProxyConfig;
 
@@ -86,9 +87,21 @@ pub struct Operator {
     /// The operator's clock; tests move it by hand.
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     pub views: Arc<HttpState>,
+    /// Signing secrets of the gateways' Slack apps, shared with the interaction endpoint.
+    pub signing_secrets: Arc<std::sync::RwLock<Vec<String>>>,
     gateways: tokio::sync::Mutex<HashMap<String, Managed>>,
+    slack: Mutex<HashMap<String, GatewaySlack>>,
     presses: Mutex<Vec<Press>>,
     failures: Mutex<HashMap<String, u32>>,
+}
+
+/// A gateway's own Slack delivery (`spec.escalation.slack`).
+struct GatewaySlack {
+    /// Digest of the token, signing secret and channels it was built from.
+    fingerprint: String,
+    signing_secret: Option<String>,
+    notifier: Arc<Notifier>,
+    delivery: Option<DeliveryTask>,
 }
 
 impl Operator {
@@ -118,10 +131,88 @@ impl Operator {
             },
             clock,
             views,
+            signing_secrets: Arc::default(),
             gateways: tokio::sync::Mutex::new(HashMap::new()),
+            slack: Mutex::new(HashMap::new()),
             presses: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The notifier of one gateway: its own Slack app when `spec.escalation.slack` names one
+    /// whose token resolves, else the operator's. Rebuilt when the token or channels change.
+    fn notifier_for(
+        &self,
+        gateway: &str,
+        spec: &crate::crd::gateway::EscalationSpec,
+        secret: &SecretResolver,
+    ) -> Result<Arc<Notifier>, String> {
+        let mut slack = self.slack.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = &spec.slack else {
+            if let Some(old) = slack.remove(gateway) {
+                retire(old);
+            }
+            self.refresh_signing_secrets(&slack);
+            return Ok(self.notifier.clone());
+        };
+        let Some(token) = secret(&s.token) else {
+            return Err(format!(
+                "Secret {} has no key {:?} with the Slack bot token; notifications go to the operator log",
+                s.token.name, s.token.key
+            ));
+        };
+        let signing_secret = secret(&s.signing_secret);
+        let channels = Channels {
+            warning: s.channels.warning.clone(),
+            high: s.channels.high.clone(),
+            critical: s.channels.critical.clone(),
+        };
+        let fingerprint = hex::encode(
+            &<sha2::Sha256 as sha2::Digest>::digest(
+                format!(
+                    "{token}\n{}\n{channels:?}",
+                    signing_secret.as_deref().unwrap_or("")
+                )
+                .as_bytes(),
+            )[..8],
+        );
+        if let Some(current) = slack.get(gateway) {
+            if current.fingerprint == fingerprint {
+                return Ok(current.notifier.clone());
+            }
+        }
+        let config = SlackConfig {
+            token,
+            signing_secret: signing_secret.clone(),
+            api_url: SlackConfig::api_url_from_env(),
+        };
+        let (notifier, delivery) = slack_notifier(&config, channels);
+        let notifier = Arc::new(notifier);
+        let previous = slack.insert(
+            gateway.to_string(),
+            GatewaySlack {
+                fingerprint,
+                signing_secret,
+                notifier: notifier.clone(),
+                delivery: Some(delivery),
+            },
+        );
+        if let Some(old) = previous {
+            retire(old);
+        }
+        self.refresh_signing_secrets(&slack);
+        Ok(notifier)
+    }
+
+    fn refresh_signing_secrets(&self, slack: &HashMap<String, GatewaySlack>) {
+        let secrets: Vec<String> = slack
+            .values()
+            .filter_map(|s| s.signing_secret.clone())
+            .collect();
+        *self
+            .signing_secrets
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = secrets;
     }
 
     /// Queues a Slack Promote / Roll back press for the gateway whose revision it names.
@@ -139,6 +230,13 @@ fn key(obj: &ApiGateway) -> String {
         obj.namespace().unwrap_or_else(|| "default".into()),
         obj.name_any()
     )
+}
+
+/// Lets a replaced delivery send what it still holds, then stop.
+fn retire(mut old: GatewaySlack) {
+    if let Some(d) = old.delivery.take() {
+        tokio::spawn(d.finish());
+    }
 }
 
 /// One pass over one ApiGateway.
@@ -208,6 +306,10 @@ async fn secrets(
             wanted.push((k, false));
         }
     }
+    if let Some(s) = &spec.escalation.slack {
+        wanted.push((&s.token, false));
+        wanted.push((&s.signing_secret, false));
+    }
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut values = HashMap::new();
     let mut versions = Vec::new();
@@ -274,9 +376,14 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     let (values, versions) = secrets(&op.client, &ns, &obj).await;
     let resolver: Arc<SecretResolver> =
         Arc::new(move |r: &SecretKeyRef| values.get(&(r.name.clone(), r.key.clone())).cloned());
+    let (notifier, slack_problem) =
+        match op.notifier_for(&name, &obj.spec.escalation, resolver.as_ref()) {
+            Ok(n) => (n, None),
+            Err(problem) => (op.notifier.clone(), Some(problem)),
+        };
     let ctx = Context {
         platform: op.platform.clone(),
-        notifier: op.notifier.clone(),
+        notifier: notifier.clone(),
         store: op.store.clone(),
         base: ProxyConfig::default(),
         master_keys: None,
@@ -301,7 +408,12 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     if m.spec != obj.spec || m.generation != generation {
         m.update_spec(obj.spec.clone(), generation);
     }
+    let last_seen = m.events.back().map_or(0, |e| e.seq);
     m.uid = obj.metadata.uid.clone();
+    m.set_notifier(notifier);
+    if let Some(problem) = slack_problem {
+        m.warn_once("SlackNotConfigured", &problem, (op.clock)());
+    }
     // The object's status is the truth: a restarted operator resumes from it.
     m.status = obj.status.clone().unwrap_or_default();
     let annotation = |k: &str| {
@@ -330,19 +442,14 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
             m.rollback = Some(p.request);
         }
     }
-    let seen = m.events.len();
-    let last_at = m.events.back().map(|e| e.at.clone());
     rollout::reconcile(m, &ctx, (op.clock)()).await;
-    // Events of this pass (the ring may have dropped old ones; count from the last seen).
-    let fresh: Vec<_> = match &last_at {
-        Some(at) => m
-            .events
-            .iter()
-            .skip_while(|e| &e.at <= at)
-            .cloned()
-            .collect(),
-        None => m.events.iter().skip(seen).cloned().collect(),
-    };
+    // Events of this pass.
+    let fresh: Vec<_> = m
+        .events
+        .iter()
+        .filter(|e| e.seq > last_seen)
+        .cloned()
+        .collect();
     let recorder = Recorder::new(op.client.clone(), op.reporter.clone());
     let reference = obj.object_ref(&());
     for e in fresh {
@@ -396,6 +503,14 @@ async fn cleanup(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controll
             source,
         })?;
     op.gateways.lock().await.remove(&name);
+    if let Some(old) = op
+        .slack
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name)
+    {
+        retire(old);
+    }
     tracing::info!(gateway = %name, "deleted: children removed");
     Ok(Action::await_change())
 }

@@ -256,6 +256,7 @@ pub async fn run(
     let (press_tx, mut press_rx) = tokio::sync::mpsc::unbounded_channel::<ButtonPress>();
     let interactions = signing_secret.map(|secret| InteractionEndpoint {
         signing_secret: Some(secret),
+        extra_secrets: Default::default(),
         audit: None,
         notifier: notifier.clone(),
         apply: Arc::new(move |i| {

@@ -70,6 +70,9 @@ pub struct IncidentRecord {
 /// An Event: reason and message, newest last.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GatewayEvent {
+    /// Increases with every Event of the gateway.
+    #[serde(skip)]
+    pub seq: u64,
     pub at: String,
     pub reason: String,
     pub message: String,
@@ -177,6 +180,25 @@ impl Managed {
         }
     }
 
+    /// A warning Event, once until its message changes (a setting that stays wrong must not
+    /// repeat it every pass).
+    pub fn warn_once(&mut self, reason: &str, message: &str, now: Timestamp) {
+        let repeated = self
+            .events
+            .iter()
+            .rev()
+            .find(|e| e.reason == reason)
+            .is_some_and(|e| e.message == message);
+        if !repeated {
+            self.event(now, reason, message.to_string(), true);
+        }
+    }
+
+    /// Where this gateway's detector notices go from now on.
+    pub fn set_notifier(&mut self, notifier: Arc<Notifier>) {
+        self.detector.set_notifier(notifier);
+    }
+
     /// A new spec (file edited, resource updated). The gate notices the new revision.
     pub fn update_spec(&mut self, spec: ApiGatewaySpec, generation: i64) {
         self.spec = spec;
@@ -190,7 +212,9 @@ impl Managed {
         } else {
             tracing::info!(gateway = %self.name, reason, "{message}");
         }
+        let seq = self.events.back().map_or(1, |e| e.seq + 1);
         self.events.push_back(GatewayEvent {
+            seq,
             at: now.to_string(),
             reason: reason.to_string(),
             message,

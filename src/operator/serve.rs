@@ -68,8 +68,10 @@ pub async fn run(
     // Button presses reach the operator, which the endpoint is built before.
     let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
     let cell = operator_cell.clone();
-    let interactions = signing_secret.map(|secret| InteractionEndpoint {
-        signing_secret: Some(secret),
+    let gateway_secrets: Arc<std::sync::RwLock<Vec<String>>> = Arc::default();
+    let interactions = Some(InteractionEndpoint {
+        signing_secret,
+        extra_secrets: gateway_secrets.clone(),
         audit: None,
         notifier: notifier.clone(),
         apply: Arc::new(move |i| {
@@ -98,7 +100,7 @@ pub async fn run(
     let server = tokio::spawn(http::serve(listener, state.clone(), async {
         let _ = http_stopped.await;
     }));
-    let op = Arc::new(Operator::new(
+    let mut operator = Operator::new(
         client.clone(),
         Arc::new(KubePlatform::new(
             client.clone(),
@@ -110,7 +112,9 @@ pub async fn run(
         opts.status_url.clone(),
         Arc::new(Timestamp::now),
         state,
-    ));
+    );
+    operator.signing_secrets = gateway_secrets;
+    let op = Arc::new(operator);
     let _ = operator_cell.set(Arc::downgrade(&op));
 
     let leases: Api<Lease> = Api::namespaced(client, &opts.namespace);
