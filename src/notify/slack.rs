@@ -102,7 +102,7 @@ pub fn slack_notifier(
     channels: super::Channels,
 ) -> (super::Notifier, DeliveryTask) {
     let outbox = Arc::new(Outbox::memory());
-    let delivery = SlackDelivery::new(&config, outbox.clone());
+    let delivery = SlackDelivery::new(config, outbox.clone());
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
     let task = tokio::spawn(delivery.run(
