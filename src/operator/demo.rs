@@ -403,27 +403,26 @@ pub fn local_context(
         reason: e.to_string(),
     })?;
     let key = ApiKey::generate(KeyScope::Live);
-    let mut base: ProxyConfig = serde_saphyr::from_str("{}").map_err(|e| DemoError::Start {
-        what: "base config",
-        reason: e.to_string(),
-    })?;
-    base.orgs = vec![OrgEntry {
-        id: "acme".into(),
-        name: "ACME Travel".into(),
-    }];
-    base.keys = vec![KeyEntry {
-        id: None,
-        prefix: key.prefix().to_string(),
-        hash: pepper.hash(&key).to_hex(),
-        org: "acme".into(),
-        scope: KeyScope::Live,
-        tier: None,
-        daily_quota: None,
-        expires_at: None,
-        grace_until: None,
-        revoked: false,
-    }];
-    base.shutdown_grace = crate::crd::duration::KubeDuration::from_secs(1);
+    let base = ProxyConfig {
+        orgs: vec![OrgEntry {
+            id: "acme".into(),
+            name: "ACME Travel".into(),
+        }],
+        keys: vec![KeyEntry {
+            id: None,
+            prefix: key.prefix().to_string(),
+            hash: pepper.hash(&key).to_hex(),
+            org: "acme".into(),
+            scope: KeyScope::Live,
+            tier: None,
+            daily_quota: None,
+            expires_at: None,
+            grace_until: None,
+            revoked: false,
+        }],
+        shutdown_grace: crate::crd::duration::KubeDuration::from_secs(1),
+        ..ProxyConfig::default()
+    };
     let platform = Arc::new(LocalPlatform::new(
         LocalSecrets {
             pepper,

@@ -247,9 +247,7 @@ pub async fn run(
             rand::fill(&mut bytes);
             let pepper = crate::proxy::keys::Pepper::new(bytes.to_vec())
                 .map_err(|e| LocalError::ProxyConfig(e.to_string()))?;
-            let cfg: ProxyConfig =
-                serde_saphyr::from_str("{}").map_err(|e| LocalError::ProxyConfig(e.to_string()))?;
-            (cfg, pepper, None, Vec::new())
+            (ProxyConfig::default(), pepper, None, Vec::new())
         }
     };
     let metrics = Arc::new(OperatorMetrics::new());

@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn any_proxy_change_is_a_new_revision_and_the_same_spec_is_the_same_one() {
-        let base: ProxyConfig = serde_saphyr::from_str("{}").unwrap();
+        let base = ProxyConfig::default();
         let a = render(&spec(SPEC), &base);
         let r1 = revision("img:1", &a, &[]);
         assert_eq!(r1, revision("img:1", &render(&spec(SPEC), &base), &[]));
@@ -98,7 +98,7 @@ mod tests {
     fn problems_name_the_spec_path() {
         let mut s = spec(SPEC);
         s.proxy.routes[0].tier = Some("gold".into());
-        let base: ProxyConfig = serde_saphyr::from_str("{}").unwrap();
+        let base = ProxyConfig::default();
         let problems = problems(&s, &render(&s, &base), None);
         assert!(
             problems
