@@ -415,6 +415,20 @@ fn observe_both(blue: Option<&str>, green: Option<&str>) -> Vec<Call> {
     calls
 }
 
+/// The switch: the target Deployment is read (for its owner), then the active Service is
+/// applied selecting `color` and the preview Service the other one.
+fn switch_to(color: &str, revision: &str) -> Vec<Call> {
+    let other = if color == "blue" { "green" } else { "blue" };
+    let name = format!("shop-{color}");
+    vec![
+        call("GET", &deployments(&name)).reply(200, ready_deployment(&name, revision)),
+        call("PATCH", &services("shop?"))
+            .has(&format!("\"apitree.io/color\":\"{color}\""))
+            .has("\"uid\":\"uid-1\""),
+        call("PATCH", &services("shop-preview")).has(&format!("\"apitree.io/color\":\"{other}\"")),
+    ]
+}
+
 fn event(reason: &str) -> Call {
     call("POST", &events_path()).has(&format!("\"reason\":\"{reason}\""))
 }
@@ -471,12 +485,8 @@ async fn first_deploy_applies_the_children_then_serves_blue_once_ready() {
     // Second pass: blue is ready → the active Service points at it.
     let fx = fx.with_status(status);
     let mut calls = observe_both(Some(&rev), None);
+    calls.extend(switch_to("blue", &rev));
     calls.extend([
-        call("GET", &deployments("shop-blue")).reply(200, ready_deployment("shop-blue", &rev)),
-        call("PATCH", &services("shop?"))
-            .has("\"apitree.io/color\":\"blue\"")
-            .has("\"uid\":\"uid-1\""),
-        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"green\""),
         // (The detector's next window is not due yet: no scrape.)
         event("Switched"),
         event("Deployed"),
@@ -523,10 +533,8 @@ async fn a_new_revision_passes_the_analysis_and_the_active_service_switches_to_g
     h.advance(61);
     let fx = fx.with_status(status);
     let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend(switch_to("green", &new));
     calls.extend([
-        call("GET", &deployments("shop-green")).reply(200, ready_deployment("shop-green", &new)),
-        call("PATCH", &services("shop?")).has("\"apitree.io/color\":\"green\""),
-        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"blue\""),
         call("GET", &pods_of("green")).reply(200, pod_list("green")),
         event("Switched"),
         event("Promoted"),
@@ -604,10 +612,8 @@ async fn the_promote_annotation_switches_a_revision_awaiting_approval() {
     let status = status_of(&bodies);
     let fx = fx.with_status(status).annotate("apitree.io/promote", &new);
     let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend(switch_to("green", &new));
     calls.extend([
-        call("GET", &deployments("shop-green")).reply(200, ready_deployment("shop-green", &new)),
-        call("PATCH", &services("shop?")).has("\"apitree.io/color\":\"green\""),
-        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"blue\""),
         event("Switched"),
         event("Promoted").has("promoted by annotation apitree.io/promote"),
         status_patch().has("\"phase\":\"Promoting\""),
@@ -637,10 +643,8 @@ async fn the_rollback_annotation_inside_the_window_switches_back_to_blue() {
     h.advance(120);
     let fx = fx.with_status(status).annotate("apitree.io/rollback", &new);
     let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend(switch_to("blue", old));
     calls.extend([
-        call("GET", &deployments("shop-blue")).reply(200, ready_deployment("shop-blue", old)),
-        call("PATCH", &services("shop?")).has("\"apitree.io/color\":\"blue\""),
-        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"green\""),
         call("PATCH", &deployments("shop-green")).has("\"replicas\":0"),
         call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
         event("Switched"),

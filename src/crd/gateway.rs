@@ -354,7 +354,9 @@ pub struct GateSpec {
     #[serde(default = "default_max_error_ratio_increase")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub max_error_ratio_increase: f64,
-    /// Green fails when its p99 latency exceeds blue's by this factor.
+    /// Green fails when its p99 latency exceeds blue's by this factor (and by more than 10 ms).
+    /// Judged once both colors served at least 1,000 requests in the window, so each p99 rests
+    /// on ten or more slow requests.
     #[serde(default = "default_max_latency_ratio")]
     #[schemars(range(min = 1.0, max = 100.0))]
     pub max_latency_ratio: f64,

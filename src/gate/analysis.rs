@@ -33,6 +33,11 @@ impl Traffic {
 /// Latency differences below this are noise on a loopback or in-cluster hop, whatever the ratio.
 const LATENCY_FLOOR_MS: f64 = 10.0;
 
+/// Requests each color must serve before their p99s are compared: the p99 of n requests is about
+/// the (n/100)-th slowest one, so below this it rests on fewer than ten requests and one stall
+/// (a GC pause, a busy node) decides it.
+pub const MIN_LATENCY_SAMPLES: u64 = 1000;
+
 /// The analysis verdict.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judgement {
@@ -128,7 +133,9 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
             ),
         );
     }
-    if let (Some(g), Some(b)) = (green.p99_ms, blue.p99_ms) {
+    let latency_judged =
+        green.requests >= MIN_LATENCY_SAMPLES && blue.requests >= MIN_LATENCY_SAMPLES;
+    if let (Some(g), Some(b), true) = (green.p99_ms, blue.p99_ms, latency_judged) {
         if g > b * spec.max_latency_ratio && g - b > LATENCY_FLOOR_MS {
             return verdict(
                 CheckPhase::Failed,
@@ -140,11 +147,12 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
             );
         }
     }
-    verdict(
-        CheckPhase::Passed,
-        Some(p),
-        "green's errors and latency are in line with blue's".into(),
-    )
+    let reason = if latency_judged {
+        "green's errors and latency are in line with blue's".to_string()
+    } else {
+        format!("green's errors are in line with blue's; p99s not compared below {MIN_LATENCY_SAMPLES} requests per color")
+    };
+    verdict(CheckPhase::Passed, Some(p), reason)
 }
 
 #[cfg(test)]
@@ -209,6 +217,14 @@ mod tests {
         // 9 ms vs 3 ms is 3× but only 6 ms: loopback noise.
         let j = judge(&t(1000, 0, 3.0), &t(1000, 0, 9.0), &spec());
         assert_eq!(j.phase, CheckPhase::Passed);
+        // A p99 of 300 requests is their third-slowest: not judged, and the reason says so.
+        let j = judge(&t(300, 0, 10.0), &t(300, 0, 80.0), &spec());
+        assert_eq!(j.phase, CheckPhase::Passed);
+        assert!(
+            j.reason.contains("p99s not compared below 1000"),
+            "{}",
+            j.reason
+        );
     }
 
     #[test]

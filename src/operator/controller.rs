@@ -22,7 +22,7 @@ use kube::{Client, Resource, ResourceExt};
 use super::http::HttpState;
 use super::metrics::OperatorMetrics;
 use super::probes::SecretResolver;
-use super::rollout::{self, Context, Managed};
+use super::rollout::{self, Context, Managed, Press};
 use crate::crd::gateway::{ApiGateway, GatewayPhase, SecretKeyRef};
 use crate::dashboard::GatewayView;
 use crate::detect::engine::IncidentStore;
@@ -64,13 +64,6 @@ impl ControllerError {
             Self::Finalizer { .. } => "Finalizer",
         }
     }
-}
-
-/// A Slack button press waiting for its gateway's next pass.
-#[derive(Debug, Clone)]
-pub struct Press {
-    pub promote: bool,
-    pub request: Request,
 }
 
 /// Everything the controller shares between passes.
@@ -424,24 +417,11 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     };
     m.promote = annotation(PROMOTE_ANNOTATION);
     m.rollback = annotation(ROLLBACK_ANNOTATION);
-    for p in op
-        .presses
+    // Presses for other gateways wait for theirs.
+    op.presses
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .drain(..)
-    {
-        let names_it = m
-            .status
-            .gate
-            .as_ref()
-            .is_some_and(|g| g.revision == p.request.revision)
-            || m.status.active_revision.as_deref() == Some(p.request.revision.as_str());
-        if names_it && p.promote {
-            m.promote = Some(p.request);
-        } else if names_it {
-            m.rollback = Some(p.request);
-        }
-    }
+        .retain(|p| !m.accept(p));
     rollout::reconcile(m, &ctx, (op.clock)()).await;
     // Events of this pass.
     let fresh: Vec<_> = m

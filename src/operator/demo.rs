@@ -208,9 +208,6 @@ gate:
   rolloutDeadline: 20s
   observationWindow: 4s
   minSamples: 100
-  # Loopback latencies on a busy laptop jitter across histogram buckets; a real gateway keeps
-  # the default 1.5.
-  maxLatencyRatio: 3
   autoPromote: true
   rollbackWindow: 6s
   smoke:

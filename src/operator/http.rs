@@ -9,8 +9,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::metrics::OperatorMetrics;
+use super::rollout::Press;
 use crate::dashboard::{GatewayView, PAGE};
-use crate::notify::slack::InteractionEndpoint;
+use crate::gate::Request;
+use crate::notify::slack::{Action, InteractionEndpoint};
+use crate::notify::Notifier;
 
 /// What the HTTP port serves from.
 pub struct HttpState {
@@ -35,6 +38,34 @@ impl HttpState {
     pub fn publish(&self, views: Vec<GatewayView>) {
         *self.views.write().unwrap_or_else(|p| p.into_inner()) = views;
         self.ready.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The Slack interaction endpoint of an HTTP port: verified Promote and Roll back presses go to
+/// `on_press` (Acknowledge and Silence are recorded by the endpoint itself).
+pub fn button_endpoint(
+    signing_secret: Option<String>,
+    extra_secrets: Arc<RwLock<Vec<String>>>,
+    notifier: Arc<Notifier>,
+    on_press: impl Fn(Press) + Send + Sync + 'static,
+) -> InteractionEndpoint {
+    InteractionEndpoint {
+        signing_secret,
+        extra_secrets,
+        audit: None,
+        notifier,
+        apply: Arc::new(move |i| {
+            if let (Action::Promote | Action::Rollback, Some(revision)) = (i.action, &i.revision) {
+                on_press(Press {
+                    promote: i.action == Action::Promote,
+                    request: Request {
+                        revision: revision.clone(),
+                        by: format!("slack:{}", i.user_name),
+                    },
+                });
+            }
+            None
+        }),
     }
 }
 

@@ -17,12 +17,11 @@ use sha2::{Digest, Sha256};
 
 use super::http::{self, HttpState};
 use super::metrics::OperatorMetrics;
-use super::rollout::{reconcile, Context, Managed};
+use super::rollout::{reconcile, Context, Managed, Press};
 use crate::crd::gateway::{ApiGatewaySpec, SecretKeyRef};
 use crate::dashboard::GatewayView;
 use crate::detect::engine::IncidentStore;
 use crate::gate::Request;
-use crate::notify::slack::{Action, InteractionEndpoint};
 use crate::notify::Notifier;
 use crate::platform::local::{LocalPlatform, LocalSecrets};
 use crate::platform::Platform;
@@ -215,13 +214,6 @@ fn base_secret_versions(cfg: &ProxyConfig, dir: &Path) -> Vec<(String, String)> 
     out
 }
 
-/// A human's request from the Slack buttons, routed to the gateway whose revision it names.
-#[derive(Debug, Clone)]
-struct ButtonPress {
-    action: Action,
-    request: Request,
-}
-
 /// Runs until `stop` resolves.
 pub async fn run(
     opts: LocalOptions,
@@ -251,24 +243,11 @@ pub async fn run(
         }
     };
     let metrics = Arc::new(OperatorMetrics::new());
-    let (press_tx, mut press_rx) = tokio::sync::mpsc::unbounded_channel::<ButtonPress>();
-    let interactions = signing_secret.map(|secret| InteractionEndpoint {
-        signing_secret: Some(secret),
-        extra_secrets: Default::default(),
-        audit: None,
-        notifier: notifier.clone(),
-        apply: Arc::new(move |i| {
-            if let (Action::Promote | Action::Rollback, Some(revision)) = (i.action, &i.revision) {
-                let _ = press_tx.send(ButtonPress {
-                    action: i.action,
-                    request: Request {
-                        revision: revision.clone(),
-                        by: format!("slack:{}", i.user_name),
-                    },
-                });
-            }
-            None
-        }),
+    let (press_tx, mut press_rx) = tokio::sync::mpsc::unbounded_channel::<Press>();
+    let interactions = signing_secret.map(|secret| {
+        http::button_endpoint(Some(secret), Arc::default(), notifier.clone(), move |p| {
+            let _ = press_tx.send(p);
+        })
     });
     let state = Arc::new(HttpState::new(metrics.clone(), interactions));
     let listener = tokio::net::TcpListener::bind(&opts.http)
@@ -370,19 +349,8 @@ pub async fn run(
             metrics: metrics.clone(),
         };
         while let Ok(press) = press_rx.try_recv() {
-            for m in gateways.values_mut() {
-                let names_it = m
-                    .status
-                    .gate
-                    .as_ref()
-                    .is_some_and(|g| g.revision == press.request.revision)
-                    || m.status.active_revision.as_deref() == Some(press.request.revision.as_str());
-                if names_it {
-                    match press.action {
-                        Action::Promote => m.promote = Some(press.request.clone()),
-                        _ => m.rollback = Some(press.request.clone()),
-                    }
-                }
+            if !gateways.values_mut().any(|m| m.accept(&press)) {
+                tracing::warn!(revision = %press.request.revision, "a Slack button names a revision no gateway has; ignored");
             }
         }
         for g in &manifests.gateways {

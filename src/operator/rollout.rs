@@ -67,6 +67,13 @@ pub struct IncidentRecord {
     pub ratio: f64,
 }
 
+/// A Promote or Roll back request from a Slack button, for the gateway whose revision it names.
+#[derive(Debug, Clone)]
+pub struct Press {
+    pub promote: bool,
+    pub request: Request,
+}
+
 /// An Event: reason and message, newest last.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GatewayEvent {
@@ -192,6 +199,23 @@ impl Managed {
         if !repeated {
             self.event(now, reason, message.to_string(), true);
         }
+    }
+
+    /// Takes a button press if it names this gateway's gate or active revision.
+    pub fn accept(&mut self, p: &Press) -> bool {
+        let revision = p.request.revision.as_str();
+        let names_it = self
+            .status
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.revision == revision)
+            || self.status.active_revision.as_deref() == Some(revision);
+        if names_it && p.promote {
+            self.promote = Some(p.request.clone());
+        } else if names_it {
+            self.rollback = Some(p.request.clone());
+        }
+        names_it
     }
 
     /// Where this gateway's detector notices go from now on.

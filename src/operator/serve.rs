@@ -10,11 +10,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::Client;
 
-use super::controller::{self, Operator, Press};
+use super::controller::{self, Operator};
 use super::http::{self, HttpState};
 use super::lease;
 use super::metrics::OperatorMetrics;
-use crate::notify::slack::{console_or_slack, Action, InteractionEndpoint};
+use crate::notify::slack::console_or_slack;
 use crate::platform::kube::{cluster_resolver, KubePlatform};
 
 /// How `apitree operator` runs.
@@ -69,26 +69,16 @@ pub async fn run(
     let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
     let cell = operator_cell.clone();
     let gateway_secrets: Arc<std::sync::RwLock<Vec<String>>> = Arc::default();
-    let interactions = Some(InteractionEndpoint {
+    let interactions = Some(http::button_endpoint(
         signing_secret,
-        extra_secrets: gateway_secrets.clone(),
-        audit: None,
-        notifier: notifier.clone(),
-        apply: Arc::new(move |i| {
-            if let (Action::Promote | Action::Rollback, Some(revision)) = (i.action, &i.revision) {
-                if let Some(op) = cell.get().and_then(Weak::upgrade) {
-                    op.press(Press {
-                        promote: i.action == Action::Promote,
-                        request: crate::gate::Request {
-                            revision: revision.clone(),
-                            by: format!("slack:{}", i.user_name),
-                        },
-                    });
-                }
+        gateway_secrets.clone(),
+        notifier.clone(),
+        move |press| {
+            if let Some(op) = cell.get().and_then(Weak::upgrade) {
+                op.press(press);
             }
-            None
-        }),
-    });
+        },
+    ));
     let state = Arc::new(HttpState::new(metrics.clone(), interactions));
     let listener = tokio::net::TcpListener::bind(&opts.http)
         .await
