@@ -409,3 +409,163 @@ async fn the_demo_prints_one_json_summary_of_its_tour() {
     assert!(stderr.contains("escalated to critical"), "{stderr}");
     assert!(!stderr.contains(":red_circle:"), "{stderr}");
 }
+
+/// The manifest `apitree local` reads in the test: route `/status/` forwards to the runner's own
+/// status API, so nothing else has to run.
+fn local_manifest(http: u16, timeout: &str, annotations: &str) -> String {
+    format!(
+        r#"apiVersion: apitree.io/v1alpha1
+kind: ApiGateway
+metadata:
+  name: shop
+{annotations}spec:
+  replicas: 1
+  proxy:
+    routes:
+      - name: demo
+        pathPrefix: /status/
+        upstream: http://127.0.0.1:{http}/api/
+        timeout: {timeout}
+        credential: demo-upstream
+    tiers:
+      - name: trial
+        perKey: {{ burst10s: 100, perMinute: 600, perDay: 10000 }}
+        perOrg: {{ burst10s: 100, perMinute: 600, perDay: 10000 }}
+    defaultTier: trial
+  gate:
+    observationWindow: 2s
+    minSamples: 50
+    rollbackWindow: 1m
+    smoke:
+      - name: gateways
+        path: /status/gateways
+        apiKey: {{ name: shop-keys, key: live }}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: shop-keys
+stringData:
+  live: at_live_V2ETpgMyz46TvDL0DjSKtIxy76bWL04e4hAc
+"#
+    )
+}
+
+async fn gateways(http: u16) -> Option<serde_json::Value> {
+    let r = reqwest::get(format!("http://127.0.0.1:{http}/api/gateways"))
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    v.as_array()?.first().cloned()
+}
+
+async fn wait_for(
+    http: u16,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = None;
+    for _ in 0..120 {
+        if let Some(g) = gateways(http).await {
+            if done(&g) {
+                return g;
+            }
+            last = Some(g);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("apitree local never reached {what}; last view: {last:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apitree_local_runs_files_and_an_edited_file_goes_through_the_gate() {
+    let _turn = TURN.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shop.yaml");
+    std::fs::write(&file, local_manifest(http, "5s", "")).unwrap();
+    let proxy_config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxy.yaml");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["local", "-f"])
+        .arg(dir.path())
+        .args(["--proxy-config", proxy_config, "--http"])
+        .arg(format!("127.0.0.1:{http}"))
+        .env_remove("SLACK_BOT_TOKEN")
+        .env_remove("APITREE_KEY_PEPPER")
+        .env_remove("APITREE_MASTER_KEY")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let g = wait_for(http, "Stable", |g| g["phase"] == "Stable").await;
+    let first = g["activeRevision"].as_str().unwrap().to_string();
+    // Through the gateway (the example key) to the runner's own status API.
+    let front = g["url"].as_str().unwrap().to_string();
+    let r = reqwest::Client::new()
+        .get(format!("{front}/status/gateways"))
+        .bearer_auth("at_live_V2ETpgMyz46TvDL0DjSKtIxy76bWL04e4hAc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        reqwest::get(format!("{front}/status/gateways"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let page = reqwest::get(format!("http://127.0.0.1:{http}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<title>apitree status</title>"));
+    let metrics = reqwest::get(format!("http://127.0.0.1:{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("apitree_operator_reconciles_total{result=\"ok\"}"));
+    assert!(metrics.contains("apitree_operator_gateways{phase=\"Stable\"} 1"));
+
+    // Editing the file starts a gate; nobody sends traffic to the preview, so the analysis is
+    // inconclusive and the gateway waits for a human.
+    std::fs::write(&file, local_manifest(http, "6s", "")).unwrap();
+    let g = wait_for(http, "AwaitingApproval", |g| {
+        g["phase"] == "AwaitingApproval"
+    })
+    .await;
+    let revision = g["gateRevision"].as_str().unwrap().to_string();
+    assert_ne!(revision, first);
+    assert_eq!(g["checks"][4]["phase"], "Inconclusive");
+    assert_eq!(g["activeRevision"], first.as_str());
+
+    // The promote annotation in the file approves it.
+    let annotations = format!("  annotations:\n    apitree.io/promote: \"{revision}\"\n");
+    std::fs::write(&file, local_manifest(http, "6s", &annotations)).unwrap();
+    let g = wait_for(http, "Promoting", |g| g["phase"] == "Promoting").await;
+    assert_eq!(g["activeRevision"], revision.as_str());
+
+    // A file that no longer parses keeps the last good spec serving, with a warning Event.
+    std::fs::write(
+        &file,
+        "kind: ApiGateway\nmetadata:\n  name: shop\nspec:\n  proxy: {}\n",
+    )
+    .unwrap();
+    let g = wait_for(http, "an InvalidManifest event", |g| {
+        g["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["reason"] == "InvalidManifest"))
+    })
+    .await;
+    assert_eq!(g["activeRevision"], revision.as_str());
+    child.kill().await.unwrap();
+}

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use base64::Engine;
 use k8s_openapi::jiff::Timestamp;
@@ -183,12 +183,17 @@ pub fn load_manifests(path: &Path) -> Result<Manifests, LocalError> {
     Ok(out)
 }
 
-fn newest_change(path: &Path) -> Option<SystemTime> {
-    yaml_files(path)
-        .ok()?
-        .iter()
-        .filter_map(|f| f.metadata().and_then(|m| m.modified()).ok())
-        .max()
+/// A digest of the manifest files' names and contents: any edit, added or removed file changes
+/// it, whatever the file system's timestamp resolution.
+fn fingerprint(path: &Path) -> String {
+    let mut h = Sha256::new();
+    for f in yaml_files(path).unwrap_or_default() {
+        h.update(f.display().to_string().as_bytes());
+        h.update([0]);
+        h.update(std::fs::read(&f).unwrap_or_default());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
 }
 
 /// Fingerprint of the pepper and master keys the proxies use (never the values).
@@ -272,13 +277,13 @@ pub async fn run(
     ));
     let store = Arc::new(IncidentStore::memory());
     let mut gateways: BTreeMap<String, Managed> = BTreeMap::new();
-    let mut seen: Option<SystemTime> = None;
+    let mut seen: Option<String> = None;
     let mut manifests = Manifests::default();
     tokio::pin!(stop);
     loop {
-        let changed = newest_change(&opts.path);
-        if seen.is_none() || changed != seen {
-            seen = changed.or(Some(SystemTime::UNIX_EPOCH));
+        let now_seen = fingerprint(&opts.path);
+        if seen.as_deref() != Some(now_seen.as_str()) {
+            seen = Some(now_seen);
             match load_manifests(&opts.path) {
                 Ok(m) => {
                     for p in &m.problems {
