@@ -119,8 +119,8 @@ pub enum Command {
 
     /// Run the ApiGateway controller in a cluster (in-cluster config or KUBECONFIG).
     ///
-    /// One replica leads through a Lease and reconciles; the others stand by (their /readyz
-    /// says 503 until they lead). Serves the status page, /metrics (apitree_operator_*),
+    /// One replica leads through a Lease and reconciles; the others stand by, ready to take
+    /// over (/readyz says which role a replica has). Serves the status page, /metrics (apitree_operator_*),
     /// /healthz, /readyz and, with SLACK_SIGNING_SECRET, POST /slack/interactions on --http.
     /// Notifications go to the log, or to Slack when SLACK_BOT_TOKEN is set.
     Operator(OperatorArgs),

@@ -465,6 +465,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         source,
     })?;
     let action = requeue_after(m);
+    rollout::count_open_incidents(gateways.values(), &op.metrics);
     let views: Vec<GatewayView> = gateways
         .values()
         .map(|g| GatewayView::of(g, None))

@@ -20,8 +20,11 @@ pub struct HttpState {
     /// The gateways as of the last pass of the loop.
     pub views: RwLock<Vec<GatewayView>>,
     pub metrics: Arc<OperatorMetrics>,
-    /// True once the loop has completed a pass (and, in a cluster, holds the lease).
+    /// True once the loop has completed a pass, or (in a cluster) the replica knows whether it
+    /// leads or stands by; a standby is ready to take over.
     pub ready: AtomicBool,
+    /// `leader`, `standby` or `local`.
+    pub role: RwLock<&'static str>,
     pub interactions: Option<InteractionEndpoint>,
 }
 
@@ -31,8 +34,15 @@ impl HttpState {
             views: RwLock::new(Vec::new()),
             metrics,
             ready: AtomicBool::new(false),
+            role: RwLock::new("local"),
             interactions,
         }
+    }
+
+    /// Records whether this replica leads; either way it is ready.
+    pub fn set_role(&self, role: &'static str) {
+        *self.role.write().unwrap_or_else(|p| p.into_inner()) = role;
+        self.ready.store(true, Ordering::Relaxed);
     }
 
     pub fn publish(&self, views: Vec<GatewayView>) {
@@ -107,7 +117,12 @@ async fn route(
         (&Method::GET, "/healthz") => reply(200, "application/json", r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {
             if state.ready.load(Ordering::Relaxed) {
-                reply(200, "application/json", r#"{"status":"ready"}"#.into())
+                let role = *state.role.read().unwrap_or_else(|p| p.into_inner());
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::json!({"status": "ready", "role": role}).to_string(),
+                )
             } else {
                 json_error(
                     503,

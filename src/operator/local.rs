@@ -383,6 +383,7 @@ pub async fn run(
             metrics.phases.with_label_values(&[phase.as_str()]).inc();
             views.push(GatewayView::of(m, platform.active_url(&m.name).await));
         }
+        super::rollout::count_open_incidents(gateways.values(), &metrics);
         state.publish(views);
         tokio::select! {
             _ = &mut stop => break,

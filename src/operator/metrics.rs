@@ -17,6 +17,8 @@ pub struct OperatorMetrics {
     pub gate_results: IntCounterVec,
     /// Gateways per phase.
     pub phases: IntGaugeVec,
+    /// Open incidents by severity, over all gateways.
+    pub open_incidents: IntGaugeVec,
     pub reconcile_duration: Histogram,
 }
 
@@ -59,6 +61,20 @@ impl OperatorMetrics {
         registry
             .register(Box::new(phases.clone()))
             .expect("unique metric");
+        let open_incidents = IntGaugeVec::new(
+            Opts::new(
+                "apitree_operator_open_incidents",
+                "Open incidents by severity (warning, high, critical), over all gateways.",
+            ),
+            &["severity"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(open_incidents.clone()))
+            .expect("unique metric");
+        for s in ["warning", "high", "critical"] {
+            open_incidents.with_label_values(&[s]).set(0);
+        }
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "apitree_operator_reconcile_duration_seconds",
@@ -76,6 +92,7 @@ impl OperatorMetrics {
             errors,
             gate_results,
             phases,
+            open_incidents,
             reconcile_duration,
         }
     }

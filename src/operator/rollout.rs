@@ -756,6 +756,25 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     m.status.incidents = open;
 }
 
+/// Sets `apitree_operator_open_incidents{severity}` from the gateways' open incidents.
+pub fn count_open_incidents<'a>(
+    gateways: impl Iterator<Item = &'a Managed>,
+    metrics: &super::metrics::OperatorMetrics,
+) {
+    let mut counts = [0i64; 3];
+    for m in gateways {
+        for i in &m.status.incidents {
+            let rank = severity_rank(&i.severity) as usize;
+            if (1..=3).contains(&rank) {
+                counts[rank - 1] += 1;
+            }
+        }
+    }
+    for (severity, n) in ["warning", "high", "critical"].iter().zip(counts) {
+        metrics.open_incidents.with_label_values(&[severity]).set(n);
+    }
+}
+
 fn severity_rank(s: &str) -> u8 {
     match s {
         "critical" => 3,

@@ -80,6 +80,7 @@ pub async fn run(
         },
     ));
     let state = Arc::new(HttpState::new(metrics.clone(), interactions));
+    let state_role = state.clone();
     let listener = tokio::net::TcpListener::bind(&opts.http)
         .await
         .map_err(|e| OperatorError::Listen {
@@ -124,6 +125,7 @@ pub async fn run(
         .await
         {
             Ok(true) if running.is_none() => {
+                state_role.set_role("leader");
                 tracing::info!(lease = %opts.lease_name, identity = %opts.identity, "leading: starting the ApiGateway controller");
                 let stopped = ctl_stopped.take();
                 running = Some(tokio::spawn(controller::run(op.clone(), async move {
@@ -136,7 +138,10 @@ pub async fn run(
             Ok(false) if running.is_some() => {
                 break Err(OperatorError::LostLease(opts.lease_name.clone()));
             }
-            Ok(false) => tracing::debug!("standing by: another replica holds the lease"),
+            Ok(false) => {
+                state_role.set_role("standby");
+                tracing::debug!("standing by: another replica holds the lease");
+            }
             Err(e) if running.is_some() => {
                 // Cannot renew: another replica may take over once the lease expires; stop first.
                 tracing::error!("{e}");
