@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod schema;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 

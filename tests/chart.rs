@@ -1,0 +1,446 @@
+//! The Helm chart, rendered and validated without a cluster, with real tools: Helm (which
+//! `scripts/test` installs into ~/.cache/apitree when missing), kubernetes-validate and promtool.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use apitree::crd::ApiGateway;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::CustomResourceExt;
+use serde_json::Value;
+
+mod common;
+use common::schema::{schema_of, validate};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    repo().join("charts/apitree")
+}
+
+/// Helm: `APITREE_HELM`, the copy `scripts/test` installs, or `helm` on PATH.
+fn helm() -> PathBuf {
+    if let Some(p) = std::env::var_os("APITREE_HELM") {
+        return PathBuf::from(p);
+    }
+    let cached =
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/apitree/helm/helm");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("helm")
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {what}: {e}; scripts/test installs it (see the README's test command)")
+    });
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helm template` of the chart, as documents; `values` is a file under the chart.
+fn render(values: Option<&str>, extra: &[&str]) -> Vec<Value> {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "apitree"])
+        .arg(chart())
+        .args(["--namespace", "apitree-system"]);
+    if let Some(v) = values {
+        cmd.arg("-f").arg(chart().join(v));
+    }
+    cmd.args(extra);
+    let text = run(&mut cmd, "helm template");
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+const FULL: Option<&str> = Some("tests/full-values.yaml");
+
+#[test]
+fn the_chart_installs_the_crate_version() {
+    let chart: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        chart["appVersion"],
+        env!("CARGO_PKG_VERSION"),
+        "Chart.yaml appVersion must equal the crate version in Cargo.toml"
+    );
+    let docs = render(None, &[]);
+    let d: Deployment = serde_json::from_value(of_kind(&docs, "Deployment")[0].clone()).unwrap();
+    let image = d.spec.template.spec.unwrap().containers[0].image.clone();
+    assert_eq!(
+        image.as_deref(),
+        Some(concat!(
+            "ghcr.io/apitree/apitree:",
+            env!("CARGO_PKG_VERSION")
+        ))
+    );
+}
+
+#[test]
+fn helm_lint_passes_with_default_and_full_values() {
+    run(
+        Command::new(helm())
+            .arg("lint")
+            .arg(chart())
+            .arg("--strict"),
+        "helm lint",
+    );
+    run(
+        Command::new(helm())
+            .arg("lint")
+            .arg(chart())
+            .arg("--strict")
+            .arg("-f")
+            .arg(chart().join("tests/full-values.yaml")),
+        "helm lint (full values)",
+    );
+}
+
+#[test]
+fn the_values_schema_refuses_unknown_keys_and_wrong_types() {
+    for bad in [
+        "replicaCount=two",
+        "serviceMonitr.enabled=true",
+        "image.pullPolicy=Sometimes",
+        "prometheusRule.proxyErrorRatio=2",
+    ] {
+        let out = Command::new(helm())
+            .args(["template", "apitree"])
+            .arg(chart())
+            .args(["--set", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--set {bad} rendered");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("values don't meet the specifications of the schema"),
+            "{err}"
+        );
+    }
+    // The example gateway without its pepper Secret says what is missing.
+    let out = Command::new(helm())
+        .args(["template", "apitree"])
+        .arg(chart())
+        .args(["--set", "exampleGateway.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs pepper.existingSecret"));
+}
+
+/// Writes the Kubernetes objects (not the prometheus-operator or apitree ones) to a file and
+/// runs kubernetes-validate --strict on it.
+fn validate_strictly(docs: &[Value], dir: &Path, name: &str) {
+    let core: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            let v = d["apiVersion"].as_str().unwrap_or("");
+            !v.starts_with("monitoring.coreos.com/") && !v.starts_with("apitree.io/")
+        })
+        .collect();
+    let file = dir.join(name);
+    let text: Vec<String> = core
+        .iter()
+        .map(|d| serde_json::to_string(d).unwrap())
+        .collect();
+    std::fs::write(&file, text.join("\n---\n")).unwrap();
+    let out = run(
+        Command::new("kubernetes-validate")
+            .arg("--strict")
+            .arg(&file),
+        "kubernetes-validate",
+    );
+    assert_eq!(
+        out.matches(" passed for resource ").count(),
+        core.len(),
+        "every object must pass:\n{out}"
+    );
+}
+
+fn deserialize_all(docs: &[Value]) {
+    for d in docs {
+        let v = d.clone();
+        let kind = d["kind"].as_str().unwrap_or("");
+        let ok = match kind {
+            "Deployment" => serde_json::from_value::<Deployment>(v).map(|_| ()),
+            "Service" => serde_json::from_value::<Service>(v).map(|_| ()),
+            "ServiceAccount" => serde_json::from_value::<ServiceAccount>(v).map(|_| ()),
+            "ConfigMap" => serde_json::from_value::<ConfigMap>(v).map(|_| ()),
+            "PodDisruptionBudget" => serde_json::from_value::<PodDisruptionBudget>(v).map(|_| ()),
+            "ClusterRole" => serde_json::from_value::<ClusterRole>(v).map(|_| ()),
+            "ClusterRoleBinding" => serde_json::from_value::<ClusterRoleBinding>(v).map(|_| ()),
+            "Role" => serde_json::from_value::<Role>(v).map(|_| ()),
+            "RoleBinding" => serde_json::from_value::<RoleBinding>(v).map(|_| ()),
+            "ApiGateway" => serde_json::from_value::<ApiGateway>(v).map(|_| ()),
+            "ServiceMonitor" | "PodMonitor" | "PrometheusRule" => Ok(()),
+            other => panic!("the chart renders a {other} the tests do not know"),
+        };
+        ok.unwrap_or_else(|e| panic!("{kind} does not deserialize: {e}"));
+    }
+}
+
+#[test]
+fn every_rendered_object_validates_strictly_and_deserializes() {
+    let dir = tempfile::tempdir().unwrap();
+    let defaults = render(None, &[]);
+    validate_strictly(&defaults, dir.path(), "defaults.yaml");
+    deserialize_all(&defaults);
+    let full = render(FULL, &[]);
+    validate_strictly(&full, dir.path(), "full.yaml");
+    deserialize_all(&full);
+    let kinds: BTreeSet<&str> = full.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for k in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "ApiGateway",
+        "PodDisruptionBudget",
+    ] {
+        assert!(kinds.contains(k), "full values render no {k}");
+    }
+    // Off by default.
+    let default_kinds: BTreeSet<&str> =
+        defaults.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for k in ["ServiceMonitor", "PrometheusRule", "ApiGateway"] {
+        assert!(!default_kinds.contains(k), "{k} must be opt-in");
+    }
+    // The example gateway is a valid ApiGateway by the CRD's own schema.
+    let schema = schema_of(&ApiGateway::crd());
+    for gw in of_kind(&full, "ApiGateway") {
+        let problems = validate(&schema, gw);
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+}
+
+#[test]
+fn the_operator_runs_locked_down_with_probes_and_leader_election() {
+    let docs = render(FULL, &[]);
+    let d: Deployment = serde_json::from_value(of_kind(&docs, "Deployment")[0].clone()).unwrap();
+    let pod = d.spec.template.spec.unwrap();
+    let psc = pod.security_context.unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    let c = &pod.containers[0];
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert!(c.resources.as_ref().unwrap().limits.is_some());
+    assert_eq!(c.args.as_deref(), Some(&["operator".to_string()][..]));
+    let env: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    for name in [
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "APITREE_LEASE",
+        "SLACK_BOT_TOKEN",
+        "SLACK_SIGNING_SECRET",
+    ] {
+        assert!(env.contains(name), "operator env lacks {name}");
+    }
+    // The Slack token comes from the Secret, never as a value in the manifest.
+    let token = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "SLACK_BOT_TOKEN")
+        .unwrap();
+    assert!(token.value.is_none() && token.value_from.is_some());
+}
+
+#[test]
+fn rbac_has_no_wildcards_and_grants_what_the_controller_calls() {
+    let docs = render(None, &[]);
+    let role: ClusterRole =
+        serde_json::from_value(of_kind(&docs, "ClusterRole")[0].clone()).unwrap();
+    let mut granted = BTreeSet::new();
+    for r in role.rules.iter().flatten() {
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    assert_ne!(v, "*", "wildcard verb");
+                    assert_ne!(res, "*", "wildcard resource");
+                    assert_ne!(g, "*", "wildcard group");
+                    granted.insert(format!("{g}/{res}:{v}"));
+                }
+            }
+        }
+    }
+    // What src/operator/controller.rs and src/platform/kube.rs call.
+    for need in [
+        "apitree.io/apigateways:watch",
+        "apitree.io/apigateways:patch",
+        "apitree.io/apigateways/status:patch",
+        "apps/deployments:get",
+        "apps/deployments:watch",
+        "apps/deployments:patch",
+        "apps/deployments:delete",
+        "/services:patch",
+        "/configmaps:patch",
+        "/serviceaccounts:patch",
+        "/pods:list",
+        "/secrets:get",
+        "policy/poddisruptionbudgets:patch",
+        "events.k8s.io/events:create",
+    ] {
+        assert!(granted.contains(need), "ClusterRole lacks {need}");
+    }
+    // Secrets are read, never listed or written.
+    assert!(!granted
+        .iter()
+        .any(|g| g.starts_with("/secrets:") && g != "/secrets:get"));
+    let lease: Role = serde_json::from_value(of_kind(&docs, "Role")[0].clone()).unwrap();
+    let rule = &lease.rules.unwrap()[0];
+    assert_eq!(rule.resources.as_deref(), Some(&["leases".to_string()][..]));
+    assert_eq!(rule.verbs, ["get", "create", "update"]);
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let docs = render(FULL, &[]);
+    let rule = of_kind(&docs, "PrometheusRule")[0];
+    let dir = tempfile::tempdir().unwrap();
+    let rules = serde_json::json!({"groups": rule["spec"]["groups"]});
+    std::fs::write(dir.path().join("rules.yaml"), rules.to_string()).unwrap();
+    std::fs::copy(
+        chart().join("tests/rules-test.yaml"),
+        dir.path().join("rules-test.yaml"),
+    )
+    .unwrap();
+    run(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(dir.path().join("rules.yaml")),
+        "promtool check rules",
+    );
+    let out = run(
+        Command::new("promtool")
+            .args(["test", "rules", "rules-test.yaml"])
+            .current_dir(dir.path()),
+        "promtool test rules",
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+    // Every alert has a unit test.
+    let tests = std::fs::read_to_string(chart().join("tests/rules-test.yaml")).unwrap();
+    for group in rule["spec"]["groups"].as_array().unwrap() {
+        for r in group["rules"].as_array().unwrap() {
+            let name = r["alert"].as_str().unwrap();
+            assert!(
+                tests.contains(&format!("alertname: {name}")),
+                "alert {name} has no promtool test"
+            );
+        }
+    }
+}
+
+/// Every `apitree_*` metric name the code registers.
+fn exported_metrics() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![repo().join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for part in text.split('"').skip(1).step_by(2) {
+                    if part.starts_with("apitree_")
+                        && part.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    {
+                        out.insert(part.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("apitree_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        // Names of apitree's own objects (apitree-operator, apitree_demo…) are not metrics.
+        if base.starts_with("apitree_proxy_") || base.starts_with("apitree_operator_") {
+            out.insert(base.to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_and_the_rules_use_only_metrics_the_code_exports() {
+    let exported = exported_metrics();
+    assert!(exported.contains("apitree_proxy_requests_total"));
+    let docs = render(FULL, &[]);
+    let dashboard_cm = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "apitree-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(dashboard_cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let dashboard: Value =
+        serde_json::from_str(dashboard_cm["data"]["apitree.json"].as_str().unwrap()).unwrap();
+    assert_eq!(dashboard["refresh"], "10s");
+    let rules = of_kind(&docs, "PrometheusRule")[0].to_string();
+    let used: BTreeSet<String> = metric_names(&dashboard.to_string())
+        .into_iter()
+        .chain(metric_names(&rules))
+        .collect();
+    assert!(used.len() >= 10, "{used:?}");
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "queried but never exported: {missing:?}"
+    );
+}
