@@ -117,6 +117,15 @@ pub enum Command {
     ///   apitree local -f examples/local --proxy-config examples/proxy.yaml
     Local(LocalArgs),
 
+    /// Schema drift of the gateway database against what the migrations create.
+    ///
+    /// `check` exits 0 in sync, 2 when drift is found (every drifted object is listed), 1 on
+    /// error. `fix` applies missing and security fixes (and changed ones with --allow-changed)
+    /// in one transaction under an advisory lock, audits each, and checks again; extra objects
+    /// are only reported.
+    #[command(subcommand)]
+    Drift(DriftCommand),
+
     /// Run the ApiGateway controller in a cluster (in-cluster config or KUBECONFIG).
     ///
     /// One replica leads through a Lease and reconciles; the others stand by, ready to take
@@ -124,6 +133,38 @@ pub enum Command {
     /// /healthz, /readyz and, with SLACK_SIGNING_SECRET, POST /slack/interactions on --http.
     /// Notifications go to the log, or to Slack when SLACK_BOT_TOKEN is set.
     Operator(OperatorArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DriftCommand {
+    /// Compare the database with the expected schema and the migration history.
+    Check {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Fix missing objects and security drift; changed objects with --allow-changed.
+    Fix {
+        /// Also rewrite objects that differ (column types, defaults, constraints): may rewrite data.
+        #[arg(long)]
+        allow_changed: bool,
+        /// Who is fixing, for the audit log.
+        #[arg(long, env = "APITREE_ACTOR", default_value = "apitree drift fix")]
+        actor: String,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Migrate an EMPTY database and write its schema as the expected-schema snapshot.
+    Snapshot {
+        /// Where to write it; the release embeds src/drift/expected-schema.json.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod dashboard;
 pub mod db;
 pub mod detect;
+pub mod drift;
 pub mod gate;
 pub mod notify;
 pub mod operator;

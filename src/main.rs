@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use apitree::cli::{
     AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DemoArgs,
-    DetectCommand, KeysCommand, LocalArgs, OperatorArgs, OrgsCommand, OutputFormat, PiiCommand,
-    ProxyArgs, Scope, SecretArgs,
+    DetectCommand, DriftCommand, KeysCommand, LocalArgs, OperatorArgs, OrgsCommand, OutputFormat,
+    PiiCommand, ProxyArgs, Scope, SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -55,10 +55,25 @@ fn main() -> ExitCode {
             if err.is::<Tampered>() {
                 return ExitCode::from(3);
             }
+            if err.is::<DriftFound>() {
+                return ExitCode::from(2);
+            }
             ExitCode::FAILURE
         }
     }
 }
+
+/// `drift check` found drift: exit 2, so scripts can tell it from errors (1).
+#[derive(Debug)]
+struct DriftFound(usize);
+
+impl std::fmt::Display for DriftFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} drift finding(s): see the report above", self.0)
+    }
+}
+
+impl std::error::Error for DriftFound {}
 
 /// The audit chain did not verify: a distinct exit code so scripts can tell it from errors.
 #[derive(Debug)]
@@ -117,6 +132,85 @@ async fn run(command: Command) -> Result<()> {
         Command::Demo(args) => demo(args).await,
         Command::Local(args) => local(args).await,
         Command::Operator(args) => operator(args).await,
+        Command::Drift(cmd) => drift(cmd).await,
+    }
+}
+
+async fn drift(cmd: DriftCommand) -> Result<()> {
+    use apitree::drift::fix;
+    match cmd {
+        DriftCommand::Check { format, db } => {
+            let pool = open_db(&db).await?;
+            let report = fix::check(&pool).await?;
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                OutputFormat::Text => print!("{}", report.text()),
+            }
+            if report.in_sync() {
+                Ok(())
+            } else {
+                Err(anyhow!(DriftFound(
+                    report.items.len() + report.history.len()
+                )))
+            }
+        }
+        DriftCommand::Fix {
+            allow_changed,
+            actor,
+            format,
+            db,
+        } => {
+            let pool = open_db(&db).await?;
+            let done = fix::fix(&pool, allow_changed, &actor).await?;
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&done)?),
+                OutputFormat::Text => {
+                    for i in &done.applied {
+                        println!("fixed    {}: {}", i.object, i.detail);
+                    }
+                    for i in &done.left {
+                        let why = if i.fix_sql.is_none() {
+                            "reported only"
+                        } else {
+                            "changed: rerun with --allow-changed to rewrite it"
+                        };
+                        println!("left     {}: {} ({why})", i.object, i.detail);
+                    }
+                    print!("after the fix: {}", done.after.text());
+                }
+            }
+            Ok(())
+        }
+        DriftCommand::Snapshot { out, db } => {
+            let pool = open_db(&db).await?;
+            let tables: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'",
+            )
+            .fetch_one(&pool)
+            .await?;
+            if tables > 0
+                && sqlx::query_scalar::<_, bool>("SELECT to_regclass('_sqlx_migrations') IS NULL")
+                    .fetch_one(&pool)
+                    .await?
+            {
+                return Err(anyhow!("the database holds tables but no migration history: snapshot an empty database"));
+            }
+            let target = db::describe_target(&db::parse_url(&db.resolve().unwrap_or_default())?);
+            db::migrate(&pool, &target).await?;
+            let mut conn = pool.acquire().await?;
+            let schema = apitree::drift::introspect::introspect(&mut conn, "public").await?;
+            std::fs::write(&out, serde_json::to_string_pretty(&schema)? + "\n")
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!(
+                "wrote {} ({} tables, {} columns, {} policies, {} triggers)",
+                out.display(),
+                schema.tables.len(),
+                schema.columns.len(),
+                schema.policies.len(),
+                schema.triggers.len()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -103,8 +103,8 @@ pub struct ApiGatewaySpec {
     pub escalation: EscalationSpec,
 
     /// What to do when the gateway database's schema drifts from what this release expects:
-    /// `auto` fixes additive and security drift at once, `prompt` asks on Slack before fixing,
-    /// `report` only records it, `off` does not check.
+    /// `auto` fixes additive and security drift at once, `prompt` waits for `apitree drift fix`,
+    /// `report` only records it, `off` does not check. Unfixed drift fails gate check 3.
     #[serde(default)]
     pub drift_policy: DriftPolicy,
 }
@@ -638,12 +638,13 @@ pub struct SlackChannels {
 pub enum DriftPolicy {
     /// Fix additive and security drift at once; destructive changes still wait for approval.
     Auto,
-    /// Ask on Slack before fixing anything.
+    /// Fix nothing automatically: the schema check fails, naming the drift, until someone runs
+    /// `apitree drift fix`.
     #[default]
     Prompt,
-    /// Only record drift in status and fail the schema gate check.
+    /// Only report drift: the schema gate check fails on it, naming every drifted object.
     Report,
-    /// Do not check.
+    /// Do not check drift (the schema check still compares the migration version).
     Off,
 }
 

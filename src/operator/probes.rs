@@ -150,16 +150,9 @@ async fn schema(t: &ProbeTarget<'_>) -> ProbeResult {
             .fetch_one(&pool)
             .await;
     pool.close().await;
+    let url = url.clone();
     match applied {
-        Ok(Some(v)) if v == expected => result(
-            GateCheck::Schema,
-            t,
-            CheckPhase::Passed,
-            format!("migration {v}"),
-            &threshold,
-            1,
-            "the database is at the schema this release expects".into(),
-        ),
+        Ok(Some(v)) if v == expected => drift_verdict(t, &url, v, &threshold).await,
         Ok(v) => fail(
             format!("migration {}", v.unwrap_or(0)),
             format!(
@@ -171,6 +164,79 @@ async fn schema(t: &ProbeTarget<'_>) -> ProbeResult {
             "no migration table".into(),
             format!("cannot read the applied migrations ({e}); run `apitree migrate`"),
         ),
+    }
+}
+
+/// At the right migration: now the drift policy. `auto` fixes missing and security drift first;
+/// any drift left other than extra objects (which are only reported) fails the check.
+async fn drift_verdict(
+    t: &ProbeTarget<'_>,
+    url: &str,
+    version: i64,
+    threshold: &str,
+) -> ProbeResult {
+    use crate::crd::gateway::DriftPolicy;
+    use crate::drift::{fix, Kind};
+    let at = format!("migration {version}");
+    let done = |phase, observed: String, reason: String| {
+        result(GateCheck::Schema, t, phase, observed, threshold, 1, reason)
+    };
+    if t.spec.drift_policy == DriftPolicy::Off {
+        return done(
+            CheckPhase::Passed,
+            at,
+            "at the expected migration; drift checks are off (driftPolicy: off)".into(),
+        );
+    }
+    let pool = match crate::db::connect(url, 2).await {
+        Ok(p) => p,
+        Err(e) => return done(CheckPhase::Failed, "unreachable".into(), e.to_string()),
+    };
+    let mut fixed = 0;
+    if t.spec.drift_policy == DriftPolicy::Auto {
+        match fix::fix(&pool, false, "apitree-operator (driftPolicy: auto)").await {
+            Ok(r) => fixed = r.applied.len(),
+            Err(e) => {
+                pool.close().await;
+                return done(
+                    CheckPhase::Failed,
+                    at,
+                    format!("automatic drift fix failed: {e}"),
+                );
+            }
+        }
+    }
+    let report = fix::check(&pool).await;
+    pool.close().await;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return done(CheckPhase::Failed, at, e.to_string()),
+    };
+    let open: Vec<String> = report
+        .items
+        .iter()
+        .filter(|i| i.kind != Kind::Extra)
+        .map(|i| i.object.clone())
+        .collect();
+    if open.is_empty() {
+        done(
+            CheckPhase::Passed,
+            format!("{at}, no drift"),
+            if fixed > 0 {
+                format!("fixed {fixed} drifted object(s) (driftPolicy: auto)")
+            } else {
+                "the database is at the schema this release expects".into()
+            },
+        )
+    } else {
+        done(
+            CheckPhase::Failed,
+            format!("{at}, {} drifted object(s)", open.len()),
+            format!(
+                "unresolved schema drift: {}; run `apitree drift check` and `apitree drift fix`",
+                open.join(", ")
+            ),
+        )
     }
 }
 

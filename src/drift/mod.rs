@@ -1,0 +1,733 @@
+//! Schema drift of the gateway database: the expected schema (a snapshot of what `migrations/`
+//! produces, committed beside this file), the live one (read from pg_catalog by `introspect`),
+//! the difference as classified items with the SQL that fixes each (pure, here), and `fix`, which
+//! applies the safe ones under an advisory lock with an audit entry per fix.
+
+pub mod fix;
+pub mod history;
+pub mod introspect;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One schema (`public`) as the drift check sees it. Keys are object names; table-scoped objects
+/// are keyed `table.name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Schema {
+    pub tables: BTreeMap<String, Table>,
+    pub columns: BTreeMap<String, Column>,
+    pub indexes: BTreeMap<String, Index>,
+    pub constraints: BTreeMap<String, Constraint>,
+    pub policies: BTreeMap<String, Policy>,
+    pub triggers: BTreeMap<String, Trigger>,
+    pub functions: BTreeMap<String, Function>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Table {
+    pub rls_enabled: bool,
+    pub rls_forced: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub table: String,
+    pub name: String,
+    /// `format_type` of the column, e.g. `character varying(64)`.
+    pub data_type: String,
+    pub not_null: bool,
+    pub default: Option<String>,
+    /// Position, to recreate tables in their column order.
+    pub position: i16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub table: String,
+    /// `pg_get_indexdef`: a complete CREATE INDEX statement.
+    pub definition: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Constraint {
+    pub table: String,
+    pub name: String,
+    /// p, u, f, c, x (primary key, unique, foreign key, check, exclusion).
+    pub kind: String,
+    /// `pg_get_constraintdef`.
+    pub definition: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub table: String,
+    pub name: String,
+    pub permissive: bool,
+    pub roles: Vec<String>,
+    pub command: String,
+    pub using: Option<String>,
+    pub with_check: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub table: String,
+    pub name: String,
+    /// `pg_get_triggerdef`.
+    pub definition: String,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Function {
+    /// `pg_get_functiondef`: a complete CREATE OR REPLACE FUNCTION statement.
+    pub definition: String,
+}
+
+/// The schema this release expects (`apitree drift snapshot` writes it).
+pub const EXPECTED_JSON: &str = include_str!("expected-schema.json");
+
+/// The command that regenerates [`EXPECTED_JSON`].
+pub const SNAPSHOT_COMMAND: &str =
+    "cargo run -- drift snapshot --database-url postgres://postgres@127.0.0.1:5432/<empty db> --out src/drift/expected-schema.json";
+
+/// The expected schema.
+pub fn expected() -> Result<Schema, serde_json::Error> {
+    serde_json::from_str(EXPECTED_JSON)
+}
+
+/// How an object differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The migrations create it; the database lacks it.
+    Missing,
+    /// It exists in the database only.
+    Extra,
+    /// Both have it, differently.
+    Changed,
+}
+
+/// What fixing (or ignoring) it risks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Risk {
+    /// Adding it back loses nothing.
+    Additive,
+    /// Fixing it may lose or rewrite data.
+    Destructive,
+    /// Tenant isolation or the audit trail is weakened until it is fixed.
+    Security,
+}
+
+/// One drifted object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftItem {
+    pub kind: Kind,
+    pub risk: Risk,
+    /// e.g. `column api_keys.tier`, `policy orgs.tenant_isolation`.
+    pub object: String,
+    /// What differs, in words.
+    pub detail: String,
+    /// SQL that brings the object back to the expected state; None for extra objects, which are
+    /// only reported.
+    pub fix_sql: Option<String>,
+    /// Apply order: tables, columns, constraints, indexes, functions, triggers, RLS, policies.
+    #[serde(skip)]
+    pub order: u8,
+}
+
+impl DriftItem {
+    /// Applied by `fix` without `--allow-changed`.
+    pub fn safe_to_fix(&self) -> bool {
+        self.fix_sql.is_some() && matches!(self.risk, Risk::Additive | Risk::Security)
+    }
+}
+
+/// Quotes an identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The audit log's own objects: losing any of them weakens the audit trail.
+fn audit_related(table: &str, name: &str) -> bool {
+    table == "audit_log" || name.starts_with("audit_log")
+}
+
+fn create_table(name: &str, columns: &[&Column]) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| column_sql(c)).collect();
+    format!("CREATE TABLE {} ({})", ident(name), cols.join(", "))
+}
+
+fn column_sql(c: &Column) -> String {
+    let mut s = format!("{} {}", ident(&c.name), c.data_type);
+    if let Some(d) = &c.default {
+        s.push_str(&format!(" DEFAULT {d}"));
+    }
+    if c.not_null {
+        s.push_str(" NOT NULL");
+    }
+    s
+}
+
+fn create_policy(p: &Policy) -> String {
+    let mut s = format!(
+        "CREATE POLICY {} ON {} AS {} FOR {} TO {}",
+        ident(&p.name),
+        ident(&p.table),
+        if p.permissive {
+            "PERMISSIVE"
+        } else {
+            "RESTRICTIVE"
+        },
+        p.command,
+        p.roles
+            .iter()
+            .map(|r| if r == "public" { r.clone() } else { ident(r) })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(u) = &p.using {
+        s.push_str(&format!(" USING ({u})"));
+    }
+    if let Some(w) = &p.with_check {
+        s.push_str(&format!(" WITH CHECK ({w})"));
+    }
+    s
+}
+
+fn constraint_order(kind: &str) -> u8 {
+    match kind {
+        "p" => 2,
+        "u" => 3,
+        "f" => 5,
+        _ => 4,
+    }
+}
+
+/// Everything that differs between `expected` and `actual`, in apply order.
+pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
+    let mut out = Vec::new();
+    let mut push = |kind, risk, object: String, detail: String, fix_sql: Option<String>, order| {
+        out.push(DriftItem {
+            kind,
+            risk,
+            object,
+            detail,
+            fix_sql,
+            order,
+        })
+    };
+    // Tables and their RLS flags.
+    for (name, t) in &expected.tables {
+        match actual.tables.get(name) {
+            None => {
+                let mut cols: Vec<&Column> = expected
+                    .columns
+                    .values()
+                    .filter(|c| &c.table == name)
+                    .collect();
+                cols.sort_by_key(|c| c.position);
+                push(
+                    Kind::Missing,
+                    Risk::Additive,
+                    format!("table {name}"),
+                    "the table does not exist".into(),
+                    Some(create_table(name, &cols)),
+                    0,
+                );
+                if t.rls_enabled {
+                    push(
+                        Kind::Missing,
+                        Risk::Security,
+                        format!("row-level security on {name}"),
+                        "the recreated table needs row-level security".into(),
+                        Some(format!(
+                            "ALTER TABLE {} ENABLE ROW LEVEL SECURITY",
+                            ident(name)
+                        )),
+                        8,
+                    );
+                }
+            }
+            Some(a) => {
+                if a.rls_enabled != t.rls_enabled {
+                    let (risk, verb) = if t.rls_enabled {
+                        (Risk::Security, "ENABLE")
+                    } else {
+                        (Risk::Destructive, "DISABLE")
+                    };
+                    push(
+                        Kind::Changed,
+                        risk,
+                        format!("row-level security on {name}"),
+                        format!(
+                            "row-level security is {} but should be {}",
+                            if a.rls_enabled { "enabled" } else { "disabled" },
+                            if t.rls_enabled { "enabled" } else { "disabled" }
+                        ),
+                        Some(format!(
+                            "ALTER TABLE {} {verb} ROW LEVEL SECURITY",
+                            ident(name)
+                        )),
+                        8,
+                    );
+                }
+                if a.rls_forced != t.rls_forced {
+                    push(
+                        Kind::Changed,
+                        if t.rls_forced {
+                            Risk::Security
+                        } else {
+                            Risk::Destructive
+                        },
+                        format!("forced row-level security on {name}"),
+                        format!(
+                            "FORCE ROW LEVEL SECURITY is {} but should be {}",
+                            a.rls_forced, t.rls_forced
+                        ),
+                        Some(format!(
+                            "ALTER TABLE {} {} ROW LEVEL SECURITY",
+                            ident(name),
+                            if t.rls_forced { "FORCE" } else { "NO FORCE" }
+                        )),
+                        8,
+                    );
+                }
+            }
+        }
+    }
+    for name in actual
+        .tables
+        .keys()
+        .filter(|n| !expected.tables.contains_key(*n))
+    {
+        push(
+            Kind::Extra,
+            Risk::Destructive,
+            format!("table {name}"),
+            "not created by the migrations; reported, never dropped".into(),
+            None,
+            0,
+        );
+    }
+    // Columns of tables both have (a missing table brings its columns).
+    for (key, c) in &expected.columns {
+        if !actual.tables.contains_key(&c.table) {
+            continue;
+        }
+        match actual.columns.get(key) {
+            None => push(
+                Kind::Missing,
+                Risk::Additive,
+                format!("column {key}"),
+                format!("the column ({}) does not exist", c.data_type),
+                Some(format!(
+                    "ALTER TABLE {} ADD COLUMN {}",
+                    ident(&c.table),
+                    column_sql(c)
+                )),
+                1,
+            ),
+            Some(a) => {
+                let t = ident(&c.table);
+                let col = ident(&c.name);
+                if a.data_type != c.data_type {
+                    push(
+                        Kind::Changed,
+                        Risk::Destructive,
+                        format!("column {key}"),
+                        format!("type is {} but should be {}", a.data_type, c.data_type),
+                        Some(format!(
+                            "ALTER TABLE {t} ALTER COLUMN {col} TYPE {ty} USING {col}::{ty}",
+                            ty = c.data_type
+                        )),
+                        1,
+                    );
+                }
+                if a.not_null != c.not_null {
+                    push(
+                        Kind::Changed,
+                        Risk::Destructive,
+                        format!("column {key}"),
+                        format!("NOT NULL is {} but should be {}", a.not_null, c.not_null),
+                        Some(format!(
+                            "ALTER TABLE {t} ALTER COLUMN {col} {} NOT NULL",
+                            if c.not_null { "SET" } else { "DROP" }
+                        )),
+                        1,
+                    );
+                }
+                if a.default != c.default {
+                    push(
+                        Kind::Changed,
+                        Risk::Destructive,
+                        format!("column {key}"),
+                        format!(
+                            "default is {} but should be {}",
+                            a.default.as_deref().unwrap_or("none"),
+                            c.default.as_deref().unwrap_or("none")
+                        ),
+                        Some(match &c.default {
+                            Some(d) => {
+                                format!("ALTER TABLE {t} ALTER COLUMN {col} SET DEFAULT {d}")
+                            }
+                            None => format!("ALTER TABLE {t} ALTER COLUMN {col} DROP DEFAULT"),
+                        }),
+                        1,
+                    );
+                }
+            }
+        }
+    }
+    for (key, c) in &actual.columns {
+        if expected.tables.contains_key(&c.table) && !expected.columns.contains_key(key) {
+            push(
+                Kind::Extra,
+                Risk::Destructive,
+                format!("column {key}"),
+                format!(
+                    "a {} column the migrations do not create; reported, never dropped",
+                    c.data_type
+                ),
+                None,
+                1,
+            );
+        }
+    }
+    // Constraints.
+    for (key, k) in &expected.constraints {
+        let add = format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} {}",
+            ident(&k.table),
+            ident(&k.name),
+            k.definition
+        );
+        match actual.constraints.get(key) {
+            None => push(
+                Kind::Missing,
+                Risk::Additive,
+                format!("constraint {key}"),
+                format!("missing: {}", k.definition),
+                Some(add),
+                constraint_order(&k.kind),
+            ),
+            Some(a) if a.definition != k.definition => push(
+                Kind::Changed,
+                Risk::Destructive,
+                format!("constraint {key}"),
+                format!("is {} but should be {}", a.definition, k.definition),
+                Some(format!(
+                    "ALTER TABLE {} DROP CONSTRAINT {}; {add}",
+                    ident(&k.table),
+                    ident(&k.name)
+                )),
+                constraint_order(&k.kind),
+            ),
+            _ => {}
+        }
+    }
+    for (key, k) in &actual.constraints {
+        if !expected.constraints.contains_key(key) && expected.tables.contains_key(&k.table) {
+            push(
+                Kind::Extra,
+                Risk::Destructive,
+                format!("constraint {key}"),
+                format!("{}; reported, never dropped", k.definition),
+                None,
+                4,
+            );
+        }
+    }
+    // Indexes.
+    for (name, i) in &expected.indexes {
+        match actual.indexes.get(name) {
+            None => push(
+                Kind::Missing,
+                Risk::Additive,
+                format!("index {name}"),
+                format!("missing on {}", i.table),
+                Some(i.definition.clone()),
+                6,
+            ),
+            Some(a) if a.definition != i.definition => push(
+                Kind::Changed,
+                Risk::Destructive,
+                format!("index {name}"),
+                format!("is `{}` but should be `{}`", a.definition, i.definition),
+                Some(format!("DROP INDEX {}; {}", ident(name), i.definition)),
+                6,
+            ),
+            _ => {}
+        }
+    }
+    for (name, i) in &actual.indexes {
+        if !expected.indexes.contains_key(name) && expected.tables.contains_key(&i.table) {
+            push(
+                Kind::Extra,
+                Risk::Destructive,
+                format!("index {name}"),
+                format!("on {}; reported, never dropped", i.table),
+                None,
+                6,
+            );
+        }
+    }
+    // Functions, then the triggers that call them.
+    for (name, f) in &expected.functions {
+        let risk = if audit_related("", name) {
+            Risk::Security
+        } else {
+            Risk::Additive
+        };
+        match actual.functions.get(name) {
+            None => push(
+                Kind::Missing,
+                risk,
+                format!("function {name}"),
+                "the function does not exist".into(),
+                Some(f.definition.clone()),
+                7,
+            ),
+            Some(a) if a.definition != f.definition => push(
+                Kind::Changed,
+                if risk == Risk::Security {
+                    Risk::Security
+                } else {
+                    Risk::Destructive
+                },
+                format!("function {name}"),
+                "its body differs from the migrations'".into(),
+                Some(f.definition.clone()),
+                7,
+            ),
+            _ => {}
+        }
+    }
+    for (key, t) in &expected.triggers {
+        let risk = if audit_related(&t.table, &t.name) {
+            Risk::Security
+        } else {
+            Risk::Additive
+        };
+        match actual.triggers.get(key) {
+            None => push(
+                Kind::Missing,
+                risk,
+                format!("trigger {key}"),
+                "the trigger does not exist".into(),
+                Some(t.definition.clone()),
+                8,
+            ),
+            Some(a) if a.definition != t.definition => push(
+                Kind::Changed,
+                if risk == Risk::Security {
+                    Risk::Security
+                } else {
+                    Risk::Destructive
+                },
+                format!("trigger {key}"),
+                format!("is `{}` but should be `{}`", a.definition, t.definition),
+                Some(format!(
+                    "DROP TRIGGER {} ON {}; {}",
+                    ident(&t.name),
+                    ident(&t.table),
+                    t.definition
+                )),
+                8,
+            ),
+            Some(a) if a.enabled != t.enabled => push(
+                Kind::Changed,
+                if risk == Risk::Security {
+                    Risk::Security
+                } else {
+                    Risk::Destructive
+                },
+                format!("trigger {key}"),
+                format!(
+                    "the trigger is {}",
+                    if a.enabled { "enabled" } else { "disabled" }
+                ),
+                Some(format!(
+                    "ALTER TABLE {} {} TRIGGER {}",
+                    ident(&t.table),
+                    if t.enabled { "ENABLE" } else { "DISABLE" },
+                    ident(&t.name)
+                )),
+                8,
+            ),
+            _ => {}
+        }
+    }
+    // Policies.
+    for (key, p) in &expected.policies {
+        match actual.policies.get(key) {
+            None => push(
+                Kind::Missing,
+                Risk::Security,
+                format!("policy {key}"),
+                "the row-level security policy does not exist".into(),
+                Some(create_policy(p)),
+                9,
+            ),
+            Some(a) if a != p => push(
+                Kind::Changed,
+                Risk::Security,
+                format!("policy {key}"),
+                format!(
+                    "USING ({}) should be ({})",
+                    a.using.as_deref().unwrap_or(""),
+                    p.using.as_deref().unwrap_or("")
+                ),
+                Some(format!(
+                    "DROP POLICY {} ON {}; {}",
+                    ident(&p.name),
+                    ident(&p.table),
+                    create_policy(p)
+                )),
+                9,
+            ),
+            _ => {}
+        }
+    }
+    for (key, p) in &actual.policies {
+        if !expected.policies.contains_key(key) {
+            push(
+                Kind::Extra,
+                Risk::Security,
+                format!("policy {key}"),
+                format!(
+                    "a policy the migrations do not create (USING {}); reported, never dropped",
+                    p.using.as_deref().unwrap_or("-")
+                ),
+                None,
+                9,
+            );
+        }
+    }
+    for (key, t) in &actual.triggers {
+        if !expected.triggers.contains_key(key) && expected.tables.contains_key(&t.table) {
+            push(
+                Kind::Extra,
+                Risk::Destructive,
+                format!("trigger {key}"),
+                "reported, never dropped".into(),
+                None,
+                8,
+            );
+        }
+    }
+    out.sort_by(|a, b| (a.order, &a.object).cmp(&(b.order, &b.object)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> Schema {
+        let mut s = Schema::default();
+        s.tables.insert(
+            "orgs".into(),
+            Table {
+                rls_enabled: true,
+                rls_forced: false,
+            },
+        );
+        s.columns.insert(
+            "orgs.id".into(),
+            Column {
+                table: "orgs".into(),
+                name: "id".into(),
+                data_type: "uuid".into(),
+                not_null: true,
+                default: Some("gen_random_uuid()".into()),
+                position: 1,
+            },
+        );
+        s.columns.insert(
+            "orgs.name".into(),
+            Column {
+                table: "orgs".into(),
+                name: "name".into(),
+                data_type: "text".into(),
+                not_null: true,
+                default: None,
+                position: 2,
+            },
+        );
+        s.policies.insert(
+            "orgs.tenant_isolation".into(),
+            Policy {
+                table: "orgs".into(),
+                name: "tenant_isolation".into(),
+                permissive: true,
+                roles: vec!["public".into()],
+                command: "ALL".into(),
+                using: Some("(id = apitree_current_org())".into()),
+                with_check: None,
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn the_same_schema_has_no_drift() {
+        assert!(diff(&schema(), &schema()).is_empty());
+    }
+
+    #[test]
+    fn a_missing_table_is_recreated_in_column_order_with_its_rls() {
+        let mut live = schema();
+        live.tables.clear();
+        live.columns.clear();
+        live.policies.clear();
+        let items = diff(&schema(), &live);
+        assert_eq!(
+            items[0].fix_sql.as_deref(),
+            Some("CREATE TABLE \"orgs\" (\"id\" uuid DEFAULT gen_random_uuid() NOT NULL, \"name\" text NOT NULL)")
+        );
+        assert!(items
+            .iter()
+            .any(|i| i.object == "row-level security on orgs" && i.risk == Risk::Security));
+        assert_eq!(items.last().unwrap().object, "policy orgs.tenant_isolation");
+    }
+
+    #[test]
+    fn classification_of_changes() {
+        let mut live = schema();
+        live.tables.get_mut("orgs").unwrap().rls_enabled = false;
+        live.columns.get_mut("orgs.name").unwrap().data_type = "character varying(10)".into();
+        live.columns.insert(
+            "orgs.note".into(),
+            Column {
+                table: "orgs".into(),
+                name: "note".into(),
+                data_type: "text".into(),
+                not_null: false,
+                default: None,
+                position: 3,
+            },
+        );
+        let items = diff(&schema(), &live);
+        let find = |o: &str| items.iter().find(|i| i.object == o).unwrap();
+        let ty = find("column orgs.name");
+        assert_eq!((ty.kind, ty.risk), (Kind::Changed, Risk::Destructive));
+        assert!(!ty.safe_to_fix());
+        let rls = find("row-level security on orgs");
+        assert_eq!((rls.kind, rls.risk), (Kind::Changed, Risk::Security));
+        assert!(rls.safe_to_fix());
+        let extra = find("column orgs.note");
+        assert_eq!(extra.kind, Kind::Extra);
+        assert!(extra.fix_sql.is_none());
+    }
+
+    #[test]
+    fn the_committed_snapshot_parses() {
+        let s = expected().unwrap();
+        assert!(s.tables.contains_key("audit_log"));
+        assert!(s.tables["api_keys"].rls_enabled);
+    }
+}

@@ -1,0 +1,241 @@
+//! Schema drift on a real PostgreSQL: every kind of drift is found and classified, fixes are
+//! applied once (even by concurrent fixers) and audited, and the committed snapshot stays true.
+
+use std::process::Command;
+
+use apitree::drift::fix::{check, fix};
+use apitree::drift::history::HistoryState;
+use apitree::drift::{expected, introspect::introspect, Kind, Risk, SNAPSHOT_COMMAND};
+use sha2::{Digest, Sha384};
+
+mod common;
+use common::{exec, TestDb};
+
+#[tokio::test]
+async fn the_committed_snapshot_is_what_the_migrations_create() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let mut conn = pool.acquire().await.unwrap();
+    let live = introspect(&mut conn, "public").await.unwrap();
+    let snapshot = expected().unwrap();
+    assert!(
+        live == snapshot,
+        "src/drift/expected-schema.json is stale: regenerate it with `{SNAPSHOT_COMMAND}`\n\
+         differences: {:#?}",
+        apitree::drift::diff(&snapshot, &live)
+    );
+    assert!(live.tables.len() >= 9, "{:?}", live.tables.keys());
+}
+
+#[tokio::test]
+async fn a_migrated_database_is_in_sync_and_check_exits_0() {
+    let db = TestDb::new().await;
+    db.migrated_pool().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["drift", "check", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("in sync"));
+}
+
+/// Six kinds of drift at once (a changed column type is added where a test wants it).
+const DRIFT: &str = "
+    DROP INDEX users_org_id_idx;
+    ALTER TABLE users DROP COLUMN created_at;
+    CREATE TABLE scratch (x int);
+    ALTER TABLE api_keys DISABLE ROW LEVEL SECURITY;
+    DROP POLICY tenant_isolation ON users;
+    DROP TRIGGER audit_log_chain ON audit_log;
+";
+
+#[tokio::test]
+async fn every_kind_of_drift_is_found_classified_and_exits_2() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    exec(&pool, DRIFT.to_string()).await.unwrap();
+    exec(
+        &pool,
+        "ALTER TABLE orgs ALTER COLUMN name TYPE varchar(300)".into(),
+    )
+    .await
+    .unwrap();
+    let report = check(&pool).await.unwrap();
+    let find = |object: &str| {
+        report
+            .items
+            .iter()
+            .find(|i| i.object == object)
+            .unwrap_or_else(|| panic!("{object} not reported: {:#?}", report.items))
+    };
+    let expect = [
+        ("index users_org_id_idx", Kind::Missing, Risk::Additive),
+        ("column users.created_at", Kind::Missing, Risk::Additive),
+        ("table scratch", Kind::Extra, Risk::Destructive),
+        ("column orgs.name", Kind::Changed, Risk::Destructive),
+        // The new type rewrites the CHECK constraint on the column too.
+        (
+            "constraint orgs.orgs_name_check",
+            Kind::Changed,
+            Risk::Destructive,
+        ),
+        (
+            "row-level security on api_keys",
+            Kind::Changed,
+            Risk::Security,
+        ),
+        (
+            "policy users.tenant_isolation",
+            Kind::Missing,
+            Risk::Security,
+        ),
+        (
+            "trigger audit_log.audit_log_chain",
+            Kind::Missing,
+            Risk::Security,
+        ),
+    ];
+    for (object, kind, risk) in expect {
+        let i = find(object);
+        assert_eq!((i.kind, i.risk), (kind, risk), "{object}");
+    }
+    assert_eq!(report.items.len(), expect.len(), "{:#?}", report.items);
+    assert_eq!(find("table scratch").fix_sql, None);
+    let summary = report.summary("now".into());
+    assert_eq!(
+        (
+            summary.missing,
+            summary.extra,
+            summary.changed,
+            summary.security
+        ),
+        (4, 1, 3, 3)
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args([
+            "drift",
+            "check",
+            "--format",
+            "json",
+            "--database-url",
+            &db.url,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["items"].as_array().unwrap().len(), expect.len());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8 drift finding(s)"));
+}
+
+#[tokio::test]
+async fn fix_restores_missing_and_security_drift_once_and_audits_each_fix() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    exec(&pool, DRIFT.to_string()).await.unwrap();
+    let done = fix(&pool, false, "test:drift").await.unwrap();
+    let fixed: Vec<&str> = done.applied.iter().map(|i| i.object.as_str()).collect();
+    assert_eq!(fixed.len(), 5, "{fixed:?}");
+    assert!(fixed.contains(&"trigger audit_log.audit_log_chain"));
+    // Only the extra table is left, reported.
+    assert_eq!(done.after.items.len(), 1, "{:#?}", done.after.items);
+    assert_eq!(done.after.items[0].object, "table scratch");
+    // RLS is really back: the policy filters for a role other than the owner.
+    let rls: bool =
+        sqlx::query_scalar("SELECT relrowsecurity FROM pg_class WHERE relname = 'api_keys'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(rls);
+    // One audit entry per fix, chained by the restored trigger.
+    let audited: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT target, hash FROM audit_log WHERE action = 'drift.fix' ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(audited.len(), 5);
+    assert!(
+        audited.iter().all(|(_, hash)| hash.len() == 32),
+        "{audited:?}"
+    );
+    // Idempotent.
+    let again = fix(&pool, false, "test:drift").await.unwrap();
+    assert!(again.applied.is_empty(), "{:#?}", again.applied);
+}
+
+#[tokio::test]
+async fn concurrent_fixers_never_apply_a_fix_twice() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    exec(&pool, DRIFT.to_string()).await.unwrap();
+    let (a, b) = tokio::join!(fix(&pool, false, "fixer-a"), fix(&pool, false, "fixer-b"));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.applied.len() + b.applied.len(), 5, "{a:#?}\n{b:#?}");
+    assert!(a.applied.is_empty() || b.applied.is_empty());
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'drift.fix'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+}
+
+#[tokio::test]
+async fn a_changed_column_is_rewritten_only_with_allow_changed() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    exec(
+        &pool,
+        "ALTER TABLE orgs ALTER COLUMN name TYPE varchar(300)".into(),
+    )
+    .await
+    .unwrap();
+    let done = fix(&pool, false, "t").await.unwrap();
+    assert!(done.applied.is_empty());
+    assert_eq!(done.left[0].object, "column orgs.name");
+    let out = Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["drift", "fix", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rerun with --allow-changed"));
+    let done = fix(&pool, true, "t").await.unwrap();
+    let fixed: Vec<&str> = done.applied.iter().map(|i| i.object.as_str()).collect();
+    assert_eq!(
+        fixed,
+        ["column orgs.name", "constraint orgs.orgs_name_check"]
+    );
+    assert!(done.after.in_sync(), "{:#?}", done.after);
+}
+
+#[tokio::test]
+async fn an_edited_migration_is_reported_and_a_line_ending_change_is_cosmetic() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let first = apitree::db::MIGRATOR.iter().next().unwrap();
+    let crlf = first.sql.as_str().replace('\n', "\r\n");
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2")
+        .bind(Sha384::digest(crlf.as_bytes()).to_vec())
+        .bind(first.version)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = check(&pool).await.unwrap();
+    assert_eq!(report.history.len(), 1);
+    assert_eq!(report.history[0].state, HistoryState::Cosmetic);
+    assert!(report.in_sync(), "cosmetic history is not drift");
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2")
+        .bind(Sha384::digest(b"CREATE TABLE something_else (x int);").to_vec())
+        .bind(first.version)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = check(&pool).await.unwrap();
+    assert_eq!(report.history[0].state, HistoryState::Edited);
+    assert_eq!(report.history[0].version, first.version);
+    assert!(!report.in_sync());
+}
