@@ -593,7 +593,8 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
         }
     }
     for (key, p) in &actual.policies {
-        if !expected.policies.contains_key(key) {
+        // An extra table is reported once, not once more per policy on it.
+        if !expected.policies.contains_key(key) && expected.tables.contains_key(&p.table) {
             push(
                 Kind::Extra,
                 Risk::Security,
