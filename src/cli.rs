@@ -366,6 +366,14 @@ pub enum KeysCommand {
         #[command(flatten)]
         actor: ActorArgs,
     },
+    /// Revoke every rotated key whose grace period has ended (the operator's sweep does this
+    /// every 15 minutes; this runs it once). Prints the revoked prefixes.
+    Sweep {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
     /// Revoke a key now.
     Revoke {
         /// Key id.

@@ -412,6 +412,15 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
         }
+        KeysCommand::Sweep { db: dbargs, actor } => {
+            let pool = open_db(&dbargs).await?;
+            let revoked =
+                db::keys::sweep_grace(&pool, chrono::Utc::now(), &actor.resolve()).await?;
+            for prefix in &revoked {
+                println!("{prefix}");
+            }
+            eprintln!("{} key(s) past their grace period revoked", revoked.len());
+        }
         KeysCommand::Revoke {
             id,
             db: dbargs,

@@ -275,3 +275,68 @@ async fn audit_hash_chain_links_rows_and_exposes_tampering() {
         .expect("tampering detected");
     assert_eq!(broken.id, 7);
 }
+
+#[tokio::test]
+async fn the_grace_sweep_revokes_rotated_keys_once_their_grace_ends_and_only_once() {
+    use apitree::crd::gateway::KeyScope;
+    use apitree::db::keys as dbkeys;
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let pepper =
+        apitree::proxy::keys::Pepper::new(b"sweep-test-pepper-0123456789-0123456789".to_vec())
+            .unwrap();
+    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
+    let key = dbkeys::create_key(
+        &pool,
+        &pepper,
+        dbkeys::NewKey {
+            org,
+            scope: KeyScope::Live,
+            tier: "gold",
+            daily_quota: None,
+            name: "ci",
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let t0 = chrono::Utc::now();
+    let rotation = dbkeys::rotate_key(
+        &pool,
+        &pepper,
+        key.id,
+        chrono::Duration::hours(24),
+        t0,
+        "test",
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Inside the grace period nothing is revoked.
+    let early = dbkeys::sweep_grace(&pool, t0 + chrono::Duration::hours(23), "sweep")
+        .await
+        .unwrap();
+    assert!(early.is_empty());
+    // After it, the old key is; two sweepers racing revoke (and audit) it once.
+    let later = t0 + chrono::Duration::hours(25);
+    let (a, b) = tokio::join!(
+        dbkeys::sweep_grace(&pool, later, "sweep-a"),
+        dbkeys::sweep_grace(&pool, later, "sweep-b")
+    );
+    let revoked: Vec<String> = a.unwrap().into_iter().chain(b.unwrap()).collect();
+    assert_eq!(revoked, [rotation.old_prefix.clone()]);
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'key.grace_expired'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+    // The replacement key is untouched.
+    let live: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1")
+            .bind(rotation.new.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(live.is_none());
+}

@@ -198,6 +198,39 @@ pub async fn revoke_key(pool: &PgPool, id: Uuid, actor: &str) -> Result<Option<S
     Ok(Some(prefix))
 }
 
+/// Revokes every rotated key whose grace period ended by `now`, auditing each as
+/// `key.grace_expired`; returns their prefixes. Safe to run concurrently: a key is revoked (and
+/// audited) once.
+pub async fn sweep_grace(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    actor: &str,
+) -> Result<Vec<String>, DbError> {
+    let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
+    let rows: Vec<(Uuid, String, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE api_keys SET revoked_at = $1
+          WHERE grace_until IS NOT NULL AND grace_until <= $1 AND revoked_at IS NULL
+         RETURNING id, prefix, org_id, grace_until",
+    )
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(DbError::query("revoke keys whose grace ended"))?;
+    for (id, prefix, org, grace_until) in &rows {
+        audit::append(
+            &mut *tx,
+            actor,
+            "key.grace_expired",
+            prefix,
+            Some(*org),
+            &json!({"key_id": id, "grace_until": grace_until}),
+        )
+        .await?;
+    }
+    tx.commit().await.map_err(DbError::query("commit"))?;
+    Ok(rows.into_iter().map(|r| r.1).collect())
+}
+
 /// One row of `apitree keys list`.
 #[derive(Debug, sqlx::FromRow, serde::Serialize)]
 pub struct KeyListing {
