@@ -324,7 +324,7 @@ async fn the_grace_sweep_revokes_rotated_keys_once_their_grace_ends_and_only_onc
         dbkeys::sweep_grace(&pool, later, "sweep-b")
     );
     let revoked: Vec<String> = a.unwrap().into_iter().chain(b.unwrap()).collect();
-    assert_eq!(revoked, [rotation.old_prefix.clone()]);
+    assert_eq!(revoked, vec![rotation.old_prefix]);
     let audited: i64 =
         sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'key.grace_expired'")
             .fetch_one(&pool)
