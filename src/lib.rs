@@ -15,5 +15,6 @@ pub mod notify;
 pub mod operator;
 pub mod platform;
 pub mod proxy;
+pub mod schedule;
 pub mod telemetry;
 pub mod tls;

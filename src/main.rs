@@ -228,6 +228,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
             .image
             .unwrap_or_else(|| format!("ghcr.io/apitree/apitree:{}", env!("CARGO_PKG_VERSION"))),
         status_url: args.status_url,
+        sweep_every: args.sweep_every.as_std(),
     };
     let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
         .ok()

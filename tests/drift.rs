@@ -239,3 +239,89 @@ async fn an_edited_migration_is_reported_and_a_line_ending_change_is_cosmetic() 
     assert_eq!(report.history[0].version, first.version);
     assert!(!report.in_sync());
 }
+
+fn sweeper() -> (apitree::schedule::Sweeper, prometheus::Registry) {
+    let registry = prometheus::Registry::new();
+    let metrics = apitree::schedule::SweepMetrics::register(&registry);
+    (apitree::schedule::Sweeper::new(metrics), registry)
+}
+
+#[tokio::test]
+async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_never_overlaps() {
+    use apitree::crd::gateway::DriftPolicy;
+    use apitree::schedule::SweepTarget;
+    let (auto_db, report_db) = (TestDb::new().await, TestDb::new().await);
+    for db in [&auto_db, &report_db] {
+        let pool = db.migrated_pool().await;
+        exec(&pool, DRIFT.to_string()).await.unwrap();
+    }
+    let targets = vec![
+        SweepTarget {
+            gateway: "ns/auto".into(),
+            database_url: auto_db.url.clone(),
+            policy: DriftPolicy::Auto,
+        },
+        SweepTarget {
+            gateway: "ns/report".into(),
+            database_url: report_db.url.clone(),
+            policy: DriftPolicy::Report,
+        },
+    ];
+    let (sweeper, _registry) = sweeper();
+    let now = chrono::Utc::now();
+    // Two runs at once: the second is skipped, not queued behind the first.
+    let (a, b) = tokio::join!(sweeper.run(&targets, now), sweeper.run(&targets, now));
+    let outcomes = a.or(b).expect("one run went ahead");
+    assert_eq!(
+        sweeper.metrics.runs.with_label_values(&["skipped"]).get(),
+        1
+    );
+    let auto = &outcomes[0];
+    assert_eq!(auto.fixed.len(), 5, "{auto:#?}");
+    let d = auto.drift.as_ref().unwrap();
+    assert_eq!((d.missing, d.changed, d.security, d.extra), (0, 0, 0, 1));
+    let report = &outcomes[1];
+    assert!(report.fixed.is_empty());
+    let d = report.drift.as_ref().unwrap();
+    assert_eq!((d.missing, d.security), (4, 3), "{d:?}");
+    assert!(outcomes.iter().all(|o| o.problems.is_empty()));
+    assert_eq!(sweeper.metrics.runs.with_label_values(&["ok"]).get(), 1);
+    assert!(sweeper.metrics.last_success.get() > 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_failed_sweep_run_with_the_reason() {
+    use apitree::crd::gateway::DriftPolicy;
+    let (sweeper, _registry) = sweeper();
+    let target = apitree::schedule::SweepTarget {
+        gateway: "ns/down".into(),
+        database_url: "postgres://postgres@127.0.0.1:1/none".into(),
+        policy: DriftPolicy::Auto,
+    };
+    let out = sweeper.run(&[target], chrono::Utc::now()).await.unwrap();
+    assert!(
+        out[0].problems[0].contains("cannot connect to PostgreSQL at"),
+        "{:?}",
+        out[0].problems
+    );
+    assert_eq!(sweeper.metrics.runs.with_label_values(&["failed"]).get(), 1);
+    assert_eq!(sweeper.metrics.last_success.get(), 0);
+}
+
+#[tokio::test]
+async fn the_scheduler_runs_the_sweep_again_and_again() {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = runs.clone();
+    let mut scheduler = apitree::schedule::every(std::time::Duration::from_secs(1), move || {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    scheduler.shutdown().await.unwrap();
+    let n = runs.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((2..=4).contains(&n), "{n} runs in 3.5 s at one per second");
+}

@@ -208,6 +208,32 @@ impl Operator {
             .unwrap_or_else(|e| e.into_inner()) = secrets;
     }
 
+    /// The gateways the health sweep should look at: those with a database.
+    pub async fn sweep_targets(&self) -> Vec<crate::schedule::SweepTarget> {
+        self.gateways
+            .lock()
+            .await
+            .values()
+            .filter_map(|m| {
+                Some(crate::schedule::SweepTarget {
+                    gateway: m.name.clone(),
+                    database_url: m.database_url.clone()?,
+                    policy: m.spec.drift_policy,
+                })
+            })
+            .collect()
+    }
+
+    /// Hands a sweep's results to the gateways; their next pass puts them in status.
+    pub async fn record_sweep(&self, outcomes: Vec<crate::schedule::SweepOutcome>) {
+        let mut gateways = self.gateways.lock().await;
+        for o in outcomes {
+            if let Some(m) = gateways.get_mut(&o.gateway) {
+                m.sweep = Some(o);
+            }
+        }
+    }
+
     /// Queues a Slack Promote / Roll back press for the gateway whose revision it names.
     pub fn press(&self, p: Press) {
         self.presses
@@ -380,7 +406,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         store: op.store.clone(),
         base: ProxyConfig::default(),
         master_keys: None,
-        secrets: resolver,
+        secrets: resolver.clone(),
         secret_versions: versions,
         default_image: op.default_image.clone(),
         http: op.http.clone(),
@@ -403,6 +429,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     }
     let last_seen = m.events.back().map_or(0, |e| e.seq);
     m.uid = obj.metadata.uid.clone();
+    m.database_url = obj.spec.database.as_ref().and_then(|d| resolver(d));
     m.set_notifier(notifier);
     if let Some(problem) = slack_problem {
         m.warn_once("SlackNotConfigured", &problem, (op.clock)());
@@ -423,6 +450,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         .unwrap_or_else(|e| e.into_inner())
         .retain(|p| !m.accept(p));
     rollout::reconcile(m, &ctx, (op.clock)()).await;
+    m.apply_sweep((op.clock)());
     // Events of this pass.
     let fresh: Vec<_> = m
         .events

@@ -124,6 +124,10 @@ pub struct Managed {
     manifest_error: Option<String>,
     /// uid of the resource in a cluster (owner references of its children).
     pub uid: Option<String>,
+    /// The gateway database's URL, when the spec names one (for the health sweep).
+    pub database_url: Option<String>,
+    /// The last health sweep of this gateway.
+    pub sweep: Option<crate::schedule::SweepOutcome>,
 }
 
 impl Managed {
@@ -170,6 +174,8 @@ impl Managed {
             open: BTreeMap::new(),
             manifest_error: None,
             uid: None,
+            database_url: None,
+            sweep: None,
         }
     }
 
@@ -190,6 +196,11 @@ impl Managed {
     /// A warning Event, once until its message changes (a setting that stays wrong must not
     /// repeat it every pass).
     pub fn warn_once(&mut self, reason: &str, message: &str, now: Timestamp) {
+        self.event_once(reason, message, true, now);
+    }
+
+    /// An Event, once until its message changes.
+    pub fn event_once(&mut self, reason: &str, message: &str, warning: bool, now: Timestamp) {
         let repeated = self
             .events
             .iter()
@@ -197,7 +208,38 @@ impl Managed {
             .find(|e| e.reason == reason)
             .is_some_and(|e| e.message == message);
         if !repeated {
-            self.event(now, reason, message.to_string(), true);
+            self.event(now, reason, message.to_string(), warning);
+        }
+    }
+
+    /// Carries the last health sweep into status (`status.drift`) and Events.
+    pub fn apply_sweep(&mut self, now: Timestamp) {
+        let Some(o) = self.sweep.clone() else {
+            return;
+        };
+        self.status.drift = o.drift.clone();
+        let at = o.at.to_rfc3339();
+        if !o.problems.is_empty() {
+            self.warn_once("HealthSweepFailed", &o.problems.join("; "), now);
+        }
+        if !o.fixed.is_empty() {
+            let msg = format!("fixed schema drift at {at}: {}", o.fixed.join(", "));
+            self.event_once("DriftFixed", &msg, false, now);
+        }
+        if let Some(d) = o
+            .drift
+            .as_ref()
+            .filter(|d| d.missing + d.changed + d.security > 0)
+        {
+            let msg = d.message.clone().unwrap_or_default();
+            self.warn_once("SchemaDrift", &msg, now);
+        }
+        if !o.revoked.is_empty() {
+            let msg = format!(
+                "revoked keys whose grace ended at {at}: {}",
+                o.revoked.join(", ")
+            );
+            self.event_once("GraceExpired", &msg, false, now);
         }
     }
 

@@ -16,6 +16,7 @@ use super::lease;
 use super::metrics::OperatorMetrics;
 use crate::notify::slack::console_or_slack;
 use crate::platform::kube::{cluster_resolver, KubePlatform};
+use crate::schedule::{SweepMetrics, Sweeper};
 
 /// How `apitree operator` runs.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct OperatorOptions {
     pub default_image: String,
     /// Public URL of the status page, linked from notifications.
     pub status_url: Option<String>,
+    /// How often the health sweep runs (database, drift, grace expiry).
+    pub sweep_every: Duration,
 }
 
 /// Why the operator stopped.
@@ -48,6 +51,8 @@ pub enum OperatorError {
     Lease(#[from] lease::LeaseError),
     #[error("lost the leader Lease {0} to another replica; exiting so a fresh start stands by")]
     LostLease(String),
+    #[error("cannot start the health-sweep scheduler: {0}")]
+    Scheduler(String),
 }
 
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -106,6 +111,23 @@ pub async fn run(
     );
     operator.signing_secrets = gateway_secrets;
     let op = Arc::new(operator);
+    // The health sweep runs on the leader only.
+    let sweeper = Arc::new(Sweeper::new(SweepMetrics::register(&op.metrics.registry)));
+    let (sweep_op, sweep_state) = (op.clone(), state_role.clone());
+    let scheduler = crate::schedule::every(opts.sweep_every, move || {
+        let (op, state, sweeper) = (sweep_op.clone(), sweep_state.clone(), sweeper.clone());
+        async move {
+            if *state.role.read().unwrap_or_else(|p| p.into_inner()) != "leader" {
+                return;
+            }
+            let targets = op.sweep_targets().await;
+            if let Some(outcomes) = sweeper.run(&targets, chrono::Utc::now()).await {
+                op.record_sweep(outcomes).await;
+            }
+        }
+    })
+    .await
+    .map_err(|e| OperatorError::Scheduler(e.to_string()))?;
     let _ = operator_cell.set(Arc::downgrade(&op));
 
     let leases: Api<Lease> = Api::namespaced(client, &opts.namespace);
@@ -160,6 +182,8 @@ pub async fn run(
     if let Some(r) = running {
         let _ = r.await;
     }
+    let mut scheduler = scheduler;
+    let _ = scheduler.shutdown().await;
     let _ = http_stop.send(());
     let _ = server.await;
     if let Some(d) = delivery {
