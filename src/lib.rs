@@ -15,6 +15,7 @@ pub mod notify;
 pub mod operator;
 pub mod platform;
 pub mod proxy;
+pub mod rotation;
 pub mod schedule;
 pub mod telemetry;
 pub mod tls;

@@ -322,13 +322,16 @@ fn rbac_has_no_wildcards_and_grants_what_the_controller_calls() {
         "/secrets:get",
         "policy/poddisruptionbudgets:patch",
         "events.k8s.io/events:create",
+        "apitree.io/credentialpolicies:watch",
+        "apitree.io/credentialpolicies/status:patch",
+        "/secrets:list",
     ] {
         assert!(granted.contains(need), "ClusterRole lacks {need}");
     }
-    // Secrets are read, never listed or written.
+    // Secrets are read, never written or watched.
     assert!(!granted
         .iter()
-        .any(|g| g.starts_with("/secrets:") && g != "/secrets:get"));
+        .any(|g| g.starts_with("/secrets:") && g != "/secrets:get" && g != "/secrets:list"));
     let lease: Role = serde_json::from_value(of_kind(&docs, "Role")[0].clone()).unwrap();
     let rule = &lease.rules.unwrap()[0];
     assert_eq!(rule.resources.as_deref(), Some(&["leases".to_string()][..]));

@@ -291,6 +291,7 @@ fn gating(old: &str, new: &str, phases: [CheckPhase; 5], at: Timestamp) -> ApiGa
 }
 
 struct Harness {
+    client: Client,
     op: Arc<Operator>,
     clock: Arc<Mutex<Timestamp>>,
     pods: Arc<Pods>,
@@ -302,6 +303,7 @@ impl Harness {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(svc, NS);
+        let client_for_tests = client.clone();
         let (pods_url, pods) = start_pods().await;
         let resolver = Arc::new(move |_t: Target<'_>| pods_url.clone());
         let clock = Arc::new(Mutex::new(Timestamp::from_second(1_900_000_000).unwrap()));
@@ -318,6 +320,7 @@ impl Harness {
             Arc::new(HttpState::new(metrics, None)),
         ));
         Self {
+            client: client_for_tests,
             op,
             clock,
             pods,
@@ -758,4 +761,72 @@ async fn a_slack_token_that_does_not_resolve_is_one_warning_event_not_one_per_pa
     calls.extend(observe_both(Some(&rev), None));
     calls.push(status_patch());
     h.pass(&fx.gw, calls).await;
+}
+
+#[tokio::test]
+async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
+    use apitree::crd::credential_policy::CredentialPolicy;
+    use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
+    let h = Harness::new().await;
+    let clock = h.clock.clone();
+    let rotations = Arc::new(Rotations::new(
+        h.client.clone(),
+        Arc::new(OperatorMetrics::new()),
+        Arc::new(move || *clock.lock().unwrap()),
+    ));
+    let spec =
+        serde_json::from_value(json!({"secretSelector": {"matchLabels": {"rotate": "yes"}}}))
+            .unwrap();
+    let mut policy = CredentialPolicy::new("vendor-secrets", spec);
+    policy.metadata.namespace = Some(NS.into());
+    policy.metadata.generation = Some(1);
+    let now = *h.clock.lock().unwrap();
+    let days_ago = |d: i64| {
+        now.checked_sub(k8s_openapi::jiff::SignedDuration::from_hours(24 * d))
+            .unwrap()
+            .to_string()
+    };
+    let secrets = json!({
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {},
+        "items": [
+            {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+             "metadata": {"name": "fresh", "namespace": NS, "creationTimestamp": days_ago(10)}},
+            {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+             "metadata": {"name": "vendor-token", "namespace": NS, "creationTimestamp": days_ago(400),
+                          "annotations": {"apitree.io/rotated-at": days_ago(95)}}}
+        ]
+    });
+    let list = format!("/api/v1/namespaces/{NS}/secrets?&labelSelector=rotate%3Dyes");
+    let status = format!(
+        "/apis/apitree.io/v1alpha1/namespaces/{NS}/credentialpolicies/vendor-secrets/status?"
+    );
+    let stored = |mut v: Value| {
+        v["metadata"] = json!({"name": "vendor-secrets", "namespace": NS});
+        v["spec"] = json!({"secretSelector": {"matchLabels": {"rotate": "yes"}}});
+        v
+    };
+    let calls = vec![
+        call("GET", &list).reply(200, secrets.clone()),
+        event("CredentialOverdue").has("secret vendor-token is OVERDUE"),
+        call("PATCH", &status)
+            .has("\"tracked\":2")
+            .has("\"overdue\":1")
+            .has("\"name\":\"vendor-token\"")
+            .stored(stored),
+    ];
+    let scenario = run_scenario(h.handle.clone(), calls);
+    let action = reconcile_policy(Arc::new(policy.clone()), rotations.clone())
+        .await
+        .unwrap();
+    scenario.await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(3600)));
+    // An hour later nothing new has happened: no second reminder.
+    h.advance(3600);
+    let calls = vec![
+        call("GET", &list).reply(200, secrets),
+        call("PATCH", &status).has("\"overdue\":1").stored(stored),
+    ];
+    let scenario = run_scenario(h.handle.clone(), calls);
+    reconcile_policy(Arc::new(policy), rotations).await.unwrap();
+    scenario.await.unwrap();
 }

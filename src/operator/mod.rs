@@ -4,6 +4,7 @@
 //! machine `local` and `demo`. `http` serves the status page, metrics and Slack interactions.
 
 pub mod controller;
+pub mod credentials;
 pub mod demo;
 pub mod http;
 pub mod lease;

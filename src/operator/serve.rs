@@ -131,10 +131,20 @@ pub async fn run(
     let _ = operator_cell.set(Arc::downgrade(&op));
 
     let leases: Api<Lease> = Api::namespaced(client, &opts.namespace);
-    let (ctl_stop, ctl_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut ctl_stop = Some(ctl_stop);
-    let mut ctl_stopped = Some(ctl_stopped);
-    let mut running: Option<tokio::task::JoinHandle<()>> = None;
+    // Both controllers stop when this flips.
+    let (ctl_stop, ctl_stopped) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = ctl_stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let rotations = Arc::new(super::credentials::Rotations::new(
+        op.client.clone(),
+        op.metrics.clone(),
+        Arc::new(Timestamp::now),
+    ));
+    let mut running: Option<Vec<tokio::task::JoinHandle<()>>> = None;
     tokio::pin!(stop);
     let outcome = loop {
         match lease::try_lead(
@@ -148,13 +158,11 @@ pub async fn run(
         {
             Ok(true) if running.is_none() => {
                 state_role.set_role("leader");
-                tracing::info!(lease = %opts.lease_name, identity = %opts.identity, "leading: starting the ApiGateway controller");
-                let stopped = ctl_stopped.take();
-                running = Some(tokio::spawn(controller::run(op.clone(), async move {
-                    if let Some(s) = stopped {
-                        let _ = s.await;
-                    }
-                })));
+                tracing::info!(lease = %opts.lease_name, identity = %opts.identity, "leading: starting the ApiGateway and CredentialPolicy controllers");
+                running = Some(vec![
+                    tokio::spawn(controller::run(op.clone(), stopped())),
+                    tokio::spawn(super::credentials::run(rotations.clone(), stopped())),
+                ]);
             }
             Ok(true) => {}
             Ok(false) if running.is_some() => {
@@ -176,10 +184,8 @@ pub async fn run(
             _ = tokio::time::sleep(RENEW_EVERY) => {}
         }
     };
-    if let Some(s) = ctl_stop.take() {
-        let _ = s.send(());
-    }
-    if let Some(r) = running {
+    let _ = ctl_stop.send(true);
+    for r in running.into_iter().flatten() {
         let _ = r.await;
     }
     let mut scheduler = scheduler;

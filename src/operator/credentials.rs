@@ -1,0 +1,337 @@
+//! The CredentialPolicy controller: gathers the tracked credentials (Secrets' metadata by label
+//! selector; API keys and upstream credentials in the database of the referenced ApiGateway),
+//! evaluates them (`crate::rotation`), writes counts and the next due items to status, and
+//! publishes a reminder Event each time a credential crosses a reminder offset or its maximum
+//! age. It looks again every hour.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+
+use super::metrics::OperatorMetrics;
+use crate::crd::condition::{set_condition, ConditionStatus};
+use crate::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
+use crate::crd::gateway::ApiGateway;
+use crate::platform::kube::FIELD_MANAGER;
+use crate::rotation::{self, Credential, ROTATED_AT_ANNOTATION};
+
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot list the Secrets CredentialPolicy {name} selects: {source}")]
+    ListSecrets {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot write the status of CredentialPolicy {name}: {source}")]
+    PatchStatus {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl CredentialsError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::ListSecrets { .. } => "ListSecrets",
+            Self::PatchStatus { .. } => "PatchStatus",
+        }
+    }
+}
+
+/// What the controller keeps between passes.
+pub struct Rotations {
+    pub client: Client,
+    pub metrics: Arc<OperatorMetrics>,
+    pub reporter: Reporter,
+    pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// Reminders sent, per policy.
+    sent: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl Rotations {
+    pub fn new(
+        client: Client,
+        metrics: Arc<OperatorMetrics>,
+        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    ) -> Self {
+        Self {
+            client,
+            metrics,
+            reporter: Reporter {
+                controller: "apitree-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            clock,
+            sent: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A label selector in the list-request syntax: `a=b,c in (d,e),!f`.
+pub fn selector_string(s: &LabelSelector) -> String {
+    let mut parts: Vec<String> = s
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in s.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+fn to_chrono(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond() as u32)
+        .unwrap_or_default()
+}
+
+/// The database URL of the ApiGateway a policy names, if it has one.
+async fn gateway_database(client: &Client, ns: &str, gateway: &str) -> Result<String, String> {
+    let gw = Api::<ApiGateway>::namespaced(client.clone(), ns)
+        .get_opt(gateway)
+        .await
+        .map_err(|e| format!("cannot read ApiGateway {gateway}: {e}"))?
+        .ok_or_else(|| format!("ApiGateway {gateway} does not exist in {ns}"))?;
+    let db = gw
+        .spec
+        .database
+        .ok_or_else(|| format!("ApiGateway {gateway} has no spec.database"))?;
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&db.name)
+        .await
+        .map_err(|e| format!("cannot read Secret {}: {e}", db.name))?
+        .ok_or_else(|| format!("Secret {} does not exist", db.name))?;
+    secret
+        .data
+        .and_then(|d| d.get(&db.key).cloned())
+        .and_then(|v| String::from_utf8(v.0).ok())
+        .ok_or_else(|| format!("Secret {} has no key {:?}", db.name, db.key))
+}
+
+/// One pass over one CredentialPolicy.
+pub async fn reconcile(
+    policy: Arc<CredentialPolicy>,
+    ctx: Arc<Rotations>,
+) -> Result<Action, CredentialsError> {
+    let ns = policy.namespace().unwrap_or_else(|| "default".into());
+    let name = format!("{ns}/{}", policy.name_any());
+    let now = (ctx.clock)();
+    let generation = policy.metadata.generation;
+    let mut status = CredentialPolicyStatus {
+        conditions: policy
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
+        ..CredentialPolicyStatus::default()
+    };
+    let mut notes: Vec<(EventType, String, String)> = Vec::new();
+    let problems: Vec<String> = policy
+        .spec
+        .problems()
+        .into_iter()
+        .map(|p| format!("{}: {}", p.path, p.message))
+        .collect();
+    let action = if !problems.is_empty() {
+        let message = format!("the spec cannot be evaluated; fix: {}", problems.join("; "));
+        let changed = set_condition(
+            &mut status.conditions,
+            "SpecValid",
+            ConditionStatus::False,
+            "InvalidSpec",
+            &message,
+            generation,
+            now,
+        );
+        if changed {
+            notes.push((EventType::Warning, "InvalidSpec".into(), message));
+        }
+        Action::await_change()
+    } else {
+        set_condition(
+            &mut status.conditions,
+            "SpecValid",
+            ConditionStatus::True,
+            "Valid",
+            "the spec is valid",
+            generation,
+            now,
+        );
+        let mut creds: Vec<Credential> = Vec::new();
+        if let Some(sel) = &policy.spec.secret_selector {
+            let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                .list_metadata(&ListParams::default().labels(&selector_string(sel)))
+                .await
+                .map_err(|source| CredentialsError::ListSecrets {
+                    name: name.clone(),
+                    source,
+                })?;
+            for s in secrets.items {
+                let rotated = s
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ROTATED_AT_ANNOTATION))
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .or_else(|| {
+                        s.metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| to_chrono(t.0))
+                    });
+                if let Some(rotated_at) = rotated {
+                    creds.push(Credential {
+                        kind: "secret",
+                        name: s.metadata.name.unwrap_or_default(),
+                        rotated_at,
+                        grace_until: None,
+                    });
+                }
+            }
+        }
+        if let Some(db) = &policy.spec.database {
+            let found = match gateway_database(&ctx.client, &ns, &db.gateway_ref).await {
+                Ok(url) => match crate::db::connect(&url, 1).await {
+                    Ok(pool) => {
+                        let r = rotation::database_credentials(
+                            &pool,
+                            db.api_keys,
+                            db.upstream_credentials,
+                        )
+                        .await
+                        .map_err(|e| e.to_string());
+                        pool.close().await;
+                        r
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(c) => creds.extend(c),
+                Err(e) => notes.push((EventType::Warning, "DatabaseUnavailable".into(), e)),
+            }
+        }
+        let mut sent = ctx.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = sent.entry(name.clone()).or_default();
+        let (evaluated, reminders) = rotation::evaluate(&creds, &policy.spec, to_chrono(now), seen);
+        drop(sent);
+        status.tracked = evaluated.tracked;
+        status.due = evaluated.due;
+        status.overdue = evaluated.overdue;
+        status.in_grace = evaluated.in_grace;
+        status.next_due = evaluated.next_due;
+        status.last_checked = evaluated.last_checked;
+        for r in reminders {
+            let (kind, reason) = if r.overdue {
+                (EventType::Warning, "CredentialOverdue")
+            } else {
+                (EventType::Normal, "CredentialDue")
+            };
+            tracing::info!(policy = %name, "{}", r.text());
+            notes.push((kind, reason.into(), r.text()));
+        }
+        Action::requeue(Duration::from_secs(3600))
+    };
+    status.observed_generation = generation;
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let reference = policy.object_ref(&());
+    for (type_, reason, note) in notes {
+        let event = KubeEvent {
+            type_,
+            reason,
+            note: Some(note.chars().take(1000).collect()),
+            action: "Evaluate".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(policy = %name, "cannot publish an Event: {e}");
+        }
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "apitree.io/v1alpha1",
+        "kind": "CredentialPolicy",
+        "status": status,
+    });
+    Api::<CredentialPolicy>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &policy.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| CredentialsError::PatchStatus {
+            name: name.clone(),
+            source,
+        })?;
+    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    Ok(action)
+}
+
+fn error_policy(_p: Arc<CredentialPolicy>, err: &CredentialsError, ctx: Arc<Rotations>) -> Action {
+    ctx.metrics
+        .errors
+        .with_label_values(&[err.category()])
+        .inc();
+    tracing::warn!("{err}");
+    Action::requeue(Duration::from_secs(60))
+}
+
+/// Runs the controller until `stop` resolves.
+pub async fn run(
+    ctx: Arc<Rotations>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let policies: Api<CredentialPolicy> = Api::all(ctx.client.clone());
+    Controller::new(policies, watcher::Config::default())
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("credential policy reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_render_in_list_syntax() {
+        let s: LabelSelector = serde_json::from_value(serde_json::json!({
+            "matchLabels": {"team": "payments"},
+            "matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["gold", "silver"]},
+                {"key": "legacy", "operator": "DoesNotExist"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            selector_string(&s),
+            "team=payments,tier in (gold,silver),!legacy"
+        );
+    }
+}
