@@ -456,6 +456,21 @@ pub enum CredentialsCommand {
         #[command(flatten)]
         secrets: SecretArgs,
     },
+    /// After adding a new master-key version: re-encrypt every upstream credential in the
+    /// database under it, in batches that each commit (an interrupted run resumes; concurrent
+    /// runs share the work). Prints progress and which old versions are still in use; a version
+    /// no credential uses can be removed from the master keys.
+    Reencrypt {
+        /// Credentials per transaction.
+        #[arg(long, default_value_t = 100)]
+        batch: i64,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -99,6 +99,12 @@ async fn run(command: Command) -> Result<()> {
             println!("{id}");
             Ok(())
         }
+        Command::Credentials(CredentialsCommand::Reencrypt {
+            batch,
+            secrets,
+            db: dbargs,
+            actor,
+        }) => reencrypt(batch, secrets, dbargs, actor.resolve()).await,
         Command::Credentials(cmd) => credentials(cmd),
         Command::Pii(PiiCommand::Scan { mask, format }) => pii_scan(mask, format),
         Command::Audit(AuditCommand::Verify { db: dbargs }) => {
@@ -508,6 +514,39 @@ fn key_entry(key: &ApiKey, pepper: &proxy::keys::Pepper, org: &str) -> String {
     )
 }
 
+async fn reencrypt(
+    batch: i64,
+    secrets: SecretArgs,
+    dbargs: DatabaseArgs,
+    actor: String,
+) -> Result<()> {
+    let (cfg, base) = secret_sources(&secrets)?;
+    let keys = state::load_master_keys(&cfg, &base)
+        .map_err(|e| anyhow!(e))?
+        .ok_or_else(|| anyhow!("{}", proxy::vault::VaultError::Missing))?;
+    let pool = open_db(&dbargs).await?;
+    loop {
+        let p = db::credentials::reencrypt_batch(&pool, &keys, batch.max(1), &actor).await?;
+        eprintln!(
+            "re-encrypted {}: {}/{} credentials at key version {}",
+            p.rewrapped, p.done, p.total, p.target_version
+        );
+        if p.rewrapped == 0 || p.versions_in_use.is_empty() {
+            if p.versions_in_use.is_empty() {
+                println!(
+                    "every credential is at key version {}; older versions are unused and can be removed",
+                    p.target_version
+                );
+                return Ok(());
+            }
+            return Err(anyhow!(
+                "credentials under key version(s) {:?} are locked by another run or were added meanwhile; run again",
+                p.versions_in_use
+            ));
+        }
+    }
+}
+
 fn credentials(cmd: CredentialsCommand) -> Result<()> {
     let CredentialsCommand::Encrypt {
         name,
@@ -517,7 +556,12 @@ fn credentials(cmd: CredentialsCommand) -> Result<()> {
         header,
         value_prefix,
         secrets,
-    } = cmd;
+    } = cmd
+    else {
+        return Err(anyhow!(
+            "only `credentials encrypt` runs without a database"
+        ));
+    };
     if !matches!(kind.as_str(), "byok" | "system") {
         return Err(anyhow!("--kind must be byok or system, got {kind:?}"));
     }

@@ -340,3 +340,94 @@ async fn the_grace_sweep_revokes_rotated_keys_once_their_grace_ends_and_only_onc
             .unwrap();
     assert!(live.is_none());
 }
+
+#[tokio::test]
+async fn master_key_reencryption_resumes_after_interruption_and_concurrent_runs_share_the_work() {
+    use apitree::db::credentials::reencrypt_batch;
+    use apitree::proxy::vault::{MasterKeys, Sealed};
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (k1, k2) = (b64.encode([7u8; 32]), b64.encode([9u8; 32]));
+    let old = MasterKeys::single(1, &k1).unwrap();
+    let both = MasterKeys::parse_file(&format!("1:{k1}\n2:{k2}\n")).unwrap();
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    let api = Uuid::new_v4();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', 'http://up/')")
+        .bind(api)
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for i in 0..250 {
+        let sealed = old.encrypt(&org.to_string(), "weather", &format!("secret-{i}"));
+        sqlx::query("INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version) VALUES ($1, $2, $3, $4, 'system', $5, $6, 1)")
+            .bind(Uuid::new_v4())
+            .bind(org)
+            .bind(api)
+            .bind(format!("cred-{i:03}"))
+            .bind(&sealed.ciphertext)
+            .bind(&sealed.nonce)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    // One batch, then the run is "interrupted".
+    let first = reencrypt_batch(&pool, &both, 100, "test").await.unwrap();
+    assert_eq!((first.rewrapped, first.done, first.total), (100, 100, 250));
+    assert_eq!(first.versions_in_use, vec![1]);
+    // Two runs resume at once and finish it between them.
+    let run = |who: &'static str| {
+        let (pool, keys) = (pool.clone(), both.clone());
+        async move {
+            let mut n = 0;
+            loop {
+                let p = reencrypt_batch(&pool, &keys, 40, who).await.unwrap();
+                n += p.rewrapped;
+                if p.rewrapped == 0 {
+                    return (n, p);
+                }
+            }
+        }
+    };
+    let ((a, _), (b, last)) = tokio::join!(run("run-a"), run("run-b"));
+    assert_eq!(a + b, 150, "each row rewrapped exactly once");
+    assert_eq!((last.done, last.total), (250, 250));
+    assert!(last.versions_in_use.is_empty(), "version 1 can retire");
+    // Every credential decrypts with the new key alone, to what it was.
+    let new_only = MasterKeys::single(2, &k2).unwrap();
+    let rows: Vec<(String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT name, key_version, nonce, ciphertext FROM upstream_credentials ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for (i, (name, version, nonce, ciphertext)) in rows.iter().enumerate() {
+        let sealed = Sealed {
+            key_version: *version as u32,
+            nonce: nonce.clone(),
+            ciphertext: ciphertext.clone(),
+        };
+        let plain = new_only
+            .decrypt(name, &org.to_string(), "weather", &sealed)
+            .unwrap();
+        assert_eq!(plain.expose(), format!("secret-{i}"));
+    }
+    // The audit log names every credential once.
+    let details: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT detail FROM audit_log WHERE action = 'master_key.reencrypt'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let mut ids: Vec<String> = details
+        .iter()
+        .flat_map(|d| d["credentials"].as_array().unwrap().clone())
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 250);
+}

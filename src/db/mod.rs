@@ -1,6 +1,7 @@
 //! The gateway database: connection, migrations and one file per table family.
 
 pub mod audit;
+pub mod credentials;
 pub mod keys;
 
 use std::{str::FromStr, time::Duration};
