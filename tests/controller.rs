@@ -30,6 +30,8 @@ use kube::runtime::controller::Action;
 use kube::Client;
 use serde_json::{json, Value};
 
+mod common;
+
 const NS: &str = "shop-ns";
 const IMAGE: &str = "ghcr.io/apitree/apitree:test";
 
@@ -829,4 +831,55 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
     let scenario = run_scenario(h.handle.clone(), calls);
     reconcile_policy(Arc::new(policy), rotations).await.unwrap();
     scenario.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_promotion_is_written_to_the_gateway_databases_audit_log() {
+    use base64::Engine;
+    use CheckPhase::*;
+    let db = common::TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let h = Harness::new().await;
+    let old = "0ld0ld0ld0";
+    let mut fx = Fixture::new();
+    fx.gw.spec.database =
+        Some(serde_json::from_value(json!({"name": "shop-db", "key": "url"})).unwrap());
+    let new = plan::revision(
+        IMAGE,
+        &plan::render(&fx.gw.spec, &ProxyConfig::default()),
+        &[("shop-db".into(), "42".into())],
+    );
+    let t0 = *h.clock.lock().unwrap();
+    let mut status = gating(old, &new, [Passed, Passed, Passed, Passed, Passed], t0);
+    status.phase = Some(GatewayPhase::AwaitingApproval);
+    let fx = fx.with_status(status).annotate("apitree.io/promote", &new);
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
+        "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
+    });
+    let mut calls =
+        vec![call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db")).reply(200, secret)];
+    calls.extend(observe_both(Some(old), Some(&new)));
+    calls.extend(switch_to("green", &new));
+    calls.extend([
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        event("Switched"),
+        event("Promoted"),
+        status_patch().has("\"phase\":\"Promoting\""),
+    ]);
+    h.pass(&fx.gw, calls).await;
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT actor, action, target FROM audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [(
+            "apitree-operator".to_string(),
+            "rollout.promoted".to_string(),
+            "shop-ns/shop".to_string()
+        )]
+    );
 }

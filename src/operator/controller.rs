@@ -22,7 +22,7 @@ use kube::{Client, Resource, ResourceExt};
 use super::http::HttpState;
 use super::metrics::OperatorMetrics;
 use super::probes::SecretResolver;
-use super::rollout::{self, Context, Managed, Press};
+use super::rollout::{self, Context, GatewayEvent, Managed, Press};
 use crate::crd::gateway::{ApiGateway, GatewayPhase, SecretKeyRef};
 use crate::dashboard::GatewayView;
 use crate::detect::engine::IncidentStore;
@@ -83,6 +83,8 @@ pub struct Operator {
     /// Signing secrets of the gateways' Slack apps, shared with the interaction endpoint.
     pub signing_secrets: Arc<std::sync::RwLock<Vec<String>>>,
     gateways: tokio::sync::Mutex<HashMap<String, Managed>>,
+    /// Pools of the gateways' databases, for their audit logs.
+    pools: tokio::sync::Mutex<HashMap<String, sqlx::PgPool>>,
     slack: Mutex<HashMap<String, GatewaySlack>>,
     presses: Mutex<Vec<Press>>,
     failures: Mutex<HashMap<String, u32>>,
@@ -126,6 +128,7 @@ impl Operator {
             views,
             signing_secrets: Arc::default(),
             gateways: tokio::sync::Mutex::new(HashMap::new()),
+            pools: tokio::sync::Mutex::new(HashMap::new()),
             slack: Mutex::new(HashMap::new()),
             presses: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
@@ -206,6 +209,44 @@ impl Operator {
             .signing_secrets
             .write()
             .unwrap_or_else(|e| e.into_inner()) = secrets;
+    }
+
+    /// Records promotions, rollbacks and refusals in the gateway database's audit log.
+    async fn audit_rollouts(&self, gateway: &str, url: &str, events: &[GatewayEvent]) {
+        let pool = {
+            let mut pools = self.pools.lock().await;
+            match pools.get(url) {
+                Some(p) => p.clone(),
+                None => match crate::db::connect(url, 2).await {
+                    Ok(p) => {
+                        pools.insert(url.to_string(), p.clone());
+                        p
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .errors
+                            .with_label_values(&["AuditFailed"])
+                            .inc();
+                        tracing::warn!(gateway, "cannot audit rollout steps: {e}");
+                        return;
+                    }
+                },
+            }
+        };
+        for e in events {
+            let action = format!("rollout.{}", e.reason.to_lowercase());
+            let detail = serde_json::json!({"message": e.message, "at": e.at});
+            if let Err(err) =
+                crate::db::audit::append(&pool, "apitree-operator", &action, gateway, None, &detail)
+                    .await
+            {
+                self.metrics
+                    .errors
+                    .with_label_values(&["AuditFailed"])
+                    .inc();
+                tracing::warn!(gateway, "cannot audit {action}: {err}");
+            }
+        }
     }
 
     /// The gateways the health sweep should look at: those with a database.
@@ -458,6 +499,14 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         .filter(|e| e.seq > last_seen)
         .cloned()
         .collect();
+    let audited: Vec<GatewayEvent> = fresh
+        .iter()
+        .filter(|e| matches!(e.reason.as_str(), "Promoted" | "RolledBack" | "Rejected"))
+        .cloned()
+        .collect();
+    if let (false, Some(url)) = (audited.is_empty(), m.database_url.clone()) {
+        op.audit_rollouts(&name, &url, &audited).await;
+    }
     let recorder = Recorder::new(op.client.clone(), op.reporter.clone());
     let reference = obj.object_ref(&());
     for e in fresh {
