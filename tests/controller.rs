@@ -771,9 +771,11 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
     use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
     let h = Harness::new().await;
     let clock = h.clock.clone();
+    let notifier = Arc::new(Notifier::recording());
     let rotations = Arc::new(Rotations::new(
         h.client.clone(),
         Arc::new(OperatorMetrics::new()),
+        notifier.clone(),
         Arc::new(move || *clock.lock().unwrap()),
     ));
     let spec =
@@ -831,6 +833,15 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
     let scenario = run_scenario(h.handle.clone(), calls);
     reconcile_policy(Arc::new(policy), rotations).await.unwrap();
     scenario.await.unwrap();
+    // The reminder also went to the notifier (Slack when configured), once, as urgent.
+    let notes = notifier.recorded_notes();
+    assert_eq!(notes.len(), 1);
+    assert!(notes[0].urgent);
+    assert!(
+        notes[0].text.contains("vendor-token is OVERDUE"),
+        "{}",
+        notes[0].text
+    );
 }
 
 #[tokio::test]

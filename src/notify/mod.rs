@@ -99,7 +99,23 @@ pub enum Notifier {
         channels: Channels,
     },
     /// Kept in memory, for tests.
-    Recording(Mutex<Vec<IncidentNotice>>, Mutex<Vec<RolloutNotice>>),
+    Recording(
+        Mutex<Vec<IncidentNotice>>,
+        Mutex<Vec<RolloutNotice>>,
+        Mutex<Vec<Note>>,
+    ),
+}
+
+/// A standalone message: a credential-rotation reminder and the like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    /// Distinguishes the message (and makes its delivery idempotent).
+    pub id: Uuid,
+    pub text: String,
+    /// Slack channel; the warning channel (critical when urgent) when None.
+    pub channel: Option<String>,
+    /// Goes to the critical channel (when no channel is given) and is shown as urgent.
+    pub urgent: bool,
 }
 
 /// A step of a rollout people should hear about: a gate started, passed, waits for approval,
@@ -139,13 +155,60 @@ pub enum NotifyError {
 
 impl Notifier {
     pub fn recording() -> Self {
-        Self::Recording(Mutex::new(Vec::new()), Mutex::new(Vec::new()))
+        Self::Recording(
+            Mutex::new(Vec::new()),
+            Mutex::new(Vec::new()),
+            Mutex::new(Vec::new()),
+        )
+    }
+
+    /// Notes a recording notifier saw.
+    pub fn recorded_notes(&self) -> Vec<Note> {
+        match self {
+            Self::Recording(_, _, v) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Records one standalone message for delivery.
+    pub async fn note(&self, n: &Note) -> Result<(), NotifyError> {
+        match self {
+            Self::Console => {
+                if std::io::stderr().is_terminal() && n.urgent {
+                    eprintln!("\x1b[1;31m{}\x1b[0m", n.text);
+                } else {
+                    eprintln!("{}", n.text);
+                }
+                Ok(())
+            }
+            Self::Recording(_, _, v) => {
+                v.lock().unwrap_or_else(|p| p.into_inner()).push(n.clone());
+                Ok(())
+            }
+            Self::Slack { outbox, channels } => {
+                let severity = if n.urgent {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                };
+                let channel = n
+                    .channel
+                    .clone()
+                    .unwrap_or_else(|| channels.for_severity(severity).to_string());
+                let emoji = if n.urgent { ":red_circle:" } else { ":key:" };
+                let body = serde_json::json!({"text": format!("{emoji} {}", n.text)});
+                outbox
+                    .enqueue(n.id, Kind::Main, &channel, body, &format!("note:{}", n.id))
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// What a recording notifier saw.
     pub fn recorded(&self) -> Vec<IncidentNotice> {
         match self {
-            Self::Recording(v, _) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Self::Recording(v, _, _) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             _ => Vec::new(),
         }
     }
@@ -153,7 +216,7 @@ impl Notifier {
     /// Rollout notices a recording notifier saw.
     pub fn recorded_rollouts(&self) -> Vec<RolloutNotice> {
         match self {
-            Self::Recording(_, v) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Self::Recording(_, v, _) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             _ => Vec::new(),
         }
     }
@@ -175,7 +238,7 @@ impl Notifier {
                 }
                 Ok(())
             }
-            Self::Recording(_, v) => {
+            Self::Recording(_, v, _) => {
                 v.lock().unwrap_or_else(|p| p.into_inner()).push(n.clone());
                 Ok(())
             }
@@ -212,7 +275,7 @@ impl Notifier {
                 }
                 Ok(())
             }
-            Self::Recording(v, _) => {
+            Self::Recording(v, _, _) => {
                 v.lock().unwrap_or_else(|p| p.into_inner()).push(n.clone());
                 Ok(())
             }

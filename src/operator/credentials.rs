@@ -22,6 +22,7 @@ use super::metrics::OperatorMetrics;
 use crate::crd::condition::{set_condition, ConditionStatus};
 use crate::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
 use crate::crd::gateway::ApiGateway;
+use crate::notify::{Note, Notifier};
 use crate::platform::kube::FIELD_MANAGER;
 use crate::rotation::{self, Credential, ROTATED_AT_ANNOTATION};
 
@@ -55,6 +56,8 @@ impl CredentialsError {
 pub struct Rotations {
     pub client: Client,
     pub metrics: Arc<OperatorMetrics>,
+    /// Where reminders go besides Events (Slack when configured).
+    pub notifier: Arc<Notifier>,
     pub reporter: Reporter,
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     /// Reminders sent, per policy.
@@ -65,11 +68,13 @@ impl Rotations {
     pub fn new(
         client: Client,
         metrics: Arc<OperatorMetrics>,
+        notifier: Arc<Notifier>,
         clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     ) -> Self {
         Self {
             client,
             metrics,
+            notifier,
             reporter: Reporter {
                 controller: "apitree-operator".into(),
                 instance: std::env::var("POD_NAME").ok(),
@@ -233,10 +238,11 @@ pub async fn reconcile(
                 Err(e) => notes.push((EventType::Warning, "DatabaseUnavailable".into(), e)),
             }
         }
-        let mut sent = ctx.sent.lock().unwrap_or_else(|e| e.into_inner());
-        let seen = sent.entry(name.clone()).or_default();
-        let (evaluated, reminders) = rotation::evaluate(&creds, &policy.spec, to_chrono(now), seen);
-        drop(sent);
+        let (evaluated, reminders) = {
+            let mut sent = ctx.sent.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = sent.entry(name.clone()).or_default();
+            rotation::evaluate(&creds, &policy.spec, to_chrono(now), seen)
+        };
         status.tracked = evaluated.tracked;
         status.due = evaluated.due;
         status.overdue = evaluated.overdue;
@@ -250,6 +256,15 @@ pub async fn reconcile(
                 (EventType::Normal, "CredentialDue")
             };
             tracing::info!(policy = %name, "{}", r.text());
+            let note = Note {
+                id: uuid::Uuid::new_v4(),
+                text: format!("CredentialPolicy {name}: {}", r.text()),
+                channel: policy.spec.notify.slack_channel.clone(),
+                urgent: r.overdue,
+            };
+            if let Err(e) = ctx.notifier.note(&note).await {
+                tracing::error!(policy = %name, "cannot queue the reminder: {e}");
+            }
             notes.push((kind, reason.into(), r.text()));
         }
         Action::requeue(Duration::from_secs(3600))

@@ -142,6 +142,7 @@ pub async fn run(
     let rotations = Arc::new(super::credentials::Rotations::new(
         op.client.clone(),
         op.metrics.clone(),
+        op.notifier.clone(),
         Arc::new(Timestamp::now),
     ));
     let mut running: Option<Vec<tokio::task::JoinHandle<()>>> = None;
