@@ -114,10 +114,12 @@ fn yes() -> bool {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationNotify {
-    /// Slack channel id for reminders; uses the gateway's warning channel when empty.
+    /// Slack channel id for reminders; the operator's Slack channel when empty (overdue
+    /// reminders go to its critical channel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slack_channel: Option<String>,
-    /// Offer a "Rotate now" button on API-key reminders.
+    /// Offer a "Rotate now" button on API-key reminders. Not acted on yet: reminders carry no
+    /// button in this release.
     #[serde(default)]
     pub allow_rotate_from_slack: bool,
 }
