@@ -15,7 +15,7 @@ use crate::crd::gateway::{
     ApiGatewaySpec, ApiGatewayStatus, Color, GateCheckStatus, GatewayPhase, IncidentSummary,
 };
 use crate::detect::engine::{Detector, IncidentStore, NoticeContext};
-use crate::detect::source::{window_between, GatewayWindow, ScrapeSource, Snapshot};
+use crate::detect::source::{window_between, GatewayWindow, MetricSource, ScrapeSource, Snapshot};
 use crate::detect::{IncidentEvent, ScoreConfig, Severity};
 use crate::gate::{self, Action, AnalysisWindow, NoticeKind, Observations, Request, Traffic};
 use crate::notify::{Notifier, RolloutNotice};
@@ -116,7 +116,8 @@ pub struct Managed {
     pub notifications: usize,
     analysis: Option<AnalysisCounters>,
     detector: Detector,
-    detect_source: Option<ScrapeSource>,
+    /// The detector's source and the scrape targets it was made for.
+    detect_source: Option<(Vec<String>, MetricSource)>,
     next_detect: Option<Timestamp>,
     critical: Option<String>,
     open: BTreeMap<(String, String), usize>,
@@ -705,16 +706,15 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         return;
     };
     let urls = metrics_urls(ctx.platform.admin_urls(&m.name, active).await);
-    if m.detect_source
-        .as_ref()
-        .is_none_or(|s| s.targets() != urls.as_slice())
-    {
-        m.detect_source = Some(ScrapeSource::new(urls));
+    if m.detect_source.as_ref().is_none_or(|(t, _)| *t != urls) {
+        let selector = prometheus_selector(&m.name, active);
+        let source = MetricSource::from_spec(&m.spec.detection.source, urls.clone(), &selector);
+        m.detect_source = Some((urls, source));
     }
-    let Some(source) = m.detect_source.as_mut() else {
+    let Some((_, source)) = m.detect_source.as_mut() else {
         return;
     };
-    let w = match source.window().await {
+    let w = match source.window(window).await {
         Ok(Some(w)) => w,
         Ok(None) => return,
         Err(e) => {
@@ -817,11 +817,37 @@ pub fn count_open_incidents<'a>(
     }
 }
 
+/// Label matchers of the active color's proxy series in Prometheus (scraped by the chart's
+/// PodMonitor, which labels them with namespace and pod).
+fn prometheus_selector(gateway: &str, color: Color) -> String {
+    match gateway.split_once('/') {
+        Some((ns, name)) => format!("namespace=\"{ns}\",pod=~\"{name}-{}-.*\"", color.as_str()),
+        None => format!("pod=~\"{gateway}-{}-.*\"", color.as_str()),
+    }
+}
+
 fn severity_rank(s: &str) -> u8 {
     match s {
         "critical" => 3,
         "high" => 2,
         "warning" => 1,
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_selects_the_active_colors_pods_of_the_gateway() {
+        assert_eq!(
+            prometheus_selector("shop-ns/shop", Color::Green),
+            r#"namespace="shop-ns",pod=~"shop-green-.*""#
+        );
+        assert_eq!(
+            prometheus_selector("demo", Color::Blue),
+            r#"pod=~"demo-blue-.*""#
+        );
     }
 }
