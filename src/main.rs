@@ -280,7 +280,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         OutputFormat::Json => println!("{summary}"),
         OutputFormat::Text => {
             eprintln!(
-                "\ndemo finished: {} gate runs, {} incidents, {} notifications",
+                "\ndemo finished: {} gate run(s), {} incident(s), {} notification(s)",
                 gateway.runs.len(),
                 gateway.incidents.len(),
                 gateway.notifications

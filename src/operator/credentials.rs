@@ -62,6 +62,8 @@ pub struct Rotations {
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     /// Reminders sent, per policy.
     sent: Mutex<HashMap<String, HashSet<String>>>,
+    /// (due, overdue, in grace) per policy, summed into `apitree_operator_credentials`.
+    counts: Mutex<HashMap<String, [u32; 3]>>,
 }
 
 impl Rotations {
@@ -81,6 +83,7 @@ impl Rotations {
             },
             clock,
             sent: Mutex::new(HashMap::new()),
+            counts: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -249,6 +252,20 @@ pub async fn reconcile(
         status.in_grace = evaluated.in_grace;
         status.next_due = evaluated.next_due;
         status.last_checked = evaluated.last_checked;
+        {
+            let mut counts = ctx.counts.lock().unwrap_or_else(|e| e.into_inner());
+            counts.insert(
+                name.clone(),
+                [evaluated.due, evaluated.overdue, evaluated.in_grace],
+            );
+            for (i, state) in ["due", "overdue", "in_grace"].iter().enumerate() {
+                let total: u32 = counts.values().map(|c| c[i]).sum();
+                ctx.metrics
+                    .credentials
+                    .with_label_values(&[state])
+                    .set(total as i64);
+            }
+        }
         for r in reminders {
             let (kind, reason) = if r.overdue {
                 (EventType::Warning, "CredentialOverdue")

@@ -19,6 +19,8 @@ pub struct OperatorMetrics {
     pub phases: IntGaugeVec,
     /// Open incidents by severity, over all gateways.
     pub open_incidents: IntGaugeVec,
+    /// Tracked credentials by state (due, overdue, in_grace), over all CredentialPolicies.
+    pub credentials: IntGaugeVec,
     pub reconcile_duration: Histogram,
 }
 
@@ -75,6 +77,20 @@ impl OperatorMetrics {
         for s in ["warning", "high", "critical"] {
             open_incidents.with_label_values(&[s]).set(0);
         }
+        let credentials = IntGaugeVec::new(
+            Opts::new(
+                "apitree_operator_credentials",
+                "Tracked credentials by state (due, overdue, in_grace), over all CredentialPolicies.",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(credentials.clone()))
+            .expect("unique metric");
+        for s in ["due", "overdue", "in_grace"] {
+            credentials.with_label_values(&[s]).set(0);
+        }
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "apitree_operator_reconcile_duration_seconds",
@@ -93,6 +109,7 @@ impl OperatorMetrics {
             gate_results,
             phases,
             open_incidents,
+            credentials,
             reconcile_duration,
         }
     }
