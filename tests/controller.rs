@@ -772,9 +772,10 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
     let h = Harness::new().await;
     let clock = h.clock.clone();
     let notifier = Arc::new(Notifier::recording());
+    let metrics = Arc::new(OperatorMetrics::new());
     let rotations = Arc::new(Rotations::new(
         h.client.clone(),
-        Arc::new(OperatorMetrics::new()),
+        metrics.clone(),
         notifier.clone(),
         Arc::new(move || *clock.lock().unwrap()),
     ));
@@ -842,6 +843,10 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
         "{}",
         notes[0].text
     );
+    // The chart's ApitreeCredentialOverdue alert reads this.
+    assert!(metrics
+        .render()
+        .contains("apitree_operator_credentials{state=\"overdue\"} 1"));
 }
 
 #[tokio::test]
