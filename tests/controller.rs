@@ -34,6 +34,8 @@ mod common;
 
 const NS: &str = "shop-ns";
 const IMAGE: &str = "ghcr.io/apitree/apitree:test";
+/// The revision blue serves in the gate scenarios.
+const OLD: &str = "0ld0ld0ld0";
 
 // ---------------------------------------------------------------------------------------------
 // Stub pods: /readyz, /metrics with counters that grow on every scrape, and a gateway that
@@ -348,6 +350,14 @@ impl Harness {
         )
     }
 
+    /// The fixture gating its spec's revision against [`OLD`] on blue, at `phases`, now.
+    fn gating(&self, phases: [CheckPhase; 5]) -> (Fixture, String) {
+        let fx = Fixture::new();
+        let new = revision_of(&fx.gw.spec);
+        let t0 = *self.clock.lock().unwrap();
+        (fx.with_status(gating(OLD, &new, phases, t0)), new)
+    }
+
     fn advance(&self, secs: i64) {
         let mut c = self.clock.lock().unwrap();
         *c = c
@@ -510,16 +520,8 @@ async fn first_deploy_applies_the_children_then_serves_blue_once_ready() {
 async fn a_new_revision_passes_the_analysis_and_the_active_service_switches_to_green() {
     use CheckPhase::*;
     let h = Harness::new().await;
-    let old = "0ld0ld0ld0";
-    let fx = Fixture::new();
-    let new = revision_of(&fx.gw.spec);
-    let t0 = *h.clock.lock().unwrap();
-    let fx = fx.with_status(gating(
-        old,
-        &new,
-        [Passed, Passed, Skipped, Passed, Running],
-        t0,
-    ));
+    let old = OLD;
+    let (fx, new) = h.gating([Passed, Passed, Skipped, Passed, Running]);
     // Pass 1: a fresh operator has no analysis counters: the window starts now.
     let mut calls = observe_both(Some(old), Some(&new));
     calls.extend([
@@ -561,16 +563,8 @@ async fn a_gateway_that_lets_keyless_requests_through_fails_smoke_and_green_is_s
     use CheckPhase::*;
     let h = Harness::new().await;
     h.pods.open_door.store(true, Ordering::SeqCst);
-    let old = "0ld0ld0ld0";
-    let fx = Fixture::new();
-    let new = revision_of(&fx.gw.spec);
-    let t0 = *h.clock.lock().unwrap();
-    let fx = fx.with_status(gating(
-        old,
-        &new,
-        [Passed, Passed, Skipped, Pending, Pending],
-        t0,
-    ));
+    let old = OLD;
+    let (fx, new) = h.gating([Passed, Passed, Skipped, Pending, Pending]);
     let mut calls = observe_both(Some(old), Some(&new));
     calls.extend([
         // The smoke probe goes through the preview Service; green's pods are listed for it.

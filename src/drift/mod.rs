@@ -156,6 +156,15 @@ fn audit_related(table: &str, name: &str) -> bool {
     table == "audit_log" || name.starts_with("audit_log")
 }
 
+/// Risks of a missing and of a changed object: security when it guards the audit trail.
+fn risks(security: bool) -> (Risk, Risk) {
+    if security {
+        (Risk::Security, Risk::Security)
+    } else {
+        (Risk::Additive, Risk::Destructive)
+    }
+}
+
 fn create_table(name: &str, columns: &[&Column]) -> String {
     let cols: Vec<String> = columns.iter().map(|c| column_sql(c)).collect();
     format!("CREATE TABLE {} ({})", ident(name), cols.join(", "))
@@ -477,15 +486,11 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
     }
     // Functions, then the triggers that call them.
     for (name, f) in &expected.functions {
-        let risk = if audit_related("", name) {
-            Risk::Security
-        } else {
-            Risk::Additive
-        };
+        let (missing, changed) = risks(audit_related("", name));
         match actual.functions.get(name) {
             None => push(
                 Kind::Missing,
-                risk,
+                missing,
                 format!("function {name}"),
                 "the function does not exist".into(),
                 Some(f.definition.clone()),
@@ -493,11 +498,7 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
             ),
             Some(a) if a.definition != f.definition => push(
                 Kind::Changed,
-                if risk == Risk::Security {
-                    Risk::Security
-                } else {
-                    Risk::Destructive
-                },
+                changed,
                 format!("function {name}"),
                 "its body differs from the migrations'".into(),
                 Some(f.definition.clone()),
@@ -507,15 +508,11 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
         }
     }
     for (key, t) in &expected.triggers {
-        let risk = if audit_related(&t.table, &t.name) {
-            Risk::Security
-        } else {
-            Risk::Additive
-        };
+        let (missing, changed) = risks(audit_related(&t.table, &t.name));
         match actual.triggers.get(key) {
             None => push(
                 Kind::Missing,
-                risk,
+                missing,
                 format!("trigger {key}"),
                 "the trigger does not exist".into(),
                 Some(t.definition.clone()),
@@ -523,11 +520,7 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
             ),
             Some(a) if a.definition != t.definition => push(
                 Kind::Changed,
-                if risk == Risk::Security {
-                    Risk::Security
-                } else {
-                    Risk::Destructive
-                },
+                changed,
                 format!("trigger {key}"),
                 format!("is `{}` but should be `{}`", a.definition, t.definition),
                 Some(format!(
@@ -540,11 +533,7 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
             ),
             Some(a) if a.enabled != t.enabled => push(
                 Kind::Changed,
-                if risk == Risk::Security {
-                    Risk::Security
-                } else {
-                    Risk::Destructive
-                },
+                changed,
                 format!("trigger {key}"),
                 format!(
                     "the trigger is {}",
