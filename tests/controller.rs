@@ -893,3 +893,84 @@ async fn a_promotion_is_written_to_the_gateway_databases_audit_log() {
         )]
     );
 }
+
+#[tokio::test]
+async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_gone() {
+    use apitree::crd::gateway::DriftSummary;
+    use apitree::schedule::SweepOutcome;
+    let h = Harness::new().await;
+    let mut fx = Fixture::new();
+    fx.gw.spec.database =
+        Some(serde_json::from_value(json!({"name": "shop-db", "key": "url"})).unwrap());
+    let rev = plan::revision(
+        IMAGE,
+        &plan::render(&fx.gw.spec, &ProxyConfig::default()),
+        &[("shop-db".into(), "missing".into())],
+    );
+    let fx = fx.with_status(ApiGatewayStatus {
+        phase: Some(GatewayPhase::Stable),
+        active_color: Some(Color::Blue),
+        active_revision: Some(rev.clone()),
+        ..ApiGatewayStatus::default()
+    });
+    let secret = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
+    let quiet = |extra: Vec<Call>| {
+        let mut calls = vec![call("GET", &secret).not_found()];
+        calls.extend(observe_both(Some(&rev), None));
+        calls.extend(extra);
+        calls
+    };
+    // First pass: the gateway is known; the detector primes on blue.
+    h.pass(
+        &fx.gw,
+        quiet(vec![
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            status_patch(),
+        ]),
+    )
+    .await;
+    let sweep = |security: u32| SweepOutcome {
+        gateway: "shop-ns/shop".into(),
+        at: chrono::Utc::now(),
+        drift: Some(DriftSummary {
+            checked_at: "now".into(),
+            missing: 0,
+            extra: 0,
+            changed: security,
+            security,
+            message: Some(format!("{security} weakening security")),
+        }),
+        fixed: Vec::new(),
+        revoked: Vec::new(),
+        problems: Vec::new(),
+    };
+    h.op.record_sweep(vec![sweep(2)]).await;
+    let (_, bodies) = h
+        .pass(
+            &fx.gw,
+            quiet(vec![
+                event("SchemaDrift"),
+                status_patch()
+                    .has("\"signal\":\"security drift\"")
+                    .has("\"severity\":\"critical\"")
+                    .has("\"drift\":{\"changed\":2")
+                    .has("\"id\":\"security drift\""),
+            ]),
+        )
+        .await;
+    assert_eq!(status_of(&bodies).open_incidents, 1);
+    let opened = h.op.notifier.recorded();
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0].signal, "security drift");
+    assert_eq!(opened[0].severity, apitree::detect::Severity::Critical);
+    // The same sweep result on the next pass: no second incident, no second Event.
+    h.pass(&fx.gw, quiet(vec![status_patch()])).await;
+    assert_eq!(h.op.notifier.recorded().len(), 1);
+    // Fixed: the incident resolves.
+    h.op.record_sweep(vec![sweep(0)]).await;
+    let (_, bodies) = h.pass(&fx.gw, quiet(vec![status_patch()])).await;
+    assert_eq!(status_of(&bodies).open_incidents, 0);
+    let all = h.op.notifier.recorded();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1].event, apitree::detect::IncidentEvent::Resolve);
+}

@@ -20,6 +20,8 @@ pub const ERROR_RATIO: &str = "error ratio";
 pub const AUTH_FAILURES: &str = "auth failures";
 pub const P99_LATENCY: &str = "p99 latency";
 pub const CIRCUIT_OPEN: &str = "circuit open";
+/// Schema drift that weakens tenant isolation or the audit trail (found by the health sweep).
+pub const SECURITY_DRIFT: &str = "security drift";
 
 /// A stored incident.
 #[derive(Debug, Clone, PartialEq)]
@@ -300,6 +302,29 @@ impl Detector {
             notices.push(n);
         }
         Ok(notices)
+    }
+
+    /// An event signal (not scored): opens an incident at `severity` when `active` turns true,
+    /// resolves it when `active` turns false; nothing while it stays as it was.
+    pub async fn event_signal(
+        &mut self,
+        at: i64,
+        signal: &'static str,
+        active: bool,
+        severity: Severity,
+    ) -> Result<Option<IncidentNotice>, DbError> {
+        let was_open = self.watched("", signal).incident.is_some();
+        if active == was_open {
+            return Ok(None);
+        }
+        let (severity, event) = if active {
+            (severity, IncidentEvent::Open)
+        } else {
+            (Severity::None, IncidentEvent::Resolve)
+        };
+        let verdict = event_verdict(at, severity, event);
+        self.change(at, "", signal, &verdict, if active { 1.0 } else { 0.0 })
+            .await
     }
 
     /// Feeds audit-log rows (any; non-credential actions are ignored). Credential changes are

@@ -491,7 +491,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         .unwrap_or_else(|e| e.into_inner())
         .retain(|p| !m.accept(p));
     rollout::reconcile(m, &ctx, (op.clock)()).await;
-    m.apply_sweep((op.clock)());
+    m.apply_sweep((op.clock)()).await;
     // Events of this pass.
     let fresh: Vec<_> = m
         .events

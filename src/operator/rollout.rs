@@ -213,8 +213,9 @@ impl Managed {
         }
     }
 
-    /// Carries the last health sweep into status (`status.drift`) and Events.
-    pub fn apply_sweep(&mut self, now: Timestamp) {
+    /// Carries the last health sweep into status (`status.drift`), Events, and a critical
+    /// `security drift` incident while drift weakens tenant isolation or the audit trail.
+    pub async fn apply_sweep(&mut self, now: Timestamp) {
         let Some(o) = self.sweep.clone() else {
             return;
         };
@@ -241,6 +242,23 @@ impl Managed {
                 o.revoked.join(", ")
             );
             self.event_once("GraceExpired", &msg, false, now);
+        }
+        // Only a completed drift check can open or resolve the incident.
+        if let Some(d) = &o.drift {
+            let notice = self
+                .detector
+                .event_signal(
+                    o.at.timestamp(),
+                    crate::detect::engine::SECURITY_DRIFT,
+                    d.security > 0,
+                    Severity::Critical,
+                )
+                .await;
+            match notice {
+                Ok(Some(n)) => record_notices(self, vec![n]),
+                Ok(None) => {}
+                Err(e) => tracing::error!(gateway = %self.name, "cannot record the incident: {e}"),
+            }
         }
     }
 
@@ -740,6 +758,11 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
             return;
         }
     };
+    record_notices(m, notices);
+}
+
+/// Keeps the incident records and `status.incidents` up to date with the detector's notices.
+fn record_notices(m: &mut Managed, notices: Vec<crate::notify::IncidentNotice>) {
     for n in notices {
         m.notifications += 1;
         let key = (n.route.clone(), n.signal.clone());
@@ -771,20 +794,31 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
                 }
             }
         }
+        // Only traffic signals judge a fresh revision; security drift is the database's.
         if m.status.phase == Some(GatewayPhase::Promoting)
             && n.severity == Severity::Critical
             && n.event != IncidentEvent::Resolve
+            && n.signal != crate::detect::engine::SECURITY_DRIFT
         {
             m.critical = Some(crate::notify::message::summary(&n));
         }
     }
+    summarize_incidents(m);
+}
+
+/// Puts the open incidents, most severe first, in status.
+fn summarize_incidents(m: &mut Managed) {
     let mut open: Vec<IncidentSummary> = m
         .open
         .values()
         .map(|&i| {
             let r = &m.incidents[i];
             IncidentSummary {
-                id: format!("{}/{}", r.route, r.signal),
+                id: if r.route.is_empty() {
+                    r.signal.clone()
+                } else {
+                    format!("{}/{}", r.route, r.signal)
+                },
                 signal: r.signal.clone(),
                 route: r.route.clone(),
                 severity: r.severity.label().to_string(),
