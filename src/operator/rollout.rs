@@ -600,7 +600,12 @@ async fn perform<P: Platform>(
                 spec: &m.spec,
                 revision: desired,
                 preview_url: platform.preview_url(&m.name).await,
-                admin_urls: platform.admin_urls(&m.name, active.other()).await,
+                // Only the health check asks the replicas themselves (in a cluster: a pod list).
+                admin_urls: if check == gate::GateCheck::Health {
+                    platform.admin_urls(&m.name, active.other()).await
+                } else {
+                    Vec::new()
+                },
                 secrets: ctx.secrets.as_ref(),
             };
             obs.probe = Some(probes::run(check, &target).await);
