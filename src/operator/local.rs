@@ -279,6 +279,20 @@ pub async fn run(
     let mut gateways: BTreeMap<String, Managed> = BTreeMap::new();
     let mut seen: Option<String> = None;
     let mut manifests = Manifests::default();
+    // The Secrets in the files replace `secrets` and `secret_versions` on every reload.
+    let mut ctx = Context {
+        platform: platform.clone(),
+        notifier: notifier.clone(),
+        store: store.clone(),
+        base,
+        master_keys,
+        secrets: Arc::new(|_: &SecretKeyRef| None),
+        secret_versions: Vec::new(),
+        default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
+        http: reqwest::Client::new(),
+        status_url: status_url.clone(),
+        metrics: metrics.clone(),
+    };
     tokio::pin!(stop);
     loop {
         let now_seen = fingerprint(&opts.path);
@@ -293,6 +307,13 @@ pub async fn run(
                 }
                 Err(e) => tracing::error!("{e}; keeping the manifests read before"),
             }
+            let secrets = manifests.secrets.clone();
+            ctx.secrets = Arc::new(move |r: &SecretKeyRef| {
+                secrets.get(&(r.name.clone(), r.key.clone())).cloned()
+            });
+            ctx.secret_versions = versions.clone();
+            ctx.secret_versions
+                .extend(manifests.secret_versions.clone());
             let names: Vec<String> = manifests.gateways.iter().map(|g| g.name.clone()).collect();
             let gone: Vec<String> = gateways
                 .keys()
@@ -330,29 +351,6 @@ pub async fn run(
                 }
             }
         }
-        let mut secret_versions = versions.clone();
-        secret_versions.extend(
-            manifests
-                .secret_versions
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
-        let secrets = manifests.secrets.clone();
-        let ctx = Context {
-            platform: platform.clone(),
-            notifier: notifier.clone(),
-            store: store.clone(),
-            base: base.clone(),
-            master_keys: master_keys.clone(),
-            secrets: Arc::new(move |r: &SecretKeyRef| {
-                secrets.get(&(r.name.clone(), r.key.clone())).cloned()
-            }),
-            secret_versions,
-            default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
-            http: reqwest::Client::new(),
-            status_url: status_url.clone(),
-            metrics: metrics.clone(),
-        };
         while let Ok(press) = press_rx.try_recv() {
             if !gateways.values_mut().any(|m| m.accept(&press)) {
                 tracing::warn!(revision = %press.request.revision, "a Slack button names a revision no gateway has; ignored");
