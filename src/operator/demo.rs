@@ -355,14 +355,7 @@ impl Tour {
 async fn keep_running(tour: &mut Tour, addr: &str) -> Result<(), std::io::Error> {
     let listener = TcpListener::bind(addr).await?;
     let state = Arc::new(HttpState::new(tour.ctx.metrics.clone(), None));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::operator::http::serve(
-        listener,
-        state.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = crate::operator::http::spawn(listener, state.clone());
     let url = tour.ctx.platform.active_url(&tour.m.name).await;
     eprintln!(
         "\nkept running: status page http://{addr}/, gateway {}; Ctrl-C stops everything",
@@ -379,8 +372,7 @@ async fn keep_running(tour: &mut Tour, addr: &str) -> Result<(), std::io::Error>
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.stop().await;
     Ok(())
 }
 

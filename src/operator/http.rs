@@ -147,8 +147,30 @@ async fn route(
     }
 }
 
-/// Serves until `stop` resolves.
-pub async fn serve(
+/// The HTTP port, serving in the background.
+pub struct HttpServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    /// Stops accepting and waits for the accept loop to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serves `state` on `listener` until [`HttpServer::stop`].
+pub fn spawn(listener: TcpListener, state: Arc<HttpState>) -> HttpServer {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    HttpServer { stop, task }
+}
+
+async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
     stop: impl std::future::Future<Output = ()>,

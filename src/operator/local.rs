@@ -263,10 +263,7 @@ pub async fn run(
         })?;
     let status_url = listener.local_addr().ok().map(|a| format!("http://{a}/"));
     tracing::info!(url = status_url.as_deref().unwrap_or(""), "status page");
-    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, state.clone(), async {
-        let _ = http_stop_rx.await;
-    }));
+    let server = http::spawn(listener, state.clone());
 
     let platform = Arc::new(LocalPlatform::new(
         LocalSecrets {
@@ -389,8 +386,7 @@ pub async fn run(
         }
     }
     platform.shutdown().await;
-    let _ = http_stop_tx.send(());
-    let _ = server.await;
+    server.stop().await;
     Ok(())
 }
 

@@ -92,10 +92,7 @@ pub async fn run(
             addr: opts.http.clone(),
             reason: e.to_string(),
         })?;
-    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, state.clone(), async {
-        let _ = http_stopped.await;
-    }));
+    let server = http::spawn(listener, state.clone());
     let mut operator = Operator::new(
         client.clone(),
         Arc::new(KubePlatform::new(
@@ -191,8 +188,7 @@ pub async fn run(
     }
     let mut scheduler = scheduler;
     let _ = scheduler.shutdown().await;
-    let _ = http_stop.send(());
-    let _ = server.await;
+    server.stop().await;
     if let Some(d) = delivery {
         d.finish().await;
     }
