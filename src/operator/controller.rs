@@ -120,10 +120,7 @@ impl Operator {
             default_image,
             http: reqwest::Client::new(),
             status_url,
-            reporter: Reporter {
-                controller: "apitree-operator".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            reporter: reporter(),
             clock,
             views,
             signing_secrets: Arc::default(),
@@ -281,6 +278,14 @@ impl Operator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(p);
+    }
+}
+
+/// Who publishes the operator's Events: the controller and this replica's pod.
+pub fn reporter() -> Reporter {
+    Reporter {
+        controller: "apitree-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
     }
 }
 

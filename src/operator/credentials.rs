@@ -77,10 +77,7 @@ impl Rotations {
             client,
             metrics,
             notifier,
-            reporter: Reporter {
-                controller: "apitree-operator".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            reporter: super::controller::reporter(),
             clock,
             sent: Mutex::new(HashMap::new()),
             counts: Mutex::new(HashMap::new()),
