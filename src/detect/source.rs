@@ -161,11 +161,6 @@ impl ScrapeSource {
         }
     }
 
-    /// The `/metrics` URLs this source reads.
-    pub fn targets(&self) -> &[String] {
-        &self.targets
-    }
-
     /// Reads every target's counters now.
     pub async fn snapshot(&self) -> Result<Snapshot, SourceError> {
         let mut out = HashMap::new();

@@ -55,10 +55,6 @@ impl GateCheck {
             Self::Analysis => "analysis",
         }
     }
-
-    fn parse(name: &str) -> Option<Self> {
-        CHECKS.into_iter().find(|c| c.as_str() == name)
-    }
 }
 
 /// What the platform reports about one color.
@@ -693,11 +689,6 @@ impl Machine<'_> {
             }
         }
     }
-}
-
-/// The check a status entry names, if it is one of the five.
-pub fn check_of(status: &GateCheckStatus) -> Option<GateCheck> {
-    GateCheck::parse(&status.name)
 }
 
 #[cfg(test)]
