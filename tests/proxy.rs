@@ -445,6 +445,55 @@ async fn two_replicas_share_limits_through_redis() {
 }
 
 #[tokio::test]
+async fn replicas_lease_quota_from_redis_and_never_admit_more_than_the_limit_together() {
+    use apitree::crd::gateway::WindowLimits;
+    use apitree::proxy::ratelimit::{Limits, Subject, Window};
+    let big = WindowLimits {
+        burst10s: 1_000_000,
+        per_minute: 1_000_000,
+        per_day: 10_000_000,
+    };
+    let per_key = WindowLimits {
+        per_minute: 3_000,
+        ..big.clone()
+    };
+    let limits = Limits::new(&per_key, &big, None);
+    let key = uuid::Uuid::new_v4().to_string();
+    let org = uuid::Uuid::new_v4().to_string();
+    let (m1, m2) = (ProxyMetrics::new(), ProxyMetrics::new());
+    let a = Limiter::shared(&redis_url(), m1.clone()).unwrap();
+    let b = Limiter::shared(&redis_url(), m2.clone()).unwrap();
+    // One instant, so every request falls in the same minute.
+    let now = 1_767_229_230_000;
+    let mut admitted = 0;
+    let mut last_refusal = None;
+    for i in 0..4_000 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        let d = replica.check(&key, &org, limits, now).await;
+        if d.allowed {
+            admitted += 1;
+        } else {
+            last_refusal = Some(d);
+        }
+    }
+    assert!(
+        admitted <= 3_000,
+        "the two replicas admitted {admitted} > 3000"
+    );
+    // Unused leases are lost for the window, but blocks shrink as the window fills up.
+    assert!(admitted >= 2_950, "only {admitted} of 3000 admitted");
+    let calls = m1.limiter_store_calls.get() + m2.limiter_store_calls.get();
+    assert!(
+        calls < 400,
+        "{calls} Redis round trips for 4000 decisions: leases are not being reused"
+    );
+    let refusal = last_refusal.expect("requests over the limit were refused");
+    assert_eq!(refusal.blocked, Some((Subject::Key, Window::Minute)));
+    assert!(refusal.retry_after_secs >= 1);
+    assert_eq!(m1.limiter_fallbacks.get() + m2.limiter_fallbacks.get(), 0);
+}
+
+#[tokio::test]
 async fn redis_down_falls_back_to_local_limits_and_reports_degraded() {
     let up = start_upstream().await;
     let (key, entry) = key_entry(KeyScope::Live, "o", "");

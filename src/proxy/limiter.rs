@@ -1,8 +1,9 @@
 //! Where rate-limit counters live: in this process, or shared through Redis.
 //!
-//! With Redis, each decision is one script call (one round trip). When Redis fails or is slow,
-//! the request is decided by the local counters instead, the fallback is counted, and readiness
-//! reports `degraded` until Redis answers again.
+//! With Redis, a decision is at most one script call (one round trip), and usually none: each
+//! call leases this replica a block of every counter (see [`super::ratelimit`]). When Redis fails
+//! or is slow, the request is decided by the local counters instead, the fallback is counted, and
+//! readiness reports `degraded` until Redis answers again.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -13,7 +14,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::metrics::ProxyMetrics;
 use super::ratelimit::{
-    decide, redis_call, redis_observed, Decision, Limits, LocalLimiter, REDIS_SCRIPT,
+    redis_call, redis_grant, Decision, LeaseTable, Limits, LocalLimiter, REDIS_SCRIPT,
 };
 
 /// How long a shared decision may take before the local counters decide instead.
@@ -30,6 +31,7 @@ struct SharedCounters {
     client: redis::Client,
     config: ConnectionManagerConfig,
     script: redis::Script,
+    leases: LeaseTable,
     healthy: AtomicBool,
 }
 
@@ -86,6 +88,7 @@ impl Limiter {
                 client,
                 config,
                 script: redis::Script::new(REDIS_SCRIPT),
+                leases: LeaseTable::default(),
                 healthy: AtomicBool::new(true),
             }),
             metrics,
@@ -104,6 +107,10 @@ impl Limiter {
     /// Decides and counts one request.
     pub async fn check(&self, key_id: &str, org_id: &str, limits: Limits, now_ms: u64) -> Decision {
         if let Some(shared) = &self.redis {
+            if let Some(decision) = shared.leases.take(key_id, org_id, limits, now_ms) {
+                return decision;
+            }
+            self.metrics.limiter_store_calls.inc();
             let (keys, argv) = redis_call(key_id, org_id, limits, now_ms);
             let mut inv = shared.script.prepare_invoke();
             for k in &keys {
@@ -121,17 +128,9 @@ impl Limiter {
             };
             match reply {
                 Ok(Ok(values)) => {
-                    if let Some(observed) = redis_observed(&values) {
+                    if let Some(grant) = redis_grant(&values) {
                         shared.healthy.store(true, Ordering::Relaxed);
-                        let decision = decide(limits, &observed, now_ms);
-                        // The script is the authority on whether the request was counted.
-                        if (values[0] == 1) == decision.allowed {
-                            return decision;
-                        }
-                        return Decision {
-                            allowed: values[0] == 1,
-                            ..decision
-                        };
+                        return shared.leases.record(key_id, org_id, limits, now_ms, &grant);
                     }
                     tracing::warn!(
                         "unexpected reply from the Redis rate-limit script; deciding locally"

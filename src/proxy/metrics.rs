@@ -23,6 +23,7 @@ pub struct ProxyMetrics {
     pub pii_findings: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub limiter_fallbacks: IntCounter,
+    pub limiter_store_calls: IntCounter,
     pub in_flight: IntGauge,
     pub config_reloads: IntCounterVec,
     pub access_log_dropped: IntCounter,
@@ -80,6 +81,13 @@ impl ProxyMetrics {
         .expect("valid metric");
         r.register(Box::new(limiter_fallbacks.clone()))
             .expect("unique metric");
+        let limiter_store_calls = IntCounter::new(
+            "apitree_proxy_ratelimit_store_calls_total",
+            "Round trips to the shared Redis store: decisions this replica's leased quota did not cover.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(limiter_store_calls.clone()))
+            .expect("unique metric");
         let access_log_dropped = IntCounter::new(
             "apitree_proxy_access_log_dropped_total",
             "Access-log lines dropped because the writer fell behind.",
@@ -134,6 +142,7 @@ impl ProxyMetrics {
             breaker_state,
             in_flight,
             limiter_fallbacks,
+            limiter_store_calls,
             access_log_dropped,
             registry: r,
         }

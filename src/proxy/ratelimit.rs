@@ -10,6 +10,15 @@
 //! The decision is a pure function of the observed counts and the clock; the in-memory and Redis
 //! backends only fetch and bump counts. Redis does both in one script call, so replicas share
 //! limits in one round trip.
+//!
+//! With Redis, a replica does not make that round trip for every request: each call leases a
+//! block of each counter (1% of its limit, at most an eighth of what is left in the window, at
+//! least one), counted in Redis at once, and the replica spends the block from memory until it
+//! runs out or the window moves on. Replicas therefore never admit more than the limit between
+//! them; what a replica leased and did not use is lost for that window, at most about two
+//! blocks per counter and replica. Limits under 100 lease one request at a time (exact), and as
+//! a window fills up the blocks shrink to one, so the last requests before a limit are decided
+//! one by one by Redis.
 
 use std::{
     collections::HashMap,
@@ -249,16 +258,15 @@ impl Counter {
 }
 
 const SHARDS: usize = 64;
-type Shard = Mutex<HashMap<Arc<str>, [Counter; 3]>>;
 
-/// Counters held in this process.
-pub struct LocalLimiter {
-    keys: Vec<Shard>,
-    orgs: Vec<Shard>,
+/// Per-key and per-org state in 64 mutex-guarded shards each.
+struct Shards<V> {
+    keys: Vec<Mutex<HashMap<Arc<str>, V>>>,
+    orgs: Vec<Mutex<HashMap<Arc<str>, V>>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
-impl Default for LocalLimiter {
+impl<V: Default> Default for Shards<V> {
     fn default() -> Self {
         let shards = || (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         Self {
@@ -269,74 +277,224 @@ impl Default for LocalLimiter {
     }
 }
 
-impl LocalLimiter {
-    fn shard<'a>(&self, shards: &'a [Shard], id: &str) -> &'a Shard {
-        &shards[(self.hasher.hash_one(id) as usize) % SHARDS]
-    }
-
-    /// Decides and, when allowed, counts the request against all six counters at once.
-    pub fn check(&self, key_id: &str, org_id: &str, limits: Limits, now_ms: u64) -> Decision {
+impl<V: Default> Shards<V> {
+    /// Runs `f` on the key's and the org's entries, both locked.
+    fn with<R>(&self, key_id: &str, org_id: &str, f: impl FnOnce(&mut V, &mut V) -> R) -> R {
+        let shard = |shards: &[Mutex<HashMap<Arc<str>, V>>], id: &str| {
+            (self.hasher.hash_one(id) as usize) % shards.len()
+        };
         // Lock order is always key shard, then org shard: no deadlock.
-        let mut keys = self
-            .shard(&self.keys, key_id)
+        let mut keys = self.keys[shard(&self.keys, key_id)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let mut orgs = self
-            .shard(&self.orgs, org_id)
+        let mut orgs = self.orgs[shard(&self.orgs, org_id)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let key_counters = entry(&mut keys, key_id);
-        let org_counters = entry(&mut orgs, org_id);
-        let mut observed = [Observed::default(); COUNTERS];
-        for (i, w) in Window::ALL.iter().enumerate() {
-            let (index, _) = position(*w, now_ms);
-            for (base, counters) in [(0, &mut *key_counters), (3, &mut *org_counters)] {
-                counters[i].roll(index);
-                observed[base + i] = Observed {
-                    current: counters[i].current,
-                    previous: counters[i].previous,
-                };
-            }
-        }
-        let decision = decide(limits, &observed, now_ms);
-        if decision.allowed {
-            for i in 0..3 {
-                key_counters[i].current += 1;
-                org_counters[i].current += 1;
-            }
-        }
-        decision
+        f(entry(&mut keys, key_id), entry(&mut orgs, org_id))
     }
 }
 
-fn entry<'a>(map: &'a mut HashMap<Arc<str>, [Counter; 3]>, id: &str) -> &'a mut [Counter; 3] {
+fn entry<'a, V: Default>(map: &'a mut HashMap<Arc<str>, V>, id: &str) -> &'a mut V {
     if !map.contains_key(id) {
-        map.insert(Arc::from(id), [Counter::default(); 3]);
+        map.insert(Arc::from(id), V::default());
     }
     map.get_mut(id).expect("inserted above")
 }
 
+/// Counters held in this process.
+#[derive(Default)]
+pub struct LocalLimiter {
+    counters: Shards<[Counter; 3]>,
+}
+
+impl LocalLimiter {
+    /// Decides and, when allowed, counts the request against all six counters at once.
+    pub fn check(&self, key_id: &str, org_id: &str, limits: Limits, now_ms: u64) -> Decision {
+        self.counters
+            .with(key_id, org_id, |key_counters, org_counters| {
+                let mut observed = [Observed::default(); COUNTERS];
+                for (i, w) in Window::ALL.iter().enumerate() {
+                    let (index, _) = position(*w, now_ms);
+                    for (base, counters) in [(0, &mut *key_counters), (3, &mut *org_counters)] {
+                        counters[i].roll(index);
+                        observed[base + i] = Observed {
+                            current: counters[i].current,
+                            previous: counters[i].previous,
+                        };
+                    }
+                }
+                let decision = decide(limits, &observed, now_ms);
+                if decision.allowed {
+                    for i in 0..3 {
+                        key_counters[i].current += 1;
+                        org_counters[i].current += 1;
+                    }
+                }
+                decision
+            })
+    }
+}
+
+/// Requests this replica may admit on one counter without asking Redis: granted for one
+/// window, already counted there.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lease {
+    index: u64,
+    tokens: u64,
+    /// Redis's counts right after the last grant (the current count includes every grant).
+    seen: Observed,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    windows: [Lease; 3],
+    /// The key's last refusal by Redis: until when it stands and the counts it saw.
+    refusal: Option<(u64, [Observed; COUNTERS])>,
+}
+
+/// How long a refusal by Redis is repeated locally before asking again. Short, because other
+/// replicas' unused leases and a config change can free room sooner than the counts say.
+const REFUSAL_REUSE_MS: u64 = 1_000;
+
+/// Quota leased from the shared store, per key and org.
+#[derive(Default)]
+pub struct LeaseTable {
+    leases: Shards<Leases>,
+}
+
+/// Block size asked for per counter: 1% of the limit, at least one request.
+pub fn lease_wants(limits: Limits) -> [u64; COUNTERS] {
+    limits.0.map(|l| (l / 100).max(1))
+}
+
+/// What one call of [`REDIS_SCRIPT`] answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub allowed: bool,
+    /// Counts before this call.
+    pub observed: [Observed; COUNTERS],
+    /// Requests leased per counter (all zero when refused).
+    pub granted: [u64; COUNTERS],
+}
+
+impl LeaseTable {
+    /// Decides from leased quota alone: `None` when some counter's lease is spent (or belongs
+    /// to a past window) and Redis must be asked.
+    pub fn take(
+        &self,
+        key_id: &str,
+        org_id: &str,
+        limits: Limits,
+        now_ms: u64,
+    ) -> Option<Decision> {
+        self.leases.with(key_id, org_id, |key, org| {
+            if let Some((until, observed)) = key.refusal {
+                if now_ms < until {
+                    let decision = decide(limits, &observed, now_ms);
+                    if !decision.allowed {
+                        return Some(decision);
+                    }
+                }
+                key.refusal = None;
+            }
+            let mut observed = [Observed::default(); COUNTERS];
+            for (i, w) in Window::ALL.iter().enumerate() {
+                let (index, _) = position(*w, now_ms);
+                for (base, leases) in [(0, &*key), (3, &*org)] {
+                    let lease = leases.windows[i];
+                    if lease.index != index || lease.tokens == 0 {
+                        return None;
+                    }
+                    // Requests we leased and have not admitted yet are not used.
+                    observed[base + i] = Observed {
+                        current: lease.seen.current.saturating_sub(lease.tokens),
+                        previous: lease.seen.previous,
+                    };
+                }
+            }
+            for i in 0..3 {
+                key.windows[i].tokens -= 1;
+                org.windows[i].tokens -= 1;
+            }
+            // Within its window a lease stays valid (room only grows as the previous window
+            // slides out), so this is an admission; decide() gives the headers.
+            Some(Decision {
+                allowed: true,
+                ..decide(limits, &observed, now_ms)
+            })
+        })
+    }
+
+    /// Records Redis's answer for a request that [`LeaseTable::take`] could not decide: the
+    /// request takes one of each granted block, the rest is kept for the next requests.
+    pub fn record(
+        &self,
+        key_id: &str,
+        org_id: &str,
+        limits: Limits,
+        now_ms: u64,
+        grant: &Grant,
+    ) -> Decision {
+        let decision = decide(limits, &grant.observed, now_ms);
+        self.leases.with(key_id, org_id, |key, org| {
+            if !grant.allowed {
+                let reuse = (decision.retry_after_secs * 1000).min(REFUSAL_REUSE_MS);
+                key.refusal = Some((now_ms + reuse, grant.observed));
+                return;
+            }
+            for (i, w) in Window::ALL.iter().enumerate() {
+                let (index, _) = position(*w, now_ms);
+                for (base, leases) in [(0, &mut *key), (3, &mut *org)] {
+                    let lease = &mut leases.windows[i];
+                    if lease.index != index {
+                        *lease = Lease {
+                            index,
+                            ..Lease::default()
+                        };
+                    }
+                    let granted = grant.granted[base + i];
+                    lease.tokens += granted.saturating_sub(1);
+                    let seen = grant.observed[base + i];
+                    lease.seen = Observed {
+                        current: seen.current + granted,
+                        previous: seen.previous,
+                    };
+                }
+            }
+        });
+        Decision {
+            allowed: grant.allowed,
+            ..decision
+        }
+    }
+}
+
 /// The Redis script: reads six (current, previous) pairs, decides with the same rule as
-/// [`decide`], and increments all six current counters only when every one allows.
+/// [`decide`], and, only when every counter has room for one more request, leases each counter
+/// a block: the asked size, at most an eighth of the room left, at least one.
 /// KEYS: 12 keys, (current, previous) per counter. ARGV: 6 limits, 6 weights of the previous
-/// window (0 for the day window), 6 TTLs in ms.
+/// window (0 for the day window), 6 TTLs in ms, 6 block sizes asked for.
+/// Reply: allowed, the 12 counts before the call, the 6 blocks granted.
 pub const REDIS_SCRIPT: &str = r#"
 local vals = redis.call('MGET', unpack(KEYS))
 local allowed = 1
+local grants = {}
 for i = 1, 6 do
   local cur = tonumber(vals[2*i-1]) or 0
   local prev = tonumber(vals[2*i]) or 0
-  local est = prev * tonumber(ARGV[6+i]) + cur
-  if est + 1 > tonumber(ARGV[i]) then allowed = 0 end
+  local room = math.floor(tonumber(ARGV[i]) - (prev * tonumber(ARGV[6+i]) + cur))
+  if room < 1 then allowed = 0 end
+  grants[i] = math.max(1, math.min(tonumber(ARGV[18+i]), math.floor(room / 8)))
 end
 if allowed == 1 then
   for i = 1, 6 do
-    redis.call('INCR', KEYS[2*i-1])
+    redis.call('INCRBY', KEYS[2*i-1], grants[i])
     redis.call('PEXPIRE', KEYS[2*i-1], ARGV[12+i])
   end
 end
 local out = {allowed}
 for i = 1, 12 do out[i+1] = tonumber(vals[i]) or 0 end
+for i = 1, 6 do out[13+i] = allowed * grants[i] end
 return out
 "#;
 
@@ -372,22 +530,32 @@ pub fn redis_call(
     let mut argv: Vec<String> = limits.0.iter().map(u64::to_string).collect();
     argv.extend(weights);
     argv.extend(ttls);
+    argv.extend(lease_wants(limits).iter().map(u64::to_string));
     (keys, argv)
 }
 
-/// Turns the script's reply into the observed counts.
-pub fn redis_observed(reply: &[i64]) -> Option<[Observed; COUNTERS]> {
-    if reply.len() != 13 {
+/// Reads the script's reply; `None` when it has the wrong shape.
+pub fn redis_grant(reply: &[i64]) -> Option<Grant> {
+    if reply.len() != 1 + 2 * COUNTERS + COUNTERS {
         return None;
     }
-    let mut out = [Observed::default(); COUNTERS];
-    for (i, o) in out.iter_mut().enumerate() {
+    let count = |v: i64| v.max(0) as u64;
+    let mut observed = [Observed::default(); COUNTERS];
+    for (i, o) in observed.iter_mut().enumerate() {
         *o = Observed {
-            current: reply[1 + 2 * i].max(0) as u64,
-            previous: reply[2 + 2 * i].max(0) as u64,
+            current: count(reply[1 + 2 * i]),
+            previous: count(reply[2 + 2 * i]),
         };
     }
-    Some(out)
+    let mut granted = [0; COUNTERS];
+    for (i, g) in granted.iter_mut().enumerate() {
+        *g = count(reply[1 + 2 * COUNTERS + i]);
+    }
+    Some(Grant {
+        allowed: reply[0] == 1,
+        observed,
+        granted,
+    })
 }
 
 #[cfg(test)]
@@ -439,15 +607,8 @@ mod tests {
         // The burst and day counters saw exactly the 3 allowed requests.
         let d = rl.check("k", "o", l, T0 + 200);
         assert_eq!(d.tightest.1, Window::Minute);
-        let mut obs = [Observed::default(); COUNTERS];
-        {
-            let keys = rl.shard(&rl.keys, "k").lock().unwrap();
-            for i in 0..3 {
-                obs[i].current = keys["k"][i].current;
-            }
-        }
-        assert_eq!(obs[0].current, 3);
-        assert_eq!(obs[2].current, 3);
+        let counts = rl.counters.with("k", "o", |key, _| key.map(|c| c.current));
+        assert_eq!(counts, [3, 3, 3]);
     }
 
     #[test]
@@ -523,17 +684,111 @@ mod tests {
     fn redis_call_and_reply_round_trip() {
         let (keys, argv) = redis_call("k", "o", limits(5, 100, 1000), T0);
         assert_eq!(keys.len(), 12);
-        assert_eq!(argv.len(), 18);
+        assert_eq!(argv.len(), 24);
         assert!(keys[0].starts_with("apitree:rl:key:k:burst:"));
-        let reply = [1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        let obs = redis_observed(&reply).unwrap();
+        // Blocks asked: 1% of each limit, at least one.
+        assert_eq!(argv[18..], ["1", "1", "10", "10", "10", "1000"]);
+        let reply = [
+            1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 10, 10, 10, 1000,
+        ];
+        let grant = redis_grant(&reply).unwrap();
+        assert!(grant.allowed);
         assert_eq!(
-            obs[0],
+            grant.observed[0],
             Observed {
                 current: 2,
                 previous: 3
             }
         );
-        assert!(redis_observed(&[1]).is_none());
+        assert_eq!(grant.granted[5], 1000);
+        assert!(redis_grant(&[1]).is_none());
+    }
+
+    fn granted(observed: [Observed; COUNTERS], granted: [u64; COUNTERS]) -> Grant {
+        Grant {
+            allowed: true,
+            observed,
+            granted,
+        }
+    }
+
+    #[test]
+    fn a_leased_block_admits_requests_without_asking_again_until_it_is_spent() {
+        let table = LeaseTable::default();
+        let l = limits(10_000, 100_000, 1_000_000);
+        assert!(table.take("k", "o", l, T0).is_none(), "nothing leased yet");
+        let d = table.record(
+            "k",
+            "o",
+            l,
+            T0,
+            &granted(Default::default(), [3, 4, 5, 6, 7, 8]),
+        );
+        assert!(d.allowed);
+        // The smallest block (3) held two more requests after the one that asked.
+        let d = table.take("k", "o", l, T0 + 1).unwrap();
+        assert!(d.allowed);
+        // Headers count leased-but-unadmitted requests as free: the org's burst window (limit
+        // 1000) has admitted 2 requests of the 6 it leased.
+        assert_eq!(d.tightest.0, Subject::Org);
+        assert_eq!(d.tightest.3, 998);
+        assert!(table.take("k", "o", l, T0 + 2).unwrap().allowed);
+        assert!(
+            table.take("k", "o", l, T0 + 3).is_none(),
+            "burst block spent"
+        );
+    }
+
+    #[test]
+    fn a_lease_ends_with_its_window() {
+        let table = LeaseTable::default();
+        let l = limits(10_000, 100_000, 1_000_000);
+        let start = (T0 / 10_000) * 10_000 + 9_000;
+        table.record("k", "o", l, start, &granted(Default::default(), [50; 6]));
+        assert!(table.take("k", "o", l, start + 999).is_some());
+        assert!(
+            table.take("k", "o", l, start + 1_000).is_none(),
+            "a new 10-second window needs a new lease"
+        );
+    }
+
+    #[test]
+    fn org_leases_are_shared_by_the_org_s_keys() {
+        let table = LeaseTable::default();
+        let l = limits(10_000, 100_000, 1_000_000);
+        let blocks = [10, 10, 10, 2, 10, 10];
+        table.record("k1", "o", l, T0, &granted(Default::default(), blocks));
+        // Redis has counted the org's first blocks by the time k2 asks.
+        let mut seen = [Observed::default(); COUNTERS];
+        for i in 3..COUNTERS {
+            seen[i].current = blocks[i];
+        }
+        table.record("k2", "o", l, T0, &granted(seen, blocks));
+        // The org burst lease holds 1 + 1 after the two asking requests: two more admissions.
+        assert!(table.take("k1", "o", l, T0).is_some());
+        assert!(table.take("k2", "o", l, T0).is_some());
+        assert!(table.take("k1", "o", l, T0).is_none());
+    }
+
+    #[test]
+    fn a_refusal_by_redis_is_repeated_locally_for_a_second_at_most() {
+        let table = LeaseTable::default();
+        let l = limits(5, 100, 1000);
+        let mut full = [Observed::default(); COUNTERS];
+        full[1].current = 100; // the key's minute is used up
+        let refused = Grant {
+            allowed: false,
+            observed: full,
+            granted: [0; COUNTERS],
+        };
+        let d = table.record("k", "o", l, T0, &refused);
+        assert_eq!(d.blocked, Some((Subject::Key, Window::Minute)));
+        let again = table.take("k", "o", l, T0 + 500).unwrap();
+        assert!(!again.allowed);
+        assert!(again.retry_after_secs >= 1);
+        assert!(
+            table.take("k", "o", l, T0 + 1_000).is_none(),
+            "asks Redis again"
+        );
     }
 }
