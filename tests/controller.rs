@@ -971,3 +971,107 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
     assert_eq!(all.len(), 2);
     assert_eq!(all[1].event, apitree::detect::IncidentEvent::Resolve);
 }
+
+#[tokio::test]
+async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_log() {
+    use apitree::crd::gateway::DriftSummary;
+    use apitree::notify::slack::{Action as Button, Interaction};
+    use apitree::schedule::SweepOutcome;
+    use base64::Engine;
+    let db = common::TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let h = Harness::new().await;
+    let mut fx = Fixture::new();
+    fx.gw.spec.database =
+        Some(serde_json::from_value(json!({"name": "shop-db", "key": "url"})).unwrap());
+    let rev = plan::revision(
+        IMAGE,
+        &plan::render(&fx.gw.spec, &ProxyConfig::default()),
+        &[("shop-db".into(), "42".into())],
+    );
+    let fx = fx.with_status(ApiGatewayStatus {
+        phase: Some(GatewayPhase::Stable),
+        active_color: Some(Color::Blue),
+        active_revision: Some(rev.clone()),
+        ..ApiGatewayStatus::default()
+    });
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
+        "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
+    });
+    let quiet = |extra: Vec<Call>| {
+        let mut calls = vec![
+            call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db"))
+                .reply(200, secret.clone()),
+        ];
+        calls.extend(observe_both(Some(&rev), None));
+        calls.extend(extra);
+        calls
+    };
+    h.pass(
+        &fx.gw,
+        quiet(vec![
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            status_patch(),
+        ]),
+    )
+    .await;
+    h.op.record_sweep(vec![SweepOutcome {
+        gateway: "shop-ns/shop".into(),
+        at: chrono::Utc::now(),
+        drift: Some(DriftSummary {
+            checked_at: "now".into(),
+            security: 1,
+            changed: 1,
+            ..DriftSummary::default()
+        }),
+        fixed: Vec::new(),
+        revoked: Vec::new(),
+        problems: Vec::new(),
+    }])
+    .await;
+    h.pass(&fx.gw, quiet(vec![event("SchemaDrift"), status_patch()]))
+        .await;
+    let incident = h.op.notifier.recorded()[0].incident_id;
+
+    let press = |action| Interaction {
+        action,
+        incident,
+        revision: None,
+        user_id: "U7".into(),
+        user_name: "jiwoo".into(),
+    };
+    h.op.press(press(Button::Acknowledge));
+    // A press for an incident no gateway holds waits, and is not audited.
+    h.op.press(Interaction {
+        incident: uuid::Uuid::new_v4(),
+        ..press(Button::Silence1h)
+    });
+    let (_, bodies) = h
+        .pass(
+            &fx.gw,
+            quiet(vec![
+                event("IncidentAcknowledged"),
+                status_patch().has("\"acknowledgedBy\":\"U7\""),
+            ]),
+        )
+        .await;
+    assert_eq!(status_of(&bodies).open_incidents, 1);
+    let update = h.op.notifier.recorded().pop().unwrap();
+    assert_eq!(update.incident_id, incident);
+    assert_eq!(update.remark.as_deref(), Some("acknowledged by <@U7>"));
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT actor, action, target FROM audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [(
+            "slack:jiwoo (U7)".to_string(),
+            "slack.acknowledge".to_string(),
+            "shop-ns/shop".to_string()
+        )]
+    );
+}

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use apitree::crd::gateway::DetectionSpec;
-use apitree::detect::{replay, ScoreConfig};
+use apitree::detect::{replay, ScoreConfig, Severity};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 
 const T0: i64 = 1_767_225_600; // a Thursday, 00:00 UTC
@@ -276,6 +276,96 @@ async fn the_engine_keeps_one_incident_per_route_and_signal_in_postgres_and_noti
         seen.iter().filter(|s| s.incident_id == shop_id).count(),
         2,
         "the resolve refers to the same incident"
+    );
+}
+
+#[tokio::test]
+async fn an_acknowledged_incident_says_who_and_a_silenced_one_posts_only_critical_changes() {
+    use apitree::detect::engine::Response;
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let store = Arc::new(IncidentStore::Postgres(pool.clone()));
+    let notifier = Arc::new(Notifier::recording());
+    let mut d = Detector::new(
+        "apis/marketplace",
+        ScoreConfig::from(&DetectionSpec::default()),
+        NoticeContext::default(),
+        store.clone(),
+        notifier.clone(),
+    );
+    for i in 0..12 {
+        d.observe(T0 + i * WINDOW, &window((5000, 50), (3000, 30), 20))
+            .await
+            .unwrap();
+    }
+    // 4x: a warning opens.
+    let opened = d
+        .observe(T0 + 12 * WINDOW, &window((5000, 200), (3000, 30), 20))
+        .await
+        .unwrap();
+    assert_eq!(opened.len(), 1);
+    let id = opened[0].incident_id;
+
+    let ack = d
+        .respond(id, "U1", Response::Acknowledge)
+        .await
+        .unwrap()
+        .expect("the incident is open here");
+    assert_eq!(ack.acknowledged_by.as_deref(), Some("U1"));
+    assert_eq!(ack.remark.as_deref(), Some("acknowledged by <@U1>"));
+    assert_eq!(
+        ack.severity, opened[0].severity,
+        "a response changes no severity"
+    );
+    let until = T0 + 13 * WINDOW + 3600;
+    let silenced = d
+        .respond(id, "U2", Response::Silence { until })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(silenced.remark.unwrap().contains("silenced by <@U2>"));
+    let (by, silenced_until): (Option<String>, Option<f64>) = sqlx::query_as(
+        "SELECT acknowledged_by, extract(epoch FROM silenced_until)::float8 FROM incidents WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(by.as_deref(), Some("U1"));
+    assert_eq!(silenced_until, Some(until as f64));
+    let stored = store.open().await.unwrap();
+    assert_eq!(stored[0].silenced_until, Some(until));
+    let posted = notifier.recorded().len();
+    assert_eq!(posted, 3, "open, acknowledged, silenced");
+
+    // 6x while silenced: recorded, not posted.
+    let high = d
+        .observe(T0 + 13 * WINDOW, &window((5000, 300), (3000, 30), 20))
+        .await
+        .unwrap();
+    assert_eq!(high[0].severity, Severity::High);
+    assert_eq!(
+        notifier.recorded().len(),
+        posted,
+        "a silenced escalation below critical is not posted"
+    );
+    // 14x: critical gets through the silence, still showing who acknowledged.
+    let critical = d
+        .observe(T0 + 14 * WINDOW, &window((5000, 700), (3000, 30), 20))
+        .await
+        .unwrap();
+    assert_eq!(critical[0].severity, Severity::Critical);
+    let last = notifier.recorded().pop().unwrap();
+    assert_eq!(last.severity, Severity::Critical);
+    assert_eq!(last.acknowledged_by.as_deref(), Some("U1"));
+    assert!(last.remark.is_none());
+
+    assert!(
+        d.respond(uuid::Uuid::new_v4(), "U1", Response::Acknowledge)
+            .await
+            .unwrap()
+            .is_none(),
+        "an incident of another gateway is not this detector's"
     );
 }
 

@@ -140,6 +140,7 @@ fn notice(
         status_url: None,
         rollout_revision: None,
         acknowledged_by: None,
+        remark: None,
         critical_mention: Some("S0ONCALL".into()),
         related_changes: vec![],
     }

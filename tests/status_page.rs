@@ -70,6 +70,7 @@ fn view(later: bool) -> GatewayView {
                 severity: "critical".into(),
                 ratio: Some(12.5),
                 opened_at: "2026-11-29T10:00:00Z".into(),
+                acknowledged_by: Some("U123".into()),
             }]
         } else {
             Vec::new()
@@ -167,6 +168,7 @@ async fn the_page_lists_gateways_and_redraws_a_change_without_reloading() {
     assert!(html.contains("green 0.12% errors (3/2500)"), "{html}");
     assert!(html.contains("sev-critical"), "{html}");
     assert!(html.contains("12.5x"), "{html}");
+    assert!(html.contains("by U123"), "{html}");
     assert!(html.contains("<polyline"), "{html}");
     // Names are text, never markup.
     assert!(html.contains("shop&lt;script&gt;"), "{html}");

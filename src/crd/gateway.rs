@@ -829,6 +829,9 @@ pub struct IncidentSummary {
     pub ratio: Option<f64>,
     /// RFC 3339 time it opened.
     pub opened_at: String,
+    /// Slack user id of the on-call engineer who acknowledged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<String>,
 }
 
 /// Result of the last drift check.

@@ -140,10 +140,10 @@ function render(gws) {
     }
     if (g.incidents.length) {
       const t = el("table", {class: "incidents"}, el("tr", {}, el("th", {}, "incident"), el("th", {}, "route"),
-        el("th", {}, "severity"), el("th", {}, "score"), el("th", {}, "since")));
+        el("th", {}, "severity"), el("th", {}, "score"), el("th", {}, "since"), el("th", {}, "acknowledged")));
       for (const i of g.incidents) t.append(el("tr", {}, el("td", {}, i.signal), el("td", {}, i.route || "all"),
         el("td", {class: "sev-" + i.severity}, i.severity), el("td", {}, i.ratio == null ? "" : i.ratio.toFixed(1) + "x"),
-        el("td", {}, i.openedAt)));
+        el("td", {}, i.openedAt), el("td", {}, i.acknowledgedBy ? "by " + i.acknowledgedBy : "no")));
       card.append(t);
     } else card.append(el("div", {class: "muted"}, "no open incidents"));
     if (g.events.length) {

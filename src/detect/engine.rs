@@ -32,6 +32,21 @@ pub struct StoredIncident {
     pub signal: String,
     pub severity: Severity,
     pub resolved: bool,
+    /// Slack user id of whoever acknowledged it.
+    pub acknowledged_by: Option<String>,
+    /// Unix seconds until which updates below critical are not posted.
+    pub silenced_until: Option<i64>,
+}
+
+/// What an on-call engineer did to an incident from Slack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Response {
+    Acknowledge,
+    /// Updates below critical are not posted until then (unix seconds); an escalation to
+    /// critical and the resolution still are.
+    Silence {
+        until: i64,
+    },
 }
 
 /// Where incidents live.
@@ -81,6 +96,8 @@ impl IncidentStore {
                             signal: signal.into(),
                             severity: n.severity,
                             resolved,
+                            acknowledged_by: None,
+                            silenced_until: None,
                         });
                         Ok(id)
                     }
@@ -130,6 +147,41 @@ impl IncidentStore {
         }
     }
 
+    /// Records a person's response to an open incident.
+    async fn respond(&self, id: Uuid, user_id: &str, response: Response) -> Result<(), DbError> {
+        match self {
+            Self::Memory(rows) => {
+                let mut rows = rows.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(r) = rows.iter_mut().find(|r| r.id == id) {
+                    match response {
+                        Response::Acknowledge => r.acknowledged_by = Some(user_id.to_string()),
+                        Response::Silence { until } => r.silenced_until = Some(until),
+                    }
+                }
+                Ok(())
+            }
+            Self::Postgres(pool) => {
+                let query = match response {
+                    Response::Acknowledge => sqlx::query(
+                        "UPDATE incidents SET acknowledged_by = $2, acknowledged_at = now(), updated_at = now() WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(user_id),
+                    Response::Silence { until } => sqlx::query(
+                        "UPDATE incidents SET silenced_until = to_timestamp($2), updated_at = now() WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(until as f64),
+                };
+                query
+                    .execute(pool)
+                    .await
+                    .map_err(DbError::query("record a response to an incident"))?;
+                Ok(())
+            }
+        }
+    }
+
     /// Open incidents, e.g. to show in status.
     pub async fn open(&self) -> Result<Vec<StoredIncident>, DbError> {
         match self {
@@ -141,26 +193,32 @@ impl IncidentStore {
                 .cloned()
                 .collect()),
             Self::Postgres(pool) => {
-                let rows: Vec<(Uuid, String, String, String, String)> = sqlx::query_as(
-                    "SELECT id, gateway, route, signal, severity::text FROM incidents WHERE resolved_at IS NULL ORDER BY opened_at",
+                #[allow(clippy::type_complexity)]
+                let rows: Vec<(Uuid, String, String, String, String, Option<String>, Option<f64>)> = sqlx::query_as(
+                    "SELECT id, gateway, route, signal, severity::text, acknowledged_by, extract(epoch FROM silenced_until)::float8
+                     FROM incidents WHERE resolved_at IS NULL ORDER BY opened_at",
                 )
                 .fetch_all(pool)
                 .await
                 .map_err(DbError::query("list open incidents"))?;
                 Ok(rows
                     .into_iter()
-                    .map(|(id, gateway, route, signal, sev)| StoredIncident {
-                        id,
-                        gateway,
-                        route,
-                        signal,
-                        severity: match sev.as_str() {
-                            "critical" => Severity::Critical,
-                            "high" => Severity::High,
-                            _ => Severity::Warning,
+                    .map(
+                        |(id, gateway, route, signal, sev, ack, silenced)| StoredIncident {
+                            id,
+                            gateway,
+                            route,
+                            signal,
+                            severity: match sev.as_str() {
+                                "critical" => Severity::Critical,
+                                "high" => Severity::High,
+                                _ => Severity::Warning,
+                            },
+                            resolved: false,
+                            acknowledged_by: ack,
+                            silenced_until: silenced.map(|t| t as i64),
                         },
-                        resolved: false,
-                    })
+                    )
                     .collect())
             }
         }
@@ -171,6 +229,10 @@ struct Watched {
     series: Series,
     incident: Option<Uuid>,
     seq: u32,
+    /// The open incident's last notice (a person's response updates it).
+    last: Option<IncidentNotice>,
+    acknowledged_by: Option<String>,
+    silenced_until: Option<i64>,
 }
 
 /// Settings that go into every notice.
@@ -358,6 +420,9 @@ impl Detector {
                 series: Series::default(),
                 incident: None,
                 seq: 0,
+                last: None,
+                acknowledged_by: None,
+                silenced_until: None,
             })
     }
 
@@ -402,7 +467,8 @@ impl Detector {
             runbook_url: context.runbook_url,
             status_url: context.status_url,
             rollout_revision: None,
-            acknowledged_by: None,
+            acknowledged_by: w.acknowledged_by.clone(),
+            remark: None,
             critical_mention: context.critical_mention,
             related_changes: related,
         };
@@ -410,14 +476,74 @@ impl Detector {
             .record(w.incident, &gateway, route, signal, &notice)
             .await?;
         notice.incident_id = id;
+        let end = at + window_secs;
+        let silenced = w.silenced_until.is_some_and(|until| end < until)
+            && event != IncidentEvent::Resolve
+            && !(verdict.severity == Severity::Critical
+                && matches!(event, IncidentEvent::Open | IncidentEvent::Escalate));
         if event == IncidentEvent::Resolve {
             w.incident = None;
             w.seq = 0;
+            w.last = None;
+            w.acknowledged_by = None;
+            w.silenced_until = None;
         } else {
             w.incident = Some(id);
+            w.last = Some(notice.clone());
         }
-        if let Err(e) = notifier.notify(&notice).await {
+        if silenced {
+            tracing::info!(incident = %id, "incident silenced: change recorded, not posted");
+        } else if let Err(e) = notifier.notify(&notice).await {
             tracing::error!("cannot queue the notification for incident {id}: {e}");
+        }
+        Ok(Some(notice))
+    }
+
+    /// Applies an on-call engineer's response (from Slack) to one of this gateway's open
+    /// incidents: stores it and updates the incident's message. `None` when the incident is
+    /// not open here.
+    pub async fn respond(
+        &mut self,
+        incident: Uuid,
+        user_id: &str,
+        response: Response,
+    ) -> Result<Option<IncidentNotice>, DbError> {
+        let store = self.store.clone();
+        let notifier = self.notifier.clone();
+        let Some(w) = self
+            .watched
+            .values_mut()
+            .find(|w| w.incident == Some(incident))
+        else {
+            return Ok(None);
+        };
+        let Some(mut notice) = w.last.clone() else {
+            return Ok(None);
+        };
+        store.respond(incident, user_id, response).await?;
+        let remark = match response {
+            Response::Acknowledge => {
+                w.acknowledged_by = Some(user_id.to_string());
+                format!("acknowledged by <@{user_id}>")
+            }
+            Response::Silence { until } => {
+                w.silenced_until = Some(until);
+                let until = chrono::DateTime::from_timestamp(until, 0)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_default();
+                format!("silenced by <@{user_id}> until {until}: changes below critical are not posted until then")
+            }
+        };
+        w.seq += 1;
+        notice.seq = w.seq;
+        notice.acknowledged_by = w.acknowledged_by.clone();
+        notice.remark = Some(remark);
+        w.last = Some(IncidentNotice {
+            remark: None,
+            ..notice.clone()
+        });
+        if let Err(e) = notifier.notify(&notice).await {
+            tracing::error!("cannot queue the notification for incident {incident}: {e}");
         }
         Ok(Some(notice))
     }

@@ -91,6 +91,9 @@ pub fn incident_blocks(n: &IncidentNotice) -> Value {
 
 /// The thread reply recording one change.
 pub fn change_text(n: &IncidentNotice) -> String {
+    if let Some(remark) = &n.remark {
+        return format!("{} {remark}", emoji(n.severity));
+    }
     let what = match n.event {
         IncidentEvent::Open => "opened",
         IncidentEvent::Escalate => "escalated",

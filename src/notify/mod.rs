@@ -42,6 +42,9 @@ pub struct IncidentNotice {
     /// Set when the incident concerns a rollout: adds Promote / Roll back buttons.
     pub rollout_revision: Option<String>,
     pub acknowledged_by: Option<String>,
+    /// Set when a person changed the incident (acknowledged, silenced): the message is updated
+    /// in place and the thread reply says this instead of a severity change.
+    pub remark: Option<String>,
     /// Slack user-group id mentioned on critical incidents.
     pub critical_mention: Option<String>,
     /// Credential changes shortly before this change (key rotations, revocations, credential
@@ -284,7 +287,7 @@ impl Notifier {
                 let blocks = message::incident_blocks(n);
                 let text = message::summary(n);
                 let key = |kind: &str| format!("{}:{}:{kind}", n.incident_id, n.seq);
-                if n.event == IncidentEvent::Open {
+                if n.event == IncidentEvent::Open && n.remark.is_none() {
                     let body = serde_json::json!({"text": text, "blocks": blocks});
                     outbox
                         .enqueue(n.incident_id, Kind::Main, &channel, body, &key("main"))
@@ -301,6 +304,7 @@ impl Notifier {
                     .await?;
                 // An escalation into a severity routed elsewhere is also posted there.
                 if matches!(n.event, IncidentEvent::Escalate)
+                    && n.remark.is_none()
                     && channels.for_severity(n.severity) != channels.for_severity(Severity::Warning)
                 {
                     let body = serde_json::json!({"text": format!("{} {}", message::change_text(n), message::summary(n)), "standalone": true});

@@ -296,6 +296,13 @@ pub struct Interaction {
     pub user_name: String,
 }
 
+impl Interaction {
+    /// Who pressed, as the audit log's actor.
+    pub fn actor(&self) -> String {
+        format!("slack:{} ({})", self.user_name, self.user_id)
+    }
+}
+
 /// Why an interaction was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InteractionError {
@@ -384,7 +391,7 @@ pub async fn handle_interaction(
 ) -> Result<Interaction, InteractionError> {
     let interaction = verify_interaction(signing_secret, signature, timestamp, body)?;
     if let Some(pool) = audit {
-        let actor = format!("slack:{} ({})", interaction.user_name, interaction.user_id);
+        let actor = interaction.actor();
         let detail = json!({"revision": interaction.revision});
         if let Err(e) = crate::db::audit::append(
             pool,

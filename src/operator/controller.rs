@@ -22,7 +22,7 @@ use kube::{Client, Resource, ResourceExt};
 use super::http::HttpState;
 use super::metrics::OperatorMetrics;
 use super::probes::SecretResolver;
-use super::rollout::{self, Context, GatewayEvent, Managed, Press};
+use super::rollout::{self, Context, Managed, Press};
 use crate::crd::gateway::{ApiGateway, GatewayPhase, SecretKeyRef};
 use crate::dashboard::GatewayView;
 use crate::detect::engine::IncidentStore;
@@ -86,7 +86,8 @@ pub struct Operator {
     /// Pools of the gateways' databases, for their audit logs.
     pools: tokio::sync::Mutex<HashMap<String, sqlx::PgPool>>,
     slack: Mutex<HashMap<String, GatewaySlack>>,
-    presses: Mutex<Vec<Press>>,
+    /// Slack presses waiting for their gateway's next pass, with when they arrived.
+    presses: Mutex<Vec<(Timestamp, Press)>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -208,8 +209,13 @@ impl Operator {
             .unwrap_or_else(|e| e.into_inner()) = secrets;
     }
 
-    /// Records promotions, rollbacks and refusals in the gateway database's audit log.
-    async fn audit_rollouts(&self, gateway: &str, url: &str, events: &[GatewayEvent]) {
+    /// Appends `entries` (actor, action, detail) about `gateway` to its database's audit log.
+    async fn audit(
+        &self,
+        gateway: &str,
+        url: &str,
+        entries: Vec<(String, String, serde_json::Value)>,
+    ) {
         let pool = {
             let mut pools = self.pools.lock().await;
             match pools.get(url) {
@@ -224,18 +230,15 @@ impl Operator {
                             .errors
                             .with_label_values(&["AuditFailed"])
                             .inc();
-                        tracing::warn!(gateway, "cannot audit rollout steps: {e}");
+                        tracing::warn!(gateway, "cannot audit: {e}");
                         return;
                     }
                 },
             }
         };
-        for e in events {
-            let action = format!("rollout.{}", e.reason.to_lowercase());
-            let detail = serde_json::json!({"message": e.message, "at": e.at});
+        for (actor, action, detail) in entries {
             if let Err(err) =
-                crate::db::audit::append(&pool, "apitree-operator", &action, gateway, None, &detail)
-                    .await
+                crate::db::audit::append(&pool, &actor, &action, gateway, None, &detail).await
             {
                 self.metrics
                     .errors
@@ -272,14 +275,42 @@ impl Operator {
         }
     }
 
-    /// Queues a Slack Promote / Roll back press for the gateway whose revision it names.
+    /// Queues a Slack press for the next pass of the gateway it concerns.
     pub fn press(&self, p: Press) {
+        let now = (self.clock)();
         self.presses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(p);
+            .push((now, p));
+    }
+
+    /// Hands the queued presses to `m`; returns the ones it took. A press no gateway takes
+    /// within [`PRESS_TTL_SECS`] (its incident resolved, its revision gone) is dropped.
+    async fn presses_for(&self, m: &mut Managed, now: Timestamp) -> Vec<Press> {
+        let queued = std::mem::take(&mut *self.presses.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut taken = Vec::new();
+        let mut left = Vec::new();
+        for (at, p) in queued {
+            if m.accept(&p, now).await {
+                taken.push(p);
+            } else if now.as_second() - at.as_second() < PRESS_TTL_SECS {
+                left.push((at, p));
+            } else {
+                tracing::warn!(action = p.action.audit_name(), incident = %p.incident, user = %p.user_name,
+                    "a Slack press no gateway took within {PRESS_TTL_SECS}s; dropped");
+            }
+        }
+        // Presses that arrived meanwhile stay queued too.
+        self.presses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(left);
+        taken
     }
 }
+
+/// How long a Slack press waits for a gateway to take it.
+const PRESS_TTL_SECS: i64 = 300;
 
 /// Who publishes the operator's Events: the controller and this replica's pod.
 pub fn reporter() -> Reporter {
@@ -491,10 +522,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     m.promote = annotation(PROMOTE_ANNOTATION);
     m.rollback = annotation(ROLLBACK_ANNOTATION);
     // Presses for other gateways wait for theirs.
-    op.presses
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|p| !m.accept(p));
+    let presses = op.presses_for(m, (op.clock)()).await;
     rollout::reconcile(m, &ctx, (op.clock)()).await;
     m.apply_sweep((op.clock)()).await;
     // Events of this pass.
@@ -504,13 +532,26 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         .filter(|e| e.seq > last_seen)
         .cloned()
         .collect();
-    let audited: Vec<GatewayEvent> = fresh
+    // Who pressed what, then what the gate did.
+    let audited: Vec<_> = presses
         .iter()
-        .filter(|e| matches!(e.reason.as_str(), "Promoted" | "RolledBack" | "Rejected"))
-        .cloned()
+        .map(|p| {
+            let detail = serde_json::json!({"incident": p.incident, "revision": p.revision});
+            (p.actor(), p.action.audit_name().to_string(), detail)
+        })
+        .chain(
+            fresh
+                .iter()
+                .filter(|e| matches!(e.reason.as_str(), "Promoted" | "RolledBack" | "Rejected"))
+                .map(|e| {
+                    let action = format!("rollout.{}", e.reason.to_lowercase());
+                    let detail = serde_json::json!({"message": e.message, "at": e.at});
+                    ("apitree-operator".to_string(), action, detail)
+                }),
+        )
         .collect();
     if let (false, Some(url)) = (audited.is_empty(), m.database_url.clone()) {
-        op.audit_rollouts(&name, &url, &audited).await;
+        op.audit(&name, &url, audited).await;
     }
     let recorder = Recorder::new(op.client.clone(), op.reporter.clone());
     let reference = obj.object_ref(&());

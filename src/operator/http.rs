@@ -11,8 +11,7 @@ use tokio::net::TcpListener;
 use super::metrics::OperatorMetrics;
 use super::rollout::Press;
 use crate::dashboard::{GatewayView, PAGE};
-use crate::gate::Request;
-use crate::notify::slack::{Action, InteractionEndpoint};
+use crate::notify::slack::InteractionEndpoint;
 use crate::notify::Notifier;
 
 /// What the HTTP port serves from.
@@ -51,8 +50,9 @@ impl HttpState {
     }
 }
 
-/// The Slack interaction endpoint of an HTTP port: verified Promote and Roll back presses go to
-/// `on_press` (Acknowledge and Silence are recorded by the endpoint itself).
+/// The Slack interaction endpoint of an HTTP port: every verified press goes to `on_press`,
+/// which finds the gateway it concerns (the loop applies it, updates the message and audits it
+/// in that gateway's database).
 pub fn button_endpoint(
     signing_secret: Option<String>,
     extra_secrets: Arc<RwLock<Vec<String>>>,
@@ -65,15 +65,7 @@ pub fn button_endpoint(
         audit: None,
         notifier,
         apply: Arc::new(move |i| {
-            if let (Action::Promote | Action::Rollback, Some(revision)) = (i.action, &i.revision) {
-                on_press(Press {
-                    promote: i.action == Action::Promote,
-                    request: Request {
-                        revision: revision.clone(),
-                        by: format!("slack:{}", i.user_name),
-                    },
-                });
-            }
+            on_press(i.clone());
             None
         }),
     }

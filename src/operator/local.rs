@@ -349,8 +349,16 @@ pub async fn run(
             }
         }
         while let Ok(press) = press_rx.try_recv() {
-            if !gateways.values_mut().any(|m| m.accept(&press)) {
-                tracing::warn!(revision = %press.request.revision, "a Slack button names a revision no gateway has; ignored");
+            let mut taken = false;
+            for m in gateways.values_mut() {
+                if m.accept(&press, Timestamp::now()).await {
+                    taken = true;
+                    break;
+                }
+            }
+            if !taken {
+                tracing::warn!(action = press.action.audit_name(), incident = %press.incident,
+                    "a Slack button names no open incident or revision of any gateway; ignored");
             }
         }
         for g in &manifests.gateways {

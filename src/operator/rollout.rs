@@ -65,14 +65,17 @@ pub struct IncidentRecord {
     pub severity: Severity,
     #[serde(skip)]
     pub ratio: f64,
+    /// Slack user id of whoever acknowledged it.
+    #[serde(skip)]
+    pub acknowledged_by: Option<String>,
 }
 
-/// A Promote or Roll back request from a Slack button, for the gateway whose revision it names.
-#[derive(Debug, Clone)]
-pub struct Press {
-    pub promote: bool,
-    pub request: Request,
-}
+/// A verified Slack button press, for the gateway it concerns: Promote / Roll back name a
+/// revision, Acknowledge / Silence an incident.
+pub use crate::notify::slack::Interaction as Press;
+
+/// How long the Silence button silences an incident.
+const SILENCE_SECS: i64 = 3600;
 
 /// An Event: reason and message, newest last.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -262,21 +265,75 @@ impl Managed {
         }
     }
 
-    /// Takes a button press if it names this gateway's gate or active revision.
-    pub fn accept(&mut self, p: &Press) -> bool {
-        let revision = p.request.revision.as_str();
-        let names_it = self
-            .status
-            .gate
-            .as_ref()
-            .is_some_and(|g| g.revision == revision)
-            || self.status.active_revision.as_deref() == Some(revision);
-        if names_it && p.promote {
-            self.promote = Some(p.request.clone());
-        } else if names_it {
-            self.rollback = Some(p.request.clone());
+    /// Takes a button press if it concerns this gateway: Promote / Roll back naming its gate's or
+    /// active revision (acted on by the next gate step), Acknowledge / Silence naming one of its
+    /// open incidents (applied now: stored, the message updated, an Event).
+    pub async fn accept(&mut self, p: &Press, now: Timestamp) -> bool {
+        use crate::detect::engine::Response;
+        use crate::notify::slack::Action as Button;
+        let response = match (p.action, &p.revision) {
+            (Button::Promote | Button::Rollback, Some(revision)) => {
+                let names_it = self
+                    .status
+                    .gate
+                    .as_ref()
+                    .is_some_and(|g| &g.revision == revision)
+                    || self.status.active_revision.as_ref() == Some(revision);
+                let request = Request {
+                    revision: revision.clone(),
+                    by: format!("slack:{}", p.user_name),
+                };
+                if names_it && p.action == Button::Promote {
+                    self.promote = Some(request);
+                } else if names_it {
+                    self.rollback = Some(request);
+                }
+                return names_it;
+            }
+            (Button::Promote | Button::Rollback, None) => return false,
+            (Button::Acknowledge, _) => Response::Acknowledge,
+            (Button::Silence1h, _) => Response::Silence {
+                until: now.as_second() + SILENCE_SECS,
+            },
+        };
+        match self
+            .detector
+            .respond(p.incident, &p.user_id, response)
+            .await
+        {
+            Ok(None) => false,
+            Ok(Some(notice)) => {
+                let (reason, what) = match response {
+                    Response::Acknowledge => ("IncidentAcknowledged", "acknowledged"),
+                    Response::Silence { .. } => ("IncidentSilenced", "silenced for an hour"),
+                };
+                let message = format!(
+                    "{} incident {} {what} by slack:{}",
+                    notice.signal,
+                    if notice.route.is_empty() {
+                        "(all routes)"
+                    } else {
+                        notice.route.as_str()
+                    },
+                    p.user_name
+                );
+                record_notices(self, vec![notice]);
+                self.event(now, reason, message, false);
+                true
+            }
+            Err(e) => {
+                self.event(
+                    now,
+                    "IncidentStoreFailed",
+                    format!(
+                        "cannot record slack:{}'s response to incident {}: {e}",
+                        p.user_name, p.incident
+                    ),
+                    true,
+                );
+                true
+            }
         }
-        names_it
     }
 
     /// Where this gateway's detector notices go from now on.
@@ -771,6 +828,13 @@ fn record_notices(m: &mut Managed, notices: Vec<crate::notify::IncidentNotice>) 
     for n in notices {
         m.notifications += 1;
         let key = (n.route.clone(), n.signal.clone());
+        if n.remark.is_some() {
+            // A person's response: the incident's state is unchanged.
+            if let Some(&i) = m.open.get(&key) {
+                m.incidents[i].acknowledged_by = n.acknowledged_by.clone();
+            }
+            continue;
+        }
         match n.event {
             IncidentEvent::Open => {
                 m.open.insert(key, m.incidents.len());
@@ -782,6 +846,7 @@ fn record_notices(m: &mut Managed, notices: Vec<crate::notify::IncidentNotice>) 
                     opened_at: n.at.clone(),
                     severity: n.severity,
                     ratio: n.ratio,
+                    acknowledged_by: None,
                 });
             }
             IncidentEvent::Resolve => {
@@ -829,6 +894,7 @@ fn summarize_incidents(m: &mut Managed) {
                 severity: r.severity.label().to_string(),
                 ratio: Some(r.ratio),
                 opened_at: r.opened_at.clone(),
+                acknowledged_by: r.acknowledged_by.clone(),
             }
         })
         .collect();
