@@ -76,6 +76,7 @@ start_apitree() { # start_apitree PORT ADMINPORT [extra args]
     "$BIN" --log-filter warn proxy --config benches/proxy.yaml --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
         >"$WORK/apitree-$port-access.log" 2>"$WORK/apitree-$port.err" &
     PIDS+=($!)
+    echo $! >"$WORK/apitree-$port.pid"
     for _ in $(seq 50); do curl -fs "http://127.0.0.1:$admin/readyz" >/dev/null && return 0; sleep 0.1; done
     echo "apitree on $port did not start:" >&2; cat "$WORK/apitree-$port.err" >&2; exit 1
 }
@@ -89,17 +90,34 @@ for port in 18081 18082 18083; do
     [ "$code" = 200 ] || { echo "127.0.0.1:$port answered $code, not 200" >&2; exit 1; }
 done
 
-# run NAME PORT -> appends "NAME rps p50_ms p99_ms" to $WORK/results
+# The processes serving a port: nginx's workers, or the apitree process.
+serving_pids() {
+    case $1 in
+        18081) pgrep -P "$(cat "$WORK/ref.pid")" ;;
+        *) cat "$WORK/apitree-$1.pid" ;;
+    esac
+}
+# CPU time (clock ticks, user + system) the processes serving a port have used.
+cpu_ticks() { local t=0; for p in $(serving_pids "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+TICKS_PER_SEC=$(getconf CLK_TCK)
+
+# run NAME PORT -> appends "NAME rps p50_ms p99_ms non2xx cpu_us_per_request" to $WORK/results.
+# CPU per request is the proxy's own user+system time over the requests it served: a steadier
+# efficiency figure than req/s, which also depends on how wrk and the upstream share the cores.
 run() {
-    local out
+    local out before after
+    before=$(cpu_ticks "$2")
     out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Authorization: Bearer $KEY" "http://127.0.0.1:$2/bench/x")
-    local rps p50 p99 errors
+    after=$(cpu_ticks "$2")
+    local rps p50 p99 errors total cpu
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(awk '$1=="50%" {print $2}' <<<"$out")
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     errors=$(awk '/Non-2xx/ {print $5}' <<<"$out")
-    echo "$1 $rps $(to_ms "$p50") $(to_ms "$p99") ${errors:-0}" >>"$WORK/results"
-    printf '  %-16s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n' "$1" "$rps" "$p50" "$p99" "${errors:-0}" >&2
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v t=$((after - before)) -v hz="$TICKS_PER_SEC" -v n="$total" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+    echo "$1 $rps $(to_ms "$p50") $(to_ms "$p99") ${errors:-0} $cpu" >>"$WORK/results"
+    printf '  %-16s %10s req/s  p50 %8s  p99 %8s  cpu/req %6s us  non-2xx %s\n' "$1" "$rps" "$p50" "$p99" "$cpu" "${errors:-0}" >&2
 }
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v+0 } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
 
@@ -112,10 +130,14 @@ for r in $(seq "$ROUNDS"); do
     run apitree-redis 18083
 done
 
-summarize() { awk -v n="$1" '$1==n { rps+=$2; p50+=$3; p99+=$4; c++ } END { printf "%.0f %.3f %.3f", rps/c, p50/c, p99/c }' "$WORK/results"; }
-read -r n_rps n_p50 n_p99 <<<"$(summarize nginx)"
-read -r a_rps a_p50 a_p99 <<<"$(summarize apitree)"
-read -r r_rps r_p50 r_p99 <<<"$(summarize apitree-redis)"
+summarize() { awk -v n="$1" '$1==n { rps+=$2; p50+=$3; p99+=$4; cpu+=$6; c++ } END { printf "%.0f %.3f %.3f %.1f", rps/c, p50/c, p99/c, cpu/c }' "$WORK/results"; }
+read -r n_rps n_p50 n_p99 n_cpu <<<"$(summarize nginx)"
+read -r a_rps a_p50 a_p99 a_cpu <<<"$(summarize apitree)"
+read -r r_rps r_p50 r_p99 r_cpu <<<"$(summarize apitree-redis)"
+# How often the Redis-shared replica went to Redis (leases cover the rest).
+metric() { curl -fs "http://127.0.0.1:19083/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {printf "%.0f", s}'; }
+redis_calls=$(metric apitree_proxy_ratelimit_store_calls_total)
+redis_requests=$(metric apitree_proxy_requests_total)
 
 # PII masking throughput on one core: ~256 MB of JSON lines, 1 in 4 carrying PII.
 python3 - "$WORK/pii.txt" <<'PY'
@@ -135,15 +157,19 @@ end=$(date +%s.%N)
 pii_mbs=$(awk -v b="$bytes" -v s="$start" -v e="$end" 'BEGIN { printf "%.0f", b/1e6/(e-s) }')
 
 echo
-printf '%-16s %12s %10s %10s\n' target req/s p50_ms p99_ms
-printf '%-16s %12s %10s %10s\n' nginx "$n_rps" "$n_p50" "$n_p99"
-printf '%-16s %12s %10s %10s\n' apitree "$a_rps" "$a_p50" "$a_p99"
-printf '%-16s %12s %10s %10s\n' apitree-redis "$r_rps" "$r_p50" "$r_p99"
+printf '%-16s %12s %10s %10s %12s\n' target req/s p50_ms p99_ms cpu_us/req
+printf '%-16s %12s %10s %10s %12s\n' nginx "$n_rps" "$n_p50" "$n_p99" "$n_cpu"
+printf '%-16s %12s %10s %10s %12s\n' apitree "$a_rps" "$a_p50" "$a_p99" "$a_cpu"
+printf '%-16s %12s %10s %10s %12s\n' apitree-redis "$r_rps" "$r_p50" "$r_p99" "$r_cpu"
 echo
-awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v rp="$r_p99" 'BEGIN {
+awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v rp="$r_p99" \
+    -v ac="$a_cpu" -v nc="$n_cpu" -v rc="$r_cpu" -v calls="$redis_calls" -v reqs="$redis_requests" 'BEGIN {
     printf "apitree/nginx req/s        %.2fx\n", a/n
     printf "apitree/nginx p99          %.2fx (lower is better)\n", ap/np
+    printf "apitree/nginx CPU/request  %.2fx (lower is better)\n", ac/nc
     printf "apitree-redis/nginx req/s  %.2fx\n", r/n
     printf "apitree-redis/nginx p99    %.2fx\n", rp/np
+    printf "apitree-redis/nginx CPU/req %.2fx\n", rc/nc
+    printf "Redis round trips          %d for %d requests\n", calls, reqs
 }'
 echo "pii scan --mask (one core)  ${pii_mbs} MB/s over $((bytes / 1000000)) MB"

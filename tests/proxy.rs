@@ -491,6 +491,32 @@ async fn replicas_lease_quota_from_redis_and_never_admit_more_than_the_limit_tog
     assert_eq!(refusal.blocked, Some((Subject::Key, Window::Minute)));
     assert!(refusal.retry_after_secs >= 1);
     assert_eq!(m1.limiter_fallbacks.get() + m2.limiter_fallbacks.get(), 0);
+
+    // Ten minutes of steady traffic under a daily quota of 10,000: the burst lease renews every
+    // 10 seconds, and renewing it must not lease (and waste) another block of the day.
+    let per_key = WindowLimits {
+        burst10s: 1_000,
+        per_minute: 100_000,
+        per_day: 10_000,
+    };
+    let limits = Limits::new(&per_key, &big, None);
+    let key = uuid::Uuid::new_v4().to_string();
+    let start = 1_767_229_200_000;
+    let mut refused = 0;
+    for i in 0..6_000u64 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        if !replica
+            .check(&key, &org, limits, start + i * 100)
+            .await
+            .allowed
+        {
+            refused += 1;
+        }
+    }
+    assert_eq!(
+        refused, 0,
+        "6,000 requests of a 10,000 daily quota were refused"
+    );
 }
 
 #[tokio::test]

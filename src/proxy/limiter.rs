@@ -14,7 +14,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::metrics::ProxyMetrics;
 use super::ratelimit::{
-    redis_call, redis_grant, Decision, LeaseTable, Limits, LocalLimiter, REDIS_SCRIPT,
+    redis_call, redis_grant, Decision, LeaseTable, Limits, LocalLimiter, Take, REDIS_SCRIPT,
 };
 
 /// How long a shared decision may take before the local counters decide instead.
@@ -107,11 +107,12 @@ impl Limiter {
     /// Decides and counts one request.
     pub async fn check(&self, key_id: &str, org_id: &str, limits: Limits, now_ms: u64) -> Decision {
         if let Some(shared) = &self.redis {
-            if let Some(decision) = shared.leases.take(key_id, org_id, limits, now_ms) {
-                return decision;
-            }
+            let ask = match shared.leases.take(key_id, org_id, limits, now_ms) {
+                Take::Decided(decision) => return decision,
+                Take::Ask(ask) => ask,
+            };
             self.metrics.limiter_store_calls.inc();
-            let (keys, argv) = redis_call(key_id, org_id, limits, now_ms);
+            let (keys, argv) = redis_call(key_id, org_id, limits, now_ms, &ask.wants);
             let mut inv = shared.script.prepare_invoke();
             for k in &keys {
                 inv.key(k);
@@ -130,7 +131,9 @@ impl Limiter {
                 Ok(Ok(values)) => {
                     if let Some(grant) = redis_grant(&values) {
                         shared.healthy.store(true, Ordering::Relaxed);
-                        return shared.leases.record(key_id, org_id, limits, now_ms, &grant);
+                        return shared
+                            .leases
+                            .record(key_id, org_id, limits, now_ms, &ask, &grant);
                     }
                     tracing::warn!(
                         "unexpected reply from the Redis rate-limit script; deciding locally"
@@ -149,6 +152,7 @@ impl Limiter {
                     }
                 }
             }
+            shared.leases.release(key_id, org_id, &ask);
             self.metrics.limiter_fallbacks.inc();
         }
         self.local.check(key_id, org_id, limits, now_ms)

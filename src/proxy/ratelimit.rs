@@ -377,34 +377,48 @@ pub struct Grant {
     pub granted: [u64; COUNTERS],
 }
 
+/// What [`LeaseTable::take`] concluded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Take {
+    /// Decided from leased quota, or from Redis's refusal of a moment ago.
+    Decided(Decision),
+    /// Redis must be asked for the counters whose lease is spent.
+    Ask(Ask),
+}
+
+/// A request waiting for Redis: the blocks it asks for, and the leased requests it already
+/// holds on the other counters (taken from their leases, so no one else spends them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ask {
+    /// Block size asked per counter; 0 where the request holds a leased request.
+    pub wants: [u64; COUNTERS],
+    /// The window index of the leased request held per counter.
+    held: [Option<u64>; COUNTERS],
+}
+
 impl LeaseTable {
-    /// Decides from leased quota alone: `None` when some counter's lease is spent (or belongs
-    /// to a past window) and Redis must be asked.
-    pub fn take(
-        &self,
-        key_id: &str,
-        org_id: &str,
-        limits: Limits,
-        now_ms: u64,
-    ) -> Option<Decision> {
+    /// Decides from leased quota alone when every counter has some, else says what to ask
+    /// Redis for.
+    pub fn take(&self, key_id: &str, org_id: &str, limits: Limits, now_ms: u64) -> Take {
         self.leases.with(key_id, org_id, |key, org| {
             if let Some((until, observed)) = key.refusal {
                 if now_ms < until {
                     let decision = decide(limits, &observed, now_ms);
                     if !decision.allowed {
-                        return Some(decision);
+                        return Take::Decided(decision);
                     }
                 }
                 key.refusal = None;
             }
             let mut observed = [Observed::default(); COUNTERS];
+            let mut indexes = [0; COUNTERS];
+            let mut covered = [false; COUNTERS];
             for (i, w) in Window::ALL.iter().enumerate() {
                 let (index, _) = position(*w, now_ms);
                 for (base, leases) in [(0, &*key), (3, &*org)] {
                     let lease = leases.windows[i];
-                    if lease.index != index || lease.tokens == 0 {
-                        return None;
-                    }
+                    indexes[base + i] = index;
+                    covered[base + i] = lease.index == index && lease.tokens > 0;
                     // Requests we leased and have not admitted yet are not used.
                     observed[base + i] = Observed {
                         current: lease.seen.current.saturating_sub(lease.tokens),
@@ -413,65 +427,114 @@ impl LeaseTable {
                 }
             }
             for i in 0..3 {
-                key.windows[i].tokens -= 1;
-                org.windows[i].tokens -= 1;
+                for (base, leases) in [(0, &mut *key), (3, &mut *org)] {
+                    if covered[base + i] {
+                        leases.windows[i].tokens -= 1;
+                    }
+                }
             }
-            // Within its window a lease stays valid (room only grows as the previous window
-            // slides out), so this is an admission; decide() gives the headers.
-            Some(Decision {
-                allowed: true,
-                ..decide(limits, &observed, now_ms)
-            })
+            if covered.iter().all(|c| *c) {
+                // Within its window a lease stays valid (room only grows as the previous
+                // window slides out), so this is an admission; decide() gives the headers.
+                return Take::Decided(Decision {
+                    allowed: true,
+                    ..decide(limits, &observed, now_ms)
+                });
+            }
+            let blocks = lease_wants(limits);
+            let mut ask = Ask {
+                wants: [0; COUNTERS],
+                held: [None; COUNTERS],
+            };
+            for i in 0..COUNTERS {
+                if covered[i] {
+                    ask.held[i] = Some(indexes[i]);
+                } else {
+                    ask.wants[i] = blocks[i];
+                }
+            }
+            Take::Ask(ask)
         })
     }
 
-    /// Records Redis's answer for a request that [`LeaseTable::take`] could not decide: the
-    /// request takes one of each granted block, the rest is kept for the next requests.
+    /// Records Redis's answer to `ask`: the request takes one of each granted block and the
+    /// rest is kept for the next requests; refused, it gives back what it held.
     pub fn record(
         &self,
         key_id: &str,
         org_id: &str,
         limits: Limits,
         now_ms: u64,
+        ask: &Ask,
         grant: &Grant,
     ) -> Decision {
-        let decision = decide(limits, &grant.observed, now_ms);
         self.leases.with(key_id, org_id, |key, org| {
-            if !grant.allowed {
-                let reuse = (decision.retry_after_secs * 1000).min(REFUSAL_REUSE_MS);
-                key.refusal = Some((now_ms + reuse, grant.observed));
-                return;
-            }
+            let mut observed = grant.observed;
             for (i, w) in Window::ALL.iter().enumerate() {
                 let (index, _) = position(*w, now_ms);
                 for (base, leases) in [(0, &mut *key), (3, &mut *org)] {
+                    let c = base + i;
                     let lease = &mut leases.windows[i];
+                    if let Some(held) = ask.held[c] {
+                        if lease.index == held {
+                            // Redis's count includes the rest of our lease and the request
+                            // this one holds: neither is used yet.
+                            observed[c].current =
+                                observed[c].current.saturating_sub(lease.tokens + 1);
+                            if !grant.allowed {
+                                lease.tokens += 1;
+                            }
+                        }
+                        continue;
+                    }
+                    if !grant.allowed {
+                        continue;
+                    }
                     if lease.index != index {
                         *lease = Lease {
                             index,
                             ..Lease::default()
                         };
                     }
-                    let granted = grant.granted[base + i];
+                    let granted = grant.granted[c];
                     lease.tokens += granted.saturating_sub(1);
-                    let seen = grant.observed[base + i];
                     lease.seen = Observed {
-                        current: seen.current + granted,
-                        previous: seen.previous,
+                        current: grant.observed[c].current + granted,
+                        previous: grant.observed[c].previous,
                     };
                 }
             }
-        });
-        Decision {
-            allowed: grant.allowed,
-            ..decision
-        }
+            let decision = decide(limits, &observed, now_ms);
+            if !grant.allowed {
+                let reuse = (decision.retry_after_secs * 1000).min(REFUSAL_REUSE_MS);
+                key.refusal = Some((now_ms + reuse, observed));
+            }
+            Decision {
+                allowed: grant.allowed,
+                ..decision
+            }
+        })
+    }
+
+    /// Gives back what `ask` held when Redis could not be asked.
+    pub fn release(&self, key_id: &str, org_id: &str, ask: &Ask) {
+        self.leases.with(key_id, org_id, |key, org| {
+            for i in 0..3 {
+                for (base, leases) in [(0, &mut *key), (3, &mut *org)] {
+                    let lease = &mut leases.windows[i];
+                    if ask.held[base + i] == Some(lease.index) {
+                        lease.tokens += 1;
+                    }
+                }
+            }
+        })
     }
 }
 
-/// The Redis script: reads six (current, previous) pairs, decides with the same rule as
-/// [`decide`], and, only when every counter has room for one more request, leases each counter
-/// a block: the asked size, at most an eighth of the room left, at least one.
+/// The Redis script: for every counter a block is asked for, reads its (current, previous)
+/// pair and decides with the same rule as [`decide`]; only when each has room for one more
+/// request does it lease each a block: the asked size, at most an eighth of the room left, at
+/// least one. Counters asked for 0 are covered by a lease the replica holds.
 /// KEYS: 12 keys, (current, previous) per counter. ARGV: 6 limits, 6 weights of the previous
 /// window (0 for the day window), 6 TTLs in ms, 6 block sizes asked for.
 /// Reply: allowed, the 12 counts before the call, the 6 blocks granted.
@@ -480,16 +543,22 @@ local vals = redis.call('MGET', unpack(KEYS))
 local allowed = 1
 local grants = {}
 for i = 1, 6 do
-  local cur = tonumber(vals[2*i-1]) or 0
-  local prev = tonumber(vals[2*i]) or 0
-  local room = math.floor(tonumber(ARGV[i]) - (prev * tonumber(ARGV[6+i]) + cur))
-  if room < 1 then allowed = 0 end
-  grants[i] = math.max(1, math.min(tonumber(ARGV[18+i]), math.floor(room / 8)))
+  local want = tonumber(ARGV[18+i])
+  grants[i] = 0
+  if want > 0 then
+    local cur = tonumber(vals[2*i-1]) or 0
+    local prev = tonumber(vals[2*i]) or 0
+    local room = math.floor(tonumber(ARGV[i]) - (prev * tonumber(ARGV[6+i]) + cur))
+    if room < 1 then allowed = 0 end
+    grants[i] = math.max(1, math.min(want, math.floor(room / 8)))
+  end
 end
 if allowed == 1 then
   for i = 1, 6 do
-    redis.call('INCRBY', KEYS[2*i-1], grants[i])
-    redis.call('PEXPIRE', KEYS[2*i-1], ARGV[12+i])
+    if grants[i] > 0 then
+      redis.call('INCRBY', KEYS[2*i-1], grants[i])
+      redis.call('PEXPIRE', KEYS[2*i-1], ARGV[12+i])
+    end
   end
 end
 local out = {allowed}
@@ -504,6 +573,7 @@ pub fn redis_call(
     org_id: &str,
     limits: Limits,
     now_ms: u64,
+    wants: &[u64; COUNTERS],
 ) -> (Vec<String>, Vec<String>) {
     let mut keys = Vec::with_capacity(12);
     let mut weights = Vec::with_capacity(6);
@@ -530,7 +600,7 @@ pub fn redis_call(
     let mut argv: Vec<String> = limits.0.iter().map(u64::to_string).collect();
     argv.extend(weights);
     argv.extend(ttls);
-    argv.extend(lease_wants(limits).iter().map(u64::to_string));
+    argv.extend(wants.iter().map(u64::to_string));
     (keys, argv)
 }
 
@@ -682,7 +752,8 @@ mod tests {
 
     #[test]
     fn redis_call_and_reply_round_trip() {
-        let (keys, argv) = redis_call("k", "o", limits(5, 100, 1000), T0);
+        let l = limits(5, 100, 1000);
+        let (keys, argv) = redis_call("k", "o", l, T0, &lease_wants(l));
         assert_eq!(keys.len(), 12);
         assert_eq!(argv.len(), 24);
         assert!(keys[0].starts_with("apitree:rl:key:k:burst:"));
@@ -704,6 +775,20 @@ mod tests {
         assert!(redis_grant(&[1]).is_none());
     }
 
+    fn ask(table: &LeaseTable, key: &str, l: Limits, now: u64) -> Ask {
+        match table.take(key, "o", l, now) {
+            Take::Ask(ask) => ask,
+            Take::Decided(d) => panic!("decided without Redis: {d:?}"),
+        }
+    }
+
+    fn admitted(table: &LeaseTable, key: &str, l: Limits, now: u64) -> Decision {
+        match table.take(key, "o", l, now) {
+            Take::Decided(d) => d,
+            Take::Ask(a) => panic!("asked Redis for {:?}", a.wants),
+        }
+    }
+
     fn granted(observed: [Observed; COUNTERS], granted: [u64; COUNTERS]) -> Grant {
         Grant {
             allowed: true,
@@ -712,62 +797,121 @@ mod tests {
         }
     }
 
+    const BIG: (u64, u64, u64) = (10_000, 100_000, 1_000_000);
+
     #[test]
     fn a_leased_block_admits_requests_without_asking_again_until_it_is_spent() {
         let table = LeaseTable::default();
-        let l = limits(10_000, 100_000, 1_000_000);
-        assert!(table.take("k", "o", l, T0).is_none(), "nothing leased yet");
+        let l = limits(BIG.0, BIG.1, BIG.2);
+        let a = ask(&table, "k", l, T0);
+        assert_eq!(
+            a.wants,
+            lease_wants(l),
+            "nothing leased yet: every counter asks"
+        );
         let d = table.record(
             "k",
             "o",
             l,
             T0,
+            &a,
             &granted(Default::default(), [3, 4, 5, 6, 7, 8]),
         );
         assert!(d.allowed);
         // The smallest block (3) held two more requests after the one that asked.
-        let d = table.take("k", "o", l, T0 + 1).unwrap();
+        let d = admitted(&table, "k", l, T0 + 1);
         assert!(d.allowed);
         // Headers count leased-but-unadmitted requests as free: the org's burst window (limit
         // 1000) has admitted 2 requests of the 6 it leased.
         assert_eq!(d.tightest.0, Subject::Org);
         assert_eq!(d.tightest.3, 998);
-        assert!(table.take("k", "o", l, T0 + 2).unwrap().allowed);
-        assert!(
-            table.take("k", "o", l, T0 + 3).is_none(),
-            "burst block spent"
-        );
+        assert!(admitted(&table, "k", l, T0 + 2).allowed);
+        // Only the spent counter asks again; the others hold a leased request for this one.
+        let a = ask(&table, "k", l, T0 + 3);
+        assert_eq!(a.wants, [100, 0, 0, 0, 0, 0]);
     }
 
     #[test]
-    fn a_lease_ends_with_its_window() {
+    fn a_new_burst_window_asks_for_the_burst_counters_only() {
         let table = LeaseTable::default();
-        let l = limits(10_000, 100_000, 1_000_000);
-        let start = (T0 / 10_000) * 10_000 + 9_000;
-        table.record("k", "o", l, start, &granted(Default::default(), [50; 6]));
-        assert!(table.take("k", "o", l, start + 999).is_some());
-        assert!(
-            table.take("k", "o", l, start + 1_000).is_none(),
-            "a new 10-second window needs a new lease"
+        let l = limits(BIG.0, BIG.1, BIG.2);
+        let start = (T0 / 60_000) * 60_000 + 9_000;
+        let a = ask(&table, "k", l, start);
+        table.record(
+            "k",
+            "o",
+            l,
+            start,
+            &a,
+            &granted(Default::default(), [50; 6]),
         );
+        assert!(admitted(&table, "k", l, start + 999).allowed);
+        // A new 10-second window needs a new burst lease; the minute and day leases go on
+        // (asking for them again would waste a block of each every 10 seconds).
+        let a = ask(&table, "k", l, start + 1_000);
+        assert_eq!(a.wants, [100, 0, 0, 10, 0, 0]);
+    }
+
+    #[test]
+    fn a_refused_ask_gives_back_the_leased_requests_it_held() {
+        let table = LeaseTable::default();
+        let l = limits(BIG.0, BIG.1, BIG.2);
+        let a = ask(&table, "k", l, T0);
+        table.record(
+            "k",
+            "o",
+            l,
+            T0,
+            &a,
+            &granted(Default::default(), [1, 3, 3, 3, 3, 3]),
+        );
+        let a = ask(&table, "k", l, T0 + 1);
+        assert_eq!(a.wants[0], 100);
+        let mut full = [Observed::default(); COUNTERS];
+        full[0].current = BIG.0;
+        let refused = Grant {
+            allowed: false,
+            observed: full,
+            granted: [0; COUNTERS],
+        };
+        let d = table.record("k", "o", l, T0 + 1, &a, &refused);
+        assert_eq!(d.blocked, Some((Subject::Key, Window::Burst10s)));
+        // The held requests went back to their leases: the next ask holds them again.
+        let a = ask(&table, "k", l, T0 + 2_000);
+        assert_eq!(a.wants, [100, 0, 0, 0, 0, 0]);
+        table.release("k", "o", &a);
+        let a = ask(&table, "k", l, T0 + 2_000);
+        table.record(
+            "k",
+            "o",
+            l,
+            T0 + 2_000,
+            &a,
+            &granted(Default::default(), [5, 0, 0, 0, 0, 0]),
+        );
+        assert!(admitted(&table, "k", l, T0 + 2_001).allowed);
     }
 
     #[test]
     fn org_leases_are_shared_by_the_org_s_keys() {
         let table = LeaseTable::default();
-        let l = limits(10_000, 100_000, 1_000_000);
+        let l = limits(BIG.0, BIG.1, BIG.2);
         let blocks = [10, 10, 10, 2, 10, 10];
-        table.record("k1", "o", l, T0, &granted(Default::default(), blocks));
-        // Redis has counted the org's first blocks by the time k2 asks.
-        let mut seen = [Observed::default(); COUNTERS];
-        for i in 3..COUNTERS {
-            seen[i].current = blocks[i];
-        }
-        table.record("k2", "o", l, T0, &granted(seen, blocks));
-        // The org burst lease holds 1 + 1 after the two asking requests: two more admissions.
-        assert!(table.take("k1", "o", l, T0).is_some());
-        assert!(table.take("k2", "o", l, T0).is_some());
-        assert!(table.take("k1", "o", l, T0).is_none());
+        let a = ask(&table, "k1", l, T0);
+        table.record("k1", "o", l, T0, &a, &granted(Default::default(), blocks));
+        // k2 finds the org's leases and asks for its own key counters only.
+        let a = ask(&table, "k2", l, T0);
+        assert_eq!(a.wants, [100, 1_000, 10_000, 0, 0, 0]);
+        table.record(
+            "k2",
+            "o",
+            l,
+            T0,
+            &a,
+            &granted(Default::default(), [10, 10, 10, 0, 0, 0]),
+        );
+        // The org burst lease (2) went to k1's asking request and k2's: nothing left.
+        assert_eq!(ask(&table, "k1", l, T0).wants, [0, 0, 0, 10, 0, 0]);
     }
 
     #[test]
@@ -781,14 +925,12 @@ mod tests {
             observed: full,
             granted: [0; COUNTERS],
         };
-        let d = table.record("k", "o", l, T0, &refused);
+        let a = ask(&table, "k", l, T0);
+        let d = table.record("k", "o", l, T0, &a, &refused);
         assert_eq!(d.blocked, Some((Subject::Key, Window::Minute)));
-        let again = table.take("k", "o", l, T0 + 500).unwrap();
+        let again = admitted(&table, "k", l, T0 + 500);
         assert!(!again.allowed);
         assert!(again.retry_after_secs >= 1);
-        assert!(
-            table.take("k", "o", l, T0 + 1_000).is_none(),
-            "asks Redis again"
-        );
+        ask(&table, "k", l, T0 + 1_000);
     }
 }
