@@ -82,7 +82,10 @@ start_apitree() { # start_apitree PORT ADMINPORT [extra args]
 }
 start_apitree 18082 19082
 redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
-start_apitree 18083 19083 --redis-url redis://127.0.0.1:6379
+# Redis database 15, emptied first: each run starts from fresh counters (the day window's
+# would otherwise carry over from the last run).
+redis-cli -h 127.0.0.1 -n 15 flushdb >/dev/null
+start_apitree 18083 19083 --redis-url redis://127.0.0.1:6379/15
 
 # Sanity: each path answers 200 before we measure.
 for port in 18081 18082 18083; do

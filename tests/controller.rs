@@ -782,16 +782,19 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
             .unwrap()
             .to_string()
     };
-    let secrets = json!({
-        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {},
-        "items": [
-            {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-             "metadata": {"name": "fresh", "namespace": NS, "creationTimestamp": days_ago(10)}},
-            {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-             "metadata": {"name": "vendor-token", "namespace": NS, "creationTimestamp": days_ago(400),
-                          "annotations": {"apitree.io/rotated-at": days_ago(95)}}}
-        ]
-    });
+    let secrets_of = |rotated_at: &str| {
+        json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {},
+            "items": [
+                {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                 "metadata": {"name": "fresh", "namespace": NS, "creationTimestamp": days_ago(10)}},
+                {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                 "metadata": {"name": "vendor-token", "namespace": NS, "creationTimestamp": days_ago(400),
+                              "annotations": {"apitree.io/rotated-at": rotated_at}}}
+            ]
+        })
+    };
+    let secrets = secrets_of(&days_ago(95));
     let list = format!("/api/v1/namespaces/{NS}/secrets?&labelSelector=rotate%3Dyes");
     let status = format!(
         "/apis/apitree.io/v1alpha1/namespaces/{NS}/credentialpolicies/vendor-secrets/status?"
@@ -823,8 +826,32 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
         call("PATCH", &status).has("\"overdue\":1").stored(stored),
     ];
     let scenario = run_scenario(h.handle.clone(), calls);
-    reconcile_policy(Arc::new(policy), rotations).await.unwrap();
+    reconcile_policy(Arc::new(policy.clone()), rotations.clone())
+        .await
+        .unwrap();
     scenario.await.unwrap();
+    // Overdue is a warning incident, opened once.
+    let incidents = notifier.recorded();
+    assert_eq!(incidents.len(), 1);
+    assert_eq!(incidents[0].signal, "credentials overdue");
+    assert_eq!(incidents[0].severity, apitree::detect::Severity::Warning);
+    assert_eq!(
+        incidents[0].gateway,
+        format!("CredentialPolicy {NS}/vendor-secrets")
+    );
+    // On-call acknowledges it from Slack.
+    let press = apitree::notify::slack::Interaction {
+        action: apitree::notify::slack::Action::Acknowledge,
+        incident: incidents[0].incident_id,
+        revision: None,
+        user_id: "U9".into(),
+        user_name: "mina".into(),
+    };
+    assert!(rotations.respond(&press).await);
+    assert_eq!(
+        notifier.recorded()[1].acknowledged_by.as_deref(),
+        Some("U9")
+    );
     // The reminder also went to the notifier (Slack when configured), once, as urgent.
     let notes = notifier.recorded_notes();
     assert_eq!(notes.len(), 1);
@@ -838,6 +865,17 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
     assert!(metrics
         .render()
         .contains("apitree_operator_credentials{state=\"overdue\"} 1"));
+    // Rotated: nothing is overdue and the incident resolves.
+    let calls = vec![
+        call("GET", &list).reply(200, secrets_of(&days_ago(0))),
+        call("PATCH", &status).has("\"overdue\":0").stored(stored),
+    ];
+    let scenario = run_scenario(h.handle.clone(), calls);
+    reconcile_policy(Arc::new(policy), rotations).await.unwrap();
+    scenario.await.unwrap();
+    let last = notifier.recorded().pop().unwrap();
+    assert_eq!(last.event, apitree::detect::IncidentEvent::Resolve);
+    assert_eq!(last.signal, "credentials overdue");
 }
 
 #[tokio::test]

@@ -22,6 +22,8 @@ pub const P99_LATENCY: &str = "p99 latency";
 pub const CIRCUIT_OPEN: &str = "circuit open";
 /// Schema drift that weakens tenant isolation or the audit trail (found by the health sweep).
 pub const SECURITY_DRIFT: &str = "security drift";
+/// Credentials past their CredentialPolicy's maximum age (a warning until rotated).
+pub const CREDENTIALS_OVERDUE: &str = "credentials overdue";
 
 /// A stored incident.
 #[derive(Debug, Clone, PartialEq)]

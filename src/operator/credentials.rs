@@ -22,6 +22,11 @@ use super::metrics::OperatorMetrics;
 use crate::crd::condition::{set_condition, ConditionStatus};
 use crate::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
 use crate::crd::gateway::ApiGateway;
+use crate::crd::gateway::DetectionSpec;
+use crate::detect::engine::{
+    Detector, IncidentStore, NoticeContext, Response, CREDENTIALS_OVERDUE,
+};
+use crate::detect::{ScoreConfig, Severity};
 use crate::notify::{Note, Notifier};
 use crate::platform::kube::FIELD_MANAGER;
 use crate::rotation::{self, Credential, ROTATED_AT_ANNOTATION};
@@ -64,6 +69,9 @@ pub struct Rotations {
     sent: Mutex<HashMap<String, HashSet<String>>>,
     /// (due, overdue, in grace) per policy, summed into `apitree_operator_credentials`.
     counts: Mutex<HashMap<String, [u32; 3]>>,
+    /// Per policy: the `credentials overdue` warning incident, open while any is overdue.
+    incidents: tokio::sync::Mutex<HashMap<String, Detector>>,
+    store: Arc<IncidentStore>,
 }
 
 impl Rotations {
@@ -81,7 +89,67 @@ impl Rotations {
             clock,
             sent: Mutex::new(HashMap::new()),
             counts: Mutex::new(HashMap::new()),
+            incidents: tokio::sync::Mutex::new(HashMap::new()),
+            store: Arc::new(IncidentStore::memory()),
         }
+    }
+
+    /// Opens the policy's `credentials overdue` incident (warning) when something is overdue,
+    /// resolves it when nothing is; posts only those changes.
+    async fn track_overdue(&self, policy: &str, overdue: u32, now: Timestamp) {
+        let mut incidents = self.incidents.lock().await;
+        let detector = incidents.entry(policy.to_string()).or_insert_with(|| {
+            Detector::new(
+                &format!("CredentialPolicy {policy}"),
+                ScoreConfig::from(&DetectionSpec::default()),
+                NoticeContext::default(),
+                self.store.clone(),
+                self.notifier.clone(),
+            )
+        });
+        if let Err(e) = detector
+            .event_signal(
+                now.as_second(),
+                CREDENTIALS_OVERDUE,
+                overdue > 0,
+                Severity::Warning,
+            )
+            .await
+        {
+            tracing::error!(
+                policy,
+                "cannot record the overdue-credentials incident: {e}"
+            );
+        }
+    }
+
+    /// Applies a Slack Acknowledge / Silence press if it names a policy's incident.
+    pub async fn respond(&self, press: &crate::notify::slack::Interaction) -> bool {
+        use crate::notify::slack::Action as Button;
+        let response = match press.action {
+            Button::Acknowledge => Response::Acknowledge,
+            Button::Silence1h => Response::Silence {
+                until: (self.clock)().as_second() + 3600,
+            },
+            Button::Promote | Button::Rollback => return false,
+        };
+        for detector in self.incidents.lock().await.values_mut() {
+            match detector
+                .respond(press.incident, &press.user_id, response)
+                .await
+            {
+                Ok(Some(_)) => return true,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(
+                        "cannot record a response to incident {}: {e}",
+                        press.incident
+                    );
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -249,6 +317,7 @@ pub async fn reconcile(
         status.in_grace = evaluated.in_grace;
         status.next_due = evaluated.next_due;
         status.last_checked = evaluated.last_checked;
+        ctx.track_overdue(&name, evaluated.overdue, now).await;
         {
             let mut counts = ctx.counts.lock().unwrap_or_else(|e| e.into_inner());
             counts.insert(

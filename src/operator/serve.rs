@@ -73,15 +73,29 @@ pub async fn run(
     // Button presses reach the operator, which the endpoint is built before.
     let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
     let cell = operator_cell.clone();
+    let rotations_cell: Arc<OnceLock<Weak<super::credentials::Rotations>>> =
+        Arc::new(OnceLock::new());
+    let policies = rotations_cell.clone();
     let gateway_secrets: Arc<std::sync::RwLock<Vec<String>>> = Arc::default();
     let interactions = Some(http::button_endpoint(
         signing_secret,
         gateway_secrets.clone(),
         notifier.clone(),
         move |press| {
-            if let Some(op) = cell.get().and_then(Weak::upgrade) {
-                op.press(press);
-            }
+            // A CredentialPolicy's incident is answered at once; the rest wait for their
+            // gateway's next pass.
+            let op = cell.get().and_then(Weak::upgrade);
+            let rotations = policies.get().and_then(Weak::upgrade);
+            tokio::spawn(async move {
+                if let Some(r) = rotations {
+                    if r.respond(&press).await {
+                        return;
+                    }
+                }
+                if let Some(op) = op {
+                    op.press(press);
+                }
+            });
         },
     ));
     let state = Arc::new(HttpState::new(metrics.clone(), interactions));
@@ -142,6 +156,7 @@ pub async fn run(
         op.notifier.clone(),
         Arc::new(Timestamp::now),
     ));
+    let _ = rotations_cell.set(Arc::downgrade(&rotations));
     let mut running: Option<Vec<tokio::task::JoinHandle<()>>> = None;
     tokio::pin!(stop);
     let outcome = loop {
