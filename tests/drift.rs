@@ -212,31 +212,74 @@ async fn a_changed_column_is_rewritten_only_with_allow_changed() {
     assert!(done.after.in_sync(), "{:#?}", done.after);
 }
 
+/// Makes the database say the first migration was applied from `applied_sql` (what
+/// `apitree migrate` records when it applies a text: its checksum and, unless `fingerprint` is
+/// false, its whitespace-insensitive fingerprint).
+async fn applied_as(pool: &sqlx::PgPool, applied_sql: &str, fingerprint: bool) -> i64 {
+    let first = apitree::db::MIGRATOR.iter().next().unwrap();
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2")
+        .bind(Sha384::digest(applied_sql.as_bytes()).to_vec())
+        .bind(first.version)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM apitree_migration_fingerprints WHERE version = $1")
+        .bind(first.version)
+        .execute(pool)
+        .await
+        .unwrap();
+    if fingerprint {
+        sqlx::query(
+            "INSERT INTO apitree_migration_fingerprints (version, fingerprint) VALUES ($1, $2)",
+        )
+        .bind(first.version)
+        .bind(apitree::drift::history::fingerprint(applied_sql))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    first.version
+}
+
 #[tokio::test]
-async fn an_edited_migration_is_reported_and_a_line_ending_change_is_cosmetic() {
+async fn an_edited_migration_is_reported_and_a_whitespace_change_is_cosmetic() {
     let db = TestDb::new().await;
     let pool = db.migrated_pool().await;
     let first = apitree::db::MIGRATOR.iter().next().unwrap();
-    let crlf = first.sql.as_str().replace('\n', "\r\n");
-    sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2")
-        .bind(Sha384::digest(crlf.as_bytes()).to_vec())
-        .bind(first.version)
-        .execute(&pool)
+    let file = first.sql.as_str();
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM apitree_migration_fingerprints")
+        .fetch_one(&pool)
         .await
         .unwrap();
+    assert_eq!(
+        recorded as usize,
+        apitree::db::MIGRATOR.iter().count(),
+        "migrate records a fingerprint per migration"
+    );
+    // Applied with CRLF line endings (no fingerprint: an older release applied it).
+    applied_as(&pool, &file.replace('\n', "\r\n"), false).await;
     let report = check(&pool).await.unwrap();
     assert_eq!(report.history.len(), 1);
     assert_eq!(report.history[0].state, HistoryState::Cosmetic);
     assert!(report.in_sync(), "cosmetic history is not drift");
-    sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2")
-        .bind(Sha384::digest(b"CREATE TABLE something_else (x int);").to_vec())
-        .bind(first.version)
-        .execute(&pool)
-        .await
-        .unwrap();
+    // Applied with more whitespace than the file has now (blank lines, indentation removed
+    // since): only the fingerprint can tell.
+    let roomier = file.replace('\n', "\n\n    ");
+    applied_as(&pool, &roomier, false).await;
+    assert_eq!(
+        check(&pool).await.unwrap().history[0].state,
+        HistoryState::Edited
+    );
+    applied_as(&pool, &roomier, true).await;
+    assert_eq!(
+        check(&pool).await.unwrap().history[0].state,
+        HistoryState::Cosmetic
+    );
+    // A real edit.
+    let version = applied_as(&pool, "CREATE TABLE something_else (x int);", true).await;
     let report = check(&pool).await.unwrap();
     assert_eq!(report.history[0].state, HistoryState::Edited);
-    assert_eq!(report.history[0].version, first.version);
+    assert_eq!(report.history[0].version, version);
     assert!(!report.in_sync());
 }
 

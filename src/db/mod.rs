@@ -118,10 +118,14 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
 
 /// Applies every pending migration; already applied ones are skipped, so this is idempotent.
 pub async fn migrate(pool: &PgPool, target: &str) -> Result<(), DbError> {
-    MIGRATOR.run(pool).await.map_err(|source| DbError::Migrate {
-        target: target.to_string(),
-        source,
-    })
+    MIGRATOR
+        .run(pool)
+        .await
+        .map_err(|source| DbError::Migrate {
+            target: target.to_string(),
+            source,
+        })?;
+    crate::drift::history::record_fingerprints(pool).await
 }
 
 fn classify_connect_error(err: &sqlx::Error) -> (String, &'static str) {

@@ -1,9 +1,11 @@
 //! Migration-history drift: the applied migrations recorded in `_sqlx_migrations` against the
 //! ones this release ships. An applied migration whose file changed since is reported with its
-//! version. Only a checksum of the applied text is stored, so a change is recognised as cosmetic
-//! when the checksum matches the file with a whitespace normalisation undone: CRLF ↔ LF, the
-//! final newline, trailing spaces stripped. (Whitespace removed from the file since cannot be
-//! told from an edit: the hash does not say what was there.)
+//! version. A change is cosmetic when only whitespace changed: `apitree migrate` records a
+//! whitespace-insensitive fingerprint of each migration as applied
+//! (`apitree_migration_fingerprints`), so any whitespace edit is recognised, added or removed.
+//! For migrations applied without one (by an older release or another tool), the exact checksum
+//! is matched against the file with a normalisation undone: CRLF ↔ LF, the final newline,
+//! trailing spaces stripped.
 
 use serde::Serialize;
 use sha2::{Digest, Sha384};
@@ -40,6 +42,15 @@ pub struct Applied {
     pub description: String,
     pub checksum: Vec<u8>,
     pub success: bool,
+    /// [`fingerprint`] of the text as applied, when `apitree migrate` recorded it.
+    pub fingerprint: Option<Vec<u8>>,
+}
+
+/// SHA-384 of the migration with every run of whitespace made one space: equal for two texts
+/// that differ only in whitespace.
+pub fn fingerprint(sql: &str) -> Vec<u8> {
+    let words: Vec<&str> = sql.split_whitespace().collect();
+    Sha384::digest(words.join(" ").as_bytes()).to_vec()
 }
 
 /// A migration the release ships.
@@ -72,9 +83,12 @@ pub fn classify(applied: &[Applied], shipped: &[Shipped<'_>]) -> Vec<HistoryItem
             None => Some(HistoryState::Unknown),
             Some(s) if s.checksum == a.checksum.as_slice() => None,
             Some(s) => {
-                let cosmetic = cosmetic_variants(s.sql)
-                    .iter()
-                    .any(|v| Sha384::digest(v.as_bytes()).as_slice() == a.checksum.as_slice());
+                let cosmetic = match &a.fingerprint {
+                    Some(f) => *f == fingerprint(s.sql),
+                    None => cosmetic_variants(s.sql)
+                        .iter()
+                        .any(|v| Sha384::digest(v.as_bytes()).as_slice() == a.checksum.as_slice()),
+                };
                 Some(if cosmetic {
                     HistoryState::Cosmetic
                 } else {
@@ -112,24 +126,38 @@ pub async fn check(conn: &mut PgConnection) -> Result<Vec<HistoryItem>, DbError>
             operation: "read the migration history",
             source,
         })?;
+    let fingerprints: bool =
+        sqlx::query_scalar("SELECT to_regclass('apitree_migration_fingerprints') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|source| DbError::Query {
+                operation: "read the migration history",
+                source,
+            })?;
+    let query = if fingerprints {
+        "SELECT m.version, m.description, m.checksum, m.success, f.fingerprint
+         FROM _sqlx_migrations m LEFT JOIN apitree_migration_fingerprints f USING (version)
+         ORDER BY m.version"
+    } else {
+        "SELECT version, description, checksum, success, NULL::bytea FROM _sqlx_migrations ORDER BY version"
+    };
     let applied: Vec<Applied> = if exists {
-        sqlx::query(
-            "SELECT version, description, checksum, success FROM _sqlx_migrations ORDER BY version",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(|source| DbError::Query {
-            operation: "read the migration history",
-            source,
-        })?
-        .into_iter()
-        .map(|r| Applied {
-            version: r.get(0),
-            description: r.get(1),
-            checksum: r.get(2),
-            success: r.get(3),
-        })
-        .collect()
+        sqlx::query(query)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|source| DbError::Query {
+                operation: "read the migration history",
+                source,
+            })?
+            .into_iter()
+            .map(|r| Applied {
+                version: r.get(0),
+                description: r.get(1),
+                checksum: r.get(2),
+                success: r.get(3),
+                fingerprint: r.get(4),
+            })
+            .collect()
     } else {
         Vec::new()
     };
@@ -145,6 +173,29 @@ pub async fn check(conn: &mut PgConnection) -> Result<Vec<HistoryItem>, DbError>
     Ok(classify(&applied, &shipped))
 }
 
+/// Records the fingerprint of every applied migration that has none yet and whose checksum
+/// shows it was applied from the text this release ships.
+pub async fn record_fingerprints(pool: &sqlx::PgPool) -> Result<(), DbError> {
+    for m in crate::db::MIGRATOR.iter() {
+        sqlx::query(
+            "INSERT INTO apitree_migration_fingerprints (version, fingerprint)
+             SELECT version, $3 FROM _sqlx_migrations
+             WHERE version = $1 AND checksum = $2 AND success
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(m.version)
+        .bind(m.checksum.as_ref())
+        .bind(fingerprint(m.sql.as_str()))
+        .execute(pool)
+        .await
+        .map_err(|source| DbError::Query {
+            operation: "record migration fingerprints",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +208,7 @@ mod tests {
             description: "t".into(),
             checksum: Sha384::digest(sql.as_bytes()).to_vec(),
             success: true,
+            fingerprint: None,
         }
     }
 
@@ -194,6 +246,37 @@ mod tests {
     }
 
     #[test]
+    fn with_a_fingerprint_whitespace_removed_since_is_cosmetic_too() {
+        let applied_sql = "CREATE TABLE t (\n    id int\n);\n\n\nCREATE INDEX i ON t (id);\n";
+        let file = "CREATE TABLE t ( id int );\nCREATE INDEX i ON t (id);\n";
+        let (sum, sql) = shipped(file);
+        let classify_with = |fingerprint: Option<Vec<u8>>| {
+            classify(
+                &[Applied {
+                    fingerprint,
+                    ..applied(applied_sql)
+                }],
+                &[Shipped {
+                    version: 1,
+                    description: "t",
+                    checksum: &sum,
+                    sql: &sql,
+                }],
+            )[0]
+            .state
+        };
+        assert_eq!(
+            classify_with(Some(fingerprint(applied_sql))),
+            HistoryState::Cosmetic
+        );
+        // Without one, only the normalisations above can be undone.
+        assert_eq!(classify_with(None), HistoryState::Edited);
+        // A real edit stays an edit.
+        let edited = file.replace("int", "bigint");
+        assert_ne!(fingerprint(applied_sql), fingerprint(&edited));
+    }
+
+    #[test]
     fn a_real_edit_is_reported() {
         let edited = SQL.replace("int", "bigint");
         assert_eq!(run(SQL, &edited)[0].state, HistoryState::Edited);
@@ -208,6 +291,7 @@ mod tests {
                 description: "future".into(),
                 checksum: vec![1],
                 success: true,
+                fingerprint: None,
             }],
             &[Shipped {
                 version: 1,
