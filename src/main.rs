@@ -208,12 +208,14 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
             std::fs::write(&out, serde_json::to_string_pretty(&schema)? + "\n")
                 .with_context(|| format!("cannot write {}", out.display()))?;
             eprintln!(
-                "wrote {} ({} tables, {} columns, {} policies, {} triggers)",
+                "wrote {} ({} tables, {} columns, {} policies, {} triggers, {} enum types, {} sequences)",
                 out.display(),
                 schema.tables.len(),
                 schema.columns.len(),
                 schema.policies.len(),
-                schema.triggers.len()
+                schema.triggers.len(),
+                schema.enums.len(),
+                schema.sequences.len()
             );
             Ok(())
         }

@@ -212,6 +212,71 @@ async fn a_changed_column_is_rewritten_only_with_allow_changed() {
     assert!(done.after.in_sync(), "{:#?}", done.after);
 }
 
+#[tokio::test]
+async fn a_dropped_sequence_is_recreated_after_the_highest_id_and_a_renamed_enum_label_is_reported()
+{
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    exec(
+        &pool,
+        "INSERT INTO notification_outbox (dedupe_key, channel, method, payload)
+         SELECT 'k' || g, 'C1', 'chat.postMessage', '{}' FROM generate_series(1, 5) g;
+         DROP SEQUENCE notification_outbox_id_seq CASCADE;
+         ALTER TYPE incident_severity RENAME VALUE 'high' TO 'major';"
+            .into(),
+    )
+    .await
+    .unwrap();
+    let report = check(&pool).await.unwrap();
+    let find = |object: &str| {
+        report
+            .items
+            .iter()
+            .find(|i| i.object == object)
+            .unwrap_or_else(|| panic!("{object} not reported: {:#?}", report.items))
+            .clone()
+    };
+    let seq = find("sequence notification_outbox_id_seq");
+    assert_eq!((seq.kind, seq.risk), (Kind::Missing, Risk::Additive));
+    // DROP … CASCADE took the column's default with it.
+    let default = find("column notification_outbox.id");
+    assert_eq!(
+        (default.kind, default.risk),
+        (Kind::Changed, Risk::Additive)
+    );
+    let labels = find("enum type incident_severity");
+    assert_eq!(
+        (labels.kind, labels.risk),
+        (Kind::Changed, Risk::Destructive)
+    );
+    assert!(labels.detail.contains("major"), "{}", labels.detail);
+    assert!(
+        labels.fix_sql.is_none(),
+        "a renamed label is a person's call"
+    );
+
+    let done = fix(&pool, false, "t").await.unwrap();
+    let fixed: Vec<&str> = done.applied.iter().map(|i| i.object.as_str()).collect();
+    assert_eq!(
+        fixed,
+        [
+            "sequence notification_outbox_id_seq",
+            "column notification_outbox.id"
+        ]
+    );
+    // Inserts work again and continue after the rows that were there.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO notification_outbox (dedupe_key, channel, method, payload)
+         VALUES ('k6', 'C1', 'chat.postMessage', '{}') RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(id, 6);
+    let left: Vec<String> = done.after.items.iter().map(|i| i.object.clone()).collect();
+    assert_eq!(left, ["enum type incident_severity"]);
+}
+
 /// Makes the database say the first migration was applied from `applied_sql` (what
 /// `apitree migrate` records when it applies a text: its checksum and, unless `fingerprint` is
 /// false, its whitespace-insensitive fingerprint).

@@ -1,10 +1,13 @@
 //! Reads a schema from pg_catalog: tables with their row-level-security flags, columns (type,
 //! nullability, default), indexes that do not back a constraint, constraints, policies,
-//! triggers and functions. sqlx's own `_sqlx_migrations` table is not part of the schema.
+//! triggers, functions, enum types and sequences. sqlx's own `_sqlx_migrations` table is not
+//! part of the schema.
 
 use sqlx::{PgConnection, Row};
 
-use super::{Column, Constraint, Function, Index, Policy, Schema, Table, Trigger};
+use super::{
+    Column, Constraint, EnumType, Function, Index, Policy, Schema, Sequence, Table, Trigger,
+};
 use crate::db::DbError;
 
 const SQLX_TABLE: &str = "_sqlx_migrations";
@@ -174,6 +177,49 @@ pub async fn introspect(conn: &mut PgConnection, schema: &str) -> Result<Schema,
             r.get(0),
             Function {
                 definition: r.get(1),
+            },
+        );
+    }
+    let rows = sqlx::query(
+        "SELECT t.typname::text, array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
+           FROM pg_type t
+           JOIN pg_enum e ON e.enumtypid = t.oid
+           JOIN pg_namespace n ON n.oid = t.typnamespace
+          WHERE n.nspname = $1
+          GROUP BY t.typname",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(failed("read enum types"))?;
+    for r in rows {
+        out.enums.insert(r.get(0), EnumType { labels: r.get(1) });
+    }
+    // Identity columns' sequences are part of their column, not listed.
+    let rows = sqlx::query(
+        "SELECT s.relname::text, format_type(q.seqtypid, NULL), q.seqincrement,
+                t.relname::text || '.' || a.attname::text
+           FROM pg_sequence q
+           JOIN pg_class s ON s.oid = q.seqrelid
+           JOIN pg_namespace n ON n.oid = s.relnamespace
+           LEFT JOIN pg_depend d ON d.objid = s.oid AND d.classid = 'pg_class'::regclass
+                AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'a'
+           LEFT JOIN pg_class t ON t.oid = d.refobjid
+           LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+          WHERE n.nspname = $1
+            AND NOT EXISTS (SELECT 1 FROM pg_depend i WHERE i.objid = s.oid AND i.deptype = 'i')",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(failed("read sequences"))?;
+    for r in rows {
+        out.sequences.insert(
+            r.get(0),
+            Sequence {
+                data_type: r.get(1),
+                increment: r.get(2),
+                owned_by: r.get(3),
             },
         );
     }

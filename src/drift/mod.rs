@@ -23,6 +23,25 @@ pub struct Schema {
     pub policies: BTreeMap<String, Policy>,
     pub triggers: BTreeMap<String, Trigger>,
     pub functions: BTreeMap<String, Function>,
+    #[serde(default)]
+    pub enums: BTreeMap<String, EnumType>,
+    #[serde(default)]
+    pub sequences: BTreeMap<String, Sequence>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnumType {
+    /// Labels in their sort order.
+    pub labels: Vec<String>,
+}
+
+/// A sequence that is not an identity column's (those come with their column).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sequence {
+    pub data_type: String,
+    pub increment: i64,
+    /// `table.column` that owns it (a serial column).
+    pub owned_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +170,176 @@ pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Quotes a string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `ALTER TYPE … ADD VALUE` statements that turn `actual` into `expected`, when `actual`'s
+/// labels are all in `expected`, in the same order (labels can be added, never dropped).
+fn enum_additions(name: &str, expected: &[String], actual: &[String]) -> Option<Vec<String>> {
+    let mut rest = expected.iter();
+    if !actual.iter().all(|a| rest.any(|e| e == a)) {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (i, label) in expected.iter().enumerate() {
+        if actual.contains(label) {
+            continue;
+        }
+        let place = match (i.checked_sub(1).map(|p| &expected[p]), actual.first()) {
+            (Some(prev), _) => format!(" AFTER {}", literal(prev)),
+            (None, Some(first)) => format!(" BEFORE {}", literal(first)),
+            (None, None) => String::new(),
+        };
+        out.push(format!(
+            "ALTER TYPE {} ADD VALUE {}{place}",
+            ident(name),
+            literal(label)
+        ));
+    }
+    Some(out)
+}
+
+/// Enum types and sequences, first in apply order (tables use them): `enum type` and
+/// `sequence` sort before `table`.
+fn diff_types_and_sequences(
+    expected: &Schema,
+    actual: &Schema,
+    push: &mut impl FnMut(Kind, Risk, String, String, Option<String>, u8),
+) {
+    for (name, e) in &expected.enums {
+        let object = format!("enum type {name}");
+        match actual.enums.get(name) {
+            None => push(
+                Kind::Missing,
+                Risk::Additive,
+                object,
+                "the type does not exist".into(),
+                Some(format!(
+                    "CREATE TYPE {} AS ENUM ({})",
+                    ident(name),
+                    e.labels
+                        .iter()
+                        .map(|l| literal(l))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                0,
+            ),
+            Some(a) if a.labels != e.labels => {
+                let detail = format!("labels are {:?} but should be {:?}", a.labels, e.labels);
+                match enum_additions(name, &e.labels, &a.labels) {
+                    Some(adds) => push(
+                        Kind::Changed,
+                        Risk::Additive,
+                        object,
+                        detail,
+                        Some(adds.join("; ")),
+                        0,
+                    ),
+                    // A label was renamed, dropped or moved: rows may use it; a person decides.
+                    None => push(
+                        Kind::Changed,
+                        Risk::Destructive,
+                        object,
+                        format!("{detail}; labels cannot be dropped, fix by hand"),
+                        None,
+                        0,
+                    ),
+                }
+            }
+            _ => {}
+        }
+    }
+    for name in actual
+        .enums
+        .keys()
+        .filter(|n| !expected.enums.contains_key(*n))
+    {
+        push(
+            Kind::Extra,
+            Risk::Destructive,
+            format!("enum type {name}"),
+            "not created by the migrations; reported, never dropped".into(),
+            None,
+            0,
+        );
+    }
+    for (name, q) in &expected.sequences {
+        let object = format!("sequence {name}");
+        let owner = q.owned_by.as_ref().and_then(|o| o.split_once('.'));
+        match actual.sequences.get(name) {
+            None => {
+                let mut sql = format!(
+                    "CREATE SEQUENCE {} AS {} INCREMENT BY {}",
+                    ident(name),
+                    q.data_type,
+                    q.increment
+                );
+                // Continue after the highest value in use, or inserts would collide with rows.
+                if let Some((table, column)) = owner.filter(|(t, _)| actual.tables.contains_key(*t))
+                {
+                    sql.push_str(&format!(
+                        "; ALTER SEQUENCE {s} OWNED BY {t}.{c}; SELECT setval({l}, COALESCE((SELECT max({c}) FROM {t}), 0) + 1, false)",
+                        s = ident(name),
+                        t = ident(table),
+                        c = ident(column),
+                        l = literal(&ident(name)),
+                    ));
+                }
+                push(
+                    Kind::Missing,
+                    Risk::Additive,
+                    object,
+                    "the sequence does not exist; inserts relying on it fail".into(),
+                    Some(sql),
+                    0,
+                );
+            }
+            Some(a) if a != q => push(
+                Kind::Changed,
+                Risk::Destructive,
+                object,
+                format!(
+                    "is {} by {} owned by {} but should be {} by {} owned by {}",
+                    a.data_type,
+                    a.increment,
+                    a.owned_by.as_deref().unwrap_or("nothing"),
+                    q.data_type,
+                    q.increment,
+                    q.owned_by.as_deref().unwrap_or("nothing")
+                ),
+                Some(format!(
+                    "ALTER SEQUENCE {} AS {} INCREMENT BY {} OWNED BY {}",
+                    ident(name),
+                    q.data_type,
+                    q.increment,
+                    owner
+                        .map(|(t, c)| format!("{}.{}", ident(t), ident(c)))
+                        .unwrap_or_else(|| "NONE".into())
+                )),
+                0,
+            ),
+            _ => {}
+        }
+    }
+    for name in actual
+        .sequences
+        .keys()
+        .filter(|n| !expected.sequences.contains_key(*n))
+    {
+        push(
+            Kind::Extra,
+            Risk::Destructive,
+            format!("sequence {name}"),
+            "not created by the migrations; reported, never dropped".into(),
+            None,
+            0,
+        );
+    }
+}
+
 /// The audit log's own objects: losing any of them weakens the audit trail.
 fn audit_related(table: &str, name: &str) -> bool {
     table == "audit_log" || name.starts_with("audit_log")
@@ -229,6 +418,7 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
             order,
         })
     };
+    diff_types_and_sequences(expected, actual, &mut push);
     // Tables and their RLS flags.
     for (name, t) in &expected.tables {
         match actual.tables.get(name) {
@@ -370,9 +560,15 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
                     );
                 }
                 if a.default != c.default {
+                    // Restoring a lost default loses nothing; replacing one might matter.
+                    let risk = if a.default.is_none() {
+                        Risk::Additive
+                    } else {
+                        Risk::Destructive
+                    };
                     push(
                         Kind::Changed,
-                        Risk::Destructive,
+                        risk,
                         format!("column {key}"),
                         format!(
                             "default is {} but should be {}",
@@ -615,6 +811,26 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn enum_labels_can_be_added_in_place_but_never_dropped() {
+        let labels = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let expected = labels(&["warning", "high", "critical"]);
+        assert_eq!(
+            enum_additions("sev", &expected, &labels(&["warning", "critical"])).unwrap(),
+            ["ALTER TYPE \"sev\" ADD VALUE 'high' AFTER 'warning'"]
+        );
+        assert_eq!(
+            enum_additions("sev", &expected, &labels(&["high"])).unwrap(),
+            [
+                "ALTER TYPE \"sev\" ADD VALUE 'warning' BEFORE 'high'",
+                "ALTER TYPE \"sev\" ADD VALUE 'critical' AFTER 'high'"
+            ]
+        );
+        // Renamed, extra or reordered labels cannot be fixed by adding.
+        assert!(enum_additions("sev", &expected, &labels(&["warning", "major"])).is_none());
+        assert!(enum_additions("sev", &expected, &labels(&["critical", "warning"])).is_none());
+    }
+
     use super::*;
 
     fn schema() -> Schema {
