@@ -1113,3 +1113,160 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         )]
     );
 }
+
+#[tokio::test]
+async fn a_credential_policy_reencrypts_to_the_new_master_key_once_the_gateway_runs_it() {
+    use apitree::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
+    use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
+    use apitree::proxy::vault::MasterKeys;
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (k1, k2) = (b64.encode([7u8; 32]), b64.encode([9u8; 32]));
+    let v1 = MasterKeys::single(1, &k1).unwrap();
+    let db = common::TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    let api = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', 'http://up/')")
+        .bind(api)
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for i in 0..30 {
+        let sealed = v1.encrypt(&org.to_string(), "weather", &format!("secret-{i}"));
+        sqlx::query("INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version) VALUES ($1, $2, $3, $4, 'system', $5, $6, 1)")
+            .bind(uuid::Uuid::new_v4())
+            .bind(org)
+            .bind(api)
+            .bind(format!("cred-{i:02}"))
+            .bind(&sealed.ciphertext)
+            .bind(&sealed.nonce)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    let h = Harness::new().await;
+    // The credentials were written just now: none is due yet.
+    *h.clock.lock().unwrap() = k8s_openapi::jiff::Timestamp::now();
+    let clock = h.clock.clone();
+    let rotations = Arc::new(Rotations::new(
+        h.client.clone(),
+        Arc::new(OperatorMetrics::new()),
+        Arc::new(Notifier::recording()),
+        Arc::new(move || *clock.lock().unwrap()),
+    ));
+    let spec = json!({"database": {"gatewayRef": "shop"}});
+    let mut policy =
+        CredentialPolicy::new("vendor-db", serde_json::from_value(spec.clone()).unwrap());
+    policy.metadata.namespace = Some(NS.into());
+    policy.metadata.generation = Some(1);
+    // The gateway's master key is now a keyring with v2; its proxies hold `holding`.
+    let gateway = |holding: Vec<u32>| {
+        let mut gw = serde_json::to_value(&Fixture::new().gw).unwrap();
+        gw["spec"]["database"] = json!({"name": "shop-db", "key": "url"});
+        gw["spec"]["secrets"] = json!({"keyPepper": {"name": "pepper", "key": "pepper"}, "masterKey": {"name": "master-keys", "key": "keys"}});
+        gw["status"] = json!({"masterKeyVersions": holding});
+        gw
+    };
+    let secret = |name: &str, key: &str, value: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+               "data": {key: b64.encode(value)}})
+    };
+    let reads = |holding: Vec<u32>| {
+        vec![
+            call(
+                "GET",
+                &format!("/apis/apitree.io/v1alpha1/namespaces/{NS}/apigateways/shop"),
+            )
+            .reply(200, gateway(holding)),
+            call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db"))
+                .reply(200, secret("shop-db", "url", &db.url)),
+            call(
+                "GET",
+                &format!("/api/v1/namespaces/{NS}/secrets/master-keys"),
+            )
+            .reply(
+                200,
+                secret("master-keys", "keys", &format!("1:{k1}\n2:{k2}\n")),
+            ),
+        ]
+    };
+    let status =
+        format!("/apis/apitree.io/v1alpha1/namespaces/{NS}/credentialpolicies/vendor-db/status?");
+    let stored = |mut v: Value| {
+        v["metadata"] = json!({"name": "vendor-db", "namespace": NS});
+        v["spec"] = json!({"database": {"gatewayRef": "shop"}});
+        v
+    };
+    // The proxies still hold only v1: re-encrypting now would break them. It waits.
+    let mut calls = reads(vec![1]);
+    calls.push(
+        call("PATCH", &status)
+            .has("\"targetVersion\":2")
+            .has("\"done\":0")
+            .has("\"total\":30")
+            .has("do not hold master key v2 yet")
+            .stored(stored),
+    );
+    let scenario = run_scenario(h.handle.clone(), calls);
+    let action = tokio::time::timeout(
+        Duration::from_secs(30),
+        reconcile_policy(Arc::new(policy.clone()), rotations.clone()),
+    )
+    .await;
+    let bodies = scenario.await.unwrap();
+    let action = action.expect("the pass finished").unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT DISTINCT key_version FROM upstream_credentials")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1]);
+
+    // The gateway switched to a revision holding v1 and v2: everything moves to v2.
+    policy.status = Some(
+        serde_json::from_value::<CredentialPolicyStatus>(bodies.last().unwrap()["status"].clone())
+            .unwrap(),
+    );
+    let mut calls = reads(vec![1, 2]);
+    calls.push(event("Reencrypted").has("master key v2"));
+    calls.push(
+        call("PATCH", &status)
+            .has("\"done\":30")
+            .has("\"total\":30")
+            .stored(stored),
+    );
+    let scenario = run_scenario(h.handle.clone(), calls);
+    let action = reconcile_policy(Arc::new(policy), rotations).await.unwrap();
+    let bodies = scenario.await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(3600)));
+    let progress = &bodies.last().unwrap()["status"]["reencryption"];
+    assert!(progress.get("waiting").is_none(), "{progress}");
+    assert!(
+        progress.get("versionsInUse").is_none(),
+        "v1 can retire: {progress}"
+    );
+    let v2_only = MasterKeys::single(2, &k2).unwrap();
+    let rows: Vec<(String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT name, key_version, nonce, ciphertext FROM upstream_credentials ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for (i, (name, version, nonce, ciphertext)) in rows.iter().enumerate() {
+        let sealed = apitree::proxy::vault::Sealed {
+            key_version: *version as u32,
+            nonce: nonce.clone(),
+            ciphertext: ciphertext.clone(),
+        };
+        let plain = v2_only
+            .decrypt(name, &org.to_string(), "weather", &sealed)
+            .unwrap();
+        assert_eq!(plain.expose(), format!("secret-{i}"));
+    }
+}

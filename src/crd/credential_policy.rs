@@ -171,16 +171,24 @@ pub struct DueItem {
     pub state: String,
 }
 
-/// Master-key re-encryption progress.
+/// Master-key re-encryption progress (with `database.gatewayRef`, when the gateway's master
+/// key is a keyring of several versions).
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReencryptionProgress {
-    /// Key version being rolled out.
+    /// Key version being rolled out (the keyring's highest).
     pub target_version: i32,
-    /// Credentials already re-encrypted.
+    /// Credentials under the target version.
     pub done: u64,
     /// Credentials in all.
     pub total: u64,
+    /// Older versions some credential still uses; the others can leave the keyring.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions_in_use: Vec<u32>,
+    /// Why re-encryption is not running, e.g. the gateway's proxies do not hold the target
+    /// version yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 impl CredentialPolicySpec {

@@ -136,10 +136,14 @@ fn default_url_key() -> String {
 pub struct ProxySecrets {
     /// Pepper for HMAC-SHA256 API-key hashes. Changing it invalidates every stored key hash.
     pub key_pepper: SecretKeyRef,
-    /// Master key (32 bytes, base64) for AES-256-GCM upstream credentials.
+    /// Master key (32 bytes, base64) for AES-256-GCM upstream credentials, or a keyring: one
+    /// `version:base64` per line, the highest version encrypts. To rotate, add the new version
+    /// to the keyring; once the gateway runs it, a CredentialPolicy with `database.gatewayRef`
+    /// re-encrypts every credential to it and says when the old versions can be removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_key: Option<SecretKeyRef>,
-    /// Version id of the master key; stored with every ciphertext so keys can rotate.
+    /// Version id of a single master key (ignored for a keyring); stored with every
+    /// ciphertext so keys can rotate.
     #[serde(default = "default_master_key_version")]
     #[schemars(range(min = 1))]
     pub master_key_version: i32,
@@ -652,6 +656,9 @@ pub enum DriftPolicy {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiGatewayStatus {
+    /// Master-key versions the proxies taking traffic hold (set when traffic switches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub master_key_versions: Vec<u32>,
     /// Lifecycle phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<GatewayPhase>,

@@ -20,15 +20,18 @@ use kube::{Client, Resource, ResourceExt};
 
 use super::metrics::OperatorMetrics;
 use crate::crd::condition::{set_condition, ConditionStatus};
-use crate::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
-use crate::crd::gateway::ApiGateway;
+use crate::crd::credential_policy::{
+    CredentialPolicy, CredentialPolicyStatus, ReencryptionProgress,
+};
 use crate::crd::gateway::DetectionSpec;
+use crate::crd::gateway::{ApiGateway, SecretKeyRef};
 use crate::detect::engine::{
     Detector, IncidentStore, NoticeContext, Response, CREDENTIALS_OVERDUE,
 };
 use crate::detect::{ScoreConfig, Severity};
 use crate::notify::{Note, Notifier};
 use crate::platform::kube::FIELD_MANAGER;
+use crate::proxy::vault::MasterKeys;
 use crate::rotation::{self, Credential, ROTATED_AT_ANNOTATION};
 
 /// Why a pass failed.
@@ -179,7 +182,33 @@ fn to_chrono(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
 }
 
 /// The database URL of the ApiGateway a policy names, if it has one.
-async fn gateway_database(client: &Client, ns: &str, gateway: &str) -> Result<String, String> {
+/// What the controller reads from the ApiGateway a policy's `database.gatewayRef` names.
+struct GatewayDatabase {
+    url: String,
+    /// The gateway's master keys, when `spec.secrets.masterKey` is set.
+    keys: Option<Result<MasterKeys, String>>,
+    /// `status.masterKeyVersions`: what the proxies taking traffic hold.
+    proxies_hold: Vec<u32>,
+}
+
+async fn secret_value(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| format!("cannot read Secret {}: {e}", r.name))?
+        .ok_or_else(|| format!("Secret {} does not exist", r.name))?;
+    secret
+        .data
+        .and_then(|d| d.get(&r.key).cloned())
+        .and_then(|v| String::from_utf8(v.0).ok())
+        .ok_or_else(|| format!("Secret {} has no key {:?}", r.name, r.key))
+}
+
+async fn gateway_database(
+    client: &Client,
+    ns: &str,
+    gateway: &str,
+) -> Result<GatewayDatabase, String> {
     let gw = Api::<ApiGateway>::namespaced(client.clone(), ns)
         .get_opt(gateway)
         .await
@@ -188,17 +217,61 @@ async fn gateway_database(client: &Client, ns: &str, gateway: &str) -> Result<St
     let db = gw
         .spec
         .database
+        .as_ref()
         .ok_or_else(|| format!("ApiGateway {gateway} has no spec.database"))?;
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(&db.name)
-        .await
-        .map_err(|e| format!("cannot read Secret {}: {e}", db.name))?
-        .ok_or_else(|| format!("Secret {} does not exist", db.name))?;
-    secret
-        .data
-        .and_then(|d| d.get(&db.key).cloned())
-        .and_then(|v| String::from_utf8(v.0).ok())
-        .ok_or_else(|| format!("Secret {} has no key {:?}", db.name, db.key))
+    let url = secret_value(client, ns, db).await?;
+    let mut keys = None;
+    if let Some(s) = &gw.spec.secrets {
+        if let Some(r) = &s.master_key {
+            keys = Some(match secret_value(client, ns, r).await {
+                Ok(v) => MasterKeys::from_value(&v, s.master_key_version.max(1) as u32)
+                    .map_err(|e| format!("the master key in Secret {}: {e}", r.name)),
+                Err(e) => Err(e),
+            });
+        }
+    }
+    Ok(GatewayDatabase {
+        url,
+        keys,
+        proxies_hold: gw.status.map(|s| s.master_key_versions).unwrap_or_default(),
+    })
+}
+
+/// How long one pass re-encrypts before writing progress to status.
+const REENCRYPT_BUDGET: Duration = Duration::from_secs(10);
+const REENCRYPT_BATCH: i64 = 200;
+
+/// Re-encrypts credentials to the keyring's newest version for up to [`REENCRYPT_BUDGET`],
+/// once the gateway's proxies hold that version; returns the progress for status.
+async fn reencrypt(
+    pool: &sqlx::PgPool,
+    keys: &MasterKeys,
+    proxies_hold: &[u32],
+) -> Result<ReencryptionProgress, String> {
+    let target = keys.current_version();
+    let ready = proxies_hold.contains(&target);
+    let started = std::time::Instant::now();
+    loop {
+        // A batch of 0 only counts.
+        let batch = if ready { REENCRYPT_BATCH } else { 0 };
+        let p = crate::db::credentials::reencrypt_batch(pool, keys, batch, "apitree-operator")
+            .await
+            .map_err(|e| e.to_string())?;
+        if p.rewrapped == 0 || started.elapsed() >= REENCRYPT_BUDGET {
+            return Ok(ReencryptionProgress {
+                target_version: target as i32,
+                done: p.done,
+                total: p.total,
+                versions_in_use: p.versions_in_use,
+                waiting: (!ready && p.done < p.total).then(|| {
+                    format!(
+                        "the gateway's proxies do not hold master key v{target} yet (they hold {proxies_hold:?}); \
+                         re-encryption starts once a revision with it takes traffic"
+                    )
+                }),
+            });
+        }
+    }
 }
 
 /// One pass over one CredentialPolicy.
@@ -285,7 +358,7 @@ pub async fn reconcile(
         }
         if let Some(db) = &policy.spec.database {
             let found = match gateway_database(&ctx.client, &ns, &db.gateway_ref).await {
-                Ok(url) => match crate::db::connect(&url, 1).await {
+                Ok(g) => match crate::db::connect(&g.url, 1).await {
                     Ok(pool) => {
                         let r = rotation::database_credentials(
                             &pool,
@@ -294,6 +367,24 @@ pub async fn reconcile(
                         )
                         .await
                         .map_err(|e| e.to_string());
+                        match (&g.keys, db.upstream_credentials) {
+                            (Some(Ok(keys)), true) => {
+                                match reencrypt(&pool, keys, &g.proxies_hold).await {
+                                    Ok(p) => status.reencryption = Some(p),
+                                    Err(e) => notes.push((
+                                        EventType::Warning,
+                                        "ReencryptionFailed".into(),
+                                        e,
+                                    )),
+                                }
+                            }
+                            (Some(Err(e)), true) => notes.push((
+                                EventType::Warning,
+                                "MasterKeyUnreadable".into(),
+                                e.clone(),
+                            )),
+                            _ => {}
+                        }
                         pool.close().await;
                         r
                     }
@@ -304,6 +395,19 @@ pub async fn reconcile(
             match found {
                 Ok(c) => creds.extend(c),
                 Err(e) => notes.push((EventType::Warning, "DatabaseUnavailable".into(), e)),
+            }
+        }
+        if let Some(p) = &status.reencryption {
+            let previous = policy.status.as_ref().and_then(|s| s.reencryption.as_ref());
+            if p.done == p.total && p.total > 0 && previous.is_some_and(|q| q.done < q.total) {
+                notes.push((
+                    EventType::Normal,
+                    "Reencrypted".into(),
+                    format!(
+                        "every upstream credential is under master key v{}; older versions can leave the keyring",
+                        p.target_version
+                    ),
+                ));
             }
         }
         let (evaluated, reminders) = {
@@ -350,7 +454,15 @@ pub async fn reconcile(
             }
             notes.push((kind, reason.into(), r.text()));
         }
-        Action::requeue(Duration::from_secs(3600))
+        match &status.reencryption {
+            // Keep going while there is work the proxies are ready for.
+            Some(p) if p.done < p.total && p.waiting.is_none() => {
+                Action::requeue(Duration::from_secs(5))
+            }
+            // Waiting for the gateway to switch to a revision with the new key.
+            Some(p) if p.done < p.total => Action::requeue(Duration::from_secs(60)),
+            _ => Action::requeue(Duration::from_secs(3600)),
+        }
     };
     status.observed_generation = generation;
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());

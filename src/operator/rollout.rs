@@ -132,6 +132,8 @@ pub struct Managed {
     pub database_url: Option<String>,
     /// The last health sweep of this gateway.
     pub sweep: Option<crate::schedule::SweepOutcome>,
+    /// Master-key versions each revision was deployed with (for `status.masterKeyVersions`).
+    deployed_keys: BTreeMap<String, Vec<u32>>,
 }
 
 impl Managed {
@@ -180,6 +182,7 @@ impl Managed {
             uid: None,
             database_url: None,
             sweep: None,
+            deployed_keys: BTreeMap::new(),
         }
     }
 
@@ -640,6 +643,8 @@ async fn perform<P: Platform>(
             if revision != desired {
                 return false;
             }
+            let keys = master_key_versions(&m.spec, ctx);
+            m.deployed_keys.insert(revision.clone(), keys);
             match platform.deploy(color, &d).await {
                 Ok(()) => true,
                 Err(e) => {
@@ -695,6 +700,9 @@ async fn perform<P: Platform>(
             if let Err(e) = platform.switch(&m.name, to).await {
                 m.event(now, e.category(), e.to_string(), true);
             }
+            // Unknown after an operator restart: empty, so re-encryption waits for a switch.
+            m.status.master_key_versions =
+                m.deployed_keys.get(&revision).cloned().unwrap_or_default();
             m.detect_source = None;
             m.event(
                 now,
@@ -821,6 +829,19 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         }
     };
     record_notices(m, notices);
+}
+
+/// The master-key versions a revision rendered from `spec` now would hold.
+fn master_key_versions<P: Platform>(spec: &ApiGatewaySpec, ctx: &Context<P>) -> Vec<u32> {
+    let Some(s) = &spec.secrets else {
+        return Vec::new();
+    };
+    s.master_key
+        .as_ref()
+        .and_then(|r| (ctx.secrets)(r))
+        .and_then(|v| MasterKeys::from_value(&v, s.master_key_version.max(1) as u32).ok())
+        .map(|k| k.versions())
+        .unwrap_or_default()
 }
 
 /// Keeps the incident records and `status.incidents` up to date with the detector's notices.

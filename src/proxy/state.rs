@@ -310,8 +310,9 @@ pub fn load_pepper(cfg: &ProxyConfig, base: &std::path::Path) -> Result<Pepper, 
     Pepper::new(trimmed).map_err(|e| e.to_string())
 }
 
-/// Loads master keys from `APITREE_MASTER_KEY(_VERSION)` or the config's key file; None when
-/// neither is set (then no route may use a credential).
+/// Loads master keys from `APITREE_MASTER_KEY(_VERSION)` (one key, or a keyring of
+/// `version:base64` lines) or the config's key file; None when neither is set (then no route
+/// may use a credential).
 pub fn load_master_keys(
     cfg: &ProxyConfig,
     base: &std::path::Path,
@@ -326,7 +327,7 @@ pub fn load_master_keys(
             })
             .transpose()?
             .unwrap_or(1);
-        return MasterKeys::single(version, &key)
+        return MasterKeys::from_value(&key, version)
             .map(Some)
             .map_err(|e| e.to_string());
     }

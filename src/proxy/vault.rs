@@ -87,6 +87,17 @@ impl MasterKeys {
         })
     }
 
+    /// The keys an environment variable (or Secret value) holds: one base64 key of version
+    /// `version`, or a keyring in the key-file format (`version:base64` lines; base64 never
+    /// contains `:`), whose highest version encrypts.
+    pub fn from_value(value: &str, version: u32) -> Result<Self, VaultError> {
+        if value.contains(':') {
+            Self::parse_file(value)
+        } else {
+            Self::single(version, value)
+        }
+    }
+
     /// Parses a key file: one `version:base64` per line; `#` comments and blank lines ignored.
     pub fn parse_file(text: &str) -> Result<Self, VaultError> {
         let mut keys = BTreeMap::new();
@@ -243,6 +254,19 @@ mod tests {
             B64.encode([9u8; 32])
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn an_env_value_holds_one_key_or_a_keyring() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (k1, k2) = (b64.encode([1u8; 32]), b64.encode([2u8; 32]));
+        let one = MasterKeys::from_value(&k1, 3).unwrap();
+        assert_eq!(one.versions(), [3]);
+        let ring = MasterKeys::from_value(&format!("1:{k1}\n2:{k2}\n"), 3).unwrap();
+        assert_eq!(ring.versions(), [1, 2], "a keyring's own versions win");
+        assert_eq!(ring.current_version(), 2);
+        assert!(MasterKeys::from_value("1:not-base64", 1).is_err());
     }
 
     #[test]
