@@ -1270,3 +1270,77 @@ async fn a_credential_policy_reencrypts_to_the_new_master_key_once_the_gateway_r
         assert_eq!(plain.expose(), format!("secret-{i}"));
     }
 }
+
+#[tokio::test]
+async fn the_master_key_versions_of_the_revision_taking_traffic_are_in_status() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let h = Harness::new().await;
+    let mut fx = Fixture::new();
+    fx.gw.spec.secrets = Some(
+        serde_json::from_value(json!({
+            "keyPepper": {"name": "pepper", "key": "pepper"},
+            "masterKey": {"name": "master-keys", "key": "keys"}
+        }))
+        .unwrap(),
+    );
+    let keyring = format!("1:{}\n2:{}\n", b64.encode([1u8; 32]), b64.encode([2u8; 32]));
+    let secret = |name: &str, key: &str, value: &str, version: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": name, "namespace": NS, "resourceVersion": version},
+               "data": {key: b64.encode(value)}})
+    };
+    let reads = || {
+        vec![
+            call("GET", &format!("/api/v1/namespaces/{NS}/secrets/pepper"))
+                .reply(200, secret("pepper", "pepper", &"p".repeat(32), "7")),
+            call(
+                "GET",
+                &format!("/api/v1/namespaces/{NS}/secrets/master-keys"),
+            )
+            .reply(200, secret("master-keys", "keys", &keyring, "8")),
+        ]
+    };
+    let rev = plan::revision(
+        IMAGE,
+        &plan::render(&fx.gw.spec, &ProxyConfig::default()),
+        &[
+            ("pepper".into(), "7".into()),
+            ("master-keys".into(), "8".into()),
+        ],
+    );
+    let mut calls = reads();
+    calls.extend(observe_both(None, None));
+    calls.extend([
+        call("PATCH", &format!("/api/v1/namespaces/{NS}/serviceaccounts/shop?&force=true&fieldManager=apitree-operator")),
+        call("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/shop-blue?")),
+        call("PATCH", &deployments("shop-blue")).has(&rev).has("APITREE_MASTER_KEY"),
+        call("PATCH", &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/shop-blue?")),
+        call("PATCH", &services("shop-preview")),
+        call("GET", &deployments("shop-blue")).stored(|mut d| {
+            d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
+            d["metadata"]["generation"] = json!(1);
+            d
+        }),
+        call("GET", &pods_of("blue")).reply(200, empty_pods()),
+        call("GET", &deployments("shop-green")).not_found(),
+        status_patch(),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    assert!(
+        status.master_key_versions.is_empty(),
+        "nothing takes traffic yet"
+    );
+    let fx = fx.with_status(status);
+    let mut calls = reads();
+    calls.extend(observe_both(Some(&rev), None));
+    calls.extend(switch_to("blue", &rev));
+    calls.extend([
+        event("Switched"),
+        event("Deployed"),
+        status_patch().has("\"masterKeyVersions\":[1,2]"),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    assert_eq!(status_of(&bodies).master_key_versions, [1, 2]);
+}
