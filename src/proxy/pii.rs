@@ -442,7 +442,11 @@ impl Counts {
 /// of what it already emitted for the context-word look-back.
 #[derive(Debug, Default)]
 pub struct StreamMasker {
+    /// The bytes as they came: scanning must see unmasked neighbours (a masked digit before a
+    /// `+` would make it look like the start of a number).
     buf: Vec<u8>,
+    /// The same bytes with the findings masked: what is emitted.
+    masked: Vec<u8>,
     /// Bytes at the front of `buf` that were already emitted (look-back context only).
     emitted: usize,
     /// Bytes after `emitted` that belong to a match already masked (not candidate starts).
@@ -460,6 +464,7 @@ impl StreamMasker {
     /// Feeds a chunk; returns the bytes that are final.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
         self.buf.extend_from_slice(chunk);
+        self.masked.extend_from_slice(chunk);
         if self.buf.len() < self.emitted + HOLD {
             return Vec::new();
         }
@@ -479,13 +484,14 @@ impl StreamMasker {
         if from < until {
             scan_range(&self.buf, from, until, &mut found);
         }
-        apply_mask(&mut self.buf, &found);
+        apply_mask(&mut self.masked, &found);
         self.counts.add(&found);
         let cut = found.iter().map(|f| f.end).max().unwrap_or(0).max(until);
-        let out = self.buf[self.emitted..until].to_vec();
+        let out = self.masked[self.emitted..until].to_vec();
         // Keep look-back context and everything not yet emitted.
         let keep_from = until.saturating_sub(CONTEXT);
         self.buf.drain(..keep_from);
+        self.masked.drain(..keep_from);
         self.emitted = until - keep_from;
         self.masked_until = cut - keep_from;
         out
@@ -608,5 +614,21 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), whole, "chunk size {chunk}");
             assert_eq!(m.counts.total(), 4, "chunk size {chunk}");
         }
+    }
+
+    #[test]
+    fn a_number_glued_to_a_masked_one_is_judged_on_the_original_bytes() {
+        // Found by the streaming property test: once the RRN's last digit was masked, the `+`
+        // after it looked like the start of a phone number to the next chunk's scan.
+        let body = format!("{RRN}+8220010101+820계좌 ");
+        let whole = masked(&body);
+        assert_eq!(whole, "900101-1******+8220010101+820계좌 ");
+        let mut m = StreamMasker::new();
+        let mut out = Vec::new();
+        for c in body.as_bytes().chunks(1) {
+            out.extend(m.push(c));
+        }
+        out.extend(m.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), whole);
     }
 }
