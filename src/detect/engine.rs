@@ -40,6 +40,9 @@ pub struct StoredIncident {
     pub silenced_until: Option<i64>,
 }
 
+/// How long Slack's Silence button silences an incident.
+pub const SILENCE_SECS: i64 = 3600;
+
 /// What an on-call engineer did to an incident from Slack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Response {

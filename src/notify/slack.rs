@@ -276,6 +276,19 @@ pub enum Action {
 }
 
 impl Action {
+    /// What Acknowledge and Silence 1h (pressed at `now`, unix seconds) do to an incident;
+    /// `None` for the rollout buttons.
+    pub fn response(self, now: i64) -> Option<crate::detect::engine::Response> {
+        use crate::detect::engine::{Response, SILENCE_SECS};
+        match self {
+            Self::Acknowledge => Some(Response::Acknowledge),
+            Self::Silence1h => Some(Response::Silence {
+                until: now + SILENCE_SECS,
+            }),
+            Self::Promote | Self::Rollback => None,
+        }
+    }
+
     pub fn audit_name(self) -> &'static str {
         match self {
             Self::Acknowledge => "slack.acknowledge",

@@ -23,11 +23,8 @@ use crate::crd::condition::{set_condition, ConditionStatus};
 use crate::crd::credential_policy::{
     CredentialPolicy, CredentialPolicyStatus, ReencryptionProgress,
 };
-use crate::crd::gateway::DetectionSpec;
-use crate::crd::gateway::{ApiGateway, SecretKeyRef};
-use crate::detect::engine::{
-    Detector, IncidentStore, NoticeContext, Response, CREDENTIALS_OVERDUE,
-};
+use crate::crd::gateway::{ApiGateway, DetectionSpec, SecretKeyRef};
+use crate::detect::engine::{Detector, IncidentStore, NoticeContext, CREDENTIALS_OVERDUE};
 use crate::detect::{ScoreConfig, Severity};
 use crate::notify::{Note, Notifier};
 use crate::platform::kube::FIELD_MANAGER;
@@ -128,13 +125,8 @@ impl Rotations {
 
     /// Applies a Slack Acknowledge / Silence press if it names a policy's incident.
     pub async fn respond(&self, press: &crate::notify::slack::Interaction) -> bool {
-        use crate::notify::slack::Action as Button;
-        let response = match press.action {
-            Button::Acknowledge => Response::Acknowledge,
-            Button::Silence1h => Response::Silence {
-                until: (self.clock)().as_second() + 3600,
-            },
-            Button::Promote | Button::Rollback => return false,
+        let Some(response) = press.action.response((self.clock)().as_second()) else {
+            return false;
         };
         for detector in self.incidents.lock().await.values_mut() {
             match detector
@@ -181,7 +173,6 @@ fn to_chrono(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
         .unwrap_or_default()
 }
 
-/// The database URL of the ApiGateway a policy names, if it has one.
 /// What the controller reads from the ApiGateway a policy's `database.gatewayRef` names.
 struct GatewayDatabase {
     url: String,
@@ -204,6 +195,8 @@ async fn secret_value(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<Str
         .ok_or_else(|| format!("Secret {} has no key {:?}", r.name, r.key))
 }
 
+/// Reads the database URL, master keys and `status.masterKeyVersions` of the ApiGateway a
+/// policy names.
 async fn gateway_database(
     client: &Client,
     ns: &str,

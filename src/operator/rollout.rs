@@ -74,9 +74,6 @@ pub struct IncidentRecord {
 /// revision, Acknowledge / Silence an incident.
 pub use crate::notify::slack::Interaction as Press;
 
-/// How long the Silence button silences an incident.
-const SILENCE_SECS: i64 = 3600;
-
 /// An Event: reason and message, newest last.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GatewayEvent {
@@ -274,8 +271,9 @@ impl Managed {
     pub async fn accept(&mut self, p: &Press, now: Timestamp) -> bool {
         use crate::detect::engine::Response;
         use crate::notify::slack::Action as Button;
-        let response = match (p.action, &p.revision) {
-            (Button::Promote | Button::Rollback, Some(revision)) => {
+        let response = match (p.action.response(now.as_second()), &p.revision) {
+            (Some(response), _) => response,
+            (None, Some(revision)) => {
                 let names_it = self
                     .status
                     .gate
@@ -293,11 +291,7 @@ impl Managed {
                 }
                 return names_it;
             }
-            (Button::Promote | Button::Rollback, None) => return false,
-            (Button::Acknowledge, _) => Response::Acknowledge,
-            (Button::Silence1h, _) => Response::Silence {
-                until: now.as_second() + SILENCE_SECS,
-            },
+            (None, None) => return false,
         };
         match self
             .detector
@@ -310,15 +304,14 @@ impl Managed {
                     Response::Acknowledge => ("IncidentAcknowledged", "acknowledged"),
                     Response::Silence { .. } => ("IncidentSilenced", "silenced for an hour"),
                 };
+                let route = if notice.route.is_empty() {
+                    "all routes".to_string()
+                } else {
+                    format!("route {}", notice.route)
+                };
                 let message = format!(
-                    "{} incident {} {what} by slack:{}",
-                    notice.signal,
-                    if notice.route.is_empty() {
-                        "(all routes)"
-                    } else {
-                        notice.route.as_str()
-                    },
-                    p.user_name
+                    "{} incident on {route} {what} by slack:{}",
+                    notice.signal, p.user_name
                 );
                 record_notices(self, vec![notice]);
                 self.event(now, reason, message, false);
