@@ -275,9 +275,21 @@ impl Operator {
         }
     }
 
-    /// Queues a Slack press for the next pass of the gateway it concerns.
-    pub fn press(&self, p: Press) {
+    /// Takes a Slack press. Acknowledge and Silence apply at once (the on-call engineer sees the
+    /// message change; the Event and audit row follow at the gateway's next pass); Promote and
+    /// Roll back, and presses no gateway holds yet, wait for the next pass of the gateway they
+    /// concern.
+    pub async fn press(&self, p: Press) {
         let now = (self.clock)();
+        if p.action.response(now.as_second()).is_some() {
+            let mut gateways = self.gateways.lock().await;
+            for m in gateways.values_mut() {
+                if m.accept(&p, now).await {
+                    m.answered.push(p);
+                    return;
+                }
+            }
+        }
         self.presses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -504,7 +516,6 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     if m.spec != obj.spec || m.generation != generation {
         m.update_spec(obj.spec.clone(), generation);
     }
-    let last_seen = m.events.back().map_or(0, |e| e.seq);
     m.uid = obj.metadata.uid.clone();
     m.database_url = obj.spec.database.as_ref().and_then(|d| resolver(d));
     m.set_notifier(notifier);
@@ -521,15 +532,20 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     };
     m.promote = annotation(PROMOTE_ANNOTATION);
     m.rollback = annotation(ROLLBACK_ANNOTATION);
+    // Presses answered since the last pass changed incidents the object's status predates.
+    if !m.answered.is_empty() {
+        m.refresh_incidents();
+    }
     // Presses for other gateways wait for theirs.
-    let presses = op.presses_for(m, (op.clock)()).await;
+    let mut presses = std::mem::take(&mut m.answered);
+    presses.extend(op.presses_for(m, (op.clock)()).await);
     rollout::reconcile(m, &ctx, (op.clock)()).await;
     m.apply_sweep((op.clock)()).await;
     // Events of this pass.
     let fresh: Vec<_> = m
         .events
         .iter()
-        .filter(|e| e.seq > last_seen)
+        .filter(|e| e.seq > m.events_published)
         .cloned()
         .collect();
     // Who pressed what, then what the gate did.
@@ -555,6 +571,9 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     }
     let recorder = Recorder::new(op.client.clone(), op.reporter.clone());
     let reference = obj.object_ref(&());
+    if let Some(last) = fresh.last() {
+        m.events_published = last.seq;
+    }
     for e in fresh {
         let event = KubeEvent {
             type_: if e.warning {

@@ -131,6 +131,10 @@ pub struct Managed {
     pub sweep: Option<crate::schedule::SweepOutcome>,
     /// Master-key versions each revision was deployed with (for `status.masterKeyVersions`).
     deployed_keys: BTreeMap<String, Vec<u32>>,
+    /// Slack presses applied between passes, for the next pass's audit rows.
+    pub answered: Vec<Press>,
+    /// Sequence of the last Event published to the cluster.
+    pub events_published: u64,
 }
 
 impl Managed {
@@ -180,6 +184,8 @@ impl Managed {
             database_url: None,
             sweep: None,
             deployed_keys: BTreeMap::new(),
+            answered: Vec::new(),
+            events_published: 0,
         }
     }
 
@@ -330,6 +336,11 @@ impl Managed {
                 true
             }
         }
+    }
+
+    /// Puts the open incidents (as this loop knows them) back into status.
+    pub fn refresh_incidents(&mut self) {
+        summarize_incidents(self);
     }
 
     /// Where this gateway's detector notices go from now on.

@@ -93,7 +93,7 @@ pub async fn run(
                     }
                 }
                 if let Some(op) = op {
-                    op.press(press);
+                    op.press(press).await;
                 }
             });
         },
