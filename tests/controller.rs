@@ -1080,12 +1080,17 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         user_id: "U7".into(),
         user_name: "jiwoo".into(),
     };
-    h.op.press(press(Button::Acknowledge));
+    h.op.press(press(Button::Acknowledge)).await;
+    // Slack shows it at once; the Event, status and audit row follow at the next pass.
+    let update = h.op.notifier.recorded().pop().unwrap();
+    assert_eq!(update.incident_id, incident);
+    assert_eq!(update.remark.as_deref(), Some("acknowledged by <@U7>"));
     // A press for an incident no gateway holds waits, and is not audited.
     h.op.press(Interaction {
         incident: uuid::Uuid::new_v4(),
         ..press(Button::Silence1h)
-    });
+    })
+    .await;
     let (_, bodies) = h
         .pass(
             &fx.gw,
@@ -1096,9 +1101,6 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         )
         .await;
     assert_eq!(status_of(&bodies).open_incidents, 1);
-    let update = h.op.notifier.recorded().pop().unwrap();
-    assert_eq!(update.incident_id, incident);
-    assert_eq!(update.remark.as_deref(), Some("acknowledged by <@U7>"));
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT actor, action, target FROM audit_log ORDER BY id")
             .fetch_all(&pool)
@@ -1343,4 +1345,81 @@ async fn the_master_key_versions_of_the_revision_taking_traffic_are_in_status() 
     ]);
     let (_, bodies) = h.pass(&fx.gw, calls).await;
     assert_eq!(status_of(&bodies).master_key_versions, [1, 2]);
+}
+
+#[tokio::test]
+async fn a_smoke_probe_retries_an_upstream_error_but_not_a_wrong_answer() {
+    use apitree::crd::gateway::CheckPhase;
+    use apitree::gate::GateCheck;
+    use apitree::operator::probes::{run, ProbeTarget, SecretResolver};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // A preview endpoint whose /flaky answers 500 once, /down always 502, /gone 404.
+    let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let path = req.uri().path().to_string();
+                    let n = {
+                        let mut c = seen.lock().unwrap();
+                        let n = c.entry(path.clone()).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    let status = match path.as_str() {
+                        _ if !req.headers().contains_key("authorization") => 401,
+                        "/flaky" if n == 1 => 500,
+                        "/down" => 502,
+                        "/gone" => 404,
+                        _ => 200,
+                    };
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from("{}")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    async fn probe(base: &str, path: &str) -> apitree::gate::ProbeResult {
+        let mut spec = spec();
+        spec.gate.smoke = serde_json::from_value(json!([
+            {"name": "p", "path": path, "apiKey": {"name": "s", "key": "k"}}
+        ]))
+        .unwrap();
+        let secrets: Arc<SecretResolver> = Arc::new(|_| Some("at_live_key".to_string()));
+        run(
+            GateCheck::Smoke,
+            &ProbeTarget {
+                http: &reqwest::Client::new(),
+                spec: &spec,
+                revision: "rev",
+                preview_url: Some(base.to_string()),
+                admin_urls: Vec::new(),
+                secrets: secrets.as_ref(),
+            },
+        )
+        .await
+    }
+    let flaky = probe(&base, "/flaky").await;
+    assert_eq!(flaky.phase, CheckPhase::Passed, "{}", flaky.reason);
+    let down = probe(&base, "/down").await;
+    assert_eq!(down.phase, CheckPhase::Failed);
+    assert!(down.reason.contains("→ 502"), "{}", down.reason);
+    let gone = probe(&base, "/gone").await;
+    assert_eq!(gone.phase, CheckPhase::Failed);
+    let calls = calls.lock().unwrap();
+    assert_eq!((calls["/flaky"], calls["/down"], calls["/gone"]), (2, 3, 1));
 }

@@ -369,7 +369,9 @@ pub struct GateSpec {
     #[schemars(range(min = 0.0001, max = 0.5))]
     pub alpha: f64,
     /// Requests sent through the preview endpoint (check 4). A probe without a key that must be
-    /// refused is always added.
+    /// refused is always added. A probe answered with a 5xx, or not at all, is tried up to 3
+    /// times 200 ms apart (one upstream error is the analysis check's business); any other
+    /// wrong status fails it at once.
     #[serde(default)]
     #[schemars(length(max = 32))]
     pub smoke: Vec<SmokeProbe>,

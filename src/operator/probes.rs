@@ -240,6 +240,10 @@ async fn drift_verdict(
     }
 }
 
+/// Tries per smoke probe when the answer is a 5xx or none.
+const SMOKE_ATTEMPTS: usize = 3;
+const SMOKE_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
 /// The probes a gate sends: the configured ones plus a keyless request that must be refused.
 pub fn smoke_probes(spec: &ApiGatewaySpec) -> Vec<SmokeProbe> {
     let mut probes = spec.gate.smoke.clone();
@@ -292,7 +296,31 @@ async fn smoke(t: &ProbeTarget<'_>) -> ProbeResult {
                 }
             }
         }
-        match req.send().await {
+        // One upstream error is the analysis check's business, not a broken revision: a 5xx
+        // or no answer is tried again; any other wrong status fails at once.
+        let mut answer = None;
+        for attempt in 0..SMOKE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(SMOKE_RETRY_PAUSE).await;
+            }
+            let Some(req) = req.try_clone() else { break };
+            let got = req.send().await;
+            let retry = match &got {
+                Ok(resp) => {
+                    resp.status().is_server_error() && resp.status().as_u16() != p.expect_status
+                }
+                Err(_) => true,
+            };
+            answer = Some(got);
+            if !retry {
+                break;
+            }
+        }
+        let Some(answer) = answer else {
+            failures.push(format!("{}: the request could not be built", p.name));
+            continue;
+        };
+        match answer {
             Ok(resp) if resp.status().as_u16() == p.expect_status => {}
             Ok(resp) => {
                 let status = resp.status().as_u16();
