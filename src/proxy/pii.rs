@@ -101,6 +101,14 @@ fn left_boundary(buf: &[u8], i: usize) -> bool {
     if is_word_byte(prev) {
         return false;
     }
+    // Asterisks right after digits are a masked part of that number ("900101-1******"), so
+    // masked output scans like the original did; other asterisks ("**bold**") are punctuation.
+    if prev == b'*' {
+        let before = buf[..i].iter().rev().find(|b| **b != b'*');
+        if before.is_some_and(u8::is_ascii_digit) {
+            return false;
+        }
+    }
     // "123-0101..." continues a number through '-' or '.'.
     !(matches!(prev, b'-' | b'.') && i >= 2 && buf[i - 2].is_ascii_digit())
 }
@@ -614,6 +622,16 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), whole, "chunk size {chunk}");
             assert_eq!(m.counts.total(), 4, "chunk size {chunk}");
         }
+    }
+
+    #[test]
+    fn asterisks_continue_a_masked_number_but_bold_markup_does_not() {
+        // Masking the RRN must not turn the '+' glued to it into the start of a phone number.
+        let once = masked(&format!("{RRN}+8220010101"));
+        assert_eq!(once, "900101-1******+8220010101");
+        assert_eq!(masked(&once), once, "masked output scans clean");
+        // Bold markup around a number still leaves its edges boundaries.
+        assert_eq!(masked("**010-1234-5678**"), "**010-****-5678**");
     }
 
     #[test]
