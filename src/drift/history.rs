@@ -119,21 +119,13 @@ pub fn classify(applied: &[Applied], shipped: &[Shipped<'_>]) -> Vec<HistoryItem
 
 /// The history of the connected database against this release's migrations.
 pub async fn check(conn: &mut PgConnection) -> Result<Vec<HistoryItem>, DbError> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|source| DbError::Query {
-            operation: "read the migration history",
-            source,
-        })?;
-    let fingerprints: bool =
-        sqlx::query_scalar("SELECT to_regclass('apitree_migration_fingerprints') IS NOT NULL")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|source| DbError::Query {
-                operation: "read the migration history",
-                source,
-            })?;
+    let (exists, fingerprints): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('_sqlx_migrations') IS NOT NULL,
+                to_regclass('apitree_migration_fingerprints') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(DbError::query("read the migration history"))?;
     let query = if fingerprints {
         "SELECT m.version, m.description, m.checksum, m.success, f.fingerprint
          FROM _sqlx_migrations m LEFT JOIN apitree_migration_fingerprints f USING (version)
@@ -145,10 +137,7 @@ pub async fn check(conn: &mut PgConnection) -> Result<Vec<HistoryItem>, DbError>
         sqlx::query(query)
             .fetch_all(&mut *conn)
             .await
-            .map_err(|source| DbError::Query {
-                operation: "read the migration history",
-                source,
-            })?
+            .map_err(DbError::query("read the migration history"))?
             .into_iter()
             .map(|r| Applied {
                 version: r.get(0),
@@ -188,10 +177,7 @@ pub async fn record_fingerprints(pool: &sqlx::PgPool) -> Result<(), DbError> {
         .bind(fingerprint(m.sql.as_str()))
         .execute(pool)
         .await
-        .map_err(|source| DbError::Query {
-            operation: "record migration fingerprints",
-            source,
-        })?;
+        .map_err(DbError::query("record migration fingerprints"))?;
     }
     Ok(())
 }

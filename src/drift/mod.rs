@@ -201,6 +201,26 @@ fn enum_additions(name: &str, expected: &[String], actual: &[String]) -> Option<
     Some(out)
 }
 
+/// Objects of one kind (`what`) only the database has: reported, never dropped. Listed first
+/// in apply order, like the missing ones of tables, enum types and sequences.
+fn push_extras<V>(
+    push: &mut impl FnMut(Kind, Risk, String, String, Option<String>, u8),
+    what: &str,
+    expected: &BTreeMap<String, V>,
+    actual: &BTreeMap<String, V>,
+) {
+    for name in actual.keys().filter(|n| !expected.contains_key(*n)) {
+        push(
+            Kind::Extra,
+            Risk::Destructive,
+            format!("{what} {name}"),
+            "not created by the migrations; reported, never dropped".into(),
+            None,
+            0,
+        );
+    }
+}
+
 /// Enum types and sequences, first in apply order (tables use them): `enum type` and
 /// `sequence` sort before `table`.
 fn diff_types_and_sequences(
@@ -252,20 +272,7 @@ fn diff_types_and_sequences(
             _ => {}
         }
     }
-    for name in actual
-        .enums
-        .keys()
-        .filter(|n| !expected.enums.contains_key(*n))
-    {
-        push(
-            Kind::Extra,
-            Risk::Destructive,
-            format!("enum type {name}"),
-            "not created by the migrations; reported, never dropped".into(),
-            None,
-            0,
-        );
-    }
+    push_extras(push, "enum type", &expected.enums, &actual.enums);
     for (name, q) in &expected.sequences {
         let object = format!("sequence {name}");
         let owner = q.owned_by.as_ref().and_then(|o| o.split_once('.'));
@@ -324,20 +331,7 @@ fn diff_types_and_sequences(
             _ => {}
         }
     }
-    for name in actual
-        .sequences
-        .keys()
-        .filter(|n| !expected.sequences.contains_key(*n))
-    {
-        push(
-            Kind::Extra,
-            Risk::Destructive,
-            format!("sequence {name}"),
-            "not created by the migrations; reported, never dropped".into(),
-            None,
-            0,
-        );
-    }
+    push_extras(push, "sequence", &expected.sequences, &actual.sequences);
 }
 
 /// The audit log's own objects: losing any of them weakens the audit trail.
@@ -498,20 +492,7 @@ pub fn diff(expected: &Schema, actual: &Schema) -> Vec<DriftItem> {
             }
         }
     }
-    for name in actual
-        .tables
-        .keys()
-        .filter(|n| !expected.tables.contains_key(*n))
-    {
-        push(
-            Kind::Extra,
-            Risk::Destructive,
-            format!("table {name}"),
-            "not created by the migrations; reported, never dropped".into(),
-            None,
-            0,
-        );
-    }
+    push_extras(&mut push, "table", &expected.tables, &actual.tables);
     // Columns of tables both have (a missing table brings its columns).
     for (key, c) in &expected.columns {
         if !actual.tables.contains_key(&c.table) {
