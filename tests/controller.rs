@@ -366,6 +366,26 @@ impl Harness {
     }
 }
 
+/// A Stable gateway on blue whose `spec.database` names Secret `shop-db` (at
+/// `secret_version`, or "missing"), and its revision.
+fn stable_with_database(secret_version: &str) -> (Fixture, String) {
+    let mut fx = Fixture::new();
+    fx.gw.spec.database =
+        Some(serde_json::from_value(json!({"name": "shop-db", "key": "url"})).unwrap());
+    let rev = plan::revision(
+        IMAGE,
+        &plan::render(&fx.gw.spec, &ProxyConfig::default()),
+        &[("shop-db".into(), secret_version.into())],
+    );
+    let fx = fx.with_status(ApiGatewayStatus {
+        phase: Some(GatewayPhase::Stable),
+        active_color: Some(Color::Blue),
+        active_revision: Some(rev.clone()),
+        ..ApiGatewayStatus::default()
+    });
+    (fx, rev)
+}
+
 fn deployments(name: &str) -> String {
     format!("/apis/apps/v1/namespaces/{NS}/deployments/{name}")
 }
@@ -934,20 +954,7 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
     use apitree::crd::gateway::DriftSummary;
     use apitree::schedule::SweepOutcome;
     let h = Harness::new().await;
-    let mut fx = Fixture::new();
-    fx.gw.spec.database =
-        Some(serde_json::from_value(json!({"name": "shop-db", "key": "url"})).unwrap());
-    let rev = plan::revision(
-        IMAGE,
-        &plan::render(&fx.gw.spec, &ProxyConfig::default()),
-        &[("shop-db".into(), "missing".into())],
-    );
-    let fx = fx.with_status(ApiGatewayStatus {
-        phase: Some(GatewayPhase::Stable),
-        active_color: Some(Color::Blue),
-        active_revision: Some(rev.clone()),
-        ..ApiGatewayStatus::default()
-    });
+    let (fx, rev) = stable_with_database("missing");
     let secret = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
     let quiet = |extra: Vec<Call>| {
         let mut calls = vec![call("GET", &secret).not_found()];
@@ -1019,20 +1026,7 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
     let h = Harness::new().await;
-    let mut fx = Fixture::new();
-    fx.gw.spec.database =
-        Some(serde_json::from_value(json!({"name": "shop-db", "key": "url"})).unwrap());
-    let rev = plan::revision(
-        IMAGE,
-        &plan::render(&fx.gw.spec, &ProxyConfig::default()),
-        &[("shop-db".into(), "42".into())],
-    );
-    let fx = fx.with_status(ApiGatewayStatus {
-        phase: Some(GatewayPhase::Stable),
-        active_color: Some(Color::Blue),
-        active_revision: Some(rev.clone()),
-        ..ApiGatewayStatus::default()
-    });
+    let (fx, rev) = stable_with_database("42");
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
@@ -1127,29 +1121,7 @@ async fn a_credential_policy_reencrypts_to_the_new_master_key_once_the_gateway_r
     let v1 = MasterKeys::single(1, &k1).unwrap();
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
-    let api = uuid::Uuid::new_v4();
-    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', 'http://up/')")
-        .bind(api)
-        .bind(org)
-        .execute(&pool)
-        .await
-        .unwrap();
-    for i in 0..30 {
-        let sealed = v1.encrypt(&org.to_string(), "weather", &format!("secret-{i}"));
-        sqlx::query("INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version) VALUES ($1, $2, $3, $4, 'system', $5, $6, 1)")
-            .bind(uuid::Uuid::new_v4())
-            .bind(org)
-            .bind(api)
-            .bind(format!("cred-{i:02}"))
-            .bind(&sealed.ciphertext)
-            .bind(&sealed.nonce)
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    let org = common::seed_upstream_credentials(&pool, &v1, 30).await;
 
     let h = Harness::new().await;
     // The credentials were written just now: none is due yet.

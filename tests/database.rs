@@ -352,29 +352,7 @@ async fn master_key_reencryption_resumes_after_interruption_and_concurrent_runs_
     let both = MasterKeys::parse_file(&format!("1:{k1}\n2:{k2}\n")).unwrap();
     let tdb = TestDb::new().await;
     let pool = tdb.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
-    let api = Uuid::new_v4();
-    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', 'http://up/')")
-        .bind(api)
-        .bind(org)
-        .execute(&pool)
-        .await
-        .unwrap();
-    for i in 0..250 {
-        let sealed = old.encrypt(&org.to_string(), "weather", &format!("secret-{i}"));
-        sqlx::query("INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version) VALUES ($1, $2, $3, $4, 'system', $5, $6, 1)")
-            .bind(Uuid::new_v4())
-            .bind(org)
-            .bind(api)
-            .bind(format!("cred-{i:03}"))
-            .bind(&sealed.ciphertext)
-            .bind(&sealed.nonce)
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    let org = common::seed_upstream_credentials(&pool, &old, 250).await;
     // One batch, then the run is "interrupted".
     let first = reencrypt_batch(&pool, &both, 100, "test").await.unwrap();
     assert_eq!((first.rewrapped, first.done, first.total), (100, 100, 250));

@@ -44,6 +44,18 @@ async fn a_migrated_database_is_in_sync_and_check_exits_0() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("in sync"));
 }
 
+/// The item about `object`, which must be reported.
+fn reported<'a>(
+    report: &'a apitree::drift::fix::Report,
+    object: &str,
+) -> &'a apitree::drift::DriftItem {
+    report
+        .items
+        .iter()
+        .find(|i| i.object == object)
+        .unwrap_or_else(|| panic!("{object} not reported: {:#?}", report.items))
+}
+
 /// Six kinds of drift at once (a changed column type is added where a test wants it).
 const DRIFT: &str = "
     DROP INDEX users_org_id_idx;
@@ -66,13 +78,7 @@ async fn every_kind_of_drift_is_found_classified_and_exits_2() {
     .await
     .unwrap();
     let report = check(&pool).await.unwrap();
-    let find = |object: &str| {
-        report
-            .items
-            .iter()
-            .find(|i| i.object == object)
-            .unwrap_or_else(|| panic!("{object} not reported: {:#?}", report.items))
-    };
+    let find = |object: &str| reported(&report, object);
     let expect = [
         ("index users_org_id_idx", Kind::Missing, Risk::Additive),
         ("column users.created_at", Kind::Missing, Risk::Additive),
@@ -228,14 +234,7 @@ async fn a_dropped_sequence_is_recreated_after_the_highest_id_and_a_renamed_enum
     .await
     .unwrap();
     let report = check(&pool).await.unwrap();
-    let find = |object: &str| {
-        report
-            .items
-            .iter()
-            .find(|i| i.object == object)
-            .unwrap_or_else(|| panic!("{object} not reported: {:#?}", report.items))
-            .clone()
-    };
+    let find = |object: &str| reported(&report, object).clone();
     let seq = find("sequence notification_outbox_id_seq");
     assert_eq!((seq.kind, seq.risk), (Kind::Missing, Risk::Additive));
     // DROP … CASCADE took the column's default with it.

@@ -78,3 +78,37 @@ pub async fn exec<'e>(db: impl sqlx::PgExecutor<'e>, sql: String) -> Result<(), 
         .await
         .map(|_| ())
 }
+
+/// Seeds an org `acme` with an API `weather` and `n` system credentials `cred-000…` whose
+/// plaintexts are `secret-0…`, sealed under `keys`; returns the org id.
+pub async fn seed_upstream_credentials(
+    pool: &PgPool,
+    keys: &apitree::proxy::vault::MasterKeys,
+    n: usize,
+) -> uuid::Uuid {
+    let org = apitree::db::keys::create_org(pool, "acme", "test")
+        .await
+        .unwrap();
+    let api = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', 'http://up/')")
+        .bind(api)
+        .bind(org)
+        .execute(pool)
+        .await
+        .unwrap();
+    for i in 0..n {
+        let sealed = keys.encrypt(&org.to_string(), "weather", &format!("secret-{i}"));
+        sqlx::query("INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version) VALUES ($1, $2, $3, $4, 'system', $5, $6, $7)")
+            .bind(uuid::Uuid::new_v4())
+            .bind(org)
+            .bind(api)
+            .bind(format!("cred-{i:03}"))
+            .bind(&sealed.ciphertext)
+            .bind(&sealed.nonce)
+            .bind(sealed.key_version as i32)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    org
+}
