@@ -120,6 +120,21 @@ pub async fn rotate_key(
     actor: &str,
 ) -> Result<Option<Rotation>, DbError> {
     let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
+    let rotation = rotate_key_in(&mut tx, pepper, id, grace, now, actor).await?;
+    tx.commit().await.map_err(DbError::query("commit"))?;
+    Ok(rotation)
+}
+
+/// [`rotate_key`] inside the caller's transaction: nothing holds until it commits (the caller
+/// can first hand the new key over, and roll back when that fails).
+pub async fn rotate_key_in(
+    tx: &mut sqlx::PgConnection,
+    pepper: &Pepper,
+    id: Uuid,
+    grace: chrono::Duration,
+    now: DateTime<Utc>,
+    actor: &str,
+) -> Result<Option<Rotation>, DbError> {
     let row: Option<(Uuid, String, String, String, Option<i64>, String)> = sqlx::query_as(
         "SELECT org_id, scope::text, tier, prefix, daily_quota, name FROM api_keys
          WHERE id = $1 AND revoked_at IS NULL AND replaced_by IS NULL FOR UPDATE",
@@ -137,7 +152,7 @@ pub async fn rotate_key(
         KeyScope::Test
     };
     let new = insert_key(
-        &mut tx,
+        &mut *tx,
         pepper,
         &NewKey {
             org,
@@ -165,7 +180,6 @@ pub async fn rotate_key(
         &json!({"old_key_id": id, "new_key_id": new.id, "new_prefix": new.key.prefix(), "grace_until": grace_until}),
     )
     .await?;
-    tx.commit().await.map_err(DbError::query("commit"))?;
     Ok(Some(Rotation {
         new,
         old_prefix,
