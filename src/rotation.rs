@@ -14,6 +14,10 @@ use crate::db::DbError;
 /// Annotation that dates a Secret's last rotation (RFC 3339); else its creation time counts.
 pub const ROTATED_AT_ANNOTATION: &str = "apitree.io/rotated-at";
 
+/// The Secret (in a CredentialPolicy's namespace, created by a person beforehand) that receives
+/// keys rotated from Slack: one data entry per new key, named by its prefix.
+pub const ROTATED_KEYS_SECRET: &str = "apitree-rotated-keys";
+
 /// One tracked credential (never its value).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
@@ -25,6 +29,8 @@ pub struct Credential {
     pub rotated_at: DateTime<Utc>,
     /// For a rotated-out API key: valid until then, revoked by the sweep afterwards.
     pub grace_until: Option<DateTime<Utc>>,
+    /// The API key's row id (what a "Rotate now" button names); None for other kinds.
+    pub key_id: Option<uuid::Uuid>,
 }
 
 /// A reminder to send now.
@@ -36,6 +42,8 @@ pub struct Reminder {
     pub overdue: bool,
     /// The reminder offset crossed, e.g. `3d`; `overdue` once past max age.
     pub offset: String,
+    /// The API key's row id, for a "Rotate now" button.
+    pub key_id: Option<uuid::Uuid>,
 }
 
 impl Reminder {
@@ -144,6 +152,7 @@ pub fn evaluate(
                     due_at,
                     overdue: state == "overdue",
                     offset,
+                    key_id: c.key_id,
                 });
             }
         }
@@ -161,18 +170,24 @@ pub async fn database_credentials(
 ) -> Result<Vec<Credential>, DbError> {
     let mut out = Vec::new();
     if api_keys {
-        let rows: Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT prefix, created_at, grace_until FROM api_keys WHERE revoked_at IS NULL",
+        // id, prefix, created, grace until
+        type KeyRow = (uuid::Uuid, String, DateTime<Utc>, Option<DateTime<Utc>>);
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT id, prefix, created_at, grace_until FROM api_keys WHERE revoked_at IS NULL",
         )
         .fetch_all(pool)
         .await
         .map_err(DbError::query("read API keys for rotation"))?;
-        out.extend(rows.into_iter().map(|(prefix, created, grace)| Credential {
-            kind: "apiKey",
-            name: prefix,
-            rotated_at: created,
-            grace_until: grace,
-        }));
+        out.extend(
+            rows.into_iter()
+                .map(|(id, prefix, created, grace)| Credential {
+                    kind: "apiKey",
+                    name: prefix,
+                    rotated_at: created,
+                    grace_until: grace,
+                    key_id: Some(id),
+                }),
+        );
     }
     if upstream {
         let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
@@ -187,6 +202,7 @@ pub async fn database_credentials(
             name,
             rotated_at: at,
             grace_until: None,
+            key_id: None,
         }));
     }
     Ok(out)
@@ -208,6 +224,7 @@ mod tests {
             name: name.into(),
             rotated_at: now - Duration::days(days_old),
             grace_until: None,
+            key_id: None,
         }
     }
 

@@ -864,6 +864,7 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
         action: apitree::notify::slack::Action::Acknowledge,
         incident: incidents[0].incident_id,
         revision: None,
+        rotate: None,
         user_id: "U9".into(),
         user_name: "mina".into(),
     };
@@ -1071,6 +1072,7 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         action,
         incident,
         revision: None,
+        rotate: None,
         user_id: "U7".into(),
         user_name: "jiwoo".into(),
     };
@@ -1394,4 +1396,260 @@ async fn a_smoke_probe_retries_an_upstream_error_but_not_a_wrong_answer() {
     assert_eq!(gone.phase, CheckPhase::Failed);
     let calls = calls.lock().unwrap();
     assert_eq!((calls["/flaky"], calls["/down"], calls["/gone"]), (2, 3, 1));
+}
+
+#[tokio::test]
+async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_one_in_grace() {
+    use apitree::crd::credential_policy::CredentialPolicy;
+    use apitree::crd::gateway::KeyScope;
+    use apitree::db::keys as dbkeys;
+    use apitree::notify::slack::{Action as Button, Interaction, RotateTarget};
+    use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
+    use apitree::proxy::keys::{ApiKey, Pepper};
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    const PEPPER: &str = "rotate-now-test-pepper-0123456789-abcdef";
+    let pepper = Pepper::new(PEPPER.as_bytes().to_vec()).unwrap();
+    let db = common::TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
+    let old = dbkeys::create_key(
+        &pool,
+        &pepper,
+        dbkeys::NewKey {
+            org,
+            scope: KeyScope::Live,
+            tier: "gold",
+            daily_quota: None,
+            name: "checkout",
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    // 80 days old: inside the 14-day reminder of a 90-day maximum age.
+    sqlx::query("UPDATE api_keys SET created_at = now() - interval '80 days'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let h = Harness::new().await;
+    *h.clock.lock().unwrap() = k8s_openapi::jiff::Timestamp::now();
+    let clock = h.clock.clone();
+    let notifier = Arc::new(Notifier::recording());
+    let rotations = Arc::new(Rotations::new(
+        h.client.clone(),
+        Arc::new(OperatorMetrics::new()),
+        notifier.clone(),
+        Arc::new(move || *clock.lock().unwrap()),
+    ));
+    let spec = |allow: bool| {
+        json!({"database": {"gatewayRef": "shop", "upstreamCredentials": false},
+               "notify": {"allowRotateFromSlack": allow}, "gracePeriod": "12h"})
+    };
+    let policy_path = format!("/apis/apitree.io/v1alpha1/namespaces/{NS}/credentialpolicies/keys");
+    let policy_json = |allow: bool| {
+        json!({"apiVersion": "apitree.io/v1alpha1", "kind": "CredentialPolicy",
+               "metadata": {"name": "keys", "namespace": NS, "generation": 1}, "spec": spec(allow)})
+    };
+    let mut gateway = serde_json::to_value(&Fixture::new().gw).unwrap();
+    gateway["spec"]["database"] = json!({"name": "shop-db", "key": "url"});
+    gateway["spec"]["secrets"] = json!({"keyPepper": {"name": "pepper", "key": "pepper"}});
+    let secret = |name: &str, key: &str, value: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+               "data": {key: b64.encode(value)}})
+    };
+    let gateway_reads = || {
+        vec![
+            call(
+                "GET",
+                &format!("/apis/apitree.io/v1alpha1/namespaces/{NS}/apigateways/shop"),
+            )
+            .reply(200, gateway.clone()),
+            call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db"))
+                .reply(200, secret("shop-db", "url", &db.url)),
+        ]
+    };
+    let target = format!("/api/v1/namespaces/{NS}/secrets/apitree-rotated-keys");
+    let target_exists = || {
+        call("GET", &target).reply(
+            200,
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                   "metadata": {"name": "apitree-rotated-keys", "namespace": NS}}),
+        )
+    };
+
+    // The reminder carries a Rotate now button naming the key and the policy.
+    let mut policy: CredentialPolicy = serde_json::from_value(policy_json(true)).unwrap();
+    let mut calls = gateway_reads();
+    calls.push(event("CredentialDue").has(old.key.prefix()));
+    calls.push(
+        call(
+            "PATCH",
+            &format!("/apis/apitree.io/v1alpha1/namespaces/{NS}/credentialpolicies/keys/status?"),
+        )
+        .has("\"due\":1")
+        .stored(|mut v| {
+            v["metadata"] = json!({"name": "keys", "namespace": NS});
+            v["spec"] = json!({});
+            v
+        }),
+    );
+    let scenario = run_scenario(h.handle.clone(), calls);
+    reconcile_policy(Arc::new(policy.clone()), rotations.clone())
+        .await
+        .unwrap();
+    scenario.await.unwrap();
+    let reminder = notifier.recorded_notes().pop().unwrap();
+    let button = reminder.rotate.clone().expect("a Rotate now button");
+    assert_eq!(button.key_id, old.id);
+    assert_eq!(button.key_prefix, old.key.prefix());
+    assert_eq!(button.grace, "12h");
+    let press = Interaction {
+        action: Button::RotateKey,
+        incident: reminder.id,
+        revision: None,
+        rotate: Some(RotateTarget {
+            key_id: old.id,
+            namespace: NS.into(),
+            policy: "keys".into(),
+        }),
+        user_id: "U9".into(),
+        user_name: "mina".into(),
+    };
+    let press_with = |calls: Vec<Call>| {
+        let scenario = run_scenario(h.handle.clone(), calls);
+        let rotations = rotations.clone();
+        let press = press.clone();
+        async move {
+            assert!(rotations.rotate_from_slack(&press).await);
+            scenario
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        }
+    };
+    let keys_in_db = || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n
+    };
+    let last_reply = || notifier.recorded_notes().pop().unwrap().text;
+
+    // 1. The Secret the key would go to does not exist: nothing is rotated, the reply says
+    //    how to create it.
+    press_with(vec![
+        call("GET", &policy_path).reply(200, policy_json(true)),
+        call("GET", &target).not_found(),
+        event("KeyRotationFailed").has("does not exist"),
+    ])
+    .await;
+    assert!(last_reply().contains("kubectl -n shop-ns create secret generic apitree-rotated-keys"));
+    assert_eq!(keys_in_db().await, 1);
+
+    // 2. Writing the Secret fails: the rotation is rolled back, the old key untouched.
+    let reads = || {
+        let mut calls = vec![
+            call("GET", &policy_path).reply(200, policy_json(true)),
+            target_exists(),
+        ];
+        calls.extend(gateway_reads());
+        calls.push(
+            call("GET", &format!("/api/v1/namespaces/{NS}/secrets/pepper"))
+                .reply(200, secret("pepper", "pepper", PEPPER)),
+        );
+        calls
+    };
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+                           "message": "secrets \"apitree-rotated-keys\" is forbidden: cannot patch"});
+    let mut failing = reads();
+    failing.push(call("PATCH", &target).reply(403, forbidden));
+    failing.push(event("KeyRotationFailed").has("rolled back"));
+    press_with(failing).await;
+    assert!(
+        last_reply().contains("the old key is unchanged"),
+        "{}",
+        last_reply()
+    );
+    assert_eq!(keys_in_db().await, 1);
+    let grace: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT grace_until FROM api_keys WHERE id = $1")
+            .bind(old.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(grace, None);
+
+    // 3. It works: the new key is in the Secret (only there), the old one valid for 12 hours.
+    let mut calls = reads();
+    calls.push(
+        call("PATCH", &target)
+            .has("\"data\"")
+            .has("rotated from Slack by slack:mina (U9)"),
+    );
+    calls.push(event("KeyRotated").has(old.key.prefix()));
+    let bodies = press_with(calls).await;
+    let patch = bodies.iter().find(|b| b.get("data").is_some()).unwrap();
+    let (new_prefix, encoded) = patch["data"].as_object().unwrap().iter().next().unwrap();
+    let new_key = String::from_utf8(b64.decode(encoded.as_str().unwrap()).unwrap()).unwrap();
+    let new_key = ApiKey::parse(&new_key).unwrap();
+    assert_eq!(new_key.prefix(), new_prefix);
+    let (scope, tier, hash): (String, String, Vec<u8>) = sqlx::query_as(
+        "SELECT scope::text, tier, key_hash FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
+    )
+    .bind(new_prefix)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((scope.as_str(), tier.as_str()), ("live", "gold"));
+    assert_eq!(
+        hash,
+        pepper.hash(&new_key).0.to_vec(),
+        "hashed with the gateway's pepper"
+    );
+    let grace: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT grace_until FROM api_keys WHERE id = $1")
+            .bind(old.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let hours = (grace - chrono::Utc::now()).num_minutes() as f64 / 60.0;
+    assert!((11.9..=12.0).contains(&hours), "grace ends in {hours} h");
+    let actor: String =
+        sqlx::query_scalar("SELECT actor FROM audit_log WHERE action = 'key.rotate'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, "slack:mina (U9)");
+    // Slack hears where the key is, never the key; the reminder loses its button.
+    let reply = last_reply();
+    assert!(
+        reply.contains(&format!(
+            "the new key {new_prefix} is in Secret shop-ns/apitree-rotated-keys"
+        )),
+        "{reply}"
+    );
+    for n in notifier.recorded_notes() {
+        assert!(
+            !n.text.contains(new_key.expose_secret()),
+            "the key reached Slack: {}",
+            n.text
+        );
+    }
+
+    // 4. A second press of the same button changes nothing.
+    let mut calls = reads();
+    calls.push(event("KeyRotationFailed").has("already rotated"));
+    press_with(calls).await;
+    assert_eq!(keys_in_db().await, 2);
+
+    // 5. The policy no longer allows it: refused before anything is read.
+    policy.spec.notify.allow_rotate_from_slack = false;
+    press_with(vec![
+        call("GET", &policy_path).reply(200, serde_json::to_value(&policy).unwrap()),
+        event("KeyRotationFailed").has("allowRotateFromSlack is false"),
+    ])
+    .await;
+    assert_eq!(keys_in_db().await, 2);
 }

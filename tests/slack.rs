@@ -450,3 +450,98 @@ async fn the_interaction_endpoint_answers_over_http() {
         "a refused press changes nothing"
     );
 }
+
+#[tokio::test]
+async fn a_rotate_now_button_asks_first_comes_back_parsed_and_the_reminder_is_replaced() {
+    use apitree::notify::{Note, RotateButton};
+    let (addr, stand_in) = start_stand_in().await;
+    let outbox = Arc::new(Outbox::memory());
+    let notifier = Notifier::Slack {
+        outbox: outbox.clone(),
+        channels: channels(),
+    };
+    let delivery = SlackDelivery::new(&config(addr), outbox);
+    let (note_id, key_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let note = Note {
+        id: note_id,
+        text: "CredentialPolicy shop/keys: apiKey at_live_Ab12Cd34 is due for rotation".into(),
+        channel: Some("C-SECOPS".into()),
+        urgent: false,
+        rotate: Some(RotateButton {
+            key_id,
+            key_prefix: "at_live_Ab12Cd34".into(),
+            policy: "shop/keys".into(),
+            grace: "24h".into(),
+        }),
+    };
+    notifier.note(&note).await.unwrap();
+    drain(&delivery).await;
+    let posted = stand_in.lock().unwrap().calls[0].1.clone();
+    assert_eq!(posted["channel"], "C-SECOPS");
+    let button = &posted["blocks"][1]["elements"][0];
+    assert_eq!(button["action_id"], "rotate_key");
+    assert_eq!(button["value"], format!("{note_id}:{key_id}:shop/keys"));
+    let confirm = button["confirm"]["text"]["text"].as_str().unwrap();
+    assert!(
+        confirm.contains("apitree-rotated-keys") && confirm.contains("24h"),
+        "the dialog says where the key goes and how long the old one works: {confirm}"
+    );
+
+    // The press comes back signed, naming the key and the policy.
+    let payload = json!({"user": {"id": "U9", "username": "mina"},
+                         "actions": [{"action_id": "rotate_key", "value": button["value"]}]});
+    let body = format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
+    );
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let sig = slack::sign("signing-secret", &ts, &body);
+    let press =
+        slack::verify_interaction(Some("signing-secret"), Some(&sig), Some(&ts), &body).unwrap();
+    assert_eq!(press.action, Action::RotateKey);
+    assert_eq!(press.incident, note_id);
+    let target = press.rotate.unwrap();
+    assert_eq!(
+        (
+            target.key_id,
+            target.namespace.as_str(),
+            target.policy.as_str()
+        ),
+        (key_id, "shop", "keys")
+    );
+    // A value that names no policy is refused, not guessed at.
+    let bad = json!({"user": {"id": "U9"}, "actions": [{"action_id": "rotate_key", "value": format!("{note_id}:{key_id}")}]});
+    let body = format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(bad.to_string().as_bytes()).collect::<String>()
+    );
+    let sig = slack::sign("signing-secret", &ts, &body);
+    assert!(matches!(
+        slack::verify_interaction(Some("signing-secret"), Some(&sig), Some(&ts), &body),
+        Err(InteractionError::Malformed(_))
+    ));
+
+    // Rotated: the reminder itself is replaced (no button left) and the thread says so; a
+    // refusal only replies.
+    notifier
+        .note_reply(note_id, ":warning: did not rotate: Secret missing", false)
+        .await
+        .unwrap();
+    notifier
+        .note_reply(note_id, ":key: rotated by slack:mina (U9)", true)
+        .await
+        .unwrap();
+    drain(&delivery).await;
+    let calls = stand_in.lock().unwrap().calls.clone();
+    let main_ts = "1700000000.000001";
+    let rest: Vec<(&str, &Value)> = calls[1..].iter().map(|c| (c.0.as_str(), &c.1)).collect();
+    assert_eq!(rest.len(), 3);
+    assert_eq!(rest[0].0, "chat.postMessage");
+    assert_eq!(rest[0].1["thread_ts"], main_ts);
+    assert_eq!(rest[0].1["channel"], "C-SECOPS");
+    assert_eq!(rest[1].0, "chat.update");
+    assert_eq!(rest[1].1["ts"], main_ts);
+    assert!(!rest[1].1.to_string().contains("rotate_key"));
+    assert_eq!(rest[2].1["thread_ts"], main_ts);
+    assert!(rest[2].1["text"].as_str().unwrap().contains("rotated by"));
+}

@@ -118,8 +118,11 @@ pub struct RotationNotify {
     /// reminders go to its critical channel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slack_channel: Option<String>,
-    /// Offer a "Rotate now" button on API-key reminders. Not acted on yet: reminders carry no
-    /// button in this release.
+    /// Offer a "Rotate now" button (behind a confirmation dialog) on API-key reminders. A press
+    /// rotates the key with the gateway's pepper, keeps the old key valid for `gracePeriod`, and
+    /// writes the new key into Secret `apitree-rotated-keys` in this namespace (data key = the
+    /// new key's prefix; never into Slack). That Secret must exist and the operator needs the
+    /// chart's `slack.rotateKeys: true`; otherwise the press is refused with a thread reply.
     #[serde(default)]
     pub allow_rotate_from_slack: bool,
 }

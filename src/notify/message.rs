@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::{IncidentNotice, RolloutNotice};
+use super::{IncidentNotice, Note, RolloutNotice};
 use crate::detect::{IncidentEvent, Severity};
 
 fn emoji(s: Severity) -> &'static str {
@@ -132,6 +132,31 @@ pub fn rollout_blocks(n: &RolloutNotice) -> Value {
     }
     if !buttons.is_empty() {
         blocks.push(json!({"type": "actions", "block_id": "rollout_actions", "elements": buttons}));
+    }
+    Value::Array(blocks)
+}
+
+/// A reminder with a "Rotate now" button behind a confirmation dialog that says where the new
+/// key will be (it is never posted).
+pub fn note_blocks(n: &Note, text: &str) -> Value {
+    let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": text}})];
+    if let Some(b) = &n.rotate {
+        let namespace = b.policy.split('/').next().unwrap_or_default();
+        let confirm = json!({
+            "title": {"type": "plain_text", "text": "Rotate this API key?"},
+            "text": {"type": "mrkdwn", "text": format!(
+                "A new key replaces `{}`; the old key keeps working for {}. The new key is written to Secret `{}` in namespace `{namespace}`, never to Slack.",
+                b.key_prefix, b.grace, crate::rotation::ROTATED_KEYS_SECRET)},
+            "confirm": {"type": "plain_text", "text": "Rotate"},
+            "deny": {"type": "plain_text", "text": "Cancel"},
+        });
+        blocks.push(
+            json!({"type": "actions", "block_id": "rotation_actions", "elements": [
+                {"type": "button", "action_id": "rotate_key", "style": "primary",
+                 "text": {"type": "plain_text", "text": "Rotate now"},
+                 "value": b.value(n.id), "confirm": confirm}
+            ]}),
+        );
     }
     Value::Array(blocks)
 }

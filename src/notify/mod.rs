@@ -119,6 +119,29 @@ pub struct Note {
     pub channel: Option<String>,
     /// Goes to the critical channel (when no channel is given) and is shown as urgent.
     pub urgent: bool,
+    /// Offer a "Rotate now" button (API-key reminders of a policy that allows it).
+    pub rotate: Option<RotateButton>,
+}
+
+/// A "Rotate now" button on an API-key reminder. Slack asks for confirmation first; the press
+/// goes to the CredentialPolicy controller, which rotates the key and puts the new one in the
+/// policy namespace's [`crate::rotation::ROTATED_KEYS_SECRET`] Secret (never in Slack).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotateButton {
+    /// The key's row id in the gateway database.
+    pub key_id: Uuid,
+    pub key_prefix: String,
+    /// `namespace/name` of the CredentialPolicy that allows it.
+    pub policy: String,
+    /// How long the old key keeps working, e.g. `24h`.
+    pub grace: String,
+}
+
+impl RotateButton {
+    /// The button's value, which the press carries back: `note id:key id:namespace/policy`.
+    pub fn value(&self, note: Uuid) -> String {
+        format!("{note}:{}:{}", self.key_id, self.policy)
+    }
 }
 
 /// A step of a rollout people should hear about: a gate started, passed, waits for approval,
@@ -199,9 +222,64 @@ impl Notifier {
                     .clone()
                     .unwrap_or_else(|| channels.for_severity(severity).to_string());
                 let emoji = if n.urgent { ":red_circle:" } else { ":key:" };
-                let body = serde_json::json!({"text": format!("{emoji} {}", n.text)});
+                let text = format!("{emoji} {}", n.text);
+                let mut body = serde_json::json!({"text": text});
+                if n.rotate.is_some() {
+                    body["blocks"] = message::note_blocks(n, &text);
+                }
                 outbox
                     .enqueue(n.id, Kind::Main, &channel, body, &format!("note:{}", n.id))
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Follows up on note `id`: a thread reply, and with `replace` the message itself is
+    /// replaced by `text` (which removes its buttons).
+    pub async fn note_reply(&self, id: Uuid, text: &str, replace: bool) -> Result<(), NotifyError> {
+        match self {
+            Self::Console => {
+                eprintln!("{text}");
+                Ok(())
+            }
+            Self::Recording(_, _, v) => {
+                v.lock().unwrap_or_else(|p| p.into_inner()).push(Note {
+                    id,
+                    text: text.to_string(),
+                    channel: None,
+                    urgent: false,
+                    rotate: None,
+                });
+                Ok(())
+            }
+            Self::Slack { outbox, channels } => {
+                // Replies and updates go to the note's own message, wherever it was posted.
+                let channel = &channels.warning;
+                let step = Uuid::new_v4();
+                if replace {
+                    let body = serde_json::json!({"text": text, "blocks": [
+                        {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+                    ]});
+                    outbox
+                        .enqueue(
+                            id,
+                            Kind::Update,
+                            channel,
+                            body,
+                            &format!("note:{id}:{step}:update"),
+                        )
+                        .await?;
+                }
+                let body = serde_json::json!({"text": text});
+                outbox
+                    .enqueue(
+                        id,
+                        Kind::Reply,
+                        channel,
+                        body,
+                        &format!("note:{id}:{step}:reply"),
+                    )
                     .await?;
                 Ok(())
             }

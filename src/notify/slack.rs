@@ -273,6 +273,8 @@ pub enum Action {
     Silence1h,
     Promote,
     Rollback,
+    /// "Rotate now" on an API-key reminder.
+    RotateKey,
 }
 
 impl Action {
@@ -285,7 +287,7 @@ impl Action {
             Self::Silence1h => Some(Response::Silence {
                 until: now + SILENCE_SECS,
             }),
-            Self::Promote | Self::Rollback => None,
+            Self::Promote | Self::Rollback | Self::RotateKey => None,
         }
     }
 
@@ -295,6 +297,7 @@ impl Action {
             Self::Silence1h => "slack.silence",
             Self::Promote => "slack.promote",
             Self::Rollback => "slack.rollback",
+            Self::RotateKey => "slack.rotate_key",
         }
     }
 }
@@ -303,10 +306,21 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interaction {
     pub action: Action,
+    /// The message's subject: the incident, the rollout notice or (Rotate now) the reminder.
     pub incident: uuid::Uuid,
     pub revision: Option<String>,
+    /// What Rotate now names.
+    pub rotate: Option<RotateTarget>,
     pub user_id: String,
     pub user_name: String,
+}
+
+/// The API key a "Rotate now" press names, and the policy that allowed the button.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotateTarget {
+    pub key_id: uuid::Uuid,
+    pub namespace: String,
+    pub policy: String,
 }
 
 impl Interaction {
@@ -356,28 +370,59 @@ pub fn verify_interaction(
         Some((id, rev)) => (id, Some(rev.to_string())),
         None => (value, None),
     };
+    let action = match action["action_id"].as_str() {
+        Some("ack") => Action::Acknowledge,
+        Some("silence_1h") => Action::Silence1h,
+        Some("promote") => Action::Promote,
+        Some("rollback") => Action::Rollback,
+        Some("rotate_key") => Action::RotateKey,
+        other => {
+            return Err(InteractionError::Malformed(format!(
+                "unknown action {other:?}"
+            )))
+        }
+    };
+    // Rotate now carries `key id:namespace/policy` after the reminder's id.
+    let (revision, rotate) = match (action, revision) {
+        (Action::RotateKey, Some(rest)) => (None, Some(rotate_target(&rest)?)),
+        (Action::RotateKey, None) => {
+            return Err(InteractionError::Malformed(
+                "the Rotate now button names no key".into(),
+            ))
+        }
+        (_, revision) => (revision, None),
+    };
     Ok(Interaction {
-        action: match action["action_id"].as_str() {
-            Some("ack") => Action::Acknowledge,
-            Some("silence_1h") => Action::Silence1h,
-            Some("promote") => Action::Promote,
-            Some("rollback") => Action::Rollback,
-            other => {
-                return Err(InteractionError::Malformed(format!(
-                    "unknown action {other:?}"
-                )))
-            }
-        },
+        action,
         incident: uuid::Uuid::parse_str(id).map_err(|_| {
             InteractionError::Malformed("the button value is not an incident id".into())
         })?,
         revision,
+        rotate,
         user_id: v["user"]["id"].as_str().unwrap_or("unknown").to_string(),
         user_name: v["user"]["username"]
             .as_str()
             .or(v["user"]["name"].as_str())
             .unwrap_or("unknown")
             .to_string(),
+    })
+}
+
+fn rotate_target(value: &str) -> Result<RotateTarget, InteractionError> {
+    let bad = || {
+        InteractionError::Malformed(
+            "the Rotate now button value is not `key id:namespace/policy`".into(),
+        )
+    };
+    let (key, policy) = value.split_once(':').ok_or_else(bad)?;
+    let (namespace, policy) = policy.split_once('/').ok_or_else(bad)?;
+    if namespace.is_empty() || policy.is_empty() {
+        return Err(bad());
+    }
+    Ok(RotateTarget {
+        key_id: uuid::Uuid::parse_str(key).map_err(|_| bad())?,
+        namespace: namespace.to_string(),
+        policy: policy.to_string(),
     })
 }
 

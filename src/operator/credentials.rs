@@ -26,10 +26,11 @@ use crate::crd::credential_policy::{
 use crate::crd::gateway::{ApiGateway, DetectionSpec, SecretKeyRef};
 use crate::detect::engine::{Detector, IncidentStore, NoticeContext, CREDENTIALS_OVERDUE};
 use crate::detect::{ScoreConfig, Severity};
-use crate::notify::{Note, Notifier};
+use crate::notify::slack::{Interaction, RotateTarget};
+use crate::notify::{Note, Notifier, RotateButton};
 use crate::platform::kube::FIELD_MANAGER;
 use crate::proxy::vault::MasterKeys;
-use crate::rotation::{self, Credential, ROTATED_AT_ANNOTATION};
+use crate::rotation::{self, Credential, ROTATED_AT_ANNOTATION, ROTATED_KEYS_SECRET};
 
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,209 @@ impl Rotations {
     }
 }
 
+/// A key rotated by a "Rotate now" press.
+struct SlackRotation {
+    old_prefix: String,
+    new_prefix: String,
+    grace_until: chrono::DateTime<chrono::Utc>,
+}
+
+impl Rotations {
+    /// Acts on a "Rotate now" press: rotates the API key it names if its CredentialPolicy still
+    /// allows it, writing the new key into the policy namespace's [`ROTATED_KEYS_SECRET`] Secret
+    /// before the rotation commits (so a key nobody can find is never issued); the old key stays
+    /// valid for the policy's grace period. The reminder gets a thread reply either way (the
+    /// message loses its button once rotated), the policy an Event. Returns false for other
+    /// presses.
+    pub async fn rotate_from_slack(&self, press: &Interaction) -> bool {
+        let Some(target) = &press.rotate else {
+            return false;
+        };
+        let policy = format!("{}/{}", target.namespace, target.policy);
+        let outcome = self.rotate_pressed(press, target).await;
+        let (text, replace, event) = match &outcome {
+            Ok(r) => {
+                let text = format!(
+                    "API key {} rotated by {} (CredentialPolicy {policy}): the new key {} is in Secret {}/{}; the old key works until {}",
+                    r.old_prefix,
+                    press.actor(),
+                    r.new_prefix,
+                    target.namespace,
+                    ROTATED_KEYS_SECRET,
+                    r.grace_until.to_rfc3339(),
+                );
+                (
+                    format!(":key: {text}"),
+                    true,
+                    (EventType::Normal, "KeyRotated", text),
+                )
+            }
+            Err(why) => {
+                let text = format!(
+                    "Rotate now pressed by {} did not rotate: {why}",
+                    press.actor()
+                );
+                (
+                    format!(":warning: {text}"),
+                    false,
+                    (EventType::Warning, "KeyRotationFailed", text),
+                )
+            }
+        };
+        match &outcome {
+            Ok(_) => tracing::info!(policy = %policy, "{}", event.2),
+            Err(_) => tracing::warn!(policy = %policy, "{}", event.2),
+        }
+        if let Err(e) = self
+            .notifier
+            .note_reply(press.incident, &text, replace)
+            .await
+        {
+            tracing::error!(policy = %policy, "cannot queue the Slack reply: {e}");
+        }
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("apitree.io/v1alpha1".into()),
+            kind: Some("CredentialPolicy".into()),
+            namespace: Some(target.namespace.clone()),
+            name: Some(target.policy.clone()),
+            ..Default::default()
+        };
+        let event = KubeEvent {
+            type_: event.0,
+            reason: event.1.into(),
+            note: Some(event.2.chars().take(1000).collect()),
+            action: "RotateKey".into(),
+            secondary: None,
+        };
+        if let Err(e) = Recorder::new(self.client.clone(), self.reporter.clone())
+            .publish(&event, &reference)
+            .await
+        {
+            tracing::warn!(policy = %policy, "cannot publish an Event: {e}");
+        }
+        true
+    }
+
+    async fn rotate_pressed(
+        &self,
+        press: &Interaction,
+        t: &RotateTarget,
+    ) -> Result<SlackRotation, String> {
+        let (ns, name) = (&t.namespace, &t.policy);
+        let policy = Api::<CredentialPolicy>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("cannot read CredentialPolicy {ns}/{name}: {e}"))?
+            .ok_or_else(|| format!("CredentialPolicy {ns}/{name} no longer exists"))?;
+        if !policy.spec.notify.allow_rotate_from_slack {
+            return Err(format!(
+                "CredentialPolicy {ns}/{name} does not allow rotation from Slack (spec.notify.allowRotateFromSlack is false); rotate with `apitree keys rotate {}`",
+                t.key_id
+            ));
+        }
+        let db = policy
+            .spec
+            .database
+            .as_ref()
+            .filter(|d| d.api_keys)
+            .ok_or_else(|| format!("CredentialPolicy {ns}/{name} tracks no API keys"))?;
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), ns);
+        let exists = secrets
+            .get_metadata_opt(ROTATED_KEYS_SECRET)
+            .await
+            .map_err(|e| format!("cannot read Secret {ns}/{ROTATED_KEYS_SECRET}: {e}"))?;
+        if exists.is_none() {
+            return Err(format!(
+                "Secret {ns}/{ROTATED_KEYS_SECRET}, where the new key goes, does not exist; create it                  (`kubectl -n {ns} create secret generic {ROTATED_KEYS_SECRET}`) and press again"
+            ));
+        }
+        let g = gateway_database(&self.client, ns, &db.gateway_ref).await?;
+        let pepper_ref = g.pepper.ok_or_else(|| {
+            format!(
+                "ApiGateway {} has no spec.secrets.keyPepper to hash a new key with",
+                db.gateway_ref
+            )
+        })?;
+        let pepper = secret_value(&self.client, ns, &pepper_ref).await?;
+        let pepper = crate::proxy::keys::Pepper::new(pepper.trim().as_bytes().to_vec())
+            .map_err(|e| format!("the pepper in Secret {}: {e}", pepper_ref.name))?;
+        let pool = crate::db::connect(&g.url, 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        let now = to_chrono((self.clock)());
+        let grace = chrono::Duration::from_std(policy.spec.grace_period.as_std())
+            .unwrap_or(chrono::Duration::days(1));
+        let result = async {
+            let mut tx = pool
+                .begin()
+                .await
+                .map_err(|e| format!("cannot start a database transaction: {e}"))?;
+            let r = crate::db::keys::rotate_key_in(
+                &mut tx,
+                &pepper,
+                t.key_id,
+                grace,
+                now,
+                &press.actor(),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                "the key was already rotated or revoked (or is not in this gateway's database); nothing changed"
+                    .to_string()
+            })?;
+            use base64::Engine;
+            let new_prefix = r.new.key.prefix().to_string();
+            let patch = serde_json::json!({
+                "metadata": {"annotations": {
+                    format!("apitree.io/rotated.{new_prefix}"): format!(
+                        "replaces {} (valid until {}); rotated from Slack by {} at {}",
+                        r.old_prefix, r.grace_until.to_rfc3339(), press.actor(), now.to_rfc3339()
+                    )
+                }},
+                "data": {
+                    new_prefix.clone(): base64::engine::general_purpose::STANDARD
+                        .encode(r.new.key.expose_secret()),
+                },
+            });
+            secrets
+                .patch(
+                    ROTATED_KEYS_SECRET,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot write the new key into Secret {ns}/{ROTATED_KEYS_SECRET} ({}); the rotation was rolled back and the old key is unchanged",
+                        kube_reason(&e)
+                    )
+                })?;
+            tx.commit().await.map_err(|e| {
+                format!(
+                    "the new key is in Secret {ns}/{ROTATED_KEYS_SECRET} as {new_prefix}, but recording the rotation failed ({e}), so that key does not work; the old key is unchanged"
+                )
+            })?;
+            Ok(SlackRotation {
+                old_prefix: r.old_prefix,
+                new_prefix,
+                grace_until: r.grace_until,
+            })
+        }
+        .await;
+        pool.close().await;
+        result
+    }
+}
+
+/// A Kubernetes API error as the API server's reason, without the request.
+fn kube_reason(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+        other => other.to_string(),
+    }
+}
+
 /// A label selector in the list-request syntax: `a=b,c in (d,e),!f`.
 pub fn selector_string(s: &LabelSelector) -> String {
     let mut parts: Vec<String> = s
@@ -180,6 +384,8 @@ struct GatewayDatabase {
     keys: Option<Result<MasterKeys, String>>,
     /// `status.masterKeyVersions`: what the proxies taking traffic hold.
     proxies_hold: Vec<u32>,
+    /// Where the key-hashing pepper is (`spec.secrets.keyPepper`).
+    pepper: Option<SecretKeyRef>,
 }
 
 async fn secret_value(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
@@ -227,6 +433,7 @@ async fn gateway_database(
         url,
         keys,
         proxies_hold: gw.status.map(|s| s.master_key_versions).unwrap_or_default(),
+        pepper: gw.spec.secrets.map(|s| s.key_pepper),
     })
 }
 
@@ -345,6 +552,7 @@ pub async fn reconcile(
                         name: s.metadata.name.unwrap_or_default(),
                         rotated_at,
                         grace_until: None,
+                        key_id: None,
                     });
                 }
             }
@@ -436,11 +644,21 @@ pub async fn reconcile(
                 (EventType::Normal, "CredentialDue")
             };
             tracing::info!(policy = %name, "{}", r.text());
+            let rotate = match r.key_id {
+                Some(key_id) if policy.spec.notify.allow_rotate_from_slack => Some(RotateButton {
+                    key_id,
+                    key_prefix: r.name.clone(),
+                    policy: name.clone(),
+                    grace: policy.spec.grace_period.to_string(),
+                }),
+                _ => None,
+            };
             let note = Note {
                 id: uuid::Uuid::new_v4(),
                 text: format!("CredentialPolicy {name}: {}", r.text()),
                 channel: policy.spec.notify.slack_channel.clone(),
                 urgent: r.overdue,
+                rotate,
             };
             if let Err(e) = ctx.notifier.note(&note).await {
                 tracing::error!(policy = %name, "cannot queue the reminder: {e}");

@@ -88,7 +88,7 @@ pub async fn run(
             let rotations = policies.get().and_then(Weak::upgrade);
             tokio::spawn(async move {
                 if let Some(r) = rotations {
-                    if r.respond(&press).await {
+                    if r.rotate_from_slack(&press).await || r.respond(&press).await {
                         return;
                     }
                 }
