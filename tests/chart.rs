@@ -332,6 +332,26 @@ fn rbac_has_no_wildcards_and_grants_what_the_controller_calls() {
     assert!(!granted
         .iter()
         .any(|g| g.starts_with("/secrets:") && g != "/secrets:get" && g != "/secrets:list"));
+    // slack.rotateKeys adds one write: patch, on Secrets named apitree-rotated-keys only.
+    let full = render(FULL, &[]);
+    let role: ClusterRole =
+        serde_json::from_value(of_kind(&full, "ClusterRole")[0].clone()).unwrap();
+    let secret_rules: Vec<_> = role
+        .rules
+        .iter()
+        .flatten()
+        .filter(|r| r.resources.iter().flatten().any(|res| res == "secrets"))
+        .collect();
+    assert_eq!(secret_rules.len(), 2);
+    for r in secret_rules {
+        match r.resource_names.as_deref() {
+            None => assert_eq!(r.verbs, ["get", "list"]),
+            Some(names) => {
+                assert_eq!(names, ["apitree-rotated-keys"]);
+                assert_eq!(r.verbs, ["patch"]);
+            }
+        }
+    }
     let lease: Role = serde_json::from_value(of_kind(&docs, "Role")[0].clone()).unwrap();
     let rule = &lease.rules.unwrap()[0];
     assert_eq!(rule.resources.as_deref(), Some(&["leases".to_string()][..]));
