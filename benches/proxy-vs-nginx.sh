@@ -7,7 +7,9 @@
 # alternation and prints req/s, p50, p99 and the apitree/nginx ratios; then the same with
 # rate-limit counters shared through Redis; then `apitree pii scan --mask` throughput.
 # A fourth target, `bare-proxy` (examples/bare_proxy.rs: apitree's hyper server, client and
-# worker model with no policy at all), shows how much of the gap to nginx is hyper's own.
+# worker model with no policy at all), shows how much of the gap to nginx is hyper's own; a
+# fifth, `bare-pinned` (the same with BARE_PINNED=1: one upstream connection per client
+# connection instead of the pool), measures the candidate upstream design before apitree takes it.
 #
 # Usage: benches/proxy-vs-nginx.sh [SECONDS per run, default 10] [CONNECTIONS, default 64]
 # Needs nginx, wrk and redis-server (installed with apt when missing). Bounded: every load
@@ -92,10 +94,15 @@ start_apitree 18083 19083 --redis-url redis://127.0.0.1:6379/15
 "$BARE" 127.0.0.1:18084 127.0.0.1:18080 /bench/ 2>"$WORK/bare.err" &
 PIDS+=($!)
 echo $! >"$WORK/bare-18084.pid"
-for _ in $(seq 50); do curl -fs -o /dev/null "http://127.0.0.1:18084/bench/x" && break; sleep 0.1; done
+BARE_PINNED=1 "$BARE" 127.0.0.1:18085 127.0.0.1:18080 /bench/ 2>"$WORK/bare-pinned.err" &
+PIDS+=($!)
+echo $! >"$WORK/bare-18085.pid"
+for port in 18084 18085; do
+    for _ in $(seq 50); do curl -fs -o /dev/null "http://127.0.0.1:$port/bench/x" && break; sleep 0.1; done
+done
 
 # Sanity: each path answers 200 before we measure.
-for port in 18081 18082 18083 18084; do
+for port in 18081 18082 18083 18084 18085; do
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x")
     [ "$code" = 200 ] || { echo "127.0.0.1:$port answered $code, not 200" >&2; exit 1; }
 done
@@ -104,7 +111,7 @@ done
 serving_pids() {
     case $1 in
         18081) pgrep -P "$(cat "$WORK/ref.pid")" ;;
-        18084) cat "$WORK/bare-18084.pid" ;;
+        18084 | 18085) cat "$WORK/bare-$1.pid" ;;
         *) cat "$WORK/apitree-$1.pid" ;;
     esac
 }
@@ -133,13 +140,14 @@ run() {
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v+0 } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
 
 echo "warming up" >&2
-for port in 18081 18082 18083 18084; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x" >/dev/null; done
+for port in 18081 18082 18083 18084 18085; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x" >/dev/null; done
 echo "measuring: ${ROUNDS} rounds x ${DURATION}s, ${CONNS} connections, 2 wrk threads" >&2
 for r in $(seq "$ROUNDS"); do
     run nginx 18081
     run apitree 18082
     run apitree-redis 18083
     run bare-hyper 18084
+    run bare-pinned 18085
 done
 
 summarize() { awk -v n="$1" '$1==n { rps+=$2; p50+=$3; p99+=$4; cpu+=$6; c++ } END { printf "%.0f %.3f %.3f %.1f", rps/c, p50/c, p99/c, cpu/c }' "$WORK/results"; }
@@ -147,6 +155,7 @@ read -r n_rps n_p50 n_p99 n_cpu <<<"$(summarize nginx)"
 read -r a_rps a_p50 a_p99 a_cpu <<<"$(summarize apitree)"
 read -r r_rps r_p50 r_p99 r_cpu <<<"$(summarize apitree-redis)"
 read -r b_rps b_p50 b_p99 b_cpu <<<"$(summarize bare-hyper)"
+read -r q_rps q_p50 q_p99 q_cpu <<<"$(summarize bare-pinned)"
 # How often the Redis-shared replica went to Redis (leases cover the rest).
 metric() { curl -fs "http://127.0.0.1:19083/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {printf "%.0f", s}'; }
 redis_calls=$(metric apitree_proxy_ratelimit_store_calls_total)
@@ -175,9 +184,10 @@ printf '%-16s %12s %10s %10s %12s\n' nginx "$n_rps" "$n_p50" "$n_p99" "$n_cpu"
 printf '%-16s %12s %10s %10s %12s\n' apitree "$a_rps" "$a_p50" "$a_p99" "$a_cpu"
 printf '%-16s %12s %10s %10s %12s\n' apitree-redis "$r_rps" "$r_p50" "$r_p99" "$r_cpu"
 printf '%-16s %12s %10s %10s %12s\n' bare-hyper "$b_rps" "$b_p50" "$b_p99" "$b_cpu"
+printf '%-16s %12s %10s %10s %12s\n' bare-pinned "$q_rps" "$q_p50" "$q_p99" "$q_cpu"
 echo
 awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v rp="$r_p99" \
-    -v ac="$a_cpu" -v nc="$n_cpu" -v rc="$r_cpu" -v b="$b_rps" -v bc="$b_cpu" -v calls="$redis_calls" -v reqs="$redis_requests" 'BEGIN {
+    -v ac="$a_cpu" -v nc="$n_cpu" -v rc="$r_cpu" -v b="$b_rps" -v bc="$b_cpu" -v q="$q_rps" -v qc="$q_cpu" -v calls="$redis_calls" -v reqs="$redis_requests" 'BEGIN {
     printf "apitree/nginx req/s        %.2fx\n", a/n
     printf "apitree/nginx p99          %.2fx (lower is better)\n", ap/np
     printf "apitree/nginx CPU/request  %.2fx (lower is better)\n", ac/nc
@@ -187,6 +197,8 @@ awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v r
     printf "bare-hyper/nginx req/s     %.2fx (no policies: the floor hyper sets)\n", b/n
     printf "bare-hyper/nginx CPU/req   %.2fx\n", bc/nc
     printf "apitree/bare-hyper req/s   %.2fx (what the policies cost)\n", a/b
+    printf "bare-pinned/nginx req/s    %.2fx (no pool: one upstream connection per client connection)\n", q/n
+    printf "bare-pinned/nginx CPU/req  %.2fx\n", qc/nc
     printf "Redis round trips          %d for %d requests\n", calls, reqs
 }'
 echo "pii scan --mask (one core)  ${pii_mbs} MB/s over $((bytes / 1000000)) MB"

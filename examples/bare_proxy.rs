@@ -6,6 +6,10 @@
 //!
 //! Usage: `bare-proxy LISTEN UPSTREAM PREFIX`, e.g. `bare-proxy 127.0.0.1:18084 127.0.0.1:18080
 //! /bench/`: requests under PREFIX go to `http://UPSTREAM/` + the rest of the path.
+//!
+//! With `BARE_PINNED=1` there is no pool: each client connection gets its own upstream
+//! connection (`hyper::client::conn::http1`), opened on its first request and reused for the
+//! next — the candidate design for apitree's upstream side, measured here first.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -67,6 +71,58 @@ async fn forward(
     }
 }
 
+type Pinned =
+    std::sync::Arc<std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>>;
+
+/// [`forward`] over the client connection's own upstream connection.
+async fn forward_pinned(
+    req: Request<Incoming>,
+    upstream_authority: &'static str,
+    prefix: &'static str,
+    pinned: Pinned,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let rest = parts.uri.path().strip_prefix(prefix).unwrap_or("");
+    let Ok(uri) = format!("/{rest}").parse::<Uri>() else {
+        return reply(400);
+    };
+    parts.uri = uri;
+    let taken = pinned.lock().ok().and_then(|mut p| p.take());
+    let mut sender = match taken {
+        Some(s) if !s.is_closed() => s,
+        _ => {
+            let Ok(stream) = tokio::net::TcpStream::connect(upstream_authority).await else {
+                return reply(502);
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok((sender, conn)) = hyper::client::conn::http1::Builder::new()
+                .writev(false)
+                .handshake(TokioIo::new(stream))
+                .await
+            else {
+                return reply(502);
+            };
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            sender
+        }
+    };
+    if sender.ready().await.is_err() {
+        return reply(502);
+    }
+    let result = sender
+        .send_request(Request::from_parts(parts, body.boxed()))
+        .await;
+    if let Ok(mut p) = pinned.lock() {
+        *p = Some(sender);
+    }
+    match result {
+        Ok(resp) => resp.map(|b| b.boxed()),
+        Err(_) => reply(502),
+    }
+}
+
 fn reply(status: u16) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
     *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
@@ -82,6 +138,7 @@ fn main() {
     let upstream_authority: &'static str = Box::leak(upstream_authority.clone().into_boxed_str());
     let prefix: &'static str = Box::leak(prefix.clone().into_boxed_str());
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned_mode = std::env::var("BARE_PINNED").is_ok_and(|v| v == "1");
     let mut senders = Vec::new();
     for _ in 0..workers {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
@@ -101,6 +158,22 @@ fn main() {
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                         continue;
                     };
+                    if pinned_mode {
+                        let pinned = Pinned::default();
+                        let service = hyper::service::service_fn(move |req| {
+                            let pinned = pinned.clone();
+                            async move {
+                                Ok::<_, Infallible>(
+                                    forward_pinned(req, upstream_authority, prefix, pinned).await,
+                                )
+                            }
+                        });
+                        let conn = http.serve_connection(TokioIo::new(stream), service);
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        continue;
+                    }
                     let service = hyper::service::service_fn(move |req| async move {
                         Ok::<_, Infallible>(forward(req, upstream_authority, prefix).await)
                     });
