@@ -1401,8 +1401,6 @@ async fn a_smoke_probe_retries_an_upstream_error_but_not_a_wrong_answer() {
 #[tokio::test]
 async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_one_in_grace() {
     use apitree::crd::credential_policy::CredentialPolicy;
-    use apitree::crd::gateway::KeyScope;
-    use apitree::db::keys as dbkeys;
     use apitree::notify::slack::{Action as Button, Interaction, RotateTarget};
     use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
     use apitree::proxy::keys::{ApiKey, Pepper};
@@ -1412,21 +1410,7 @@ async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_
     let pepper = Pepper::new(PEPPER.as_bytes().to_vec()).unwrap();
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
-    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
-    let old = dbkeys::create_key(
-        &pool,
-        &pepper,
-        dbkeys::NewKey {
-            org,
-            scope: KeyScope::Live,
-            tier: "gold",
-            daily_quota: None,
-            name: "checkout",
-        },
-        "test",
-    )
-    .await
-    .unwrap();
+    let old = common::seed_live_key(&pool, &pepper, "checkout").await;
     // 80 days old: inside the 14-day reminder of a 90-day maximum age.
     sqlx::query("UPDATE api_keys SET created_at = now() - interval '80 days'")
         .execute(&pool)

@@ -278,28 +278,13 @@ async fn audit_hash_chain_links_rows_and_exposes_tampering() {
 
 #[tokio::test]
 async fn the_grace_sweep_revokes_rotated_keys_once_their_grace_ends_and_only_once() {
-    use apitree::crd::gateway::KeyScope;
     use apitree::db::keys as dbkeys;
     let tdb = TestDb::new().await;
     let pool = tdb.migrated_pool().await;
     let pepper =
         apitree::proxy::keys::Pepper::new(b"sweep-test-pepper-0123456789-0123456789".to_vec())
             .unwrap();
-    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
-    let key = dbkeys::create_key(
-        &pool,
-        &pepper,
-        dbkeys::NewKey {
-            org,
-            scope: KeyScope::Live,
-            tier: "gold",
-            daily_quota: None,
-            name: "ci",
-        },
-        "test",
-    )
-    .await
-    .unwrap();
+    let key = common::seed_live_key(&pool, &pepper, "ci").await;
     let t0 = chrono::Utc::now();
     let rotation = dbkeys::rotate_key(
         &pool,

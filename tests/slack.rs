@@ -146,6 +146,21 @@ fn notice(
     }
 }
 
+/// A Slack notifier over an in-memory outbox, its delivery to the stand-in, and the stand-in.
+async fn slack_to_stand_in() -> (Notifier, SlackDelivery, Arc<Mutex<StandIn>>) {
+    let (addr, stand_in) = start_stand_in().await;
+    let outbox = Arc::new(Outbox::memory());
+    let notifier = Notifier::Slack {
+        outbox: outbox.clone(),
+        channels: channels(),
+    };
+    (
+        notifier,
+        SlackDelivery::new(&config(addr), outbox),
+        stand_in,
+    )
+}
+
 async fn drain(delivery: &SlackDelivery) {
     for _ in 0..20 {
         let r = delivery.deliver_due().await.unwrap();
@@ -157,13 +172,7 @@ async fn drain(delivery: &SlackDelivery) {
 
 #[tokio::test]
 async fn one_message_per_incident_updated_in_place_with_a_threaded_history() {
-    let (addr, stand_in) = start_stand_in().await;
-    let outbox = Arc::new(Outbox::memory());
-    let notifier = Notifier::Slack {
-        outbox: outbox.clone(),
-        channels: channels(),
-    };
-    let delivery = SlackDelivery::new(&config(addr), outbox);
+    let (notifier, delivery, stand_in) = slack_to_stand_in().await;
     let id = Uuid::new_v4();
     notifier
         .notify(&notice(id, 1, IncidentEvent::Open, Severity::Warning, 3.5))
@@ -454,13 +463,7 @@ async fn the_interaction_endpoint_answers_over_http() {
 #[tokio::test]
 async fn a_rotate_now_button_asks_first_comes_back_parsed_and_the_reminder_is_replaced() {
     use apitree::notify::{Note, RotateButton};
-    let (addr, stand_in) = start_stand_in().await;
-    let outbox = Arc::new(Outbox::memory());
-    let notifier = Notifier::Slack {
-        outbox: outbox.clone(),
-        channels: channels(),
-    };
-    let delivery = SlackDelivery::new(&config(addr), outbox);
+    let (notifier, delivery, stand_in) = slack_to_stand_in().await;
     let (note_id, key_id) = (Uuid::new_v4(), Uuid::new_v4());
     let note = Note {
         id: note_id,

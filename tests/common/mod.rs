@@ -112,3 +112,27 @@ pub async fn seed_upstream_credentials(
     }
     org
 }
+
+/// Org `acme` with one live key on tier `gold` named `name`, created by actor `test`.
+pub async fn seed_live_key(
+    pool: &PgPool,
+    pepper: &apitree::proxy::keys::Pepper,
+    name: &str,
+) -> apitree::db::keys::IssuedKey {
+    use apitree::db::keys as dbkeys;
+    let org = dbkeys::create_org(pool, "acme", "test").await.unwrap();
+    dbkeys::create_key(
+        pool,
+        pepper,
+        dbkeys::NewKey {
+            org,
+            scope: apitree::crd::gateway::KeyScope::Live,
+            tier: "gold",
+            daily_quota: None,
+            name,
+        },
+        "test",
+    )
+    .await
+    .unwrap()
+}
