@@ -865,6 +865,7 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
         incident: incidents[0].incident_id,
         revision: None,
         rotate: None,
+        message: None,
         user_id: "U9".into(),
         user_name: "mina".into(),
     };
@@ -1073,6 +1074,7 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         incident,
         revision: None,
         rotate: None,
+        message: None,
         user_id: "U7".into(),
         user_name: "jiwoo".into(),
     };
@@ -1498,6 +1500,7 @@ async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_
             namespace: NS.into(),
             policy: "keys".into(),
         }),
+        message: None,
         user_id: "U9".into(),
         user_name: "mina".into(),
     };

@@ -492,6 +492,7 @@ async fn a_rotate_now_button_asks_first_comes_back_parsed_and_the_reminder_is_re
 
     // The press comes back signed, naming the key and the policy.
     let payload = json!({"user": {"id": "U9", "username": "mina"},
+                         "container": {"type": "message", "channel_id": "C-SECOPS", "message_ts": "1700000000.000001"},
                          "actions": [{"action_id": "rotate_key", "value": button["value"]}]});
     let body = format!(
         "payload={}",
@@ -503,6 +504,10 @@ async fn a_rotate_now_button_asks_first_comes_back_parsed_and_the_reminder_is_re
         slack::verify_interaction(Some("signing-secret"), Some(&sig), Some(&ts), &body).unwrap();
     assert_eq!(press.action, Action::RotateKey);
     assert_eq!(press.incident, note_id);
+    assert_eq!(
+        press.message,
+        Some(("C-SECOPS".to_string(), "1700000000.000001".to_string()))
+    );
     let target = press.rotate.unwrap();
     assert_eq!(
         (
@@ -527,11 +532,16 @@ async fn a_rotate_now_button_asks_first_comes_back_parsed_and_the_reminder_is_re
     // Rotated: the reminder itself is replaced (no button left) and the thread says so; a
     // refusal only replies.
     notifier
-        .note_reply(note_id, ":warning: did not rotate: Secret missing", false)
+        .note_reply(
+            note_id,
+            None,
+            ":warning: did not rotate: Secret missing",
+            false,
+        )
         .await
         .unwrap();
     notifier
-        .note_reply(note_id, ":key: rotated by slack:mina (U9)", true)
+        .note_reply(note_id, None, ":key: rotated by slack:mina (U9)", true)
         .await
         .unwrap();
     drain(&delivery).await;
@@ -547,4 +557,25 @@ async fn a_rotate_now_button_asks_first_comes_back_parsed_and_the_reminder_is_re
     assert!(!rest[1].1.to_string().contains("rotate_key"));
     assert_eq!(rest[2].1["thread_ts"], main_ts);
     assert!(rest[2].1["text"].as_str().unwrap().contains("rotated by"));
+
+    // After a restart the outbox no longer knows the reminder (posted days ago): the press
+    // says where it is, and the reply and update go there at once instead of waiting forever.
+    let (notifier, delivery, stand_in) = slack_to_stand_in().await;
+    notifier
+        .note_reply(
+            note_id,
+            press.message.as_ref(),
+            ":key: rotated by slack:mina (U9)",
+            true,
+        )
+        .await
+        .unwrap();
+    drain(&delivery).await;
+    let calls = stand_in.lock().unwrap().calls.clone();
+    let methods: Vec<&str> = calls.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(methods, ["chat.update", "chat.postMessage"]);
+    assert_eq!(calls[0].1["ts"], main_ts);
+    assert_eq!(calls[0].1["channel"], "C-SECOPS");
+    assert_eq!(calls[1].1["thread_ts"], main_ts);
+    assert_eq!(calls[1].1["channel"], "C-SECOPS");
 }

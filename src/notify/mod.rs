@@ -236,8 +236,16 @@ impl Notifier {
     }
 
     /// Follows up on note `id`: a thread reply, and with `replace` the message itself is
-    /// replaced by `text` (which removes its buttons).
-    pub async fn note_reply(&self, id: Uuid, text: &str, replace: bool) -> Result<(), NotifyError> {
+    /// replaced by `text` (which removes its buttons). `at` is where the message is (channel id,
+    /// ts) when a button press said so; it is needed when the note was posted before this
+    /// process started (its outbox does not know the message then).
+    pub async fn note_reply(
+        &self,
+        id: Uuid,
+        at: Option<&(String, String)>,
+        text: &str,
+        replace: bool,
+    ) -> Result<(), NotifyError> {
         match self {
             Self::Console => {
                 eprintln!("{text}");
@@ -254,13 +262,22 @@ impl Notifier {
                 Ok(())
             }
             Self::Slack { outbox, channels } => {
-                // Replies and updates go to the note's own message, wherever it was posted.
-                let channel = &channels.warning;
+                // Without `at`, replies and updates go to the note's message as this outbox
+                // posted it.
+                let channel = at.map_or(channels.warning.as_str(), |(c, _)| c.as_str());
                 let step = Uuid::new_v4();
-                if replace {
-                    let body = serde_json::json!({"text": text, "blocks": [
+                let (mut update, mut reply) = (
+                    serde_json::json!({"text": text, "blocks": [
                         {"type": "section", "text": {"type": "mrkdwn", "text": text}}
-                    ]});
+                    ]}),
+                    serde_json::json!({"text": text}),
+                );
+                if let Some((_, ts)) = at {
+                    update["ts"] = ts.as_str().into();
+                    reply["thread_ts"] = ts.as_str().into();
+                }
+                if replace {
+                    let body = update;
                     outbox
                         .enqueue(
                             id,
@@ -271,7 +288,7 @@ impl Notifier {
                         )
                         .await?;
                 }
-                let body = serde_json::json!({"text": text});
+                let body = reply;
                 outbox
                     .enqueue(
                         id,

@@ -211,6 +211,15 @@ impl SlackDelivery {
                 "chat.update",
                 merge(body, json!({"channel": channel, "ts": ts})),
             ),
+            // A row that names its message itself (a button press says where it was) needs
+            // no main row: its message may predate this outbox.
+            (Kind::Update, None) if body.get("ts").is_some() => {
+                ("chat.update", merge(body, json!({"channel": row.channel})))
+            }
+            (Kind::Reply, None) if body.get("thread_ts").is_some() => (
+                "chat.postMessage",
+                merge(body, json!({"channel": row.channel})),
+            ),
             (_, None) => {
                 return Err((
                     "the incident's main message has not been posted yet".into(),
@@ -311,6 +320,8 @@ pub struct Interaction {
     pub revision: Option<String>,
     /// What Rotate now names.
     pub rotate: Option<RotateTarget>,
+    /// Where the pressed message is: (channel id, message ts), from the payload.
+    pub message: Option<(String, String)>,
     pub user_id: String,
     pub user_name: String,
 }
@@ -399,6 +410,7 @@ pub fn verify_interaction(
         })?,
         revision,
         rotate,
+        message: message_location(&v),
         user_id: v["user"]["id"].as_str().unwrap_or("unknown").to_string(),
         user_name: v["user"]["username"]
             .as_str()
@@ -406,6 +418,17 @@ pub fn verify_interaction(
             .unwrap_or("unknown")
             .to_string(),
     })
+}
+
+/// The pressed message's channel and ts (`container`, else `channel` and `message`).
+fn message_location(v: &Value) -> Option<(String, String)> {
+    let channel = v["container"]["channel_id"]
+        .as_str()
+        .or(v["channel"]["id"].as_str())?;
+    let ts = v["container"]["message_ts"]
+        .as_str()
+        .or(v["message"]["ts"].as_str())?;
+    Some((channel.to_string(), ts.to_string()))
 }
 
 fn rotate_target(value: &str) -> Result<RotateTarget, InteractionError> {

@@ -204,7 +204,7 @@ impl Rotations {
         }
         if let Err(e) = self
             .notifier
-            .note_reply(press.incident, &text, replace)
+            .note_reply(press.incident, press.message.as_ref(), &text, replace)
             .await
         {
             tracing::error!(policy = %policy, "cannot queue the Slack reply: {e}");
