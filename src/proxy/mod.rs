@@ -14,6 +14,7 @@ pub mod pii;
 pub mod ratelimit;
 pub mod server;
 pub mod state;
+pub mod upstream;
 pub mod vault;
 
 use std::{future::Future, path::PathBuf, sync::Arc};

@@ -26,11 +26,7 @@ use http::{
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntCounter;
 use rand::RngExt;
 use tokio::net::TcpListener;
@@ -43,6 +39,7 @@ use super::metrics::{ProxyMetrics, NO_ROUTE};
 use super::pii::{self, PiiKind, StreamMasker};
 use super::ratelimit::Decision;
 use super::state::{KeyRecord, Route, SharedState};
+use super::upstream::{self, UpstreamBody};
 use crate::crd::gateway::{KeyScope, PiiMode};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -83,29 +80,6 @@ impl DependencyStatus {
             Self::Degraded => "degraded",
         }
     }
-}
-
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
-
-thread_local! {
-    // One connection pool per worker thread: a request and its upstream connection stay on
-    // one thread, so serving it needs no cross-thread wake-ups.
-    static UPSTREAM: std::cell::OnceCell<UpstreamClient> = const { std::cell::OnceCell::new() };
-}
-
-fn upstream_client() -> UpstreamClient {
-    UPSTREAM.with(|c| c.get_or_init(build_upstream_client).clone())
-}
-
-fn build_upstream_client() -> UpstreamClient {
-    let https = crate::tls::https_or_http();
-    Client::builder(TokioExecutor::new())
-        // Small requests: one flattened write beats writev (measured in benches/).
-        .http1_writev(false)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .build(https)
 }
 
 /// The data plane.
@@ -509,8 +483,7 @@ impl Gateway {
             body.map_err(|e| Box::new(e) as BoxError).boxed()
         };
         let upstream_req = Request::from_parts(parts, body);
-        let result =
-            tokio::time::timeout(route.timeout, upstream_client().request(upstream_req)).await;
+        let result = tokio::time::timeout(route.timeout, upstream::request(upstream_req)).await;
         let resp = match result {
             Err(_) => {
                 self.upstream_failed(&route, "timeout");
@@ -668,9 +641,9 @@ impl Gateway {
 /// Reads frames until `limit` bytes; returns them, the rest of the body, and whether the body
 /// ended within the limit.
 async fn collect_up_to(
-    mut body: Incoming,
+    mut body: UpstreamBody,
     limit: usize,
-) -> (VecDeque<Bytes>, Option<Incoming>, bool) {
+) -> (VecDeque<Bytes>, Option<UpstreamBody>, bool) {
     let mut head = VecDeque::new();
     let mut size = 0;
     loop {
@@ -693,7 +666,7 @@ async fn collect_up_to(
 /// Already-read chunks followed by the rest of a body.
 struct PrefixedBody {
     head: VecDeque<Bytes>,
-    rest: Option<Incoming>,
+    rest: Option<UpstreamBody>,
 }
 
 impl HttpBody for PrefixedBody {
@@ -718,14 +691,14 @@ impl HttpBody for PrefixedBody {
 
 /// Masks PII while streaming, with bounded memory; same length in and out.
 struct MaskingBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     masker: StreamMasker,
     done: bool,
     counters: [IntCounter; 3],
 }
 
 impl MaskingBody {
-    fn new(inner: Incoming, counters: [IntCounter; 3]) -> Self {
+    fn new(inner: UpstreamBody, counters: [IntCounter; 3]) -> Self {
         Self {
             inner,
             masker: StreamMasker::new(),
