@@ -8,8 +8,8 @@
 # rate-limit counters shared through Redis; then `apitree pii scan --mask` throughput.
 # A fourth target, `bare-proxy` (examples/bare_proxy.rs: apitree's hyper server, client and
 # worker model with no policy at all), shows how much of the gap to nginx is hyper's own; a
-# fifth, `bare-pinned` (the same with BARE_PINNED=1: one upstream connection per client
-# connection instead of the pool), measures the candidate upstream design before apitree takes it.
+# fifth, `bare-workerpool` (the same with BARE_POOL=worker: apitree's own per-worker upstream
+# pool instead of hyper-util's pooled client), compares the two pools with nothing else around.
 #
 # Usage: benches/proxy-vs-nginx.sh [SECONDS per run, default 10] [CONNECTIONS, default 64]
 # Needs nginx, wrk and redis-server (installed with apt when missing). Bounded: every load
@@ -94,7 +94,7 @@ start_apitree 18083 19083 --redis-url redis://127.0.0.1:6379/15
 "$BARE" 127.0.0.1:18084 127.0.0.1:18080 /bench/ 2>"$WORK/bare.err" &
 PIDS+=($!)
 echo $! >"$WORK/bare-18084.pid"
-BARE_PINNED=1 "$BARE" 127.0.0.1:18085 127.0.0.1:18080 /bench/ 2>"$WORK/bare-pinned.err" &
+BARE_POOL=worker "$BARE" 127.0.0.1:18085 127.0.0.1:18080 /bench/ 2>"$WORK/bare-workerpool.err" &
 PIDS+=($!)
 echo $! >"$WORK/bare-18085.pid"
 for port in 18084 18085; do
@@ -147,7 +147,7 @@ for r in $(seq "$ROUNDS"); do
     run apitree 18082
     run apitree-redis 18083
     run bare-hyper 18084
-    run bare-pinned 18085
+    run bare-workerpool 18085
 done
 
 summarize() { awk -v n="$1" '$1==n { rps+=$2; p50+=$3; p99+=$4; cpu+=$6; c++ } END { printf "%.0f %.3f %.3f %.1f", rps/c, p50/c, p99/c, cpu/c }' "$WORK/results"; }
@@ -155,7 +155,7 @@ read -r n_rps n_p50 n_p99 n_cpu <<<"$(summarize nginx)"
 read -r a_rps a_p50 a_p99 a_cpu <<<"$(summarize apitree)"
 read -r r_rps r_p50 r_p99 r_cpu <<<"$(summarize apitree-redis)"
 read -r b_rps b_p50 b_p99 b_cpu <<<"$(summarize bare-hyper)"
-read -r q_rps q_p50 q_p99 q_cpu <<<"$(summarize bare-pinned)"
+read -r q_rps q_p50 q_p99 q_cpu <<<"$(summarize bare-workerpool)"
 # How often the Redis-shared replica went to Redis (leases cover the rest).
 metric() { curl -fs "http://127.0.0.1:19083/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {printf "%.0f", s}'; }
 redis_calls=$(metric apitree_proxy_ratelimit_store_calls_total)
@@ -184,7 +184,7 @@ printf '%-16s %12s %10s %10s %12s\n' nginx "$n_rps" "$n_p50" "$n_p99" "$n_cpu"
 printf '%-16s %12s %10s %10s %12s\n' apitree "$a_rps" "$a_p50" "$a_p99" "$a_cpu"
 printf '%-16s %12s %10s %10s %12s\n' apitree-redis "$r_rps" "$r_p50" "$r_p99" "$r_cpu"
 printf '%-16s %12s %10s %10s %12s\n' bare-hyper "$b_rps" "$b_p50" "$b_p99" "$b_cpu"
-printf '%-16s %12s %10s %10s %12s\n' bare-pinned "$q_rps" "$q_p50" "$q_p99" "$q_cpu"
+printf '%-16s %12s %10s %10s %12s\n' bare-workerpool "$q_rps" "$q_p50" "$q_p99" "$q_cpu"
 echo
 awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v rp="$r_p99" \
     -v ac="$a_cpu" -v nc="$n_cpu" -v rc="$r_cpu" -v b="$b_rps" -v bc="$b_cpu" -v q="$q_rps" -v qc="$q_cpu" -v calls="$redis_calls" -v reqs="$redis_requests" 'BEGIN {
@@ -197,8 +197,8 @@ awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v r
     printf "bare-hyper/nginx req/s     %.2fx (no policies: the floor hyper sets)\n", b/n
     printf "bare-hyper/nginx CPU/req   %.2fx\n", bc/nc
     printf "apitree/bare-hyper req/s   %.2fx (what the policies cost)\n", a/b
-    printf "bare-pinned/nginx req/s    %.2fx (no pool: one upstream connection per client connection)\n", q/n
-    printf "bare-pinned/nginx CPU/req  %.2fx\n", qc/nc
+    printf "bare-workerpool/bare-hyper req/s    %.2fx (apitree pool vs hyper-util pool)\n", q/b
+    printf "bare-workerpool/bare-hyper CPU/req  %.2fx (lower is better)\n", qc/bc
     printf "Redis round trips          %d for %d requests\n", calls, reqs
 }'
 echo "pii scan --mask (one core)  ${pii_mbs} MB/s over $((bytes / 1000000)) MB"

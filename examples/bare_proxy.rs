@@ -7,9 +7,9 @@
 //! Usage: `bare-proxy LISTEN UPSTREAM PREFIX`, e.g. `bare-proxy 127.0.0.1:18084 127.0.0.1:18080
 //! /bench/`: requests under PREFIX go to `http://UPSTREAM/` + the rest of the path.
 //!
-//! With `BARE_PINNED=1` there is no pool: each client connection gets its own upstream
-//! connection (`hyper::client::conn::http1`), opened on its first request and reused for the
-//! next — the candidate design for apitree's upstream side, measured here first.
+//! With `BARE_POOL=worker` the upstream side is apitree's own (`apitree::proxy::upstream`, a
+//! lock-free pool per worker thread) instead of hyper-util's pooled client, so one run compares
+//! the two pools with nothing else in the way.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -71,53 +71,27 @@ async fn forward(
     }
 }
 
-type Pinned =
-    std::sync::Arc<std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>>;
-
-/// [`forward`] over the client connection's own upstream connection.
-async fn forward_pinned(
+/// [`forward`] through apitree's per-worker upstream pool.
+async fn forward_worker_pool(
     req: Request<Incoming>,
     upstream_authority: &'static str,
     prefix: &'static str,
-    pinned: Pinned,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let rest = parts.uri.path().strip_prefix(prefix).unwrap_or("");
-    let Ok(uri) = format!("/{rest}").parse::<Uri>() else {
+    let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(upstream_authority)
+        .path_and_query(format!("/{rest}"))
+        .build()
+    else {
         return reply(400);
     };
     parts.uri = uri;
-    let taken = pinned.lock().ok().and_then(|mut p| p.take());
-    let mut sender = match taken {
-        Some(s) if !s.is_closed() => s,
-        _ => {
-            let Ok(stream) = tokio::net::TcpStream::connect(upstream_authority).await else {
-                return reply(502);
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok((sender, conn)) = hyper::client::conn::http1::Builder::new()
-                .writev(false)
-                .handshake(TokioIo::new(stream))
-                .await
-            else {
-                return reply(502);
-            };
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            sender
-        }
-    };
-    if sender.ready().await.is_err() {
-        return reply(502);
-    }
-    let result = sender
-        .send_request(Request::from_parts(parts, body.boxed()))
-        .await;
-    if let Ok(mut p) = pinned.lock() {
-        *p = Some(sender);
-    }
-    match result {
+    let body: apitree::proxy::server::Body = body
+        .map_err(|e| Box::new(e) as apitree::proxy::server::BoxError)
+        .boxed();
+    match apitree::proxy::upstream::request(Request::from_parts(parts, body)).await {
         Ok(resp) => resp.map(|b| b.boxed()),
         Err(_) => reply(502),
     }
@@ -138,7 +112,7 @@ fn main() {
     let upstream_authority: &'static str = Box::leak(upstream_authority.clone().into_boxed_str());
     let prefix: &'static str = Box::leak(prefix.clone().into_boxed_str());
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pinned_mode = std::env::var("BARE_PINNED").is_ok_and(|v| v == "1");
+    let worker_pool = std::env::var("BARE_POOL").is_ok_and(|v| v == "worker");
     let mut senders = Vec::new();
     for _ in 0..workers {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
@@ -158,15 +132,11 @@ fn main() {
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                         continue;
                     };
-                    if pinned_mode {
-                        let pinned = Pinned::default();
-                        let service = hyper::service::service_fn(move |req| {
-                            let pinned = pinned.clone();
-                            async move {
-                                Ok::<_, Infallible>(
-                                    forward_pinned(req, upstream_authority, prefix, pinned).await,
-                                )
-                            }
+                    if worker_pool {
+                        let service = hyper::service::service_fn(move |req| async move {
+                            Ok::<_, Infallible>(
+                                forward_worker_pool(req, upstream_authority, prefix).await,
+                            )
                         });
                         let conn = http.serve_connection(TokioIo::new(stream), service);
                         tokio::spawn(async move {

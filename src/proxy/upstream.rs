@@ -117,7 +117,25 @@ pub fn idle_count(scheme: &Scheme, authority: &Authority) -> usize {
     })
 }
 
+/// How long a TCP connect to an upstream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn connect(key: &Key) -> Result<SendRequest<Body>, UpstreamError> {
+    if key.0 == Scheme::HTTP {
+        // Plain TCP without the TLS connector's stream wrapper in every read and write.
+        let addr = key.1.as_str();
+        let addr = if key.1.port().is_some() {
+            addr.to_string()
+        } else {
+            format!("{addr}:80")
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
+            .await
+            .map_err(|_| UpstreamError::Connect(format!("{addr}: timed out after 5s")))?
+            .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        return handshake(hyper_util::rt::TokioIo::new(stream)).await;
+    }
     let uri = Uri::builder()
         .scheme(key.0.clone())
         .authority(key.1.clone())
@@ -129,6 +147,13 @@ async fn connect(key: &Key) -> Result<SendRequest<Body>, UpstreamError> {
         .call(uri)
         .await
         .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    handshake(io).await
+}
+
+async fn handshake<T>(io: T) -> Result<SendRequest<Body>, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         // Small requests: one flattened write beats writev (measured in benches/).
         .writev(false)
