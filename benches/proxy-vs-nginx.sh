@@ -6,10 +6,10 @@
 # auth + all limit windows + metrics + access log; PII off), then drives each with wrk in
 # alternation and prints req/s, p50, p99 and the apitree/nginx ratios; then the same with
 # rate-limit counters shared through Redis; then `apitree pii scan --mask` throughput.
-# A fourth target, `bare-proxy` (examples/bare_proxy.rs: apitree's hyper server, client and
-# worker model with no policy at all), shows how much of the gap to nginx is hyper's own; a
-# fifth, `bare-workerpool` (the same with BARE_POOL=worker: apitree's own per-worker upstream
-# pool instead of hyper-util's pooled client), compares the two pools with nothing else around.
+# Two more targets come from examples/bare_proxy.rs, apitree's hyper server and worker model with
+# no policy at all: `bare-hyper` calls upstreams through hyper-util's pooled client,
+# `bare-workerpool` through apitree's own per-worker pool (apitree's transport without the
+# policies). They show how much of the gap to nginx is hyper's own, and compare the two pools.
 #
 # Usage: benches/proxy-vs-nginx.sh [SECONDS per run, default 10] [CONNECTIONS, default 64]
 # Needs nginx, wrk and redis-server (installed with apt when missing). Bounded: every load
@@ -196,7 +196,7 @@ awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v r
     printf "apitree-redis/nginx CPU/req %.2fx\n", rc/nc
     printf "bare-hyper/nginx req/s     %.2fx (no policies: the floor hyper sets)\n", b/n
     printf "bare-hyper/nginx CPU/req   %.2fx\n", bc/nc
-    printf "apitree/bare-hyper req/s   %.2fx (what the policies cost)\n", a/b
+    printf "apitree/bare-workerpool req/s       %.2fx (what the policies cost)\n", a/q
     printf "bare-workerpool/bare-hyper req/s    %.2fx (apitree pool vs hyper-util pool)\n", q/b
     printf "bare-workerpool/bare-hyper CPU/req  %.2fx (lower is better)\n", qc/bc
     printf "Redis round trips          %d for %d requests\n", calls, reqs

@@ -1,15 +1,13 @@
-//! The floor under apitree's proxy in `benches/proxy-vs-nginx.sh`: the same hyper server and
-//! client, worker model and connection settings as `src/proxy/server.rs`, and nothing else — no
-//! auth, limits, metrics, access log or header rewriting beyond the upstream URL. The bench runs
-//! it beside nginx and apitree, so the ratios separate what hyper costs from what the policies
-//! cost.
+//! The floor under apitree's proxy in `benches/proxy-vs-nginx.sh`: apitree's hyper server,
+//! worker model and connection settings (`src/proxy/server.rs`) and nothing else — no auth,
+//! limits, metrics, access log or header rewriting beyond the upstream URL. Upstream calls go
+//! through hyper-util's pooled client (what apitree used before `src/proxy/upstream.rs`), or with
+//! `BARE_POOL=worker` through apitree's own pool, which makes it apitree's transport without the
+//! policies. The bench runs both beside nginx and apitree, so the ratios separate what hyper
+//! costs from what the pool and the policies cost.
 //!
 //! Usage: `bare-proxy LISTEN UPSTREAM PREFIX`, e.g. `bare-proxy 127.0.0.1:18084 127.0.0.1:18080
 //! /bench/`: requests under PREFIX go to `http://UPSTREAM/` + the rest of the path.
-//!
-//! With `BARE_POOL=worker` the upstream side is apitree's own (`apitree::proxy::upstream`, a
-//! lock-free pool per worker thread) instead of hyper-util's pooled client, so one run compares
-//! the two pools with nothing else in the way.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -46,10 +44,13 @@ fn upstream() -> Upstream {
     })
 }
 
+/// Sends the request under PREFIX to the upstream: through hyper-util's pooled client, or
+/// with `worker_pool` through apitree's.
 async fn forward(
     req: Request<Incoming>,
     upstream_authority: &'static str,
     prefix: &'static str,
+    worker_pool: bool,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let rest = parts.uri.path().strip_prefix(prefix).unwrap_or("");
@@ -62,39 +63,22 @@ async fn forward(
         return reply(400);
     };
     parts.uri = uri;
-    match upstream()
-        .request(Request::from_parts(parts, body.boxed()))
-        .await
-    {
-        Ok(resp) => resp.map(|b| b.boxed()),
-        Err(_) => reply(502),
-    }
-}
-
-/// [`forward`] through apitree's per-worker upstream pool.
-async fn forward_worker_pool(
-    req: Request<Incoming>,
-    upstream_authority: &'static str,
-    prefix: &'static str,
-) -> Response<Body> {
-    let (mut parts, body) = req.into_parts();
-    let rest = parts.uri.path().strip_prefix(prefix).unwrap_or("");
-    let Ok(uri) = Uri::builder()
-        .scheme("http")
-        .authority(upstream_authority)
-        .path_and_query(format!("/{rest}"))
-        .build()
-    else {
-        return reply(400);
+    let resp = if worker_pool {
+        let body: apitree::proxy::server::Body = body
+            .map_err(|e| Box::new(e) as apitree::proxy::server::BoxError)
+            .boxed();
+        apitree::proxy::upstream::request(Request::from_parts(parts, body))
+            .await
+            .map(|r| r.map(|b| b.boxed()))
+            .ok()
+    } else {
+        upstream()
+            .request(Request::from_parts(parts, body.boxed()))
+            .await
+            .map(|r| r.map(|b| b.boxed()))
+            .ok()
     };
-    parts.uri = uri;
-    let body: apitree::proxy::server::Body = body
-        .map_err(|e| Box::new(e) as apitree::proxy::server::BoxError)
-        .boxed();
-    match apitree::proxy::upstream::request(Request::from_parts(parts, body)).await {
-        Ok(resp) => resp.map(|b| b.boxed()),
-        Err(_) => reply(502),
-    }
+    resp.unwrap_or_else(|| reply(502))
 }
 
 fn reply(status: u16) -> Response<Body> {
@@ -132,20 +116,10 @@ fn main() {
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                         continue;
                     };
-                    if worker_pool {
-                        let service = hyper::service::service_fn(move |req| async move {
-                            Ok::<_, Infallible>(
-                                forward_worker_pool(req, upstream_authority, prefix).await,
-                            )
-                        });
-                        let conn = http.serve_connection(TokioIo::new(stream), service);
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        });
-                        continue;
-                    }
                     let service = hyper::service::service_fn(move |req| async move {
-                        Ok::<_, Infallible>(forward(req, upstream_authority, prefix).await)
+                        Ok::<_, Infallible>(
+                            forward(req, upstream_authority, prefix, worker_pool).await,
+                        )
                     });
                     let conn = http.serve_connection(TokioIo::new(stream), service);
                     tokio::spawn(async move {
