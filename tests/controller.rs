@@ -50,32 +50,22 @@ struct Pods {
     open_door: AtomicBool,
 }
 
-async fn start_pods() -> (String, Arc<Pods>) {
-    let pods = Arc::new(Pods::default());
+/// Serves HTTP/1 on a loopback port, answering each request with `answer`'s (status, body);
+/// returns the base URL.
+async fn serve_stub(
+    answer: impl Fn(&Request<hyper::body::Incoming>) -> (u16, String) + Send + Sync + 'static,
+) -> String {
+    let answer = Arc::new(answer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let p = pods.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let p = p.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let p = p.clone();
+                    let (status, body) = answer(&req);
                     async move {
-                        let (status, body) = match req.uri().path() {
-                            "/readyz" => (200, json!({"status": "ready", "database": "off", "rateLimitStore": "local"}).to_string()),
-                            "/metrics" => {
-                                let n = p.scrapes.fetch_add(1, Ordering::SeqCst) + 1;
-                                let errors = n * p.errors_per_scrape.load(Ordering::SeqCst);
-                                (200, format!(
-                                    "# TYPE apitree_proxy_requests_total counter\napitree_proxy_requests_total{{route=\"r\",status_class=\"2xx\"}} {}\napitree_proxy_requests_total{{route=\"r\",status_class=\"5xx\"}} {errors}\n",
-                                    n * 500 - errors
-                                ))
-                            }
-                            _ if req.headers().contains_key("authorization") || p.open_door.load(Ordering::SeqCst) => (200, "{}".into()),
-                            _ => (401, json!({"error": "missing key", "code": "missing_key"}).to_string()),
-                        };
                         Ok::<_, Infallible>(
                             Response::builder()
                                 .status(status)
@@ -90,6 +80,26 @@ async fn start_pods() -> (String, Arc<Pods>) {
             });
         }
     });
+    url
+}
+
+async fn start_pods() -> (String, Arc<Pods>) {
+    let pods = Arc::new(Pods::default());
+    let p = pods.clone();
+    let url = serve_stub(move |req| match req.uri().path() {
+        "/readyz" => (200, json!({"status": "ready", "database": "off", "rateLimitStore": "local"}).to_string()),
+        "/metrics" => {
+            let n = p.scrapes.fetch_add(1, Ordering::SeqCst) + 1;
+            let errors = n * p.errors_per_scrape.load(Ordering::SeqCst);
+            (200, format!(
+                "# TYPE apitree_proxy_requests_total counter\napitree_proxy_requests_total{{route=\"r\",status_class=\"2xx\"}} {}\napitree_proxy_requests_total{{route=\"r\",status_class=\"5xx\"}} {errors}\n",
+                n * 500 - errors
+            ))
+        }
+        _ if req.headers().contains_key("authorization") || p.open_door.load(Ordering::SeqCst) => (200, "{}".into()),
+        _ => (401, json!({"error": "missing key", "code": "missing_key"}).to_string()),
+    })
+    .await;
     (url, pods)
 }
 
@@ -384,6 +394,15 @@ fn stable_with_database(secret_version: &str) -> (Fixture, String) {
         ..ApiGatewayStatus::default()
     });
     (fx, rev)
+}
+
+/// The calls of a quiet pass over [`stable_with_database`]'s gateway: its database Secret is
+/// read (`db_secret`), both colors are observed, then `extra`.
+fn stable_pass(db_secret: Call, rev: &str, extra: Vec<Call>) -> Vec<Call> {
+    let mut calls = vec![db_secret];
+    calls.extend(observe_both(Some(rev), None));
+    calls.extend(extra);
+    calls
 }
 
 fn deployments(name: &str) -> String {
@@ -958,12 +977,7 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
     let h = Harness::new().await;
     let (fx, rev) = stable_with_database("missing");
     let secret = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
-    let quiet = |extra: Vec<Call>| {
-        let mut calls = vec![call("GET", &secret).not_found()];
-        calls.extend(observe_both(Some(&rev), None));
-        calls.extend(extra);
-        calls
-    };
+    let quiet = |extra: Vec<Call>| stable_pass(call("GET", &secret).not_found(), &rev, extra);
     // First pass: the gateway is known; the detector primes on blue.
     h.pass(
         &fx.gw,
@@ -1035,13 +1049,9 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
     });
     let quiet = |extra: Vec<Call>| {
-        let mut calls = vec![
-            call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db"))
-                .reply(200, secret.clone()),
-        ];
-        calls.extend(observe_both(Some(&rev), None));
-        calls.extend(extra);
-        calls
+        let db_secret = call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db"))
+            .reply(200, secret.clone());
+        stable_pass(db_secret, &rev, extra)
     };
     h.pass(
         &fx.gw,
@@ -1230,23 +1240,7 @@ async fn a_credential_policy_reencrypts_to_the_new_master_key_once_the_gateway_r
         "v1 can retire: {progress}"
     );
     let v2_only = MasterKeys::single(2, &k2).unwrap();
-    let rows: Vec<(String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-        "SELECT name, key_version, nonce, ciphertext FROM upstream_credentials ORDER BY name",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    for (i, (name, version, nonce, ciphertext)) in rows.iter().enumerate() {
-        let sealed = apitree::proxy::vault::Sealed {
-            key_version: *version as u32,
-            nonce: nonce.clone(),
-            ciphertext: ciphertext.clone(),
-        };
-        let plain = v2_only
-            .decrypt(name, &org.to_string(), "weather", &sealed)
-            .unwrap();
-        assert_eq!(plain.expose(), format!("secret-{i}"));
-    }
+    common::assert_seeded_credentials_decrypt(&pool, &v2_only, org).await;
 }
 
 #[tokio::test]
@@ -1331,44 +1325,25 @@ async fn a_smoke_probe_retries_an_upstream_error_but_not_a_wrong_answer() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     // A preview endpoint whose /flaky answers 500 once, /down always 502, /gone 404.
     let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = calls.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let path = req.uri().path().to_string();
-                    let n = {
-                        let mut c = seen.lock().unwrap();
-                        let n = c.entry(path.clone()).or_default();
-                        *n += 1;
-                        *n
-                    };
-                    let status = match path.as_str() {
-                        _ if !req.headers().contains_key("authorization") => 401,
-                        "/flaky" if n == 1 => 500,
-                        "/down" => 502,
-                        "/gone" => 404,
-                        _ => 200,
-                    };
-                    async move {
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from("{}")))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let base = serve_stub(move |req| {
+        let path = req.uri().path().to_string();
+        let n = {
+            let mut c = seen.lock().unwrap();
+            let n = c.entry(path.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let status = match path.as_str() {
+            _ if !req.headers().contains_key("authorization") => 401,
+            "/flaky" if n == 1 => 500,
+            "/down" => 502,
+            "/gone" => 404,
+            _ => 200,
+        };
+        (status, "{}".into())
+    })
+    .await;
     async fn probe(base: &str, path: &str) -> apitree::gate::ProbeResult {
         let mut spec = spec();
         spec.gate.smoke = serde_json::from_value(json!([

@@ -329,7 +329,7 @@ async fn the_grace_sweep_revokes_rotated_keys_once_their_grace_ends_and_only_onc
 #[tokio::test]
 async fn master_key_reencryption_resumes_after_interruption_and_concurrent_runs_share_the_work() {
     use apitree::db::credentials::reencrypt_batch;
-    use apitree::proxy::vault::{MasterKeys, Sealed};
+    use apitree::proxy::vault::MasterKeys;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let (k1, k2) = (b64.encode([7u8; 32]), b64.encode([9u8; 32]));
@@ -365,23 +365,7 @@ async fn master_key_reencryption_resumes_after_interruption_and_concurrent_runs_
     assert!(last.versions_in_use.is_empty(), "version 1 can retire");
     // Every credential decrypts with the new key alone, to what it was.
     let new_only = MasterKeys::single(2, &k2).unwrap();
-    let rows: Vec<(String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-        "SELECT name, key_version, nonce, ciphertext FROM upstream_credentials ORDER BY name",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    for (i, (name, version, nonce, ciphertext)) in rows.iter().enumerate() {
-        let sealed = Sealed {
-            key_version: *version as u32,
-            nonce: nonce.clone(),
-            ciphertext: ciphertext.clone(),
-        };
-        let plain = new_only
-            .decrypt(name, &org.to_string(), "weather", &sealed)
-            .unwrap();
-        assert_eq!(plain.expose(), format!("secret-{i}"));
-    }
+    common::assert_seeded_credentials_decrypt(&pool, &new_only, org).await;
     // The audit log names every credential once.
     let details: Vec<serde_json::Value> =
         sqlx::query_scalar("SELECT detail FROM audit_log WHERE action = 'master_key.reencrypt'")

@@ -113,6 +113,32 @@ pub async fn seed_upstream_credentials(
     org
 }
 
+/// Asserts every credential [`seed_upstream_credentials`] wrote decrypts with `keys` (e.g. the
+/// new master key alone) to what it was.
+pub async fn assert_seeded_credentials_decrypt(
+    pool: &PgPool,
+    keys: &apitree::proxy::vault::MasterKeys,
+    org: uuid::Uuid,
+) {
+    let rows: Vec<(String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT name, key_version, nonce, ciphertext FROM upstream_credentials ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for (i, (name, version, nonce, ciphertext)) in rows.into_iter().enumerate() {
+        let sealed = apitree::proxy::vault::Sealed {
+            key_version: version as u32,
+            nonce,
+            ciphertext,
+        };
+        let plain = keys
+            .decrypt(&name, &org.to_string(), "weather", &sealed)
+            .unwrap();
+        assert_eq!(plain.expose(), format!("secret-{i}"));
+    }
+}
+
 /// Org `acme` with one live key on tier `gold` named `name`, created by actor `test`.
 pub async fn seed_live_key(
     pool: &PgPool,
