@@ -266,7 +266,7 @@ impl Rotations {
             ));
         }
         let g = gateway_database(&self.client, ns, &db.gateway_ref).await?;
-        let pepper_ref = g.pepper.ok_or_else(|| {
+        let pepper_ref = g.secrets.map(|s| s.key_pepper).ok_or_else(|| {
             format!(
                 "ApiGateway {} has no spec.secrets.keyPepper to hash a new key with",
                 db.gateway_ref
@@ -380,12 +380,23 @@ fn to_chrono(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
 /// What the controller reads from the ApiGateway a policy's `database.gatewayRef` names.
 struct GatewayDatabase {
     url: String,
-    /// The gateway's master keys, when `spec.secrets.masterKey` is set.
-    keys: Option<Result<MasterKeys, String>>,
+    /// `spec.secrets`: where the pepper and the master keys are (read when needed).
+    secrets: Option<crate::crd::gateway::ProxySecrets>,
     /// `status.masterKeyVersions`: what the proxies taking traffic hold.
     proxies_hold: Vec<u32>,
-    /// Where the key-hashing pepper is (`spec.secrets.keyPepper`).
-    pepper: Option<SecretKeyRef>,
+}
+
+impl GatewayDatabase {
+    /// The gateway's master keys, when `spec.secrets.masterKey` is set.
+    async fn master_keys(&self, client: &Client, ns: &str) -> Option<Result<MasterKeys, String>> {
+        let s = self.secrets.as_ref()?;
+        let r = s.master_key.as_ref()?;
+        Some(match secret_value(client, ns, r).await {
+            Ok(v) => MasterKeys::from_value(&v, s.master_key_version.max(1) as u32)
+                .map_err(|e| format!("the master key in Secret {}: {e}", r.name)),
+            Err(e) => Err(e),
+        })
+    }
 }
 
 async fn secret_value(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
@@ -401,8 +412,8 @@ async fn secret_value(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<Str
         .ok_or_else(|| format!("Secret {} has no key {:?}", r.name, r.key))
 }
 
-/// Reads the database URL, master keys and `status.masterKeyVersions` of the ApiGateway a
-/// policy names.
+/// Reads the database URL, secret references and `status.masterKeyVersions` of the ApiGateway
+/// a policy names.
 async fn gateway_database(
     client: &Client,
     ns: &str,
@@ -419,21 +430,10 @@ async fn gateway_database(
         .as_ref()
         .ok_or_else(|| format!("ApiGateway {gateway} has no spec.database"))?;
     let url = secret_value(client, ns, db).await?;
-    let mut keys = None;
-    if let Some(s) = &gw.spec.secrets {
-        if let Some(r) = &s.master_key {
-            keys = Some(match secret_value(client, ns, r).await {
-                Ok(v) => MasterKeys::from_value(&v, s.master_key_version.max(1) as u32)
-                    .map_err(|e| format!("the master key in Secret {}: {e}", r.name)),
-                Err(e) => Err(e),
-            });
-        }
-    }
     Ok(GatewayDatabase {
         url,
-        keys,
+        secrets: gw.spec.secrets,
         proxies_hold: gw.status.map(|s| s.master_key_versions).unwrap_or_default(),
-        pepper: gw.spec.secrets.map(|s| s.key_pepper),
     })
 }
 
@@ -558,8 +558,17 @@ pub async fn reconcile(
             }
         }
         if let Some(db) = &policy.spec.database {
-            let found = match gateway_database(&ctx.client, &ns, &db.gateway_ref).await {
-                Ok(g) => match crate::db::connect(&g.url, 1).await {
+            let gateway = match gateway_database(&ctx.client, &ns, &db.gateway_ref).await {
+                // Master keys only matter for the upstream credentials they re-encrypt.
+                Ok(g) if db.upstream_credentials => {
+                    let keys = g.master_keys(&ctx.client, &ns).await;
+                    Ok((g, keys))
+                }
+                Ok(g) => Ok((g, None)),
+                Err(e) => Err(e),
+            };
+            let found = match gateway {
+                Ok((g, keys)) => match crate::db::connect(&g.url, 1).await {
                     Ok(pool) => {
                         let r = rotation::database_credentials(
                             &pool,
@@ -568,23 +577,19 @@ pub async fn reconcile(
                         )
                         .await
                         .map_err(|e| e.to_string());
-                        match (&g.keys, db.upstream_credentials) {
-                            (Some(Ok(keys)), true) => {
-                                match reencrypt(&pool, keys, &g.proxies_hold).await {
-                                    Ok(p) => status.reencryption = Some(p),
-                                    Err(e) => notes.push((
-                                        EventType::Warning,
-                                        "ReencryptionFailed".into(),
-                                        e,
-                                    )),
+                        match &keys {
+                            Some(Ok(keys)) => match reencrypt(&pool, keys, &g.proxies_hold).await {
+                                Ok(p) => status.reencryption = Some(p),
+                                Err(e) => {
+                                    notes.push((EventType::Warning, "ReencryptionFailed".into(), e))
                                 }
-                            }
-                            (Some(Err(e)), true) => notes.push((
+                            },
+                            Some(Err(e)) => notes.push((
                                 EventType::Warning,
                                 "MasterKeyUnreadable".into(),
                                 e.clone(),
                             )),
-                            _ => {}
+                            None => {}
                         }
                         pool.close().await;
                         r
