@@ -58,7 +58,15 @@ pub async fn watch(
     let set = |s: DependencyStatus| *gateway.database.lock().unwrap_or_else(|p| p.into_inner()) = s;
     let reload = || async {
         let previous = gateway.state.load();
-        match load(&pool, &base, &source, master_keys.as_ref(), Some(&previous)).await {
+        match load(
+            &pool,
+            &base,
+            &source,
+            master_keys.as_ref(),
+            Some(&**previous),
+        )
+        .await
+        {
             Ok(state) => {
                 gateway.state.store(state);
                 gateway

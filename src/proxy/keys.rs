@@ -50,28 +50,43 @@ fn scope_tag(scope: KeyScope) -> &'static str {
     }
 }
 
-fn checksum(head: &str) -> String {
+/// The checksum characters (base62 of the CRC-32) for a key's head.
+fn checksum(head: &str) -> [u8; CHECK_LEN] {
     let mut n = crc32(head.as_bytes()) as u64;
     let mut out = [b'0'; CHECK_LEN];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
-/// CRC-32 (IEEE), bitwise: keys are short and checked once per request.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
+/// CRC-32 (IEEE) lookup table, built at compile time.
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
             crc = if crc & 1 != 0 {
                 (crc >> 1) ^ 0xEDB8_8320
             } else {
                 crc >> 1
             };
+            bit += 1;
         }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// CRC-32 (IEEE), a byte at a time through the table: checked on every request.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc = (crc >> 8) ^ CRC_TABLE[((crc ^ b as u32) & 0xFF) as usize];
     }
     !crc
 }
@@ -84,7 +99,8 @@ impl ApiKey {
             .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
             .collect();
         let head = format!("{}{body}", scope_tag(scope));
-        let text = format!("{head}{}", checksum(&head));
+        let check = checksum(&head);
+        let text = format!("{head}{}", String::from_utf8_lossy(&check));
         Self { text, scope }
     }
 
@@ -102,12 +118,7 @@ impl ApiKey {
             return Err(KeyFormatError::Malformed);
         }
         let (head, check) = text.split_at(8 + BODY_LEN);
-        if checksum(head)
-            .as_bytes()
-            .ct_eq(check.as_bytes())
-            .unwrap_u8()
-            != 1
-        {
+        if checksum(head).ct_eq(check.as_bytes()).unwrap_u8() != 1 {
             return Err(KeyFormatError::BadChecksum);
         }
         Ok(Self {
@@ -131,9 +142,10 @@ impl ApiKey {
     }
 }
 
-/// The server-side pepper keys are hashed under. Debug output never shows it.
+/// The server-side pepper keys are hashed under. Debug output never shows it. Holds the HMAC
+/// state with the pepper already absorbed, so a request pays for the key's blocks only.
 #[derive(Clone)]
-pub struct Pepper(Vec<u8>);
+pub struct Pepper(Hmac<Sha256>);
 
 impl fmt::Debug for Pepper {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -151,21 +163,32 @@ impl Pepper {
         if bytes.len() < 32 {
             return Err(WeakPepper(bytes.len()));
         }
-        Ok(Self(bytes))
+        Ok(Self(
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&bytes)
+                .expect("HMAC accepts keys of any length"),
+        ))
     }
 
     /// The stored form of a key: HMAC-SHA256(pepper, key).
     pub fn hash(&self, key: &ApiKey) -> KeyHash {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
-            .expect("HMAC accepts keys of any length");
+        let mut mac = self.0.clone();
         mac.update(key.text.as_bytes());
         KeyHash(mac.finalize().into_bytes().into())
     }
 }
 
 /// A stored key hash.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash(pub [u8; 32]);
+
+/// HMAC outputs are uniformly spread: their first 8 bytes are as good a hash as all 32.
+impl std::hash::Hash for KeyHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
 
 impl KeyHash {
     /// Compares in constant time.

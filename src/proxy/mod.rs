@@ -7,6 +7,7 @@ pub mod accesslog;
 pub mod breaker;
 pub mod config;
 pub mod dbmode;
+pub mod fasthash;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
@@ -243,7 +244,7 @@ pub fn reload(gateway: &Gateway, opts: &ProxyOptions) -> Result<(), ProxyError> 
             &cfg,
             &opts.config.display().to_string(),
             master_keys.as_ref(),
-            Some(&previous),
+            Some(&**previous),
         )?;
         gateway.state.store(state);
         Ok(())

@@ -21,10 +21,11 @@
 //! one by one by Redis.
 
 use std::{
-    collections::HashMap,
-    hash::BuildHasher,
+    hash::{BuildHasher, BuildHasherDefault},
     sync::{Arc, Mutex},
 };
+
+use super::fasthash::{FastHasher, FastMap};
 
 use crate::crd::gateway::WindowLimits;
 
@@ -145,14 +146,19 @@ impl Decision {
 
     /// `RateLimit` value: the policy closest to refusing.
     pub fn ratelimit_header(&self) -> String {
+        // Sent on every response: built by hand, without the formatting machinery.
         let (s, w, _, remaining, reset) = self.tightest;
-        format!(
-            "\"{}-{}\";r={};t={}",
-            s.label(),
-            w.label(),
-            remaining,
-            reset
-        )
+        let mut numbers = itoa::Buffer::new();
+        let mut out = String::with_capacity(48);
+        out.push('"');
+        out.push_str(s.label());
+        out.push('-');
+        out.push_str(w.label());
+        out.push_str("\";r=");
+        out.push_str(numbers.format(remaining));
+        out.push_str(";t=");
+        out.push_str(numbers.format(reset));
+        out
     }
 }
 
@@ -261,18 +267,20 @@ const SHARDS: usize = 64;
 
 /// Per-key and per-org state in 64 mutex-guarded shards each.
 struct Shards<V> {
-    keys: Vec<Mutex<HashMap<Arc<str>, V>>>,
-    orgs: Vec<Mutex<HashMap<Arc<str>, V>>>,
-    hasher: std::collections::hash_map::RandomState,
+    keys: Vec<Mutex<FastMap<Arc<str>, V>>>,
+    orgs: Vec<Mutex<FastMap<Arc<str>, V>>>,
 }
 
 impl<V: Default> Default for Shards<V> {
     fn default() -> Self {
-        let shards = || (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        let shards = || {
+            (0..SHARDS)
+                .map(|_| Mutex::new(FastMap::default()))
+                .collect()
+        };
         Self {
             keys: shards(),
             orgs: shards(),
-            hasher: Default::default(),
         }
     }
 }
@@ -280,8 +288,10 @@ impl<V: Default> Default for Shards<V> {
 impl<V: Default> Shards<V> {
     /// Runs `f` on the key's and the org's entries, both locked.
     fn with<R>(&self, key_id: &str, org_id: &str, f: impl FnOnce(&mut V, &mut V) -> R) -> R {
-        let shard = |shards: &[Mutex<HashMap<Arc<str>, V>>], id: &str| {
-            (self.hasher.hash_one(id) as usize) % shards.len()
+        let shard = |shards: &[Mutex<FastMap<Arc<str>, V>>], id: &str| {
+            // The map's hash of the id, from its high bits (the map uses the low ones).
+            let hash = BuildHasherDefault::<FastHasher>::default().hash_one(id);
+            ((hash >> 32) as usize) % shards.len()
         };
         // Lock order is always key shard, then org shard: no deadlock.
         let mut keys = self.keys[shard(&self.keys, key_id)]
@@ -294,7 +304,7 @@ impl<V: Default> Shards<V> {
     }
 }
 
-fn entry<'a, V: Default>(map: &'a mut HashMap<Arc<str>, V>, id: &str) -> &'a mut V {
+fn entry<'a, V: Default>(map: &'a mut FastMap<Arc<str>, V>, id: &str) -> &'a mut V {
     if !map.contains_key(id) {
         map.insert(Arc::from(id), V::default());
     }

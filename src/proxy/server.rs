@@ -38,7 +38,7 @@ use super::limiter::Limiter;
 use super::metrics::{ProxyMetrics, NO_ROUTE};
 use super::pii::{self, PiiKind, StreamMasker};
 use super::ratelimit::Decision;
-use super::state::{KeyRecord, Route, SharedState};
+use super::state::{GatewayState, KeyRecord, Route, SharedState};
 use super::upstream::{self, UpstreamBody};
 use crate::crd::gateway::{KeyScope, PiiMode};
 
@@ -223,11 +223,12 @@ fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
-/// What the access log and metrics need to know about a request.
+/// What the access log and metrics need to know about a request (borrowed from the state the
+/// request was decided with).
 #[derive(Default)]
-struct Trace {
-    route: Option<Arc<Route>>,
-    key: Option<Arc<KeyRecord>>,
+struct Trace<'s> {
+    route: Option<&'s Route>,
+    key: Option<&'s KeyRecord>,
     upstream_status: Option<u16>,
     request_body: Option<String>,
 }
@@ -242,15 +243,24 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: looking costs less than removing each name (a hash apiece).
+    if !h.keys().any(|n| HOP_BY_HOP.contains(n) || *n == KEEP_ALIVE) {
+        return;
+    }
     for name in &HOP_BY_HOP {
         h.remove(name);
     }
-    h.remove("keep-alive");
+    h.remove(KEEP_ALIVE);
 }
 
 fn request_id(h: &HeaderMap) -> String {
-    if let Some(v) = h.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = h.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         if !v.is_empty()
             && v.len() <= 64
             && v.bytes()
@@ -260,7 +270,13 @@ fn request_id(h: &HeaderMap) -> String {
         }
     }
     let n: u128 = rand::rng().random();
-    format!("{n:032x}")
+    let mut id = String::with_capacity(32);
+    for shift in (0..32).rev() {
+        id.push(char::from(
+            b"0123456789abcdef"[(n >> (shift * 4)) as usize & 0xF],
+        ));
+    }
+    id
 }
 
 fn presented_key(h: &HeaderMap) -> Option<&str> {
@@ -270,7 +286,7 @@ fn presented_key(h: &HeaderMap) -> Option<&str> {
             return Some(v[7..].trim());
         }
     }
-    h.get("x-api-key")
+    h.get(X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
 }
@@ -298,21 +314,27 @@ impl Gateway {
         }
     }
 
-    /// Serves one request through the whole stack.
+    /// Serves one request through the whole stack. `forwarded_for` is the client's address as
+    /// an `X-Forwarded-For` value (made once per connection).
     pub async fn handle(
-        self: Arc<Self>,
+        &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        forwarded_for: Option<HeaderValue>,
     ) -> Response<Body> {
         let started = Instant::now();
+        let now_ms = (self.clock)();
         self.metrics.in_flight.inc();
         // Step 1: request id (kept from the client when well-formed) and what the log needs.
         let request_id = request_id(req.headers());
         let method = req.method().clone();
         let bytes_in = req.body().size_hint().exact();
+        let state = self.state.load();
         let mut trace = Trace::default();
         let mut error_code = None;
-        let mut resp = match self.serve(req, peer, &request_id, &mut trace).await {
+        let mut resp = match self
+            .serve(req, forwarded_for, now_ms, &state, &request_id, &mut trace)
+            .await
+        {
             Ok(resp) => resp,
             Err(refusal) => {
                 error_code = Some(refusal.code());
@@ -326,7 +348,7 @@ impl Gateway {
             }
         };
         if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert("x-request-id", v);
+            resp.headers_mut().insert(X_REQUEST_ID, v);
         }
         let status = resp.status().as_u16();
         let route = trace
@@ -344,7 +366,7 @@ impl Gateway {
         }
         if self.access_log.enabled() {
             self.access_log.write(&AccessRecord {
-                ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                ts_ms: now_ms,
                 request_id: &request_id,
                 method: method.as_str(),
                 route,
@@ -352,7 +374,7 @@ impl Gateway {
                 key_prefix: trace.key.as_ref().map(|k| k.prefix.as_str()),
                 status,
                 upstream_status: trace.upstream_status,
-                latency_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+                latency_us: elapsed.as_micros() as u64,
                 bytes_in,
                 bytes_out: resp.body().size_hint().exact(),
                 error_code,
@@ -363,25 +385,23 @@ impl Gateway {
         resp
     }
 
-    async fn serve(
+    async fn serve<'s>(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        forwarded_for: Option<HeaderValue>,
+        now: u64,
+        state: &'s GatewayState,
         request_id: &str,
-        trace: &mut Trace,
+        trace: &mut Trace<'s>,
     ) -> Result<Response<Body>, Refusal> {
-        let state = self.state.load();
-        let now = (self.clock)();
-
         // Step 2: API-key auth. Shape and checksum first (no lookup for typos), then the
         // HMAC under the pepper, compared in constant time.
         let text = presented_key(req.headers()).ok_or(Refusal::MissingKey)?;
         let key = ApiKey::parse(text).map_err(Refusal::BadKey)?;
-        let record = state
+        let record: &KeyRecord = state
             .key(&self.pepper.hash(&key))
-            .ok_or(Refusal::UnknownKey)?
-            .clone();
-        trace.key = Some(record.clone());
+            .ok_or(Refusal::UnknownKey)?;
+        trace.key = Some(record);
         let now_i = now as i64;
         if record.revoked {
             return Err(Refusal::RevokedKey);
@@ -394,17 +414,14 @@ impl Gateway {
         }
 
         // Step 3: route match (longest prefix) and the route's key scopes.
-        let route = state
-            .route_for(req.uri().path())
-            .ok_or(Refusal::NoRoute)?
-            .clone();
-        trace.route = Some(route.clone());
+        let route: &Route = state.route_for(req.uri().path()).ok_or(Refusal::NoRoute)?;
+        trace.route = Some(route);
         if !route.allows(record.scope) {
             return Err(Refusal::ScopeForbidden(record.scope));
         }
 
         // Step 4: rate limits, key and org, three windows, decided and counted together.
-        let limits = state.limits_for(&record, &route).ok_or(Refusal::NoTier)?;
+        let limits = state.limits_for(record, route).ok_or(Refusal::NoTier)?;
         let decision = self
             .limiter
             .check(&record.id, &record.org, limits, now)
@@ -432,7 +449,7 @@ impl Gateway {
 
         // Step 6: circuit breaker.
         let (admission, transition) = route.breaker.admit(now);
-        self.note_breaker(&route, transition);
+        self.note_breaker(route, transition);
         if let Admission::Refused { retry_after_ms } = admission {
             return Err(Refusal::BreakerOpen { retry_after_ms });
         }
@@ -449,16 +466,16 @@ impl Gateway {
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         h.remove(header::AUTHORIZATION);
-        h.remove("x-api-key");
+        h.remove(X_API_KEY);
         h.remove(header::HOST);
         if let Ok(v) = HeaderValue::from_str(route.authority.as_str()) {
             h.insert(header::HOST, v);
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            h.insert("x-request-id", v);
+            h.insert(X_REQUEST_ID, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-            h.append("x-forwarded-for", v);
+        if let Some(v) = forwarded_for {
+            h.append(X_FORWARDED_FOR, v);
         }
         if route.pii != PiiMode::Off {
             // Compressed bodies cannot be scanned.
@@ -486,20 +503,20 @@ impl Gateway {
         let result = tokio::time::timeout(route.timeout, upstream::request(upstream_req)).await;
         let resp = match result {
             Err(_) => {
-                self.upstream_failed(&route, "timeout");
+                self.upstream_failed(route, "timeout");
                 return Err(Refusal::UpstreamTimeout(route.timeout));
             }
             Ok(Err(_)) => {
-                self.upstream_failed(&route, "connect");
+                self.upstream_failed(route, "connect");
                 return Err(Refusal::UpstreamUnreachable);
             }
             Ok(Ok(resp)) => resp,
         };
         let status = resp.status();
         if status.is_server_error() {
-            self.upstream_failed(&route, "status_5xx");
+            self.upstream_failed(route, "status_5xx");
         } else {
-            self.note_breaker(&route, route.breaker.record(true, (self.clock)()));
+            self.note_breaker(route, route.breaker.record(true, (self.clock)()));
         }
         trace.upstream_status = Some(status.as_u16());
 
@@ -889,10 +906,13 @@ async fn worker(
             next = conns.recv() => {
                 let Some((std_stream, peer)) = next else { break };
                 let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
-                let gw = gateway.clone();
+                // This worker's own handle on the gateway: cloning it per request touches a
+                // reference count no other core uses.
+                let gw = Arc::new(gateway.clone());
+                let forwarded_for = HeaderValue::from_str(&peer.ip().to_string()).ok();
                 let service = hyper::service::service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
+                    let (gw, forwarded_for) = (gw.clone(), forwarded_for.clone());
+                    async move { Ok::<_, Infallible>(gw.handle(req, forwarded_for).await) }
                 });
                 let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move { let _ = conn.await; });

@@ -2,11 +2,16 @@
 //! from a validated config for fast lookups. Swapped as a whole on reload.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::Duration,
 };
 
+use super::fasthash::FastMap;
 use http::{uri::Authority, uri::Scheme, HeaderName, HeaderValue};
 
 use super::breaker::{Breaker, BreakerSettings};
@@ -109,7 +114,7 @@ impl Route {
 pub struct GatewayState {
     /// Longest prefix first.
     pub routes: Vec<Arc<Route>>,
-    pub keys: HashMap<KeyHash, Arc<KeyRecord>>,
+    pub keys: FastMap<KeyHash, Arc<KeyRecord>>,
     pub tiers: HashMap<String, TierSpec>,
     pub default_tier: Option<String>,
     /// Where this state came from, for /readyz.
@@ -277,18 +282,75 @@ impl GatewayState {
 }
 
 /// The current state, swapped atomically on reload.
+///
+/// Requests read it through a per-thread copy of the `Arc` that is refreshed when the
+/// generation changes: the lock and the shared reference count are touched once per reload
+/// and thread, not on every request (where two worker cores would pass their cache lines back
+/// and forth).
 #[derive(Debug)]
-pub struct SharedState(RwLock<Arc<GatewayState>>);
+pub struct SharedState {
+    id: u64,
+    generation: AtomicU64,
+    current: RwLock<Arc<GatewayState>>,
+}
+
+/// A thread's hold on one generation of the state; derefs to it.
+#[derive(Debug)]
+pub struct LoadedState(Arc<GatewayState>);
+
+impl std::ops::Deref for LoadedState {
+    type Target = GatewayState;
+    fn deref(&self) -> &GatewayState {
+        &self.0
+    }
+}
+
+/// Per thread: (state id, generation, this thread's hold). A handful at most: one per gateway
+/// in the process.
+type StateCache = Vec<(u64, u64, Arc<LoadedState>)>;
+
+thread_local! {
+    static LOADED: RefCell<StateCache> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gateways (one per process, more in tests) kept in a thread's cache before the oldest goes.
+const CACHED_STATES: usize = 8;
 
 impl SharedState {
     pub fn new(state: GatewayState) -> Self {
-        Self(RwLock::new(Arc::new(state)))
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            current: RwLock::new(Arc::new(state)),
+        }
     }
-    pub fn load(&self) -> Arc<GatewayState> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+
+    pub fn load(&self) -> Arc<LoadedState> {
+        let generation = self.generation.load(Ordering::Acquire);
+        LOADED.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(i) = cache.iter().position(|(id, _, _)| *id == self.id) {
+                if cache[i].1 == generation {
+                    return cache[i].2.clone();
+                }
+                cache.remove(i);
+            }
+            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+            let loaded = Arc::new(LoadedState(current.clone()));
+            drop(current);
+            if cache.len() >= CACHED_STATES {
+                cache.remove(0);
+            }
+            cache.push((self.id, generation, loaded.clone()));
+            loaded
+        })
     }
+
     pub fn store(&self, state: GatewayState) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        // After the swap: a reader that sees the new generation finds the new state.
+        self.generation.fetch_add(1, Ordering::Release);
     }
 }
 

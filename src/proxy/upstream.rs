@@ -13,7 +13,7 @@
 //! task cost about 4 µs of CPU per request on the bench machine.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
+use super::fasthash::FastMap;
 use super::server::Body;
 
 /// Idle connections older than this are closed instead of reused.
@@ -43,13 +44,13 @@ struct Idle {
 }
 
 struct Pool {
-    idle: RefCell<HashMap<Key, VecDeque<Idle>>>,
+    idle: RefCell<FastMap<Key, VecDeque<Idle>>>,
     connector: HttpsConnector<HttpConnector>,
 }
 
 thread_local! {
     static POOL: Pool = Pool {
-        idle: RefCell::new(HashMap::new()),
+        idle: RefCell::new(FastMap::default()),
         connector: crate::tls::https_or_http(),
     };
 }
