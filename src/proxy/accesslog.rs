@@ -193,9 +193,10 @@ fn format_line(out: &mut Vec<u8>, r: &AccessRecord<'_>, second: &mut u64, date: 
     out.extend_from_slice(date.as_bytes());
     push_padded_millis(out, r.ts_ms % 1000);
     out.extend_from_slice(b"Z\",\"request_id\":");
-    push_str(out, r.request_id);
+    // Request ids are [A-Za-z0-9_-] (the gateway replaces any other), methods are HTTP tokens.
+    push_plain(out, r.request_id);
     out.extend_from_slice(b",\"method\":");
-    push_str(out, r.method);
+    push_plain(out, r.method);
     out.extend_from_slice(b",\"route\":");
     push_str(out, r.route);
     out.extend_from_slice(b",\"org\":");
@@ -243,13 +244,23 @@ fn push_opt_int(out: &mut Vec<u8>, n: Option<u64>) {
     }
 }
 
-/// A JSON string: copied as is when nothing needs escaping (ids, prefixes, route names), else
+/// A JSON string known to need no escaping; checked in debug builds.
+fn push_plain(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(!needs_escape(s), "{s:?} needs escaping");
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+fn needs_escape(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// A JSON string: copied as is when nothing needs escaping (route names, org ids), else
 /// escaped by serde_json.
 fn push_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
+    if !needs_escape(s) {
+        push_plain(out, s);
     } else {
         let _ = serde_json::to_writer(&mut *out, s);
     }

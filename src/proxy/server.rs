@@ -197,8 +197,8 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
         }
         Refusal::RateLimited(d) => {
             h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
-            insert_str(h, "ratelimit-policy", &d.policy_header());
-            insert_str(h, "ratelimit", &d.ratelimit_header());
+            insert_str(h, RATELIMIT_POLICY, &d.policy_header());
+            insert_str(h, RATELIMIT, &d.ratelimit_header());
         }
         Refusal::BreakerOpen { retry_after_ms } => {
             h.insert(
@@ -211,9 +211,9 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
     resp
 }
 
-fn insert_str(h: &mut HeaderMap, name: &'static str, value: &str) {
+fn insert_str(h: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
-        h.insert(HeaderName::from_static(name), v);
+        h.insert(name, v);
     }
 }
 
@@ -233,50 +233,66 @@ struct Trace<'s> {
     request_body: Option<String>,
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Hop-by-hop headers: never forwarded, in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const X_APITREE_PII: HeaderName = HeaderName::from_static("x-apitree-pii");
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: looking costs less than removing each name (a hash apiece).
-    if !h.keys().any(|n| HOP_BY_HOP.contains(n) || *n == KEEP_ALIVE) {
-        return;
-    }
-    for name in &HOP_BY_HOP {
-        h.remove(name);
-    }
-    h.remove(KEEP_ALIVE);
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    // The lengths of the names below: most names are ruled out without a comparison.
+    matches!(s.len(), 2 | 7 | 10 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
 }
 
-fn request_id(h: &HeaderMap) -> String {
-    if let Some(v) = h.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        if !v.is_empty()
-            && v.len() <= 64
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return v.to_string();
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none, or only `connection`: remove just the names present (each
+    // removal hashes its name).
+    let mut found: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
+    for (slot, name) in found.iter_mut().zip(h.keys().filter(|n| is_hop_by_hop(n))) {
+        *slot = Some(name.clone());
+    }
+    for name in found.into_iter().flatten() {
+        h.remove(name);
+    }
+}
+
+/// The request id (the client's when well-formed, else 32 random hex digits), as text and as
+/// a header value for the upstream request and the response.
+fn request_id(h: &HeaderMap) -> (String, HeaderValue) {
+    if let Some(v) = h.get(X_REQUEST_ID) {
+        if let Ok(text) = v.to_str() {
+            if !text.is_empty()
+                && text.len() <= 64
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return (text.to_string(), v.clone());
+            }
         }
     }
     let n: u128 = rand::rng().random();
-    let mut id = String::with_capacity(32);
-    for shift in (0..32).rev() {
-        id.push(char::from(
-            b"0123456789abcdef"[(n >> (shift * 4)) as usize & 0xF],
-        ));
+    let mut id = [0u8; 32];
+    for (i, c) in id.iter_mut().enumerate() {
+        *c = b"0123456789abcdef"[(n >> ((31 - i) * 4)) as usize & 0xF];
     }
-    id
+    let text = std::str::from_utf8(&id).expect("hex digits").to_owned();
+    let value = HeaderValue::from_str(&text).expect("hex digits are a valid header value");
+    (text, value)
 }
 
 fn presented_key(h: &HeaderMap) -> Option<&str> {
@@ -325,14 +341,21 @@ impl Gateway {
         let now_ms = (self.clock)();
         self.metrics.in_flight.inc();
         // Step 1: request id (kept from the client when well-formed) and what the log needs.
-        let request_id = request_id(req.headers());
+        let (request_id, request_id_value) = request_id(req.headers());
         let method = req.method().clone();
         let bytes_in = req.body().size_hint().exact();
         let state = self.state.load();
         let mut trace = Trace::default();
         let mut error_code = None;
         let mut resp = match self
-            .serve(req, forwarded_for, now_ms, &state, &request_id, &mut trace)
+            .serve(
+                req,
+                forwarded_for,
+                now_ms,
+                &state,
+                &request_id_value,
+                &mut trace,
+            )
             .await
         {
             Ok(resp) => resp,
@@ -347,9 +370,7 @@ impl Gateway {
                 rescue(&refusal, &request_id)
             }
         };
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert(X_REQUEST_ID, v);
-        }
+        resp.headers_mut().insert(X_REQUEST_ID, request_id_value);
         let status = resp.status().as_u16();
         let route = trace
             .route
@@ -391,7 +412,7 @@ impl Gateway {
         forwarded_for: Option<HeaderValue>,
         now: u64,
         state: &'s GatewayState,
-        request_id: &str,
+        request_id: &HeaderValue,
         trace: &mut Trace<'s>,
     ) -> Result<Response<Body>, Refusal> {
         // Step 2: API-key auth. Shape and checksum first (no lookup for typos), then the
@@ -466,14 +487,11 @@ impl Gateway {
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         h.remove(header::AUTHORIZATION);
-        h.remove(X_API_KEY);
-        h.remove(header::HOST);
-        if let Ok(v) = HeaderValue::from_str(route.authority.as_str()) {
-            h.insert(header::HOST, v);
+        if h.contains_key(X_API_KEY) {
+            h.remove(X_API_KEY);
         }
-        if let Ok(v) = HeaderValue::from_str(request_id) {
-            h.insert(X_REQUEST_ID, v);
-        }
+        h.insert(header::HOST, route.host.clone());
+        h.insert(X_REQUEST_ID, request_id.clone());
         if let Some(v) = forwarded_for {
             h.append(X_FORWARDED_FOR, v);
         }
@@ -523,11 +541,10 @@ impl Gateway {
         // Step 8: the response, with PII handling where the route asks for it.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        insert_str(
-            &mut parts.headers,
-            "ratelimit",
-            &decision.ratelimit_header(),
-        );
+        // Sent on every response: the String becomes the value without a copy.
+        if let Ok(v) = HeaderValue::try_from(decision.ratelimit_header()) {
+            parts.headers.insert(RATELIMIT, v);
+        }
         let counters = || {
             PiiKind::ALL.map(|k| {
                 self.metrics
@@ -552,9 +569,9 @@ impl Gateway {
                     } else {
                         counts.summary()
                     };
-                    insert_str(&mut parts.headers, "x-apitree-pii", &summary);
+                    insert_str(&mut parts.headers, X_APITREE_PII, &summary);
                 } else {
-                    insert_str(&mut parts.headers, "x-apitree-pii", "unscanned");
+                    insert_str(&mut parts.headers, X_APITREE_PII, "unscanned");
                 }
                 PrefixedBody { head, rest }.boxed()
             }
@@ -924,5 +941,63 @@ async fn worker(
         .is_err()
     {
         tracing::warn!("drain period ended with requests still in flight");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_end_to_end_ones_kept() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("proxy-authenticate", "Basic"),
+            ("trailer", "expires"),
+            ("content-type", "application/json"),
+            ("x-custom", "1"),
+            ("content-length", "10"),
+        ] {
+            h.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        h.append(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "content-type", "x-custom"]);
+        // Nothing to strip: the map is left as it was.
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_well_formed_and_made_otherwise() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123_X"));
+        let (text, value) = request_id(&h);
+        assert_eq!(
+            (text.as_str(), value.to_str().unwrap()),
+            ("abc-123_X", "abc-123_X")
+        );
+        for bad in ["", "has space", "quote\"d"] {
+            h.insert(X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let (text, value) = request_id(&h);
+            assert_eq!(text.len(), 32, "{bad:?} replaced");
+            assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert_eq!(value.to_str().unwrap(), text);
+        }
+        let (a, _) = request_id(&HeaderMap::new());
+        let (b, _) = request_id(&HeaderMap::new());
+        assert_ne!(a, b, "made ids differ");
     }
 }

@@ -56,6 +56,8 @@ pub struct Route {
     pub prefix: String,
     pub scheme: Scheme,
     pub authority: Authority,
+    /// `authority` as the upstream request's Host header.
+    pub host: HeaderValue,
     pub base_path: String,
     pub timeout: Duration,
     pub allow_live: bool,
@@ -71,6 +73,15 @@ pub struct Route {
     breaker_settings: (u32, u64, u32, u64, u32),
     /// This route's metric handles, resolved on first use.
     pub metrics: std::sync::OnceLock<super::metrics::RouteMetrics>,
+}
+
+/// The Host header for an upstream authority: host and port, never any userinfo.
+fn host_header(authority: &Authority) -> HeaderValue {
+    let host = match authority.port() {
+        Some(port) => format!("{}:{}", authority.host(), port.as_str()),
+        None => authority.host().to_string(),
+    };
+    HeaderValue::from_str(&host).expect("a parsed host and port are a valid header value")
 }
 
 impl Route {
@@ -115,7 +126,7 @@ pub struct GatewayState {
     /// Longest prefix first.
     pub routes: Vec<Arc<Route>>,
     pub keys: FastMap<KeyHash, Arc<KeyRecord>>,
-    pub tiers: HashMap<String, TierSpec>,
+    pub tiers: FastMap<String, TierSpec>,
     pub default_tier: Option<String>,
     /// Where this state came from, for /readyz.
     pub source: String,
@@ -203,6 +214,7 @@ impl GatewayState {
                 prefix: r.path_prefix.clone(),
                 scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
                 authority: uri.authority().cloned().expect("validated"),
+                host: host_header(uri.authority().expect("validated")),
                 base_path: uri.path().to_string(),
                 timeout: r
                     .timeout
@@ -402,4 +414,22 @@ pub fn load_master_keys(
             .map_err(|e| e.to_string());
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstream_host_header_is_host_and_port_without_userinfo() {
+        for (authority, host) in [
+            ("up.example:8443", "up.example:8443"),
+            ("up.example", "up.example"),
+            ("user:secret@up.example:8080", "up.example:8080"),
+            ("127.0.0.1:18080", "127.0.0.1:18080"),
+        ] {
+            let a: Authority = authority.parse().unwrap();
+            assert_eq!(host_header(&a), host, "{authority}");
+        }
+    }
 }
