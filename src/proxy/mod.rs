@@ -7,6 +7,7 @@ pub mod accesslog;
 pub mod breaker;
 pub mod config;
 pub mod dbmode;
+pub mod drain;
 pub mod fasthash;
 pub mod keys;
 pub mod limiter;

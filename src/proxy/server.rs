@@ -911,7 +911,7 @@ async fn worker(
     mut stop: tokio::sync::watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let drain = super::drain::Drain::new();
     let http = http1_builder();
     loop {
         tokio::select! {
@@ -923,23 +923,20 @@ async fn worker(
             next = conns.recv() => {
                 let Some((std_stream, peer)) = next else { break };
                 let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
-                // This worker's own handle on the gateway: cloning it per request touches a
-                // reference count no other core uses.
+                // This connection's own handle on the gateway: cloning it per request touches
+                // a reference count no other core uses.
                 let gw = Arc::new(gateway.clone());
                 let forwarded_for = HeaderValue::from_str(&peer.ip().to_string()).ok();
                 let service = hyper::service::service_fn(move |req| {
                     let (gw, forwarded_for) = (gw.clone(), forwarded_for.clone());
                     async move { Ok::<_, Infallible>(gw.handle(req, forwarded_for).await) }
                 });
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                let conn = drain.watch(http.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move { let _ = conn.await; });
             }
         }
     }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, drain.drain()).await.is_err() {
         tracing::warn!("drain period ended with requests still in flight");
     }
 }
