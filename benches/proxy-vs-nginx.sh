@@ -26,9 +26,9 @@ need nginx nginx
 need wrk wrk
 need redis-server redis-server
 
-cargo build --release --quiet --bin apitree --example bare-proxy
-BIN="$PWD/target/release/apitree"
-BARE="$PWD/target/release/examples/bare-proxy"
+cargo build --profile production --quiet --bin apitree --example bare-proxy
+BIN="$PWD/target/production/apitree"
+BARE="$PWD/target/production/examples/bare-proxy"
 WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
