@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::Duration;
@@ -53,6 +54,8 @@ struct Pending {
 struct Shared {
     pending: Mutex<Pending>,
     writer: Thread,
+    /// Disconnected when the writer thread has written everything and ended.
+    finished: Mutex<Option<Receiver<()>>>,
 }
 
 impl Shared {
@@ -93,9 +96,11 @@ impl AccessLog {
     /// Starts the writer thread on any writer.
     pub fn to_writer(writer: Box<dyn Write + Send>, dropped: IntCounter) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Arc<Shared>>();
+        let (finished_tx, finished_rx) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
+                let _finished = finished_tx;
                 let Ok(shared) = rx.recv() else { return };
                 write_batches(&shared, writer);
             })
@@ -103,6 +108,7 @@ impl AccessLog {
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
             writer: handle.thread().clone(),
+            finished: Mutex::new(Some(finished_rx)),
         });
         let _ = tx.send(shared.clone());
         Self {
@@ -116,6 +122,26 @@ impl AccessLog {
         Self {
             shared: None,
             dropped,
+        }
+    }
+
+    /// At shutdown: writes what is pending and stops the writer, waiting at most `within` (a
+    /// blocked stdout must not hold the exit). False when the writer did not finish in time.
+    pub fn close(&self, within: Duration) -> bool {
+        let Some(closer) = &self.shared else {
+            return true;
+        };
+        let shared = &closer.0;
+        shared.lock().closed = true;
+        shared.writer.unpark();
+        let finished = shared
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match finished {
+            Some(rx) => !matches!(rx.recv_timeout(within), Err(RecvTimeoutError::Timeout)),
+            None => true,
         }
     }
 
@@ -335,6 +361,22 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn close_writes_what_is_pending_before_returning() {
+        let sink = Sink::default();
+        let dropped = IntCounter::new("d", "d").unwrap();
+        let log = AccessLog::to_writer(Box::new(sink.clone()), dropped);
+        let other = log.clone();
+        for _ in 0..3 {
+            log.write(&record(None));
+        }
+        assert!(log.close(Duration::from_secs(5)));
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        // A second close (another handle, or the last drop) has nothing left to wait for.
+        assert!(other.close(Duration::from_millis(10)));
     }
 
     #[test]

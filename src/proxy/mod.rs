@@ -295,12 +295,15 @@ pub async fn serve(
         });
     }
     server::run(
-        gw,
+        gw.clone(),
         prepared.listener,
         prepared.admin,
         shutdown,
         prepared.grace,
     )
     .await;
+    if !gw.access_log.close(std::time::Duration::from_secs(2)) {
+        tracing::warn!("access-log lines still unwritten at exit: stdout is not keeping up");
+    }
     Ok(())
 }
