@@ -5,6 +5,7 @@
 //! (fast 503) for `open_for`; then Half-open lets `half_open_probes` calls through: all succeed →
 //! Closed, any fails → Open again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::crd::gateway::BreakerSpec;
@@ -77,6 +78,9 @@ pub enum Transition {
 pub struct Breaker {
     settings: BreakerSettings,
     inner: Mutex<Inner>,
+    /// Mirrors `state == Closed`, so the common admission needs no lock (the lock's cache line
+    /// would otherwise pass between the worker cores on every request).
+    closed: AtomicBool,
 }
 
 /// Permission to call; report the outcome with [`Breaker::record`].
@@ -101,6 +105,15 @@ impl Breaker {
                 probes_started: 0,
                 probes_ok: 0,
             }),
+            closed: AtomicBool::new(true),
+        }
+    }
+
+    /// Keeps the lock-free mirror in step; written only when the state changed.
+    fn mirror(&self, s: &Inner) {
+        let closed = s.state == BreakerState::Closed;
+        if self.closed.load(Ordering::Relaxed) != closed {
+            self.closed.store(closed, Ordering::Release);
         }
     }
 
@@ -114,7 +127,16 @@ impl Breaker {
 
     /// Asks to make a call at `now_ms`. May move Open → Half-open.
     pub fn admit(&self, now_ms: u64) -> (Admission, Option<Transition>) {
+        if self.closed.load(Ordering::Acquire) {
+            return (Admission::Allowed, None);
+        }
         let mut s = self.lock();
+        let decided = self.admit_locked(&mut s, now_ms);
+        self.mirror(&s);
+        decided
+    }
+
+    fn admit_locked(&self, s: &mut Inner, now_ms: u64) -> (Admission, Option<Transition>) {
         match s.state {
             BreakerState::Closed => (Admission::Allowed, None),
             BreakerState::Open if now_ms < s.open_until => (
@@ -144,12 +166,18 @@ impl Breaker {
 
     /// Records the outcome of an admitted call.
     pub fn record(&self, ok: bool, now_ms: u64) -> Option<Transition> {
-        let settings = self.settings;
         let mut s = self.lock();
+        let transition = self.record_locked(&mut s, ok, now_ms);
+        self.mirror(&s);
+        transition
+    }
+
+    fn record_locked(&self, s: &mut Inner, ok: bool, now_ms: u64) -> Option<Transition> {
+        let settings = self.settings;
         match s.state {
             BreakerState::HalfOpen => {
                 if !ok {
-                    return Some(open(&mut s, now_ms, settings));
+                    return Some(open(s, now_ms, settings));
                 }
                 s.probes_ok += 1;
                 if s.probes_ok >= settings.half_open_probes {
@@ -179,7 +207,7 @@ impl Breaker {
                 let ratio_trip = s.calls >= settings.min_calls
                     && s.failures as f64 / s.calls as f64 >= settings.failure_ratio;
                 if s.consecutive >= settings.consecutive_failures || ratio_trip {
-                    return Some(open(&mut s, now_ms, settings));
+                    return Some(open(s, now_ms, settings));
                 }
                 None
             }
