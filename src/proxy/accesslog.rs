@@ -218,36 +218,60 @@ fn format_line(out: &mut Vec<u8>, r: &AccessRecord<'_>, second: &mut u64, date: 
     }
     out.extend_from_slice(date.as_bytes());
     push_padded_millis(out, r.ts_ms % 1000);
-    out.extend_from_slice(b"Z\",\"request_id\":");
+    out.push(b'Z');
+    out.push(b'"');
+    let mut f = Fields(out);
     // Request ids are [A-Za-z0-9_-] (the gateway replaces any other), methods are HTTP tokens.
-    push_plain(out, r.request_id);
-    out.extend_from_slice(b",\"method\":");
-    push_plain(out, r.method);
-    out.extend_from_slice(b",\"route\":");
-    push_str(out, r.route);
-    out.extend_from_slice(b",\"org\":");
-    push_opt_str(out, r.org);
-    out.extend_from_slice(b",\"key_prefix\":");
-    push_opt_str(out, r.key_prefix);
-    out.extend_from_slice(b",\"status\":");
-    push_int(out, r.status as u64);
-    out.extend_from_slice(b",\"upstream_status\":");
-    push_opt_int(out, r.upstream_status.map(u64::from));
-    out.extend_from_slice(b",\"latency_ms\":");
-    push_int(out, r.latency_us / 1000);
-    out.push(b'.');
-    push_padded_millis(out, r.latency_us % 1000);
-    out.extend_from_slice(b",\"bytes_in\":");
-    push_opt_int(out, r.bytes_in);
-    out.extend_from_slice(b",\"bytes_out\":");
-    push_opt_int(out, r.bytes_out);
-    out.extend_from_slice(b",\"error_code\":");
-    push_opt_str(out, r.error_code);
+    f.plain("request_id", r.request_id);
+    f.plain("method", r.method);
+    f.text("route", Some(r.route));
+    f.text("org", r.org);
+    f.text("key_prefix", r.key_prefix);
+    f.int("status", Some(r.status.into()));
+    f.int("upstream_status", r.upstream_status.map(u64::from));
+    f.name("latency_ms");
+    push_int(f.0, r.latency_us / 1000);
+    f.0.push(b'.');
+    push_padded_millis(f.0, r.latency_us % 1000);
+    f.int("bytes_in", r.bytes_in);
+    f.int("bytes_out", r.bytes_out);
+    f.text("error_code", r.error_code);
     if let Some(body) = &r.request_body {
-        out.extend_from_slice(b",\"request_body\":");
-        push_str(out, body);
+        f.text("request_body", Some(body));
     }
     out.extend_from_slice(b"}\n");
+}
+
+/// Appends `,"name":value` members to a line.
+struct Fields<'a>(&'a mut Vec<u8>);
+
+impl Fields<'_> {
+    fn name(&mut self, name: &str) {
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+
+    fn plain(&mut self, name: &str, value: &str) {
+        self.name(name);
+        push_plain(self.0, value);
+    }
+
+    fn text(&mut self, name: &str, value: Option<&str>) {
+        self.name(name);
+        match value {
+            Some(s) => push_str(self.0, s),
+            None => self.0.extend_from_slice(b"null"),
+        }
+    }
+
+    fn int(&mut self, name: &str, value: Option<u64>) {
+        self.name(name);
+        match value {
+            Some(n) => push_int(self.0, n),
+            None => self.0.extend_from_slice(b"null"),
+        }
+    }
 }
 
 fn push_padded_millis(out: &mut Vec<u8>, n: u64) {
@@ -261,13 +285,6 @@ fn push_padded_millis(out: &mut Vec<u8>, n: u64) {
 
 fn push_int(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-}
-
-fn push_opt_int(out: &mut Vec<u8>, n: Option<u64>) {
-    match n {
-        Some(n) => push_int(out, n),
-        None => out.extend_from_slice(b"null"),
-    }
 }
 
 /// A JSON string known to need no escaping; checked in debug builds.
@@ -289,13 +306,6 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
         push_plain(out, s);
     } else {
         let _ = serde_json::to_writer(&mut *out, s);
-    }
-}
-
-fn push_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => push_str(out, s),
-        None => out.extend_from_slice(b"null"),
     }
 }
 
