@@ -258,9 +258,24 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(s.len(), 2 | 7 | 10 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
 }
 
+/// Removes the hop-by-hop headers: the fixed set, and any the message itself names in
+/// `Connection` (`Connection: close, x-trace` makes `x-trace` hop-by-hop, RFC 9110 7.6.1).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none, or only `connection`: remove just the names present (each
-    // removal hashes its name).
+    // Collecting allocates only when a message lists more than the fixed names.
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !HOP_BY_HOP.iter().any(|n| n.eq_ignore_ascii_case(t)))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        h.remove(name);
+    }
+    // Most messages carry none of the fixed set, or only `connection`: remove just the names
+    // present (each removal hashes its name).
     let mut found: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
     for (slot, name) in found.iter_mut().zip(h.keys().filter(|n| is_hop_by_hop(n))) {
         *slot = Some(name.clone());
@@ -967,6 +982,19 @@ mod tests {
             );
         }
         h.append(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        // Named in Connection: hop-by-hop for this message, whatever the name.
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Trace ,,"),
+        );
+        h.append(
+            HeaderName::from_static("x-trace"),
+            HeaderValue::from_static("a"),
+        );
+        h.append(
+            HeaderName::from_static("x-trace"),
+            HeaderValue::from_static("b"),
+        );
         strip_hop_by_hop(&mut h);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
