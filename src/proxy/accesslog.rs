@@ -11,8 +11,7 @@
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::Thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -45,15 +44,16 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(20);
 #[derive(Default)]
 struct Pending {
     lines: Vec<u8>,
-    /// The writer is parked and must be woken for the next line.
-    writer_parked: bool,
-    /// Every handle is gone: write what is left and stop.
+    /// The writer is waiting and must be woken for the next line.
+    writer_waiting: bool,
+    /// Closed (every handle gone, or shutdown): write what is left and stop.
     closed: bool,
 }
 
 struct Shared {
     pending: Mutex<Pending>,
-    writer: Thread,
+    /// Wakes the waiting writer.
+    wake: Condvar,
     /// Disconnected when the writer thread has written everything and ended.
     finished: Mutex<Option<Receiver<()>>>,
 }
@@ -62,6 +62,11 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
 }
 
 /// Closes the log when the last [`AccessLog`] clone is dropped.
@@ -69,8 +74,7 @@ struct Closer(Arc<Shared>);
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        self.0.lock().closed = true;
-        self.0.writer.unpark();
+        self.0.close();
     }
 }
 
@@ -95,22 +99,20 @@ impl AccessLog {
 
     /// Starts the writer thread on any writer.
     pub fn to_writer(writer: Box<dyn Write + Send>, dropped: IntCounter) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Arc<Shared>>();
         let (finished_tx, finished_rx) = std::sync::mpsc::channel::<()>();
-        let handle = std::thread::Builder::new()
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            wake: Condvar::new(),
+            finished: Mutex::new(Some(finished_rx)),
+        });
+        let for_writer = shared.clone();
+        std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let _finished = finished_tx;
-                let Ok(shared) = rx.recv() else { return };
-                write_batches(&shared, writer);
+                write_batches(&for_writer, writer);
             })
             .expect("spawn access-log thread");
-        let shared = Arc::new(Shared {
-            pending: Mutex::default(),
-            writer: handle.thread().clone(),
-            finished: Mutex::new(Some(finished_rx)),
-        });
-        let _ = tx.send(shared.clone());
         Self {
             shared: Some(Arc::new(Closer(shared))),
             dropped,
@@ -132,8 +134,7 @@ impl AccessLog {
             return true;
         };
         let shared = &closer.0;
-        shared.lock().closed = true;
-        shared.writer.unpark();
+        shared.close();
         let finished = shared
             .finished
             .lock()
@@ -164,16 +165,16 @@ impl AccessLog {
                 return;
             }
             pending.lines.extend_from_slice(line);
-            let wake = std::mem::take(&mut pending.writer_parked);
+            let wake = std::mem::take(&mut pending.writer_waiting);
             drop(pending);
             if wake {
-                shared.writer.unpark();
+                shared.wake.notify_one();
             }
         });
     }
 }
 
-/// The writer thread: takes the whole pending batch, writes it, naps, and parks when there
+/// The writer thread: takes the whole pending batch, writes it, naps, and waits when there
 /// is nothing to write (a request wakes it once per idle period, not once per line).
 fn write_batches(shared: &Shared, writer: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer);
@@ -181,14 +182,12 @@ fn write_batches(shared: &Shared, writer: Box<dyn Write + Send>) {
     loop {
         let closed = {
             let mut pending = shared.lock();
-            if pending.lines.is_empty() {
+            while pending.lines.is_empty() {
                 if pending.closed {
                     return;
                 }
-                pending.writer_parked = true;
-                drop(pending);
-                std::thread::park();
-                continue;
+                pending.writer_waiting = true;
+                pending = shared.wake.wait(pending).unwrap_or_else(|p| p.into_inner());
             }
             std::mem::swap(&mut pending.lines, &mut batch);
             pending.closed
