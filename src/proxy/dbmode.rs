@@ -57,16 +57,8 @@ pub async fn watch(
 ) {
     let set = |s: DependencyStatus| *gateway.database.lock().unwrap_or_else(|p| p.into_inner()) = s;
     let reload = || async {
-        let previous = gateway.state.load();
-        match load(
-            &pool,
-            &base,
-            &source,
-            master_keys.as_ref(),
-            Some(&**previous),
-        )
-        .await
-        {
+        let previous = gateway.state.current();
+        match load(&pool, &base, &source, master_keys.as_ref(), Some(&previous)).await {
             Ok(state) => {
                 gateway.state.store(state);
                 gateway

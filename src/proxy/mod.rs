@@ -240,12 +240,12 @@ pub fn reload(gateway: &Gateway, opts: &ProxyOptions) -> Result<(), ProxyError> 
         let cfg = ProxyConfig::load(&opts.config)?;
         let base = opts.config.parent().map(PathBuf::from).unwrap_or_default();
         let master_keys = state::load_master_keys(&cfg, &base).map_err(ProxyError::Secrets)?;
-        let previous = gateway.state.load();
+        let previous = gateway.state.current();
         let state = GatewayState::build(
             &cfg,
             &opts.config.display().to_string(),
             master_keys.as_ref(),
-            Some(&**previous),
+            Some(&previous),
         )?;
         gateway.state.store(state);
         Ok(())

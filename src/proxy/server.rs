@@ -650,7 +650,7 @@ impl Gateway {
             }
             (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
-                let state = self.state.load();
+                let state = self.state.current();
                 let database = *self.database.lock().unwrap_or_else(|p| p.into_inner());
                 let limiter = self.limiter.backend_status();
                 let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);

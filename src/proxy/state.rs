@@ -338,6 +338,16 @@ impl SharedState {
         }
     }
 
+    /// The current state, straight from the lock: for reloads and the admin port, which run
+    /// on other threads than requests and should not keep a per-thread hold on an old state.
+    pub fn current(&self) -> Arc<GatewayState> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The state for a request: this thread's hold, refreshed when the generation changed.
     pub fn load(&self) -> Arc<LoadedState> {
         let generation = self.generation.load(Ordering::Acquire);
         LOADED.with(|cache| {
@@ -348,9 +358,7 @@ impl SharedState {
                 }
                 cache.remove(i);
             }
-            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
-            let loaded = Arc::new(LoadedState(current.clone()));
-            drop(current);
+            let loaded = Arc::new(LoadedState(self.current()));
             if cache.len() >= CACHED_STATES {
                 cache.remove(0);
             }
