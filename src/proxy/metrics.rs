@@ -2,10 +2,10 @@
 //! names from the config, status classes, reasons, windows, PII kinds. Never keys, paths or
 //! error text.
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub use super::sharded::RouteMetrics;
+use super::sharded::{RouteStats, ShardedGauge};
 
 /// Label used for requests that matched no route (or were refused before routing).
 pub const NO_ROUTE: &str = "none";
@@ -14,8 +14,8 @@ pub const NO_ROUTE: &str = "none";
 #[derive(Clone)]
 pub struct ProxyMetrics {
     pub registry: Registry,
-    pub requests: IntCounterVec,
-    pub duration: HistogramVec,
+    /// Requests by route and status class, and their latency histogram: per-thread slots.
+    pub routes: RouteStats,
     pub auth_failures: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub breaker_state: IntGaugeVec,
@@ -24,7 +24,7 @@ pub struct ProxyMetrics {
     pub upstream_errors: IntCounterVec,
     pub limiter_fallbacks: IntCounter,
     pub limiter_store_calls: IntCounter,
-    pub in_flight: IntGauge,
+    pub in_flight: ShardedGauge,
     pub config_reloads: IntCounterVec,
     pub access_log_dropped: IntCounter,
 }
@@ -44,19 +44,8 @@ impl Default for ProxyMetrics {
 impl ProxyMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "apitree_proxy_request_duration_seconds",
-                "Time from request to response headers, by route.",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["route"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(duration.clone()))
-            .expect("unique metric");
+        let routes = RouteStats::new();
+        r.register(Box::new(routes.clone())).expect("unique metric");
         let breaker_state = IntGaugeVec::new(
             Opts::new(
                 "apitree_proxy_breaker_state",
@@ -67,11 +56,10 @@ impl ProxyMetrics {
         .expect("valid metric");
         r.register(Box::new(breaker_state.clone()))
             .expect("unique metric");
-        let in_flight = IntGauge::new(
+        let in_flight = ShardedGauge::new(
             "apitree_proxy_in_flight_requests",
             "Requests being served now.",
-        )
-        .expect("valid metric");
+        );
         r.register(Box::new(in_flight.clone()))
             .expect("unique metric");
         let limiter_fallbacks = IntCounter::new(
@@ -96,12 +84,6 @@ impl ProxyMetrics {
         r.register(Box::new(access_log_dropped.clone()))
             .expect("unique metric");
         Self {
-            requests: counter_vec(
-                &r,
-                "apitree_proxy_requests_total",
-                "Requests by route and status class (2xx..5xx).",
-                &["route", "status_class"],
-            ),
             auth_failures: counter_vec(
                 &r,
                 "apitree_proxy_auth_failures_total",
@@ -138,7 +120,7 @@ impl ProxyMetrics {
                 "Configuration loads by result (ok, error).",
                 &["result"],
             ),
-            duration,
+            routes,
             breaker_state,
             in_flight,
             limiter_fallbacks,
@@ -156,28 +138,10 @@ impl ProxyMetrics {
     }
 }
 
-/// A route's request counters (by status class) and latency histogram, resolved once so the
-/// request path does no label lookups.
-#[derive(Clone, Debug)]
-pub struct RouteMetrics {
-    requests: [IntCounter; 5],
-    duration: prometheus::Histogram,
-}
-
-impl RouteMetrics {
-    pub fn observe(&self, status: u16, seconds: f64) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.requests[class].inc();
-        self.duration.observe(seconds);
-    }
-}
-
 impl ProxyMetrics {
+    /// The route's request counters and latency histogram, resolved once so the request path
+    /// does no label lookups.
     pub fn for_route(&self, route: &str) -> RouteMetrics {
-        RouteMetrics {
-            requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                .map(|c| self.requests.with_label_values(&[route, c])),
-            duration: self.duration.with_label_values(&[route]),
-        }
+        self.routes.route(route)
     }
 }

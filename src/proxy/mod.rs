@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pii;
 pub mod ratelimit;
 pub mod server;
+pub mod sharded;
 pub mod state;
 pub mod upstream;
 pub mod vault;

@@ -396,8 +396,8 @@ impl Gateway {
             Some(r) => r
                 .metrics
                 .get_or_init(|| self.metrics.for_route(&r.name))
-                .observe(status, elapsed.as_secs_f64()),
-            None => self.no_route_metrics.observe(status, elapsed.as_secs_f64()),
+                .observe(status, elapsed),
+            None => self.no_route_metrics.observe(status, elapsed),
         }
         if self.access_log.enabled() {
             self.access_log.write(&AccessRecord {
