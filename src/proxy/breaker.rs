@@ -4,9 +4,18 @@
 //! calls in the current 30-second window failed at `failure_ratio` or more. Open refuses calls
 //! (fast 503) for `open_for`; then Half-open lets `half_open_probes` calls through: all succeed →
 //! Closed, any fails → Open again.
+//!
+//! A closed breaker with no failure since its last success takes and records calls without its
+//! lock: admission reads a mirror of the state, and a success only adds to this thread's slot of
+//! a sharded count, which a failure sums under the lock for the ratio. Otherwise the lock's cache
+//! line would pass between the worker cores twice per request. Outcomes that complete at the same
+//! moment on different cores have no order, so a success racing a failure may not reset the
+//! consecutive count; the counts stay exact.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use super::sharded::ShardedCounter;
 
 use crate::crd::gateway::BreakerSpec;
 
@@ -58,7 +67,9 @@ struct Inner {
     state: BreakerState,
     consecutive: u32,
     window_start: u64,
-    calls: u32,
+    /// The success count when the ratio window started: successes in the window are the
+    /// sharded count minus this.
+    success_base: u64,
     failures: u32,
     open_until: u64,
     probes_started: u32,
@@ -78,9 +89,14 @@ pub enum Transition {
 pub struct Breaker {
     settings: BreakerSettings,
     inner: Mutex<Inner>,
-    /// Mirrors `state == Closed`, so the common admission needs no lock (the lock's cache line
-    /// would otherwise pass between the worker cores on every request).
+    /// Mirrors `state == Closed`, so the common admission needs no lock.
     closed: AtomicBool,
+    /// Mirrors `state == Closed && consecutive == 0`: a success then only counts.
+    quiet: AtomicBool,
+    /// Mirrors the end of the ratio window; a success after it rolls the window under the lock.
+    window_end: AtomicU64,
+    /// Successes recorded since the breaker was made, one slot per thread.
+    successes: ShardedCounter,
 }
 
 /// Permission to call; report the outcome with [`Breaker::record`].
@@ -99,21 +115,32 @@ impl Breaker {
                 state: BreakerState::Closed,
                 consecutive: 0,
                 window_start: 0,
-                calls: 0,
+                success_base: 0,
                 failures: 0,
                 open_until: 0,
                 probes_started: 0,
                 probes_ok: 0,
             }),
             closed: AtomicBool::new(true),
+            quiet: AtomicBool::new(true),
+            window_end: AtomicU64::new(0),
+            successes: ShardedCounter::new(),
         }
     }
 
-    /// Keeps the lock-free mirror in step; written only when the state changed.
+    /// Keeps the lock-free mirrors in step; each written only when it changed.
     fn mirror(&self, s: &Inner) {
         let closed = s.state == BreakerState::Closed;
         if self.closed.load(Ordering::Relaxed) != closed {
             self.closed.store(closed, Ordering::Release);
+        }
+        let quiet = closed && s.consecutive == 0;
+        if self.quiet.load(Ordering::Relaxed) != quiet {
+            self.quiet.store(quiet, Ordering::Release);
+        }
+        let window_end = s.window_start.saturating_add(RATIO_WINDOW_MS);
+        if self.window_end.load(Ordering::Relaxed) != window_end {
+            self.window_end.store(window_end, Ordering::Relaxed);
         }
     }
 
@@ -166,6 +193,13 @@ impl Breaker {
 
     /// Records the outcome of an admitted call.
     pub fn record(&self, ok: bool, now_ms: u64) -> Option<Transition> {
+        if ok
+            && self.quiet.load(Ordering::Acquire)
+            && now_ms < self.window_end.load(Ordering::Relaxed)
+        {
+            self.successes.inc();
+            return None;
+        }
         let mut s = self.lock();
         let transition = self.record_locked(&mut s, ok, now_ms);
         self.mirror(&s);
@@ -183,7 +217,7 @@ impl Breaker {
                 if s.probes_ok >= settings.half_open_probes {
                     s.state = BreakerState::Closed;
                     s.consecutive = 0;
-                    s.calls = 0;
+                    s.success_base = self.successes.sum();
                     s.failures = 0;
                     s.window_start = now_ms;
                     return Some(Transition::Closed);
@@ -194,18 +228,20 @@ impl Breaker {
             BreakerState::Closed => {
                 if now_ms.saturating_sub(s.window_start) >= RATIO_WINDOW_MS {
                     s.window_start = now_ms;
-                    s.calls = 0;
+                    s.success_base = self.successes.sum();
                     s.failures = 0;
                 }
-                s.calls += 1;
                 if ok {
+                    self.successes.inc();
                     s.consecutive = 0;
                     return None;
                 }
                 s.failures += 1;
                 s.consecutive += 1;
-                let ratio_trip = s.calls >= settings.min_calls
-                    && s.failures as f64 / s.calls as f64 >= settings.failure_ratio;
+                let successes = self.successes.sum().saturating_sub(s.success_base);
+                let calls = s.failures as u64 + successes;
+                let ratio_trip = calls >= settings.min_calls as u64
+                    && s.failures as f64 / calls as f64 >= settings.failure_ratio;
                 if s.consecutive >= settings.consecutive_failures || ratio_trip {
                     return Some(open(s, now_ms, settings));
                 }
@@ -219,7 +255,6 @@ fn open(s: &mut Inner, now_ms: u64, settings: BreakerSettings) -> Transition {
     s.state = BreakerState::Open;
     s.open_until = now_ms + settings.open_for_ms;
     s.consecutive = 0;
-    s.calls = 0;
     s.failures = 0;
     Transition::Opened
 }
@@ -292,6 +327,53 @@ mod tests {
         assert_eq!(b.admit(11_100).0, Admission::Probe);
         assert_eq!(b.record(false, 11_101), Some(Transition::Opened));
         assert!(matches!(b.admit(11_102).0, Admission::Refused { .. }));
+    }
+
+    #[test]
+    fn successes_of_an_earlier_window_do_not_dilute_the_failure_ratio() {
+        let b = breaker();
+        for i in 0..100 {
+            assert_eq!(b.record(true, i), None);
+        }
+        // 31 s later, a new window: S F S F ... 5 of 10 failed (never 3 in a row) opens it; the
+        // 100 earlier successes would have kept the ratio at 5 of 110.
+        let mut last = None;
+        for i in 0..10 {
+            last = b.record(i % 2 == 0, 31_000 + i);
+        }
+        assert_eq!(last, Some(Transition::Opened));
+    }
+
+    #[test]
+    fn successes_recorded_on_many_threads_all_count_toward_the_ratio() {
+        let b = std::sync::Arc::new(breaker());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for t in 1..=3 {
+                        assert_eq!(b.record(true, t), None);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Then F F S rounds. With the 12 successes counted, the second failure of round k
+        // sees 2k failures of 3k + 11 calls: at least half from round 11 on (the first
+        // failure of round k: 2k - 1 of 3k + 10, half from round 12). Had the threads'
+        // successes been lost, round 4 would already have opened it (8 of 11).
+        let mut opened_at = None;
+        'rounds: for round in 1..=20u64 {
+            for (step, ok) in [false, false, true].into_iter().enumerate() {
+                if b.record(ok, 100 + round * 3 + step as u64) == Some(Transition::Opened) {
+                    opened_at = Some((round, step));
+                    break 'rounds;
+                }
+            }
+        }
+        assert_eq!(opened_at, Some((11, 1)));
     }
 
     #[test]
