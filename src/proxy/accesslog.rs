@@ -2,16 +2,18 @@
 //! status, upstream status, latency, bytes). Bodies and secrets never appear here unless a route
 //! sets `logBodies`.
 //!
-//! Request threads format a line into a reused per-thread buffer and append it to one shared
-//! batch; a writer thread takes the whole batch every 20 ms, so a slow stdout cannot stall
-//! requests, and there is no allocation or channel hand-off per line. Lines keep their order. A
-//! batch that has grown past [`MAX_PENDING_BYTES`] (the writer has fallen that far behind) drops
-//! new lines and counts them. Dropping the last handle flushes what is pending.
+//! Request threads format a line into a reused per-thread buffer and append it to their own
+//! pending lines; a writer thread takes every thread's lines every 20 ms, so a slow stdout cannot
+//! stall requests, and there is no allocation, channel hand-off or lock shared between worker
+//! cores per line. Each thread's lines keep their order. A thread whose pending lines have grown
+//! past [`MAX_PENDING_BYTES`] (the writer has fallen that far behind) drops new lines and counts
+//! them. Dropping the last handle flushes what is pending.
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -36,35 +38,47 @@ pub struct AccessRecord<'a> {
     pub request_body: Option<String>,
 }
 
-/// Unwritten lines, at most this many bytes (about 60,000 lines); beyond it lines are dropped.
-pub const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+/// Unwritten lines per thread, at most this many bytes (about 15,000 lines); beyond it the
+/// thread's lines are dropped.
+pub const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 /// How long the writer waits between batches while lines keep coming.
 const BATCH_INTERVAL: Duration = Duration::from_millis(20);
 
+/// One thread's unwritten lines. Only that thread and the writer lock it.
 #[derive(Default)]
-struct Pending {
-    lines: Vec<u8>,
-    /// The writer is waiting and must be woken for the next line.
-    writer_waiting: bool,
-    /// Closed (every handle gone, or shutdown): write what is left and stop.
-    closed: bool,
+struct ThreadLines(Mutex<Vec<u8>>);
+
+impl ThreadLines {
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 struct Shared {
-    pending: Mutex<Pending>,
+    /// Every thread's lines; a thread joins on its first line, and leaves (the writer drops
+    /// it) once it has ended and its lines are written.
+    threads: Mutex<Vec<Arc<ThreadLines>>>,
+    /// Closed (every handle gone, or shutdown): write what is left and stop.
+    closed: Mutex<bool>,
     /// Wakes the waiting writer.
     wake: Condvar,
+    /// The writer found nothing to write and waits for the next line.
+    writer_waiting: AtomicBool,
     /// Disconnected when the writer thread has written everything and ended.
     finished: Mutex<Option<Receiver<()>>>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn closed(&self) -> MutexGuard<'_, bool> {
+        self.closed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn threads(&self) -> MutexGuard<'_, Vec<Arc<ThreadLines>>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn close(&self) {
-        self.lock().closed = true;
+        *self.closed() = true;
         self.wake.notify_one();
     }
 }
@@ -85,10 +99,46 @@ pub struct AccessLog {
     dropped: IntCounter,
 }
 
+/// What a thread reuses across requests.
+#[derive(Default)]
+struct Scratch {
+    /// The line being formatted.
+    line: Vec<u8>,
+    /// The last second seen and its RFC 3339 text (`2026-11-29T07:00:00.`).
+    second: u64,
+    date: String,
+    /// This thread's pending lines, per log.
+    logs: Vec<(Weak<Shared>, Arc<ThreadLines>)>,
+}
+
+impl Scratch {
+    /// This thread's pending lines in `shared`, joining it on first use.
+    fn lines_in(&mut self, shared: &Arc<Shared>) -> &ThreadLines {
+        let found = self
+            .logs
+            .iter()
+            .position(|(log, _)| std::ptr::eq(log.as_ptr(), Arc::as_ptr(shared)));
+        let i = match found {
+            Some(i) => i,
+            None => {
+                // Logs that are gone (tests make many) leave with the next one joined.
+                self.logs.retain(|(log, _)| log.strong_count() > 0);
+                let lines = Arc::new(ThreadLines::default());
+                shared.threads().push(lines.clone());
+                self.logs.push((Arc::downgrade(shared), lines));
+                self.logs.len() - 1
+            }
+        };
+        &self.logs[i].1
+    }
+}
+
 thread_local! {
-    /// The line being formatted, and the RFC 3339 text of the last second seen
-    /// (`2026-11-29T07:00:00.`), reused across requests on this thread.
-    static SCRATCH: RefCell<(Vec<u8>, u64, String)> = RefCell::new((Vec::with_capacity(512), u64::MAX, String::new()));
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        line: Vec::with_capacity(512),
+        second: u64::MAX,
+        ..Scratch::default()
+    });
 }
 
 impl AccessLog {
@@ -101,8 +151,10 @@ impl AccessLog {
     pub fn to_writer(writer: Box<dyn Write + Send>, dropped: IntCounter) -> Self {
         let (finished_tx, finished_rx) = std::sync::mpsc::channel::<()>();
         let shared = Arc::new(Shared {
-            pending: Mutex::default(),
+            threads: Mutex::default(),
+            closed: Mutex::default(),
             wake: Condvar::new(),
+            writer_waiting: AtomicBool::new(false),
             finished: Mutex::new(Some(finished_rx)),
         });
         let for_writer = shared.clone();
@@ -155,52 +207,85 @@ impl AccessLog {
         let Some(closer) = &self.shared else { return };
         let shared = &closer.0;
         SCRATCH.with(|s| {
-            let (line, second, date) = &mut *s.borrow_mut();
+            let scratch = &mut *s.borrow_mut();
+            let mut line = std::mem::take(&mut scratch.line);
             line.clear();
-            format_line(line, record, second, date);
-            let mut pending = shared.lock();
-            if pending.lines.len() + line.len() > MAX_PENDING_BYTES {
-                drop(pending);
-                self.dropped.inc();
-                return;
+            format_line(&mut line, record, &mut scratch.second, &mut scratch.date);
+            {
+                let mut pending = scratch.lines_in(shared).lock();
+                if pending.len() + line.len() > MAX_PENDING_BYTES {
+                    drop(pending);
+                    self.dropped.inc();
+                } else {
+                    pending.extend_from_slice(&line);
+                }
             }
-            pending.lines.extend_from_slice(line);
-            let wake = std::mem::take(&mut pending.writer_waiting);
-            drop(pending);
-            if wake {
+            scratch.line = line;
+            // Pairs with the writer's store before it looks at the lines one last time: either
+            // it sees this line, or this sees it waiting.
+            if shared.writer_waiting.load(SeqCst) && shared.writer_waiting.swap(false, SeqCst) {
+                let _closed = shared.closed();
                 shared.wake.notify_one();
             }
         });
     }
 }
 
-/// The writer thread: takes the whole pending batch, writes it, naps, and waits when there
-/// is nothing to write (a request wakes it once per idle period, not once per line).
-fn write_batches(shared: &Shared, writer: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer);
-    let mut batch = Vec::new();
-    loop {
-        let closed = {
-            let mut pending = shared.lock();
-            while pending.lines.is_empty() {
-                if pending.closed {
-                    return;
-                }
-                pending.writer_waiting = true;
-                pending = shared.wake.wait(pending).unwrap_or_else(|p| p.into_inner());
+/// Moves every thread's pending lines to `out`; false when there were none. Threads that have
+/// ended leave once their lines are taken.
+fn take_lines(shared: &Shared, out: &mut impl Write, batch: &mut Vec<u8>) -> bool {
+    let threads: Vec<Arc<ThreadLines>> = {
+        let mut threads = shared.threads();
+        threads.retain(|t| Arc::strong_count(t) > 1 || !t.lock().is_empty());
+        threads.clone()
+    };
+    let mut wrote = false;
+    for t in &threads {
+        {
+            let mut pending = t.lock();
+            if pending.is_empty() {
+                continue;
             }
-            std::mem::swap(&mut pending.lines, &mut batch);
-            pending.closed
-        };
-        let _ = out.write_all(&batch);
-        let _ = out.flush();
+            // The thread keeps appending to the (empty, already grown) buffer it gets back.
+            std::mem::swap(&mut *pending, batch);
+        }
+        let _ = out.write_all(batch);
         batch.clear();
         if batch.capacity() > 1024 * 1024 {
             batch.shrink_to(64 * 1024);
         }
-        if !closed {
-            std::thread::sleep(BATCH_INTERVAL);
+        wrote = true;
+    }
+    wrote
+}
+
+/// The writer thread: takes every thread's lines, writes them, naps, and waits when there is
+/// nothing to write (a request wakes it once per idle period, not once per line).
+fn write_batches(shared: &Shared, writer: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer);
+    let mut batch = Vec::new();
+    loop {
+        // Read before taking the lines: what was written before the close is taken after it.
+        let closed = *shared.closed();
+        if take_lines(shared, &mut out, &mut batch) {
+            let _ = out.flush();
+            if !closed {
+                std::thread::sleep(BATCH_INTERVAL);
+            }
+            continue;
         }
+        if closed {
+            let _ = out.flush();
+            return;
+        }
+        let mut closed = shared.closed();
+        shared.writer_waiting.store(true, SeqCst);
+        let empty = shared.threads().iter().all(|t| t.lock().is_empty());
+        if empty && !*closed {
+            closed = shared.wake.wait(closed).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(closed);
+        shared.writer_waiting.store(false, SeqCst);
     }
 }
 
