@@ -16,6 +16,7 @@ use super::metrics::ProxyMetrics;
 use super::ratelimit::{
     redis_call, redis_grant, Decision, LeaseTable, Limits, LocalLimiter, Take, REDIS_SCRIPT,
 };
+use super::state::KeyRecord;
 
 /// How long a shared decision may take before the local counters decide instead.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
@@ -101,6 +102,24 @@ impl Limiter {
             None => "off",
             Some(r) if r.healthy.load(Ordering::Relaxed) => "ok",
             Some(_) => "degraded",
+        }
+    }
+
+    /// Decides and counts one request by `key`, keeping the key's counters with the record so
+    /// the next decision looks nothing up.
+    pub async fn check_key(&self, key: &KeyRecord, limits: Limits, now_ms: u64) -> Decision {
+        if self.redis.is_some() {
+            return self.check(&key.id, &key.org, limits, now_ms).await;
+        }
+        let cached = key.limit_cells.get().filter(|cells| self.local.owns(cells));
+        match cached {
+            Some(cells) => self.local.check_cells(cells, limits, now_ms),
+            None => {
+                let cells = self.local.cells(&key.id, &key.org);
+                let decision = self.local.check_cells(&cells, limits, now_ms);
+                let _ = key.limit_cells.set(cells);
+                decision
+            }
         }
     }
 

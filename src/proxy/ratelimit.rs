@@ -22,7 +22,10 @@
 
 use std::{
     hash::{BuildHasher, BuildHasherDefault},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
 };
 
 use super::fasthash::{FastHasher, FastMap};
@@ -265,19 +268,20 @@ impl Counter {
 
 const SHARDS: usize = 64;
 
+/// A shard alone on its cache lines: neighbours locked by other cores do not slow it.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard<V>(Mutex<FastMap<Arc<str>, V>>);
+
 /// Per-key and per-org state in 64 mutex-guarded shards each.
 struct Shards<V> {
-    keys: Vec<Mutex<FastMap<Arc<str>, V>>>,
-    orgs: Vec<Mutex<FastMap<Arc<str>, V>>>,
+    keys: Vec<Shard<V>>,
+    orgs: Vec<Shard<V>>,
 }
 
 impl<V: Default> Default for Shards<V> {
     fn default() -> Self {
-        let shards = || {
-            (0..SHARDS)
-                .map(|_| Mutex::new(FastMap::default()))
-                .collect()
-        };
+        let shards = || (0..SHARDS).map(|_| Shard(Mutex::default())).collect();
         Self {
             keys: shards(),
             orgs: shards(),
@@ -288,16 +292,18 @@ impl<V: Default> Default for Shards<V> {
 impl<V: Default> Shards<V> {
     /// Runs `f` on the key's and the org's entries, both locked.
     fn with<R>(&self, key_id: &str, org_id: &str, f: impl FnOnce(&mut V, &mut V) -> R) -> R {
-        let shard = |shards: &[Mutex<FastMap<Arc<str>, V>>], id: &str| {
+        let shard = |shards: &[Shard<V>], id: &str| {
             // The map's hash of the id, from its high bits (the map uses the low ones).
             let hash = BuildHasherDefault::<FastHasher>::default().hash_one(id);
             ((hash >> 32) as usize) % shards.len()
         };
         // Lock order is always key shard, then org shard: no deadlock.
         let mut keys = self.keys[shard(&self.keys, key_id)]
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let mut orgs = self.orgs[shard(&self.orgs, org_id)]
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         f(entry(&mut keys, key_id), entry(&mut orgs, org_id))
@@ -311,37 +317,89 @@ fn entry<'a, V: Default>(map: &'a mut FastMap<Arc<str>, V>, id: &str) -> &'a mut
     map.get_mut(id).expect("inserted above")
 }
 
+/// One key's or org's three counters behind their own lock, alone on their cache lines.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct CounterCell(Mutex<[Counter; 3]>);
+
+impl CounterCell {
+    fn lock(&self) -> MutexGuard<'_, [Counter; 3]> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A key's and its org's counters, looked up once and kept with the key (see
+/// [`LocalLimiter::cells`]), so a decision takes two locks and looks nothing up.
+#[derive(Debug, Clone)]
+pub struct LimitCells {
+    limiter: usize,
+    key: Arc<CounterCell>,
+    org: Arc<CounterCell>,
+}
+
+static NEXT_LOCAL_LIMITER: AtomicUsize = AtomicUsize::new(0);
+
 /// Counters held in this process.
-#[derive(Default)]
 pub struct LocalLimiter {
-    counters: Shards<[Counter; 3]>,
+    id: usize,
+    counters: Shards<Arc<CounterCell>>,
+}
+
+impl Default for LocalLimiter {
+    fn default() -> Self {
+        Self {
+            id: NEXT_LOCAL_LIMITER.fetch_add(1, Ordering::Relaxed),
+            counters: Shards::default(),
+        }
+    }
 }
 
 impl LocalLimiter {
     /// Decides and, when allowed, counts the request against all six counters at once.
     pub fn check(&self, key_id: &str, org_id: &str, limits: Limits, now_ms: u64) -> Decision {
-        self.counters
-            .with(key_id, org_id, |key_counters, org_counters| {
-                let mut observed = [Observed::default(); COUNTERS];
-                for (i, w) in Window::ALL.iter().enumerate() {
-                    let (index, _) = position(*w, now_ms);
-                    for (base, counters) in [(0, &mut *key_counters), (3, &mut *org_counters)] {
-                        counters[i].roll(index);
-                        observed[base + i] = Observed {
-                            current: counters[i].current,
-                            previous: counters[i].previous,
-                        };
-                    }
-                }
-                let decision = decide(limits, &observed, now_ms);
-                if decision.allowed {
-                    for i in 0..3 {
-                        key_counters[i].current += 1;
-                        org_counters[i].current += 1;
-                    }
-                }
-                decision
-            })
+        self.check_cells(&self.cells(key_id, org_id), limits, now_ms)
+    }
+
+    /// The key's and org's counters, created on first use. The same cells for the same ids
+    /// whoever asks, so a key record built by a config reload counts on where the last left off.
+    pub fn cells(&self, key_id: &str, org_id: &str) -> LimitCells {
+        self.counters.with(key_id, org_id, |key, org| LimitCells {
+            limiter: self.id,
+            key: key.clone(),
+            org: org.clone(),
+        })
+    }
+
+    /// Whether `cells` came from this limiter.
+    pub fn owns(&self, cells: &LimitCells) -> bool {
+        cells.limiter == self.id
+    }
+
+    /// [`Self::check`] on cells from [`Self::cells`].
+    pub fn check_cells(&self, cells: &LimitCells, limits: Limits, now_ms: u64) -> Decision {
+        debug_assert!(self.owns(cells));
+        // Lock order is always key, then org: no deadlock.
+        let mut key_counters = cells.key.lock();
+        let mut org_counters = cells.org.lock();
+        let mut observed = [Observed::default(); COUNTERS];
+        for (i, w) in Window::ALL.iter().enumerate() {
+            let (index, _) = position(*w, now_ms);
+            for (base, counters) in [(0, &mut *key_counters), (3, &mut *org_counters)] {
+                counters[i].roll(index);
+                observed[base + i] = Observed {
+                    current: counters[i].current,
+                    previous: counters[i].previous,
+                };
+            }
+        }
+        let decision = decide(limits, &observed, now_ms);
+        if decision.allowed {
+            for i in 0..3 {
+                key_counters[i].current += 1;
+                org_counters[i].current += 1;
+            }
+        }
+        decision
     }
 }
 
@@ -687,8 +745,30 @@ mod tests {
         // The burst and day counters saw exactly the 3 allowed requests.
         let d = rl.check("k", "o", l, T0 + 200);
         assert_eq!(d.tightest.1, Window::Minute);
-        let counts = rl.counters.with("k", "o", |key, _| key.map(|c| c.current));
+        let counts = rl.cells("k", "o").key.lock().map(|c| c.current);
         assert_eq!(counts, [3, 3, 3]);
+    }
+
+    #[test]
+    fn cells_kept_with_a_key_count_with_every_other_way_to_the_same_counters() {
+        let rl = LocalLimiter::default();
+        let l = limits(100, 5, 1000);
+        // A key record built before a reload, one built after, and a lookup by id: one count.
+        let (before, after) = (rl.cells("k", "o"), rl.cells("k", "o"));
+        assert!(rl.check_cells(&before, l, T0).allowed);
+        assert!(rl.check_cells(&after, l, T0).allowed);
+        assert!(rl.check("k", "o", l, T0).allowed);
+        assert!(rl.check_cells(&rl.cells("k2", "o"), l, T0).allowed);
+        assert!(rl.check_cells(&before, l, T0).allowed);
+        assert!(rl.check_cells(&after, l, T0).allowed);
+        let d = rl.check("k", "o", l, T0);
+        assert!(!d.allowed, "5 a minute for the key: the 5th was the last");
+        assert_eq!(
+            rl.cells("o", "k").key.lock()[0].current,
+            0,
+            "key and org ids apart"
+        );
+        assert!(!LocalLimiter::default().owns(&before));
     }
 
     #[test]

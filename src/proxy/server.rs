@@ -457,10 +457,7 @@ impl Gateway {
 
         // Step 4: rate limits, key and org, three windows, decided and counted together.
         let limits = state.limits_for(record, route).ok_or(Refusal::NoTier)?;
-        let decision = self
-            .limiter
-            .check(&record.id, &record.org, limits, now)
-            .await;
+        let decision = self.limiter.check_key(record, limits, now).await;
         if !decision.allowed {
             if let Some((s, w)) = decision.blocked {
                 self.metrics

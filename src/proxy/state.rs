@@ -34,6 +34,8 @@ pub struct KeyRecord {
     pub expires_at_ms: Option<i64>,
     pub grace_until_ms: Option<i64>,
     pub revoked: bool,
+    /// This key's and its org's in-memory rate-limit counters, found on the first request.
+    pub limit_cells: std::sync::OnceLock<super::ratelimit::LimitCells>,
 }
 
 /// A header to inject upstream; the value is marked sensitive so it is never logged by hyper.
@@ -252,6 +254,7 @@ impl GatewayState {
                     expires_at_ms: k.expires_at.as_deref().and_then(parse_time_ms),
                     grace_until_ms: k.grace_until.as_deref().and_then(parse_time_ms),
                     revoked: k.revoked,
+                    limit_cells: Default::default(),
                 };
                 (hash, Arc::new(rec))
             })
