@@ -2,12 +2,12 @@
 //! status, upstream status, latency, bytes). Bodies and secrets never appear here unless a route
 //! sets `logBodies`.
 //!
-//! Request threads format a line into a reused per-thread buffer and append it to their own
-//! pending lines; a writer thread takes every thread's lines every 20 ms, so a slow stdout cannot
-//! stall requests, and there is no allocation, channel hand-off or lock shared between worker
-//! cores per line. Each thread's lines keep their order. A thread whose pending lines have grown
-//! past [`MAX_PENDING_BYTES`] (the writer has fallen that far behind) drops new lines and counts
-//! them. Dropping the last handle flushes what is pending.
+//! Request threads format each line straight into their own pending lines; a writer thread
+//! takes every thread's lines every 20 ms, so a slow stdout cannot stall requests, and there is
+//! no allocation, channel hand-off or lock shared between worker cores per line. Each thread's
+//! lines keep their order. A thread whose pending lines have grown past [`MAX_PENDING_BYTES`]
+//! (the writer has fallen that far behind) drops new lines and counts them. Dropping the last
+//! handle flushes what is pending.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -38,8 +38,8 @@ pub struct AccessRecord<'a> {
     pub request_body: Option<String>,
 }
 
-/// Unwritten lines per thread, at most this many bytes (about 15,000 lines); beyond it the
-/// thread's lines are dropped.
+/// Unwritten lines per thread, at most this many bytes and one line (about 15,000 lines);
+/// beyond it the thread's lines are dropped.
 pub const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 /// How long the writer waits between batches while lines keep coming.
 const BATCH_INTERVAL: Duration = Duration::from_millis(20);
@@ -102,8 +102,6 @@ pub struct AccessLog {
 /// What a thread reuses across requests.
 #[derive(Default)]
 struct Scratch {
-    /// The line being formatted.
-    line: Vec<u8>,
     /// The last second seen and its RFC 3339 text (`2026-11-29T07:00:00.`).
     second: u64,
     date: String,
@@ -111,31 +109,30 @@ struct Scratch {
     logs: Vec<(Weak<Shared>, Arc<ThreadLines>)>,
 }
 
-impl Scratch {
-    /// This thread's pending lines in `shared`, joining it on first use.
-    fn lines_in(&mut self, shared: &Arc<Shared>) -> &ThreadLines {
-        let found = self
-            .logs
-            .iter()
-            .position(|(log, _)| std::ptr::eq(log.as_ptr(), Arc::as_ptr(shared)));
-        let i = match found {
-            Some(i) => i,
-            None => {
-                // Logs that are gone (tests make many) leave with the next one joined.
-                self.logs.retain(|(log, _)| log.strong_count() > 0);
-                let lines = Arc::new(ThreadLines::default());
-                shared.threads().push(lines.clone());
-                self.logs.push((Arc::downgrade(shared), lines));
-                self.logs.len() - 1
-            }
-        };
-        &self.logs[i].1
-    }
+/// This thread's pending lines in `shared`, joining it on first use.
+fn lines_in<'a>(
+    logs: &'a mut Vec<(Weak<Shared>, Arc<ThreadLines>)>,
+    shared: &Arc<Shared>,
+) -> &'a ThreadLines {
+    let found = logs
+        .iter()
+        .position(|(log, _)| std::ptr::eq(log.as_ptr(), Arc::as_ptr(shared)));
+    let i = match found {
+        Some(i) => i,
+        None => {
+            // Logs that are gone (tests make many) leave with the next one joined.
+            logs.retain(|(log, _)| log.strong_count() > 0);
+            let lines = Arc::new(ThreadLines::default());
+            shared.threads().push(lines.clone());
+            logs.push((Arc::downgrade(shared), lines));
+            logs.len() - 1
+        }
+    };
+    &logs[i].1
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        line: Vec::with_capacity(512),
         second: u64::MAX,
         ..Scratch::default()
     });
@@ -207,20 +204,17 @@ impl AccessLog {
         let Some(closer) = &self.shared else { return };
         let shared = &closer.0;
         SCRATCH.with(|s| {
-            let scratch = &mut *s.borrow_mut();
-            let mut line = std::mem::take(&mut scratch.line);
-            line.clear();
-            format_line(&mut line, record, &mut scratch.second, &mut scratch.date);
+            let Scratch { second, date, logs } = &mut *s.borrow_mut();
             {
-                let mut pending = scratch.lines_in(shared).lock();
-                if pending.len() + line.len() > MAX_PENDING_BYTES {
+                // Formatted in place: the lock is this thread's, shared only with the writer.
+                let mut pending = lines_in(logs, shared).lock();
+                if pending.len() >= MAX_PENDING_BYTES {
                     drop(pending);
                     self.dropped.inc();
                 } else {
-                    pending.extend_from_slice(&line);
+                    format_line(&mut pending, record, second, date);
                 }
             }
-            scratch.line = line;
             // Pairs with the writer's store before it looks at the lines one last time: either
             // it sees this line, or this sees it waiting.
             if shared.writer_waiting.load(SeqCst) && shared.writer_waiting.swap(false, SeqCst) {
@@ -306,51 +300,57 @@ fn format_line(out: &mut Vec<u8>, r: &AccessRecord<'_>, second: &mut u64, date: 
     out.push(b'"');
     let mut f = Fields(out);
     // Request ids are [A-Za-z0-9_-] (the gateway replaces any other), methods are HTTP tokens.
-    f.plain("request_id", r.request_id);
-    f.plain("method", r.method);
-    f.text("route", Some(r.route));
-    f.text("org", r.org);
-    f.text("key_prefix", r.key_prefix);
-    f.int("status", Some(r.status.into()));
-    f.int("upstream_status", r.upstream_status.map(u64::from));
-    f.name("latency_ms");
+    f.plain(key!("request_id"), r.request_id);
+    f.plain(key!("method"), r.method);
+    f.text(key!("route"), Some(r.route));
+    f.text(key!("org"), r.org);
+    f.text(key!("key_prefix"), r.key_prefix);
+    f.int(key!("status"), Some(r.status.into()));
+    f.int(key!("upstream_status"), r.upstream_status.map(u64::from));
+    f.name(key!("latency_ms"));
     push_int(f.0, r.latency_us / 1000);
     f.0.push(b'.');
     push_padded_millis(f.0, r.latency_us % 1000);
-    f.int("bytes_in", r.bytes_in);
-    f.int("bytes_out", r.bytes_out);
-    f.text("error_code", r.error_code);
+    f.int(key!("bytes_in"), r.bytes_in);
+    f.int(key!("bytes_out"), r.bytes_out);
+    f.text(key!("error_code"), r.error_code);
     if let Some(body) = &r.request_body {
-        f.text("request_body", Some(body));
+        f.text(key!("request_body"), Some(body));
     }
     out.extend_from_slice(b"}\n");
 }
 
-/// Appends `,"name":value` members to a line.
+/// A member's name with its punctuation, `,"name":`, as one piece to copy.
+macro_rules! key {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
+use key;
+
+/// Appends `,"name":value` members to a line; names come from [`key!`].
 struct Fields<'a>(&'a mut Vec<u8>);
 
 impl Fields<'_> {
-    fn name(&mut self, name: &str) {
-        self.0.extend_from_slice(b",\"");
-        self.0.extend_from_slice(name.as_bytes());
-        self.0.extend_from_slice(b"\":");
+    fn name(&mut self, key: &'static str) {
+        self.0.extend_from_slice(key.as_bytes());
     }
 
-    fn plain(&mut self, name: &str, value: &str) {
-        self.name(name);
+    fn plain(&mut self, key: &'static str, value: &str) {
+        self.name(key);
         push_plain(self.0, value);
     }
 
-    fn text(&mut self, name: &str, value: Option<&str>) {
-        self.name(name);
+    fn text(&mut self, key: &'static str, value: Option<&str>) {
+        self.name(key);
         match value {
             Some(s) => push_str(self.0, s),
             None => self.0.extend_from_slice(b"null"),
         }
     }
 
-    fn int(&mut self, name: &str, value: Option<u64>) {
-        self.name(name);
+    fn int(&mut self, key: &'static str, value: Option<u64>) {
+        self.name(key);
         match value {
             Some(n) => push_int(self.0, n),
             None => self.0.extend_from_slice(b"null"),
