@@ -261,16 +261,29 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes the hop-by-hop headers: the fixed set, and any the message itself names in
 /// `Connection` (`Connection: close, x-trace` makes `x-trace` hop-by-hop, RFC 9110 7.6.1).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let mut connection = h.get_all(header::CONNECTION).iter();
+    // Most messages say only `Connection: keep-alive` or `close`: nothing more to look for.
+    let only_fixed = match (connection.next(), connection.next()) {
+        (None, _) => true,
+        (Some(v), None) => {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        }
+        _ => false,
+    };
     // Collecting allocates only when a message lists more than the fixed names.
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !HOP_BY_HOP.iter().any(|n| n.eq_ignore_ascii_case(t)))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    let listed: Vec<HeaderName> = if only_fixed {
+        Vec::new()
+    } else {
+        h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !HOP_BY_HOP.iter().any(|n| n.eq_ignore_ascii_case(t)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    };
     for name in listed {
         h.remove(name);
     }
