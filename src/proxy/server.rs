@@ -445,9 +445,9 @@ impl Gateway {
         // Step 2: API-key auth. Shape and checksum first (no lookup for typos), then the
         // HMAC under the pepper, compared in constant time.
         let text = presented_key(req.headers()).ok_or(Refusal::MissingKey)?;
-        let key = ApiKey::parse(text).map_err(Refusal::BadKey)?;
+        ApiKey::check(text).map_err(Refusal::BadKey)?;
         let record: &KeyRecord = state
-            .key(&self.pepper.hash(&key))
+            .key(&self.pepper.hash_text(text))
             .ok_or(Refusal::UnknownKey)?;
         trace.key = Some(record);
         let now_i = now as i64;
