@@ -167,8 +167,12 @@ impl Decision {
 
 /// Position of `now_ms` in a window: (window index, ms elapsed in it).
 fn position(window: Window, now_ms: u64) -> (u64, u64) {
-    let len = window.length_ms();
-    (now_ms / len, now_ms % len)
+    // One arm per window: each divides by a constant, which compiles to a multiplication.
+    match window {
+        Window::Burst10s => (now_ms / 10_000, now_ms % 10_000),
+        Window::Minute => (now_ms / 60_000, now_ms % 60_000),
+        Window::Day => (now_ms / 86_400_000, now_ms % 86_400_000),
+    }
 }
 
 fn estimate(window: Window, obs: Observed, elapsed_ms: u64) -> f64 {
@@ -224,7 +228,9 @@ pub fn decide(limits: Limits, observed: &[Observed; COUNTERS], now_ms: u64) -> D
             retry_ms = retry_ms.max(wait_ms(window, *obs, elapsed, limit));
         }
         let after = if fits { est + 1.0 } else { est };
-        let remaining = (limit as f64 - after).floor().max(0.0) as u64;
+        // Truncation is the floor for the positive case (and needs no libm call).
+        let room = limit as f64 - after;
+        let remaining = if room > 0.0 { room as u64 } else { 0 };
         let reset = (window.length_ms() - elapsed).div_ceil(1000);
         if tightest.is_none_or(|t| remaining < t.3) {
             tightest = Some((subject, window, limit, remaining, reset));
