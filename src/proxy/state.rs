@@ -83,7 +83,34 @@ fn host_header(authority: &Authority) -> HeaderValue {
         Some(port) => format!("{}:{}", authority.host(), port.as_str()),
         None => authority.host().to_string(),
     };
-    HeaderValue::from_str(&host).expect("a parsed host and port are a valid header value")
+    // A parsed host and port are a valid header value.
+    HeaderValue::from_static(interned(&host))
+}
+
+/// The upstream authority a route's requests go to, `'static` unless it carries userinfo.
+fn upstream_authority(authority: &Authority) -> Authority {
+    if authority.as_str().contains('@') {
+        // Userinfo may be a secret: not kept for the life of the process.
+        return authority.clone();
+    }
+    Authority::from_static(interned(authority.as_str()))
+}
+
+static INTERNED: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Upstream authorities and Host values as `'static` text: one copy per distinct value for the
+/// life of the process, bounded by the upstreams ever configured. Every request clones them
+/// (upstream URI, pool key, Host header); a clone of `'static` text touches no reference count,
+/// while a clone of a heap copy wrote the same count from every worker core.
+fn interned(text: &str) -> &'static str {
+    let mut seen = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = seen.get(text) {
+        return known;
+    }
+    let text: &'static str = Box::leak(text.into());
+    seen.insert(text);
+    text
 }
 
 impl Route {
@@ -215,7 +242,7 @@ impl GatewayState {
                 name: r.name.clone(),
                 prefix: r.path_prefix.clone(),
                 scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
-                authority: uri.authority().cloned().expect("validated"),
+                authority: upstream_authority(uri.authority().expect("validated")),
                 host: host_header(uri.authority().expect("validated")),
                 base_path: uri.path().to_string(),
                 timeout: r
@@ -430,6 +457,21 @@ pub fn load_master_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_text_is_kept_once_and_userinfo_not_at_all() {
+        let a = interned("orders.internal:8443");
+        assert!(std::ptr::eq(
+            a,
+            interned(&String::from("orders.internal:8443"))
+        ));
+        let plain: Authority = "orders.internal:8443".parse().unwrap();
+        assert!(std::ptr::eq(upstream_authority(&plain).as_str(), a));
+        let secret: Authority = "svc:hunter2@orders.internal".parse().unwrap();
+        assert_eq!(upstream_authority(&secret), secret);
+        let kept = INTERNED.lock().unwrap();
+        assert!(!kept.iter().any(|t| t.contains("hunter2")), "{kept:?}");
+    }
 
     #[test]
     fn the_upstream_host_header_is_host_and_port_without_userinfo() {
