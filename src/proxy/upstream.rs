@@ -9,7 +9,7 @@
 //! connection; a request already written is never sent twice.
 //!
 //! Measured against hyper-util's pooled client in `benches/proxy-vs-nginx.sh` (the bare proxy,
-//! `bare-workerpool` against `bare-hyper`): 8–13% less CPU per request in the same run.
+//! `bare-workerpool` against `bare-hyper`): 6–13% less CPU per request in the same run.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
