@@ -29,6 +29,7 @@ use std::{
 };
 
 use super::fasthash::{FastHasher, FastMap};
+use super::sharded::CachePadded;
 
 use crate::crd::gateway::WindowLimits;
 
@@ -274,10 +275,8 @@ impl Counter {
 
 const SHARDS: usize = 64;
 
-/// A shard alone on its cache lines: neighbours locked by other cores do not slow it.
-#[repr(align(128))]
-#[derive(Default)]
-struct Shard<V>(Mutex<FastMap<Arc<str>, V>>);
+/// A shard, alone on its cache lines: neighbours locked by other cores do not slow it.
+type Shard<V> = CachePadded<Mutex<FastMap<Arc<str>, V>>>;
 
 /// Per-key and per-org state in 64 mutex-guarded shards each.
 struct Shards<V> {
@@ -287,7 +286,7 @@ struct Shards<V> {
 
 impl<V: Default> Default for Shards<V> {
     fn default() -> Self {
-        let shards = || (0..SHARDS).map(|_| Shard(Mutex::default())).collect();
+        let shards = || (0..SHARDS).map(|_| Shard::default()).collect();
         Self {
             keys: shards(),
             orgs: shards(),
@@ -305,11 +304,9 @@ impl<V: Default> Shards<V> {
         };
         // Lock order is always key shard, then org shard: no deadlock.
         let mut keys = self.keys[shard(&self.keys, key_id)]
-            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let mut orgs = self.orgs[shard(&self.orgs, org_id)]
-            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         f(entry(&mut keys, key_id), entry(&mut orgs, org_id))
@@ -324,9 +321,8 @@ fn entry<'a, V: Default>(map: &'a mut FastMap<Arc<str>, V>, id: &str) -> &'a mut
 }
 
 /// One key's or org's three counters behind their own lock, alone on their cache lines.
-#[repr(align(128))]
 #[derive(Debug, Default)]
-pub struct CounterCell(Mutex<[Counter; 3]>);
+pub struct CounterCell(CachePadded<Mutex<[Counter; 3]>>);
 
 impl CounterCell {
     fn lock(&self) -> MutexGuard<'_, [Counter; 3]> {

@@ -30,6 +30,41 @@ const BUCKETS_NS: [u64; 13] = {
     ns
 };
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Histogram slots: one per bound, and one for latencies above the largest.
+const BUCKET_SLOTS: usize = BUCKETS.len() + 1;
+
+/// A value alone on its cache lines (128 bytes: adjacent-line prefetch pairs 64-byte lines), so
+/// writes to its neighbours from other cores do not slow it.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct CachePadded<T>(pub T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// One `T` per thread slot, each on its own cache lines.
+struct PerThread<T>(Box<[CachePadded<T>]>);
+
+impl<T: Default> PerThread<T> {
+    fn new() -> Self {
+        Self((0..slot_count()).map(|_| CachePadded::default()).collect())
+    }
+}
+
+impl<T> PerThread<T> {
+    /// This thread's slot.
+    fn mine(&self) -> &T {
+        &self.0[thread_slot()]
+    }
+
+    fn all(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|slot| &slot.0)
+    }
+}
 
 /// Slots per metric: the CPU count rounded up to a power of two, 4 to 64.
 fn slot_count() -> usize {
@@ -51,20 +86,19 @@ fn thread_slot() -> usize {
     SLOT.with(|s| *s) & (slot_count() - 1)
 }
 
-/// One thread's counts for one route, alone on its cache lines.
-#[repr(align(128))]
+/// One thread's counts for one route.
 #[derive(Default)]
 struct RouteSlot {
     classes: [AtomicU64; 5],
     /// Not cumulative: `buckets[i]` counts latencies in (BUCKETS[i-1], BUCKETS[i]]; the last
     /// one those above the largest bound.
-    buckets: [AtomicU64; 14],
+    buckets: [AtomicU64; BUCKET_SLOTS],
     sum_ns: AtomicU64,
 }
 
 /// A route's request counters (by status class) and latency histogram.
 #[derive(Clone)]
-pub struct RouteMetrics(Arc<[RouteSlot]>);
+pub struct RouteMetrics(Arc<PerThread<RouteSlot>>);
 
 impl std::fmt::Debug for RouteMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,12 +108,12 @@ impl std::fmt::Debug for RouteMetrics {
 
 impl RouteMetrics {
     fn new() -> Self {
-        Self((0..slot_count()).map(|_| RouteSlot::default()).collect())
+        Self(Arc::new(PerThread::new()))
     }
 
     /// Counts one response: its status class and the time to its headers.
     pub fn observe(&self, status: u16, elapsed: Duration) {
-        let slot = &self.0[thread_slot()];
+        let slot = self.0.mine();
         let class = (status / 100).clamp(1, 5) as usize - 1;
         slot.classes[class].fetch_add(1, Relaxed);
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
@@ -92,9 +126,9 @@ impl RouteMetrics {
     }
 
     /// Sums of all slots: (per class, per bucket, sum in ns).
-    fn totals(&self) -> ([u64; 5], [u64; 14], u64) {
-        let (mut classes, mut buckets, mut sum) = ([0u64; 5], [0u64; 14], 0u64);
-        for slot in self.0.iter() {
+    fn totals(&self) -> ([u64; 5], [u64; BUCKET_SLOTS], u64) {
+        let (mut classes, mut buckets, mut sum) = ([0u64; 5], [0u64; BUCKET_SLOTS], 0u64);
+        for slot in self.0.all() {
             for (t, c) in classes.iter_mut().zip(&slot.classes) {
                 *t += c.load(Relaxed);
             }
@@ -226,24 +260,20 @@ impl Collector for RouteStats {
     }
 }
 
-#[repr(align(128))]
-#[derive(Default)]
-struct CounterSlot(AtomicU64);
-
 /// A count many threads add to, each in its own slot.
-pub struct ShardedCounter(Box<[CounterSlot]>);
+pub struct ShardedCounter(PerThread<AtomicU64>);
 
 impl ShardedCounter {
     pub fn new() -> Self {
-        Self((0..slot_count()).map(|_| CounterSlot::default()).collect())
+        Self(PerThread::new())
     }
 
     pub fn inc(&self) {
-        self.0[thread_slot()].0.fetch_add(1, Relaxed);
+        self.0.mine().fetch_add(1, Relaxed);
     }
 
     pub fn sum(&self) -> u64 {
-        self.0.iter().map(|s| s.0.load(Relaxed)).sum()
+        self.0.all().map(|n| n.load(Relaxed)).sum()
     }
 }
 
@@ -259,22 +289,18 @@ impl std::fmt::Debug for ShardedCounter {
     }
 }
 
-#[repr(align(128))]
-#[derive(Default)]
-struct GaugeSlot(AtomicI64);
-
 /// A gauge moved up and down by many threads (`apitree_proxy_in_flight_requests`): each
 /// thread moves its own slot; the value is their sum, whichever thread moved it down.
 #[derive(Clone)]
 pub struct ShardedGauge {
-    slots: Arc<[GaugeSlot]>,
+    slots: Arc<PerThread<AtomicI64>>,
     desc: Arc<Desc>,
 }
 
 impl ShardedGauge {
     pub fn new(name: &str, help: &str) -> Self {
         Self {
-            slots: (0..slot_count()).map(|_| GaugeSlot::default()).collect(),
+            slots: Arc::new(PerThread::new()),
             desc: Arc::new(
                 Desc::new(name.into(), help.into(), Vec::new(), Default::default())
                     .expect("valid metric"),
@@ -283,15 +309,15 @@ impl ShardedGauge {
     }
 
     pub fn inc(&self) {
-        self.slots[thread_slot()].0.fetch_add(1, Relaxed);
+        self.slots.mine().fetch_add(1, Relaxed);
     }
 
     pub fn dec(&self) {
-        self.slots[thread_slot()].0.fetch_sub(1, Relaxed);
+        self.slots.mine().fetch_sub(1, Relaxed);
     }
 
     pub fn get(&self) -> i64 {
-        self.slots.iter().map(|s| s.0.load(Relaxed)).sum()
+        self.slots.all().map(|n| n.load(Relaxed)).sum()
     }
 }
 
