@@ -360,6 +360,74 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn large_bodies_stream_both_ways_and_the_connection_is_reused() {
+        // An upstream that streams each request body back as the response body.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(req.into_body()))
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        });
+        // 4 MiB in 64 KiB chunks, far more than the socket buffers hold: the request is still
+        // being written while the response is already coming back.
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        for round in 0..2 {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxErr>>(4);
+            let body = http_body_util::StreamBody::new(tokio_stream(rx)).boxed();
+            let req = Request::builder()
+                .method("POST")
+                .uri(format!("http://{up}/echo"))
+                .header(http::header::HOST, up.as_str())
+                .body(body)
+                .unwrap();
+            let sending = chunk.clone();
+            let feeder = tokio::spawn(async move {
+                for _ in 0..64 {
+                    let frame = Frame::data(Bytes::from(sending.clone()));
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let resp = request(req).await.unwrap();
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            feeder.await.unwrap();
+            assert_eq!(got.len(), 64 * chunk.len(), "round {round}");
+            assert!(got.chunks(chunk.len()).all(|c| c == chunk.as_slice()));
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the second request reused it"
+        );
+        assert_eq!(idle_count(&Scheme::HTTP, &up), 1);
+    }
+
+    type BoxErr = Box<dyn std::error::Error + Send + Sync>;
+
+    /// A stream of a channel's items.
+    fn tokio_stream<T>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures::Stream<Item = T> + Send + Sync + 'static
+    where
+        T: Send + 'static,
+    {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn nothing_listening_is_a_connect_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
