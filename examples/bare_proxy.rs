@@ -23,7 +23,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type Body = BoxBody<Bytes, BoxError>;
+type BoxError = apitree::proxy::server::BoxError;
 type Upstream = Client<HttpConnector, Body>;
 
 thread_local! {
@@ -63,19 +64,17 @@ async fn forward(
         return reply(400);
     };
     parts.uri = uri;
+    let body: Body = body.map_err(|e| Box::new(e) as BoxError).boxed();
     let resp = if worker_pool {
-        let body: apitree::proxy::server::Body = body
-            .map_err(|e| Box::new(e) as apitree::proxy::server::BoxError)
-            .boxed();
         apitree::proxy::upstream::request(Request::from_parts(parts, body))
             .await
-            .map(|r| r.map(|b| b.boxed()))
+            .map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
             .ok()
     } else {
         upstream()
-            .request(Request::from_parts(parts, body.boxed()))
+            .request(Request::from_parts(parts, body))
             .await
-            .map(|r| r.map(|b| b.boxed()))
+            .map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
             .ok()
     };
     resp.unwrap_or_else(|| reply(502))
