@@ -20,6 +20,11 @@ struct Setup {
 
 /// Two orgs (alpha, beta), a small tier, routes for every behaviour.
 async fn setup(extra_keys: &str) -> Setup {
+    setup_with(extra_keys, "").await
+}
+
+/// [`setup`] with more routes (YAML list items).
+async fn setup_with(extra_keys: &str, extra_routes: &str) -> Setup {
     let up = start_upstream().await;
     let upstream = format!("http://{}/", up.addr.unwrap());
     let (live, live_e) = key_entry(KeyScope::Live, "alpha", "");
@@ -51,7 +56,7 @@ routes:
   - {{ name: fragile, pathPrefix: /fragile/, upstream: "{upstream}", timeout: 300ms,
        breaker: {{ consecutiveFailures: 3, openFor: 30s, halfOpenProbes: 1 }} }}
   - {{ name: logged, pathPrefix: /logged/, upstream: "{upstream}", logBodies: true }}
-"#
+{extra_routes}"#
     );
     let gw = start_gateway(&yaml, None).await;
     Setup {
@@ -248,6 +253,43 @@ async fn failing_upstream_opens_the_breaker_and_then_fails_fast() {
     let metrics = s.gw.metrics_text().await;
     assert!(metrics.contains("apitree_proxy_breaker_opens_total{route=\"fragile\"} 1"));
     assert!(metrics.contains("apitree_proxy_breaker_state{route=\"fragile\"} 2"));
+}
+
+#[tokio::test]
+async fn a_malformed_upstream_response_is_a_502_that_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream whose responses carry two different Content-Length values.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nx";
+                let _ = stream.write_all(reply).await;
+            });
+        }
+    });
+    let route = format!("  - {{ name: odd, pathPrefix: /odd/, upstream: \"http://{addr}/\" }}\n");
+    let s = setup_with("", &route).await;
+    let (status, headers, body) = get(&s.gw.url("/odd/x"), Some(&s.live)).await;
+    assert_eq!(status, 502);
+    assert_eq!(body["code"], "upstream_bad_response");
+    assert_eq!(
+        body["request_id"],
+        headers["x-request-id"].to_str().unwrap()
+    );
+    let metrics = s.gw.metrics_text().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("apitree_proxy_upstream_errors_total")
+                && l.contains("kind=\"bad_response\"")
+                && l.contains("route=\"odd\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -111,7 +111,7 @@ impl ProxyMetrics {
             upstream_errors: counter_vec(
                 &r,
                 "apitree_proxy_upstream_errors_total",
-                "Failed upstream calls by route and kind (connect, timeout, status_5xx).",
+                "Failed upstream calls by route and kind (connect, timeout, bad_response, status_5xx).",
                 &["route", "kind"],
             ),
             config_reloads: counter_vec(

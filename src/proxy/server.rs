@@ -114,6 +114,7 @@ pub enum Refusal {
     BreakerOpen { retry_after_ms: u64 },
     UpstreamTimeout(Duration),
     UpstreamUnreachable,
+    UpstreamBadResponse,
     BodyTooLarge,
     Internal(&'static str),
 }
@@ -149,6 +150,7 @@ impl Refusal {
             Self::BreakerOpen { .. } => "upstream_circuit_open",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamBadResponse => "upstream_bad_response",
             Self::BodyTooLarge => "body_too_large",
             Self::Internal(_) => "internal_error",
         }
@@ -176,6 +178,7 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
         Refusal::BreakerOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "the upstream API is failing and calls to it are paused; retry later".into()),
         Refusal::UpstreamTimeout(t) => (StatusCode::GATEWAY_TIMEOUT, format!("the upstream API did not answer within {}ms", t.as_millis())),
         Refusal::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "the upstream API could not be reached".into()),
+        Refusal::UpstreamBadResponse => (StatusCode::BAD_GATEWAY, "the upstream API sent a response that is not valid HTTP/1.1".into()),
         Refusal::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large for this API".into()),
         Refusal::Internal(what) => (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {what}")),
     };
@@ -545,6 +548,11 @@ impl Gateway {
             Err(_) => {
                 self.upstream_failed(route, "timeout");
                 return Err(Refusal::UpstreamTimeout(route.timeout));
+            }
+            Ok(Err(upstream::UpstreamError::Protocol(e))) => {
+                tracing::warn!(route = %route.name, "upstream response refused: {e}");
+                self.upstream_failed(route, "bad_response");
+                return Err(Refusal::UpstreamBadResponse);
             }
             Ok(Err(_)) => {
                 self.upstream_failed(route, "connect");
