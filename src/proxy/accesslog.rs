@@ -255,8 +255,9 @@ fn take_lines(shared: &Shared, out: &mut impl Write, batch: &mut Vec<u8>) -> boo
 
 /// The writer thread: takes every thread's lines, writes them, naps, and waits when there is
 /// nothing to write (a request wakes it once per idle period, not once per line).
-fn write_batches(shared: &Shared, writer: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer);
+fn write_batches(shared: &Shared, mut out: Box<dyn Write + Send>) {
+    // No BufWriter: a batch is already one large buffer; copying it into another cost about
+    // 250 instructions per request (callgrind).
     let mut batch = Vec::new();
     loop {
         // Read before taking the lines: what was written before the close is taken after it.
