@@ -20,9 +20,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{
-    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
-};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
@@ -504,13 +502,7 @@ impl Gateway {
 
         // Step 7: the upstream request. The buyer's key never leaves the gateway.
         let (mut parts, body) = req.into_parts();
-        let path_and_query = route.upstream_path(parts.uri.path(), parts.uri.query());
-        parts.uri = Uri::builder()
-            .scheme(route.scheme.clone())
-            .authority(route.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| Refusal::Internal("could not build the upstream URL"))?;
+        let target = route.upstream_path(parts.uri.path(), parts.uri.query());
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         h.remove(header::AUTHORIZATION);
@@ -543,7 +535,13 @@ impl Gateway {
             body.map_err(|e| Box::new(e) as BoxError).boxed()
         };
         let upstream_req = Request::from_parts(parts, body);
-        let result = tokio::time::timeout(route.timeout, upstream::request(upstream_req)).await;
+        let sent = upstream::send(
+            route.scheme.clone(),
+            route.authority.clone(),
+            target,
+            upstream_req,
+        );
+        let result = tokio::time::timeout(route.timeout, sent).await;
         let resp = match result {
             Err(_) => {
                 self.upstream_failed(route, "timeout");

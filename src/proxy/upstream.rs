@@ -44,7 +44,39 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream and worker; more are closed.
 pub const MAX_IDLE_PER_UPSTREAM: usize = 1024;
 
-type Key = (Scheme, Authority);
+/// Which upstream a connection goes to. Hashed and compared as written (http's own `Authority`
+/// hashes byte by byte, lowercased): `Up:80` and `up:80` get separate idle lists, which costs a
+/// connection, never a wrong one.
+#[derive(Clone, Debug)]
+struct Key {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Key {
+    fn new(scheme: &Scheme, authority: &Authority) -> Self {
+        Self {
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+        }
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.authority.as_str() == other.authority.as_str()
+            && self.scheme.as_str() == other.scheme.as_str()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(self.authority.as_str().as_bytes());
+        state.write(self.scheme.as_str().as_bytes());
+    }
+}
 
 /// A connection an idle list can hold.
 trait Reusable {
@@ -125,6 +157,8 @@ pub enum UpstreamError {
     Protocol(#[from] H1Error),
     #[error("the upstream closed the connection before the response ended")]
     Closed,
+    #[error("the upstream request target is not valid: {0}")]
+    Target(#[from] http::uri::InvalidUri),
 }
 
 /// A connection that was idle, newest first; None when none is left.
@@ -148,21 +182,20 @@ fn checkin<C: Reusable>(lists: &IdleLists<C>, key: Key, conn: C) {
     if !conn.is_open() {
         return;
     }
+    let now = Instant::now();
     let mut idle = lists.borrow_mut();
     let list = idle.entry(key).or_default();
+    // The oldest go first; closed ones further in are dropped when checkout meets them.
     while list
         .front()
-        .is_some_and(|i| i.since.elapsed() >= IDLE_TIMEOUT || !i.conn.is_open())
+        .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
     {
         list.pop_front();
     }
     if list.len() >= MAX_IDLE_PER_UPSTREAM {
         list.pop_front();
     }
-    list.push_back(Idle {
-        conn,
-        since: Instant::now(),
-    });
+    list.push_back(Idle { conn, since: now });
 }
 
 /// Idle connections this worker holds to `scheme://authority` (both kinds).
@@ -173,7 +206,7 @@ pub fn idle_count(scheme: &Scheme, authority: &Authority) -> usize {
             .get(key)
             .map_or(0, |l| l.iter().filter(|i| i.conn.is_open()).count())
     }
-    let key = (scheme.clone(), authority.clone());
+    let key = Key::new(scheme, authority);
     POOL.with(|p| open(&p.idle, &key) + open(&p.raw, &key))
 }
 
@@ -197,14 +230,14 @@ async fn connect_tcp(authority: &Authority) -> Result<TcpStream, UpstreamError> 
 }
 
 async fn connect(key: &Key) -> Result<SendRequest<Body>, UpstreamError> {
-    if key.0 == Scheme::HTTP {
+    if key.scheme == Scheme::HTTP {
         // Plain TCP without the TLS connector's stream wrapper in every read and write.
-        let stream = connect_tcp(&key.1).await?;
+        let stream = connect_tcp(&key.authority).await?;
         return handshake(hyper_util::rt::TokioIo::new(stream)).await;
     }
     let uri = Uri::builder()
-        .scheme(key.0.clone())
-        .authority(key.1.clone())
+        .scheme(key.scheme.clone())
+        .authority(key.authority.clone())
         .path_and_query("/")
         .build()
         .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -235,22 +268,35 @@ where
 
 /// Sends `req` (absolute URI, Host header set) on a pooled connection to its upstream, or a
 /// new one.
-pub async fn request(mut req: Request<Body>) -> Result<Response<UpstreamBody>, UpstreamError> {
+pub async fn request(req: Request<Body>) -> Result<Response<UpstreamBody>, UpstreamError> {
     let (Some(scheme), Some(authority)) = (req.uri().scheme(), req.uri().authority()) else {
         return Err(UpstreamError::NotAbsolute(req.uri().clone()));
     };
-    let key: Key = (scheme.clone(), authority.clone());
+    let key = Key::new(scheme, authority);
     // On the wire an HTTP/1 request names the path only.
-    let path = req
+    let target = req
         .uri()
         .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if key.0 == Scheme::HTTP && req.body().is_end_stream() {
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    send(key.scheme, key.authority, target, req).await
+}
+
+/// Sends `req` (Host header set; its URI is not used) to `scheme://authority` with `target`
+/// (path and query) as the request target, on a pooled connection or a new one. `target` must
+/// be a valid origin-form target: the proxy builds it from a parsed request path and a route's
+/// validated base path.
+pub async fn send(
+    scheme: Scheme,
+    authority: Authority,
+    target: String,
+    mut req: Request<Body>,
+) -> Result<Response<UpstreamBody>, UpstreamError> {
+    let key = Key { scheme, authority };
+    if key.scheme == Scheme::HTTP && req.body().is_end_stream() {
         let (parts, _) = req.into_parts();
-        return fast_request(key, &parts.method, path.as_str(), &parts.headers).await;
+        return fast_request(key, &parts.method, &target, &parts.headers).await;
     }
-    *req.uri_mut() = Uri::from(path);
+    *req.uri_mut() = PathAndQuery::try_from(target)?.into();
     loop {
         let (mut sender, reused) = match POOL.with(|p| checkout(&p.idle, &key)) {
             Some(s) => (s, true),
@@ -289,7 +335,7 @@ async fn fast_request(
         let (mut conn, reused) = match POOL.with(|p| checkout(&p.raw, &key)) {
             Some(c) => (c, true),
             None => {
-                let io = connect_tcp(&key.1).await?;
+                let io = connect_tcp(&key.authority).await?;
                 let buf = BytesMut::with_capacity(READ_CHUNK);
                 (RawConn { io, buf }, false)
             }
