@@ -6,7 +6,8 @@
 //! whose body is dropped half-read is closed. Idle connections are reused newest first, dropped
 //! after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE_PER_UPSTREAM`] wait per upstream. A request an
 //! idle connection could not take (the upstream closed it meanwhile) goes out again on another
-//! connection; a request already written is never sent twice.
+//! connection. A request already written is sent again only on the fast path below, when its
+//! method is idempotent and the pooled connection closed without a byte of response.
 //!
 //! Bodiless requests to plain-HTTP upstreams (most API calls) take a fast path: the request
 //! head is written and the response read in the request's own task ([`super::h1`]), with no
