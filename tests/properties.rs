@@ -1,8 +1,11 @@
-//! Property tests for the parsers that face untrusted input: API keys, proxy configs and the
-//! PII scanner. Case counts are set here so the closing note can report executions.
+//! Property tests for the parsers that face untrusted input: API keys, proxy configs, the PII
+//! scanner and upstream HTTP/1 responses. Case counts are set here so the closing note can
+//! report executions.
 
 use apitree::crd::gateway::KeyScope;
+use apitree::proxy::h1::{self, Chunked, Decoded, Framing};
 use apitree::proxy::{config::ProxyConfig, keys::ApiKey, pii};
+use bytes::BytesMut;
 use proptest::prelude::*;
 
 /// Bytes that make PII scanning interesting: digits, separators, context words, letters.
@@ -92,5 +95,118 @@ proptest! {
         if let Ok(cfg) = serde_saphyr::from_str::<ProxyConfig>(&text) {
             let _ = cfg.problems(None);
         }
+    }
+}
+
+/// Bytes that make an upstream's HTTP/1 response interesting: mostly a status line, then whole
+/// and broken header lines, framing headers, chunk sizes and line ends in every form.
+fn response_soup() -> impl Strategy<Value = Vec<u8>> {
+    let status = prop::sample::select(vec![
+        "HTTP/1.1 200 OK\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n",
+        "HTTP/1.0 204 No Content\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\n",
+        "HTTP/1.1 999 X\r\n",
+        "",
+    ]);
+    let pieces = prop::sample::select(vec![
+        "\r\n",
+        "\r\n",
+        "\n",
+        "Content-Length: 5\r\n",
+        "Content-Length: 5, 6\r\n",
+        "Content-Length: ",
+        "Transfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: gzip, ",
+        "Connection: close\r\n",
+        "X-A: b\r\n",
+        "0",
+        "5",
+        "ff",
+        "99999999999999999999",
+        ";ext",
+        ",",
+        " ",
+        ":",
+        "hello",
+        "\0",
+        "é",
+    ]);
+    (status, prop::collection::vec(pieces, 0..40))
+        .prop_map(|(status, v)| [status.to_string(), v.concat()].concat().into_bytes())
+}
+
+/// Feeds `wire` to a chunked decoder `step` bytes at a time: the body, and whether it ended.
+fn decode_chunked(wire: &[u8], step: usize, buf: &mut BytesMut) -> (Vec<u8>, bool) {
+    let mut decoder = Chunked::default();
+    let mut body = Vec::new();
+    let mut fed = 0;
+    loop {
+        match decoder.decode(buf) {
+            Ok(Decoded::Data(d)) => body.extend_from_slice(&d),
+            Ok(Decoded::End) => return (body, true),
+            Err(_) => return (body, false),
+            Ok(Decoded::NeedMore) => {
+                if fed == wire.len() {
+                    return (body, false);
+                }
+                let end = (fed + step).min(wire.len());
+                buf.extend_from_slice(&wire[fed..end]);
+                fed = end;
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn upstream_response_parsing_never_panics_however_the_bytes_arrive(
+        wire in response_soup(),
+        step in 1usize..64,
+    ) {
+        let mut buf = BytesMut::new();
+        for piece in wire.chunks(step) {
+            buf.extend_from_slice(piece);
+            match h1::parse_response(&mut buf, false) {
+                // Read more (interim 1xx heads already read are gone; the final one waits).
+                Ok(None) => {}
+                Ok(Some(head)) => {
+                    prop_assert!(head.status.as_u16() >= 200);
+                    if head.framing == Framing::Chunked {
+                        let rest = buf.split().freeze();
+                        let _ = decode_chunked(&rest, step, &mut BytesMut::new());
+                    }
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_to_what_was_sent_however_they_are_split(
+        chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 0..8),
+        step in 1usize..97,
+        trailer in any::<bool>(),
+    ) {
+        let mut wire = Vec::new();
+        for c in &chunks {
+            wire.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            wire.extend_from_slice(c);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n");
+        if trailer {
+            wire.extend_from_slice(b"X-Checksum: 1\r\n");
+        }
+        wire.extend_from_slice(b"\r\nNEXT");
+        let mut buf = BytesMut::new();
+        let (body, ended) = decode_chunked(&wire, step, &mut buf);
+        prop_assert!(ended);
+        prop_assert_eq!(body, chunks.concat());
+        // What follows the body is left for the next reader, never eaten.
+        prop_assert!(b"NEXT".starts_with(&buf[..]));
     }
 }
