@@ -93,7 +93,7 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
             Err(H1Error::TooManyHeaders) => parse_one::<MAX_HEADERS>(buf)?,
             other => other?,
         };
-        let Some((code, version, headers)) = parsed else {
+        let Some((code, version, headers, framers)) = parsed else {
             return Ok(None);
         };
         if code == 101 {
@@ -105,15 +105,16 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<H
         }
         let status = StatusCode::from_u16(code)
             .map_err(|_| H1Error::Head(format!("status code {code} is out of range")))?;
-        return finish_head(status, version, headers, head_request).map(Some);
+        return finish_head(status, version, headers, framers, head_request).map(Some);
     }
 }
 
-/// One response head from the front of `buf` (removed once complete): status code, version,
-/// headers. `N`: room for header lines.
-fn parse_one<const N: usize>(
-    buf: &mut BytesMut,
-) -> Result<Option<(u16, Version, HeaderMap)>, H1Error> {
+/// A response head's status code, version, headers and what they say about framing.
+type Parsed = (u16, Version, HeaderMap, Framers);
+
+/// One response head from the front of `buf` (removed once complete). `N`: room for header
+/// lines.
+fn parse_one<const N: usize>(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Error> {
     let mut room = [httparse::EMPTY_HEADER; N];
     let mut parsed = httparse::Response::new(&mut room);
     let len = match parsed.parse(buf) {
@@ -134,50 +135,87 @@ fn parse_one<const N: usize>(
     let head = Bytes::copy_from_slice(&buf[..len]);
     let base = buf.as_ptr() as usize;
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut framers = Framers::default();
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| H1Error::Head("a header name is not valid".into()))?;
         let start = h.value.as_ptr() as usize - base;
         let value = HeaderValue::from_maybe_shared(head.slice(start..start + h.value.len()))
             .map_err(|_| H1Error::Head(format!("the {name} header value is not valid")))?;
+        framers.note(&name, &value);
         headers.append(name, value);
     }
     buf.advance(len);
-    Ok(Some((code, version, headers)))
+    Ok(Some((code, version, headers, framers)))
+}
+
+/// What a response head says about its framing and its connection, noted header by header as
+/// the head is parsed (no lookups in the finished map).
+#[derive(Default)]
+struct Framers {
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive`.
+    keep_alive: bool,
+    /// The last `Transfer-Encoding` value.
+    transfer_encoding: Option<HeaderValue>,
+    /// Every `Content-Length` value and item so far: None before the first, then the one
+    /// length they agree on, or an error.
+    content_length: Option<Result<u64, H1Error>>,
+}
+
+impl Framers {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == http::header::CONTENT_LENGTH {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let n = content_length_item(item);
+                self.content_length = Some(match self.content_length.take() {
+                    None => n,
+                    Some(Ok(l)) if n.as_ref().is_ok_and(|n| *n == l) => Ok(l),
+                    Some(_) => Err(H1Error::ContentLength),
+                });
+            }
+        } else if name == http::header::TRANSFER_ENCODING {
+            self.transfer_encoding = Some(value.clone());
+        } else if name == http::header::CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+}
+
+/// One Content-Length value (or comma-separated item): decimal digits only.
+fn content_length_item(item: &[u8]) -> Result<u64, H1Error> {
+    let item = item.trim_ascii();
+    if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+        return Err(H1Error::ContentLength);
+    }
+    Ok(item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 fn finish_head(
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    framers: Framers,
     head_request: bool,
 ) -> Result<Head, H1Error> {
-    let mut close = false;
-    let mut keep_alive_token = false;
-    for v in headers.get_all(http::header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
     let mut keep_alive = if version == Version::HTTP_10 {
-        keep_alive_token && !close
+        framers.keep_alive && !framers.close
     } else {
-        !close
+        !framers.close
     };
     let no_body =
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let framing = if no_body {
         Framing::Empty
-    } else if let Some(last) = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
+    } else if let Some(last) = &framers.transfer_encoding {
         // Both headers on one response is how request smuggling starts: frame by
         // Transfer-Encoding (RFC 9112 6.3) and do not reuse the connection.
-        if headers.contains_key(http::header::CONTENT_LENGTH) {
+        if framers.content_length.is_some() {
             keep_alive = false;
         }
         let chunked = last
@@ -190,8 +228,8 @@ fn finish_head(
         } else {
             Framing::Close
         }
-    } else if headers.contains_key(http::header::CONTENT_LENGTH) {
-        Framing::Length(content_length(&headers)?)
+    } else if let Some(length) = framers.content_length {
+        Framing::Length(length?)
     } else {
         Framing::Close
     };
@@ -205,25 +243,6 @@ fn finish_head(
         framing,
         keep_alive,
     })
-}
-
-/// The one length every Content-Length value (and comma-separated item) gives.
-fn content_length(headers: &HeaderMap) -> Result<u64, H1Error> {
-    let mut length = None;
-    for v in headers.get_all(http::header::CONTENT_LENGTH) {
-        for item in v.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(H1Error::ContentLength);
-            }
-            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
-    length.ok_or(H1Error::ContentLength)
 }
 
 /// What [`Chunked::decode`] found.
