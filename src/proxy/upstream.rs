@@ -274,13 +274,13 @@ pub async fn request(req: Request<Body>) -> Result<Response<UpstreamBody>, Upstr
     let (Some(scheme), Some(authority)) = (req.uri().scheme(), req.uri().authority()) else {
         return Err(UpstreamError::NotAbsolute(req.uri().clone()));
     };
-    let key = Key::new(scheme, authority);
+    let (scheme, authority) = (scheme.clone(), authority.clone());
     // On the wire an HTTP/1 request names the path only.
     let target = req
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-    send(key.scheme, key.authority, target, req).await
+    send(scheme, authority, target, req).await
 }
 
 /// Sends `req` (Host header set; its URI is not used) to `scheme://authority` with `target`
