@@ -210,3 +210,100 @@ proptest! {
         prop_assert!(b"NEXT".starts_with(&buf[..]));
     }
 }
+
+/// Request fields as a client might send them: the policy's own names, hop-by-hop ones,
+/// `Connection` lists naming others, repeats.
+fn request_fields() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
+    let names = prop::sample::select(vec![
+        "host",
+        "authorization",
+        "x-api-key",
+        "x-request-id",
+        "x-forwarded-for",
+        "accept-encoding",
+        "x-vendor-key",
+        "connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "content-length",
+        "x-trace",
+        "x-custom",
+    ]);
+    let values = prop::sample::select(vec![
+        "1",
+        "keep-alive",
+        "close",
+        "x-trace",
+        "close, X-Trace",
+        "x-custom , te",
+        "gzip",
+        "10.0.0.1",
+    ]);
+    prop::collection::vec((names, values), 0..12)
+}
+
+/// A request head's fields: each name (lowercase) with its values in the order written.
+fn fields_of(head: &[u8]) -> std::collections::BTreeMap<String, Vec<String>> {
+    let text = std::str::from_utf8(head).unwrap();
+    let mut fields = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for line in text.split("\r\n").skip(1).filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(": ").unwrap();
+        fields
+            .entry(name.to_ascii_lowercase())
+            .or_default()
+            .push(value.to_string());
+    }
+    fields
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// The fast path writes the forwarding policy into the head; hyper's path applies it to the
+    /// header map. The upstream must get the same fields either way.
+    #[test]
+    fn the_forwarding_policy_writes_what_it_applies(
+        fields in request_fields(),
+        forwarded_for in any::<bool>(),
+        identity_encoding in any::<bool>(),
+        credential in prop::option::of(prop::sample::select(vec![
+            "authorization", "x-vendor-key", "host", "x-request-id", "x-forwarded-for", "accept-encoding",
+        ])),
+        post in any::<bool>(),
+    ) {
+        use apitree::proxy::{forward::Forwarding, state::Injected};
+        use http::{HeaderMap, HeaderName, HeaderValue, Method};
+        let mut map = HeaderMap::new();
+        for (name, value) in &fields {
+            map.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        let host = HeaderValue::from_static("upstream:8080");
+        let request_id = HeaderValue::from_static("rid-1");
+        let injected = credential.map(|name| Injected {
+            header: HeaderName::from_static(name),
+            value: HeaderValue::from_static("Bearer upstream-secret"),
+        });
+        let policy = Forwarding {
+            host: &host,
+            request_id: &request_id,
+            forwarded_for: forwarded_for.then(|| HeaderValue::from_static("127.0.0.1")),
+            identity_encoding,
+            credential: injected.as_ref(),
+        };
+        let method = if post { Method::POST } else { Method::GET };
+        let mut written = Vec::new();
+        policy.encode(&method, "/v1/x", &map, &mut written);
+        let mut applied = map.clone();
+        policy.apply(&mut applied);
+        let mut expected = Vec::new();
+        h1::encode_request(&method, "/v1/x", &applied, &mut expected);
+        let got = fields_of(&written);
+        prop_assert_eq!(&got, &fields_of(&expected));
+        for never in ["connection", "keep-alive", "te", "upgrade", "proxy-authorization", "x-api-key"] {
+            prop_assert!(!got.contains_key(never), "{} forwarded", never);
+        }
+        prop_assert_eq!(&got["host"], &vec![if credential == Some("host") { "Bearer upstream-secret" } else { "upstream:8080" }.to_string()]);
+    }
+}

@@ -114,6 +114,82 @@ async fn a_valid_key_reaches_the_upstream_with_the_credential_and_never_the_buye
     assert!(body["headers"].get("x-api-key").is_none());
 }
 
+/// Bodiless requests take the upstream fast path, requests with a body hyper's client: the
+/// upstream must see the same fields either way.
+#[tokio::test]
+async fn the_upstream_sees_the_same_fields_whichever_path_carries_the_request() {
+    let s = setup("").await;
+    let upstream_host = s.up.addr.unwrap().to_string();
+    for (route, credential) in [("api", Some(UPSTREAM_SECRET)), ("masked", None)] {
+        let mut seen = Vec::new();
+        for with_body in [false, true] {
+            let mut req = if with_body {
+                client()
+                    .post(s.gw.url(&format!("/{route}/echo")))
+                    .body("{}")
+            } else {
+                client().get(s.gw.url(&format!("/{route}/echo")))
+            };
+            for (name, value) in [
+                ("connection", "x-hop"),
+                ("x-hop", "dropped: named in Connection"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authorization", "Basic c2VjcmV0"),
+                ("te", "trailers"),
+                ("x-api-key", s.live.as_str()),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-request-id", "client-id-1"),
+                ("accept-encoding", "gzip"),
+                ("x-custom", "kept"),
+            ] {
+                req = req.header(name, value);
+            }
+            let resp = req.bearer_auth(&s.live).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{route} with_body={with_body}");
+            let body: Value = resp.json().await.unwrap();
+            let mut headers = body["headers"].as_object().unwrap().clone();
+            assert!(
+                !body.to_string().contains(&s.live),
+                "the buyer's key went upstream"
+            );
+            for gone in [
+                "x-hop",
+                "keep-alive",
+                "proxy-authorization",
+                "te",
+                "x-api-key",
+            ] {
+                assert!(
+                    headers.get(gone).is_none(),
+                    "{gone} reached the upstream: {body}"
+                );
+            }
+            assert_eq!(headers["host"], upstream_host.as_str());
+            assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+            assert_eq!(headers["x-request-id"], "client-id-1");
+            assert_eq!(headers["x-custom"], "kept");
+            // A route that masks PII asks for a body it can read.
+            let encoding = if route == "masked" {
+                "identity"
+            } else {
+                "gzip"
+            };
+            assert_eq!(headers["accept-encoding"], encoding);
+            match credential {
+                Some(secret) => assert_eq!(headers["authorization"], format!("Bearer {secret}")),
+                None => assert!(headers.get("authorization").is_none(), "{body}"),
+            }
+            assert_eq!(body["method"], if with_body { "POST" } else { "GET" });
+            headers.remove("content-length");
+            seen.push(headers);
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "{route}: the two paths forwarded different fields"
+        );
+    }
+}
+
 #[tokio::test]
 async fn byok_orgs_get_their_own_upstream_credential() {
     let s = setup("").await;

@@ -7,6 +7,7 @@
 //! `Content-Length` (every value the same, or the response is refused), else the body runs to
 //! the end of the connection. A connection is kept for reuse only when the response says so
 //! (HTTP/1.1 without `Connection: close`, or 1.0 with `keep-alive`) and its framing ends it.
+//! Hop-by-hop fields are read here and not handed on: they describe the upstream connection.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -17,6 +18,26 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// A chunk-size line or a trailer section longer than this is refused.
 const MAX_LINE_BYTES: usize = 4096;
+
+/// Hop-by-hop fields: they describe one connection
+/// and are never forwarded, in either direction (RFC 9110 7.6.1).
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// One of the fixed hop-by-hop names.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    // The lengths of the names below: most names are ruled out without a comparison.
+    matches!(s.len(), 2 | 7 | 10 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
+}
 
 /// What is wrong with what the upstream sent.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,28 +74,35 @@ pub enum Framing {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// End-to-end fields only: the hop-by-hop ones (the fixed set and any `Connection` lists)
+    /// are about the upstream connection, which the fast path keeps.
     pub headers: HeaderMap,
     pub framing: Framing,
     /// The connection may carry another request once this response has been read.
     pub keep_alive: bool,
 }
 
-/// Writes a request head: request line, every header as given, and `Content-Length: 0` for a
-/// bodiless POST, PUT or PATCH that does not say its length (as hyper's client does).
-pub fn encode_request(method: &Method, target: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+/// Writes a request head: request line, the header fields as given, and `Content-Length: 0`
+/// for a bodiless POST, PUT or PATCH that does not say its length (as hyper's client does).
+pub fn encode_request<'h>(
+    method: &Method,
+    target: &str,
+    headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_length = false;
     for (name, value) in headers {
+        has_length |= name == http::header::CONTENT_LENGTH;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if matches!(*method, Method::POST | Method::PUT | Method::PATCH)
-        && !headers.contains_key(http::header::CONTENT_LENGTH)
-    {
+    if !has_length && matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: 0\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -143,7 +171,13 @@ fn parse_one<const N: usize>(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Err
         let value = HeaderValue::from_maybe_shared(head.slice(start..start + h.value.len()))
             .map_err(|_| H1Error::Head(format!("the {name} header value is not valid")))?;
         framers.note(&name, &value);
-        headers.append(name, value);
+        // Fields about the upstream connection stay here, with the connection.
+        if !is_hop_by_hop(&name) {
+            headers.append(name, value);
+        }
+    }
+    for name in framers.listed.drain(..) {
+        headers.remove(name);
     }
     buf.advance(len);
     Ok(Some((code, version, headers, framers)))
@@ -162,6 +196,8 @@ struct Framers {
     /// Every `Content-Length` value and item so far: None before the first, then the one
     /// length they agree on, or an error.
     content_length: Option<Result<u64, H1Error>>,
+    /// Names `Connection` lists beyond the fixed hop-by-hop set (rare: empty, unallocated).
+    listed: Vec<HeaderName>,
 }
 
 impl Framers {
@@ -180,8 +216,17 @@ impl Framers {
         } else if name == http::header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                self.close |= token.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let close = token.eq_ignore_ascii_case(b"close");
+                let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                self.close |= close;
+                self.keep_alive |= keep_alive;
+                if !(close || keep_alive || token.is_empty()) {
+                    if let Ok(name) = HeaderName::from_bytes(token) {
+                        if !is_hop_by_hop(&name) {
+                            self.listed.push(name);
+                        }
+                    }
+                }
             }
         }
     }
@@ -392,6 +437,31 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn response_heads_hand_on_end_to_end_fields_only() {
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
+             X-Hop: 1\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nUpgrade: h2c\r\n\
+             Content-Type: text/plain\r\nX-End: 2\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        let mut names: Vec<&str> = head.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-end"]);
+        // What the dropped fields said still counts: chunked framing, kept alive.
+        assert_eq!((head.framing, head.keep_alive), (Framing::Chunked, true));
+        let head = parse(
+            "HTTP/1.1 204 No Content\r\nConnection: close\r\nX-A: 1\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.headers.len(), 1);
+        assert!(!head.keep_alive);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dbmode;
 pub mod drain;
 pub mod fasthash;
+pub mod forward;
 pub mod h1;
 pub mod keys;
 pub mod limiter;

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 
 use super::accesslog::{AccessLog, AccessRecord};
 use super::breaker::{Admission, Transition};
+use super::forward::{strip_hop_by_hop, Forwarding, X_API_KEY, X_REQUEST_ID};
 use super::keys::{ApiKey, KeyFormatError, Pepper};
 use super::limiter::Limiter;
 use super::metrics::{ProxyMetrics, NO_ROUTE};
@@ -234,70 +235,9 @@ struct Trace<'s> {
     request_body: Option<String>,
 }
 
-/// Hop-by-hop headers: never forwarded, in either direction.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const X_APITREE_PII: HeaderName = HeaderName::from_static("x-apitree-pii");
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    let s = name.as_str();
-    // The lengths of the names below: most names are ruled out without a comparison.
-    matches!(s.len(), 2 | 7 | 10 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
-}
-
-/// Removes the hop-by-hop headers: the fixed set, and any the message itself names in
-/// `Connection` (`Connection: close, x-trace` makes `x-trace` hop-by-hop, RFC 9110 7.6.1).
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let mut connection = h.get_all(header::CONNECTION).iter();
-    // Most messages say only `Connection: keep-alive` or `close`: nothing more to look for.
-    let only_fixed = match (connection.next(), connection.next()) {
-        (None, _) => true,
-        (Some(v), None) => {
-            let v = v.as_bytes();
-            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-        }
-        _ => false,
-    };
-    // Collecting allocates only when a message lists more than the fixed names.
-    let listed: Vec<HeaderName> = if only_fixed {
-        Vec::new()
-    } else {
-        h.get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty() && !HOP_BY_HOP.iter().any(|n| n.eq_ignore_ascii_case(t)))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect()
-    };
-    for name in listed {
-        h.remove(name);
-    }
-    // Most messages carry none of the fixed set, or only `connection`: remove just the names
-    // present (each removal hashes its name).
-    let mut found: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
-    for (slot, name) in found.iter_mut().zip(h.keys().filter(|n| is_hop_by_hop(n))) {
-        *slot = Some(name.clone());
-    }
-    for name in found.into_iter().flatten() {
-        h.remove(name);
-    }
-}
 
 /// The request id as a header value for the upstream request and the response: the client's
 /// when well-formed, else 32 random hex digits. Either way its text is `[A-Za-z0-9_-]`.
@@ -487,8 +427,7 @@ impl Gateway {
             Some(_) => Some(
                 route
                     .credential_for(&record.org)
-                    .ok_or(Refusal::NoCredential)?
-                    .clone(),
+                    .ok_or(Refusal::NoCredential)?,
             ),
             None => None,
         };
@@ -501,27 +440,16 @@ impl Gateway {
         }
 
         // Step 7: the upstream request. The buyer's key never leaves the gateway.
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let target = route.upstream_path(parts.uri.path(), parts.uri.query());
-        let h = &mut parts.headers;
-        strip_hop_by_hop(h);
-        h.remove(header::AUTHORIZATION);
-        h.remove(X_API_KEY);
-        h.insert(header::HOST, route.host.clone());
-        h.insert(X_REQUEST_ID, request_id.clone());
-        if let Some(v) = forwarded_for {
-            h.append(X_FORWARDED_FOR, v);
-        }
-        if route.pii != PiiMode::Off {
+        let forwarding = Forwarding {
+            host: &route.host,
+            request_id,
+            forwarded_for,
             // Compressed bodies cannot be scanned.
-            h.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-        }
-        if let Some(c) = credential {
-            h.insert(c.header, c.value);
-        }
+            identity_encoding: route.pii != PiiMode::Off,
+            credential,
+        };
         let body: Body = if route.log_bodies {
             let collected = http_body_util::Limited::new(body, LOG_BODY_BUFFER_LIMIT)
                 .collect()
@@ -540,6 +468,7 @@ impl Gateway {
             route.authority.clone(),
             target,
             upstream_req,
+            Some(&forwarding),
         );
         let result = tokio::time::timeout(route.timeout, sent).await;
         let resp = match result {
@@ -972,51 +901,6 @@ async fn worker(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_stripped_and_end_to_end_ones_kept() {
-        let mut h = HeaderMap::new();
-        for (name, value) in [
-            ("connection", "keep-alive"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("proxy-authorization", "Basic c2VjcmV0"),
-            ("proxy-authenticate", "Basic"),
-            ("trailer", "expires"),
-            ("content-type", "application/json"),
-            ("x-custom", "1"),
-            ("content-length", "10"),
-        ] {
-            h.append(
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
-        h.append(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        // Named in Connection: hop-by-hop for this message, whatever the name.
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static("close, X-Trace ,,"),
-        );
-        h.append(
-            HeaderName::from_static("x-trace"),
-            HeaderValue::from_static("a"),
-        );
-        h.append(
-            HeaderName::from_static("x-trace"),
-            HeaderValue::from_static("b"),
-        );
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["content-length", "content-type", "x-custom"]);
-        // Nothing to strip: the map is left as it was.
-        let before = h.clone();
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h, before);
-    }
 
     #[test]
     fn request_ids_are_kept_when_well_formed_and_made_otherwise() {

@@ -38,6 +38,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::fasthash::FastMap;
+use super::forward::Forwarding;
 use super::h1::{self, Chunked, Decoded, Framing, H1Error};
 use super::server::Body;
 
@@ -280,23 +281,32 @@ pub async fn request(req: Request<Body>) -> Result<Response<UpstreamBody>, Upstr
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-    send(scheme, authority, target, req).await
+    send(scheme, authority, target, req, None).await
 }
 
-/// Sends `req` (Host header set; its URI is not used) to `scheme://authority` with `target`
-/// (path and query) as the request target, on a pooled connection or a new one. `target` must
-/// be a valid origin-form target: the proxy builds it from a parsed request path and a route's
-/// validated base path.
+/// Sends `req` (its URI is not used) to `scheme://authority` with `target` (path and query) as
+/// the request target, on a pooled connection or a new one, its header fields rewritten by
+/// `forwarding` (else sent as they are, Host included). `target` must be a valid origin-form
+/// target: the proxy builds it from a parsed request path and a route's validated base path.
 pub async fn send(
     scheme: Scheme,
     authority: Authority,
     target: String,
     mut req: Request<Body>,
+    forwarding: Option<&Forwarding<'_>>,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let key = Key { scheme, authority };
     if key.scheme == Scheme::HTTP && req.body().is_end_stream() {
         let (parts, _) = req.into_parts();
-        return fast_request(key, &parts.method, &target, &parts.headers).await;
+        let mut head = Vec::with_capacity(256);
+        match forwarding {
+            Some(f) => f.encode(&parts.method, &target, &parts.headers, &mut head),
+            None => h1::encode_request(&parts.method, &target, &parts.headers, &mut head),
+        }
+        return fast_request(key, &parts.method, &head).await;
+    }
+    if let Some(f) = forwarding {
+        f.apply(req.headers_mut());
     }
     *req.uri_mut() = PathAndQuery::try_from(target)?.into();
     loop {
@@ -321,17 +331,15 @@ pub async fn send(
     }
 }
 
-/// Sends a bodiless request on a fast-path connection: a pooled one, or a new one. A pooled
-/// connection that the upstream closed just as the request went out (nothing came back) is
-/// replaced and the request sent again when its method is idempotent (as nginx does).
+/// Sends a bodiless request (`head`, encoded) on a fast-path connection: a pooled one, or a
+/// new one. A pooled connection that the upstream closed just as the request went out (nothing
+/// came back) is replaced and the request sent again when its method is idempotent (as nginx
+/// does).
 async fn fast_request(
     key: Key,
     method: &Method,
-    target: &str,
-    headers: &http::HeaderMap,
+    head: &[u8],
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
-    let mut head = Vec::with_capacity(256);
-    h1::encode_request(method, target, headers, &mut head);
     let head_request = method == Method::HEAD;
     loop {
         let (mut conn, reused) = match POOL.with(|p| checkout(&p.raw, &key)) {
@@ -342,7 +350,7 @@ async fn fast_request(
                 (RawConn { io, buf }, false)
             }
         };
-        let sent = match conn.io.write_all(&head).await {
+        let sent = match conn.io.write_all(head).await {
             Ok(()) => read_head(&mut conn, head_request).await,
             Err(e) => Err(UpstreamError::Io(e)),
         };

@@ -124,10 +124,19 @@ async fn upstream_response(req: hyper::Request<hyper::body::Incoming>) -> hyper:
                 .unwrap()
         }
         _ => {
+            // Repeated fields as one comma-joined value, in the order they came.
             let headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                .keys()
+                .map(|k| {
+                    let values: Vec<&str> = req
+                        .headers()
+                        .get_all(k)
+                        .iter()
+                        .map(|v| v.to_str().unwrap_or(""))
+                        .collect();
+                    (k.to_string(), values.join(", ").into())
+                })
                 .collect();
             let body = serde_json::json!({
                 "method": req.method().as_str(),
