@@ -43,11 +43,8 @@ fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
     }
     h.get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !HOP_BY_HOP.iter().any(|n| n.eq_ignore_ascii_case(t)))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(h1::listed_field)
         .collect()
 }
 

@@ -39,6 +39,18 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(s.len(), 2 | 7 | 10 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
 }
 
+/// The field a `Connection` token names beyond the fixed hop-by-hop set: hop-by-hop for that
+/// message too (`Connection: x-trace`). None for an empty or invalid token or a fixed name.
+pub fn listed_field(token: &[u8]) -> Option<HeaderName> {
+    let token = token.trim_ascii();
+    if token.is_empty() {
+        return None;
+    }
+    HeaderName::from_bytes(token)
+        .ok()
+        .filter(|name| !is_hop_by_hop(name))
+}
+
 /// What is wrong with what the upstream sent.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum H1Error {
@@ -220,12 +232,8 @@ impl Framers {
                 let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
                 self.close |= close;
                 self.keep_alive |= keep_alive;
-                if !(close || keep_alive || token.is_empty()) {
-                    if let Ok(name) = HeaderName::from_bytes(token) {
-                        if !is_hop_by_hop(&name) {
-                            self.listed.push(name);
-                        }
-                    }
+                if !(close || keep_alive) {
+                    self.listed.extend(listed_field(token));
                 }
             }
         }
