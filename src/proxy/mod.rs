@@ -19,6 +19,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod sharded;
 pub mod state;
+pub mod timer;
 pub mod upstream;
 pub mod vault;
 

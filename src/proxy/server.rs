@@ -24,7 +24,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use rand::RngExt;
 use tokio::net::TcpListener;
@@ -470,7 +470,7 @@ impl Gateway {
             upstream_req,
             Some(&forwarding),
         );
-        let result = tokio::time::timeout(route.timeout, sent).await;
+        let result = super::timer::timeout(route.timeout, sent).await;
         let resp = match result {
             Err(_) => {
                 self.upstream_failed(route, "timeout");
@@ -856,7 +856,8 @@ fn http1_builder() -> hyper::server::conn::http1::Builder {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true)
         .writev(false)
-        .timer(TokioTimer::new())
+        // The worker's own deadline table on worker threads; tokio's timer elsewhere.
+        .timer(super::timer::WorkerTimer)
         .header_read_timeout(Duration::from_secs(30));
     http
 }
@@ -869,6 +870,7 @@ async fn worker(
     grace: Duration,
 ) {
     let drain = super::drain::Drain::new();
+    tokio::spawn(super::timer::install());
     let http = http1_builder();
     loop {
         tokio::select! {
