@@ -292,21 +292,38 @@ impl hyper::rt::Sleep for Sleep {}
 #[derive(Debug, PartialEq, Eq)]
 pub struct Elapsed;
 
+pin_project_lite::pin_project! {
+    /// [`timeout`]'s future. A struct rather than an `async fn`, so the wrapped future (the
+    /// upstream call: large) is moved in once and polled where it lies.
+    pub struct Timeout<F> {
+        #[pin]
+        fut: F,
+        sleep: Sleep,
+    }
+}
+
 /// Runs `fut` until it finishes or `duration` has passed. The deadline is armed only if the
 /// future does not finish on its first poll.
-pub async fn timeout<F: Future>(duration: Duration, fut: F) -> Result<F::Output, Elapsed> {
-    let mut sleep = sleep_until(Instant::now() + duration);
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+pub fn timeout<F: Future>(duration: Duration, fut: F) -> Timeout<F> {
+    Timeout {
+        fut,
+        sleep: sleep_until(Instant::now() + duration),
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        match Pin::new(&mut sleep).poll(cx) {
+        match Pin::new(this.sleep).poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
             Poll::Pending => Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 #[cfg(test)]
