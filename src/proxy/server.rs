@@ -462,12 +462,12 @@ impl Gateway {
         } else {
             body.map_err(|e| Box::new(e) as BoxError).boxed()
         };
+        let upstream_req = Request::from_parts(parts, body);
         let sent = upstream::send(
             route.scheme.clone(),
             route.authority.clone(),
             target,
-            parts,
-            body,
+            upstream_req,
             Some(&forwarding),
         );
         let result = super::timer::timeout(route.timeout, sent).await;

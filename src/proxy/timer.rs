@@ -182,7 +182,6 @@ enum State {
 }
 
 /// Sleeps until `deadline`. Nothing is armed until the first poll.
-#[inline]
 pub fn sleep_until(deadline: Instant) -> Sleep {
     Sleep {
         deadline,
@@ -305,7 +304,6 @@ pin_project_lite::pin_project! {
 
 /// Runs `fut` until it finishes or `duration` has passed. The deadline is armed only if the
 /// future does not finish on its first poll.
-#[inline(always)]
 pub fn timeout<F: Future>(duration: Duration, fut: F) -> Timeout<F> {
     Timeout {
         fut,

@@ -281,26 +281,23 @@ pub async fn request(req: Request<Body>) -> Result<Response<UpstreamBody>, Upstr
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-    let (parts, body) = req.into_parts();
-    send(scheme, authority, target, parts, body, None).await
+    send(scheme, authority, target, req, None).await
 }
 
-/// Sends a request (`parts`, its URI not used, and `body`) to `scheme://authority` with
-/// `target` (path and query) as the request target, on a pooled connection or a new one, its
-/// header fields rewritten by `forwarding` (else sent as they are, Host included). `target`
-/// must be a valid origin-form target: the proxy builds it from a parsed request path and a
-/// route's validated base path. Parts and body come apart so that the proxy, which has them
-/// apart, does not join them only for the fast path to split them again.
+/// Sends `req` (its URI is not used) to `scheme://authority` with `target` (path and query) as
+/// the request target, on a pooled connection or a new one, its header fields rewritten by
+/// `forwarding` (else sent as they are, Host included). `target` must be a valid origin-form
+/// target: the proxy builds it from a parsed request path and a route's validated base path.
 pub async fn send(
     scheme: Scheme,
     authority: Authority,
     target: String,
-    mut parts: http::request::Parts,
-    body: Body,
+    mut req: Request<Body>,
     forwarding: Option<&Forwarding<'_>>,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     let key = Key { scheme, authority };
-    if key.scheme == Scheme::HTTP && body.is_end_stream() {
+    if key.scheme == Scheme::HTTP && req.body().is_end_stream() {
+        let (parts, _) = req.into_parts();
         let mut head = Vec::with_capacity(256);
         match forwarding {
             Some(f) => f.encode(&parts.method, &target, &parts.headers, &mut head),
@@ -309,10 +306,9 @@ pub async fn send(
         return fast_request(key, &parts.method, &head).await;
     }
     if let Some(f) = forwarding {
-        f.apply(&mut parts.headers);
+        f.apply(req.headers_mut());
     }
-    parts.uri = PathAndQuery::try_from(target)?.into();
-    let mut req = Request::from_parts(parts, body);
+    *req.uri_mut() = PathAndQuery::try_from(target)?.into();
     loop {
         let (mut sender, reused) = match POOL.with(|p| checkout(&p.idle, &key)) {
             Some(s) => (s, true),
