@@ -47,7 +47,9 @@ struct Slot {
 }
 
 impl Table {
-    fn arm(&mut self, deadline: Instant, waker: &Waker) -> (usize, u64) {
+    /// Arms `deadline` for `waker`; also returns the sweeper to wake (outside the table's
+    /// borrow) when this deadline is earlier than any it sleeps towards.
+    fn arm(&mut self, deadline: Instant, waker: &Waker) -> (usize, u64, Option<Waker>) {
         let index = self.free.pop().unwrap_or_else(|| {
             self.slots.push(Slot::default());
             self.slots.len() - 1
@@ -55,13 +57,12 @@ impl Table {
         let slot = &mut self.slots[index];
         slot.waker = Some(waker.clone());
         slot.deadline = Some(deadline);
+        let mut sweeper = None;
         if self.next_due.is_none_or(|due| deadline < due) {
             self.next_due = Some(deadline);
-            if let Some(sweeper) = &self.sweeper {
-                sweeper.wake_by_ref();
-            }
+            sweeper = self.sweeper.clone();
         }
-        (index, slot.generation)
+        (index, slot.generation, sweeper)
     }
 
     fn release(&mut self, index: usize) -> Option<Waker> {
@@ -96,10 +97,21 @@ thread_local! {
 
 static TABLE_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Gives this thread a deadline table and returns the sweeper that fires its deadlines; the
-/// caller spawns it on the thread's current-thread runtime, where it runs until the runtime
-/// ends. Sleeps armed on this thread use the table from then on.
+/// Gives this thread a deadline table and returns the sweeper that fires its deadlines, to be
+/// spawned on the thread's current-thread runtime, where it runs until the runtime ends.
+/// Sleeps armed on this thread use the table from then on. On any other runtime (or none) it
+/// installs nothing, since a multi-thread runtime may poll the sweeper on another thread, and
+/// this thread's sleeps keep using tokio's timer.
 pub fn install() -> impl Future<Output = ()> + Send + 'static {
+    let current_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    if !current_thread {
+        return Sweeper {
+            sleep: None,
+            target: None,
+            idle: true,
+        };
+    }
     TABLE.with(|t| {
         *t.borrow_mut() = Some(Table {
             id: TABLE_IDS.fetch_add(1, Ordering::Relaxed),
@@ -109,18 +121,24 @@ pub fn install() -> impl Future<Output = ()> + Send + 'static {
     Sweeper {
         sleep: None,
         target: None,
+        idle: false,
     }
 }
 
 struct Sweeper {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     target: Option<Instant>,
+    /// Nothing was installed: finishes at once.
+    idle: bool,
 }
 
 impl Future for Sweeper {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.idle {
+            return Poll::Ready(());
+        }
         let mut woken = Vec::new();
         loop {
             let due = TABLE.with(|t| {
@@ -202,12 +220,19 @@ impl Future for Sleep {
                     let armed = TABLE.with(|t| {
                         let mut t = t.borrow_mut();
                         let t = t.as_mut()?;
-                        let (index, generation) = t.arm(deadline, cx.waker());
-                        Some(State::Armed {
+                        let (index, generation, sweeper) = t.arm(deadline, cx.waker());
+                        let state = State::Armed {
                             table: t.id,
                             index,
                             generation,
-                        })
+                        };
+                        Some((state, sweeper))
+                    });
+                    let armed = armed.map(|(state, sweeper)| {
+                        if let Some(sweeper) = sweeper {
+                            sweeper.wake();
+                        }
+                        state
                     });
                     self.state = armed.unwrap_or_else(|| {
                         State::Tokio(Box::pin(tokio::time::sleep_until(
@@ -427,6 +452,9 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
+            // A multi-thread runtime gets no table: its sweeper could run on another thread.
+            tokio::spawn(install()).await.unwrap();
+            assert!(TABLE.with(|t| t.borrow().is_none()));
             let started = Instant::now();
             let out = timeout(Duration::from_millis(30), std::future::pending::<()>()).await;
             assert_eq!(out, Err(Elapsed));
