@@ -105,52 +105,44 @@ static TABLE_IDS: AtomicU64 = AtomicU64::new(1);
 pub fn install() -> impl Future<Output = ()> + Send + 'static {
     let current_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
-    if !current_thread {
-        return Sweeper {
-            sleep: None,
-            target: None,
-            idle: true,
-        };
+    if current_thread {
+        TABLE.with(|t| {
+            *t.borrow_mut() = Some(Table {
+                id: TABLE_IDS.fetch_add(1, Ordering::Relaxed),
+                ..Table::default()
+            })
+        });
     }
-    TABLE.with(|t| {
-        *t.borrow_mut() = Some(Table {
-            id: TABLE_IDS.fetch_add(1, Ordering::Relaxed),
-            ..Table::default()
-        })
-    });
     Sweeper {
         sleep: None,
         target: None,
-        idle: false,
     }
 }
 
 struct Sweeper {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     target: Option<Instant>,
-    /// Nothing was installed: finishes at once.
-    idle: bool,
 }
 
 impl Future for Sweeper {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.idle {
-            return Poll::Ready(());
-        }
         let mut woken = Vec::new();
         loop {
-            let due = TABLE.with(|t| {
+            // None: no table on this thread (not a current-thread runtime), nothing to sweep.
+            let Some(due) = TABLE.with(|t| {
                 let mut t = t.borrow_mut();
                 let t = t.as_mut()?;
                 if !t.sweeper.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     t.sweeper = Some(cx.waker().clone());
                 }
-                t.next_due
-            });
+                Some(t.next_due)
+            }) else {
+                return Poll::Ready(());
+            };
             let Some(due) = due else {
-                // Nothing armed (or no table: then nothing ever will be).
+                // Nothing armed: an arming wakes this task.
                 return Poll::Pending;
             };
             if self.target != Some(due) {
@@ -228,19 +220,19 @@ impl Future for Sleep {
                         };
                         Some((state, sweeper))
                     });
-                    let armed = armed.map(|(state, sweeper)| {
-                        if let Some(sweeper) = sweeper {
-                            sweeper.wake();
+                    match armed {
+                        Some((state, sweeper)) => {
+                            self.state = state;
+                            if let Some(sweeper) = sweeper {
+                                sweeper.wake();
+                            }
+                            return Poll::Pending;
                         }
-                        state
-                    });
-                    self.state = armed.unwrap_or_else(|| {
-                        State::Tokio(Box::pin(tokio::time::sleep_until(
-                            tokio::time::Instant::from_std(deadline),
-                        )))
-                    });
-                    if matches!(self.state, State::Armed { .. }) {
-                        return Poll::Pending;
+                        None => {
+                            self.state = State::Tokio(Box::pin(tokio::time::sleep_until(
+                                tokio::time::Instant::from_std(deadline),
+                            )))
+                        }
                     }
                 }
                 State::Armed {
