@@ -697,3 +697,27 @@ async fn a_stalled_request_head_is_cut_off_after_the_header_read_timeout() {
         "the stalled connection was cut off after {held:?}, before the 30 s timeout"
     );
 }
+
+/// The client sees the upstream's end-to-end response fields only, whichever path carried the
+/// call (GET: the fast path; POST with a body: hyper's client).
+#[tokio::test]
+async fn the_client_never_sees_the_upstreams_hop_by_hop_fields() {
+    let s = setup("").await;
+    for with_body in [false, true] {
+        let req = if with_body {
+            client().post(s.gw.url("/masked/hop-fields")).body("{}")
+        } else {
+            client().get(s.gw.url("/masked/hop-fields"))
+        };
+        let resp = req.bearer_auth(&s.live).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "with_body={with_body}");
+        let h = resp.headers();
+        assert_eq!(h["x-kept"], "end to end", "with_body={with_body}");
+        for gone in ["x-up-hop", "keep-alive"] {
+            assert!(
+                h.get(gone).is_none(),
+                "{gone} reached the client (with_body={with_body})"
+            );
+        }
+    }
+}

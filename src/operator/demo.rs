@@ -209,8 +209,8 @@ gate:
   observationWindow: 4s
   minSamples: 100
   # Green serves ~450 requests in a window at the sample API's 1.1% background errors: one
-  # percentage point is about two standard deviations of chance there (a good revision was
-  # rejected ~2% of the time), three is over six. The bad revisions add 10 points or more.
+  # percentage point is about two standard deviations of chance there (by a Poisson estimate a
+  # good revision fails 1-2.5% of runs), three is over six. The bad revisions add 10 points or more.
   maxErrorRatioIncrease: 0.03
   autoPromote: true
   rollbackWindow: 6s

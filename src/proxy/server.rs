@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 
 use super::accesslog::{AccessLog, AccessRecord};
 use super::breaker::{Admission, Transition};
-use super::forward::{strip_hop_by_hop, Forwarding, X_API_KEY, X_REQUEST_ID};
+use super::forward::{Forwarding, X_API_KEY, X_REQUEST_ID};
 use super::keys::{ApiKey, KeyFormatError, Pepper};
 use super::limiter::Limiter;
 use super::metrics::{ProxyMetrics, NO_ROUTE};
@@ -497,7 +497,6 @@ impl Gateway {
 
         // Step 8: the response, with PII handling where the route asks for it.
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
         // Sent on every response: the String becomes the value without a copy.
         if let Ok(v) = HeaderValue::try_from(decision.ratelimit_header()) {
             parts.headers.insert(RATELIMIT, v);

@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::fasthash::FastMap;
-use super::forward::Forwarding;
+use super::forward::{strip_hop_by_hop, Forwarding};
 use super::h1::{self, Chunked, Decoded, Framing, H1Error};
 use super::server::Body;
 
@@ -286,7 +286,8 @@ pub async fn request(req: Request<Body>) -> Result<Response<UpstreamBody>, Upstr
 
 /// Sends `req` (its URI is not used) to `scheme://authority` with `target` (path and query) as
 /// the request target, on a pooled connection or a new one, its header fields rewritten by
-/// `forwarding` (else sent as they are, Host included). `target` must be a valid origin-form
+/// `forwarding` (else sent as they are, Host included). The response carries end-to-end
+/// fields only, whichever path carried the call. `target` must be a valid origin-form
 /// target: the proxy builds it from a parsed request path and a route's validated base path.
 pub async fn send(
     scheme: Scheme,
@@ -321,7 +322,11 @@ pub async fn send(
             return Err(e.into());
         }
         match sender.try_send_request(req).await {
-            Ok(resp) => return Ok(resp.map(|b| UpstreamBody::hyper(b, key, sender))),
+            Ok(mut resp) => {
+                // End-to-end fields only, as the fast path's parser hands on.
+                strip_hop_by_hop(resp.headers_mut());
+                return Ok(resp.map(|b| UpstreamBody::hyper(b, key, sender)));
+            }
             Err(mut e) => match e.take_message() {
                 // Not written: the connection closed before it could take the request.
                 Some(unsent) if reused => req = unsent,

@@ -92,6 +92,15 @@ async fn upstream_response(req: hyper::Request<hyper::body::Incoming>) -> hyper:
     };
     match path.as_str() {
         "/fail" => full(500, "{\"upstream\":\"broken\"}".into()),
+        // Fields about the upstream's own connection, one of them named in `Connection`.
+        "/hop-fields" => hyper::Response::builder()
+            .status(200)
+            .header("connection", "x-up-hop")
+            .header("x-up-hop", "named in Connection")
+            .header("keep-alive", "timeout=5")
+            .header("x-kept", "end to end")
+            .body(Full::new(Bytes::from_static(b"{}")).boxed())
+            .unwrap(),
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(2)).await;
             full(200, "{\"slow\":true}".into())
