@@ -721,3 +721,258 @@ async fn the_client_never_sees_the_upstreams_hop_by_hop_fields() {
         }
     }
 }
+
+/// One response read off a raw connection.
+struct RawResponse {
+    status: u16,
+    /// Lower-case names, in order.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response per entry of `head_only` (true: the answer to a HEAD, no body follows)
+/// from a raw connection; bodies are framed by Content-Length.
+async fn read_raw(stream: &mut tokio::net::TcpStream, head_only: &[bool]) -> Vec<RawResponse> {
+    use tokio::io::AsyncReadExt;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    for &bodiless in head_only {
+        loop {
+            let parsed = {
+                let mut fields = [httparse::EMPTY_HEADER; 64];
+                let mut r = httparse::Response::new(&mut fields);
+                match r.parse(&buf).expect("a well-formed response head") {
+                    httparse::Status::Complete(n) => Some((
+                        n,
+                        r.code.unwrap(),
+                        r.headers
+                            .iter()
+                            .map(|h| {
+                                let v = String::from_utf8_lossy(h.value).into_owned();
+                                (h.name.to_ascii_lowercase(), v)
+                            })
+                            .collect::<Vec<_>>(),
+                    )),
+                    httparse::Status::Partial => None,
+                }
+            };
+            if let Some((n, status, headers)) = parsed {
+                let len = if bodiless {
+                    0
+                } else {
+                    let cl = headers.iter().find(|(k, _)| k == "content-length");
+                    cl.expect("a Content-Length").1.parse::<usize>().unwrap()
+                };
+                if buf.len() >= n + len {
+                    let body = String::from_utf8_lossy(&buf[n..n + len]).into_owned();
+                    buf.drain(..n + len);
+                    out.push(RawResponse {
+                        status,
+                        headers,
+                        body,
+                    });
+                    break;
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let k = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            assert!(
+                k > 0,
+                "closed before answer {}; read {:?}",
+                out.len() + 1,
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..k]);
+        }
+    }
+    assert!(buf.is_empty(), "nothing after the answers: {buf:?}");
+    out
+}
+
+/// True when the server closes the connection (nothing more arrives) within 5 s.
+async fn closes(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await,
+        Ok(Ok(0))
+    )
+}
+
+fn raw_get(path: &str, key: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n{extra}\r\n")
+}
+
+/// Pipelined requests on one connection are answered in order, whichever side serves them:
+/// plain GETs on the fast path, a POST with a body by hyper, which takes over the connection
+/// with the bytes already read and serves what follows.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_across_the_handoff_to_hyper() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup("").await;
+    let k = &s.live;
+    let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    let post = format!(
+        "POST /api/three HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {k}\r\n\
+         Content-Type: application/json\r\nContent-Length: 7\r\n\r\n{{\"n\":3}}"
+    );
+    let all = raw_get("/api/one", k, "")
+        + &raw_get("/api/two?x=1", k, "X-Request-Id: mine-2\r\n")
+        + &post
+        + &raw_get("/api/four", k, "");
+    conn.write_all(all.as_bytes()).await.unwrap();
+    let answers = read_raw(&mut conn, &[false; 4]).await;
+    let echoed: Vec<(String, String, Value)> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 200, "{}", a.body);
+            assert!(a.header("x-request-id").is_some());
+            let v: Value = serde_json::from_str(&a.body).unwrap();
+            (
+                v["method"].as_str().unwrap().to_string(),
+                v["path"].as_str().unwrap().to_string(),
+                v["query"].clone(),
+            )
+        })
+        .collect();
+    let expect = [
+        ("GET", "/v1/one", Value::Null),
+        ("GET", "/v1/two", Value::from("x=1")),
+        ("POST", "/v1/three", Value::Null),
+        ("GET", "/v1/four", Value::Null),
+    ];
+    for (got, want) in echoed.iter().zip(expect) {
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str(), &got.2),
+            (want.0, want.1, &want.2)
+        );
+    }
+    assert_eq!(answers[1].header("x-request-id"), Some("mine-2"));
+    assert!(
+        answers.iter().all(|a| a.header("date").is_some()),
+        "every answer is dated"
+    );
+    // Still open after the handoff.
+    conn.write_all(raw_get("/api/five", k, "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_raw(&mut conn, &[false]).await[0].status, 200);
+}
+
+/// HEAD answers carry the length and no body; `Connection: close` is honoured and said back;
+/// a response of unknown length is sent chunked and arrives whole.
+#[tokio::test]
+async fn head_close_and_chunked_answers_are_framed_as_http_1_1_requires() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup("").await;
+    let k = &s.live;
+    let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    let both = raw_get("/api/h", k, "").replacen("GET", "HEAD", 1)
+        + &raw_get("/api/last", k, "Connection: keep-alive, Close\r\n");
+    conn.write_all(both.as_bytes()).await.unwrap();
+    let answers = read_raw(&mut conn, &[true, false]).await;
+    assert_eq!(answers[0].status, 200);
+    let length: usize = answers[0]
+        .header("content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        length > 0,
+        "HEAD keeps the length of the body it does not send"
+    );
+    assert_eq!(answers[0].header("connection"), None);
+    assert_eq!(answers[1].header("connection"), Some("close"));
+    assert!(answers[1].body.contains("/v1/last"));
+    assert!(
+        closes(&mut conn).await,
+        "closed after the answer to Connection: close"
+    );
+
+    let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    conn.write_all(raw_get("/live-only/stream", k, "Connection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut wire = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut wire)
+        .await
+        .unwrap();
+    let wire = String::from_utf8_lossy(&wire).to_ascii_lowercase();
+    assert!(wire.contains("transfer-encoding: chunked\r\n"), "{wire}");
+    assert!(
+        wire.ends_with("\r\n0\r\n\r\n"),
+        "the last chunk ends it: {wire}"
+    );
+    let resp = client()
+        .get(s.gw.url("/live-only/stream"))
+        .bearer_auth(k)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "{\"part\":1,\"part\":2}");
+}
+
+/// What the fast path does not take gets hyper's answer: HTTP/1.0 is served, a malformed head
+/// is a 400.
+#[tokio::test]
+async fn http_1_0_and_malformed_requests_get_hypers_answers() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup("").await;
+    let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    let old = raw_get("/api/old", &s.live, "").replacen("HTTP/1.1", "HTTP/1.0", 1);
+    conn.write_all(old.as_bytes()).await.unwrap();
+    let answer = read_raw(&mut conn, &[false]).await;
+    assert_eq!(answer[0].status, 200);
+    assert!(answer[0].body.contains("/v1/old"));
+
+    let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    conn.write_all(b"GET /api/x HTTP/1.1\r\nHost: gateway\r\nno colon here\r\n\r\n")
+        .await
+        .unwrap();
+    let mut wire = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut wire),
+    )
+    .await;
+    let wire = String::from_utf8_lossy(&wire);
+    assert!(wire.starts_with("HTTP/1.1 400"), "{wire}");
+}
+
+/// On shutdown an idle keep-alive connection is closed at once and a request in flight is
+/// answered, with `Connection: close`.
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_answers_the_one_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let mut s = setup("").await;
+    let k = s.live.clone();
+    let mut idle = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    idle.write_all(raw_get("/api/first", &k, "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_raw(&mut idle, &[false]).await[0].status, 200);
+    let mut busy = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    busy.write_all(raw_get("/live-only/slow", &k, "").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.gw.shutdown().await;
+    let answer = read_raw(&mut busy, &[false]).await;
+    assert_eq!(answer[0].status, 200, "{}", answer[0].body);
+    assert_eq!(answer[0].header("connection"), Some("close"));
+    assert!(closes(&mut busy).await);
+    assert!(closes(&mut idle).await, "the idle connection was closed");
+}

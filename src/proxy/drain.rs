@@ -3,8 +3,9 @@
 //! hyper-util's `GracefulShutdown` polls a watch channel every time a connection is polled,
 //! which is several hundred instructions per request on the proxy's hot path. Here a
 //! connection registers its task's waker once; polling costs one flag load. On
-//! [`Drain::drain`] every registered connection is woken, sees the flag and asks hyper to
-//! finish its in-flight request and close; `drain` returns when the last one has ended.
+//! [`Drain::drain`] every registered connection is woken, sees the flag and finishes its
+//! in-flight request and closes (a hyper connection through [`graceful`], the fast path in
+//! `front.rs` by itself); `drain` returns when the last one has ended.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,8 +43,10 @@ impl Drain {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wraps a connection; it counts as open from now until the wrapper is dropped.
-    pub fn watch<C: GracefulConnection>(self: &Arc<Self>, conn: C) -> Watched<C> {
+    /// Wraps a connection; it counts as open from now until the wrapper is dropped, and its
+    /// task is woken when draining starts. The connection itself sees [`Drain::draining`]
+    /// and closes ([`graceful`] does that for a hyper connection).
+    pub fn watch<C: Future>(self: &Arc<Self>, conn: C) -> Watched<C> {
         let mut conns = self.lock();
         let id = conns.next_id;
         conns.next_id += 1;
@@ -53,8 +56,12 @@ impl Drain {
             drain: self.clone(),
             id,
             registered: false,
-            closing: false,
         }
+    }
+
+    /// Whether the worker is draining: connections finish what is in flight and close.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Connections still open.
@@ -81,30 +88,55 @@ impl Drain {
     }
 }
 
-/// A connection that closes gracefully when its [`Drain`] drains.
+/// A connection counted by its [`Drain`].
 pub struct Watched<C> {
     conn: Pin<Box<C>>,
     drain: Arc<Drain>,
     id: u64,
     registered: bool,
-    closing: bool,
 }
 
-impl<C: GracefulConnection> Future for Watched<C> {
+impl<C: Future> Future for Watched<C> {
     type Output = C::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = &mut *self;
-        if !this.closing && this.drain.draining.load(Ordering::Acquire) {
-            this.closing = true;
-            this.conn.as_mut().graceful_shutdown();
-        }
         if !this.registered {
             // A spawned task keeps its waker: registering once is enough.
             this.registered = true;
             if let Some(slot) = this.drain.lock().wakers.get_mut(&this.id) {
                 *slot = Some(cx.waker().clone());
             }
+        }
+        this.conn.as_mut().poll(cx)
+    }
+}
+
+/// A hyper connection that is asked to finish its in-flight request and close once its
+/// drain drains (its task is woken then when it is [`Drain::watch`]ed).
+pub struct Graceful<C> {
+    conn: Pin<Box<C>>,
+    drain: Arc<Drain>,
+    closing: bool,
+}
+
+/// Wraps a hyper connection in [`Graceful`].
+pub fn graceful<C: GracefulConnection>(drain: Arc<Drain>, conn: C) -> Graceful<C> {
+    Graceful {
+        conn: Box::pin(conn),
+        drain,
+        closing: false,
+    }
+}
+
+impl<C: GracefulConnection> Future for Graceful<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = &mut *self;
+        if !this.closing && this.drain.draining() {
+            this.closing = true;
+            this.conn.as_mut().graceful_shutdown();
         }
         this.conn.as_mut().poll(cx)
     }
@@ -146,8 +178,7 @@ mod tests {
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc);
-                let watched = d.watch(conn);
-                tokio::spawn(watched);
+                tokio::spawn(d.watch(graceful(d.clone(), conn)));
             }
         });
         (addr, drain)

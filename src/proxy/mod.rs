@@ -10,6 +10,7 @@ pub mod dbmode;
 pub mod drain;
 pub mod fasthash;
 pub mod forward;
+pub mod front;
 pub mod h1;
 pub mod keys;
 pub mod limiter;

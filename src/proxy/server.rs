@@ -301,7 +301,7 @@ impl Gateway {
     /// an `X-Forwarded-For` value (made once per connection).
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         forwarded_for: Option<HeaderValue>,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -376,7 +376,7 @@ impl Gateway {
 
     async fn serve<'s>(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         forwarded_for: Option<HeaderValue>,
         now: u64,
         state: &'s GatewayState,
@@ -451,16 +451,14 @@ impl Gateway {
             credential,
         };
         let body: Body = if route.log_bodies {
-            let collected = http_body_util::Limited::new(body, LOG_BODY_BUFFER_LIMIT)
-                .collect()
+            let collected = collect_limited(body, LOG_BODY_BUFFER_LIMIT)
                 .await
-                .map_err(|_| Refusal::BodyTooLarge)?
-                .to_bytes();
+                .ok_or(Refusal::BodyTooLarge)?;
             let shown = &collected[..collected.len().min(LOGGED_BODY_LIMIT)];
             trace.request_body = Some(String::from_utf8_lossy(shown).into_owned());
             full(collected)
         } else {
-            body.map_err(|e| Box::new(e) as BoxError).boxed()
+            body
         };
         let upstream_req = Request::from_parts(parts, body);
         let sent = upstream::send(
@@ -626,6 +624,21 @@ impl Gateway {
             ),
         }
     }
+}
+
+/// The whole body, or None when it fails or runs past `limit` bytes. (Not `Limited`: over a
+/// boxed body its error bound makes the request future impossible to prove `Send`.)
+async fn collect_limited(mut body: Body, limit: usize) -> Option<Bytes> {
+    let mut all = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if all.len() + data.len() > limit {
+                return None;
+            }
+            all.extend_from_slice(&data);
+        }
+    }
+    Some(all.freeze())
 }
 
 /// Reads frames until `limit` bytes; returns them, the rest of the body, and whether the body
@@ -851,13 +864,13 @@ pub async fn run_with_workers(
     let _ = tokio::time::timeout(Duration::from_millis(100), admin_graceful.shutdown()).await;
 }
 
-fn http1_builder() -> hyper::server::conn::http1::Builder {
+pub(super) fn http1_builder() -> hyper::server::conn::http1::Builder {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true)
         .writev(false)
         // The worker's own deadline table on worker threads; tokio's timer elsewhere.
         .timer(super::timer::WorkerTimer)
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(super::front::HEADER_READ_TIMEOUT);
     http
 }
 
@@ -870,7 +883,6 @@ async fn worker(
 ) {
     let drain = super::drain::Drain::new();
     tokio::spawn(super::timer::install());
-    let http = http1_builder();
     loop {
         tokio::select! {
             changed = stop.changed() => {
@@ -881,16 +893,9 @@ async fn worker(
             next = conns.recv() => {
                 let Some((std_stream, peer)) = next else { break };
                 let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
-                // This connection's own handle on the gateway: cloning it per request touches
-                // a reference count no other core uses.
-                let gw = Arc::new(gateway.clone());
                 let forwarded_for = HeaderValue::from_str(&peer.ip().to_string()).ok();
-                let service = hyper::service::service_fn(move |req| {
-                    let (gw, forwarded_for) = (gw.clone(), forwarded_for.clone());
-                    async move { Ok::<_, Infallible>(gw.handle(req, forwarded_for).await) }
-                });
-                let conn = drain.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move { let _ = conn.await; });
+                let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone());
+                tokio::spawn(drain.watch(conn));
             }
         }
     }

@@ -101,6 +101,18 @@ async fn upstream_response(req: hyper::Request<hyper::body::Incoming>) -> hyper:
             .header("x-kept", "end to end")
             .body(Full::new(Bytes::from_static(b"{}")).boxed())
             .unwrap(),
+        // A body of unknown length: hyper's upstream server sends it chunked.
+        "/stream" => {
+            let chunks: Vec<Result<Frame<Bytes>, Infallible>> = ["{\"part\":1,", "\"part\":2}"]
+                .into_iter()
+                .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+                .collect();
+            hyper::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(StreamBody::new(futures::stream::iter(chunks)).boxed())
+                .unwrap()
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(2)).await;
             full(200, "{\"slow\":true}".into())
