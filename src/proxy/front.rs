@@ -184,7 +184,8 @@ pub enum Framing {
 
 /// Decides the framing and writes the response head: status line, the fields as given (a
 /// `Transfer-Encoding` or `Connection` among them is replaced by the framing's and the
-/// connection's own), `Content-Length` when only the body knows it, `Date` when missing, and
+/// connection's own), `Content-Length` when only the body knows it, `Date` when missing (the
+/// upstream's is kept, as hyper's server did; `date` writes the current one), and
 /// `Connection: close` when the connection ends after this response.
 pub fn encode_head(
     head_request: bool,
@@ -192,7 +193,7 @@ pub fn encode_head(
     headers: &HeaderMap,
     body_len: Option<u64>,
     close: bool,
-    date: &[u8],
+    date: impl FnOnce(&mut Vec<u8>),
     out: &mut Vec<u8>,
 ) -> Framing {
     let bodiless = head_request
@@ -236,7 +237,7 @@ pub fn encode_head(
     };
     if !has_date {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(date);
+        date(out);
         out.extend_from_slice(b"\r\n");
     }
     if close {
@@ -249,6 +250,11 @@ pub fn encode_head(
 thread_local! {
     /// The `Date` value for the current second, made once per second per worker.
     static DATE_VALUE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Appends the current `Date` field value (IMF-fixdate).
+fn current_date(out: &mut Vec<u8>) {
+    with_date(|d| out.extend_from_slice(d))
 }
 
 /// Calls `f` with the current `Date` field value (IMF-fixdate).
@@ -386,17 +392,15 @@ async fn write_response(
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     out.clear();
-    let framing = with_date(|date| {
-        encode_head(
-            head_request,
-            parts.status,
-            &parts.headers,
-            body.size_hint().exact(),
-            close,
-            date,
-            out,
-        )
-    });
+    let framing = encode_head(
+        head_request,
+        parts.status,
+        &parts.headers,
+        body.size_hint().exact(),
+        close,
+        current_date,
+        out,
+    );
     let mut left = match framing {
         Framing::None => {
             io.write_all(out).await?;
@@ -644,7 +648,7 @@ mod tests {
             &h,
             body_len,
             close,
-            b"Mon, 30 Nov 2026 04:00:00 GMT",
+            |out: &mut Vec<u8>| out.extend_from_slice(b"Mon, 30 Nov 2026 04:00:00 GMT"),
             &mut out,
         );
         (String::from_utf8(out).unwrap(), framing)
