@@ -157,8 +157,9 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
     Parsed::Plain { req, close }
 }
 
-/// Puts a head taken off the buffer back in front of it (rare: a head httparse accepts and
-/// `http` does not).
+/// Puts a head taken off the buffer back in front of it. Defensive: within `MAX_HEAD_BYTES`
+/// no head is known that httparse accepts and `http` refuses (non-ASCII targets and field
+/// values pass both; a target too long for `Uri` makes a head over the limit).
 fn restore(buf: &mut BytesMut, head: Bytes) -> Parsed {
     let mut whole = BytesMut::with_capacity(head.len() + buf.len());
     whole.extend_from_slice(&head);
