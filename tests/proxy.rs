@@ -670,32 +670,40 @@ async fn redis_down_falls_back_to_local_limits_and_reports_degraded() {
 }
 
 /// Slowloris: a client that sends half a request head and stalls holds its connection for the
-/// 30 s header-read timeout (the worker's own deadline table fires it), not forever; a
-/// connection that completes its request meanwhile is served.
+/// 30 s header-read timeout (the worker's own deadline table fires it), not forever, whether
+/// it stalls in its first head or in a later one on a kept-alive connection; a connection that
+/// completes its request meanwhile is served.
 #[tokio::test]
 async fn a_stalled_request_head_is_cut_off_after_the_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = setup("").await;
-    let mut stalled = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
-    stalled
-        .write_all(b"GET /api/stalled HTTP/1.1\r\nHost: gateway\r\n")
+    let half = b"GET /api/stalled HTTP/1.1\r\nHost: gateway\r\n";
+    let mut first = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    first.write_all(half).await.unwrap();
+    let mut later = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    later
+        .write_all(raw_get("/api/one", &s.live, "").as_bytes())
         .await
         .unwrap();
+    assert_eq!(read_raw(&mut later, &[false]).await[0].status, 200);
+    later.write_all(half).await.unwrap();
     let started = std::time::Instant::now();
     let (status, _, _) = get(&s.gw.url("/api/meanwhile"), Some(&s.live)).await;
-    assert_eq!(status, 200, "another connection is served while one stalls");
-    let mut answer = Vec::new();
-    let closed =
-        tokio::time::timeout(Duration::from_secs(45), stalled.read_to_end(&mut answer)).await;
-    let held = started.elapsed();
-    assert!(
-        closed.is_ok(),
-        "the stalled connection was still open after {held:?}"
-    );
-    assert!(
-        held >= Duration::from_secs(29),
-        "the stalled connection was cut off after {held:?}, before the 30 s timeout"
-    );
+    assert_eq!(status, 200, "another connection is served while two stall");
+    for (name, stalled) in [("first head", &mut first), ("later head", &mut later)] {
+        let mut answer = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(45), stalled.read_to_end(&mut answer)).await;
+        let held = started.elapsed();
+        assert!(
+            closed.is_ok(),
+            "{name}: the stalled connection was still open after {held:?}"
+        );
+        assert!(
+            held >= Duration::from_secs(29),
+            "{name}: the stalled connection was cut off after {held:?}, before the 30 s timeout"
+        );
+    }
 }
 
 /// The client sees the upstream's end-to-end response fields only, whichever path carried the

@@ -302,45 +302,13 @@ async fn fast_path(
     let mut out = Vec::with_capacity(1024);
     let mut first = true;
     loop {
-        let parsed = if first {
-            // The first head's deadline runs from the connection's start.
-            match super::timer::timeout(HEADER_READ_TIMEOUT, read_head(io, buf, drain)).await {
-                Ok(parsed) => parsed,
-                Err(_) => return End::Closed,
-            }
-        } else {
-            match parse_request(buf) {
-                Parsed::Partial => {
-                    // Idle until the next head's first bytes; its deadline runs from then.
-                    if buf.is_empty() && !matches!(read_more(io, buf, drain).await, Ok(n) if n > 0)
-                    {
-                        return End::Closed;
-                    }
-                    match parse_request(buf) {
-                        Parsed::Partial => {
-                            match super::timer::timeout(
-                                HEADER_READ_TIMEOUT,
-                                read_head(io, buf, drain),
-                            )
-                            .await
-                            {
-                                Ok(parsed) => parsed,
-                                Err(_) => return End::Closed,
-                            }
-                        }
-                        parsed => Some(parsed),
-                    }
-                }
-                parsed => Some(parsed),
-            }
-        };
-        first = false;
-        let (req, asked_close) = match parsed {
+        let (req, asked_close) = match next_head(io, buf, drain, first).await {
             None => return End::Closed,
             Some(Parsed::NotPlain) => return End::Handoff,
             Some(Parsed::Plain { req, close }) => (req, close),
-            Some(Parsed::Partial) => unreachable!("read_head returns whole heads"),
+            Some(Parsed::Partial) => unreachable!("next_head returns whole heads"),
         };
+        first = false;
         let head_request = req.method() == Method::HEAD;
         let resp = gateway.handle(req, forwarded_for.clone()).await;
         let close = asked_close || drain.draining();
@@ -349,6 +317,32 @@ async fn fast_path(
             _ => return End::Closed,
         }
     }
+}
+
+/// The next request head (or something for hyper); `None` when the connection ends, drains or
+/// runs out of time first. hyper's rule: the first head must be whole within
+/// [`HEADER_READ_TIMEOUT`] of the connection's start, a later one within it of its first byte;
+/// an idle kept-alive connection waits without a deadline. A later head that arrives whole
+/// (the usual case) arms no deadline at all.
+async fn next_head(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    drain: &Drain,
+    first: bool,
+) -> Option<Parsed> {
+    if !first {
+        if buf.is_empty() && !matches!(read_more(io, buf, drain).await, Ok(n) if n > 0) {
+            return None;
+        }
+        match parse_request(buf) {
+            Parsed::Partial => {}
+            parsed => return Some(parsed),
+        }
+    }
+    super::timer::timeout(HEADER_READ_TIMEOUT, read_head(io, buf, drain))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Reads until a whole head (or something for hyper) is at the front of `buf`; `None` when
@@ -488,6 +482,9 @@ async fn hand_to_hyper(
     forwarded_for: Option<HeaderValue>,
     drain: Arc<Drain>,
 ) {
+    // The connection's own handle on the gateway: cloning it per request touches a reference
+    // count no other core uses.
+    let gateway = Arc::new(gateway);
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let (gw, forwarded_for) = (gateway.clone(), forwarded_for.clone());
         async move {
