@@ -136,7 +136,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
     let head = buf.split_to(head_len).freeze();
     let at = |(a, b): (u32, u32)| head.slice(a as usize..b as usize);
     let Ok(uri) = Uri::from_maybe_shared(at(target)) else {
-        // Not a target hyper would take either; give it back for hyper's 400.
+        // Not a target hyper would take either; give it back for hyper's answer.
         return restore(buf, head);
     };
     let mut headers = HeaderMap::with_capacity(count);
