@@ -33,12 +33,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::drain::{self, Drain};
+// Heads with more fields go to hyper, which answers 431: the same limit as for upstream heads.
+use super::h1::MAX_HEADERS;
 use super::server::{Body, BoxError, Gateway};
 
 /// How long a request head may take to arrive (hyper's `header_read_timeout` too).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Heads with more fields than this go to hyper (which answers 431); hyper's limit too.
-pub const MAX_HEADERS: usize = 100;
 /// Heads longer than this go to hyper, which reads on and applies its own limit.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Room kept free in the read buffer before each read.

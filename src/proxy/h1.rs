@@ -12,7 +12,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-/// Response heads with more header lines than this are refused (hyper's limit too).
+/// Response heads with more header lines than this are refused (hyper's limit too); request
+/// heads with more go from `front.rs` to hyper.
 pub const MAX_HEADERS: usize = 100;
 /// Response heads longer than this are refused.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;

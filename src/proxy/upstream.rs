@@ -18,7 +18,6 @@
 //! `bare-workerpool` against `bare-hyper`): 6–13% less CPU per request in the same run before
 //! the fast path, 12–14% with it.
 
-use futures::future::Either;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -27,6 +26,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::future::Either;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
