@@ -25,6 +25,15 @@ async fn setup(extra_keys: &str) -> Setup {
 
 /// [`setup`] with more routes (YAML list items).
 async fn setup_with(extra_keys: &str, extra_routes: &str) -> Setup {
+    setup_full("", extra_keys, extra_routes).await
+}
+
+/// [`setup`] with top-level settings (YAML lines).
+async fn setup_top(top: &str) -> Setup {
+    setup_full(top, "", "").await
+}
+
+async fn setup_full(top: &str, extra_keys: &str, extra_routes: &str) -> Setup {
     let up = start_upstream().await;
     let upstream = format!("http://{}/", up.addr.unwrap());
     let (live, live_e) = key_entry(KeyScope::Live, "alpha", "");
@@ -33,7 +42,7 @@ async fn setup_with(extra_keys: &str, extra_routes: &str) -> Setup {
     let creds = credential_entry("vendor", "alpha", "api", "system", UPSTREAM_SECRET)
         + &credential_entry("vendor", "beta", "api", "byok", BYOK_SECRET);
     let yaml = format!(
-        r#"
+        r#"{top}
 tiers:
   - name: small
     perKey: {{ burst10s: 5, perMinute: 100, perDay: 1000 }}
@@ -670,13 +679,13 @@ async fn redis_down_falls_back_to_local_limits_and_reports_degraded() {
 }
 
 /// Slowloris: a client that sends half a request head and stalls holds its connection for the
-/// 30 s header-read timeout (the worker's own deadline table fires it), not forever, whether
-/// it stalls in its first head or in a later one on a kept-alive connection; a connection that
-/// completes its request meanwhile is served.
+/// header-read timeout (`headerReadTimeout`, 3 s here; the worker's own deadline table fires
+/// it), not forever, whether it stalls in its first head or in a later one on a kept-alive
+/// connection; a connection that completes its request meanwhile is served.
 #[tokio::test]
 async fn a_stalled_request_head_is_cut_off_after_the_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let s = setup("").await;
+    let s = setup_top("headerReadTimeout: 3s").await;
     let half = b"GET /api/stalled HTTP/1.1\r\nHost: gateway\r\n";
     let mut first = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
     first.write_all(half).await.unwrap();
@@ -693,15 +702,79 @@ async fn a_stalled_request_head_is_cut_off_after_the_header_read_timeout() {
     for (name, stalled) in [("first head", &mut first), ("later head", &mut later)] {
         let mut answer = Vec::new();
         let closed =
-            tokio::time::timeout(Duration::from_secs(45), stalled.read_to_end(&mut answer)).await;
+            tokio::time::timeout(Duration::from_secs(15), stalled.read_to_end(&mut answer)).await;
         let held = started.elapsed();
         assert!(
             closed.is_ok(),
             "{name}: the stalled connection was still open after {held:?}"
         );
         assert!(
-            held >= Duration::from_secs(29),
-            "{name}: the stalled connection was cut off after {held:?}, before the 30 s timeout"
+            held >= Duration::from_millis(2900),
+            "{name}: the stalled connection was cut off after {held:?}, before the 3 s timeout"
+        );
+    }
+}
+
+/// A kept-alive connection idle for `keepAliveTimeout` (1 s here) between requests is closed,
+/// whether the fast path or hyper (after a request with a body) serves it; a connection that
+/// sends a request every 400 ms stays open, and a request in flight longer than the timeout
+/// (the upstream takes 2 s) is answered on either path.
+#[tokio::test]
+async fn idle_kept_alive_connections_are_closed_after_the_keep_alive_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup_top("keepAliveTimeout: 1s").await;
+    let k = &s.live;
+    let post = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {k}\r\n\
+             Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+    };
+    let (mut fast, mut hyper) = (
+        tokio::net::TcpStream::connect(s.gw.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(s.gw.addr).await.unwrap(),
+    );
+    // Slower than the timeout, and answered: in flight is not idle.
+    fast.write_all(raw_get("/live-only/slow", k, "").as_bytes())
+        .await
+        .unwrap();
+    hyper
+        .write_all(post("/live-only/slow").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_raw(&mut fast, &[false]).await[0].status, 200);
+    assert_eq!(read_raw(&mut hyper, &[false]).await[0].status, 200);
+
+    // Busy: a request every 400 ms for 2 s, each answered on the same connection.
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        fast.write_all(raw_get("/api/busy", k, "").as_bytes())
+            .await
+            .unwrap();
+        hyper.write_all(post("/api/busy").as_bytes()).await.unwrap();
+        assert_eq!(
+            read_raw(&mut fast, &[false]).await[0].status,
+            200,
+            "fast {i}"
+        );
+        assert_eq!(
+            read_raw(&mut hyper, &[false]).await[0].status,
+            200,
+            "hyper {i}"
+        );
+    }
+
+    // Idle: closed once the timeout has passed, not before.
+    let idle_from = std::time::Instant::now();
+    for (name, conn) in [("fast path", &mut fast), ("hyper", &mut hyper)] {
+        assert!(
+            closes(conn).await,
+            "{name}: the idle connection stayed open"
+        );
+        let held = idle_from.elapsed();
+        assert!(
+            held >= Duration::from_millis(900) && held < Duration::from_secs(4),
+            "{name}: the idle connection was closed after {held:?}, not about 1 s"
         );
     }
 }

@@ -79,7 +79,7 @@ async fn start(
         p.listener,
         p.admin,
         std::future::pending(),
-        Duration::from_secs(1),
+        p.timeouts,
     ));
     DbGateway {
         addr,

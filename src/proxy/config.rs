@@ -54,6 +54,14 @@ pub struct ProxyConfig {
     /// How long shutdown waits for in-flight requests.
     #[serde(default = "default_drain")]
     pub shutdown_grace: KubeDuration,
+    /// How long a client has to send a whole request head: the first one from the connection's
+    /// start, a later one from its first byte.
+    #[serde(default = "default_header_read")]
+    pub header_read_timeout: KubeDuration,
+    /// How long a kept-alive client connection may sit idle between requests before it is
+    /// closed.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_timeout: KubeDuration,
 }
 
 impl Default for ProxyConfig {
@@ -71,6 +79,8 @@ impl Default for ProxyConfig {
             credentials: Vec::new(),
             routes: Vec::new(),
             shutdown_grace: default_drain(),
+            header_read_timeout: default_header_read(),
+            keep_alive_timeout: default_keep_alive(),
         }
     }
 }
@@ -86,6 +96,13 @@ fn default_timeout() -> KubeDuration {
 }
 fn default_drain() -> KubeDuration {
     KubeDuration::from_secs(30)
+}
+fn default_header_read() -> KubeDuration {
+    KubeDuration::from_secs(30)
+}
+/// nginx's `keepalive_timeout`.
+fn default_keep_alive() -> KubeDuration {
+    KubeDuration::from_secs(75)
 }
 
 /// Files holding secrets, relative to the config file. Environment variables win over them.
@@ -235,6 +252,17 @@ impl ProxyConfig {
         }
         if self.listen == self.admin && !self.listen.ends_with(":0") {
             push("admin".into(), "must differ from listen".into());
+        }
+        for (field, value) in [
+            ("headerReadTimeout", &self.header_read_timeout),
+            ("keepAliveTimeout", &self.keep_alive_timeout),
+        ] {
+            if value.as_std().is_zero() {
+                push(
+                    field.into(),
+                    "must be longer than 0s: a client needs time to send a request".into(),
+                );
+            }
         }
 
         let tiers: HashSet<&str> = self.tiers.iter().map(|t| t.name.as_str()).collect();
@@ -433,6 +461,7 @@ impl ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(yaml: &str) -> ProxyConfig {
         serde_saphyr::from_str(yaml).unwrap()
@@ -443,6 +472,7 @@ mod tests {
         let cfg = parse(
             r#"
 listen: "nonsense"
+headerReadTimeout: 0s
 tiers:
   - name: small
     perKey: { burst10s: 50, perMinute: 10, perDay: 100 }
@@ -466,6 +496,7 @@ routes:
         let paths: Vec<String> = cfg.problems(None).into_iter().map(|p| p.path).collect();
         for want in [
             "listen",
+            "headerReadTimeout",
             "tiers[0].perKey",
             "keys[0].prefix",
             "keys[0].hash",
@@ -481,6 +512,21 @@ routes:
                 "missing {want} in {paths:?}"
             );
         }
+    }
+
+    #[test]
+    fn client_timeouts_default_to_30s_for_heads_and_75s_idle() {
+        let cfg = parse("listen: 127.0.0.1:1\n");
+        assert_eq!(cfg.header_read_timeout.as_std(), Duration::from_secs(30));
+        assert_eq!(cfg.keep_alive_timeout.as_std(), Duration::from_secs(75));
+        let cfg = parse("keepAliveTimeout: 2m\nheaderReadTimeout: 500ms\n");
+        assert_eq!(cfg.keep_alive_timeout.as_std(), Duration::from_secs(120));
+        assert_eq!(cfg.header_read_timeout.as_std(), Duration::from_millis(500));
+        let timeouts = cfg
+            .problems(None)
+            .into_iter()
+            .filter(|p| p.path.ends_with("Timeout"));
+        assert_eq!(timeouts.count(), 0);
     }
 
     #[test]

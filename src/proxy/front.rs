@@ -10,18 +10,20 @@
 //! Why: hyper's server dispatcher took about 9% of a busy worker's CPU on the proxy bench
 //! (perf); a straight read → serve → write loop costs a fraction of that.
 //!
-//! Timeouts are hyper's: the first head must be complete within [`HEADER_READ_TIMEOUT`] of the
-//! connection's start, later heads within it of their first byte; an idle keep-alive connection
-//! is not timed out. Draining: an idle connection closes at once, a request in flight is
-//! answered with `Connection: close`.
+//! Timeouts ([`Timeouts`], the same on both paths): the first head must be complete within
+//! `header_read` of the connection's start, later heads within it of their first byte (hyper's
+//! rule); a kept-alive connection idle for `keep_alive` between requests is closed (hyper has no
+//! such timeout, so its path gets one here: [`close_when_idle`]). Draining: an idle connection
+//! closes at once, a request in flight is answered with `Connection: close`.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
@@ -35,10 +37,7 @@ use tokio::net::TcpStream;
 use super::drain::{self, Drain};
 // Heads with more fields go to hyper, which answers 431: the same limit as for upstream heads.
 use super::h1::MAX_HEADERS;
-use super::server::{Body, BoxError, Gateway};
-
-/// How long a request head may take to arrive (hyper's `header_read_timeout` too).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use super::server::{Body, BoxError, Gateway, Timeouts};
 /// Heads longer than this go to hyper, which reads on and applies its own limit.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Room kept free in the read buffer before each read.
@@ -285,10 +284,20 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     forwarded_for: Option<HeaderValue>,
     drain: Arc<Drain>,
+    timeouts: Timeouts,
 ) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    if let End::Handoff = fast_path(&mut io, &mut buf, &gateway, &forwarded_for, &drain).await {
-        hand_to_hyper(io, buf.freeze(), gateway, forwarded_for, drain).await;
+    let end = fast_path(
+        &mut io,
+        &mut buf,
+        &gateway,
+        &forwarded_for,
+        &drain,
+        &timeouts,
+    )
+    .await;
+    if let End::Handoff = end {
+        hand_to_hyper(io, buf.freeze(), gateway, forwarded_for, drain, timeouts).await;
     }
 }
 
@@ -298,11 +307,12 @@ async fn fast_path(
     gateway: &Gateway,
     forwarded_for: &Option<HeaderValue>,
     drain: &Drain,
+    timeouts: &Timeouts,
 ) -> End {
     let mut out = Vec::with_capacity(1024);
     let mut first = true;
     loop {
-        let (req, asked_close) = match next_head(io, buf, drain, first).await {
+        let (req, asked_close) = match next_head(io, buf, drain, first, timeouts).await {
             None => return End::Closed,
             Some(Parsed::NotPlain) => return End::Handoff,
             Some(Parsed::Plain { req, close }) => (req, close),
@@ -320,26 +330,30 @@ async fn fast_path(
 }
 
 /// The next request head (or something for hyper); `None` when the connection ends, drains or
-/// runs out of time first. hyper's rule: the first head must be whole within
-/// [`HEADER_READ_TIMEOUT`] of the connection's start, a later one within it of its first byte;
-/// an idle kept-alive connection waits without a deadline. A later head that arrives whole
-/// (the usual case) arms no deadline at all.
+/// runs out of time first: the first head must be whole within `header_read` of the
+/// connection's start; before a later one the connection may idle for `keep_alive`, and from
+/// its first byte the head must be whole within `header_read`. A later head that arrives whole
+/// in one read (the usual case) arms only the idle deadline.
 async fn next_head(
     io: &mut TcpStream,
     buf: &mut BytesMut,
     drain: &Drain,
     first: bool,
+    timeouts: &Timeouts,
 ) -> Option<Parsed> {
     if !first {
-        if buf.is_empty() && !matches!(read_more(io, buf, drain).await, Ok(n) if n > 0) {
-            return None;
+        if buf.is_empty() {
+            let idle = super::timer::timeout(timeouts.keep_alive, read_more(io, buf, drain));
+            if !matches!(idle.await, Ok(Ok(n)) if n > 0) {
+                return None;
+            }
         }
         match parse_request(buf) {
             Parsed::Partial => {}
             parsed => return Some(parsed),
         }
     }
-    super::timer::timeout(HEADER_READ_TIMEOUT, read_head(io, buf, drain))
+    super::timer::timeout(timeouts.header_read, read_head(io, buf, drain))
         .await
         .ok()
         .flatten()
@@ -481,26 +495,134 @@ async fn hand_to_hyper(
     gateway: Arc<Gateway>,
     forwarded_for: Option<HeaderValue>,
     drain: Arc<Drain>,
+    timeouts: Timeouts,
 ) {
+    let activity = Arc::new(Activity::new());
     // The connection's own handle on the gateway: cloning it per request touches a reference
     // count no other core uses.
     let gateway = Arc::new(gateway);
+    let in_service = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let (gw, forwarded_for) = (gateway.clone(), forwarded_for.clone());
+        let in_flight = InFlight::new(in_service.clone());
         async move {
             let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
-            Ok::<_, std::convert::Infallible>(gw.handle(req, forwarded_for).await)
+            let resp = gw.handle(req, forwarded_for).await;
+            // In flight until hyper has written the whole body and drops it.
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
         }
     });
-    let conn =
-        super::server::http1_builder().serve_connection(TokioIo::new(Rewind { read, io }), service);
-    let _ = drain::graceful(drain, conn).await;
+    let io = Rewind {
+        read,
+        io,
+        activity: activity.clone(),
+    };
+    let conn = super::server::http1_builder(timeouts.header_read)
+        .serve_connection(TokioIo::new(io), service);
+    close_when_idle(drain::graceful(drain, conn), &activity, timeouts.keep_alive).await;
 }
 
-/// A stream whose first reads return bytes already read from it.
+/// What a connection on hyper's path has been doing, for [`close_when_idle`].
+struct Activity {
+    start: Instant,
+    /// Nanoseconds after `start` of the last read or write that moved bytes.
+    last: AtomicU64,
+    /// Requests whose responses hyper has not finished writing.
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = self.start.elapsed().as_nanos() as u64;
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// Counts a request from the service's call until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A response body that keeps its request counted as in flight.
+struct Tracked {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Runs `conn` until it ends, or until it has had no request in flight and moved no bytes for
+/// `keep_alive` (hyper's server has no idle timeout of its own); then drops it, which closes
+/// the connection.
+async fn close_when_idle<F: Future>(conn: F, activity: &Activity, keep_alive: Duration) {
+    let mut conn = std::pin::pin!(conn);
+    let mut idle = Box::pin(super::timer::sleep_until(activity.start + keep_alive));
+    poll_fn(|cx| {
+        if conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        loop {
+            std::task::ready!(idle.as_mut().poll(cx));
+            let now = Instant::now();
+            let due = activity.last() + keep_alive;
+            if activity.in_flight.load(Ordering::Relaxed) == 0 && due <= now {
+                return Poll::Ready(());
+            }
+            // Busy or lately active: look again when it could next be idle long enough.
+            idle = Box::pin(super::timer::sleep_until(due.max(now + keep_alive / 4)));
+        }
+    })
+    .await
+}
+
+/// A stream whose first reads return bytes already read from it, noting when bytes move.
 struct Rewind {
     read: Bytes,
     io: TcpStream,
+    activity: Arc<Activity>,
 }
 
 impl AsyncRead for Rewind {
@@ -515,7 +637,12 @@ impl AsyncRead for Rewind {
             self.read.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_read(cx, dst)
+        let before = dst.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, dst);
+        if dst.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
     }
 }
 
@@ -525,7 +652,11 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
+        let polled = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -538,7 +669,11 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()

@@ -68,7 +68,7 @@ pub struct Prepared {
     pub gateway: Arc<Gateway>,
     pub listener: TcpListener,
     pub admin: TcpListener,
-    pub grace: std::time::Duration,
+    pub timeouts: server::Timeouts,
     pub config: ProxyConfig,
 }
 
@@ -141,7 +141,7 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
         gateway,
         listener,
         admin,
-        grace: cfg.shutdown_grace.as_std(),
+        timeouts: server::Timeouts::of(&cfg),
         config: cfg,
     })
 }
@@ -203,7 +203,7 @@ pub async fn start_embedded(
     };
     let (addr, admin_addr) = (local(&listener)?, local(&admin)?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let grace = cfg.shutdown_grace.as_std();
+    let timeouts = server::Timeouts::of(cfg);
     let done = tokio::spawn(server::run_with_workers(
         gateway.clone(),
         listener,
@@ -211,7 +211,7 @@ pub async fn start_embedded(
         async {
             let _ = rx.await;
         },
-        grace,
+        timeouts,
         1,
     ));
     Ok(Embedded {
@@ -304,7 +304,7 @@ pub async fn serve(
         prepared.listener,
         prepared.admin,
         shutdown,
-        prepared.grace,
+        prepared.timeouts,
     )
     .await;
     if !gw.access_log.close(std::time::Duration::from_secs(2)) {

@@ -767,16 +767,54 @@ pub fn default_workers() -> usize {
         })
 }
 
+/// How long the public listener waits on its clients, and on in-flight requests at shutdown.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// A request head must be whole this long after the connection's start (the first head)
+    /// or after its first byte (later heads).
+    pub header_read: Duration,
+    /// A kept-alive connection idle this long between requests is closed.
+    pub keep_alive: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Timeouts {
+    /// The config's `headerReadTimeout`, `keepAliveTimeout` and `shutdownGrace`.
+    pub fn of(cfg: &super::config::ProxyConfig) -> Self {
+        Self {
+            header_read: cfg.header_read_timeout.as_std(),
+            keep_alive: cfg.keep_alive_timeout.as_std(),
+            shutdown_grace: cfg.shutdown_grace.as_std(),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    /// The config's defaults.
+    fn default() -> Self {
+        Self::of(&super::config::ProxyConfig::default())
+    }
+}
+
 /// Runs the public and admin listeners until `shutdown` resolves, then drains in-flight
-/// requests for up to `grace`.
+/// requests for up to `timeouts.shutdown_grace`.
 pub async fn run(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    timeouts: Timeouts,
 ) {
-    run_with_workers(gateway, listener, admin, shutdown, grace, default_workers()).await
+    run_with_workers(
+        gateway,
+        listener,
+        admin,
+        shutdown,
+        timeouts,
+        default_workers(),
+    )
+    .await
 }
 
 type Accepted = (std::net::TcpStream, SocketAddr);
@@ -790,9 +828,10 @@ pub async fn run_with_workers(
     listener: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    timeouts: Timeouts,
     workers: usize,
 ) {
+    let grace = timeouts.shutdown_grace;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut senders = Vec::with_capacity(workers);
     let mut finished = Vec::with_capacity(workers);
@@ -808,7 +847,7 @@ pub async fn run_with_workers(
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(worker(gw, rx, stop, grace)),
+                    Ok(rt) => rt.block_on(worker(gw, rx, stop, timeouts)),
                     Err(e) => tracing::error!("cannot start proxy worker {i}: {e}"),
                 }
                 let _ = done_tx.send(());
@@ -822,7 +861,7 @@ pub async fn run_with_workers(
     }
 
     let admin_graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let http = http1_builder();
+    let http = http1_builder(timeouts.header_read);
     tokio::pin!(shutdown);
     let mut next = 0usize;
     loop {
@@ -864,13 +903,13 @@ pub async fn run_with_workers(
     let _ = tokio::time::timeout(Duration::from_millis(100), admin_graceful.shutdown()).await;
 }
 
-pub(super) fn http1_builder() -> hyper::server::conn::http1::Builder {
+pub(super) fn http1_builder(header_read: Duration) -> hyper::server::conn::http1::Builder {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true)
         .writev(false)
         // The worker's own deadline table on worker threads; tokio's timer elsewhere.
         .timer(super::timer::WorkerTimer)
-        .header_read_timeout(super::front::HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read);
     http
 }
 
@@ -879,7 +918,7 @@ async fn worker(
     gateway: Arc<Gateway>,
     mut conns: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    grace: Duration,
+    timeouts: Timeouts,
 ) {
     let drain = super::drain::Drain::new();
     tokio::spawn(super::timer::install());
@@ -894,12 +933,15 @@ async fn worker(
                 let Some((std_stream, peer)) = next else { break };
                 let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
                 let forwarded_for = HeaderValue::from_str(&peer.ip().to_string()).ok();
-                let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone());
+                let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone(), timeouts);
                 tokio::spawn(drain.watch(conn));
             }
         }
     }
-    if tokio::time::timeout(grace, drain.drain()).await.is_err() {
+    if tokio::time::timeout(timeouts.shutdown_grace, drain.drain())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain period ended with requests still in flight");
     }
 }

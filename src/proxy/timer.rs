@@ -1,6 +1,6 @@
 //! Deadlines for the proxy workers: the ones every request sets and almost never reaches
-//! (hyper's header-read timeout, armed on each keep-alive connection between requests, and the
-//! upstream timeout of each call).
+//! (the idle deadline armed on each keep-alive connection between requests, hyper's header-read
+//! timeout on connections it serves, and the upstream timeout of each call).
 //!
 //! tokio's timer takes its driver's lock and links an entry into its wheel on a sleep's first
 //! poll, then does both again to unlink it on drop: twice per request for deadlines that do not

@@ -299,6 +299,10 @@ pub async fn start_gateway(yaml: &str, limiter: Option<Limiter>) -> TestGateway 
     let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let gw = gateway.clone();
+    let timeouts = server::Timeouts {
+        shutdown_grace: Duration::from_secs(5),
+        ..server::Timeouts::of(&cfg)
+    };
     let done = tokio::spawn(async move {
         server::run(
             gw,
@@ -307,7 +311,7 @@ pub async fn start_gateway(yaml: &str, limiter: Option<Limiter>) -> TestGateway 
             async {
                 let _ = rx.await;
             },
-            Duration::from_secs(5),
+            timeouts,
         )
         .await;
     });
