@@ -206,3 +206,12 @@ awk -v a="$a_rps" -v n="$n_rps" -v r="$r_rps" -v ap="$a_p99" -v np="$n_p99" -v r
     printf "Redis round trips          %d for %d requests\n", calls, reqs
 }'
 echo "pii scan --mask (one core)  ${pii_mbs} MB/s over $((bytes / 1000000)) MB"
+# Each round's own ratios (apitree against the nginx run just before it): p99 on a shared
+# 2-core machine moves by +-20% from one 10 s run to the next, so the spread says how far
+# the averaged ratios above can be trusted.
+awk '$1=="nginx" { n++; nr[n]=$2; np[n]=$4 } $1=="apitree" { a++; ar[a]=$2; ap[a]=$4 }
+    END {
+        printf "per round, apitree/nginx:  req/s"; for (i = 1; i <= a; i++) printf " %.2fx", ar[i]/nr[i]
+        printf ";  p99"; for (i = 1; i <= a; i++) { printf " %.2fx", ap[i]/np[i]; if (ap[i] <= np[i]) le++ }
+        printf "\napitree p99 <= nginx p99 in %d of %d rounds\n", le, a
+    }' "$WORK/results"
