@@ -599,20 +599,20 @@ impl HttpBody for Tracked {
 /// the connection.
 async fn close_when_idle<F: Future>(conn: F, activity: &Activity, keep_alive: Duration) {
     let mut conn = std::pin::pin!(conn);
-    let mut idle = Box::pin(super::timer::sleep_until(activity.start + keep_alive));
+    let mut idle = super::timer::sleep_until(activity.start + keep_alive);
     poll_fn(|cx| {
         if conn.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
         loop {
-            std::task::ready!(idle.as_mut().poll(cx));
+            std::task::ready!(Pin::new(&mut idle).poll(cx));
             let now = Instant::now();
             let due = activity.last() + keep_alive;
             if activity.in_flight.load(Ordering::Relaxed) == 0 && due <= now {
                 return Poll::Ready(());
             }
             // Busy or lately active: look again when it could next be idle long enough.
-            idle = Box::pin(super::timer::sleep_until(due.max(now + keep_alive / 4)));
+            idle = super::timer::sleep_until(due.max(now + keep_alive / 4));
         }
     })
     .await

@@ -790,13 +790,6 @@ impl Timeouts {
     }
 }
 
-impl Default for Timeouts {
-    /// The config's defaults.
-    fn default() -> Self {
-        Self::of(&super::config::ProxyConfig::default())
-    }
-}
-
 /// Runs the public and admin listeners until `shutdown` resolves, then drains in-flight
 /// requests for up to `timeouts.shutdown_grace`.
 pub async fn run(
@@ -831,7 +824,6 @@ pub async fn run_with_workers(
     timeouts: Timeouts,
     workers: usize,
 ) {
-    let grace = timeouts.shutdown_grace;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut senders = Vec::with_capacity(workers);
     let mut finished = Vec::with_capacity(workers);
@@ -892,7 +884,7 @@ pub async fn run_with_workers(
     drop(listener);
     gateway.start_draining();
     tracing::info!(
-        grace_secs = grace.as_secs(),
+        grace_secs = timeouts.shutdown_grace.as_secs(),
         "shutting down: draining in-flight requests"
     );
     let _ = stop_tx.send(true);
