@@ -1,8 +1,12 @@
 //! apitree: a self-healing operator and gateway for API marketplaces.
 //!
-//! The binary in `main.rs` only parses the command line and dispatches here. See
-//! `DESIGN.md` in the shared docs for the module map and dependency directions: `crd` depends on
-//! nothing of ours, and only the operator's kube layer writes to the Kubernetes API.
+//! The binary in `main.rs` only parses the command line and dispatches here. Dependency
+//! directions: `crd` depends on nothing of ours, and only the operator's kube layer writes to
+//! the Kubernetes API.
+//!
+//! No `unsafe` anywhere in the crate: the proxy parses untrusted bytes, and the few places
+//! that would have wanted it (buffers, timers) are written without.
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod crd;

@@ -1,4 +1,5 @@
 //! The `apitree` binary: parse, set up telemetry, dispatch, map errors to exit codes.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -273,7 +273,7 @@ async fn the_proxy_example_runs_as_is_and_its_documented_keys_work() {
         prepared.listener,
         prepared.admin,
         std::future::pending(),
-        prepared.timeouts,
+        prepared.settings,
     ));
     let client = reqwest::Client::new();
     // Nothing listens on the example upstream port here, so allowed requests get 502; what

@@ -79,7 +79,7 @@ async fn start(
         p.listener,
         p.admin,
         std::future::pending(),
-        p.timeouts,
+        p.settings,
     ));
     DbGateway {
         addr,

@@ -222,6 +222,43 @@ pub struct RouteSpec {
     /// Log request and response bodies. Off by default: access logs hold metadata only.
     #[serde(default)]
     pub log_bodies: bool,
+    /// Methods this route forwards; others get 405 with an `Allow` header. Empty (the
+    /// default): every method except TRACE and CONNECT, which no route forwards. `GET` allows
+    /// `HEAD` too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
+    pub methods: Vec<RouteMethod>,
+    /// Accept an encoded slash (`%2F`) in the path and pass it on encoded. Off by default: such
+    /// a path gets 400, because servers disagree on whether it separates segments.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_encoded_slashes: bool,
+}
+
+/// A method a route can be limited to.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum RouteMethod {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+}
+
+impl RouteMethod {
+    pub fn as_method(self) -> http::Method {
+        match self {
+            Self::Get => http::Method::GET,
+            Self::Head => http::Method::HEAD,
+            Self::Post => http::Method::POST,
+            Self::Put => http::Method::PUT,
+            Self::Patch => http::Method::PATCH,
+            Self::Delete => http::Method::DELETE,
+            Self::Options => http::Method::OPTIONS,
+        }
+    }
 }
 
 fn default_scopes() -> Vec<KeyScope> {

@@ -402,6 +402,10 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
                         },
                         breaker: Default::default(),
                         log_bodies,
+                        // Not columns of `apis` yet: every method but TRACE and CONNECT, and
+                        // no encoded slashes.
+                        methods: Vec::new(),
+                        allow_encoded_slashes: false,
                     }
                 },
             )

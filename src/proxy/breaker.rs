@@ -74,6 +74,9 @@ struct Inner {
     open_until: u64,
     probes_started: u32,
     probes_ok: u32,
+    /// Counts the moves to half-open, so a probe permit given back late cannot touch a later
+    /// half-open period's count.
+    half_open_period: u64,
 }
 
 /// What happened on a transition, for metrics and detector events.
@@ -120,6 +123,7 @@ impl Breaker {
                 open_until: 0,
                 probes_started: 0,
                 probes_ok: 0,
+                half_open_period: 0,
             }),
             closed: AtomicBool::new(true),
             quiet: AtomicBool::new(true),
@@ -176,6 +180,7 @@ impl Breaker {
                 s.state = BreakerState::HalfOpen;
                 s.probes_started = 1;
                 s.probes_ok = 0;
+                s.half_open_period += 1;
                 (Admission::Probe, Some(Transition::HalfOpened))
             }
             BreakerState::HalfOpen if s.probes_started < self.settings.half_open_probes => {
@@ -188,6 +193,39 @@ impl Breaker {
                 },
                 None,
             ),
+        }
+    }
+
+    /// Asks to make a call at `now_ms`, as a [`Permit`] that gives a half-open probe back if it
+    /// is dropped without an outcome; `Err(retry_after_ms)` when refused.
+    pub fn enter(&self, now_ms: u64) -> (Result<Permit<'_>, u64>, Option<Transition>) {
+        let permit = |probe| Permit {
+            breaker: self,
+            probe,
+            done: false,
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return (Ok(permit(None)), None);
+        }
+        let mut s = self.lock();
+        let (admission, transition) = self.admit_locked(&mut s, now_ms);
+        self.mirror(&s);
+        let entered = match admission {
+            Admission::Allowed => Ok(permit(None)),
+            Admission::Probe => Ok(permit(Some(s.half_open_period))),
+            Admission::Refused { retry_after_ms } => Err(retry_after_ms),
+        };
+        (entered, transition)
+    }
+
+    /// A probe of half-open period `period` will not report: another call may probe instead.
+    fn give_back_probe(&self, period: u64) {
+        let mut s = self.lock();
+        if s.state == BreakerState::HalfOpen
+            && s.half_open_period == period
+            && s.probes_started > s.probes_ok
+        {
+            s.probes_started -= 1;
         }
     }
 
@@ -247,6 +285,33 @@ impl Breaker {
                 }
                 None
             }
+        }
+    }
+}
+
+/// A call the breaker let through. Its outcome is reported with [`Permit::record`]; dropped
+/// without one (the client went away, or the failure was the client's), a half-open probe is
+/// given back, so half-open never waits for a probe that will not report.
+#[derive(Debug)]
+pub struct Permit<'b> {
+    breaker: &'b Breaker,
+    /// The half-open period this probe belongs to; None for a call of a closed breaker.
+    probe: Option<u64>,
+    done: bool,
+}
+
+impl Permit<'_> {
+    /// Reports the call's outcome.
+    pub fn record(mut self, ok: bool, now_ms: u64) -> Option<Transition> {
+        self.done = true;
+        self.breaker.record(ok, now_ms)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if let (Some(period), false) = (self.probe, self.done) {
+            self.breaker.give_back_probe(period);
         }
     }
 }
@@ -384,5 +449,38 @@ mod tests {
             assert_eq!(b.record(i % 3 == 2, i), None, "call {i}");
         }
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_probe_dropped_without_an_outcome_is_given_back() {
+        let b = Breaker::new(BreakerSettings {
+            half_open_probes: 1,
+            ..breaker().settings
+        });
+        for t in 0..3 {
+            b.record(false, t);
+        }
+        // Half-open: the one probe goes to a call whose client then leaves.
+        let (probe, t) = b.enter(6_000);
+        assert_eq!(t, Some(Transition::HalfOpened));
+        let probe = probe.expect("a probe");
+        assert_eq!(b.enter(6_001).0.err(), Some(1_000), "one probe at a time");
+        drop(probe);
+        // Given back: the next call probes, and its success closes the breaker.
+        let next = b.enter(6_002).0.expect("the probe was given back");
+        assert_eq!(next.record(true, 6_003), Some(Transition::Closed));
+        assert_eq!(b.state(), BreakerState::Closed);
+
+        // A permit of an earlier half-open period never touches a later one's count.
+        for t in 7_000..7_003 {
+            b.record(false, t);
+        }
+        let (old, _) = b.enter(13_000);
+        let old = old.unwrap();
+        assert_eq!(b.record(false, 13_001), Some(Transition::Opened));
+        let (new, _) = b.enter(19_000);
+        let _new = new.unwrap();
+        drop(old);
+        assert_eq!(b.enter(19_001).0.err(), Some(1_000), "the new probe still counts");
     }
 }

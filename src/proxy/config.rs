@@ -62,7 +62,22 @@ pub struct ProxyConfig {
     /// closed.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_timeout: KubeDuration,
+    /// How long a client's request body may pause between two pieces before the request is
+    /// answered 408 (nginx's `client_body_timeout`). Separate from a route's upstream timeout.
+    #[serde(default = "default_body_read")]
+    pub body_read_timeout: KubeDuration,
+    /// Serve plain bodiless requests on the gateway's own HTTP/1.1 loop (the fast path, on by
+    /// default); `false` serves every client connection through hyper's server only.
+    #[serde(default = "default_true")]
+    pub client_fast_path: bool,
+    /// Accepted connections waiting for each worker thread; beyond it new connections are
+    /// answered 503 with `Retry-After` and closed (`apitree_proxy_connections_shed_total`).
+    #[serde(default = "default_accept_queue")]
+    pub accept_queue: usize,
 }
+
+/// The default `bodyReadTimeout`.
+pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Default for ProxyConfig {
     /// Nothing configured: every field at its documented default.
@@ -81,8 +96,21 @@ impl Default for ProxyConfig {
             shutdown_grace: default_drain(),
             header_read_timeout: default_header_read(),
             keep_alive_timeout: default_keep_alive(),
+            body_read_timeout: default_body_read(),
+            client_fast_path: true,
+            accept_queue: default_accept_queue(),
         }
     }
+}
+
+fn default_body_read() -> KubeDuration {
+    KubeDuration::from_millis(DEFAULT_BODY_READ_TIMEOUT.as_millis() as u64)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_accept_queue() -> usize {
+    1024
 }
 
 fn default_listen() -> String {
@@ -250,12 +278,19 @@ impl ProxyConfig {
                 );
             }
         }
+        if self.accept_queue == 0 {
+            push(
+                "acceptQueue".into(),
+                "must be at least 1: with no room every connection is refused".into(),
+            );
+        }
         if self.listen == self.admin && !self.listen.ends_with(":0") {
             push("admin".into(), "must differ from listen".into());
         }
         for (field, value) in [
             ("headerReadTimeout", &self.header_read_timeout),
             ("keepAliveTimeout", &self.keep_alive_timeout),
+            ("bodyReadTimeout", &self.body_read_timeout),
         ] {
             if value.as_std().is_zero() {
                 push(
@@ -318,8 +353,19 @@ impl ProxyConfig {
             if !names.insert(r.name.as_str()) {
                 push(p("name"), format!("duplicate route {:?}", r.name));
             }
+            let normal = super::inbound::normalize(&r.path_prefix);
             if !r.path_prefix.starts_with('/') {
                 push(p("pathPrefix"), "must start with /".into());
+            } else if !normal.as_ref().is_ok_and(|t| t.path == r.path_prefix) {
+                // Requests are matched in normal form: any other spelling would match nothing.
+                let hint = match &normal {
+                    Ok(t) => format!("; write it as {:?}", t.path),
+                    Err(e) => format!(": {e}"),
+                };
+                push(
+                    p("pathPrefix"),
+                    format!("{:?} is not a normalised path{hint}", r.path_prefix),
+                );
             } else if !prefixes.insert(r.path_prefix.as_str()) {
                 push(
                     p("pathPrefix"),

@@ -10,7 +10,7 @@
 //! Why: hyper's server dispatcher took about 9% of a busy worker's CPU on the proxy bench
 //! (perf); a straight read → serve → write loop costs a fraction of that.
 //!
-//! Timeouts ([`Timeouts`], the same on both paths): the first head must be complete within
+//! ServerSettings ([`ServerSettings`], the same on both paths): the first head must be complete within
 //! `header_read` of the connection's start, later heads within it of their first byte (hyper's
 //! rule); a kept-alive connection idle for `keep_alive` between requests is closed (hyper has no
 //! such timeout, so its path gets one here: [`close_when_idle`]). Draining: an idle connection
@@ -37,7 +37,7 @@ use tokio::net::TcpStream;
 use super::drain::{self, Drain};
 // Heads with more fields go to hyper, which answers 431: the same limit as for upstream heads.
 use super::h1::MAX_HEADERS;
-use super::server::{Body, BoxError, Gateway, Timeouts};
+use super::server::{Body, BoxError, Gateway, ServerSettings};
 /// Heads longer than this go to hyper, which reads on and applies its own limit.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Room kept free in the read buffer before each read.
@@ -284,8 +284,11 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     forwarded_for: Option<HeaderValue>,
     drain: Arc<Drain>,
-    timeouts: Timeouts,
+    settings: ServerSettings,
 ) {
+    if !settings.client_fast_path {
+        return hand_to_hyper(io, Bytes::new(), gateway, forwarded_for, drain, settings).await;
+    }
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let end = fast_path(
         &mut io,
@@ -293,12 +296,41 @@ pub async fn serve(
         &gateway,
         &forwarded_for,
         &drain,
-        &timeouts,
+        &settings,
     )
     .await;
-    if let End::Handoff = end {
-        hand_to_hyper(io, buf.freeze(), gateway, forwarded_for, drain, timeouts).await;
+    match end {
+        End::Handoff => {
+            hand_to_hyper(io, buf.freeze(), gateway, forwarded_for, drain, settings).await
+        }
+        End::Closed => linger(io).await,
     }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much of it is read at most.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// Closes a connection the way nginx's lingering close does: the write side first (a FIN after
+/// the last response), then whatever the client still sends is read and dropped for a short
+/// while. Closing with unread bytes would reset the connection, and a reset can destroy the
+/// response before the client has read it.
+async fn linger(mut io: TcpStream) {
+    if io.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut read = 0;
+    let _ = super::timer::timeout(LINGER_TIME, async {
+        while read < LINGER_BYTES {
+            match tokio::io::AsyncReadExt::read(&mut io, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn fast_path(
@@ -307,12 +339,12 @@ async fn fast_path(
     gateway: &Gateway,
     forwarded_for: &Option<HeaderValue>,
     drain: &Drain,
-    timeouts: &Timeouts,
+    settings: &ServerSettings,
 ) -> End {
     let mut out = Vec::with_capacity(1024);
     let mut first = true;
     loop {
-        let (req, asked_close) = match next_head(io, buf, drain, first, timeouts).await {
+        let (req, asked_close) = match next_head(io, buf, drain, first, settings).await {
             None => return End::Closed,
             Some(Parsed::NotPlain) => return End::Handoff,
             Some(Parsed::Plain { req, close }) => (req, close),
@@ -339,11 +371,11 @@ async fn next_head(
     buf: &mut BytesMut,
     drain: &Drain,
     first: bool,
-    timeouts: &Timeouts,
+    settings: &ServerSettings,
 ) -> Option<Parsed> {
     if !first {
         if buf.is_empty() {
-            let idle = super::timer::timeout(timeouts.keep_alive, read_more(io, buf, drain));
+            let idle = super::timer::timeout(settings.keep_alive, read_more(io, buf, drain));
             if !matches!(idle.await, Ok(Ok(n)) if n > 0) {
                 return None;
             }
@@ -353,7 +385,7 @@ async fn next_head(
             parsed => return Some(parsed),
         }
     }
-    super::timer::timeout(timeouts.header_read, read_head(io, buf, drain))
+    super::timer::timeout(settings.header_read, read_head(io, buf, drain))
         .await
         .ok()
         .flatten()
@@ -495,7 +527,7 @@ async fn hand_to_hyper(
     gateway: Arc<Gateway>,
     forwarded_for: Option<HeaderValue>,
     drain: Arc<Drain>,
-    timeouts: Timeouts,
+    settings: ServerSettings,
 ) {
     let activity = Arc::new(Activity::new());
     // The connection's own handle on the gateway: cloning it per request touches a reference
@@ -517,19 +549,27 @@ async fn hand_to_hyper(
     });
     let io = Rewind {
         read,
-        io,
+        io: Some(io),
         activity: activity.clone(),
     };
-    let conn = super::server::http1_builder(timeouts.header_read)
-        .serve_connection(TokioIo::new(io), service);
-    close_when_idle(drain::graceful(drain, conn), &activity, timeouts.keep_alive).await;
+    // Both deadlines are kept by `close_when_idle`: hyper's own header-read timer also runs
+    // while a kept-alive connection waits for its next request, which would cut idle
+    // connections at `header_read` instead of `keep_alive`.
+    let conn = super::server::http1_builder(None).serve_connection(TokioIo::new(io), service);
+    close_when_idle(drain::graceful(drain, conn), &activity, &settings).await;
 }
+
+/// No head is being read (for [`Activity::head_since`]).
+const NO_HEAD: u64 = u64::MAX;
 
 /// What a connection on hyper's path has been doing, for [`close_when_idle`].
 struct Activity {
     start: Instant,
     /// Nanoseconds after `start` of the last read or write that moved bytes.
     last: AtomicU64,
+    /// Nanoseconds after `start` of the first byte of a request head not yet served, or
+    /// [`NO_HEAD`]. The connection's first head counts from its start.
+    head_since: AtomicU64,
     /// Requests whose responses hyper has not finished writing.
     in_flight: AtomicUsize,
 }
@@ -539,6 +579,7 @@ impl Activity {
         Self {
             start: Instant::now(),
             last: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -548,17 +589,43 @@ impl Activity {
         self.last.store(nanos, Ordering::Relaxed);
     }
 
-    fn last(&self) -> Instant {
-        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    /// Bytes arrived: with no request in flight they start a head.
+    fn read(&self) {
+        self.touch();
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == NO_HEAD
+        {
+            self.head_since
+                .store(self.last.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn at(&self, nanos: u64) -> Instant {
+        self.start + Duration::from_nanos(nanos)
+    }
+
+    /// When the connection is to be closed if nothing happens first: a head being read must
+    /// be whole `header_read` after its first byte; an idle connection closes `keep_alive`
+    /// after its last activity; none while a request is in flight.
+    fn due(&self, settings: &ServerSettings) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(match self.head_since.load(Ordering::Relaxed) {
+            NO_HEAD => self.at(self.last.load(Ordering::Relaxed)) + settings.keep_alive,
+            since => self.at(since) + settings.header_read,
+        })
     }
 }
 
-/// Counts a request from the service's call until its response body is dropped.
+/// Counts a request from the service's call (its head is whole) until its response body is
+/// dropped.
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn new(activity: Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.head_since.store(NO_HEAD, Ordering::Relaxed);
         Self(activity)
     }
 }
@@ -594,35 +661,61 @@ impl HttpBody for Tracked {
     }
 }
 
-/// Runs `conn` until it ends, or until it has had no request in flight and moved no bytes for
-/// `keep_alive` (hyper's server has no idle timeout of its own); then drops it, which closes
-/// the connection.
-async fn close_when_idle<F: Future>(conn: F, activity: &Activity, keep_alive: Duration) {
+/// Runs `conn` until it ends, or until [`Activity::due`] passes: a head not whole within
+/// `header_read`, or no request in flight and no bytes moved for `keep_alive` (hyper's server
+/// has no idle timeout of its own); then drops it, which closes the connection.
+///
+/// Everything that changes the due time (bytes read or written, a request starting or
+/// finishing) happens while `conn` is polled here, so the deadline is brought up to date right
+/// after each poll and a deadline that fires is always current.
+async fn close_when_idle<F: Future>(conn: F, activity: &Activity, settings: &ServerSettings) {
     let mut conn = std::pin::pin!(conn);
-    let mut idle = super::timer::sleep_until(activity.start + keep_alive);
+    let mut armed: Option<(Instant, super::timer::Sleep)> = None;
     poll_fn(|cx| {
         if conn.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        loop {
-            std::task::ready!(Pin::new(&mut idle).poll(cx));
-            let now = Instant::now();
-            let due = activity.last() + keep_alive;
-            if activity.in_flight.load(Ordering::Relaxed) == 0 && due <= now {
-                return Poll::Ready(());
-            }
-            // Busy or lately active: look again when it could next be idle long enough.
-            idle = super::timer::sleep_until(due.max(now + keep_alive / 4));
+        let Some(due) = activity.due(settings) else {
+            armed = None;
+            return Poll::Pending;
+        };
+        if armed.as_ref().is_none_or(|(at, _)| *at != due) {
+            armed = Some((due, super::timer::sleep_until(due)));
+        }
+        match armed.as_mut() {
+            Some((_, sleep)) => Pin::new(sleep).poll(cx),
+            None => Poll::Pending,
         }
     })
     .await
 }
 
-/// A stream whose first reads return bytes already read from it, noting when bytes move.
+/// A stream whose first reads return bytes already read from it, noting when bytes move. When
+/// hyper is done with it, the socket is closed with [`linger`].
 struct Rewind {
     read: Bytes,
-    io: TcpStream,
+    /// Taken by `Drop`.
+    io: Option<TcpStream>,
     activity: Arc<Activity>,
+}
+
+impl Rewind {
+    fn io(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self.io.as_mut() {
+            Some(io) => Ok(Pin::new(io)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl Drop for Rewind {
+    fn drop(&mut self) {
+        if let (Some(io), Ok(runtime)) =
+            (self.io.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(linger(io));
+        }
+    }
 }
 
 impl AsyncRead for Rewind {
@@ -638,9 +731,9 @@ impl AsyncRead for Rewind {
             return Poll::Ready(Ok(()));
         }
         let before = dst.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, dst);
+        let polled = self.io()?.poll_read(cx, dst);
         if dst.filled().len() > before {
-            self.activity.touch();
+            self.activity.read();
         }
         polled
     }
@@ -652,31 +745,31 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, data);
+        let polled = self.io()?.poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
         polled
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        self.io()?.poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        self.io()?.poll_shutdown(cx)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let polled = self.io()?.poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
         polled
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
     }
 }
 

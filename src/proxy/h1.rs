@@ -253,7 +253,7 @@ fn content_length_item(item: &[u8]) -> Result<u64, H1Error> {
 fn finish_head(
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     framers: Framers,
     head_request: bool,
 ) -> Result<Head, H1Error> {
@@ -264,6 +264,17 @@ fn finish_head(
     };
     let no_body =
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if framers.transfer_encoding.is_some() {
+        if version == Version::HTTP_10 {
+            // RFC 9112 6.1: faulty framing; hyper's client refuses it too.
+            return Err(H1Error::Head(
+                "an HTTP/1.0 response cannot use Transfer-Encoding".into(),
+            ));
+        }
+        // Framed by Transfer-Encoding: a Content-Length beside it describes nothing that is
+        // sent and must not reach the client, which would take a short body as whole.
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
     let framing = if no_body {
         Framing::Empty
     } else if let Some(last) = &framers.transfer_encoding {
@@ -389,10 +400,15 @@ impl Chunked {
 }
 
 /// The line at the front of `buf` without its CRLF (removed from `buf`); `None` until one has
-/// arrived.
+/// arrived. Lines end in CRLF only: a bare CR or LF, or another control byte but HTAB, inside
+/// a line is refused (readers that accept a bare LF as a line end would frame differently).
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
+    let scanned = buf.len().min(MAX_LINE_BYTES + 2);
+    match buf[..scanned].windows(2).position(|w| w == b"\r\n") {
         Some(end) => {
+            if buf[..end].iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7F)) {
+                return Err(H1Error::Chunked("a line holds a bare CR, LF or control byte"));
+            }
             let line = buf.split_to(end);
             let _ = buf.split_to(2);
             Ok(Some(line))
@@ -402,7 +418,7 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
     }
 }
 
-/// A chunk-size line: hex digits, then optional whitespace and `;extensions` (ignored).
+/// A chunk-size line: hex digits, then optional spaces or tabs and `;extensions` (ignored).
 fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 {
@@ -411,7 +427,8 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     if digits > 15 {
         return Err(H1Error::Chunked("a chunk size is too large"));
     }
-    let rest = line[digits..].trim_ascii_start();
+    let rest = &line[digits..];
+    let rest = &rest[rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count()..];
     if !(rest.is_empty() || rest[0] == b';') {
         return Err(H1Error::Chunked("a chunk size is not hexadecimal"));
     }

@@ -27,6 +27,7 @@ pub struct ProxyMetrics {
     pub in_flight: ShardedGauge,
     pub config_reloads: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    pub connections_shed: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -83,6 +84,13 @@ impl ProxyMetrics {
         .expect("valid metric");
         r.register(Box::new(access_log_dropped.clone()))
             .expect("unique metric");
+        let connections_shed = IntCounter::new(
+            "apitree_proxy_connections_shed_total",
+            "Client connections answered 503 and closed because every worker's accept queue was full.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(connections_shed.clone()))
+            .expect("unique metric");
         Self {
             auth_failures: counter_vec(
                 &r,
@@ -126,6 +134,7 @@ impl ProxyMetrics {
             limiter_fallbacks,
             limiter_store_calls,
             access_log_dropped,
+            connections_shed,
             registry: r,
         }
     }

@@ -12,11 +12,13 @@ pub mod fasthash;
 pub mod forward;
 pub mod front;
 pub mod h1;
+pub mod inbound;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
 pub mod pii;
 pub mod ratelimit;
+pub mod request_body;
 pub mod server;
 pub mod sharded;
 pub mod state;
@@ -68,7 +70,7 @@ pub struct Prepared {
     pub gateway: Arc<Gateway>,
     pub listener: TcpListener,
     pub admin: TcpListener,
-    pub timeouts: server::Timeouts,
+    pub settings: server::ServerSettings,
     pub config: ProxyConfig,
 }
 
@@ -119,7 +121,8 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
         metrics,
         access_log,
         server::system_clock(),
-    ));
+    )
+    .with_body_read_timeout(cfg.body_read_timeout.as_std()));
     let bind = |addr: String| async move {
         TcpListener::bind(&addr)
             .await
@@ -141,7 +144,7 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
         gateway,
         listener,
         admin,
-        timeouts: server::Timeouts::of(&cfg),
+        settings: server::ServerSettings::of(&cfg),
         config: cfg,
     })
 }
@@ -185,7 +188,8 @@ pub async fn start_embedded(
         metrics.clone(),
         accesslog::AccessLog::disabled(metrics.access_log_dropped.clone()),
         server::system_clock(),
-    ));
+    )
+    .with_body_read_timeout(cfg.body_read_timeout.as_std()));
     let bind = || async {
         TcpListener::bind("127.0.0.1:0")
             .await
@@ -203,7 +207,7 @@ pub async fn start_embedded(
     };
     let (addr, admin_addr) = (local(&listener)?, local(&admin)?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let timeouts = server::Timeouts::of(cfg);
+    let settings = server::ServerSettings::of(cfg);
     let done = tokio::spawn(server::run_with_workers(
         gateway.clone(),
         listener,
@@ -211,7 +215,7 @@ pub async fn start_embedded(
         async {
             let _ = rx.await;
         },
-        timeouts,
+        settings,
         1,
     ));
     Ok(Embedded {
@@ -304,7 +308,7 @@ pub async fn serve(
         prepared.listener,
         prepared.admin,
         shutdown,
-        prepared.timeouts,
+        prepared.settings,
     )
     .await;
     if !gw.access_log.close(std::time::Duration::from_secs(2)) {

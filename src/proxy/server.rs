@@ -30,13 +30,15 @@ use rand::RngExt;
 use tokio::net::TcpListener;
 
 use super::accesslog::{AccessLog, AccessRecord};
-use super::breaker::{Admission, Transition};
+use super::breaker::{Permit, Transition};
 use super::forward::{Forwarding, X_API_KEY, X_REQUEST_ID};
+use super::inbound::{self, HostError, TargetError};
 use super::keys::{ApiKey, KeyFormatError, Pepper};
 use super::limiter::Limiter;
 use super::metrics::{ProxyMetrics, NO_ROUTE};
 use super::pii::{self, PiiKind, StreamMasker};
 use super::ratelimit::Decision;
+use super::request_body::{BodyFault, BodyWatch, WatchedBody};
 use super::state::{GatewayState, KeyRecord, Route, SharedState};
 use super::upstream::{self, UpstreamBody};
 use crate::crd::gateway::{KeyScope, PiiMode};
@@ -94,6 +96,8 @@ pub struct Gateway {
     draining: std::sync::atomic::AtomicBool,
     /// Metric handles of requests refused before routing (resolved once).
     no_route_metrics: super::metrics::RouteMetrics,
+    /// How long a client's request body may pause between two pieces (`bodyReadTimeout`).
+    body_read_timeout: Duration,
 }
 
 /// Why a request was not served as asked. Classified where it happens.
@@ -115,6 +119,12 @@ pub enum Refusal {
     UpstreamUnreachable,
     UpstreamBadResponse,
     BodyTooLarge,
+    /// A method the gateway or the route does not forward; the value is the `Allow` field.
+    MethodNotAllowed(HeaderValue),
+    BadTarget(TargetError),
+    BadHost(HostError),
+    /// The client's request body failed: never the upstream's failure.
+    ClientBody(BodyFault),
     Internal(&'static str),
 }
 
@@ -151,6 +161,12 @@ impl Refusal {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamBadResponse => "upstream_bad_response",
             Self::BodyTooLarge => "body_too_large",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::BadTarget(_) => "invalid_request_target",
+            Self::BadHost(_) => "invalid_host",
+            Self::ClientBody(BodyFault::Malformed) => "malformed_request_body",
+            Self::ClientBody(BodyFault::TimedOut) => "request_body_timeout",
+            Self::ClientBody(BodyFault::Closed) => "client_closed_request",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -179,6 +195,12 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
         Refusal::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "the upstream API could not be reached".into()),
         Refusal::UpstreamBadResponse => (StatusCode::BAD_GATEWAY, "the upstream API sent a response that is not valid HTTP/1.1".into()),
         Refusal::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large for this API".into()),
+        Refusal::MethodNotAllowed(allow) => (StatusCode::METHOD_NOT_ALLOWED, format!("this method is not forwarded here; use one of: {}", allow.to_str().unwrap_or_default())),
+        Refusal::BadTarget(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+        Refusal::BadHost(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+        Refusal::ClientBody(BodyFault::Malformed) => (StatusCode::BAD_REQUEST, "the request body is not validly framed (chunked encoding)".into()),
+        Refusal::ClientBody(BodyFault::TimedOut) => (StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving; send it without long pauses".into()),
+        Refusal::ClientBody(BodyFault::Closed) => (CLIENT_CLOSED_REQUEST, "the client closed the connection before the request body ended".into()),
         Refusal::Internal(what) => (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {what}")),
     };
     let body =
@@ -201,6 +223,9 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
             h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
             insert_str(h, RATELIMIT_POLICY, &d.policy_header());
             insert_str(h, RATELIMIT, &d.ratelimit_header());
+        }
+        Refusal::MethodNotAllowed(allow) => {
+            h.insert(header::ALLOW, allow.clone());
         }
         Refusal::BreakerOpen { retry_after_ms } => {
             h.insert(
@@ -225,14 +250,96 @@ fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// nginx's code for a request whose client went away before it was answered (logged only).
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// The methods a route without a `methods` list forwards, as its `Allow` field.
+pub const ALLOW_DEFAULT: HeaderValue =
+    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS");
+
 /// What the access log and metrics need to know about a request (borrowed from the state the
-/// request was decided with).
+/// request was decided with), and the breaker permit of its upstream call.
 #[derive(Default)]
 struct Trace<'s> {
     route: Option<&'s Route>,
     key: Option<&'s KeyRecord>,
     upstream_status: Option<u16>,
     request_body: Option<String>,
+    permit: Option<Permit<'s>>,
+}
+
+/// One request's bookkeeping in one guard: the in-flight gauge, the breaker permit (in
+/// `trace`) and the access-log record. However the request ends — answered, or its future
+/// dropped because the client went away — the gauge comes down, a probe permit without an
+/// outcome is given back, and the request is counted and logged once (a dropped one as 499).
+struct Exchange<'s> {
+    gateway: &'s Gateway,
+    started: Instant,
+    now_ms: u64,
+    request_id: String,
+    method: Method,
+    bytes_in: Option<u64>,
+    trace: Trace<'s>,
+    answered: bool,
+}
+
+impl<'s> Exchange<'s> {
+    fn new(gateway: &'s Gateway, req: &Request<Body>, request_id: String) -> Self {
+        gateway.metrics.in_flight.inc();
+        Self {
+            gateway,
+            started: Instant::now(),
+            now_ms: (gateway.clock)(),
+            request_id,
+            method: req.method().clone(),
+            bytes_in: req.body().size_hint().exact(),
+            trace: Trace::default(),
+            answered: false,
+        }
+    }
+
+    /// Counts and logs the answer.
+    fn answer(&mut self, status: u16, error_code: Option<&'static str>, bytes_out: Option<u64>) {
+        self.answered = true;
+        let gw = self.gateway;
+        let elapsed = self.started.elapsed();
+        match &self.trace.route {
+            Some(r) => r
+                .metrics
+                .get_or_init(|| gw.metrics.for_route(&r.name))
+                .observe(status, elapsed),
+            None => gw.no_route_metrics.observe(status, elapsed),
+        }
+        if gw.access_log.enabled() {
+            gw.access_log.write(&AccessRecord {
+                ts_ms: self.now_ms,
+                request_id: &self.request_id,
+                method: self.method.as_str(),
+                route: self.trace.route.map_or(NO_ROUTE, |r| r.name.as_str()),
+                org: self.trace.key.map(|k| k.org.as_str()),
+                key_prefix: self.trace.key.map(|k| k.prefix.as_str()),
+                status,
+                upstream_status: self.trace.upstream_status,
+                latency_us: elapsed.as_micros() as u64,
+                bytes_in: self.bytes_in,
+                bytes_out,
+                error_code,
+                request_body: self.trace.request_body.take(),
+            });
+        }
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.answer(499, Some("client_closed_request"), None);
+        }
+        self.gateway.metrics.in_flight.dec();
+    }
 }
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -294,7 +401,14 @@ impl Gateway {
             clock,
             database: std::sync::Mutex::new(DependencyStatus::Off),
             draining: Default::default(),
+            body_read_timeout: super::config::DEFAULT_BODY_READ_TIMEOUT,
         }
+    }
+
+    /// The gateway with its `bodyReadTimeout`.
+    pub fn with_body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.body_read_timeout = timeout;
+        self
     }
 
     /// Serves one request through the whole stack. `forwarded_for` is the client's address as
@@ -304,16 +418,12 @@ impl Gateway {
         req: Request<Body>,
         forwarded_for: Option<HeaderValue>,
     ) -> Response<Body> {
-        let started = Instant::now();
-        let now_ms = (self.clock)();
-        self.metrics.in_flight.inc();
-        // Step 1: request id (kept from the client when well-formed) and what the log needs.
+        // Step 1: request id (kept from the client when well-formed) and the request's guard.
         let request_id_value = request_id(req.headers());
         let request_id = request_id_value.to_str().unwrap_or_default().to_owned();
-        let method = req.method().clone();
-        let bytes_in = req.body().size_hint().exact();
         let state = self.state.load();
-        let mut trace = Trace::default();
+        let mut exchange = Exchange::new(self, &req, request_id);
+        let now_ms = exchange.now_ms;
         let mut error_code = None;
         let mut resp = match self
             .serve(
@@ -322,7 +432,7 @@ impl Gateway {
                 now_ms,
                 &state,
                 &request_id_value,
-                &mut trace,
+                &mut exchange.trace,
             )
             .await
         {
@@ -335,42 +445,12 @@ impl Gateway {
                         .with_label_values(&[refusal.code()])
                         .inc();
                 }
-                rescue(&refusal, &request_id)
+                rescue(&refusal, &exchange.request_id)
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID, request_id_value);
-        let status = resp.status().as_u16();
-        let route = trace
-            .route
-            .as_ref()
-            .map(|r| r.name.as_str())
-            .unwrap_or(NO_ROUTE);
-        let elapsed = started.elapsed();
-        match &trace.route {
-            Some(r) => r
-                .metrics
-                .get_or_init(|| self.metrics.for_route(&r.name))
-                .observe(status, elapsed),
-            None => self.no_route_metrics.observe(status, elapsed),
-        }
-        if self.access_log.enabled() {
-            self.access_log.write(&AccessRecord {
-                ts_ms: now_ms,
-                request_id: &request_id,
-                method: method.as_str(),
-                route,
-                org: trace.key.as_ref().map(|k| k.org.as_str()),
-                key_prefix: trace.key.as_ref().map(|k| k.prefix.as_str()),
-                status,
-                upstream_status: trace.upstream_status,
-                latency_us: elapsed.as_micros() as u64,
-                bytes_in,
-                bytes_out: resp.body().size_hint().exact(),
-                error_code,
-                request_body: trace.request_body.take(),
-            });
-        }
-        self.metrics.in_flight.dec();
+        let bytes_out = resp.body().size_hint().exact();
+        exchange.answer(resp.status().as_u16(), error_code, bytes_out);
         resp
     }
 
@@ -383,6 +463,14 @@ impl Gateway {
         request_id: &HeaderValue,
         trace: &mut Trace<'s>,
     ) -> Result<Response<Body>, Refusal> {
+        // Step 1b: the request's shape: a method some route forwards, one valid Host, a target
+        // with one meaning (normalised; see `inbound`). No key is looked up for these.
+        if inbound::is_forbidden_method(req.method()) {
+            return Err(Refusal::MethodNotAllowed(ALLOW_DEFAULT));
+        }
+        inbound::check_host(req.version(), req.headers()).map_err(Refusal::BadHost)?;
+        let target = inbound::normalize(req.uri().path()).map_err(Refusal::BadTarget)?;
+
         // Step 2: API-key auth. Shape and checksum first (no lookup for typos), then the
         // HMAC under the pepper, compared in constant time.
         let text = presented_key(req.headers()).ok_or(Refusal::MissingKey)?;
@@ -402,9 +490,18 @@ impl Gateway {
             return Err(Refusal::GraceEnded);
         }
 
-        // Step 3: route match (longest prefix) and the route's key scopes.
-        let route: &Route = state.route_for(req.uri().path()).ok_or(Refusal::NoRoute)?;
+        // Step 3: route match (longest prefix, on the normalised path), the route's methods and
+        // key scopes, and the upstream target under the route's base path.
+        let route: &Route = state.route_for(&target.path).ok_or(Refusal::NoRoute)?;
         trace.route = Some(route);
+        if target.encoded_slash && !route.allow_encoded_slashes {
+            return Err(Refusal::BadTarget(TargetError::EncodedSlash));
+        }
+        if let Some(allow) = route.refuses(req.method()) {
+            return Err(Refusal::MethodNotAllowed(allow.clone()));
+        }
+        let upstream_target = route.upstream_path(&target.path, req.uri().query());
+        drop(target);
         if !route.allows(record.scope) {
             return Err(Refusal::ScopeForbidden(record.scope));
         }
@@ -432,16 +529,21 @@ impl Gateway {
             None => None,
         };
 
-        // Step 6: circuit breaker.
-        let (admission, transition) = route.breaker.admit(now);
+        // Step 6: circuit breaker. The permit lives in the request's guard.
+        let (entered, transition) = route.breaker.enter(now);
         self.note_breaker(route, transition);
-        if let Admission::Refused { retry_after_ms } = admission {
-            return Err(Refusal::BreakerOpen { retry_after_ms });
-        }
+        trace.permit = Some(entered.map_err(|retry_after_ms| Refusal::BreakerOpen { retry_after_ms })?);
 
-        // Step 7: the upstream request. The buyer's key never leaves the gateway.
+        // Step 7: the upstream request. The buyer's key never leaves the gateway; the client's
+        // body is watched, so its failures are the client's.
         let (parts, body) = req.into_parts();
-        let target = route.upstream_path(parts.uri.path(), parts.uri.query());
+        let (body, watch): (Body, Option<Arc<BodyWatch>>) = if body.is_end_stream() {
+            (body, None)
+        } else {
+            let (watched, watch) = WatchedBody::new(body, self.body_read_timeout);
+            (watched.boxed(), Some(watch))
+        };
+        let client_fault = || watch.as_ref().and_then(|w| w.fault());
         let forwarding = Forwarding {
             host: &route.host,
             request_id,
@@ -451,9 +553,9 @@ impl Gateway {
             credential,
         };
         let body: Body = if route.log_bodies {
-            let collected = collect_limited(body, LOG_BODY_BUFFER_LIMIT)
-                .await
-                .ok_or(Refusal::BodyTooLarge)?;
+            let Some(collected) = collect_limited(body, LOG_BODY_BUFFER_LIMIT).await else {
+                return Err(client_fault().map_or(Refusal::BodyTooLarge, Refusal::ClientBody));
+            };
             let shown = &collected[..collected.len().min(LOGGED_BODY_LIMIT)];
             trace.request_body = Some(String::from_utf8_lossy(shown).into_owned());
             full(collected)
@@ -464,37 +566,50 @@ impl Gateway {
         let sent = upstream::send(
             route.scheme.clone(),
             route.authority.clone(),
-            target,
+            upstream_target,
             upstream_req,
             Some(&forwarding),
         );
         let result = super::timer::timeout(route.timeout, sent).await;
+        // Whatever the upstream did, a failed client body makes this the client's request to
+        // answer for: the permit goes back unreported.
+        if let Some(fault) = client_fault() {
+            return Err(Refusal::ClientBody(fault));
+        }
         let resp = match result {
+            Err(_) if watch.as_ref().is_some_and(|w| w.waiting_on_client()) => {
+                // The upstream could not answer a request the client is still sending.
+                return Err(Refusal::ClientBody(BodyFault::TimedOut));
+            }
             Err(_) => {
-                self.upstream_failed(route, "timeout");
+                self.upstream_failed(route, trace, "timeout");
                 return Err(Refusal::UpstreamTimeout(route.timeout));
             }
             Ok(Err(upstream::UpstreamError::Protocol(e))) => {
                 tracing::warn!(route = %route.name, "upstream response refused: {e}");
-                self.upstream_failed(route, "bad_response");
+                self.upstream_failed(route, trace, "bad_response");
                 return Err(Refusal::UpstreamBadResponse);
             }
             Ok(Err(_)) => {
-                self.upstream_failed(route, "connect");
+                self.upstream_failed(route, trace, "connect");
                 return Err(Refusal::UpstreamUnreachable);
             }
             Ok(Ok(resp)) => resp,
         };
         let status = resp.status();
         if status.is_server_error() {
-            self.upstream_failed(route, "status_5xx");
-        } else {
-            self.note_breaker(route, route.breaker.record(true, (self.clock)()));
+            self.upstream_failed(route, trace, "status_5xx");
+        } else if let Some(permit) = trace.permit.take() {
+            self.note_breaker(route, permit.record(true, (self.clock)()));
         }
         trace.upstream_status = Some(status.as_u16());
 
         // Step 8: the response, with PII handling where the route asks for it.
         let (mut parts, body) = resp.into_parts();
+        if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            // Bodiless by status: a length would describe nothing that is sent.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         // Sent on every response: the String becomes the value without a copy.
         if let Ok(v) = HeaderValue::try_from(decision.ratelimit_header()) {
             parts.headers.insert(RATELIMIT, v);
@@ -510,9 +625,13 @@ impl Gateway {
             PiiMode::Off => body.map_err(|e| Box::new(e) as BoxError).boxed(),
             PiiMode::Mask => MaskingBody::new(body, counters()).boxed(),
             PiiMode::Flag => {
-                let (head, rest, complete) = collect_up_to(body, FLAG_SCAN_LIMIT).await;
-                if complete {
-                    let all: Vec<u8> = head.iter().flat_map(|b| b.iter().copied()).collect();
+                let prefixed = collect_up_to(body, FLAG_SCAN_LIMIT).await;
+                if prefixed.complete() {
+                    let all: Vec<u8> = prefixed
+                        .head
+                        .iter()
+                        .flat_map(|b| b.iter().copied())
+                        .collect();
                     let mut counts = pii::Counts::default();
                     counts.add(&pii::scan(&all));
                     for (i, c) in counters().iter().enumerate() {
@@ -527,18 +646,20 @@ impl Gateway {
                 } else {
                     insert_str(&mut parts.headers, X_APITREE_PII, "unscanned");
                 }
-                PrefixedBody { head, rest }.boxed()
+                prefixed.boxed()
             }
         };
         Ok(Response::from_parts(parts, body))
     }
 
-    fn upstream_failed(&self, route: &Route, kind: &'static str) {
+    fn upstream_failed(&self, route: &Route, trace: &mut Trace<'_>, kind: &'static str) {
         self.metrics
             .upstream_errors
             .with_label_values(&[route.name.as_str(), kind])
             .inc();
-        self.note_breaker(route, route.breaker.record(false, (self.clock)()));
+        if let Some(permit) = trace.permit.take() {
+            self.note_breaker(route, permit.record(false, (self.clock)()));
+        }
     }
 
     fn note_breaker(&self, route: &Route, transition: Option<Transition>) {
@@ -641,35 +762,48 @@ async fn collect_limited(mut body: Body, limit: usize) -> Option<Bytes> {
     Some(all.freeze())
 }
 
-/// Reads frames until `limit` bytes; returns them, the rest of the body, and whether the body
-/// ended within the limit.
-async fn collect_up_to(
-    mut body: UpstreamBody,
-    limit: usize,
-) -> (VecDeque<Bytes>, Option<UpstreamBody>, bool) {
+/// Reads frames until `limit` bytes: what was read, and how the body goes on.
+async fn collect_up_to(mut body: UpstreamBody, limit: usize) -> PrefixedBody {
     let mut head = VecDeque::new();
     let mut size = 0;
     loop {
-        match body.frame().await {
-            None => return (head, None, true),
-            Some(Err(_)) => return (head, None, false),
+        let rest = match body.frame().await {
+            None => Rest::Ended,
+            Some(Err(e)) => Rest::Failed(Some(e)),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     size += data.len();
                     head.push_back(data);
-                    if size > limit {
-                        return (head, Some(body), false);
-                    }
                 }
+                if size <= limit {
+                    continue;
+                }
+                Rest::Body(body)
             }
-        }
+        };
+        return PrefixedBody { head, rest };
     }
 }
 
-/// Already-read chunks followed by the rest of a body.
+/// Already-read chunks followed by the rest of a body: more of it, its end, or its failure,
+/// which reaches the client as a failure (a cut-off body must never look whole).
 struct PrefixedBody {
     head: VecDeque<Bytes>,
-    rest: Option<UpstreamBody>,
+    rest: Rest,
+}
+
+enum Rest {
+    Body(UpstreamBody),
+    Ended,
+    /// Taken when it is passed on.
+    Failed(Option<upstream::UpstreamError>),
+}
+
+impl PrefixedBody {
+    /// The whole body was read without failing.
+    fn complete(&self) -> bool {
+        matches!(self.rest, Rest::Ended)
+    }
 }
 
 impl HttpBody for PrefixedBody {
@@ -683,9 +817,13 @@ impl HttpBody for PrefixedBody {
         if let Some(chunk) = self.head.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        match self.rest.as_mut() {
-            None => Poll::Ready(None),
-            Some(rest) => Pin::new(rest)
+        match &mut self.rest {
+            Rest::Ended => Poll::Ready(None),
+            Rest::Failed(e) => match e.take() {
+                Some(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                None => Poll::Ready(None),
+            },
+            Rest::Body(rest) => Pin::new(rest)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
         }
@@ -767,9 +905,11 @@ pub fn default_workers() -> usize {
         })
 }
 
-/// How long the public listener waits on its clients, and on in-flight requests at shutdown.
+/// How the public listener treats its clients: how long it waits on them (and on in-flight
+/// requests at shutdown), which HTTP/1.1 loop serves them, how many accepted connections may
+/// wait for a worker.
 #[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
+pub struct ServerSettings {
     /// A request head must be whole this long after the connection's start (the first head)
     /// or after its first byte (later heads).
     pub header_read: Duration,
@@ -777,40 +917,88 @@ pub struct Timeouts {
     pub keep_alive: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Plain requests on the gateway's own loop (`front`); false: hyper's server only.
+    pub client_fast_path: bool,
+    /// Accepted connections that may wait for each worker; more are shed with a 503.
+    pub accept_queue: usize,
 }
 
-impl Timeouts {
-    /// The config's `headerReadTimeout`, `keepAliveTimeout` and `shutdownGrace`.
+impl ServerSettings {
+    /// The config's `headerReadTimeout`, `keepAliveTimeout`, `shutdownGrace`,
+    /// `clientFastPath` and `acceptQueue`.
     pub fn of(cfg: &super::config::ProxyConfig) -> Self {
         Self {
             header_read: cfg.header_read_timeout.as_std(),
             keep_alive: cfg.keep_alive_timeout.as_std(),
             shutdown_grace: cfg.shutdown_grace.as_std(),
+            client_fast_path: cfg.client_fast_path,
+            accept_queue: cfg.accept_queue.max(1),
         }
     }
 }
 
+/// Hands accepted connections to the workers, round-robin, through bounded queues. When every
+/// worker's queue is full the connection is shed: answered 503 with `Retry-After` and closed,
+/// and counted, instead of queued without limit (linkerd2-proxy's load shedding).
+pub struct Dispatch {
+    queues: Vec<tokio::sync::mpsc::Sender<Accepted>>,
+    next: usize,
+    shed: IntCounter,
+}
+
+/// What a shed connection is told. Written without reading the request: nothing was read.
+const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 94\r\n\r\n{\"error\":\"the gateway is overloaded; retry in a second\",\"code\":\"overloaded\",\"request_id\":null}";
+
+impl Dispatch {
+    pub fn new(queues: Vec<tokio::sync::mpsc::Sender<Accepted>>, shed: IntCounter) -> Self {
+        Self {
+            queues,
+            next: 0,
+            shed,
+        }
+    }
+
+    /// Queues the connection for the next worker with room; sheds it when none has any.
+    pub fn hand_out(&mut self, mut conn: Accepted) {
+        let n = self.queues.len();
+        for i in 0..n {
+            let queue = &self.queues[(self.next + i) % n];
+            match queue.try_send(conn) {
+                Ok(()) => {
+                    self.next = (self.next + i + 1) % n;
+                    return;
+                }
+                Err(e) => conn = e.into_inner(),
+            }
+        }
+        self.shed.inc();
+        // Best effort on a non-blocking socket: a full send buffer only loses the courtesy.
+        let _ = std::io::Write::write(&mut conn.0, SHED_RESPONSE);
+        let _ = conn.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 /// Runs the public and admin listeners until `shutdown` resolves, then drains in-flight
-/// requests for up to `timeouts.shutdown_grace`.
+/// requests for up to `settings.shutdown_grace`.
 pub async fn run(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()>,
-    timeouts: Timeouts,
+    settings: ServerSettings,
 ) {
     run_with_workers(
         gateway,
         listener,
         admin,
         shutdown,
-        timeouts,
+        settings,
         default_workers(),
     )
     .await
 }
 
-type Accepted = (std::net::TcpStream, SocketAddr);
+pub type Accepted = (std::net::TcpStream, SocketAddr);
 
 /// Like [`run`] with an explicit number of workers. Each worker is a thread with its own
 /// single-threaded runtime and upstream connection pool (like nginx's worker processes): a
@@ -821,14 +1009,14 @@ pub async fn run_with_workers(
     listener: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()>,
-    timeouts: Timeouts,
+    settings: ServerSettings,
     workers: usize,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut senders = Vec::with_capacity(workers);
     let mut finished = Vec::with_capacity(workers);
     for i in 0..workers.max(1) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(settings.accept_queue.max(1));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let gw = gateway.clone();
         let stop = stop_rx.clone();
@@ -839,7 +1027,7 @@ pub async fn run_with_workers(
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(worker(gw, rx, stop, timeouts)),
+                    Ok(rt) => rt.block_on(worker(gw, rx, stop, settings)),
                     Err(e) => tracing::error!("cannot start proxy worker {i}: {e}"),
                 }
                 let _ = done_tx.send(());
@@ -853,9 +1041,10 @@ pub async fn run_with_workers(
     }
 
     let admin_graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let http = http1_builder(timeouts.header_read);
+    let http = http1_builder(settings.header_read);
     tokio::pin!(shutdown);
-    let mut next = 0usize;
+    let has_workers = !senders.is_empty();
+    let mut dispatch = Dispatch::new(senders, gateway.metrics.connections_shed.clone());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -863,11 +1052,9 @@ pub async fn run_with_workers(
                 let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let Ok(std_stream) = stream.into_std() else { continue };
-                if senders.is_empty() {
-                    continue;
+                if has_workers {
+                    dispatch.hand_out((std_stream, peer));
                 }
-                let _ = senders[next % senders.len()].send((std_stream, peer));
-                next = next.wrapping_add(1);
             }
             accepted = admin.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
@@ -884,33 +1071,43 @@ pub async fn run_with_workers(
     drop(listener);
     gateway.start_draining();
     tracing::info!(
-        grace_secs = timeouts.shutdown_grace.as_secs(),
+        grace_secs = settings.shutdown_grace.as_secs(),
         "shutting down: draining in-flight requests"
     );
     let _ = stop_tx.send(true);
-    drop(senders);
+    drop(dispatch);
     for done in finished {
         let _ = done.await;
     }
     let _ = tokio::time::timeout(Duration::from_millis(100), admin_graceful.shutdown()).await;
 }
 
-pub(super) fn http1_builder(header_read: Duration) -> hyper::server::conn::http1::Builder {
+/// hyper's HTTP/1 server as the gateway's listeners use it; `header_read`: hyper's own
+/// header-read timeout (None where the caller keeps that deadline itself).
+pub(super) fn http1_builder(
+    header_read: impl Into<Option<Duration>>,
+) -> hyper::server::conn::http1::Builder {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true)
         .writev(false)
         // The worker's own deadline table on worker threads; tokio's timer elsewhere.
         .timer(super::timer::WorkerTimer)
-        .header_read_timeout(header_read);
+        .header_read_timeout(header_read)
+        // One head-size limit on both client paths: the fast path hands longer heads here,
+        // and hyper answers them 431 (its buffer limit alone lets a head that arrives in a
+        // few large reads through).
+        .max_header_size(super::front::MAX_HEAD_BYTES)
+        // A client that half-closes after its request still gets the response.
+        .half_close(true);
     http
 }
 
 /// One worker: serves the connections it is handed until told to stop, then drains.
 async fn worker(
     gateway: Arc<Gateway>,
-    mut conns: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    mut conns: tokio::sync::mpsc::Receiver<Accepted>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    timeouts: Timeouts,
+    settings: ServerSettings,
 ) {
     let drain = super::drain::Drain::new();
     tokio::spawn(super::timer::install());
@@ -925,12 +1122,12 @@ async fn worker(
                 let Some((std_stream, peer)) = next else { break };
                 let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
                 let forwarded_for = HeaderValue::from_str(&peer.ip().to_string()).ok();
-                let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone(), timeouts);
+                let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone(), settings);
                 tokio::spawn(drain.watch(conn));
             }
         }
     }
-    if tokio::time::timeout(timeouts.shutdown_grace, drain.drain())
+    if tokio::time::timeout(settings.shutdown_grace, drain.drain())
         .await
         .is_err()
     {
@@ -941,6 +1138,58 @@ async fn worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected pair: the gateway's accepted end and the client's end.
+    fn pair(listener: &std::net::TcpListener) -> (Accepted, std::net::TcpStream) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        ((server, peer), client)
+    }
+
+    #[test]
+    fn connections_wait_in_bounded_queues_and_are_shed_with_503_when_all_are_full() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx_a, mut rx_a) = tokio::sync::mpsc::channel::<Accepted>(1);
+        let (tx_b, mut rx_b) = tokio::sync::mpsc::channel::<Accepted>(2);
+        let shed = IntCounter::new("shed", "shed").unwrap();
+        let mut dispatch = Dispatch::new(vec![tx_a, tx_b], shed.clone());
+        // Round-robin while there is room: a, b, then b again (a is full), then b is full.
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let (conn, client) = pair(&listener);
+            dispatch.hand_out(conn);
+            clients.push(client);
+        }
+        assert_eq!(shed.get(), 0);
+        assert_eq!(rx_a.len(), 1);
+        assert_eq!(rx_b.len(), 2);
+        // Every queue full: the fourth is answered 503 and closed, not queued.
+        let (conn, mut client) = pair(&listener);
+        dispatch.hand_out(conn);
+        assert_eq!(shed.get(), 1);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(head.contains("retry-after: 1"));
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), length);
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["code"], "overloaded");
+        // A worker takes one: room again, no shedding.
+        assert!(rx_a.try_recv().is_ok());
+        let (conn, _client) = pair(&listener);
+        dispatch.hand_out(conn);
+        assert_eq!(shed.get(), 1);
+        assert_eq!(rx_a.len(), 1);
+    }
 
     #[test]
     fn request_ids_are_kept_when_well_formed_and_made_otherwise() {

@@ -19,7 +19,7 @@ use super::config::{parse_time_ms, CredentialKind, InvalidConfig, ProxyConfig};
 use super::keys::{KeyHash, Pepper};
 use super::ratelimit::Limits;
 use super::vault::MasterKeys;
-use crate::crd::gateway::{KeyScope, PiiMode, TierSpec};
+use crate::crd::gateway::{KeyScope, PiiMode, RouteMethod, TierSpec};
 
 /// A key as the gateway knows it (never the key itself).
 #[derive(Debug, Clone)]
@@ -71,6 +71,10 @@ pub struct Route {
     pub system: Option<Injected>,
     pub pii: PiiMode,
     pub log_bodies: bool,
+    /// The methods this route forwards and their `Allow` field; None: every method but TRACE
+    /// and CONNECT.
+    pub methods: Option<(Vec<http::Method>, HeaderValue)>,
+    pub allow_encoded_slashes: bool,
     pub breaker: Arc<Breaker>,
     breaker_settings: (u32, u64, u32, u64, u32),
     /// This route's metric handles, resolved on first use.
@@ -113,6 +117,30 @@ fn interned(text: &str) -> &'static str {
     text
 }
 
+/// A route's `methods` list as methods and an `Allow` field; `GET` brings `HEAD` along.
+fn route_methods(listed: &[RouteMethod]) -> Option<(Vec<http::Method>, HeaderValue)> {
+    if listed.is_empty() {
+        return None;
+    }
+    let mut methods: Vec<http::Method> = Vec::new();
+    for m in listed {
+        let implied = (*m == RouteMethod::Get).then_some(RouteMethod::Head);
+        for m in std::iter::once(*m).chain(implied) {
+            let m = m.as_method();
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
+    }
+    let allow = methods
+        .iter()
+        .map(http::Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let allow = HeaderValue::from_str(&allow).expect("method names are valid header text");
+    Some((methods, allow))
+}
+
 impl Route {
     /// Does `path` fall under this route? `/demo` matches `/demo` and `/demo/x`, not `/demox`.
     pub fn matches(&self, path: &str) -> bool {
@@ -134,6 +162,12 @@ impl Route {
             out.push_str(q);
         }
         out
+    }
+
+    /// The `Allow` field when this route does not forward `method`.
+    pub fn refuses(&self, method: &http::Method) -> Option<&HeaderValue> {
+        let (methods, allow) = self.methods.as_ref()?;
+        (!methods.contains(method)).then_some(allow)
     }
 
     pub fn allows(&self, scope: KeyScope) -> bool {
@@ -258,6 +292,8 @@ impl GatewayState {
                 system,
                 pii: r.pii,
                 log_bodies: r.log_bodies,
+                methods: route_methods(&r.methods),
+                allow_encoded_slashes: r.allow_encoded_slashes,
                 breaker,
                 breaker_settings: fingerprint,
                 metrics: std::sync::OnceLock::new(),

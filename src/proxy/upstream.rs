@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future::Either;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -167,6 +168,7 @@ pub enum UpstreamError {
 
 /// A connection that was idle, newest first; None when none is left.
 fn checkout<C: Reusable>(lists: &IdleLists<C>, key: &Key) -> Option<C> {
+    // (A pooled hyper connection was ready when it was checked in: see `UpstreamBody::release`.)
     let mut idle = lists.borrow_mut();
     let list = idle.get_mut(key)?;
     while let Some(i) = list.pop_back() {
@@ -323,6 +325,15 @@ async fn send_hyper(
     mut req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
     *req.uri_mut() = PathAndQuery::try_from(target)?.into();
+    if !req.body().is_end_stream()
+        && req.body().size_hint().exact().is_none()
+        && !req.headers().contains_key(CONTENT_LENGTH)
+    {
+        // A body of unknown length goes chunked whatever the method: left to itself, hyper's
+        // client sends a GET, HEAD or DELETE of unknown length as bodiless.
+        req.headers_mut()
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
     loop {
         let (mut sender, reused) = match POOL.with(|p| checkout(&p.idle, &key)) {
             Some(s) => (s, true),
@@ -336,7 +347,11 @@ async fn send_hyper(
         }
         match sender.try_send_request(req).await {
             Ok(mut resp) => {
-                // End-to-end fields only, as the fast path's parser hands on.
+                // Framed by Transfer-Encoding, a Content-Length beside it is stale (RFC 9112
+                // 6.3); then end-to-end fields only, as the fast path's parser hands on.
+                if resp.headers().contains_key(TRANSFER_ENCODING) {
+                    resp.headers_mut().remove(CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp.map(|b| UpstreamBody::hyper(b, key, sender)));
             }
@@ -543,10 +558,22 @@ impl UpstreamBody {
         body
     }
 
+    /// The response has ended: its connection goes back to the pool once it can take a new
+    /// request. Until then (the request body may still be on its way up) it is not pooled, so
+    /// no other request waits behind a stalled upload; a connection not ready within
+    /// [`IDLE_TIMEOUT`] is closed.
     fn release(&mut self) {
         if let Kind::Hyper { back, .. } = &mut self.0 {
-            if let Some((key, sender)) = back.take() {
-                POOL.with(|p| checkin(&p.idle, key, sender));
+            if let Some((key, mut sender)) = back.take() {
+                if sender.is_ready() {
+                    POOL.with(|p| checkin(&p.idle, key, sender));
+                    return;
+                }
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await {
+                        POOL.with(|p| checkin(&p.idle, key, sender));
+                    }
+                });
             }
         }
     }

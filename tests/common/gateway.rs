@@ -46,7 +46,8 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
 }
 
-/// Starts the upstream. Paths: `/fail` → 500, `/slow` → 2 s delay, `/pii` → a body with PII,
+/// Starts the upstream. Paths: `/fail` → 500, `/echo-body` → the method and the request body
+/// as JSON, `/slow` → 2 s delay, `/pii` → a body with PII,
 /// `/pii-stream` → 200 KiB of chunks with PII across chunk boundaries; anything else echoes the
 /// request as JSON (method, path, query, headers).
 pub async fn start_upstream() -> Upstream {
@@ -92,6 +93,15 @@ async fn upstream_response(req: hyper::Request<hyper::body::Incoming>) -> hyper:
     };
     match path.as_str() {
         "/fail" => full(500, "{\"upstream\":\"broken\"}".into()),
+        // The request body as it arrived, with the method.
+        "/echo-body" => {
+            let method = req.method().to_string();
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            let body = body.map_or_else(|e| format!("<body failed: {e}>"), |b| {
+                String::from_utf8_lossy(&b).into_owned()
+            });
+            full(200, serde_json::json!({"method": method, "body": body}).to_string())
+        }
         // Fields about the upstream's own connection, one of them named in `Connection`.
         "/hop-fields" => hyper::Response::builder()
             .status(200)
@@ -273,6 +283,15 @@ pub fn credential_entry(name: &str, org: &str, api: &str, kind: &str, secret: &s
 
 /// Starts a gateway from YAML (secrets are supplied here, not from files).
 pub async fn start_gateway(yaml: &str, limiter: Option<Limiter>) -> TestGateway {
+    start_gateway_with_workers(yaml, limiter, server::default_workers()).await
+}
+
+/// [`start_gateway`] with `workers` worker threads.
+pub async fn start_gateway_with_workers(
+    yaml: &str,
+    limiter: Option<Limiter>,
+    workers: usize,
+) -> TestGateway {
     install_crypto();
     let cfg: ProxyConfig =
         serde_saphyr::from_str(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
@@ -286,32 +305,38 @@ pub async fn start_gateway(yaml: &str, limiter: Option<Limiter>) -> TestGateway 
         Box::new(SharedWriter(log.clone())),
         metrics.access_log_dropped.clone(),
     );
-    let gateway = Arc::new(Gateway::new(
-        SharedState::new(state),
-        pepper(),
-        limiter,
-        metrics,
-        access_log,
-        server::system_clock(),
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            SharedState::new(state),
+            pepper(),
+            limiter,
+            metrics,
+            access_log,
+            server::system_clock(),
+        )
+        .with_body_read_timeout(cfg.body_read_timeout.as_std()),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let gw = gateway.clone();
-    let timeouts = server::Timeouts {
-        shutdown_grace: Duration::from_secs(5),
-        ..server::Timeouts::of(&cfg)
+    let settings = server::ServerSettings::of(&cfg);
+    let settings = server::ServerSettings {
+        // At most 5 s in tests (the default is 30 s).
+        shutdown_grace: settings.shutdown_grace.min(Duration::from_secs(5)),
+        ..settings
     };
     let done = tokio::spawn(async move {
-        server::run(
+        server::run_with_workers(
             gw,
             listener,
             admin,
             async {
                 let _ = rx.await;
             },
-            timeouts,
+            settings,
+            workers,
         )
         .await;
     });
