@@ -19,6 +19,7 @@ pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
+const CLOSE: HeaderName = HeaderName::from_static("close");
 // The names the policy sets, as statics: [`Forwarding::sets`] lends them out.
 static SET_HOST: HeaderName = HOST;
 static SET_REQUEST_ID: HeaderName = X_REQUEST_ID;
@@ -34,7 +35,9 @@ fn connection_listed(h: &HeaderMap) -> Vec<HeaderName> {
         (None, _) => true,
         (Some(v), None) => {
             let v = v.as_bytes();
-            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+            v.eq_ignore_ascii_case(b"keep-alive")
+                // `close` names a field too (RFC 9110 7.6.1); one called that is rare.
+                || (v.eq_ignore_ascii_case(b"close") && !h.contains_key(CLOSE))
         }
         _ => false,
     };

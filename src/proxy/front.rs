@@ -102,14 +102,23 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         let Ok(method) = Method::from_bytes(method.as_bytes()) else {
             return Parsed::NotPlain;
         };
+        // What follows a CONNECT is a tunnel, not the next request: hyper's to frame.
+        if method == Method::CONNECT {
+            return Parsed::NotPlain;
+        }
         let mut close = false;
+        let mut lengths = 0;
         for (field, span) in req.headers.iter().zip(spans.iter_mut()) {
             let (name, value) = (field.name.as_bytes(), field.value);
             let plain = match name.len() {
                 6 => !name.eq_ignore_ascii_case(b"expect"),
                 7 => !name.eq_ignore_ascii_case(b"upgrade"),
                 17 => !name.eq_ignore_ascii_case(b"transfer-encoding"),
-                14 if name.eq_ignore_ascii_case(b"content-length") => value.trim_ascii() == b"0",
+                // One `Content-Length: 0` at most: hyper folds repeated ones into one.
+                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    lengths += 1;
+                    lengths == 1 && value.trim_ascii() == b"0"
+                }
                 10 if name.eq_ignore_ascii_case(b"connection") => {
                     close |= lists(value, b"close");
                     true
@@ -710,9 +719,7 @@ impl Rewind {
 
 impl Drop for Rewind {
     fn drop(&mut self) {
-        if let (Some(io), Ok(runtime)) =
-            (self.io.take(), tokio::runtime::Handle::try_current())
-        {
+        if let (Some(io), Ok(runtime)) = (self.io.take(), tokio::runtime::Handle::try_current()) {
             runtime.spawn(linger(io));
         }
     }

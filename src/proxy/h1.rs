@@ -159,6 +159,10 @@ fn parse_one<const N: usize>(buf: &mut BytesMut) -> Result<Option<Parsed>, H1Err
     let mut room = [httparse::EMPTY_HEADER; N];
     let mut parsed = httparse::Response::new(&mut room);
     let len = match parsed.parse(buf) {
+        // Whole but too long: refused however the bytes arrived.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+            return Err(H1Error::HeadTooLarge)
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err(H1Error::HeadTooLarge)
@@ -206,6 +210,8 @@ struct Framers {
     keep_alive: bool,
     /// The last `Transfer-Encoding` value.
     transfer_encoding: Option<HeaderValue>,
+    /// A `Transfer-Encoding` value is not visible ASCII.
+    transfer_encoding_invalid: bool,
     /// Every `Content-Length` value and item so far: None before the first, then the one
     /// length they agree on, or an error.
     content_length: Option<Result<u64, H1Error>>,
@@ -225,6 +231,9 @@ impl Framers {
                 });
             }
         } else if name == http::header::TRANSFER_ENCODING {
+            // A value that is not visible ASCII has no agreed reading (hyper's client takes it
+            // as not chunked): refused in `finish_head`.
+            self.transfer_encoding_invalid |= value.to_str().is_err();
             self.transfer_encoding = Some(value.clone());
         } else if name == http::header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
@@ -233,7 +242,8 @@ impl Framers {
                 let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
                 self.close |= close;
                 self.keep_alive |= keep_alive;
-                if !(close || keep_alive) {
+                // Every option names a field to drop (RFC 9110 7.6.1), `close` too.
+                if !keep_alive {
                     self.listed.extend(listed_field(token));
                 }
             }
@@ -265,6 +275,11 @@ fn finish_head(
     let no_body =
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     if framers.transfer_encoding.is_some() {
+        if framers.transfer_encoding_invalid {
+            return Err(H1Error::Head(
+                "the Transfer-Encoding value is not visible ASCII".into(),
+            ));
+        }
         if version == Version::HTTP_10 {
             // RFC 9112 6.1: faulty framing; hyper's client refuses it too.
             return Err(H1Error::Head(
@@ -406,8 +421,13 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
     let scanned = buf.len().min(MAX_LINE_BYTES + 2);
     match buf[..scanned].windows(2).position(|w| w == b"\r\n") {
         Some(end) => {
-            if buf[..end].iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7F)) {
-                return Err(H1Error::Chunked("a line holds a bare CR, LF or control byte"));
+            if buf[..end]
+                .iter()
+                .any(|&b| b != b'\t' && (b < 0x20 || b == 0x7F))
+            {
+                return Err(H1Error::Chunked(
+                    "a line holds a bare CR, LF or control byte",
+                ));
             }
             let line = buf.split_to(end);
             let _ = buf.split_to(2);
@@ -428,7 +448,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
         return Err(H1Error::Chunked("a chunk size is too large"));
     }
     let rest = &line[digits..];
-    let rest = &rest[rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count()..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
     if !(rest.is_empty() || rest[0] == b';') {
         return Err(H1Error::Chunked("a chunk size is not hexadecimal"));
     }
@@ -648,5 +671,50 @@ mod tests {
             decode_in_steps(b"1000000000000000\r\n", 64).is_err(),
             "size overflow"
         );
+    }
+
+    /// A reader that ends lines at a bare LF would frame these differently: refused, in the
+    /// size line, its extensions and the trailers alike, however the bytes arrive.
+    #[test]
+    fn chunk_lines_end_in_crlf_only() {
+        for bad in [
+            &b"5;x\nhello\r\n0\r\n\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r;x\r\nhello\r\n0\r\n\r\n",
+            b"5;x=\x01\r\nhello\r\n0\r\n\r\n",
+            b"0\r\nX-T: a\nX-U: b\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
+        ] {
+            for step in [1, 3, 64] {
+                assert!(
+                    matches!(decode_in_steps(bad, step), Err(H1Error::Chunked(_))),
+                    "{:?} in steps of {step}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+        // Spaces and tabs before extensions are fine (RFC 9112 BWS).
+        let (body, _) = decode_in_steps(b"5 \t;a=b\r\nhello\r\n0\r\n\r\n", 1).unwrap();
+        assert_eq!(body, b"hello");
+    }
+
+    #[test]
+    fn a_length_beside_transfer_encoding_is_not_handed_on_and_http_1_0_may_not_use_it() {
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.framing, Framing::Chunked);
+        assert!(head.headers.get("content-length").is_none());
+        assert!(!head.keep_alive, "not reused after both framings");
+        assert!(matches!(
+            parse(
+                "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            ),
+            Err(H1Error::Head(_))
+        ));
     }
 }
