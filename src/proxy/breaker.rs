@@ -481,6 +481,10 @@ mod tests {
         let (new, _) = b.enter(19_000);
         let _new = new.unwrap();
         drop(old);
-        assert_eq!(b.enter(19_001).0.err(), Some(1_000), "the new probe still counts");
+        assert_eq!(
+            b.enter(19_001).0.err(),
+            Some(1_000),
+            "the new probe still counts"
+        );
     }
 }

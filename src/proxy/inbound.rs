@@ -22,7 +22,9 @@ use http::{header::HOST, uri::Authority, HeaderMap, Method, Version};
 /// Why a request target was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
-    #[error("the request path has an invalid percent-encoding (a % must be followed by two hex digits)")]
+    #[error(
+        "the request path has an invalid percent-encoding (a % must be followed by two hex digits)"
+    )]
     BadPercent,
     #[error("the request path contains a backslash, which servers read differently; use /")]
     Backslash,
@@ -344,8 +346,7 @@ mod tests {
                     let again = normalize(&t.path).expect("a normal form is valid");
                     assert_eq!(again.path, t.path, "{path} is not stable");
                     assert!(
-                        !t.path.contains("//")
-                            && !t.path.split('/').any(|s| s == "." || s == ".."),
+                        !t.path.contains("//") && !t.path.split('/').any(|s| s == "." || s == ".."),
                         "{path} → {}",
                         t.path
                     );
@@ -377,7 +378,11 @@ mod tests {
         assert_eq!(check_host(v11, &h(&["a", "b"])), Err(HostError::Repeated));
         assert_eq!(check_host(v11, &h(&["a", "a"])), Err(HostError::Repeated));
         for bad in ["", "user@host", "a b", "host:port", "a/b", ":80"] {
-            assert_eq!(check_host(v11, &h(&[bad])), Err(HostError::Invalid), "{bad:?}");
+            assert_eq!(
+                check_host(v11, &h(&[bad])),
+                Err(HostError::Invalid),
+                "{bad:?}"
+            );
         }
         assert_eq!(check_host(Version::HTTP_10, &h(&[])), Ok(()));
         assert_eq!(

@@ -114,15 +114,17 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     } else {
         accesslog::AccessLog::disabled(metrics.access_log_dropped.clone())
     };
-    let gateway = Arc::new(Gateway::new(
-        SharedState::new(state),
-        pepper,
-        limiter,
-        metrics,
-        access_log,
-        server::system_clock(),
-    )
-    .with_body_read_timeout(cfg.body_read_timeout.as_std()));
+    let gateway = Arc::new(
+        Gateway::new(
+            SharedState::new(state),
+            pepper,
+            limiter,
+            metrics,
+            access_log,
+            server::system_clock(),
+        )
+        .with_body_read_timeout(cfg.body_read_timeout.as_std()),
+    );
     let bind = |addr: String| async move {
         TcpListener::bind(&addr)
             .await
@@ -181,15 +183,17 @@ pub async fn start_embedded(
     let state = GatewayState::build(cfg, source, master_keys, None)?;
     let metrics = metrics::ProxyMetrics::new();
     metrics.config_reloads.with_label_values(&["ok"]).inc();
-    let gateway = Arc::new(Gateway::new(
-        SharedState::new(state),
-        pepper,
-        limiter::Limiter::local(metrics.clone()),
-        metrics.clone(),
-        accesslog::AccessLog::disabled(metrics.access_log_dropped.clone()),
-        server::system_clock(),
-    )
-    .with_body_read_timeout(cfg.body_read_timeout.as_std()));
+    let gateway = Arc::new(
+        Gateway::new(
+            SharedState::new(state),
+            pepper,
+            limiter::Limiter::local(metrics.clone()),
+            metrics.clone(),
+            accesslog::AccessLog::disabled(metrics.access_log_dropped.clone()),
+            server::system_clock(),
+        )
+        .with_body_read_timeout(cfg.body_read_timeout.as_std()),
+    );
     let bind = || async {
         TcpListener::bind("127.0.0.1:0")
             .await

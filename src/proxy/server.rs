@@ -114,7 +114,9 @@ pub enum Refusal {
     NoTier,
     NoCredential,
     RateLimited(Decision),
-    BreakerOpen { retry_after_ms: u64 },
+    BreakerOpen {
+        retry_after_ms: u64,
+    },
     UpstreamTimeout(Duration),
     UpstreamUnreachable,
     UpstreamBadResponse,
@@ -532,7 +534,8 @@ impl Gateway {
         // Step 6: circuit breaker. The permit lives in the request's guard.
         let (entered, transition) = route.breaker.enter(now);
         self.note_breaker(route, transition);
-        trace.permit = Some(entered.map_err(|retry_after_ms| Refusal::BreakerOpen { retry_after_ms })?);
+        trace.permit =
+            Some(entered.map_err(|retry_after_ms| Refusal::BreakerOpen { retry_after_ms })?);
 
         // Step 7: the upstream request. The buyer's key never leaves the gateway; the client's
         // body is watched, so its failures are the client's.

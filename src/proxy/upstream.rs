@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::Either;
-use http::uri::{Authority, PathAndQuery, Scheme};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;

@@ -97,10 +97,14 @@ async fn upstream_response(req: hyper::Request<hyper::body::Incoming>) -> hyper:
         "/echo-body" => {
             let method = req.method().to_string();
             let body = req.into_body().collect().await.map(|b| b.to_bytes());
-            let body = body.map_or_else(|e| format!("<body failed: {e}>"), |b| {
-                String::from_utf8_lossy(&b).into_owned()
-            });
-            full(200, serde_json::json!({"method": method, "body": body}).to_string())
+            let body = body.map_or_else(
+                |e| format!("<body failed: {e}>"),
+                |b| String::from_utf8_lossy(&b).into_owned(),
+            );
+            full(
+                200,
+                serde_json::json!({"method": method, "body": body}).to_string(),
+            )
         }
         // Fields about the upstream's own connection, one of them named in `Connection`.
         "/hop-fields" => hyper::Response::builder()
