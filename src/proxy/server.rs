@@ -1155,7 +1155,7 @@ mod tests {
         use std::io::Read;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (tx_a, mut rx_a) = tokio::sync::mpsc::channel::<Accepted>(1);
-        let (tx_b, mut rx_b) = tokio::sync::mpsc::channel::<Accepted>(2);
+        let (tx_b, rx_b) = tokio::sync::mpsc::channel::<Accepted>(2);
         let shed = IntCounter::new("shed", "shed").unwrap();
         let mut dispatch = Dispatch::new(vec![tx_a, tx_b], shed.clone());
         // Round-robin while there is room: a, b, then b again (a is full), then b is full.
