@@ -14,7 +14,7 @@ use kube::CustomResourceExt;
 use serde_json::Value;
 
 mod common;
-use common::schema::{schema_of, validate};
+use apitree::crd::validate::{schema_of, validate};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

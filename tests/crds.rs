@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::schema::{schema_of, validate};
+use apitree::crd::validate::{schema_of, validate};
 
 use apitree::crd::{self, ApiGateway, CredentialPolicy};
 use kube::CustomResourceExt;

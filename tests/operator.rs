@@ -569,3 +569,130 @@ async fn apitree_local_runs_files_and_an_edited_file_goes_through_the_gate() {
     assert_eq!(g["activeRevision"], revision.as_str());
     child.kill().await.unwrap();
 }
+
+/// A bad save in `apitree local` never takes traffic down or skips the gate: a truncated file,
+/// a wrong kind, a field the schema does not know, a negative replica count and a name taken by
+/// a second file each keep the last good spec serving (with an `InvalidManifest` event); the
+/// next valid revision, one with a dead upstream, still goes through the gate and is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apitree_local_keeps_serving_through_bad_saves_and_gates_what_follows() {
+    let _turn = TURN.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shop.yaml");
+    let good = local_manifest(http, "5s", "");
+    std::fs::write(&file, &good).unwrap();
+    let proxy_config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxy.yaml");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["local", "-f"])
+        .arg(dir.path())
+        .args(["--proxy-config", proxy_config, "--http"])
+        .arg(format!("127.0.0.1:{http}"))
+        .env_remove("SLACK_BOT_TOKEN")
+        .env_remove("APITREE_KEY_PEPPER")
+        .env_remove("APITREE_MASTER_KEY")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let g = wait_for(http, "Stable", |g| g["phase"] == "Stable").await;
+    let first = g["activeRevision"].as_str().unwrap().to_string();
+    let front = g["url"].as_str().unwrap().to_string();
+
+    // A client calls the gateway every 200 ms throughout (within the tier's 100 per 10 s);
+    // every answer must be a 200.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let client = {
+        let (stop, failures, calls, front) =
+            (stop.clone(), failures.clone(), calls.clone(), front.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = http
+                    .get(format!("{front}/status/gateways"))
+                    .bearer_auth("at_live_V2ETpgMyz46TvDL0DjSKtIxy76bWL04e4hAc")
+                    .send()
+                    .await;
+                calls.fetch_add(1, Ordering::Relaxed);
+                match r {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    let truncated = &good[..good.find("  gate:").unwrap() - 40];
+    let negative = good.replace("replicas: 1", "replicas: -2");
+    let unknown = good.replace("  replicas: 1\n", "  replicas: 1\n  replicaz: 2\n");
+    let wrong_kind = good.replacen("kind: ApiGateway", "kind: ApiGatway", 1);
+    let wrong_version = good.replacen("apitree.io/v1alpha1", "apitree.io/v2", 1);
+    let bad_saves: [(&str, &str); 5] = [
+        (truncated, "not valid YAML"),
+        (&wrong_kind, "ApiGatway"),
+        (&wrong_version, "apiVersion"),
+        (&unknown, "replicaz: unknown field"),
+        (&negative, "/spec/replicas"),
+    ];
+    for (text, says) in bad_saves {
+        std::fs::write(&file, text).unwrap();
+        let g = wait_for(
+            http,
+            &format!("an InvalidManifest event saying {says}"),
+            |g| {
+                g["events"].as_array().is_some_and(|e| {
+                    e.iter().any(|e| {
+                        e["reason"] == "InvalidManifest"
+                            && e["message"].as_str().is_some_and(|m| m.contains(says))
+                    })
+                })
+            },
+        )
+        .await;
+        assert_eq!(g["activeRevision"], first.as_str(), "after {says}");
+        assert_eq!(g["phase"], "Stable", "after {says}");
+    }
+    // The same name in a second file: a conflict, reported, and the gateway keeps running.
+    std::fs::write(&file, &good).unwrap();
+    let twin = dir.path().join("twin.yaml");
+    std::fs::write(&twin, local_manifest(http, "7s", "")).unwrap();
+    let g = wait_for(http, "a conflict event", |g| {
+        g["events"].as_array().is_some_and(|e| {
+            e.iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("defined in both"))
+            })
+        })
+    })
+    .await;
+    assert_eq!(g["activeRevision"], first.as_str());
+    std::fs::remove_file(&twin).unwrap();
+
+    // Then a valid revision that cannot work (its upstream is dead): the gate, not a first
+    // deploy, decides, and refuses it.
+    let dead = good.replace(&format!("127.0.0.1:{http}/api/"), "127.0.0.1:9/api/");
+    std::fs::write(&file, &dead).unwrap();
+    let g = wait_for(http, "the dead revision refused", |g| {
+        g["rejected"].is_string() && g["rejected"] != first.as_str()
+    })
+    .await;
+    assert_eq!(g["activeRevision"], first.as_str(), "blue kept the traffic");
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    assert!(calls.load(Ordering::Relaxed) > 20);
+    assert!(failures.is_empty(), "traffic failed: {failures:?}");
+    child.kill().await.unwrap();
+}

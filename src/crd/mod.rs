@@ -7,6 +7,7 @@ pub mod condition;
 pub mod credential_policy;
 pub mod duration;
 pub mod gateway;
+pub mod validate;
 
 pub use condition::{set_condition, ConditionStatus};
 pub use credential_policy::{CredentialPolicy, CredentialPolicySpec, CredentialPolicyStatus};

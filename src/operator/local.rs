@@ -63,7 +63,10 @@ pub enum LocalError {
 #[derive(Debug, Clone)]
 pub struct GatewayManifest {
     pub name: String,
-    /// The spec, or why it does not parse.
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The spec, or why it is refused (it does not parse, fails the CRD schema, or its name is
+    /// taken by another file).
     pub spec: Result<ApiGatewaySpec, String>,
     pub annotations: BTreeMap<String, String>,
 }
@@ -76,9 +79,19 @@ pub struct Manifests {
     pub secrets: HashMap<(String, String), String>,
     /// Secret name → digest of its content (its "resourceVersion" here).
     pub secret_versions: BTreeMap<String, String>,
+    /// Secret name → the file it came from.
+    pub secret_files: BTreeMap<String, PathBuf>,
     /// Documents that could not be read, with where and why.
     pub problems: Vec<String>,
+    /// Files that exist but could not be read whole (not YAML, a document of an unknown kind
+    /// or version, or without a name), with the first problem. A gateway such a file defined
+    /// before is kept on its last good spec, not removed: only deleting it from a file that
+    /// reads cleanly, or deleting the file, removes a gateway.
+    pub unreadable: BTreeMap<PathBuf, String>,
 }
+
+/// The `apiVersion` of the resources `apitree local` reads.
+const API_VERSION: &str = "apitree.io/v1alpha1";
 
 fn digest(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..4])
@@ -105,16 +118,29 @@ fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LocalError> {
 /// errors: one bad file must not stop the gateways of the others.
 pub fn load_manifests(path: &Path) -> Result<Manifests, LocalError> {
     let mut out = Manifests::default();
+    let troubled = |out: &mut Manifests, file: &Path, problem: String| {
+        out.unreadable
+            .entry(file.to_path_buf())
+            .or_insert_with(|| problem.clone());
+        out.problems.push(problem);
+    };
     for file in yaml_files(path)? {
-        let text = std::fs::read_to_string(&file).map_err(|e| LocalError::Read {
-            path: file.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(e) => {
+                troubled(
+                    &mut out,
+                    &file,
+                    format!("{}: cannot read: {e}", file.display()),
+                );
+                continue;
+            }
+        };
         let docs: Vec<Value> = match serde_saphyr::from_str_multiple(&text) {
             Ok(d) => d,
             Err(e) => {
-                out.problems
-                    .push(format!("{}: not valid YAML: {e}", file.display()));
+                let problem = format!("{}: not valid YAML: {e}", file.display());
+                troubled(&mut out, &file, problem);
                 continue;
             }
         };
@@ -124,8 +150,22 @@ pub fn load_manifests(path: &Path) -> Result<Manifests, LocalError> {
             match doc["kind"].as_str() {
                 Some("ApiGateway") => {
                     if name.is_empty() {
-                        out.problems
-                            .push(format!("{at}: ApiGateway without metadata.name"));
+                        troubled(
+                            &mut out,
+                            &file,
+                            format!("{at}: ApiGateway without metadata.name"),
+                        );
+                        continue;
+                    }
+                    if doc["apiVersion"].as_str() != Some(API_VERSION) {
+                        troubled(
+                            &mut out,
+                            &file,
+                            format!(
+                                "{at}: ApiGateway {name} has apiVersion {}; this version of apitree reads {API_VERSION}",
+                                doc["apiVersion"]
+                            ),
+                        );
                         continue;
                     }
                     let annotations = doc["metadata"]["annotations"]
@@ -136,10 +176,28 @@ pub fn load_manifests(path: &Path) -> Result<Manifests, LocalError> {
                                 .collect()
                         })
                         .unwrap_or_default();
-                    let spec = serde_json::from_value::<ApiGatewaySpec>(doc["spec"].clone())
-                        .map_err(|e| format!("{at}: spec: {e}"));
+                    // As an API server would: the CRD schema first (unknown fields, types,
+                    // ranges), then the Rust types.
+                    let refused = crate::crd::validate::api_gateway(&doc);
+                    let spec = if refused.is_empty() {
+                        serde_json::from_value::<ApiGatewaySpec>(doc["spec"].clone())
+                            .map_err(|e| format!("{at}: spec: {e}"))
+                    } else {
+                        Err(format!("{at}: {}", refused.join("; ")))
+                    };
+                    if let Some(first) = out.gateways.iter_mut().find(|g| g.name == name) {
+                        // Two files (or documents) name one gateway: neither wins.
+                        let conflict = format!(
+                            "ApiGateway {name} is defined in both {} and {at}; keep one",
+                            first.file.display()
+                        );
+                        out.problems.push(conflict.clone());
+                        first.spec = Err(conflict);
+                        continue;
+                    }
                     out.gateways.push(GatewayManifest {
                         name,
+                        file: file.clone(),
                         spec,
                         annotations,
                     });
@@ -173,14 +231,56 @@ pub fn load_manifests(path: &Path) -> Result<Manifests, LocalError> {
                         }
                     }
                     content.sort();
+                    out.secret_files.insert(name.clone(), file.clone());
                     out.secret_versions
                         .insert(name, digest(content.join("\n").as_bytes()));
                 }
-                _ => {}
+                other => {
+                    let kind =
+                        other.map_or_else(|| "no kind".to_string(), |k| format!("kind {k:?}"));
+                    troubled(
+                        &mut out,
+                        &file,
+                        format!(
+                            "{at}: {kind}; apitree local reads ApiGateway and Secret documents"
+                        ),
+                    );
+                }
             }
         }
     }
     Ok(out)
+}
+
+/// What a file that can no longer be read said before stays said: its gateways, refused with
+/// the file's problem (so each keeps serving its last good spec and its gate history), and its
+/// Secrets as they were.
+pub fn carry_over(before: &Manifests, now: &mut Manifests) {
+    for (file, problem) in &now.unreadable {
+        for g in before.gateways.iter().filter(|g| &g.file == file) {
+            if !now.gateways.iter().any(|n| n.name == g.name) {
+                now.gateways.push(GatewayManifest {
+                    spec: Err(problem.clone()),
+                    ..g.clone()
+                });
+            }
+        }
+        for (name, origin) in &before.secret_files {
+            if origin != file || now.secret_versions.contains_key(name) {
+                continue;
+            }
+            for ((secret, key), value) in &before.secrets {
+                if secret == name {
+                    now.secrets
+                        .insert((secret.clone(), key.clone()), value.clone());
+                }
+            }
+            if let Some(v) = before.secret_versions.get(name) {
+                now.secret_versions.insert(name.clone(), v.clone());
+            }
+            now.secret_files.insert(name.clone(), origin.clone());
+        }
+    }
 }
 
 /// A digest of the manifest files' names and contents: any edit, added or removed file changes
@@ -296,10 +396,11 @@ pub async fn run(
         if seen.as_deref() != Some(now_seen.as_str()) {
             seen = Some(now_seen);
             match load_manifests(&opts.path) {
-                Ok(m) => {
+                Ok(mut m) => {
                     for p in &m.problems {
                         tracing::error!("{p}");
                     }
+                    carry_over(&manifests, &mut m);
                     manifests = m;
                 }
                 Err(e) => tracing::error!("{e}; keeping the manifests read before"),
@@ -317,6 +418,7 @@ pub async fn run(
                 .filter(|n| !names.contains(n))
                 .cloned()
                 .collect();
+            // (Gateways of files that cannot be read are still listed: see `carry_over`.)
             for name in gone {
                 tracing::info!(gateway = %name, "manifest removed: stopping the gateway");
                 platform.remove(&name).await;
@@ -328,6 +430,9 @@ pub async fn run(
                         if &m.spec != spec {
                             let generation = m.generation + 1;
                             m.update_spec(spec.clone(), generation);
+                        } else {
+                            // Back to the spec it runs (a bad save undone).
+                            m.manifest_fixed();
                         }
                     }
                     (Ok(spec), None) => {

@@ -203,6 +203,11 @@ impl Managed {
         }
     }
 
+    /// The resource reads again as the spec that runs: the problem is over.
+    pub fn manifest_fixed(&mut self) {
+        self.manifest_error = None;
+    }
+
     /// A warning Event, once until its message changes (a setting that stays wrong must not
     /// repeat it every pass).
     pub fn warn_once(&mut self, reason: &str, message: &str, now: Timestamp) {

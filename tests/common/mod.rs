@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 pub mod gateway;
-pub mod schema;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 

@@ -1,32 +1,42 @@
-//! Validating documents against a CRD's schema the way an API server with strict field
-//! validation would.
+//! Checking a document against a CRD's schema the way an API server with strict field
+//! validation (kubectl's default) does: schema violations (types, enums, ranges, patterns,
+//! CEL-free structural rules) and unknown fields, which the API server would otherwise prune
+//! silently. `apitree local` reads manifests from files with no API server in between, so it
+//! applies the same check before a spec reaches the gate.
 
+use kube::CustomResourceExt;
 use serde_json::Value;
+
+use super::ApiGateway;
 
 /// The openAPIV3Schema of a CRD as plain JSON.
 pub fn schema_of(
     def: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 ) -> Value {
-    serde_json::to_value(
-        &def.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema,
-    )
-    .unwrap()
+    def.spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| serde_json::to_value(&s.open_api_v3_schema).ok())
+        .unwrap_or(Value::Null)
 }
 
-/// Problems an API server would report for `doc`: schema violations, plus unknown fields (which
-/// kubectl's default strict field validation refuses and the API server would otherwise prune).
+/// Problems an API server would report for `doc` against `schema`, each as `path: message`.
 pub fn validate(schema: &Value, doc: &Value) -> Vec<String> {
-    let validator = jsonschema::validator_for(schema).expect("schema compiles");
-    let mut out: Vec<String> = validator
-        .iter_errors(doc)
-        .map(|e| format!("{}: {}", e.instance_path, e))
-        .collect();
+    let mut out = match jsonschema::validator_for(schema) {
+        Ok(validator) => validator
+            .iter_errors(doc)
+            .map(|e| format!("{}: {}", e.instance_path, e))
+            .collect(),
+        Err(e) => vec![format!("the CRD schema does not compile: {e}")],
+    };
     unknown_fields(schema, doc, String::new(), &mut out);
     out
+}
+
+/// [`validate`] against the `ApiGateway` CRD generated from the Rust types.
+pub fn api_gateway(doc: &Value) -> Vec<String> {
+    validate(&schema_of(&ApiGateway::crd()), doc)
 }
 
 fn unknown_fields(schema: &Value, doc: &Value, path: String, out: &mut Vec<String>) {
