@@ -39,6 +39,13 @@ pub fn api_gateway(doc: &Value) -> Vec<String> {
     validate(&schema_of(&ApiGateway::crd()), doc)
 }
 
+/// Only the unknown fields of `doc` against `schema`, as `.path.to.field: unknown field`.
+pub fn unknown_fields_in(schema: &Value, doc: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    unknown_fields(schema, doc, String::new(), &mut out);
+    out
+}
+
 fn unknown_fields(schema: &Value, doc: &Value, path: String, out: &mut Vec<String>) {
     if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
         return;

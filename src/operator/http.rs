@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -153,10 +154,17 @@ impl HttpServer {
     }
 }
 
+/// A request head must be whole this long after a connection opens or after its previous
+/// response, or the connection is closed (the proxy's `headerReadTimeout` default): a client
+/// that sends half a request, or keeps a connection idle, cannot hold it open.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request heads longer than this are answered 431 (the proxy's limit).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Serves `state` on `listener` until [`HttpServer::stop`].
 pub fn spawn(listener: TcpListener, state: Arc<HttpState>) -> HttpServer {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, state, async {
+    let task = tokio::spawn(serve(listener, state, HEADER_READ_TIMEOUT, async {
         let _ = stopped.await;
     }));
     HttpServer { stop, task }
@@ -165,6 +173,7 @@ pub fn spawn(listener: TcpListener, state: Arc<HttpState>) -> HttpServer {
 async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
+    header_read: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -180,10 +189,54 @@ async fn serve(
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(header_read)
+                        .max_header_size(MAX_HEAD_BYTES)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod slow_clients {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A half-sent request and an idle connection are both closed after the header-read
+    /// timeout; a whole request is answered.
+    #[tokio::test]
+    async fn half_sent_requests_and_idle_connections_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(HttpState::new(Arc::new(OperatorMetrics::new()), None));
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, state, Duration::from_millis(300), async {
+            let _ = stopped.await;
+        }));
+        for sent in [&b"GET /healthz HTTP/1.1\r\nHo"[..], b""] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(sent).await.unwrap();
+            let started = std::time::Instant::now();
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+                .await
+                .expect("closed within 5 s")
+                .ok();
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 }

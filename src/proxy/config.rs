@@ -76,6 +76,27 @@ pub struct ProxyConfig {
     pub accept_queue: usize,
 }
 
+/// Unknown fields in a config file's `routes` and `tiers`, against the ApiGateway CRD schema.
+fn unknown_route_fields(doc: &serde_json::Value) -> Vec<Problem> {
+    use kube::CustomResourceExt;
+    let schema = crate::crd::validate::schema_of(&crate::crd::ApiGateway::crd());
+    let proxy = &schema["properties"]["spec"]["properties"]["proxy"]["properties"];
+    let mut out = Vec::new();
+    for list in ["routes", "tiers"] {
+        let items = &proxy[list]["items"];
+        for (i, item) in doc[list].as_array().into_iter().flatten().enumerate() {
+            for found in crate::crd::validate::unknown_fields_in(items, item) {
+                out.push(Problem {
+                    path: format!("{list}[{i}]{}", found.trim_end_matches(": unknown field")),
+                    message: "unknown field; check its spelling against the proxy config reference"
+                        .into(),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The default `bodyReadTimeout`.
 pub const DEFAULT_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -134,7 +155,7 @@ fn default_keep_alive() -> KubeDuration {
 }
 
 /// Files holding secrets, relative to the config file. Environment variables win over them.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretSources {
     /// File with the key-hashing pepper (≥ 32 bytes). Env: `APITREE_KEY_PEPPER`.
@@ -255,13 +276,63 @@ impl ProxyConfig {
                 message: format!("cannot read it: {e}"),
             }],
         })?;
-        serde_saphyr::from_str(&text).map_err(|e| InvalidConfig {
-            file,
+        let cfg: Self = serde_saphyr::from_str(&text).map_err(|e| InvalidConfig {
+            file: file.clone(),
             problems: vec![Problem {
                 path: "(yaml)".into(),
                 message: e.to_string(),
             }],
-        })
+        })?;
+        // Routes and tiers are the ApiGateway's types, which take what the API server has
+        // already pruned; a file has no API server, so unknown fields (a typo like `timout:`)
+        // are looked for here, against the same schema.
+        let unknown = serde_saphyr::from_str::<serde_json::Value>(&text)
+            .map(|doc| unknown_route_fields(&doc))
+            .unwrap_or_default();
+        if unknown.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(InvalidConfig {
+                file,
+                problems: unknown,
+            })
+        }
+    }
+
+    /// What the running process cannot change without a restart, named as in the file, where
+    /// `self` (the config it started with) and `new` differ.
+    pub fn restart_only_changes(&self, new: &ProxyConfig) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut differ = |field: &'static str, changed: bool| {
+            if changed {
+                out.push(field);
+            }
+        };
+        differ("listen", self.listen != new.listen);
+        differ("admin", self.admin != new.admin);
+        differ(
+            "secrets.pepperFile",
+            self.secrets.pepper_file != new.secrets.pepper_file,
+        );
+        differ("shutdownGrace", self.shutdown_grace != new.shutdown_grace);
+        differ(
+            "headerReadTimeout",
+            self.header_read_timeout != new.header_read_timeout,
+        );
+        differ(
+            "keepAliveTimeout",
+            self.keep_alive_timeout != new.keep_alive_timeout,
+        );
+        differ(
+            "bodyReadTimeout",
+            self.body_read_timeout != new.body_read_timeout,
+        );
+        differ(
+            "clientFastPath",
+            self.client_fast_path != new.client_fast_path,
+        );
+        differ("acceptQueue", self.accept_queue != new.accept_queue);
+        out
     }
 
     /// Every problem that would keep this config from running as written. `master_keys` is
@@ -291,6 +362,7 @@ impl ProxyConfig {
             ("headerReadTimeout", &self.header_read_timeout),
             ("keepAliveTimeout", &self.keep_alive_timeout),
             ("bodyReadTimeout", &self.body_read_timeout),
+            ("defaultTimeout", &self.default_timeout),
         ] {
             if value.as_std().is_zero() {
                 push(
@@ -370,6 +442,12 @@ impl ProxyConfig {
                 push(
                     p("pathPrefix"),
                     format!("{:?} is used by another route", r.path_prefix),
+                );
+            }
+            if r.timeout.as_ref().is_some_and(|t| t.as_std().is_zero()) {
+                push(
+                    p("timeout"),
+                    "must be longer than 0s: every call would time out (504)".into(),
                 );
             }
             match r.upstream.parse::<http::Uri>() {
@@ -580,5 +658,66 @@ routes:
         let err = serde_saphyr::from_str::<ProxyConfig>("listen: 127.0.0.1:1\nlisten_port: 3\n")
             .unwrap_err();
         assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+
+    /// Routes and tiers are the CRD's types: a typo there is refused by `load` with its path,
+    /// nested ones too.
+    #[test]
+    fn unknown_route_and_tier_fields_are_refused_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("proxy.yaml");
+        std::fs::write(
+            &file,
+            "routes:\n  - { name: a, pathPrefix: /a/, upstream: \"http://u/\", timout: 5s,\n      breaker: { consecutiveFailure: 3 } }\ntiers:\n  - { name: t, perKey: { burst10s: 1, perMinute: 1, perDay: 1, perHour: 1 },\n      perOrg: { burst10s: 1, perMinute: 1, perDay: 1 } }\n",
+        )
+        .unwrap();
+        let err = ProxyConfig::load(&file).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].breaker.consecutiveFailure",
+                "routes[0].timout",
+                "tiers[0].perKey.perHour"
+            ]
+        );
+        std::fs::write(
+            &file,
+            "routes:\n  - { name: a, pathPrefix: /a/, upstream: \"http://u/\", timeout: 5s }\n",
+        )
+        .unwrap();
+        assert!(ProxyConfig::load(&file).is_ok());
+    }
+
+    #[test]
+    fn a_zero_route_timeout_is_a_problem() {
+        let cfg = parse(
+            "routes:\n  - { name: a, pathPrefix: /a/, upstream: \"http://u/\", timeout: 0s }\ndefaultTimeout: 0s\n",
+        );
+        let paths: Vec<String> = cfg.problems(None).into_iter().map(|p| p.path).collect();
+        assert!(
+            paths.contains(&"routes[0].timeout".to_string()),
+            "{paths:?}"
+        );
+        assert!(paths.contains(&"defaultTimeout".to_string()), "{paths:?}");
+    }
+
+    #[test]
+    fn settings_only_a_restart_applies_are_named() {
+        let started = parse("listen: 127.0.0.1:1\n");
+        let same = parse("listen: 127.0.0.1:1\nroutes: []\n");
+        assert!(started.restart_only_changes(&same).is_empty());
+        let moved = parse(
+            "listen: 127.0.0.1:2\nsecrets: { pepperFile: p }\nclientFastPath: false\nbodyReadTimeout: 5s\n",
+        );
+        assert_eq!(
+            started.restart_only_changes(&moved),
+            [
+                "listen",
+                "secrets.pepperFile",
+                "bodyReadTimeout",
+                "clientFastPath"
+            ]
+        );
     }
 }

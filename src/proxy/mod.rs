@@ -243,14 +243,28 @@ fn warn_on_example_secrets(cfg: &ProxyConfig) {
 }
 
 /// Reloads the config file into a running gateway; keeps the old config when the new one is
-/// invalid (and says why). In database mode the database watcher reloads instead.
-pub fn reload(gateway: &Gateway, opts: &ProxyOptions) -> Result<(), ProxyError> {
+/// invalid (and says why). In database mode the database watcher reloads instead. Returns the
+/// changed settings only a restart applies (compared with `started`, the config the process
+/// started with): those keep running as started.
+pub fn reload(
+    gateway: &Gateway,
+    opts: &ProxyOptions,
+    started: &ProxyConfig,
+) -> Result<Vec<&'static str>, ProxyError> {
     if opts.database_url.is_some() {
         tracing::info!("database mode reloads on database changes; restart to apply file changes");
-        return Ok(());
+        return Ok(Vec::new());
     }
     let result = (|| {
-        let cfg = ProxyConfig::load(&opts.config)?;
+        let mut cfg = ProxyConfig::load(&opts.config)?;
+        // Command-line addresses win over the file's, as at start.
+        if let Some(l) = &opts.listen {
+            cfg.listen = l.clone();
+        }
+        if let Some(a) = &opts.admin {
+            cfg.admin = a.clone();
+        }
+        let restart = started.restart_only_changes(&cfg);
         let base = opts.config.parent().map(PathBuf::from).unwrap_or_default();
         let master_keys = state::load_master_keys(&cfg, &base).map_err(ProxyError::Secrets)?;
         let previous = gateway.state.current();
@@ -261,7 +275,7 @@ pub fn reload(gateway: &Gateway, opts: &ProxyOptions) -> Result<(), ProxyError> 
             Some(&previous),
         )?;
         gateway.state.store(state);
-        Ok(())
+        Ok(restart)
     })();
     let label = if result.is_ok() { "ok" } else { "error" };
     gateway
@@ -291,6 +305,7 @@ pub async fn serve(
     {
         let gw = gw.clone();
         let opts = opts.clone();
+        let started = prepared.config.clone();
         tokio::spawn(async move {
             let Ok(mut hup) =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -298,8 +313,12 @@ pub async fn serve(
                 return;
             };
             while hup.recv().await.is_some() {
-                match reload(&gw, &opts) {
-                    Ok(()) => tracing::info!("configuration reloaded"),
+                match reload(&gw, &opts, &started) {
+                    Ok(pending) if pending.is_empty() => tracing::info!("configuration reloaded"),
+                    Ok(pending) => tracing::warn!(
+                        "configuration reloaded, except settings only a restart applies, which still run as started: {}",
+                        pending.join(", ")
+                    ),
                     Err(e) => tracing::error!(
                         "configuration NOT reloaded, still serving the previous one: {e}"
                     ),
