@@ -50,6 +50,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`apitree pii scan | head -1`): nothing left to say to it.
+        Err(err) if reader_gone(&err) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the top-level message already carries the cause and what to check.
             eprintln!("error: {err}");
@@ -62,6 +64,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `err` is stdout's reader having closed the pipe.
+fn reader_gone(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `println!` that returns the write's error (a closed pipe among them) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
 }
 
 /// `drift check` found drift: exit 2, so scripts can tell it from errors (1).
@@ -97,7 +116,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Orgs(OrgsCommand::Create { name, db, actor }) => {
             let pool = open_db(&db).await?;
             let id = db::keys::create_org(&pool, &name, &actor.resolve()).await?;
-            println!("{id}");
+            outln!("{id}")?;
             Ok(())
         }
         Command::Credentials(CredentialsCommand::Reencrypt {
@@ -128,7 +147,7 @@ async fn run(command: Command) -> Result<()> {
                     }
                 }
             }
-            println!("audit log intact: {} rows verified", verifier.verified());
+            outln!("audit log intact: {} rows verified", verifier.verified())?;
             Ok(())
         }
         Command::Detect(DetectCommand::Replay {
@@ -150,7 +169,7 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
             let pool = open_db(&db).await?;
             let report = fix::check(&pool).await?;
             match format {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?)?,
                 OutputFormat::Text => print!("{}", report.text()),
             }
             if report.in_sync() {
@@ -170,10 +189,10 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
             let pool = open_db(&db).await?;
             let done = fix::fix(&pool, allow_changed, &actor).await?;
             match format {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&done)?),
+                OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&done)?)?,
                 OutputFormat::Text => {
                     for i in &done.applied {
-                        println!("fixed    {}: {}", i.object, i.detail);
+                        outln!("fixed    {}: {}", i.object, i.detail)?;
                     }
                     for i in &done.left {
                         let why = if i.fix_sql.is_none() {
@@ -181,7 +200,7 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
                         } else {
                             "changed: rerun with --allow-changed to rewrite it"
                         };
-                        println!("left     {}: {} ({why})", i.object, i.detail);
+                        outln!("left     {}: {} ({why})", i.object, i.detail)?;
                     }
                     print!("after the fix: {}", done.after.text());
                 }
@@ -280,7 +299,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     .await?;
     let summary = apitree::operator::demo::summary(&gateway);
     match args.format {
-        OutputFormat::Json => println!("{summary}"),
+        OutputFormat::Json => outln!("{summary}")?,
         OutputFormat::Text => {
             eprintln!(
                 "\ndemo finished: {} gate run(s), {} incident(s), {} notification(s)",
@@ -381,7 +400,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
                 name: &name,
             };
             let issued = db::keys::create_key(&pool, &pepper, new, &actor.resolve()).await?;
-            println!("{}", issued.key.expose_secret());
+            outln!("{}", issued.key.expose_secret())?;
             eprintln!(
                 "created key {} (id {}); this is the only time it is shown",
                 issued.key.prefix(),
@@ -411,7 +430,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
             .ok_or_else(|| {
                 anyhow!("no active, unrotated key with id {id}; see `apitree keys list`")
             })?;
-            println!("{}", rotation.new.key.expose_secret());
+            outln!("{}", rotation.new.key.expose_secret())?;
             eprintln!(
                 "new key {} (id {}); the old key {} stays valid until {} and is refused after that",
                 rotation.new.key.prefix(),
@@ -427,7 +446,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
             let revoked =
                 db::keys::sweep_grace(&pool, chrono::Utc::now(), &actor.resolve()).await?;
             for prefix in &revoked {
-                println!("{prefix}");
+                outln!("{prefix}")?;
             }
             eprintln!("{} key(s) past their grace period revoked", revoked.len());
         }
@@ -450,12 +469,15 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
             let pool = open_db(&dbargs).await?;
             let rows = db::keys::list_keys(&pool, org).await?;
             match format {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
                 OutputFormat::Text => {
-                    println!(
+                    outln!(
                         "{:<36}  {:<16}  {:<5}  {:<10}  STATE",
-                        "ID", "PREFIX", "SCOPE", "TIER"
-                    );
+                        "ID",
+                        "PREFIX",
+                        "SCOPE",
+                        "TIER"
+                    )?;
                     let now = chrono::Utc::now();
                     for r in rows {
                         let state = match (r.revoked_at, r.grace_until, r.expires_at) {
@@ -468,10 +490,13 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
                             (_, _, Some(e)) if e <= now => "expired".into(),
                             _ => "active".into(),
                         };
-                        println!(
+                        outln!(
                             "{:<36}  {:<16}  {:<5}  {:<10}  {state}",
-                            r.id, r.prefix, r.scope, r.tier
-                        );
+                            r.id,
+                            r.prefix,
+                            r.scope,
+                            r.tier
+                        )?;
                     }
                 }
             }
@@ -495,7 +520,7 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
         } => {
             let pepper = pepper_from(&secrets)?;
             let key = ApiKey::generate(to_scope(scope));
-            println!("{}", key.expose_secret());
+            outln!("{}", key.expose_secret())?;
             eprintln!(
                 "# Store only this entry; the key above is shown once.\n{}",
                 key_entry(&key, &pepper, &org)
@@ -536,10 +561,10 @@ async fn reencrypt(
         );
         if p.rewrapped == 0 || p.versions_in_use.is_empty() {
             if p.versions_in_use.is_empty() {
-                println!(
+                outln!(
                     "every credential is at key version {}; older versions are unused and can be removed",
                     p.target_version
-                );
+                )?;
                 return Ok(());
             }
             return Err(anyhow!(
@@ -662,19 +687,11 @@ fn pii_scan(mask: bool, format: OutputFormat) -> Result<()> {
     pii::apply_mask(&mut masked, &findings);
     let mut counts = pii::Counts::default();
     counts.add(&findings);
+    let positions = pii::line_columns(&text, findings.iter().map(|f| f.start));
     let rows: Vec<serde_json::Value> = findings
         .iter()
-        .map(|f| {
-            let line = text[..f.start].iter().filter(|b| **b == b'\n').count() + 1;
-            let line_start = text[..f.start]
-                .iter()
-                .rposition(|b| *b == b'\n')
-                .map(|p| p + 1)
-                .unwrap_or(0);
-            let column = String::from_utf8_lossy(&text[line_start..f.start])
-                .chars()
-                .count()
-                + 1;
+        .zip(positions)
+        .map(|(f, (line, column))| {
             serde_json::json!({
                 "kind": f.kind.label(),
                 "line": line,
@@ -689,20 +706,20 @@ fn pii_scan(mask: bool, format: OutputFormat) -> Result<()> {
                 .iter()
                 .map(|k| (k.label().to_string(), counts.0[*k as usize].into()))
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"findings": rows, "counts": by_kind})
-            );
+            )?;
         }
         OutputFormat::Text => {
             for r in &rows {
-                println!(
+                outln!(
                     "{}:{}\t{}\t{}",
                     r["line"],
                     r["column"],
                     r["kind"].as_str().unwrap_or(""),
                     r["masked"].as_str().unwrap_or("")
-                );
+                )?;
             }
             eprintln!("{} finding(s)", findings.len());
         }

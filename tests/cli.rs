@@ -209,6 +209,55 @@ fn pii_scan_masks_stdin_and_lists_findings() {
     );
 }
 
+/// `apitree … | head -1`: every command that writes to stdout ends quietly (exit 0, no panic,
+/// no error line) when its reader goes away, whatever the output mode.
+#[test]
+fn commands_end_quietly_when_the_reader_goes_away() {
+    use std::io::{BufRead, Write};
+    let many = "연락처 010-1234-5678\n".repeat(50_000);
+    let csv = {
+        let mut t = String::from("timestamp,requests,errors\n");
+        for i in 0..20_000 {
+            t.push_str(&format!("{},{},{}\n", 1_700_000_000 + i * 60, 1000, 5));
+        }
+        t
+    };
+    let cases: [(&[&str], &str); 4] = [
+        (&["pii", "scan"], &many),
+        (&["pii", "scan", "--format", "json"], &many),
+        (&["pii", "scan", "--mask"], &many),
+        (&["detect", "replay", "--input", "-"], &csv),
+    ];
+    for (args, input) in cases {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_apitree"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_string();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(input.as_bytes());
+        });
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        // The reader goes away after one line.
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        let err = stderr(&out);
+        assert!(!first.is_empty(), "{args:?} printed nothing: {err}");
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+        assert!(
+            !err.contains("panicked") && !err.contains("error"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn keys_hash_prints_the_stored_form_and_refuses_typos() {
     let pepper = "p-0123456789-0123456789-0123456789";

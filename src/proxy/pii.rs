@@ -506,6 +506,29 @@ impl StreamMasker {
     }
 }
 
+/// The 1-based line and column (in characters) of each byte offset in `text`, in one pass
+/// however many offsets there are (offsets in ascending order; a smaller one than the last is
+/// placed at the last one's position).
+pub fn line_columns(text: &[u8], offsets: impl Iterator<Item = usize>) -> Vec<(usize, usize)> {
+    let (mut line, mut column, mut at) = (1usize, 1usize, 0usize);
+    offsets
+        .map(|offset| {
+            let offset = offset.min(text.len());
+            for &b in text.get(at..offset).unwrap_or_default() {
+                if b == b'\n' {
+                    line += 1;
+                    column = 1;
+                } else if b & 0xC0 != 0x80 {
+                    // Not a UTF-8 continuation byte: a character starts here.
+                    column += 1;
+                }
+            }
+            at = at.max(offset);
+            (line, column)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,5 +671,26 @@ mod tests {
         }
         out.extend(m.finish());
         assert_eq!(String::from_utf8(out).unwrap(), whole);
+    }
+
+    #[test]
+    fn line_columns_count_lines_and_characters_in_one_pass() {
+        let text = "ab\n주민 x\n\nz".as_bytes();
+        let at = |needle: &str| {
+            text.windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .unwrap()
+        };
+        let offsets = [0, at("x"), at("z"), text.len()];
+        assert_eq!(
+            line_columns(text, offsets.into_iter()),
+            [(1, 1), (2, 4), (4, 1), (4, 2)]
+        );
+        // One pass: 200k offsets over 2 MB (rescanning from the start for each would take
+        // minutes).
+        let big = "0123456789\n".repeat(200_000);
+        let all = line_columns(big.as_bytes(), (0..big.len()).step_by(11));
+        assert_eq!(all.len(), 200_000);
+        assert_eq!(all[199_999], (200_000, 1));
     }
 }
