@@ -55,7 +55,7 @@ async fn main() {
     let mut findings = 0;
     for _ in 0..15 {
         let started = Instant::now();
-        let report = apitree::drift::fix::check(&pool).await.unwrap();
+        let report = apitree::drift::fix::check(&pool, false).await.unwrap();
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         findings = report.items.len();
     }

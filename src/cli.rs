@@ -51,7 +51,7 @@ pub enum Command {
     /// Creates the tenant tables (orgs, users, API keys, APIs, upstream credentials, usage) with
     /// row-level security, the incident and notification-outbox tables and the append-only,
     /// hash-chained audit log. Exits 1 with a one-line reason when the database is unreachable.
-    Migrate(DatabaseArgs),
+    Migrate(MigrateArgs),
 
     /// Run the gateway proxy (the data plane).
     ///
@@ -141,6 +141,10 @@ pub enum DriftCommand {
     Check {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
+        /// Check a database that holds tables but no apitree migration history (refused
+        /// otherwise: it is probably another application's).
+        #[arg(long)]
+        adopt: bool,
         #[command(flatten)]
         db: DatabaseArgs,
     },
@@ -149,6 +153,10 @@ pub enum DriftCommand {
         /// Also rewrite objects that differ (column types, defaults, constraints): may rewrite data.
         #[arg(long)]
         allow_changed: bool,
+        /// Fix a database that holds tables but no apitree migration history: creates apitree's
+        /// tables and turns on row-level security there (refused otherwise).
+        #[arg(long)]
+        adopt: bool,
         /// Who is fixing, for the audit log.
         #[arg(long, env = "APITREE_ACTOR", default_value = "apitree drift fix")]
         actor: String,
@@ -539,6 +547,16 @@ pub struct CrdsArgs {
         value_delimiter = ','
     )]
     pub out: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Migrate a database that holds tables but no apitree migration history (refused
+    /// otherwise: it is probably another application's).
+    #[arg(long)]
+    pub adopt: bool,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
 }
 
 #[derive(Debug, Args)]

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use apitree::cli::{
     AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DemoArgs,
-    DetectCommand, DriftCommand, KeysCommand, LocalArgs, OperatorArgs, OrgsCommand, OutputFormat,
-    PiiCommand, ProxyArgs, Scope, SecretArgs,
+    DetectCommand, DriftCommand, KeysCommand, LocalArgs, MigrateArgs, OperatorArgs, OrgsCommand,
+    OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -165,9 +165,9 @@ async fn run(command: Command) -> Result<()> {
 async fn drift(cmd: DriftCommand) -> Result<()> {
     use apitree::drift::fix;
     match cmd {
-        DriftCommand::Check { format, db } => {
+        DriftCommand::Check { format, adopt, db } => {
             let pool = open_db(&db).await?;
-            let report = fix::check(&pool).await?;
+            let report = fix::check(&pool, adopt).await?;
             match format {
                 OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?)?,
                 OutputFormat::Text => print!("{}", report.text()),
@@ -182,12 +182,13 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
         }
         DriftCommand::Fix {
             allow_changed,
+            adopt,
             actor,
             format,
             db,
         } => {
             let pool = open_db(&db).await?;
-            let done = fix::fix(&pool, allow_changed, &actor).await?;
+            let done = fix::fix(&pool, allow_changed, adopt, &actor).await?;
             match format {
                 OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&done)?)?,
                 OutputFormat::Text => {
@@ -745,13 +746,27 @@ fn crds(args: CrdsArgs) -> Result<()> {
     Ok(())
 }
 
-async fn migrate(args: DatabaseArgs) -> Result<()> {
-    let url = args.resolve().context(
+async fn migrate(args: MigrateArgs) -> Result<()> {
+    let url = args.db.resolve().context(
         "no database URL: pass --database-url, or set APITREE_DATABASE_URL or DATABASE_URL",
     )?;
     let target = db::describe_target(&db::parse_url(&url)?);
     let pool = db::connect(&url, 2).await?;
-    db::migrate(&pool, &target).await?;
+    db::migrate_with(&pool, &target, args.adopt).await?;
+    // Applied migrations are not a schema: a table dropped since is still missing.
+    let report = apitree::drift::fix::check(&pool, true).await?;
+    let missing: Vec<&str> = report
+        .items
+        .iter()
+        .filter(|i| i.kind == apitree::drift::Kind::Missing)
+        .map(|i| i.object.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(anyhow!(
+            "every migration is applied, but the schema is not what they make: missing {}; `apitree drift check` lists the drift and `apitree drift fix` restores it",
+            missing.join(", ")
+        ));
+    }
     let applied = db::MIGRATOR.iter().count();
     tracing::info!(%target, migrations = applied, "database is at the latest schema");
     Ok(())

@@ -84,14 +84,19 @@ pub async fn sweep_gateway(t: &SweepTarget, now: DateTime<Utc>) -> SweepOutcome 
     };
     if t.policy != DriftPolicy::Off {
         if t.policy == DriftPolicy::Auto {
-            match crate::drift::fix::fix(&pool, false, "apitree health sweep (driftPolicy: auto)")
-                .await
+            match crate::drift::fix::fix(
+                &pool,
+                false,
+                false,
+                "apitree health sweep (driftPolicy: auto)",
+            )
+            .await
             {
                 Ok(r) => out.fixed = r.applied.into_iter().map(|i| i.object).collect(),
                 Err(e) => out.problems.push(format!("drift fix: {e}")),
             }
         }
-        match crate::drift::fix::check(&pool).await {
+        match crate::drift::fix::check(&pool, false).await {
             Ok(report) => out.drift = Some(report.summary(now.to_rfc3339())),
             Err(e) => out.problems.push(format!("drift check: {e}")),
         }

@@ -85,6 +85,86 @@ async fn migrate_applies_and_is_idempotent_via_database_url_env() {
     }
 }
 
+/// Another application's database (tables, no apitree migration history) is refused by
+/// `migrate`, `drift check` and `drift fix`, and left exactly as it was; `--adopt` is the
+/// explicit way in.
+#[tokio::test]
+async fn commands_refuse_to_reshape_a_database_that_is_not_apitrees() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.pool().await;
+    common::exec(
+        &pool,
+        "CREATE TABLE users (id serial PRIMARY KEY, name text); INSERT INTO users (name) VALUES ('x')"
+            .into(),
+    )
+    .await
+    .unwrap();
+    for args in [
+        &["migrate"][..],
+        &["drift", "check"],
+        &["drift", "fix"],
+        &["drift", "fix", "--allow-changed"],
+    ] {
+        let mut all = args.to_vec();
+        all.extend(["--database-url", &tdb.url]);
+        let out = apitree(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("another application's database") && err.contains("--adopt"),
+            "{args:?}: {err}"
+        );
+    }
+    let (tables, rls): (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_tables WHERE schemaname = 'public'), \
+                (SELECT relrowsecurity FROM pg_class WHERE relname = 'users')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (tables, rls),
+        (1, false),
+        "the other application's table is untouched"
+    );
+    sqlx::query("INSERT INTO users (name) VALUES ('still works')")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Told explicitly, a database with unrelated tables is taken over.
+    let other = common::TestDb::new().await;
+    let pool = other.pool().await;
+    common::exec(&pool, "CREATE TABLE legacy_notes (id int)".into())
+        .await
+        .unwrap();
+    let out = apitree(&["migrate", "--adopt", "--database-url", &other.url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // From then on it has apitree's history: no --adopt needed.
+    let out = apitree(&["drift", "check", "--database-url", &other.url]);
+    assert_ne!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+/// `migrate` on a database whose migrations are all applied but a table was dropped since says
+/// so (exit 1) instead of "at the latest schema".
+#[tokio::test]
+async fn migrate_reports_a_dropped_table_instead_of_claiming_the_latest_schema() {
+    let tdb = common::TestDb::new().await;
+    let out = apitree(&["migrate", "--database-url", &tdb.url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pool = tdb.pool().await;
+    common::exec(&pool, "DROP TABLE usage_counters CASCADE".into())
+        .await
+        .unwrap();
+    let out = apitree(&["migrate", "--database-url", &tdb.url]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("usage_counters") && err.contains("drift fix"),
+        "{err}"
+    );
+}
+
 #[test]
 fn crds_prints_every_crd_and_writes_files() {
     let out = apitree(&["crds"]);

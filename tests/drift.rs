@@ -77,7 +77,7 @@ async fn every_kind_of_drift_is_found_classified_and_exits_2() {
     )
     .await
     .unwrap();
-    let report = check(&pool).await.unwrap();
+    let report = check(&pool, false).await.unwrap();
     let find = |object: &str| reported(&report, object);
     let expect = [
         ("index users_org_id_idx", Kind::Missing, Risk::Additive),
@@ -145,7 +145,7 @@ async fn fix_restores_missing_and_security_drift_once_and_audits_each_fix() {
     let db = TestDb::new().await;
     let pool = db.migrated_pool().await;
     exec(&pool, DRIFT.to_string()).await.unwrap();
-    let done = fix(&pool, false, "test:drift").await.unwrap();
+    let done = fix(&pool, false, false, "test:drift").await.unwrap();
     let fixed: Vec<&str> = done.applied.iter().map(|i| i.object.as_str()).collect();
     assert_eq!(fixed.len(), 5, "{fixed:?}");
     assert!(fixed.contains(&"trigger audit_log.audit_log_chain"));
@@ -171,7 +171,7 @@ async fn fix_restores_missing_and_security_drift_once_and_audits_each_fix() {
         "{audited:?}"
     );
     // Idempotent.
-    let again = fix(&pool, false, "test:drift").await.unwrap();
+    let again = fix(&pool, false, false, "test:drift").await.unwrap();
     assert!(again.applied.is_empty(), "{:#?}", again.applied);
 }
 
@@ -180,7 +180,10 @@ async fn concurrent_fixers_never_apply_a_fix_twice() {
     let db = TestDb::new().await;
     let pool = db.migrated_pool().await;
     exec(&pool, DRIFT.to_string()).await.unwrap();
-    let (a, b) = tokio::join!(fix(&pool, false, "fixer-a"), fix(&pool, false, "fixer-b"));
+    let (a, b) = tokio::join!(
+        fix(&pool, false, false, "fixer-a"),
+        fix(&pool, false, false, "fixer-b")
+    );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.applied.len() + b.applied.len(), 5, "{a:#?}\n{b:#?}");
     assert!(a.applied.is_empty() || b.applied.is_empty());
@@ -201,7 +204,7 @@ async fn a_changed_column_is_rewritten_only_with_allow_changed() {
     )
     .await
     .unwrap();
-    let done = fix(&pool, false, "t").await.unwrap();
+    let done = fix(&pool, false, false, "t").await.unwrap();
     assert!(done.applied.is_empty());
     assert_eq!(done.left[0].object, "column orgs.name");
     let out = Command::new(env!("CARGO_BIN_EXE_apitree"))
@@ -209,7 +212,7 @@ async fn a_changed_column_is_rewritten_only_with_allow_changed() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("rerun with --allow-changed"));
-    let done = fix(&pool, true, "t").await.unwrap();
+    let done = fix(&pool, true, false, "t").await.unwrap();
     let fixed: Vec<&str> = done.applied.iter().map(|i| i.object.as_str()).collect();
     assert_eq!(
         fixed,
@@ -233,7 +236,7 @@ async fn a_dropped_sequence_is_recreated_after_the_highest_id_and_a_renamed_enum
     )
     .await
     .unwrap();
-    let report = check(&pool).await.unwrap();
+    let report = check(&pool, false).await.unwrap();
     let find = |object: &str| reported(&report, object).clone();
     let seq = find("sequence notification_outbox_id_seq");
     assert_eq!((seq.kind, seq.risk), (Kind::Missing, Risk::Additive));
@@ -254,7 +257,7 @@ async fn a_dropped_sequence_is_recreated_after_the_highest_id_and_a_renamed_enum
         "a renamed label is a person's call"
     );
 
-    let done = fix(&pool, false, "t").await.unwrap();
+    let done = fix(&pool, false, false, "t").await.unwrap();
     let fixed: Vec<&str> = done.applied.iter().map(|i| i.object.as_str()).collect();
     assert_eq!(
         fixed,
@@ -322,7 +325,7 @@ async fn an_edited_migration_is_reported_and_a_whitespace_change_is_cosmetic() {
     );
     // Applied with CRLF line endings (no fingerprint: an older release applied it).
     applied_as(&pool, &file.replace('\n', "\r\n"), false).await;
-    let report = check(&pool).await.unwrap();
+    let report = check(&pool, false).await.unwrap();
     assert_eq!(report.history.len(), 1);
     assert_eq!(report.history[0].state, HistoryState::Cosmetic);
     assert!(report.in_sync(), "cosmetic history is not drift");
@@ -331,17 +334,17 @@ async fn an_edited_migration_is_reported_and_a_whitespace_change_is_cosmetic() {
     let roomier = file.replace('\n', "\n\n    ");
     applied_as(&pool, &roomier, false).await;
     assert_eq!(
-        check(&pool).await.unwrap().history[0].state,
+        check(&pool, false).await.unwrap().history[0].state,
         HistoryState::Edited
     );
     applied_as(&pool, &roomier, true).await;
     assert_eq!(
-        check(&pool).await.unwrap().history[0].state,
+        check(&pool, false).await.unwrap().history[0].state,
         HistoryState::Cosmetic
     );
     // A real edit.
     let version = applied_as(&pool, "CREATE TABLE something_else (x int);", true).await;
-    let report = check(&pool).await.unwrap();
+    let report = check(&pool, false).await.unwrap();
     assert_eq!(report.history[0].state, HistoryState::Edited);
     assert_eq!(report.history[0].version, version);
     assert!(!report.in_sync());

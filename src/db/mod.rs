@@ -42,6 +42,11 @@ pub enum DbError {
         source: sqlx::migrate::MigrateError,
     },
 
+    #[error(
+        "{target} holds {tables} table(s) but no apitree migration history: it looks like another application's database, and apitree will not reshape it. Check --database-url; if it really is apitree's (say, restored without its history), pass --adopt"
+    )]
+    NotApitree { target: String, tables: i64 },
+
     #[error("{operation} failed: {source}")]
     Query {
         operation: &'static str,
@@ -57,6 +62,7 @@ impl DbError {
             Self::InvalidUrl { .. } => "InvalidDatabaseUrl",
             Self::Connect { .. } => "DatabaseUnreachable",
             Self::Migrate { .. } => "MigrationFailed",
+            Self::NotApitree { .. } => "NotApitreeDatabase",
             Self::Query { .. } => "DatabaseQuery",
         }
     }
@@ -116,8 +122,55 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         .map_err(fail)
 }
 
+/// Whether apitree may shape this database: one that is empty (no tables in `public`) or
+/// holds apitree's migration history (its first migration recorded in `_sqlx_migrations`).
+/// Anything else is another application's database, refused unless `adopt` says otherwise.
+pub async fn ensure_apitree(pool: &PgPool, target: &str, adopt: bool) -> Result<(), DbError> {
+    if adopt {
+        return Ok(());
+    }
+    let first = MIGRATOR.iter().next().map_or(0, |m| m.version);
+    let (tables, ours): (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'),
+                to_regclass('public._sqlx_migrations') IS NOT NULL
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                            WHERE a.attrelid = to_regclass('public._sqlx_migrations') AND a.attname = 'version')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|source| DbError::Query {
+        operation: "look for apitree's migration history",
+        source,
+    })?;
+    let ours = ours
+        && sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = $1)",
+        )
+        .bind(first)
+        .fetch_one(pool)
+        .await
+        .map_err(|source| DbError::Query {
+            operation: "read the migration history",
+            source,
+        })?;
+    if tables > 0 && !ours {
+        return Err(DbError::NotApitree {
+            target: target.to_string(),
+            tables,
+        });
+    }
+    Ok(())
+}
+
 /// Applies every pending migration; already applied ones are skipped, so this is idempotent.
+/// Refuses another application's database ([`ensure_apitree`]).
 pub async fn migrate(pool: &PgPool, target: &str) -> Result<(), DbError> {
+    migrate_with(pool, target, false).await
+}
+
+/// [`migrate`], taking over a database without apitree's history when `adopt` is set.
+pub async fn migrate_with(pool: &PgPool, target: &str, adopt: bool) -> Result<(), DbError> {
+    ensure_apitree(pool, &format!("the database at {target}"), adopt).await?;
     MIGRATOR
         .run(pool)
         .await

@@ -112,8 +112,10 @@ impl Report {
     }
 }
 
-/// Compares the database with the expected schema and the migration history.
-pub async fn check(pool: &PgPool) -> Result<Report, DriftError> {
+/// Compares the database with the expected schema and the migration history. Refuses
+/// another application's database unless `adopt` ([`crate::db::ensure_apitree`]).
+pub async fn check(pool: &PgPool, adopt: bool) -> Result<Report, DriftError> {
+    crate::db::ensure_apitree(pool, "the database", adopt).await?;
     let expected = expected().map_err(|source| DriftError::Snapshot {
         source,
         command: super::SNAPSHOT_COMMAND,
@@ -140,8 +142,15 @@ pub struct FixReport {
     pub after: Report,
 }
 
-/// Applies the fixes, audited as `actor`.
-pub async fn fix(pool: &PgPool, allow_changed: bool, actor: &str) -> Result<FixReport, DriftError> {
+/// Applies the fixes, audited as `actor`. Refuses another application's database unless
+/// `adopt`: a fix creates apitree's tables and turns on row-level security.
+pub async fn fix(
+    pool: &PgPool,
+    allow_changed: bool,
+    adopt: bool,
+    actor: &str,
+) -> Result<FixReport, DriftError> {
+    crate::db::ensure_apitree(pool, "the database", adopt).await?;
     let expected = expected().map_err(|source| DriftError::Snapshot {
         source,
         command: super::SNAPSHOT_COMMAND,
@@ -184,7 +193,7 @@ pub async fn fix(pool: &PgPool, allow_changed: bool, actor: &str) -> Result<FixR
         .await?;
     }
     tx.commit().await.map_err(query("commit the drift fix"))?;
-    let after = check(pool).await?;
+    let after = check(pool, adopt).await?;
     Ok(FixReport {
         applied,
         left,

@@ -194,7 +194,7 @@ async fn drift_verdict(
     };
     let mut fixed = 0;
     if t.spec.drift_policy == DriftPolicy::Auto {
-        match fix::fix(&pool, false, "apitree-operator (driftPolicy: auto)").await {
+        match fix::fix(&pool, false, false, "apitree-operator (driftPolicy: auto)").await {
             Ok(r) => fixed = r.applied.len(),
             Err(e) => {
                 pool.close().await;
@@ -206,7 +206,7 @@ async fn drift_verdict(
             }
         }
     }
-    let report = fix::check(&pool).await;
+    let report = fix::check(&pool, false).await;
     pool.close().await;
     let report = match report {
         Ok(r) => r,
