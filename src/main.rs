@@ -129,6 +129,9 @@ async fn run(command: Command) -> Result<()> {
         Command::Pii(PiiCommand::Scan { mask, format }) => pii_scan(mask, format),
         Command::Audit(AuditCommand::Verify { db: dbargs }) => {
             let pool = open_db(&dbargs).await?;
+            if let Some(why) = db::audit::hidden_rows(&pool).await? {
+                return Err(anyhow!("cannot verify the audit log: {why}"));
+            }
             let mut verifier = db::audit::ChainVerifier::new();
             let mut after = 0;
             loop {

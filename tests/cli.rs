@@ -524,4 +524,37 @@ async fn audit_verify_passes_an_intact_chain_and_names_the_first_altered_row() {
     let out = apitree_stdin(&["audit", "verify"], &[db], "");
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("BROKEN at row 3"), "{}", stderr(&out));
+
+    // A role that row-level security filters sees no rows: it must not certify the (tampered)
+    // chain as intact, and says why.
+    let role = format!("auditor_{}", &tdb.name[10..]);
+    common::exec(
+        &pool,
+        format!(
+            "CREATE ROLE {role} LOGIN; GRANT CONNECT ON DATABASE {db} TO {role}; \
+             GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT ON audit_log TO {role}",
+            db = tdb.name
+        ),
+    )
+    .await
+    .unwrap();
+    let as_role = tdb
+        .url
+        .replacen("postgres://postgres", &format!("postgres://{role}"), 1);
+    let as_role = as_role.replacen(":postgres@", "@", 1);
+    let out = apitree_stdin(
+        &["audit", "verify"],
+        &[("APITREE_DATABASE_URL", as_role.as_str())],
+        "",
+    );
+    let err = stderr(&out);
+    common::exec(&pool, format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("row-level security filters audit_log"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("intact"));
 }

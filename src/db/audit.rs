@@ -51,6 +51,37 @@ pub async fn append<'e>(
     .map_err(DbError::query("append audit entry"))
 }
 
+/// Why this connection's role cannot see every row of `audit_log`, if it cannot: row-level
+/// security applies to it (not the owner, nor a superuser or BYPASSRLS role, or the table
+/// forces it), or it may not read the table. A verifier that sees only some rows (or none)
+/// cannot vouch for the chain: "0 rows, intact" would be a lie.
+pub async fn hidden_rows(pool: &sqlx::PgPool) -> Result<Option<String>, DbError> {
+    let (role, readable, bypass, owner, enabled, forced): (String, bool, bool, bool, bool, bool) =
+        sqlx::query_as(
+            "SELECT current_user::text,
+                    has_table_privilege('audit_log', 'SELECT'),
+                    (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user),
+                    pg_has_role(c.relowner, 'USAGE'),
+                    c.relrowsecurity,
+                    c.relforcerowsecurity
+             FROM pg_class c WHERE c.oid = 'audit_log'::regclass",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(DbError::query("look at who may read audit_log"))?;
+    if !readable {
+        return Ok(Some(format!(
+            "role {role} may not read audit_log; run the verifier as the table's owner"
+        )));
+    }
+    let filtered = enabled && !bypass && (!owner || forced);
+    Ok(filtered.then(|| {
+        format!(
+            "row-level security filters audit_log for role {role}, so some rows (perhaps all) are hidden from it; run the verifier as the table's owner or a role with BYPASSRLS"
+        )
+    }))
+}
+
 /// The exact text the database hashes for a row (`audit_log_canonical` in SQL).
 pub fn canonical(row: &AuditRow) -> String {
     [
