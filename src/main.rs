@@ -637,22 +637,38 @@ fn detect_replay(input: &Path, config: Option<&Path>, format: OutputFormat) -> R
             t.critical
         ));
     }
-    let text = if input == Path::new("-") {
-        let mut buf = String::new();
-        std::io::stdin().read_to_string(&mut buf)?;
-        buf
+    // Streamed: each verdict is written as its row is read, in bounded memory.
+    let reader: Box<dyn std::io::BufRead + 'static> = if input == Path::new("-") {
+        Box::new(std::io::stdin().lock())
     } else {
-        std::fs::read_to_string(input)
-            .map_err(|e| anyhow!("cannot read {}: {e}", input.display()))?
+        let file = std::fs::File::open(input)
+            .map_err(|e| anyhow!("cannot read {}: {e}", input.display()))?;
+        Box::new(std::io::BufReader::new(file))
     };
-    let rows = replay::replay(&text, &ScoreConfig::from(&spec))
-        .map_err(|e| anyhow!("{}: {e}", input.display()))?;
+    let cfg = ScoreConfig::from(&spec);
+    let mut replayer: Option<replay::Replayer> = None;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for r in &rows {
+    for (i, line) in std::io::BufRead::lines(reader).enumerate() {
+        let line = line.map_err(|e| anyhow!("{}: line {}: {e}", input.display(), i + 1))?;
+        let at = |e: replay::ReplayError| anyhow!("{}: {e}", input.display());
+        let row = match replayer.as_mut() {
+            None => {
+                replayer = replay::Replayer::header(i + 1, &line, cfg.clone()).map_err(at)?;
+                continue;
+            }
+            Some(r) => r.row(i + 1, &line).map_err(at)?,
+        };
+        let Some(r) = row else { continue };
         match format {
-            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(r)?)?,
-            OutputFormat::Text => writeln!(out, "{}", replay::text_line(r))?,
+            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&r)?)?,
+            OutputFormat::Text => writeln!(out, "{}", replay::text_line(&r))?,
         }
+    }
+    if replayer.is_none() {
+        return Err(anyhow!(
+            "{}: line 1: empty input; expected a header like timestamp,requests,errors",
+            input.display()
+        ));
     }
     out.flush()?;
     Ok(())

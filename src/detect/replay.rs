@@ -103,80 +103,170 @@ fn round(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-/// Replays a CSV document.
+/// Replays a CSV document (all in memory; [`Replayer`] streams).
 pub fn replay(csv: &str, cfg: &ScoreConfig) -> Result<Vec<ReplayRow>, ReplayError> {
-    let mut lines = csv
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
-    let (header_idx, header) = lines.next().ok_or_else(|| {
-        err(
+    let mut replayer: Option<Replayer> = None;
+    let mut out = Vec::new();
+    for (i, line) in csv.lines().enumerate() {
+        match replayer.as_mut() {
+            None => replayer = Replayer::header(i + 1, line, cfg.clone())?,
+            Some(r) => out.extend(r.row(i + 1, line)?),
+        }
+    }
+    if replayer.is_none() {
+        return Err(err(
             1,
             "empty input; expected a header like timestamp,requests,errors",
-        )
-    })?;
-    let columns: Vec<String> = header
-        .split(',')
-        .map(|c| c.trim().to_ascii_lowercase())
-        .collect();
-    let col = |name: &str| columns.iter().position(|c| c == name);
-    let ts = col("timestamp")
-        .ok_or_else(|| err(header_idx + 1, "the header needs a timestamp column"))?;
-    let gauge = col("value");
-    let requests = col("requests");
-    let errors = col("errors");
-    if gauge.is_none() && (requests.is_none() || errors.is_none()) {
-        return Err(err(
-            header_idx + 1,
-            "the header needs either requests and errors columns, or a value column",
         ));
     }
-    let auth = col("auth_failures");
-    let p99 = col("p99_ms");
+    Ok(out)
+}
 
-    let mut main = Series::default();
-    let mut auth_series = Series::default();
-    let mut latency_series = Series::default();
-    let mut out = Vec::new();
-    for (i, line) in lines {
-        let n = i + 1;
+/// Replays rows one at a time, so an input of any length is replayed in bounded memory and
+/// each verdict can be written as soon as its row is read. Rows must come in ascending time
+/// order, one per window: an unsorted or repeated timestamp would change every verdict after
+/// it (a burst counted twice, or hidden), so it is refused with its line.
+pub struct Replayer {
+    cfg: ScoreConfig,
+    columns: usize,
+    ts: usize,
+    measured: Measured,
+    /// The requests column, for the auth-failure ratio.
+    requests: Option<usize>,
+    auth: Option<usize>,
+    p99: Option<usize>,
+    main: Series,
+    auth_series: Series,
+    latency_series: Series,
+    /// The previous row's time and line.
+    last: Option<(i64, usize)>,
+}
+
+/// What the main series of a replay is made of.
+enum Measured {
+    /// A `value` column: a gauge.
+    Gauge(usize),
+    /// `requests` and `errors` columns: an error ratio.
+    Errors { requests: usize, errors: usize },
+}
+
+/// Timestamps are refused outside 1970..=9999 (unix seconds).
+const LATEST_TIMESTAMP: i64 = 253_402_300_799;
+/// A gauge value beyond this is not a measurement (and would overflow the scoring's sums).
+const LARGEST_VALUE: f64 = 1e15;
+
+impl Replayer {
+    /// Reads the header line (line number `n`); `Ok(None)` for a blank or comment line, which
+    /// comes before the header. A UTF-8 byte-order mark before it is skipped.
+    pub fn header(n: usize, line: &str, cfg: ScoreConfig) -> Result<Option<Self>, ReplayError> {
+        let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            return Ok(None);
+        }
+        let columns: Vec<String> = line
+            .split(',')
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect();
+        let col = |name: &str| columns.iter().position(|c| c == name);
+        let ts = col("timestamp").ok_or_else(|| err(n, "the header needs a timestamp column"))?;
+        let measured = match (col("value"), col("requests"), col("errors")) {
+            (Some(g), _, _) => Measured::Gauge(g),
+            (None, Some(requests), Some(errors)) => Measured::Errors { requests, errors },
+            _ => {
+                return Err(err(
+                    n,
+                    "the header needs either requests and errors columns, or a value column",
+                ))
+            }
+        };
+        Ok(Some(Self {
+            cfg,
+            columns: columns.len(),
+            ts,
+            measured,
+            requests: col("requests"),
+            auth: col("auth_failures"),
+            p99: col("p99_ms"),
+            main: Series::default(),
+            auth_series: Series::default(),
+            latency_series: Series::default(),
+            last: None,
+        }))
+    }
+
+    /// Replays line `n`; `Ok(None)` for a blank or comment line.
+    pub fn row(&mut self, n: usize, line: &str) -> Result<Option<ReplayRow>, ReplayError> {
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            return Ok(None);
+        }
+        let cfg = &self.cfg;
         let fields: Vec<&str> = line.split(',').collect();
-        if fields.len() != columns.len() {
+        if fields.len() != self.columns {
             return Err(err(
                 n,
                 format!(
                     "expected {} fields like the header, found {}",
-                    columns.len(),
+                    self.columns,
                     fields.len()
                 ),
             ));
         }
-        let at = parse_time(fields[ts], n)?;
-        let verdict = match gauge {
-            Some(g) => main.observe_gauge(at, parse_float(fields[g], "value", n)?, cfg),
-            None => {
-                let req = parse_count(fields[requests.expect("checked")], "requests", n)?;
-                let errs = parse_count(fields[errors.expect("checked")], "errors", n)?;
+        let at = parse_time(fields[self.ts], n)?;
+        if !(0..=LATEST_TIMESTAMP).contains(&at) {
+            return Err(err(
+                n,
+                format!("timestamp {at} is outside 1970..9999; is it in seconds?"),
+            ));
+        }
+        if let Some((before, m)) = self.last {
+            if at <= before {
+                return Err(err(
+                    n,
+                    format!(
+                        "timestamp {} is not after line {m}'s; rows must be sorted by time, one per window (sort -t, -k1 the file first)",
+                        fields[self.ts].trim()
+                    ),
+                ));
+            }
+        }
+        self.last = Some((at, n));
+        let verdict = match self.measured {
+            Measured::Gauge(g) => {
+                let value = parse_float(fields[g], "value", n)?;
+                if value.abs() > LARGEST_VALUE {
+                    return Err(err(
+                        n,
+                        format!("value {value:e} is beyond ±{LARGEST_VALUE:e}, not a measurement"),
+                    ));
+                }
+                self.main.observe_gauge(at, value, cfg)
+            }
+            Measured::Errors { requests, errors } => {
+                let req = parse_count(fields[requests], "requests", n)?;
+                let errs = parse_count(fields[errors], "errors", n)?;
                 if errs > req {
                     return Err(err(n, format!("errors ({errs}) exceed requests ({req})")));
                 }
-                main.observe_errors(at, req, errs, cfg)
+                self.main.observe_errors(at, req, errs, cfg)
             }
         };
         let mut signals = std::collections::BTreeMap::new();
-        if let (Some(a), Some(r)) = (auth, requests) {
+        if let (Some(a), Some(r)) = (self.auth, self.requests) {
             let req = parse_count(fields[r], "requests", n)?;
             let failures = parse_count(fields[a], "auth_failures", n)?.min(req);
             signals.insert(
                 "auth_failures",
-                signal(&auth_series.observe_errors(at, req, failures, cfg)),
+                signal(&self.auth_series.observe_errors(at, req, failures, cfg)),
             );
         }
-        if let Some(p) = p99 {
+        if let Some(p) = self.p99 {
             let ms = parse_float(fields[p], "p99_ms", n)?;
-            signals.insert("p99_ms", signal(&latency_series.observe_gauge(at, ms, cfg)));
+            signals.insert(
+                "p99_ms",
+                signal(&self.latency_series.observe_gauge(at, ms, cfg)),
+            );
         }
-        out.push(ReplayRow {
+        Ok(Some(ReplayRow {
             timestamp: chrono::DateTime::from_timestamp(at, 0)
                 .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                 .unwrap_or_else(|| at.to_string()),
@@ -187,9 +277,8 @@ pub fn replay(csv: &str, cfg: &ScoreConfig) -> Result<Vec<ReplayRow>, ReplayErro
             anomaly_score: round(verdict.score.anomaly_score),
             event: verdict.event.map(IncidentEvent::label),
             signals,
-        });
+        }))
     }
-    Ok(out)
 }
 
 /// The human-readable line of a row.
@@ -242,5 +331,57 @@ mod tests {
         .unwrap();
         assert_eq!(rows[0].timestamp, "2026-11-29T07:00:00Z");
         assert_eq!(rows.len(), 2);
+    }
+
+    /// Unsorted or repeated timestamps change every verdict after them: refused with the line.
+    /// So are numbers no measurement has, and a byte-order mark is not part of the header.
+    #[test]
+    fn disorder_and_extreme_numbers_are_refused_with_their_line() {
+        let cfg = ScoreConfig::from(&DetectionSpec::default());
+        let cases = [
+            (
+                "timestamp,requests,errors\n60,100,1\n120,100,1\n90,100,1\n",
+                4,
+                "not after line 3",
+            ),
+            (
+                "timestamp,requests,errors\n60,100,1\n60,100,1\n",
+                3,
+                "not after line 2",
+            ),
+            ("timestamp,value\n60,1e308\n", 2, "not a measurement"),
+            ("timestamp,value\n1e308,1\n", 2, "outside 1970..9999"),
+            ("timestamp,value\n-5,1\n", 2, "outside 1970..9999"),
+            ("timestamp,requests,errors\n60,1e308,1\n", 2, "whole number"),
+        ];
+        for (csv, line, says) in cases {
+            let e = replay(csv, &cfg).unwrap_err();
+            assert_eq!(e.line, line, "{csv:?}: {e}");
+            assert!(e.message.contains(says), "{csv:?}: {e}");
+        }
+        let bom = "\u{feff}timestamp,requests,errors\n60,100,1\n120,100,2\n";
+        assert_eq!(replay(bom, &cfg).unwrap().len(), 2);
+    }
+
+    /// The streaming replayer gives what the whole-document one gives, row by row.
+    #[test]
+    fn rows_replayed_one_at_a_time_match_the_whole_document() {
+        let cfg = ScoreConfig::from(&DetectionSpec::default());
+        let mut csv = String::from("# recorded\ntimestamp,requests,errors\n");
+        for i in 0..300 {
+            let errors = if (200..230).contains(&i) { 400 } else { 10 };
+            csv.push_str(&format!("{},{},{}\n", 1_700_000_000 + i * 60, 5000, errors));
+        }
+        let whole = replay(&csv, &cfg).unwrap();
+        let mut streamed = Vec::new();
+        let mut r: Option<Replayer> = None;
+        for (i, line) in csv.lines().enumerate() {
+            match r.as_mut() {
+                None => r = Replayer::header(i + 1, line, cfg.clone()).unwrap(),
+                Some(r) => streamed.extend(r.row(i + 1, line).unwrap()),
+            }
+        }
+        assert_eq!(streamed, whole);
+        assert!(whole.iter().any(|r| r.event == Some("open")));
     }
 }
