@@ -250,6 +250,9 @@ async fn no_spelling_of_a_path_crosses_from_one_route_into_another() {
             "/pub/%0d%0aX-Injected:%20yes",
             "/pub/%zz",
             "/pub/%4",
+            "/pub/%2e%2e%3b/priv",
+            "/files/..%2f..%2fprivate/x",
+            "/files/a%2F.%2E%2Fb",
         ];
         for path in refused {
             let r = send_raw(h.gw.addr, get(path, &h.test).as_bytes()).await;
@@ -396,6 +399,65 @@ async fn a_cancelled_probe_gives_its_permit_back() {
     }
 }
 
+/// While a breaker is half-open, a client that sends its body slowly cannot take the probe and
+/// hold the breaker open for everyone: bodies are read before a probe is handed out, and a
+/// bodiless call probes (and closes the breaker) meanwhile.
+#[tokio::test]
+async fn a_slow_body_cannot_hold_a_half_open_breaker() {
+    let up = start_upstream().await;
+    let routes = "  - { name: fragile, pathPrefix: /fragile/, upstream: \"{up}/\", timeout: 500ms,
+       breaker: { consecutiveFailures: 2, openFor: 1s, halfOpenProbes: 1 } }
+";
+    for fast in BOTH_PATHS {
+        let h = hardened(fast, "bodyReadTimeout: 5s", routes, up.addr.unwrap()).await;
+        for _ in 0..2 {
+            let r = send_raw(h.gw.addr, get("/fragile/fail", &h.live).as_bytes()).await;
+            assert_eq!(r.status, 500);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // The attacker: a POST whose body never comes, sent first, to an upstream path that
+        // waits for the whole body.
+        let mut slow = TcpStream::connect(h.gw.addr).await.unwrap();
+        let head = post_head("/fragile/echo-body", &h.live, "Content-Length: 100\r\n");
+        slow.write_all(head.as_bytes()).await.unwrap();
+        slow.write_all(b"0").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Everyone else: served, and the breaker closes.
+        for _ in 0..3 {
+            let r = send_raw(h.gw.addr, get("/fragile/ok", &h.live).as_bytes()).await;
+            assert_eq!(r.status, 200, "fast path {fast}: {r:?}");
+        }
+        drop(slow);
+    }
+}
+
+/// A request with more than one API key is refused: which one counts would depend on who reads
+/// it.
+#[tokio::test]
+async fn a_request_with_several_keys_is_refused() {
+    let up = start_upstream().await;
+    let routes = "  - { name: api, pathPrefix: /api/, upstream: \"{up}/\" }\n";
+    for fast in BOTH_PATHS {
+        let h = hardened(fast, "", routes, up.addr.unwrap()).await;
+        for keys in [
+            format!(
+                "Authorization: Bearer {}\r\nX-API-Key: {}\r\n",
+                h.live, h.test
+            ),
+            format!("X-API-Key: {}\r\nX-API-Key: {}\r\n", h.test, h.live),
+            format!(
+                "Authorization: Bearer {}\r\nAuthorization: Bearer {}\r\n",
+                h.live, h.live
+            ),
+        ] {
+            let req = format!("GET /api/x HTTP/1.1\r\nHost: g\r\n{keys}Connection: close\r\n\r\n");
+            let r = send_raw(h.gw.addr, req.as_bytes()).await;
+            assert_eq!(r.status, 401, "fast path {fast}: {keys:?}");
+            assert_eq!(r.json()["code"], "several_api_keys");
+        }
+    }
+}
+
 // --- 3. Pooled connections and stalled uploads ----------------------------------------------
 
 /// An upstream that answers each request as soon as its head arrives and then reads its body
@@ -501,7 +563,7 @@ async fn trace_connect_and_unlisted_methods_get_405_with_allow() {
     for fast in BOTH_PATHS {
         let h = hardened(fast, "", routes, up.addr.unwrap()).await;
         let hits = up.hits.load(std::sync::atomic::Ordering::SeqCst);
-        for method in ["TRACE", "CONNECT"] {
+        for method in ["TRACE", "CONNECT", "trace", "TRACK"] {
             let req = format!(
                 "{method} /api/x HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
                 h.live

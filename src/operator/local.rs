@@ -517,7 +517,7 @@ mod tests {
         .unwrap();
         std::fs::write(
             dir.path().join("b.yml"),
-            "kind: ApiGateway\nmetadata:\n  name: broken\nspec:\n  proxy: {}\n",
+            "apiVersion: apitree.io/v1alpha1\nkind: ApiGateway\nmetadata:\n  name: broken\nspec:\n  proxy: {}\n---\nkind: ApiGatway\nmetadata:\n  name: typo\n",
         )
         .unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
@@ -526,8 +526,14 @@ mod tests {
         assert!(m.gateways[0].spec.is_ok());
         assert_eq!(m.gateways[0].annotations[PROMOTE_ANNOTATION], "abc");
         let broken = m.gateways[1].spec.as_ref().unwrap_err();
-        assert!(broken.contains("b.yml (document 1): spec:"), "{broken}");
+        assert!(broken.contains("b.yml (document 1)"), "{broken}");
         assert!(broken.contains("routes"), "{broken}");
+        // A document of an unknown kind makes its file unreadable (its gateways are kept).
+        let typo = &m.unreadable[&dir.path().join("b.yml")];
+        assert!(
+            typo.contains("document 2") && typo.contains("ApiGatway"),
+            "{typo}"
+        );
         assert_eq!(m.secrets[&("keys".into(), "live".into())], "secret");
         assert_eq!(m.secrets[&("keys".into(), "test".into())], "plain");
         // A Secret's version changes with its content, and does not reveal it.

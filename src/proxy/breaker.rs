@@ -156,6 +156,11 @@ impl Breaker {
         self.lock().state
     }
 
+    /// Closed (lock-free: the mirror), so a call would be let through without probing.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Asks to make a call at `now_ms`. May move Open → Half-open.
     pub fn admit(&self, now_ms: u64) -> (Admission, Option<Transition>) {
         if self.closed.load(Ordering::Acquire) {

@@ -22,11 +22,13 @@ const MAX_LINE_BYTES: usize = 4096;
 
 /// Hop-by-hop fields: they describe one connection
 /// and are never forwarded, in either direction (RFC 9110 7.6.1).
-pub const HOP_BY_HOP: [&str; 8] = [
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
+    // Not in RFC 9110's list, but what old clients send in place of `Connection`.
+    "proxy-connection",
     "te",
     "trailer",
     "transfer-encoding",
@@ -37,7 +39,7 @@ pub const HOP_BY_HOP: [&str; 8] = [
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     let s = name.as_str();
     // The lengths of the names below: most names are ruled out without a comparison.
-    matches!(s.len(), 2 | 7 | 10 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
+    matches!(s.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
 }
 
 /// The field a `Connection` token names beyond the fixed hop-by-hop set: hop-by-hop for that

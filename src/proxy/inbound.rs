@@ -30,7 +30,7 @@ pub enum TargetError {
     Backslash,
     #[error("the request path contains a control character (raw or percent-encoded)")]
     Control,
-    #[error("the request path has a dot segment with parameters (like `..;`), which servers read differently")]
+    #[error("the request path has a dot segment behind parameters or an encoded slash (like `..;` or `..%2F`), which servers read differently")]
     DotParameters,
     #[error("the request path contains an encoded slash (%2F), which this API does not accept")]
     EncodedSlash,
@@ -163,9 +163,17 @@ pub fn normalize(path: &str) -> Result<Target<'_>, TargetError> {
     let mut kept: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     for segment in decoded.split('/').skip(1) {
-        let bare = segment.split(';').next().unwrap_or(segment);
-        if segment != bare && (bare == "." || bare == "..") {
-            return Err(TargetError::DotParameters);
+        // A dot segment hidden behind parameters (`..;x`, `..%3B`) or an encoded slash
+        // (`..%2F..`, on routes that allow those): servers that split there see `..`.
+        if segment != "." && segment != ".." {
+            let hidden = segment
+                .replace("%2F", "/")
+                .replace("%3B", ";")
+                .split(['/', ';'])
+                .any(|piece| piece == "." || piece == "..");
+            if hidden {
+                return Err(TargetError::DotParameters);
+            }
         }
         trailing_slash = true;
         match segment {
@@ -205,7 +213,11 @@ fn utf8_len(first: u8) -> usize {
 /// Methods no route forwards: TRACE would echo the injected upstream credential back to the
 /// caller, CONNECT would make the gateway a tunnel.
 pub fn is_forbidden_method(method: &Method) -> bool {
-    method == Method::TRACE || method == Method::CONNECT
+    // In any case (`trace` is an extension method to `http`, TRACE to some servers), and
+    // TRACK, IIS's TRACE.
+    ["TRACE", "TRACK", "CONNECT"]
+        .iter()
+        .any(|m| method.as_str().eq_ignore_ascii_case(m))
 }
 
 /// Why a request's `Host` was refused.
@@ -276,7 +288,6 @@ mod tests {
             ("//", "/"),
             ("/a//b///c", "/a/b/c"),
             ("/a/b/", "/a/b/"),
-            ("/pub/..%2fprivate", "/pub/..%2Fprivate"),
         ];
         for (raw, want) in cases {
             assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
@@ -305,10 +316,19 @@ mod tests {
             ("/pub/..;/private", TargetError::DotParameters),
             ("/pub/.;x/private", TargetError::DotParameters),
             ("/pub/%2e%2e;/private", TargetError::DotParameters),
+            ("/pub/%2e%2e%3b/priv", TargetError::DotParameters),
+            ("/enc/..%2f..%2fprivate/x", TargetError::DotParameters),
+            ("/enc/a%2F.%2Fb", TargetError::DotParameters),
         ];
         for (raw, want) in cases {
             assert_eq!(norm(raw), Err(want), "{raw}");
         }
+        assert!(is_forbidden_method(&Method::from_bytes(b"trace").unwrap()));
+        assert!(is_forbidden_method(&Method::from_bytes(b"TRACK").unwrap()));
+        assert!(is_forbidden_method(&Method::CONNECT));
+        assert!(!is_forbidden_method(
+            &Method::from_bytes(b"PROPFIND").unwrap()
+        ));
         let t = normalize("/a%2fb").unwrap();
         assert!(t.encoded_slash);
         assert_eq!(t.path, "/a%2Fb");

@@ -52,6 +52,9 @@ const FLAG_SCAN_LIMIT: usize = 8 * 1024 * 1024;
 const LOGGED_BODY_LIMIT: usize = 4 * 1024;
 /// `logBodies` routes buffer request bodies up to this size.
 const LOG_BODY_BUFFER_LIMIT: usize = 1024 * 1024;
+/// While a route's breaker is not closed, request bodies are read whole before a call is let
+/// through, up to this size; larger ones wait (503) until the breaker has closed.
+const PROBE_BODY_LIMIT: usize = 1024 * 1024;
 
 /// Milliseconds since the Unix epoch; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -104,6 +107,9 @@ pub struct Gateway {
 #[derive(Debug)]
 pub enum Refusal {
     MissingKey,
+    /// More than one key (two fields, or a bearer token and an `X-API-Key`): which one counts
+    /// would depend on who reads the request.
+    SeveralKeys,
     BadKey(KeyFormatError),
     UnknownKey,
     RevokedKey,
@@ -136,6 +142,7 @@ impl Refusal {
         matches!(
             self,
             Self::MissingKey
+                | Self::SeveralKeys
                 | Self::BadKey(_)
                 | Self::UnknownKey
                 | Self::RevokedKey
@@ -148,6 +155,7 @@ impl Refusal {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MissingKey => "missing_api_key",
+            Self::SeveralKeys => "several_api_keys",
             Self::BadKey(_) => "malformed_api_key",
             Self::UnknownKey => "unknown_api_key",
             Self::RevokedKey => "revoked_api_key",
@@ -178,6 +186,7 @@ impl Refusal {
 pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
     let (status, message): (StatusCode, String) = match refusal {
         Refusal::MissingKey => (StatusCode::UNAUTHORIZED, "an API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`".into()),
+        Refusal::SeveralKeys => (StatusCode::UNAUTHORIZED, "send one API key: this request carries several (Authorization and X-API-Key, or one of them twice)".into()),
         Refusal::BadKey(e) => (StatusCode::UNAUTHORIZED, e.to_string()),
         Refusal::UnknownKey => (StatusCode::UNAUTHORIZED, "the API key is not valid".into()),
         Refusal::RevokedKey => (StatusCode::UNAUTHORIZED, "the API key was revoked; create a new one".into()),
@@ -371,16 +380,23 @@ fn request_id(h: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
-fn presented_key(h: &HeaderMap) -> Option<&str> {
-    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        let v = v.trim();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-            return Some(v[7..].trim());
-        }
+/// The one API key the request presents; Err when it presents more than one (two fields, or a
+/// bearer token and an `X-API-Key`).
+fn presented_key(h: &HeaderMap) -> Result<Option<&str>, Refusal> {
+    let bearer = h.get_all(header::AUTHORIZATION).iter().filter_map(|v| {
+        let v = v.to_str().ok()?.trim();
+        (v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ")).then(|| v[7..].trim())
+    });
+    let api_key = h
+        .get_all(X_API_KEY)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::trim));
+    let mut keys = bearer.chain(api_key);
+    let first = keys.next();
+    if keys.next().is_some() {
+        return Err(Refusal::SeveralKeys);
     }
-    h.get(X_API_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    Ok(first)
 }
 
 impl Gateway {
@@ -475,7 +491,7 @@ impl Gateway {
 
         // Step 2: API-key auth. Shape and checksum first (no lookup for typos), then the
         // HMAC under the pepper, compared in constant time.
-        let text = presented_key(req.headers()).ok_or(Refusal::MissingKey)?;
+        let text = presented_key(req.headers())?.ok_or(Refusal::MissingKey)?;
         ApiKey::check(text).map_err(Refusal::BadKey)?;
         let record: &KeyRecord = state
             .key(&self.pepper.hash_text(text))
@@ -531,22 +547,37 @@ impl Gateway {
             None => None,
         };
 
-        // Step 6: circuit breaker. The permit lives in the request's guard.
-        let (entered, transition) = route.breaker.enter(now);
-        self.note_breaker(route, transition);
-        trace.permit =
-            Some(entered.map_err(|retry_after_ms| Refusal::BreakerOpen { retry_after_ms })?);
-
-        // Step 7: the upstream request. The buyer's key never leaves the gateway; the client's
-        // body is watched, so its failures are the client's.
+        // The client's body is watched from here on, so its failures are the client's.
         let (parts, body) = req.into_parts();
-        let (body, watch): (Body, Option<Arc<BodyWatch>>) = if body.is_end_stream() {
+        let (mut body, watch): (Body, Option<Arc<BodyWatch>>) = if body.is_end_stream() {
             (body, None)
         } else {
             let (watched, watch) = WatchedBody::new(body, self.body_read_timeout);
             (watched.boxed(), Some(watch))
         };
         let client_fault = || watch.as_ref().and_then(|w| w.fault());
+
+        // Step 6: circuit breaker; the permit lives in the request's guard. A breaker that is
+        // not closed hands out its few probes only to requests already in hand: a body is read
+        // first (up to PROBE_BODY_LIMIT), so a client that sends it slowly cannot hold the
+        // probe, and the breaker open, for everyone.
+        if !route.breaker.is_closed() && !body.is_end_stream() {
+            let Some(whole) = collect_limited(body, PROBE_BODY_LIMIT).await else {
+                return Err(match client_fault() {
+                    Some(fault) => Refusal::ClientBody(fault),
+                    None => Refusal::BreakerOpen {
+                        retry_after_ms: 1_000,
+                    },
+                });
+            };
+            body = full(whole);
+        }
+        let (entered, transition) = route.breaker.enter(now);
+        self.note_breaker(route, transition);
+        trace.permit =
+            Some(entered.map_err(|retry_after_ms| Refusal::BreakerOpen { retry_after_ms })?);
+
+        // Step 7: the upstream request. The buyer's key never leaves the gateway.
         let forwarding = Forwarding {
             host: &route.host,
             request_id,
