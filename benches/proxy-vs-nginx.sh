@@ -11,6 +11,12 @@
 # `bare-workerpool` through apitree's own per-worker pool (apitree's transport without the
 # policies). They show how much of the gap to nginx is hyper's own, and compare the two pools.
 #
+# BASELINE_BIN=PATH adds `baseline`: another apitree binary (say, the previous commit's
+# production build) on the same config, measured in the same rounds, with apitree/baseline
+# ratios — how a change moved the cost per request:
+#   git worktree add /tmp/base HEAD~1 && (cd /tmp/base && cargo build --profile production --bin apitree)
+#   BASELINE_BIN=/tmp/base/target/production/apitree benches/proxy-vs-nginx.sh
+#
 # Usage: benches/proxy-vs-nginx.sh [SECONDS per run, default 10] [CONNECTIONS, default 64]
 # Needs nginx, wrk and redis-server (installed with apt when missing). Bounded: every load
 # runs for SECONDS against 127.0.0.1 only, and everything started is stopped on exit.
@@ -26,9 +32,12 @@ need nginx nginx
 need wrk wrk
 need redis-server redis-server
 
-cargo build --profile production --quiet --bin apitree --example bare-proxy
-BIN="$PWD/target/production/apitree"
-BARE="$PWD/target/production/examples/bare-proxy"
+# APITREE_BIN and BARE_BIN: measure binaries built elsewhere (no build here).
+if [ -z "${APITREE_BIN:-}" ] || [ -z "${BARE_BIN:-}" ]; then
+    cargo build --profile production --quiet --bin apitree --example bare-proxy
+fi
+BIN="${APITREE_BIN:-$PWD/target/production/apitree}"
+BARE="${BARE_BIN:-$PWD/target/production/examples/bare-proxy}"
 WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
@@ -80,9 +89,9 @@ nginx -c "$WORK/reference.conf" -p "$WORK" -g 'daemon on;'
 # kernel's autogroup scheduling (sched_autogroup_enabled=1, common on desktops and VMs) a
 # process sharing wrk's session also shares wrk's CPU share when the cores are oversubscribed,
 # which handicapped apitree and the bare proxies against nginx by 10-20% req/s.
-start_apitree() { # start_apitree PORT ADMINPORT [extra args]
+start_apitree() { # start_apitree PORT ADMINPORT [extra args]; the binary is $APITREE (default $BIN)
     local port=$1 admin=$2; shift 2
-    setsid "$BIN" --log-filter warn proxy --config benches/proxy.yaml --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
+    setsid "${APITREE:-$BIN}" --log-filter warn proxy --config benches/proxy.yaml --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
         >"$WORK/apitree-$port-access.log" 2>"$WORK/apitree-$port.err" &
     PIDS+=($!)
     echo $! >"$WORK/apitree-$port.pid"
@@ -95,6 +104,12 @@ redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || redis-server --daemonize yes --bi
 # would otherwise carry over from the last run).
 redis-cli -h 127.0.0.1 -n 15 flushdb >/dev/null
 start_apitree 18083 19083 --redis-url redis://127.0.0.1:6379/15
+BASELINE_BIN="${BASELINE_BIN:-}"
+PORTS="18081 18082 18083 18084 18085"
+if [ -n "$BASELINE_BIN" ]; then
+    APITREE="$BASELINE_BIN" start_apitree 18086 19086
+    PORTS="$PORTS 18086"
+fi
 setsid "$BARE" 127.0.0.1:18084 127.0.0.1:18080 /bench/ 2>"$WORK/bare.err" &
 PIDS+=($!)
 echo $! >"$WORK/bare-18084.pid"
@@ -106,7 +121,7 @@ for port in 18084 18085; do
 done
 
 # Sanity: each path answers 200 before we measure.
-for port in 18081 18082 18083 18084 18085; do
+for port in $PORTS; do
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x")
     [ "$code" = 200 ] || { echo "127.0.0.1:$port answered $code, not 200" >&2; exit 1; }
 done
@@ -144,7 +159,7 @@ run() {
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v+0 } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
 
 echo "warming up" >&2
-for port in 18081 18082 18083 18084 18085; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x" >/dev/null; done
+for port in $PORTS; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x" >/dev/null; done
 echo "measuring: ${ROUNDS} rounds x ${DURATION}s, ${CONNS} connections, 2 wrk threads" >&2
 for r in $(seq "$ROUNDS"); do
     run nginx 18081
@@ -152,6 +167,7 @@ for r in $(seq "$ROUNDS"); do
     run apitree-redis 18083
     run bare-hyper 18084
     run bare-workerpool 18085
+    [ -z "$BASELINE_BIN" ] || run baseline 18086
 done
 
 summarize() { awk -v n="$1" '$1==n { rps+=$2; p50+=$3; p99+=$4; cpu+=$6; c++ } END { printf "%.0f %.3f %.3f %.1f", rps/c, p50/c, p99/c, cpu/c }' "$WORK/results"; }
@@ -215,3 +231,14 @@ awk '$1=="nginx" { n++; nr[n]=$2; np[n]=$4 } $1=="apitree" { a++; ar[a]=$2; ap[a
         printf ";  p99"; for (i = 1; i <= a; i++) { printf " %.2fx", ap[i]/np[i]; if (ap[i] <= np[i]) le++ }
         printf "\napitree p99 <= nginx p99 in %d of %d rounds\n", le, a
     }' "$WORK/results"
+if [ -n "$BASELINE_BIN" ]; then
+    read -r l_rps l_p50 l_p99 l_cpu <<<"$(summarize baseline)"
+    printf '%-16s %12s %10s %10s %12s\n' baseline "$l_rps" "$l_p50" "$l_p99" "$l_cpu"
+    awk -v a="$a_rps" -v l="$l_rps" -v ap="$a_p99" -v lp="$l_p99" -v ac="$a_cpu" -v lc="$l_cpu" 'BEGIN {
+        printf "apitree/baseline req/s       %.3fx\n", a/l
+        printf "apitree/baseline p99         %.3fx (lower is better)\n", ap/lp
+        printf "apitree/baseline CPU/request %.3fx (lower is better)\n", ac/lc
+    }'
+    awk '$1=="baseline" { b++; bc[b]=$6 } $1=="apitree" { a++; ac[a]=$6 }
+        END { printf "per round, apitree/baseline CPU/request:"; for (i = 1; i <= a; i++) printf " %.3fx", ac[i]/bc[i]; printf "\n" }' "$WORK/results"
+fi
