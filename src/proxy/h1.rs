@@ -435,7 +435,9 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
             let _ = buf.split_to(2);
             Ok(Some(line))
         }
-        None if buf.len() > MAX_LINE_BYTES => Err(H1Error::Chunked("a line is too long")),
+        // Longer than a line of MAX_LINE_BYTES and its CRLF: a read ending between the CR and
+        // the LF of a line of exactly MAX_LINE_BYTES still waits (found by the fuzzer).
+        None if buf.len() >= MAX_LINE_BYTES + 2 => Err(H1Error::Chunked("a line is too long")),
         None => Ok(None),
     }
 }
@@ -695,6 +697,21 @@ mod tests {
                 );
             }
         }
+        // A line of exactly the limit is accepted however the bytes arrive, its CR and LF in
+        // different reads included.
+        let long = format!(
+            "5;x={}\r\nhello\r\n0\r\n\r\n",
+            "a".repeat(MAX_LINE_BYTES - 4)
+        );
+        for step in [1, 7, MAX_LINE_BYTES + 1, 64 * 1024] {
+            let (body, _) = decode_in_steps(long.as_bytes(), step).unwrap();
+            assert_eq!(body, b"hello", "steps of {step}");
+        }
+        let longer = format!(
+            "5;x={}\r\nhello\r\n0\r\n\r\n",
+            "a".repeat(MAX_LINE_BYTES - 3)
+        );
+        assert!(decode_in_steps(longer.as_bytes(), 64 * 1024).is_err());
         // Spaces and tabs before extensions are fine (RFC 9112 BWS).
         let (body, _) = decode_in_steps(b"5 \t;a=b\r\nhello\r\n0\r\n\r\n", 1).unwrap();
         assert_eq!(body, b"hello");
