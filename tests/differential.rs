@@ -789,13 +789,15 @@ fn hyper_fetch(rt: &Runtime, input: &[u8], head_request: bool) -> Result<HyperRe
     })
 }
 
-/// Fields that describe one connection (RFC 9110 7.6.1), written out here rather than taken
-/// from h1.rs, which is under test.
-const HOP_BY_HOP: [&str; 8] = [
+/// Fields that describe one connection (RFC 9110 7.6.1, plus `Proxy-Connection`, which old
+/// clients send in place of `Connection`), written out here rather than taken from h1.rs, which
+/// is under test.
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
+    "proxy-connection",
     "te",
     "trailer",
     "transfer-encoding",
