@@ -43,29 +43,20 @@ pub struct Target<'a> {
     pub encoded_slash: bool,
 }
 
-/// Bytes that never need a closer look: unreserved characters and the sub-delimiters, `:` and
-/// `@` (RFC 3986 `pchar`), and `/`.
+/// RFC 3986 `sub-delims`.
+fn is_sub_delim(b: u8) -> bool {
+    matches!(
+        b,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+    )
+}
+
+/// Bytes that never need a closer look: unreserved characters but `.`, the sub-delimiters,
+/// `:` and `@` (RFC 3986 `pchar`), and `/`.
 fn is_simple(b: u8) -> bool {
     b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'_'
-                | b'~'
-                | b'/'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-        )
+        || matches!(b, b'-' | b'_' | b'~' | b'/' | b':' | b'@')
+        || is_sub_delim(b)
 }
 
 /// Already normal: simple bytes or dots only, no `//`, and no segment made of dots.
@@ -273,24 +264,8 @@ fn is_host_and_port(v: &[u8]) -> bool {
             let ok = !name.is_empty()
                 && name.iter().all(|&b| {
                     b.is_ascii_alphanumeric()
-                        || matches!(
-                            b,
-                            b'-' | b'.'
-                                | b'_'
-                                | b'~'
-                                | b'%'
-                                | b'!'
-                                | b'$'
-                                | b'&'
-                                | b'\''
-                                | b'('
-                                | b')'
-                                | b'*'
-                                | b'+'
-                                | b','
-                                | b';'
-                                | b'='
-                        )
+                        || matches!(b, b'-' | b'.' | b'_' | b'~' | b'%')
+                        || is_sub_delim(b)
                 });
             (ok, &v[split..])
         }

@@ -107,7 +107,7 @@ pub struct Gateway {
 #[derive(Debug)]
 pub enum Refusal {
     MissingKey,
-    /// More than one key (two fields, or a bearer token and an `X-API-Key`): which one counts
+    /// Different keys (in two fields, or a bearer token and an `X-API-Key`): which one counts
     /// would depend on who reads the request.
     SeveralKeys,
     BadKey(KeyFormatError),
@@ -186,7 +186,7 @@ impl Refusal {
 pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
     let (status, message): (StatusCode, String) = match refusal {
         Refusal::MissingKey => (StatusCode::UNAUTHORIZED, "an API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`".into()),
-        Refusal::SeveralKeys => (StatusCode::UNAUTHORIZED, "send one API key: this request carries several (Authorization and X-API-Key, or one of them twice)".into()),
+        Refusal::SeveralKeys => (StatusCode::UNAUTHORIZED, "send one API key: this request carries different ones (in Authorization and X-API-Key, or one of them twice)".into()),
         Refusal::BadKey(e) => (StatusCode::UNAUTHORIZED, e.to_string()),
         Refusal::UnknownKey => (StatusCode::UNAUTHORIZED, "the API key is not valid".into()),
         Refusal::RevokedKey => (StatusCode::UNAUTHORIZED, "the API key was revoked; create a new one".into()),
@@ -380,8 +380,8 @@ fn request_id(h: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
-/// The one API key the request presents; Err when it presents more than one (two fields, or a
-/// bearer token and an `X-API-Key`).
+/// The one API key the request presents; Err when it presents different keys (in two fields,
+/// or a bearer token and an `X-API-Key`). The same key twice is not ambiguous.
 fn presented_key(h: &HeaderMap) -> Result<Option<&str>, Refusal> {
     let bearer = h.get_all(header::AUTHORIZATION).iter().filter_map(|v| {
         let v = v.to_str().ok()?.trim();
@@ -393,8 +393,10 @@ fn presented_key(h: &HeaderMap) -> Result<Option<&str>, Refusal> {
         .filter_map(|v| v.to_str().ok().map(str::trim));
     let mut keys = bearer.chain(api_key);
     let first = keys.next();
-    if keys.next().is_some() {
-        return Err(Refusal::SeveralKeys);
+    if let Some(key) = first {
+        if keys.any(|other| other != key) {
+            return Err(Refusal::SeveralKeys);
+        }
     }
     Ok(first)
 }
