@@ -149,6 +149,11 @@ async fn tenant_role_sees_only_its_own_org_in_every_tenant_table() {
     common::exec(&mut *conn, format!("SET ROLE {role}"))
         .await
         .unwrap();
+    // apitree's own connections refuse filtered queries (`row_security = off`, see
+    // `db::WHOLE_DATABASE`); a tenant-facing service turns the policies back on.
+    common::exec(&mut *conn, "SET row_security = on".into())
+        .await
+        .unwrap();
     common::exec(&mut *conn, format!("SET apitree.org_id = '{org_a}'"))
         .await
         .unwrap();
@@ -380,4 +385,179 @@ async fn master_key_reencryption_resumes_after_interruption_and_concurrent_runs_
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 250);
+}
+
+/// Work on the whole database (verifiers, sweeps, re-encryption, the proxy's snapshot, listings)
+/// must never quietly act on the part of it a role can see. As a role that row-level security
+/// applies to, every such operation fails and names the table; nothing is changed; and any
+/// other query on any table with policies fails the same way (a new reader or a new table is
+/// covered without being listed here). Drift detection reads the catalogs, which show every
+/// object to every role: the restricted role sees exactly the owner's schema.
+#[tokio::test]
+async fn whole_database_work_fails_loudly_for_a_role_that_row_level_security_filters() {
+    use apitree::db::{credentials, keys as dbkeys, DbError};
+    use apitree::proxy::vault::MasterKeys;
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (k1, k2) = (b64.encode([7u8; 32]), b64.encode([9u8; 32]));
+    let old = MasterKeys::single(1, &k1).unwrap();
+    let both = MasterKeys::parse_file(&format!("1:{k1}\n2:{k2}\n")).unwrap();
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let pepper =
+        apitree::proxy::keys::Pepper::new(b"rls-test-pepper-0123456789-0123456789-x".to_vec())
+            .unwrap();
+    let org = common::seed_upstream_credentials(&pool, &old, 3).await;
+    let key = dbkeys::create_key(
+        &pool,
+        &pepper,
+        dbkeys::NewKey {
+            org,
+            scope: apitree::crd::gateway::KeyScope::Live,
+            tier: "gold",
+            daily_quota: None,
+            name: "ci",
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let t0 = chrono::Utc::now();
+    dbkeys::rotate_key(
+        &pool,
+        &pepper,
+        key.id,
+        chrono::Duration::hours(1),
+        t0,
+        "test",
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let after_grace = t0 + chrono::Duration::hours(2);
+
+    // A role with every privilege on every table, but subject to the policies.
+    let role = format!("blinkered_{}", &tdb.name[10..]);
+    common::exec(
+        &pool,
+        format!(
+            "CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS; \
+             GRANT CONNECT ON DATABASE {db} TO {role}; GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+            db = tdb.name
+        ),
+    )
+    .await
+    .unwrap();
+    let as_role = tdb
+        .url
+        .replacen("postgres://postgres", &format!("postgres://{role}"), 1)
+        .replacen(":postgres@", "@", 1);
+    let restricted = db::connect(&as_role, 2).await.unwrap();
+
+    let outcomes: Vec<(&str, Result<(), DbError>)> = vec![
+        (
+            "audit::read_rows",
+            audit::read_rows(&restricted, 0, 100).await.map(drop),
+        ),
+        (
+            "keys::list_keys",
+            dbkeys::list_keys(&restricted, None).await.map(drop),
+        ),
+        (
+            "keys::load_entities",
+            dbkeys::load_entities(&restricted).await.map(drop),
+        ),
+        (
+            "keys::sweep_grace",
+            dbkeys::sweep_grace(&restricted, after_grace, "sweep")
+                .await
+                .map(drop),
+        ),
+        (
+            "rotation::database_credentials",
+            apitree::rotation::database_credentials(&restricted, true, true)
+                .await
+                .map(drop),
+        ),
+        (
+            "credentials::reencrypt_batch",
+            credentials::reencrypt_batch(&restricted, &both, 10, "test")
+                .await
+                .map(drop)
+                .map_err(|e| match e {
+                    credentials::ReencryptError::Database(e) => e,
+                    other => panic!("re-encryption failed otherwise: {other}"),
+                }),
+        ),
+    ];
+    for (what, outcome) in outcomes {
+        let err = outcome.expect_err(&format!("{what} acted on a filtered view"));
+        assert_eq!(err.category(), "RowLevelSecurity", "{what}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("row-level security") && text.contains("BYPASSRLS"),
+            "{what}: {text}"
+        );
+    }
+    // Any query on any table with policies is refused, naming the table.
+    let policed: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = 'public' AND c.relrowsecurity ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(policed.len() >= 7, "{policed:?}");
+    for table in policed {
+        let err = sqlx::query(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&restricted)
+            .await
+            .expect_err(&format!("{table} was read through the policies"));
+        assert!(
+            err.to_string()
+                .contains(&format!("row-level security policy for table \"{table}\"")),
+            "{table}: {err}"
+        );
+    }
+    // Nothing changed: the rotated key is still only in grace, no credential was rewrapped.
+    let revoked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let rewrapped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM upstream_credentials WHERE key_version = 2")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((revoked, rewrapped), (0, 0));
+    // The owner (the role apitree is meant to run as) does the same work.
+    assert_eq!(
+        dbkeys::sweep_grace(&pool, after_grace, "sweep")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Drift detection sees every object as the restricted role.
+    let mut owner_conn = pool.acquire().await.unwrap();
+    let mut role_conn = restricted.acquire().await.unwrap();
+    let seen_by_owner = apitree::drift::introspect::introspect(&mut owner_conn, "public")
+        .await
+        .unwrap();
+    let seen_by_role = apitree::drift::introspect::introspect(&mut role_conn, "public")
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&seen_by_role).unwrap(),
+        serde_json::to_value(&seen_by_owner).unwrap()
+    );
+    drop((owner_conn, role_conn));
+    restricted.close().await;
+    common::exec(&pool, format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
 }

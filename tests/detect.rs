@@ -473,3 +473,81 @@ async fn credential_changes_from_the_audit_log_are_attached_to_the_auth_incident
     let blocks = apitree::notify::message::incident_blocks(auth).to_string();
     assert!(blocks.contains("Recent credential changes"), "{blocks}");
 }
+
+/// Peak resident memory (VmHWM) of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// `detect replay` streams: each window's verdict is printed before the next rows arrive, and
+/// memory stays flat however long the input is. The detector's own history is bounded (five
+/// weeks of windows), so the first phase feeds more than that; the second feeds ten times
+/// as much again, and the process's peak resident memory must not grow with it (an
+/// implementation that holds the input grows by hundreds of MB here).
+#[test]
+fn replay_streams_its_verdicts_and_memory_stays_flat_as_the_input_grows() {
+    use std::io::{BufRead, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["detect", "replay", "--input", "-", "--format", "json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let printed = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stdout, printed) = (child.stdout.take().unwrap(), printed.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                assert!(line.starts_with('{'), "{line}");
+                printed.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut stdin = std::io::BufWriter::new(child.stdin.take().unwrap());
+    writeln!(stdin, "timestamp,requests,errors").unwrap();
+    let mut row = 0u64;
+    let mut feed = |rows: u64, stdin: &mut std::io::BufWriter<_>| {
+        for _ in 0..rows {
+            let errors = 10 + (row * 7919) % 5;
+            writeln!(stdin, "{},1000,{errors}", T0 + row as i64 * 60).unwrap();
+            row += 1;
+        }
+        stdin.flush().unwrap();
+        // The rows fed are answered while the input is still open (all but what sits in the
+        // output buffer: a few KiB of lines).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while printed.load(Ordering::SeqCst) + 1000 < row {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {row} rows answered before the input ended",
+                printed.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peak_rss_kib(pid)
+    };
+    let warm = feed(80_000, &mut stdin);
+    let after = feed(800_000, &mut stdin);
+    eprintln!("peak RSS: {warm} KiB after 80,000 rows, {after} KiB after 880,000");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        after < warm + 16 * 1024,
+        "peak memory grew from {warm} KiB to {after} KiB over 800,000 more rows"
+    );
+}

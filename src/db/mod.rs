@@ -47,6 +47,16 @@ pub enum DbError {
     )]
     NotApitree { target: String, tables: i64 },
 
+    #[error(
+        "{operation} refused: row-level security would hide rows of {table} from this role, so apitree would see (and act on) only part of the data. Connect as the table's owner or a role with BYPASSRLS: apitree's commands, operator, health sweep and proxy work on the whole database; tenant isolation is for tenant-facing roles"
+    )]
+    RowSecurity {
+        operation: &'static str,
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+
     #[error("{operation} failed: {source}")]
     Query {
         operation: &'static str,
@@ -63,14 +73,44 @@ impl DbError {
             Self::Connect { .. } => "DatabaseUnreachable",
             Self::Migrate { .. } => "MigrationFailed",
             Self::NotApitree { .. } => "NotApitreeDatabase",
+            Self::RowSecurity { .. } => "RowLevelSecurity",
             Self::Query { .. } => "DatabaseQuery",
         }
     }
 
     pub(crate) fn query(operation: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
-        move |source| Self::Query { operation, source }
+        move |source| match row_security_table(&source) {
+            Some(table) => Self::RowSecurity {
+                operation,
+                table,
+                source,
+            },
+            None => Self::Query { operation, source },
+        }
     }
 }
+
+/// The table PostgreSQL named when it refused a query because row-level security would have
+/// filtered it (only with `row_security = off`, see [`connect`]).
+fn row_security_table(err: &sqlx::Error) -> Option<String> {
+    let db = err.as_database_error()?;
+    if db.code().as_deref() != Some("42501") {
+        return None;
+    }
+    let table = db
+        .message()
+        .strip_prefix("query would be affected by row-level security policy for table ")?;
+    Some(table.trim_matches('"').to_string())
+}
+
+/// Every connection [`connect`] opens runs with this setting. apitree's commands, the
+/// operator, the health sweep and the proxy act on the whole database; a role that row-level
+/// security applies to would quietly see part of it (a verifier certifying rows it cannot see,
+/// a sweep finding nothing to revoke, a re-encryption "complete" with rows left under the old
+/// key). With `row_security = off` PostgreSQL refuses such a query instead, and the error says
+/// which table ([`DbError::RowSecurity`]). Tenant-facing code that relies on the policies must
+/// turn it back on for its own connections.
+pub const WHOLE_DATABASE: (&str, &str) = ("row_security", "off");
 
 /// Parses a database URL without ever echoing its password back.
 pub fn parse_url(url: &str) -> Result<PgConnectOptions, DbError> {
@@ -95,8 +135,9 @@ pub fn describe_target(opts: &PgConnectOptions) -> String {
 }
 
 /// Opens a small pool and proves it works with one round trip.
+/// Connections see the whole database or fail ([`WHOLE_DATABASE`]).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let opts = parse_url(url)?;
+    let opts = parse_url(url)?.options([WHOLE_DATABASE]);
     let target = describe_target(&opts);
     let fail = |source: sqlx::Error| {
         let (cause, hint) = classify_connect_error(&source);
