@@ -74,6 +74,80 @@ pub struct ProxyConfig {
     /// answered 503 with `Retry-After` and closed (`apitree_proxy_connections_shed_total`).
     #[serde(default = "default_accept_queue")]
     pub accept_queue: usize,
+    /// TLS on the public listener. Absent: plain HTTP (put the gateway behind something that
+    /// terminates TLS).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The public listener's TLS: a certificate chain and its key, as PEM files (relative to the
+/// config file), reloaded when they change and on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM): cert-manager's and Kubernetes' `tls.crt`.
+    pub cert_file: PathBuf,
+    /// The private key (PEM; PKCS#8, PKCS#1 or SEC1): `tls.key`.
+    pub key_file: PathBuf,
+    /// The oldest TLS version clients may use: "1.3" (the default) or "1.2" for old clients.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// The `Strict-Transport-Security` header every response over TLS carries.
+    #[serde(default)]
+    pub hsts: HstsConfig,
+}
+
+/// A TLS protocol version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[default]
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// `Strict-Transport-Security`: browsers that saw it use https only for `maxAgeSeconds`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HstsConfig {
+    /// `max-age`, in seconds (default one year). 0 tells browsers to forget the policy.
+    #[serde(default = "default_hsts_max_age")]
+    pub max_age_seconds: u64,
+    /// `includeSubDomains` (default true).
+    #[serde(default = "default_true")]
+    pub include_sub_domains: bool,
+    /// `preload` (default false): only once the domain is meant for browsers' preload lists.
+    #[serde(default)]
+    pub preload: bool,
+}
+
+impl Default for HstsConfig {
+    fn default() -> Self {
+        Self {
+            max_age_seconds: default_hsts_max_age(),
+            include_sub_domains: true,
+            preload: false,
+        }
+    }
+}
+
+impl HstsConfig {
+    /// The header's value.
+    pub fn header_value(&self) -> String {
+        let mut v = format!("max-age={}", self.max_age_seconds);
+        if self.include_sub_domains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            v.push_str("; preload");
+        }
+        v
+    }
+}
+
+fn default_hsts_max_age() -> u64 {
+    31_536_000
 }
 
 /// Unknown fields in a config file's `routes` and `tiers`, against the ApiGateway CRD schema.
@@ -120,6 +194,7 @@ impl Default for ProxyConfig {
             body_read_timeout: default_body_read(),
             client_fast_path: true,
             accept_queue: default_accept_queue(),
+            tls: None,
         }
     }
 }
@@ -332,6 +407,9 @@ impl ProxyConfig {
             self.client_fast_path != new.client_fast_path,
         );
         differ("acceptQueue", self.accept_queue != new.accept_queue);
+        // The certificate and key files are re-read when they change; which files, the
+        // version floor and HSTS are fixed at start.
+        differ("tls", self.tls != new.tls);
         out
     }
 
@@ -346,6 +424,16 @@ impl ProxyConfig {
                 push(
                     field.into(),
                     format!("{value:?} is not an address like 127.0.0.1:8080"),
+                );
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.hsts.preload
+                && (tls.hsts.max_age_seconds < 31_536_000 || !tls.hsts.include_sub_domains)
+            {
+                push(
+                    "tls.hsts.preload".into(),
+                    "browsers' preload lists require maxAgeSeconds of at least 31536000 and includeSubDomains: true".into(),
                 );
             }
         }

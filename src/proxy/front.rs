@@ -539,23 +539,7 @@ async fn hand_to_hyper(
     settings: ServerSettings,
 ) {
     let activity = Arc::new(Activity::new());
-    // The connection's own handle on the gateway: cloning it per request touches a reference
-    // count no other core uses.
-    let gateway = Arc::new(gateway);
-    let in_service = activity.clone();
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let (gw, forwarded_for) = (gateway.clone(), forwarded_for.clone());
-        let in_flight = InFlight::new(in_service.clone());
-        async move {
-            let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
-            let resp = gw.handle(req, forwarded_for).await;
-            // In flight until hyper has written the whole body and drops it.
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
-                body,
-                _in_flight: in_flight,
-            }))
-        }
-    });
+    let service = hyper_service(gateway, forwarded_for, activity.clone(), None);
     let io = Rewind {
         read,
         io: Some(io),
@@ -566,6 +550,99 @@ async fn hand_to_hyper(
     // connections at `header_read` instead of `keep_alive`.
     let conn = super::server::http1_builder(None).serve_connection(TokioIo::new(io), service);
     close_when_idle(drain::graceful(drain, conn), &activity, &settings).await;
+}
+
+/// Serves one TLS client connection with hyper: the handshake (within `headerReadTimeout`),
+/// then HTTP/2 or HTTP/1.1 as ALPN chose, every response carrying `Strict-Transport-Security`.
+pub async fn serve_tls(
+    io: TcpStream,
+    tls: Arc<super::tls::ServerTls>,
+    gateway: Arc<Gateway>,
+    forwarded_for: Option<HeaderValue>,
+    drain: Arc<Drain>,
+    settings: ServerSettings,
+) {
+    let handshake = super::timer::timeout(settings.header_read, tls.acceptor.accept(io)).await;
+    let Ok(Ok(stream)) = handshake else {
+        tls.handshake_failures.inc();
+        return;
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let activity = Arc::new(Activity::new());
+    let service = hyper_service(
+        gateway,
+        forwarded_for,
+        activity.clone(),
+        Some(tls.hsts.clone()),
+    );
+    let io = TokioIo::new(Rewind {
+        read: Bytes::new(),
+        io: Some(stream),
+        activity: activity.clone(),
+    });
+    if h2 {
+        let mut http = hyper::server::conn::http2::Builder::new(LocalExec);
+        http.timer(super::timer::WorkerTimer)
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .max_concurrent_streams(MAX_H2_STREAMS);
+        let conn = http.serve_connection(io, service);
+        close_when_idle(drain::graceful(drain, conn), &activity, &settings).await;
+    } else {
+        let conn = super::server::http1_builder(None).serve_connection(io, service);
+        close_when_idle(drain::graceful(drain, conn), &activity, &settings).await;
+    }
+}
+
+/// Streams one HTTP/2 client may have open at once (nginx's `http2_max_concurrent_streams`).
+const MAX_H2_STREAMS: u32 = 128;
+
+/// Runs HTTP/2 streams as tasks on the worker's own (single-threaded) runtime.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+/// The service hyper calls for each request of a connection: the gateway's policies, the
+/// request counted in flight until its body is sent, and `hsts` on every response (TLS).
+fn hyper_service(
+    gateway: Arc<Gateway>,
+    forwarded_for: Option<HeaderValue>,
+    activity: Arc<Activity>,
+    hsts: Option<HeaderValue>,
+) -> impl hyper::service::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response<Tracked>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<Tracked>, std::convert::Infallible>> + Send,
+> + Clone {
+    // The connection's own handle on the gateway: cloning it per request touches a reference
+    // count no other core uses.
+    let gateway = Arc::new(gateway);
+    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (gw, forwarded_for, hsts) = (gateway.clone(), forwarded_for.clone(), hsts.clone());
+        let in_flight = InFlight::new(activity.clone());
+        async move {
+            let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+            let mut resp = gw.handle(req, forwarded_for).await;
+            if let Some(hsts) = hsts {
+                resp.headers_mut()
+                    .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+            }
+            // In flight until hyper has written the whole body and drops it.
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
+        }
+    })
 }
 
 /// No head is being read (for [`Activity::head_since`]).
@@ -700,16 +777,35 @@ async fn close_when_idle<F: Future>(conn: F, activity: &Activity, settings: &Ser
 }
 
 /// A stream whose first reads return bytes already read from it, noting when bytes move. When
-/// hyper is done with it, the socket is closed with [`linger`].
-struct Rewind {
+/// hyper is done with it, the connection is closed with [`Closing::close`].
+struct Rewind<S: Closing> {
     read: Bytes,
     /// Taken by `Drop`.
-    io: Option<TcpStream>,
+    io: Option<S>,
     activity: Arc<Activity>,
 }
 
-impl Rewind {
-    fn io(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+/// How a client connection is closed once hyper is done with it.
+trait Closing: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+impl Closing for TcpStream {
+    fn close(self) -> impl Future<Output = ()> + Send {
+        linger(self)
+    }
+}
+
+impl Closing for tokio_rustls::server::TlsStream<TcpStream> {
+    /// close_notify and FIN (hyper has usually sent them already), then the lingering close.
+    async fn close(mut self) {
+        let _ = super::timer::timeout(LINGER_TIME, self.shutdown()).await;
+        linger(self.into_inner().0).await
+    }
+}
+
+impl<S: Closing> Rewind<S> {
+    fn io(&mut self) -> io::Result<Pin<&mut S>> {
         match self.io.as_mut() {
             Some(io) => Ok(Pin::new(io)),
             None => Err(io::ErrorKind::NotConnected.into()),
@@ -717,15 +813,15 @@ impl Rewind {
     }
 }
 
-impl Drop for Rewind {
+impl<S: Closing> Drop for Rewind<S> {
     fn drop(&mut self) {
         if let (Some(io), Ok(runtime)) = (self.io.take(), tokio::runtime::Handle::try_current()) {
-            runtime.spawn(linger(io));
+            runtime.spawn(io.close());
         }
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: Closing> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -746,7 +842,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: Closing> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

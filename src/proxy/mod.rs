@@ -23,6 +23,7 @@ pub mod server;
 pub mod sharded;
 pub mod state;
 pub mod timer;
+pub mod tls;
 pub mod upstream;
 pub mod vault;
 
@@ -63,6 +64,8 @@ pub enum ProxyError {
     Redis(#[from] limiter::RedisUrlError),
     #[error("{0}")]
     Database(#[from] crate::db::DbError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A gateway ready to serve, with its listeners bound.
@@ -140,13 +143,21 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
             master_keys.clone(),
         ));
     }
+    let mut settings = server::ServerSettings::of(&cfg);
+    if let Some(tls) = &cfg.tls {
+        let tls =
+            tls::ServerTls::new(tls, &base, &gateway.metrics.registry).map_err(ProxyError::Tls)?;
+        *gateway.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls.certificates.clone());
+        tokio::spawn(tls.certificates.clone().watch());
+        settings.tls = Some(tls);
+    }
     let listener = bind(cfg.listen.clone()).await?;
     let admin = bind(cfg.admin.clone()).await?;
     Ok(Prepared {
         gateway,
         listener,
         admin,
-        settings: server::ServerSettings::of(&cfg),
+        settings,
         config: cfg,
     })
 }
@@ -295,6 +306,7 @@ pub async fn serve(
     let gw = prepared.gateway.clone();
     tracing::info!(
         listen = %prepared.config.listen,
+        scheme = if prepared.settings.tls.is_some() { "https" } else { "http" },
         admin = %prepared.config.admin,
         routes = prepared.config.routes.len(),
         keys = prepared.config.keys.len(),
@@ -313,6 +325,10 @@ pub async fn serve(
                 return;
             };
             while hup.recv().await.is_some() {
+                let certificates = gw.tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(certificates) = certificates {
+                    let _ = tokio::task::spawn_blocking(move || certificates.reload(true)).await;
+                }
                 match reload(&gw, &opts, &started) {
                     Ok(pending) if pending.is_empty() => tracing::info!("configuration reloaded"),
                     Ok(pending) => tracing::warn!(

@@ -96,6 +96,8 @@ pub struct Gateway {
     pub clock: Clock,
     /// Set by the database loader in PostgreSQL mode.
     pub database: std::sync::Mutex<DependencyStatus>,
+    /// The public listener's certificate, when it speaks TLS (for /readyz and SIGHUP).
+    pub tls: std::sync::Mutex<Option<Arc<super::tls::Certificates>>>,
     draining: std::sync::atomic::AtomicBool,
     /// Metric handles of requests refused before routing (resolved once).
     no_route_metrics: super::metrics::RouteMetrics,
@@ -428,6 +430,7 @@ impl Gateway {
             access_log,
             clock,
             database: std::sync::Mutex::new(DependencyStatus::Off),
+            tls: Default::default(),
             draining: Default::default(),
             body_read_timeout: super::config::DEFAULT_BODY_READ_TIMEOUT,
         }
@@ -761,6 +764,12 @@ impl Gateway {
                 let database = *self.database.lock().unwrap_or_else(|p| p.into_inner());
                 let limiter = self.limiter.backend_status();
                 let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
+                let tls = self
+                    .tls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|c| c.status());
                 let status = if draining {
                     "draining"
                 } else if limiter == "degraded" || database == DependencyStatus::Degraded {
@@ -780,6 +789,7 @@ impl Gateway {
                         "config": {"source": state.source, "routes": state.routes.len(), "keys": state.keys.len()},
                         "rateLimitStore": limiter,
                         "database": database.label(),
+                        "tls": tls,
                     }),
                 )
             }
@@ -952,7 +962,7 @@ pub fn default_workers() -> usize {
 /// How the public listener treats its clients: how long it waits on them (and on in-flight
 /// requests at shutdown), which HTTP/1.1 loop serves them, how many accepted connections may
 /// wait for a worker.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ServerSettings {
     /// A request head must be whole this long after the connection's start (the first head)
     /// or after its first byte (later heads).
@@ -965,6 +975,8 @@ pub struct ServerSettings {
     pub client_fast_path: bool,
     /// Accepted connections that may wait for each worker; more are shed with a 503.
     pub accept_queue: usize,
+    /// TLS on the public listener (`tls:`); None: plain HTTP.
+    pub tls: Option<Arc<super::tls::ServerTls>>,
 }
 
 impl ServerSettings {
@@ -977,6 +989,7 @@ impl ServerSettings {
             shutdown_grace: cfg.shutdown_grace.as_std(),
             client_fast_path: cfg.client_fast_path,
             accept_queue: cfg.accept_queue.max(1),
+            tls: None,
         }
     }
 }
@@ -1064,6 +1077,7 @@ pub async fn run_with_workers(
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let gw = gateway.clone();
         let stop = stop_rx.clone();
+        let settings = settings.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("proxy-worker-{i}"))
             .spawn(move || {
@@ -1166,8 +1180,17 @@ async fn worker(
                 let Some((std_stream, peer)) = next else { break };
                 let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
                 let forwarded_for = HeaderValue::from_str(&peer.ip().to_string()).ok();
-                let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone(), settings);
-                tokio::spawn(drain.watch(conn));
+                let settings = settings.clone();
+                match settings.tls.clone() {
+                    Some(tls) => {
+                        let conn = super::front::serve_tls(stream, tls, gateway.clone(), forwarded_for, drain.clone(), settings);
+                        tokio::spawn(drain.watch(conn));
+                    }
+                    None => {
+                        let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone(), settings);
+                        tokio::spawn(drain.watch(conn));
+                    }
+                }
             }
         }
     }

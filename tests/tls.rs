@@ -1,0 +1,579 @@
+//! TLS on the gateway's public listener, with real certificates made by openssl: TLS 1.3 by
+//! default, HTTP/2 and HTTP/1.1 through the same policies, HSTS on every response, and a
+//! certificate renewed in place without a restart.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use apitree::crd::gateway::KeyScope;
+use common::gateway::*;
+use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+
+const HSTS: &str = "max-age=31536000; includeSubDomains";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl must be installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.crt`) in `dir`, and a way to issue leaf certificates for 127.0.0.1 from it.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=apitree test CA",
+            ],
+        );
+        std::fs::write(
+            dir.path().join("leaf.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues `NAME.crt` and `NAME.key`, valid for `days`.
+    fn issue(&self, name: &str, days: u32) {
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        openssl(
+            self.dir.path(),
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        openssl(
+            self.dir.path(),
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                &days.to_string(),
+                "-extfile",
+                "leaf.ext",
+            ],
+        );
+    }
+
+    /// Puts `NAME`'s files where the gateway reads them, each replaced in one rename (as a
+    /// Secret volume's symlink swap does).
+    fn install(&self, cert_from: &str, key_from: &str) {
+        for (from, to) in [(cert_from, "tls.crt"), (key_from, "tls.key")] {
+            let tmp = self.path(&format!("{to}.new"));
+            std::fs::copy(self.path(from), &tmp).unwrap();
+            std::fs::rename(&tmp, self.path(to)).unwrap();
+        }
+    }
+
+    fn ca(&self) -> Vec<u8> {
+        std::fs::read(self.path("ca.crt")).unwrap()
+    }
+
+    fn der(&self, name: &str) -> Vec<u8> {
+        CertificateDer::from_pem_file(self.path(&format!("{name}.crt")))
+            .unwrap()
+            .to_vec()
+    }
+
+    /// `notAfter` as openssl prints it, in unix seconds.
+    fn not_after(&self, name: &str) -> i64 {
+        let out = Command::new("openssl")
+            .current_dir(self.dir.path())
+            .args(["x509", "-noout", "-enddate", "-in", &format!("{name}.crt")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let date = text.trim().strip_prefix("notAfter=").unwrap();
+        let date = date.split_whitespace().collect::<Vec<_>>().join(" ");
+        chrono::NaiveDateTime::parse_from_str(&date, "%b %d %H:%M:%S %Y GMT")
+            .unwrap_or_else(|e| panic!("{date}: {e}"))
+            .and_utc()
+            .timestamp()
+    }
+}
+
+struct TlsGateway {
+    addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    live: String,
+    /// Two more keys, each used on the rate-limited route by one protocol only.
+    spare: [String; 2],
+}
+
+/// A gateway from a config file in the PKI's directory (`tls:` names tls.crt and tls.key),
+/// with `tls_extra` added to its `tls:` block.
+async fn start(pki: &Pki, tls_extra: &str) -> TlsGateway {
+    install_crypto();
+    let upstream = start_upstream().await.addr.unwrap();
+    let (live, live_entry) = key_entry(KeyScope::Live, "acme", "");
+    let (spare_a, spare_a_entry) = key_entry(KeyScope::Live, "acme", "");
+    let (spare_b, spare_b_entry) = key_entry(KeyScope::Live, "acme", "");
+    std::fs::write(pki.path("pepper"), PEPPER).unwrap();
+    let yaml = format!(
+        "secrets: {{ pepperFile: pepper }}
+tls: {{ certFile: tls.crt, keyFile: tls.key{tls_extra} }}
+tiers:
+  - {{ name: std, perKey: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}, perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }} }}
+  - {{ name: small, perKey: {{ burst10s: 2, perMinute: 100, perDay: 1000 }}, perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }} }}
+defaultTier: std
+orgs: [{{ id: acme }}]
+keys:
+{live_entry}{spare_a_entry}{spare_b_entry}routes:
+  - {{ name: api, pathPrefix: /api/, upstream: \"http://{upstream}/\" }}
+  - {{ name: limited, pathPrefix: /limited/, upstream: \"http://{upstream}/\", tier: small }}
+  - {{ name: masked, pathPrefix: /masked/, upstream: \"http://{upstream}/\", pii: mask }}
+"
+    );
+    let cfg = pki.path("proxy.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let opts = apitree::proxy::ProxyOptions {
+        config: cfg,
+        redis_url: None,
+        database_url: None,
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        access_log: false,
+    };
+    let p = apitree::proxy::prepare(&opts)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (addr, admin) = (
+        p.listener.local_addr().unwrap(),
+        p.admin.local_addr().unwrap(),
+    );
+    tokio::spawn(apitree::proxy::server::run(
+        p.gateway,
+        p.listener,
+        p.admin,
+        std::future::pending(),
+        p.settings,
+    ));
+    TlsGateway {
+        addr,
+        admin,
+        live: live.expose_secret().to_string(),
+        spare: [spare_a, spare_b].map(|k| k.expose_secret().to_string()),
+    }
+}
+
+/// An https client that trusts the test CA; `h2`: HTTP/2 by ALPN, else HTTP/1.1 only.
+fn https_client(pki: &Pki, h2: bool) -> reqwest::Client {
+    install_crypto();
+    let ca = reqwest::Certificate::from_pem(&pki.ca()).unwrap();
+    let b = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .pool_idle_timeout(Duration::from_secs(60));
+    let b = if h2 { b } else { b.http1_only() };
+    b.build().unwrap()
+}
+
+/// A raw TLS handshake offering only `versions`: the certificate the gateway presented and the
+/// version agreed, or the handshake's error.
+async fn handshake(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<(Vec<u8>, rustls::ProtocolVersion), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.ca()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let session = tls.get_ref().1;
+    Ok((
+        session.peer_certificates().unwrap()[0].to_vec(),
+        session.protocol_version().unwrap(),
+    ))
+}
+
+async fn metrics(gw: &TlsGateway) -> String {
+    client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn readiness(gw: &TlsGateway) -> serde_json::Value {
+    client()
+        .get(format!("http://{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// HTTP/2 and HTTP/1.1 over TLS 1.3 get the same answers from the same policies (auth, rate
+/// limits, PII masking), and every response — the upstream's and the gateway's own refusals —
+/// carries HSTS.
+#[tokio::test]
+async fn http2_and_http1_over_tls_pass_the_same_policies_and_every_response_carries_hsts() {
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let gw = start(&pki, "").await;
+    for h2 in [true, false] {
+        let c = https_client(&pki, h2);
+        let want = if h2 {
+            reqwest::Version::HTTP_2
+        } else {
+            reqwest::Version::HTTP_11
+        };
+        let url = |path: &str| format!("https://127.0.0.1:{}{path}", gw.addr.port());
+        let checks: Vec<(&str, Option<&str>, u16)> = vec![
+            ("/api/hello", Some(gw.live.as_str()), 200),
+            ("/api/hello", None, 401),
+            (
+                "/api/hello",
+                Some("at_live_notakeyatall0000000000000000000000"),
+                401,
+            ),
+            ("/nowhere/", Some(gw.live.as_str()), 404),
+            ("/api/a%2Fb", Some(gw.live.as_str()), 400),
+        ];
+        for (path, key, status) in checks {
+            let mut req = c.get(url(path));
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.version(), want);
+            assert_eq!(resp.status().as_u16(), status, "{path} over {want:?}");
+            assert_eq!(
+                resp.headers()
+                    .get("strict-transport-security")
+                    .map(|v| v.to_str().unwrap()),
+                Some(HSTS),
+                "{path} ({status}) over {want:?}"
+            );
+        }
+        // The upstream gets the request as HTTP/1.1 with the route's host, never the key.
+        let seen: serde_json::Value = c
+            .get(url("/api/echo?q=1"))
+            .bearer_auth(&gw.live)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let seen = seen.to_string();
+        assert!(
+            !seen.contains(&gw.live),
+            "the buyer's key reached the upstream: {seen}"
+        );
+        // A request body goes through (hyper's upstream client, HTTP/1.1 upstream-side).
+        let echoed: serde_json::Value = c
+            .post(url("/api/echo-body"))
+            .bearer_auth(&gw.live)
+            .body("hello over tls")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(echoed["method"], "POST");
+        assert_eq!(echoed["body"], "hello over tls", "over {want:?}");
+        // PII is masked the same way.
+        let body = c
+            .get(url("/masked/pii"))
+            .bearer_auth(&gw.live)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!body.contains(RRN), "{body}");
+        assert!(body.contains("900101-1******"), "{body}");
+        // The rate limit counts requests whatever the protocol: 2 per 10 s on `limited`.
+        let key = &gw.spare[usize::from(h2)];
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let resp = c
+                .get(url("/limited/x"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.headers().contains_key("strict-transport-security"));
+            statuses.push(resp.status().as_u16());
+        }
+        assert_eq!(statuses, [200, 200, 429], "over {want:?}");
+    }
+    // Plain HTTP on the TLS port gets nothing served.
+    let plain = client()
+        .get(format!("http://{}/api/hello", gw.addr))
+        .bearer_auth(&gw.live)
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+}
+
+/// TLS 1.3 only by default: a client offering only TLS 1.2 is refused and counted;
+/// `minVersion: "1.2"` lets it in.
+#[tokio::test]
+async fn tls_12_clients_are_refused_unless_min_version_allows_them() {
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let strict = start(&pki, "").await;
+    let old_client = handshake(&pki, strict.addr, &[&rustls::version::TLS12]).await;
+    assert!(old_client.is_err(), "TLS 1.2 accepted by default");
+    let (_, version) = handshake(&pki, strict.addr, &[&rustls::version::TLS13])
+        .await
+        .unwrap();
+    assert_eq!(version, rustls::ProtocolVersion::TLSv1_3);
+    let m = metrics(&strict).await;
+    assert_eq!(
+        metric(&m, "apitree_proxy_tls_handshake_failures_total "),
+        Some(1.0),
+        "{m}"
+    );
+
+    let lenient = start(&pki, ", minVersion: \"1.2\"").await;
+    let (_, version) = handshake(&pki, lenient.addr, &[&rustls::version::TLS12])
+        .await
+        .unwrap();
+    assert_eq!(version, rustls::ProtocolVersion::TLSv1_2);
+    let (_, version) = handshake(
+        &pki,
+        lenient.addr,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+    )
+    .await
+    .unwrap();
+    assert_eq!(version, rustls::ProtocolVersion::TLSv1_3);
+}
+
+/// A renewed certificate written over the files reaches new connections within seconds, with
+/// no restart, while a request in flight on an old connection completes; the expiry metric
+/// follows. A pair that does not fit (the key of another certificate) is refused: the
+/// previous certificate keeps serving, and the log, the metric and /readyz say why.
+#[tokio::test]
+async fn a_renewed_certificate_reaches_new_connections_and_a_bad_one_never_replaces_it() {
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.issue("b", 20);
+    pki.install("a.crt", "a.key");
+    let gw = start(&pki, "").await;
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    assert_eq!(
+        handshake(&pki, gw.addr, tls13).await.unwrap().0,
+        pki.der("a")
+    );
+    let expiry = "apitree_proxy_tls_cert_expiry_timestamp_seconds ";
+    let m = metrics(&gw).await;
+    assert_eq!(metric(&m, expiry), Some(pki.not_after("a") as f64), "{m}");
+    assert_eq!(
+        readiness(&gw).await["tls"]["notAfter"],
+        chrono::DateTime::from_timestamp(pki.not_after("a"), 0)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+
+    // A slow request in flight on a connection made with the old certificate.
+    let c = https_client(&pki, false);
+    let url = format!("https://127.0.0.1:{}/api/slow", gw.addr.port());
+    let in_flight = tokio::spawn({
+        let (c, url, key) = (c.clone(), url.clone(), gw.live.clone());
+        async move {
+            c.get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pki.install("b.crt", "b.key");
+    let mut served = Vec::new();
+    for _ in 0..50 {
+        served = handshake(&pki, gw.addr, tls13).await.unwrap().0;
+        if served == pki.der("b") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served, pki.der("b"), "the renewed certificate never served");
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    let m = metrics(&gw).await;
+    assert_eq!(metric(&m, expiry), Some(pki.not_after("b") as f64), "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "apitree_proxy_tls_certificate_reloads_total{result=\"ok\"} "
+        ),
+        Some(1.0)
+    );
+
+    // Certificate a with key b: refused, b keeps serving.
+    pki.install("a.crt", "b.key");
+    let mut why = serde_json::Value::Null;
+    for _ in 0..50 {
+        why = readiness(&gw).await["tls"]["lastError"].clone();
+        if !why.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let why = why
+        .as_str()
+        .expect("/readyz names the refused pair")
+        .to_string();
+    assert!(
+        why.contains("does not belong to certFile's first certificate"),
+        "{why}"
+    );
+    assert!(!why.contains("PRIVATE KEY"), "{why}");
+    assert_eq!(
+        handshake(&pki, gw.addr, tls13).await.unwrap().0,
+        pki.der("b")
+    );
+    let m = metrics(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "apitree_proxy_tls_certificate_reloads_total{result=\"error\"} "
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, expiry), Some(pki.not_after("b") as f64));
+    // Requests keep being served.
+    let resp = c
+        .get(format!("https://127.0.0.1:{}/api/hello", gw.addr.port()))
+        .bearer_auth(&gw.live)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+/// A pair that cannot serve stops the start with a message that says which file and why.
+#[tokio::test]
+async fn an_unusable_pair_stops_the_start_and_says_why() {
+    install_crypto();
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.issue("b", 10);
+    std::fs::write(pki.path("pepper"), PEPPER).unwrap();
+    std::fs::write(pki.path("junk"), "not a certificate\n").unwrap();
+    let cases = [
+        (
+            "a.crt",
+            "b.key",
+            "does not belong to certFile's first certificate",
+        ),
+        ("junk", "a.key", "certFile holds no CERTIFICATE block"),
+        ("a.crt", "junk", "keyFile holds no PEM private key"),
+        ("missing.crt", "a.key", "tls.certFile"),
+    ];
+    for (cert, key, want) in cases {
+        let cfg = pki.path("proxy.yaml");
+        std::fs::write(
+            &cfg,
+            format!("secrets: {{ pepperFile: pepper }}\ntls: {{ certFile: {cert}, keyFile: {key} }}\nroutes:\n  - {{ name: api, pathPrefix: /api/, upstream: \"http://127.0.0.1:9/\" }}\n"),
+        )
+        .unwrap();
+        let opts = apitree::proxy::ProxyOptions {
+            config: cfg,
+            redis_url: None,
+            database_url: None,
+            listen: Some("127.0.0.1:0".into()),
+            admin: Some("127.0.0.1:0".into()),
+            access_log: false,
+        };
+        let err = match apitree::proxy::prepare(&opts).await {
+            Ok(_) => panic!("{cert} + {key} started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(want), "{cert} + {key}: {err}");
+        assert!(!err.contains("PRIVATE KEY"), "{err}");
+    }
+}
