@@ -155,12 +155,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         .map_err(|_| fail(sqlx::Error::PoolTimedOut))?
         .map_err(fail)?;
     let _ = probe.close().await;
-    PgPoolOptions::new()
+    // Lazy: the pool connects when first used, so a command that needs one connection opens
+    // one more, not two (a TLS handshake each).
+    Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(opts)
-        .await
-        .map_err(fail)
+        .connect_lazy_with(opts))
 }
 
 /// Whether apitree may shape this database: one that is empty (no tables in `public`) or
