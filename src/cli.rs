@@ -185,6 +185,8 @@ pub struct OperatorArgs {
         env = "APITREE_HTTP"
     )]
     pub http: String,
+    #[command(flatten)]
+    pub tls: HttpTlsArgs,
     /// Namespace of the leader Lease: the operator's own.
     #[arg(long, env = "POD_NAMESPACE", default_value = "apitree-system")]
     pub lease_namespace: String,
@@ -226,6 +228,8 @@ pub struct LocalArgs {
         env = "APITREE_HTTP"
     )]
     pub http: String,
+    #[command(flatten)]
+    pub tls: HttpTlsArgs,
     /// First port of the gateways' listeners: gateway n (in name order of first sight) gets
     /// PORT+2n (front) and PORT+2n+1 (preview). Ephemeral ports when unset.
     #[arg(long, value_name = "PORT")]
@@ -233,6 +237,34 @@ pub struct LocalArgs {
     /// Slack channel for notifications when SLACK_BOT_TOKEN is set.
     #[arg(long, env = "APITREE_SLACK_CHANNEL", default_value = "apitree")]
     pub slack_channel: String,
+}
+
+/// TLS for the HTTP port (status page, `/api/gateways`, `/metrics`, `/slack/interactions`).
+#[derive(Debug, Args)]
+pub struct HttpTlsArgs {
+    /// Serve the HTTP port over TLS 1.3 with this certificate chain (PEM, leaf first), with
+    /// HSTS; re-read when the file changes (a bad new pair keeps the old one).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl HttpTlsArgs {
+    pub fn pair(&self) -> Option<(PathBuf, PathBuf)> {
+        self.tls_cert.clone().zip(self.tls_key.clone())
+    }
 }
 
 #[derive(Debug, Args)]

@@ -252,6 +252,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
     });
     let opts = apitree::operator::serve::OperatorOptions {
         http: args.http,
+        http_tls: args.tls.pair(),
         namespace: args.lease_namespace,
         lease_name: args.lease_name,
         identity,
@@ -278,6 +279,7 @@ async fn local(args: LocalArgs) -> Result<()> {
         path: args.path,
         proxy_config: args.proxy_config,
         http: args.http,
+        http_tls: args.tls.pair(),
         base_port: args.port,
         interval: std::time::Duration::from_secs(1),
     };

@@ -577,3 +577,58 @@ async fn an_unusable_pair_stops_the_start_and_says_why() {
         assert!(!err.contains("PRIVATE KEY"), "{err}");
     }
 }
+
+/// `--tls-cert` / `--tls-key` put the operator's (and `local`'s) HTTP port on TLS 1.3 with
+/// HSTS on every response; its certificate's expiry is a metric of its own, and a client that
+/// offers HTTP/2 still gets the HTTP/1.1 the port speaks.
+#[tokio::test]
+async fn the_operator_port_serves_over_tls_with_hsts() {
+    use apitree::operator::{http, metrics::OperatorMetrics};
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    install_crypto();
+    let metrics = Arc::new(OperatorMetrics::new());
+    let tls = http::tls(&pki.path("tls.crt"), &pki.path("tls.key"), &metrics).unwrap();
+    let state = Arc::new(http::HttpState::new(metrics.clone(), None));
+    state.set_role("local");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = http::spawn(listener, state, Some(tls));
+    let c = https_client(&pki, true);
+    for (path, status) in [("/healthz", 200), ("/api/gateways", 200), ("/nowhere", 404)] {
+        let resp = c
+            .get(format!("https://127.0.0.1:{}{path}", addr.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+        assert_eq!(
+            resp.headers()
+                .get("strict-transport-security")
+                .map(|v| v.to_str().unwrap()),
+            Some(HSTS),
+            "{path}"
+        );
+    }
+    let m = c
+        .get(format!("https://127.0.0.1:{}/metrics", addr.port()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, "apitree_operator_tls_cert_expiry_timestamp_seconds "),
+        Some(pki.not_after("a") as f64),
+        "{m}"
+    );
+    let plain = client().get(format!("http://{addr}/healthz")).send().await;
+    assert!(
+        plain.map_or(true, |r| !r.status().is_success()),
+        "plain HTTP was served"
+    );
+    server.stop().await;
+}

@@ -359,7 +359,7 @@ impl Tour {
 async fn keep_running(tour: &mut Tour, addr: &str) -> Result<(), std::io::Error> {
     let listener = TcpListener::bind(addr).await?;
     let state = Arc::new(HttpState::new(tour.ctx.metrics.clone(), None));
-    let server = crate::operator::http::spawn(listener, state.clone());
+    let server = crate::operator::http::spawn(listener, state.clone(), None);
     let url = tour.ctx.platform.active_url(&tour.m.name).await;
     eprintln!(
         "\nkept running: status page http://{addr}/, gateway {}; Ctrl-C stops everything",

@@ -14,6 +14,7 @@ use super::rollout::Press;
 use crate::dashboard::{GatewayView, PAGE};
 use crate::notify::slack::InteractionEndpoint;
 use crate::notify::Notifier;
+use crate::proxy::tls::ServerTls;
 
 /// What the HTTP port serves from.
 pub struct HttpState {
@@ -161,18 +162,47 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request heads longer than this are answered 431 (the proxy's limit).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Serves `state` on `listener` until [`HttpServer::stop`].
-pub fn spawn(listener: TcpListener, state: Arc<HttpState>) -> HttpServer {
+/// Serves `state` on `listener` until [`HttpServer::stop`]; over TLS when `tls` is given.
+pub fn spawn(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    tls: Option<Arc<ServerTls>>,
+) -> HttpServer {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, state, HEADER_READ_TIMEOUT, async {
+    let task = tokio::spawn(serve(listener, state, tls, HEADER_READ_TIMEOUT, async {
         let _ = stopped.await;
     }));
     HttpServer { stop, task }
 }
 
+/// The port's TLS from `--tls-cert` / `--tls-key`: TLS 1.3, HTTP/1.1, HSTS, the pair re-read
+/// when the files change (the gateway listener's rules), metrics `apitree_operator_tls_*`.
+pub fn tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    metrics: &OperatorMetrics,
+) -> Result<Arc<ServerTls>, String> {
+    let cfg = crate::proxy::config::TlsConfig {
+        cert_file: cert.to_path_buf(),
+        key_file: key.to_path_buf(),
+        min_version: Default::default(),
+        hsts: Default::default(),
+    };
+    let tls = ServerTls::new(
+        &cfg,
+        std::path::Path::new(""),
+        &metrics.registry,
+        "apitree_operator",
+        &[b"http/1.1"],
+    )?;
+    tokio::spawn(tls.certificates.clone().watch());
+    Ok(tls)
+}
+
 async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
+    tls: Option<Arc<ServerTls>>,
     header_read: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -183,17 +213,33 @@ async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let state = state.clone();
+                let tls = tls.clone();
+                let hsts = tls.as_ref().map(|t| t.hsts.clone());
                 let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(state, req).await) }
+                    let (state, hsts) = (state.clone(), hsts.clone());
+                    async move {
+                        let mut resp = route(state, req).await;
+                        if let Some(hsts) = hsts {
+                            resp.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    http.timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(header_read)
-                        .max_header_size(MAX_HEAD_BYTES)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                        .max_header_size(MAX_HEAD_BYTES);
+                    let Some(tls) = tls else {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        return;
+                    };
+                    match tokio::time::timeout(header_read, tls.acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        _ => tls.handshake_failures.inc(),
+                    }
                 });
             }
         }
@@ -213,9 +259,15 @@ mod slow_clients {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(HttpState::new(Arc::new(OperatorMetrics::new()), None));
         let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, state, Duration::from_millis(300), async {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(serve(
+            listener,
+            state,
+            None,
+            Duration::from_millis(300),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         for sent in [&b"GET /healthz HTTP/1.1\r\nHo"[..], b""] {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             c.write_all(sent).await.unwrap();

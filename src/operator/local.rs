@@ -42,6 +42,8 @@ pub struct LocalOptions {
     pub proxy_config: Option<PathBuf>,
     /// Address of the status page and metrics.
     pub http: String,
+    /// TLS for that port: certificate chain and key files (PEM).
+    pub http_tls: Option<(PathBuf, PathBuf)>,
     /// First port of the gateways' front listeners (two per gateway: active and preview).
     pub base_port: Option<u16>,
     /// How often the loop runs.
@@ -57,6 +59,8 @@ pub enum LocalError {
     ProxyConfig(String),
     #[error("cannot listen on {addr}: {reason}; pick another address with --http")]
     Listen { addr: String, reason: String },
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(String),
 }
 
 /// An ApiGateway read from a file.
@@ -361,9 +365,17 @@ pub async fn run(
             addr: opts.http.clone(),
             reason: e.to_string(),
         })?;
-    let status_url = listener.local_addr().ok().map(|a| format!("http://{a}/"));
+    let tls = match &opts.http_tls {
+        Some((cert, key)) => Some(http::tls(cert, key, &metrics).map_err(LocalError::Tls)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let status_url = listener
+        .local_addr()
+        .ok()
+        .map(|a| format!("{scheme}://{a}/"));
     tracing::info!(url = status_url.as_deref().unwrap_or(""), "status page");
-    let server = http::spawn(listener, state.clone());
+    let server = http::spawn(listener, state.clone(), tls);
 
     let platform = Arc::new(LocalPlatform::new(
         LocalSecrets {

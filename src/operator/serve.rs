@@ -23,6 +23,8 @@ use crate::schedule::{SweepMetrics, Sweeper};
 pub struct OperatorOptions {
     /// Address of the HTTP port.
     pub http: String,
+    /// TLS for that port: certificate chain and key files (PEM).
+    pub http_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Namespace of the leader Lease (the operator's own).
     pub namespace: String,
     pub lease_name: String,
@@ -47,6 +49,8 @@ pub enum OperatorError {
     Connect(#[source] kube::Error),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(String),
     #[error("{0}")]
     Lease(#[from] lease::LeaseError),
     #[error("lost the leader Lease {0} to another replica; exiting so a fresh start stands by")]
@@ -106,7 +110,11 @@ pub async fn run(
             addr: opts.http.clone(),
             reason: e.to_string(),
         })?;
-    let server = http::spawn(listener, state.clone());
+    let tls = match &opts.http_tls {
+        Some((cert, key)) => Some(http::tls(cert, key, &metrics).map_err(OperatorError::Tls)?),
+        None => None,
+    };
+    let server = http::spawn(listener, state.clone(), tls);
     let mut operator = Operator::new(
         client.clone(),
         Arc::new(KubePlatform::new(

@@ -145,8 +145,8 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     }
     let mut settings = server::ServerSettings::of(&cfg);
     if let Some(tls) = &cfg.tls {
-        let tls =
-            tls::ServerTls::new(tls, &base, &gateway.metrics.registry).map_err(ProxyError::Tls)?;
+        let tls = tls::ServerTls::gateway(tls, &base, &gateway.metrics.registry)
+            .map_err(ProxyError::Tls)?;
         *gateway.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls.certificates.clone());
         tokio::spawn(tls.certificates.clone().watch());
         settings.tls = Some(tls);

@@ -50,13 +50,26 @@ impl std::fmt::Debug for ServerTls {
 }
 
 impl ServerTls {
-    /// Loads the pair named by `cfg` (paths relative to `base`) and builds the server config;
-    /// registers the TLS metrics in `registry`. Fails, saying why, when the pair is unusable.
-    pub fn new(cfg: &TlsConfig, base: &Path, registry: &Registry) -> Result<Arc<Self>, String> {
+    /// The gateway's listener: HTTP/2 and HTTP/1.1, metrics named `apitree_proxy_tls_*`.
+    pub fn gateway(cfg: &TlsConfig, base: &Path, registry: &Registry) -> Result<Arc<Self>, String> {
+        Self::new(cfg, base, registry, "apitree_proxy", &[b"h2", b"http/1.1"])
+    }
+
+    /// Loads the pair named by `cfg` (paths relative to `base`) and builds the server config
+    /// offering `alpn`; registers the TLS metrics (`{prefix}_tls_*`) in `registry`. Fails,
+    /// saying why, when the pair is unusable.
+    pub fn new(
+        cfg: &TlsConfig,
+        base: &Path,
+        registry: &Registry,
+        prefix: &str,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<Self>, String> {
         let certificates = Certificates::load(
             base.join(&cfg.cert_file),
             base.join(&cfg.key_file),
             registry,
+            prefix,
         )?;
         let versions: &[&rustls::SupportedProtocolVersion] = match cfg.min_version {
             TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -71,12 +84,12 @@ impl ServerTls {
                 .map_err(|e| format!("TLS settings: {e}"))?
                 .with_no_client_auth()
                 .with_cert_resolver(certificates.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let hsts = HeaderValue::from_str(&cfg.hsts.header_value())
             .map_err(|e| format!("tls.hsts: {e}"))?;
         let handshake_failures = IntCounter::new(
-            "apitree_proxy_tls_handshake_failures_total",
-            "TLS handshakes on the public listener that failed (e.g. a client offering only TLS 1.2 while minVersion is 1.3) or did not finish within headerReadTimeout.",
+            format!("{prefix}_tls_handshake_failures_total"),
+            "TLS handshakes that failed (e.g. a client offering only TLS 1.2 while minVersion is 1.3) or did not finish within headerReadTimeout.",
         )
         .map_err(|e| e.to_string())?;
         registry
@@ -153,18 +166,19 @@ impl Certificates {
         cert_file: PathBuf,
         key_file: PathBuf,
         registry: &Registry,
+        prefix: &str,
     ) -> Result<Arc<Self>, String> {
         let (cert_pem, key_pem) = read_pair(&cert_file, &key_file)?;
         let (key, not_after) = parse_pair(&cert_pem, &key_pem, chrono::Utc::now().timestamp())
             .map_err(|e| format!("tls: {e}"))?;
         let expiry = IntGauge::new(
-            "apitree_proxy_tls_cert_expiry_timestamp_seconds",
-            "When the certificate the public listener serves expires (notAfter), unix seconds.",
+            format!("{prefix}_tls_cert_expiry_timestamp_seconds"),
+            "When the certificate this listener serves expires (notAfter), unix seconds.",
         )
         .map_err(|e| e.to_string())?;
         let reloads = IntCounterVec::new(
             Opts::new(
-                "apitree_proxy_tls_certificate_reloads_total",
+                format!("{prefix}_tls_certificate_reloads_total"),
                 "New certificate/key pairs found in tls.certFile and tls.keyFile, by result: ok (serving new handshakes) or error (refused; the previous pair keeps serving).",
             ),
             &["result"],
