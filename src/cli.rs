@@ -299,7 +299,8 @@ pub struct ProxyArgs {
     /// The proxy's YAML configuration.
     #[arg(long, short = 'c', value_name = "FILE", env = "APITREE_CONFIG")]
     pub config: PathBuf,
-    /// Share rate-limit counters across replicas through Redis, e.g. redis://127.0.0.1:6379.
+    /// Share rate-limit counters across replicas through Redis, e.g. redis://127.0.0.1:6379
+    /// (rediss://… for TLS).
     /// When Redis fails, limits are applied per replica and /readyz reports degraded.
     #[arg(
         long,
@@ -308,6 +309,15 @@ pub struct ProxyArgs {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
+    /// With a rediss:// URL: verify Redis's certificate against these CA certificates (PEM)
+    /// instead of the system's.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_REDIS_CA_FILE",
+        requires = "redis_url"
+    )]
+    pub redis_ca_file: Option<PathBuf>,
     /// Database mode: serve orgs, keys, APIs and credentials from this PostgreSQL database (on
     /// top of the file's), reloading on every change. If the database goes away the last good
     /// configuration keeps serving and /readyz reports degraded.

@@ -322,6 +322,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<()> {
     let opts = proxy::ProxyOptions {
         config: args.config,
         redis_url: args.redis_url,
+        redis_ca_file: args.redis_ca_file,
         database_url: args.database_url,
         listen: args.listen,
         admin: args.admin,

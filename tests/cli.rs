@@ -388,6 +388,7 @@ async fn the_proxy_example_runs_as_is_and_its_documented_keys_work() {
     let opts = apitree::proxy::ProxyOptions {
         config: example,
         redis_url: None,
+        redis_ca_file: None,
         database_url: None,
         listen: Some("127.0.0.1:0".into()),
         admin: Some("127.0.0.1:0".into()),

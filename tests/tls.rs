@@ -164,6 +164,15 @@ struct TlsGateway {
 /// A gateway from a config file in the PKI's directory (`tls:` names tls.crt and tls.key),
 /// with `tls_extra` added to its `tls:` block.
 async fn start(pki: &Pki, tls_extra: &str) -> TlsGateway {
+    start_with_redis(pki, tls_extra, None).await
+}
+
+/// [`start`] with rate limits shared through Redis at a URL, verified against a CA file.
+async fn start_with_redis(
+    pki: &Pki,
+    tls_extra: &str,
+    redis: Option<(String, Option<PathBuf>)>,
+) -> TlsGateway {
     install_crypto();
     let upstream = start_upstream().await.addr.unwrap();
     let (live, live_entry) = key_entry(KeyScope::Live, "acme", "");
@@ -187,9 +196,11 @@ keys:
     );
     let cfg = pki.path("proxy.yaml");
     std::fs::write(&cfg, yaml).unwrap();
+    let (redis_url, redis_ca_file) = redis.unzip();
     let opts = apitree::proxy::ProxyOptions {
         config: cfg,
-        redis_url: None,
+        redis_url,
+        redis_ca_file: redis_ca_file.flatten(),
         database_url: None,
         listen: Some("127.0.0.1:0".into()),
         admin: Some("127.0.0.1:0".into()),
@@ -360,6 +371,36 @@ async fn http2_and_http1_over_tls_pass_the_same_policies_and_every_response_carr
             .unwrap();
         assert_eq!(echoed["method"], "POST");
         assert_eq!(echoed["body"], "hello over tls", "over {want:?}");
+        // A body of unknown length (HTTP/2 DATA frames without content-length; chunked over
+        // HTTP/1.1) arrives whole.
+        let chunks: Vec<Result<&'static str, std::io::Error>> =
+            vec![Ok("streamed "), Ok("in "), Ok("pieces")];
+        let echoed: serde_json::Value = c
+            .post(url("/api/echo-body"))
+            .bearer_auth(&gw.live)
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(echoed["body"], "streamed in pieces", "over {want:?}");
+        if h2 {
+            // HTTP/2 may split cookies into fields; HTTP/1.1 servers read one Cookie line.
+            let seen: serde_json::Value = c
+                .get(url("/api/echo"))
+                .bearer_auth(&gw.live)
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(seen["headers"]["cookie"], "a=1; b=2");
+        }
         // PII is masked the same way.
         let body = c
             .get(url("/masked/pii"))
@@ -404,12 +445,16 @@ async fn tls_12_clients_are_refused_unless_min_version_allows_them() {
     pki.issue("a", 10);
     pki.install("a.crt", "a.key");
     let strict = start(&pki, "").await;
+    // A TCP health check (connect, close) is not a failed handshake.
+    drop(tokio::net::TcpStream::connect(strict.addr).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let old_client = handshake(&pki, strict.addr, &[&rustls::version::TLS12]).await;
     assert!(old_client.is_err(), "TLS 1.2 accepted by default");
     let (_, version) = handshake(&pki, strict.addr, &[&rustls::version::TLS13])
         .await
         .unwrap();
     assert_eq!(version, rustls::ProtocolVersion::TLSv1_3);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let m = metrics(&strict).await;
     assert_eq!(
         metric(&m, "apitree_proxy_tls_handshake_failures_total "),
@@ -451,6 +496,8 @@ async fn a_renewed_certificate_reaches_new_connections_and_a_bad_one_never_repla
     let expiry = "apitree_proxy_tls_cert_expiry_timestamp_seconds ";
     let m = metrics(&gw).await;
     assert_eq!(metric(&m, expiry), Some(pki.not_after("a") as f64), "{m}");
+    let refused = "apitree_proxy_tls_certificate_reloads_total{result=\"error\"} ";
+    assert_eq!(metric(&m, refused), Some(0.0), "{m}");
     assert_eq!(
         readiness(&gw).await["tls"]["notAfter"],
         chrono::DateTime::from_timestamp(pki.not_after("a"), 0)
@@ -525,6 +572,17 @@ async fn a_renewed_certificate_reaches_new_connections_and_a_bad_one_never_repla
         Some(1.0)
     );
     assert_eq!(metric(&m, expiry), Some(pki.not_after("b") as f64));
+    // Putting the serving pair back clears the complaint.
+    pki.install("b.crt", "b.key");
+    let mut cleared = false;
+    for _ in 0..50 {
+        if readiness(&gw).await["tls"]["lastError"].is_null() {
+            cleared = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cleared, "/readyz still reports the refused pair");
     // Requests keep being served.
     let resp = c
         .get(format!("https://127.0.0.1:{}/api/hello", gw.addr.port()))
@@ -544,7 +602,19 @@ async fn an_unusable_pair_stops_the_start_and_says_why() {
     pki.issue("b", 10);
     std::fs::write(pki.path("pepper"), PEPPER).unwrap();
     std::fs::write(pki.path("junk"), "not a certificate\n").unwrap();
+    // A private key pasted on one line into the certificate file: the error must not quote it.
+    let key_b64: String = std::fs::read_to_string(pki.path("a.key"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    std::fs::write(
+        pki.path("pasted"),
+        format!("-----BEGIN PRIVATE KEY-----{key_b64}-----END PRIVATE KEY-----"),
+    )
+    .unwrap();
     let cases = [
+        ("pasted", "a.key", "certFile is not a PEM certificate chain"),
         (
             "a.crt",
             "b.key",
@@ -564,6 +634,7 @@ async fn an_unusable_pair_stops_the_start_and_says_why() {
         let opts = apitree::proxy::ProxyOptions {
             config: cfg,
             redis_url: None,
+            redis_ca_file: None,
             database_url: None,
             listen: Some("127.0.0.1:0".into()),
             admin: Some("127.0.0.1:0".into()),
@@ -575,6 +646,11 @@ async fn an_unusable_pair_stops_the_start_and_says_why() {
         };
         assert!(err.contains(want), "{cert} + {key}: {err}");
         assert!(!err.contains("PRIVATE KEY"), "{err}");
+        assert!(!err.contains(&key_b64[20..40]), "{err}");
+        assert!(
+            err.len() < 400,
+            "an error this long may quote the file: {err}"
+        );
     }
 }
 
@@ -631,4 +707,105 @@ async fn the_operator_port_serves_over_tls_with_hsts() {
         "plain HTTP was served"
     );
     server.stop().await;
+}
+
+/// A redis-server speaking only TLS on a free port, stopped on drop.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_tls_redis(pki: &Pki) -> TlsRedis {
+    pki.issue("redis", 10);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("redis-server")
+        .current_dir(pki.dir.path())
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "redis.crt",
+            "--tls-key-file",
+            "redis.key",
+        ])
+        .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no", "--dir", "."])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/test installs it)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TlsRedis { child, port }
+}
+
+/// `rediss://` shares the limits through a Redis that speaks only TLS, its certificate
+/// verified against `--redis-ca-file`; with another CA the connection is refused (the replica
+/// limits locally and reports `degraded`), never made unverified.
+#[tokio::test]
+async fn rate_limits_are_shared_through_redis_over_tls_and_a_wrong_ca_is_refused() {
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let redis = start_tls_redis(&pki);
+    let url = format!("rediss://127.0.0.1:{}/15", redis.port);
+    let gw = start_with_redis(&pki, "", Some((url.clone(), Some(pki.path("ca.crt"))))).await;
+    let c = https_client(&pki, true);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let resp = c
+            .get(format!("https://127.0.0.1:{}/limited/x", gw.addr.port()))
+            .bearer_auth(&gw.spare[0])
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(readiness(&gw).await["rateLimitStore"], "ok");
+    // The counters are in Redis.
+    let keys = Command::new("redis-cli")
+        .current_dir(pki.dir.path())
+        .args(["--tls", "--cacert", "ca.crt", "-h", "127.0.0.1", "-p"])
+        .arg(redis.port.to_string())
+        .args(["-n", "15", "dbsize"])
+        .output()
+        .unwrap();
+    let keys: u64 = String::from_utf8_lossy(&keys.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(keys > 0, "no counters in Redis");
+
+    // A CA that did not sign Redis's certificate.
+    let other = Pki::new();
+    let gw = start_with_redis(&pki, "", Some((url, Some(other.path("ca.crt"))))).await;
+    let resp = c
+        .get(format!("https://127.0.0.1:{}/limited/x", gw.addr.port()))
+        .bearer_auth(&gw.spare[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "limits fall back to the replica");
+    assert_eq!(readiness(&gw).await["rateLimitStore"], "degraded");
 }

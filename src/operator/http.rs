@@ -238,6 +238,8 @@ async fn serve(
                         Ok(Ok(stream)) => {
                             let _ = http.serve_connection(TokioIo::new(stream), service).await;
                         }
+                        // Connected and closed without a word (a TCP health check).
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
                         _ => tls.handshake_failures.inc(),
                     }
                 });

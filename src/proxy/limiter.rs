@@ -62,7 +62,7 @@ impl SharedCounters {
 
 /// Why Redis could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid Redis URL: {0}; expected redis://HOST[:PORT][/DB]")]
+#[error("invalid Redis URL: {0}; expected redis://HOST[:PORT][/DB] or rediss://… for TLS")]
 pub struct RedisUrlError(String);
 
 impl Limiter {
@@ -77,7 +77,34 @@ impl Limiter {
     /// Shares counters through Redis at `url`. Connects lazily: a Redis that is down at start
     /// only degrades readiness.
     pub fn shared(url: &str, metrics: ProxyMetrics) -> Result<Self, RedisUrlError> {
-        let client = redis::Client::open(url).map_err(|e| RedisUrlError(e.to_string()))?;
+        Self::shared_with_ca(url, None, metrics)
+    }
+
+    /// [`Limiter::shared`]; a `rediss://` URL is verified against `ca_pem` (PEM certificates)
+    /// instead of the system's roots when given.
+    pub fn shared_with_ca(
+        url: &str,
+        ca_pem: Option<Vec<u8>>,
+        metrics: ProxyMetrics,
+    ) -> Result<Self, RedisUrlError> {
+        let client = match ca_pem {
+            None => redis::Client::open(url),
+            Some(root_cert) => {
+                if !url.starts_with("rediss://") {
+                    return Err(RedisUrlError(
+                        "a CA file is given but the URL is not rediss:// (TLS)".into(),
+                    ));
+                }
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+        }
+        .map_err(|e| RedisUrlError(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
             .set_response_timeout(Some(REDIS_TIMEOUT))

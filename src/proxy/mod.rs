@@ -40,6 +40,9 @@ use state::{GatewayState, SharedState};
 pub struct ProxyOptions {
     pub config: PathBuf,
     pub redis_url: Option<String>,
+    /// CA certificates (PEM file) a `rediss://` Redis is verified against, instead of the
+    /// system's roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Serve orgs, keys, APIs and credentials from this PostgreSQL database.
     pub database_url: Option<String>,
     pub listen: Option<String>,
@@ -109,7 +112,15 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     let metrics = metrics::ProxyMetrics::new();
     metrics.config_reloads.with_label_values(&["ok"]).inc();
     let limiter = match &opts.redis_url {
-        Some(url) => limiter::Limiter::shared(url, metrics.clone())?,
+        Some(url) => {
+            let ca = match &opts.redis_ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    ProxyError::Secrets(format!("--redis-ca-file {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
+            limiter::Limiter::shared_with_ca(url, ca, metrics.clone())?
+        }
         None => limiter::Limiter::local(metrics.clone()),
     };
     let access_log = if opts.access_log {

@@ -382,6 +382,28 @@ fn request_id(h: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
+/// An HTTP/2 request's head as the HTTP/1.1 request it becomes upstream: its version (hyper's
+/// HTTP/1 client treats any other version as 1.0 and would send a body of unknown length as
+/// none), and its `cookie` fields joined with "; " into one (RFC 9113 §8.2.3; HTTP/1.1 servers
+/// read one `Cookie` line).
+fn from_http2(parts: &mut http::request::Parts) {
+    parts.version = http::Version::HTTP_11;
+    if let header::Entry::Occupied(mut cookies) = parts.headers.entry(header::COOKIE) {
+        if cookies.iter().nth(1).is_some() {
+            let mut joined = Vec::new();
+            for v in cookies.iter() {
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b"; ");
+                }
+                joined.extend_from_slice(v.as_bytes());
+            }
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                cookies.insert(v);
+            }
+        }
+    }
+}
+
 /// The one API key the request presents; Err when it presents different keys (in two fields,
 /// or a bearer token and an `X-API-Key`). The same key twice is not ambiguous. One pass over
 /// the fields: cheaper than a hashed lookup per name on the few fields a request carries.
@@ -561,7 +583,10 @@ impl Gateway {
         };
 
         // The client's body is watched from here on, so its failures are the client's.
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        if parts.version == http::Version::HTTP_2 {
+            from_http2(&mut parts);
+        }
         let (mut body, watch): (Body, Option<Arc<BodyWatch>>) = if body.is_end_stream() {
             (body, None)
         } else {
@@ -1001,6 +1026,9 @@ pub struct Dispatch {
     queues: Vec<tokio::sync::mpsc::Sender<Accepted>>,
     next: usize,
     shed: IntCounter,
+    /// Plain HTTP: a shed connection is told 503 (over TLS it is only closed: a plaintext
+    /// answer would reach the client as a broken handshake).
+    answer_shed: bool,
 }
 
 /// What a shed connection is told. Written without reading the request: nothing was read.
@@ -1012,7 +1040,14 @@ impl Dispatch {
             queues,
             next: 0,
             shed,
+            answer_shed: true,
         }
+    }
+
+    /// Sheds by closing only (the listener speaks TLS).
+    pub fn closing_only(mut self) -> Self {
+        self.answer_shed = false;
+        self
     }
 
     /// Queues the connection for the next worker with room; sheds it when none has any.
@@ -1029,8 +1064,10 @@ impl Dispatch {
             }
         }
         self.shed.inc();
-        // Best effort on a non-blocking socket: a full send buffer only loses the courtesy.
-        let _ = std::io::Write::write(&mut conn.0, SHED_RESPONSE);
+        if self.answer_shed {
+            // Best effort on a non-blocking socket: a full send buffer only loses the courtesy.
+            let _ = std::io::Write::write(&mut conn.0, SHED_RESPONSE);
+        }
         let _ = conn.0.shutdown(std::net::Shutdown::Write);
     }
 }
@@ -1103,6 +1140,9 @@ pub async fn run_with_workers(
     tokio::pin!(shutdown);
     let has_workers = !senders.is_empty();
     let mut dispatch = Dispatch::new(senders, gateway.metrics.connections_shed.clone());
+    if settings.tls.is_some() {
+        dispatch = dispatch.closing_only();
+    }
     loop {
         tokio::select! {
             _ = &mut shutdown => break,

@@ -137,6 +137,8 @@ struct State {
     failing: Option<[u8; 32]>,
     /// The last pair refused (not logged again while the files stay so).
     refused: Option<[u8; 32]>,
+    /// The files could not be read at the last look.
+    unreadable: bool,
     last_error: Option<String>,
 }
 
@@ -191,6 +193,9 @@ impl Certificates {
             registry.register(m).map_err(|e| e.to_string())?;
         }
         expiry.set(not_after);
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
         tracing::info!(
             cert_file = %cert_file.display(),
             not_after = %timestamp(not_after),
@@ -215,14 +220,27 @@ impl Certificates {
         let read = read_pair(&self.cert_file, &self.key_file);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (e, print) = match read {
-            // A file that cannot be read at all: keep serving, say so once.
+            // A file that cannot be read (being replaced, or gone): keep serving; a failure
+            // once it holds for two looks, said once.
             Err(e) => {
+                if !now && !state.unreadable {
+                    state.unreadable = true;
+                    return Reload::Pending;
+                }
                 let print = state.last_error.as_deref() != Some(e.as_str());
                 (e, print)
             }
             Ok((cert_pem, key_pem)) => {
+                state.unreadable = false;
                 let seen = fingerprint(&cert_pem, &key_pem);
-                if seen == state.loaded || state.refused == Some(seen) {
+                if seen == state.loaded {
+                    // The pair in use (perhaps restored after a bad one): nothing is wrong.
+                    state.refused = None;
+                    state.failing = None;
+                    state.last_error = None;
+                    return Reload::Unchanged;
+                }
+                if state.refused == Some(seen) {
                     return Reload::Unchanged;
                 }
                 match parse_pair(&cert_pem, &key_pem, chrono::Utc::now().timestamp()) {
@@ -314,9 +332,14 @@ fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), St
 /// A usable pair from PEM text: the chain parses, the key parses and belongs to the leaf, the
 /// leaf has not expired at `now`. Errors never quote the files' contents.
 fn parse_pair(cert_pem: &[u8], key_pem: &[u8], now: i64) -> Result<(CertifiedKey, i64), String> {
+    // The parser's errors can carry bytes of the file (a private key pasted into the wrong
+    // file, say): never quoted.
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certFile is not a PEM certificate chain ({e})"))?;
+        .map_err(|_| {
+            "certFile is not a PEM certificate chain (a BEGIN or END line is missing or misplaced)"
+                .to_string()
+        })?;
     if chain.is_empty() {
         return Err("certFile holds no CERTIFICATE block".into());
     }
@@ -325,8 +348,8 @@ fn parse_pair(cert_pem: &[u8], key_pem: &[u8], now: i64) -> Result<(CertifiedKey
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|_| "keyFile's private key is of a type TLS cannot use".to_string())?;
     let certified = CertifiedKey::new(chain, signer);
-    certified.keys_match().map_err(|e| {
-        format!("keyFile's private key does not belong to certFile's first certificate ({e})")
+    certified.keys_match().map_err(|_| {
+        "keyFile's private key does not belong to certFile's first certificate".to_string()
     })?;
     let not_after = not_after(&certified.cert[0])
         .ok_or("certFile's first certificate has no readable validity period")?;
