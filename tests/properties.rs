@@ -220,6 +220,7 @@ fn request_fields() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> 
         "x-api-key",
         "x-request-id",
         "x-forwarded-for",
+        "x-forwarded-proto",
         "accept-encoding",
         "x-vendor-key",
         "connection",
@@ -270,6 +271,7 @@ proptest! {
         identity_encoding in any::<bool>(),
         credential in prop::option::of(prop::sample::select(vec![
             "authorization", "x-vendor-key", "host", "x-request-id", "x-forwarded-for", "accept-encoding",
+            "x-forwarded-proto",
         ])),
         post in any::<bool>(),
     ) {
@@ -289,6 +291,7 @@ proptest! {
             host: &host,
             request_id: &request_id,
             forwarded_for: forwarded_for.then(|| HeaderValue::from_static("127.0.0.1")),
+            proto: &apitree::proxy::forward::PROTO_HTTPS,
             identity_encoding,
             credential: injected.as_ref(),
         };
@@ -305,5 +308,9 @@ proptest! {
             prop_assert!(!got.contains_key(never), "{} forwarded", never);
         }
         prop_assert_eq!(&got["host"], &vec![if credential == Some("host") { "Bearer upstream-secret" } else { "upstream:8080" }.to_string()]);
+        // Whatever the client claimed, the upstream hears how it really came in.
+        if credential != Some("x-forwarded-proto") {
+            prop_assert_eq!(&got["x-forwarded-proto"], &vec!["https".to_string()]);
+        }
     }
 }

@@ -147,6 +147,7 @@ async fn the_upstream_sees_the_same_fields_whichever_path_carries_the_request() 
                 ("te", "trailers"),
                 ("x-api-key", s.live.as_str()),
                 ("x-forwarded-for", "10.0.0.1"),
+                ("x-forwarded-proto", "https"),
                 ("x-request-id", "client-id-1"),
                 ("accept-encoding", "gzip"),
                 ("x-custom", "kept"),
@@ -175,6 +176,8 @@ async fn the_upstream_sees_the_same_fields_whichever_path_carries_the_request() 
             }
             assert_eq!(headers["host"], upstream_host.as_str());
             assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+            // A plain-HTTP client claiming https is not believed.
+            assert_eq!(headers["x-forwarded-proto"], "http");
             assert_eq!(headers["x-request-id"], "client-id-1");
             assert_eq!(headers["x-custom"], "kept");
             // A route that masks PII asks for a body it can read.

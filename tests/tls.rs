@@ -353,6 +353,7 @@ async fn http2_and_http1_over_tls_pass_the_same_policies_and_every_response_carr
             .json()
             .await
             .unwrap();
+        assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
         let seen = seen.to_string();
         assert!(
             !seen.contains(&gw.live),

@@ -18,12 +18,17 @@ use super::state::Injected;
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Proto` values: how the client reached the gateway.
+pub static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+pub static PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 const CLOSE: HeaderName = HeaderName::from_static("close");
 // The names the policy sets, as statics: [`Forwarding::sets`] lends them out.
 static SET_HOST: HeaderName = HOST;
 static SET_REQUEST_ID: HeaderName = X_REQUEST_ID;
 static SET_FORWARDED_FOR: HeaderName = X_FORWARDED_FOR;
+static SET_FORWARDED_PROTO: HeaderName = X_FORWARDED_PROTO;
 static SET_ACCEPT_ENCODING: HeaderName = ACCEPT_ENCODING;
 
 /// The names a message's `Connection` fields list beyond the fixed set (`Connection: close,
@@ -74,6 +79,9 @@ pub struct Forwarding<'a> {
     pub request_id: &'a HeaderValue,
     /// The client's address, appended to any `X-Forwarded-For` the client sent.
     pub forwarded_for: Option<HeaderValue>,
+    /// `http` or `https` ([`PROTO_HTTP`], [`PROTO_HTTPS`]): replaces any `X-Forwarded-Proto`
+    /// the client sent, so a plain-HTTP client cannot pass itself off as a TLS one.
+    pub proto: &'a HeaderValue,
     /// Ask for an uncompressed body (`Accept-Encoding: identity`): the route scans it for PII.
     pub identity_encoding: bool,
     /// The route's upstream credential (BYOK or system key).
@@ -87,13 +95,14 @@ type Set<'s> = (&'s HeaderName, &'s HeaderValue, bool);
 impl Forwarding<'_> {
     /// The fields set, in the order they are set (a later replacing field wins over an earlier
     /// one of the same name).
-    fn sets(&self) -> [Option<Set<'_>>; 5] {
+    fn sets(&self) -> [Option<Set<'_>>; 6] {
         [
             Some((&SET_HOST, self.host, true)),
             Some((&SET_REQUEST_ID, self.request_id, true)),
             self.forwarded_for
                 .as_ref()
                 .map(|v| (&SET_FORWARDED_FOR, v, false)),
+            Some((&SET_FORWARDED_PROTO, self.proto, true)),
             self.identity_encoding
                 .then_some((&SET_ACCEPT_ENCODING, &IDENTITY, true)),
             self.credential.map(|c| (&c.header, &c.value, true)),

@@ -635,7 +635,10 @@ fn hyper_service(
         let (gw, forwarded_for, hsts) = (gateway.clone(), forwarded_for.clone(), hsts.clone());
         let in_flight = InFlight::new(activity.clone());
         async move {
-            let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+            let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+            if hsts.is_some() {
+                req.extensions_mut().insert(super::server::OverTls);
+            }
             let mut resp = gw.handle(req, forwarded_for).await;
             if let Some(hsts) = hsts {
                 resp.headers_mut()

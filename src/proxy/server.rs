@@ -382,6 +382,11 @@ fn request_id(h: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
+/// Marks a request that reached the gateway over TLS (a request extension the TLS listener
+/// sets): the upstream is told `X-Forwarded-Proto: https`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
 /// An HTTP/2 request's head as the HTTP/1.1 request it becomes upstream: its version (hyper's
 /// HTTP/1 client treats any other version as 1.0 and would send a body of unknown length as
 /// none), and its `cookie` fields joined with "; " into one (RFC 9113 §8.2.3; HTTP/1.1 servers
@@ -587,6 +592,7 @@ impl Gateway {
         if parts.version == http::Version::HTTP_2 {
             from_http2(&mut parts);
         }
+        let over_tls = parts.extensions.get::<OverTls>().is_some();
         let (mut body, watch): (Body, Option<Arc<BodyWatch>>) = if body.is_end_stream() {
             (body, None)
         } else {
@@ -620,6 +626,11 @@ impl Gateway {
             host: &route.host,
             request_id,
             forwarded_for,
+            proto: if over_tls {
+                &super::forward::PROTO_HTTPS
+            } else {
+                &super::forward::PROTO_HTTP
+            },
             // Compressed bodies cannot be scanned.
             identity_encoding: route.pii != PiiMode::Off,
             credential,
