@@ -271,15 +271,17 @@ async fn handshake(
     ))
 }
 
-async fn metrics(gw: &TlsGateway) -> String {
+/// GET `path` on the gateway's admin port.
+async fn admin(gw: &TlsGateway, path: &str) -> reqwest::Response {
     client()
-        .get(format!("http://{}/metrics", gw.admin))
+        .get(format!("http://{}{path}", gw.admin))
         .send()
         .await
         .unwrap()
-        .text()
-        .await
-        .unwrap()
+}
+
+async fn metrics(gw: &TlsGateway) -> String {
+    admin(gw, "/metrics").await.text().await.unwrap()
 }
 
 fn metric(text: &str, line_start: &str) -> Option<f64> {
@@ -289,14 +291,7 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
 }
 
 async fn readiness(gw: &TlsGateway) -> serde_json::Value {
-    client()
-        .get(format!("http://{}/readyz", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    admin(gw, "/readyz").await.json().await.unwrap()
 }
 
 /// HTTP/2 and HTTP/1.1 over TLS 1.3 get the same answers from the same policies (auth, rate

@@ -267,8 +267,11 @@ impl Certificates {
                     }
                     Err(e) => {
                         state.failing = None;
-                        state.refused = Some(seen);
-                        (e, true)
+                        let print = state.last_error.as_deref() != Some(e.as_str());
+                        if !e.starts_with(NOT_YET_VALID) {
+                            state.refused = Some(seen);
+                        }
+                        (e, print)
                     }
                 }
             }
@@ -329,6 +332,13 @@ fn read_pair(cert_file: &Path, key_file: &Path) -> Result<(Vec<u8>, Vec<u8>), St
     Ok((read("certFile", cert_file)?, read("keyFile", key_file)?))
 }
 
+/// How far ahead of this clock a new certificate's notBefore may be (its issuer's clock may
+/// run a little ahead).
+const CLOCK_SKEW: i64 = 300;
+/// The start of the error for a certificate not valid yet: such a pair is looked at again
+/// every second (it becomes usable with time), not refused for good.
+const NOT_YET_VALID: &str = "certFile's first certificate is not valid until";
+
 /// A usable pair from PEM text: the chain parses, the key parses and belongs to the leaf, the
 /// leaf has not expired at `now`. Errors never quote the files' contents.
 fn parse_pair(cert_pem: &[u8], key_pem: &[u8], now: i64) -> Result<(CertifiedKey, i64), String> {
@@ -351,8 +361,14 @@ fn parse_pair(cert_pem: &[u8], key_pem: &[u8], now: i64) -> Result<(CertifiedKey
     certified.keys_match().map_err(|_| {
         "keyFile's private key does not belong to certFile's first certificate".to_string()
     })?;
-    let not_after = not_after(&certified.cert[0])
+    let (not_before, not_after) = validity(&certified.cert[0])
         .ok_or("certFile's first certificate has no readable validity period")?;
+    if not_before > now + CLOCK_SKEW {
+        return Err(format!(
+            "{NOT_YET_VALID} {} (clients would refuse it until then)",
+            timestamp(not_before)
+        ));
+    }
     if not_after <= now {
         return Err(format!(
             "certFile's first certificate expired at {}; renew it",
@@ -365,6 +381,11 @@ fn parse_pair(cert_pem: &[u8], key_pem: &[u8], now: i64) -> Result<(CertifiedKey
 /// `notAfter` of an X.509 certificate (DER, RFC 5280 §4.1), unix seconds; None when the bytes
 /// are not shaped like one.
 pub fn not_after(cert: &[u8]) -> Option<i64> {
+    validity(cert).map(|(_, not_after)| not_after)
+}
+
+/// `notBefore` and `notAfter` of an X.509 certificate (DER), unix seconds.
+pub fn validity(cert: &[u8]) -> Option<(i64, i64)> {
     let (0x30, certificate, _) = tlv(cert)? else {
         return None;
     };
@@ -388,9 +409,10 @@ pub fn not_after(cert: &[u8]) -> Option<i64> {
     let (0x30, validity, _) = tlv(rest)? else {
         return None;
     };
-    let (_, _, after) = tlv(validity)?; // notBefore
+    let (tag, time, after) = tlv(validity)?;
+    let not_before = der_time(tag, time)?;
     let (tag, time, _) = tlv(after)?;
-    der_time(tag, time)
+    Some((not_before, der_time(tag, time)?))
 }
 
 /// One DER tag-length-value: (tag, value, what follows). Definite lengths up to 4 bytes.
@@ -511,6 +533,11 @@ mod tests {
         for (version, time, want) in cases {
             assert_eq!(not_after(&cert(version, time)), want, "{time:?}");
         }
+        // notBefore is the first time of the validity (250101000000Z in `cert`).
+        assert_eq!(
+            validity(&cert(true, (0x17, "270615120000Z"))).map(|v| v.0),
+            Some(at(2025, 1, 1, 0, 0, 0))
+        );
     }
 
     #[test]
