@@ -559,3 +559,72 @@ async fn audit_verify_passes_an_intact_chain_and_names_the_first_altered_row() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("intact"));
 }
+
+/// `sslmode=verify-ca`/`verify-full` with `sslrootcert` work against the local PostgreSQL's own
+/// certificate, and a CA that did not sign it is refused with a message that says what to
+/// check (not "check the network").
+#[tokio::test]
+async fn postgres_tls_is_verified_against_sslrootcert_and_a_wrong_ca_is_refused_clearly() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.pool().await;
+    let (ssl, cert_file): (String, String) =
+        sqlx::query_as("SELECT current_setting('ssl'), current_setting('ssl_cert_file')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        ssl, "on",
+        "this test needs the local PostgreSQL to speak TLS (Debian's default: ssl = on)"
+    );
+    let with = |params: &str| {
+        if tdb.url.contains('?') {
+            format!("{}&{params}", tdb.url)
+        } else {
+            format!("{}?{params}", tdb.url)
+        }
+    };
+    // The server's own (self-signed) certificate as the root: verified, migrated.
+    let ok = apitree(&[
+        "migrate",
+        "--database-url",
+        &with(&format!("sslmode=verify-ca&sslrootcert={cert_file}")),
+    ]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // A CA of our own: refused, and the message points at sslrootcert.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir.path())
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let ca = dir.path().join("ca.crt");
+    for mode in ["verify-ca", "verify-full"] {
+        let url = with(&format!("sslmode={mode}&sslrootcert={}", ca.display()));
+        let refused = apitree(&["migrate", "--database-url", &url]);
+        let err = stderr(&refused);
+        assert_eq!(refused.status.code(), Some(1), "{mode}: {err}");
+        assert!(
+            err.contains("certificate") && err.contains("check sslrootcert"),
+            "{mode}: {err}"
+        );
+    }
+}

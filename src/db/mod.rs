@@ -233,6 +233,10 @@ fn classify_connect_error(err: &sqlx::Error) -> (String, &'static str) {
             ErrorKind::NotFound | ErrorKind::AddrNotAvailable => {
                 (io.to_string(), "check the host name in the URL")
             }
+            _ if io.to_string().contains("certificate") => (
+                io.to_string(),
+                "the server's TLS certificate did not verify: check sslrootcert in the URL (the CA that signed it) and, with sslmode=verify-full, that the URL's host is a name the certificate carries",
+            ),
             _ => (
                 io.to_string(),
                 "check the host, port and network path to the server",
