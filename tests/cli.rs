@@ -385,15 +385,7 @@ async fn the_proxy_example_runs_as_is_and_its_documented_keys_work() {
         .map(|k| k.trim().to_string())
         .collect();
     assert_eq!(keys.len(), 2, "the example documents a live and a test key");
-    let opts = apitree::proxy::ProxyOptions {
-        config: example,
-        redis_url: None,
-        redis_ca_file: None,
-        database_url: None,
-        listen: Some("127.0.0.1:0".into()),
-        admin: Some("127.0.0.1:0".into()),
-        access_log: false,
-    };
+    let opts = common::gateway::proxy_options(example);
     let prepared = apitree::proxy::prepare(&opts)
         .await
         .expect("the example starts as-is");

@@ -477,6 +477,23 @@ async fn wait_for(
     panic!("apitree local never reached {what}; last view: {last:#?}");
 }
 
+/// `apitree local -f DIR` with the example proxy config, its status page on 127.0.0.1:`http`,
+/// no Slack and the example's secret files (not the environment's).
+fn spawn_local(dir: &std::path::Path, http: u16) -> tokio::process::Child {
+    let proxy_config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxy.yaml");
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["local", "-f"])
+        .arg(dir)
+        .args(["--proxy-config", proxy_config, "--http"])
+        .arg(format!("127.0.0.1:{http}"))
+        .env_remove("SLACK_BOT_TOKEN")
+        .env_remove("APITREE_KEY_PEPPER")
+        .env_remove("APITREE_MASTER_KEY")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apitree_local_runs_files_and_an_edited_file_goes_through_the_gate() {
     let _turn = TURN.lock().await;
@@ -489,18 +506,7 @@ async fn apitree_local_runs_files_and_an_edited_file_goes_through_the_gate() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("shop.yaml");
     std::fs::write(&file, local_manifest(http, "5s", "")).unwrap();
-    let proxy_config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxy.yaml");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
-        .args(["local", "-f"])
-        .arg(dir.path())
-        .args(["--proxy-config", proxy_config, "--http"])
-        .arg(format!("127.0.0.1:{http}"))
-        .env_remove("SLACK_BOT_TOKEN")
-        .env_remove("APITREE_KEY_PEPPER")
-        .env_remove("APITREE_MASTER_KEY")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_local(dir.path(), http);
 
     let g = wait_for(http, "Stable", |g| g["phase"] == "Stable").await;
     let first = g["activeRevision"].as_str().unwrap().to_string();
@@ -587,18 +593,7 @@ async fn apitree_local_keeps_serving_through_bad_saves_and_gates_what_follows() 
     let file = dir.path().join("shop.yaml");
     let good = local_manifest(http, "5s", "");
     std::fs::write(&file, &good).unwrap();
-    let proxy_config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxy.yaml");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
-        .args(["local", "-f"])
-        .arg(dir.path())
-        .args(["--proxy-config", proxy_config, "--http"])
-        .arg(format!("127.0.0.1:{http}"))
-        .env_remove("SLACK_BOT_TOKEN")
-        .env_remove("APITREE_KEY_PEPPER")
-        .env_remove("APITREE_MASTER_KEY")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_local(dir.path(), http);
     let g = wait_for(http, "Stable", |g| g["phase"] == "Stable").await;
     let first = g["activeRevision"].as_str().unwrap().to_string();
     let front = g["url"].as_str().unwrap().to_string();

@@ -60,13 +60,8 @@ async fn start(
     )
     .unwrap();
     let opts = apitree::proxy::ProxyOptions {
-        config: cfg,
-        redis_url: None,
-        redis_ca_file: None,
         database_url: Some(tdb.url.clone()),
-        listen: Some("127.0.0.1:0".into()),
-        admin: Some("127.0.0.1:0".into()),
-        access_log: false,
+        ..proxy_options(cfg)
     };
     let p = apitree::proxy::prepare(&opts)
         .await

@@ -198,13 +198,9 @@ keys:
     std::fs::write(&cfg, yaml).unwrap();
     let (redis_url, redis_ca_file) = redis.unzip();
     let opts = apitree::proxy::ProxyOptions {
-        config: cfg,
         redis_url,
         redis_ca_file: redis_ca_file.flatten(),
-        database_url: None,
-        listen: Some("127.0.0.1:0".into()),
-        admin: Some("127.0.0.1:0".into()),
-        access_log: false,
+        ..proxy_options(cfg)
     };
     let p = apitree::proxy::prepare(&opts)
         .await
@@ -627,15 +623,7 @@ async fn an_unusable_pair_stops_the_start_and_says_why() {
             format!("secrets: {{ pepperFile: pepper }}\ntls: {{ certFile: {cert}, keyFile: {key} }}\nroutes:\n  - {{ name: api, pathPrefix: /api/, upstream: \"http://127.0.0.1:9/\" }}\n"),
         )
         .unwrap();
-        let opts = apitree::proxy::ProxyOptions {
-            config: cfg,
-            redis_url: None,
-            redis_ca_file: None,
-            database_url: None,
-            listen: Some("127.0.0.1:0".into()),
-            admin: Some("127.0.0.1:0".into()),
-            access_log: false,
-        };
+        let opts = proxy_options(cfg);
         let err = match apitree::proxy::prepare(&opts).await {
             Ok(_) => panic!("{cert} + {key} started"),
             Err(e) => e.to_string(),

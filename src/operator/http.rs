@@ -234,13 +234,9 @@ async fn serve(
                         let _ = http.serve_connection(TokioIo::new(stream), service).await;
                         return;
                     };
-                    match tokio::time::timeout(header_read, tls.acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                        // Connected and closed without a word (a TCP health check).
-                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-                        _ => tls.handshake_failures.inc(),
+                    let handshake = tokio::time::timeout(header_read, tls.acceptor.accept(stream)).await;
+                    if let Some(stream) = tls.accepted(handshake) {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
                     }
                 });
             }

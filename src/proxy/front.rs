@@ -563,14 +563,8 @@ pub async fn serve_tls(
     settings: ServerSettings,
 ) {
     let handshake = super::timer::timeout(settings.header_read, tls.acceptor.accept(io)).await;
-    let stream = match handshake {
-        Ok(Ok(stream)) => stream,
-        // Connected and closed without a word (a TCP health check): not a handshake.
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return,
-        _ => {
-            tls.handshake_failures.inc();
-            return;
-        }
+    let Some(stream) = tls.accepted(handshake) else {
+        return;
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let activity = Arc::new(Activity::new());

@@ -104,6 +104,22 @@ impl ServerTls {
     }
 }
 
+impl ServerTls {
+    /// The stream of a finished handshake, given the handshake run under a deadline (`Err`:
+    /// the deadline passed). Failures and timeouts are counted; a client that connected and
+    /// closed without a byte (a TCP health check) is not a failed handshake.
+    pub fn accepted<S, E>(&self, handshake: Result<std::io::Result<S>, E>) -> Option<S> {
+        match handshake {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+            _ => {
+                self.handshake_failures.inc();
+                None
+            }
+        }
+    }
+}
+
 /// The outcome of looking at the files again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reload {

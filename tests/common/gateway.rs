@@ -250,6 +250,20 @@ impl Write for SharedWriter {
     }
 }
 
+/// Options for `apitree proxy --config FILE` on ephemeral loopback ports, with no Redis, no
+/// database and no access log (callers set what they need on top).
+pub fn proxy_options(config: std::path::PathBuf) -> apitree::proxy::ProxyOptions {
+    apitree::proxy::ProxyOptions {
+        config,
+        redis_url: None,
+        redis_ca_file: None,
+        database_url: None,
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        access_log: false,
+    }
+}
+
 pub fn pepper() -> Pepper {
     Pepper::new(PEPPER.to_vec()).unwrap()
 }
