@@ -910,6 +910,63 @@ async fn hyper_path_connections_follow_the_keep_alive_and_header_read_rules() {
     }
 }
 
+/// A client that stops reading a big response has its connection closed `sendTimeout` after
+/// it last took a byte, so it cannot hold the request's upstream connection for as long as it
+/// likes; a client that reads slowly but steadily for longer than that gets its response.
+/// (Over TLS, HTTP/1.1 and HTTP/2: tests/tls.rs.)
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    let up = start_upstream().await;
+    let routes = "  - { name: api, pathPrefix: /api/, upstream: \"{up}/\" }\n";
+    for fast in BOTH_PATHS {
+        let h = hardened(fast, "sendTimeout: 1s", routes, up.addr.unwrap()).await;
+        let request = get("/api/big", &h.live);
+        let mut steady = TcpStream::connect(h.gw.addr).await.unwrap();
+        steady.write_all(request.as_bytes()).await.unwrap();
+        let mut stalled = small_window(h.gw.addr).await;
+        stalled.write_all(request.as_bytes()).await.unwrap();
+
+        // 3 s of a steady reader (256 KiB, then a 50 ms pause), three times the send timeout.
+        let started = Instant::now();
+        let mut steady_got = 0;
+        let mut chunk = vec![0; 256 * 1024];
+        while started.elapsed() < Duration::from_secs(3) {
+            tokio::time::timeout(Duration::from_secs(2), steady.read_exact(&mut chunk))
+                .await
+                .expect("the steady reader gets data")
+                .unwrap_or_else(|e| {
+                    panic!("fast path {fast}: steady reader cut off after {steady_got} bytes: {e}")
+                });
+            steady_got += chunk.len();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // By now the stalled request is over: only the steady one holds an upstream body.
+        assert_eq!(
+            up.big_open.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "fast path {fast}: upstream bodies being sent"
+        );
+        // The stalled client finds its response cut off, short of the body.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut got))
+            .await
+            .expect("the stalled connection is closed");
+        assert!(
+            got.len() < BIG_BODY,
+            "fast path {fast}: the stalled client got {} bytes",
+            got.len()
+        );
+        drop(steady);
+    }
+}
+
+/// A connection whose receive buffer is small, so the sender's writes block soon.
+async fn small_window(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 /// Reads until the `/echo-body` answer to a POST has arrived whole.
 async fn answered(stream: &mut TcpStream) {
     let mut buf = Vec::new();

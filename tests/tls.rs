@@ -157,6 +157,8 @@ struct TlsGateway {
     addr: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     live: String,
+    /// The upstream's `/big` bodies being sent now.
+    big_open: Arc<std::sync::atomic::AtomicUsize>,
     /// Two more keys, each used on the rate-limited route by one protocol only.
     spare: [String; 2],
 }
@@ -173,14 +175,26 @@ async fn start_with_redis(
     tls_extra: &str,
     redis: Option<(String, Option<PathBuf>)>,
 ) -> TlsGateway {
+    start_full(pki, tls_extra, "", redis).await
+}
+
+/// [`start_with_redis`] with top-level settings `top` (YAML lines).
+async fn start_full(
+    pki: &Pki,
+    tls_extra: &str,
+    top: &str,
+    redis: Option<(String, Option<PathBuf>)>,
+) -> TlsGateway {
     install_crypto();
-    let upstream = start_upstream().await.addr.unwrap();
+    let up = start_upstream().await;
+    let (upstream, big_open) = (up.addr.unwrap(), up.big_open.clone());
     let (live, live_entry) = key_entry(KeyScope::Live, "acme", "");
     let (spare_a, spare_a_entry) = key_entry(KeyScope::Live, "acme", "");
     let (spare_b, spare_b_entry) = key_entry(KeyScope::Live, "acme", "");
     std::fs::write(pki.path("pepper"), PEPPER).unwrap();
     let yaml = format!(
         "secrets: {{ pepperFile: pepper }}
+{top}
 tls: {{ certFile: tls.crt, keyFile: tls.key{tls_extra} }}
 tiers:
   - {{ name: std, perKey: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}, perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }} }}
@@ -220,6 +234,7 @@ keys:
         addr,
         admin,
         live: live.expose_secret().to_string(),
+        big_open,
         spare: [spare_a, spare_b].map(|k| k.expose_secret().to_string()),
     }
 }
@@ -467,6 +482,163 @@ async fn tls_12_clients_are_refused_unless_min_version_allows_them() {
     .await
     .unwrap();
     assert_eq!(version, rustls::ProtocolVersion::TLSv1_3);
+}
+
+/// A TLS connection to the gateway trusting the test CA, offering `alpn`; with a small
+/// receive buffer when `small_window`.
+async fn tls_connect(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    alpn: &[u8],
+    small_window: bool,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.ca()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if small_window {
+        socket.set_recv_buffer_size(8 * 1024).unwrap();
+    }
+    let tcp = socket.connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// An HTTP/2 client connection over [`tls_connect`]; `ping`: PINGs every 200 ms, idle or not.
+/// The connection's task ends with the connection (Ok: closed with a GOAWAY).
+async fn h2_connect(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    ping: bool,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let io = hyper_util::rt::TokioIo::new(tls_connect(pki, addr, b"h2", false).await);
+    let mut b = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.timer(hyper_util::rt::TokioTimer::new());
+    if ping {
+        b.keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true);
+    }
+    let (send, conn) = b.handshake(io).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn h2_get(path: &str, key: &str) -> hyper::Request<http_body_util::Empty<bytes::Bytes>> {
+    hyper::Request::get(format!("https://127.0.0.1{path}"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// Over TLS, a client that stops taking a big response is cut off `sendTimeout` after it last
+/// took a byte, so it cannot hold upstream connections: on HTTP/1.1 (a full socket) and on
+/// HTTP/2 (streams whose flow-control window the client never opens, several on one
+/// connection), while an HTTP/2 client that reads steadily for longer keeps its response. An
+/// idle HTTP/2 connection closes with a GOAWAY at `keepAliveTimeout` after its last request:
+/// PINGs neither cut it at `headerReadTimeout` nor keep it open.
+#[tokio::test]
+async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_connection() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let top = "sendTimeout: 1s\nheaderReadTimeout: 1s\nkeepAliveTimeout: 3s";
+    let gw = start_full(&pki, "", top, None).await;
+
+    // HTTP/1.1: a request, then nothing read.
+    let mut h1 = tls_connect(&pki, gw.addr, b"http/1.1", true).await;
+    let head = format!(
+        "GET /api/big HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\r\n",
+        gw.live
+    );
+    h1.write_all(head.as_bytes()).await.unwrap();
+    // HTTP/2: four streams whose bodies are never read, so their windows never reopen.
+    let (mut stalled, stalled_conn) = h2_connect(&pki, gw.addr, false).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let resp = stalled
+            .send_request(h2_get("/api/big", &gw.live))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    // HTTP/2: one stream read steadily.
+    let (mut steady, _steady_conn) = h2_connect(&pki, gw.addr, false).await;
+    let mut body = steady
+        .send_request(h2_get("/api/big", &gw.live))
+        .await
+        .unwrap()
+        .into_body();
+    assert_eq!(gw.big_open.load(SeqCst), 6, "every body is being sent");
+
+    let started = std::time::Instant::now();
+    let mut steady_got = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let frame = tokio::time::timeout(Duration::from_secs(2), body.frame())
+            .await
+            .expect("the steady stream gets data")
+            .unwrap_or_else(|| panic!("steady stream ended after {steady_got} bytes"))
+            .unwrap_or_else(|e| panic!("steady stream cut off after {steady_got} bytes: {e}"));
+        steady_got += frame.data_ref().map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        gw.big_open.load(SeqCst),
+        1,
+        "only the steady stream's upstream body is still being sent"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), stalled_conn)
+        .await
+        .expect("the stalled HTTP/2 connection is closed");
+    assert!(ended.is_ok());
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), h1.read_to_end(&mut got))
+        .await
+        .expect("the stalled HTTP/1.1 connection is closed");
+    assert!(
+        got.len() < BIG_BODY,
+        "the HTTP/1.1 client got {} bytes",
+        got.len()
+    );
+    drop((held, body));
+
+    // Idle HTTP/2 with PINGs every 200 ms: open past headerReadTimeout (1 s), closed with a
+    // GOAWAY near keepAliveTimeout (3 s) after its only request.
+    let (mut pinging, conn) = h2_connect(&pki, gw.addr, true).await;
+    let resp = pinging
+        .send_request(h2_get("/api/x", &gw.live))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    let idle = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(8), conn)
+        .await
+        .expect("an idle connection is closed however often the client PINGs")
+        .unwrap();
+    let lasted = idle.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(2500) && lasted < Duration::from_millis(5500),
+        "closed after {lasted:?}"
+    );
+    assert!(closed.is_ok(), "closed with a GOAWAY, not cut: {closed:?}");
 }
 
 /// A renewed certificate written over the files reaches new connections within seconds, with

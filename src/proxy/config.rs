@@ -66,6 +66,11 @@ pub struct ProxyConfig {
     /// answered 408 (nginx's `client_body_timeout`). Separate from a route's upstream timeout.
     #[serde(default = "default_body_read")]
     pub body_read_timeout: KubeDuration,
+    /// How long a response may wait for the client to take more of it (nginx's
+    /// `send_timeout`): a client that stops reading, or an HTTP/2 client that opens no flow
+    /// control window, has its connection closed, so it cannot hold upstream connections.
+    #[serde(default = "default_send")]
+    pub send_timeout: KubeDuration,
     /// Serve plain bodiless requests on the gateway's own HTTP/1.1 loop (the fast path, on by
     /// default); `false` serves every client connection through hyper's server only.
     #[serde(default = "default_true")]
@@ -192,6 +197,7 @@ impl Default for ProxyConfig {
             header_read_timeout: default_header_read(),
             keep_alive_timeout: default_keep_alive(),
             body_read_timeout: default_body_read(),
+            send_timeout: default_send(),
             client_fast_path: true,
             accept_queue: default_accept_queue(),
             tls: None,
@@ -223,6 +229,10 @@ fn default_drain() -> KubeDuration {
 }
 fn default_header_read() -> KubeDuration {
     KubeDuration::from_secs(30)
+}
+/// nginx's `send_timeout`.
+fn default_send() -> KubeDuration {
+    KubeDuration::from_secs(60)
 }
 /// nginx's `keepalive_timeout`.
 fn default_keep_alive() -> KubeDuration {
@@ -402,6 +412,7 @@ impl ProxyConfig {
             "bodyReadTimeout",
             self.body_read_timeout != new.body_read_timeout,
         );
+        differ("sendTimeout", self.send_timeout != new.send_timeout);
         differ(
             "clientFastPath",
             self.client_fast_path != new.client_fast_path,
@@ -450,6 +461,7 @@ impl ProxyConfig {
             ("headerReadTimeout", &self.header_read_timeout),
             ("keepAliveTimeout", &self.keep_alive_timeout),
             ("bodyReadTimeout", &self.body_read_timeout),
+            ("sendTimeout", &self.send_timeout),
             ("defaultTimeout", &self.default_timeout),
         ] {
             if value.as_std().is_zero() {

@@ -129,6 +129,18 @@ pub fn graceful<C: GracefulConnection>(drain: Arc<Drain>, conn: C) -> Graceful<C
     }
 }
 
+impl<C: GracefulConnection> Graceful<C> {
+    /// Asks the connection to finish what is in flight and close now, draining or not (an
+    /// HTTP/2 GOAWAY, so a client knows which of its requests were not taken).
+    pub fn close_gracefully(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        if !this.closing {
+            this.closing = true;
+            this.conn.as_mut().graceful_shutdown();
+        }
+    }
+}
+
 impl<C: GracefulConnection> Future for Graceful<C> {
     type Output = C::Output;
 

@@ -13,7 +13,10 @@
 //! ServerSettings ([`ServerSettings`], the same on both paths): the first head must be complete within
 //! `header_read` of the connection's start, later heads within it of their first byte (hyper's
 //! rule); a kept-alive connection idle for `keep_alive` between requests is closed (hyper has no
-//! such timeout, so its path gets one here: [`close_when_idle`]). Draining: an idle connection
+//! such timeout, so its path gets one here: [`close_when_idle`]); a response the client takes
+//! nothing of for `send` closes the connection (nginx's `send_timeout`: [`send`] here,
+//! [`Tracked`] on hyper's path, where an HTTP/2 window the client never opens stalls a stream
+//! without filling any socket). Draining: an idle connection
 //! closes at once, a request in flight is answered with `Connection: close`.
 
 use std::cell::RefCell;
@@ -363,7 +366,7 @@ async fn fast_path(
         let head_request = req.method() == Method::HEAD;
         let resp = gateway.handle(req, forwarded_for.clone()).await;
         let close = asked_close || drain.draining();
-        match write_response(io, &mut out, head_request, resp, close).await {
+        match write_response(io, &mut out, head_request, resp, close, settings.send).await {
             Ok(true) if !close => {}
             _ => return End::Closed,
         }
@@ -432,13 +435,15 @@ async fn read_more(io: &mut TcpStream, buf: &mut BytesMut, drain: &Drain) -> io:
     .await
 }
 
-/// Writes the response; true when the connection can carry another request.
+/// Writes the response; true when the connection can carry another request. A client that
+/// takes none of it for `send_timeout` ends the connection ([`send`]).
 async fn write_response(
     io: &mut TcpStream,
     out: &mut Vec<u8>,
     head_request: bool,
     resp: Response<Body>,
     close: bool,
+    send_timeout: Duration,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     out.clear();
@@ -453,7 +458,7 @@ async fn write_response(
     );
     let mut left = match framing {
         Framing::None => {
-            io.write_all(out).await?;
+            send(io, out, send_timeout).await?;
             return Ok(true);
         }
         Framing::Length(n) => n,
@@ -465,7 +470,7 @@ async fn write_response(
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 if !out.is_empty() {
-                    io.write_all(out).await?;
+                    send(io, out, send_timeout).await?;
                     out.clear();
                 }
                 body.frame().await
@@ -475,7 +480,7 @@ async fn write_response(
             None => break,
             Some(Err(_)) => {
                 // The body failed midway: the client must not take it as whole.
-                io.write_all(out).await?;
+                send(io, out, send_timeout).await?;
                 return Ok(false);
             }
             Some(Ok(frame)) => match frame.into_data() {
@@ -493,12 +498,19 @@ async fn write_response(
             if n > left {
                 // More than the declared length: send what was declared and close.
                 out.extend_from_slice(&data[..left as usize]);
-                io.write_all(out).await?;
+                send(io, out, send_timeout).await?;
                 return Ok(false);
             }
             left -= n;
         }
-        write_data(io, out, data).await?;
+        if out.len() + data.len() <= WRITE_GATHER {
+            out.extend_from_slice(&data);
+        } else {
+            // A big frame: what is gathered, then the frame, without copying it.
+            send(io, out, send_timeout).await?;
+            out.clear();
+            send(io, &data, send_timeout).await?;
+        }
         if framing == Framing::Chunked {
             out.extend_from_slice(b"\r\n");
         }
@@ -506,25 +518,28 @@ async fn write_response(
     if framing == Framing::Chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
-    io.write_all(out).await?;
+    send(io, out, send_timeout).await?;
     out.clear();
     Ok(framing == Framing::Chunked || left == 0)
 }
 
-/// Appends a body frame to what is gathered, or writes both when the frame is big.
-async fn write_data(io: &mut TcpStream, out: &mut Vec<u8>, mut data: Bytes) -> io::Result<()> {
-    if out.len() + data.len() <= WRITE_GATHER {
-        out.extend_from_slice(&data);
-        return Ok(());
-    }
-    io.write_all(out).await?;
-    out.clear();
-    while data.has_remaining() {
-        let n = io.write(&data).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+/// Writes all of `data`, as nginx's `send_timeout` does: the connection fails when the client
+/// has taken nothing for `timeout` (a client that stops reading would otherwise hold the
+/// request's upstream connection for as long as it likes). A write the socket takes at once,
+/// the usual case, arms no timer.
+async fn send(io: &mut TcpStream, mut data: &[u8], timeout: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        match io.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match super::timer::timeout(timeout, io.writable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(e) => return Err(e),
         }
-        data.advance(n);
     }
     Ok(())
 }
@@ -538,7 +553,7 @@ async fn hand_to_hyper(
     drain: Arc<Drain>,
     settings: ServerSettings,
 ) {
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(false));
     let service = hyper_service(gateway, forwarded_for, activity.clone(), None);
     let io = Rewind {
         read,
@@ -567,7 +582,7 @@ pub async fn serve_tls(
         return;
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(h2));
     let service = hyper_service(
         gateway,
         forwarded_for,
@@ -639,46 +654,71 @@ fn hyper_service(
                     .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
             }
             // In flight until hyper has written the whole body and drops it.
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
-                body,
-                _in_flight: in_flight,
-            }))
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
         }
     })
 }
 
 /// No head is being read (for [`Activity::head_since`]).
 const NO_HEAD: u64 = u64::MAX;
+/// A response slot of [`Activity::waiting`] that no request holds.
+const FREE: u64 = u64::MAX;
+/// A response slot whose response is not waiting for the client: its head is not ready yet,
+/// or hyper has asked for its next piece.
+const TAKEN: u64 = u64::MAX - 1;
 
 /// What a connection on hyper's path has been doing, for [`close_when_idle`].
 struct Activity {
     start: Instant,
-    /// Nanoseconds after `start` of the last read or write that moved bytes.
+    /// HTTP/2: bytes the client sends (PINGs, SETTINGS, WINDOW_UPDATEs) neither start a request
+    /// nor keep an idle connection open; only requests do.
+    h2: bool,
+    /// Nanoseconds after `start` of the last read or write that moved bytes (HTTP/2: of the
+    /// last request's start or end).
     last: AtomicU64,
     /// Nanoseconds after `start` of the first byte of a request head not yet served, or
     /// [`NO_HEAD`]. The connection's first head counts from its start.
     head_since: AtomicU64,
     /// Requests whose responses hyper has not finished writing.
     in_flight: AtomicUsize,
+    /// One slot per request in flight: since when (nanoseconds after `start`) its response
+    /// has had a piece ready that hyper has not taken, because the client takes nothing (a full
+    /// socket buffer, a closed HTTP/2 flow-control window); [`TAKEN`] or [`FREE`] otherwise.
+    waiting: std::sync::Mutex<Vec<u64>>,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(h2: bool) -> Self {
         Self {
             start: Instant::now(),
+            h2,
             last: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            waiting: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    fn touch(&self) {
-        let nanos = self.start.elapsed().as_nanos() as u64;
-        self.last.store(nanos, Ordering::Relaxed);
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
     }
 
-    /// Bytes arrived: with no request in flight they start a head.
+    fn touch(&self) {
+        self.last.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Bytes were written.
+    fn wrote(&self) {
+        if !self.h2 {
+            self.touch();
+        }
+    }
+
+    /// Bytes arrived: with no request in flight they start a head (HTTP/1).
     fn read(&self) {
+        if self.h2 {
+            return;
+        }
         self.touch();
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == NO_HEAD
@@ -692,12 +732,48 @@ impl Activity {
         self.start + Duration::from_nanos(nanos)
     }
 
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        // Nothing panics while holding it; a poisoned lock still holds valid stamps.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for a new request's response, not waiting yet.
+    fn new_slot(&self) -> usize {
+        let mut slots = self.slots();
+        match slots.iter().position(|&s| s == FREE) {
+            Some(i) => {
+                slots[i] = TAKEN;
+                i
+            }
+            None => {
+                slots.push(TAKEN);
+                slots.len() - 1
+            }
+        }
+    }
+
+    /// Marks slot `i`: waiting for the client from now (`true`), or not waiting.
+    fn set_waiting(&self, i: usize, waiting: bool) {
+        let stamp = if waiting { self.now() } else { TAKEN };
+        if let Some(slot) = self.slots().get_mut(i) {
+            *slot = stamp;
+        }
+    }
+
+    fn free_slot(&self, i: usize) {
+        if let Some(slot) = self.slots().get_mut(i) {
+            *slot = FREE;
+        }
+    }
+
     /// When the connection is to be closed if nothing happens first: a head being read must
     /// be whole `header_read` after its first byte; an idle connection closes `keep_alive`
-    /// after its last activity; none while a request is in flight.
+    /// after its last activity; with requests in flight, a response that has waited
+    /// `send` for the client to take its next piece closes it (nginx's `send_timeout`).
     fn due(&self, settings: &ServerSettings) -> Option<Instant> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
+            let oldest = self.slots().iter().copied().filter(|&s| s < TAKEN).min()?;
+            return Some(self.at(oldest) + settings.send);
         }
         Some(match self.head_since.load(Ordering::Relaxed) {
             NO_HEAD => self.at(self.last.load(Ordering::Relaxed)) + settings.keep_alive,
@@ -707,28 +783,45 @@ impl Activity {
 }
 
 /// Counts a request from the service's call (its head is whole) until its response body is
-/// dropped.
-struct InFlight(Arc<Activity>);
+/// dropped, and holds the response's slot in [`Activity::waiting`].
+struct InFlight {
+    activity: Arc<Activity>,
+    slot: usize,
+}
 
 impl InFlight {
     fn new(activity: Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         activity.head_since.store(NO_HEAD, Ordering::Relaxed);
-        Self(activity)
+        if activity.h2 {
+            activity.touch();
+        }
+        let slot = activity.new_slot();
+        Self { activity, slot }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        self.activity.free_slot(self.slot);
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.activity.touch();
     }
 }
 
-/// A response body that keeps its request counted as in flight.
+/// A response body that keeps its request counted as in flight, and notes while it has a
+/// piece ready that hyper has not taken: from when its head is handed over, and from each
+/// piece it hands over until hyper asks for the next.
 struct Tracked {
     body: Body,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+}
+
+impl Tracked {
+    fn new(body: Body, in_flight: InFlight) -> Self {
+        in_flight.activity.set_waiting(in_flight.slot, true);
+        Self { body, in_flight }
+    }
 }
 
 impl HttpBody for Tracked {
@@ -739,7 +832,14 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let (activity, slot) = (&this.in_flight.activity, this.in_flight.slot);
+        activity.set_waiting(slot, false);
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            activity.set_waiting(slot, true);
+        }
+        polled
     }
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
@@ -750,18 +850,29 @@ impl HttpBody for Tracked {
 }
 
 /// Runs `conn` until it ends, or until [`Activity::due`] passes: a head not whole within
-/// `header_read`, or no request in flight and no bytes moved for `keep_alive` (hyper's server
-/// has no idle timeout of its own); then drops it, which closes the connection.
+/// `header_read`, no request in flight and no bytes moved for `keep_alive` (hyper's server
+/// has no idle timeout of its own), or a response the client has taken nothing of for `send`.
+/// Then an HTTP/2 connection with nothing in flight is closed gracefully (GOAWAY, then at most
+/// [`LINGER_TIME`] more); otherwise `conn` is dropped, which closes the connection.
 ///
 /// Everything that changes the due time (bytes read or written, a request starting or
-/// finishing) happens while `conn` is polled here, so the deadline is brought up to date right
-/// after each poll and a deadline that fires is always current.
-async fn close_when_idle<F: Future>(conn: F, activity: &Activity, settings: &ServerSettings) {
+/// finishing, a response piece handed over or taken) happens while `conn` is polled here, so
+/// the deadline is brought up to date right after each poll and a deadline that fires is
+/// always current.
+async fn close_when_idle<C: hyper_util::server::graceful::GracefulConnection>(
+    conn: drain::Graceful<C>,
+    activity: &Activity,
+    settings: &ServerSettings,
+) {
     let mut conn = std::pin::pin!(conn);
     let mut armed: Option<(Instant, super::timer::Sleep)> = None;
-    poll_fn(|cx| {
+    let mut goaway: Option<super::timer::Sleep> = None;
+    poll_fn(|cx| loop {
         if conn.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
+        }
+        if let Some(last) = goaway.as_mut() {
+            return Pin::new(last).poll(cx);
         }
         let Some(due) = activity.due(settings) else {
             armed = None;
@@ -771,9 +882,14 @@ async fn close_when_idle<F: Future>(conn: F, activity: &Activity, settings: &Ser
             armed = Some((due, super::timer::sleep_until(due)));
         }
         match armed.as_mut() {
-            Some((_, sleep)) => Pin::new(sleep).poll(cx),
-            None => Poll::Pending,
+            Some((_, sleep)) => std::task::ready!(Pin::new(sleep).poll(cx)),
+            None => return Poll::Pending,
         }
+        if !activity.h2 || activity.in_flight.load(Ordering::Relaxed) > 0 {
+            return Poll::Ready(());
+        }
+        conn.as_mut().close_gracefully();
+        goaway = Some(super::timer::sleep_until(Instant::now() + LINGER_TIME));
     })
     .await
 }
@@ -852,7 +968,7 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = self.io()?.poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         polled
     }
@@ -869,7 +985,7 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = self.io()?.poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         polled
     }

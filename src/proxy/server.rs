@@ -1005,6 +1005,8 @@ pub struct ServerSettings {
     pub header_read: Duration,
     /// A kept-alive connection idle this long between requests is closed.
     pub keep_alive: Duration,
+    /// A response the client takes nothing of for this long closes its connection.
+    pub send: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// Plain requests on the gateway's own loop (`front`); false: hyper's server only.
@@ -1016,12 +1018,13 @@ pub struct ServerSettings {
 }
 
 impl ServerSettings {
-    /// The config's `headerReadTimeout`, `keepAliveTimeout`, `shutdownGrace`,
+    /// The config's `headerReadTimeout`, `keepAliveTimeout`, `sendTimeout`, `shutdownGrace`,
     /// `clientFastPath` and `acceptQueue`.
     pub fn of(cfg: &super::config::ProxyConfig) -> Self {
         Self {
             header_read: cfg.header_read_timeout.as_std(),
             keep_alive: cfg.keep_alive_timeout.as_std(),
+            send: cfg.send_timeout.as_std(),
             shutdown_grace: cfg.shutdown_grace.as_std(),
             client_fast_path: cfg.client_fast_path,
             accept_queue: cfg.accept_queue.max(1),

@@ -44,10 +44,22 @@ pub fn install_crypto() {
 pub struct Upstream {
     pub addr: Option<SocketAddr>,
     pub hits: Arc<AtomicUsize>,
+    /// `/big` bodies being sent now: a body the gateway stops taking (its client went away)
+    /// is over when the gateway closes the upstream connection.
+    pub big_open: Arc<AtomicUsize>,
+}
+
+/// Counts a `/big` body in [`Upstream::big_open`] while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Starts the upstream. Paths: `/fail` → 500, `/echo-body` → the method and the request body
-/// as JSON, `/slow` → 2 s delay, `/pii` → a body with PII,
+/// as JSON, `/slow` → 2 s delay, `/big` → [`BIG_BODY`] bytes, `/pii` → a body with PII,
 /// `/pii-stream` → 200 KiB of chunks with PII across chunk boundaries; anything else echoes the
 /// request as JSON (method, path, query, headers).
 pub async fn start_upstream() -> Upstream {
@@ -55,17 +67,20 @@ pub async fn start_upstream() -> Upstream {
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
+    let big_open = Arc::new(AtomicUsize::new(0));
+    let open = big_open.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let counter = counter.clone();
+            let (counter, open) = (counter.clone(), open.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        async move { Ok::<_, Infallible>(upstream_response(req).await) }
+                        let open = open.clone();
+                        async move { Ok::<_, Infallible>(upstream_response(req, open).await) }
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -77,12 +92,19 @@ pub async fn start_upstream() -> Upstream {
     Upstream {
         addr: Some(addr),
         hits,
+        big_open,
     }
 }
 
+/// The length of the upstream's `/big` body.
+pub const BIG_BODY: usize = 64 * 1024 * 1024;
+
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-async fn upstream_response(req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<UpBody> {
+async fn upstream_response(
+    req: hyper::Request<hyper::body::Incoming>,
+    big_open: Arc<AtomicUsize>,
+) -> hyper::Response<UpBody> {
     let path = req.uri().path().to_string();
     let full = |status: u16, body: String| {
         hyper::Response::builder()
@@ -125,6 +147,25 @@ async fn upstream_response(req: hyper::Request<hyper::body::Incoming>) -> hyper:
                 .status(200)
                 .header("content-type", "application/json")
                 .body(StreamBody::new(futures::stream::iter(chunks)).boxed())
+                .unwrap()
+        }
+        // 64 MiB in 64 KiB pieces, made as they are taken: more than every socket buffer on
+        // the way holds.
+        "/big" => {
+            let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+            big_open.fetch_add(1, Ordering::SeqCst);
+            let open = Open(big_open);
+            let pieces = futures::StreamExt::take(
+                futures::stream::repeat_with(move || {
+                    let _open = &open;
+                    Ok::<_, Infallible>(Frame::data(piece.clone()))
+                }),
+                BIG_BODY / (64 * 1024),
+            );
+            hyper::Response::builder()
+                .status(200)
+                .header("content-length", BIG_BODY)
+                .body(StreamBody::new(pieces).boxed())
                 .unwrap()
         }
         "/slow" => {
