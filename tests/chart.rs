@@ -8,6 +8,7 @@ use std::process::Command;
 use apitree::crd::ApiGateway;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::CustomResourceExt;
@@ -155,7 +156,9 @@ fn validate_strictly(docs: &[Value], dir: &Path, name: &str) {
         .iter()
         .filter(|d| {
             let v = d["apiVersion"].as_str().unwrap_or("");
-            !v.starts_with("monitoring.coreos.com/") && !v.starts_with("apitree.io/")
+            !v.starts_with("monitoring.coreos.com/")
+                && !v.starts_with("apitree.io/")
+                && !v.starts_with("cert-manager.io/")
         })
         .collect();
     let file = dir.join(name);
@@ -192,7 +195,8 @@ fn deserialize_all(docs: &[Value]) {
             "Role" => serde_json::from_value::<Role>(v).map(|_| ()),
             "RoleBinding" => serde_json::from_value::<RoleBinding>(v).map(|_| ()),
             "ApiGateway" => serde_json::from_value::<ApiGateway>(v).map(|_| ()),
-            "ServiceMonitor" | "PodMonitor" | "PrometheusRule" => Ok(()),
+            "NetworkPolicy" => serde_json::from_value::<NetworkPolicy>(v).map(|_| ()),
+            "ServiceMonitor" | "PodMonitor" | "PrometheusRule" | "Certificate" => Ok(()),
             other => panic!("the chart renders a {other} the tests do not know"),
         };
         ok.unwrap_or_else(|e| panic!("{kind} does not deserialize: {e}"));
@@ -215,13 +219,21 @@ fn every_rendered_object_validates_strictly_and_deserializes() {
         "PrometheusRule",
         "ApiGateway",
         "PodDisruptionBudget",
+        "Certificate",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains(k), "full values render no {k}");
     }
     // Off by default.
     let default_kinds: BTreeSet<&str> =
         defaults.iter().filter_map(|d| d["kind"].as_str()).collect();
-    for k in ["ServiceMonitor", "PrometheusRule", "ApiGateway"] {
+    for k in [
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ApiGateway",
+        "Certificate",
+        "NetworkPolicy",
+    ] {
         assert!(!default_kinds.contains(k), "{k} must be opt-in");
     }
     // The example gateway is a valid ApiGateway by the CRD's own schema.
@@ -286,6 +298,245 @@ fn the_operator_runs_locked_down_with_probes_and_leader_election() {
         .find(|e| e.name == "SLACK_BOT_TOKEN")
         .unwrap();
     assert!(token.value.is_none() && token.value_from.is_some());
+}
+
+/// The operator's pod, from a render.
+fn operator_pod(docs: &[Value]) -> k8s_openapi::api::core::v1::PodSpec {
+    let d: Deployment = serde_json::from_value(of_kind(docs, "Deployment")[0].clone()).unwrap();
+    d.spec.template.spec.unwrap()
+}
+
+fn env_value(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
+/// TLS in both modes: a cert-manager Certificate naming the Service, or an existing Secret. The
+/// Secret is mounted where the variables the binary reads (`apitree operator --help`) point,
+/// the probes and the ServiceMonitor switch to https, and TLS without a certificate source
+/// does not render. Off by default: plain HTTP, nothing mounted.
+#[test]
+fn tls_mounts_the_certificate_where_the_operator_reads_it_and_switches_probes_to_https() {
+    let help = run(
+        Command::new(env!("CARGO_BIN_EXE_apitree")).args(["operator", "--help"]),
+        "apitree operator --help",
+    );
+    for var in ["APITREE_TLS_CERT", "APITREE_TLS_KEY"] {
+        assert!(
+            help.contains(&format!("env: {var}")),
+            "the binary reads no {var}:\n{help}"
+        );
+    }
+    let existing = [
+        "--set",
+        "tls.enabled=true",
+        "--set",
+        "tls.existingSecret=operator-tls",
+    ];
+    for (docs, secret) in [
+        (render(FULL, &[]), "apitree-tls"),
+        (render(None, &existing), "operator-tls"),
+    ] {
+        let pod = operator_pod(&docs);
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "tls")
+            .expect("the certificate is mounted");
+        assert_eq!(mount.read_only, Some(true));
+        for (var, file) in [
+            ("APITREE_TLS_CERT", "tls.crt"),
+            ("APITREE_TLS_KEY", "tls.key"),
+        ] {
+            assert_eq!(
+                env_value(c, var),
+                Some(format!("{}/{file}", mount.mount_path)),
+                "{var} points into the mounted Secret"
+            );
+        }
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tls")
+            .unwrap();
+        assert_eq!(
+            volume.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some(secret)
+        );
+        for probe in [&c.liveness_probe, &c.readiness_probe] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+        }
+        let certs = of_kind(&docs, "Certificate");
+        if secret == "apitree-tls" {
+            let cert = certs[0];
+            assert_eq!(cert["spec"]["secretName"], secret);
+            assert_eq!(cert["spec"]["issuerRef"]["name"], "internal-ca");
+            let names: Vec<&str> = cert["spec"]["dnsNames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|n| n.as_str())
+                .collect();
+            for want in [
+                "apitree.apitree-system.svc",
+                "apitree.apitree-system.svc.cluster.local",
+                "apitree.example.com",
+            ] {
+                assert!(names.contains(&want), "{want} not in {names:?}");
+            }
+            let sm = of_kind(&docs, "ServiceMonitor")[0];
+            let ep = &sm["spec"]["endpoints"][0];
+            assert_eq!(ep["scheme"], "https");
+            assert_eq!(ep["tlsConfig"]["serverName"], "apitree.apitree-system.svc");
+        } else {
+            assert!(certs.is_empty(), "an existing Secret needs no Certificate");
+        }
+    }
+
+    let out = Command::new(helm())
+        .args(["template", "apitree"])
+        .arg(chart())
+        .args(["--set", "tls.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "TLS without a certificate rendered");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.existingSecret") && err.contains("issuerRef"),
+        "{err}"
+    );
+
+    let pod = operator_pod(&render(None, &[]));
+    let c = &pod.containers[0];
+    assert!(env_value(c, "APITREE_TLS_CERT").is_none());
+    assert!(pod.volumes.is_none());
+    let get = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(get.scheme.as_deref(), Some("HTTP"));
+}
+
+/// NetworkPolicies admit only what each pod needs: the operator's one port (from the given
+/// peers), and in each gateway namespace the proxies' public port from anywhere but their
+/// admin port only from the operator's pods and the metrics peers. The ports are named as
+/// the operator names them on the proxies it deploys, and it labels them as selected.
+#[test]
+fn network_policies_keep_the_proxies_admin_port_to_the_operator_and_prometheus() {
+    let spec: apitree::crd::gateway::ApiGatewaySpec = serde_saphyr::from_str(
+        "proxy:\n  routes:\n  - name: r\n    pathPrefix: /r/\n    upstream: http://up/\n",
+    )
+    .unwrap();
+    let proxy = apitree::platform::kube::deployment(
+        apitree::crd::gateway::Color::Blue,
+        &apitree::platform::Deployment {
+            gateway: "shop/web".into(),
+            revision: "abc".into(),
+            replicas: 1,
+            config: Default::default(),
+            image: "apitree".into(),
+            spec,
+            owner_uid: None,
+        },
+    );
+    let template = proxy.spec.template;
+    let proxy_labels = template.metadata.unwrap().labels.unwrap();
+    let proxy_ports: BTreeSet<String> = template.spec.unwrap().containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    let operator_labels = of_kind(&render(FULL, &[]), "Deployment")[0]["spec"]["template"]
+        ["metadata"]["labels"]
+        .clone();
+
+    let docs = render(FULL, &[]);
+    let policies: Vec<NetworkPolicy> = of_kind(&docs, "NetworkPolicy")
+        .into_iter()
+        .map(|d| serde_json::from_value((*d).clone()).unwrap())
+        .collect();
+    let namespaces: BTreeSet<&str> = policies
+        .iter()
+        .filter_map(|p| p.metadata.namespace.as_deref())
+        .collect();
+    assert_eq!(
+        namespaces,
+        BTreeSet::from(["apitree-system", "shop", "payments"])
+    );
+    let port_name = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        let ports = rule.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1);
+        match ports[0].port.as_ref().unwrap() {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+            other => panic!("ports are named, not {other:?}"),
+        }
+    };
+    for p in &policies {
+        let spec = p.spec.as_ref().unwrap();
+        for rule in spec.ingress.iter().flatten() {
+            if p.metadata.namespace.as_deref() != Some("apitree-system") {
+                let port = port_name(rule);
+                assert!(proxy_ports.contains(&port), "proxies have no port {port}");
+            }
+        }
+        assert_eq!(
+            spec.policy_types.as_deref(),
+            Some(&["Ingress".to_string()][..])
+        );
+        let rules = spec.ingress.as_ref().unwrap();
+        if p.metadata.namespace.as_deref() == Some("apitree-system") {
+            assert_eq!(rules.len(), 1);
+            assert_eq!(port_name(&rules[0]), "http");
+            let from = serde_json::to_value(rules[0].from.as_ref().unwrap()).unwrap();
+            assert_eq!(
+                from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                "ingress-nginx"
+            );
+            continue;
+        }
+        let selected = spec
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap();
+        for (k, v) in selected {
+            assert_eq!(
+                proxy_labels.get(k),
+                Some(v),
+                "proxies lack the label {k}={v}"
+            );
+        }
+        let public = rules.iter().find(|r| port_name(r) == "http").unwrap();
+        assert!(public.from.is_none(), "the public port is open to clients");
+        let admin = rules.iter().find(|r| port_name(r) == "admin").unwrap();
+        let from = serde_json::to_value(admin.from.as_ref().unwrap()).unwrap();
+        let from = from.as_array().unwrap();
+        assert_eq!(from.len(), 2, "the operator and Prometheus only: {from:?}");
+        assert_eq!(
+            from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "apitree-system"
+        );
+        for (k, v) in from[0]["podSelector"]["matchLabels"].as_object().unwrap() {
+            assert_eq!(&operator_labels[k], v, "the operator's pods lack {k}={v}");
+        }
+        assert_eq!(
+            from[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "monitoring"
+        );
+    }
 }
 
 #[test]

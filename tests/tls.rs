@@ -641,6 +641,120 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
     assert!(closed.is_ok(), "closed with a GOAWAY, not cut: {closed:?}");
 }
 
+/// `tls.redirect`, run as `apitree proxy` runs it: a plain-HTTP listener beside the TLS one
+/// answers every request 308 to https, same host and target, at `httpsPort`; nothing reaches
+/// the upstream, a request without a valid Host gets a JSON 400, and redirects are counted.
+#[tokio::test]
+async fn plain_http_is_redirected_to_https_and_never_served() {
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    install_crypto();
+    let up = start_upstream().await;
+    let (live, live_entry) = key_entry(KeyScope::Live, "acme", "");
+    std::fs::write(pki.path("pepper"), PEPPER).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (tls_addr, admin, plain) = (free(), free(), free());
+    let yaml = format!(
+        "listen: \"{tls_addr}\"
+admin: \"{admin}\"
+secrets: {{ pepperFile: pepper }}
+tls: {{ certFile: tls.crt, keyFile: tls.key, redirect: {{ listen: \"{plain}\", httpsPort: 8443 }} }}
+tiers:
+  - {{ name: std, perKey: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}, perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }} }}
+defaultTier: std
+orgs: [{{ id: acme }}]
+keys:
+{live_entry}routes:
+  - {{ name: api, pathPrefix: /api/, upstream: \"http://{}/\" }}
+",
+        up.addr.unwrap()
+    );
+    std::fs::write(pki.path("proxy.yaml"), yaml).unwrap();
+    let opts = apitree::proxy::ProxyOptions {
+        listen: None,
+        admin: None,
+        ..proxy_options(pki.path("proxy.yaml"))
+    };
+    tokio::spawn(async move {
+        apitree::proxy::serve(opts, std::future::pending())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    let plain_client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut answered = None;
+    for _ in 0..50 {
+        let sent = plain_client
+            .post(format!("http://{plain}/api/orders?id=7"))
+            .header("host", "api.example.com:80")
+            .header("authorization", format!("Bearer {}", live.expose_secret()))
+            .body("{}")
+            .send()
+            .await;
+        if let Ok(r) = sent {
+            answered = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = answered.expect("the redirect listener answers");
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers()["location"],
+        "https://api.example.com:8443/api/orders?id=7"
+    );
+    assert!(
+        r.headers().get("strict-transport-security").is_none(),
+        "HSTS only over TLS"
+    );
+
+    // No valid Host: nowhere to send the client.
+    let mut raw = tokio::net::TcpStream::connect(plain).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw.write_all(b"GET /api/x HTTP/1.1\r\nHost: a b\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("\"code\":\"bad_host\""), "{text}");
+
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was served"
+    );
+    let text = client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "apitree_proxy_https_redirects_total "),
+        Some(1.0)
+    );
+    // The TLS listener serves as before.
+    let r = https_client(&pki, false)
+        .get(format!("https://127.0.0.1:{}/api/x", tls_addr.port()))
+        .bearer_auth(live.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// A renewed certificate written over the files reaches new connections within seconds, with
 /// no restart, while a request in flight on an old connection completes; the expiry metric
 /// follows. A pair that does not fit (the key of another certificate) is refused: the

@@ -187,6 +187,7 @@ pub fn tls(
         key_file: key.to_path_buf(),
         min_version: Default::default(),
         hsts: Default::default(),
+        redirect: None,
     };
     let tls = ServerTls::new(
         &cfg,

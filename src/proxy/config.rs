@@ -100,6 +100,25 @@ pub struct TlsConfig {
     /// The `Strict-Transport-Security` header every response over TLS carries.
     #[serde(default)]
     pub hsts: HstsConfig,
+    /// A plain-HTTP listener that answers every request 308 to https (nothing is served on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectConfig>,
+}
+
+/// `tls.redirect`: where plain HTTP is answered with a redirect to https.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// Address of the plain-HTTP listener, like 0.0.0.0:8080.
+    pub listen: String,
+    /// The https port clients are sent to (default 443, left out of the URL): the port the TLS
+    /// listener is reached on from outside, which behind a Service may differ from `listen`'s.
+    #[serde(default = "default_https_port")]
+    pub https_port: u16,
+}
+
+fn default_https_port() -> u16 {
+    443
 }
 
 /// A TLS protocol version.
@@ -438,6 +457,27 @@ impl ProxyConfig {
                 );
             }
         }
+        if let Some(r) = self.tls.as_ref().and_then(|t| t.redirect.as_ref()) {
+            if r.listen.parse::<SocketAddr>().is_err() {
+                push(
+                    "tls.redirect.listen".into(),
+                    format!("{:?} is not an address like 0.0.0.0:8080", r.listen),
+                );
+            } else if !r.listen.ends_with(":0")
+                && (r.listen == self.listen || r.listen == self.admin)
+            {
+                push(
+                    "tls.redirect.listen".into(),
+                    "must differ from listen and admin".into(),
+                );
+            }
+            if r.https_port == 0 {
+                push(
+                    "tls.redirect.httpsPort".into(),
+                    "must be a port from 1 to 65535".into(),
+                );
+            }
+        }
         if let Some(tls) = &self.tls {
             if tls.hsts.preload
                 && (tls.hsts.max_age_seconds < 31_536_000 || !tls.hsts.include_sub_domains)
@@ -697,6 +737,8 @@ mod tests {
             r#"
 listen: "nonsense"
 headerReadTimeout: 0s
+sendTimeout: 0s
+tls: { certFile: c, keyFile: k, redirect: { listen: "also nonsense", httpsPort: 0 } }
 tiers:
   - name: small
     perKey: { burst10s: 50, perMinute: 10, perDay: 100 }
@@ -721,6 +763,9 @@ routes:
         for want in [
             "listen",
             "headerReadTimeout",
+            "sendTimeout",
+            "tls.redirect.listen",
+            "tls.redirect.httpsPort",
             "tiers[0].perKey",
             "keys[0].prefix",
             "keys[0].hash",

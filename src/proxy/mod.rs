@@ -18,6 +18,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod pii;
 pub mod ratelimit;
+pub mod redirect;
 pub mod request_body;
 pub mod server;
 pub mod sharded;
@@ -76,6 +77,8 @@ pub struct Prepared {
     pub gateway: Arc<Gateway>,
     pub listener: TcpListener,
     pub admin: TcpListener,
+    /// `tls.redirect`'s plain-HTTP listener and its redirect counter.
+    pub redirect: Option<(TcpListener, prometheus::IntCounter)>,
     pub settings: server::ServerSettings,
     pub config: ProxyConfig,
 }
@@ -164,10 +167,23 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     }
     let listener = bind(cfg.listen.clone()).await?;
     let admin = bind(cfg.admin.clone()).await?;
+    let redirect = match cfg.tls.as_ref().and_then(|t| t.redirect.as_ref()) {
+        Some(r) => {
+            let counter = prometheus::IntCounter::new(
+                "apitree_proxy_https_redirects_total",
+                "Plain-HTTP requests answered with a redirect to https (tls.redirect).",
+            )
+            .expect("valid metric");
+            let _ = gateway.metrics.registry.register(Box::new(counter.clone()));
+            Some((bind(r.listen.clone()).await?, counter))
+        }
+        None => None,
+    };
     Ok(Prepared {
         gateway,
         listener,
         admin,
+        redirect,
         settings,
         config: cfg,
     })
@@ -319,6 +335,12 @@ pub async fn serve(
         listen = %prepared.config.listen,
         scheme = if prepared.settings.tls.is_some() { "https" } else { "http" },
         admin = %prepared.config.admin,
+        redirect_to_https = prepared
+            .config
+            .tls
+            .as_ref()
+            .and_then(|t| t.redirect.as_ref())
+            .map_or("", |r| r.listen.as_str()),
         routes = prepared.config.routes.len(),
         keys = prepared.config.keys.len(),
         rate_limits = if opts.redis_url.is_some() { "redis" } else { "local" },
@@ -353,6 +375,16 @@ pub async fn serve(
             }
         });
     }
+    let redirect = prepared.redirect.map(|(listener, counter)| {
+        let port = prepared
+            .config
+            .tls
+            .as_ref()
+            .and_then(|t| t.redirect.as_ref());
+        let port = port.map_or(443, |r| r.https_port);
+        let header_read = prepared.settings.header_read;
+        tokio::spawn(redirect::serve(listener, port, header_read, counter))
+    });
     server::run(
         gw.clone(),
         prepared.listener,
@@ -361,6 +393,9 @@ pub async fn serve(
         prepared.settings,
     )
     .await;
+    if let Some(task) = redirect {
+        task.abort();
+    }
     if !gw.access_log.close(std::time::Duration::from_secs(2)) {
         tracing::warn!("access-log lines still unwritten at exit: stdout is not keeping up");
     }

@@ -25,3 +25,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "apitree.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* The scheme of the operator's port. */}}
+{{- define "apitree.scheme" -}}
+{{ if .Values.tls.enabled }}HTTPS{{ else }}HTTP{{ end }}
+{{- end -}}
+
+{{/* The Secret holding the operator's certificate: the given one, or the Certificate's. */}}
+{{- define "apitree.tlsSecret" -}}
+{{ .Values.tls.existingSecret | default (printf "%s-tls" (include "apitree.fullname" .)) }}
+{{- end -}}
