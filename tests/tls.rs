@@ -755,6 +755,92 @@ keys:
     assert_eq!(r.status(), 200);
 }
 
+/// The gate's smoke probes call a gateway with `spec.tls` over https, trusting only the CA in
+/// the gateway's Secret and verifying `serverName` (default: the preview endpoint's host);
+/// a name not on the certificate, another CA, or a Secret without the CA fails the check with
+/// a reason that says what to fix. Verification cannot be turned off.
+#[tokio::test]
+async fn smoke_probes_reach_a_tls_gateway_verified_against_its_ca_only() {
+    use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase};
+    use apitree::gate::GateCheck;
+    use apitree::operator::probes::{run, ProbeTarget, SecretResolver};
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let other = Pki::new();
+    let gw = start(&pki, "").await;
+    let probe = |tls: serde_json::Value, ca: Option<Vec<u8>>| {
+        let live = gw.live.clone();
+        let base = format!("https://127.0.0.1:{}", gw.addr.port());
+        async move {
+            let spec: ApiGatewaySpec = serde_json::from_value(serde_json::json!({
+                "proxy": {"routes": [{"name": "api", "pathPrefix": "/api/", "upstream": "http://127.0.0.1:9/"}]},
+                "gate": {"smoke": [{"name": "orders", "path": "/api/x", "apiKey": {"name": "keys", "key": "live"}}]},
+                "tls": tls,
+            }))
+            .unwrap();
+            let secrets: Arc<SecretResolver> =
+                Arc::new(move |r| match (r.name.as_str(), r.key.as_str()) {
+                    ("keys", "live") => Some(live.clone()),
+                    ("gw-tls", "ca.crt") => ca.clone().map(|c| String::from_utf8(c).unwrap()),
+                    _ => None,
+                });
+            run(
+                GateCheck::Smoke,
+                &ProbeTarget {
+                    http: &reqwest::Client::new(),
+                    spec: &spec,
+                    revision: "rev",
+                    preview_url: Some(base),
+                    admin_urls: Vec::new(),
+                    secrets: secrets.as_ref(),
+                },
+            )
+            .await
+        }
+    };
+    let ca = Some(pki.ca());
+    // The preview endpoint's own host (an IP on the certificate), then a DNS name on it.
+    for tls in [
+        serde_json::json!({"secretName": "gw-tls"}),
+        serde_json::json!({"secretName": "gw-tls", "serverName": "localhost"}),
+    ] {
+        let r = probe(tls.clone(), ca.clone()).await;
+        assert_eq!(r.phase, CheckPhase::Passed, "{tls}: {}", r.reason);
+        assert_eq!(r.observed.as_deref(), Some("2/2 probes passed"));
+    }
+    let wrong_name = probe(
+        serde_json::json!({"secretName": "gw-tls", "serverName": "gw.example.com"}),
+        ca.clone(),
+    )
+    .await;
+    assert_eq!(wrong_name.phase, CheckPhase::Failed);
+    assert!(
+        wrong_name.reason.contains("certificate")
+            && wrong_name.reason.contains("spec.tls.serverName"),
+        "{}",
+        wrong_name.reason
+    );
+    let wrong_ca = probe(
+        serde_json::json!({"secretName": "gw-tls"}),
+        Some(other.ca()),
+    )
+    .await;
+    assert_eq!(wrong_ca.phase, CheckPhase::Failed);
+    assert!(
+        wrong_ca.reason.contains("certificate") && wrong_ca.reason.contains("spec.tls.caKey"),
+        "{}",
+        wrong_ca.reason
+    );
+    let no_ca = probe(serde_json::json!({"secretName": "gw-tls"}), None).await;
+    assert_eq!(no_ca.phase, CheckPhase::Failed);
+    assert!(
+        no_ca.reason.contains("Secret gw-tls has no key \"ca.crt\""),
+        "{}",
+        no_ca.reason
+    );
+}
+
 /// A renewed certificate written over the files reaches new connections within seconds, with
 /// no restart, while a request in flight on an old connection completes; the expiry metric
 /// follows. A pair that does not fit (the key of another certificate) is refused: the

@@ -90,6 +90,11 @@ pub struct ApiGatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<ProxySecrets>,
 
+    /// TLS on the proxies' public port (the Services then listen on 443). Without it the
+    /// proxies speak plain HTTP and TLS is left to whatever is in front of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<GatewayTls>,
+
     /// How a new revision rolls out.
     #[serde(default)]
     pub gate: GateSpec,
@@ -128,6 +133,44 @@ pub struct SecretKeyRef {
 
 fn default_url_key() -> String {
     "url".to_string()
+}
+
+/// TLS of a gateway's proxies.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTls {
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) in the resource's namespace, such as
+    /// a cert-manager Certificate's. It is mounted into the proxies, which read a renewed pair
+    /// without a restart; a renewal is not a new revision.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// The name the operator verifies the proxies' certificate against when its gate probes
+    /// call them (a DNS name on the certificate). Default: the preview Service's
+    /// `<name>-preview.<namespace>.svc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// The CA certificate (PEM) the operator trusts for the probes: a key of the same Secret
+    /// (cert-manager's CA and Vault issuers write `ca.crt`).
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_key: String,
+    /// The oldest TLS version clients may use: "1.3" (default) or "1.2" for old clients.
+    #[serde(default)]
+    pub min_version: MinTlsVersion,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".to_string()
+}
+
+/// The oldest TLS version a gateway accepts.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum MinTlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[default]
+    #[serde(rename = "1.3")]
+    V1_3,
 }
 
 /// Secrets of the data plane.

@@ -396,7 +396,15 @@ async fn secrets(
     obj: &ApiGateway,
 ) -> (HashMap<(String, String), String>, Vec<(String, String)>) {
     let spec = &obj.spec;
+    // The CA the smoke probes trust for a TLS gateway; renewals are not revisions.
+    let tls_ca = spec.tls.as_ref().map(|t| SecretKeyRef {
+        name: t.secret_name.clone(),
+        key: t.ca_key.clone(),
+    });
     let mut wanted: Vec<(&SecretKeyRef, bool)> = Vec::new();
+    if let Some(ca) = &tls_ca {
+        wanted.push((ca, false));
+    }
     if let Some(s) = &spec.secrets {
         wanted.push((&s.key_pepper, true));
         if let Some(m) = &s.master_key {

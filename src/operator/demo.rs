@@ -311,7 +311,7 @@ impl Tour {
             Some(GatewayPhase::Gating | GatewayPhase::AwaitingApproval)
         );
         let url = if gating {
-            self.ctx.platform.preview_url(&self.m.name).await
+            self.ctx.platform.preview_url(&self.m.name, false).await
         } else {
             None
         };

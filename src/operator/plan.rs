@@ -3,8 +3,10 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::crd::gateway::ApiGatewaySpec;
-use crate::proxy::config::ProxyConfig;
+use std::path::Path;
+
+use crate::crd::gateway::{ApiGatewaySpec, MinTlsVersion};
+use crate::proxy::config::{ProxyConfig, TlsConfig, TlsVersion};
 use crate::proxy::vault::MasterKeys;
 
 /// The proxy configuration a spec asks for: the spec's routes, tiers and defaults over `base`
@@ -15,11 +17,25 @@ pub fn render(spec: &ApiGatewaySpec, base: &ProxyConfig) -> ProxyConfig {
     cfg.tiers = spec.proxy.tiers.clone();
     cfg.default_tier = spec.proxy.default_tier.clone();
     cfg.default_timeout = spec.proxy.default_timeout.clone();
+    cfg.tls = spec.tls.as_ref().map(|t| TlsConfig {
+        cert_file: Path::new(TLS_DIR).join("tls.crt"),
+        key_file: Path::new(TLS_DIR).join("tls.key"),
+        min_version: match t.min_version {
+            MinTlsVersion::V1_2 => TlsVersion::V1_2,
+            MinTlsVersion::V1_3 => TlsVersion::V1_3,
+        },
+        hsts: Default::default(),
+        redirect: None,
+    });
     // Replicas listen where the platform puts them.
     cfg.listen = "127.0.0.1:0".into();
     cfg.admin = "127.0.0.1:0".into();
     cfg
 }
+
+/// Where a gateway's TLS Secret (`spec.tls.secretName`) is mounted in its proxies: outside
+/// the config's directory, whose ConfigMap volume is read-only and cannot hold a mount point.
+pub const TLS_DIR: &str = "/var/run/apitree/tls";
 
 /// The revision: a short hash of everything that changes the proxy's behaviour — image,
 /// rendered config and the versions of the secrets it uses — so a config-only or credential

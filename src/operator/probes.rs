@@ -263,6 +263,77 @@ pub fn smoke_probes(spec: &ApiGatewaySpec) -> Vec<SmokeProbe> {
     probes
 }
 
+/// The client and base URL of the smoke probes. For a gateway with `spec.tls`: https that
+/// trusts only the CA in the gateway's Secret (`caKey`) and verifies the certificate for
+/// `serverName` (default: the preview endpoint's host), connecting to the preview endpoint's
+/// address whatever name is verified. Verification is never turned off: a certificate that does
+/// not verify fails the probes, and the reason says what to check.
+async fn smoke_client(
+    t: &ProbeTarget<'_>,
+    base: &str,
+) -> Result<(reqwest::Client, String), String> {
+    let Some(tls) = &t.spec.tls else {
+        return Ok((t.http.clone(), base.to_string()));
+    };
+    let ca_ref = SecretKeyRef {
+        name: tls.secret_name.clone(),
+        key: tls.ca_key.clone(),
+    };
+    let Some(ca) = (t.secrets)(&ca_ref) else {
+        return Err(format!(
+            "Secret {} has no key {:?}: the probes need the CA that issued the gateway's certificate (set spec.tls.caKey to the key that holds it)",
+            ca_ref.name, ca_ref.key
+        ));
+    };
+    let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes())
+        .ok()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "Secret {} key {:?} holds no PEM certificate (spec.tls.caKey)",
+                ca_ref.name, ca_ref.key
+            )
+        })?;
+    let url = reqwest::Url::parse(base).map_err(|e| format!("preview URL {base}: {e}"))?;
+    let (host, port) = match (url.host_str(), url.port_or_known_default()) {
+        (Some(h), Some(p)) => (h.trim_matches(['[', ']']).to_string(), p),
+        _ => return Err(format!("preview URL {base} names no host and port")),
+    };
+    let name = tls.server_name.clone().unwrap_or_else(|| host.clone());
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only(roots)
+        .https_only(true)
+        .connect_timeout(Duration::from_secs(5));
+    if name != host {
+        // Verify `name` while connecting to the preview endpoint.
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| format!("cannot resolve the preview endpoint {host}"))?;
+        builder = builder.resolve(&name, addr);
+    }
+    let client = builder
+        .build()
+        .map_err(|e| format!("cannot build the https client for the probes: {e}"))?;
+    Ok((client, format!("https://{name}:{port}")))
+}
+
+/// An error and its sources, `: `-joined (reqwest's own text omits the TLS reason).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
 async fn smoke(t: &ProbeTarget<'_>) -> ProbeResult {
     let probes = smoke_probes(t.spec);
     let total = probes.len();
@@ -277,11 +348,24 @@ async fn smoke(t: &ProbeTarget<'_>) -> ProbeResult {
             "the preview endpoint does not exist yet".into(),
         );
     };
+    let (http, base) = match smoke_client(t, base).await {
+        Ok(client) => client,
+        Err(reason) => {
+            return result(
+                GateCheck::Smoke,
+                t,
+                CheckPhase::Failed,
+                "no probe sent".into(),
+                "every probe gets its expected status",
+                0,
+                reason,
+            )
+        }
+    };
     let mut failures = Vec::new();
     for p in &probes {
         let method = reqwest::Method::from_bytes(p.method.as_bytes()).unwrap_or_default();
-        let mut req = t
-            .http
+        let mut req = http
             .request(method, format!("{base}{}", p.path))
             .timeout(Duration::from_secs(10));
         if let Some(r) = &p.api_key {
@@ -339,7 +423,15 @@ async fn smoke(t: &ProbeTarget<'_>) -> ProbeResult {
                     p.expect_status
                 ));
             }
-            Err(e) => failures.push(format!("{}: no answer ({e})", p.name)),
+            Err(e) => {
+                let why = error_chain(&e);
+                let hint = if t.spec.tls.is_some() && why.contains("certificate") {
+                    " — check that spec.tls.serverName is a name on the gateway's certificate and that spec.tls.caKey holds the CA that issued it"
+                } else {
+                    ""
+                };
+                failures.push(format!("{}: no answer ({why}){hint}", p.name))
+            }
         }
     }
     let passed = total - failures.len();

@@ -670,7 +670,7 @@ async fn perform<P: Platform>(
                 http: &ctx.http,
                 spec: &m.spec,
                 revision: desired,
-                preview_url: platform.preview_url(&m.name).await,
+                preview_url: platform.preview_url(&m.name, m.spec.tls.is_some()).await,
                 // Only the health check asks the replicas themselves (in a cluster: a pod list).
                 admin_urls: if check == gate::GateCheck::Health {
                     platform.admin_urls(&m.name, active.other()).await

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::{Deployment as KubeDeployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, Pod, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    HTTPGetAction, Pod, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -47,6 +47,8 @@ pub enum Target<'a> {
         namespace: &'a str,
         name: &'a str,
         port: i32,
+        /// The Service's port speaks TLS.
+        tls: bool,
     },
     Pod {
         ip: &'a str,
@@ -61,7 +63,11 @@ pub fn cluster_resolver(t: Target<'_>) -> String {
             namespace,
             name,
             port,
-        } => format!("http://{name}.{namespace}.svc:{port}"),
+            tls,
+        } => {
+            let scheme = if tls { "https" } else { "http" };
+            format!("{scheme}://{name}.{namespace}.svc:{port}")
+        }
         Target::Pod { ip, port } => format!("http://{ip}:{port}"),
     }
 }
@@ -179,6 +185,37 @@ pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
     if let Some(redis) = &d.spec.redis {
         env.push(secret_env("APITREE_REDIS_URL", redis));
     }
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: "/etc/apitree".into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: full.clone(),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    if let Some(tls) = &d.spec.tls {
+        // A Secret volume, not a subPath, so a renewed pair reaches the running proxies.
+        mounts.push(VolumeMount {
+            name: "tls".into(),
+            mount_path: crate::operator::plan::TLS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls.secret_name.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let pod_labels = labels(name, Some(color));
     let annotations = BTreeMap::from([(REVISION_ANNOTATION.to_string(), d.revision.clone())]);
     let mut m = meta(
@@ -231,22 +268,10 @@ pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
                         readiness_probe: Some(http_probe("/readyz")),
                         liveness_probe: Some(http_probe("/healthz")),
                         resources: d.spec.resources.clone(),
-                        volume_mounts: Some(vec![VolumeMount {
-                            name: "config".into(),
-                            mount_path: "/etc/apitree".into(),
-                            read_only: Some(true),
-                            ..VolumeMount::default()
-                        }]),
+                        volume_mounts: Some(mounts),
                         ..Container::default()
                     }],
-                    volumes: Some(vec![Volume {
-                        name: "config".into(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: full,
-                            ..ConfigMapVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -278,7 +303,33 @@ pub fn config_map(color: Color, d: &Deployment) -> ConfigMap {
 }
 
 /// A Service selecting one color of the gateway.
-pub fn service(gateway: &str, name: String, color: Color, owner_uid: &Option<String>) -> Service {
+/// The port a gateway's Services listen on: 443 with TLS (`spec.tls`), else 80.
+fn service_port(tls: bool) -> i32 {
+    if tls {
+        443
+    } else {
+        80
+    }
+}
+
+/// Whether a color's Deployment runs its proxies with TLS (it mounts the TLS Secret).
+fn serves_tls(d: &KubeDeployment) -> bool {
+    d.spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|p| p.volumes.as_ref())
+        .is_some_and(|v| v.iter().any(|v| v.name == "tls"))
+}
+
+/// A Service selecting one color of the gateway; with `tls` it listens on 443 (`https`).
+pub fn service(
+    gateway: &str,
+    name: String,
+    color: Color,
+    owner_uid: &Option<String>,
+    tls: bool,
+) -> Service {
     let (ns, gw) = split(gateway);
     Service {
         metadata: meta(name, ns, labels(gw, None), owner(gw, owner_uid)),
@@ -288,8 +339,8 @@ pub fn service(gateway: &str, name: String, color: Color, owner_uid: &Option<Str
                 (COLOR_LABEL.to_string(), color.as_str().to_string()),
             ])),
             ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: 80,
+                name: Some(if tls { "https" } else { "http" }.into()),
+                port: service_port(tls),
                 target_port: Some(IntOrString::String("http".into())),
                 ..ServicePort::default()
             }]),
@@ -471,7 +522,13 @@ impl Platform for KubePlatform {
         self.apply(
             ns,
             &preview,
-            &service(&d.gateway, preview.clone(), color, &d.owner_uid),
+            &service(
+                &d.gateway,
+                preview.clone(),
+                color,
+                &d.owner_uid,
+                d.spec.tls.is_some(),
+            ),
         )
         .await
     }
@@ -535,25 +592,27 @@ impl Platform for KubePlatform {
 
     async fn switch(&self, gateway: &str, to: Color) -> Result<(), PlatformError> {
         let (ns, name) = split(gateway);
-        let owner_uid = self
+        let target = self
             .api::<KubeDeployment>(ns)
             .get_opt(&format!("{name}-{}", to.as_str()))
             .await
             .ok()
-            .flatten()
+            .flatten();
+        let tls = target.as_ref().is_some_and(serves_tls);
+        let owner_uid = target
             .and_then(|d| d.metadata.owner_references)
             .and_then(|o| o.first().map(|o| o.uid.clone()));
         self.apply(
             ns,
             name,
-            &service(gateway, name.to_string(), to, &owner_uid),
+            &service(gateway, name.to_string(), to, &owner_uid, tls),
         )
         .await?;
         let preview = format!("{name}-preview");
         self.apply(
             ns,
             &preview,
-            &service(gateway, preview.clone(), to.other(), &owner_uid),
+            &service(gateway, preview.clone(), to.other(), &owner_uid, tls),
         )
         .await
     }
@@ -582,12 +641,13 @@ impl Platform for KubePlatform {
         }
     }
 
-    async fn preview_url(&self, gateway: &str) -> Option<String> {
+    async fn preview_url(&self, gateway: &str, tls: bool) -> Option<String> {
         let (ns, name) = split(gateway);
         Some((self.resolve)(Target::Service {
             namespace: ns,
             name: &format!("{name}-preview"),
-            port: 80,
+            port: service_port(tls),
+            tls,
         }))
     }
 
@@ -597,6 +657,7 @@ impl Platform for KubePlatform {
             namespace: ns,
             name,
             port: 80,
+            tls: false,
         }))
     }
 
@@ -619,5 +680,93 @@ impl Platform for KubePlatform {
         if let Err(e) = self.delete_children(gateway).await {
             tracing::warn!(gateway, "cannot delete the gateway's children: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::gateway::ApiGatewaySpec;
+
+    fn deployment_of(tls: bool) -> Deployment {
+        let mut yaml = String::from(
+            "proxy:\n  routes:\n  - name: r\n    pathPrefix: /r/\n    upstream: http://up/\n",
+        );
+        if tls {
+            yaml.push_str("tls:\n  secretName: shop-tls\n");
+        }
+        let spec: ApiGatewaySpec = serde_saphyr::from_str(&yaml).unwrap();
+        let config = crate::operator::plan::render(&spec, &Default::default());
+        Deployment {
+            gateway: "shop/web".into(),
+            revision: "abc".into(),
+            replicas: 2,
+            config,
+            image: "apitree".into(),
+            spec,
+            owner_uid: None,
+        }
+    }
+
+    /// With `spec.tls` the Secret is mounted read-only where the rendered config reads the
+    /// pair, the Services listen on 443, and the operator calls the preview over https;
+    /// without it nothing of that is there.
+    #[test]
+    fn a_tls_gateway_mounts_its_secret_where_its_config_reads_it_and_serves_https() {
+        let d = deployment_of(true);
+        let pod = deployment(Color::Blue, &d).spec.template.spec.unwrap();
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "tls")
+            .unwrap();
+        assert_eq!(mount.read_only, Some(true));
+        assert!(
+            mount.sub_path.is_none(),
+            "a subPath mount never sees a renewal"
+        );
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tls")
+            .unwrap();
+        assert_eq!(
+            volume.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("shop-tls")
+        );
+        let yaml = &config_map(Color::Blue, &d).data.unwrap()["proxy.yaml"];
+        let cfg: crate::proxy::config::ProxyConfig = serde_saphyr::from_str(yaml).unwrap();
+        let tls = cfg.tls.unwrap();
+        for file in [&tls.cert_file, &tls.key_file] {
+            assert_eq!(
+                file.parent().unwrap(),
+                std::path::Path::new(&mount.mount_path),
+                "{file:?} is read from the mounted Secret"
+            );
+        }
+        let svc = service("shop/web", "web-preview".into(), Color::Blue, &None, true);
+        let port = &svc.spec.unwrap().ports.unwrap()[0];
+        assert_eq!((port.name.as_deref(), port.port), (Some("https"), 443));
+        let url = cluster_resolver(Target::Service {
+            namespace: "shop",
+            name: "web-preview",
+            port: service_port(true),
+            tls: true,
+        });
+        assert_eq!(url, "https://web-preview.shop.svc:443");
+
+        let d = deployment_of(false);
+        let rendered = deployment(Color::Blue, &d);
+        assert!(!serves_tls(&rendered));
+        let cfg: crate::proxy::config::ProxyConfig =
+            serde_saphyr::from_str(&config_map(Color::Blue, &d).data.unwrap()["proxy.yaml"])
+                .unwrap();
+        assert!(cfg.tls.is_none());
+        let svc = service("shop/web", "web".into(), Color::Blue, &None, false);
+        let port = &svc.spec.unwrap().ports.unwrap()[0];
+        assert_eq!((port.name.as_deref(), port.port), (Some("http"), 80));
+        assert!(serves_tls(&deployment(Color::Blue, &deployment_of(true))));
     }
 }

@@ -256,6 +256,14 @@ impl LocalPlatform {
 
 impl Platform for LocalPlatform {
     async fn deploy(&self, color: Color, d: &Deployment) -> Result<(), PlatformError> {
+        if d.spec.tls.is_some() {
+            // Serving it as plain HTTP would pass the gate with a promise it does not keep.
+            return Err(PlatformError::Start {
+                gateway: d.gateway.clone(),
+                color: color.as_str(),
+                reason: "spec.tls needs a cluster: the local platform's front and preview listeners speak plain HTTP; remove spec.tls to run it locally".into(),
+            });
+        }
         let mut gateways = self.gateways.lock().await;
         if !gateways.contains_key(&d.gateway) {
             let index = gateways.len();
@@ -365,7 +373,8 @@ impl Platform for LocalPlatform {
         }
     }
 
-    async fn preview_url(&self, gateway: &str) -> Option<String> {
+    /// `tls` is never true here: [`Platform::deploy`] refuses `spec.tls`.
+    async fn preview_url(&self, gateway: &str, _tls: bool) -> Option<String> {
         let gateways = self.gateways.lock().await;
         gateways
             .get(gateway)

@@ -95,8 +95,9 @@ pub trait Platform: Send + Sync + 'static {
     /// Stops `color`.
     fn scale_down(&self, gateway: &str, color: Color) -> impl Future<Output = ()> + Send;
 
-    /// Base URL of the preview endpoint (smoke probes and analysis traffic go here).
-    fn preview_url(&self, gateway: &str) -> impl Future<Output = Option<String>> + Send;
+    /// Base URL of the preview endpoint (smoke probes and analysis traffic go here); `tls`:
+    /// the gateway's proxies serve TLS (`spec.tls`), so the URL is https.
+    fn preview_url(&self, gateway: &str, tls: bool) -> impl Future<Output = Option<String>> + Send;
 
     /// Base URL of the active endpoint (what clients use).
     fn active_url(&self, gateway: &str) -> impl Future<Output = Option<String>> + Send;
