@@ -414,3 +414,45 @@ impl Platform for LocalPlatform {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::keys::Pepper;
+
+    /// A gateway with `spec.tls` is refused, saying why, instead of being served in clear.
+    #[tokio::test]
+    async fn a_tls_gateway_is_refused_not_served_in_clear() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let platform = LocalPlatform::new(
+            LocalSecrets {
+                pepper: Pepper::new(vec![7; 32]).unwrap(),
+                master_keys: None,
+            },
+            None,
+        );
+        let spec: crate::crd::gateway::ApiGatewaySpec = serde_saphyr::from_str(
+            "proxy:\n  routes:\n  - name: r\n    pathPrefix: /r/\n    upstream: http://127.0.0.1:9/\ntls:\n  secretName: t\n",
+        )
+        .unwrap();
+        let d = Deployment {
+            gateway: "shop".into(),
+            revision: "abc".into(),
+            replicas: 1,
+            config: crate::operator::plan::render(&spec, &Default::default()),
+            image: String::new(),
+            spec,
+            owner_uid: None,
+        };
+        let err = platform.deploy(Color::Blue, &d).await.unwrap_err();
+        assert_eq!(err.category(), "StartFailed");
+        assert!(
+            err.to_string().contains("spec.tls needs a cluster"),
+            "{err}"
+        );
+        assert!(
+            platform.preview_url("shop", true).await.is_none(),
+            "nothing started"
+        );
+    }
+}
