@@ -841,6 +841,48 @@ async fn smoke_probes_reach_a_tls_gateway_verified_against_its_ca_only() {
     );
 }
 
+/// `adminTls: true`: `/readyz` and `/metrics` over TLS with the listener's certificate and
+/// HSTS; plain HTTP to the admin port gets nothing; `adminTls` without `tls` is refused.
+#[tokio::test]
+async fn the_admin_port_serves_over_tls_when_asked() {
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let gw = start_full(&pki, "", "adminTls: true", None).await;
+    let https = https_client(&pki, false);
+    for path in ["/readyz", "/metrics"] {
+        let r = https
+            .get(format!("https://127.0.0.1:{}{path}", gw.admin.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["strict-transport-security"], HSTS, "{path}");
+    }
+    assert!(
+        client()
+            .get(format!("http://{}/readyz", gw.admin))
+            .send()
+            .await
+            .is_err(),
+        "plain HTTP to a TLS admin port gets no answer"
+    );
+    std::fs::write(
+        pki.path("plain.yaml"),
+        "adminTls: true\nsecrets: { pepperFile: pepper }\n",
+    )
+    .unwrap();
+    let err = apitree::proxy::prepare(&proxy_options(pki.path("plain.yaml")))
+        .await
+        .err()
+        .expect("adminTls without tls is refused")
+        .to_string();
+    assert!(
+        err.contains("adminTls") && err.contains("needs tls"),
+        "{err}"
+    );
+}
+
 /// A renewed certificate written over the files reaches new connections within seconds, with
 /// no restart, while a request in flight on an old connection completes; the expiry metric
 /// follows. A pair that does not fit (the key of another certificate) is refused: the

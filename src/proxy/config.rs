@@ -71,6 +71,10 @@ pub struct ProxyConfig {
     /// control window, has its connection closed, so it cannot hold upstream connections.
     #[serde(default = "default_send")]
     pub send_timeout: KubeDuration,
+    /// Serve the admin port (`/metrics`, `/readyz`, `/healthz`) over TLS too, with the
+    /// listener's certificate (HTTP/1.1, HSTS); needs `tls`.
+    #[serde(default)]
+    pub admin_tls: bool,
     /// Serve plain bodiless requests on the gateway's own HTTP/1.1 loop (the fast path, on by
     /// default); `false` serves every client connection through hyper's server only.
     #[serde(default = "default_true")]
@@ -217,6 +221,7 @@ impl Default for ProxyConfig {
             keep_alive_timeout: default_keep_alive(),
             body_read_timeout: default_body_read(),
             send_timeout: default_send(),
+            admin_tls: false,
             client_fast_path: true,
             accept_queue: default_accept_queue(),
             tls: None,
@@ -437,6 +442,7 @@ impl ProxyConfig {
             self.client_fast_path != new.client_fast_path,
         );
         differ("acceptQueue", self.accept_queue != new.accept_queue);
+        differ("adminTls", self.admin_tls != new.admin_tls);
         // The certificate and key files are re-read when they change; which files, the
         // version floor and HSTS are fixed at start.
         differ("tls", self.tls != new.tls);
@@ -456,6 +462,12 @@ impl ProxyConfig {
                     format!("{value:?} is not an address like 127.0.0.1:8080"),
                 );
             }
+        }
+        if self.admin_tls && self.tls.is_none() {
+            push(
+                "adminTls".into(),
+                "needs tls: the admin port uses the listener's certificate".into(),
+            );
         }
         if let Some(r) = self.tls.as_ref().and_then(|t| t.redirect.as_ref()) {
             if r.listen.parse::<SocketAddr>().is_err() {

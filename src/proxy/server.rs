@@ -1015,6 +1015,8 @@ pub struct ServerSettings {
     pub accept_queue: usize,
     /// TLS on the public listener (`tls:`); None: plain HTTP.
     pub tls: Option<Arc<super::tls::ServerTls>>,
+    /// TLS on the admin port (`adminTls`): HTTP/1.1 with the listener's certificate.
+    pub admin_tls: bool,
 }
 
 impl ServerSettings {
@@ -1029,6 +1031,7 @@ impl ServerSettings {
             client_fast_path: cfg.client_fast_path,
             accept_queue: cfg.accept_queue.max(1),
             tls: None,
+            admin_tls: cfg.admin_tls,
         }
     }
 }
@@ -1150,6 +1153,11 @@ pub async fn run_with_workers(
     }
 
     let admin_graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let admin_tls = settings
+        .tls
+        .clone()
+        .filter(|_| settings.admin_tls)
+        .map(|tls| (tls.http1_acceptor(), tls));
     let http = http1_builder(settings.header_read);
     tokio::pin!(shutdown);
     let has_workers = !senders.is_empty();
@@ -1171,12 +1179,30 @@ pub async fn run_with_workers(
             accepted = admin.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let gw = gateway.clone();
+                let hsts = admin_tls.as_ref().map(|(_, tls)| tls.hsts.clone());
                 let service = hyper::service::service_fn(move |req| {
                     let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(gw.admin(&req)) }
+                    let mut resp = gw.admin(&req);
+                    if let Some(hsts) = &hsts {
+                        resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+                    }
+                    async move { Ok::<_, Infallible>(resp) }
                 });
-                let conn = admin_graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move { let _ = conn.await; });
+                match admin_tls.clone() {
+                    None => {
+                        let conn = admin_graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                        tokio::spawn(async move { let _ = conn.await; });
+                    }
+                    Some((acceptor, tls)) => {
+                        let (http, header_read) = (http.clone(), settings.header_read);
+                        tokio::spawn(async move {
+                            let handshake = tokio::time::timeout(header_read, acceptor.accept(stream)).await;
+                            if let Some(stream) = tls.accepted(handshake) {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        });
+                    }
+                }
             }
         }
     }

@@ -105,6 +105,14 @@ impl ServerTls {
 }
 
 impl ServerTls {
+    /// An acceptor with the same certificates and versions offering HTTP/1.1 only (the admin
+    /// port, `adminTls`).
+    pub fn http1_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let mut config = (**self.acceptor.config()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
     /// The stream of a finished handshake, given the handshake run under a deadline (`Err`:
     /// the deadline passed). Failures and timeouts are counted; a client that connected and
     /// closed without a byte (a TCP health check) is not a failed handshake.
