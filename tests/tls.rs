@@ -522,6 +522,7 @@ async fn h2_connect(
     pki: &Pki,
     addr: std::net::SocketAddr,
     ping: bool,
+    window: Option<u32>,
 ) -> (
     hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
     tokio::task::JoinHandle<hyper::Result<()>>,
@@ -532,6 +533,9 @@ async fn h2_connect(
     if ping {
         b.keep_alive_interval(Duration::from_millis(200))
             .keep_alive_while_idle(true);
+    }
+    if let Some(window) = window {
+        b.initial_stream_window_size(window);
     }
     let (send, conn) = b.handshake(io).await.unwrap();
     (send, tokio::spawn(conn))
@@ -547,9 +551,10 @@ fn h2_get(path: &str, key: &str) -> hyper::Request<http_body_util::Empty<bytes::
 /// Over TLS, a client that stops taking a big response is cut off `sendTimeout` after it last
 /// took a byte, so it cannot hold upstream connections: on HTTP/1.1 (a full socket) and on
 /// HTTP/2 (streams whose flow-control window the client never opens, several on one
-/// connection), while an HTTP/2 client that reads steadily for longer keeps its response. An
-/// idle HTTP/2 connection closes with a GOAWAY at `keepAliveTimeout` after its last request:
-/// PINGs neither cut it at `headerReadTimeout` nor keep it open.
+/// connection, also when the body comes after the head), while an HTTP/2 client that reads
+/// steadily for longer keeps its response. An idle HTTP/2 connection closes with a GOAWAY at
+/// `keepAliveTimeout` after its last request: PINGs neither cut it at `headerReadTimeout` nor
+/// keep it open.
 #[tokio::test]
 async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_connection() {
     use http_body_util::BodyExt;
@@ -569,7 +574,7 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
     );
     h1.write_all(head.as_bytes()).await.unwrap();
     // HTTP/2: four streams whose bodies are never read, so their windows never reopen.
-    let (mut stalled, stalled_conn) = h2_connect(&pki, gw.addr, false).await;
+    let (mut stalled, stalled_conn) = h2_connect(&pki, gw.addr, false, None).await;
     let mut held = Vec::new();
     for _ in 0..4 {
         let resp = stalled
@@ -579,14 +584,26 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
         assert_eq!(resp.status(), 200);
         held.push(resp);
     }
+    // HTTP/2 with every stream window closed from the start, and bodies that begin 300 ms
+    // after their heads: the piece that cannot be sent turns up in the stream's own task while
+    // the connection's task has nothing to do.
+    let (mut shut, shut_conn) = h2_connect(&pki, gw.addr, false, Some(0)).await;
+    for _ in 0..4 {
+        let resp = shut
+            .send_request(h2_get("/api/late-big", &gw.live))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
     // HTTP/2: one stream read steadily.
-    let (mut steady, _steady_conn) = h2_connect(&pki, gw.addr, false).await;
+    let (mut steady, _steady_conn) = h2_connect(&pki, gw.addr, false, None).await;
     let mut body = steady
         .send_request(h2_get("/api/big", &gw.live))
         .await
         .unwrap()
         .into_body();
-    assert_eq!(gw.big_open.load(SeqCst), 6, "every body is being sent");
+    assert_eq!(gw.big_open.load(SeqCst), 10, "every body is being sent");
 
     let started = std::time::Instant::now();
     let mut steady_got = 0;
@@ -608,6 +625,10 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
         .await
         .expect("the stalled HTTP/2 connection is closed");
     assert!(ended.is_ok());
+    let ended = tokio::time::timeout(Duration::from_secs(5), shut_conn)
+        .await
+        .expect("the HTTP/2 connection with late bodies is closed");
+    assert!(ended.is_ok());
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), h1.read_to_end(&mut got))
         .await
@@ -621,7 +642,7 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
 
     // Idle HTTP/2 with PINGs every 200 ms: open past headerReadTimeout (1 s), closed with a
     // GOAWAY near keepAliveTimeout (3 s) after its only request.
-    let (mut pinging, conn) = h2_connect(&pki, gw.addr, true).await;
+    let (mut pinging, conn) = h2_connect(&pki, gw.addr, true, None).await;
     let resp = pinging
         .send_request(h2_get("/api/x", &gw.live))
         .await

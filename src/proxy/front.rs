@@ -681,10 +681,23 @@ struct Activity {
     head_since: AtomicU64,
     /// Requests whose responses hyper has not finished writing.
     in_flight: AtomicUsize,
-    /// One slot per request in flight: since when (nanoseconds after `start`) its response
-    /// has had a piece ready that hyper has not taken, because the client takes nothing (a full
-    /// socket buffer, a closed HTTP/2 flow-control window); [`TAKEN`] or [`FREE`] otherwise.
-    waiting: std::sync::Mutex<Vec<u64>>,
+    /// One slot per request in flight, and who to tell when a response starts waiting.
+    waiting: std::sync::Mutex<Slots>,
+}
+
+/// [`Activity::waiting`].
+#[derive(Default)]
+struct Slots {
+    /// Per response: since when (nanoseconds after `start`) it has had a piece ready that
+    /// hyper has not taken, because the client takes nothing (a full socket buffer, a closed
+    /// HTTP/2 flow-control window); [`TAKEN`] or [`FREE`] otherwise.
+    stamps: Vec<u64>,
+    /// The task of [`close_when_idle`] while requests are in flight and no response is waiting
+    /// (it has no deadline then). HTTP/2 runs each stream as its own task, so a stream's
+    /// response can start waiting, or its request end, while the connection's task sleeps:
+    /// that task is woken to arm its deadline. (HTTP/1 bodies are polled inside the
+    /// connection's task, which looks again after every poll.)
+    idle_watch: Option<std::task::Waker>,
 }
 
 impl Activity {
@@ -695,7 +708,7 @@ impl Activity {
             last: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            waiting: std::sync::Mutex::new(Vec::new()),
+            waiting: std::sync::Mutex::new(Slots::default()),
         }
     }
 
@@ -732,36 +745,53 @@ impl Activity {
         self.start + Duration::from_nanos(nanos)
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
         // Nothing panics while holding it; a poisoned lock still holds valid stamps.
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A slot for a new request's response, not waiting yet.
     fn new_slot(&self) -> usize {
-        let mut slots = self.slots();
-        match slots.iter().position(|&s| s == FREE) {
+        let stamps = &mut self.slots().stamps;
+        match stamps.iter().position(|&s| s == FREE) {
             Some(i) => {
-                slots[i] = TAKEN;
+                stamps[i] = TAKEN;
                 i
             }
             None => {
-                slots.push(TAKEN);
-                slots.len() - 1
+                stamps.push(TAKEN);
+                stamps.len() - 1
             }
         }
     }
 
-    /// Marks slot `i`: waiting for the client from now (`true`), or not waiting.
+    /// Marks slot `i`: waiting for the client from now (`true`), or not waiting. A response
+    /// that starts waiting while none was wakes [`Slots::idle_watch`].
     fn set_waiting(&self, i: usize, waiting: bool) {
         let stamp = if waiting { self.now() } else { TAKEN };
-        if let Some(slot) = self.slots().get_mut(i) {
+        let mut slots = self.slots();
+        if let Some(slot) = slots.stamps.get_mut(i) {
             *slot = stamp;
+        }
+        if waiting {
+            let watch = slots.idle_watch.take();
+            drop(slots);
+            if let Some(watch) = watch {
+                watch.wake();
+            }
+        }
+    }
+
+    /// Wakes [`Slots::idle_watch`]: a request has ended outside the connection's task.
+    fn wake_watch(&self) {
+        let watch = self.slots().idle_watch.take();
+        if let Some(watch) = watch {
+            watch.wake();
         }
     }
 
     fn free_slot(&self, i: usize) {
-        if let Some(slot) = self.slots().get_mut(i) {
+        if let Some(slot) = self.slots().stamps.get_mut(i) {
             *slot = FREE;
         }
     }
@@ -770,10 +800,19 @@ impl Activity {
     /// be whole `header_read` after its first byte; an idle connection closes `keep_alive`
     /// after its last activity; with requests in flight, a response that has waited
     /// `send` for the client to take its next piece closes it (nginx's `send_timeout`).
-    fn due(&self, settings: &ServerSettings) -> Option<Instant> {
+    /// With requests in flight and none waiting there is no deadline: `watch` is woken when
+    /// one starts waiting.
+    fn due(&self, settings: &ServerSettings, watch: &std::task::Waker) -> Option<Instant> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            let oldest = self.slots().iter().copied().filter(|&s| s < TAKEN).min()?;
-            return Some(self.at(oldest) + settings.send);
+            let mut slots = self.slots();
+            let oldest = slots.stamps.iter().copied().filter(|&s| s < TAKEN).min();
+            if oldest.is_none() && self.h2 {
+                match &mut slots.idle_watch {
+                    Some(w) => w.clone_from(watch),
+                    none => *none = Some(watch.clone()),
+                }
+            }
+            return Some(self.at(oldest?) + settings.send);
         }
         Some(match self.head_since.load(Ordering::Relaxed) {
             NO_HEAD => self.at(self.last.load(Ordering::Relaxed)) + settings.keep_alive,
@@ -806,6 +845,8 @@ impl Drop for InFlight {
         self.activity.free_slot(self.slot);
         self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.activity.touch();
+        // (With none left the connection's idle deadline starts.)
+        self.activity.wake_watch();
     }
 }
 
@@ -855,10 +896,11 @@ impl HttpBody for Tracked {
 /// Then an HTTP/2 connection with nothing in flight is closed gracefully (GOAWAY, then at most
 /// [`LINGER_TIME`] more); otherwise `conn` is dropped, which closes the connection.
 ///
-/// Everything that changes the due time (bytes read or written, a request starting or
-/// finishing, a response piece handed over or taken) happens while `conn` is polled here, so
-/// the deadline is brought up to date right after each poll and a deadline that fires is
-/// always current.
+/// What changes the due time (bytes read or written, a request starting or finishing, a
+/// response piece handed over or taken) happens while `conn` is polled here, so the deadline
+/// is brought up to date right after each poll; the exception, an HTTP/2 stream's response
+/// starting to wait in the stream's own task while no deadline is armed, wakes this task (see
+/// [`Slots::idle_watch`]). A deadline that fires early is looked at again, not obeyed.
 async fn close_when_idle<C: hyper_util::server::graceful::GracefulConnection>(
     conn: drain::Graceful<C>,
     activity: &Activity,
@@ -874,7 +916,7 @@ async fn close_when_idle<C: hyper_util::server::graceful::GracefulConnection>(
         if let Some(last) = goaway.as_mut() {
             return Pin::new(last).poll(cx);
         }
-        let Some(due) = activity.due(settings) else {
+        let Some(due) = activity.due(settings, cx.waker()) else {
             armed = None;
             return Poll::Pending;
         };

@@ -59,7 +59,8 @@ impl Drop for Open {
 }
 
 /// Starts the upstream. Paths: `/fail` → 500, `/echo-body` → the method and the request body
-/// as JSON, `/slow` → 2 s delay, `/big` → [`BIG_BODY`] bytes, `/pii` → a body with PII,
+/// as JSON, `/slow` → 2 s delay, `/big` → [`BIG_BODY`] bytes (`/late-big`: from 300 ms
+/// after the head), `/pii` → a body with PII,
 /// `/pii-stream` → 200 KiB of chunks with PII across chunk boundaries; anything else echoes the
 /// request as JSON (method, path, query, headers).
 pub async fn start_upstream() -> Upstream {
@@ -94,6 +95,29 @@ pub async fn start_upstream() -> Upstream {
         hits,
         big_open,
     }
+}
+
+/// [`BIG_BODY`] bytes in 64 KiB pieces, made as they are taken (more than every socket buffer
+/// on the way holds), the first `late` after the head; counted in `open` while it lives.
+fn big(open: Arc<AtomicUsize>, late: Duration) -> hyper::Response<UpBody> {
+    let piece = Bytes::from(vec![b'x'; 64 * 1024]);
+    open.fetch_add(1, Ordering::SeqCst);
+    let open = Open(open);
+    let pieces = futures::stream::unfold((0, open), move |(sent, open)| {
+        let piece = piece.clone();
+        async move {
+            if sent == 0 {
+                tokio::time::sleep(late).await;
+            }
+            let frame = Ok::<_, Infallible>(Frame::data(piece));
+            (sent < BIG_BODY).then(|| (frame, (sent + 64 * 1024, open)))
+        }
+    });
+    hyper::Response::builder()
+        .status(200)
+        .header("content-length", BIG_BODY)
+        .body(StreamBody::new(pieces).boxed())
+        .unwrap()
 }
 
 /// The length of the upstream's `/big` body.
@@ -151,23 +175,8 @@ async fn upstream_response(
         }
         // 64 MiB in 64 KiB pieces, made as they are taken: more than every socket buffer on
         // the way holds.
-        "/big" => {
-            let piece = Bytes::from(vec![b'x'; 64 * 1024]);
-            big_open.fetch_add(1, Ordering::SeqCst);
-            let open = Open(big_open);
-            let pieces = futures::StreamExt::take(
-                futures::stream::repeat_with(move || {
-                    let _open = &open;
-                    Ok::<_, Infallible>(Frame::data(piece.clone()))
-                }),
-                BIG_BODY / (64 * 1024),
-            );
-            hyper::Response::builder()
-                .status(200)
-                .header("content-length", BIG_BODY)
-                .body(StreamBody::new(pieces).boxed())
-                .unwrap()
-        }
+        "/big" => big(big_open, Duration::ZERO),
+        "/late-big" => big(big_open, Duration::from_millis(300)),
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(2)).await;
             full(200, "{\"slow\":true}".into())
