@@ -1249,6 +1249,7 @@ async fn worker(
 ) {
     let drain = super::drain::Drain::new();
     tokio::spawn(super::timer::install());
+    tokio::spawn(super::upstream::close_idle_periodically());
     loop {
         tokio::select! {
             changed = stop.changed() => {

@@ -3,9 +3,10 @@
 //! thread, see `server::run_with_workers`).
 //!
 //! A connection goes back to its pool when its response body has been read to the end; one
-//! whose body is dropped half-read is closed. Idle connections are reused newest first, dropped
-//! after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE_PER_UPSTREAM`] wait per upstream. A request an
-//! idle connection could not take (the upstream closed it meanwhile) goes out again on another
+//! whose body is dropped half-read is closed. Idle connections are reused newest first, closed
+//! after [`IDLE_TIMEOUT`] or once the upstream closes them (a sweep on each worker, every
+//! [`SWEEP_EVERY`]), and at most [`MAX_IDLE_PER_UPSTREAM`] wait per upstream. A request an idle
+//! connection could not take (the upstream closed it meanwhile) goes out again on another
 //! connection. A request already written is sent again only on the fast path below, when its
 //! method is idempotent and the pooled connection closed without a byte of response.
 //!
@@ -202,6 +203,39 @@ fn checkin<C: Reusable>(lists: &IdleLists<C>, key: Key, conn: C) {
         list.pop_front();
     }
     list.push_back(Idle { conn, since: now });
+}
+
+/// How often each worker looks through its idle connections (see [`close_idle`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs on each worker for as long as it lives: every [`SWEEP_EVERY`], closes the idle
+/// connections that have expired or that their upstream has closed. Without it, connections
+/// left idle after a burst to an upstream that gets no more traffic would stay open (or sit in
+/// CLOSE_WAIT once the upstream gave up on them) until the next request to that upstream.
+pub async fn close_idle_periodically() {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        close_idle(Instant::now());
+    }
+}
+
+/// Closes this worker's idle connections that are [`IDLE_TIMEOUT`] old at `now` or that can
+/// no longer take a request, and forgets upstreams with none left.
+fn close_idle(now: Instant) {
+    fn sweep<C: Reusable>(lists: &IdleLists<C>, now: Instant) {
+        lists.borrow_mut().retain(|_, list| {
+            list.retain(|i| {
+                now.saturating_duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_open()
+            });
+            !list.is_empty()
+        });
+    }
+    POOL.with(|p| {
+        sweep(&p.idle, now);
+        sweep(&p.raw, now);
+    });
 }
 
 /// Idle connections this worker holds to `scheme://authority` (both kinds).
@@ -780,6 +814,87 @@ mod tests {
             "the second request reused it"
         );
         assert_eq!(idle_count(&Scheme::HTTP, &up), 1);
+    }
+
+    /// Idle connections this worker holds to `authority` (http), open or not.
+    fn held(authority: &Authority) -> usize {
+        fn len<C>(lists: &IdleLists<C>, key: &Key) -> usize {
+            lists.borrow().get(key).map_or(0, VecDeque::len)
+        }
+        let key = Key::new(&Scheme::HTTP, authority);
+        POOL.with(|p| len(&p.idle, &key) + len(&p.raw, &key))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn idle_connections_are_closed_when_they_expire_or_the_upstream_closes_them() {
+        // An upstream that answers one request per connection, keeps it open, and counts the
+        // connections the gateway closed.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let count = closed.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut buf = [0; 4096];
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    stream.write_all(answer).await.unwrap();
+                    let mut rest = Vec::new();
+                    let _ = stream.read_to_end(&mut rest).await;
+                    count.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        // One idle connection of each kind: a bodiless GET (the fast path), a POST (hyper's).
+        let resp = request(get(&up, "/a")).await.unwrap();
+        assert_eq!(text(resp).await, "ok");
+        let post = Request::post(format!("http://{up}/b"))
+            .header(http::header::HOST, up.as_str())
+            .body(
+                Full::new(Bytes::from_static(b"{}"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        assert_eq!(text(request(post).await.unwrap()).await, "ok");
+        assert_eq!(held(&up), 2);
+
+        close_idle(Instant::now());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(held(&up), 2, "fresh open connections are kept");
+        assert_eq!(closed.load(Ordering::SeqCst), 0);
+
+        close_idle(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(held(&up), 0);
+        for _ in 0..100 {
+            if closed.load(Ordering::SeqCst) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            closed.load(Ordering::SeqCst),
+            2,
+            "the upstream saw both closed"
+        );
+
+        // An upstream that closes its connections 50 ms after opening them: the socket left
+        // behind is let go at the next sweep, though it has not expired.
+        let (up, _) = upstream(true, Some(Duration::from_millis(50))).await;
+        let resp = request(get(&up, "/c")).await.unwrap();
+        assert_eq!(text(resp).await, "you asked for /c");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(held(&up), 1);
+        close_idle(Instant::now());
+        assert_eq!(held(&up), 0);
     }
 
     type BoxErr = Box<dyn std::error::Error + Send + Sync>;
