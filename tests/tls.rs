@@ -444,6 +444,121 @@ async fn http2_and_http1_over_tls_pass_the_same_policies_and_every_response_carr
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }
 
+/// Reads one HTTP/1.1 response (a `content-length` body, or one that ends with the
+/// connection): its head and body.
+async fn read_h1_response(
+    io: &mut (impl tokio::io::AsyncRead + Unpin),
+    head_request: bool,
+) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().unwrap())
+                })
+                .filter(|_| !head_request && !head.starts_with("HTTP/1.1 204"));
+            let want = end + 4 + len.unwrap_or(0);
+            if len.is_some() || head.starts_with("HTTP/1.1 204") || head_request {
+                while buf.len() < want {
+                    let n = io.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "the connection ended inside a body: {head}");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return (head, buf[end + 4..want].to_vec());
+            }
+        }
+        let n = io.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+            return (format!("{head}\r\n\r\n"), body.as_bytes().to_vec());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// How many `Strict-Transport-Security` fields a head carries, and whether each says `HSTS`.
+fn hsts_fields(head: &str) -> Vec<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.eq_ignore_ascii_case("strict-transport-security"))
+        .map(|(_, value)| value.trim().to_string())
+        .collect()
+}
+
+/// The answers hyper makes itself over HTTP/1.1 (a head it cannot parse: 400; a head too big:
+/// 431), before or after a served request on the same connection, carry HSTS like every other
+/// answer, once; and the gateway's own responses are never touched on the way: one field on an
+/// empty 204 and on a HEAD answer, and a body that itself reads like a response head, sent
+/// after its head, arrives byte for byte.
+#[tokio::test]
+async fn the_answers_hyper_makes_itself_carry_hsts_and_nothing_else_is_altered() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let gw = start(&pki, "").await;
+    let huge = "x".repeat(80 * 1024);
+    let malformed = "GET /api/echo HTTP/1.1\r\nHost: gw\r\nno colon here\r\n\r\n".to_string();
+    let too_big = format!("GET /api/echo HTTP/1.1\r\nHost: gw\r\nX-Big: {huge}\r\n\r\n");
+    for (bad, status) in [(&malformed, "400"), (&too_big, "431")] {
+        for after_a_request in [false, true] {
+            let mut io = tls_connect(&pki, gw.addr, b"http/1.1", false).await;
+            if after_a_request {
+                let ok = format!(
+                    "GET /api/hello HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\r\n",
+                    gw.live
+                );
+                io.write_all(ok.as_bytes()).await.unwrap();
+                let (head, _) = read_h1_response(&mut io, false).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                assert_eq!(hsts_fields(&head), [HSTS], "{head}");
+            }
+            io.write_all(bad.as_bytes()).await.unwrap();
+            let (head, _) = read_h1_response(&mut io, false).await;
+            assert!(
+                head.starts_with(&format!("HTTP/1.1 {status}")),
+                "{status} expected (after a request: {after_a_request}): {head}"
+            );
+            assert_eq!(hsts_fields(&head), [HSTS], "{head}");
+        }
+    }
+    // The gateway's own answers, several on one connection: untouched.
+    let mut io = tls_connect(&pki, gw.addr, b"http/1.1", false).await;
+    let mimic = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let requests = [
+        ("GET", "/api/no-content", "", "204"),
+        ("HEAD", "/api/hello", "", "200"),
+        ("POST", "/api/raw-late", mimic, "200"),
+        ("GET", "/nowhere/", "", "404"),
+        ("POST", "/api/raw-late", mimic, "200"),
+    ];
+    for (method, path, body, status) in requests {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+            gw.live,
+            body.len()
+        );
+        io.write_all(req.as_bytes()).await.unwrap();
+        let (head, got) = read_h1_response(&mut io, method == "HEAD").await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{method} {path}: {head}"
+        );
+        assert_eq!(hsts_fields(&head), [HSTS], "{method} {path}: {head}");
+        if path == "/api/raw-late" {
+            assert_eq!(String::from_utf8_lossy(&got), mimic, "{head}");
+        }
+    }
+}
+
 /// TLS 1.3 only by default: a client offering only TLS 1.2 is refused and counted;
 /// `minVersion: "1.2"` lets it in.
 #[tokio::test]

@@ -555,11 +555,7 @@ async fn hand_to_hyper(
 ) {
     let activity = Arc::new(Activity::new(false));
     let service = hyper_service(gateway, forwarded_for, activity.clone(), None);
-    let io = Rewind {
-        read,
-        io: Some(io),
-        activity: activity.clone(),
-    };
+    let io = Rewind::new(io, read, activity.clone(), None);
     // Both deadlines are kept by `close_when_idle`: hyper's own header-read timer also runs
     // while a kept-alive connection waits for its next request, which would cut idle
     // connections at `header_read` instead of `keep_alive`.
@@ -589,11 +585,15 @@ pub async fn serve_tls(
         activity.clone(),
         Some(tls.hsts.clone()),
     );
-    let io = TokioIo::new(Rewind {
-        read: Bytes::new(),
-        io: Some(stream),
-        activity: activity.clone(),
-    });
+    // HTTP/1.1: hyper answers a head it cannot parse itself (400, 414, 431); `Rewind` adds
+    // the header to those answers. (HTTP/2 has no such answers: a bad stream is reset.)
+    let own_answers = (!h2).then(|| tls.hsts.clone());
+    let io = TokioIo::new(Rewind::new(
+        stream,
+        Bytes::new(),
+        activity.clone(),
+        own_answers,
+    ));
     if h2 {
         let mut http = hyper::server::conn::http2::Builder::new(LocalExec);
         http.timer(super::timer::WorkerTimer)
@@ -938,14 +938,24 @@ async fn close_when_idle<C: hyper_util::server::graceful::GracefulConnection>(
 
 /// A stream whose first reads return bytes already read from it, noting when bytes move. When
 /// hyper is done with it, the connection is closed with [`Closing::close`].
+///
+/// With `hsts` (HTTP/1.1 over TLS) it also adds `Strict-Transport-Security` to the answers
+/// hyper makes itself, without a call to the service, for a head it cannot parse (400, 414,
+/// 431): see [`Rewind::poll_write`].
 struct Rewind<S: Closing> {
     read: Bytes,
     /// Taken by `Drop`.
     io: Option<S>,
     activity: Arc<Activity>,
+    hsts: Option<HeaderValue>,
+    /// Nothing written since a flush that emptied hyper's buffer with no request in flight
+    /// (or since the start): the next write starts whatever hyper writes next.
+    clean: bool,
+    /// Bytes accepted from hyper and not yet written (an answer with the header added).
+    pending: Bytes,
 }
 
-/// How a client connection is closed once hyper is done with it.
+/// How a client connection is closed once hyper is done with it./// How a client connection is closed once hyper is done with it.
 trait Closing: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn close(self) -> impl Future<Output = ()> + Send;
 }
@@ -965,12 +975,64 @@ impl Closing for tokio_rustls::server::TlsStream<TcpStream> {
 }
 
 impl<S: Closing> Rewind<S> {
+    fn new(io: S, read: Bytes, activity: Arc<Activity>, hsts: Option<HeaderValue>) -> Self {
+        Self {
+            read,
+            io: Some(io),
+            activity,
+            hsts,
+            clean: true,
+            pending: Bytes::new(),
+        }
+    }
+
     fn io(&mut self) -> io::Result<Pin<&mut S>> {
         match self.io.as_mut() {
             Some(io) => Ok(Pin::new(io)),
             None => Err(io::ErrorKind::NotConnected.into()),
         }
     }
+
+    /// Writes [`Rewind::pending`] out; ready once it is all written.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let pending = self.pending.clone();
+            match std::task::ready!(self.io()?.poll_write(cx, &pending))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => {
+                    self.pending.advance(n);
+                    self.activity.wrote();
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `data` with `strict-transport-security: hsts` added to its head, when `data` starts with an
+/// HTTP/1 response head (whole within `data`) that has no such field; `None` otherwise.
+fn with_hsts(data: &[u8], hsts: &HeaderValue) -> Option<Bytes> {
+    if !data.starts_with(b"HTTP/1.") {
+        return None;
+    }
+    let head_end = data.windows(4).position(|w| w == b"\r\n\r\n")? + 2;
+    let head = &data[..head_end];
+    let status_end = head.windows(2).position(|w| w == b"\r\n")? + 2;
+    let field = b"strict-transport-security:";
+    let has_it = head[status_end..]
+        .split(|&b| b == b'\n')
+        .any(|line| line.len() >= field.len() && line[..field.len()].eq_ignore_ascii_case(field));
+    if has_it {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(data.len() + field.len() + hsts.len() + 3);
+    out.extend_from_slice(&data[..status_end]);
+    out.extend_from_slice(field);
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(hsts.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&data[status_end..]);
+    Some(out.freeze())
 }
 
 impl<S: Closing> Drop for Rewind<S> {
@@ -1003,21 +1065,50 @@ impl<S: Closing> AsyncRead for Rewind<S> {
 }
 
 impl<S: Closing> AsyncWrite for Rewind<S> {
+    /// With `hsts`: hyper writes its own answer to an unparsable head (400, 414, 431) while no
+    /// request is in flight, into a buffer it has flushed whole (it reads a head only then), and
+    /// writes it flat (`writev(false)`). So a write that starts while [`Rewind::clean`] and no
+    /// request is in flight, with a response head lacking the field, is such an answer and gets
+    /// the field. Every other write passes untouched: body bytes are never written at a clean
+    /// point with nothing in flight, and the service's own responses carry the field already.
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        let own_answer = match &self.hsts {
+            Some(hsts) if self.clean && self.activity.in_flight.load(Ordering::Relaxed) == 0 => {
+                with_hsts(data, hsts)
+            }
+            _ => None,
+        };
+        if let Some(answer) = own_answer {
+            self.clean = false;
+            self.pending = answer;
+            // Accepted whole; what the socket does not take now goes first next time.
+            if let Poll::Ready(Err(e)) = self.poll_pending(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(data.len()));
+        }
         let polled = self.io()?.poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clean = false;
             self.activity.wrote();
         }
         polled
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.io()?.poll_flush(cx)
+        std::task::ready!(self.poll_pending(cx))?;
+        std::task::ready!(self.io()?.poll_flush(cx))?;
+        if self.activity.in_flight.load(Ordering::Relaxed) == 0 {
+            self.clean = true;
+        }
+        Poll::Ready(Ok(()))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
         self.io()?.poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -1025,8 +1116,18 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.hsts.is_some() {
+            // One path for the check above (hyper writes flat here anyway).
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return self.poll_write(cx, first);
+        }
+        std::task::ready!(self.poll_pending(cx))?;
         let polled = self.io()?.poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clean = false;
             self.activity.wrote();
         }
         polled
@@ -1039,6 +1140,45 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `with_hsts` adds the field to a whole HTTP/1 response head that lacks it, after the
+    /// status line and before everything else, and leaves everything else alone.
+    #[test]
+    fn hsts_is_added_to_a_bare_response_head_and_to_nothing_else() {
+        let v = HeaderValue::from_static("max-age=1");
+        let hyper_400 = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Fri, 04 Dec 2026 10:00:00 GMT\r\n\r\n";
+        assert_eq!(
+            with_hsts(hyper_400.as_bytes(), &v).unwrap(),
+            "HTTP/1.1 400 Bad Request\r\nstrict-transport-security: max-age=1\r\ncontent-length: 0\r\ndate: Fri, 04 Dec 2026 10:00:00 GMT\r\n\r\n"
+        );
+        // (data, whether the field is added after its status line)
+        let cases = [
+            ("HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n", true),
+            ("HTTP/1.0 414 URI Too Long\r\n\r\n", true),
+            // Whatever follows the head stays as it was.
+            ("HTTP/1.1 400 Bad Request\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", true),
+            // A field that only contains the name is not it.
+            ("HTTP/1.1 400 Bad Request\r\nx-strict-transport-security: 1\r\n\r\n", true),
+            // The field already there, in any case: untouched.
+            ("HTTP/1.1 200 OK\r\nstrict-transport-security: max-age=9\r\n\r\n", false),
+            ("HTTP/1.1 204 No Content\r\ndate: x\r\nStrict-Transport-Security: max-age=9\r\n\r\n", false),
+            // Not a whole HTTP/1 head at the start: untouched.
+            ("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n", false),
+            ("{\"HTTP/1.1 400\": 1}\r\n\r\n", false),
+            ("HTTP/2 400\r\n\r\n", false),
+            (" HTTP/1.1 400 Bad Request\r\n\r\n", false),
+            ("", false),
+        ];
+        for (data, adds) in cases {
+            let want = adds.then(|| {
+                let (status, rest) = data.split_once("\r\n").unwrap();
+                format!("{status}\r\nstrict-transport-security: max-age=1\r\n{rest}")
+            });
+            let got =
+                with_hsts(data.as_bytes(), &v).map(|b| String::from_utf8(b.to_vec()).unwrap());
+            assert_eq!(got, want, "{data:?}");
+        }
+    }
 
     fn plain(text: &str) -> (Request<Body>, bool, BytesMut) {
         let mut buf = BytesMut::from(text);

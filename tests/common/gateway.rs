@@ -152,6 +152,27 @@ async fn upstream_response(
                 serde_json::json!({"method": method, "body": body}).to_string(),
             )
         }
+        // The request body verbatim, with its length, 100 ms after the head: the gateway
+        // sends the head before the body, whatever the body holds.
+        "/raw-late" => {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            let body = body.unwrap_or_default();
+            let len = body.len();
+            let late = futures::stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<_, Infallible>(Frame::data(body))
+            });
+            hyper::Response::builder()
+                .status(200)
+                .header("content-type", "text/plain")
+                .header("content-length", len)
+                .body(StreamBody::new(late).boxed())
+                .unwrap()
+        }
+        "/no-content" => hyper::Response::builder()
+            .status(204)
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap(),
         // Fields about the upstream's own connection, one of them named in `Connection`.
         "/hop-fields" => hyper::Response::builder()
             .status(200)
