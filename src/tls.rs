@@ -29,3 +29,19 @@ pub fn https_or_http() -> HttpsConnector<HttpConnector> {
         .enable_http1()
         .wrap_connector(http)
 }
+
+/// An error and its sources, `: `-joined: reqwest's and hyper's own texts omit the cause (a
+/// certificate that did not verify, a refused connection).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}

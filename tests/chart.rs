@@ -539,6 +539,62 @@ fn network_policies_keep_the_proxies_admin_port_to_the_operator_and_prometheus()
     }
 }
 
+/// The gateway proxies are scraped with the scheme their admin port speaks, told apart by the
+/// label the operator puts on their pods: plain HTTP for gateways without `spec.tls`; https
+/// verified against a CA named in the values for those with it (not scraped by Prometheus
+/// without one, never unverified).
+#[test]
+fn gateway_proxies_are_scraped_with_the_scheme_their_admin_port_speaks() {
+    use apitree::platform::kube::ADMIN_SCHEME_LABEL;
+    let monitors = |docs: &[Value]| -> Vec<Value> {
+        of_kind(docs, "PodMonitor").into_iter().cloned().collect()
+    };
+    let only_plain = monitors(&render(None, &["--set", "serviceMonitor.enabled=true"]));
+    assert_eq!(only_plain.len(), 1, "{only_plain:#?}");
+    let full = monitors(&render(FULL, &[]));
+    assert_eq!(full.len(), 2, "{full:#?}");
+    for plain in [&only_plain[0], &full[0]] {
+        let spec = &plain["spec"];
+        let exprs = spec["selector"]["matchExpressions"].as_array().unwrap();
+        assert!(
+            exprs.iter().any(|e| e["key"] == ADMIN_SCHEME_LABEL
+                && e["operator"] == "NotIn"
+                && e["values"] == serde_json::json!(["https"])),
+            "{spec:#?}"
+        );
+        assert!(spec["podMetricsEndpoints"][0]["scheme"].is_null());
+    }
+    let tls = &full[1]["spec"];
+    assert_eq!(tls["selector"]["matchLabels"][ADMIN_SCHEME_LABEL], "https");
+    let endpoint = &tls["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(endpoint["port"], "admin");
+    assert_eq!(
+        endpoint["tlsConfig"]["serverName"],
+        "gateways.apitree.internal"
+    );
+    assert_eq!(endpoint["tlsConfig"]["ca"]["secret"]["name"], "gateway-ca");
+    assert_eq!(endpoint["tlsConfig"]["ca"]["secret"]["key"], "ca.crt");
+    assert!(endpoint["tlsConfig"]["insecureSkipVerify"].is_null());
+    // A CA without the name to verify does not render, and says why.
+    let out = Command::new(helm())
+        .args(["template", "apitree"])
+        .arg(chart())
+        .args(["--set", "serviceMonitor.enabled=true"])
+        .args([
+            "--set",
+            "serviceMonitor.gatewayTls.caSecret.name=gateway-ca",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("serviceMonitor.gatewayTls.serverName is required"),
+        "{err}"
+    );
+}
+
 #[test]
 fn rbac_has_no_wildcards_and_grants_what_the_controller_calls() {
     let docs = render(None, &[]);

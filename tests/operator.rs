@@ -181,7 +181,12 @@ async fn a_good_revision_passes_five_checks_and_takes_traffic_while_blue_stays_w
     // Traffic switched: the new route answers through the same front listener.
     assert_eq!(run.get("/geo/seoul").await.0, 200);
     // Blue is kept warm for the rollback window.
-    let blue = run.tour.ctx.platform.admin_urls("shop", Color::Blue).await;
+    let blue = run
+        .tour
+        .ctx
+        .platform
+        .admin_urls("shop", Color::Blue, false)
+        .await;
     assert_eq!(blue.len(), 2);
     let kinds = run.notice_kinds();
     assert_eq!(kinds, ["Deployed", "GateStarted", "Promoted"]);
@@ -223,7 +228,7 @@ async fn a_revision_with_a_broken_upstream_is_refused_and_blue_keeps_serving() {
         .tour
         .ctx
         .platform
-        .admin_urls("shop", Color::Green)
+        .admin_urls("shop", Color::Green, false)
         .await
         .is_empty());
     assert_eq!(run.get("/weather/today").await.0, 200);
@@ -293,7 +298,7 @@ async fn a_critical_incident_inside_the_rollback_window_switches_back_to_blue() 
         .tour
         .ctx
         .platform
-        .admin_urls("shop", Color::Green)
+        .admin_urls("shop", Color::Green, false)
         .await
         .is_empty());
     let outcomes: Vec<&str> = run.tour.m.runs.iter().map(|r| r.outcome).collect();

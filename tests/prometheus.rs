@@ -51,7 +51,13 @@ async fn traffic(gw: &TestGateway, key: &str, ok: usize, failing: usize) {
 async fn scraping_the_proxy_yields_exact_windows() {
     let (gw, key) = proxy_with_traffic_source().await;
     let spec = apitree::crd::gateway::MetricSource::default();
-    let mut source = MetricSource::from_spec(&spec, vec![gw.admin_url("/metrics")], "");
+    let url = gw.admin_url("/metrics");
+    let target = apitree::detect::source::ScrapeTarget {
+        name: url.clone(),
+        client: reqwest::Client::new(),
+        url,
+    };
+    let mut source = MetricSource::from_spec(&spec, vec![target], "");
     let window = Duration::from_secs(300);
     assert!(
         source.window(window).await.unwrap().is_none(),

@@ -977,6 +977,127 @@ async fn smoke_probes_reach_a_tls_gateway_verified_against_its_ca_only() {
     );
 }
 
+/// With `spec.tls` the operator calls each replica's admin port over https as it calls the
+/// preview endpoint: the gate's health check and the metric scrape (analysis, detector) trust
+/// only the CA in the gateway's Secret and verify `serverName` (default: the preview endpoint's
+/// host) while connecting to the replica's own address; another CA fails both, saying what to
+/// check.
+#[tokio::test]
+async fn health_checks_and_scrapes_reach_tls_admin_ports_verified_against_the_ca() {
+    use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase};
+    use apitree::detect::source::ScrapeSource;
+    use apitree::gate::GateCheck;
+    use apitree::operator::probes::{metric_targets, run, ProbeTarget, SecretResolver};
+    let pki = Pki::new();
+    pki.issue("a", 10);
+    pki.install("a.crt", "a.key");
+    let other = Pki::new();
+    let gw = start_full(&pki, "", "adminTls: true", None).await;
+    let admin = format!("https://127.0.0.1:{}", gw.admin.port());
+    let http = reqwest::Client::new();
+    // (spec.tls, preview URL, CA in the Secret): passes?
+    let cases = [
+        (json_tls(None), "127.0.0.1", pki.ca(), true),
+        // The preview's host is the name verified, at the replica's address.
+        (json_tls(None), "localhost", pki.ca(), true),
+        (json_tls(Some("localhost")), "127.0.0.1", pki.ca(), true),
+        (
+            json_tls(Some("gw.example.com")),
+            "127.0.0.1",
+            pki.ca(),
+            false,
+        ),
+        (json_tls(None), "127.0.0.1", other.ca(), false),
+    ];
+    for (tls, preview_host, ca, passes) in cases {
+        let spec: ApiGatewaySpec = serde_json::from_value(serde_json::json!({
+            "proxy": {"routes": [{"name": "api", "pathPrefix": "/api/", "upstream": "http://127.0.0.1:9/"}]},
+            "tls": tls,
+        }))
+        .unwrap();
+        let ca = String::from_utf8(ca).unwrap();
+        let secrets: Arc<SecretResolver> =
+            Arc::new(move |r| (r.name == "gw-tls" && r.key == "ca.crt").then(|| ca.clone()));
+        let preview = format!("https://{preview_host}:{}", gw.addr.port());
+        let health = run(
+            GateCheck::Health,
+            &ProbeTarget {
+                http: &http,
+                spec: &spec,
+                revision: "rev",
+                preview_url: Some(preview.clone()),
+                admin_urls: vec![admin.clone()],
+                secrets: secrets.as_ref(),
+            },
+        )
+        .await;
+        let scrape = ScrapeSource::with_targets(
+            metric_targets(
+                &http,
+                &spec,
+                secrets.as_ref(),
+                std::slice::from_ref(&admin),
+                Some(&preview),
+            )
+            .await
+            .unwrap(),
+        )
+        .snapshot()
+        .await;
+        let case = format!("{tls} via {preview_host}");
+        if passes {
+            assert_eq!(
+                health.phase,
+                CheckPhase::Passed,
+                "{case}: {}",
+                health.reason
+            );
+            assert_eq!(health.observed.as_deref(), Some("1/1 replicas ready"));
+            assert!(scrape.is_ok(), "{case}: {:?}", scrape.err());
+        } else {
+            assert_eq!(health.phase, CheckPhase::Failed, "{case}");
+            assert!(
+                health.reason.contains(&admin)
+                    && health.reason.contains("certificate")
+                    && health.reason.contains("spec.tls.caKey"),
+                "{case}: {}",
+                health.reason
+            );
+            let err = scrape.expect_err(&case).to_string();
+            assert!(
+                err.contains(&format!("{admin}/metrics")) && err.contains("certificate"),
+                "{case}: {err}"
+            );
+        }
+    }
+    // Without spec.tls the operator would speak plain HTTP: the TLS admin port serves nothing.
+    let spec: ApiGatewaySpec = serde_json::from_value(serde_json::json!({
+        "proxy": {"routes": [{"name": "api", "pathPrefix": "/api/", "upstream": "http://127.0.0.1:9/"}]},
+    }))
+    .unwrap();
+    let plain = format!("http://127.0.0.1:{}", gw.admin.port());
+    let health = run(
+        GateCheck::Health,
+        &ProbeTarget {
+            http: &http,
+            spec: &spec,
+            revision: "rev",
+            preview_url: None,
+            admin_urls: vec![plain],
+            secrets: &|_| None,
+        },
+    )
+    .await;
+    assert_eq!(health.phase, CheckPhase::Failed);
+}
+
+fn json_tls(server_name: Option<&str>) -> serde_json::Value {
+    match server_name {
+        Some(n) => serde_json::json!({"secretName": "gw-tls", "serverName": n}),
+        None => serde_json::json!({"secretName": "gw-tls"}),
+    }
+}
+
 /// `adminTls: true`: `/readyz` and `/metrics` over TLS with the listener's certificate and
 /// HSTS; plain HTTP to the admin port gets nothing; `adminTls` without `tls` is refused.
 #[tokio::test]

@@ -140,12 +140,15 @@ fn default_url_key() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct GatewayTls {
     /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) in the resource's namespace, such as
-    /// a cert-manager Certificate's. It is mounted into the proxies, which read a renewed pair
-    /// without a restart; a renewal is not a new revision.
+    /// a cert-manager Certificate's. It is mounted into the proxies, which serve it on their
+    /// public port and on their admin port (`/readyz`, `/metrics`: the operator's health checks
+    /// and scrapes, the kubelet's probes) and read a renewed pair without a restart; a renewal
+    /// is not a new revision.
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
-    /// The name the operator verifies the proxies' certificate against when its gate probes
-    /// call them (a DNS name on the certificate). Default: the preview Service's
+    /// The name the operator verifies the proxies' certificate against when it calls them
+    /// (smoke probes through the preview Service; health checks and scrapes at each pod's
+    /// address): a DNS name on the certificate. Default: the preview Service's
     /// `<name>-preview.<namespace>.svc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,

@@ -142,9 +142,17 @@ fn increase(now: f64, before: Option<f64>) -> u64 {
 
 /// Scrapes proxies directly; windows are differences between consecutive scrapes.
 pub struct ScrapeSource {
-    client: reqwest::Client,
-    targets: Vec<String>,
+    targets: Vec<ScrapeTarget>,
     last: Option<Snapshot>,
+}
+
+/// One proxy's `/metrics`: the URL it is known by (in snapshots and errors), and the client
+/// and URL that reach it (for a proxy that speaks TLS: a client that trusts its CA, and the
+/// name its certificate carries).
+pub struct ScrapeTarget {
+    pub name: String,
+    pub client: reqwest::Client,
+    pub url: String,
 }
 
 /// Cumulative counters of a set of proxies at one moment, by `/metrics` URL.
@@ -152,10 +160,24 @@ pub struct ScrapeSource {
 pub struct Snapshot(HashMap<String, Totals>);
 
 impl ScrapeSource {
-    /// `targets` are `/metrics` URLs, one per proxy replica.
+    /// `targets` are `/metrics` URLs, one per proxy replica, over plain HTTP.
     pub fn new(targets: Vec<String>) -> Self {
+        let client = http_client();
+        Self::with_targets(
+            targets
+                .into_iter()
+                .map(|url| ScrapeTarget {
+                    name: url.clone(),
+                    client: client.clone(),
+                    url,
+                })
+                .collect(),
+        )
+    }
+
+    /// One target per proxy replica, each with its own client.
+    pub fn with_targets(targets: Vec<ScrapeTarget>) -> Self {
         Self {
-            client: http_client(),
             targets,
             last: None,
         }
@@ -164,14 +186,15 @@ impl ScrapeSource {
     /// Reads every target's counters now.
     pub async fn snapshot(&self) -> Result<Snapshot, SourceError> {
         let mut out = HashMap::new();
-        for url in &self.targets {
+        for t in &self.targets {
             let fetch_error = |e: reqwest::Error| SourceError::Fetch {
-                url: url.clone(),
-                reason: e.to_string(),
+                url: t.name.clone(),
+                reason: crate::tls::error_chain(&e),
             };
-            let text = self
+            let text = t
                 .client
-                .get(url)
+                .get(&t.url)
+                .timeout(SCRAPE_TIMEOUT)
                 .send()
                 .await
                 .and_then(|r| r.error_for_status())
@@ -179,7 +202,7 @@ impl ScrapeSource {
                 .text()
                 .await
                 .map_err(fetch_error)?;
-            out.insert(url.clone(), totals(&text, url)?);
+            out.insert(t.name.clone(), totals(&text, &t.name)?);
         }
         Ok(Snapshot(out))
     }
@@ -240,9 +263,12 @@ pub fn window_between(before: &Snapshot, now: &Snapshot) -> GatewayWindow {
     out
 }
 
+/// How long one scrape may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+        .timeout(SCRAPE_TIMEOUT)
         .build()
         .unwrap_or_default()
 }
@@ -405,17 +431,17 @@ pub enum MetricSource {
 
 impl MetricSource {
     /// From an `ApiGateway`'s `spec.detection.source`: `targets` are the proxies' `/metrics`
-    /// URLs (scrape), `selector` the label matchers of this gateway's series (Prometheus).
+    /// (scrape), `selector` the label matchers of this gateway's series (Prometheus).
     pub fn from_spec(
         spec: &crate::crd::gateway::MetricSource,
-        targets: Vec<String>,
+        targets: Vec<ScrapeTarget>,
         selector: &str,
     ) -> Self {
         match (spec.type_, &spec.prometheus_url) {
             (crate::crd::gateway::MetricSourceType::Prometheus, Some(url)) => {
                 Self::Prometheus(PrometheusSource::new(url, selector))
             }
-            _ => Self::Scrape(ScrapeSource::new(targets)),
+            _ => Self::Scrape(ScrapeSource::with_targets(targets)),
         }
     }
 

@@ -27,6 +27,9 @@ pub fn render(spec: &ApiGatewaySpec, base: &ProxyConfig) -> ProxyConfig {
         hsts: Default::default(),
         redirect: None,
     });
+    // The admin port (`/readyz`, `/metrics`) speaks TLS with the same certificate: the
+    // operator's health checks and scrapes reach it over https, the kubelet's probes too.
+    cfg.admin_tls = spec.tls.is_some();
     // Replicas listen where the platform puts them.
     cfg.listen = "127.0.0.1:0".into();
     cfg.admin = "127.0.0.1:0".into();

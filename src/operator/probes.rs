@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::crd::gateway::{ApiGatewaySpec, CheckPhase, SecretKeyRef, SmokeProbe};
+use crate::detect::source::ScrapeTarget;
 use crate::gate::{GateCheck, ProbeResult};
 
 /// Resolves a Secret key reference to its value (Kubernetes Secret, local manifest, demo).
@@ -53,10 +54,21 @@ async fn health(t: &ProbeTarget<'_>) -> ProbeResult {
     let total = t.admin_urls.len();
     let mut good = 0;
     let mut problems = Vec::new();
+    let tls = ProxyTls::of(t.spec, t.secrets);
     for url in &t.admin_urls {
-        let answer = t
-            .http
-            .get(format!("{url}/readyz"))
+        let client = match &tls {
+            Ok(tls) => admin_client(t.http, tls.as_ref(), url, t.preview_url.as_deref()).await,
+            Err(e) => Err(e.clone()),
+        };
+        let (client, base) = match client {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(format!("{url}: {e}"));
+                continue;
+            }
+        };
+        let answer = client
+            .get(format!("{base}/readyz"))
             .timeout(Duration::from_secs(3))
             .send()
             .await;
@@ -75,7 +87,7 @@ async fn health(t: &ProbeTarget<'_>) -> ProbeResult {
                     ));
                 }
             }
-            Err(e) => problems.push(format!("{url}: no answer ({e})")),
+            Err(e) => problems.push(format!("{url}: {}", no_answer(&e, t.spec.tls.is_some()))),
         }
     }
     let observed = format!("{good}/{total} replicas ready");
@@ -263,75 +275,151 @@ pub fn smoke_probes(spec: &ApiGatewaySpec) -> Vec<SmokeProbe> {
     probes
 }
 
-/// The client and base URL of the smoke probes. For a gateway with `spec.tls`: https that
-/// trusts only the CA in the gateway's Secret (`caKey`) and verifies the certificate for
-/// `serverName` (default: the preview endpoint's host), connecting to the preview endpoint's
-/// address whatever name is verified. Verification is never turned off: a certificate that does
-/// not verify fails the probes, and the reason says what to check.
+/// How the operator calls the proxies of a gateway with `spec.tls` (the preview endpoint and
+/// each replica's admin port): https trusting only the CA in the gateway's Secret (`caKey`),
+/// verifying the certificate for `serverName` (default: the preview endpoint's host) while
+/// connecting to the address it was given. Verification is never turned off: a certificate
+/// that does not verify fails the call, and the reason says what to check.
+pub struct ProxyTls {
+    roots: Vec<reqwest::Certificate>,
+    name: Option<String>,
+}
+
+impl ProxyTls {
+    /// `None` for a gateway without `spec.tls`; an error when its Secret holds no usable CA.
+    pub fn of(spec: &ApiGatewaySpec, secrets: &SecretResolver) -> Result<Option<Self>, String> {
+        let Some(tls) = &spec.tls else {
+            return Ok(None);
+        };
+        let ca_ref = SecretKeyRef {
+            name: tls.secret_name.clone(),
+            key: tls.ca_key.clone(),
+        };
+        let Some(ca) = secrets(&ca_ref) else {
+            return Err(format!(
+                "Secret {} has no key {:?}: the probes need the CA that issued the gateway's certificate (set spec.tls.caKey to the key that holds it)",
+                ca_ref.name, ca_ref.key
+            ));
+        };
+        let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes())
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "Secret {} key {:?} holds no PEM certificate (spec.tls.caKey)",
+                    ca_ref.name, ca_ref.key
+                )
+            })?;
+        Ok(Some(Self {
+            roots,
+            name: tls.server_name.clone(),
+        }))
+    }
+
+    /// A client that connects to `url`'s address and verifies the name (`serverName`, else
+    /// `default_name`'s host, else `url`'s), and the URL to ask it: `url` with that name.
+    pub async fn client_for(
+        &self,
+        url: &str,
+        default_name: Option<&str>,
+    ) -> Result<(reqwest::Client, String), String> {
+        let host_port = |u: &str| -> Result<(String, u16), String> {
+            let parsed = reqwest::Url::parse(u).map_err(|e| format!("URL {u}: {e}"))?;
+            match (parsed.host_str(), parsed.port_or_known_default()) {
+                (Some(h), Some(p)) => Ok((h.trim_matches(['[', ']']).to_string(), p)),
+                _ => Err(format!("URL {u} names no host and port")),
+            }
+        };
+        let (host, port) = host_port(url)?;
+        let name = match (&self.name, default_name) {
+            (Some(n), _) => n.clone(),
+            (None, Some(d)) => host_port(d)?.0,
+            (None, None) => host.clone(),
+        };
+        let mut builder = reqwest::Client::builder()
+            .tls_certs_only(self.roots.iter().cloned())
+            .https_only(true)
+            .connect_timeout(Duration::from_secs(5));
+        if name != host {
+            // Verify `name` while connecting to `url`'s address.
+            let addr = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("cannot resolve {host}"))?;
+            builder = builder.resolve(&name, addr);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("cannot build the https client for the probes: {e}"))?;
+        let mut named = reqwest::Url::parse(url).map_err(|e| format!("URL {url}: {e}"))?;
+        named
+            .set_host(Some(&name))
+            .map_err(|e| format!("spec.tls.serverName {name:?}: {e}"))?;
+        let named = named.as_str().trim_end_matches('/').to_string();
+        Ok((client, named))
+    }
+}
+
+/// The client and base URL of the smoke probes: `t.http` and the preview URL, or for a
+/// gateway with `spec.tls` a [`ProxyTls`] client.
 async fn smoke_client(
     t: &ProbeTarget<'_>,
     base: &str,
 ) -> Result<(reqwest::Client, String), String> {
-    let Some(tls) = &t.spec.tls else {
-        return Ok((t.http.clone(), base.to_string()));
-    };
-    let ca_ref = SecretKeyRef {
-        name: tls.secret_name.clone(),
-        key: tls.ca_key.clone(),
-    };
-    let Some(ca) = (t.secrets)(&ca_ref) else {
-        return Err(format!(
-            "Secret {} has no key {:?}: the probes need the CA that issued the gateway's certificate (set spec.tls.caKey to the key that holds it)",
-            ca_ref.name, ca_ref.key
-        ));
-    };
-    let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes())
-        .ok()
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| {
-            format!(
-                "Secret {} key {:?} holds no PEM certificate (spec.tls.caKey)",
-                ca_ref.name, ca_ref.key
-            )
-        })?;
-    let url = reqwest::Url::parse(base).map_err(|e| format!("preview URL {base}: {e}"))?;
-    let (host, port) = match (url.host_str(), url.port_or_known_default()) {
-        (Some(h), Some(p)) => (h.trim_matches(['[', ']']).to_string(), p),
-        _ => return Err(format!("preview URL {base} names no host and port")),
-    };
-    let name = tls.server_name.clone().unwrap_or_else(|| host.clone());
-    let mut builder = reqwest::Client::builder()
-        .tls_certs_only(roots)
-        .https_only(true)
-        .connect_timeout(Duration::from_secs(5));
-    if name != host {
-        // Verify `name` while connecting to the preview endpoint.
-        let addr = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("cannot resolve the preview endpoint {host}"))?;
-        builder = builder.resolve(&name, addr);
+    match ProxyTls::of(t.spec, t.secrets)? {
+        None => Ok((t.http.clone(), base.to_string())),
+        Some(tls) => tls.client_for(base, None).await,
     }
-    let client = builder
-        .build()
-        .map_err(|e| format!("cannot build the https client for the probes: {e}"))?;
-    Ok((client, format!("https://{name}:{port}")))
 }
 
-/// An error and its sources, `: `-joined (reqwest's own text omits the TLS reason).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
+/// The client and base URL for one replica's admin port (`admin`, from
+/// [`crate::platform::Platform::admin_urls`]): `http` as it is, or over `tls` verified as the
+/// preview endpoint is (`preview` gives the default name).
+pub async fn admin_client(
+    http: &reqwest::Client,
+    tls: Option<&ProxyTls>,
+    admin: &str,
+    preview: Option<&str>,
+) -> Result<(reqwest::Client, String), String> {
+    match tls {
+        None => Ok((http.clone(), admin.to_string())),
+        Some(tls) => tls.client_for(admin, preview).await,
     }
-    text
+}
+
+/// The `/metrics` of each replica at `admins` (admin base URLs), reached as the health check
+/// reaches them: over https verified against the gateway's CA when it has `spec.tls`.
+pub async fn metric_targets(
+    http: &reqwest::Client,
+    spec: &ApiGatewaySpec,
+    secrets: &SecretResolver,
+    admins: &[String],
+    preview: Option<&str>,
+) -> Result<Vec<ScrapeTarget>, String> {
+    let tls = ProxyTls::of(spec, secrets)?;
+    let mut out = Vec::with_capacity(admins.len());
+    for admin in admins {
+        let (client, base) = admin_client(http, tls.as_ref(), admin, preview).await?;
+        out.push(ScrapeTarget {
+            name: format!("{admin}/metrics"),
+            client,
+            url: format!("{base}/metrics"),
+        });
+    }
+    Ok(out)
+}
+
+/// Why a call to a proxy got no answer; for a gateway with `spec.tls` whose certificate did
+/// not verify, what to check.
+fn no_answer(e: &reqwest::Error, tls: bool) -> String {
+    let why = crate::tls::error_chain(e);
+    let hint = if tls && why.contains("certificate") {
+        " — check that spec.tls.serverName is a name on the gateway's certificate and that spec.tls.caKey holds the CA that issued it"
+    } else {
+        ""
+    };
+    format!("no answer ({why}){hint}")
 }
 
 async fn smoke(t: &ProbeTarget<'_>) -> ProbeResult {
@@ -423,15 +511,11 @@ async fn smoke(t: &ProbeTarget<'_>) -> ProbeResult {
                     p.expect_status
                 ));
             }
-            Err(e) => {
-                let why = error_chain(&e);
-                let hint = if t.spec.tls.is_some() && why.contains("certificate") {
-                    " — check that spec.tls.serverName is a name on the gateway's certificate and that spec.tls.caKey holds the CA that issued it"
-                } else {
-                    ""
-                };
-                failures.push(format!("{}: no answer ({why}){hint}", p.name))
-            }
+            Err(e) => failures.push(format!(
+                "{}: {}",
+                p.name,
+                no_answer(&e, t.spec.tls.is_some())
+            )),
         }
     }
     let passed = total - failures.len();

@@ -15,7 +15,9 @@ use crate::crd::gateway::{
     ApiGatewaySpec, ApiGatewayStatus, Color, GateCheckStatus, GatewayPhase, IncidentSummary,
 };
 use crate::detect::engine::{Detector, IncidentStore, NoticeContext};
-use crate::detect::source::{window_between, GatewayWindow, MetricSource, ScrapeSource, Snapshot};
+use crate::detect::source::{
+    window_between, GatewayWindow, MetricSource, ScrapeSource, ScrapeTarget, Snapshot,
+};
 use crate::detect::{IncidentEvent, ScoreConfig, Severity};
 use crate::gate::{self, Action, AnalysisWindow, NoticeKind, Observations, Request, Traffic};
 use crate::notify::{Notifier, RolloutNotice};
@@ -116,7 +118,7 @@ pub struct Managed {
     pub notifications: usize,
     analysis: Option<AnalysisCounters>,
     detector: Detector,
-    /// The detector's source and the scrape targets it was made for.
+    /// The detector's source and the replicas' admin URLs it was made for.
     detect_source: Option<(Vec<String>, MetricSource)>,
     next_detect: Option<Timestamp>,
     critical: Option<String>,
@@ -412,8 +414,35 @@ fn traffic(w: &GatewayWindow) -> Traffic {
     t
 }
 
-fn metrics_urls(admins: Vec<String>) -> Vec<String> {
-    admins.into_iter().map(|a| format!("{a}/metrics")).collect()
+/// The `/metrics` of each replica of `color`, reached as the health check reaches them.
+async fn metric_targets<P: Platform>(
+    m: &Managed,
+    ctx: &Context<P>,
+    admins: &[String],
+) -> Result<Vec<ScrapeTarget>, String> {
+    let tls = m.spec.tls.is_some();
+    let preview = ctx.platform.preview_url(&m.name, tls).await;
+    probes::metric_targets(
+        &ctx.http,
+        &m.spec,
+        ctx.secrets.as_ref(),
+        admins,
+        preview.as_deref(),
+    )
+    .await
+}
+
+/// A scrape of every replica of `color`.
+async fn scrape_source<P: Platform>(
+    m: &Managed,
+    ctx: &Context<P>,
+    color: Color,
+) -> Result<ScrapeSource, String> {
+    let tls = m.spec.tls.is_some();
+    let admins = ctx.platform.admin_urls(&m.name, color, tls).await;
+    Ok(ScrapeSource::with_targets(
+        metric_targets(m, ctx, &admins).await?,
+    ))
 }
 
 /// One pass of one gateway's loop.
@@ -673,7 +702,9 @@ async fn perform<P: Platform>(
                 preview_url: platform.preview_url(&m.name, m.spec.tls.is_some()).await,
                 // Only the health check asks the replicas themselves (in a cluster: a pod list).
                 admin_urls: if check == gate::GateCheck::Health {
-                    platform.admin_urls(&m.name, active.other()).await
+                    platform
+                        .admin_urls(&m.name, active.other(), m.spec.tls.is_some())
+                        .await
                 } else {
                     Vec::new()
                 },
@@ -684,11 +715,16 @@ async fn perform<P: Platform>(
         }
         Action::StartAnalysis => {
             let active = m.status.active_color.unwrap_or(Color::Blue);
-            let active_src =
-                ScrapeSource::new(metrics_urls(platform.admin_urls(&m.name, active).await));
-            let preview_src = ScrapeSource::new(metrics_urls(
-                platform.admin_urls(&m.name, active.other()).await,
-            ));
+            let (active_src, preview_src) = match (
+                scrape_source(m, ctx, active).await,
+                scrape_source(m, ctx, active.other()).await,
+            ) {
+                (Ok(a), Ok(p)) => (a, p),
+                (Err(e), _) | (_, Err(e)) => {
+                    m.event(now, "AnalysisUnavailable", e, true);
+                    return false;
+                }
+            };
             match (active_src.snapshot().await, preview_src.snapshot().await) {
                 (Ok(active_start), Ok(preview_start)) => {
                     m.analysis = Some(AnalysisCounters {
@@ -802,11 +838,21 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     let Some(active) = m.status.active_color else {
         return;
     };
-    let urls = metrics_urls(ctx.platform.admin_urls(&m.name, active).await);
-    if m.detect_source.as_ref().is_none_or(|(t, _)| *t != urls) {
+    let admins = ctx
+        .platform
+        .admin_urls(&m.name, active, m.spec.tls.is_some())
+        .await;
+    if m.detect_source.as_ref().is_none_or(|(t, _)| *t != admins) {
+        let targets = match metric_targets(m, ctx, &admins).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(gateway = %m.name, "cannot reach the active color's metrics: {e}");
+                return;
+            }
+        };
         let selector = prometheus_selector(&m.name, active);
-        let source = MetricSource::from_spec(&m.spec.detection.source, urls.clone(), &selector);
-        m.detect_source = Some((urls, source));
+        let source = MetricSource::from_spec(&m.spec.detection.source, targets, &selector);
+        m.detect_source = Some((admins, source));
     }
     let Some((_, source)) = m.detect_source.as_mut() else {
         return;

@@ -32,6 +32,9 @@ pub const GATEWAY_LABEL: &str = "apitree.io/gateway";
 pub const COLOR_LABEL: &str = "apitree.io/color";
 /// Annotation holding the revision a Deployment runs.
 pub const REVISION_ANNOTATION: &str = "apitree.io/revision";
+/// On a gateway's pods: `https` when their admin port speaks TLS (`spec.tls`), else `http`,
+/// so a scraper (the chart's PodMonitors) can pick the scheme.
+pub const ADMIN_SCHEME_LABEL: &str = "apitree.io/admin-scheme";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "apitree-operator");
 const PUBLIC_PORT: i32 = 8080;
 const ADMIN_PORT: i32 = 9090;
@@ -53,6 +56,8 @@ pub enum Target<'a> {
     Pod {
         ip: &'a str,
         port: i32,
+        /// The pod's port speaks TLS.
+        tls: bool,
     },
 }
 
@@ -68,7 +73,10 @@ pub fn cluster_resolver(t: Target<'_>) -> String {
             let scheme = if tls { "https" } else { "http" };
             format!("{scheme}://{name}.{namespace}.svc:{port}")
         }
-        Target::Pod { ip, port } => format!("http://{ip}:{port}"),
+        Target::Pod { ip, port, tls } => {
+            let scheme = if tls { "https" } else { "http" };
+            format!("{scheme}://{ip}:{port}")
+        }
     }
 }
 
@@ -146,11 +154,14 @@ fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
     }
 }
 
-fn http_probe(path: &str) -> Probe {
+/// A kubelet probe of the admin port; over HTTPS when the port speaks TLS (the kubelet does
+/// not verify the certificate).
+fn http_probe(path: &str, tls: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
             port: IntOrString::String("admin".into()),
+            scheme: tls.then(|| "HTTPS".to_string()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(5),
@@ -216,7 +227,11 @@ pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
             ..Volume::default()
         });
     }
-    let pod_labels = labels(name, Some(color));
+    let mut pod_labels = labels(name, Some(color));
+    pod_labels.insert(
+        ADMIN_SCHEME_LABEL.to_string(),
+        if d.config.admin_tls { "https" } else { "http" }.to_string(),
+    );
     let annotations = BTreeMap::from([(REVISION_ANNOTATION.to_string(), d.revision.clone())]);
     let mut m = meta(
         full.clone(),
@@ -265,8 +280,8 @@ pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
                                 ..ContainerPort::default()
                             },
                         ]),
-                        readiness_probe: Some(http_probe("/readyz")),
-                        liveness_probe: Some(http_probe("/healthz")),
+                        readiness_probe: Some(http_probe("/readyz", d.config.admin_tls)),
+                        liveness_probe: Some(http_probe("/healthz", d.config.admin_tls)),
                         resources: d.spec.resources.clone(),
                         volume_mounts: Some(mounts),
                         ..Container::default()
@@ -661,7 +676,7 @@ impl Platform for KubePlatform {
         }))
     }
 
-    async fn admin_urls(&self, gateway: &str, color: Color) -> Vec<String> {
+    async fn admin_urls(&self, gateway: &str, color: Color, tls: bool) -> Vec<String> {
         self.pods(gateway, Some(color))
             .await
             .iter()
@@ -671,6 +686,7 @@ impl Platform for KubePlatform {
                 (self.resolve)(Target::Pod {
                     ip: &ip,
                     port: ADMIN_PORT,
+                    tls,
                 })
             })
             .collect()
@@ -756,14 +772,46 @@ mod tests {
             tls: true,
         });
         assert_eq!(url, "https://web-preview.shop.svc:443");
+        // The admin port speaks TLS too: the kubelet probes it over HTTPS, the operator's
+        // health checks and scrapes call https URLs.
+        assert!(cfg.admin_tls);
+        let schemes = |pod: &PodSpec| {
+            let c = &pod.containers[0];
+            [&c.readiness_probe, &c.liveness_probe].map(|p| {
+                let get = p.as_ref().unwrap().http_get.as_ref().unwrap();
+                get.scheme.clone()
+            })
+        };
+        assert_eq!(
+            schemes(&pod),
+            [Some("HTTPS".to_string()), Some("HTTPS".to_string())]
+        );
+        let scheme_label = |d: &Deployment| {
+            let template = deployment(Color::Blue, d).spec.template;
+            template.metadata.unwrap().labels.unwrap()[ADMIN_SCHEME_LABEL].clone()
+        };
+        assert_eq!(scheme_label(&d), "https");
+        let admin = |tls| {
+            cluster_resolver(Target::Pod {
+                ip: "10.0.0.7",
+                port: ADMIN_PORT,
+                tls,
+            })
+        };
+        assert_eq!(admin(true), format!("https://10.0.0.7:{ADMIN_PORT}"));
+        assert_eq!(admin(false), format!("http://10.0.0.7:{ADMIN_PORT}"));
 
         let d = deployment_of(false);
+        let plain_pod = deployment(Color::Blue, &d).spec.template.spec.unwrap();
+        assert_eq!(schemes(&plain_pod), [None, None]);
+        assert_eq!(scheme_label(&d), "http");
         let rendered = deployment(Color::Blue, &d);
         assert!(!serves_tls(&rendered));
         let cfg: crate::proxy::config::ProxyConfig =
             serde_saphyr::from_str(&config_map(Color::Blue, &d).data.unwrap()["proxy.yaml"])
                 .unwrap();
         assert!(cfg.tls.is_none());
+        assert!(!cfg.admin_tls);
         let svc = service("shop/web", "web".into(), Color::Blue, &None, false);
         let port = &svc.spec.unwrap().ports.unwrap()[0];
         assert_eq!((port.name.as_deref(), port.port), (Some("http"), 80));

@@ -388,7 +388,8 @@ impl Platform for LocalPlatform {
             .map(|g| format!("http://{}", g.front_addr))
     }
 
-    async fn admin_urls(&self, gateway: &str, color: Color) -> Vec<String> {
+    /// `tls` is never true here (see [`LocalPlatform::preview_url`]).
+    async fn admin_urls(&self, gateway: &str, color: Color, _tls: bool) -> Vec<String> {
         let gateways = self.gateways.lock().await;
         gateways
             .get(gateway)

@@ -102,8 +102,14 @@ pub trait Platform: Send + Sync + 'static {
     /// Base URL of the active endpoint (what clients use).
     fn active_url(&self, gateway: &str) -> impl Future<Output = Option<String>> + Send;
 
-    /// Admin base URLs (`/metrics`, `/readyz`) of each replica of `color`.
-    fn admin_urls(&self, gateway: &str, color: Color) -> impl Future<Output = Vec<String>> + Send;
+    /// Admin base URLs (`/metrics`, `/readyz`) of each replica of `color`; `tls`: the admin
+    /// port speaks TLS (`spec.tls`), so the URLs are https.
+    fn admin_urls(
+        &self,
+        gateway: &str,
+        color: Color,
+        tls: bool,
+    ) -> impl Future<Output = Vec<String>> + Send;
 
     /// Removes everything of the gateway (resource deleted).
     fn remove(&self, gateway: &str) -> impl Future<Output = ()> + Send;
