@@ -552,40 +552,219 @@ async fn audit_verify_passes_an_intact_chain_and_names_the_first_altered_row() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("intact"));
 }
 
-/// `sslmode=verify-ca`/`verify-full` with `sslrootcert` work against the local PostgreSQL's own
-/// certificate, and a CA that did not sign it is refused with a message that says what to
-/// check (not "check the network").
+/// A PostgreSQL of the test's own, speaking TLS with a certificate for `localhost` only,
+/// issued by a CA made for it; stopped (immediately) when dropped.
+struct TlsPostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl TlsPostgres {
+    /// Runs `cmd` as the `postgres` user when we are root (initdb and postgres refuse root).
+    fn as_server_user(program: &std::path::Path) -> Command {
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                    .filter(|b| b.join("initdb").exists())
+                    .max()
+            })
+            .expect("PostgreSQL's server binaries under /usr/lib/postgresql (scripts/test installs them)");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let run = |cmd: &mut Command, what: &str| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+        };
+        let openssl = |args: &[&str]| {
+            run(
+                Command::new("openssl").current_dir(path).args(args),
+                &format!("openssl {args:?}"),
+            )
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=apitree test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(path.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let data = path.join("data");
+        std::fs::create_dir(&data).unwrap();
+        if is_root() {
+            run(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(path),
+                "chown",
+            );
+            // The server user must be able to reach its directory under /tmp.
+            run(Command::new("chmod").args(["0755"]).arg(path), "chmod");
+        }
+        run(
+            Command::new("chmod")
+                .args(["0600"])
+                .arg(path.join("server.key")),
+            "chmod",
+        );
+        run(
+            Self::as_server_user(&bin.join("initdb"))
+                .args(["-A", "trust", "-U", "postgres", "-D"])
+                .arg(&data),
+            "initdb",
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=localhost -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c fsync=off",
+            path.display(),
+            path.join("server.crt").display(),
+            path.join("server.key").display()
+        );
+        run(
+            Self::as_server_user(&bin.join("pg_ctl"))
+                .args(["-w", "-t", "30", "-l"])
+                .arg(path.join("log"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-o", &opts, "start"]),
+            "pg_ctl start",
+        );
+        Self { dir, port, bin }
+    }
+
+    fn url(&self, host: &str, params: &str) -> String {
+        format!("postgres://postgres@{host}:{}/postgres?{params}", self.port)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        let _ = Self::as_server_user(&self.bin.join("pg_ctl"))
+            .args(["-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("stop")
+            .output();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Against a PostgreSQL the test starts with TLS (a certificate for `localhost`, from a CA of
+/// its own): `sslmode=verify-full` with `sslrootcert` connects and migrates; it refuses a host
+/// the certificate does not name (where `verify-ca` still connects) and a CA that did not sign
+/// the certificate, each with a message that says what to check (not "check the network").
 #[tokio::test]
 async fn postgres_tls_is_verified_against_sslrootcert_and_a_wrong_ca_is_refused_clearly() {
-    let tdb = common::TestDb::new().await;
-    let pool = tdb.pool().await;
-    let (ssl, cert_file): (String, String) =
-        sqlx::query_as("SELECT current_setting('ssl'), current_setting('ssl_cert_file')")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        ssl, "on",
-        "this test needs the local PostgreSQL to speak TLS (Debian's default: ssl = on)"
-    );
-    let with = |params: &str| {
-        if tdb.url.contains('?') {
-            format!("{}&{params}", tdb.url)
-        } else {
-            format!("{}?{params}", tdb.url)
-        }
+    let pg = tokio::task::spawn_blocking(TlsPostgres::start)
+        .await
+        .unwrap();
+    let root = format!("sslrootcert={}", pg.file("ca.crt"));
+    let migrate = |url: String| {
+        tokio::task::spawn_blocking(move || apitree(&["migrate", "--database-url", &url]))
     };
-    // The server's own (self-signed) certificate as the root: verified, migrated.
-    let ok = apitree(&[
-        "migrate",
-        "--database-url",
-        &with(&format!("sslmode=verify-ca&sslrootcert={cert_file}")),
-    ]);
-    assert!(ok.status.success(), "{}", stderr(&ok));
-    // A CA of our own: refused, and the message points at sslrootcert.
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir.path())
+    let ok = migrate(pg.url("localhost", &format!("sslmode=verify-full&{root}")))
+        .await
+        .unwrap();
+    assert!(ok.status.success(), "verify-full: {}", stderr(&ok));
+    // The connection really is TLS: the server says so.
+    let pool = sqlx::PgPool::connect(&pg.url("localhost", &format!("sslmode=verify-full&{root}")))
+        .await
+        .unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ssl);
+    pool.close().await;
+    // 127.0.0.1 is not on the certificate: verify-full refuses it, verify-ca does not check names.
+    let wrong_host = migrate(pg.url("127.0.0.1", &format!("sslmode=verify-full&{root}")))
+        .await
+        .unwrap();
+    let err = stderr(&wrong_host);
+    assert_eq!(wrong_host.status.code(), Some(1), "{err}");
+    assert!(err.contains("a name the certificate carries"), "{err}");
+    let ca_only = migrate(pg.url("127.0.0.1", &format!("sslmode=verify-ca&{root}")))
+        .await
+        .unwrap();
+    assert!(ca_only.status.success(), "verify-ca: {}", stderr(&ca_only));
+    // Another CA: refused, and the message points at sslrootcert.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new("openssl")
+        .current_dir(other.path())
         .args([
             "req",
             "-x509",
@@ -608,10 +787,13 @@ async fn postgres_tls_is_verified_against_sslrootcert_and_a_wrong_ca_is_refused_
         .output()
         .unwrap();
     assert!(out.status.success());
-    let ca = dir.path().join("ca.crt");
+    let other_ca = other.path().join("ca.crt");
     for mode in ["verify-ca", "verify-full"] {
-        let url = with(&format!("sslmode={mode}&sslrootcert={}", ca.display()));
-        let refused = apitree(&["migrate", "--database-url", &url]);
+        let url = pg.url(
+            "localhost",
+            &format!("sslmode={mode}&sslrootcert={}", other_ca.display()),
+        );
+        let refused = migrate(url).await.unwrap();
         let err = stderr(&refused);
         assert_eq!(refused.status.code(), Some(1), "{mode}: {err}");
         assert!(
