@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::pki::Pki;
+
 use std::process::{Command, Output};
 
 fn apitree(args: &[&str]) -> Output {
@@ -555,13 +557,14 @@ async fn audit_verify_passes_an_intact_chain_and_names_the_first_altered_row() {
 /// A PostgreSQL of the test's own, speaking TLS with a certificate for `localhost` only,
 /// issued by a CA made for it; stopped (immediately) when dropped.
 struct TlsPostgres {
+    pki: Pki,
     dir: tempfile::TempDir,
     port: u16,
     bin: std::path::PathBuf,
 }
 
 impl TlsPostgres {
-    /// Runs `cmd` as the `postgres` user when we are root (initdb and postgres refuse root).
+    /// `program`, as the `postgres` user when we are root (initdb and postgres refuse root).
     fn as_server_user(program: &std::path::Path) -> Command {
         if is_root() {
             let mut c = Command::new("runuser");
@@ -581,75 +584,18 @@ impl TlsPostgres {
                     .max()
             })
             .expect("PostgreSQL's server binaries under /usr/lib/postgresql (scripts/test installs them)");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path();
         let run = |cmd: &mut Command, what: &str| {
             let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
             assert!(out.status.success(), "{what}: {}", stderr(&out));
         };
-        let openssl = |args: &[&str]| {
-            run(
-                Command::new("openssl").current_dir(path).args(args),
-                &format!("openssl {args:?}"),
-            )
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        openssl(
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.crt",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=apitree test CA",
-                ],
-            ]
-            .concat(),
-        );
-        openssl(
-            &[
-                &["req"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "server.key",
-                    "-out",
-                    "server.csr",
-                    "-subj",
-                    "/CN=localhost",
-                ],
-            ]
-            .concat(),
-        );
-        std::fs::write(path.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ]);
+        let pki = Pki::new();
+        pki.issue_for("server", 2, "DNS:localhost");
+        // The server's own directory: its data, and its pair (the key readable by it alone).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        for f in ["server.crt", "server.key"] {
+            std::fs::copy(pki.path(f), path.join(f)).unwrap();
+        }
         let data = path.join("data");
         std::fs::create_dir(&data).unwrap();
         if is_root() {
@@ -659,8 +605,6 @@ impl TlsPostgres {
                     .arg(path),
                 "chown",
             );
-            // The server user must be able to reach its directory under /tmp.
-            run(Command::new("chmod").args(["0755"]).arg(path), "chmod");
         }
         run(
             Command::new("chmod")
@@ -694,15 +638,16 @@ impl TlsPostgres {
                 .args(["-o", &opts, "start"]),
             "pg_ctl start",
         );
-        Self { dir, port, bin }
+        Self {
+            pki,
+            dir,
+            port,
+            bin,
+        }
     }
 
     fn url(&self, host: &str, params: &str) -> String {
         format!("postgres://postgres@{host}:{}/postgres?{params}", self.port)
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
     }
 }
 
@@ -732,7 +677,7 @@ async fn postgres_tls_is_verified_against_sslrootcert_and_a_wrong_ca_is_refused_
     let pg = tokio::task::spawn_blocking(TlsPostgres::start)
         .await
         .unwrap();
-    let root = format!("sslrootcert={}", pg.file("ca.crt"));
+    let root = format!("sslrootcert={}", pg.pki.path("ca.crt").display());
     let migrate = |url: String| {
         tokio::task::spawn_blocking(move || apitree(&["migrate", "--database-url", &url]))
     };
@@ -762,32 +707,8 @@ async fn postgres_tls_is_verified_against_sslrootcert_and_a_wrong_ca_is_refused_
         .unwrap();
     assert!(ca_only.status.success(), "verify-ca: {}", stderr(&ca_only));
     // Another CA: refused, and the message points at sslrootcert.
-    let other = tempfile::tempdir().unwrap();
-    let out = Command::new("openssl")
-        .current_dir(other.path())
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args([
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let other_ca = other.path().join("ca.crt");
+    let other = Pki::new();
+    let other_ca = other.path("ca.crt");
     for mode in ["verify-ca", "verify-full"] {
         let url = pg.url(
             "localhost",

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod pki;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
