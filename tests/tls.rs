@@ -170,9 +170,7 @@ async fn readiness(gw: &TlsGateway) -> serde_json::Value {
 /// carries HSTS.
 #[tokio::test]
 async fn http2_and_http1_over_tls_pass_the_same_policies_and_every_response_carries_hsts() {
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let gw = start(&pki, "").await;
     for h2 in [true, false] {
         let c = https_client(&pki, h2);
@@ -361,9 +359,7 @@ fn hsts_fields(head: &str) -> Vec<String> {
 #[tokio::test]
 async fn the_answers_hyper_makes_itself_carry_hsts_and_nothing_else_is_altered() {
     use tokio::io::AsyncWriteExt;
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let gw = start(&pki, "").await;
     let huge = "x".repeat(80 * 1024);
     let malformed = "GET /api/echo HTTP/1.1\r\nHost: gw\r\nno colon here\r\n\r\n".to_string();
@@ -423,9 +419,7 @@ async fn the_answers_hyper_makes_itself_carry_hsts_and_nothing_else_is_altered()
 /// `minVersion: "1.2"` lets it in.
 #[tokio::test]
 async fn tls_12_clients_are_refused_unless_min_version_allows_them() {
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let strict = start(&pki, "").await;
     // A TCP health check (connect, close) is not a failed handshake.
     drop(tokio::net::TcpStream::connect(strict.addr).await.unwrap());
@@ -535,9 +529,7 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
     use http_body_util::BodyExt;
     use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let top = "sendTimeout: 1s\nheaderReadTimeout: 1s\nkeepAliveTimeout: 3s";
     let gw = start_full(&pki, "", top, None).await;
 
@@ -551,26 +543,21 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
     // HTTP/2: four streams whose bodies are never read, so their windows never reopen.
     let (mut stalled, stalled_conn) = h2_connect(&pki, gw.addr, false, None).await;
     let mut held = Vec::new();
-    for _ in 0..4 {
-        let resp = stalled
-            .send_request(h2_get("/api/big", &gw.live))
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        held.push(resp);
-    }
+    // Four responses on `conn`, held unread.
+    let hold =
+        async |conn: &mut hyper::client::conn::http2::SendRequest<_>, path, held: &mut Vec<_>| {
+            for _ in 0..4 {
+                let resp = conn.send_request(h2_get(path, &gw.live)).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                held.push(resp);
+            }
+        };
+    hold(&mut stalled, "/api/big", &mut held).await;
     // HTTP/2 with every stream window closed from the start, and bodies that begin 300 ms
     // after their heads: the piece that cannot be sent turns up in the stream's own task while
     // the connection's task has nothing to do.
     let (mut shut, shut_conn) = h2_connect(&pki, gw.addr, false, Some(0)).await;
-    for _ in 0..4 {
-        let resp = shut
-            .send_request(h2_get("/api/late-big", &gw.live))
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        held.push(resp);
-    }
+    hold(&mut shut, "/api/late-big", &mut held).await;
     // HTTP/2: one stream read steadily.
     let (mut steady, _steady_conn) = h2_connect(&pki, gw.addr, false, None).await;
     let mut body = steady
@@ -642,9 +629,7 @@ async fn stalled_readers_are_cut_off_on_both_protocols_and_pings_do_not_keep_a_c
 /// the upstream, a request without a valid Host gets a JSON 400, and redirects are counted.
 #[tokio::test]
 async fn plain_http_is_redirected_to_https_and_never_served() {
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     install_crypto();
     let up = start_upstream().await;
     let (live, live_entry) = key_entry(KeyScope::Live, "acme", "");
@@ -760,9 +745,7 @@ async fn smoke_probes_reach_a_tls_gateway_verified_against_its_ca_only() {
     use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase};
     use apitree::gate::GateCheck;
     use apitree::operator::probes::{run, ProbeTarget, SecretResolver};
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let other = Pki::new();
     let gw = start(&pki, "").await;
     let probe = |tls: serde_json::Value, ca: Option<Vec<u8>>| {
@@ -848,13 +831,24 @@ async fn health_checks_and_scrapes_reach_tls_admin_ports_verified_against_the_ca
     use apitree::detect::source::ScrapeSource;
     use apitree::gate::GateCheck;
     use apitree::operator::probes::{metric_targets, run, ProbeTarget, SecretResolver};
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let other = Pki::new();
     let gw = start_full(&pki, "", "adminTls: true", None).await;
     let admin = format!("https://127.0.0.1:{}", gw.admin.port());
     let http = reqwest::Client::new();
+    // The gate's health check of one replica.
+    let health =
+        async |spec: &ApiGatewaySpec, preview_url, admin: &str, secrets: &SecretResolver| {
+            let target = ProbeTarget {
+                http: &http,
+                spec,
+                revision: "rev",
+                preview_url,
+                admin_urls: vec![admin.to_string()],
+                secrets,
+            };
+            run(GateCheck::Health, &target).await
+        };
     // (spec.tls, preview URL, CA in the Secret): passes?
     let cases = [
         (json_tls(None), "127.0.0.1", pki.ca(), true),
@@ -879,18 +873,7 @@ async fn health_checks_and_scrapes_reach_tls_admin_ports_verified_against_the_ca
         let secrets: Arc<SecretResolver> =
             Arc::new(move |r| (r.name == "gw-tls" && r.key == "ca.crt").then(|| ca.clone()));
         let preview = format!("https://{preview_host}:{}", gw.addr.port());
-        let health = run(
-            GateCheck::Health,
-            &ProbeTarget {
-                http: &http,
-                spec: &spec,
-                revision: "rev",
-                preview_url: Some(preview.clone()),
-                admin_urls: vec![admin.clone()],
-                secrets: secrets.as_ref(),
-            },
-        )
-        .await;
+        let health = health(&spec, Some(preview.clone()), &admin, secrets.as_ref()).await;
         let scrape = ScrapeSource::with_targets(
             metric_targets(
                 &http,
@@ -936,18 +919,7 @@ async fn health_checks_and_scrapes_reach_tls_admin_ports_verified_against_the_ca
     }))
     .unwrap();
     let plain = format!("http://127.0.0.1:{}", gw.admin.port());
-    let health = run(
-        GateCheck::Health,
-        &ProbeTarget {
-            http: &http,
-            spec: &spec,
-            revision: "rev",
-            preview_url: None,
-            admin_urls: vec![plain],
-            secrets: &|_| None,
-        },
-    )
-    .await;
+    let health = health(&spec, None, &plain, &|_| None).await;
     assert_eq!(health.phase, CheckPhase::Failed);
 }
 
@@ -962,9 +934,7 @@ fn json_tls(server_name: Option<&str>) -> serde_json::Value {
 /// HSTS; plain HTTP to the admin port gets nothing; `adminTls` without `tls` is refused.
 #[tokio::test]
 async fn the_admin_port_serves_over_tls_when_asked() {
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let gw = start_full(&pki, "", "adminTls: true", None).await;
     let https = https_client(&pki, false);
     for path in ["/readyz", "/metrics"] {
@@ -1175,9 +1145,7 @@ async fn an_unusable_pair_stops_the_start_and_says_why() {
 #[tokio::test]
 async fn the_operator_port_serves_over_tls_with_hsts() {
     use apitree::operator::{http, metrics::OperatorMetrics};
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     install_crypto();
     let metrics = Arc::new(OperatorMetrics::new());
     let tls = http::tls(&pki.path("tls.crt"), &pki.path("tls.key"), &metrics).unwrap();
@@ -1279,9 +1247,7 @@ fn start_tls_redis(pki: &Pki) -> TlsRedis {
 /// limits locally and reports `degraded`), never made unverified.
 #[tokio::test]
 async fn rate_limits_are_shared_through_redis_over_tls_and_a_wrong_ca_is_refused() {
-    let pki = Pki::new();
-    pki.issue("a", 10);
-    pki.install("a.crt", "a.key");
+    let pki = Pki::serving();
     let redis = start_tls_redis(&pki);
     let url = format!("rediss://127.0.0.1:{}/15", redis.port);
     let gw = start_with_redis(&pki, "", Some((url.clone(), Some(pki.path("ca.crt"))))).await;

@@ -18,6 +18,15 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// openssl's arguments for a new P-256 key, unencrypted.
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 /// A CA (`ca.crt`) in a directory of its own, and a way to issue leaf certificates from it.
 pub struct Pki {
     pub dir: tempfile::TempDir,
@@ -26,27 +35,26 @@ pub struct Pki {
 impl Pki {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let ca = ["-keyout", "ca.key", "-out", "ca.crt", "-days", "30"];
         openssl(
             dir.path(),
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "30",
-                "-subj",
-                "/CN=apitree test CA",
-            ],
+                &["req", "-x509"][..],
+                &NEW_KEY,
+                &ca,
+                &["-subj", "/CN=apitree test CA"],
+            ]
+            .concat(),
         );
         Self { dir }
+    }
+
+    /// A CA with leaf `a` (10 days, 127.0.0.1 and localhost) installed as `tls.crt`/`tls.key`.
+    pub fn serving() -> Self {
+        let pki = Self::new();
+        pki.issue("a", 10);
+        pki.install("a.crt", "a.key");
+        pki
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -65,23 +73,15 @@ impl Pki {
             format!("{name}.csr"),
             format!("{name}.crt"),
         );
-        openssl(
-            self.dir.path(),
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                "/CN=apitree test leaf",
-            ],
-        );
+        let leaf = [
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=apitree test leaf",
+        ];
+        openssl(self.dir.path(), &[&["req"][..], &NEW_KEY, &leaf].concat());
         let ext = format!("{name}.ext");
         std::fs::write(self.path(&ext), format!("subjectAltName={san}\n")).unwrap();
         openssl(
