@@ -681,6 +681,8 @@ struct Activity {
     head_since: AtomicU64,
     /// Requests whose responses hyper has not finished writing.
     in_flight: AtomicUsize,
+    /// Requests the service has been called for.
+    requests: AtomicU64,
     /// One slot per request in flight, and who to tell when a response starts waiting.
     waiting: std::sync::Mutex<Slots>,
 }
@@ -708,6 +710,7 @@ impl Activity {
             last: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
             waiting: std::sync::Mutex::new(Slots::default()),
         }
     }
@@ -831,6 +834,7 @@ struct InFlight {
 impl InFlight {
     fn new(activity: Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.requests.fetch_add(1, Ordering::Relaxed);
         activity.head_since.store(NO_HEAD, Ordering::Relaxed);
         if activity.h2 {
             activity.touch();
@@ -948,11 +952,21 @@ struct Rewind<S: Closing> {
     io: Option<S>,
     activity: Arc<Activity>,
     hsts: Option<HeaderValue>,
-    /// Nothing written since a flush that emptied hyper's buffer with no request in flight
-    /// (or since the start): the next write starts whatever hyper writes next.
-    clean: bool,
+    /// What hyper still held after the last write (with `hsts`).
+    held: Held,
     /// Bytes accepted from hyper and not yet written (an answer with the header added).
     pending: Bytes,
+}
+
+/// What hyper's write buffer held after a write: the `len` bytes it presented that the socket
+/// did not take, presented when no request was in flight (`settled`) and after the service had
+/// been called for `requests` requests. hyper keeps one flat buffer (`writev(false)`), presents
+/// what it holds from its start and appends at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    len: usize,
+    settled: bool,
+    requests: u64,
 }
 
 /// How a client connection is closed once hyper is done with it./// How a client connection is closed once hyper is done with it.
@@ -981,7 +995,11 @@ impl<S: Closing> Rewind<S> {
             io: Some(io),
             activity,
             hsts,
-            clean: true,
+            held: Held {
+                len: 0,
+                settled: true,
+                requests: 0,
+            },
             pending: Bytes::new(),
         }
     }
@@ -1065,27 +1083,45 @@ impl<S: Closing> AsyncRead for Rewind<S> {
 }
 
 impl<S: Closing> AsyncWrite for Rewind<S> {
-    /// With `hsts`: hyper writes its own answer to an unparsable head (400, 414, 431) while no
-    /// request is in flight, into a buffer it has flushed whole (it reads a head only then), and
-    /// writes it flat (`writev(false)`). So a write that starts while [`Rewind::clean`] and no
-    /// request is in flight, with a response head lacking the field, is such an answer and gets
-    /// the field. Every other write passes untouched: body bytes are never written at a clean
-    /// point with nothing in flight, and the service's own responses carry the field already.
+    /// With `hsts`: hyper writes its own answer to an unparsable head (400, 414, 431) without
+    /// a call to the service, so with no request in flight, at the end of its buffer: behind
+    /// what the socket has not taken yet of the previous response when the client reads slowly.
+    /// Bytes hyper presents beyond what it held after the last write ([`Held`]), when nothing
+    /// was in flight then and nothing is now and the service has not been called since, are
+    /// such an answer: a response head lacking the field gets it. Every other write passes
+    /// untouched: the previous response's bytes were all presented before, and the service's
+    /// own responses carry the field already.
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         std::task::ready!(self.poll_pending(cx))?;
-        let own_answer = match &self.hsts {
-            Some(hsts) if self.clean && self.activity.in_flight.load(Ordering::Relaxed) == 0 => {
-                with_hsts(data, hsts)
+        if self.hsts.is_none() {
+            let polled = self.io()?.poll_write(cx, data);
+            if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+                self.activity.wrote();
             }
-            _ => None,
+            return polled;
+        }
+        let now = Held {
+            len: 0,
+            settled: self.activity.in_flight.load(Ordering::Relaxed) == 0,
+            requests: self.activity.requests.load(Ordering::Relaxed),
         };
-        if let Some(answer) = own_answer {
-            self.clean = false;
-            self.pending = answer;
+        let held = self.held;
+        let own_from = (held.settled && now.settled && held.requests == now.requests)
+            .then_some(held.len)
+            .filter(|&at| at < data.len());
+        let hsts = self.hsts.as_ref();
+        if let Some((at, answer)) =
+            own_from.and_then(|at| Some((at, with_hsts(&data[at..], hsts?)?)))
+        {
+            let mut all = BytesMut::with_capacity(at + answer.len());
+            all.extend_from_slice(&data[..at]);
+            all.extend_from_slice(&answer);
+            self.pending = all.freeze();
+            self.held = now;
             // Accepted whole; what the socket does not take now goes first next time.
             if let Poll::Ready(Err(e)) = self.poll_pending(cx) {
                 return Poll::Ready(Err(e));
@@ -1093,19 +1129,29 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
             return Poll::Ready(Ok(data.len()));
         }
         let polled = self.io()?.poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clean = false;
-            self.activity.wrote();
+        match &polled {
+            Poll::Ready(Ok(n)) => {
+                if *n > 0 {
+                    self.activity.wrote();
+                }
+                self.held = Held {
+                    len: data.len().saturating_sub(*n),
+                    ..now
+                };
+            }
+            Poll::Pending => {
+                self.held = Held {
+                    len: data.len(),
+                    ..now
+                }
+            }
+            Poll::Ready(Err(_)) => {}
         }
         polled
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         std::task::ready!(self.poll_pending(cx))?;
-        std::task::ready!(self.io()?.poll_flush(cx))?;
-        if self.activity.in_flight.load(Ordering::Relaxed) == 0 {
-            self.clean = true;
-        }
-        Poll::Ready(Ok(()))
+        self.io()?.poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         std::task::ready!(self.poll_pending(cx))?;
@@ -1127,7 +1173,6 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
         std::task::ready!(self.poll_pending(cx))?;
         let polled = self.io()?.poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clean = false;
             self.activity.wrote();
         }
         polled
@@ -1140,6 +1185,134 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket that takes what each step of its plan says (`None`: nothing, not ready) and
+    /// keeps what it took.
+    struct Sink {
+        plan: std::collections::VecDeque<Option<usize>>,
+        out: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Sink {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.plan.pop_front().unwrap_or(Some(usize::MAX)) {
+                None => Poll::Pending,
+                Some(n) => {
+                    let n = n.min(data.len());
+                    self.out.lock().unwrap().extend_from_slice(&data[..n]);
+                    Poll::Ready(Ok(n))
+                }
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Closing for Sink {
+        async fn close(self) {}
+    }
+
+    /// What happens between a response's last bytes and what hyper appends next.
+    #[derive(Debug, Clone, Copy)]
+    enum Between {
+        /// Nothing: hyper answers an unparsable head itself.
+        Nothing,
+        /// The service was called for another request, which has finished.
+        Served,
+        /// The service was called for another request, still in flight.
+        InFlight,
+    }
+
+    /// Over TLS, the answer hyper appends to its buffer without a call to the service gets the
+    /// header, whether the socket took the previous response whole or not (a client reading
+    /// slowly); bytes of the service's responses never do, even when they read like a head.
+    #[test]
+    fn hsts_goes_on_hypers_own_answer_behind_an_unsent_response_and_nowhere_else() {
+        let hsts = HeaderValue::from_static("max-age=1");
+        // A body that reads like hyper's answer.
+        let body = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nstrict-transport-security: max-age=1\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let own = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        let own_with = "HTTP/1.1 400 Bad Request\r\nstrict-transport-security: max-age=1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // (how the socket takes the response: its plan; what happens next; header added?)
+        let cases: Vec<(Vec<Option<usize>>, Between, bool)> = vec![
+            (vec![Some(usize::MAX)], Between::Nothing, true),
+            (vec![Some(10), None], Between::Nothing, true),
+            (vec![Some(70), Some(5), None, None], Between::Nothing, true),
+            (vec![None], Between::Nothing, true),
+            (vec![Some(usize::MAX)], Between::Served, false),
+            (vec![Some(10), None], Between::Served, false),
+            (vec![Some(10), None], Between::InFlight, false),
+            (vec![Some(usize::MAX)], Between::InFlight, false),
+        ];
+        for (plan, between, adds) in cases {
+            let case = format!("{plan:?} then {between:?}");
+            let activity = Arc::new(Activity::new(false));
+            let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = Sink {
+                plan: plan.iter().copied().collect(),
+                out: out.clone(),
+            };
+            let mut w = Rewind::new(sink, Bytes::new(), activity.clone(), Some(hsts.clone()));
+            // hyper's flat buffer: the response, written while its request is in flight; the
+            // request ends (body dropped) after its last piece is buffered.
+            let mut buf = BytesMut::new();
+            let request = InFlight::new(activity.clone());
+            buf.extend_from_slice(response.as_bytes());
+            drop(request);
+            for _ in &plan {
+                match Pin::new(&mut w).poll_write(&mut cx, &buf) {
+                    Poll::Ready(Ok(n)) => buf.advance(n),
+                    Poll::Pending => {}
+                    Poll::Ready(Err(e)) => panic!("{case}: {e}"),
+                }
+                if buf.is_empty() {
+                    break;
+                }
+            }
+            let _second = match between {
+                Between::Nothing => None,
+                Between::Served => {
+                    drop(InFlight::new(activity.clone()));
+                    None
+                }
+                Between::InFlight => Some(InFlight::new(activity.clone())),
+            };
+            buf.extend_from_slice(own.as_bytes());
+            while !buf.is_empty() {
+                match Pin::new(&mut w).poll_write(&mut cx, &buf) {
+                    Poll::Ready(Ok(n)) => buf.advance(n),
+                    other => panic!("{case}: {other:?}"),
+                }
+            }
+            assert!(Pin::new(&mut w).poll_flush(&mut cx).is_ready(), "{case}");
+            let want = format!("{response}{}", if adds { own_with } else { own });
+            let got = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+            assert_eq!(got, want, "{case}");
+        }
+    }
 
     /// `with_hsts` adds the field to a whole HTTP/1 response head that lacks it, after the
     /// status line and before everything else, and leaves everything else alone.
