@@ -279,6 +279,107 @@ async fn the_engine_keeps_one_incident_per_route_and_signal_in_postgres_and_noti
     );
 }
 
+/// A detector that restarts (a new process, a leader change) takes up where the last one left
+/// off from PostgreSQL: the open incident is escalated, acknowledged and resolved as the same
+/// incident (no second one, no refused insert), its Slack messages continue under new outbox
+/// keys (none dropped as a duplicate), and the baseline is the one learned before the restart.
+#[tokio::test]
+async fn a_restarted_detector_takes_up_its_open_incidents_and_baselines_from_postgres() {
+    use apitree::detect::engine::Response;
+    use apitree::detect::incident::IncidentEvent;
+    use apitree::notify::{outbox::Outbox, Channels};
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let store = Arc::new(IncidentStore::Postgres(pool.clone()));
+    let notifier = Arc::new(Notifier::Slack {
+        outbox: Arc::new(Outbox::Postgres(pool.clone())),
+        channels: Channels {
+            warning: "C-ONCALL".into(),
+            high: None,
+            critical: None,
+        },
+    });
+    let detector = || {
+        Detector::new(
+            "apis/marketplace",
+            ScoreConfig::from(&DetectionSpec::default()),
+            NoticeContext::default(),
+            store.clone(),
+            notifier.clone(),
+        )
+    };
+    let quiet = window((5000, 50), (3000, 30), 20);
+    let mut first = detector();
+    for i in 0..12 {
+        assert!(first
+            .observe(T0 + i * WINDOW, &quiet)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+    // 4x on shop: an incident below critical.
+    let opened = first
+        .observe(T0 + 12 * WINDOW, &window((5000, 200), (3000, 30), 20))
+        .await
+        .unwrap();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(opened[0].event, IncidentEvent::Open);
+    assert!(opened[0].severity < Severity::Critical);
+    let id = opened[0].incident_id;
+    drop(first);
+
+    // A new process: 12x on shop escalates the same incident, scored against the baseline
+    // learned before (1%), not a cold start.
+    let mut second = detector();
+    let escalated = second
+        .observe(T0 + 13 * WINDOW, &window((5000, 600), (3000, 30), 20))
+        .await
+        .unwrap();
+    assert_eq!(escalated.len(), 1, "{escalated:?}");
+    let e = &escalated[0];
+    assert_eq!(
+        (e.incident_id, e.event, e.severity),
+        (id, IncidentEvent::Escalate, Severity::Critical)
+    );
+    assert!((e.baseline - 0.01).abs() < 0.002, "baseline {}", e.baseline);
+    assert_eq!(
+        store.open().await.unwrap().len(),
+        1,
+        "one incident, not two"
+    );
+    drop(second);
+
+    // Another restart: a Slack press finds the incident and updates its message.
+    let mut third = detector();
+    let acked = third
+        .respond(id, "U0ONCALL", Response::Acknowledge)
+        .await
+        .unwrap()
+        .expect("the open incident is known after a restart");
+    assert_eq!(acked.severity, Severity::Critical);
+    for i in 14..17 {
+        third.observe(T0 + i * WINDOW, &quiet).await.unwrap();
+    }
+    assert!(store.open().await.unwrap().is_empty(), "resolved");
+
+    // Every change reached the outbox under its own key: open, escalate, press, resolve.
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT dedupe_key FROM notification_outbox WHERE incident_id = $1 AND kind <> 'reply' ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        keys,
+        ["main", "update", "update", "update"]
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| format!("{id}:{}:{kind}", i + 1))
+            .collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn an_acknowledged_incident_says_who_and_a_silenced_one_posts_only_critical_changes() {
     use apitree::detect::engine::Response;

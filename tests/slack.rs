@@ -12,7 +12,7 @@ use std::{
 
 use apitree::detect::{IncidentEvent, Severity};
 use apitree::notify::{
-    outbox::Outbox,
+    outbox::{Kind, Outbox},
     slack::{self, Action, InteractionError, SlackConfig, SlackDelivery},
     Channels, IncidentNotice, Notifier,
 };
@@ -311,6 +311,73 @@ async fn rate_limits_and_server_errors_are_retried_and_nothing_is_lost_across_a_
             .await
             .unwrap(),
         0
+    );
+}
+
+/// Two deliverers (a new leader while the old one finishes, or a second replica) never take
+/// the same row: a row another deliverer holds is skipped without waiting, and a row handed
+/// out is not handed out again until its claim lapses; a deliverer killed before it marked its
+/// rows leaves them to the next one once the claim lapses (nothing lost).
+#[tokio::test]
+async fn two_deliverers_never_take_the_same_row_and_a_dead_ones_rows_come_back() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let outbox = Outbox::Postgres(pool.clone());
+    for i in 0..6 {
+        outbox
+            .enqueue(
+                Uuid::new_v4(),
+                Kind::Main,
+                "C1",
+                json!({"text": i}),
+                &format!("k{i}"),
+            )
+            .await
+            .unwrap();
+    }
+    // Another deliverer is in the middle of claiming the first row.
+    let mut other = pool.begin().await.unwrap();
+    let held: i64 =
+        sqlx::query_scalar("SELECT id FROM notification_outbox ORDER BY id LIMIT 1 FOR UPDATE")
+            .fetch_one(&mut *other)
+            .await
+            .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), outbox.due(4))
+        .await
+        .expect("a row another deliverer holds is skipped, not waited for")
+        .unwrap();
+    let second = Outbox::Postgres(pool.clone()).due(10).await.unwrap();
+    other.rollback().await.unwrap();
+    let ids =
+        |rows: &[apitree::notify::outbox::Pending]| rows.iter().map(|r| r.id).collect::<Vec<_>>();
+    let (first, second) = (ids(&first), ids(&second));
+    assert_eq!(first.len(), 4);
+    assert!(!first.contains(&held) && !second.contains(&held));
+    assert!(
+        first.iter().all(|id| !second.contains(id)),
+        "{first:?} {second:?}"
+    );
+    assert_eq!(first.len() + second.len(), 5);
+    // Claimed rows are not due again; the row the other deliverer let go of is.
+    assert_eq!(ids(&outbox.due(10).await.unwrap()), [held]);
+    // The deliverer holding `first` dies: once its claim lapses, they come back.
+    sqlx::query("UPDATE notification_outbox SET next_attempt_at = now() WHERE id = ANY($1)")
+        .bind(&first)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ids(&outbox.due(10).await.unwrap()), first);
+    let claim: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM notification_outbox WHERE id = $1",
+    )
+    .bind(first[0])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let lease = apitree::notify::outbox::CLAIM_FOR.as_secs_f64();
+    assert!(
+        claim > lease - 5.0 && claim <= lease,
+        "claimed for {claim}s"
     );
 }
 

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::incident::{IncidentEvent, Series, Verdict};
-use super::score::{ScoreConfig, Severity};
+use super::incident::{IncidentEvent, Series, Tracker, Verdict};
+use super::score::{Past, ScoreConfig, Severity};
 use super::source::GatewayWindow;
 use crate::db::DbError;
 use crate::notify::{IncidentNotice, Notifier};
@@ -68,6 +68,39 @@ fn sev_str(s: Severity) -> &'static str {
     }
 }
 
+fn parse_severity(s: &str) -> Severity {
+    match s {
+        "critical" => Severity::Critical,
+        "high" => Severity::High,
+        _ => Severity::Warning,
+    }
+}
+
+/// How far back baseline windows are kept: the longest baseline (five weeks).
+const HISTORY_SECS: i64 = 35 * 24 * 3600;
+
+/// An open incident as a restarted detector takes it up.
+struct Resumed {
+    incident: StoredIncident,
+    /// The sequence number of its last notice.
+    seq: u32,
+    last: Option<IncidentNotice>,
+}
+
+/// The signal constant named `name` (watched series are keyed by them).
+fn signal_named(name: &str) -> Option<&'static str> {
+    [
+        ERROR_RATIO,
+        AUTH_FAILURES,
+        P99_LATENCY,
+        CIRCUIT_OPEN,
+        SECURITY_DRIFT,
+        CREDENTIALS_OVERDUE,
+    ]
+    .into_iter()
+    .find(|s| *s == name)
+}
+
 impl IncidentStore {
     pub fn memory() -> Self {
         Self::Memory(Mutex::new(Vec::new()))
@@ -111,9 +144,13 @@ impl IncidentStore {
             Self::Postgres(pool) => match id {
                 None => {
                     let id = Uuid::new_v4();
+                    let stored = IncidentNotice {
+                        incident_id: id,
+                        ..n.clone()
+                    };
                     sqlx::query(
-                        "INSERT INTO incidents (id, gateway, route, signal, severity, max_severity, ratio, baseline, p_value)
-                         VALUES ($1, $2, $3, $4, $5::incident_severity, $5::incident_severity, $6, $7, $8)",
+                        "INSERT INTO incidents (id, gateway, route, signal, severity, max_severity, ratio, baseline, p_value, notice_seq, last_notice)
+                         VALUES ($1, $2, $3, $4, $5::incident_severity, $5::incident_severity, $6, $7, $8, $9, $10)",
                     )
                     .bind(id)
                     .bind(gateway)
@@ -123,6 +160,8 @@ impl IncidentStore {
                     .bind(n.ratio)
                     .bind(n.baseline)
                     .bind(n.p_value)
+                    .bind(n.seq as i32)
+                    .bind(sqlx::types::Json(&stored))
                     .execute(pool)
                     .await
                     .map_err(DbError::query("open incident"))?;
@@ -134,7 +173,8 @@ impl IncidentStore {
                             severity = CASE WHEN $2 THEN severity ELSE $3::incident_severity END,
                             max_severity = GREATEST(max_severity, CASE WHEN $2 THEN max_severity ELSE $3::incident_severity END),
                             ratio = $4, baseline = $5, p_value = $6, updated_at = now(),
-                            resolved_at = CASE WHEN $2 THEN now() ELSE NULL END
+                            resolved_at = CASE WHEN $2 THEN now() ELSE NULL END,
+                            notice_seq = $7, last_notice = $8
                          WHERE id = $1",
                     )
                     .bind(id)
@@ -143,6 +183,11 @@ impl IncidentStore {
                     .bind(n.ratio)
                     .bind(n.baseline)
                     .bind(n.p_value)
+                    .bind(n.seq as i32)
+                    .bind(sqlx::types::Json(IncidentNotice {
+                        incident_id: id,
+                        ..n.clone()
+                    }))
                     .execute(pool)
                     .await
                     .map_err(DbError::query("update incident"))?;
@@ -187,6 +232,152 @@ impl IncidentStore {
         }
     }
 
+    /// Keeps `n` as the incident's last notice (a person's response changed it).
+    async fn noted(&self, n: &IncidentNotice) -> Result<(), DbError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Postgres(pool) => {
+                sqlx::query("UPDATE incidents SET notice_seq = $2, last_notice = $3 WHERE id = $1")
+                    .bind(n.incident_id)
+                    .bind(n.seq as i32)
+                    .bind(sqlx::types::Json(n))
+                    .execute(pool)
+                    .await
+                    .map_err(DbError::query("keep an incident's last notice"))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Open incidents of `gateway` with what a detector needs to carry on with them.
+    async fn resumable(&self, gateway: &str) -> Result<Vec<Resumed>, DbError> {
+        match self {
+            Self::Memory(rows) => Ok(rows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|r| !r.resolved && r.gateway == gateway)
+                .map(|r| Resumed {
+                    incident: r.clone(),
+                    seq: 0,
+                    last: None,
+                })
+                .collect()),
+            Self::Postgres(pool) => {
+                type Row = (
+                    Uuid,
+                    String,
+                    String,
+                    String,
+                    Option<String>,
+                    Option<f64>,
+                    i32,
+                    Option<sqlx::types::Json<IncidentNotice>>,
+                );
+                let rows: Vec<Row> = sqlx::query_as(
+                    "SELECT id, route, signal, severity::text, acknowledged_by, extract(epoch FROM silenced_until)::float8,
+                            notice_seq, last_notice
+                     FROM incidents WHERE resolved_at IS NULL AND gateway = $1 ORDER BY opened_at",
+                )
+                .bind(gateway)
+                .fetch_all(pool)
+                .await
+                .map_err(DbError::query("read open incidents to resume"))?;
+                Ok(rows
+                    .into_iter()
+                    .map(
+                        |(id, route, signal, sev, ack, silenced, seq, last)| Resumed {
+                            incident: StoredIncident {
+                                id,
+                                gateway: gateway.to_string(),
+                                route,
+                                signal,
+                                severity: parse_severity(&sev),
+                                resolved: false,
+                                acknowledged_by: ack,
+                                silenced_until: silenced.map(|t| t as i64),
+                            },
+                            seq: seq.max(0) as u32,
+                            last: last.map(|j| j.0),
+                        },
+                    )
+                    .collect())
+            }
+        }
+    }
+
+    /// Keeps a window that entered a baseline, and lets go of the series' windows older than
+    /// the longest baseline.
+    async fn remember(
+        &self,
+        gateway: &str,
+        route: &str,
+        signal: &str,
+        past: &Past,
+        prune: bool,
+    ) -> Result<(), DbError> {
+        let Self::Postgres(pool) = self else {
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO detector_history (gateway, route, signal, at, value, weight)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(gateway)
+        .bind(route)
+        .bind(signal)
+        .bind(past.at)
+        .bind(past.value)
+        .bind(past.weight.min(i64::MAX as u64) as i64)
+        .execute(pool)
+        .await
+        .map_err(DbError::query("keep a baseline window"))?;
+        if prune {
+            sqlx::query(
+                "DELETE FROM detector_history WHERE gateway = $1 AND route = $2 AND signal = $3 AND at < $4",
+            )
+            .bind(gateway)
+            .bind(route)
+            .bind(signal)
+            .bind(past.at - HISTORY_SECS)
+            .execute(pool)
+            .await
+            .map_err(DbError::query("let go of old baseline windows"))?;
+        }
+        Ok(())
+    }
+
+    /// The baseline windows kept for `gateway`, oldest first, per (route, signal).
+    async fn history(&self, gateway: &str) -> Result<Vec<(String, String, Past)>, DbError> {
+        let Self::Postgres(pool) = self else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<(String, String, i64, f64, i64)> = sqlx::query_as(
+            "SELECT route, signal, at, value, weight FROM detector_history
+             WHERE gateway = $1 AND at >= (SELECT coalesce(max(at), 0) FROM detector_history WHERE gateway = $1) - $2
+             ORDER BY at",
+        )
+        .bind(gateway)
+        .bind(HISTORY_SECS)
+        .fetch_all(pool)
+        .await
+        .map_err(DbError::query("read baseline windows"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(route, signal, at, value, weight)| {
+                (
+                    route,
+                    signal,
+                    Past {
+                        at,
+                        value,
+                        weight: weight.max(0) as u64,
+                    },
+                )
+            })
+            .collect())
+    }
+
     /// Open incidents, e.g. to show in status.
     pub async fn open(&self) -> Result<Vec<StoredIncident>, DbError> {
         match self {
@@ -214,11 +405,7 @@ impl IncidentStore {
                             gateway,
                             route,
                             signal,
-                            severity: match sev.as_str() {
-                                "critical" => Severity::Critical,
-                                "high" => Severity::High,
-                                _ => Severity::Warning,
-                            },
+                            severity: parse_severity(&sev),
                             resolved: false,
                             acknowledged_by: ack,
                             silenced_until: silenced.map(|t| t as i64),
@@ -238,6 +425,8 @@ struct Watched {
     last: Option<IncidentNotice>,
     acknowledged_by: Option<String>,
     silenced_until: Option<i64>,
+    /// Window start at which this series' old baseline windows were last let go of.
+    pruned_at: i64,
 }
 
 /// Settings that go into every notice.
@@ -258,6 +447,8 @@ pub struct Detector {
     notifier: Arc<Notifier>,
     /// Credential changes seen lately: (unix seconds, description).
     changes: Vec<(i64, String)>,
+    /// Open incidents and baseline windows have been taken up from the store.
+    resumed: bool,
 }
 
 /// How long a credential change stays relevant to new incidents.
@@ -286,6 +477,65 @@ impl Detector {
             store,
             notifier,
             changes: Vec::new(),
+            resumed: false,
+        }
+    }
+
+    /// Takes up where the last process left off, once: this gateway's open incidents (with
+    /// the sequence number and message of their last notice, so the next change updates the
+    /// same Slack message) and the baseline windows the store kept. Until it succeeds nothing
+    /// is scored or recorded: a cold detector would open a second incident for one open.
+    async fn resume(&mut self) -> Result<(), DbError> {
+        if self.resumed {
+            return Ok(());
+        }
+        let history = self.store.history(&self.gateway).await?;
+        let open = self.store.resumable(&self.gateway).await?;
+        let windows = history.len();
+        for (route, signal, past) in history {
+            if let Some(signal) = signal_named(&signal) {
+                self.watched(&route, signal).series.restore([past]);
+            }
+        }
+        let incidents = open.len();
+        for r in open {
+            let Some(signal) = signal_named(&r.incident.signal) else {
+                continue;
+            };
+            let w = self.watched(&r.incident.route, signal);
+            w.incident = Some(r.incident.id);
+            w.seq = r.seq;
+            w.last = r.last;
+            w.acknowledged_by = r.incident.acknowledged_by;
+            w.silenced_until = r.incident.silenced_until;
+            w.series.tracker = Tracker::open_at(r.incident.severity);
+        }
+        self.resumed = true;
+        if incidents > 0 || windows > 0 {
+            tracing::info!(
+                gateway = %self.gateway,
+                incidents,
+                windows,
+                "detector resumed: open incidents and baseline windows taken up"
+            );
+        }
+        Ok(())
+    }
+
+    /// Keeps a window that entered a series' baseline in the store (a failure only costs a
+    /// restarted detector that window, so it is logged, not raised).
+    async fn keep(&mut self, route: &str, signal: &'static str, verdict: &Verdict) {
+        let Some(past) = verdict.remembered else {
+            return;
+        };
+        let (store, gateway) = (self.store.clone(), self.gateway.clone());
+        let w = self.watched(route, signal);
+        let prune = past.at - w.pruned_at >= 3600;
+        if prune {
+            w.pruned_at = past.at;
+        }
+        if let Err(e) = store.remember(&gateway, route, signal, &past, prune).await {
+            tracing::warn!(gateway = %gateway, "cannot keep a baseline window: {e}");
         }
     }
 
@@ -300,6 +550,7 @@ impl Detector {
         at: i64,
         window: &GatewayWindow,
     ) -> Result<Vec<IncidentNotice>, DbError> {
+        self.resume().await?;
         let mut notices = Vec::new();
         let total: u64 = window.routes.values().map(|w| w.requests).sum();
         for (route, w) in &window.routes {
@@ -312,6 +563,7 @@ impl Detector {
                 .watched(route, ERROR_RATIO)
                 .series
                 .observe_errors(at, w.requests, w.errors, &cfg);
+            self.keep(route, ERROR_RATIO, &verdict).await;
             let current = if w.requests > 0 {
                 w.errors as f64 / w.requests as f64
             } else {
@@ -329,6 +581,7 @@ impl Detector {
                     .watched(route, P99_LATENCY)
                     .series
                     .observe_gauge(at, p99, &cfg);
+                self.keep(route, P99_LATENCY, &verdict).await;
                 if let Some(n) = self.change(at, route, P99_LATENCY, &verdict, p99).await? {
                     notices.push(n);
                 }
@@ -357,6 +610,7 @@ impl Detector {
             .watched("", AUTH_FAILURES)
             .series
             .observe_errors(at, total, auth, &cfg);
+        self.keep("", AUTH_FAILURES, &verdict).await;
         let current = if total > 0 {
             auth as f64 / total as f64
         } else {
@@ -380,6 +634,7 @@ impl Detector {
         active: bool,
         severity: Severity,
     ) -> Result<Option<IncidentNotice>, DbError> {
+        self.resume().await?;
         let was_open = self.watched("", signal).incident.is_some();
         if active == was_open {
             return Ok(None);
@@ -428,6 +683,7 @@ impl Detector {
                 last: None,
                 acknowledged_by: None,
                 silenced_until: None,
+                pruned_at: 0,
             })
     }
 
@@ -513,6 +769,7 @@ impl Detector {
         user_id: &str,
         response: Response,
     ) -> Result<Option<IncidentNotice>, DbError> {
+        self.resume().await?;
         let store = self.store.clone();
         let notifier = self.notifier.clone();
         let Some(w) = self
@@ -547,6 +804,9 @@ impl Detector {
             remark: None,
             ..notice.clone()
         });
+        if let Some(last) = &w.last {
+            store.noted(last).await?;
+        }
         if let Err(e) = notifier.notify(&notice).await {
             tracing::error!("cannot queue the notification for incident {incident}: {e}");
         }
@@ -567,5 +827,6 @@ fn event_verdict(at: i64, severity: Severity, event: IncidentEvent) -> Verdict {
         },
         severity,
         event: Some(event),
+        remembered: None,
     }
 }

@@ -15,7 +15,7 @@ use super::score::{
 pub const HYSTERESIS: f64 = 0.8;
 
 /// What changed about an incident in a window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IncidentEvent {
     Open,
@@ -43,6 +43,14 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// A tracker whose incident is open at `level` (resumed from the incident store).
+    pub fn open_at(level: Severity) -> Self {
+        Self {
+            level: (level != Severity::None).then_some(level),
+            calm: 0,
+        }
+    }
+
     /// The incident's current level (`None` when no incident is open).
     pub fn level(&self) -> Severity {
         self.level.unwrap_or(Severity::None)
@@ -90,6 +98,8 @@ pub struct Verdict {
     /// The incident's level after this window.
     pub severity: Severity,
     pub event: Option<IncidentEvent>,
+    /// The window as it entered the baseline's history (quiet windows only).
+    pub remembered: Option<Past>,
 }
 
 /// How many past windows a series keeps: five weeks of 1-minute windows at most.
@@ -124,6 +134,13 @@ impl Default for Series {
 }
 
 impl Series {
+    /// Puts windows that entered the baseline before (oldest first) back into its history.
+    pub fn restore(&mut self, pasts: impl IntoIterator<Item = Past>) {
+        for past in pasts {
+            self.remember(past, true);
+        }
+    }
+
     fn remember(&mut self, past: Past, verdict_quiet: bool) {
         // Anomalous windows stay out of the baseline, so a long incident never becomes normal.
         if verdict_quiet {
@@ -196,17 +213,17 @@ impl Series {
     ) -> Verdict {
         let event = self.tracker.step(&score, cfg);
         let severity = self.tracker.level();
+        let quiet = severity == Severity::None && score.severity == Severity::None;
+        let remembered = past.filter(|_| quiet);
         if let Some(past) = past {
-            self.remember(
-                past,
-                severity == Severity::None && score.severity == Severity::None,
-            );
+            self.remember(past, quiet);
         }
         Verdict {
             at,
             score,
             severity,
             event,
+            remembered,
         }
     }
 }

@@ -12,7 +12,9 @@ use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
 use crate::crd::gateway::{BaselineMethod, DetectionSpec};
 
 /// Incident severity, ordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     None,
@@ -89,7 +91,7 @@ impl ScoreConfig {
 }
 
 /// One past window as the baseline sees it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Past {
     /// Window start, unix seconds.
     pub at: i64,

@@ -17,8 +17,9 @@ use uuid::Uuid;
 use crate::detect::{IncidentEvent, Severity};
 use outbox::{Kind, Outbox};
 
-/// One change of one incident, with everything a message needs (and nothing secret).
-#[derive(Debug, Clone, PartialEq)]
+/// One change of one incident, with everything a message needs (and nothing secret). Stored
+/// with the incident (its last notice), so a restarted detector updates the same message.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IncidentNotice {
     pub incident_id: Uuid,
     /// Increases with every change of this incident; makes delivery idempotent.

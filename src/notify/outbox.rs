@@ -1,8 +1,10 @@
 //! The notification outbox: every Slack call is first a row here, then delivered, retried with
 //! backoff on failure, and marked delivered. In PostgreSQL it survives restarts; in memory (no
-//! database) it survives Slack outages but not a restart. Rows of one incident are delivered
-//! in order, and a row waits while an earlier row of its incident is undelivered (an update
-//! cannot go out before the message it updates). Duplicate keys are ignored.
+//! database) it survives Slack outages but not a restart. In PostgreSQL a deliverer claims the
+//! rows it takes (`FOR UPDATE SKIP LOCKED`), so two deliverers never send one row at once. Rows
+//! of one incident are delivered in order, and a row waits while an earlier row of its incident
+//! is undelivered (an update cannot go out before the message it updates). Duplicate keys are
+//! ignored.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -12,6 +14,11 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::db::DbError;
+
+/// How long a row handed to a deliverer is not handed to another: longer than one Slack call
+/// can take. A deliverer killed between Slack's answer and marking the row delivered leaves it
+/// to be sent once more after this.
+pub const CLAIM_FOR: Duration = Duration::from_secs(60);
 
 /// Which part of the incident's conversation a row is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +144,7 @@ impl Outbox {
     }
 
     /// Rows due now, oldest first, at most `limit`, skipping incidents with an earlier row
-    /// still undelivered.
+    /// still undelivered. In PostgreSQL the rows are claimed for [`CLAIM_FOR`].
     pub async fn due(&self, limit: i64) -> Result<Vec<Pending>, DbError> {
         match self {
             Self::Memory(rows) => {
@@ -179,17 +186,30 @@ impl Outbox {
                     Option<String>,
                     Option<String>,
                 );
+                // Claimed: due again only after CLAIM_FOR, so a second deliverer (a replica
+                // that takes over, an old leader still finishing) skips them, and a deliverer
+                // killed mid-call leaves them to the next one.
                 let rows: Vec<Row> = sqlx::query_as(
-                    "SELECT o.id, o.incident_id, o.kind, o.channel, o.payload, o.attempts, m.channel, m.slack_ts
-                     FROM notification_outbox o
+                    "WITH due AS (
+                         SELECT o.id FROM notification_outbox o
+                         WHERE o.delivered_at IS NULL AND o.next_attempt_at <= now()
+                           AND NOT EXISTS (SELECT 1 FROM notification_outbox e
+                                           WHERE e.incident_id = o.incident_id AND e.id < o.id AND e.delivered_at IS NULL)
+                         ORDER BY o.id LIMIT $1
+                         FOR UPDATE OF o SKIP LOCKED
+                     ), claimed AS (
+                         UPDATE notification_outbox o SET next_attempt_at = now() + $2 * interval '1 millisecond'
+                         FROM due WHERE o.id = due.id
+                         RETURNING o.id, o.incident_id, o.kind, o.channel, o.payload, o.attempts
+                     )
+                     SELECT c.id, c.incident_id, c.kind, c.channel, c.payload, c.attempts, m.channel, m.slack_ts
+                     FROM claimed c
                      LEFT JOIN notification_outbox m
-                       ON m.incident_id = o.incident_id AND m.kind = 'main' AND m.delivered_at IS NOT NULL
-                     WHERE o.delivered_at IS NULL AND o.next_attempt_at <= now()
-                       AND NOT EXISTS (SELECT 1 FROM notification_outbox e
-                                       WHERE e.incident_id = o.incident_id AND e.id < o.id AND e.delivered_at IS NULL)
-                     ORDER BY o.id LIMIT $1",
+                       ON m.incident_id = c.incident_id AND m.kind = 'main' AND m.delivered_at IS NOT NULL
+                     ORDER BY c.id",
                 )
                 .bind(limit)
+                .bind(CLAIM_FOR.as_millis() as f64)
                 .fetch_all(pool)
                 .await
                 .map_err(DbError::query("read due notifications"))?;

@@ -1,0 +1,20 @@
+-- The detector resumes after a restart or a leader change instead of starting cold.
+-- An open incident keeps the sequence number of its last notice (the outbox's idempotency keys
+-- continue from it, so a change after a restart is never taken for one already queued) and
+-- that notice (a Slack press after a restart updates the same message).
+ALTER TABLE incidents
+    ADD COLUMN notice_seq  integer NOT NULL DEFAULT 0,
+    ADD COLUMN last_notice jsonb;
+
+-- Every quiet window that entered a baseline, per (gateway, route, signal); rows older than
+-- the longest baseline (five weeks) are deleted as new ones arrive. Metadata only: ratios and
+-- request counts, never a request.
+CREATE TABLE detector_history (
+    gateway text NOT NULL,
+    route   text NOT NULL,
+    signal  text NOT NULL,
+    at      bigint NOT NULL,
+    value   double precision NOT NULL,
+    weight  bigint NOT NULL,
+    PRIMARY KEY (gateway, route, signal, at)
+);
