@@ -857,15 +857,27 @@ impl Drop for InFlight {
 /// A response body that keeps its request counted as in flight, and notes while it has a
 /// piece ready that hyper has not taken: from when its head is handed over, and from each
 /// piece it hands over until hyper asks for the next.
+///
+/// A body of known length ends when that many bytes have gone out, whether or not the body
+/// says so itself: hyper then drops it at once (and the request stops counting as in flight)
+/// instead of keeping it until its buffer is flushed, while the connection already reads the
+/// next head (see [`Rewind::poll_write`]).
 struct Tracked {
     body: Body,
     in_flight: InFlight,
+    /// Bytes still to come, when the body's length is known.
+    left: Option<u64>,
 }
 
 impl Tracked {
     fn new(body: Body, in_flight: InFlight) -> Self {
         in_flight.activity.set_waiting(in_flight.slot, true);
-        Self { body, in_flight }
+        let left = body.size_hint().exact();
+        Self {
+            body,
+            in_flight,
+            left,
+        }
     }
 }
 
@@ -881,13 +893,16 @@ impl HttpBody for Tracked {
         let (activity, slot) = (&this.in_flight.activity, this.in_flight.slot);
         activity.set_waiting(slot, false);
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
             activity.set_waiting(slot, true);
+            if let (Some(left), Some(data)) = (this.left.as_mut(), frame.data_ref()) {
+                *left = left.saturating_sub(data.len() as u64);
+            }
         }
         polled
     }
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.left == Some(0) || self.body.is_end_stream()
     }
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
@@ -1311,6 +1326,38 @@ mod tests {
             let want = format!("{response}{}", if adds { own_with } else { own });
             let got = String::from_utf8(out.lock().unwrap().clone()).unwrap();
             assert_eq!(got, want, "{case}");
+        }
+    }
+
+    /// A body of known length that never says it has ended itself (a PII-flagging or masking
+    /// wrapper, say) ends for hyper once its length has gone out.
+    #[test]
+    fn a_body_of_known_length_ends_when_its_bytes_are_out() {
+        struct NeverSaysEnd(Option<Bytes>);
+        impl HttpBody for NeverSaysEnd {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+                Poll::Ready(self.0.take().map(|b| Ok(http_body::Frame::data(b))))
+            }
+            fn size_hint(&self) -> http_body::SizeHint {
+                http_body::SizeHint::with_exact(5)
+            }
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for (chunks, ends) in [(vec!["hello"], true), (vec!["hel"], false)] {
+            let activity = Arc::new(Activity::new(false));
+            let body = NeverSaysEnd(Some(Bytes::from(chunks.concat()))).boxed();
+            let mut t = Tracked::new(body, InFlight::new(activity.clone()));
+            assert!(!t.is_end_stream());
+            assert!(Pin::new(&mut t).poll_frame(&mut cx).is_ready());
+            assert_eq!(t.is_end_stream(), ends, "{chunks:?}");
+            assert_eq!(activity.in_flight.load(Ordering::Relaxed), 1);
+            drop(t);
+            assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
         }
     }
 
