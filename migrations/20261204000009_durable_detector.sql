@@ -18,3 +18,7 @@ CREATE TABLE detector_history (
     weight  bigint NOT NULL,
     PRIMARY KEY (gateway, route, signal, at)
 );
+
+-- Which Slack app delivers a row: '' for the operator's own, a gateway's `namespace/name` for
+-- the app its ApiGateway names (spec.escalation.slack). Each app's deliverer takes only its rows.
+ALTER TABLE notification_outbox ADD COLUMN app text NOT NULL DEFAULT '';

@@ -209,6 +209,16 @@ pub struct OperatorArgs {
     /// (fixed at once under driftPolicy auto) and keys whose rotation grace ended (revoked).
     #[arg(long, env = "APITREE_SWEEP_EVERY", default_value = "15m")]
     pub sweep_every: crate::crd::KubeDuration,
+    /// PostgreSQL for incidents, the Slack outbox and the detector's baselines, so a restart or
+    /// a leader change loses nothing; it must be at this release's latest migration (`apitree
+    /// migrate` first). Without it they are kept in memory. Falls back to DATABASE_URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -237,6 +247,16 @@ pub struct LocalArgs {
     /// Slack channel for notifications when SLACK_BOT_TOKEN is set.
     #[arg(long, env = "APITREE_SLACK_CHANNEL", default_value = "apitree")]
     pub slack_channel: String,
+    /// PostgreSQL for incidents, the Slack outbox and the detector's baselines, so a restart or
+    /// a leader change loses nothing; it must be at this release's latest migration (`apitree
+    /// migrate` first). Without it they are kept in memory. Falls back to DATABASE_URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
 }
 
 /// TLS for the HTTP port (status page, `/api/gateways`, `/metrics`, `/slack/interactions`).
@@ -613,12 +633,16 @@ pub struct DatabaseArgs {
     pub database_url: Option<String>,
 }
 
+/// `url`, else `DATABASE_URL`; an empty value counts as none.
+pub fn database_url_or_env(url: &Option<String>) -> Option<String> {
+    url.clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|u| !u.trim().is_empty())
+}
+
 impl DatabaseArgs {
     /// The URL from the flag, `APITREE_DATABASE_URL` or `DATABASE_URL`, in that order.
     pub fn resolve(&self) -> Option<String> {
-        self.database_url
-            .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok())
-            .filter(|u| !u.trim().is_empty())
+        database_url_or_env(&self.database_url)
     }
 }

@@ -262,6 +262,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
             .unwrap_or_else(|| format!("ghcr.io/apitree/apitree:{}", env!("CARGO_PKG_VERSION"))),
         status_url: args.status_url,
         sweep_every: args.sweep_every.as_std(),
+        database_url: apitree::cli::database_url_or_env(&args.database_url),
     };
     let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
         .ok()
@@ -271,7 +272,17 @@ async fn operator(args: OperatorArgs) -> Result<()> {
 }
 
 async fn local(args: LocalArgs) -> Result<()> {
-    let (notifier, delivery) = apitree::notify::slack::console_or_slack(&args.slack_channel);
+    let durable = std::sync::Arc::new(
+        apitree::operator::durable::Durable::open(
+            apitree::cli::database_url_or_env(&args.database_url).as_deref(),
+        )
+        .await?,
+    );
+    let (notifier, delivery) = apitree::notify::slack::console_or_slack(
+        &args.slack_channel,
+        durable.outbox(""),
+        std::sync::Arc::new(|| true),
+    );
     let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
         .ok()
         .filter(|s| !s.is_empty());
@@ -282,6 +293,7 @@ async fn local(args: LocalArgs) -> Result<()> {
         http_tls: args.tls.pair(),
         base_port: args.port,
         interval: std::time::Duration::from_secs(1),
+        durable,
     };
     let result = apitree::operator::local::run(
         opts,

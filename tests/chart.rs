@@ -298,6 +298,34 @@ fn the_operator_runs_locked_down_with_probes_and_leader_election() {
         .find(|e| e.name == "SLACK_BOT_TOKEN")
         .unwrap();
     assert!(token.value.is_none() && token.value_from.is_some());
+    // Its state database's URL too, in the variable the binary reads (`apitree operator
+    // --help`); none without `operator.database.existingSecret`.
+    let help = run(
+        Command::new(env!("CARGO_BIN_EXE_apitree")).args(["operator", "--help"]),
+        "apitree operator --help",
+    );
+    assert!(help.contains("env: APITREE_DATABASE_URL"), "{help}");
+    let url = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "APITREE_DATABASE_URL")
+        .expect("the operator gets its state database");
+    let from = url
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref());
+    assert!(url.value.is_none());
+    assert_eq!(
+        from.map(|r| (r.name.as_str(), r.key.as_str())),
+        Some(("apitree-state", "url"))
+    );
+    let plain = operator_pod(&render(None, &[]));
+    assert!(!plain.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name == "APITREE_DATABASE_URL"));
 }
 
 /// The operator's pod, from a render.

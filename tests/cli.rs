@@ -723,3 +723,34 @@ async fn postgres_tls_is_verified_against_sslrootcert_and_a_wrong_ca_is_refused_
         );
     }
 }
+
+/// `local` and `operator` keep their state only in a database at this release's schema: one
+/// that lacks a migration is refused at start with what to run, not met mid-incident.
+#[tokio::test]
+async fn a_state_database_behind_the_release_is_refused_at_start_with_what_to_run() {
+    let tdb = common::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (url, path) = (tdb.url.clone(), dir.path().display().to_string());
+        move || {
+            apitree(&[
+                "local",
+                "-f",
+                &path,
+                "--database-url",
+                &url,
+                "--http",
+                "127.0.0.1:0",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is at migration 0, and this release needs")
+            && err.contains("apitree migrate --database-url"),
+        "{err}"
+    );
+}

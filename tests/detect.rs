@@ -292,7 +292,7 @@ async fn a_restarted_detector_takes_up_its_open_incidents_and_baselines_from_pos
     let pool = tdb.migrated_pool().await;
     let store = Arc::new(IncidentStore::Postgres(pool.clone()));
     let notifier = Arc::new(Notifier::Slack {
-        outbox: Arc::new(Outbox::Postgres(pool.clone())),
+        outbox: Arc::new(Outbox::postgres(pool.clone())),
         channels: Channels {
             warning: "C-ONCALL".into(),
             high: None,

@@ -251,7 +251,7 @@ async fn rate_limits_and_server_errors_are_retried_and_nothing_is_lost_across_a_
     let (addr, stand_in) = start_stand_in().await;
     stand_in.lock().unwrap().failures = vec![429, 500, 500];
     let notifier = Notifier::Slack {
-        outbox: Arc::new(Outbox::Postgres(pool.clone())),
+        outbox: Arc::new(Outbox::postgres(pool.clone())),
         channels: channels(),
     };
     let id = Uuid::new_v4();
@@ -262,7 +262,7 @@ async fn rate_limits_and_server_errors_are_retried_and_nothing_is_lost_across_a_
 
     {
         // First process: Slack answers 429 then 500; the rows stay in the outbox.
-        let delivery = SlackDelivery::new(&config(addr), Arc::new(Outbox::Postgres(pool.clone())));
+        let delivery = SlackDelivery::new(&config(addr), Arc::new(Outbox::postgres(pool.clone())));
         let r = delivery.deliver_due().await.unwrap();
         assert_eq!((r.delivered, r.failed), (0, 1));
         let retry_in: f64 = sqlx::query_scalar("SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM notification_outbox WHERE kind = 'main'")
@@ -280,7 +280,7 @@ async fn rate_limits_and_server_errors_are_retried_and_nothing_is_lost_across_a_
         );
     }
     // Restart: a new delivery process picks the rows up and retries through the 500s.
-    let delivery = SlackDelivery::new(&config(addr), Arc::new(Outbox::Postgres(pool.clone())));
+    let delivery = SlackDelivery::new(&config(addr), Arc::new(Outbox::postgres(pool.clone())));
     let mut delivered = 0;
     for _ in 0..40 {
         sqlx::query(
@@ -306,7 +306,7 @@ async fn rate_limits_and_server_errors_are_retried_and_nothing_is_lost_across_a_
     let calls = stand_in.lock().unwrap().calls.len();
     assert_eq!(calls, 5);
     assert_eq!(
-        Outbox::Postgres(pool.clone())
+        Outbox::postgres(pool.clone())
             .pending_count()
             .await
             .unwrap(),
@@ -322,7 +322,7 @@ async fn rate_limits_and_server_errors_are_retried_and_nothing_is_lost_across_a_
 async fn two_deliverers_never_take_the_same_row_and_a_dead_ones_rows_come_back() {
     let tdb = common::TestDb::new().await;
     let pool = tdb.migrated_pool().await;
-    let outbox = Outbox::Postgres(pool.clone());
+    let outbox = Outbox::postgres(pool.clone());
     for i in 0..6 {
         outbox
             .enqueue(
@@ -346,7 +346,7 @@ async fn two_deliverers_never_take_the_same_row_and_a_dead_ones_rows_come_back()
         .await
         .expect("a row another deliverer holds is skipped, not waited for")
         .unwrap();
-    let second = Outbox::Postgres(pool.clone()).due(10).await.unwrap();
+    let second = Outbox::postgres(pool.clone()).due(10).await.unwrap();
     other.rollback().await.unwrap();
     let ids =
         |rows: &[apitree::notify::outbox::Pending]| rows.iter().map(|r| r.id).collect::<Vec<_>>();
@@ -378,6 +378,139 @@ async fn two_deliverers_never_take_the_same_row_and_a_dead_ones_rows_come_back()
     assert!(
         claim > lease - 5.0 && claim <= lease,
         "claimed for {claim}s"
+    );
+}
+
+/// `apitree local` with and without `--database-url`, as a user runs it: Slack through a
+/// stand-in, the status port on a free address. Stopped with SIGKILL when dropped.
+struct Local {
+    child: std::process::Child,
+    http: SocketAddr,
+    stderr: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Local {
+    fn start(slack: SocketAddr, database_url: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let http = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let stderr = dir.path().join("stderr");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_apitree"));
+        cmd.args(["local", "-f"])
+            .arg(dir.path())
+            .args(["--http", &http.to_string()])
+            .env("SLACK_BOT_TOKEN", TOKEN)
+            .env("SLACK_API_URL", format!("http://{slack}/api"))
+            .env_remove("DATABASE_URL")
+            .env_remove("APITREE_DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        if let Some(url) = database_url {
+            cmd.args(["--database-url", url]);
+        }
+        Self {
+            child: cmd.spawn().unwrap(),
+            http,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    /// `/readyz` once the loop has made a pass.
+    async fn ready(&self) -> Value {
+        for _ in 0..100 {
+            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.http)).await {
+                if r.status() == 200 {
+                    return r.json().await.unwrap();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "apitree local never got ready: {}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the stand-in has been asked, (method, text), in order.
+fn slack_calls(stand_in: &Mutex<StandIn>) -> Vec<(String, String)> {
+    stand_in
+        .lock()
+        .unwrap()
+        .calls
+        .iter()
+        .map(|(m, b, _)| (m.clone(), b["text"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+/// With `--database-url`, a notification accepted by a process that is then killed (SIGKILL,
+/// before delivery) is delivered by the next process, once, and a process killed after
+/// delivering does not deliver again; `/readyz` says where state lives. Without a database,
+/// the process says at start that state is kept in memory, and `/readyz` says `memory`.
+#[tokio::test]
+async fn with_a_database_accepted_notifications_survive_a_kill_and_are_delivered_once() {
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let (addr, stand_in) = start_stand_in().await;
+    // Accepted by a process that died before delivering: in the outbox, undelivered.
+    let accepted = Notifier::Slack {
+        outbox: Arc::new(Outbox::postgres(pool.clone())),
+        channels: channels(),
+    };
+    let id = Uuid::new_v4();
+    accepted
+        .notify(&notice(id, 1, IncidentEvent::Open, Severity::High, 6.0))
+        .await
+        .unwrap();
+    let first = Local::start(addr, Some(&tdb.url));
+    assert_eq!(first.ready().await["state"], "postgres");
+    let mut delivered = Vec::new();
+    for _ in 0..100 {
+        delivered = slack_calls(&stand_in);
+        if delivered.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        delivered
+            .iter()
+            .map(|(m, _)| m.as_str())
+            .collect::<Vec<_>>(),
+        ["chat.postMessage", "chat.postMessage"],
+        "the message and its thread reply"
+    );
+    drop(first); // SIGKILL
+    let second = Local::start(addr, Some(&tdb.url));
+    second.ready().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(slack_calls(&stand_in), delivered, "nothing sent twice");
+    assert_eq!(
+        Outbox::postgres(pool.clone())
+            .pending_count()
+            .await
+            .unwrap(),
+        0
+    );
+    drop(second);
+
+    let memory = Local::start(addr, None);
+    assert_eq!(memory.ready().await["state"], "memory");
+    let said = std::fs::read_to_string(&memory.stderr).unwrap();
+    assert!(
+        said.contains("kept in memory and lost on restart"),
+        "{said}"
     );
 }
 

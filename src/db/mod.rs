@@ -57,6 +57,15 @@ pub enum DbError {
         source: sqlx::Error,
     },
 
+    #[error(
+        "the database at {target} is at migration {applied}, and this release needs {latest}: run `apitree migrate --database-url …` against it first"
+    )]
+    Behind {
+        target: String,
+        applied: i64,
+        latest: i64,
+    },
+
     #[error("{operation} failed: {source}")]
     Query {
         operation: &'static str,
@@ -74,6 +83,7 @@ impl DbError {
             Self::Migrate { .. } => "MigrationFailed",
             Self::NotApitree { .. } => "NotApitreeDatabase",
             Self::RowSecurity { .. } => "RowLevelSecurity",
+            Self::Behind { .. } => "SchemaBehind",
             Self::Query { .. } => "DatabaseQuery",
         }
     }
@@ -198,6 +208,33 @@ pub async fn ensure_apitree(pool: &PgPool, target: &str, adopt: bool) -> Result<
         return Err(DbError::NotApitree {
             target: target.to_string(),
             tables,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a database that lacks a migration this release ships (a process that keeps its
+/// state there must not meet missing tables mid-incident).
+pub async fn require_latest(pool: &PgPool, url: &str) -> Result<(), DbError> {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let has_history: bool =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .map_err(DbError::query("look for the migration history"))?;
+    let applied: i64 = if has_history {
+        sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .map_err(DbError::query("read the migration history"))?
+    } else {
+        0
+    };
+    if applied < latest {
+        return Err(DbError::Behind {
+            target: describe_target(&parse_url(url)?),
+            applied,
+            latest,
         });
     }
     Ok(())

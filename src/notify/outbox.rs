@@ -85,12 +85,30 @@ pub struct MemRow {
 /// Where rows live.
 pub enum Outbox {
     Memory(Mutex<Vec<MemRow>>),
-    Postgres(PgPool),
+    /// The rows of one Slack `app` in PostgreSQL: `""` for the operator's own app, a gateway's
+    /// `namespace/name` for the app its ApiGateway names.
+    Postgres {
+        pool: PgPool,
+        app: String,
+    },
 }
 
 impl Outbox {
     pub fn memory() -> Self {
         Self::Memory(Mutex::new(Vec::new()))
+    }
+
+    /// The operator's own app's rows in PostgreSQL.
+    pub fn postgres(pool: PgPool) -> Self {
+        Self::postgres_for(pool, "")
+    }
+
+    /// One app's rows in PostgreSQL.
+    pub fn postgres_for(pool: PgPool, app: &str) -> Self {
+        Self::Postgres {
+            pool,
+            app: app.to_string(),
+        }
     }
 
     /// Adds a row unless one with `key` exists.
@@ -124,10 +142,10 @@ impl Outbox {
                 });
                 Ok(())
             }
-            Self::Postgres(pool) => {
+            Self::Postgres { pool, app } => {
                 sqlx::query(
-                    "INSERT INTO notification_outbox (dedupe_key, incident_id, channel, method, kind, payload)
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (dedupe_key) DO NOTHING",
+                    "INSERT INTO notification_outbox (dedupe_key, incident_id, channel, method, kind, payload, app)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedupe_key) DO NOTHING",
                 )
                 .bind(key)
                 .bind(incident)
@@ -135,6 +153,7 @@ impl Outbox {
                 .bind(kind.method())
                 .bind(kind.as_str())
                 .bind(&body)
+                .bind(app)
                 .execute(pool)
                 .await
                 .map_err(DbError::query("enqueue notification"))?;
@@ -175,7 +194,7 @@ impl Outbox {
                 }
                 Ok(out)
             }
-            Self::Postgres(pool) => {
+            Self::Postgres { pool, app } => {
                 type Row = (
                     i64,
                     Option<Uuid>,
@@ -192,7 +211,7 @@ impl Outbox {
                 let rows: Vec<Row> = sqlx::query_as(
                     "WITH due AS (
                          SELECT o.id FROM notification_outbox o
-                         WHERE o.delivered_at IS NULL AND o.next_attempt_at <= now()
+                         WHERE o.delivered_at IS NULL AND o.next_attempt_at <= now() AND o.app = $3
                            AND NOT EXISTS (SELECT 1 FROM notification_outbox e
                                            WHERE e.incident_id = o.incident_id AND e.id < o.id AND e.delivered_at IS NULL)
                          ORDER BY o.id LIMIT $1
@@ -210,6 +229,7 @@ impl Outbox {
                 )
                 .bind(limit)
                 .bind(CLAIM_FOR.as_millis() as f64)
+                .bind(app)
                 .fetch_all(pool)
                 .await
                 .map_err(DbError::query("read due notifications"))?;
@@ -242,7 +262,7 @@ impl Outbox {
                 }
                 Ok(())
             }
-            Self::Postgres(pool) => {
+            Self::Postgres { pool, .. } => {
                 sqlx::query("UPDATE notification_outbox SET delivered_at = now(), slack_ts = $2, attempts = attempts + 1 WHERE id = $1")
                     .bind(id)
                     .bind(ts)
@@ -266,7 +286,7 @@ impl Outbox {
                 }
                 Ok(())
             }
-            Self::Postgres(pool) => {
+            Self::Postgres { pool, .. } => {
                 sqlx::query(
                     "UPDATE notification_outbox
                      SET attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3 * interval '1 millisecond'
@@ -292,9 +312,10 @@ impl Outbox {
                 .iter()
                 .filter(|r| !r.delivered)
                 .count() as i64),
-            Self::Postgres(pool) => sqlx::query_scalar(
-                "SELECT count(*) FROM notification_outbox WHERE delivered_at IS NULL",
+            Self::Postgres { pool, app } => sqlx::query_scalar(
+                "SELECT count(*) FROM notification_outbox WHERE delivered_at IS NULL AND app = $1",
             )
+            .bind(app)
             .fetch_one(pool)
             .await
             .map_err(DbError::query("count pending notifications")),

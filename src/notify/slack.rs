@@ -78,10 +78,17 @@ impl DeliveryTask {
     }
 }
 
-/// Slack through an in-memory outbox when `SLACK_BOT_TOKEN` is set (every severity to
-/// `channel`), otherwise the console. Used where no database holds a durable outbox (`demo`,
-/// `local`).
-pub fn console_or_slack(channel: &str) -> (super::Notifier, Option<DeliveryTask>) {
+/// Whether this process delivers now (in a cluster: while it leads).
+pub type Active = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Slack through `outbox` when `SLACK_BOT_TOKEN` is set (every severity to `channel`),
+/// otherwise the console. The outbox is in memory where no database is given (`demo`, and
+/// `local` / `operator` without `--database-url`).
+pub fn console_or_slack(
+    channel: &str,
+    outbox: Arc<Outbox>,
+    active: Active,
+) -> (super::Notifier, Option<DeliveryTask>) {
     let Some(config) = SlackConfig::from_env() else {
         return (super::Notifier::Console, None);
     };
@@ -92,23 +99,27 @@ pub fn console_or_slack(channel: &str) -> (super::Notifier, Option<DeliveryTask>
             high: None,
             critical: None,
         },
+        outbox,
+        active,
     );
     (notifier, Some(task))
 }
 
-/// Slack through an in-memory outbox drained in the background.
+/// Slack through `outbox`, drained in the background while `active` says so.
 pub fn slack_notifier(
     config: &SlackConfig,
     channels: super::Channels,
+    outbox: Arc<Outbox>,
+    active: Active,
 ) -> (super::Notifier, DeliveryTask) {
-    let outbox = Arc::new(Outbox::memory());
     let delivery = SlackDelivery::new(config, outbox.clone());
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
-    let task = tokio::spawn(delivery.run(
-        Duration::from_millis(500),
-        async move { s.notified().await },
-    ));
+    let task = tokio::spawn(
+        delivery.run_while(Duration::from_millis(500), active, async move {
+            s.notified().await
+        }),
+    );
     let notifier = super::Notifier::Slack { outbox, channels };
     (notifier, DeliveryTask { stop, task })
 }
@@ -172,10 +183,23 @@ impl SlackDelivery {
 
     /// Delivers until `stop` resolves, polling every `every`.
     pub async fn run(self, every: Duration, stop: impl std::future::Future<Output = ()>) {
+        self.run_while(every, Arc::new(|| true), stop).await
+    }
+
+    /// [`SlackDelivery::run`], delivering only while `active` says so (the leader delivers;
+    /// a standby's notices wait in the shared outbox for it).
+    pub async fn run_while(
+        self,
+        every: Duration,
+        active: Active,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(stop);
         loop {
-            if let Err(e) = self.deliver_due().await {
-                tracing::warn!("cannot read the notification outbox: {e}");
+            if active() {
+                if let Err(e) = self.deliver_due().await {
+                    tracing::warn!("cannot read the notification outbox: {e}");
+                }
             }
             tokio::select! {
                 _ = &mut stop => return,

@@ -73,6 +73,8 @@ pub struct Operator {
     pub metrics: Arc<OperatorMetrics>,
     pub notifier: Arc<Notifier>,
     pub store: Arc<IncidentStore>,
+    /// Where state lives; gateways' own Slack apps get their outboxes here.
+    durable: Arc<super::durable::Durable>,
     pub default_image: String,
     pub http: reqwest::Client,
     pub status_url: Option<String>,
@@ -118,6 +120,7 @@ impl Operator {
             metrics,
             notifier,
             store: Arc::new(IncidentStore::memory()),
+            durable: Arc::new(super::durable::Durable::memory()),
             default_image,
             http: reqwest::Client::new(),
             status_url,
@@ -131,6 +134,12 @@ impl Operator {
             presses: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps incidents, outboxes and baselines where `durable` says.
+    pub fn set_durable(&mut self, durable: Arc<super::durable::Durable>) {
+        self.store = durable.store.clone();
+        self.durable = durable;
     }
 
     /// The notifier of one gateway: its own Slack app when `spec.escalation.slack` names one
@@ -180,7 +189,13 @@ impl Operator {
             signing_secret: signing_secret.clone(),
             api_url: SlackConfig::api_url_from_env(),
         };
-        let (notifier, delivery) = slack_notifier(&config, channels);
+        let views = self.views.clone();
+        let (notifier, delivery) = slack_notifier(
+            &config,
+            channels,
+            self.durable.outbox(gateway),
+            Arc::new(move || views.delivers()),
+        );
         let notifier = Arc::new(notifier);
         let previous = slack.insert(
             gateway.to_string(),

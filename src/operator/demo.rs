@@ -447,7 +447,11 @@ pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
     let api = start_sample_api().await?;
     let upstream = format!("http://{}", api.addr);
     let channel = opts.slack_channel.as_deref().unwrap_or("apitree-demo");
-    let (notifier, delivery) = console_or_slack(channel);
+    let (notifier, delivery) = console_or_slack(
+        channel,
+        Arc::new(crate::notify::outbox::Outbox::memory()),
+        Arc::new(|| true),
+    );
     let (ctx, key) = local_context(Arc::new(notifier))?;
     let platform = ctx.platform.clone();
     let m = Managed::new(

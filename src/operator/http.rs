@@ -26,6 +26,8 @@ pub struct HttpState {
     pub ready: AtomicBool,
     /// `leader`, `standby` or `local`.
     pub role: RwLock<&'static str>,
+    /// Where incidents, the Slack outbox and baselines live: `postgres` or `memory`.
+    pub state: RwLock<&'static str>,
     pub interactions: Option<InteractionEndpoint>,
 }
 
@@ -36,6 +38,7 @@ impl HttpState {
             metrics,
             ready: AtomicBool::new(false),
             role: RwLock::new("local"),
+            state: RwLock::new("memory"),
             interactions,
         }
     }
@@ -44,6 +47,19 @@ impl HttpState {
     pub fn set_role(&self, role: &'static str) {
         *self.role.write().unwrap_or_else(|p| p.into_inner()) = role;
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this replica leads (or runs alone): it delivers Slack messages then.
+    pub fn delivers(&self) -> bool {
+        matches!(
+            *self.role.read().unwrap_or_else(|p| p.into_inner()),
+            "leader" | "local"
+        )
+    }
+
+    /// Records where state lives (`/readyz` reports it).
+    pub fn set_state(&self, state: &'static str) {
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
     pub fn publish(&self, views: Vec<GatewayView>) {
@@ -112,10 +128,11 @@ async fn route(
         (&Method::GET, "/readyz") => {
             if state.ready.load(Ordering::Relaxed) {
                 let role = *state.role.read().unwrap_or_else(|p| p.into_inner());
+                let kept = *state.state.read().unwrap_or_else(|p| p.into_inner());
                 reply(
                     200,
                     "application/json",
-                    serde_json::json!({"status": "ready", "role": role}).to_string(),
+                    serde_json::json!({"status": "ready", "role": role, "state": kept}).to_string(),
                 )
             } else {
                 json_error(

@@ -20,7 +20,6 @@ use super::metrics::OperatorMetrics;
 use super::rollout::{reconcile, Context, Managed, Press};
 use crate::crd::gateway::{ApiGatewaySpec, SecretKeyRef};
 use crate::dashboard::GatewayView;
-use crate::detect::engine::IncidentStore;
 use crate::gate::Request;
 use crate::notify::Notifier;
 use crate::platform::local::{LocalPlatform, LocalSecrets};
@@ -48,6 +47,8 @@ pub struct LocalOptions {
     pub base_port: Option<u16>,
     /// How often the loop runs.
     pub interval: Duration,
+    /// Where incidents, the Slack outbox and baselines live.
+    pub durable: Arc<super::durable::Durable>,
 }
 
 /// Why `apitree local` could not start.
@@ -384,7 +385,8 @@ pub async fn run(
         },
         opts.base_port,
     ));
-    let store = Arc::new(IncidentStore::memory());
+    let store = opts.durable.store.clone();
+    state.set_state(opts.durable.kind());
     let mut gateways: BTreeMap<String, Managed> = BTreeMap::new();
     let mut seen: Option<String> = None;
     let mut manifests = Manifests::default();

@@ -6,6 +6,7 @@
 pub mod controller;
 pub mod credentials;
 pub mod demo;
+pub mod durable;
 pub mod http;
 pub mod lease;
 pub mod local;

@@ -11,6 +11,7 @@ use kube::api::Api;
 use kube::Client;
 
 use super::controller::{self, Operator};
+use super::durable::Durable;
 use super::http::{self, HttpState};
 use super::lease;
 use super::metrics::OperatorMetrics;
@@ -38,6 +39,8 @@ pub struct OperatorOptions {
     pub status_url: Option<String>,
     /// How often the health sweep runs (database, drift, grace expiry).
     pub sweep_every: Duration,
+    /// PostgreSQL for incidents, the Slack outbox and baselines; memory when None.
+    pub database_url: Option<String>,
 }
 
 /// Why the operator stopped.
@@ -57,6 +60,8 @@ pub enum OperatorError {
     LostLease(String),
     #[error("cannot start the health-sweep scheduler: {0}")]
     Scheduler(String),
+    #[error("--database-url: {0}")]
+    Database(#[from] crate::db::DbError),
 }
 
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -72,7 +77,15 @@ pub async fn run(
         .await
         .map_err(OperatorError::Connect)?;
     let metrics = Arc::new(OperatorMetrics::new());
-    let (notifier, delivery) = console_or_slack(&opts.slack_channel);
+    let durable = Arc::new(Durable::open(opts.database_url.as_deref()).await?);
+    // Only the leader delivers; a standby's (and an old leader's) notices wait in the outbox.
+    let state_cell: Arc<OnceLock<Arc<HttpState>>> = Arc::new(OnceLock::new());
+    let leads = state_cell.clone();
+    let (notifier, delivery) = console_or_slack(
+        &opts.slack_channel,
+        durable.outbox(""),
+        Arc::new(move || leads.get().is_some_and(|s| s.delivers())),
+    );
     let notifier = Arc::new(notifier);
     // Button presses reach the operator, which the endpoint is built before.
     let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
@@ -103,6 +116,8 @@ pub async fn run(
         },
     ));
     let state = Arc::new(HttpState::new(metrics.clone(), interactions));
+    state.set_state(durable.kind());
+    let _ = state_cell.set(state.clone());
     let state_role = state.clone();
     let listener = tokio::net::TcpListener::bind(&opts.http)
         .await
@@ -129,6 +144,7 @@ pub async fn run(
         state,
     );
     operator.signing_secrets = gateway_secrets;
+    operator.set_durable(durable);
     let op = Arc::new(operator);
     // The health sweep runs on the leader only.
     let sweeper = Arc::new(Sweeper::new(SweepMetrics::register(&op.metrics.registry)));
