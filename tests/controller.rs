@@ -597,6 +597,85 @@ async fn a_new_revision_passes_the_analysis_and_the_active_service_switches_to_g
     assert!(analysis.samples.unwrap() >= 1000, "{analysis:?}");
 }
 
+/// A Kubernetes API error status, as the API server sends it.
+fn api_error(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+           "code": code, "message": format!("injected {code}")})
+}
+
+/// A Kubernetes API fault mid-gate on a read the gate decides on (the Deployments, the pods;
+/// a 5xx, a 429, a 504 timeout) is not "nothing runs": the pass decides nothing (no probe, no
+/// switch, no scale-down, no check restarted), writes back the status it read unchanged
+/// (compared as parsed JSON), says so in one warning Event, and the next pass resumes the
+/// gate where it was.
+#[tokio::test]
+async fn api_faults_while_observing_never_move_the_gate_and_the_next_pass_resumes_it() {
+    use CheckPhase::*;
+    let faults: Vec<(&str, u16, &str)> = vec![
+        ("blue Deployment", 500, "InternalError"),
+        ("green Deployment", 503, "ServiceUnavailable"),
+        ("green pods", 429, "TooManyRequests"),
+        ("blue pods", 504, "Timeout"),
+    ];
+    for (what, code, reason) in faults {
+        let h = Harness::new().await;
+        let (fx, new) = h.gating([Passed, Passed, Skipped, Passed, Running]);
+        let before = serde_json::to_value(fx.gw.status.as_ref().unwrap()).unwrap();
+        let fail = |c: Call| c.reply(code, api_error(code, reason));
+        let mut calls = Vec::new();
+        match what {
+            "blue Deployment" => calls.push(fail(call("GET", &deployments("shop-blue")))),
+            "blue pods" => {
+                calls.push(
+                    call("GET", &deployments("shop-blue"))
+                        .reply(200, ready_deployment("shop-blue", OLD)),
+                );
+                calls.push(fail(call("GET", &pods_of("blue"))));
+            }
+            "green Deployment" => {
+                calls.extend(observe_both(Some(OLD), None).into_iter().take(2));
+                calls.push(fail(call("GET", &deployments("shop-green"))));
+            }
+            _ => {
+                calls.extend(observe_both(Some(OLD), None).into_iter().take(2));
+                calls.push(
+                    call("GET", &deployments("shop-green"))
+                        .reply(200, ready_deployment("shop-green", &new)),
+                );
+                calls.push(fail(call("GET", &pods_of("green"))));
+            }
+        }
+        calls.push(event("KubeApiError").has(&format!("injected {code}")));
+        calls.push(status_patch());
+        let (_, bodies) = h.pass(&fx.gw, calls).await;
+        // (The spec's own validity is not the API's to change; everything else stays.)
+        let mut written = bodies.last().unwrap()["status"].clone();
+        written.as_object_mut().unwrap().remove("conditions");
+        assert_eq!(written, before, "{what} {code}: the status moved");
+        // The next pass sees everything: the gate resumes at check 5 (nothing restarted).
+        let mut calls = observe_both(Some(OLD), Some(&new));
+        calls.extend([
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            call("GET", &pods_of("green")).reply(200, pod_list("green")),
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            status_patch(),
+        ]);
+        let (_, bodies) = h.pass(&fx.gw, calls).await;
+        let after = status_of(&bodies);
+        let checks = &after.gate.as_ref().unwrap().checks;
+        let was: ApiGatewayStatus = serde_json::from_value(before.clone()).unwrap();
+        for (i, check) in checks.iter().enumerate().take(4) {
+            assert_eq!(
+                check,
+                &was.gate.as_ref().unwrap().checks[i],
+                "{what} {code}: check {i} changed"
+            );
+        }
+        assert_eq!(checks[4].phase, Running, "{what} {code}");
+        assert_eq!(after.active_color, was.active_color);
+    }
+}
+
 #[tokio::test]
 async fn a_gateway_that_lets_keyless_requests_through_fails_smoke_and_green_is_scaled_down() {
     use CheckPhase::*;

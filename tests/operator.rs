@@ -186,7 +186,8 @@ async fn a_good_revision_passes_five_checks_and_takes_traffic_while_blue_stays_w
         .ctx
         .platform
         .admin_urls("shop", Color::Blue, false)
-        .await;
+        .await
+        .unwrap();
     assert_eq!(blue.len(), 2);
     let kinds = run.notice_kinds();
     assert_eq!(kinds, ["Deployed", "GateStarted", "Promoted"]);
@@ -230,6 +231,7 @@ async fn a_revision_with_a_broken_upstream_is_refused_and_blue_keeps_serving() {
         .platform
         .admin_urls("shop", Color::Green, false)
         .await
+        .unwrap()
         .is_empty());
     assert_eq!(run.get("/weather/today").await.0, 200);
     let degraded = status
@@ -300,6 +302,7 @@ async fn a_critical_incident_inside_the_rollback_window_switches_back_to_blue() 
         .platform
         .admin_urls("shop", Color::Green, false)
         .await
+        .unwrap()
         .is_empty());
     let outcomes: Vec<&str> = run.tour.m.runs.iter().map(|r| r.outcome).collect();
     assert_eq!(outcomes, ["promoted", "rolled_back"]);

@@ -439,10 +439,30 @@ async fn scrape_source<P: Platform>(
     color: Color,
 ) -> Result<ScrapeSource, String> {
     let tls = m.spec.tls.is_some();
-    let admins = ctx.platform.admin_urls(&m.name, color, tls).await;
+    let admins = ctx
+        .platform
+        .admin_urls(&m.name, color, tls)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(ScrapeSource::with_targets(
         metric_targets(m, ctx, &admins).await?,
     ))
+}
+
+/// The platform could not say what runs (an API error or timeout): counted, said once as a
+/// warning Event, and nothing is decided on it.
+fn api_fault<P: Platform>(
+    m: &mut Managed,
+    ctx: &Context<P>,
+    e: &crate::platform::PlatformError,
+    now: Timestamp,
+) {
+    ctx.metrics.errors.with_label_values(&[e.category()]).inc();
+    m.warn_once(
+        e.category(),
+        &format!("{e}; the gate waits and asks again next pass"),
+        now,
+    );
 }
 
 /// One pass of one gateway's loop.
@@ -491,8 +511,21 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
     };
     obs.analysis = analysis_window(m).await;
     for _ in 0..8 {
-        obs.blue = platform.observe(&m.name, Color::Blue).await;
-        obs.green = platform.observe(&m.name, Color::Green).await;
+        let observed = match platform.observe(&m.name, Color::Blue).await {
+            Ok(blue) => platform
+                .observe(&m.name, Color::Green)
+                .await
+                .map(|green| (blue, green)),
+            Err(e) => Err(e),
+        };
+        (obs.blue, obs.green) = match observed {
+            Ok(colors) => colors,
+            Err(e) => {
+                // Not "nothing runs": the gate steps on what it can see, next pass.
+                api_fault(m, ctx, &e, now);
+                return;
+            }
+        };
         let before = m.status.phase;
         let (status, actions) = gate::step(&m.status, &m.spec.gate, &obs, now);
         m.status = status;
@@ -695,19 +728,29 @@ async fn perform<P: Platform>(
         }
         Action::Probe(check) => {
             let active = m.status.active_color.unwrap_or(Color::Blue);
+            // Only the health check asks the replicas themselves (in a cluster: a pod list).
+            let admin_urls = if check == gate::GateCheck::Health {
+                match platform
+                    .admin_urls(&m.name, active.other(), m.spec.tls.is_some())
+                    .await
+                {
+                    Ok(urls) => urls,
+                    Err(e) => {
+                        // Not "no replicas": the check stays running and asks again next pass.
+                        api_fault(m, ctx, &e, now);
+                        obs.probe = None;
+                        return false;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
             let target = ProbeTarget {
                 http: &ctx.http,
                 spec: &m.spec,
                 revision: desired,
                 preview_url: platform.preview_url(&m.name, m.spec.tls.is_some()).await,
-                // Only the health check asks the replicas themselves (in a cluster: a pod list).
-                admin_urls: if check == gate::GateCheck::Health {
-                    platform
-                        .admin_urls(&m.name, active.other(), m.spec.tls.is_some())
-                        .await
-                } else {
-                    Vec::new()
-                },
+                admin_urls,
                 secrets: ctx.secrets.as_ref(),
             };
             obs.probe = Some(probes::run(check, &target).await);
@@ -758,7 +801,15 @@ async fn perform<P: Platform>(
             false
         }
         Action::ScaleDown { color } => {
-            platform.scale_down(&m.name, color).await;
+            if let Err(e) = platform.scale_down(&m.name, color).await {
+                ctx.metrics.errors.with_label_values(&[e.category()]).inc();
+                m.event(
+                    now,
+                    e.category(),
+                    format!("{} keeps running: {e}", color.as_str()),
+                    true,
+                );
+            }
             if m.analysis.is_some() {
                 m.analysis = None;
             }
@@ -838,10 +889,17 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     let Some(active) = m.status.active_color else {
         return;
     };
-    let admins = ctx
+    let admins = match ctx
         .platform
         .admin_urls(&m.name, active, m.spec.tls.is_some())
-        .await;
+        .await
+    {
+        Ok(admins) => admins,
+        Err(e) => {
+            tracing::warn!(gateway = %m.name, "cannot list the active color's replicas, this window is skipped: {e}");
+            return;
+        }
+    };
     if m.detect_source.as_ref().is_none_or(|(t, _)| *t != admins) {
         let targets = match metric_targets(m, ctx, &admins).await {
             Ok(t) => t,

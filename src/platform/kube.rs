@@ -405,19 +405,37 @@ impl KubePlatform {
     }
 
     /// Pods of one color (or of the whole gateway).
-    async fn pods(&self, gateway: &str, color: Option<Color>) -> Vec<Pod> {
+    async fn pods(&self, gateway: &str, color: Option<Color>) -> Result<Vec<Pod>, PlatformError> {
         let (ns, name) = split(gateway);
-        match self
-            .api::<Pod>(ns)
+        self.api::<Pod>(ns)
             .list(&ListParams::default().labels(&selector(name, color)))
             .await
-        {
-            Ok(list) => list.items,
-            Err(e) => {
-                tracing::warn!(gateway, "cannot list pods: {e}");
-                Vec::new()
-            }
-        }
+            .map(|list| list.items)
+            .map_err(|source| PlatformError::Kube {
+                verb: "list",
+                kind: "Pod",
+                name: format!("{gateway} ({})", color.map_or("all", |c| c.as_str())),
+                source,
+            })
+    }
+
+    /// The Deployment of one color, None when there is none.
+    async fn color_deployment(
+        &self,
+        gateway: &str,
+        color: Color,
+    ) -> Result<Option<KubeDeployment>, PlatformError> {
+        let (ns, name) = split(gateway);
+        let full = format!("{name}-{}", color.as_str());
+        self.api::<KubeDeployment>(ns)
+            .get_opt(&full)
+            .await
+            .map_err(|source| PlatformError::Kube {
+                verb: "get",
+                kind: "Deployment",
+                name: format!("{ns}/{full}"),
+                source,
+            })
     }
 
     /// The children of a gateway, to be deleted (resource deleted) by kind and name.
@@ -548,23 +566,17 @@ impl Platform for KubePlatform {
         .await
     }
 
-    async fn observe(&self, gateway: &str, color: Color) -> Option<ColorObservation> {
-        let (ns, name) = split(gateway);
-        let full = format!("{name}-{}", color.as_str());
-        let d = match self.api::<KubeDeployment>(ns).get_opt(&full).await {
-            Ok(d) => d?,
-            Err(e) => {
-                tracing::warn!(
-                    gateway,
-                    color = color.as_str(),
-                    "cannot read the Deployment: {e}"
-                );
-                return None;
-            }
+    async fn observe(
+        &self,
+        gateway: &str,
+        color: Color,
+    ) -> Result<Option<ColorObservation>, PlatformError> {
+        let Some(d) = self.color_deployment(gateway, color).await? else {
+            return Ok(None);
         };
         let replicas = d.spec.replicas.unwrap_or(1);
         if replicas == 0 {
-            return None;
+            return Ok(None);
         }
         let revision = d
             .metadata
@@ -584,7 +596,7 @@ impl Platform for KubePlatform {
         };
         let mut pods: Vec<String> = self
             .pods(gateway, Some(color))
-            .await
+            .await?
             .iter()
             .map(|p| {
                 let restarts: i32 = p
@@ -597,22 +609,19 @@ impl Platform for KubePlatform {
             })
             .collect();
         pods.sort();
-        Some(ColorObservation {
+        Ok(Some(ColorObservation {
             revision,
             ready,
             replicas,
             instance: hex::encode(&Sha256::digest(pods.join(",").as_bytes())[..4]),
-        })
+        }))
     }
 
     async fn switch(&self, gateway: &str, to: Color) -> Result<(), PlatformError> {
         let (ns, name) = split(gateway);
-        let target = self
-            .api::<KubeDeployment>(ns)
-            .get_opt(&format!("{name}-{}", to.as_str()))
-            .await
-            .ok()
-            .flatten();
+        // A read that fails is not "no Deployment": the Services would lose their owner and,
+        // for a TLS gateway, their https port.
+        let target = self.color_deployment(gateway, to).await?;
         let tls = target.as_ref().is_some_and(serves_tls);
         let owner_uid = target
             .and_then(|d| d.metadata.owner_references)
@@ -632,7 +641,7 @@ impl Platform for KubePlatform {
         .await
     }
 
-    async fn scale_down(&self, gateway: &str, color: Color) {
+    async fn scale_down(&self, gateway: &str, color: Color) -> Result<(), PlatformError> {
         let (ns, name) = split(gateway);
         let full = format!("{name}-{}", color.as_str());
         let patch = serde_json::json!({
@@ -641,7 +650,7 @@ impl Platform for KubePlatform {
             "metadata": {"name": full},
             "spec": {"replicas": 0},
         });
-        if let Err(e) = self
+        match self
             .api::<KubeDeployment>(ns)
             .patch(
                 &full,
@@ -650,9 +659,14 @@ impl Platform for KubePlatform {
             )
             .await
         {
-            if !matches!(&e, kube::Error::Api(s) if s.code == 404) {
-                tracing::warn!(gateway, color = color.as_str(), "cannot scale down: {e}");
-            }
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(source) => Err(PlatformError::Kube {
+                verb: "scale",
+                kind: "Deployment",
+                name: format!("{ns}/{full}"),
+                source,
+            }),
         }
     }
 
@@ -676,9 +690,15 @@ impl Platform for KubePlatform {
         }))
     }
 
-    async fn admin_urls(&self, gateway: &str, color: Color, tls: bool) -> Vec<String> {
-        self.pods(gateway, Some(color))
-            .await
+    async fn admin_urls(
+        &self,
+        gateway: &str,
+        color: Color,
+        tls: bool,
+    ) -> Result<Vec<String>, PlatformError> {
+        Ok(self
+            .pods(gateway, Some(color))
+            .await?
             .iter()
             .filter(|p| pod_ready(p))
             .filter_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
@@ -689,7 +709,7 @@ impl Platform for KubePlatform {
                     tls,
                 })
             })
-            .collect()
+            .collect())
     }
 
     async fn remove(&self, gateway: &str) {

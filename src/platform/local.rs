@@ -321,10 +321,17 @@ impl Platform for LocalPlatform {
         Ok(())
     }
 
-    async fn observe(&self, gateway: &str, color: Color) -> Option<ColorObservation> {
+    /// In-process replicas: what runs is always known.
+    async fn observe(
+        &self,
+        gateway: &str,
+        color: Color,
+    ) -> Result<Option<ColorObservation>, PlatformError> {
         let (revision, instance, admins) = {
             let gateways = self.gateways.lock().await;
-            let c = gateways.get(gateway)?.colors.get(&color)?;
+            let Some(c) = gateways.get(gateway).and_then(|g| g.colors.get(&color)) else {
+                return Ok(None);
+            };
             let admins: Vec<SocketAddr> = c.replicas.iter().map(|r| r.admin).collect();
             (c.revision.clone(), c.instance.clone(), admins)
         };
@@ -338,12 +345,12 @@ impl Platform for LocalPlatform {
                 .is_ok_and(|r| r.status().is_success());
             ready += i32::from(ok);
         }
-        Some(ColorObservation {
+        Ok(Some(ColorObservation {
             revision,
             ready,
             replicas: admins.len() as i32,
             instance,
-        })
+        }))
     }
 
     async fn switch(&self, gateway: &str, to: Color) -> Result<(), PlatformError> {
@@ -356,11 +363,11 @@ impl Platform for LocalPlatform {
         Ok(())
     }
 
-    async fn scale_down(&self, gateway: &str, color: Color) {
+    async fn scale_down(&self, gateway: &str, color: Color) -> Result<(), PlatformError> {
         let old = {
             let mut gateways = self.gateways.lock().await;
             let Some(gw) = gateways.get_mut(gateway) else {
-                return;
+                return Ok(());
             };
             let old = gw.colors.remove(&color);
             gw.repoint();
@@ -371,6 +378,7 @@ impl Platform for LocalPlatform {
                 r.stop().await;
             }
         }
+        Ok(())
     }
 
     /// `tls` is never true here: [`Platform::deploy`] refuses `spec.tls`.
@@ -389,9 +397,14 @@ impl Platform for LocalPlatform {
     }
 
     /// `tls` is never true here (see [`LocalPlatform::preview_url`]).
-    async fn admin_urls(&self, gateway: &str, color: Color, _tls: bool) -> Vec<String> {
+    async fn admin_urls(
+        &self,
+        gateway: &str,
+        color: Color,
+        _tls: bool,
+    ) -> Result<Vec<String>, PlatformError> {
         let gateways = self.gateways.lock().await;
-        gateways
+        Ok(gateways
             .get(gateway)
             .and_then(|g| g.colors.get(&color))
             .map(|c| {
@@ -400,7 +413,7 @@ impl Platform for LocalPlatform {
                     .map(|r| format!("http://{}", r.admin))
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     async fn remove(&self, gateway: &str) {

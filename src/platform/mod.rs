@@ -78,12 +78,14 @@ pub trait Platform: Send + Sync + 'static {
         d: &Deployment,
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
 
-    /// What runs on `color`, and how much of it is ready; None when nothing runs.
+    /// What runs on `color`, and how much of it is ready; None when nothing runs. A platform
+    /// that cannot tell (an API error, a timeout) says so with an error: it never passes for
+    /// "nothing runs", which would restart a gate or flip traffic.
     fn observe(
         &self,
         gateway: &str,
         color: Color,
-    ) -> impl Future<Output = Option<ColorObservation>> + Send;
+    ) -> impl Future<Output = Result<Option<ColorObservation>, PlatformError>> + Send;
 
     /// Sends all traffic to `to` in one step; the preview endpoint then reaches the other color.
     fn switch(
@@ -92,8 +94,12 @@ pub trait Platform: Send + Sync + 'static {
         to: Color,
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
 
-    /// Stops `color`.
-    fn scale_down(&self, gateway: &str, color: Color) -> impl Future<Output = ()> + Send;
+    /// Stops `color` (a color that does not exist is stopped).
+    fn scale_down(
+        &self,
+        gateway: &str,
+        color: Color,
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send;
 
     /// Base URL of the preview endpoint (smoke probes and analysis traffic go here); `tls`:
     /// the gateway's proxies serve TLS (`spec.tls`), so the URL is https.
@@ -109,7 +115,7 @@ pub trait Platform: Send + Sync + 'static {
         gateway: &str,
         color: Color,
         tls: bool,
-    ) -> impl Future<Output = Vec<String>> + Send;
+    ) -> impl Future<Output = Result<Vec<String>, PlatformError>> + Send;
 
     /// Removes everything of the gateway (resource deleted).
     fn remove(&self, gateway: &str) -> impl Future<Output = ()> + Send;
