@@ -1,6 +1,7 @@
 //! Leader election with a coordination.k8s.io Lease: one operator replica reconciles, the others
-//! stand by. The decision is a pure function of the Lease and the clock; the I/O is one get and
-//! one optimistic-concurrency replace (or create) per attempt.
+//! stand by. The decision is a pure function of the Lease and this replica's own monotonic clock
+//! (when it saw the Lease last change; never another node's clock); the I/O is one get and one
+//! optimistic-concurrency replace (or create) per attempt.
 
 use std::time::Duration;
 
@@ -19,9 +20,58 @@ pub struct LeaseError {
     source: kube::Error,
 }
 
-/// Whether `me` may take or keep the lease at `now`: it is free, ours, or its holder stopped
-/// renewing it for longer than its duration.
-pub fn may_lead(lease: Option<&LeaseSpec>, me: &str, now: Timestamp) -> bool {
+/// What this replica has seen of the Lease: the record and when (on this replica's own
+/// monotonic clock) it first saw it as it is. Expiry is judged on that clock only, as
+/// client-go does: a holder's renewals are told apart by their change, never by comparing the
+/// `renewTime` another node's clock wrote with ours, so clock skew between nodes cannot make
+/// two leaders.
+#[derive(Debug, Default)]
+pub struct LeaseWatch {
+    seen: Option<(Record, std::time::Instant)>,
+}
+
+/// The parts of a Lease a renewal or a takeover changes.
+type Record = (
+    Option<String>,
+    Option<MicroTime>,
+    Option<MicroTime>,
+    Option<i32>,
+);
+
+impl LeaseWatch {
+    /// Notes the lease as read at `at`; returns when this replica first saw it unchanged.
+    pub fn observe(
+        &mut self,
+        lease: Option<&LeaseSpec>,
+        at: std::time::Instant,
+    ) -> std::time::Instant {
+        let record: Record = lease.map_or((None, None, None, None), |l| {
+            (
+                l.holder_identity.clone(),
+                l.renew_time.clone(),
+                l.acquire_time.clone(),
+                l.lease_transitions,
+            )
+        });
+        match &self.seen {
+            Some((r, since)) if *r == record => *since,
+            _ => {
+                self.seen = Some((record, at));
+                at
+            }
+        }
+    }
+}
+
+/// Whether `me` may take or keep the lease: it is free, ours, or its holder has not renewed it
+/// for longer than its duration since this replica saw it last change (`unchanged_since`, on
+/// this replica's clock, up to `now`).
+pub fn may_lead(
+    lease: Option<&LeaseSpec>,
+    me: &str,
+    unchanged_since: std::time::Instant,
+    now: std::time::Instant,
+) -> bool {
     let Some(spec) = lease else {
         return true;
     };
@@ -30,11 +80,8 @@ pub fn may_lead(lease: Option<&LeaseSpec>, me: &str, now: Timestamp) -> bool {
         Some(holder) if holder == me => true,
         Some(_) => {
             let duration =
-                SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(15) as i64);
-            match spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
-                Some(MicroTime(renewed)) => now.duration_since(*renewed) > duration,
-                None => true,
-            }
+                Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(0) as u64);
+            now.saturating_duration_since(unchanged_since) > duration
         }
     }
 }
@@ -57,13 +104,15 @@ fn held(previous: Option<&LeaseSpec>, me: &str, now: Timestamp, duration: Durati
     }
 }
 
-/// Takes or renews the lease; Ok(false) when another replica holds it (or won a race).
+/// Takes or renews the lease; Ok(false) when another replica holds it (or won a race). `now`
+/// is written as the renewal time (for people reading the Lease); expiry is judged by `watch`.
 pub async fn try_lead(
     api: &Api<Lease>,
     name: &str,
     me: &str,
     duration: Duration,
     now: Timestamp,
+    watch: &mut LeaseWatch,
 ) -> Result<bool, LeaseError> {
     let err = |verb, source| LeaseError {
         verb,
@@ -72,7 +121,9 @@ pub async fn try_lead(
     };
     let current = api.get_opt(name).await.map_err(|e| err("read", e))?;
     let spec = current.as_ref().and_then(|l| l.spec.as_ref());
-    if !may_lead(spec, me, now) {
+    let read_at = std::time::Instant::now();
+    let since = watch.observe(spec, read_at);
+    if !may_lead(spec, me, since, read_at) {
         return Ok(false);
     }
     let lease = Lease {
@@ -114,17 +165,51 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_free_or_own_lease_may_be_taken_a_live_foreign_one_may_not() {
-        assert!(may_lead(None, "a", t(0)));
-        assert!(may_lead(Some(&lease("a", 0)), "a", t(5)));
-        assert!(!may_lead(Some(&lease("b", 0)), "a", t(10)));
-        assert!(!may_lead(Some(&lease("b", 0)), "a", t(15)));
+    /// Seconds after a fixed instant of this replica's monotonic clock.
+    fn local(base: std::time::Instant, s: u64) -> std::time::Instant {
+        base + Duration::from_secs(s)
     }
 
     #[test]
-    fn a_lease_its_holder_stopped_renewing_expires() {
-        assert!(may_lead(Some(&lease("b", 0)), "a", t(16)));
+    fn a_free_or_own_lease_may_be_taken_a_live_foreign_one_may_not() {
+        let base = std::time::Instant::now();
+        let mut watch = LeaseWatch::default();
+        let b = lease("b", 0);
+        let since = watch.observe(Some(&b), local(base, 0));
+        assert!(may_lead(None, "a", since, local(base, 0)));
+        assert!(may_lead(Some(&lease("a", 0)), "a", since, local(base, 5)));
+        assert!(!may_lead(Some(&b), "a", since, local(base, 10)));
+        assert!(!may_lead(Some(&b), "a", since, local(base, 15)));
+        assert!(may_lead(Some(&b), "a", since, local(base, 16)));
+    }
+
+    /// Expiry counts from when this replica saw the lease change, whatever time the holder's
+    /// clock wrote: a holder whose clock runs an hour behind (or ahead) keeps its lease while
+    /// it renews, and loses it 15 s after its renewals stop, as seen here.
+    #[test]
+    fn clock_skew_between_nodes_never_makes_two_leaders() {
+        let base = std::time::Instant::now();
+        for skew in [-3600, -20, 0, 20, 3600] {
+            let mut watch = LeaseWatch::default();
+            // The holder renews every 5 s of our clock, writing its own (skewed) time.
+            for tick in 0..10u64 {
+                let renewed = lease("b", tick as i64 * 5 + skew);
+                let now = local(base, tick * 5 + 1);
+                let since = watch.observe(Some(&renewed), now);
+                assert!(
+                    !may_lead(Some(&renewed), "a", since, now),
+                    "skew {skew}s: taken from a live holder at tick {tick}"
+                );
+            }
+            // It stops renewing: the last record stays as it was.
+            let last = lease("b", 45 + skew);
+            let since = watch.observe(Some(&last), local(base, 46));
+            assert!(!may_lead(Some(&last), "a", since, local(base, 46 + 15)));
+            assert!(
+                may_lead(Some(&last), "a", since, local(base, 46 + 16)),
+                "skew {skew}s"
+            );
+        }
     }
 
     #[test]

@@ -182,6 +182,7 @@ pub async fn run(
     ));
     let _ = rotations_cell.set(Arc::downgrade(&rotations));
     let mut running: Option<Vec<tokio::task::JoinHandle<()>>> = None;
+    let mut watch = lease::LeaseWatch::default();
     tokio::pin!(stop);
     let outcome = loop {
         match lease::try_lead(
@@ -190,6 +191,7 @@ pub async fn run(
             &opts.identity,
             LEASE_DURATION,
             Timestamp::now(),
+            &mut watch,
         )
         .await
         {
