@@ -7,6 +7,7 @@ use std::process::Command;
 
 use apitree::crd::ApiGateway;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -196,6 +197,7 @@ fn deserialize_all(docs: &[Value]) {
             "RoleBinding" => serde_json::from_value::<RoleBinding>(v).map(|_| ()),
             "ApiGateway" => serde_json::from_value::<ApiGateway>(v).map(|_| ()),
             "NetworkPolicy" => serde_json::from_value::<NetworkPolicy>(v).map(|_| ()),
+            "Job" => serde_json::from_value::<Job>(v).map(|_| ()),
             "ServiceMonitor" | "PodMonitor" | "PrometheusRule" | "Certificate" => Ok(()),
             other => panic!("the chart renders a {other} the tests do not know"),
         };
@@ -326,6 +328,85 @@ fn the_operator_runs_locked_down_with_probes_and_leader_election() {
         .iter()
         .flatten()
         .any(|e| e.name == "APITREE_DATABASE_URL"));
+}
+
+/// A fresh install migrates the databases the release knows (the operator's state database,
+/// the example gateway's) in a Helm hook Job before anything starts, so the operator's start
+/// and the gate's schema check find the schema without a manual `apitree migrate`; the Job
+/// runs locked down, reads each URL from its Secret into the variable `apitree migrate`
+/// reads, and its pods are not the operator's (its Service and PDB do not select them).
+#[test]
+fn the_install_migrates_the_databases_it_knows_in_a_hook_job_first() {
+    let help = run(
+        Command::new(env!("CARGO_BIN_EXE_apitree")).args(["migrate", "--help"]),
+        "apitree migrate --help",
+    );
+    assert!(help.contains("env: APITREE_DATABASE_URL"), "{help}");
+    assert!(
+        of_kind(&render(None, &[]), "Job").is_empty(),
+        "nothing to migrate by default"
+    );
+    let docs = render(FULL, &[]);
+    let jobs = of_kind(&docs, "Job");
+    assert_eq!(jobs.len(), 1);
+    let job: Job = serde_json::from_value(jobs[0].clone()).unwrap();
+    let hooks = job.metadata.annotations.clone().unwrap();
+    assert_eq!(hooks["helm.sh/hook"], "pre-install,pre-upgrade");
+    let pod = job.spec.as_ref().unwrap().template.clone();
+    let labels = pod.metadata.unwrap().labels.unwrap();
+    let operator: Deployment =
+        serde_json::from_value(of_kind(&docs, "Deployment")[0].clone()).unwrap();
+    let selector = operator.spec.selector.match_labels.unwrap();
+    assert!(
+        !selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "the operator's selector matches the migration pods: {labels:?}"
+    );
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    let targets: Vec<(String, String, String)> = spec
+        .containers
+        .iter()
+        .map(|c| {
+            assert_eq!(c.args.as_deref(), Some(&["migrate".to_string()][..]));
+            let sc = c.security_context.clone().unwrap();
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            let url = c
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "APITREE_DATABASE_URL")
+                .unwrap();
+            assert!(url.value.is_none(), "a URL in the manifest");
+            let r = url.value_from.clone().unwrap().secret_key_ref.unwrap();
+            (c.name.clone(), r.name, r.key)
+        })
+        .collect();
+    let values: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(chart().join("tests/full-values.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        targets,
+        [
+            (
+                "migrate-state".to_string(),
+                values["operator"]["database"]["existingSecret"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                "url".to_string()
+            ),
+            (
+                "migrate-gateway".to_string(),
+                values["database"]["existingSecret"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                "url".to_string()
+            ),
+        ]
+    );
 }
 
 /// The operator's pod, from a render.
