@@ -653,8 +653,15 @@ fn hyper_service(
                 resp.headers_mut()
                     .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
             }
-            // In flight until hyper has written the whole body and drops it.
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+            // In flight until hyper has written the whole body and drops it. hyper frames the
+            // body by its Content-Length, so that is its length whatever the body says.
+            let length = resp
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            Ok::<_, std::convert::Infallible>(
+                resp.map(|body| Tracked::new(body, in_flight, length)),
+            )
         }
     })
 }
@@ -858,8 +865,9 @@ impl Drop for InFlight {
 /// piece ready that hyper has not taken: from when its head is handed over, and from each
 /// piece it hands over until hyper asks for the next.
 ///
-/// A body of known length ends when that many bytes have gone out, whether or not the body
-/// says so itself: hyper then drops it at once (and the request stops counting as in flight)
+/// A body of known length (its own size hint, else the response's Content-Length, by which
+/// hyper frames it) ends when that many bytes have gone out, whether or not the body says so
+/// itself: hyper then drops it at once (and the request stops counting as in flight)
 /// instead of keeping it until its buffer is flushed, while the connection already reads the
 /// next head (see [`Rewind::poll_write`]).
 struct Tracked {
@@ -870,9 +878,9 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn new(body: Body, in_flight: InFlight) -> Self {
+    fn new(body: Body, in_flight: InFlight, content_length: Option<u64>) -> Self {
         in_flight.activity.set_waiting(in_flight.slot, true);
-        let left = body.size_hint().exact();
+        let left = body.size_hint().exact().or(content_length);
         Self {
             body,
             in_flight,
@@ -1330,10 +1338,11 @@ mod tests {
     }
 
     /// A body of known length that never says it has ended itself (a PII-flagging or masking
-    /// wrapper, say) ends for hyper once its length has gone out.
+    /// wrapper, say) ends for hyper once its length has gone out: the length its size hint
+    /// gives, or else the response's Content-Length.
     #[test]
     fn a_body_of_known_length_ends_when_its_bytes_are_out() {
-        struct NeverSaysEnd(Option<Bytes>);
+        struct NeverSaysEnd(Option<Bytes>, http_body::SizeHint);
         impl HttpBody for NeverSaysEnd {
             type Data = Bytes;
             type Error = BoxError;
@@ -1344,14 +1353,24 @@ mod tests {
                 Poll::Ready(self.0.take().map(|b| Ok(http_body::Frame::data(b))))
             }
             fn size_hint(&self) -> http_body::SizeHint {
-                http_body::SizeHint::with_exact(5)
+                self.1
             }
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        for (chunks, ends) in [(vec!["hello"], true), (vec!["hel"], false)] {
+        let hinted = http_body::SizeHint::with_exact(5);
+        let unknown = http_body::SizeHint::default();
+        // (what goes out, the body's hint, the response's Content-Length, ended?)
+        let cases = [
+            ("hello", hinted, None, true),
+            ("hel", hinted, None, false),
+            ("hello", unknown, Some(5), true),
+            ("hel", unknown, Some(5), false),
+            ("hello", unknown, None, false),
+        ];
+        for (chunks, hint, length, ends) in cases {
             let activity = Arc::new(Activity::new(false));
-            let body = NeverSaysEnd(Some(Bytes::from(chunks.concat()))).boxed();
-            let mut t = Tracked::new(body, InFlight::new(activity.clone()));
+            let body = NeverSaysEnd(Some(Bytes::from(chunks)), hint).boxed();
+            let mut t = Tracked::new(body, InFlight::new(activity.clone()), length);
             assert!(!t.is_end_stream());
             assert!(Pin::new(&mut t).poll_frame(&mut cx).is_ready());
             assert_eq!(t.is_end_stream(), ends, "{chunks:?}");
