@@ -597,6 +597,43 @@ async fn a_new_revision_passes_the_analysis_and_the_active_service_switches_to_g
     assert!(analysis.samples.unwrap() >= 1000, "{analysis:?}");
 }
 
+/// One gateway never waits for another: while a pass of `cart` hangs on a slow API call
+/// (holding only its own gateway's state), a pass of `shop` runs its gate to the end.
+#[tokio::test]
+async fn a_pass_stuck_on_one_gateway_does_not_hold_up_another() {
+    use CheckPhase::*;
+    let h = Harness::new().await;
+    let (fx, new) = h.gating([Passed, Passed, Skipped, Passed, Running]);
+    let mut cart = fx.gw.clone();
+    cart.metadata.name = Some("cart".into());
+    cart.metadata.uid = Some("uid-cart".into());
+    let stuck = tokio::spawn(reconcile(Arc::new(cart), h.op.clone()));
+    // cart's first call arrives and is never answered while shop's pass runs.
+    let (first, _held) = {
+        let mut handle = h.handle.lock().await;
+        let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .expect("cart's pass calls the API")
+            .unwrap();
+        (req.uri().path().to_string(), send)
+    };
+    assert!(first.contains("cart"), "{first}");
+    let mut calls = observe_both(Some(OLD), Some(&new));
+    calls.extend([
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        status_patch().has("\"phase\":\"Gating\""),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    assert_eq!(status_of(&bodies).gate.unwrap().checks[4].phase, Running);
+    assert!(
+        !stuck.is_finished(),
+        "cart's pass is still waiting for its answer"
+    );
+    stuck.abort();
+}
+
 /// A Kubernetes API error status, as the API server sends it.
 fn api_error(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,

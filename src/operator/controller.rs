@@ -84,13 +84,28 @@ pub struct Operator {
     pub views: Arc<HttpState>,
     /// Signing secrets of the gateways' Slack apps, shared with the interaction endpoint.
     pub signing_secrets: Arc<std::sync::RwLock<Vec<String>>>,
-    gateways: tokio::sync::Mutex<HashMap<String, Managed>>,
+    /// Each gateway's state behind its own lock: a pass holds only its gateway's, so a slow
+    /// probe of one gateway delays neither another's gate nor a Slack press.
+    gateways: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Managed>>>>,
+    /// What each gateway's last pass published (status page, metrics, sweep), readable while
+    /// any pass runs.
+    published: Mutex<std::collections::BTreeMap<String, Published>>,
+    /// Sweep results waiting for their gateway's next pass.
+    sweeps: Mutex<HashMap<String, crate::schedule::SweepOutcome>>,
     /// Pools of the gateways' databases, for their audit logs.
     pools: tokio::sync::Mutex<HashMap<String, sqlx::PgPool>>,
     slack: Mutex<HashMap<String, GatewaySlack>>,
     /// Slack presses waiting for their gateway's next pass, with when they arrived.
     presses: Mutex<Vec<(Timestamp, Press)>>,
     failures: Mutex<HashMap<String, u32>>,
+}
+
+/// What a gateway's last pass published.
+struct Published {
+    view: GatewayView,
+    /// Open incidents by severity: warning, high, critical.
+    incidents: [i64; 3],
+    sweep: Option<crate::schedule::SweepTarget>,
 }
 
 /// A gateway's own Slack delivery (`spec.escalation.slack`).
@@ -128,7 +143,9 @@ impl Operator {
             clock,
             views,
             signing_secrets: Arc::default(),
-            gateways: tokio::sync::Mutex::new(HashMap::new()),
+            gateways: Mutex::new(HashMap::new()),
+            published: Mutex::new(Default::default()),
+            sweeps: Mutex::new(HashMap::new()),
             pools: tokio::sync::Mutex::new(HashMap::new()),
             slack: Mutex::new(HashMap::new()),
             presses: Mutex::new(Vec::new()),
@@ -266,28 +283,64 @@ impl Operator {
 
     /// The gateways the health sweep should look at: those with a database.
     pub async fn sweep_targets(&self) -> Vec<crate::schedule::SweepTarget> {
-        self.gateways
+        self.published
             .lock()
-            .await
+            .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter_map(|m| {
-                Some(crate::schedule::SweepTarget {
-                    gateway: m.name.clone(),
-                    database_url: m.database_url.clone()?,
-                    policy: m.spec.drift_policy,
-                })
-            })
+            .filter_map(|p| p.sweep.clone())
             .collect()
     }
 
     /// Hands a sweep's results to the gateways; their next pass puts them in status.
     pub async fn record_sweep(&self, outcomes: Vec<crate::schedule::SweepOutcome>) {
-        let mut gateways = self.gateways.lock().await;
+        let mut sweeps = self.sweeps.lock().unwrap_or_else(|e| e.into_inner());
         for o in outcomes {
-            if let Some(m) = gateways.get_mut(&o.gateway) {
-                m.sweep = Some(o);
+            sweeps.insert(o.gateway.clone(), o);
+        }
+    }
+
+    /// The state of every gateway, each behind its own lock.
+    fn slots(&self) -> Vec<Arc<tokio::sync::Mutex<Managed>>> {
+        self.gateways
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Publishes what `m`'s pass leaves (status page, incident metrics, sweep target), and
+    /// the whole page.
+    fn publish(&self, m: &Managed) {
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        published.insert(
+            m.name.clone(),
+            Published {
+                view: GatewayView::of(m, None),
+                incidents: rollout::open_incident_counts(m),
+                sweep: m
+                    .database_url
+                    .clone()
+                    .map(|url| crate::schedule::SweepTarget {
+                        gateway: m.name.clone(),
+                        database_url: url,
+                        policy: m.spec.drift_policy,
+                    }),
+            },
+        );
+        self.publish_all(&published);
+    }
+
+    fn publish_all(&self, published: &std::collections::BTreeMap<String, Published>) {
+        let mut counts = [0i64; 3];
+        for p in published.values() {
+            for (c, n) in counts.iter_mut().zip(p.incidents) {
+                *c += n;
             }
         }
+        rollout::set_open_incidents(counts, &self.metrics);
+        self.views
+            .publish(published.values().map(|p| p.view.clone()).collect());
     }
 
     /// Takes a Slack press. Acknowledge and Silence apply at once (the on-call engineer sees the
@@ -297,8 +350,11 @@ impl Operator {
     pub async fn press(&self, p: Press) {
         let now = (self.clock)();
         if p.action.response(now.as_second()).is_some() {
-            let mut gateways = self.gateways.lock().await;
-            for m in gateways.values_mut() {
+            // A gateway in the middle of a pass takes the press at its next one (below).
+            for slot in self.slots() {
+                let Ok(mut m) = slot.try_lock() else {
+                    continue;
+                };
                 if m.accept(&p, now).await {
                     m.answered.push(p);
                     return;
@@ -525,17 +581,32 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         status_url: op.status_url.clone(),
         metrics: op.metrics.clone(),
     };
-    let mut gateways = op.gateways.lock().await;
-    let m = gateways.entry(name.clone()).or_insert_with(|| {
-        Managed::new(
-            &name,
-            obj.spec.clone(),
-            generation,
-            op.notifier.clone(),
-            op.store.clone(),
-            op.status_url.clone(),
-        )
-    });
+    let slot = op
+        .gateways
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(name.clone())
+        .or_insert_with(|| {
+            Arc::new(tokio::sync::Mutex::new(Managed::new(
+                &name,
+                obj.spec.clone(),
+                generation,
+                op.notifier.clone(),
+                op.store.clone(),
+                op.status_url.clone(),
+            )))
+        })
+        .clone();
+    let mut guard = slot.lock().await;
+    let m = &mut *guard;
+    if let Some(sweep) = op
+        .sweeps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name)
+    {
+        m.sweep = Some(sweep);
+    }
     if m.spec != obj.spec || m.generation != generation {
         m.update_spec(obj.spec.clone(), generation);
     }
@@ -630,12 +701,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         source,
     })?;
     let action = requeue_after(m);
-    rollout::count_open_incidents(gateways.values(), &op.metrics);
-    let views: Vec<GatewayView> = gateways
-        .values()
-        .map(|g| GatewayView::of(g, None))
-        .collect();
-    op.views.publish(views);
+    op.publish(m);
     Ok(action)
 }
 
@@ -648,7 +714,15 @@ async fn cleanup(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controll
             name: name.clone(),
             source,
         })?;
-    op.gateways.lock().await.remove(&name);
+    op.gateways
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name);
+    {
+        let mut published = op.published.lock().unwrap_or_else(|e| e.into_inner());
+        published.remove(&name);
+        op.publish_all(&published);
+    }
     if let Some(old) = op
         .slack
         .lock()

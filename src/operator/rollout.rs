@@ -1044,13 +1044,27 @@ pub fn count_open_incidents<'a>(
 ) {
     let mut counts = [0i64; 3];
     for m in gateways {
-        for i in &m.status.incidents {
-            let rank = severity_rank(&i.severity) as usize;
-            if (1..=3).contains(&rank) {
-                counts[rank - 1] += 1;
-            }
+        for (c, n) in counts.iter_mut().zip(open_incident_counts(m)) {
+            *c += n;
         }
     }
+    set_open_incidents(counts, metrics);
+}
+
+/// One gateway's open incidents by severity: warning, high, critical.
+pub fn open_incident_counts(m: &Managed) -> [i64; 3] {
+    let mut counts = [0i64; 3];
+    for i in &m.status.incidents {
+        let rank = severity_rank(&i.severity) as usize;
+        if (1..=3).contains(&rank) {
+            counts[rank - 1] += 1;
+        }
+    }
+    counts
+}
+
+/// Sets the open-incident gauges to `counts` (warning, high, critical).
+pub fn set_open_incidents(counts: [i64; 3], metrics: &super::metrics::OperatorMetrics) {
     for (severity, n) in ["warning", "high", "critical"].iter().zip(counts) {
         metrics.open_incidents.with_label_values(&[severity]).set(n);
     }
