@@ -350,11 +350,21 @@ impl Operator {
     pub async fn press(&self, p: Press) {
         let now = (self.clock)();
         if p.action.response(now.as_second()).is_some() {
-            // A gateway in the middle of a pass takes the press at its next one (below).
+            // Gateways between passes first; one in the middle of a pass is asked once its
+            // pass ends, so only a press for that gateway waits for it.
+            let mut busy = Vec::new();
             for slot in self.slots() {
                 let Ok(mut m) = slot.try_lock() else {
+                    busy.push(slot);
                     continue;
                 };
+                if m.accept(&p, now).await {
+                    m.answered.push(p);
+                    return;
+                }
+            }
+            for slot in busy {
+                let mut m = slot.lock().await;
                 if m.accept(&p, now).await {
                     m.answered.push(p);
                     return;
