@@ -209,16 +209,8 @@ pub struct OperatorArgs {
     /// (fixed at once under driftPolicy auto) and keys whose rotation grace ended (revoked).
     #[arg(long, env = "APITREE_SWEEP_EVERY", default_value = "15m")]
     pub sweep_every: crate::crd::KubeDuration,
-    /// PostgreSQL for incidents, the Slack outbox and the detector's baselines, so a restart or
-    /// a leader change loses nothing; it must be at this release's latest migration (`apitree
-    /// migrate` first). Without it they are kept in memory. Falls back to DATABASE_URL.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "APITREE_DATABASE_URL",
-        hide_env_values = true
-    )]
-    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub state: StateDbArgs,
 }
 
 #[derive(Debug, Args)]
@@ -247,16 +239,8 @@ pub struct LocalArgs {
     /// Slack channel for notifications when SLACK_BOT_TOKEN is set.
     #[arg(long, env = "APITREE_SLACK_CHANNEL", default_value = "apitree")]
     pub slack_channel: String,
-    /// PostgreSQL for incidents, the Slack outbox and the detector's baselines, so a restart or
-    /// a leader change loses nothing; it must be at this release's latest migration (`apitree
-    /// migrate` first). Without it they are kept in memory. Falls back to DATABASE_URL.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "APITREE_DATABASE_URL",
-        hide_env_values = true
-    )]
-    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub state: StateDbArgs,
 }
 
 /// TLS for the HTTP port (status page, `/api/gateways`, `/metrics`, `/slack/interactions`).
@@ -631,6 +615,28 @@ pub struct DatabaseArgs {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
+}
+
+/// Where `operator` and `local` keep their state.
+#[derive(Debug, Args)]
+pub struct StateDbArgs {
+    /// PostgreSQL for incidents, the Slack outbox and the detector's baselines, so a restart or
+    /// a leader change loses nothing; it must be at this release's latest migration (`apitree
+    /// migrate` first). Without it they are kept in memory. Falls back to DATABASE_URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+}
+
+impl StateDbArgs {
+    /// The URL from the flag, `APITREE_DATABASE_URL` or `DATABASE_URL`, in that order.
+    pub fn resolve(&self) -> Option<String> {
+        database_url_or_env(&self.database_url)
+    }
 }
 
 /// `url`, else `DATABASE_URL`; an empty value counts as none.

@@ -262,7 +262,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
             .unwrap_or_else(|| format!("ghcr.io/apitree/apitree:{}", env!("CARGO_PKG_VERSION"))),
         status_url: args.status_url,
         sweep_every: args.sweep_every.as_std(),
-        database_url: apitree::cli::database_url_or_env(&args.database_url),
+        database_url: args.state.resolve(),
     };
     let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
         .ok()
@@ -273,10 +273,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
 
 async fn local(args: LocalArgs) -> Result<()> {
     let durable = std::sync::Arc::new(
-        apitree::operator::durable::Durable::open(
-            apitree::cli::database_url_or_env(&args.database_url).as_deref(),
-        )
-        .await?,
+        apitree::operator::durable::Durable::open(args.state.resolve().as_deref()).await?,
     );
     let (notifier, delivery) = apitree::notify::slack::console_or_slack(
         &args.slack_channel,
