@@ -1086,6 +1086,69 @@ async fn a_promotion_is_written_to_the_gateway_databases_audit_log() {
     );
 }
 
+/// The operator reads each gateway database's audit log once per detection window: a
+/// credential change made there becomes a notice in the gateway's channel (changes from
+/// before the operator started are not announced again).
+#[tokio::test]
+async fn credential_changes_in_the_gateway_database_reach_the_gateways_channel() {
+    use base64::Engine;
+    let db = common::TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let detail = json!({});
+    apitree::db::audit::append(
+        &pool,
+        "cli",
+        "key.create",
+        "at_live_Old00000",
+        None,
+        &detail,
+    )
+    .await
+    .unwrap();
+    let h = Harness::new().await;
+    let (fx, rev) = stable_with_database("42");
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
+        "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
+    });
+    let path = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
+    let quiet = || {
+        stable_pass(
+            call("GET", &path).reply(200, secret.clone()),
+            &rev,
+            vec![
+                call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+                status_patch(),
+            ],
+        )
+    };
+    h.pass(&fx.gw, quiet()).await;
+    apitree::db::audit::append(
+        &pool,
+        "jiwoo@example.com",
+        "key.rotate",
+        "at_live_Xy3kQ9ab",
+        None,
+        &detail,
+    )
+    .await
+    .unwrap();
+    h.advance(301);
+    h.pass(&fx.gw, quiet()).await;
+    let notes: Vec<String> =
+        h.op.notifier
+            .recorded_notes()
+            .into_iter()
+            .map(|n| n.text)
+            .collect();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("key.rotate at_live_Xy3kQ9ab by jiwoo@example.com"),
+        "{notes:?}"
+    );
+}
+
 #[tokio::test]
 async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_gone() {
     use apitree::crd::gateway::DriftSummary;

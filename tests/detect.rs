@@ -380,6 +380,76 @@ async fn a_restarted_detector_takes_up_its_open_incidents_and_baselines_from_pos
     );
 }
 
+/// Credential changes page people: each change in the audit log is a notice in the gateway's
+/// channel saying who did what when (never the row's detail, where a secret could hide), the
+/// same notice id every time it is seen (delivered once), and a burst of five or more in one
+/// window is an incident of its own, resolved by the next quieter window.
+#[tokio::test]
+async fn credential_changes_are_each_a_notice_and_a_burst_is_an_incident() {
+    use apitree::db::audit::AuditRow;
+    use apitree::detect::engine::CREDENTIAL_CHANGES;
+    use apitree::detect::incident::IncidentEvent;
+    let store = Arc::new(IncidentStore::memory());
+    let notifier = Arc::new(Notifier::recording());
+    let mut d = Detector::new(
+        "apis/marketplace",
+        ScoreConfig::from(&DetectionSpec::default()),
+        NoticeContext::default(),
+        store.clone(),
+        notifier.clone(),
+    );
+    let row = |id: i64, action: &str| AuditRow {
+        id,
+        at: chrono::DateTime::from_timestamp(T0 + id, 0).unwrap(),
+        actor: "jiwoo@example.com".into(),
+        action: action.into(),
+        target: format!("at_live_Xy3k{id:04}"),
+        org_id: None,
+        detail: r#"{"plaintext":"at_live_SECRETSECRETSECRET"}"#.into(),
+        prev_hash: Vec::new(),
+        hash: Vec::new(),
+    };
+    let few = vec![
+        row(1, "key.rotate"),
+        row(2, "org.rename"),
+        row(3, "credential.write"),
+        row(4, "key.revoke"),
+    ];
+    assert_eq!(d.credential_changes(T0, &few).await.unwrap(), None);
+    let notes = notifier.recorded_notes();
+    assert_eq!(notes.len(), 3, "org.rename is not a credential change");
+    assert!(notes[0]
+        .text
+        .contains("key.rotate at_live_Xy3k0001 by jiwoo@example.com at "));
+    assert!(notes
+        .iter()
+        .all(|n| !n.text.contains("SECRET") && !n.urgent));
+    // Seen again (a re-read): the same notice ids, so the outbox sends each once.
+    d.credential_changes(T0, &few[..1]).await.unwrap();
+    assert_eq!(notifier.recorded_notes()[3].id, notes[0].id);
+
+    let burst: Vec<AuditRow> = (10..15).map(|i| row(i, "key.create")).collect();
+    let opened = d
+        .credential_changes(T0 + WINDOW, &burst)
+        .await
+        .unwrap()
+        .expect("five changes in one window are an incident");
+    assert_eq!(
+        (opened.signal.as_str(), opened.event, opened.severity),
+        (CREDENTIAL_CHANGES, IncidentEvent::Open, Severity::High)
+    );
+    let resolved = d
+        .credential_changes(T0 + 2 * WINDOW, &[])
+        .await
+        .unwrap()
+        .expect("a quiet window resolves it");
+    assert_eq!(
+        (resolved.incident_id, resolved.event),
+        (opened.incident_id, IncidentEvent::Resolve)
+    );
+    assert!(store.open().await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn an_acknowledged_incident_says_who_and_a_silenced_one_posts_only_critical_changes() {
     use apitree::detect::engine::Response;

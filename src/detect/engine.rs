@@ -24,6 +24,12 @@ pub const CIRCUIT_OPEN: &str = "circuit open";
 pub const SECURITY_DRIFT: &str = "security drift";
 /// Credentials past their CredentialPolicy's maximum age (a warning until rotated).
 pub const CREDENTIALS_OVERDUE: &str = "credentials overdue";
+/// A burst of credential changes (key creations, rotations, revocations, credential writes,
+/// re-encryptions) in one window.
+pub const CREDENTIAL_CHANGES: &str = "credential changes";
+
+/// Credential changes in one window that make an incident of their own.
+pub const CREDENTIAL_BURST: usize = 5;
 
 /// A stored incident.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +102,7 @@ fn signal_named(name: &str) -> Option<&'static str> {
         CIRCUIT_OPEN,
         SECURITY_DRIFT,
         CREDENTIALS_OVERDUE,
+        CREDENTIAL_CHANGES,
     ]
     .into_iter()
     .find(|s| *s == name)
@@ -664,6 +671,51 @@ impl Detector {
         self.changes.sort_by_key(|c| c.0);
     }
 
+    /// The credential changes the audit log recorded in the window starting at `at` (`rows`:
+    /// any audit rows; other actions are ignored). Each is a notice in the gateway's channel
+    /// (who, what, when — the row's actor, action and target, never its detail or a secret) and
+    /// is attached to the error-ratio and auth-failure incidents that follow; a burst of
+    /// [`CREDENTIAL_BURST`] or more in one window is an incident of its own, resolved by the
+    /// next window with fewer. Returns that incident's change, if any.
+    pub async fn credential_changes(
+        &mut self,
+        at: i64,
+        rows: &[crate::db::audit::AuditRow],
+    ) -> Result<Option<IncidentNotice>, DbError> {
+        self.resume().await?;
+        let changes: Vec<_> = rows
+            .iter()
+            .filter(|r| is_credential_change(&r.action))
+            .collect();
+        self.note_audit(rows);
+        for r in &changes {
+            let note = crate::notify::Note {
+                id: change_note_id(&self.gateway, r.id),
+                text: format!(
+                    "credential change on {}: {} {} by {} at {}",
+                    self.gateway,
+                    r.action,
+                    r.target,
+                    r.actor,
+                    r.at.format("%Y-%m-%d %H:%M:%SZ")
+                ),
+                channel: None,
+                urgent: false,
+                rotate: None,
+            };
+            if let Err(e) = self.notifier.note(&note).await {
+                tracing::error!(gateway = %self.gateway, "cannot queue a credential-change notice: {e}");
+            }
+        }
+        self.event_signal(
+            at,
+            CREDENTIAL_CHANGES,
+            changes.len() >= CREDENTIAL_BURST,
+            Severity::High,
+        )
+        .await
+    }
+
     fn recent_changes(&self, at: i64) -> Vec<String> {
         let end = at + self.cfg.window_secs;
         self.changes
@@ -812,6 +864,16 @@ impl Detector {
         }
         Ok(Some(notice))
     }
+}
+
+/// The notice of audit row `id` of `gateway`'s database: the same id every time, so the
+/// outbox delivers it once however often it is queued.
+fn change_note_id(gateway: &str, id: i64) -> Uuid {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("credential-change:{gateway}:{id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// A verdict for an event signal (not scored).

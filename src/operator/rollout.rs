@@ -129,6 +129,8 @@ pub struct Managed {
     pub uid: Option<String>,
     /// The gateway database's URL, when the spec names one (for the health sweep).
     pub database_url: Option<String>,
+    /// Where this gateway's audit log was last read (credential changes page people).
+    audit: Option<AuditCursor>,
     /// The last health sweep of this gateway.
     pub sweep: Option<crate::schedule::SweepOutcome>,
     /// Master-key versions each revision was deployed with (for `status.masterKeyVersions`).
@@ -184,6 +186,7 @@ impl Managed {
             manifest_error: None,
             uid: None,
             database_url: None,
+            audit: None,
             sweep: None,
             deployed_keys: BTreeMap::new(),
             answered: Vec::new(),
@@ -886,6 +889,9 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     }
     let window = m.spec.detection.window.as_std();
     m.next_detect = now.checked_add(window).ok();
+    let at = now.as_second() - window.as_secs() as i64;
+    // First, so an incident opened in this window carries the changes that preceded it.
+    credential_changes(m, at).await;
     let Some(active) = m.status.active_color else {
         return;
     };
@@ -933,7 +939,6 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     while m.error_ratios.len() > SPARKLINE {
         m.error_ratios.pop_front();
     }
-    let at = now.as_second() - window.as_secs() as i64;
     let notices = match m.detector.observe(at, &w).await {
         Ok(n) => n,
         Err(e) => {
@@ -942,6 +947,63 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         }
     };
     record_notices(m, notices);
+}
+
+/// A position in a gateway database's audit log.
+struct AuditCursor {
+    url: String,
+    pool: sqlx::PgPool,
+    /// The last row read.
+    after: i64,
+}
+
+/// The credential changes the gateway database's audit log recorded since the last look go to
+/// the detector (a notice each, an incident on a burst). The first look starts at the end of
+/// the log: changes made before this process started are not announced again.
+async fn credential_changes(m: &mut Managed, at: i64) {
+    let Some(url) = m.database_url.clone() else {
+        m.audit = None;
+        return;
+    };
+    let rows = match read_audit(&mut m.audit, &url).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(gateway = %m.name, "cannot read the audit log for credential changes: {e}");
+            return;
+        }
+    };
+    match m.detector.credential_changes(at, &rows).await {
+        Ok(notice) => record_notices(m, notice.into_iter().collect()),
+        Err(e) => tracing::error!(gateway = %m.name, "cannot record incidents: {e}"),
+    }
+}
+
+/// The audit rows after `cursor` (opened at the log's end for a new or changed `url`).
+async fn read_audit(
+    cursor: &mut Option<AuditCursor>,
+    url: &str,
+) -> Result<Vec<crate::db::audit::AuditRow>, crate::db::DbError> {
+    let c = match cursor {
+        Some(c) if c.url == url => c,
+        _ => {
+            let pool = crate::db::connect(url, 1).await?;
+            let after: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM audit_log")
+                .fetch_one(&pool)
+                .await
+                .map_err(crate::db::DbError::query("find the end of the audit log"))?;
+            *cursor = Some(AuditCursor {
+                url: url.to_string(),
+                pool,
+                after,
+            });
+            return Ok(Vec::new());
+        }
+    };
+    let rows = crate::db::audit::read_rows(&c.pool, c.after, 1000).await?;
+    if let Some(last) = rows.last() {
+        c.after = last.id;
+    }
+    Ok(rows)
 }
 
 /// The master-key versions a revision rendered from `spec` now would hold.
