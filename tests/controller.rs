@@ -597,6 +597,53 @@ async fn a_new_revision_passes_the_analysis_and_the_active_service_switches_to_g
     assert!(analysis.samples.unwrap() >= 1000, "{analysis:?}");
 }
 
+/// A switch the API refuses (the active Service's apply fails) is not a switch: no
+/// "Switched" or "Promoted", no scale-down, the status still says blue takes traffic (gate at
+/// 4/5, analysis running), one warning Event says why; the next pass promotes for real.
+#[tokio::test]
+async fn a_switch_the_api_refuses_is_undone_and_the_next_pass_makes_it() {
+    use CheckPhase::*;
+    let h = Harness::new().await;
+    let old = OLD;
+    let (fx, new) = h.gating([Passed, Passed, Skipped, Passed, Running]);
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        status_patch(),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let started = status_of(&bodies);
+    h.advance(61);
+    let fx = fx.with_status(started.clone());
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend([
+        call("GET", &deployments("shop-green")).reply(200, ready_deployment("shop-green", &new)),
+        call("PATCH", &services("shop?")).reply(500, api_error(500, "InternalError")),
+        event("ApplyFailed").has("did not happen"),
+        status_patch(),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let status = status_of(&bodies);
+    assert_eq!(status.active_color, Some(Color::Blue));
+    assert_eq!(status.active_revision.as_deref(), Some(old));
+    assert_eq!(status.phase, started.phase);
+    assert_eq!(status.gate, started.gate, "the gate stays where it was");
+    // The next pass switches for real.
+    let fx = fx.with_status(status);
+    let mut calls = observe_both(Some(old), Some(&new));
+    calls.extend(switch_to("green", &new));
+    calls.extend([
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        event("Switched"),
+        event("Promoted"),
+        status_patch().has("\"phase\":\"Promoting\""),
+    ]);
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    assert_eq!(status_of(&bodies).active_color, Some(Color::Green));
+}
+
 /// One gateway never waits for another: while a pass of `cart` hangs on a slow API call
 /// (holding only its own gateway's state), a pass of `shop` runs its gate to the end.
 #[tokio::test]

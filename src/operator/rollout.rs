@@ -530,12 +530,22 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
             }
         };
         let before = m.status.phase;
+        let prior = m.status.clone();
         let (status, actions) = gate::step(&m.status, &m.spec.gate, &obs, now);
         m.status = status;
         obs.probe = None;
         let mut again = false;
         for action in actions {
-            again |= perform(m, ctx, &mut obs, action, &desired, &rendered, now).await;
+            match perform(m, ctx, &mut obs, action, &desired, &rendered, now).await {
+                Step::Done => {}
+                Step::Again => again = true,
+                Step::Undone => {
+                    // The step's decision did not take effect (traffic did not move): none of
+                    // it stands, and the next pass decides again from the same state.
+                    m.status = prior;
+                    return;
+                }
+            }
         }
         if m.status.phase != before {
             // Requests are for one decision; a stale one must not act on a later gate.
@@ -689,6 +699,16 @@ async fn analysis_window(m: &mut Managed) -> Option<AnalysisWindow> {
 }
 
 /// Carries out one action; true when the gate should step again at once.
+/// What performing one action of a gate step leaves.
+enum Step {
+    Done,
+    /// Done, and the gate should step again in this pass (a probe result to take in).
+    Again,
+    /// It failed in a way that leaves the step's decision untrue (a switch that did not
+    /// happen): the step is undone.
+    Undone,
+}
+
 async fn perform<P: Platform>(
     m: &mut Managed,
     ctx: &Context<P>,
@@ -697,7 +717,7 @@ async fn perform<P: Platform>(
     desired: &str,
     rendered: &ProxyConfig,
     now: Timestamp,
-) -> bool {
+) -> Step {
     let platform = &ctx.platform;
     match action {
         Action::Deploy { color, revision } => {
@@ -715,17 +735,17 @@ async fn perform<P: Platform>(
                 owner_uid: m.uid.clone(),
             };
             if revision != desired {
-                return false;
+                return Step::Done;
             }
             let keys = master_key_versions(&m.spec, ctx);
             m.deployed_keys.insert(revision.clone(), keys);
             match platform.deploy(color, &d).await {
-                Ok(()) => true,
+                Ok(()) => Step::Again,
                 Err(e) => {
                     // The rollout check times out and refuses the revision; say why now.
                     ctx.metrics.errors.with_label_values(&[e.category()]).inc();
                     m.event(now, e.category(), e.to_string(), true);
-                    false
+                    Step::Done
                 }
             }
         }
@@ -742,7 +762,7 @@ async fn perform<P: Platform>(
                         // Not "no replicas": the check stays running and asks again next pass.
                         api_fault(m, ctx, &e, now);
                         obs.probe = None;
-                        return false;
+                        return Step::Done;
                     }
                 }
             } else {
@@ -757,7 +777,7 @@ async fn perform<P: Platform>(
                 secrets: ctx.secrets.as_ref(),
             };
             obs.probe = Some(probes::run(check, &target).await);
-            true
+            Step::Again
         }
         Action::StartAnalysis => {
             let active = m.status.active_color.unwrap_or(Color::Blue);
@@ -768,7 +788,7 @@ async fn perform<P: Platform>(
                 (Ok(a), Ok(p)) => (a, p),
                 (Err(e), _) | (_, Err(e)) => {
                     m.event(now, "AnalysisUnavailable", e, true);
-                    return false;
+                    return Step::Done;
                 }
             };
             match (active_src.snapshot().await, preview_src.snapshot().await) {
@@ -785,11 +805,22 @@ async fn perform<P: Platform>(
                     m.event(now, "AnalysisUnavailable", e.to_string(), true);
                 }
             }
-            false
+            Step::Done
         }
         Action::Switch { to, revision } => {
             if let Err(e) = platform.switch(&m.name, to).await {
-                m.event(now, e.category(), e.to_string(), true);
+                // Never announced as switched, never followed by the step's scale-down (which
+                // would stop the color still taking traffic).
+                ctx.metrics.errors.with_label_values(&[e.category()]).inc();
+                m.warn_once(
+                    e.category(),
+                    &format!(
+                        "the switch to {} did not happen: {e}; the gate decides again next pass",
+                        to.as_str()
+                    ),
+                    now,
+                );
+                return Step::Undone;
             }
             // Unknown after an operator restart: empty, so re-encryption waits for a switch.
             m.status.master_key_versions =
@@ -801,7 +832,7 @@ async fn perform<P: Platform>(
                 format!("traffic now goes to {} (revision {revision})", to.as_str()),
                 false,
             );
-            false
+            Step::Done
         }
         Action::ScaleDown { color } => {
             if let Err(e) = platform.scale_down(&m.name, color).await {
@@ -816,11 +847,11 @@ async fn perform<P: Platform>(
             if m.analysis.is_some() {
                 m.analysis = None;
             }
-            false
+            Step::Done
         }
         Action::Notify(n) => {
             announce(m, ctx, n, now).await;
-            false
+            Step::Done
         }
     }
 }
