@@ -22,3 +22,10 @@ CREATE TABLE detector_history (
 -- Which Slack app delivers a row: '' for the operator's own, a gateway's `namespace/name` for
 -- the app its ApiGateway names (spec.escalation.slack). Each app's deliverer takes only its rows.
 ALTER TABLE notification_outbox ADD COLUMN app text NOT NULL DEFAULT '';
+
+-- Where each gateway's audit log was last read for credential changes, so changes made while
+-- the operator was down are announced after it restarts.
+CREATE TABLE audit_cursors (
+    gateway text PRIMARY KEY,
+    after   bigint NOT NULL
+);

@@ -314,6 +314,11 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Self {
+        Self::keeping_state(None).await
+    }
+
+    /// A harness whose operator keeps its state in `state` (memory when None).
+    async fn keeping_state(state: Option<Arc<apitree::operator::durable::Durable>>) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(svc, NS);
@@ -323,7 +328,7 @@ impl Harness {
         let clock = Arc::new(Mutex::new(Timestamp::from_second(1_900_000_000).unwrap()));
         let c = clock.clone();
         let metrics = Arc::new(OperatorMetrics::new());
-        let op = Arc::new(Operator::new(
+        let mut op = Operator::new(
             client.clone(),
             Arc::new(KubePlatform::new(client, resolver)),
             metrics.clone(),
@@ -332,7 +337,11 @@ impl Harness {
             None,
             Arc::new(move || *c.lock().unwrap()),
             Arc::new(HttpState::new(metrics, None)),
-        ));
+        );
+        if let Some(state) = state {
+            op.set_durable(state);
+        }
+        let op = Arc::new(op);
         Self {
             client: client_for_tests,
             op,
@@ -1193,6 +1202,73 @@ async fn credential_changes_in_the_gateway_database_reach_the_gateways_channel()
     assert!(
         notes[0].contains("key.rotate at_live_Xy3kQ9ab by jiwoo@example.com"),
         "{notes:?}"
+    );
+}
+
+/// With a state database, a credential change made while the operator was down is announced
+/// by the next operator (it reads on from where the last one stopped), once.
+#[tokio::test]
+async fn credential_changes_made_while_the_operator_was_down_are_announced_after_it_restarts() {
+    use base64::Engine;
+    let db = common::TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let state = Arc::new(
+        apitree::operator::durable::Durable::open(Some(&db.url))
+            .await
+            .unwrap(),
+    );
+    let detail = json!({});
+    let (fx, rev) = stable_with_database("42");
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
+        "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
+    });
+    let path = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
+    let quiet = || {
+        stable_pass(
+            call("GET", &path).reply(200, secret.clone()),
+            &rev,
+            vec![
+                call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+                status_patch(),
+            ],
+        )
+    };
+    let first = Harness::keeping_state(Some(state.clone())).await;
+    first.pass(&fx.gw, quiet()).await;
+    drop(first);
+    // Down: a key is revoked meanwhile.
+    apitree::db::audit::append(
+        &pool,
+        "cli",
+        "key.revoke",
+        "at_live_Gone0000",
+        None,
+        &detail,
+    )
+    .await
+    .unwrap();
+    let second = Harness::keeping_state(Some(state)).await;
+    second.pass(&fx.gw, quiet()).await;
+    let notes: Vec<String> = second
+        .op
+        .notifier
+        .recorded_notes()
+        .into_iter()
+        .map(|n| n.text)
+        .collect();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("key.revoke at_live_Gone0000 by cli"),
+        "{notes:?}"
+    );
+    second.advance(301);
+    second.pass(&fx.gw, quiet()).await;
+    assert_eq!(
+        second.op.notifier.recorded_notes().len(),
+        1,
+        "announced once"
     );
 }
 

@@ -385,6 +385,35 @@ impl IncidentStore {
             .collect())
     }
 
+    /// Where `gateway`'s audit log was last read for credential changes (PostgreSQL only).
+    pub async fn audit_cursor(&self, gateway: &str) -> Result<Option<i64>, DbError> {
+        let Self::Postgres(pool) = self else {
+            return Ok(None);
+        };
+        sqlx::query_scalar("SELECT after FROM audit_cursors WHERE gateway = $1")
+            .bind(gateway)
+            .fetch_optional(pool)
+            .await
+            .map_err(DbError::query("read the audit cursor"))
+    }
+
+    /// Keeps where `gateway`'s audit log was last read.
+    pub async fn set_audit_cursor(&self, gateway: &str, after: i64) -> Result<(), DbError> {
+        let Self::Postgres(pool) = self else {
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO audit_cursors (gateway, after) VALUES ($1, $2)
+             ON CONFLICT (gateway) DO UPDATE SET after = excluded.after",
+        )
+        .bind(gateway)
+        .bind(after)
+        .execute(pool)
+        .await
+        .map_err(DbError::query("keep the audit cursor"))?;
+        Ok(())
+    }
+
     /// Open incidents, e.g. to show in status.
     pub async fn open(&self) -> Result<Vec<StoredIncident>, DbError> {
         match self {

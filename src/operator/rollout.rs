@@ -922,7 +922,7 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     m.next_detect = now.checked_add(window).ok();
     let at = now.as_second() - window.as_secs() as i64;
     // First, so an incident opened in this window carries the changes that preceded it.
-    credential_changes(m, at).await;
+    credential_changes(m, ctx, at).await;
     let Some(active) = m.status.active_color else {
         return;
     };
@@ -989,14 +989,15 @@ struct AuditCursor {
 }
 
 /// The credential changes the gateway database's audit log recorded since the last look go to
-/// the detector (a notice each, an incident on a burst). The first look starts at the end of
-/// the log: changes made before this process started are not announced again.
-async fn credential_changes(m: &mut Managed, at: i64) {
+/// the detector (a notice each, an incident on a burst). Where the log was last read is kept
+/// in the state database, so changes made while the operator was down are announced after it
+/// restarts; without one (or the first time) the first look starts at the end of the log.
+async fn credential_changes<P: Platform>(m: &mut Managed, ctx: &Context<P>, at: i64) {
     let Some(url) = m.database_url.clone() else {
         m.audit = None;
         return;
     };
-    let rows = match read_audit(&mut m.audit, &url).await {
+    let rows = match read_audit(&mut m.audit, &url, &m.name, &ctx.store).await {
         Ok(rows) => rows,
         Err(e) => {
             tracing::warn!(gateway = %m.name, "cannot read the audit log for credential changes: {e}");
@@ -1009,30 +1010,40 @@ async fn credential_changes(m: &mut Managed, at: i64) {
     }
 }
 
-/// The audit rows after `cursor` (opened at the log's end for a new or changed `url`).
+/// The audit rows after `cursor`: opened for a new or changed `url` where `store` says the
+/// log was last read, else at its end.
 async fn read_audit(
     cursor: &mut Option<AuditCursor>,
     url: &str,
+    gateway: &str,
+    store: &IncidentStore,
 ) -> Result<Vec<crate::db::audit::AuditRow>, crate::db::DbError> {
     let c = match cursor {
         Some(c) if c.url == url => c,
         _ => {
             let pool = crate::db::connect(url, 1).await?;
-            let after: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM audit_log")
-                .fetch_one(&pool)
-                .await
-                .map_err(crate::db::DbError::query("find the end of the audit log"))?;
-            *cursor = Some(AuditCursor {
+            let after = match store.audit_cursor(gateway).await? {
+                Some(after) => after,
+                None => {
+                    let end: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM audit_log")
+                        .fetch_one(&pool)
+                        .await
+                        .map_err(crate::db::DbError::query("find the end of the audit log"))?;
+                    store.set_audit_cursor(gateway, end).await?;
+                    end
+                }
+            };
+            cursor.insert(AuditCursor {
                 url: url.to_string(),
                 pool,
                 after,
-            });
-            return Ok(Vec::new());
+            })
         }
     };
     let rows = crate::db::audit::read_rows(&c.pool, c.after, 1000).await?;
     if let Some(last) = rows.last() {
         c.after = last.id;
+        store.set_audit_cursor(gateway, last.id).await?;
     }
     Ok(rows)
 }
