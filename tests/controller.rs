@@ -414,6 +414,31 @@ fn stable_pass(db_secret: Call, rev: &str, extra: Vec<Call>) -> Vec<Call> {
     calls
 }
 
+/// The read of [`stable_with_database`]'s Secret (at version 42), holding `url`.
+fn database_secret(url: &str) -> Call {
+    use base64::Engine;
+    call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db")).reply(
+        200,
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
+            "data": {"url": base64::engine::general_purpose::STANDARD.encode(url)}
+        }),
+    )
+}
+
+/// A quiet pass of [`stable_with_database`]`("42")`'s gateway whose database is at `url`.
+fn quiet_pass_reading(url: &str, rev: &str) -> Vec<Call> {
+    stable_pass(
+        database_secret(url),
+        rev,
+        vec![
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            status_patch(),
+        ],
+    )
+}
+
 fn deployments(name: &str) -> String {
     format!("/apis/apps/v1/namespaces/{NS}/deployments/{name}")
 }
@@ -1093,7 +1118,6 @@ async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
 
 #[tokio::test]
 async fn a_promotion_is_written_to_the_gateway_databases_audit_log() {
-    use base64::Engine;
     use CheckPhase::*;
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
@@ -1111,13 +1135,7 @@ async fn a_promotion_is_written_to_the_gateway_databases_audit_log() {
     let mut status = gating(old, &new, [Passed, Passed, Passed, Passed, Passed], t0);
     status.phase = Some(GatewayPhase::AwaitingApproval);
     let fx = fx.with_status(status).annotate("apitree.io/promote", &new);
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
-        "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
-    });
-    let mut calls =
-        vec![call("GET", &format!("/api/v1/namespaces/{NS}/secrets/shop-db")).reply(200, secret)];
+    let mut calls = vec![database_secret(&db.url)];
     calls.extend(observe_both(Some(old), Some(&new)));
     calls.extend(switch_to("green", &new));
     calls.extend([
@@ -1147,7 +1165,6 @@ async fn a_promotion_is_written_to_the_gateway_databases_audit_log() {
 /// before the operator started are not announced again).
 #[tokio::test]
 async fn credential_changes_in_the_gateway_database_reach_the_gateways_channel() {
-    use base64::Engine;
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
     let detail = json!({});
@@ -1163,22 +1180,7 @@ async fn credential_changes_in_the_gateway_database_reach_the_gateways_channel()
     .unwrap();
     let h = Harness::new().await;
     let (fx, rev) = stable_with_database("42");
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
-        "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
-    });
-    let path = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
-    let quiet = || {
-        stable_pass(
-            call("GET", &path).reply(200, secret.clone()),
-            &rev,
-            vec![
-                call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-                status_patch(),
-            ],
-        )
-    };
+    let quiet = || quiet_pass_reading(&db.url, &rev);
     h.pass(&fx.gw, quiet()).await;
     apitree::db::audit::append(
         &pool,
@@ -1209,7 +1211,6 @@ async fn credential_changes_in_the_gateway_database_reach_the_gateways_channel()
 /// by the next operator (it reads on from where the last one stopped), once.
 #[tokio::test]
 async fn credential_changes_made_while_the_operator_was_down_are_announced_after_it_restarts() {
-    use base64::Engine;
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
     let state = Arc::new(
@@ -1219,22 +1220,7 @@ async fn credential_changes_made_while_the_operator_was_down_are_announced_after
     );
     let detail = json!({});
     let (fx, rev) = stable_with_database("42");
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "shop-db", "namespace": NS, "resourceVersion": "42"},
-        "data": {"url": base64::engine::general_purpose::STANDARD.encode(&db.url)}
-    });
-    let path = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
-    let quiet = || {
-        stable_pass(
-            call("GET", &path).reply(200, secret.clone()),
-            &rev,
-            vec![
-                call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-                status_patch(),
-            ],
-        )
-    };
+    let quiet = || quiet_pass_reading(&db.url, &rev);
     let first = Harness::keeping_state(Some(state.clone())).await;
     first.pass(&fx.gw, quiet()).await;
     drop(first);

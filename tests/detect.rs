@@ -183,6 +183,17 @@ use apitree::detect::source::{GatewayWindow, RouteWindow};
 use apitree::notify::Notifier;
 use std::sync::Arc;
 
+/// A detector of `gateway` with the documented defaults.
+fn detector(gateway: &str, store: Arc<IncidentStore>, notifier: Arc<Notifier>) -> Detector {
+    Detector::new(
+        gateway,
+        ScoreConfig::from(&DetectionSpec::default()),
+        NoticeContext::default(),
+        store,
+        notifier,
+    )
+}
+
 fn window(shop: (u64, u64), cart: (u64, u64), auth_failures: u64) -> GatewayWindow {
     let mut w = GatewayWindow {
         auth_failures,
@@ -299,15 +310,7 @@ async fn a_restarted_detector_takes_up_its_open_incidents_and_baselines_from_pos
             critical: None,
         },
     });
-    let detector = || {
-        Detector::new(
-            "apis/marketplace",
-            ScoreConfig::from(&DetectionSpec::default()),
-            NoticeContext::default(),
-            store.clone(),
-            notifier.clone(),
-        )
-    };
+    let detector = || detector("apis/marketplace", store.clone(), notifier.clone());
     let quiet = window((5000, 50), (3000, 30), 20);
     let mut first = detector();
     for i in 0..12 {
@@ -391,13 +394,7 @@ async fn credential_changes_are_each_a_notice_and_a_burst_is_an_incident() {
     use apitree::detect::incident::IncidentEvent;
     let store = Arc::new(IncidentStore::memory());
     let notifier = Arc::new(Notifier::recording());
-    let mut d = Detector::new(
-        "apis/marketplace",
-        ScoreConfig::from(&DetectionSpec::default()),
-        NoticeContext::default(),
-        store.clone(),
-        notifier.clone(),
-    );
+    let mut d = detector("apis/marketplace", store.clone(), notifier.clone());
     let row = |id: i64, action: &str| AuditRow {
         id,
         at: chrono::DateTime::from_timestamp(T0 + id, 0).unwrap(),
@@ -457,13 +454,7 @@ async fn an_acknowledged_incident_says_who_and_a_silenced_one_posts_only_critica
     let pool = tdb.migrated_pool().await;
     let store = Arc::new(IncidentStore::Postgres(pool.clone()));
     let notifier = Arc::new(Notifier::recording());
-    let mut d = Detector::new(
-        "apis/marketplace",
-        ScoreConfig::from(&DetectionSpec::default()),
-        NoticeContext::default(),
-        store.clone(),
-        notifier.clone(),
-    );
+    let mut d = detector("apis/marketplace", store.clone(), notifier.clone());
     for i in 0..12 {
         d.observe(T0 + i * WINDOW, &window((5000, 50), (3000, 30), 20))
             .await
@@ -544,13 +535,7 @@ async fn an_acknowledged_incident_says_who_and_a_silenced_one_posts_only_critica
 async fn breaker_opens_and_latency_jumps_are_signals_too() {
     let store = Arc::new(IncidentStore::memory());
     let notifier = Arc::new(Notifier::recording());
-    let mut d = Detector::new(
-        "gw",
-        ScoreConfig::from(&DetectionSpec::default()),
-        NoticeContext::default(),
-        store.clone(),
-        notifier.clone(),
-    );
+    let mut d = detector("gw", store.clone(), notifier.clone());
     let with = |p99: f64, open: bool| {
         let mut w = window((5000, 50), (3000, 30), 20);
         let shop = w.routes.get_mut("shop").unwrap();
@@ -594,13 +579,7 @@ async fn credential_changes_from_the_audit_log_are_attached_to_the_auth_incident
     let tdb = common::TestDb::new().await;
     let pool = tdb.migrated_pool().await;
     let notifier = Arc::new(Notifier::recording());
-    let mut d = Detector::new(
-        "gw",
-        ScoreConfig::from(&DetectionSpec::default()),
-        NoticeContext::default(),
-        Arc::new(IncidentStore::memory()),
-        notifier.clone(),
-    );
+    let mut d = detector("gw", Arc::new(IncidentStore::memory()), notifier.clone());
     apitree::db::audit::append(
         &pool,
         "cli:ops",

@@ -151,10 +151,6 @@ impl IncidentStore {
             Self::Postgres(pool) => match id {
                 None => {
                     let id = Uuid::new_v4();
-                    let stored = IncidentNotice {
-                        incident_id: id,
-                        ..n.clone()
-                    };
                     sqlx::query(
                         "INSERT INTO incidents (id, gateway, route, signal, severity, max_severity, ratio, baseline, p_value, notice_seq, last_notice)
                          VALUES ($1, $2, $3, $4, $5::incident_severity, $5::incident_severity, $6, $7, $8, $9, $10)",
@@ -168,7 +164,10 @@ impl IncidentStore {
                     .bind(n.baseline)
                     .bind(n.p_value)
                     .bind(n.seq as i32)
-                    .bind(sqlx::types::Json(&stored))
+                    .bind(sqlx::types::Json(IncidentNotice {
+                        incident_id: id,
+                        ..n.clone()
+                    }))
                     .execute(pool)
                     .await
                     .map_err(DbError::query("open incident"))?;
@@ -252,63 +251,6 @@ impl IncidentStore {
                     .await
                     .map_err(DbError::query("keep an incident's last notice"))?;
                 Ok(())
-            }
-        }
-    }
-
-    /// Open incidents of `gateway` with what a detector needs to carry on with them.
-    async fn resumable(&self, gateway: &str) -> Result<Vec<Resumed>, DbError> {
-        match self {
-            Self::Memory(rows) => Ok(rows
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter(|r| !r.resolved && r.gateway == gateway)
-                .map(|r| Resumed {
-                    incident: r.clone(),
-                    seq: 0,
-                    last: None,
-                })
-                .collect()),
-            Self::Postgres(pool) => {
-                type Row = (
-                    Uuid,
-                    String,
-                    String,
-                    String,
-                    Option<String>,
-                    Option<f64>,
-                    i32,
-                    Option<sqlx::types::Json<IncidentNotice>>,
-                );
-                let rows: Vec<Row> = sqlx::query_as(
-                    "SELECT id, route, signal, severity::text, acknowledged_by, extract(epoch FROM silenced_until)::float8,
-                            notice_seq, last_notice
-                     FROM incidents WHERE resolved_at IS NULL AND gateway = $1 ORDER BY opened_at",
-                )
-                .bind(gateway)
-                .fetch_all(pool)
-                .await
-                .map_err(DbError::query("read open incidents to resume"))?;
-                Ok(rows
-                    .into_iter()
-                    .map(
-                        |(id, route, signal, sev, ack, silenced, seq, last)| Resumed {
-                            incident: StoredIncident {
-                                id,
-                                gateway: gateway.to_string(),
-                                route,
-                                signal,
-                                severity: parse_severity(&sev),
-                                resolved: false,
-                                acknowledged_by: ack,
-                                silenced_until: silenced.map(|t| t as i64),
-                            },
-                            seq: seq.max(0) as u32,
-                            last: last.map(|j| j.0),
-                        },
-                    )
-                    .collect())
             }
         }
     }
@@ -416,35 +358,67 @@ impl IncidentStore {
 
     /// Open incidents, e.g. to show in status.
     pub async fn open(&self) -> Result<Vec<StoredIncident>, DbError> {
+        Ok(self
+            .open_incidents(None)
+            .await?
+            .into_iter()
+            .map(|r| r.incident)
+            .collect())
+    }
+
+    /// Open incidents (of `gateway`, or all), oldest first, with what a detector needs to
+    /// carry on with them.
+    async fn open_incidents(&self, gateway: Option<&str>) -> Result<Vec<Resumed>, DbError> {
         match self {
             Self::Memory(rows) => Ok(rows
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .filter(|r| !r.resolved)
-                .cloned()
+                .filter(|r| !r.resolved && gateway.is_none_or(|g| r.gateway == g))
+                .map(|r| Resumed {
+                    incident: r.clone(),
+                    seq: 0,
+                    last: None,
+                })
                 .collect()),
             Self::Postgres(pool) => {
-                #[allow(clippy::type_complexity)]
-                let rows: Vec<(Uuid, String, String, String, String, Option<String>, Option<f64>)> = sqlx::query_as(
-                    "SELECT id, gateway, route, signal, severity::text, acknowledged_by, extract(epoch FROM silenced_until)::float8
-                     FROM incidents WHERE resolved_at IS NULL ORDER BY opened_at",
+                type Row = (
+                    Uuid,
+                    String,
+                    String,
+                    String,
+                    String,
+                    Option<String>,
+                    Option<f64>,
+                    i32,
+                    Option<sqlx::types::Json<IncidentNotice>>,
+                );
+                let rows: Vec<Row> = sqlx::query_as(
+                    "SELECT id, gateway, route, signal, severity::text, acknowledged_by,
+                            extract(epoch FROM silenced_until)::float8, notice_seq, last_notice
+                     FROM incidents WHERE resolved_at IS NULL AND ($1::text IS NULL OR gateway = $1)
+                     ORDER BY opened_at",
                 )
+                .bind(gateway)
                 .fetch_all(pool)
                 .await
                 .map_err(DbError::query("list open incidents"))?;
                 Ok(rows
                     .into_iter()
                     .map(
-                        |(id, gateway, route, signal, sev, ack, silenced)| StoredIncident {
-                            id,
-                            gateway,
-                            route,
-                            signal,
-                            severity: parse_severity(&sev),
-                            resolved: false,
-                            acknowledged_by: ack,
-                            silenced_until: silenced.map(|t| t as i64),
+                        |(id, gateway, route, signal, sev, ack, silenced, seq, last)| Resumed {
+                            incident: StoredIncident {
+                                id,
+                                gateway,
+                                route,
+                                signal,
+                                severity: parse_severity(&sev),
+                                resolved: false,
+                                acknowledged_by: ack,
+                                silenced_until: silenced.map(|t| t as i64),
+                            },
+                            seq: seq.max(0) as u32,
+                            last: last.map(|j| j.0),
                         },
                     )
                     .collect())
@@ -526,7 +500,7 @@ impl Detector {
             return Ok(());
         }
         let history = self.store.history(&self.gateway).await?;
-        let open = self.store.resumable(&self.gateway).await?;
+        let open = self.store.open_incidents(Some(&self.gateway)).await?;
         let windows = history.len();
         for (route, signal, past) in history {
             if let Some(signal) = signal_named(&signal) {
