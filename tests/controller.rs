@@ -503,6 +503,19 @@ fn observe_both(blue: Option<&str>, green: Option<&str>) -> Vec<Call> {
     calls
 }
 
+/// A pass that starts the analysis of `new` (green) against `old` (blue): both colors
+/// observed, both scraped (their pods listed), the detector's scrape of blue, then `status`.
+fn analysis_start_pass(old: &str, new: &str, status: Call) -> Vec<Call> {
+    let mut calls = observe_both(Some(old), Some(new));
+    calls.extend([
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        status,
+    ]);
+    calls
+}
+
 /// The switch: the target Deployment is read (for its owner), then the active Service is
 /// applied selecting `color` and the preview Service the other one.
 fn switch_to(color: &str, revision: &str) -> Vec<Call> {
@@ -596,15 +609,13 @@ async fn a_new_revision_passes_the_analysis_and_the_active_service_switches_to_g
     let old = OLD;
     let (fx, new) = h.gating([Passed, Passed, Skipped, Passed, Running]);
     // Pass 1: a fresh operator has no analysis counters: the window starts now.
-    let mut calls = observe_both(Some(old), Some(&new));
-    calls.extend([
-        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-        call("GET", &pods_of("green")).reply(200, pod_list("green")),
-        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+    let calls = analysis_start_pass(
+        old,
+        &new,
         status_patch()
             .has("\"phase\":\"Gating\"")
             .has("\"progress\":\"4/5\""),
-    ]);
+    );
     let (_, bodies) = h.pass(&fx.gw, calls).await;
     let status = status_of(&bodies);
     assert_eq!(status.gate.as_ref().unwrap().checks[4].phase, Running);
@@ -640,13 +651,7 @@ async fn a_switch_the_api_refuses_is_undone_and_the_next_pass_makes_it() {
     let h = Harness::new().await;
     let old = OLD;
     let (fx, new) = h.gating([Passed, Passed, Skipped, Passed, Running]);
-    let mut calls = observe_both(Some(old), Some(&new));
-    calls.extend([
-        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-        call("GET", &pods_of("green")).reply(200, pod_list("green")),
-        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-        status_patch(),
-    ]);
+    let calls = analysis_start_pass(old, &new, status_patch());
     let (_, bodies) = h.pass(&fx.gw, calls).await;
     let started = status_of(&bodies);
     h.advance(61);
@@ -699,13 +704,7 @@ async fn a_pass_stuck_on_one_gateway_does_not_hold_up_another() {
         (req.uri().path().to_string(), send)
     };
     assert!(first.contains("cart"), "{first}");
-    let mut calls = observe_both(Some(OLD), Some(&new));
-    calls.extend([
-        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-        call("GET", &pods_of("green")).reply(200, pod_list("green")),
-        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-        status_patch().has("\"phase\":\"Gating\""),
-    ]);
+    let calls = analysis_start_pass(OLD, &new, status_patch().has("\"phase\":\"Gating\""));
     let (_, bodies) = h.pass(&fx.gw, calls).await;
     assert_eq!(status_of(&bodies).gate.unwrap().checks[4].phase, Running);
     assert!(
@@ -771,13 +770,7 @@ async fn api_faults_while_observing_never_move_the_gate_and_the_next_pass_resume
         written.as_object_mut().unwrap().remove("conditions");
         assert_eq!(written, before, "{what} {code}: the status moved");
         // The next pass sees everything: the gate resumes at check 5 (nothing restarted).
-        let mut calls = observe_both(Some(OLD), Some(&new));
-        calls.extend([
-            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-            call("GET", &pods_of("green")).reply(200, pod_list("green")),
-            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-            status_patch(),
-        ]);
+        let calls = analysis_start_pass(OLD, &new, status_patch());
         let (_, bodies) = h.pass(&fx.gw, calls).await;
         let after = status_of(&bodies);
         let checks = &after.gate.as_ref().unwrap().checks;

@@ -424,7 +424,11 @@ async fn metric_targets<P: Platform>(
     admins: &[String],
 ) -> Result<Vec<ScrapeTarget>, String> {
     let tls = m.spec.tls.is_some();
-    let preview = ctx.platform.preview_url(&m.name, tls).await;
+    // (Only a TLS gateway's certificate is verified against the preview endpoint's name.)
+    let preview = match tls {
+        true => ctx.platform.preview_url(&m.name, tls).await,
+        false => None,
+    };
     probes::metric_targets(
         &ctx.http,
         &m.spec,
