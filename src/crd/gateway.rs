@@ -774,7 +774,8 @@ pub struct ApiGatewayStatus {
     /// Open incidents, most severe first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub incidents: Vec<IncidentSummary>,
-    /// Result of the last schema-drift check.
+    /// Result of the last completed schema-drift check (`checkedAt` says when); a sweep that
+    /// cannot reach the database leaves it and says so in a `HealthSweepFailed` Event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftSummary>,
     /// Conditions: `Ready`, `Progressing`, `Degraded`, `SpecValid`.

@@ -303,6 +303,25 @@ impl Outbox {
         }
     }
 
+    /// Gives claimed rows back at once (instead of after [`CLAIM_FOR`]): a deliverer that
+    /// stopped a pass before sending them.
+    pub async fn release(&self, ids: &[i64]) -> Result<(), DbError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Postgres { pool, .. } => {
+                sqlx::query(
+                    "UPDATE notification_outbox SET next_attempt_at = now()
+                     WHERE id = ANY($1) AND delivered_at IS NULL",
+                )
+                .bind(ids)
+                .execute(pool)
+                .await
+                .map_err(DbError::query("release claimed notifications"))?;
+                Ok(())
+            }
+        }
+    }
+
     /// Rows not yet delivered (for status and tests).
     pub async fn pending_count(&self) -> Result<i64, DbError> {
         match self {

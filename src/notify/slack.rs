@@ -133,6 +133,17 @@ pub struct SlackDelivery {
     client: SlackClient<Connector>,
     token: SlackApiToken,
     outbox: Arc<Outbox>,
+    /// What the outbox could not record because its database went away mid-pass: rows Slack
+    /// accepted (with their message ts) and rows claimed but not sent. Written back before
+    /// the next pass claims anything, so a row Slack accepted is never sent again by this
+    /// deliverer, and rows it did not get to wait no longer than the database's outage.
+    unrecorded: std::sync::Mutex<Unrecorded>,
+}
+
+#[derive(Default)]
+struct Unrecorded {
+    delivered: Vec<(i64, Option<String>)>,
+    unsent: Vec<i64>,
 }
 
 /// What one delivery pass did.
@@ -154,18 +165,27 @@ impl SlackDelivery {
             client: SlackClient::new(connector),
             token: SlackApiToken::new(SlackApiTokenValue::new(config.token.clone())),
             outbox,
+            unrecorded: Default::default(),
         }
     }
 
     /// Delivers every row that is due now, once.
     pub async fn deliver_due(&self) -> Result<PassReport, DbError> {
+        self.record_leftovers().await?;
         let mut report = PassReport::default();
-        for row in self.outbox.due(100).await? {
-            match self.send(&row).await {
-                Ok(ts) => {
-                    self.outbox.delivered(row.id, ts.as_deref()).await?;
-                    report.delivered += 1;
-                }
+        let mut rows = self.outbox.due(100).await?.into_iter();
+        while let Some(row) = rows.next() {
+            let recorded = match self.send(&row).await {
+                Ok(ts) => match self.outbox.delivered(row.id, ts.as_deref()).await {
+                    Ok(()) => {
+                        report.delivered += 1;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.unrecorded().delivered.push((row.id, ts));
+                        Err(e)
+                    }
+                },
                 Err((reason, retry_in)) => {
                     tracing::warn!(
                         row = row.id,
@@ -173,12 +193,52 @@ impl SlackDelivery {
                         retry_in_ms = retry_in.as_millis() as u64,
                         "Slack delivery failed, will retry: {reason}"
                     );
-                    self.outbox.failed(row.id, &reason, retry_in).await?;
                     report.failed += 1;
+                    let recorded = self.outbox.failed(row.id, &reason, retry_in).await;
+                    if recorded.is_err() {
+                        self.unrecorded().unsent.push(row.id);
+                    }
+                    recorded
                 }
+            };
+            if let Err(e) = recorded {
+                self.unrecorded().unsent.extend(rows.map(|r| r.id));
+                return Err(e);
             }
         }
         Ok(report)
+    }
+
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, Unrecorded> {
+        self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes what an earlier pass could not; an error leaves the rest for the next pass.
+    async fn record_leftovers(&self) -> Result<(), DbError> {
+        let (delivered, unsent) = {
+            let mut u = self.unrecorded();
+            (
+                std::mem::take(&mut u.delivered),
+                std::mem::take(&mut u.unsent),
+            )
+        };
+        let mut delivered = delivered.into_iter();
+        while let Some((id, ts)) = delivered.next() {
+            if let Err(e) = self.outbox.delivered(id, ts.as_deref()).await {
+                let mut u = self.unrecorded();
+                u.delivered.push((id, ts));
+                u.delivered.extend(delivered);
+                u.unsent.extend(unsent);
+                return Err(e);
+            }
+        }
+        if !unsent.is_empty() {
+            if let Err(e) = self.outbox.release(&unsent).await {
+                self.unrecorded().unsent.extend(unsent);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Delivers until `stop` resolves, polling every `every`.

@@ -238,7 +238,11 @@ impl Managed {
         let Some(o) = self.sweep.clone() else {
             return;
         };
-        self.status.drift = o.drift.clone();
+        // A sweep that could not finish its check (the database went away mid-sweep) says so
+        // in an Event; the last completed check stays in status with the time it was made.
+        if o.drift.is_some() {
+            self.status.drift = o.drift.clone();
+        }
         let at = o.at.to_rfc3339();
         if !o.problems.is_empty() {
             self.warn_once("HealthSweepFailed", &o.problems.join("; "), now);

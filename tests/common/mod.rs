@@ -1,8 +1,10 @@
 //! Shared test support: throwaway PostgreSQL databases on the real server.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod gateway;
 pub mod pki;
+pub mod slack;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
