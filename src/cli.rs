@@ -98,10 +98,12 @@ pub enum Command {
     /// 3x → 5x → 10x and resolves; rolls out two bad revisions the gate refuses (a broken
     /// upstream caught by the smoke check, a flaky one caught by the analysis check).
     /// Notifications go to stderr, or to Slack when SLACK_BOT_TOKEN is set (SLACK_API_URL is
-    /// honoured). Takes about a minute and leaves nothing running.
+    /// honoured). With --database-url (an empty database) the schema check runs for real and a
+    /// drift step is added. Takes about a minute and leaves nothing running.
     ///
     ///   apitree demo
     ///   apitree demo --format json > summary.json
+    ///   apitree demo --database-url postgres://postgres@127.0.0.1/apitree_demo
     Demo(DemoArgs),
 
     /// Run the ApiGateway controller on this machine: manifests from files, proxies in-process.
@@ -296,6 +298,18 @@ pub struct DemoArgs {
         default_value = "apitree-demo"
     )]
     pub slack_channel: String,
+    /// PostgreSQL for the tour: the gateway names it, so the gate's schema check runs for
+    /// real; incidents and notifications are kept there; and a drift step is added (tenant
+    /// isolation switched off, found and fixed by the health sweep). Give it an empty database:
+    /// the demo migrates it and marks it as its own, and refuses one with other tables. Falls
+    /// back to DATABASE_URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -310,6 +310,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         keep_running: args.keep_running,
         slack_channel: Some(args.slack_channel),
         http: args.http,
+        database_url: apitree::cli::database_url_or_env(&args.database_url),
     })
     .await?;
     let summary = apitree::operator::demo::summary(&gateway);

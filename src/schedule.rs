@@ -1,6 +1,6 @@
 //! The periodic health sweep (tokio-cron-scheduler, every 15 minutes by default): for every
 //! gateway with a database — is the database reachable, does its schema drift (fixed at once
-//! under `driftPolicy: auto`), and which rotated keys' grace periods ended (revoked). Results go
+//! under `driftPolicy: auto`, after noting what was found), and which rotated keys' grace periods ended (revoked). Results go
 //! to the gateway's status (`status.drift`), Events and metrics. Runs never overlap: a run that
 //! finds the previous one still going is skipped and counted as such.
 
@@ -27,6 +27,9 @@ pub struct SweepOutcome {
     pub gateway: String,
     pub at: DateTime<Utc>,
     pub drift: Option<DriftSummary>,
+    /// Under `driftPolicy: auto`, the drift found before fixing it (None when there was none):
+    /// security drift found is an incident even when the same sweep fixed it.
+    pub found: Option<DriftSummary>,
     /// Objects fixed under `driftPolicy: auto`.
     pub fixed: Vec<String>,
     /// Prefixes of keys revoked because their grace period ended.
@@ -71,6 +74,7 @@ pub async fn sweep_gateway(t: &SweepTarget, now: DateTime<Utc>) -> SweepOutcome 
         gateway: t.gateway.clone(),
         at: now,
         drift: None,
+        found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
         problems: Vec::new(),
@@ -84,6 +88,13 @@ pub async fn sweep_gateway(t: &SweepTarget, now: DateTime<Utc>) -> SweepOutcome 
     };
     if t.policy != DriftPolicy::Off {
         if t.policy == DriftPolicy::Auto {
+            match crate::drift::fix::check(&pool, false).await {
+                Ok(report) if !report.in_sync() => {
+                    out.found = Some(report.summary(now.to_rfc3339()));
+                }
+                Ok(_) => {}
+                Err(e) => out.problems.push(format!("drift check: {e}")),
+            }
             match crate::drift::fix::fix(
                 &pool,
                 false,

@@ -1279,6 +1279,7 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
             security,
             message: Some(format!("{security} weakening security")),
         }),
+        found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
         problems: Vec::new(),
@@ -1351,6 +1352,7 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
             changed: 1,
             ..DriftSummary::default()
         }),
+        found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
         problems: Vec::new(),

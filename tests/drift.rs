@@ -388,10 +388,16 @@ async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_n
     );
     let auto = &outcomes[0];
     assert_eq!(auto.fixed.len(), 5, "{auto:#?}");
+    let found = auto.found.as_ref().expect("what was found before the fix");
+    assert_eq!((found.missing, found.security), (4, 3), "{found:?}");
     let d = auto.drift.as_ref().unwrap();
     assert_eq!((d.missing, d.changed, d.security, d.extra), (0, 0, 0, 1));
     let report = &outcomes[1];
     assert!(report.fixed.is_empty());
+    assert!(
+        report.found.is_none(),
+        "only a fixing sweep says what it found first"
+    );
     let d = report.drift.as_ref().unwrap();
     assert_eq!((d.missing, d.security), (4, 3), "{d:?}");
     assert!(outcomes.iter().all(|o| o.problems.is_empty()));

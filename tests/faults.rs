@@ -400,6 +400,37 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
     m.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     assert_eq!(m.status.drift.as_ref().map(|d| d.security), Some(0));
     assert_eq!(open(&m), 0, "fixed drift resolves the incident");
+
+    // Found and fixed by one sweep (auto) still pages: the incident opens and resolves at
+    // once, and only once however many passes see that sweep.
+    let notifier = Arc::new(Notifier::recording());
+    let mut fresh = apitree::operator::rollout::Managed::new(
+        "cart",
+        serde_json::from_value(serde_json::json!({"replicas": 1, "proxy": {"routes": []}}))
+            .unwrap(),
+        1,
+        notifier.clone(),
+        Arc::new(apitree::detect::engine::IncidentStore::memory()),
+        None,
+    );
+    switch_off_tenant_isolation(&pool).await;
+    fresh.sweep = Some(sweep_gateway(&fixing, chrono::Utc::now()).await);
+    for _ in 0..2 {
+        fresh.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
+    }
+    let told: Vec<_> = notifier
+        .recorded()
+        .iter()
+        .map(|n| (n.event, n.severity))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (IncidentEvent::Open, Severity::Critical),
+            (IncidentEvent::Resolve, Severity::None)
+        ]
+    );
+    assert_eq!(fresh.status.drift.as_ref().map(|d| d.security), Some(0));
 }
 
 /// Redis stops under load and comes back: every request is still answered (no 5xx, no

@@ -16,6 +16,8 @@ use apitree::operator::rollout::Managed;
 use apitree::platform::Platform;
 use apitree::proxy::keys::ApiKey;
 
+mod common;
+
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Run {
@@ -47,7 +49,7 @@ impl Run {
         api.weather_failure_per_mille.store(0, Ordering::Relaxed);
         let upstream = format!("http://{}", api.addr);
         let notifier = Arc::new(Notifier::recording());
-        let (ctx, key) = demo::local_context(notifier.clone()).unwrap();
+        let (ctx, key) = demo::local_context(notifier.clone(), None).unwrap();
         let m = Managed::new(
             "shop",
             fast_spec(&upstream, f),
@@ -355,25 +357,39 @@ async fn an_invalid_spec_gets_a_condition_and_one_event_and_deploys_nothing() {
     run.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_prints_one_json_summary_of_its_tour() {
-    let _turn = TURN.lock().await;
+/// `apitree demo --format json ARGS` without Slack or a database from the environment:
+/// (exit status, stdout, stderr).
+async fn run_demo(args: &[&str]) -> (std::process::ExitStatus, Vec<u8>, String) {
     let out = tokio::time::timeout(
         Duration::from_secs(180),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
             .args(["demo", "--format", "json"])
+            .args(args)
             .env_remove("SLACK_BOT_TOKEN")
+            .env_remove("DATABASE_URL")
+            .env_remove("APITREE_DATABASE_URL")
             .kill_on_drop(true)
             .output(),
     )
     .await
     .expect("the demo finishes in under 3 minutes")
     .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed:\n{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    (out.status, out.stdout, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_one_json_summary_of_its_tour() {
+    let _turn = TURN.lock().await;
+    let (status, stdout, stderr) = run_demo(&[]).await;
+    assert!(status.success(), "demo failed:\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&stdout)
         .unwrap_or_else(|e| panic!("stdout must be exactly one JSON document: {e}"));
     let runs = summary["gate_runs"].as_array().unwrap();
+    assert_eq!(
+        runs[0]["checks"][2]["phase"], "Skipped",
+        "no database, no schema check"
+    );
     let outcomes: Vec<&str> = runs
         .iter()
         .map(|r| r["outcome"].as_str().unwrap())
@@ -420,6 +436,86 @@ async fn the_demo_prints_one_json_summary_of_its_tour() {
 
 /// The manifest `apitree local` reads in the test: route `/status/` forwards to the runner's own
 /// status API, so nothing else has to run.
+/// With a database the demo runs all five checks for real (schema: at the latest migration,
+/// no drift), keeps incidents in it, and adds the drift step: tenant isolation switched off,
+/// a critical security-drift incident, fixed by the health sweep (an audit row) and resolved;
+/// the database ends with row-level security back on. A database with tables the demo did not
+/// make is refused before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_with_a_database_runs_the_schema_check_and_a_drift_step() {
+    let foreign = common::TestDb::new().await;
+    drop(foreign.migrated_pool().await);
+    let (status, _, stderr) = run_demo(&["--database-url", &foreign.url]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("give it an empty one of its own"),
+        "{stderr}"
+    );
+
+    let _turn = TURN.lock().await;
+    let db = common::TestDb::new().await;
+    let (status, stdout, stderr) = run_demo(&["--database-url", &db.url]).await;
+    assert!(status.success(), "demo failed:\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    let runs = summary["gate_runs"].as_array().unwrap();
+    let outcomes: Vec<&str> = runs
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["promoted", "rejected", "rejected"]);
+    let checks = runs[0]["checks"].as_array().unwrap();
+    assert!(
+        checks.iter().all(|c| c["phase"] == "Passed"),
+        "5/5: {checks:?}"
+    );
+    assert!(checks[2]["observed"]
+        .as_str()
+        .unwrap()
+        .ends_with("no drift"));
+    let drift = summary["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["signal"] == "security drift")
+        .unwrap_or_else(|| panic!("a security-drift incident: {summary}"));
+    assert_eq!(drift["max_severity"], "critical");
+    assert_eq!(drift["resolved"], true);
+    assert_eq!(summary["drift"]["security"], 0);
+    assert!(stderr.contains("4/6 security drift"), "{stderr}");
+    assert!(stderr.contains("audit: drift.fix"), "{stderr}");
+
+    let pool = db.pool().await;
+    let rls: bool =
+        sqlx::query_scalar("SELECT relrowsecurity FROM pg_class WHERE relname = 'api_keys'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(rls, "tenant isolation is back on");
+    let kept: Vec<String> = sqlx::query_scalar("SELECT DISTINCT signal FROM incidents ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept,
+        ["error ratio", "security drift"],
+        "incidents kept in the database"
+    );
+    let fixes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'drift.fix' AND actor LIKE 'apitree health sweep%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(fixes >= 1);
+    pool.close().await;
+    // Run again on the same database: it is the demo's own.
+    let (status, _, stderr) = run_demo(&["--database-url", &db.url]).await;
+    assert!(
+        status.success(),
+        "a second demo on its own database:\n{stderr}"
+    );
+}
+
 fn local_manifest(http: u16, timeout: &str, annotations: &str) -> String {
     format!(
         r#"apiVersion: apitree.io/v1alpha1

@@ -28,6 +28,30 @@ pub const CREDENTIALS_OVERDUE: &str = "credentials overdue";
 /// re-encryptions) in one window.
 pub const CREDENTIAL_CHANGES: &str = "credential changes";
 
+/// Every signal an incident can be about.
+pub const SIGNALS: [&str; 7] = [
+    ERROR_RATIO,
+    AUTH_FAILURES,
+    P99_LATENCY,
+    CIRCUIT_OPEN,
+    SECURITY_DRIFT,
+    CREDENTIALS_OVERDUE,
+    CREDENTIAL_CHANGES,
+];
+
+/// Whether incidents of `signal` are events (something is or is not the case: a breaker
+/// open, drift found, a burst of changes), not a ratio scored against a baseline: their
+/// notices show no ratio or p-value.
+pub fn is_event_signal(signal: &str) -> bool {
+    [
+        CIRCUIT_OPEN,
+        SECURITY_DRIFT,
+        CREDENTIALS_OVERDUE,
+        CREDENTIAL_CHANGES,
+    ]
+    .contains(&signal)
+}
+
 /// Credential changes in one window that make an incident of their own.
 pub const CREDENTIAL_BURST: usize = 5;
 
@@ -95,17 +119,7 @@ struct Resumed {
 
 /// The signal constant named `name` (watched series are keyed by them).
 fn signal_named(name: &str) -> Option<&'static str> {
-    [
-        ERROR_RATIO,
-        AUTH_FAILURES,
-        P99_LATENCY,
-        CIRCUIT_OPEN,
-        SECURITY_DRIFT,
-        CREDENTIALS_OVERDUE,
-        CREDENTIAL_CHANGES,
-    ]
-    .into_iter()
-    .find(|s| *s == name)
+    SIGNALS.into_iter().find(|s| *s == name)
 }
 
 impl IncidentStore {

@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use super::{IncidentNotice, Note, RolloutNotice};
+use crate::detect::engine::is_event_signal;
 use crate::detect::{IncidentEvent, Severity};
 
 fn emoji(s: Severity) -> &'static str {
@@ -18,16 +19,20 @@ fn emoji(s: Severity) -> &'static str {
 
 /// The one-line summary (also the notification text and the message's fallback).
 pub fn summary(n: &IncidentNotice) -> String {
-    let state = if n.event == IncidentEvent::Resolve {
-        "RESOLVED".to_string()
-    } else {
-        n.severity.label().to_uppercase()
-    };
+    let state = state_label(n);
     let route = if n.route.is_empty() {
         "all routes".to_string()
     } else {
         format!("route {}", n.route)
     };
+    if is_event_signal(&n.signal) {
+        return format!(
+            "{} {state}: {} on {} ({route})",
+            emoji(n.severity),
+            n.signal,
+            n.gateway
+        );
+    }
     format!(
         "{} {state}: {} on {} ({route}) at {:.1}x baseline",
         emoji(n.severity),
@@ -37,21 +42,35 @@ pub fn summary(n: &IncidentNotice) -> String {
     )
 }
 
+/// The header's state: the severity, or RESOLVED.
+fn state_label(n: &IncidentNotice) -> String {
+    if n.event == IncidentEvent::Resolve {
+        "RESOLVED".into()
+    } else {
+        n.severity.label().to_uppercase()
+    }
+}
+
 /// The main message's blocks.
 pub fn incident_blocks(n: &IncidentNotice) -> Value {
-    let mut fields = vec![
-        json!({"type": "mrkdwn", "text": format!("*Severity*\n{}", n.severity.label())}),
-        json!({"type": "mrkdwn", "text": format!("*Ratio vs baseline*\n{:.1}x ({:.3}% vs {:.3}%)", n.ratio, n.current * 100.0, n.baseline * 100.0)}),
-        json!({"type": "mrkdwn", "text": format!("*p-value*\n{:.2e}", n.p_value)}),
+    let mut fields =
+        vec![json!({"type": "mrkdwn", "text": format!("*Severity*\n{}", n.severity.label())})];
+    if !is_event_signal(&n.signal) {
+        fields.extend([
+            json!({"type": "mrkdwn", "text": format!("*Ratio vs baseline*\n{:.1}x ({:.3}% vs {:.3}%)", n.ratio, n.current * 100.0, n.baseline * 100.0)}),
+            json!({"type": "mrkdwn", "text": format!("*p-value*\n{:.2e}", n.p_value)}),
+        ]);
+    }
+    fields.extend([
         json!({"type": "mrkdwn", "text": format!("*Window*\n{}s ending {}", n.window_secs, n.at)}),
         json!({"type": "mrkdwn", "text": format!("*Gateway*\n{}", n.gateway)}),
         json!({"type": "mrkdwn", "text": format!("*Route*\n{}", if n.route.is_empty() { "-" } else { &n.route })}),
-    ];
+    ]);
     if let Some(who) = &n.acknowledged_by {
         fields.push(json!({"type": "mrkdwn", "text": format!("*Acknowledged*\n<@{who}>")}));
     }
     let mut blocks = vec![
-        json!({"type": "header", "text": {"type": "plain_text", "text": format!("{} {} on {}", n.severity.label().to_uppercase(), n.signal, n.gateway)}}),
+        json!({"type": "header", "text": {"type": "plain_text", "text": format!("{} {} on {}", state_label(n), n.signal, n.gateway)}}),
         json!({"type": "section", "text": {"type": "mrkdwn", "text": summary(n)}, "fields": fields}),
     ];
     let mut hint = format!(
@@ -106,6 +125,14 @@ pub fn change_text(n: &IncidentNotice) -> String {
         }
         _ => String::new(),
     };
+    if is_event_signal(&n.signal) {
+        return format!(
+            "{mention}{} {what} to *{}* at {}",
+            emoji(n.severity),
+            n.severity.label(),
+            n.at
+        );
+    }
     format!(
         "{mention}{} {what} to *{}* at {}: {:.1}x baseline, p={:.2e}",
         emoji(n.severity),
@@ -159,4 +186,69 @@ pub fn note_blocks(n: &Note, text: &str) -> Value {
         );
     }
     Value::Array(blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::engine::SIGNALS;
+
+    fn notice(signal: &str, event: IncidentEvent, severity: Severity) -> IncidentNotice {
+        IncidentNotice {
+            incident_id: uuid::Uuid::nil(),
+            seq: 1,
+            gateway: "shop/api".into(),
+            route: String::new(),
+            signal: signal.into(),
+            severity,
+            event,
+            ratio: 6.2,
+            current: 0.062,
+            baseline: 0.01,
+            p_value: 1e-9,
+            window_secs: 60,
+            at: "2026-12-04T10:00:00Z".into(),
+            runbook_url: None,
+            status_url: None,
+            rollout_revision: None,
+            acknowledged_by: None,
+            remark: None,
+            critical_mention: None,
+            related_changes: vec![],
+        }
+    }
+
+    /// A ratio and a p-value are shown for scored signals only (an event such as drift found
+    /// has none: "1.0x baseline, p=0.00e0" would mislead), and a resolved incident's header
+    /// says RESOLVED, never the severity "NONE".
+    #[test]
+    fn ratios_only_for_scored_signals_and_resolved_headers_say_so() {
+        for signal in SIGNALS {
+            for (event, severity) in [
+                (IncidentEvent::Open, Severity::Critical),
+                (IncidentEvent::Escalate, Severity::High),
+                (IncidentEvent::Resolve, Severity::None),
+            ] {
+                let n = notice(signal, event, severity);
+                let blocks = incident_blocks(&n);
+                let texts = [summary(&n), change_text(&n), blocks.to_string()];
+                let shows_ratio = texts
+                    .iter()
+                    .any(|t| t.contains("baseline") || t.contains("p=") || t.contains("p-value"));
+                let scored = ["error ratio", "auth failures", "p99 latency"].contains(&signal);
+                assert_eq!(shows_ratio, scored, "{signal}: {texts:?}");
+                let header = blocks[0]["text"]["text"].as_str().unwrap();
+                let want = if event == IncidentEvent::Resolve {
+                    "RESOLVED"
+                } else {
+                    severity.label()
+                };
+                assert!(
+                    header.to_uppercase().starts_with(&want.to_uppercase())
+                        && !header.contains("NONE"),
+                    "{header}"
+                );
+            }
+        }
+    }
 }

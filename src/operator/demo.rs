@@ -3,6 +3,11 @@
 //! invalid keys); then a good revision through the gate, an error burst the detector escalates
 //! 3x → 5x → 10x and resolves, and two bad revisions the gate refuses (a broken upstream caught
 //! by smoke, a flaky one caught by analysis). Everything it started stops before it returns.
+//!
+//! With a database (`--database-url`, an empty one it migrates and marks as the demo's) the
+//! gateway names it: the gate's schema check runs for real, incidents and the outbox are kept
+//! there, and the tour adds a drift step — tenant isolation switched off in the database, found
+//! by the health sweep (a critical incident), fixed by it (audited) and resolved.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,6 +43,59 @@ pub struct DemoOptions {
     pub slack_channel: Option<String>,
     /// Address of the status page with `keep_running`.
     pub http: String,
+    /// PostgreSQL for the gateway and the tour's state (empty, or an earlier demo's).
+    pub database_url: Option<String>,
+}
+
+/// Marks a database as the demo's (`COMMENT ON DATABASE`): the demo switches tenant isolation
+/// off in it for a moment, so it only ever uses an empty database or one it marked.
+const DEMO_MARK: &str = "apitree demo database: the demo switches tenant isolation off in it";
+
+/// The demo's database: migrated, marked, and the state store of the tour.
+pub struct DemoDatabase {
+    pub url: String,
+    pub pool: sqlx::PgPool,
+}
+
+impl DemoDatabase {
+    /// Connects, refuses a database that holds anything but an earlier demo's data, migrates
+    /// it to this release and marks it.
+    pub async fn prepare(url: &str) -> Result<Self, DemoError> {
+        let fail = |reason: String| DemoError::Start {
+            what: "database",
+            reason,
+        };
+        let pool = crate::db::connect(url, 4)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let (name, mark, tables): (String, Option<String>, i64) = sqlx::query_as(
+            "SELECT current_database(),
+                    shobj_description((SELECT oid FROM pg_database WHERE datname = current_database()), 'pg_database'),
+                    (SELECT count(*) FROM pg_tables WHERE schemaname = 'public')",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        if tables > 0 && mark.as_deref() != Some(DEMO_MARK) {
+            return Err(fail(format!(
+                "database {name} already has tables and is not one an earlier demo made; the demo switches tenant isolation off in its database for a moment, so give it an empty one of its own (createdb apitree_demo, then --database-url postgres://…/apitree_demo)"
+            )));
+        }
+        crate::db::migrate(&pool, &name)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "COMMENT ON DATABASE {quoted} IS '{DEMO_MARK}'"
+        )))
+        .execute(&pool)
+        .await
+        .map_err(|e| fail(format!("cannot mark database {name} as the demo's: {e}")))?;
+        Ok(Self {
+            url: url.to_string(),
+            pool,
+        })
+    }
 }
 
 /// Why the demo stopped early.
@@ -73,6 +131,7 @@ pub fn summary(m: &Managed) -> Value {
         "gate_runs": runs,
         "incidents": m.incidents,
         "notifications": m.notifications,
+        "drift": m.status.drift,
     })
 }
 
@@ -380,14 +439,12 @@ async fn keep_running(tour: &mut Tour, addr: &str) -> Result<(), std::io::Error>
     Ok(())
 }
 
-fn stage(text: &str) {
-    eprintln!("\n== {text}");
-}
-
 /// A local-platform context with one org (`acme`), one live API key (returned, and resolvable
-/// as Secret `demo-keys`/`live` for smoke probes) and a fresh random pepper.
+/// as Secret `demo-keys`/`live` for smoke probes) and a fresh random pepper; with `database`,
+/// Secret `demo-db`/`url` resolves to its URL and incidents are kept in it.
 pub fn local_context(
     notifier: Arc<Notifier>,
+    database: Option<&DemoDatabase>,
 ) -> Result<(Context<LocalPlatform>, ApiKey), DemoError> {
     let mut pepper_bytes = [0u8; 32];
     rand::fill(&mut pepper_bytes);
@@ -424,15 +481,24 @@ pub fn local_context(
         None,
     ));
     let secret_key = key.expose_secret().to_string();
+    let database_url = database.map(|d| d.url.clone());
+    let store = match database {
+        Some(d) => IncidentStore::Postgres(d.pool.clone()),
+        None => IncidentStore::memory(),
+    };
     let ctx = Context {
         platform,
         notifier,
-        store: Arc::new(IncidentStore::memory()),
+        store: Arc::new(store),
         base,
         master_keys: None,
-        secrets: Arc::new(move |r: &SecretKeyRef| {
-            (r.name == "demo-keys" && r.key == "live").then(|| secret_key.clone())
-        }),
+        secrets: Arc::new(
+            move |r: &SecretKeyRef| match (r.name.as_str(), r.key.as_str()) {
+                ("demo-keys", "live") => Some(secret_key.clone()),
+                ("demo-db", "url") => database_url.clone(),
+                _ => None,
+            },
+        ),
         secret_versions: vec![("demo-keys".into(), "1".into())],
         default_image: format!("apitree:{}", env!("CARGO_PKG_VERSION")),
         http: reqwest::Client::new(),
@@ -444,19 +510,30 @@ pub fn local_context(
 
 /// Runs the tour and returns the gateway as it ended (its runs, incidents and notifications).
 pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
+    let database = match &opts.database_url {
+        Some(url) => Some(DemoDatabase::prepare(url).await?),
+        None => None,
+    };
     let api = start_sample_api().await?;
     let upstream = format!("http://{}", api.addr);
     let channel = opts.slack_channel.as_deref().unwrap_or("apitree-demo");
-    let (notifier, delivery) = console_or_slack(
-        channel,
-        Arc::new(crate::notify::outbox::Outbox::memory()),
-        Arc::new(|| true),
-    );
-    let (ctx, key) = local_context(Arc::new(notifier))?;
+    let outbox = match &database {
+        Some(d) => crate::notify::outbox::Outbox::postgres_for(d.pool.clone(), "demo"),
+        None => crate::notify::outbox::Outbox::memory(),
+    };
+    let (notifier, delivery) = console_or_slack(channel, Arc::new(outbox), Arc::new(|| true));
+    let (ctx, key) = local_context(Arc::new(notifier), database.as_ref())?;
     let platform = ctx.platform.clone();
+    let mut spec = spec(&format!("{upstream}/weather/"), &format!("{upstream}/fx/"));
+    if database.is_some() {
+        spec.database = Some(SecretKeyRef {
+            name: "demo-db".into(),
+            key: "url".into(),
+        });
+    }
     let m = Managed::new(
         "demo",
-        spec(&format!("{upstream}/weather/"), &format!("{upstream}/fx/")),
+        spec,
         1,
         ctx.notifier.clone(),
         ctx.store.clone(),
@@ -469,6 +546,7 @@ pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
         &api,
         &upstream,
         &key,
+        database.as_ref(),
         stop.clone(),
         opts.keep_running,
     )
@@ -490,16 +568,23 @@ pub async fn run(opts: DemoOptions) -> Result<Managed, DemoError> {
     result.map(|()| tour.m)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn tour_steps(
     tour: &mut Tour,
     api: &SampleApi,
     upstream: &str,
     key: &ApiKey,
+    database: Option<&DemoDatabase>,
     stop: Arc<AtomicBool>,
     keep_traffic: bool,
 ) -> Result<(), DemoError> {
-    let (weather, fx) = (format!("{upstream}/weather/"), format!("{upstream}/fx/"));
-    stage("1/5 first deploy: revision on blue behind the front listener");
+    let stages = if database.is_some() { 6 } else { 5 };
+    let mut at = 0;
+    let mut stage = |text: &str| {
+        at += 1;
+        eprintln!("\n== {at}/{stages} {text}");
+    };
+    stage("first deploy: revision on blue behind the front listener");
     tour.until("first deploy", Duration::from_secs(20), |m| {
         m.status.phase == Some(GatewayPhase::Stable)
     })
@@ -518,8 +603,8 @@ async fn tour_steps(
         stop.clone(),
     );
 
-    stage("2/5 a good revision (fx gets a 10s timeout) goes through the 5-check gate");
-    let mut good = spec(&weather, &fx);
+    stage("a good revision (fx gets a 10s timeout) goes through the 5-check gate");
+    let mut good = tour.m.spec.clone();
     good.proxy.routes[1].timeout = Some(crate::crd::duration::KubeDuration::from_secs(10));
     tour.set_spec(good.clone());
     tour.until("good revision", Duration::from_secs(40), |m| {
@@ -527,7 +612,7 @@ async fn tour_steps(
     })
     .await?;
 
-    stage("3/5 an error burst on route weather: 5.5% → 9% → 20% failures, then back to normal");
+    stage("an error burst on route weather: 5.5% → 9% → 20% failures, then back to normal");
     // The detector needs quiet windows of green to know what normal is (the switch restarted
     // its scrape); a ramp into a thin baseline would drag the baseline up with it.
     let learned = tour.m.error_ratios.len() + 6;
@@ -550,7 +635,12 @@ async fn tour_steps(
     })
     .await?;
 
-    stage("4/5 a bad revision: route weather points at an upstream that is down");
+    if let Some(db) = database {
+        stage("security drift: tenant isolation switched off in the gateway database");
+        security_drift(tour, db).await?;
+    }
+
+    stage("a bad revision: route weather points at an upstream that is down");
     let port = closed_port().await;
     let mut broken = good.clone();
     broken.proxy.routes[0].upstream = format!("http://127.0.0.1:{port}/weather/");
@@ -560,7 +650,7 @@ async fn tour_steps(
     })
     .await?;
 
-    stage("5/5 a subtly bad revision: route fx moves to a flaky upstream (40% errors)");
+    stage("a subtly bad revision: route fx moves to a flaky upstream (40% errors)");
     let mut flaky = good.clone();
     flaky.proxy.routes[1].upstream = format!("{upstream}/flaky/");
     tour.set_spec(flaky);
@@ -584,6 +674,61 @@ async fn tour_steps(
             "gate run {}: {} ({})",
             run.revision, run.outcome, run.reason
         );
+    }
+    Ok(())
+}
+
+/// The drift step: row-level security off on `api_keys` (as a careless migration or an
+/// attacker would leave it), then the health sweep as its schedule would run it, under
+/// `driftPolicy: auto`: it finds the drift (a critical incident), fixes it in an audited
+/// transaction, and the check after the fix resolves the incident.
+async fn security_drift(tour: &mut Tour, db: &DemoDatabase) -> Result<(), DemoError> {
+    let fail = |e: sqlx::Error| DemoError::Start {
+        what: "drift step",
+        reason: e.to_string(),
+    };
+    sqlx::query("ALTER TABLE api_keys DISABLE ROW LEVEL SECURITY")
+        .execute(&db.pool)
+        .await
+        .map_err(fail)?;
+    eprintln!("ALTER TABLE api_keys DISABLE ROW LEVEL SECURITY; the health sweep runs");
+    let since: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM audit_log")
+        .fetch_one(&db.pool)
+        .await
+        .map_err(fail)?;
+    let target = crate::schedule::SweepTarget {
+        gateway: tour.m.name.clone(),
+        database_url: db.url.clone(),
+        policy: crate::crd::gateway::DriftPolicy::Auto,
+    };
+    let outcome = crate::schedule::sweep_gateway(&target, chrono::Utc::now()).await;
+    if !outcome.problems.is_empty() {
+        return Err(DemoError::Start {
+            what: "health sweep",
+            reason: outcome.problems.join("; "),
+        });
+    }
+    tour.m.sweep = Some(outcome);
+    tour.m.apply_sweep(Timestamp::now()).await;
+    let audited: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT actor, action, target FROM audit_log WHERE id > $1 ORDER BY id")
+            .bind(since)
+            .fetch_all(&db.pool)
+            .await
+            .map_err(fail)?;
+    for (actor, action, target) in audited {
+        eprintln!("audit: {action} {target} by {actor}");
+    }
+    let resolved = tour
+        .m
+        .incidents
+        .iter()
+        .any(|i| i.signal == crate::detect::engine::SECURITY_DRIFT && i.resolved);
+    if !resolved {
+        return Err(DemoError::Stuck {
+            stage: "security drift",
+            phase: "no resolved security-drift incident".into(),
+        });
     }
     Ok(())
 }

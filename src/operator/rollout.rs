@@ -233,7 +233,8 @@ impl Managed {
     }
 
     /// Carries the last health sweep into status (`status.drift`), Events, and a critical
-    /// `security drift` incident while drift weakens tenant isolation or the audit trail.
+    /// `security drift` incident while drift weakens tenant isolation or the audit trail (opened
+    /// and resolved by the same sweep when it fixed that drift under `driftPolicy: auto`).
     pub async fn apply_sweep(&mut self, now: Timestamp) {
         let Some(o) = self.sweep.clone() else {
             return;
@@ -266,22 +267,36 @@ impl Managed {
             );
             self.event_once("GraceExpired", &msg, false, now);
         }
+        // Security drift the sweep found and fixed (`driftPolicy: auto`) still pages: someone
+        // or something switched tenant isolation or the audit trail off. Taken once; the
+        // check after the fix resolves it below.
+        let found = self.sweep.as_mut().and_then(|s| s.found.take());
+        if let Some(f) = found.filter(|f| f.security > 0) {
+            let msg = f.message.clone().unwrap_or_default();
+            self.warn_once("SchemaDrift", &msg, now);
+            self.security_drift(o.at.timestamp(), true).await;
+        }
         // Only a completed drift check can open or resolve the incident.
         if let Some(d) = &o.drift {
-            let notice = self
-                .detector
-                .event_signal(
-                    o.at.timestamp(),
-                    crate::detect::engine::SECURITY_DRIFT,
-                    d.security > 0,
-                    Severity::Critical,
-                )
-                .await;
-            match notice {
-                Ok(Some(n)) => record_notices(self, vec![n]),
-                Ok(None) => {}
-                Err(e) => tracing::error!(gateway = %self.name, "cannot record the incident: {e}"),
-            }
+            self.security_drift(o.at.timestamp(), d.security > 0).await;
+        }
+    }
+
+    /// Opens (`active`) or resolves the critical `security drift` incident.
+    async fn security_drift(&mut self, at: i64, active: bool) {
+        let notice = self
+            .detector
+            .event_signal(
+                at,
+                crate::detect::engine::SECURITY_DRIFT,
+                active,
+                Severity::Critical,
+            )
+            .await;
+        match notice {
+            Ok(Some(n)) => record_notices(self, vec![n]),
+            Ok(None) => {}
+            Err(e) => tracing::error!(gateway = %self.name, "cannot record the incident: {e}"),
         }
     }
 
