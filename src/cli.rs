@@ -207,8 +207,9 @@ pub struct OperatorArgs {
     /// Public URL of the status page, linked from notifications.
     #[arg(long, env = "APITREE_STATUS_URL")]
     pub status_url: Option<String>,
-    /// How often the health sweep checks every gateway's database: reachability, schema drift
-    /// (fixed at once under driftPolicy auto) and keys whose rotation grace ended (revoked).
+    /// How often the health sweep checks every gateway: its routes' upstreams (each route's
+    /// probe) and serving replicas, and its database's reachability, schema drift (fixed at
+    /// once under driftPolicy auto) and keys whose rotation grace ended (revoked).
     #[arg(long, env = "APITREE_SWEEP_EVERY", default_value = "15m")]
     pub sweep_every: crate::crd::KubeDuration,
     #[command(flatten)]

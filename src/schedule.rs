@@ -1,8 +1,12 @@
-//! The periodic health sweep (tokio-cron-scheduler, every 15 minutes by default): for every
-//! gateway with a database — is the database reachable, does its schema drift (fixed at once
-//! under `driftPolicy: auto`, after noting what was found), and which rotated keys' grace periods ended (revoked). Results go
-//! to the gateway's status (`status.drift`), Events and metrics. Runs never overlap: a run that
-//! finds the previous one still going is skipped and counted as such.
+//! The periodic health sweep (tokio-cron-scheduler, every 15 minutes by default). For every
+//! gateway: does each route's upstream answer (a configurable probe per route, and every API
+//! registered in the gateway's database); and for gateways with a database — is it reachable,
+//! does its schema drift (fixed at once under `driftPolicy: auto`, after noting what was
+//! found), and which rotated keys' grace periods ended (revoked). The gateway's own endpoints
+//! (its serving replicas' `/readyz`) are probed by its next pass, which has the gateway's TLS
+//! settings. Results go to the gateway's status (`status.drift`, `status.probes`), Events,
+//! incidents and metrics. Runs never overlap: a run that finds the previous one still going is
+//! skipped and counted as such.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,14 +15,37 @@ use chrono::{DateTime, Utc};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
-use crate::crd::gateway::{DriftPolicy, DriftSummary};
+use crate::crd::gateway::{probe_url, DriftPolicy, DriftSummary, UpstreamProbe};
 
 /// One gateway the sweep looks at.
 #[derive(Debug, Clone)]
 pub struct SweepTarget {
     pub gateway: String,
-    pub database_url: String,
+    /// The gateway's database, when its spec names one.
+    pub database_url: Option<String>,
     pub policy: DriftPolicy,
+    /// The spec's routes' upstreams.
+    pub upstreams: Vec<Upstream>,
+}
+
+/// A route's upstream and how to probe it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub route: String,
+    pub url: String,
+    /// None: any HTTP answer counts as up.
+    pub probe: Option<UpstreamProbe>,
+}
+
+/// One thing the sweep (or the pass after it) probed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probed {
+    /// The route whose upstream it is; None for the gateway's own endpoints.
+    pub route: Option<String>,
+    /// What was asked.
+    pub target: String,
+    /// Why it counts as down; None when it is up.
+    pub down: Option<String>,
 }
 
 /// What the sweep found for one gateway.
@@ -34,6 +61,8 @@ pub struct SweepOutcome {
     pub fixed: Vec<String>,
     /// Prefixes of keys revoked because their grace period ended.
     pub revoked: Vec<String>,
+    /// Upstreams probed (and, once the gateway's pass has run, its endpoints).
+    pub probed: Vec<Probed>,
     /// Why (part of) the sweep failed.
     pub problems: Vec<String>,
 }
@@ -68,8 +97,12 @@ impl SweepMetrics {
     }
 }
 
-/// Sweeps one gateway's database.
-pub async fn sweep_gateway(t: &SweepTarget, now: DateTime<Utc>) -> SweepOutcome {
+/// Sweeps one gateway: its upstreams, then its database.
+pub async fn sweep_gateway(
+    t: &SweepTarget,
+    http: &reqwest::Client,
+    now: DateTime<Utc>,
+) -> SweepOutcome {
     let mut out = SweepOutcome {
         gateway: t.gateway.clone(),
         at: now,
@@ -77,18 +110,33 @@ pub async fn sweep_gateway(t: &SweepTarget, now: DateTime<Utc>) -> SweepOutcome 
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        probed: Vec::new(),
         problems: Vec::new(),
     };
-    let pool = match crate::db::connect(&t.database_url, 2).await {
-        Ok(p) => p,
-        Err(e) => {
-            out.problems.push(e.to_string());
-            return out;
+    let mut upstreams = t.upstreams.clone();
+    if let Some(url) = &t.database_url {
+        match crate::db::connect(url, 2).await {
+            Ok(pool) => {
+                sweep_database(t, &pool, now, &mut out, &mut upstreams).await;
+                pool.close().await;
+            }
+            Err(e) => out.problems.push(e.to_string()),
         }
-    };
+    }
+    out.probed = futures::future::join_all(upstreams.iter().map(|u| probe_upstream(http, u))).await;
+    out
+}
+
+async fn sweep_database(
+    t: &SweepTarget,
+    pool: &sqlx::PgPool,
+    now: DateTime<Utc>,
+    out: &mut SweepOutcome,
+    upstreams: &mut Vec<Upstream>,
+) {
     if t.policy != DriftPolicy::Off {
         if t.policy == DriftPolicy::Auto {
-            match crate::drift::fix::check(&pool, false).await {
+            match crate::drift::fix::check(pool, false).await {
                 Ok(report) if !report.in_sync() => {
                     out.found = Some(report.summary(now.to_rfc3339()));
                 }
@@ -96,7 +144,7 @@ pub async fn sweep_gateway(t: &SweepTarget, now: DateTime<Utc>) -> SweepOutcome 
                 Err(e) => out.problems.push(format!("drift check: {e}")),
             }
             match crate::drift::fix::fix(
-                &pool,
+                pool,
                 false,
                 false,
                 "apitree health sweep (driftPolicy: auto)",
@@ -107,30 +155,86 @@ pub async fn sweep_gateway(t: &SweepTarget, now: DateTime<Utc>) -> SweepOutcome 
                 Err(e) => out.problems.push(format!("drift fix: {e}")),
             }
         }
-        match crate::drift::fix::check(&pool, false).await {
+        match crate::drift::fix::check(pool, false).await {
             Ok(report) => out.drift = Some(report.summary(now.to_rfc3339())),
             Err(e) => out.problems.push(format!("drift check: {e}")),
         }
     }
-    match crate::db::keys::sweep_grace(&pool, now, "apitree health sweep").await {
+    match crate::db::keys::sweep_grace(pool, now, "apitree health sweep").await {
         Ok(r) => out.revoked = r,
         Err(e) => out.problems.push(format!("grace expiry: {e}")),
     }
-    pool.close().await;
-    out
+    // APIs registered in the database are routes of a database-mode proxy.
+    let registered: Result<Vec<(String, String)>, _> =
+        sqlx::query_as("SELECT name, upstream_url FROM apis ORDER BY name")
+            .fetch_all(pool)
+            .await;
+    match registered {
+        Ok(apis) => {
+            for (route, url) in apis {
+                if !upstreams.iter().any(|u| u.route == route) {
+                    upstreams.push(Upstream {
+                        route,
+                        url,
+                        probe: None,
+                    });
+                }
+            }
+        }
+        Err(e) => out.problems.push(format!("registered APIs: {e}")),
+    }
+}
+
+/// Probes one upstream: with a probe, `GET path` must answer its status in its time; without,
+/// any HTTP answer within 5 s counts as up (a 5xx too: it is the API's answer, not an outage
+/// of the address).
+async fn probe_upstream(http: &reqwest::Client, u: &Upstream) -> Probed {
+    let (url, expect, timeout) = match &u.probe {
+        Some(p) => match probe_url(&u.url, &p.path) {
+            Ok(url) => (url, Some(p.expect_status), p.timeout.as_std()),
+            Err(e) => {
+                return Probed {
+                    route: Some(u.route.clone()),
+                    target: u.url.clone(),
+                    down: Some(e),
+                }
+            }
+        },
+        None => (u.url.clone(), None, Duration::from_secs(5)),
+    };
+    let answer = http.get(&url).timeout(timeout).send().await;
+    let down = match (answer, expect) {
+        (Ok(r), Some(want)) if r.status().as_u16() != want => Some(format!(
+            "GET {url} answered {}, expected {want}",
+            r.status().as_u16()
+        )),
+        (Ok(_), _) => None,
+        (Err(e), _) if e.is_timeout() => Some(format!(
+            "GET {url} had no answer within {} ms",
+            timeout.as_millis()
+        )),
+        (Err(e), _) => Some(format!("GET {url}: {}", crate::tls::error_chain(&e))),
+    };
+    Probed {
+        route: Some(u.route.clone()),
+        target: url,
+        down,
+    }
 }
 
 /// Runs sweeps one at a time.
 pub struct Sweeper {
     running: tokio::sync::Mutex<()>,
     pub metrics: SweepMetrics,
+    http: reqwest::Client,
 }
 
 impl Sweeper {
-    pub fn new(metrics: SweepMetrics) -> Self {
+    pub fn new(metrics: SweepMetrics, http: reqwest::Client) -> Self {
         Self {
             running: tokio::sync::Mutex::new(()),
             metrics,
+            http,
         }
     }
 
@@ -147,7 +251,7 @@ impl Sweeper {
         };
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
-            out.push(sweep_gateway(t, now).await);
+            out.push(sweep_gateway(t, &self.http, now).await);
         }
         if out.iter().all(|o| o.problems.is_empty()) {
             self.metrics.runs.with_label_values(&["ok"]).inc();

@@ -48,6 +48,8 @@ struct Pods {
     errors_per_scrape: AtomicU64,
     /// The gateway forgets to ask for keys.
     open_door: AtomicBool,
+    /// `/readyz` says not ready (its database is down).
+    not_ready: AtomicBool,
 }
 
 /// Serves HTTP/1 on a loopback port, answering each request with `answer`'s (status, body);
@@ -87,6 +89,7 @@ async fn start_pods() -> (String, Arc<Pods>) {
     let pods = Arc::new(Pods::default());
     let p = pods.clone();
     let url = serve_stub(move |req| match req.uri().path() {
+        "/readyz" if p.not_ready.load(Ordering::SeqCst) => (503, json!({"status": "not ready", "database": "down", "rateLimitStore": "local"}).to_string()),
         "/readyz" => (200, json!({"status": "ready", "database": "off", "rateLimitStore": "local"}).to_string()),
         "/metrics" => {
             let n = p.scrapes.fetch_add(1, Ordering::SeqCst) + 1;
@@ -528,6 +531,12 @@ fn switch_to(color: &str, revision: &str) -> Vec<Call> {
             .has("\"uid\":\"uid-1\""),
         call("PATCH", &services("shop-preview")).has(&format!("\"apitree.io/color\":\"{other}\"")),
     ]
+}
+
+/// A fresh health sweep's probe of the gateway's endpoints: blue's pods are listed (their
+/// `/readyz` is then asked).
+fn endpoints_probe() -> Call {
+    call("GET", &pods_of("blue")).reply(200, pod_list("blue"))
 }
 
 fn event(reason: &str) -> Call {
@@ -1282,6 +1291,7 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        probed: Vec::new(),
         problems: Vec::new(),
     };
     h.op.record_sweep(vec![sweep(2)]).await;
@@ -1289,6 +1299,7 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
         .pass(
             &fx.gw,
             quiet(vec![
+                endpoints_probe(),
                 event("SchemaDrift"),
                 status_patch()
                     .has("\"signal\":\"security drift\"")
@@ -1308,11 +1319,133 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
     assert_eq!(h.op.notifier.recorded().len(), 1);
     // Fixed: the incident resolves.
     h.op.record_sweep(vec![sweep(0)]).await;
-    let (_, bodies) = h.pass(&fx.gw, quiet(vec![status_patch()])).await;
+    let (_, bodies) = h
+        .pass(&fx.gw, quiet(vec![endpoints_probe(), status_patch()]))
+        .await;
     assert_eq!(status_of(&bodies).open_incidents, 0);
     let all = h.op.notifier.recorded();
     assert_eq!(all.len(), 2);
     assert_eq!(all[1].event, apitree::detect::IncidentEvent::Resolve);
+}
+
+/// The health sweep looks at every gateway, with a database or without: each route's upstream
+/// (its `probe`, which is not part of the revision: adding one starts no gate) and, in the
+/// gateway's next pass, its serving replicas' `/readyz`. An upstream that does not answer is
+/// an `upstream down` incident on its route, replicas that are not ready an `endpoints down`
+/// one (one Event, `status.probes`, Slack), until a sweep finds them up; a pass that sees the
+/// same sweep again changes nothing.
+#[tokio::test]
+async fn what_the_sweep_finds_down_is_an_incident_until_a_sweep_finds_it_up() {
+    use apitree::detect::{IncidentEvent, Severity};
+    use apitree::schedule::{Probed, SweepOutcome, Upstream};
+    let h = Harness::new().await;
+    let (mut fx, rev) = stable_with_database("missing");
+    fx.gw.spec.proxy.routes[0].probe =
+        Some(serde_json::from_value(json!({"path": "/health"})).unwrap());
+    let secret = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
+    let quiet = |extra: Vec<Call>| stable_pass(call("GET", &secret).not_found(), &rev, extra);
+    h.pass(
+        &fx.gw,
+        quiet(vec![
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            status_patch(),
+        ]),
+    )
+    .await;
+    let targets = h.op.sweep_targets().await;
+    assert_eq!(
+        targets.len(),
+        1,
+        "a gateway without a database is swept too"
+    );
+    assert_eq!(targets[0].database_url, None);
+    assert_eq!(
+        targets[0].upstreams,
+        [Upstream {
+            route: "r".into(),
+            url: "http://upstream.shop-ns.svc/".into(),
+            probe: fx.gw.spec.proxy.routes[0].probe.clone(),
+        }]
+    );
+    let sweep = |down: Option<&str>| SweepOutcome {
+        gateway: "shop-ns/shop".into(),
+        at: chrono::Utc::now(),
+        drift: None,
+        found: None,
+        fixed: Vec::new(),
+        revoked: Vec::new(),
+        probed: vec![Probed {
+            route: Some("r".into()),
+            target: "http://upstream.shop-ns.svc/health".into(),
+            down: down.map(str::to_string),
+        }],
+        problems: Vec::new(),
+    };
+    let answered_503 = "GET http://upstream.shop-ns.svc/health answered 503, expected 200";
+    h.op.record_sweep(vec![sweep(Some(answered_503))]).await;
+    h.pods.not_ready.store(true, Ordering::SeqCst);
+    let (_, bodies) = h
+        .pass(
+            &fx.gw,
+            quiet(vec![
+                endpoints_probe(),
+                event("ProbeFailed")
+                    .has(&format!("route r: {answered_503}"))
+                    .has("endpoints: 0/2 replicas ready"),
+                status_patch(),
+            ]),
+        )
+        .await;
+    let probes = status_of(&bodies).probes.expect("status.probes");
+    assert_eq!(probes.probed, 2);
+    assert_eq!(probes.down.len(), 2, "{probes:?}");
+    let told: Vec<_> =
+        h.op.notifier
+            .recorded()
+            .iter()
+            .map(|n| (n.signal.clone(), n.route.clone(), n.event, n.severity))
+            .collect();
+    assert_eq!(
+        told,
+        [
+            (
+                "upstream down".to_string(),
+                "r".to_string(),
+                IncidentEvent::Open,
+                Severity::High
+            ),
+            (
+                "endpoints down".to_string(),
+                String::new(),
+                IncidentEvent::Open,
+                Severity::High
+            ),
+        ]
+    );
+    assert_eq!(status_of(&bodies).open_incidents, 2);
+    // The same sweep seen again: no probe, no Event, no notice.
+    h.pass(&fx.gw, quiet(vec![status_patch()])).await;
+    assert_eq!(h.op.notifier.recorded().len(), 2);
+    // Up again.
+    h.pods.not_ready.store(false, Ordering::SeqCst);
+    h.op.record_sweep(vec![sweep(None)]).await;
+    let (_, bodies) = h
+        .pass(&fx.gw, quiet(vec![endpoints_probe(), status_patch()]))
+        .await;
+    let status = status_of(&bodies);
+    assert_eq!(status.open_incidents, 0);
+    assert!(status.probes.unwrap().down.is_empty());
+    let resolved: Vec<_> = h.op.notifier.recorded()[2..]
+        .iter()
+        .map(|n| (n.signal.clone(), n.event))
+        .collect();
+    assert_eq!(
+        resolved,
+        [
+            ("upstream down".to_string(), IncidentEvent::Resolve),
+            ("endpoints down".to_string(), IncidentEvent::Resolve),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -1355,11 +1488,19 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        probed: Vec::new(),
         problems: Vec::new(),
     }])
     .await;
-    h.pass(&fx.gw, quiet(vec![event("SchemaDrift"), status_patch()]))
-        .await;
+    h.pass(
+        &fx.gw,
+        quiet(vec![
+            endpoints_probe(),
+            event("SchemaDrift"),
+            status_patch(),
+        ]),
+    )
+    .await;
     let incident = h.op.notifier.recorded()[0].incident_id;
 
     let press = |action| Interaction {

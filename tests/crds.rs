@@ -147,6 +147,13 @@ fn schema_refuses_typos_bad_enums_ranges_and_durations() {
         (".spec.proxy.routes[0].upstreamUrl: unknown field", |d| {
             d["spec"]["proxy"]["routes"][0]["upstreamUrl"] = "http://x/".into()
         }),
+        ("/spec/proxy/routes/0/probe/expectStatus", |d| {
+            d["spec"]["proxy"]["routes"][0]["probe"] =
+                serde_json::json!({"path": "/health", "expectStatus": 99})
+        }),
+        ("/spec/proxy/routes/0/probe/path", |d| {
+            d["spec"]["proxy"]["routes"][0]["probe"] = serde_json::json!({"path": ""})
+        }),
     ];
     for (want, mutate) in cases {
         let mut doc = minimal_gateway();
@@ -173,4 +180,39 @@ fn cross_field_rules_are_in_the_schema_and_in_rust() {
         paths,
         ["spec.detection.thresholds", "spec.proxy.routes[0].tier"]
     );
+}
+
+/// A route's probe stays on its upstream: a path (below the upstream's path, or from its host),
+/// never a URL elsewhere; anything else is a spec problem naming the field.
+#[test]
+fn a_probe_path_that_leaves_its_upstream_is_a_spec_problem() {
+    let cases = [
+        ("health", None),
+        ("/health", None),
+        ("../status?deep=1", None),
+        (
+            "http://elsewhere.example/health",
+            Some("leaves the upstream"),
+        ),
+        ("//elsewhere.example/health", Some("leaves the upstream")),
+        (
+            "https://upstream.example/health",
+            Some("leaves the upstream"),
+        ),
+    ];
+    for (path, want) in cases {
+        let mut doc = minimal_gateway();
+        doc["spec"]["proxy"]["routes"][0]["upstream"] = "http://upstream.example/v1/".into();
+        doc["spec"]["proxy"]["routes"][0]["probe"] = serde_json::json!({"path": path});
+        let gw: ApiGateway = serde_json::from_value(doc).unwrap();
+        let problems = gw.spec.problems();
+        match want {
+            None => assert_eq!(problems, vec![], "{path}"),
+            Some(text) => {
+                assert_eq!(problems.len(), 1, "{path}: {problems:?}");
+                assert_eq!(problems[0].path, "spec.proxy.routes[0].probe.path");
+                assert!(problems[0].message.contains(text), "{path}: {problems:?}");
+            }
+        }
+    }
 }

@@ -353,7 +353,11 @@ async fn an_edited_migration_is_reported_and_a_whitespace_change_is_cosmetic() {
 fn sweeper() -> (apitree::schedule::Sweeper, prometheus::Registry) {
     let registry = prometheus::Registry::new();
     let metrics = apitree::schedule::SweepMetrics::register(&registry);
-    (apitree::schedule::Sweeper::new(metrics), registry)
+    common::gateway::install_crypto();
+    (
+        apitree::schedule::Sweeper::new(metrics, reqwest::Client::new()),
+        registry,
+    )
 }
 
 #[tokio::test]
@@ -368,13 +372,15 @@ async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_n
     let targets = vec![
         SweepTarget {
             gateway: "ns/auto".into(),
-            database_url: auto_db.url.clone(),
+            database_url: Some(auto_db.url.clone()),
             policy: DriftPolicy::Auto,
+            upstreams: Vec::new(),
         },
         SweepTarget {
             gateway: "ns/report".into(),
-            database_url: report_db.url.clone(),
+            database_url: Some(report_db.url.clone()),
             policy: DriftPolicy::Report,
+            upstreams: Vec::new(),
         },
     ];
     let (sweeper, _registry) = sweeper();
@@ -405,14 +411,178 @@ async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_n
     assert!(sweeper.metrics.last_success.get() > 0);
 }
 
+/// An upstream stand-in: `/health` 200, `/v1/status` 503, `/slow` after 2 s, anything else 404.
+async fn start_probed_upstream() -> std::net::SocketAddr {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let status = match req.uri().path() {
+                            "/health" => 200,
+                            "/v1/status" => 503,
+                            "/slow" => {
+                                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                                200
+                            }
+                            _ => 404,
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(bytes::Bytes::new()))
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The sweep probes every route's upstream and every API registered in the gateway's
+/// database, each as its probe says (a path resolved against the upstream URL, a status, a
+/// timeout) or, without one, "answers HTTP at all": up, a wrong status, no answer in time, a
+/// refused connection — each with the reason an SRE would want to read.
+#[tokio::test]
+async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
+    use apitree::crd::gateway::{DriftPolicy, UpstreamProbe};
+    use apitree::schedule::{sweep_gateway, SweepTarget, Upstream};
+    common::gateway::install_crypto();
+    let up = start_probed_upstream().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let probe = |path: &str, status: u16, ms: u64| {
+        Some(UpstreamProbe {
+            path: path.into(),
+            expect_status: status,
+            timeout: apitree::crd::duration::KubeDuration::from_millis(ms),
+        })
+    };
+    let route = |route: &str, url: String, probe| Upstream {
+        route: route.into(),
+        url,
+        probe,
+    };
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'acme')")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (name, url) in [
+        ("registered-up", format!("http://{up}/anything/")),
+        ("registered-down", format!("http://{closed}/")),
+        // Also a spec route: probed once, as the spec says.
+        ("healthy", format!("http://{closed}/")),
+    ] {
+        sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, $3, $4, $5)")
+            .bind(uuid::Uuid::new_v4())
+            .bind(org)
+            .bind(name)
+            .bind(format!("/{name}/"))
+            .bind(url)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let target = SweepTarget {
+        gateway: "ns/shop".into(),
+        database_url: Some(db.url.clone()),
+        policy: DriftPolicy::Off,
+        upstreams: vec![
+            route(
+                "healthy",
+                format!("http://{up}/v1/"),
+                probe("/health", 200, 1000),
+            ),
+            route(
+                "relative",
+                format!("http://{up}/v1/"),
+                probe("status", 200, 1000),
+            ),
+            route(
+                "expects-503",
+                format!("http://{up}/v1/"),
+                probe("status", 503, 1000),
+            ),
+            route("slow", format!("http://{up}/"), probe("slow", 200, 200)),
+            route("any-answer", format!("http://{up}/missing/"), None),
+            route("refused", format!("http://{closed}/api/"), None),
+        ],
+    };
+    let out = sweep_gateway(&target, &reqwest::Client::new(), chrono::Utc::now()).await;
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    let got: Vec<(String, String, Option<String>)> = out
+        .probed
+        .iter()
+        .map(|p| (p.route.clone().unwrap(), p.target.clone(), p.down.clone()))
+        .collect();
+    let want = [
+        ("healthy", format!("http://{up}/health"), None),
+        (
+            "relative",
+            format!("http://{up}/v1/status"),
+            Some(format!(
+                "GET http://{up}/v1/status answered 503, expected 200"
+            )),
+        ),
+        ("expects-503", format!("http://{up}/v1/status"), None),
+        (
+            "slow",
+            format!("http://{up}/slow"),
+            Some(format!("GET http://{up}/slow had no answer within 200 ms")),
+        ),
+        ("any-answer", format!("http://{up}/missing/"), None),
+        (
+            "refused",
+            format!("http://{closed}/api/"),
+            Some(String::new()),
+        ),
+        (
+            "registered-down",
+            format!("http://{closed}/"),
+            Some(String::new()),
+        ),
+        ("registered-up", format!("http://{up}/anything/"), None),
+    ];
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for ((route, target, down), (w_route, w_target, w_down)) in got.iter().zip(&want) {
+        assert_eq!((route.as_str(), target), (*w_route, w_target));
+        match (down, w_down) {
+            // A refused connection: the reason names the URL and says so.
+            (Some(d), Some(w)) if w.is_empty() => {
+                assert!(d.starts_with(&format!("GET {target}: ")), "{d}");
+                assert!(d.to_lowercase().contains("connect"), "{d}");
+            }
+            _ => assert_eq!(down, w_down, "{route}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_a_failed_sweep_run_with_the_reason() {
     use apitree::crd::gateway::DriftPolicy;
     let (sweeper, _registry) = sweeper();
     let target = apitree::schedule::SweepTarget {
         gateway: "ns/down".into(),
-        database_url: "postgres://postgres@127.0.0.1:1/none".into(),
+        database_url: Some("postgres://postgres@127.0.0.1:1/none".into()),
         policy: DriftPolicy::Auto,
+        upstreams: Vec::new(),
     };
     let out = sweeper.run(&[target], chrono::Utc::now()).await.unwrap();
     assert!(

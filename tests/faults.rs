@@ -311,18 +311,21 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
     let proxy = FaultProxy::start(postgres_addr()).await;
+    common::gateway::install_crypto();
+    let http = reqwest::Client::new();
     for policy in [DriftPolicy::Report, DriftPolicy::Auto] {
         let target = SweepTarget {
             gateway: "shop".into(),
-            database_url: through(&proxy, &db),
+            database_url: Some(through(&proxy, &db)),
             policy,
+            upstreams: Vec::new(),
         };
         let mut point = 1;
         let mut failed = 0;
         loop {
             switch_off_tenant_isolation(&pool).await;
             proxy.down_at_write(point);
-            let o = sweep_gateway(&target, chrono::Utc::now()).await;
+            let o = sweep_gateway(&target, &http, chrono::Utc::now()).await;
             let went_down = proxy.is_down();
             proxy.up();
             let truth = apitree::drift::fix::check(&pool, false).await.unwrap();
@@ -365,11 +368,12 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
     );
     let target = SweepTarget {
         gateway: "shop".into(),
-        database_url: through(&proxy, &db),
+        database_url: Some(through(&proxy, &db)),
         policy: DriftPolicy::Report,
+        upstreams: Vec::new(),
     };
     switch_off_tenant_isolation(&pool).await;
-    m.sweep = Some(sweep_gateway(&target, chrono::Utc::now()).await);
+    m.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);
     m.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     let seen = m
         .status
@@ -382,7 +386,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
     };
     assert_eq!(open(&m), 1, "security drift is an incident");
     proxy.down();
-    m.sweep = Some(sweep_gateway(&target, chrono::Utc::now()).await);
+    m.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);
     m.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     assert_eq!(
         m.status.drift.as_ref(),
@@ -396,7 +400,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         policy: DriftPolicy::Auto,
         ..target
     };
-    m.sweep = Some(sweep_gateway(&fixing, chrono::Utc::now()).await);
+    m.sweep = Some(sweep_gateway(&fixing, &http, chrono::Utc::now()).await);
     m.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     assert_eq!(m.status.drift.as_ref().map(|d| d.security), Some(0));
     assert_eq!(open(&m), 0, "fixed drift resolves the incident");
@@ -414,7 +418,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         None,
     );
     switch_off_tenant_isolation(&pool).await;
-    fresh.sweep = Some(sweep_gateway(&fixing, chrono::Utc::now()).await);
+    fresh.sweep = Some(sweep_gateway(&fixing, &http, chrono::Utc::now()).await);
     for _ in 0..2 {
         fresh.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     }

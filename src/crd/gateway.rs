@@ -278,6 +278,64 @@ pub struct RouteSpec {
     /// a path gets 400, because servers disagree on whether it separates segments.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_encoded_slashes: bool,
+    /// How the operator's health sweep checks this route's upstream (the proxy ignores it, and
+    /// changing it starts no gate). Without it the sweep only asks whether the upstream answers
+    /// HTTP at all (any status); an upstream that does not answer is a `upstream down` incident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<UpstreamProbe>,
+}
+
+/// The health sweep's probe of a route's upstream: `GET path` must answer `expectStatus`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamProbe {
+    /// Resolved against the upstream URL as a link would be: `health` is below the upstream's
+    /// path (`http://weather/v1/` → `http://weather/v1/health`), `/health` is from the host.
+    #[schemars(length(min = 1, max = 512))]
+    pub path: String,
+    /// The status a healthy upstream answers.
+    #[serde(default = "default_probe_status")]
+    #[schemars(range(min = 100, max = 599))]
+    pub expect_status: u16,
+    /// How long the probe waits for the answer.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: KubeDuration,
+}
+
+/// The URL the sweep probes for `path` on `upstream`, or why there is none.
+pub fn probe_url(upstream: &str, path: &str) -> Result<String, String> {
+    let base = reqwest::Url::parse(upstream)
+        .map_err(|e| format!("the route's upstream {upstream:?} is not a URL: {e}"))?;
+    let url = base
+        .join(path)
+        .map_err(|e| format!("{path:?} is not a path: {e}"))?;
+    if url.scheme() != base.scheme() || url.host() != base.host() || url.port() != base.port() {
+        return Err(format!(
+            "{path:?} leaves the upstream {upstream}: give a path (`health` or `/health`), not a URL"
+        ));
+    }
+    Ok(url.to_string())
+}
+
+fn default_probe_status() -> u16 {
+    200
+}
+
+fn default_probe_timeout() -> KubeDuration {
+    KubeDuration::from_secs(5)
+}
+
+/// The health sweep's probes of a gateway's upstreams and endpoints.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbesSummary {
+    /// RFC 3339 time of the sweep.
+    pub checked_at: String,
+    /// How many upstreams and endpoint sets were probed.
+    pub probed: u32,
+    /// Those that are down, and why (`route weather: GET … answered 503, expected 200`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<String>,
 }
 
 /// A method a route can be limited to.
@@ -778,6 +836,9 @@ pub struct ApiGatewayStatus {
     /// cannot reach the database leaves it and says so in a `HealthSweepFailed` Event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftSummary>,
+    /// What the last health sweep probed: each route's upstream and the serving replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<ProbesSummary>,
     /// Conditions: `Ready`, `Progressing`, `Degraded`, `SpecValid`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -986,6 +1047,11 @@ impl ApiGatewaySpec {
         }
         let mut route_names = BTreeMap::new();
         for (i, r) in self.proxy.routes.iter().enumerate() {
+            if let Some(p) = &r.probe {
+                if let Err(e) = probe_url(&r.upstream, &p.path) {
+                    push(format!("spec.proxy.routes[{i}].probe.path"), e);
+                }
+            }
             if let Some(first) = route_names.insert(r.name.as_str(), i) {
                 push(
                     format!("spec.proxy.routes[{i}].name"),

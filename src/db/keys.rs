@@ -406,6 +406,7 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
                         // no encoded slashes.
                         methods: Vec::new(),
                         allow_encoded_slashes: false,
+                        probe: None,
                     }
                 },
             )

@@ -28,8 +28,13 @@ pub const CREDENTIALS_OVERDUE: &str = "credentials overdue";
 /// re-encryptions) in one window.
 pub const CREDENTIAL_CHANGES: &str = "credential changes";
 
+/// A route's upstream that does not answer the health sweep's probe.
+pub const UPSTREAM_DOWN: &str = "upstream down";
+/// Serving replicas of the gateway that are not ready when the health sweep asks.
+pub const ENDPOINTS_DOWN: &str = "endpoints down";
+
 /// Every signal an incident can be about.
-pub const SIGNALS: [&str; 7] = [
+pub const SIGNALS: [&str; 9] = [
     ERROR_RATIO,
     AUTH_FAILURES,
     P99_LATENCY,
@@ -37,6 +42,8 @@ pub const SIGNALS: [&str; 7] = [
     SECURITY_DRIFT,
     CREDENTIALS_OVERDUE,
     CREDENTIAL_CHANGES,
+    UPSTREAM_DOWN,
+    ENDPOINTS_DOWN,
 ];
 
 /// Whether incidents of `signal` are events (something is or is not the case: a breaker
@@ -48,6 +55,8 @@ pub fn is_event_signal(signal: &str) -> bool {
         SECURITY_DRIFT,
         CREDENTIALS_OVERDUE,
         CREDENTIAL_CHANGES,
+        UPSTREAM_DOWN,
+        ENDPOINTS_DOWN,
     ]
     .contains(&signal)
 }
@@ -658,8 +667,20 @@ impl Detector {
         active: bool,
         severity: Severity,
     ) -> Result<Option<IncidentNotice>, DbError> {
+        self.event_signal_on(at, "", signal, active, severity).await
+    }
+
+    /// [`Detector::event_signal`] about one route (`""`: the whole gateway).
+    pub async fn event_signal_on(
+        &mut self,
+        at: i64,
+        route: &str,
+        signal: &'static str,
+        active: bool,
+        severity: Severity,
+    ) -> Result<Option<IncidentNotice>, DbError> {
         self.resume().await?;
-        let was_open = self.watched("", signal).incident.is_some();
+        let was_open = self.watched(route, signal).incident.is_some();
         if active == was_open {
             return Ok(None);
         }
@@ -669,7 +690,7 @@ impl Detector {
             (Severity::None, IncidentEvent::Resolve)
         };
         let verdict = event_verdict(at, severity, event);
-        self.change(at, "", signal, &verdict, if active { 1.0 } else { 0.0 })
+        self.change(at, route, signal, &verdict, if active { 1.0 } else { 0.0 })
             .await
     }
 

@@ -281,7 +281,7 @@ impl Operator {
         }
     }
 
-    /// The gateways the health sweep should look at: those with a database.
+    /// The gateways the health sweep should look at: every one whose pass has run.
     pub async fn sweep_targets(&self) -> Vec<crate::schedule::SweepTarget> {
         self.published
             .lock()
@@ -318,14 +318,7 @@ impl Operator {
             Published {
                 view: GatewayView::of(m, None),
                 incidents: rollout::open_incident_counts(m),
-                sweep: m
-                    .database_url
-                    .clone()
-                    .map(|url| crate::schedule::SweepTarget {
-                        gateway: m.name.clone(),
-                        database_url: url,
-                        policy: m.spec.drift_policy,
-                    }),
+                sweep: Some(m.sweep_target()),
             },
         );
         self.publish_all(&published);
@@ -644,6 +637,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     let mut presses = std::mem::take(&mut m.answered);
     presses.extend(op.presses_for(m, (op.clock)()).await);
     rollout::reconcile(m, &ctx, (op.clock)()).await;
+    rollout::probe_endpoints(m, &ctx).await;
     m.apply_sweep((op.clock)()).await;
     // Events of this pass.
     let fresh: Vec<_> = m

@@ -696,12 +696,12 @@ async fn security_drift(tour: &mut Tour, db: &DemoDatabase) -> Result<(), DemoEr
         .fetch_one(&db.pool)
         .await
         .map_err(fail)?;
+    tour.m.database_url = Some(db.url.clone());
     let target = crate::schedule::SweepTarget {
-        gateway: tour.m.name.clone(),
-        database_url: db.url.clone(),
         policy: crate::crd::gateway::DriftPolicy::Auto,
+        ..tour.m.sweep_target()
     };
-    let outcome = crate::schedule::sweep_gateway(&target, chrono::Utc::now()).await;
+    let outcome = crate::schedule::sweep_gateway(&target, &tour.ctx.http, chrono::Utc::now()).await;
     if !outcome.problems.is_empty() {
         return Err(DemoError::Start {
             what: "health sweep",

@@ -14,6 +14,10 @@ use crate::proxy::vault::MasterKeys;
 pub fn render(spec: &ApiGatewaySpec, base: &ProxyConfig) -> ProxyConfig {
     let mut cfg = base.clone();
     cfg.routes = spec.proxy.routes.clone();
+    // Probes are the operator's (health sweep): not the proxy's config, not the revision.
+    for r in &mut cfg.routes {
+        r.probe = None;
+    }
     cfg.tiers = spec.proxy.tiers.clone();
     cfg.default_tier = spec.proxy.default_tier.clone();
     cfg.default_timeout = spec.proxy.default_timeout.clone();

@@ -232,6 +232,27 @@ impl Managed {
         }
     }
 
+    /// What the health sweep looks at for this gateway: its routes' upstreams and, when its
+    /// spec names one, its database.
+    pub fn sweep_target(&self) -> crate::schedule::SweepTarget {
+        crate::schedule::SweepTarget {
+            gateway: self.name.clone(),
+            database_url: self.database_url.clone(),
+            policy: self.spec.drift_policy,
+            upstreams: self
+                .spec
+                .proxy
+                .routes
+                .iter()
+                .map(|r| crate::schedule::Upstream {
+                    route: r.name.clone(),
+                    url: r.upstream.clone(),
+                    probe: r.probe.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// Carries the last health sweep into status (`status.drift`), Events, and a critical
     /// `security drift` incident while drift weakens tenant isolation or the audit trail (opened
     /// and resolved by the same sweep when it fixed that drift under `driftPolicy: auto`).
@@ -280,24 +301,89 @@ impl Managed {
         if let Some(d) = &o.drift {
             self.security_drift(o.at.timestamp(), d.security > 0).await;
         }
+        self.apply_probes(&o, now).await;
     }
 
-    /// Opens (`active`) or resolves the critical `security drift` incident.
-    async fn security_drift(&mut self, at: i64, active: bool) {
-        let notice = self
+    /// The sweep's probes: `status.probes`, an `upstream down` incident per route whose
+    /// upstream does not answer, an `endpoints down` incident while serving replicas are not
+    /// ready, each resolved by the first sweep that finds it up again.
+    async fn apply_probes(&mut self, o: &crate::schedule::SweepOutcome, now: Timestamp) {
+        use crate::detect::engine::{ENDPOINTS_DOWN, UPSTREAM_DOWN};
+        if o.probed.is_empty() {
+            return;
+        }
+        let down: Vec<String> = o
+            .probed
+            .iter()
+            .filter_map(|p| {
+                let what = match &p.route {
+                    Some(route) => format!("route {route}"),
+                    None => "endpoints".into(),
+                };
+                p.down.as_ref().map(|why| format!("{what}: {why}"))
+            })
+            .collect();
+        self.status.probes = Some(crate::crd::gateway::ProbesSummary {
+            checked_at: o.at.to_rfc3339(),
+            probed: o.probed.len() as u32,
+            down: down.clone(),
+        });
+        if !down.is_empty() {
+            self.warn_once("ProbeFailed", &down.join("; "), now);
+        }
+        let at = o.at.timestamp();
+        for p in &o.probed {
+            let (route, signal) = match &p.route {
+                Some(route) => (route.as_str(), UPSTREAM_DOWN),
+                None => ("", ENDPOINTS_DOWN),
+            };
+            self.event_on(at, route, signal, p.down.is_some(), Severity::High)
+                .await;
+        }
+        // A route that is gone (or an API no longer registered) is not down any more; only a
+        // sweep that listed everything can say so.
+        if o.problems.is_empty() {
+            let gone: Vec<String> = self
+                .open
+                .keys()
+                .filter(|(route, signal)| {
+                    signal == UPSTREAM_DOWN
+                        && !o.probed.iter().any(|p| p.route.as_ref() == Some(route))
+                })
+                .map(|(route, _)| route.clone())
+                .collect();
+            for route in gone {
+                self.event_on(at, &route, UPSTREAM_DOWN, false, Severity::High)
+                    .await;
+            }
+        }
+    }
+
+    /// Opens (`active`) or resolves an event-signal incident about `route` (`""`: gateway).
+    async fn event_on(
+        &mut self,
+        at: i64,
+        route: &str,
+        signal: &'static str,
+        active: bool,
+        severity: Severity,
+    ) {
+        match self
             .detector
-            .event_signal(
-                at,
-                crate::detect::engine::SECURITY_DRIFT,
-                active,
-                Severity::Critical,
-            )
-            .await;
-        match notice {
+            .event_signal_on(at, route, signal, active, severity)
+            .await
+        {
             Ok(Some(n)) => record_notices(self, vec![n]),
             Ok(None) => {}
             Err(e) => tracing::error!(gateway = %self.name, "cannot record the incident: {e}"),
         }
+    }
+
+    /// Opens (`active`) or resolves the critical `security drift` incident.
+    async fn security_drift(&mut self, at: i64, active: bool) {
+        let signal = crate::detect::engine::SECURITY_DRIFT;
+        self.event_on(at, "", signal, active, Severity::Critical)
+            .await;
     }
 
     /// Takes a button press if it concerns this gateway: Promote / Roll back naming its gate's or
@@ -694,6 +780,46 @@ fn update_conditions(m: &mut Managed, now: Timestamp) {
         generation,
         now,
     );
+}
+
+/// Adds the gateway's own endpoints to a fresh health sweep: every serving replica's
+/// `/readyz`, asked as the gate's health check asks (over TLS with `spec.tls`). Once per sweep;
+/// an API fault listing the replicas leaves the endpoints out of that sweep.
+pub async fn probe_endpoints<P: Platform>(m: &mut Managed, ctx: &Context<P>) {
+    let Some(sweep) = m.sweep.as_ref() else {
+        return;
+    };
+    if sweep.probed.iter().any(|p| p.route.is_none()) || m.status.active_revision.is_none() {
+        return;
+    }
+    let active = m.status.active_color.unwrap_or(Color::Blue);
+    let tls = m.spec.tls.is_some();
+    let admin_urls = match ctx.platform.admin_urls(&m.name, active, tls).await {
+        Ok(urls) => urls,
+        Err(e) => {
+            tracing::warn!(gateway = %m.name, "the sweep cannot list the serving replicas: {e}");
+            return;
+        }
+    };
+    let revision = m.status.active_revision.clone().unwrap_or_default();
+    let target = ProbeTarget {
+        http: &ctx.http,
+        spec: &m.spec,
+        revision: &revision,
+        preview_url: ctx.platform.preview_url(&m.name, tls).await,
+        admin_urls,
+        secrets: ctx.secrets.as_ref(),
+    };
+    let r = probes::run(gate::GateCheck::Health, &target).await;
+    let probed = crate::schedule::Probed {
+        route: None,
+        target: format!("{} replicas' /readyz", active.as_str()),
+        down: (r.phase != crate::crd::gateway::CheckPhase::Passed)
+            .then(|| format!("{} ({})", r.observed.as_deref().unwrap_or("?"), r.reason)),
+    };
+    if let Some(s) = m.sweep.as_mut() {
+        s.probed.push(probed);
+    }
 }
 
 /// Green's and blue's traffic since the analysis window started, when it is being counted.

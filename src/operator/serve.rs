@@ -147,7 +147,10 @@ pub async fn run(
     operator.set_durable(durable);
     let op = Arc::new(operator);
     // The health sweep runs on the leader only.
-    let sweeper = Arc::new(Sweeper::new(SweepMetrics::register(&op.metrics.registry)));
+    let sweeper = Arc::new(Sweeper::new(
+        SweepMetrics::register(&op.metrics.registry),
+        op.http.clone(),
+    ));
     let (sweep_op, sweep_state) = (op.clone(), state_role.clone());
     let scheduler = crate::schedule::every(opts.sweep_every, move || {
         let (op, state, sweeper) = (sweep_op.clone(), sweep_state.clone(), sweeper.clone());
