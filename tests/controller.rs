@@ -356,16 +356,31 @@ impl Harness {
 
     /// One reconcile pass that must make exactly `calls`; returns the request bodies.
     async fn pass(&self, gw: &ApiGateway, calls: Vec<Call>) -> (Action, Vec<Value>) {
+        let (result, bodies) = self.try_pass(gw, calls).await;
+        (
+            result.unwrap_or_else(|e| panic!("reconcile failed: {e}")),
+            bodies,
+        )
+    }
+
+    /// [`Harness::pass`] that may fail.
+    async fn try_pass(
+        &self,
+        gw: &ApiGateway,
+        calls: Vec<Call>,
+    ) -> (
+        Result<Action, apitree::operator::controller::ControllerError>,
+        Vec<Value>,
+    ) {
         let scenario = run_scenario(self.handle.clone(), calls);
-        let action = tokio::time::timeout(
+        let result = tokio::time::timeout(
             Duration::from_secs(20),
             reconcile(Arc::new(gw.clone()), self.op.clone()),
         )
         .await
-        .expect("reconcile finished")
-        .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+        .expect("reconcile finished");
         (
-            action,
+            result,
             scenario
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
@@ -560,22 +575,8 @@ async fn first_deploy_applies_the_children_then_serves_blue_once_ready() {
     let fx = Fixture::new();
     let rev = revision_of(&fx.gw.spec);
     let mut calls = observe_both(None, None);
+    calls.extend(first_deploy_writes(&rev));
     calls.extend([
-        call("PATCH", &format!("/api/v1/namespaces/{NS}/serviceaccounts/shop?&force=true&fieldManager=apitree-operator"))
-            .has("\"uid\":\"uid-1\"")
-            .has("\"app.kubernetes.io/managed-by\":\"apitree-operator\""),
-        call("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/shop-blue?"))
-            .has("proxy.yaml")
-            .has("pathPrefix: /r/")
-            .has("listen: 0.0.0.0:8080"),
-        call("PATCH", &deployments("shop-blue"))
-            .has(&format!("\"apitree.io/revision\":\"{rev}\""))
-            .has("\"replicas\":2")
-            .has(IMAGE)
-            .has("\"readinessProbe\""),
-        call("PATCH", &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/shop-blue?"))
-            .has("\"maxUnavailable\":1"),
-        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"blue\""),
         // Observed again at once: applied, not ready yet.
         call("GET", &deployments("shop-blue")).stored(|mut d| {
             d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
@@ -609,6 +610,82 @@ async fn first_deploy_applies_the_children_then_serves_blue_once_ready() {
     let status = status_of(&bodies);
     assert_eq!(status.active_color, Some(Color::Blue));
     assert_eq!(status.observed_generation, Some(1));
+}
+
+/// The writes of a first deploy to blue, in order: ServiceAccount, ConfigMap, Deployment,
+/// PodDisruptionBudget, preview Service.
+fn first_deploy_writes(rev: &str) -> Vec<Call> {
+    vec![
+        call("PATCH", &format!("/api/v1/namespaces/{NS}/serviceaccounts/shop?&force=true&fieldManager=apitree-operator"))
+            .has("\"uid\":\"uid-1\"")
+            .has("\"app.kubernetes.io/managed-by\":\"apitree-operator\""),
+        call("PATCH", &format!("/api/v1/namespaces/{NS}/configmaps/shop-blue?"))
+            .has("proxy.yaml")
+            .has("pathPrefix: /r/")
+            .has("listen: 0.0.0.0:8080"),
+        call("PATCH", &deployments("shop-blue"))
+            .has(&format!("\"apitree.io/revision\":\"{rev}\""))
+            .has("\"replicas\":2")
+            .has(IMAGE)
+            .has("\"readinessProbe\""),
+        call("PATCH", &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/shop-blue?"))
+            .has("\"maxUnavailable\":1"),
+        call("PATCH", &services("shop-preview")).has("\"apitree.io/color\":\"blue\""),
+    ]
+}
+
+/// A Kubernetes API fault at any write of a deploy (each of its five applies; a 500, a 409, a
+/// 429 or a 504 timeout) stops the deploy there, says why in one warning Event, and leaves the
+/// status as a deploy in progress; the next pass applies everything again (nothing is taken as
+/// deployed, nothing is refused for it).
+#[tokio::test]
+async fn api_faults_at_any_write_of_a_deploy_are_retried_by_the_next_pass() {
+    let faults = [
+        (500, "InternalError"),
+        (409, "Conflict"),
+        (429, "TooManyRequests"),
+        (504, "Timeout"),
+    ];
+    let fx = Fixture::new();
+    let rev = revision_of(&fx.gw.spec);
+    for at in 0..first_deploy_writes(&rev).len() {
+        for (code, reason) in faults {
+            let h = Harness::new().await;
+            let mut calls = observe_both(None, None);
+            let mut writes = first_deploy_writes(&rev);
+            writes.truncate(at + 1);
+            let failing = writes.pop().unwrap().reply(code, api_error(code, reason));
+            calls.extend(writes);
+            calls.extend([
+                failing,
+                event("ApplyFailed").has(&format!("injected {code}")),
+                status_patch(),
+            ]);
+            let (_, bodies) = h.pass(&fx.gw, calls).await;
+            let status = status_of(&bodies);
+            assert_eq!(status.active_revision, None, "write {at}, {code}");
+            assert_eq!(
+                status.phase,
+                Some(GatewayPhase::Progressing),
+                "write {at}, {code}"
+            );
+            // The next pass, with the API back, applies every child again.
+            let fx = Fixture::new().with_status(status);
+            let mut calls = observe_both(None, None);
+            calls.extend(first_deploy_writes(&rev));
+            calls.extend([
+                call("GET", &deployments("shop-blue")).stored(|mut d| {
+                    d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
+                    d["metadata"]["generation"] = json!(1);
+                    d
+                }),
+                call("GET", &pods_of("blue")).reply(200, empty_pods()),
+                call("GET", &deployments("shop-green")).not_found(),
+                status_patch().has("\"phase\":\"Progressing\""),
+            ]);
+            h.pass(&fx.gw, calls).await;
+        }
+    }
 }
 
 #[tokio::test]
@@ -690,6 +767,56 @@ async fn a_switch_the_api_refuses_is_undone_and_the_next_pass_makes_it() {
     ]);
     let (_, bodies) = h.pass(&fx.gw, calls).await;
     assert_eq!(status_of(&bodies).active_color, Some(Color::Green));
+}
+
+/// A status the API will not take after a switch (500, 429, 500: retried within the pass,
+/// then the pass fails) is not forgotten: the next pass starts from the status it decided —
+/// green takes traffic, gate at 5/5 — not from the object's older one, so traffic is not
+/// switched again and "Switched" / "Promoted" are not announced twice.
+#[tokio::test]
+async fn a_status_the_api_refuses_after_a_switch_is_written_later_without_switching_twice() {
+    use CheckPhase::*;
+    let h = Harness::new().await;
+    let (fx, new) = h.gating([Passed, Passed, Skipped, Passed, Running]);
+    let (_, bodies) = h
+        .pass(&fx.gw, analysis_start_pass(OLD, &new, status_patch()))
+        .await;
+    let started = status_of(&bodies);
+    h.advance(61);
+    let fx = fx.with_status(started.clone());
+    let refused = |code: u16, reason: &str| {
+        call("PATCH", &status_path()).reply(code, api_error(code, reason))
+    };
+    let mut calls = observe_both(Some(OLD), Some(&new));
+    calls.extend(switch_to("green", &new));
+    calls.extend([
+        call("GET", &pods_of("green")).reply(200, pod_list("green")),
+        event("Switched"),
+        event("Promoted"),
+        refused(500, "InternalError"),
+        refused(429, "TooManyRequests"),
+        refused(500, "InternalError"),
+    ]);
+    let (result, bodies) = h.try_pass(&fx.gw, calls).await;
+    assert!(
+        result.is_err(),
+        "the pass fails once its status cannot be written"
+    );
+    let attempts: Vec<&Value> = bodies.iter().rev().take(3).collect();
+    assert!(
+        attempts.windows(2).all(|w| w[0] == w[1]),
+        "every attempt writes the same status"
+    );
+    let decided = status_of(&bodies);
+    assert_eq!(decided.active_color, Some(Color::Green));
+    // The object still says blue and gating; the next pass writes what was decided.
+    let mut calls = observe_both(Some(OLD), Some(&new));
+    calls.push(status_patch());
+    let (_, bodies) = h.pass(&fx.gw, calls).await;
+    let written = status_of(&bodies);
+    assert_eq!(written.active_color, Some(Color::Green));
+    assert_eq!(written.gate, decided.gate);
+    assert_eq!(written.phase, decided.phase);
 }
 
 /// One gateway never waits for another: while a pass of `cart` hangs on a slow API call
@@ -823,6 +950,52 @@ async fn a_gateway_that_lets_keyless_requests_through_fails_smoke_and_green_is_s
     assert_eq!(status.active_revision.as_deref(), Some(old));
     assert_eq!(status.rejected_revision.unwrap().revision, new);
     assert_eq!(status.gate.unwrap().checks[3].phase, Failed);
+}
+
+/// A scale-down the API refuses (any of 500, 409, 429, 504) leaves the refused revision's
+/// replicas running only until the next pass: the decision stands (RolledBack, blue serving),
+/// one warning Event says green keeps running, and the next pass, seeing green still up with
+/// no gate to run, scales it down.
+#[tokio::test]
+async fn a_scale_down_the_api_refuses_is_asked_for_again_by_the_next_pass() {
+    use CheckPhase::*;
+    for (code, reason) in [
+        (500, "InternalError"),
+        (409, "Conflict"),
+        (429, "TooManyRequests"),
+        (504, "Timeout"),
+    ] {
+        let h = Harness::new().await;
+        h.pods.open_door.store(true, Ordering::SeqCst);
+        let (fx, new) = h.gating([Passed, Passed, Skipped, Pending, Pending]);
+        let mut calls = observe_both(Some(OLD), Some(&new));
+        calls.extend(observe_both(Some(OLD), Some(&new)));
+        calls.extend([
+            call("PATCH", &deployments("shop-green")).reply(code, api_error(code, reason)),
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            event("KubeApiError").has("green keeps running"),
+            event("Rejected"),
+            status_patch().has("\"phase\":\"RolledBack\""),
+        ]);
+        let (_, bodies) = h.pass(&fx.gw, calls).await;
+        let status = status_of(&bodies);
+        assert_eq!(status.active_revision.as_deref(), Some(OLD), "{code}");
+        // Green still runs; the next pass scales it down, and nothing else.
+        let fx = fx.with_status(status.clone());
+        let mut calls = observe_both(Some(OLD), Some(&new));
+        calls.extend([
+            call("PATCH", &deployments("shop-green")).has("\"replicas\":0"),
+            status_patch(),
+        ]);
+        let (_, bodies) = h.pass(&fx.gw, calls).await;
+        let after = status_of(&bodies);
+        assert_eq!(after.phase, status.phase, "{code}");
+        assert_eq!(after.rejected_revision, status.rejected_revision, "{code}");
+        // Once green is gone, nothing more is asked.
+        let mut calls = observe_both(Some(OLD), None);
+        calls.push(status_patch());
+        h.pass(&fx.with_status(after).gw, calls).await;
+    }
 }
 
 #[tokio::test]

@@ -283,6 +283,8 @@ impl Machine<'_> {
                 self.actions.push(Action::ScaleDown {
                     color: active.other(),
                 });
+            } else {
+                self.scale_down_leftover(active);
             }
             self.s.phase = Some(GatewayPhase::Stable);
             return;
@@ -295,6 +297,7 @@ impl Machine<'_> {
         {
             // Refused before: not retried until the spec changes.
             self.s.phase = Some(GatewayPhase::RolledBack);
+            self.scale_down_leftover(active);
             return;
         }
         if self.s.preview_revision.as_deref() != Some(desired.as_str()) {
@@ -304,6 +307,16 @@ impl Machine<'_> {
             return self.start_gate(active.other(), &desired);
         }
         self.continue_gate(active, &desired);
+    }
+
+    /// No gate runs, yet the other color still has replicas: a scale-down that did not happen
+    /// (the API refused it) is asked for again.
+    fn scale_down_leftover(&mut self, active: Color) {
+        if self.obs.color(active.other()).is_some() {
+            self.actions.push(Action::ScaleDown {
+                color: active.other(),
+            });
+        }
     }
 
     fn first_deploy(&mut self) {

@@ -451,6 +451,18 @@ pub async fn reconcile(obj: Arc<ApiGateway>, op: Arc<Operator>) -> Result<Action
 }
 
 /// Transient failures back off per object: 5 s, 10 s, 20 s … up to 5 minutes.
+/// Attempts at writing a pass's status (250 ms, then 1 s apart) before the pass fails.
+const STATUS_WRITE_ATTEMPTS: u32 = 3;
+
+/// Whether a failed API call may succeed if made again: a server error, a rate limit, a
+/// conflict, a timeout, or no answer at all.
+fn retryable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 409,
+        _ => true,
+    }
+}
+
 pub fn error_policy(obj: Arc<ApiGateway>, err: &ControllerError, op: Arc<Operator>) -> Action {
     op.metrics.errors.with_label_values(&[err.category()]).inc();
     op.metrics.reconciles.with_label_values(&["error"]).inc();
@@ -619,8 +631,12 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     if let Some(problem) = slack_problem {
         m.warn_once("SlackNotConfigured", &problem, (op.clock)());
     }
-    // The object's status is the truth: a restarted operator resumes from it.
-    m.status = obj.status.clone().unwrap_or_default();
+    // The object's status is the truth: a restarted operator resumes from it. Only a status
+    // this process decided and could not write is newer.
+    m.status = match m.unwritten.take() {
+        Some(decided) => decided,
+        None => obj.status.clone().unwrap_or_default(),
+    };
     let annotation = |k: &str| {
         obj.annotations().get(k).map(|rev| Request {
             revision: rev.clone(),
@@ -694,16 +710,26 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         "status": m.status,
     });
     let api: Api<ApiGateway> = Api::namespaced(op.client.clone(), &ns);
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&status),
-    )
-    .await
-    .map_err(|source| ControllerError::PatchStatus {
-        name: name.clone(),
-        source,
-    })?;
+    let mut attempt = 0;
+    // A server-side apply of the whole status: a retry needs no re-read to be right.
+    while let Err(source) = api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&status),
+        )
+        .await
+    {
+        attempt += 1;
+        if attempt == STATUS_WRITE_ATTEMPTS || !retryable(&source) {
+            m.unwritten = Some(m.status.clone());
+            return Err(ControllerError::PatchStatus {
+                name: name.clone(),
+                source,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250 << (2 * (attempt - 1)))).await;
+    }
     let action = requeue_after(m);
     op.publish(m);
     Ok(action)

@@ -139,6 +139,10 @@ pub struct Managed {
     pub answered: Vec<Press>,
     /// Sequence of the last Event published to the cluster.
     pub events_published: u64,
+    /// A status this process decided but could not write (the API refused it after retries):
+    /// newer than the object's, so the next pass starts from it instead of deciding again
+    /// (a switch is not made, or announced, twice).
+    pub unwritten: Option<ApiGatewayStatus>,
 }
 
 impl Managed {
@@ -191,6 +195,7 @@ impl Managed {
             deployed_keys: BTreeMap::new(),
             answered: Vec::new(),
             events_published: 0,
+            unwritten: None,
         }
     }
 
