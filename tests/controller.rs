@@ -576,17 +576,7 @@ async fn first_deploy_applies_the_children_then_serves_blue_once_ready() {
     let rev = revision_of(&fx.gw.spec);
     let mut calls = observe_both(None, None);
     calls.extend(first_deploy_writes(&rev));
-    calls.extend([
-        // Observed again at once: applied, not ready yet.
-        call("GET", &deployments("shop-blue")).stored(|mut d| {
-            d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
-            d["metadata"]["generation"] = json!(1);
-            d
-        }),
-        call("GET", &pods_of("blue")).reply(200, empty_pods()),
-        call("GET", &deployments("shop-green")).not_found(),
-        status_patch().has("\"phase\":\"Progressing\""),
-    ]);
+    calls.extend(deploy_in_progress());
     let (action, bodies) = h.pass(&fx.gw, calls).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
     let status = status_of(&bodies);
@@ -634,6 +624,21 @@ fn first_deploy_writes(rev: &str) -> Vec<Call> {
     ]
 }
 
+/// What follows [`first_deploy_writes`] in its pass: blue is observed again at once (applied,
+/// not ready yet), its pods listed, green observed, the status written as Progressing.
+fn deploy_in_progress() -> Vec<Call> {
+    vec![
+        call("GET", &deployments("shop-blue")).stored(|mut d| {
+            d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
+            d["metadata"]["generation"] = json!(1);
+            d
+        }),
+        call("GET", &pods_of("blue")).reply(200, empty_pods()),
+        call("GET", &deployments("shop-green")).not_found(),
+        status_patch().has("\"phase\":\"Progressing\""),
+    ]
+}
+
 /// A Kubernetes API fault at any write of a deploy (each of its five applies; a 500, a 409, a
 /// 429 or a 504 timeout) stops the deploy there, says why in one warning Event, and leaves the
 /// status as a deploy in progress; the next pass applies everything again (nothing is taken as
@@ -673,16 +678,7 @@ async fn api_faults_at_any_write_of_a_deploy_are_retried_by_the_next_pass() {
             let fx = Fixture::new().with_status(status);
             let mut calls = observe_both(None, None);
             calls.extend(first_deploy_writes(&rev));
-            calls.extend([
-                call("GET", &deployments("shop-blue")).stored(|mut d| {
-                    d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 0});
-                    d["metadata"]["generation"] = json!(1);
-                    d
-                }),
-                call("GET", &pods_of("blue")).reply(200, empty_pods()),
-                call("GET", &deployments("shop-green")).not_found(),
-                status_patch().has("\"phase\":\"Progressing\""),
-            ]);
+            calls.extend(deploy_in_progress());
             h.pass(&fx.gw, calls).await;
         }
     }

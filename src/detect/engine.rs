@@ -50,15 +50,8 @@ pub const SIGNALS: [&str; 9] = [
 /// open, drift found, a burst of changes), not a ratio scored against a baseline: their
 /// notices show no ratio or p-value.
 pub fn is_event_signal(signal: &str) -> bool {
-    [
-        CIRCUIT_OPEN,
-        SECURITY_DRIFT,
-        CREDENTIALS_OVERDUE,
-        CREDENTIAL_CHANGES,
-        UPSTREAM_DOWN,
-        ENDPOINTS_DOWN,
-    ]
-    .contains(&signal)
+    let scored = [ERROR_RATIO, AUTH_FAILURES, P99_LATENCY];
+    SIGNALS.contains(&signal) && !scored.contains(&signal)
 }
 
 /// Credential changes in one window that make an incident of their own.
