@@ -23,6 +23,9 @@ pub struct SweepTarget {
     pub gateway: String,
     /// The gateway's database, when its spec names one.
     pub database_url: Option<String>,
+    /// Why the database the spec names could not be resolved (its Secret unreadable): the
+    /// sweep then reports a problem instead of taking the gateway for one without a database.
+    pub unresolved: Option<String>,
     pub policy: DriftPolicy,
     /// The spec's routes' upstreams.
     pub upstreams: Vec<Upstream>,
@@ -114,6 +117,9 @@ pub async fn sweep_gateway(
         problems: Vec::new(),
     };
     let mut upstreams = t.upstreams.clone();
+    if let Some(why) = &t.unresolved {
+        out.problems.push(why.clone());
+    }
     if let Some(url) = &t.database_url {
         match crate::db::connect(url, 2).await {
             Ok(pool) => {
@@ -195,7 +201,7 @@ async fn probe_upstream(http: &reqwest::Client, u: &Upstream) -> Probed {
             Err(e) => {
                 return Probed {
                     route: Some(u.route.clone()),
-                    target: u.url.clone(),
+                    target: without_credentials(&u.url),
                     down: Some(e),
                 }
             }
@@ -203,24 +209,54 @@ async fn probe_upstream(http: &reqwest::Client, u: &Upstream) -> Probed {
         None => (u.url.clone(), None, Duration::from_secs(5)),
     };
     let answer = http.get(&url).timeout(timeout).send().await;
+    // Upstream URLs may carry credentials (user:password@): never in status, Events or Slack.
+    let shown = without_credentials(&url);
     let down = match (answer, expect) {
         (Ok(r), Some(want)) if r.status().as_u16() != want => Some(format!(
-            "GET {url} answered {}, expected {want}",
+            "GET {shown} answered {}, expected {want}",
             r.status().as_u16()
         )),
         (Ok(_), _) => None,
         (Err(e), _) if e.is_timeout() => Some(format!(
-            "GET {url} had no answer within {} ms",
+            "GET {shown} had no answer within {} ms",
             timeout.as_millis()
         )),
-        (Err(e), _) => Some(format!("GET {url}: {}", crate::tls::error_chain(&e))),
+        (Err(e), _) => Some(format!(
+            "GET {shown}: {}",
+            crate::tls::error_chain(&e.without_url())
+        )),
     };
     Probed {
         route: Some(u.route.clone()),
-        target: url,
+        target: shown,
         down,
     }
 }
+
+/// `url` without its user name and password.
+pub fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
+/// The sweep's HTTP client: no redirects (a probe stays on its upstream, and an
+/// `expectStatus` of 3xx means what it says) and a bounded connect.
+pub fn probe_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Gateways swept at once.
+const SWEEP_PARALLEL: usize = 8;
 
 /// Runs sweeps one at a time.
 pub struct Sweeper {
@@ -249,10 +285,17 @@ impl Sweeper {
             tracing::warn!("health sweep skipped: the previous run is still going");
             return None;
         };
-        let mut out = Vec::with_capacity(targets.len());
-        for t in targets {
-            out.push(sweep_gateway(t, &self.http, now).await);
-        }
+        // Several gateways at once (each probe is bounded by its timeout, at most a minute),
+        // so one gateway's slow upstreams cannot hold up every other gateway's sweep.
+        use futures::StreamExt;
+        let out: Vec<SweepOutcome> = futures::stream::iter(targets.to_vec())
+            .map(|t| {
+                let http = self.http.clone();
+                async move { sweep_gateway(&t, &http, now).await }
+            })
+            .buffered(SWEEP_PARALLEL)
+            .collect()
+            .await;
         if out.iter().all(|o| o.problems.is_empty()) {
             self.metrics.runs.with_label_values(&["ok"]).inc();
             self.metrics.last_success.set(now.timestamp());

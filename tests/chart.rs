@@ -328,6 +328,34 @@ fn the_operator_runs_locked_down_with_probes_and_leader_election() {
         .iter()
         .flatten()
         .any(|e| e.name == "APITREE_DATABASE_URL"));
+
+    // The Service reaches the leading replica only: the one whose pod the operator labelled
+    // apitree.io/role=leader (the pod template does not carry it: a standby must not get
+    // Slack presses it cannot act on), and the leader may label its own pod.
+    let svc: Service = serde_json::from_value(of_kind(&docs, "Service")[0].clone()).unwrap();
+    let selector = svc.spec.unwrap().selector.unwrap();
+    assert_eq!(
+        selector
+            .get(apitree::operator::lease::ROLE_LABEL)
+            .map(String::as_str),
+        Some("leader")
+    );
+    let template_labels = d.spec.template.metadata.unwrap().labels.unwrap();
+    assert!(!template_labels.contains_key(apitree::operator::lease::ROLE_LABEL));
+    for (k, v) in selector
+        .iter()
+        .filter(|(k, _)| *k != apitree::operator::lease::ROLE_LABEL)
+    {
+        assert_eq!(
+            template_labels.get(k),
+            Some(v),
+            "the Service selects the operator's pods"
+        );
+    }
+    let leader_role: Role = serde_json::from_value(of_kind(&docs, "Role")[0].clone()).unwrap();
+    assert!(leader_role.rules.unwrap().iter().any(|r| {
+        r.resources.as_deref() == Some(&["pods".to_string()][..]) && r.verbs == ["patch"]
+    }));
 }
 
 /// A fresh install migrates the databases the release knows (the operator's state database,

@@ -1525,9 +1525,12 @@ async fn what_the_sweep_finds_down_is_an_incident_until_a_sweep_finds_it_up() {
     assert_eq!(
         targets.len(),
         1,
-        "a gateway without a database is swept too"
+        "a gateway whose database is unknown is swept too"
     );
     assert_eq!(targets[0].database_url, None);
+    // …and the sweep says why it skips the database (it is not taken for one without).
+    let unresolved = targets[0].unresolved.as_deref().unwrap_or_default();
+    assert!(unresolved.contains("Secret shop-db"), "{unresolved}");
     assert_eq!(
         targets[0].upstreams,
         [Upstream {

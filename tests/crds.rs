@@ -199,6 +199,10 @@ fn a_probe_path_that_leaves_its_upstream_is_a_spec_problem() {
             "https://upstream.example/health",
             Some("leaves the upstream"),
         ),
+        (
+            "http://upstream.example:8080/health",
+            Some("leaves the upstream"),
+        ),
     ];
     for (path, want) in cases {
         let mut doc = minimal_gateway();
@@ -214,5 +218,31 @@ fn a_probe_path_that_leaves_its_upstream_is_a_spec_problem() {
                 assert!(problems[0].message.contains(text), "{path}: {problems:?}");
             }
         }
+    }
+}
+
+/// A probe waits between 1 ms and 60 s: a longer one would hold the sweep of its gateway (and a
+/// zero one would make the upstream look down for ever).
+#[test]
+fn a_probe_timeout_outside_one_millisecond_to_a_minute_is_a_spec_problem() {
+    for (timeout, ok) in [
+        ("1ms", true),
+        ("5s", true),
+        ("60s", true),
+        ("0s", false),
+        ("61s", false),
+        ("24h", false),
+    ] {
+        let mut doc = minimal_gateway();
+        doc["spec"]["proxy"]["routes"][0]["probe"] =
+            serde_json::json!({"path": "/health", "timeout": timeout});
+        let gw: ApiGateway = serde_json::from_value(doc).unwrap();
+        let paths: Vec<String> = gw.spec.problems().into_iter().map(|p| p.path).collect();
+        let want: Vec<String> = if ok {
+            vec![]
+        } else {
+            vec!["spec.proxy.routes[0].probe.timeout".into()]
+        };
+        assert_eq!(paths, want, "{timeout}");
     }
 }

@@ -375,12 +375,14 @@ async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_n
             database_url: Some(auto_db.url.clone()),
             policy: DriftPolicy::Auto,
             upstreams: Vec::new(),
+            unresolved: None,
         },
         SweepTarget {
             gateway: "ns/report".into(),
             database_url: Some(report_db.url.clone()),
             policy: DriftPolicy::Report,
             upstreams: Vec::new(),
+            unresolved: None,
         },
     ];
     let (sweeper, _registry) = sweeper();
@@ -411,7 +413,8 @@ async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_n
     assert!(sweeper.metrics.last_success.get() > 0);
 }
 
-/// An upstream stand-in: `/health` 200, `/v1/status` 503, `/slow` after 2 s, anything else 404.
+/// An upstream stand-in: `/health` 200, `/v1/status` 503, `/slow` after 2 s, `/redirect` 302
+/// elsewhere, anything else 404.
 async fn start_probed_upstream() -> std::net::SocketAddr {
     use http_body_util::Full;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -424,6 +427,15 @@ async fn start_probed_upstream() -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     |req: hyper::Request<hyper::body::Incoming>| async move {
+                        if req.uri().path() == "/redirect" {
+                            return Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(302)
+                                    .header("location", "http://127.0.0.1:1/health")
+                                    .body(Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            );
+                        }
                         let status = match req.uri().path() {
                             "/health" => 200,
                             "/v1/status" => 503,
@@ -453,7 +465,8 @@ async fn start_probed_upstream() -> std::net::SocketAddr {
 /// The sweep probes every route's upstream and every API registered in the gateway's
 /// database, each as its probe says (a path resolved against the upstream URL, a status, a
 /// timeout) or, without one, "answers HTTP at all": up, a wrong status, no answer in time, a
-/// refused connection — each with the reason an SRE would want to read.
+/// refused connection — each with the reason an SRE would want to read, never with the
+/// credentials an upstream URL may carry; a redirect is an answer, not followed elsewhere.
 #[tokio::test]
 async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
     use apitree::crd::gateway::{DriftPolicy, UpstreamProbe};
@@ -523,9 +536,25 @@ async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
             route("slow", format!("http://{up}/"), probe("slow", 200, 200)),
             route("any-answer", format!("http://{up}/missing/"), None),
             route("refused", format!("http://{closed}/api/"), None),
+            route(
+                "redirected",
+                format!("http://{up}/"),
+                probe("redirect", 200, 1000),
+            ),
+            route(
+                "with-password",
+                format!("http://probe:s3cret@{closed}/"),
+                None,
+            ),
         ],
+        unresolved: None,
     };
-    let out = sweep_gateway(&target, &reqwest::Client::new(), chrono::Utc::now()).await;
+    let out = sweep_gateway(
+        &target,
+        &apitree::schedule::probe_client(),
+        chrono::Utc::now(),
+    )
+    .await;
     assert!(out.problems.is_empty(), "{:?}", out.problems);
     let got: Vec<(String, String, Option<String>)> = out
         .probed
@@ -554,6 +583,18 @@ async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
             Some(String::new()),
         ),
         (
+            "redirected",
+            format!("http://{up}/redirect"),
+            Some(format!(
+                "GET http://{up}/redirect answered 302, expected 200"
+            )),
+        ),
+        (
+            "with-password",
+            format!("http://{closed}/"),
+            Some(String::new()),
+        ),
+        (
             "registered-down",
             format!("http://{closed}/"),
             Some(String::new()),
@@ -561,6 +602,7 @@ async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
         ("registered-up", format!("http://{up}/anything/"), None),
     ];
     assert_eq!(got.len(), want.len(), "{got:#?}");
+    assert!(!format!("{got:?}").contains("s3cret"), "{got:?}");
     for ((route, target, down), (w_route, w_target, w_down)) in got.iter().zip(&want) {
         assert_eq!((route.as_str(), target), (*w_route, w_target));
         match (down, w_down) {
@@ -583,6 +625,7 @@ async fn an_unreachable_database_is_a_failed_sweep_run_with_the_reason() {
         database_url: Some("postgres://postgres@127.0.0.1:1/none".into()),
         policy: DriftPolicy::Auto,
         upstreams: Vec::new(),
+        unresolved: None,
     };
     let out = sweeper.run(&[target], chrono::Utc::now()).await.unwrap();
     assert!(
@@ -610,4 +653,78 @@ async fn the_scheduler_runs_the_sweep_again_and_again() {
     scheduler.shutdown().await.unwrap();
     let n = runs.load(std::sync::atomic::Ordering::SeqCst);
     assert!((2..=4).contains(&n), "{n} runs in 3.5 s at one per second");
+}
+
+/// An `upstream down` incident outlives an operator restart (it is in the state database), and
+/// the first sweep after the restart whose gateway no longer has that route resolves it — the
+/// new process knows it from the database, not from its own memory.
+#[tokio::test]
+async fn an_upstream_down_incident_of_a_route_removed_meanwhile_resolves_after_a_restart() {
+    use apitree::detect::engine::IncidentStore;
+    use apitree::detect::IncidentEvent;
+    use apitree::notify::Notifier;
+    use apitree::operator::rollout::Managed;
+    use apitree::schedule::{Probed, SweepOutcome};
+    use std::sync::Arc;
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let sweep = |route: &str, down: Option<&str>| SweepOutcome {
+        gateway: "shop".into(),
+        at: chrono::Utc::now(),
+        drift: None,
+        found: None,
+        fixed: Vec::new(),
+        revoked: Vec::new(),
+        probed: vec![Probed {
+            route: Some(route.into()),
+            target: format!("http://{route}.svc/"),
+            down: down.map(str::to_string),
+        }],
+        problems: Vec::new(),
+    };
+    let process = |notifier: Arc<Notifier>| {
+        Managed::new(
+            "shop",
+            serde_json::from_value(serde_json::json!({"replicas": 1, "proxy": {"routes": []}}))
+                .unwrap(),
+            1,
+            notifier,
+            Arc::new(IncidentStore::Postgres(pool.clone())),
+            None,
+        )
+    };
+    let mut before = process(Arc::new(Notifier::recording()));
+    before.sweep = Some(sweep(
+        "legacy",
+        Some("GET http://legacy.svc/: cannot connect"),
+    ));
+    before
+        .apply_sweep(k8s_openapi::jiff::Timestamp::now())
+        .await;
+    drop(before);
+    let open = |pool: sqlx::PgPool| async move {
+        IncidentStore::Postgres(pool)
+            .open()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.route, i.signal))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        open(pool.clone()).await,
+        [("legacy".to_string(), "upstream down".to_string())]
+    );
+
+    let notifier = Arc::new(Notifier::recording());
+    let mut after = process(notifier.clone());
+    after.sweep = Some(sweep("current", None));
+    after.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
+    let told: Vec<_> = notifier
+        .recorded()
+        .iter()
+        .map(|n| (n.route.clone(), n.event))
+        .collect();
+    assert_eq!(told, [("legacy".to_string(), IncidentEvent::Resolve)]);
+    assert!(open(pool.clone()).await.is_empty());
 }

@@ -319,6 +319,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
             database_url: Some(through(&proxy, &db)),
             policy,
             upstreams: Vec::new(),
+            unresolved: None,
         };
         let mut point = 1;
         let mut failed = 0;
@@ -371,6 +372,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         database_url: Some(through(&proxy, &db)),
         policy: DriftPolicy::Report,
         upstreams: Vec::new(),
+        unresolved: None,
     };
     switch_off_tenant_isolation(&pool).await;
     m.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);

@@ -297,7 +297,7 @@ pub struct UpstreamProbe {
     #[serde(default = "default_probe_status")]
     #[schemars(range(min = 100, max = 599))]
     pub expect_status: u16,
-    /// How long the probe waits for the answer.
+    /// How long the probe waits for the answer (at most 60s).
     #[serde(default = "default_probe_timeout")]
     pub timeout: KubeDuration,
 }
@@ -305,13 +305,13 @@ pub struct UpstreamProbe {
 /// The URL the sweep probes for `path` on `upstream`, or why there is none.
 pub fn probe_url(upstream: &str, path: &str) -> Result<String, String> {
     let base = reqwest::Url::parse(upstream)
-        .map_err(|e| format!("the route's upstream {upstream:?} is not a URL: {e}"))?;
+        .map_err(|e| format!("the route's upstream is not a URL: {e}"))?;
     let url = base
         .join(path)
         .map_err(|e| format!("{path:?} is not a path: {e}"))?;
     if url.scheme() != base.scheme() || url.host() != base.host() || url.port() != base.port() {
         return Err(format!(
-            "{path:?} leaves the upstream {upstream}: give a path (`health` or `/health`), not a URL"
+            "{path:?} leaves the upstream's host: give a path (`health` or `/health`), not a URL"
         ));
     }
     Ok(url.to_string())
@@ -1050,6 +1050,13 @@ impl ApiGatewaySpec {
             if let Some(p) = &r.probe {
                 if let Err(e) = probe_url(&r.upstream, &p.path) {
                     push(format!("spec.proxy.routes[{i}].probe.path"), e);
+                }
+                let t = p.timeout.as_std();
+                if t.is_zero() || t > std::time::Duration::from_secs(60) {
+                    push(
+                        format!("spec.proxy.routes[{i}].probe.timeout"),
+                        format!("{} is out of range: give 1ms to 60s", p.timeout),
+                    );
                 }
             }
             if let Some(first) = route_names.insert(r.name.as_str(), i) {

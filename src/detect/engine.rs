@@ -663,6 +663,17 @@ impl Detector {
         self.event_signal_on(at, "", signal, active, severity).await
     }
 
+    /// The routes with an open incident on `signal`.
+    pub async fn open_routes(&mut self, signal: &'static str) -> Result<Vec<String>, DbError> {
+        self.resume().await?;
+        Ok(self
+            .watched
+            .iter()
+            .filter(|((_, s), w)| *s == signal && w.incident.is_some())
+            .map(|((route, _), _)| route.clone())
+            .collect())
+    }
+
     /// [`Detector::event_signal`] about one route (`""`: the whole gateway).
     pub async fn event_signal_on(
         &mut self,

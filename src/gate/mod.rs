@@ -297,7 +297,9 @@ impl Machine<'_> {
         {
             // Refused before: not retried until the spec changes.
             self.s.phase = Some(GatewayPhase::RolledBack);
-            self.scale_down_leftover(active);
+            if self.s.preview_revision.is_none() {
+                self.scale_down_leftover(active);
+            }
             return;
         }
         if self.s.preview_revision.as_deref() != Some(desired.as_str()) {

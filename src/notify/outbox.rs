@@ -263,7 +263,7 @@ impl Outbox {
                 Ok(())
             }
             Self::Postgres { pool, .. } => {
-                sqlx::query("UPDATE notification_outbox SET delivered_at = now(), slack_ts = $2, attempts = attempts + 1 WHERE id = $1")
+                sqlx::query("UPDATE notification_outbox SET delivered_at = now(), slack_ts = $2, attempts = attempts + 1 WHERE id = $1 AND delivered_at IS NULL")
                     .bind(id)
                     .bind(ts)
                     .execute(pool)

@@ -262,9 +262,14 @@ impl SlackDelivery {
                 }
             }
             tokio::select! {
-                _ = &mut stop => return,
+                _ = &mut stop => break,
                 _ = tokio::time::sleep(every) => {}
             }
+        }
+        // What Slack accepted but the outbox did not record yet: one last try, so a deliverer
+        // that is replaced does not leave it to be sent again.
+        if let Err(e) = self.record_leftovers().await {
+            tracing::warn!("stopping with deliveries the outbox could not record: {e}");
         }
     }
 

@@ -71,26 +71,34 @@ impl DemoDatabase {
         let (name, mark, tables): (String, Option<String>, i64) = sqlx::query_as(
             "SELECT current_database(),
                     shobj_description((SELECT oid FROM pg_database WHERE datname = current_database()), 'pg_database'),
-                    (SELECT count(*) FROM pg_tables WHERE schemaname = 'public')",
+                    (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                       AND n.nspname NOT LIKE 'pg\\_%' AND c.relkind IN ('r', 'p', 'v', 'm', 'f'))",
         )
         .fetch_one(&pool)
         .await
         .map_err(|e| fail(e.to_string()))?;
         if tables > 0 && mark.as_deref() != Some(DEMO_MARK) {
             return Err(fail(format!(
-                "database {name} already has tables and is not one an earlier demo made; the demo switches tenant isolation off in its database for a moment, so give it an empty one of its own (createdb apitree_demo, then --database-url postgres://…/apitree_demo)"
+                "database {name} already holds tables or views and is not one an earlier demo made; the demo switches tenant isolation off in its database for a moment, so give it an empty one of its own (createdb apitree_demo, then --database-url postgres://…/apitree_demo)"
             )));
         }
-        crate::db::migrate(&pool, &name)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        // Marked first: a role that cannot mark the database (it must own it) is told so
+        // before anything is created in it.
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "COMMENT ON DATABASE {quoted} IS '{DEMO_MARK}'"
         )))
         .execute(&pool)
         .await
-        .map_err(|e| fail(format!("cannot mark database {name} as the demo's: {e}")))?;
+        .map_err(|e| {
+            fail(format!(
+                "cannot mark database {name} as the demo's ({e}); create it as the user the demo connects as"
+            ))
+        })?;
+        crate::db::migrate(&pool, &name)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         Ok(Self {
             url: url.to_string(),
             pool,

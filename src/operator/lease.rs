@@ -148,6 +148,33 @@ pub async fn try_lead(
     }
 }
 
+/// The label the leading replica carries on its pod; the operator's Service selects it, so the
+/// status page, `/api/gateways` and Slack's button presses reach the replica that reconciles
+/// (a standby holds no gateways: a press it took would wait there for nobody).
+pub const ROLE_LABEL: &str = "apitree.io/role";
+
+/// Marks this replica's pod as the leader (`leader`) or clears the mark (a process that starts,
+/// in a pod an earlier leading process may have marked, stands by first).
+pub async fn mark_pod(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    pod: &str,
+    leader: bool,
+) -> Result<(), kube::Error> {
+    let value = if leader {
+        serde_json::Value::from("leader")
+    } else {
+        serde_json::Value::Null
+    };
+    let patch = serde_json::json!({"metadata": {"labels": {ROLE_LABEL: value}}});
+    pods.patch(
+        pod,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +248,60 @@ mod tests {
         assert_eq!(renewed.lease_transitions, Some(1));
         assert_eq!(renewed.acquire_time, Some(MicroTime(t(20))));
         assert_eq!(renewed.renew_time, Some(MicroTime(t(25))));
+    }
+
+    /// The leader's mark is one merge patch of its own pod's labels; clearing it sets the label
+    /// to null (removed), touching nothing else of the pod.
+    #[tokio::test]
+    async fn the_leader_marks_its_pod_and_a_starting_process_clears_the_mark() {
+        use http_body_util::BodyExt;
+        let (svc, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(kube::Client::new(svc, "ops"), "ops");
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let (req, send) = handle.next_request().await.expect("a call");
+                let what = (
+                    req.method().to_string(),
+                    req.uri().path().to_string(),
+                    req.headers()["content-type"].to_str().unwrap().to_string(),
+                );
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                seen.push((what, body));
+                let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "apitree-0"}});
+                send.send_response(
+                    http::Response::builder()
+                        .body(kube::client::Body::from(serde_json::to_vec(&pod).unwrap()))
+                        .unwrap(),
+                );
+            }
+            seen
+        });
+        mark_pod(&pods, "apitree-0", true).await.unwrap();
+        mark_pod(&pods, "apitree-0", false).await.unwrap();
+        let seen = server.await.unwrap();
+        let call = (
+            "PATCH".to_string(),
+            "/api/v1/namespaces/ops/pods/apitree-0".to_string(),
+            "application/merge-patch+json".to_string(),
+        );
+        assert_eq!(
+            seen,
+            [
+                (
+                    call.clone(),
+                    serde_json::json!({"metadata": {"labels": {"apitree.io/role": "leader"}}})
+                ),
+                (
+                    call,
+                    serde_json::json!({"metadata": {"labels": {"apitree.io/role": null}}})
+                ),
+            ]
+        );
     }
 }

@@ -240,9 +240,17 @@ impl Managed {
     /// What the health sweep looks at for this gateway: its routes' upstreams and, when its
     /// spec names one, its database.
     pub fn sweep_target(&self) -> crate::schedule::SweepTarget {
+        let unresolved = match (&self.spec.database, &self.database_url) {
+            (Some(db), None) => Some(format!(
+                "the database URL in Secret {} (key {:?}) could not be read; database checks skipped",
+                db.name, db.key
+            )),
+            _ => None,
+        };
         crate::schedule::SweepTarget {
             gateway: self.name.clone(),
             database_url: self.database_url.clone(),
+            unresolved,
             policy: self.spec.drift_policy,
             upstreams: self
                 .spec
@@ -348,14 +356,18 @@ impl Managed {
         // A route that is gone (or an API no longer registered) is not down any more; only a
         // sweep that listed everything can say so.
         if o.problems.is_empty() {
-            let gone: Vec<String> = self
-                .open
-                .keys()
-                .filter(|(route, signal)| {
-                    signal == UPSTREAM_DOWN
-                        && !o.probed.iter().any(|p| p.route.as_ref() == Some(route))
-                })
-                .map(|(route, _)| route.clone())
+            // Open incidents as the detector knows them (taken up from the state database
+            // after a restart), not only those this process opened.
+            let open = match self.detector.open_routes(UPSTREAM_DOWN).await {
+                Ok(routes) => routes,
+                Err(e) => {
+                    tracing::error!(gateway = %self.name, "cannot read open incidents: {e}");
+                    Vec::new()
+                }
+            };
+            let gone: Vec<String> = open
+                .into_iter()
+                .filter(|route| !o.probed.iter().any(|p| p.route.as_ref() == Some(route)))
                 .collect();
             for route in gone {
                 self.event_on(at, &route, UPSTREAM_DOWN, false, Severity::High)

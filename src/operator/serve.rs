@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::Client;
@@ -149,7 +150,7 @@ pub async fn run(
     // The health sweep runs on the leader only.
     let sweeper = Arc::new(Sweeper::new(
         SweepMetrics::register(&op.metrics.registry),
-        op.http.clone(),
+        crate::schedule::probe_client(),
     ));
     let (sweep_op, sweep_state) = (op.clone(), state_role.clone());
     let scheduler = crate::schedule::every(opts.sweep_every, move || {
@@ -184,6 +185,21 @@ pub async fn run(
         Arc::new(Timestamp::now),
     ));
     let _ = rotations_cell.set(Arc::downgrade(&rotations));
+    // The operator's Service routes to the pod marked as leader. A restarted container may be
+    // in a pod its earlier process marked: it stands by first.
+    let own_pod = std::env::var("POD_NAME").ok().map(|name| {
+        (
+            Api::<Pod>::namespaced(op.client.clone(), &opts.namespace),
+            name,
+        )
+    });
+    if let Some((pods, name)) = &own_pod {
+        if let Err(e) = lease::mark_pod(pods, name, false).await {
+            tracing::warn!(pod = %name, "cannot clear this pod's {} label: {e}", lease::ROLE_LABEL);
+        }
+    }
+    // Whether this pod carries the leader label (retried every attempt until it does).
+    let mut marked = own_pod.is_none();
     let mut running: Option<Vec<tokio::task::JoinHandle<()>>> = None;
     let mut watch = lease::LeaseWatch::default();
     tokio::pin!(stop);
@@ -220,6 +236,16 @@ pub async fn run(
                 break Err(OperatorError::LostLease(opts.lease_name.clone()));
             }
             Err(e) => tracing::warn!("{e}; retrying"),
+        }
+        if let (Some((pods, name)), Some(_), false) = (&own_pod, &running, marked) {
+            match lease::mark_pod(pods, name, true).await {
+                Ok(()) => marked = true,
+                // Leading still; but the Service does not route to this replica until a later
+                // attempt succeeds.
+                Err(e) => {
+                    tracing::error!(pod = %name, "cannot label this pod {}=leader, so the operator Service does not route to it (status page, Slack buttons); retrying: {e}", lease::ROLE_LABEL)
+                }
+            }
         }
         tokio::select! {
             _ = &mut stop => break Ok(()),
