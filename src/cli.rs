@@ -101,8 +101,12 @@ pub enum Command {
     /// honoured). With --database-url (an empty database) the schema check runs for real and a
     /// drift step is added. Takes about a minute and leaves nothing running.
     ///
+    /// Examples:
+    ///
     ///   apitree demo
+    ///
     ///   apitree demo --format json > summary.json
+    ///
     ///   apitree demo --database-url postgres://postgres@127.0.0.1/apitree_demo
     Demo(DemoArgs),
 
@@ -116,7 +120,7 @@ pub enum Command {
     /// credentials and the pepper come from --proxy-config (the `apitree proxy` file format).
     /// The status page, /metrics, /healthz and /readyz are on --http.
     ///
-    ///   apitree local -f examples/local --proxy-config examples/proxy.yaml
+    ///   apitree local -f examples/local --proxy-config examples/proxy.yaml --port 18000
     Local(LocalArgs),
 
     /// Schema drift of the gateway database against what the migrations create.

@@ -20,9 +20,16 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
         source,
     })?;
     let registry = tracing_subscriber::registry().with(env_filter);
+    // Colour only for a person at a terminal: a file or a pipe gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .with_ansi(colour),
+            )
             .init(),
         LogFormat::Json => registry
             .with(

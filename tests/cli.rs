@@ -754,3 +754,34 @@ async fn a_state_database_behind_the_release_is_refused_at_start_with_what_to_ru
         "{err}"
     );
 }
+
+/// Every `--help`, of every command and subcommand, shows each example command on a line of its
+/// own: clap joins consecutive doc-comment lines into one paragraph, which once printed
+/// "apitree demo apitree demo --format json > summary.json" (two commands run together).
+#[test]
+fn every_help_shows_one_example_command_per_line() {
+    use clap::CommandFactory;
+    fn walk(cmd: &mut clap::Command, path: String, out: &mut Vec<(String, String)>) {
+        out.push((path.clone(), cmd.render_long_help().to_string()));
+        for sub in cmd.get_subcommands_mut() {
+            let name = format!("{path} {}", sub.get_name());
+            walk(sub, name, out);
+        }
+    }
+    let mut helps = Vec::new();
+    walk(
+        &mut apitree::cli::Cli::command(),
+        "apitree".into(),
+        &mut helps,
+    );
+    assert!(helps.len() > 20, "only {} commands walked", helps.len());
+    for (path, help) in helps {
+        for line in help.lines() {
+            let invocations = line.split_whitespace().filter(|w| *w == "apitree").count();
+            assert!(
+                invocations <= 1,
+                "`{path} --help` runs two commands together: {line:?}"
+            );
+        }
+    }
+}

@@ -26,8 +26,12 @@ async fn start(
     upstream: std::net::SocketAddr,
     org: Uuid,
 ) -> DbGateway {
-    install_crypto();
-    // One API with an encrypted system credential, as an admin would register it.
+    register_api(pool, upstream, org).await;
+    start_proxy(tdb).await
+}
+
+/// One API with an encrypted system credential, as an admin would register it.
+async fn register_api(pool: &PgPool, upstream: std::net::SocketAddr, org: Uuid) {
     let api = Uuid::new_v4();
     sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', $3)")
         .bind(api)
@@ -49,7 +53,11 @@ async fn start(
     .execute(pool)
     .await
     .unwrap();
+}
 
+/// A database-mode proxy on `tdb` with a file that names no route.
+async fn start_proxy(tdb: &TestDb) -> DbGateway {
+    install_crypto();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
     std::fs::write(dir.path().join("master"), format!("1:{MASTER_KEY_B64}\n")).unwrap();
@@ -342,6 +350,44 @@ async fn losing_the_database_keeps_the_last_config_and_degrades_readiness() {
     .await;
     eventually("a key created after the outage works", || async {
         status(&gw, &later).await == 200
+    })
+    .await;
+}
+
+/// A fresh install: a database-mode proxy whose database has no API registered yet starts (it
+/// used to refuse: "at least one route is needed"), says so in `/readyz` (ready, zero routes),
+/// answers requests (a JSON error with its request id), and serves an API once it is
+/// registered.
+#[tokio::test]
+async fn a_database_mode_proxy_starts_with_no_api_and_picks_one_up_when_registered() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let gw = start_proxy(&tdb).await;
+    let ready = readiness(&gw).await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["config"]["routes"], 0, "{ready}");
+    let r = client()
+        .get(format!("http://{}/weather/today", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "no key, no API: refused, not dropped");
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["request_id"].is_string() || body["requestId"].is_string(),
+        "{body}"
+    );
+
+    let up = start_upstream().await;
+    let org = Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'acme')")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    register_api(&pool, up.addr.unwrap(), org).await;
+    eventually("the registered API is served", || async {
+        readiness(&gw).await["config"]["routes"] == 1
     })
     .await;
 }

@@ -379,6 +379,11 @@ async fn with_a_database_accepted_notifications_survive_a_kill_and_are_delivered
         said.contains("kept in memory and lost on restart"),
         "{said}"
     );
+    // Written to a file, the log carries no terminal colour codes.
+    assert!(
+        !said.contains('\x1b'),
+        "ANSI escapes in a log file: {said:?}"
+    );
 }
 
 #[tokio::test]

@@ -128,8 +128,9 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
             CheckPhase::Failed,
             Some(p),
             format!(
-                "green's error ratio is {:.2} percentage points above blue's (p={p:.2e})",
-                increase * 100.0
+                "green's error ratio is {:.2} percentage points above blue's ({})",
+                increase * 100.0,
+                crate::detect::p_text(p)
             ),
         );
     }

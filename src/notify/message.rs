@@ -58,7 +58,7 @@ pub fn incident_blocks(n: &IncidentNotice) -> Value {
     if !is_event_signal(&n.signal) {
         fields.extend([
             json!({"type": "mrkdwn", "text": format!("*Ratio vs baseline*\n{:.1}x ({:.3}% vs {:.3}%)", n.ratio, n.current * 100.0, n.baseline * 100.0)}),
-            json!({"type": "mrkdwn", "text": format!("*p-value*\n{:.2e}", n.p_value)}),
+            json!({"type": "mrkdwn", "text": format!("*p-value*\n{}", crate::detect::p_text(n.p_value).trim_start_matches("p="))}),
         ]);
     }
     fields.extend([
@@ -134,12 +134,12 @@ pub fn change_text(n: &IncidentNotice) -> String {
         );
     }
     format!(
-        "{mention}{} {what} to *{}* at {}: {:.1}x baseline, p={:.2e}",
+        "{mention}{} {what} to *{}* at {}: {:.1}x baseline, {}",
         emoji(n.severity),
         n.severity.label(),
         n.at,
         n.ratio,
-        n.p_value
+        crate::detect::p_text(n.p_value)
     )
 }
 

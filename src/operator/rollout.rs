@@ -496,7 +496,11 @@ impl Managed {
         let seq = self.events.back().map_or(1, |e| e.seq + 1);
         self.events.push_back(GatewayEvent {
             seq,
-            at: now.to_string(),
+            // Whole seconds: what a person reads on the status page (RFC 3339).
+            at: now
+                .round(k8s_openapi::jiff::Unit::Second)
+                .unwrap_or(now)
+                .to_string(),
             reason: reason.to_string(),
             message,
             warning,
@@ -1372,5 +1376,28 @@ mod tests {
             prometheus_selector("demo", Color::Blue),
             r#"pod=~"demo-blue-.*""#
         );
+    }
+
+    /// An Event's time reads as a person expects, to the second: "2026-12-04T18:38:23Z", not
+    /// "2026-12-04T18:38:23.077396167Z".
+    #[tokio::test]
+    async fn event_times_are_whole_seconds() {
+        let mut m = Managed::new(
+            "shop",
+            serde_json::from_value(serde_json::json!({"replicas": 1, "proxy": {"routes": []}}))
+                .unwrap(),
+            1,
+            Arc::new(Notifier::recording()),
+            Arc::new(IncidentStore::memory()),
+            None,
+        );
+        let now: Timestamp = "2026-12-04T18:38:23.577396167Z".parse().unwrap();
+        m.event(
+            now,
+            "Deployed",
+            "first revision serving on blue".into(),
+            false,
+        );
+        assert_eq!(m.events[0].at, "2026-12-04T18:38:24Z");
     }
 }

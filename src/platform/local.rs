@@ -229,6 +229,12 @@ impl LocalPlatform {
             })
         };
         let (front_addr, preview_addr) = (addr(&front_l)?, addr(&preview_l)?);
+        tracing::info!(
+            gateway = name,
+            front = %format!("http://{front_addr}"),
+            preview = %format!("http://{preview_addr}"),
+            "gateway listening: clients call the front, the gate probes the preview"
+        );
         let (stop, rx) = tokio::sync::watch::channel(false);
         let front = Arc::new(Front::new("active"));
         let preview = Arc::new(Front::new("preview"));

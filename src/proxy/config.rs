@@ -374,6 +374,14 @@ pub fn parse_time_ms(text: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
+/// Whether a config must have routes: a file does (nothing else would serve), a database-mode
+/// proxy need not (a fresh install serves 404s until an API is registered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    Required,
+    MayBeNone,
+}
+
 impl ProxyConfig {
     /// Reads and parses a file; YAML errors become a problem with the line.
     pub fn load(path: &Path) -> Result<Self, InvalidConfig> {
@@ -452,6 +460,12 @@ impl ProxyConfig {
     /// Every problem that would keep this config from running as written. `master_keys` is
     /// used to prove each credential decrypts for its org and API.
     pub fn problems(&self, master_keys: Option<&MasterKeys>) -> Vec<Problem> {
+        self.problems_of(master_keys, Routes::Required)
+    }
+
+    /// [`ProxyConfig::problems`]; with [`Routes::MayBeNone`] (a database-mode proxy, whose APIs
+    /// are registered later) a config without routes is not one.
+    pub fn problems_of(&self, master_keys: Option<&MasterKeys>, routes: Routes) -> Vec<Problem> {
         let mut out = Vec::new();
         let mut push = |path: String, message: String| out.push(Problem { path, message });
 
@@ -567,7 +581,7 @@ impl ProxyConfig {
             }
         }
 
-        if self.routes.is_empty() {
+        if self.routes.is_empty() && routes == Routes::Required {
             push("routes".into(), "at least one route is needed".into());
         }
         let mut names = HashSet::new();

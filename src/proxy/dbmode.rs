@@ -44,7 +44,15 @@ pub async fn load(
         .await
         .map_err(ProxyError::Database)?;
     let cfg = merge(base, entities);
-    Ok(GatewayState::build(&cfg, source, master_keys, previous)?)
+    // A fresh install has no API registered yet: it serves (404 for every path, /readyz counts
+    // zero routes) and picks APIs up as they are registered.
+    Ok(GatewayState::build_of(
+        &cfg,
+        source,
+        master_keys,
+        previous,
+        super::config::Routes::MayBeNone,
+    )?)
 }
 
 /// Keeps a gateway in step with the database until the process ends.

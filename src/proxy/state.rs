@@ -204,7 +204,24 @@ impl GatewayState {
         master_keys: Option<&MasterKeys>,
         previous: Option<&GatewayState>,
     ) -> Result<Self, InvalidConfig> {
-        let problems = cfg.problems(master_keys);
+        Self::build_of(
+            cfg,
+            file,
+            master_keys,
+            previous,
+            super::config::Routes::Required,
+        )
+    }
+
+    /// [`GatewayState::build`], with or without routes required.
+    pub fn build_of(
+        cfg: &ProxyConfig,
+        file: &str,
+        master_keys: Option<&MasterKeys>,
+        previous: Option<&GatewayState>,
+        routes: super::config::Routes,
+    ) -> Result<Self, InvalidConfig> {
+        let problems = cfg.problems_of(master_keys, routes);
         if !problems.is_empty() {
             return Err(InvalidConfig {
                 file: file.to_string(),
