@@ -937,7 +937,7 @@ async fn a_gateway_that_lets_keyless_requests_through_fails_smoke_and_green_is_s
         call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
         event("Rejected"),
         status_patch()
-            .has("\"phase\":\"RolledBack\"")
+            .has("\"phase\":\"Rejected\"")
             .has("no-key-is-refused: GET /r/ → 200, expected 401")
             .has("\"reason\":\"RevisionRejected\""),
     ]);
@@ -949,7 +949,7 @@ async fn a_gateway_that_lets_keyless_requests_through_fails_smoke_and_green_is_s
 }
 
 /// A scale-down the API refuses (any of 500, 409, 429, 504) leaves the refused revision's
-/// replicas running only until the next pass: the decision stands (RolledBack, blue serving),
+/// replicas running only until the next pass: the decision stands (Rejected, blue serving),
 /// one warning Event says green keeps running, and the next pass, seeing green still up with
 /// no gate to run, scales it down.
 #[tokio::test]
@@ -971,7 +971,7 @@ async fn a_scale_down_the_api_refuses_is_asked_for_again_by_the_next_pass() {
             call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
             event("KubeApiError").has("green keeps running"),
             event("Rejected"),
-            status_patch().has("\"phase\":\"RolledBack\""),
+            status_patch().has("\"phase\":\"Rejected\""),
         ]);
         let (_, bodies) = h.pass(&fx.gw, calls).await;
         let status = status_of(&bodies);

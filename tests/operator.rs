@@ -214,7 +214,7 @@ async fn a_revision_with_a_broken_upstream_is_refused_and_blue_keeps_serving() {
         .port();
     run.edit(|s| s.proxy.routes[0].upstream = format!("http://127.0.0.1:{dead}/weather/"));
     run.until("refusal", 30, |m| {
-        m.status.phase == Some(GatewayPhase::RolledBack)
+        m.status.phase == Some(GatewayPhase::Rejected)
     })
     .await;
     let status = run.tour.m.status.clone();

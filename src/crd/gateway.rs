@@ -860,7 +860,11 @@ pub enum GatewayPhase {
     AwaitingApproval,
     /// Traffic switched; blue kept warm inside the rollback window.
     Promoting,
-    /// The last revision was refused or rolled back; the previous one serves.
+    /// The newest revision was refused by the gate before any traffic reached it; the previous
+    /// one serves (nothing was rolled back).
+    Rejected,
+    /// The newest revision took traffic and was switched back (by hand or by a critical
+    /// incident inside the rollback window); the previous one serves.
     RolledBack,
     /// The spec is invalid or the gateway cannot serve as asked.
     Degraded,

@@ -77,7 +77,7 @@ pub const PAGE: &str = r##"<!doctype html>
   .gw { background: #fff; border: 1px solid #d8dee4; border-radius: 8px; padding: 1rem; margin: 1rem 0; }
   .gw h2 { font-size: 1.1rem; margin: 0 0 .5rem; display: flex; gap: .6rem; align-items: center; }
   .phase { font-size: .8rem; padding: .1rem .5rem; border-radius: 999px; background: #e7edf3; }
-  .phase.Stable { background: #dcf5e3; } .phase.RolledBack, .phase.Degraded { background: #fde2e1; }
+  .phase.Stable { background: #dcf5e3; } .phase.Rejected, .phase.RolledBack, .phase.Degraded { background: #fde2e1; }
   .phase.Gating, .phase.Promoting, .phase.AwaitingApproval, .phase.Progressing { background: #fff3cd; }
   table { border-collapse: collapse; width: 100%; margin: .4rem 0; }
   th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid #eef1f4; vertical-align: top; }

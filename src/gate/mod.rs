@@ -295,8 +295,10 @@ impl Machine<'_> {
             .as_ref()
             .is_some_and(|r| r.revision == desired)
         {
-            // Refused before: not retried until the spec changes.
-            self.s.phase = Some(GatewayPhase::RolledBack);
+            // Refused (or rolled back) before: not retried until the spec changes.
+            if self.s.phase != Some(GatewayPhase::RolledBack) {
+                self.s.phase = Some(GatewayPhase::Rejected);
+            }
             if self.s.preview_revision.is_none() {
                 self.scale_down_leftover(active);
             }
@@ -642,7 +644,7 @@ impl Machine<'_> {
             at: self.now.to_string(),
         });
         self.s.preview_revision = None;
-        self.s.phase = Some(GatewayPhase::RolledBack);
+        self.s.phase = Some(GatewayPhase::Rejected);
         self.actions.push(Action::ScaleDown {
             color: active.other(),
         });

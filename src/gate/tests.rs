@@ -241,7 +241,7 @@ fn a_failing_smoke_check_refuses_the_revision_until_the_spec_changes() {
     assert!(actions.contains(&Action::ScaleDown {
         color: Color::Green
     }));
-    assert_eq!(w.phase(), GatewayPhase::RolledBack);
+    assert_eq!(w.phase(), GatewayPhase::Rejected);
     let rejected = w.status.rejected_revision.clone().unwrap();
     assert_eq!(rejected.revision, B);
     assert_eq!(rejected.reason, "smoke check failed: smoke said so");
@@ -330,7 +330,7 @@ fn a_rejection_from_slack_while_waiting_refuses_the_revision() {
     });
     let actions = w.tick(t(80));
     assert!(switches(&actions).is_empty());
-    assert_eq!(w.phase(), GatewayPhase::RolledBack);
+    assert_eq!(w.phase(), GatewayPhase::Rejected);
     assert_eq!(
         w.status.rejected_revision.as_ref().unwrap().reason,
         "rejected by slack:bob"
@@ -348,7 +348,7 @@ fn approval_after_a_rollout_timeout_does_not_switch() {
     assert_eq!(w.phase(), GatewayPhase::Gating);
     assert_eq!(w.checks()[0].1, CheckPhase::Running);
     let timed_out = w.tick(t(131));
-    assert_eq!(w.phase(), GatewayPhase::RolledBack);
+    assert_eq!(w.phase(), GatewayPhase::Rejected);
     assert_eq!(notices(&timed_out), vec![NoticeKind::Rejected]);
     assert!(w
         .status

@@ -778,7 +778,10 @@ fn update_conditions(m: &mut Managed, now: Timestamp) {
         generation,
         now,
     );
-    let rejected = phase == Some(GatewayPhase::RolledBack);
+    let rejected = matches!(
+        phase,
+        Some(GatewayPhase::Rejected | GatewayPhase::RolledBack)
+    );
     set_condition(
         &mut m.status.conditions,
         "Degraded",
