@@ -432,6 +432,25 @@ fn stable_pass(db_secret: Call, rev: &str, extra: Vec<Call>) -> Vec<Call> {
     calls
 }
 
+/// A quiet pass of [`stable_with_database`]`("missing")`'s gateway (its database Secret is not
+/// found), then `extra`.
+fn quiet_without_secret(rev: &str, extra: Vec<Call>) -> Vec<Call> {
+    let secret = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
+    stable_pass(call("GET", &secret).not_found(), rev, extra)
+}
+
+/// The first pass over that gateway: it becomes known and the detector primes on blue.
+async fn prime_without_secret(h: &Harness, gw: &ApiGateway, rev: &str) {
+    let calls = quiet_without_secret(
+        rev,
+        vec![
+            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+            status_patch(),
+        ],
+    );
+    h.pass(gw, calls).await;
+}
+
 /// The read of [`stable_with_database`]'s Secret (at version 42), holding `url`.
 fn database_secret(url: &str) -> Call {
     use base64::Engine;
@@ -1435,17 +1454,9 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
     use apitree::schedule::SweepOutcome;
     let h = Harness::new().await;
     let (fx, rev) = stable_with_database("missing");
-    let secret = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
-    let quiet = |extra: Vec<Call>| stable_pass(call("GET", &secret).not_found(), &rev, extra);
+    let quiet = |extra: Vec<Call>| quiet_without_secret(&rev, extra);
     // First pass: the gateway is known; the detector primes on blue.
-    h.pass(
-        &fx.gw,
-        quiet(vec![
-            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-            status_patch(),
-        ]),
-    )
-    .await;
+    prime_without_secret(&h, &fx.gw, &rev).await;
     let sweep = |security: u32| SweepOutcome {
         gateway: "shop-ns/shop".into(),
         at: chrono::Utc::now(),
@@ -1511,16 +1522,8 @@ async fn what_the_sweep_finds_down_is_an_incident_until_a_sweep_finds_it_up() {
     let (mut fx, rev) = stable_with_database("missing");
     fx.gw.spec.proxy.routes[0].probe =
         Some(serde_json::from_value(json!({"path": "/health"})).unwrap());
-    let secret = format!("/api/v1/namespaces/{NS}/secrets/shop-db");
-    let quiet = |extra: Vec<Call>| stable_pass(call("GET", &secret).not_found(), &rev, extra);
-    h.pass(
-        &fx.gw,
-        quiet(vec![
-            call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
-            status_patch(),
-        ]),
-    )
-    .await;
+    let quiet = |extra: Vec<Call>| quiet_without_secret(&rev, extra);
+    prime_without_secret(&h, &fx.gw, &rev).await;
     let targets = h.op.sweep_targets().await;
     assert_eq!(
         targets.len(),
