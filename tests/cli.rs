@@ -785,3 +785,168 @@ fn every_help_shows_one_example_command_per_line() {
         }
     }
 }
+
+/// Every `apitree` command the docs show — shell blocks and inline code in README.md, the
+/// chart's README and NOTES, example files' comments — parses with this binary's CLI: no
+/// renamed flag, removed subcommand or wrong value can hide in a text people copy. (Code
+/// blocks and example comments must be complete; a command named in running prose may leave
+/// out a required argument.)
+#[test]
+fn every_apitree_command_in_the_docs_parses() {
+    use clap::Parser;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![
+        root.join("README.md"),
+        root.join("charts/apitree/README.md"),
+        root.join("charts/apitree/templates/NOTES.txt"),
+    ];
+    let mut dirs = vec![root.join("examples")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "md") {
+                files.push(p);
+            }
+        }
+    }
+    // (where, command text, complete?)
+    let mut found: Vec<(String, String, bool)> = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let name = f.strip_prefix(root).unwrap().display().to_string();
+        let mut fenced = false;
+        let mut pending = String::new();
+        for (n, line) in text.lines().enumerate() {
+            let at = format!("{name}:{}", n + 1);
+            if line.trim_start().starts_with("```") {
+                fenced = !fenced;
+                continue;
+            }
+            let trimmed = line.trim_start().trim_start_matches('#').trim();
+            let complete = fenced
+                || (line.trim_start().starts_with('#')
+                    && f.extension().is_some_and(|x| x == "yaml"));
+            if complete {
+                // Continuation lines join the command they continue.
+                let joined = format!("{pending}{trimmed}");
+                if let Some(stripped) = joined.strip_suffix('\\') {
+                    pending = format!("{stripped} ");
+                    continue;
+                }
+                pending.clear();
+                for segment in joined.split(['|', ';']).flat_map(|s| s.split("&&")) {
+                    let segment = segment.replace("$(", " ").replace(')', " ");
+                    if let Some(cmd) = command_in(&segment) {
+                        found.push((at.clone(), cmd, true));
+                    }
+                }
+            } else {
+                // Spans closed on this line; synopses ("create / rotate", "[--flag]") are not
+                // commands.
+                let spans: Vec<&str> = line.split('`').collect();
+                let closed = if spans.len() % 2 == 0 {
+                    spans.len() - 1
+                } else {
+                    spans.len()
+                };
+                for (i, span) in spans[..closed].iter().enumerate() {
+                    if i % 2 == 1 && !span.contains(['[', '…', '|']) && !span.contains(" / ") {
+                        if let Some(cmd) = command_in(span) {
+                            found.push((at.clone(), cmd, false));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(found.len() > 30, "only {} commands found", found.len());
+    let mut broken = Vec::new();
+    for (at, cmd, complete) in &found {
+        // Shell variables and <PLACEHOLDERS> stand for ids here.
+        let args = split_words(cmd).into_iter().map(|w| {
+            if w.starts_with('$') || (w.starts_with('<') && w.ends_with('>')) {
+                "00000000-0000-0000-0000-000000000000".to_string()
+            } else {
+                w
+            }
+        });
+        match apitree::cli::Cli::try_parse_from(std::iter::once("apitree".to_string()).chain(args))
+        {
+            Ok(_) => {}
+            Err(e) => {
+                use clap::error::ErrorKind::*;
+                let fine = matches!(
+                    e.kind(),
+                    DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+                ) || (!complete && e.kind() == MissingRequiredArgument);
+                if !fine {
+                    broken.push(format!("{at}: `apitree {cmd}`: {}", e.kind()));
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "commands in the docs that do not parse:\n{}",
+        broken.join("\n")
+    );
+}
+
+/// The arguments of the `apitree` (or `cargo run [--release] --`) command in `text`, up to a
+/// redirection or comment; None when it runs none.
+fn command_in(text: &str) -> Option<String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let start = words.iter().enumerate().find_map(|(i, w)| match *w {
+        "apitree"
+            if words.get(i + 1).is_some_and(|n| {
+                n.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !n.is_empty()
+            }) =>
+        {
+            Some(i + 1)
+        }
+        "--" if i >= 2 && words[..i].contains(&"run") && words[..i].contains(&"cargo") => {
+            Some(i + 1)
+        }
+        _ => None,
+    })?;
+    let rest: Vec<&str> = words[start..]
+        .iter()
+        .take_while(|w| {
+            !w.starts_with('#') && !w.starts_with('>') && !w.starts_with("2>") && **w != "&"
+        })
+        .copied()
+        .collect();
+    (!rest.is_empty()).then(|| rest.join(" "))
+}
+
+/// Splits a command line into words as a shell would for these docs: whitespace, with
+/// single- and double-quoted words kept whole (quotes removed).
+fn split_words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut quote: Option<char> = None;
+    let mut any = false;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                any = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if any || !word.is_empty() {
+                    out.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            (None, c) => word.push(c),
+        }
+    }
+    if any || !word.is_empty() {
+        out.push(word);
+    }
+    out
+}
