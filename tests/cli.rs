@@ -846,7 +846,7 @@ fn every_apitree_command_in_the_docs_parses() {
                 // Spans closed on this line; synopses ("create / rotate", "[--flag]") are not
                 // commands.
                 let spans: Vec<&str> = line.split('`').collect();
-                let closed = if spans.len() % 2 == 0 {
+                let closed = if spans.len().is_multiple_of(2) {
                     spans.len() - 1
                 } else {
                     spans.len()
