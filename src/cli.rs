@@ -139,6 +139,22 @@ pub enum Command {
     /// /healthz, /readyz and, with SLACK_SIGNING_SECRET, POST /slack/interactions on --http.
     /// Notifications go to the log, or to Slack when SLACK_BOT_TOKEN is set.
     Operator(OperatorArgs),
+
+    /// Run the console: where buyers, sellers and admins sign in and act within their role.
+    ///
+    /// Serves the REST API under /api/v1 (JWT HS256 sessions), a web page at /, /metrics and
+    /// /healthz on --listen. Sessions are signed with APITREE_JWT_SECRETS (`kid:secret` entries,
+    /// the newest last; each secret at least 32 bytes). Keys are issued with APITREE_KEY_PEPPER
+    /// and credentials sealed with APITREE_MASTER_KEY, as the proxy reads them. Every query
+    /// runs as the database role apitree_console, which row-level security applies to. Create
+    /// the first super_admin with `apitree users create`.
+    ///
+    ///   APITREE_JWT_SECRETS="k1:$(openssl rand -base64 48)" apitree console --database-url postgres://postgres@127.0.0.1/apitree
+    Console(ConsoleArgs),
+
+    /// Console users: create (the first super_admin), list, disable.
+    #[command(subcommand)]
+    Users(UsersCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -384,23 +400,59 @@ pub enum OrgsCommand {
     },
 }
 
-/// Who is acting, for the audit log.
+/// Who is acting, for the audit log: always the OS user running the command (read from the
+/// process's uid, not from the environment), with an optional label.
 #[derive(Debug, Args)]
 pub struct ActorArgs {
-    /// Name recorded in the audit log (defaults to $USER).
+    /// A label recorded next to the OS user in the audit log, e.g. a ticket number.
     #[arg(long, env = "APITREE_ACTOR")]
     pub actor: Option<String>,
 }
 
 impl ActorArgs {
+    /// `os:<user>` or `os:<user> (<label>)`; says on stderr what is recorded.
     pub fn resolve(&self) -> String {
-        self.actor
-            .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .filter(|a| !a.is_empty())
-            .map(|a| format!("cli:{a}"))
-            .unwrap_or_else(|| "cli".into())
+        let label = self
+            .actor
+            .as_deref()
+            .map(|a| {
+                a.chars()
+                    .filter(|c| !c.is_control())
+                    .take(100)
+                    .collect::<String>()
+            })
+            .filter(|a| !a.trim().is_empty());
+        let actor = match label {
+            Some(l) => format!("os:{} ({})", os_user(), l.trim()),
+            None => format!("os:{}", os_user()),
+        };
+        eprintln!("audit actor: {actor} (the OS user running this command)");
+        actor
     }
+}
+
+/// The name of the process's real user: uid from /proc, name from /etc/passwd; `uid:N` when
+/// the name is unknown.
+pub fn os_user() -> String {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        });
+    let Some(uid) = uid else {
+        return std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    };
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 2 && f[2] == uid).then(|| f[0].to_string())
+            })
+        })
+        .unwrap_or_else(|| format!("uid:{uid}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -670,4 +722,91 @@ impl DatabaseArgs {
     pub fn resolve(&self) -> Option<String> {
         database_url_or_env(&self.database_url)
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Address of the console port.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8090",
+        env = "APITREE_CONSOLE_LISTEN"
+    )]
+    pub listen: String,
+    /// How long a session token is valid.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "15m",
+        env = "APITREE_SESSION_TTL"
+    )]
+    pub session_ttl: crate::crd::duration::KubeDuration,
+    /// Failed sign-ins per account within --login-window before that account is refused
+    /// (429 with Retry-After) until the window ends.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        env = "APITREE_LOGIN_MAX_PER_ACCOUNT"
+    )]
+    pub login_max_per_account: u32,
+    /// Failed sign-ins per client address within --login-window before that address is refused.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        env = "APITREE_LOGIN_MAX_PER_ADDRESS"
+    )]
+    pub login_max_per_address: u32,
+    /// The window failed sign-ins are counted in.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "15m",
+        env = "APITREE_LOGIN_WINDOW"
+    )]
+    pub login_window: crate::crd::duration::KubeDuration,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub secrets: SecretArgs,
+    #[command(flatten)]
+    pub tls: HttpTlsArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a console user with a password read from stdin (one line). Recorded in the
+    /// audit log as the OS user running the command.
+    ///
+    ///   printf '%s\n' "$PASSWORD" | apitree users create --email ops@example.com --role super_admin --password-stdin
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_enum)]
+        role: crate::console::authz::Role,
+        /// The org of a buyer or seller (admins and super_admins belong to none).
+        #[arg(long, value_name = "ORG_ID")]
+        org: Option<uuid::Uuid>,
+        /// Read the password from stdin (required: passwords are never arguments).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// List console users (email, role, org, state).
+    List {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Disable a user: their sessions stop working at their next request.
+    Disable {
+        #[arg(long)]
+        email: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
 }

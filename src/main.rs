@@ -10,9 +10,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use apitree::cli::{
-    AuditCommand, Cli, Command, CrdsArgs, CredentialsCommand, DatabaseArgs, DemoArgs,
+    AuditCommand, Cli, Command, ConsoleArgs, CrdsArgs, CredentialsCommand, DatabaseArgs, DemoArgs,
     DetectCommand, DriftCommand, KeysCommand, LocalArgs, MigrateArgs, OperatorArgs, OrgsCommand,
-    OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs,
+    OutputFormat, PiiCommand, ProxyArgs, Scope, SecretArgs, UsersCommand,
 };
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::{self, config::ProxyConfig, keys::ApiKey, pii, state};
@@ -162,6 +162,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Local(args) => local(args).await,
         Command::Operator(args) => operator(args).await,
         Command::Drift(cmd) => drift(cmd).await,
+        Command::Console(args) => console(args).await,
+        Command::Users(cmd) => users(cmd).await,
     }
 }
 
@@ -801,5 +803,154 @@ async fn migrate(args: MigrateArgs) -> Result<()> {
     }
     let applied = db::MIGRATOR.iter().count();
     tracing::info!(%target, migrations = applied, "database is at the latest schema");
+    Ok(())
+}
+
+async fn console(args: ConsoleArgs) -> Result<()> {
+    use apitree::console::{self, jwt::Keyring, throttle::Limits, Console, ConsoleMetrics};
+    use std::sync::Arc;
+    let secrets = std::env::var("APITREE_JWT_SECRETS").map_err(|_| {
+        anyhow!("no session keyring: set APITREE_JWT_SECRETS to `kid:secret` (a secret of at least 32 bytes, e.g. from `openssl rand -base64 48`)")
+    })?;
+    let keyring = Keyring::parse(&secrets).map_err(|e| anyhow!(e))?;
+    let url = args.db.resolve().context(
+        "no database URL: pass --database-url, or set APITREE_DATABASE_URL or DATABASE_URL",
+    )?;
+    let pool = db::connect(&url, 8).await?;
+    db::require_latest(&pool, &url).await?;
+    let (cfg, base) = secret_sources(&args.secrets)?;
+    let pepper = match state::load_pepper(&cfg, &base) {
+        Ok(p) => Some(Arc::new(p)),
+        Err(e) => {
+            tracing::warn!("{e}; the console will not issue or rotate keys");
+            None
+        }
+    };
+    let master_keys = state::load_master_keys(&cfg, &base)
+        .map_err(|e| anyhow!(e))?
+        .map(Arc::new);
+    if master_keys.is_none() {
+        tracing::warn!(
+            "no master key (APITREE_MASTER_KEY); the console will not store credentials"
+        );
+    }
+    let metrics = ConsoleMetrics::new();
+    let tls = match args.tls.pair() {
+        Some((cert, key)) => {
+            let cfg = proxy::config::TlsConfig {
+                cert_file: cert,
+                key_file: key,
+                min_version: Default::default(),
+                hsts: Default::default(),
+                redirect: None,
+            };
+            let tls = proxy::tls::ServerTls::new(
+                &cfg,
+                Path::new(""),
+                &metrics.registry,
+                "apitree_console",
+                &[b"http/1.1"],
+            )
+            .map_err(|e| anyhow!(e))?;
+            tokio::spawn(tls.certificates.clone().watch());
+            Some(tls)
+        }
+        None => None,
+    };
+    let c = Arc::new(Console {
+        pool,
+        keyring,
+        session_ttl: args.session_ttl.as_std(),
+        throttle: console::throttle::Throttle::new(Limits {
+            per_account: args.login_max_per_account.max(1),
+            per_address: args.login_max_per_address.max(1),
+            window: args.login_window.as_std(),
+        }),
+        pepper,
+        master_keys,
+        metrics,
+    });
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let kids = c.keyring.kids().join(", ");
+    let server = console::spawn(listener, c, tls.clone())?;
+    tracing::info!(
+        addr = %server.addr,
+        tls = tls.is_some(),
+        jwt_kids = %kids,
+        "console serving"
+    );
+    shutdown_signal().await;
+    server.stop().await;
+    Ok(())
+}
+
+async fn users(cmd: UsersCommand) -> Result<()> {
+    use apitree::console::{password, users};
+    match cmd {
+        UsersCommand::Create {
+            email,
+            role,
+            org,
+            password_stdin: _,
+            db: dbargs,
+        } => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            let pw = line.trim_end_matches(['\r', '\n']);
+            let phc = password::hash(pw).map_err(|e| anyhow!("{e}"))?;
+            let pool = open_db(&dbargs).await?;
+            let actor = apitree::cli::ActorArgs { actor: None }.resolve();
+            let id = users::create(&pool, &email, role, org, &phc, &actor).await?;
+            outln!("{id}")?;
+            eprintln!("created {} {email} (id {id})", role.as_str());
+        }
+        UsersCommand::List { format, db: dbargs } => {
+            let pool = open_db(&dbargs).await?;
+            let rows = users::list(&pool).await?;
+            match format {
+                OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
+                OutputFormat::Text => {
+                    outln!(
+                        "{:<36}  {:<32}  {:<11}  {:<36}  STATE",
+                        "ID",
+                        "EMAIL",
+                        "ROLE",
+                        "ORG"
+                    )?;
+                    for r in rows {
+                        let state = if r.disabled {
+                            "disabled"
+                        } else if r.invited {
+                            "invited"
+                        } else {
+                            "active"
+                        };
+                        let org = r
+                            .org_id
+                            .map(|o| o.to_string())
+                            .unwrap_or_else(|| "-".into());
+                        outln!(
+                            "{:<36}  {:<32}  {:<11}  {org:<36}  {state}",
+                            r.id,
+                            r.email,
+                            r.role
+                        )?;
+                    }
+                }
+            }
+        }
+        UsersCommand::Disable { email, db: dbargs } => {
+            let pool = open_db(&dbargs).await?;
+            let actor = apitree::cli::ActorArgs { actor: None }.resolve();
+            users::disable(&pool, &email, &actor)
+                .await?
+                .ok_or_else(|| anyhow!("no user with email {email}; see `apitree users list`"))?;
+            eprintln!("disabled {email}; their sessions end at their next request");
+        }
+    }
     Ok(())
 }

@@ -95,6 +95,8 @@ async fn seed_org(pool: &PgPool, name: &str, tag: &str) -> Uuid {
     .bind(Uuid::new_v4()).bind(org).bind(api).bind(vec![0u8; 12]).execute(pool).await.unwrap();
     sqlx::query("INSERT INTO usage_counters (org_id, api_key_id, api_id, window_start, requests) VALUES ($1, $2, $3, now(), 5)")
         .bind(org).bind(key).bind(api).execute(pool).await.unwrap();
+    sqlx::query("INSERT INTO credit_ledger (org_id, amount, reason, actor) VALUES ($1, 100, 'seed', 'test')")
+        .bind(org).execute(pool).await.unwrap();
     audit::append(
         pool,
         "test",

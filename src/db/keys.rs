@@ -56,7 +56,7 @@ pub struct NewKey<'a> {
     pub name: &'a str,
 }
 
-async fn insert_key(
+pub async fn insert_key(
     tx: &mut sqlx::PgConnection,
     pepper: &Pepper,
     new: &NewKey<'_>,

@@ -1,0 +1,1410 @@
+//! The console's REST API under `/api/v1`. Each handler names its [`Action`]; [`Request::authorize`]
+//! verifies the session, reads the user's current role from the database, asks
+//! [`authz::decide`] and only then opens the org to the transaction (`apitree.org_id`), which
+//! runs as `apitree_console`, a role row-level security applies to.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::authz::{self, Action, Decision, Principal, Role, UserChange};
+use super::jwt::{Claims, AUDIENCE, ISSUER};
+use super::{password, Console};
+use crate::crd::gateway::KeyScope;
+use crate::db::{audit, keys as dbkeys};
+
+/// A refusal or failure, answered as `{"error", "code", "request_id"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        ApiError::new(400, "invalid_request", message)
+    }
+
+    fn not_found(what: &str) -> Self {
+        ApiError::new(404, "not_found", format!("no such {what}"))
+    }
+
+    fn db(e: sqlx::Error) -> Self {
+        if let Some(d) = e.as_database_error() {
+            match d.code().as_deref() {
+                Some("23505") => {
+                    return ApiError::new(
+                        409,
+                        "conflict",
+                        "a resource with that name already exists",
+                    )
+                }
+                Some("23514") | Some("22P02") | Some("23502") => {
+                    return ApiError::bad(format!(
+                        "the database refused a value: {}",
+                        d.constraint().unwrap_or("a check")
+                    ))
+                }
+                Some("42501") => {
+                    // Row-level security or a missing privilege: the database's own refusal
+                    // of something the application check let through. Worth a look.
+                    tracing::warn!(error = %e, "the database refused a console query");
+                    return ApiError::new(404, "not_found", "no such resource");
+                }
+                _ => {}
+            }
+        }
+        tracing::warn!(error = %e, "console query failed");
+        ApiError::new(
+            503,
+            "database_unavailable",
+            "the console could not reach its database; retry shortly",
+        )
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::db(e)
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        tracing::warn!(error = %e, "console write failed");
+        ApiError::new(
+            503,
+            "database_unavailable",
+            "the console could not complete the write; retry shortly",
+        )
+    }
+}
+
+pub type Reply = Result<(u16, Value), ApiError>;
+
+/// One API request: method, path segments after `/api/v1/`, query, body, caller.
+pub struct Request<'a> {
+    pub console: &'a Arc<Console>,
+    pub method: &'a http::Method,
+    pub segments: Vec<&'a str>,
+    pub query: Vec<(String, String)>,
+    pub body: &'a [u8],
+    pub bearer: Option<&'a str>,
+    pub peer: IpAddr,
+}
+
+/// An authorized request: the transaction (as `apitree_console`, org opened) and the caller.
+pub struct Authorized {
+    pub tx: Transaction<'static, Postgres>,
+    pub who: Principal,
+}
+
+impl Authorized {
+    fn actor(&self) -> String {
+        format!("user:{}", self.who.id)
+    }
+
+    /// Who acted, for an audit row's detail: id and role (the email is joined at read time,
+    /// so erasing a person does not touch the hash chain).
+    fn actor_detail(&self) -> Value {
+        json!({"id": self.who.id, "role": self.who.role.as_str()})
+    }
+
+    async fn audit(
+        &mut self,
+        action: &str,
+        target: &str,
+        org: Option<Uuid>,
+        mut detail: Value,
+    ) -> Result<(), ApiError> {
+        detail["actor"] = self.actor_detail();
+        let actor = self.actor();
+        audit::append(&mut *self.tx, &actor, action, target, org, &detail).await?;
+        Ok(())
+    }
+}
+
+/// Opens a transaction as the console's database role, with no org and no staff flag.
+async fn begin(console: &Console) -> Result<Transaction<'static, Postgres>, ApiError> {
+    let mut tx = console.pool.begin().await?;
+    // The pool's connections refuse to be filtered (row_security off, so the owner's queries
+    // fail loudly instead of silently missing rows); the console wants the filter.
+    sqlx::raw_sql("SET LOCAL ROLE apitree_console; SET LOCAL row_security = on")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Opens `org` (or, for staff, every org) to the transaction.
+async fn open(
+    tx: &mut Transaction<'static, Postgres>,
+    org: Option<Uuid>,
+    staff: bool,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "SELECT set_config('apitree.org_id', $1, true), set_config('apitree.staff', $2, true)",
+    )
+    .bind(org.map(|o| o.to_string()).unwrap_or_default())
+    .bind(if staff { "on" } else { "off" })
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Request<'_> {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ApiError> {
+        serde_json::from_slice(self.body).map_err(|e| {
+            ApiError::bad(format!("the body is not the JSON this endpoint takes: {e}"))
+        })
+    }
+
+    /// Verifies the session and decides `action` in `org`.
+    pub async fn authorize(
+        &self,
+        action: Action,
+        org: Option<Uuid>,
+    ) -> Result<Authorized, ApiError> {
+        self.authorize_with(action, org, |p| authz::decide(p, action, org))
+            .await
+    }
+
+    async fn authorize_with(
+        &self,
+        action: Action,
+        org: Option<Uuid>,
+        rule: impl FnOnce(&Principal) -> Decision,
+    ) -> Result<Authorized, ApiError> {
+        let c = self.console;
+        let Some(token) = self.bearer else {
+            c.metrics.auth_failure("no_token");
+            return Err(ApiError::new(
+                401,
+                "unauthenticated",
+                "sign in first: POST /api/v1/session, then send Authorization: Bearer <token>",
+            ));
+        };
+        let claims = c
+            .keyring
+            .verify(token, Utc::now().timestamp())
+            .map_err(|e| {
+                c.metrics.auth_failure(e.code());
+                ApiError::new(401, e.code(), e.to_string())
+            })?;
+        let mut tx = begin(c).await?;
+        let row: Option<(String, Option<Uuid>, String, bool)> =
+            sqlx::query_as("SELECT email, org_id, role::text, disabled FROM console_principal($1)")
+                .bind(claims.sub)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let who = match row {
+            Some((email, org, role, false)) => Principal {
+                id: claims.sub,
+                email,
+                role: Role::parse(&role).ok_or_else(|| ApiError::bad("unknown role"))?,
+                org,
+            },
+            _ => {
+                c.metrics.auth_failure("session_revoked");
+                return Err(ApiError::new(
+                    401,
+                    "session_revoked",
+                    "this account is disabled or gone; its sessions end at once",
+                ));
+            }
+        };
+        match rule(&who) {
+            Decision::Allow => {}
+            Decision::NotFound => {
+                c.metrics.refused(action.name(), "not_found");
+                return Err(ApiError::not_found("resource"));
+            }
+            Decision::Forbidden(why) => {
+                c.metrics.refused(action.name(), "forbidden");
+                return Err(ApiError::new(403, "forbidden", why));
+            }
+        }
+        // The database sees the org of the signed-in user, never one from the path: were the
+        // check above wrong, row-level security still keeps a tenant in their own org. Staff
+        // (no org of their own) work in the org they asked for.
+        let db_org = if who.role.is_staff() { org } else { who.org };
+        open(&mut tx, db_org, who.role.is_staff()).await?;
+        if let Some(org) = org {
+            // Staff reach any org, but only one that exists.
+            let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orgs WHERE id = $1")
+                .bind(org)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(ApiError::not_found("org"));
+            }
+        }
+        Ok(Authorized { tx, who })
+    }
+}
+
+fn uuid(s: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(s).map_err(|_| ApiError::not_found(what))
+}
+
+/// Routes `/api/v1/...`.
+pub async fn dispatch(r: Request<'_>) -> Reply {
+    use http::Method as M;
+    let seg = r.segments.clone();
+    match (r.method, seg.as_slice()) {
+        (&M::POST, ["session"]) => sign_in(&r).await,
+        (&M::POST, ["invitations", "accept"]) => accept_invitation(&r).await,
+        (&M::GET, ["me"]) => me(&r).await,
+        (&M::GET, ["orgs", org, "keys"]) => list_keys(&r, uuid(org, "org")?).await,
+        (&M::POST, ["orgs", org, "keys"]) => create_key(&r, uuid(org, "org")?).await,
+        (&M::POST, ["orgs", org, "keys", id, "rotate"]) => {
+            rotate_key(&r, uuid(org, "org")?, uuid(id, "key")?).await
+        }
+        (&M::POST, ["orgs", org, "keys", id, "revoke"]) => {
+            revoke_key(&r, uuid(org, "org")?, uuid(id, "key")?).await
+        }
+        (&M::GET, ["orgs", org, "apis"]) => list_apis(&r, uuid(org, "org")?).await,
+        (&M::POST, ["orgs", org, "apis"]) => write_api(&r, uuid(org, "org")?, None).await,
+        (&M::PUT, ["orgs", org, "apis", id]) => {
+            write_api(&r, uuid(org, "org")?, Some(uuid(id, "API")?)).await
+        }
+        (&M::GET, ["orgs", org, "credentials"]) => list_credentials(&r, uuid(org, "org")?).await,
+        (&M::POST, ["orgs", org, "credentials"]) => write_credential(&r, uuid(org, "org")?).await,
+        (&M::GET, ["orgs", org, "usage"]) => usage(&r, uuid(org, "org")?).await,
+        (&M::GET, ["orgs", org, "credits"]) => credits(&r, uuid(org, "org")?).await,
+        (&M::POST, ["orgs", org, "credits"]) => adjust_credits(&r, uuid(org, "org")?).await,
+        (&M::GET, ["orgs"]) => list_orgs(&r).await,
+        (&M::GET, ["users"]) => list_users(&r).await,
+        (&M::POST, ["users"]) => invite_user(&r).await,
+        (&M::PUT, ["users", id, "role"]) => set_role(&r, uuid(id, "user")?).await,
+        (&M::POST, ["users", id, "disable"]) => disable_user(&r, uuid(id, "user")?).await,
+        (&M::GET, ["audit"]) => read_audit(&r).await,
+        (_, path) if known_path(path) => Err(ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{} is not served on this path", r.method),
+        )),
+        _ => Err(ApiError::new(
+            404,
+            "no_route",
+            "no such endpoint; the API is listed in the README's console section",
+        )),
+    }
+}
+
+fn known_path(path: &[&str]) -> bool {
+    matches!(
+        path,
+        ["session"]
+            | ["invitations", "accept"]
+            | ["me"]
+            | ["orgs"]
+            | [
+                "orgs",
+                _,
+                "keys" | "apis" | "credentials" | "usage" | "credits"
+            ]
+            | ["orgs", _, "keys", _, "rotate" | "revoke"]
+            | ["orgs", _, "apis", _]
+            | ["users"]
+            | ["users", _, "role" | "disable"]
+            | ["audit"]
+    )
+}
+
+// ---- sessions ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignIn {
+    email: String,
+    password: String,
+}
+
+async fn sign_in(r: &Request<'_>) -> Reply {
+    let c = r.console;
+    let body: SignIn = r.json()?;
+    let now = Instant::now();
+    if let Err(t) = c.throttle.check(&body.email, r.peer, now) {
+        c.metrics.login("throttled");
+        c.metrics.auth_failure("login_throttled");
+        let secs = t.retry_after.as_secs().max(1);
+        let mut e = ApiError::new(
+            429,
+            "too_many_attempts",
+            format!(
+                "too many failed sign-ins for this {}; retry in {secs} s",
+                t.by
+            ),
+        );
+        e.retry_after = Some(secs);
+        return Err(e);
+    }
+    let mut tx = begin(c).await?;
+    type LoginRow = (Uuid, Option<Uuid>, String, Option<String>, bool);
+    let row: Option<LoginRow> = sqlx::query_as(
+        "SELECT id, org_id, role::text, password_hash, disabled FROM console_login($1)",
+    )
+    .bind(body.email.trim())
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let stored = row.as_ref().and_then(|r| r.3.clone());
+    // Argon2 is slow on purpose: off the async workers.
+    let password = body.password;
+    let ok = tokio::task::spawn_blocking(move || password::verify(&password, stored.as_deref()))
+        .await
+        .unwrap_or(false);
+    let user = match row {
+        Some((id, _org, role, Some(_), false)) if ok => (id, Role::parse(&role)),
+        _ => {
+            c.throttle.failed(&body.email, r.peer, now);
+            c.metrics.login("invalid");
+            c.metrics.auth_failure("login_invalid");
+            tracing::info!(peer = %r.peer, "console sign-in refused");
+            return Err(ApiError::new(
+                401,
+                "invalid_credentials",
+                "the email or password is wrong, or the account is disabled",
+            ));
+        }
+    };
+    let (id, Some(role)) = user else {
+        return Err(ApiError::bad("unknown role"));
+    };
+    c.throttle.succeeded(&body.email);
+    c.metrics.login("ok");
+    let iat = Utc::now().timestamp();
+    let exp = iat + c.session_ttl.as_secs() as i64;
+    let token = c.keyring.sign(&Claims {
+        sub: id,
+        role,
+        iat,
+        exp,
+        iss: ISSUER.into(),
+        aud: AUDIENCE.into(),
+    });
+    Ok((
+        200,
+        json!({
+            "token": token,
+            "expires_at": DateTime::<Utc>::from_timestamp(exp, 0).map(|t| t.to_rfc3339()),
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Accept {
+    token: String,
+    password: String,
+}
+
+async fn accept_invitation(r: &Request<'_>) -> Reply {
+    let body: Accept = r.json()?;
+    password::check_new(&body.password).map_err(ApiError::bad)?;
+    let hash = Sha256::digest(body.token.trim().as_bytes()).to_vec();
+    let password = body.password;
+    let phc = tokio::task::spawn_blocking(move || password::hash(&password))
+        .await
+        .map_err(|_| ApiError::new(500, "internal", "hashing failed"))?
+        .map_err(ApiError::bad)?;
+    let mut tx = begin(r.console).await?;
+    let row: Option<(Uuid, Option<Uuid>)> =
+        sqlx::query_as("SELECT id, org_id FROM console_accept_invite($1, $2)")
+            .bind(&hash)
+            .bind(&phc)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((id, org)) = row else {
+        r.console.metrics.auth_failure("invite_invalid");
+        return Err(ApiError::new(
+            404,
+            "invitation_invalid",
+            "this invitation is unknown, used or expired; ask an admin for a new one",
+        ));
+    };
+    open(&mut tx, org, false).await?;
+    audit::append(
+        &mut *tx,
+        &format!("user:{id}"),
+        "user.activate",
+        &format!("user:{id}"),
+        org,
+        &json!({"actor": {"id": id}}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((200, json!({"id": id, "activated": true})))
+}
+
+async fn me(r: &Request<'_>) -> Reply {
+    // Everyone signed in may ask who they are: the rule is "any verified, enabled user".
+    let a = r
+        .authorize_with(Action::ListKeys, None, |_| Decision::Allow)
+        .await?;
+    let actions: Vec<Value> = Action::ALL
+        .iter()
+        .filter(|act| authz::reach(a.who.role, **act) != authz::Reach::None)
+        .map(|act| json!(act.name()))
+        .collect();
+    Ok((200, json!({"user": a.who, "actions": actions})))
+}
+
+// ---- keys ----
+
+#[derive(sqlx::FromRow, serde::Serialize)]
+struct KeyRow {
+    id: Uuid,
+    name: String,
+    prefix: String,
+    scope: String,
+    tier: String,
+    daily_quota: Option<i64>,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    grace_until: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+}
+
+async fn list_keys(r: &Request<'_>, org: Uuid) -> Reply {
+    let mut a = r.authorize(Action::ListKeys, Some(org)).await?;
+    let rows: Vec<KeyRow> = sqlx::query_as(
+        "SELECT id, name, prefix, scope::text AS scope, tier, daily_quota, created_at, expires_at,
+                grace_until, revoked_at, last_used_at
+           FROM api_keys WHERE org_id = $1 ORDER BY created_at, prefix",
+    )
+    .bind(org)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    Ok((200, json!({"keys": rows})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKeyBody {
+    scope: KeyScope,
+    #[serde(default)]
+    name: String,
+    #[serde(default = "default_tier")]
+    tier: String,
+    daily_quota: Option<i64>,
+}
+
+fn default_tier() -> String {
+    "default".into()
+}
+
+fn pepper(r: &Request<'_>) -> Result<Arc<crate::proxy::keys::Pepper>, ApiError> {
+    r.console.pepper.clone().ok_or_else(|| {
+        ApiError::new(
+            503,
+            "no_key_pepper",
+            "this console has no key pepper, so it cannot issue keys; set APITREE_KEY_PEPPER",
+        )
+    })
+}
+
+fn short_text(value: &str, what: &str, max: usize) -> Result<(), ApiError> {
+    if value.chars().count() > max || value.chars().any(char::is_control) {
+        return Err(ApiError::bad(format!(
+            "{what} must be at most {max} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+async fn create_key(r: &Request<'_>, org: Uuid) -> Reply {
+    let body: NewKeyBody = r.json()?;
+    short_text(&body.name, "name", 100)?;
+    short_text(&body.tier, "tier", 63)?;
+    if body.daily_quota.is_some_and(|q| q <= 0) {
+        return Err(ApiError::bad(
+            "daily_quota must be a positive number of requests",
+        ));
+    }
+    let pepper = pepper(r)?;
+    let mut a = r.authorize(Action::CreateKey, Some(org)).await?;
+    let new = dbkeys::NewKey {
+        org,
+        scope: body.scope,
+        tier: &body.tier,
+        daily_quota: body.daily_quota,
+        name: &body.name,
+    };
+    let issued = dbkeys::insert_key(&mut a.tx, &pepper, &new).await?;
+    let scope = serde_json::to_value(body.scope).unwrap_or_default();
+    a.audit(
+        "key.create",
+        issued.key.prefix(),
+        Some(org),
+        json!({"key_id": issued.id, "scope": scope, "tier": body.tier, "daily_quota": body.daily_quota}),
+    )
+    .await?;
+    a.tx.commit().await?;
+    Ok((
+        201,
+        json!({
+            "id": issued.id,
+            "prefix": issued.key.prefix(),
+            "key": issued.key.expose_secret(),
+            "note": "the key is shown this once; only its hash is stored",
+        }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// How long the old key stays valid, in seconds (default one day, at most 30 days).
+    grace_seconds: Option<i64>,
+}
+
+async fn rotate_key(r: &Request<'_>, org: Uuid, id: Uuid) -> Reply {
+    let body: RotateBody = if r.body.is_empty() {
+        RotateBody::default()
+    } else {
+        r.json()?
+    };
+    let grace = body.grace_seconds.unwrap_or(86_400);
+    if !(0..=30 * 86_400).contains(&grace) {
+        return Err(ApiError::bad(
+            "grace_seconds must be between 0 and 2592000 (30 days)",
+        ));
+    }
+    let pepper = pepper(r)?;
+    let mut a = r.authorize(Action::RotateKey, Some(org)).await?;
+    let mine: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM api_keys WHERE id = $1 AND org_id = $2")
+            .bind(id)
+            .bind(org)
+            .fetch_optional(&mut *a.tx)
+            .await?;
+    if mine.is_none() {
+        return Err(ApiError::not_found("key"));
+    }
+    let actor = a.actor();
+    let rotation = dbkeys::rotate_key_in(
+        &mut a.tx,
+        &pepper,
+        id,
+        chrono::Duration::seconds(grace),
+        Utc::now(),
+        &actor,
+    )
+    .await?
+    .ok_or_else(|| {
+        ApiError::new(
+            409,
+            "not_rotatable",
+            "this key is revoked or was already rotated; rotate its replacement",
+        )
+    })?;
+    a.tx.commit().await?;
+    Ok((
+        201,
+        json!({
+            "id": rotation.new.id,
+            "prefix": rotation.new.key.prefix(),
+            "key": rotation.new.key.expose_secret(),
+            "old_prefix": rotation.old_prefix,
+            "old_valid_until": rotation.grace_until.to_rfc3339(),
+            "note": "the key is shown this once; only its hash is stored",
+        }),
+    ))
+}
+
+async fn revoke_key(r: &Request<'_>, org: Uuid, id: Uuid) -> Reply {
+    let mut a = r.authorize(Action::RevokeKey, Some(org)).await?;
+    let prefix: Option<String> = sqlx::query_scalar(
+        "UPDATE api_keys SET revoked_at = now()
+          WHERE id = $1 AND org_id = $2 AND revoked_at IS NULL RETURNING prefix",
+    )
+    .bind(id)
+    .bind(org)
+    .fetch_optional(&mut *a.tx)
+    .await?;
+    let Some(prefix) = prefix else {
+        return Err(ApiError::not_found("active key"));
+    };
+    a.audit("key.revoke", &prefix, Some(org), json!({"key_id": id}))
+        .await?;
+    a.tx.commit().await?;
+    Ok((200, json!({"id": id, "prefix": prefix, "revoked": true})))
+}
+
+// ---- APIs ----
+
+#[derive(sqlx::FromRow, serde::Serialize)]
+struct ApiRow {
+    id: Uuid,
+    name: String,
+    path_prefix: String,
+    upstream_url: String,
+    scopes: Vec<String>,
+    pii_mode: String,
+    timeout_ms: i32,
+    updated_at: DateTime<Utc>,
+}
+
+const API_COLUMNS: &str =
+    "id, name, path_prefix, upstream_url, scopes::text[] AS scopes, pii_mode, timeout_ms, updated_at";
+
+async fn list_apis(r: &Request<'_>, org: Uuid) -> Reply {
+    let mut a = r.authorize(Action::ListApis, Some(org)).await?;
+    let rows: Vec<ApiRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {API_COLUMNS} FROM apis WHERE org_id = $1 ORDER BY name"
+    )))
+    .bind(org)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    Ok((200, json!({"apis": rows})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiBody {
+    name: String,
+    path_prefix: String,
+    upstream_url: String,
+    #[serde(default = "default_scopes")]
+    scopes: Vec<KeyScope>,
+    #[serde(default = "default_pii")]
+    pii_mode: String,
+    #[serde(default = "default_timeout")]
+    timeout_ms: i32,
+}
+
+fn default_scopes() -> Vec<KeyScope> {
+    vec![KeyScope::Live, KeyScope::Test]
+}
+fn default_pii() -> String {
+    "off".into()
+}
+fn default_timeout() -> i32 {
+    30_000
+}
+
+fn check_api(b: &ApiBody) -> Result<(), ApiError> {
+    let name_ok = !b.name.is_empty()
+        && b.name.len() <= 63
+        && b.name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !b.name.starts_with('-')
+        && !b.name.ends_with('-');
+    if !name_ok {
+        return Err(ApiError::bad(
+            "name: 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'",
+        ));
+    }
+    let p = &b.path_prefix;
+    if !p.starts_with('/')
+        || p.len() > 200
+        || p.contains("//")
+        || p.split('/').any(|s| s == "." || s == "..")
+        || !p
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"/-_.~".contains(&c))
+    {
+        return Err(ApiError::bad(
+            "path_prefix: starts with '/', at most 200 characters of letters, digits, '/', '-', '_', '.', '~', no '//' and no '.' or '..' segment",
+        ));
+    }
+    let url = reqwest::Url::parse(&b.upstream_url)
+        .map_err(|e| ApiError::bad(format!("upstream_url does not parse: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ApiError::bad(
+            "upstream_url must be an http:// or https:// URL with a host",
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ApiError::bad(
+            "upstream_url must not carry credentials; store them with POST .../credentials",
+        ));
+    }
+    if !matches!(b.pii_mode.as_str(), "off" | "flag" | "mask") {
+        return Err(ApiError::bad("pii_mode is one of off, flag, mask"));
+    }
+    if !(1..=300_000).contains(&b.timeout_ms) {
+        return Err(ApiError::bad("timeout_ms is between 1 and 300000"));
+    }
+    if b.scopes.is_empty() {
+        return Err(ApiError::bad("scopes needs at least one of live, test"));
+    }
+    Ok(())
+}
+
+async fn write_api(r: &Request<'_>, org: Uuid, id: Option<Uuid>) -> Reply {
+    let body: ApiBody = r.json()?;
+    check_api(&body)?;
+    let mut a = r.authorize(Action::WriteApi, Some(org)).await?;
+    let scopes: Vec<String> = body
+        .scopes
+        .iter()
+        .map(|s| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        })
+        .collect();
+    let before: Option<ApiRow> = match id {
+        Some(id) => Some(
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {API_COLUMNS} FROM apis WHERE id = $1 AND org_id = $2"
+            )))
+            .bind(id)
+            .bind(org)
+            .fetch_optional(&mut *a.tx)
+            .await?
+            .ok_or_else(|| ApiError::not_found("API"))?,
+        ),
+        None => None,
+    };
+    let id = id.unwrap_or_else(Uuid::new_v4);
+    let row: ApiRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO apis (id, org_id, name, path_prefix, upstream_url, scopes, pii_mode, timeout_ms)
+         VALUES ($1, $2, $3, $4, $5, $6::key_scope[], $7, $8)
+         ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, path_prefix = EXCLUDED.path_prefix,
+             upstream_url = EXCLUDED.upstream_url, scopes = EXCLUDED.scopes,
+             pii_mode = EXCLUDED.pii_mode, timeout_ms = EXCLUDED.timeout_ms, updated_at = now()
+         RETURNING {API_COLUMNS}"
+    )))
+    .bind(id)
+    .bind(org)
+    .bind(&body.name)
+    .bind(&body.path_prefix)
+    .bind(&body.upstream_url)
+    .bind(&scopes)
+    .bind(&body.pii_mode)
+    .bind(body.timeout_ms)
+    .fetch_one(&mut *a.tx)
+    .await?;
+    let (action, status) = if before.is_some() {
+        ("api.update", 200)
+    } else {
+        ("api.create", 201)
+    };
+    a.audit(
+        action,
+        &row.name,
+        Some(org),
+        json!({"api_id": id, "before": before, "after": &row}),
+    )
+    .await?;
+    a.tx.commit().await?;
+    Ok((status, json!({"api": row})))
+}
+
+// ---- credentials ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialBody {
+    /// The API's name.
+    api: String,
+    name: String,
+    value: String,
+    kind: String,
+    #[serde(default = "default_header")]
+    header: String,
+    #[serde(default = "default_value_prefix")]
+    value_prefix: String,
+}
+
+fn default_header() -> String {
+    "authorization".into()
+}
+fn default_value_prefix() -> String {
+    "Bearer ".into()
+}
+
+async fn list_credentials(r: &Request<'_>, org: Uuid) -> Reply {
+    // Listing is part of writing: metadata only, the role cannot read a ciphertext.
+    let mut a = r.authorize(Action::WriteByokCredential, Some(org)).await?;
+    let rows: Vec<(Uuid, Uuid, String, String, i32, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, api_id, name, kind::text, key_version, updated_at
+           FROM upstream_credentials WHERE org_id = $1 ORDER BY name",
+    )
+    .bind(org)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    let list: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, api, name, kind, v, at)| {
+            json!({"id": id, "api_id": api, "name": name, "kind": kind, "key_version": v, "updated_at": at})
+        })
+        .collect();
+    Ok((200, json!({"credentials": list})))
+}
+
+async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
+    let body: CredentialBody = r.json()?;
+    let action = match body.kind.as_str() {
+        "byok" => Action::WriteByokCredential,
+        "system" => Action::WriteSystemCredential,
+        _ => {
+            return Err(ApiError::bad(
+                "kind is byok (your own upstream account) or system (your API's)",
+            ))
+        }
+    };
+    short_text(&body.name, "name", 100)?;
+    if body.name.is_empty() {
+        return Err(ApiError::bad("name must not be empty"));
+    }
+    if body.value.is_empty() || body.value.len() > 8192 || body.value.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad(
+            "value must be 1 to 8192 bytes without control characters (it is sent in a header)",
+        ));
+    }
+    let header_ok = !body.header.is_empty()
+        && body.header.len() <= 64
+        && body
+            .header
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-');
+    if !header_ok {
+        return Err(ApiError::bad(
+            "header must be a header name: letters, digits and '-'",
+        ));
+    }
+    short_text(&body.value_prefix, "value_prefix", 32)?;
+    let keys = r.console.master_keys.clone().ok_or_else(|| {
+        ApiError::new(
+            503,
+            "no_master_key",
+            "this console has no master key, so it cannot seal credentials; set APITREE_MASTER_KEY",
+        )
+    })?;
+    let mut a = r.authorize(action, Some(org)).await?;
+    let api: Option<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT id, org_id FROM console_api_by_name($1)")
+            .bind(&body.api)
+            .fetch_optional(&mut *a.tx)
+            .await?;
+    let api_id = match api {
+        // A system credential is for one of the org's own APIs.
+        Some((id, owner)) if action == Action::WriteByokCredential || owner == org => id,
+        _ => return Err(ApiError::not_found("API")),
+    };
+    let sealed = keys.encrypt(&org.to_string(), &body.api, &body.value);
+    // Update, else insert: the role may not read ciphertexts, which an upsert's EXCLUDED
+    // would need.
+    let updated: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE upstream_credentials SET kind = $4::credential_kind, ciphertext = $5, nonce = $6,
+                key_version = $7, header = $8, value_prefix = $9, updated_at = now(), rotated_at = now()
+          WHERE org_id = $1 AND api_id = $2 AND name = $3
+         RETURNING id",
+    )
+    .bind(org)
+    .bind(api_id)
+    .bind(&body.name)
+    .bind(&body.kind)
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .bind(sealed.key_version as i32)
+    .bind(body.header.to_ascii_lowercase())
+    .bind(&body.value_prefix)
+    .fetch_optional(&mut *a.tx)
+    .await?;
+    let id = match updated {
+        Some(id) => id,
+        None => {
+            sqlx::query_scalar(
+                "INSERT INTO upstream_credentials
+                     (id, org_id, api_id, name, kind, ciphertext, nonce, key_version, header, value_prefix)
+                 VALUES ($1, $2, $3, $4, $5::credential_kind, $6, $7, $8, $9, $10)
+                 RETURNING id",
+            )
+            .bind(Uuid::new_v4())
+            .bind(org)
+            .bind(api_id)
+            .bind(&body.name)
+            .bind(&body.kind)
+            .bind(&sealed.ciphertext)
+            .bind(&sealed.nonce)
+            .bind(sealed.key_version as i32)
+            .bind(body.header.to_ascii_lowercase())
+            .bind(&body.value_prefix)
+            .fetch_one(&mut *a.tx)
+            .await?
+        }
+    };
+    a.audit(
+        "credential.write",
+        &body.name,
+        Some(org),
+        json!({"credential_id": id, "api": body.api, "kind": body.kind, "key_version": sealed.key_version}),
+    )
+    .await?;
+    a.tx.commit().await?;
+    Ok((
+        201,
+        json!({"id": id, "api": body.api, "name": body.name, "kind": body.kind, "key_version": sealed.key_version}),
+    ))
+}
+
+// ---- usage and credits ----
+
+async fn usage(r: &Request<'_>, org: Uuid) -> Reply {
+    let days: i32 = r
+        .param("days")
+        .map(|d| {
+            d.parse()
+                .map_err(|_| ApiError::bad("days is a whole number from 1 to 90"))
+        })
+        .transpose()?
+        .unwrap_or(7);
+    if !(1..=90).contains(&days) {
+        return Err(ApiError::bad("days is a whole number from 1 to 90"));
+    }
+    let mut a = r.authorize(Action::ReadUsage, Some(org)).await?;
+    let rows: Vec<(chrono::NaiveDate, i64, i64, i64)> = sqlx::query_as(
+        "SELECT (window_start AT TIME ZONE 'UTC')::date AS day, sum(requests)::bigint,
+                sum(errors)::bigint, sum(bytes_out)::bigint
+           FROM usage_counters
+          WHERE org_id = $1 AND window_start >= now() - make_interval(days => $2)
+          GROUP BY 1 ORDER BY 1",
+    )
+    .bind(org)
+    .bind(days)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    let days: Vec<Value> = rows
+        .into_iter()
+        .map(|(d, req, err, bytes)| json!({"day": d.to_string(), "requests": req, "errors": err, "bytes_out": bytes}))
+        .collect();
+    Ok((200, json!({"usage": days})))
+}
+
+async fn balance(tx: &mut Transaction<'static, Postgres>, org: Uuid) -> Result<i64, ApiError> {
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce(sum(amount), 0)::bigint FROM credit_ledger WHERE org_id = $1",
+    )
+    .bind(org)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+async fn credits(r: &Request<'_>, org: Uuid) -> Reply {
+    let mut a = r.authorize(Action::ReadCredits, Some(org)).await?;
+    let balance = balance(&mut a.tx, org).await?;
+    let rows: Vec<(i64, i64, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, amount, reason, actor, at FROM credit_ledger WHERE org_id = $1
+          ORDER BY id DESC LIMIT 100",
+    )
+    .bind(org)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    let ledger: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, amount, reason, actor, at)| json!({"id": id, "amount": amount, "reason": reason, "actor": actor, "at": at}))
+        .collect();
+    Ok((200, json!({"balance": balance, "ledger": ledger})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adjustment {
+    amount: i64,
+    reason: String,
+}
+
+/// Largest single adjustment.
+const MAX_ADJUSTMENT: i64 = 1_000_000_000_000;
+
+async fn adjust_credits(r: &Request<'_>, org: Uuid) -> Reply {
+    let body: Adjustment = r.json()?;
+    if body.amount == 0 || body.amount.unsigned_abs() > MAX_ADJUSTMENT as u64 {
+        return Err(ApiError::bad(format!(
+            "amount is a non-zero whole number of credits, at most {MAX_ADJUSTMENT} either way"
+        )));
+    }
+    let reason = body.reason.trim();
+    if reason.is_empty() {
+        return Err(ApiError::bad("every adjustment needs a reason"));
+    }
+    short_text(reason, "reason", 500)?;
+    let mut a = r.authorize(Action::AdjustCredits, Some(org)).await?;
+    // One adjustment per org at a time: the balance check and the insert see the same ledger.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('apitree.credits:' || $1::text))")
+        .bind(org)
+        .execute(&mut *a.tx)
+        .await?;
+    let before = balance(&mut a.tx, org).await?;
+    let after = before
+        .checked_add(body.amount)
+        .filter(|b| *b >= 0)
+        .ok_or_else(|| {
+            ApiError::new(
+                409,
+                "balance_negative",
+                format!("the balance is {before}; this adjustment would take it below zero"),
+            )
+        })?;
+    let actor = a.actor();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO credit_ledger (org_id, amount, reason, actor) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(org)
+    .bind(body.amount)
+    .bind(reason)
+    .bind(&actor)
+    .fetch_one(&mut *a.tx)
+    .await?;
+    a.audit(
+        "credits.adjust",
+        &format!("org:{org}"),
+        Some(org),
+        json!({"entry": id, "amount": body.amount, "reason": reason, "before": before, "after": after}),
+    )
+    .await?;
+    a.tx.commit().await?;
+    Ok((201, json!({"entry": id, "balance": after})))
+}
+
+// ---- users ----
+
+async fn list_orgs(r: &Request<'_>) -> Reply {
+    let mut a = r.authorize(Action::ListUsers, None).await?;
+    let rows: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM orgs ORDER BY name")
+        .fetch_all(&mut *a.tx)
+        .await?;
+    let orgs: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, name)| json!({"id": id, "name": name}))
+        .collect();
+    Ok((200, json!({"orgs": orgs})))
+}
+
+async fn list_users(r: &Request<'_>) -> Reply {
+    let org = r.param("org").map(|o| uuid(o, "org")).transpose()?;
+    let mut a = r.authorize(Action::ListUsers, None).await?;
+    type Row = (
+        Uuid,
+        String,
+        String,
+        Option<Uuid>,
+        bool,
+        bool,
+        DateTime<Utc>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, email, role::text, org_id, disabled_at IS NOT NULL, password_hash IS NULL, created_at
+           FROM users WHERE $1::uuid IS NULL OR org_id = $1 ORDER BY email",
+    )
+    .bind(org)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    let users: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, email, role, org, disabled, invited, at)| {
+            json!({"id": id, "email": email, "role": role, "org": org, "disabled": disabled, "invited": invited, "created_at": at})
+        })
+        .collect();
+    Ok((200, json!({"users": users})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Invite {
+    email: String,
+    role: Role,
+    org: Option<Uuid>,
+}
+
+/// How long an invitation stays valid.
+const INVITE_TTL_HOURS: i64 = 72;
+
+pub fn check_email(email: &str) -> Result<(), String> {
+    let ok = email.len() <= 254
+        && email.split_once('@').is_some_and(|(l, d)| {
+            !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.')
+        })
+        && email.matches('@').count() == 1
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{email:?} is not an email address"))
+    }
+}
+
+async fn invite_user(r: &Request<'_>) -> Reply {
+    let body: Invite = r.json()?;
+    let email = body.email.trim().to_string();
+    check_email(&email).map_err(ApiError::bad)?;
+    let org = match (body.role.is_staff(), body.org) {
+        (false, None) => {
+            return Err(ApiError::bad(
+                "a buyer or seller belongs to an org: give org",
+            ))
+        }
+        (true, Some(_)) => {
+            return Err(ApiError::bad(
+                "admins and super_admins belong to no org: leave org out",
+            ))
+        }
+        (_, org) => org,
+    };
+    let grant = body.role;
+    let mut a = r
+        .authorize_with(Action::InviteUser, None, |p| {
+            authz::decide_user_change(
+                p,
+                Action::InviteUser,
+                UserChange {
+                    target: None,
+                    grant: Some(grant),
+                },
+            )
+        })
+        .await?;
+    if let Some(org) = org {
+        let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orgs WHERE id = $1")
+            .bind(org)
+            .fetch_optional(&mut *a.tx)
+            .await?;
+        if exists.is_none() {
+            return Err(ApiError::not_found("org"));
+        }
+    }
+    let token = invitation_token();
+    let hash = Sha256::digest(token.as_bytes()).to_vec();
+    let id = Uuid::new_v4();
+    let expires: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO users (id, org_id, email, role, invite_hash, invite_expires_at)
+         VALUES ($1, $2, $3, $4::user_role, $5, now() + make_interval(hours => $6))
+         RETURNING invite_expires_at",
+    )
+    .bind(id)
+    .bind(org)
+    .bind(&email)
+    .bind(grant.as_str())
+    .bind(&hash)
+    .bind(INVITE_TTL_HOURS as i32)
+    .fetch_one(&mut *a.tx)
+    .await?;
+    a.audit(
+        "user.invite",
+        &format!("user:{id}"),
+        org,
+        json!({"user_id": id, "role": grant.as_str()}),
+    )
+    .await?;
+    a.tx.commit().await?;
+    Ok((
+        201,
+        json!({
+            "id": id,
+            "invitation": token,
+            "expires_at": expires,
+            "note": "give the invitation to the person; they set a password with POST /api/v1/invitations/accept. It is shown this once.",
+        }),
+    ))
+}
+
+fn invitation_token() -> String {
+    use base64::Engine;
+    use rand::RngExt;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill(&mut bytes[..]);
+    format!(
+        "inv_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+async fn target_user(
+    tx: &mut Transaction<'static, Postgres>,
+    id: Uuid,
+) -> Result<(Role, Option<Uuid>), ApiError> {
+    let row: Option<(String, Option<Uuid>)> =
+        sqlx::query_as("SELECT role::text, org_id FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let (role, org) = row.ok_or_else(|| ApiError::not_found("user"))?;
+    Ok((
+        Role::parse(&role).ok_or_else(|| ApiError::bad("unknown role"))?,
+        org,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    role: Role,
+}
+
+async fn set_role(r: &Request<'_>, id: Uuid) -> Reply {
+    let body: RoleBody = r.json()?;
+    // Staff read every user: open the staff view first, then decide on the target's rank.
+    let mut a = r
+        .authorize_with(Action::SetRole, None, |p| {
+            authz::decide(p, Action::SetRole, None)
+        })
+        .await?;
+    let (current, org) = target_user(&mut a.tx, id).await?;
+    if let Decision::Forbidden(why) = authz::decide_user_change(
+        &a.who,
+        Action::SetRole,
+        UserChange {
+            target: Some((id, current)),
+            grant: Some(body.role),
+        },
+    ) {
+        r.console
+            .metrics
+            .refused(Action::SetRole.name(), "forbidden");
+        return Err(ApiError::new(403, "forbidden", why));
+    }
+    if !body.role.is_staff() && org.is_none() {
+        return Err(ApiError::new(
+            409,
+            "no_org",
+            "this user belongs to no org; a buyer or seller needs one",
+        ));
+    }
+    sqlx::query("UPDATE users SET role = $2::user_role, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(body.role.as_str())
+        .execute(&mut *a.tx)
+        .await?;
+    a.audit(
+        "user.role",
+        &format!("user:{id}"),
+        org,
+        json!({"user_id": id, "before": current.as_str(), "after": body.role.as_str()}),
+    )
+    .await?;
+    a.tx.commit().await?;
+    Ok((200, json!({"id": id, "role": body.role})))
+}
+
+async fn disable_user(r: &Request<'_>, id: Uuid) -> Reply {
+    let mut a = r
+        .authorize_with(Action::DisableUser, None, |p| {
+            authz::decide(p, Action::DisableUser, None)
+        })
+        .await?;
+    let (current, org) = target_user(&mut a.tx, id).await?;
+    if let Decision::Forbidden(why) = authz::decide_user_change(
+        &a.who,
+        Action::DisableUser,
+        UserChange {
+            target: Some((id, current)),
+            grant: None,
+        },
+    ) {
+        r.console
+            .metrics
+            .refused(Action::DisableUser.name(), "forbidden");
+        return Err(ApiError::new(403, "forbidden", why));
+    }
+    sqlx::query(
+        "UPDATE users SET disabled_at = coalesce(disabled_at, now()), updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *a.tx)
+    .await?;
+    a.audit(
+        "user.disable",
+        &format!("user:{id}"),
+        org,
+        json!({"user_id": id, "role": current.as_str()}),
+    )
+    .await?;
+    a.tx.commit().await?;
+    Ok((200, json!({"id": id, "disabled": true})))
+}
+
+// ---- audit ----
+
+async fn read_audit(r: &Request<'_>) -> Reply {
+    let org = r.param("org").map(|o| uuid(o, "org")).transpose()?;
+    let before: Option<i64> = r
+        .param("before")
+        .map(|b| {
+            b.parse()
+                .map_err(|_| ApiError::bad("before is an audit entry id"))
+        })
+        .transpose()?;
+    let limit: i64 = r
+        .param("limit")
+        .map(|l| {
+            l.parse()
+                .map_err(|_| ApiError::bad("limit is a whole number from 1 to 200"))
+        })
+        .transpose()?
+        .unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad("limit is a whole number from 1 to 200"));
+    }
+    let action = r.param("action").map(str::to_string);
+    let mut a = r.authorize(Action::ReadAudit, None).await?;
+    type Row = (
+        i64,
+        DateTime<Utc>,
+        String,
+        Option<String>,
+        String,
+        String,
+        Option<Uuid>,
+        Value,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT a.id, a.at, a.actor, u.email, a.action, a.target, a.org_id, a.detail
+           FROM audit_log a
+           LEFT JOIN users u ON a.actor = 'user:' || u.id::text
+          WHERE ($1::uuid IS NULL OR a.org_id = $1)
+            AND ($2::bigint IS NULL OR a.id < $2)
+            AND ($3::text IS NULL OR a.action = $3)
+          ORDER BY a.id DESC LIMIT $4",
+    )
+    .bind(org)
+    .bind(before)
+    .bind(action)
+    .bind(limit)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.0))
+        .flatten();
+    let entries: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, at, actor, email, action, target, org, detail)| {
+            json!({"id": id, "at": at, "actor": actor, "actor_email": email, "action": action,
+                   "target": target, "org": org, "detail": detail})
+        })
+        .collect();
+    Ok((200, json!({"entries": entries, "next_before": next})))
+}

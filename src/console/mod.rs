@@ -1,0 +1,378 @@
+//! The console: where buyers, sellers and admins sign in and act within their role.
+//!
+//! `apitree console` serves, on its own port, the REST API under `/api/v1` ([`api`]), a plain
+//! web page at `/` (no build step, no third-party origin), `/metrics` and `/healthz`. Sessions
+//! are HS256 JWTs from a keyring ([`jwt`]); passwords are Argon2id ([`password`]); failed
+//! sign-ins are throttled per account and per address ([`throttle`]); [`authz`] is the one
+//! place that decides who may do what. Every query runs in a transaction as the database role
+//! `apitree_console`, which row-level security applies to, with the org opened from the
+//! verified session: the application check and the database both refuse another org's rows.
+
+pub mod api;
+pub mod authz;
+pub mod jwt;
+pub mod password;
+pub mod throttle;
+pub mod users;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounterVec, Opts, Registry};
+use tokio::net::TcpListener;
+
+use crate::proxy::keys::Pepper;
+use crate::proxy::tls::ServerTls;
+use crate::proxy::vault::MasterKeys;
+
+/// Longest request body the console reads.
+const MAX_BODY: usize = 64 * 1024;
+/// A request head must be whole this long after a connection opens or goes idle.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+const INDEX: &str = include_str!("web/index.html");
+const APP_JS: &str = include_str!("web/app.js");
+const APP_CSS: &str = include_str!("web/app.css");
+
+/// Content-Security-Policy of every response: this origin only, no inline script, no framing.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+
+/// The console's counters.
+pub struct ConsoleMetrics {
+    pub registry: Registry,
+    logins: IntCounterVec,
+    auth_failures: IntCounterVec,
+    refusals: IntCounterVec,
+    responses: IntCounterVec,
+}
+
+impl ConsoleMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let logins = counter(
+            "apitree_console_logins_total",
+            "Sign-ins by result (ok, invalid, throttled).",
+            &["result"],
+        );
+        let auth_failures = counter(
+            "apitree_console_auth_failures_total",
+            "Refused sign-ins and sessions by reason (login_invalid, login_throttled, token_*, session_revoked, no_token).",
+            &["reason"],
+        );
+        let refusals = counter(
+            "apitree_console_refusals_total",
+            "Requests a signed-in user was refused, by action and answer (forbidden, not_found).",
+            &["action", "answer"],
+        );
+        let responses = counter(
+            "apitree_console_responses_total",
+            "Responses by status class.",
+            &["status_class"],
+        );
+        for r in ["ok", "invalid", "throttled"] {
+            logins.with_label_values(&[r]).inc_by(0);
+        }
+        for r in ["login_invalid", "login_throttled"] {
+            auth_failures.with_label_values(&[r]).inc_by(0);
+        }
+        ConsoleMetrics {
+            registry,
+            logins,
+            auth_failures,
+            refusals,
+            responses,
+        }
+    }
+
+    pub fn login(&self, result: &str) {
+        self.logins.with_label_values(&[result]).inc();
+    }
+
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn refused(&self, action: &str, answer: &str) {
+        self.refusals.with_label_values(&[action, answer]).inc();
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for ConsoleMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Everything the console serves from.
+pub struct Console {
+    pub pool: sqlx::PgPool,
+    pub keyring: jwt::Keyring,
+    pub session_ttl: Duration,
+    pub throttle: throttle::Throttle,
+    /// Issues keys; without it key creation and rotation answer 503.
+    pub pepper: Option<Arc<Pepper>>,
+    /// Seals credentials; without it credential writes answer 503.
+    pub master_keys: Option<Arc<MasterKeys>>,
+    pub metrics: ConsoleMetrics,
+}
+
+/// The console port, serving in the background.
+pub struct ConsoleServer {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConsoleServer {
+    /// Stops accepting and waits for the accept loop to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serves `console` on `listener`; over TLS (TLS 1.3, HSTS) when `tls` is given.
+pub fn spawn(
+    listener: TcpListener,
+    console: Arc<Console>,
+    tls: Option<Arc<ServerTls>>,
+) -> std::io::Result<ConsoleServer> {
+    let addr = listener.local_addr()?;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                accepted = listener.accept() => {
+                    let Ok((stream, peer)) = accepted else { continue };
+                    let console = console.clone();
+                    let tls = tls.clone();
+                    let hsts = tls.as_ref().map(|t| t.hsts.clone());
+                    let service = hyper::service::service_fn(move |req| {
+                        let (console, hsts) = (console.clone(), hsts.clone());
+                        async move {
+                            let mut resp = handle(&console, req, peer.ip()).await;
+                            if let Some(hsts) = hsts {
+                                resp.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    tokio::spawn(async move {
+                        let mut http = hyper::server::conn::http1::Builder::new();
+                        http.timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(HEADER_READ_TIMEOUT)
+                            .max_header_size(64 * 1024);
+                        let Some(tls) = tls else {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            return;
+                        };
+                        let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.acceptor.accept(stream)).await;
+                        if let Some(stream) = tls.accepted(handshake) {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    });
+                }
+            }
+        }
+    });
+    Ok(ConsoleServer { addr, stop, task })
+}
+
+type Response = http::Response<Full<bytes::Bytes>>;
+
+fn respond(status: u16, content_type: &str, body: impl Into<bytes::Bytes>) -> Response {
+    let mut r = http::Response::new(Full::new(body.into()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("text/plain")),
+    );
+    r
+}
+
+fn error_body(e: &api::ApiError, request_id: &str) -> Response {
+    let mut r = respond(
+        e.status,
+        "application/json",
+        serde_json::json!({"error": e.message, "code": e.code, "request_id": request_id})
+            .to_string(),
+    );
+    if let Some(secs) = e.retry_after {
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
+/// A client's request id when it is short and plain, else a new one.
+fn request_id(req: &http::Request<hyper::body::Incoming>) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+async fn handle(
+    console: &Arc<Console>,
+    req: http::Request<hyper::body::Incoming>,
+    peer: IpAddr,
+) -> Response {
+    let id = request_id(&req);
+    let path = req.uri().path().to_string();
+    let mut resp = if let Some(rest) = path.strip_prefix("/api/v1/") {
+        let mut r = api_request(console, req, rest, peer, &id).await;
+        r.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        r
+    } else {
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/") => respond(200, "text/html; charset=utf-8", INDEX),
+            (&Method::GET, "/app.js") => respond(200, "text/javascript; charset=utf-8", APP_JS),
+            (&Method::GET, "/app.css") => respond(200, "text/css; charset=utf-8", APP_CSS),
+            (&Method::GET, "/healthz") => respond(200, "application/json", r#"{"status":"ok"}"#),
+            (&Method::GET, "/metrics") => {
+                respond(200, "text/plain; version=0.0.4", console.metrics.render())
+            }
+            _ => error_body(
+                &api::ApiError::new(
+                    404,
+                    "no_route",
+                    "not found; the console serves /, /api/v1/…, /metrics and /healthz",
+                ),
+                &id,
+            ),
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        http::header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-request-id", v);
+    }
+    let class = match resp.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    };
+    console.metrics.responses.with_label_values(&[class]).inc();
+    resp
+}
+
+async fn api_request(
+    console: &Arc<Console>,
+    req: http::Request<hyper::body::Incoming>,
+    rest: &str,
+    peer: IpAddr,
+    id: &str,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error_body(
+                &api::ApiError::new(
+                    413,
+                    "body_too_large",
+                    format!("the body is larger than {MAX_BODY} bytes, or was cut off"),
+                ),
+                id,
+            )
+        }
+    };
+    if !body.is_empty() {
+        let json = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("application/json")
+            })
+            .unwrap_or(false);
+        if !json {
+            return error_body(
+                &api::ApiError::new(
+                    415,
+                    "unsupported_media_type",
+                    "send the body as JSON with Content-Type: application/json",
+                ),
+                id,
+            );
+        }
+    }
+    let bearer = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let query: Vec<(String, String)> = parts
+        .uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let segments: Vec<&str> = rest.split('/').collect();
+    let r = api::Request {
+        console,
+        method: &parts.method,
+        segments,
+        query,
+        body: &body,
+        bearer,
+        peer,
+    };
+    match api::dispatch(r).await {
+        Ok((status, value)) => respond(status, "application/json", value.to_string()),
+        Err(e) => error_body(&e, id),
+    }
+}

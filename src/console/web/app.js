@@ -1,0 +1,198 @@
+// The console's page: plain JavaScript, no build step, no third-party origin. Every value from
+// the server is written with textContent, never as HTML. The session token lives in
+// sessionStorage (gone with the tab) and is sent as a Bearer header.
+"use strict";
+
+const PAGES = [
+  ["keys", "Keys", "keys.create"],
+  ["apis", "APIs", "apis.write"],
+  ["credentials", "Credentials", "credentials.byok"],
+  ["users", "Users", "users.list"],
+  ["credits", "Credits", "credits.adjust"],
+  ["audit", "Audit", "audit.read"],
+];
+
+let me = null;
+
+const $ = (id) => document.getElementById(id);
+
+function showError(text) {
+  const e = $("error");
+  e.textContent = text || "";
+  e.hidden = !text;
+}
+
+async function call(method, path, body) {
+  const headers = {};
+  const token = sessionStorage.getItem("apitree.token");
+  if (token) headers["Authorization"] = "Bearer " + token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch("/api/v1/" + path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await resp.json().catch(() => ({}));
+  if (resp.status === 401 && path !== "session") signOut();
+  if (!resp.ok) throw new Error((data.error || resp.statusText) + " (" + (data.code || resp.status) + ", request " + (data.request_id || "?") + ")");
+  return data;
+}
+
+function row(tbody, cells, extra) {
+  const tr = document.createElement("tr");
+  for (const c of cells) {
+    const td = document.createElement("td");
+    td.textContent = c === null || c === undefined ? "" : String(c);
+    tr.appendChild(td);
+  }
+  if (extra) { const td = document.createElement("td"); td.appendChild(extra); tr.appendChild(td); }
+  tbody.appendChild(tr);
+}
+
+function clear(id) { const b = document.querySelector("#" + id + " tbody"); b.replaceChildren(); return b; }
+
+function signOut() {
+  sessionStorage.removeItem("apitree.token");
+  me = null;
+  $("signin").hidden = false;
+  $("tabs").hidden = true;
+  $("signout").hidden = true;
+  $("who").textContent = "";
+  for (const p of document.querySelectorAll(".page")) p.hidden = true;
+}
+
+async function start() {
+  try {
+    me = await call("GET", "me");
+  } catch (e) { signOut(); return; }
+  $("signin").hidden = true;
+  $("signout").hidden = false;
+  $("who").textContent = me.user.email + " (" + me.user.role + ")";
+  const tabs = $("tabs");
+  tabs.replaceChildren();
+  const allowed = PAGES.filter(([, , action]) => me.actions.includes(action));
+  for (const [id, label] of allowed) {
+    const b = document.createElement("button");
+    b.textContent = label;
+    b.id = "tab-" + id;
+    b.addEventListener("click", () => open(id));
+    tabs.appendChild(b);
+  }
+  tabs.hidden = false;
+  if (allowed.length) open(allowed[0][0]);
+}
+
+async function orgsInto(select) {
+  const { orgs } = await call("GET", "orgs");
+  select.replaceChildren();
+  for (const o of orgs) {
+    const opt = document.createElement("option");
+    opt.value = o.id; opt.textContent = o.name;
+    select.appendChild(opt);
+  }
+}
+
+const LOAD = {
+  async keys() {
+    const { keys } = await call("GET", "orgs/" + me.user.org + "/keys");
+    const body = clear("keys");
+    for (const k of keys) {
+      const state = k.revoked_at ? "revoked" : k.grace_until ? "rotated" : "active";
+      let button = null;
+      if (state === "active") {
+        button = document.createElement("button");
+        button.textContent = "Revoke";
+        button.addEventListener("click", () => act(async () => {
+          await call("POST", "orgs/" + me.user.org + "/keys/" + k.id + "/revoke");
+          await LOAD.keys();
+        }));
+      }
+      row(body, [k.prefix, k.name, k.scope, k.created_at, state], button);
+    }
+  },
+  async apis() {
+    const { apis } = await call("GET", "orgs/" + me.user.org + "/apis");
+    const body = clear("apis");
+    for (const a of apis) row(body, [a.name, a.path_prefix, a.upstream_url, a.updated_at]);
+  },
+  async credentials() {
+    const { credentials } = await call("GET", "orgs/" + me.user.org + "/credentials");
+    const body = clear("creds");
+    for (const c of credentials) row(body, [c.name, c.kind, c.key_version, c.updated_at]);
+  },
+  async users() {
+    await orgsInto($("invite-org"));
+    const { users } = await call("GET", "users");
+    const body = clear("users");
+    for (const u of users) row(body, [u.email, u.role, u.org, u.disabled ? "disabled" : u.invited ? "invited" : "active"]);
+  },
+  async credits() {
+    const sel = $("credit-org");
+    if (!sel.options.length) await orgsInto(sel);
+    if (!sel.value) return;
+    const c = await call("GET", "orgs/" + sel.value + "/credits");
+    $("balance").textContent = String(c.balance);
+    const body = clear("ledger");
+    for (const e of c.ledger) row(body, [e.at, e.amount, e.reason, e.actor]);
+  },
+  async audit() {
+    const { entries } = await call("GET", "audit?limit=100");
+    const body = clear("audit");
+    for (const e of entries) row(body, [e.id, e.at, e.actor_email || e.actor, e.action, e.target]);
+  },
+};
+
+async function act(fn) {
+  showError("");
+  try { await fn(); } catch (e) { showError(e.message); }
+}
+
+function open(id) {
+  for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-" + id;
+  for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.id === "tab-" + id);
+  act(() => LOAD[id]());
+}
+
+function onSubmit(id, fn) {
+  $(id).addEventListener("submit", (ev) => { ev.preventDefault(); act(fn); });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  onSubmit("signin-form", async () => {
+    const s = await call("POST", "session", { email: $("email").value, password: $("password").value });
+    $("password").value = "";
+    sessionStorage.setItem("apitree.token", s.token);
+    await start();
+  });
+  $("signout").addEventListener("click", signOut);
+  onSubmit("key-form", async () => {
+    const k = await call("POST", "orgs/" + me.user.org + "/keys", { name: $("key-name").value, scope: $("key-scope").value });
+    const shown = $("key-shown");
+    shown.textContent = "New key (shown once): " + k.key;
+    shown.hidden = false;
+    await LOAD.keys();
+  });
+  onSubmit("api-form", async () => {
+    await call("POST", "orgs/" + me.user.org + "/apis", { name: $("api-name").value, path_prefix: $("api-path").value, upstream_url: $("api-url").value });
+    await LOAD.apis();
+  });
+  onSubmit("cred-form", async () => {
+    await call("POST", "orgs/" + me.user.org + "/credentials", { api: $("cred-api").value, name: $("cred-name").value, value: $("cred-value").value, kind: $("cred-kind").value });
+    $("cred-value").value = "";
+    await LOAD.credentials();
+  });
+  onSubmit("invite-form", async () => {
+    const role = $("invite-role").value;
+    const body = { email: $("invite-email").value, role };
+    if (role === "buyer" || role === "seller") body.org = $("invite-org").value;
+    const i = await call("POST", "users", body);
+    const shown = $("invite-shown");
+    shown.textContent = "Invitation (shown once): " + i.invitation;
+    shown.hidden = false;
+    await LOAD.users();
+  });
+  $("credit-org").addEventListener("change", () => act(LOAD.credits));
+  onSubmit("credit-form", async () => {
+    await call("POST", "orgs/" + $("credit-org").value + "/credits", { amount: Number($("credit-amount").value), reason: $("credit-reason").value });
+    await LOAD.credits();
+  });
+  if (sessionStorage.getItem("apitree.token")) start(); else signOut();
+});

@@ -1,0 +1,1055 @@
+//! The console end to end: a real PostgreSQL, the console on a local port, real HTTP.
+//!
+//! Every endpoint × every role (own org, another org), JWT tampering at the API, sessions that
+//! end when a user is disabled or re-roled, sign-in throttling, the database refusing another
+//! org's rows when the application check is skipped, write-only credentials, invitations,
+//! credits, and one audit row per write with the authenticated actor.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apitree::console::authz::Role;
+use apitree::console::{self, jwt::Keyring, throttle::Limits, Console, ConsoleMetrics};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const PASSWORD: &str = "correct horse battery staple";
+const SECRETS: &str =
+    "k1:first-secret-of-at-least-32-bytes-000001,k2:second-secret-of-at-least-32-bytes-00002";
+const MASTER_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes, base64
+
+struct People {
+    buyer: Uuid,
+    seller: Uuid,
+    admin: Uuid,
+    super_admin: Uuid,
+}
+
+struct Env {
+    _db: common::TestDb,
+    pool: PgPool,
+    base: String,
+    http: reqwest::Client,
+    org_a: Uuid,
+    org_b: Uuid,
+    people: People,
+    server: Option<console::ConsoleServer>,
+}
+
+impl Env {
+    async fn new() -> Env {
+        Env::with_limits(Limits {
+            per_account: 3,
+            per_address: 1000,
+            window: Duration::from_secs(60),
+        })
+        .await
+    }
+
+    async fn with_limits(limits: Limits) -> Env {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let db = common::TestDb::new().await;
+        let pool = db.migrated_pool().await;
+        let org_a = apitree::db::keys::create_org(&pool, "org-a", "test")
+            .await
+            .unwrap();
+        let org_b = apitree::db::keys::create_org(&pool, "org-b", "test")
+            .await
+            .unwrap();
+        let phc = apitree::console::password::hash(PASSWORD).unwrap();
+        let user = |email: &'static str, role, org| {
+            let (pool, phc) = (pool.clone(), phc.clone());
+            async move {
+                apitree::console::users::create(&pool, email, role, org, &phc, "test")
+                    .await
+                    .unwrap()
+            }
+        };
+        let people = People {
+            buyer: user("buyer@a.test", Role::Buyer, Some(org_a)).await,
+            seller: user("seller@a.test", Role::Seller, Some(org_a)).await,
+            admin: user("admin@ops.test", Role::Admin, None).await,
+            super_admin: user("root@ops.test", Role::SuperAdmin, None).await,
+        };
+        // Org B has a seller, an API and a key of its own.
+        user("seller@b.test", Role::Seller, Some(org_b)).await;
+        let c = Arc::new(Console {
+            pool: pool.clone(),
+            keyring: Keyring::parse(SECRETS).unwrap(),
+            session_ttl: Duration::from_secs(900),
+            throttle: console::throttle::Throttle::new(limits),
+            pepper: Some(Arc::new(
+                apitree::proxy::keys::Pepper::new(b"pepper-0123456789-0123456789-0123".to_vec())
+                    .unwrap(),
+            )),
+            master_keys: Some(Arc::new(
+                apitree::proxy::vault::MasterKeys::single(1, MASTER_KEY).unwrap(),
+            )),
+            metrics: ConsoleMetrics::new(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = console::spawn(listener, c, None).unwrap();
+        let env = Env {
+            base: format!("http://{}", server.addr),
+            _db: db,
+            pool,
+            http: reqwest::Client::new(),
+            org_a,
+            org_b,
+            people,
+            server: Some(server),
+        };
+        let sb = env.sign_in("seller@b.test").await;
+        let (s, v) = env
+            .call(
+                &sb,
+                "POST",
+                &format!("orgs/{org_b}/apis"),
+                Some(api_body("maps")),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let (s, _) = env
+            .call(
+                &sb,
+                "POST",
+                &format!("orgs/{org_b}/keys"),
+                Some(json!({"scope": "live"})),
+            )
+            .await;
+        assert_eq!(s, 201);
+        env
+    }
+
+    async fn sign_in(&self, email: &str) -> String {
+        let (s, v) = self
+            .call(
+                "",
+                "POST",
+                "session",
+                Some(json!({"email": email, "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    async fn raw(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(m, format!("{}/api/v1/{path}", self.base));
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn call(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let r = self.raw(token, method, path, body).await;
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn audit_rows(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM audit_log")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            tokio::spawn(s.stop());
+        }
+    }
+}
+
+fn api_body(name: &str) -> Value {
+    json!({"name": name, "path_prefix": format!("/{name}"), "upstream_url": "http://127.0.0.1:9/"})
+}
+
+/// What a role may do with an endpoint: the README's matrix, written out independently of the
+/// code's table.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum May {
+    No,
+    Own,
+    Any,
+}
+
+/// One endpoint call: method, path, body, what buyer / seller / admin / super_admin may do,
+/// whether it writes.
+type Row = (&'static str, String, Option<Value>, [May; 4], bool);
+
+/// Every endpoint × every role × (own org, another org): allowed calls succeed and write one
+/// audit row naming the caller; tenant users get 404 for another org, refused roles 403; a
+/// refusal writes nothing.
+#[tokio::test]
+async fn every_endpoint_follows_the_role_matrix_for_every_role() {
+    use May::*;
+    let env = Env::new().await;
+    let roles = [
+        ("buyer@a.test", Role::Buyer, env.people.buyer),
+        ("seller@a.test", Role::Seller, env.people.seller),
+        ("admin@ops.test", Role::Admin, env.people.admin),
+        ("root@ops.test", Role::SuperAdmin, env.people.super_admin),
+    ];
+    let mut n = 0;
+    for (email, role, user_id) in roles {
+        let token = env.sign_in(email).await;
+        for org in [env.org_a, env.org_b] {
+            let own = org == env.org_a;
+            // A key and an API in `org` to act on, made by super_admin-free SQL-less means: the
+            // org's seller (or org B's) through the API.
+            let seller = env
+                .sign_in(if own {
+                    "seller@a.test"
+                } else {
+                    "seller@b.test"
+                })
+                .await;
+            let (_, k) = env
+                .call(
+                    &seller,
+                    "POST",
+                    &format!("orgs/{org}/keys"),
+                    Some(json!({"scope": "test"})),
+                )
+                .await;
+            let key = k["id"].as_str().unwrap().to_string();
+            n += 1;
+            let api_name = format!("api-{n}");
+            let (_, a) = env
+                .call(
+                    &seller,
+                    "POST",
+                    &format!("orgs/{org}/apis"),
+                    Some(api_body(&api_name)),
+                )
+                .await;
+            let api = a["api"]["id"].as_str().unwrap().to_string();
+            // (method, path, body, buyer, seller, admin, super_admin, writes)
+            let table: Vec<Row> = vec![
+                (
+                    "GET",
+                    format!("orgs/{org}/keys"),
+                    None,
+                    [Own, Own, Any, Any],
+                    false,
+                ),
+                (
+                    "POST",
+                    format!("orgs/{org}/keys"),
+                    Some(json!({"scope": "live", "name": "k"})),
+                    [Own, Own, No, Any],
+                    true,
+                ),
+                (
+                    "POST",
+                    format!("orgs/{org}/keys/{key}/rotate"),
+                    Some(json!({"grace_seconds": 60})),
+                    [Own, Own, No, Any],
+                    true,
+                ),
+                (
+                    "POST",
+                    format!("orgs/{org}/credentials"),
+                    Some(
+                        json!({"api": "maps", "name": format!("byok-{n}"), "value": "s3cr3t-value", "kind": "byok"}),
+                    ),
+                    [Own, Own, No, Any],
+                    true,
+                ),
+                (
+                    "POST",
+                    format!("orgs/{org}/credentials"),
+                    Some(
+                        json!({"api": api_name, "name": format!("sys-{n}"), "value": "s3cr3t-value", "kind": "system"}),
+                    ),
+                    [No, Own, No, Any],
+                    true,
+                ),
+                (
+                    "GET",
+                    format!("orgs/{org}/credentials"),
+                    None,
+                    [Own, Own, No, Any],
+                    false,
+                ),
+                (
+                    "GET",
+                    format!("orgs/{org}/apis"),
+                    None,
+                    [No, Own, Any, Any],
+                    false,
+                ),
+                (
+                    "POST",
+                    format!("orgs/{org}/apis"),
+                    Some(api_body(&format!("new-{n}"))),
+                    [No, Own, No, Any],
+                    true,
+                ),
+                (
+                    "PUT",
+                    format!("orgs/{org}/apis/{api}"),
+                    Some(
+                        json!({"name": api_name, "path_prefix": format!("/moved-{n}"), "upstream_url": "https://upstream.test/"}),
+                    ),
+                    [No, Own, No, Any],
+                    true,
+                ),
+                (
+                    "GET",
+                    format!("orgs/{org}/usage"),
+                    None,
+                    [Own, Own, Any, Any],
+                    false,
+                ),
+                (
+                    "GET",
+                    format!("orgs/{org}/credits"),
+                    None,
+                    [Own, Own, Any, Any],
+                    false,
+                ),
+                (
+                    "POST",
+                    format!("orgs/{org}/credits"),
+                    Some(json!({"amount": 100, "reason": "welcome credit"})),
+                    [No, No, Any, Any],
+                    true,
+                ),
+                (
+                    "POST",
+                    format!("orgs/{org}/keys/{key}/revoke"),
+                    None,
+                    [Own, Own, Any, Any],
+                    true,
+                ),
+                ("GET", "users".into(), None, [No, No, Any, Any], false),
+                ("GET", "orgs".into(), None, [No, No, Any, Any], false),
+                (
+                    "POST",
+                    "users".into(),
+                    Some(
+                        json!({"email": format!("new{n}-{}@a.test", role.as_str()), "role": "buyer", "org": env.org_a}),
+                    ),
+                    [No, No, Any, Any],
+                    true,
+                ),
+                ("GET", "audit".into(), None, [No, No, Any, Any], false),
+            ];
+            for (method, path, body, may, writes) in table {
+                let may = may[role as usize];
+                let before = env.audit_rows().await;
+                let (status, v) = env.call(&token, method, &path, body).await;
+                let after = env.audit_rows().await;
+                let what = format!("{} {method} {path} (own org: {own})", role.as_str());
+                // Endpoints outside an org (users, orgs, audit) have no "other org".
+                let scoped = path.starts_with("orgs/");
+                let expect: u16 = match (may, own || !scoped, role.is_staff()) {
+                    (Any, _, _) | (Own, true, _) => 0, // success
+                    (_, false, false) => 404,
+                    (No, true, false) | (No, _, true) => 403,
+                    (Own, false, true) => unreachable!("staff never have Own"),
+                };
+                if expect == 0 {
+                    assert!((200..300).contains(&status), "{what}: {status} {v}");
+                    assert_eq!(after - before, i64::from(writes), "{what}: audit rows");
+                    if writes {
+                        let (actor, detail): (String, Value) = sqlx::query_as(
+                            "SELECT actor, detail FROM audit_log ORDER BY id DESC LIMIT 1",
+                        )
+                        .fetch_one(&env.pool)
+                        .await
+                        .unwrap();
+                        assert_eq!(actor, format!("user:{user_id}"), "{what}");
+                        if !path.ends_with("/rotate") {
+                            assert_eq!(detail["actor"]["role"], role.as_str(), "{what}");
+                        }
+                        let text = detail.to_string();
+                        assert!(
+                            !text.contains("s3cr3t-value"),
+                            "{what}: a credential in the audit row"
+                        );
+                        if let Some(key) = v["key"].as_str() {
+                            assert!(!text.contains(key), "{what}: the key in the audit row");
+                        }
+                    }
+                } else {
+                    assert_eq!(status, expect, "{what}: {v}");
+                    assert_eq!(after, before, "{what}: a refusal wrote an audit row");
+                    assert!(
+                        v["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+                        "{what}: {v}"
+                    );
+                    assert!(
+                        v["code"].is_string() && v["error"].is_string(),
+                        "{what}: {v}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A tenant user cannot tell another org that exists from one that does not.
+#[tokio::test]
+async fn another_orgs_resources_are_404_like_nothing_at_all() {
+    let env = Env::new().await;
+    let buyer = env.sign_in("buyer@a.test").await;
+    let b_key: Uuid = sqlx::query_scalar("SELECT id FROM api_keys WHERE org_id = $1")
+        .bind(env.org_b)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let nowhere = Uuid::new_v4();
+    for (real, fake) in [
+        (
+            format!("orgs/{}/keys", env.org_b),
+            format!("orgs/{nowhere}/keys"),
+        ),
+        (
+            format!("orgs/{}/credits", env.org_b),
+            format!("orgs/{nowhere}/credits"),
+        ),
+        (
+            format!("orgs/{}/apis", env.org_b),
+            format!("orgs/{nowhere}/apis"),
+        ),
+    ] {
+        let (s1, v1) = env.call(&buyer, "GET", &real, None).await;
+        let (s2, v2) = env.call(&buyer, "GET", &fake, None).await;
+        assert_eq!(
+            (s1, &v1["code"], &v1["error"]),
+            (s2, &v2["code"], &v2["error"]),
+            "{real}"
+        );
+        assert_eq!(s1, 404);
+    }
+    // A key of org B named under the buyer's own org is not found either, and stays active.
+    let (s, _) = env
+        .call(
+            &buyer,
+            "POST",
+            &format!("orgs/{}/keys/{b_key}/revoke", env.org_a),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+    let revoked: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE id = $1")
+            .bind(b_key)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(revoked.is_none());
+}
+
+/// The second line of defence: with the application check skipped, the console's database
+/// role still sees and writes only the org opened to its transaction.
+#[tokio::test]
+async fn the_database_refuses_another_orgs_rows_without_the_application_check() {
+    let env = Env::new().await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL ROLE apitree_console; SET LOCAL row_security = on")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT set_config('apitree.org_id', $1, true)")
+        .bind(env.org_a.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let keys_b: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE org_id = $1")
+        .bind(env.org_b)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(keys_b, 0, "org B's keys are invisible");
+    for table in [
+        "apis",
+        "users",
+        "credit_ledger",
+        "audit_log",
+        "upstream_credentials",
+    ] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} WHERE org_id IS DISTINCT FROM '{}'",
+            env.org_a
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(n, 0, "{table}: rows outside org A are visible");
+    }
+    // Writing into org B is refused by the policy's WITH CHECK.
+    let e = sqlx::query(
+        "INSERT INTO credit_ledger (org_id, amount, reason, actor) VALUES ($1, 1, 'x', 'x')",
+    )
+    .bind(env.org_b)
+    .execute(&mut *tx)
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("row-level security"), "{e}");
+    tx.rollback().await.unwrap();
+
+    // Credentials are write-only for the role: no ciphertext comes back.
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL ROLE apitree_console; SET LOCAL row_security = on")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let e = sqlx::query("SELECT ciphertext FROM upstream_credentials")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("permission denied"), "{e}");
+    tx.rollback().await.unwrap();
+
+    // Without an org opened, nothing at all.
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL ROLE apitree_console; SET LOCAL row_security = on")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    tx.rollback().await.unwrap();
+}
+
+/// Tampered tokens at the API: each refused 401 with its reason, nothing served.
+#[tokio::test]
+async fn tampered_and_stale_tokens_are_refused_at_the_api() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let env = Env::new().await;
+    let token = env.sign_in("buyer@a.test").await;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut payload: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    payload["role"] = json!("super_admin");
+    let promoted = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64.encode(payload.to_string()),
+        parts[2]
+    );
+    let none = format!(
+        "{}.{}.",
+        b64.encode(r#"{"alg":"none","kid":"k2"}"#),
+        parts[1]
+    );
+    let rs = format!(
+        "{}.{}.{}",
+        b64.encode(r#"{"alg":"RS256","kid":"k2"}"#),
+        parts[1],
+        parts[2]
+    );
+    let kid = format!(
+        "{}.{}.{}",
+        b64.encode(r#"{"alg":"HS256","kid":"k9"}"#),
+        parts[1],
+        parts[2]
+    );
+    let path = format!("orgs/{}/keys", env.org_a);
+    for (what, t, code) in [
+        ("role edited", promoted.as_str(), "token_signature"),
+        ("alg none", none.as_str(), "token_algorithm"),
+        ("RS256", rs.as_str(), "token_algorithm"),
+        ("unknown kid", kid.as_str(), "token_unknown_key"),
+        ("garbage", "abc", "token_malformed"),
+        ("none at all", "", "unauthenticated"),
+    ] {
+        let (s, v) = env.call(t, "GET", &path, None).await;
+        assert_eq!((s, v["code"].as_str()), (401, Some(code)), "{what}: {v}");
+        assert!(
+            !v.to_string().contains(&token[..20]),
+            "{what}: the token is echoed"
+        );
+    }
+    // The real token works, and the same role-edited token still cannot reach users.
+    assert_eq!(env.call(&token, "GET", &path, None).await.0, 200);
+    assert_eq!(env.call(&promoted, "GET", "users", None).await.0, 401);
+    // The token was signed by the newest key.
+    let header: Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["kid"], "k2");
+    assert_eq!(header["alg"], "HS256");
+}
+
+/// Disabling a user or changing their role takes effect at their next request.
+#[tokio::test]
+async fn a_disabled_user_or_a_changed_role_takes_effect_on_the_next_request() {
+    let env = Env::new().await;
+    let seller = env.sign_in("seller@a.test").await;
+    let admin = env.sign_in("admin@ops.test").await;
+    let apis = format!("orgs/{}/apis", env.org_a);
+    assert_eq!(
+        env.call(&seller, "POST", &apis, Some(api_body("first")))
+            .await
+            .0,
+        201
+    );
+    let (s, v) = env
+        .call(
+            &admin,
+            "PUT",
+            &format!("users/{}/role", env.people.seller),
+            Some(json!({"role": "buyer"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = env
+        .call(&seller, "POST", &apis, Some(api_body("second")))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    let buyer = env.sign_in("buyer@a.test").await;
+    assert_eq!(
+        env.call(&buyer, "GET", &format!("orgs/{}/keys", env.org_a), None)
+            .await
+            .0,
+        200
+    );
+    let (s, _) = env
+        .call(
+            &admin,
+            "POST",
+            &format!("users/{}/disable", env.people.buyer),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = env
+        .call(&buyer, "GET", &format!("orgs/{}/keys", env.org_a), None)
+        .await;
+    assert_eq!((s, v["code"].as_str()), (401, Some("session_revoked")));
+    // And they cannot sign in again.
+    let (s, _) = env
+        .call(
+            "",
+            "POST",
+            "session",
+            Some(json!({"email": "buyer@a.test", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(s, 401);
+    // An admin cannot touch staff, nor themselves; a super_admin can grant admin.
+    let (s, _) = env
+        .call(
+            &admin,
+            "PUT",
+            &format!("users/{}/role", env.people.super_admin),
+            Some(json!({"role": "buyer"})),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = env
+        .call(
+            &admin,
+            "PUT",
+            &format!("users/{}/role", env.people.seller),
+            Some(json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = env
+        .call(
+            &admin,
+            "POST",
+            &format!("users/{}/disable", env.people.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    let root = env.sign_in("root@ops.test").await;
+    let (s, _) = env
+        .call(
+            &root,
+            "PUT",
+            &format!("users/{}/role", env.people.super_admin),
+            Some(json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(s, 403, "nobody changes their own role");
+    let (s, v) = env
+        .call(
+            &root,
+            "PUT",
+            &format!("users/{}/role", env.people.admin),
+            Some(json!({"role": "super_admin"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (detail,): (Value,) = sqlx::query_as(
+        "SELECT detail FROM audit_log WHERE action = 'user.role' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (detail["before"].as_str(), detail["after"].as_str()),
+        (Some("admin"), Some("super_admin"))
+    );
+}
+
+/// Failed sign-ins lock the account (any address) with 429 and Retry-After, before any
+/// password is checked; they are counted as auth failures.
+#[tokio::test]
+async fn failed_sign_ins_are_throttled_and_counted() {
+    let env = Env::new().await;
+    for _ in 0..3 {
+        let (s, v) = env
+            .call(
+                "",
+                "POST",
+                "session",
+                Some(json!({"email": "buyer@a.test", "password": "wrong password!"})),
+            )
+            .await;
+        assert_eq!((s, v["code"].as_str()), (401, Some("invalid_credentials")));
+    }
+    let r = env
+        .raw(
+            "",
+            "POST",
+            "session",
+            Some(json!({"email": "BUYER@a.test", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Unknown emails answer exactly like wrong passwords.
+    let (s, v) = env
+        .call(
+            "",
+            "POST",
+            "session",
+            Some(json!({"email": "nobody@a.test", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (401, Some("invalid_credentials")));
+    // Another account is unaffected.
+    env.sign_in("seller@a.test").await;
+    let metrics = env
+        .http
+        .get(format!("{}/metrics", env.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"apitree_console_auth_failures_total{reason="login_invalid"} 4"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"apitree_console_auth_failures_total{reason="login_throttled"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"apitree_console_logins_total{result="ok"} "#));
+    assert!(!metrics.contains(PASSWORD) && !metrics.contains("wrong password"));
+}
+
+/// A credential written in the console is sealed for (org, API) as the proxy reads it, and
+/// never comes back.
+#[tokio::test]
+async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
+    let env = Env::new().await;
+    let buyer = env.sign_in("buyer@a.test").await;
+    let (s, v) = env
+        .call(
+            &buyer,
+            "POST",
+            &format!("orgs/{}/credentials", env.org_a),
+            Some(json!({
+            "api": "maps", "name": "mine", "value": "sk-live-123456", "kind": "byok"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert!(!v.to_string().contains("sk-live-123456"));
+    let (version, nonce, ciphertext): (i32, Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "SELECT key_version, nonce, ciphertext FROM upstream_credentials WHERE name = 'mine'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let keys = apitree::proxy::vault::MasterKeys::single(1, MASTER_KEY).unwrap();
+    let sealed = apitree::proxy::vault::Sealed {
+        key_version: version as u32,
+        nonce,
+        ciphertext,
+    };
+    let plain = keys
+        .decrypt("mine", &env.org_a.to_string(), "maps", &sealed)
+        .unwrap();
+    assert_eq!(plain.expose(), "sk-live-123456");
+    // Bound to the org: under org B's name it does not open.
+    assert!(keys
+        .decrypt("mine", &env.org_b.to_string(), "maps", &sealed)
+        .is_err());
+    let (_, list) = env
+        .call(
+            &buyer,
+            "GET",
+            &format!("orgs/{}/credentials", env.org_a),
+            None,
+        )
+        .await;
+    assert!(
+        !list.to_string().contains("sk-live") && list["credentials"][0]["name"] == "mine",
+        "{list}"
+    );
+    // A value that would split a header is refused; a system credential for another org's
+    // API is not found.
+    let seller = env.sign_in("seller@a.test").await;
+    for (body, code) in [
+        (
+            json!({"api": "maps", "name": "x", "value": "a\r\nX-Evil: 1", "kind": "byok"}),
+            400,
+        ),
+        (
+            json!({"api": "maps", "name": "x", "value": "v", "kind": "system"}),
+            404,
+        ),
+        (
+            json!({"api": "nope", "name": "x", "value": "v", "kind": "byok"}),
+            404,
+        ),
+        (
+            json!({"api": "maps", "name": "x", "value": "v", "kind": "root"}),
+            400,
+        ),
+    ] {
+        let (s, v) = env
+            .call(
+                &seller,
+                "POST",
+                &format!("orgs/{}/credentials", env.org_a),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(s, code, "{body}: {v}");
+    }
+}
+
+/// An admin invites; the person sets a password once; the invitation cannot be used twice.
+#[tokio::test]
+async fn invitations_set_a_password_once() {
+    let env = Env::new().await;
+    let admin = env.sign_in("admin@ops.test").await;
+    let (s, v) = env
+        .call(
+            &admin,
+            "POST",
+            "users",
+            Some(json!({"email": "new@a.test", "role": "seller", "org": env.org_a})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let token = v["invitation"].as_str().unwrap().to_string();
+    let (s, _) = env
+        .call(
+            "",
+            "POST",
+            "invitations/accept",
+            Some(json!({"token": token, "password": "short"})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, v) = env
+        .call(
+            "",
+            "POST",
+            "invitations/accept",
+            Some(json!({"token": token, "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let seller = env.sign_in("new@a.test").await;
+    assert_eq!(
+        env.call(&seller, "GET", &format!("orgs/{}/apis", env.org_a), None)
+            .await
+            .0,
+        200
+    );
+    let (s, _) = env
+        .call(
+            "",
+            "POST",
+            "invitations/accept",
+            Some(json!({"token": token, "password": "another long password"})),
+        )
+        .await;
+    assert_eq!(s, 404);
+    // Staff invitations: only a super_admin grants admin; a duplicate email conflicts.
+    let (s, _) = env
+        .call(
+            &admin,
+            "POST",
+            "users",
+            Some(json!({"email": "boss@ops.test", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = env
+        .call(
+            &admin,
+            "POST",
+            "users",
+            Some(json!({"email": "NEW@a.test", "role": "buyer", "org": env.org_a})),
+        )
+        .await;
+    assert_eq!(s, 409);
+}
+
+/// Credits: adjustments by admin with a reason, the balance from the ledger, never below zero,
+/// the ledger append-only.
+#[tokio::test]
+async fn credits_are_an_append_only_ledger() {
+    let env = Env::new().await;
+    let admin = env.sign_in("admin@ops.test").await;
+    let path = format!("orgs/{}/credits", env.org_a);
+    assert_eq!(
+        env.call(
+            &admin,
+            "POST",
+            &path,
+            Some(json!({"amount": 500, "reason": "prepaid"}))
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        env.call(
+            &admin,
+            "POST",
+            &path,
+            Some(json!({"amount": -200, "reason": "refund"}))
+        )
+        .await
+        .0,
+        201
+    );
+    let (s, v) = env
+        .call(
+            &admin,
+            "POST",
+            &path,
+            Some(json!({"amount": -301, "reason": "too much"})),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("balance_negative")));
+    for bad in [
+        json!({"amount": 0, "reason": "x"}),
+        json!({"amount": 5, "reason": "  "}),
+        json!({"amount": 5}),
+    ] {
+        assert_eq!(
+            env.call(&admin, "POST", &path, Some(bad.clone())).await.0,
+            400,
+            "{bad}"
+        );
+    }
+    let buyer = env.sign_in("buyer@a.test").await;
+    let (s, v) = env.call(&buyer, "GET", &path, None).await;
+    assert_eq!((s, v["balance"].as_i64()), (200, Some(300)), "{v}");
+    assert_eq!(v["ledger"].as_array().unwrap().len(), 2);
+    let e = sqlx::query("UPDATE credit_ledger SET amount = 1000000")
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+    // The audit page shows who did it, by email.
+    let (_, audit) = env
+        .call(&admin, "GET", "audit?action=credits.adjust", None)
+        .await;
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries.iter().all(|e| e["actor_email"] == "admin@ops.test"),
+        "{audit}"
+    );
+}
+
+/// Every response carries the security headers; API responses are not cached; errors are
+/// JSON with the request id; bodies must be JSON.
+#[tokio::test]
+async fn responses_carry_security_headers_and_json_errors() {
+    let env = Env::new().await;
+    let page = env.http.get(format!("{}/", env.base)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let h = page.headers();
+    assert!(h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<script src=\"/app.js\""));
+    let r = env
+        .http
+        .post(format!("{}/api/v1/session", env.base))
+        .header("x-request-id", "req-42")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("email=a&password=b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["request_id"], "req-42");
+    let (s, v) = env
+        .call("", "POST", "session", Some(json!({"email": "a@b.c"})))
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().contains("password"), "{v}");
+    let (s, v) = env.call("", "DELETE", "session", None).await;
+    assert_eq!((s, v["code"].as_str()), (405, Some("method_not_allowed")));
+    let (s, _) = env.call("", "GET", "nothing/here", None).await;
+    assert_eq!(s, 404);
+    let big = "x".repeat(70 * 1024);
+    let (s, _) = env
+        .call(
+            "",
+            "POST",
+            "session",
+            Some(json!({"email": big, "password": "p"})),
+        )
+        .await;
+    assert_eq!(s, 413);
+}
