@@ -1053,3 +1053,244 @@ async fn responses_carry_security_headers_and_json_errors() {
         .await;
     assert_eq!(s, 413);
 }
+
+/// Headless Chromium (which `scripts/test` installs) driven over the DevTools protocol.
+struct Browser {
+    child: std::process::Child,
+    _profile: tempfile::TempDir,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next: u64,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let chromium =
+            std::env::var("APITREE_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        assert!(
+            std::path::Path::new(&chromium).exists(),
+            "{chromium} not found: scripts/test installs Debian's chromium (or set APITREE_CHROMIUM)"
+        );
+        let profile = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                &format!("--user-data-dir={}", profile.path().display()),
+                "about:blank",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let port_file = profile.path().join("DevToolsActivePort");
+        let mut port = String::new();
+        for _ in 0..200 {
+            if let Ok(text) = std::fs::read_to_string(&port_file) {
+                if let Some(p) = text.lines().next().filter(|p| !p.is_empty()) {
+                    port = p.to_string();
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!port.is_empty(), "chromium did not open its DevTools port");
+        let targets: Vec<Value> = reqwest::get(format!("http://127.0.0.1:{port}/json/list"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let page = targets
+            .iter()
+            .find(|t| t["type"] == "page")
+            .expect("a page target");
+        let url = page["webSocketDebuggerUrl"].as_str().unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Browser {
+            child,
+            _profile: profile,
+            ws,
+            next: 0,
+        }
+    }
+
+    async fn send(&mut self, method: &str, params: Value) -> Value {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        self.next += 1;
+        let id = self.next;
+        self.ws
+            .send(Message::text(
+                json!({"id": id, "method": method, "params": params}).to_string(),
+            ))
+            .await
+            .unwrap();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(20), self.ws.next())
+                .await
+                .expect("DevTools answers within 20 s")
+                .unwrap()
+                .unwrap();
+            let Message::Text(text) = msg else { continue };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Runs `js` in the page (awaiting a promise) and returns its value.
+    async fn eval(&mut self, js: &str) -> Value {
+        let r = self
+            .send(
+                "Runtime.evaluate",
+                json!({"expression": js, "awaitPromise": true, "returnByValue": true}),
+            )
+            .await;
+        assert!(r.get("exceptionDetails").is_none(), "{js}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `js` until it returns true.
+    async fn until(&mut self, what: &str, js: &str) {
+        for _ in 0..100 {
+            if self.eval(js).await == json!(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let error = self
+            .eval("document.getElementById('error').textContent")
+            .await;
+        panic!("{what}: not within 10 s (page error: {error})");
+    }
+
+    async fn open(&mut self, url: &str) {
+        self.send("Page.navigate", json!({"url": url})).await;
+        self.until(
+            "page loaded",
+            &format!("location.href.startsWith({url:?}) && document.readyState === 'complete' && typeof start === 'function'"),
+        )
+        .await;
+    }
+
+    async fn sign_in(&mut self, base: &str, email: &str) -> Vec<String> {
+        // Forget the last session before the page loads, or its start() races this sign-in.
+        self.eval("try { sessionStorage.clear() } catch (e) {} true")
+            .await;
+        self.open(&format!("{base}/")).await;
+        self.eval(&format!(
+            "document.getElementById('email').value = {email:?}; \
+             document.getElementById('password').value = {PASSWORD:?}; \
+             document.getElementById('signin-form').requestSubmit(); true"
+        ))
+        .await;
+        self.until("signed in", "!document.getElementById('tabs').hidden && document.querySelectorAll('#tabs button').length > 0")
+            .await;
+        serde_json::from_value(
+            self.eval("[...document.querySelectorAll('#tabs button')].map(b => b.textContent)")
+                .await,
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The web page in a real browser: each role signs in and sees only its pages; a buyer
+/// creates a key (shown once); an admin adjusts credits; the audit page shows both with the
+/// right people. Runs under the console's CSP (no inline script).
+#[tokio::test]
+async fn each_role_sees_its_pages_in_a_browser_and_the_audit_page_shows_who_acted() {
+    let env = Env::new().await;
+    let mut b = Browser::start().await;
+    for (email, pages) in [
+        ("buyer@a.test", vec!["Keys", "Credentials"]),
+        ("seller@a.test", vec!["Keys", "APIs", "Credentials"]),
+        ("admin@ops.test", vec!["Users", "Credits", "Audit"]),
+        (
+            "root@ops.test",
+            vec!["Keys", "APIs", "Credentials", "Users", "Credits", "Audit"],
+        ),
+    ] {
+        assert_eq!(b.sign_in(&env.base, email).await, pages, "{email}");
+    }
+
+    b.sign_in(&env.base, "buyer@a.test").await;
+    b.eval(
+        "document.getElementById('key-name').value = 'from the browser'; \
+         document.getElementById('key-scope').value = 'live'; \
+         document.getElementById('key-form').requestSubmit(); true",
+    )
+    .await;
+    b.until(
+        "the new key is shown",
+        "document.getElementById('key-shown').textContent.includes('at_live_') && document.querySelectorAll('#keys tbody tr').length === 1",
+    )
+    .await;
+    let shown = b
+        .eval("document.getElementById('key-shown').textContent")
+        .await;
+    let prefix: String =
+        sqlx::query_scalar("SELECT prefix FROM api_keys WHERE name = 'from the browser'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(shown.as_str().unwrap().contains(&prefix), "{shown}");
+
+    b.sign_in(&env.base, "admin@ops.test").await;
+    b.eval("document.getElementById('tab-credits').click(); true")
+        .await;
+    b.until(
+        "orgs listed",
+        "document.querySelectorAll('#credit-org option').length === 2",
+    )
+    .await;
+    b.eval(&format!(
+        "document.getElementById('credit-org').value = '{}'; \
+         document.getElementById('credit-amount').value = '250'; \
+         document.getElementById('credit-reason').value = 'browser goodwill'; \
+         document.getElementById('credit-form').requestSubmit(); true",
+        env.org_a
+    ))
+    .await;
+    b.until(
+        "the balance shows the adjustment",
+        "document.getElementById('balance').textContent === '250'",
+    )
+    .await;
+    b.eval("document.getElementById('tab-audit').click(); true")
+        .await;
+    b.until(
+        "the audit page lists the credit",
+        "document.querySelector('#audit tbody').textContent.includes('credits.adjust')",
+    )
+    .await;
+    let rows: Vec<Vec<String>> = serde_json::from_value(
+        b.eval("[...document.querySelectorAll('#audit tbody tr')].map(r => [...r.children].map(c => c.textContent))")
+            .await,
+    )
+    .unwrap();
+    let find = |action: &str| rows.iter().find(|r| r[3] == action).cloned();
+    assert_eq!(
+        find("credits.adjust").map(|r| r[2].clone()).as_deref(),
+        Some("admin@ops.test"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        find("key.create").map(|r| r[2].clone()).as_deref(),
+        Some("buyer@a.test"),
+        "{rows:?}"
+    );
+}
