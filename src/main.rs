@@ -249,6 +249,7 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
 }
 
 async fn operator(args: OperatorArgs) -> Result<()> {
+    status_viewers()?;
     let identity = args.identity.unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("apitree-{}", std::process::id()))
     });
@@ -274,6 +275,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
 }
 
 async fn local(args: LocalArgs) -> Result<()> {
+    status_viewers()?;
     let durable = std::sync::Arc::new(
         apitree::operator::durable::Durable::open(args.state.resolve().as_deref()).await?,
     );
@@ -951,6 +953,20 @@ async fn users(cmd: UsersCommand) -> Result<()> {
                 .ok_or_else(|| anyhow!("no user with email {email}; see `apitree users list`"))?;
             eprintln!("disabled {email}; their sessions end at their next request");
         }
+    }
+    Ok(())
+}
+
+/// Checks APITREE_JWT_SECRETS before the HTTP port starts, and says who may read the status.
+fn status_viewers() -> Result<()> {
+    match apitree::console::jwt::Keyring::from_env().map_err(|e| anyhow!("APITREE_JWT_SECRETS: {e}"))? {
+        Some(k) => tracing::info!(
+            kids = %k.kids().join(", "),
+            "the status data (/api/gateways) answers admins with a console session"
+        ),
+        None => tracing::info!(
+            "the status data (/api/gateways) answers this machine only; set APITREE_JWT_SECRETS to the console's keyring to serve it to signed-in admins"
+        ),
     }
     Ok(())
 }

@@ -76,6 +76,132 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 const FULL: Option<&str> = Some("tests/full-values.yaml");
 
+/// The operator's Deployment (the console's is named `<fullname>-console`).
+fn operator_deployment(docs: &[Value]) -> &Value {
+    deployment(docs, false)
+}
+
+fn deployment(docs: &[Value], console: bool) -> &Value {
+    of_kind(docs, "Deployment")
+        .into_iter()
+        .find(|d| {
+            d["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-console") == console)
+        })
+        .expect("the Deployment")
+}
+
+/// The console, when enabled: locked down like the operator, every secret from a Secret
+/// (never a value), probes on /healthz over the scheme it serves, no Kubernetes token, the
+/// gateway database migrated first, and the operator given the same keyring so its status
+/// data answers console sessions. Off by default, and refused without its Secrets.
+#[test]
+fn the_console_runs_locked_down_with_its_secrets_from_secrets() {
+    let docs = render(FULL, &[]);
+    let d: Deployment = serde_json::from_value(deployment(&docs, true).clone()).unwrap();
+    let pod = d.spec.template.spec.unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+    let c = &pod.containers[0];
+    assert_eq!(c.args.as_deref(), Some(&["console".to_string()][..]));
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    for name in [
+        "APITREE_DATABASE_URL",
+        "APITREE_JWT_SECRETS",
+        "APITREE_KEY_PEPPER",
+        "APITREE_MASTER_KEY",
+    ] {
+        let e = c.env.iter().flatten().find(|e| e.name == name);
+        let e = e.unwrap_or_else(|| panic!("{name} is not set"));
+        assert!(e.value.is_none(), "{name} is a plain value");
+        assert!(
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .is_some(),
+            "{name} does not come from a Secret"
+        );
+    }
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/healthz"));
+    assert_eq!(
+        probe.scheme.as_deref(),
+        Some("HTTPS"),
+        "tlsSecret is set in the full values"
+    );
+    assert_eq!(
+        env_value(c, "APITREE_CONSOLE_LISTEN").as_deref(),
+        Some("0.0.0.0:8090")
+    );
+    // The flags those variables stand for exist.
+    let help = run(
+        Command::new(env!("CARGO_BIN_EXE_apitree")).args(["console", "--help"]),
+        "apitree console --help",
+    );
+    for var in [
+        "APITREE_CONSOLE_LISTEN",
+        "APITREE_SESSION_TTL",
+        "APITREE_TLS_CERT",
+        "APITREE_DATABASE_URL",
+    ] {
+        assert!(
+            help.contains(var),
+            "{var} is not in `apitree console --help`"
+        );
+    }
+    let op: Deployment = serde_json::from_value(operator_deployment(&docs).clone()).unwrap();
+    let op_env = op.spec.template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(op_env
+        .iter()
+        .any(|e| e.name == "APITREE_JWT_SECRETS" && e.value_from.is_some()));
+    let services: Vec<String> = of_kind(&docs, "Service")
+        .iter()
+        .filter_map(|s| s["metadata"]["name"].as_str().map(String::from))
+        .collect();
+    assert!(
+        services.iter().any(|n| n.ends_with("-console")),
+        "{services:?}"
+    );
+    let job = of_kind(&docs, "Job")[0].to_string();
+    assert!(
+        job.contains("apitree-db"),
+        "the gateway database is migrated first"
+    );
+
+    // Off by default; on without its Secrets it does not render.
+    let plain = render(None, &[]);
+    assert!(of_kind(&plain, "Deployment").len() == 1);
+    let out = Command::new(helm())
+        .args(["template", "t"])
+        .arg(chart())
+        .args([
+            "--set",
+            "console.enabled=true",
+            "--set",
+            "database.existingSecret=db",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("console.jwt.existingSecret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn the_chart_installs_the_crate_version() {
     let chart: Value =
@@ -87,7 +213,7 @@ fn the_chart_installs_the_crate_version() {
         "Chart.yaml appVersion must equal the crate version in Cargo.toml"
     );
     let docs = render(None, &[]);
-    let d: Deployment = serde_json::from_value(of_kind(&docs, "Deployment")[0].clone()).unwrap();
+    let d: Deployment = serde_json::from_value(operator_deployment(&docs).clone()).unwrap();
     let image = d.spec.template.spec.unwrap().containers[0].image.clone();
     assert_eq!(
         image.as_deref(),
@@ -249,7 +375,7 @@ fn every_rendered_object_validates_strictly_and_deserializes() {
 #[test]
 fn the_operator_runs_locked_down_with_probes_and_leader_election() {
     let docs = render(FULL, &[]);
-    let d: Deployment = serde_json::from_value(of_kind(&docs, "Deployment")[0].clone()).unwrap();
+    let d: Deployment = serde_json::from_value(operator_deployment(&docs).clone()).unwrap();
     let pod = d.spec.template.spec.unwrap();
     let psc = pod.security_context.unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
@@ -332,7 +458,11 @@ fn the_operator_runs_locked_down_with_probes_and_leader_election() {
     // The Service reaches the leading replica only: the one whose pod the operator labelled
     // apitree.io/role=leader (the pod template does not carry it: a standby must not get
     // Slack presses it cannot act on), and the leader may label its own pod.
-    let svc: Service = serde_json::from_value(of_kind(&docs, "Service")[0].clone()).unwrap();
+    let svc = of_kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "apitree")
+        .expect("the operator's Service");
+    let svc: Service = serde_json::from_value(svc.clone()).unwrap();
     let selector = svc.spec.unwrap().selector.unwrap();
     assert_eq!(
         selector
@@ -382,8 +512,7 @@ fn the_install_migrates_the_databases_it_knows_in_a_hook_job_first() {
     assert_eq!(hooks["helm.sh/hook"], "pre-install,pre-upgrade");
     let pod = job.spec.as_ref().unwrap().template.clone();
     let labels = pod.metadata.unwrap().labels.unwrap();
-    let operator: Deployment =
-        serde_json::from_value(of_kind(&docs, "Deployment")[0].clone()).unwrap();
+    let operator: Deployment = serde_json::from_value(operator_deployment(&docs).clone()).unwrap();
     let selector = operator.spec.selector.match_labels.unwrap();
     assert!(
         !selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
@@ -439,7 +568,7 @@ fn the_install_migrates_the_databases_it_knows_in_a_hook_job_first() {
 
 /// The operator's pod, from a render.
 fn operator_pod(docs: &[Value]) -> k8s_openapi::api::core::v1::PodSpec {
-    let d: Deployment = serde_json::from_value(of_kind(docs, "Deployment")[0].clone()).unwrap();
+    let d: Deployment = serde_json::from_value(operator_deployment(docs).clone()).unwrap();
     d.spec.template.spec.unwrap()
 }
 
@@ -594,9 +723,8 @@ fn network_policies_keep_the_proxies_admin_port_to_the_operator_and_prometheus()
         .flatten()
         .filter_map(|p| p.name.clone())
         .collect();
-    let operator_labels = of_kind(&render(FULL, &[]), "Deployment")[0]["spec"]["template"]
-        ["metadata"]["labels"]
-        .clone();
+    let operator_labels =
+        operator_deployment(&render(FULL, &[]))["spec"]["template"]["metadata"]["labels"].clone();
 
     let docs = render(FULL, &[]);
     let policies: Vec<NetworkPolicy> = of_kind(&docs, "NetworkPolicy")

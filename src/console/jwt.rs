@@ -137,6 +137,14 @@ impl Keyring {
         Ok(Keyring { keys })
     }
 
+    /// The keyring in `APITREE_JWT_SECRETS`, if that is set.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        match std::env::var("APITREE_JWT_SECRETS") {
+            Ok(text) => Keyring::parse(&text).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// The key id that signs new tokens.
     pub fn signing_kid(&self) -> &str {
         &self.keys.last().expect("a keyring is never empty").0

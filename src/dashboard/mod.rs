@@ -156,7 +156,21 @@ function render(gws) {
   document.getElementById("updated").textContent = "Updated " + new Date().toLocaleTimeString() + ".";
 }
 async function refresh() {
-  try { const r = await fetch("api/gateways"); render(await r.json()); }
+  try {
+    const token = sessionStorage.getItem("apitree.token");
+    const r = await fetch("api/gateways", token ? {headers: {Authorization: "Bearer " + token}} : {});
+    const data = await r.json();
+    if (!r.ok) {
+      document.getElementById("updated").textContent = data.error + " (" + data.code + ")";
+      if (r.status === 401 && !window.askedForToken) {
+        window.askedForToken = true;
+        const t = window.prompt("Console session token (from POST /api/v1/session)");
+        if (t) { sessionStorage.setItem("apitree.token", t.trim()); refresh(); }
+      }
+      return;
+    }
+    render(data);
+  }
   catch (e) { document.getElementById("updated").textContent = "Cannot reach the operator: " + e; }
 }
 refresh();

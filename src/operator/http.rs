@@ -29,6 +29,10 @@ pub struct HttpState {
     /// Where incidents, the Slack outbox and baselines live: `postgres` or `memory`.
     pub state: RwLock<&'static str>,
     pub interactions: Option<InteractionEndpoint>,
+    /// The console's keyring (`APITREE_JWT_SECRETS`): with it, `/api/gateways` answers admins
+    /// and super_admins with a console session; without it, only this machine (loopback, which
+    /// includes `kubectl port-forward`).
+    pub viewers: Option<crate::console::jwt::Keyring>,
 }
 
 impl HttpState {
@@ -40,6 +44,7 @@ impl HttpState {
             role: RwLock::new("local"),
             state: RwLock::new("memory"),
             interactions,
+            viewers: crate::console::jwt::Keyring::from_env().ok().flatten(),
         }
     }
 
@@ -106,14 +111,59 @@ fn json_error(status: u16, code: &str, message: &str) -> http::Response<String> 
     )
 }
 
+/// Whether this request may read the gateways' status: see [`HttpState::viewers`].
+fn may_view(
+    state: &HttpState,
+    headers: &http::HeaderMap,
+    peer: std::net::IpAddr,
+) -> Result<(), http::Response<String>> {
+    let Some(keyring) = &state.viewers else {
+        if peer.is_loopback() {
+            return Ok(());
+        }
+        return Err(json_error(
+            403,
+            "local_only",
+            "the gateways' status is served to this machine only (try kubectl port-forward); \
+             set APITREE_JWT_SECRETS to the console's keyring to serve it to signed-in admins",
+        ));
+    };
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    let Some(token) = token else {
+        return Err(json_error(
+            401,
+            "unauthenticated",
+            "sign in to the console and paste its session token here",
+        ));
+    };
+    match keyring.verify(token, chrono::Utc::now().timestamp()) {
+        Ok(claims) if claims.role.is_staff() => Ok(()),
+        Ok(_) => Err(json_error(
+            403,
+            "forbidden",
+            "the gateways' status is for admins and super_admins",
+        )),
+        Err(e) => Err(json_error(401, e.code(), &e.to_string())),
+    }
+}
+
 async fn route(
     state: Arc<HttpState>,
     req: http::Request<hyper::body::Incoming>,
+    peer: std::net::IpAddr,
 ) -> http::Response<String> {
     use http::Method;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => reply(200, "text/html; charset=utf-8", PAGE.to_string()),
         (&Method::GET, "/api/gateways") => {
+            if let Err(refusal) = may_view(&state, req.headers(), peer) {
+                return refusal;
+            }
             let views = state.views.read().unwrap_or_else(|p| p.into_inner());
             reply(
                 200,
@@ -229,14 +279,14 @@ async fn serve(
         tokio::select! {
             _ = &mut stop => return,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
                 let state = state.clone();
                 let tls = tls.clone();
                 let hsts = tls.as_ref().map(|t| t.hsts.clone());
                 let service = hyper::service::service_fn(move |req| {
                     let (state, hsts) = (state.clone(), hsts.clone());
                     async move {
-                        let mut resp = route(state, req).await;
+                        let mut resp = route(state, req, peer.ip()).await;
                         if let Some(hsts) = hsts {
                             resp.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
                         }
@@ -257,6 +307,76 @@ async fn serve(
                         let _ = http.serve_connection(TokioIo::new(stream), service).await;
                     }
                 });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod status_access {
+    use super::*;
+    use crate::console::authz::Role;
+    use crate::console::jwt::{Claims, Keyring, AUDIENCE, ISSUER};
+
+    fn token(keyring: &Keyring, role: Role) -> String {
+        let now = chrono::Utc::now().timestamp();
+        keyring.sign(&Claims {
+            sub: uuid::Uuid::new_v4(),
+            role,
+            iat: now,
+            exp: now + 60,
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+        })
+    }
+
+    fn status(state: &HttpState, bearer: Option<&str>, peer: &str) -> u16 {
+        let mut headers = http::HeaderMap::new();
+        if let Some(b) = bearer {
+            headers.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {b}").parse().unwrap(),
+            );
+        }
+        match may_view(state, &headers, peer.parse().unwrap()) {
+            Ok(()) => 200,
+            Err(r) => r.status().as_u16(),
+        }
+    }
+
+    /// Without a keyring only loopback peers read the status; with one, only a verified
+    /// admin or super_admin session, from anywhere.
+    #[test]
+    fn the_status_data_needs_loopback_or_a_staff_session() {
+        let mut state = HttpState::new(Arc::new(OperatorMetrics::new()), None);
+        state.viewers = None;
+        for (peer, want) in [
+            ("127.0.0.1", 200),
+            ("::1", 200),
+            ("10.0.0.7", 403),
+            ("192.0.2.2", 403),
+        ] {
+            assert_eq!(status(&state, None, peer), want, "{peer}");
+        }
+        let keyring = Keyring::parse("k:a-secret-of-at-least-thirty-two-bytes-0001").unwrap();
+        let other = Keyring::parse("k:another-secret-of-at-least-32-bytes-0002").unwrap();
+        state.viewers = Some(keyring.clone());
+        let cases = [
+            (None, 401),
+            (Some(token(&keyring, Role::Buyer)), 403),
+            (Some(token(&keyring, Role::Seller)), 403),
+            (Some(token(&keyring, Role::Admin)), 200),
+            (Some(token(&keyring, Role::SuperAdmin)), 200),
+            (Some(token(&other, Role::Admin)), 401),
+            (Some("garbage".to_string()), 401),
+        ];
+        for (bearer, want) in cases {
+            for peer in ["127.0.0.1", "10.0.0.7"] {
+                assert_eq!(
+                    status(&state, bearer.as_deref(), peer),
+                    want,
+                    "{bearer:?} from {peer}"
+                );
             }
         }
     }
