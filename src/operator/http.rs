@@ -116,17 +116,17 @@ fn may_view(
     state: &HttpState,
     headers: &http::HeaderMap,
     peer: std::net::IpAddr,
-) -> Result<(), http::Response<String>> {
+) -> Result<(), Box<http::Response<String>>> {
     let Some(keyring) = &state.viewers else {
         if peer.is_loopback() {
             return Ok(());
         }
-        return Err(json_error(
+        return Err(Box::new(json_error(
             403,
             "local_only",
             "the gateways' status is served to this machine only (try kubectl port-forward); \
              set APITREE_JWT_SECRETS to the console's keyring to serve it to signed-in admins",
-        ));
+        )));
     };
     let token = headers
         .get(http::header::AUTHORIZATION)
@@ -135,20 +135,20 @@ fn may_view(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim());
     let Some(token) = token else {
-        return Err(json_error(
+        return Err(Box::new(json_error(
             401,
             "unauthenticated",
             "sign in to the console and paste its session token here",
-        ));
+        )));
     };
     match keyring.verify(token, chrono::Utc::now().timestamp()) {
         Ok(claims) if claims.role.is_staff() => Ok(()),
-        Ok(_) => Err(json_error(
+        Ok(_) => Err(Box::new(json_error(
             403,
             "forbidden",
             "the gateways' status is for admins and super_admins",
-        )),
-        Err(e) => Err(json_error(401, e.code(), &e.to_string())),
+        ))),
+        Err(e) => Err(Box::new(json_error(401, e.code(), &e.to_string()))),
     }
 }
 
@@ -162,7 +162,7 @@ async fn route(
         (&Method::GET, "/") => reply(200, "text/html; charset=utf-8", PAGE.to_string()),
         (&Method::GET, "/api/gateways") => {
             if let Err(refusal) = may_view(&state, req.headers(), peer) {
-                return refusal;
+                return *refusal;
             }
             let views = state.views.read().unwrap_or_else(|p| p.into_inner());
             reply(
