@@ -1294,3 +1294,86 @@ async fn each_role_sees_its_pages_in_a_browser_and_the_audit_page_shows_who_acte
         "{rows:?}"
     );
 }
+
+/// Review findings, each a class: a credential cannot set a framing or routing header; an API
+/// name is unique across orgs and never changes; an invited admin can activate.
+#[tokio::test]
+async fn credentials_api_names_and_staff_invitations_hold_their_rules() {
+    let env = Env::new().await;
+    let buyer = env.sign_in("buyer@a.test").await;
+    let creds = format!("orgs/{}/credentials", env.org_a);
+    for header in [
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "x-forwarded-for",
+        "x-request-id",
+        "connection",
+    ] {
+        let (s, v) = env
+            .call(&buyer, "POST", &creds, Some(json!({"api": "maps", "name": "k", "value": "0", "kind": "byok", "header": header})))
+            .await;
+        assert_eq!(s, 400, "{header}: {v}");
+    }
+    for name in [" ", "a b", "", "ü"] {
+        let (s, _) = env
+            .call(
+                &buyer,
+                "POST",
+                &creds,
+                Some(json!({"api": "maps", "name": name, "value": "v", "kind": "byok"})),
+            )
+            .await;
+        assert_eq!(s, 400, "{name:?}");
+    }
+    let (s, v) = env
+        .call(&buyer, "POST", &creds, Some(json!({"api": "maps", "name": "k", "value": "v", "kind": "byok", "header": "X-Api-Key", "value_prefix": ""})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+
+    let seller = env.sign_in("seller@a.test").await;
+    let apis = format!("orgs/{}/apis", env.org_a);
+    let (s, v) = env
+        .call(&seller, "POST", &apis, Some(api_body("maps")))
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("conflict")),
+        "another org's API name: {v}"
+    );
+    let (s, v) = env
+        .call(&seller, "POST", &apis, Some(api_body("weather")))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["api"]["id"].as_str().unwrap().to_string();
+    let (s, v) = env
+        .call(
+            &seller,
+            "PUT",
+            &format!("{apis}/{id}"),
+            Some(api_body("climate")),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("name_fixed")), "{v}");
+
+    let root = env.sign_in("root@ops.test").await;
+    let (s, v) = env
+        .call(
+            &root,
+            "POST",
+            "users",
+            Some(json!({"email": "second@ops.test", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = env
+        .call(
+            "",
+            "POST",
+            "invitations/accept",
+            Some(json!({"token": v["invitation"], "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    env.sign_in("second@ops.test").await;
+}

@@ -348,6 +348,9 @@ struct SignIn {
 async fn sign_in(r: &Request<'_>) -> Reply {
     let c = r.console;
     let body: SignIn = r.json()?;
+    if body.email.len() > 254 || body.password.len() > password::MAX_BYTES {
+        return Err(ApiError::bad("the email or password is too long"));
+    }
     let now = Instant::now();
     if let Err(t) = c.throttle.check(&body.email, r.peer, now) {
         c.metrics.login("throttled");
@@ -448,7 +451,8 @@ async fn accept_invitation(r: &Request<'_>) -> Reply {
             "this invitation is unknown, used or expired; ask an admin for a new one",
         ));
     };
-    open(&mut tx, org, false).await?;
+    // Staff belong to no org: their activation row is written through the staff policy.
+    open(&mut tx, org, org.is_none()).await?;
     audit::append(
         &mut *tx,
         &format!("user:{id}"),
@@ -788,6 +792,29 @@ async fn write_api(r: &Request<'_>, org: Uuid, id: Option<Uuid>) -> Reply {
         None => None,
     };
     let id = id.unwrap_or_else(Uuid::new_v4);
+    // The gateway routes and seals credentials by API name: it is unique across orgs.
+    let named: Vec<(Uuid, Uuid)> = sqlx::query_as("SELECT id, org_id FROM console_api_by_name($1)")
+        .bind(&body.name)
+        .fetch_all(&mut *a.tx)
+        .await?;
+    if named.iter().any(|(other, _)| *other != id) {
+        return Err(ApiError::new(
+            409,
+            "conflict",
+            format!(
+                "an API named {} exists already; API names are unique across the marketplace",
+                body.name
+            ),
+        ));
+    }
+    // Credentials (every org's BYOK ones too) are sealed to the name: it never changes.
+    if before.as_ref().is_some_and(|b| b.name != body.name) {
+        return Err(ApiError::new(
+            409,
+            "name_fixed",
+            "an API's name cannot change: routes and sealed credentials are bound to it; register a new API instead",
+        ));
+    }
     let row: ApiRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO apis (id, org_id, name, path_prefix, upstream_url, scopes, pii_mode, timeout_ms)
          VALUES ($1, $2, $3, $4, $5, $6::key_scope[], $7, $8)
@@ -838,6 +865,15 @@ struct CredentialBody {
     value_prefix: String,
 }
 
+/// Headers a stored credential may set.
+const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "proxy-authorization",
+];
+
 fn default_header() -> String {
     "authorization".into()
 }
@@ -885,15 +921,23 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
             "value must be 1 to 8192 bytes without control characters (it is sent in a header)",
         ));
     }
-    let header_ok = !body.header.is_empty()
-        && body.header.len() <= 64
+    // A credential may only set an authentication header: never one that frames the request
+    // (content-length, transfer-encoding), routes it (host) or that the gateway vouches for
+    // (x-forwarded-*, x-request-id).
+    if !CREDENTIAL_HEADERS.contains(&body.header.to_ascii_lowercase().as_str()) {
+        return Err(ApiError::bad(format!(
+            "header must be one of {}",
+            CREDENTIAL_HEADERS.join(", ")
+        )));
+    }
+    let name_ok = body.name.len() <= 64
         && body
-            .header
+            .name
             .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-');
-    if !header_ok {
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+    if !name_ok {
         return Err(ApiError::bad(
-            "header must be a header name: letters, digits and '-'",
+            "name: 1 to 64 letters, digits, '-', '_' and '.'",
         ));
     }
     short_text(&body.value_prefix, "value_prefix", 32)?;
