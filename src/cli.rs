@@ -367,6 +367,17 @@ pub struct ProxyArgs {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
+    /// Database mode: networks sellers' upstreams may reach although they are loopback,
+    /// link-local (cloud metadata), private or reserved, which are refused by default (each
+    /// connection's resolved addresses are checked). Repeat or separate with commas.
+    #[arg(
+        long = "upstream-allow",
+        value_name = "CIDR",
+        value_delimiter = ',',
+        env = "APITREE_UPSTREAM_ALLOW",
+        requires = "database_url"
+    )]
+    pub upstream_allow: Vec<ipnet::IpNet>,
     /// Override the config's listen address.
     #[arg(long, value_name = "ADDR", env = "APITREE_LISTEN")]
     pub listen: Option<String>,
@@ -767,6 +778,28 @@ pub struct ConsoleArgs {
         env = "APITREE_LOGIN_WINDOW"
     )]
     pub login_window: crate::crd::duration::KubeDuration,
+    /// Proxies (CIDRs, e.g. the ingress controller's pod network) whose X-Forwarded-For the
+    /// console believes: a request from one of them is throttled and logged by the client
+    /// address it names (the rightmost one not itself a trusted proxy). Without this, a
+    /// console behind an ingress sees one address for everyone, and per-address throttling
+    /// counts all sign-ins together. Repeat the flag or separate with commas.
+    #[arg(
+        long = "trusted-proxy",
+        value_name = "CIDR",
+        value_delimiter = ',',
+        env = "APITREE_CONSOLE_TRUSTED_PROXIES"
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Networks sellers may register upstreams in although they are loopback, link-local
+    /// (cloud metadata), private or reserved, which are refused by default. Give the gateways'
+    /// `--upstream-allow` the same list. Repeat or separate with commas.
+    #[arg(
+        long = "upstream-allow",
+        value_name = "CIDR",
+        value_delimiter = ',',
+        env = "APITREE_UPSTREAM_ALLOW"
+    )]
+    pub upstream_allow: Vec<ipnet::IpNet>,
     #[command(flatten)]
     pub db: DatabaseArgs,
     #[command(flatten)]

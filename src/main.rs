@@ -338,6 +338,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<()> {
         redis_url: args.redis_url,
         redis_ca_file: args.redis_ca_file,
         database_url: args.database_url,
+        upstream_allow: args.upstream_allow,
         listen: args.listen,
         admin: args.admin,
         access_log: !args.no_access_log,
@@ -815,6 +816,7 @@ async fn console(args: ConsoleArgs) -> Result<()> {
         anyhow!("no session keyring: set APITREE_JWT_SECRETS to `kid:secret` (a secret of at least 32 bytes, e.g. from `openssl rand -base64 48`)")
     })?;
     let keyring = Keyring::parse(&secrets).map_err(|e| anyhow!(e))?;
+    console::password::prepare();
     let url = args.db.resolve().context(
         "no database URL: pass --database-url, or set APITREE_DATABASE_URL or DATABASE_URL",
     )?;
@@ -863,6 +865,9 @@ async fn console(args: ConsoleArgs) -> Result<()> {
         pool,
         keyring,
         session_ttl: args.session_ttl.as_std(),
+        trusted_proxies: args.trusted_proxies.clone(),
+        egress: apitree::proxy::egress::EgressPolicy::allowing(args.upstream_allow.clone()),
+        hashing: apitree::console::password::Gate::per_core(),
         throttle: console::throttle::Throttle::new(Limits {
             per_account: args.login_max_per_account.max(1),
             per_address: args.login_max_per_address.max(1),

@@ -81,6 +81,9 @@ impl Env {
             pool: pool.clone(),
             keyring: Keyring::parse(SECRETS).unwrap(),
             session_ttl: Duration::from_secs(900),
+            trusted_proxies: Vec::new(),
+            egress: apitree::proxy::egress::EgressPolicy::default(),
+            hashing: apitree::console::password::Gate::per_core(),
             throttle: console::throttle::Throttle::new(limits),
             pepper: Some(Arc::new(
                 apitree::proxy::keys::Pepper::new(b"pepper-0123456789-0123456789-0123".to_vec())
@@ -185,7 +188,7 @@ impl Drop for Env {
 }
 
 fn api_body(name: &str) -> Value {
-    json!({"name": name, "path_prefix": format!("/{name}"), "upstream_url": "http://127.0.0.1:9/"})
+    json!({"name": name, "path_prefix": format!("/{name}"), "upstream_url": "http://203.0.113.9:9/"})
 }
 
 /// What a role may do with an endpoint: the README's matrix, written out independently of the
@@ -314,7 +317,7 @@ async fn every_endpoint_follows_the_role_matrix_for_every_role() {
                     "PUT",
                     format!("orgs/{org}/apis/{api}"),
                     Some(
-                        json!({"name": api_name, "path_prefix": format!("/moved-{n}"), "upstream_url": "https://upstream.test/"}),
+                        json!({"name": api_name, "path_prefix": format!("/moved-{n}"), "upstream_url": "https://203.0.113.10/"}),
                     ),
                     [No, Own, No, Any],
                     true,
@@ -1376,4 +1379,150 @@ async fn credentials_api_names_and_staff_invitations_hold_their_rules() {
         .await;
     assert_eq!(s, 200, "{v}");
     env.sign_in("second@ops.test").await;
+}
+
+/// A seller cannot register a prefix that takes another seller's traffic, nor an upstream
+/// inside the gateway's network; an org holds one credential of each kind per API.
+#[tokio::test]
+async fn sellers_cannot_take_anothers_traffic_or_point_the_gateway_inward() {
+    let env = Env::new().await;
+    let seller = env.sign_in("seller@a.test").await;
+    let apis = format!("orgs/{}/apis", env.org_a);
+    let register = |name: &str, prefix: &str, url: &str| json!({"name": name, "path_prefix": prefix, "upstream_url": url});
+    const PUBLIC: &str = "http://203.0.113.9/";
+    // Org B owns /maps. Every prefix a call to /maps… could match is refused.
+    for (prefix, taken) in [
+        ("/maps", true),
+        ("/maps/", true),
+        ("/maps/v2", true),
+        ("/maps/v2/", true),
+        ("/", true),
+        ("/mapsx", false),
+        ("/map", false),
+        ("/other/maps", false),
+    ] {
+        let name = format!("p{}", prefix.len() * 10 + usize::from(taken));
+        let (s, v) = env
+            .call(
+                &seller,
+                "POST",
+                &apis,
+                Some(register(&name, prefix, PUBLIC)),
+            )
+            .await;
+        if taken {
+            assert_eq!(
+                (s, v["code"].as_str()),
+                (409, Some("path_prefix_taken")),
+                "{prefix}: {v}"
+            );
+            assert!(
+                v["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("another seller's API"),
+                "{v}"
+            );
+        } else {
+            assert_eq!(s, 201, "{prefix}: {v}");
+        }
+    }
+    // Within one org, nesting is the seller's choice; the same prefix twice is not.
+    let (s, v) = env
+        .call(
+            &seller,
+            "POST",
+            &apis,
+            Some(register("shop", "/shop", PUBLIC)),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = env
+        .call(
+            &seller,
+            "POST",
+            &apis,
+            Some(register("shop-v2", "/shop/v2", PUBLIC)),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = env
+        .call(
+            &seller,
+            "POST",
+            &apis,
+            Some(register("shop-again", "/shop", PUBLIC)),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("path_prefix_taken")),
+        "{v}"
+    );
+
+    // Upstreams inside the gateway's network, however written.
+    for url in [
+        "http://127.0.0.1:8080/",
+        "http://localhost/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[fd00:ec2::254]/",
+        "http://10.0.0.1/",
+        "http://192.168.1.1/",
+        "http://0.0.0.0/",
+        "http://2130706433/",
+        "http://0x7f.1/",
+        "https://100.64.0.1/",
+    ] {
+        let (s, v) = env
+            .call(
+                &seller,
+                "POST",
+                &apis,
+                Some(register("inward", "/inward", url)),
+            )
+            .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("upstream_refused")),
+            "{url}: {v}"
+        );
+    }
+    let (s, v) = env
+        .call(
+            &seller,
+            "POST",
+            &apis,
+            Some(register(
+                "nowhere",
+                "/nowhere",
+                "http://no-such-host.invalid/",
+            )),
+        )
+        .await;
+    assert_eq!(s, 400, "an upstream that does not resolve: {v}");
+
+    // One BYOK credential per org and API: writing again replaces it.
+    let buyer = env.sign_in("buyer@a.test").await;
+    let creds = format!("orgs/{}/credentials", env.org_a);
+    for name in ["first", "second"] {
+        let (s, v) = env
+            .call(
+                &buyer,
+                "POST",
+                &creds,
+                Some(json!({"api": "maps", "name": name, "value": "v", "kind": "byok"})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (_, v) = env.call(&buyer, "GET", &creds, None).await;
+    let names: Vec<&str> = v["credentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["second"]);
 }

@@ -86,8 +86,8 @@ async fn seed_org(pool: &PgPool, name: &str, tag: &str) -> Uuid {
     )
     .bind(key).bind(org).bind(format!("at_live_{tag}")).bind(vec![tag.as_bytes()[0]; 32])
     .execute(pool).await.unwrap();
-    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', $3, 'http://up.example/')")
-        .bind(api).bind(org).bind(format!("/{name}/")).execute(pool).await.unwrap();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, $3, $4, 'http://up.example/')")
+        .bind(api).bind(org).bind(format!("weather-{name}")).bind(format!("/{name}/")).execute(pool).await.unwrap();
     sqlx::query(
         "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
          VALUES ($1, $2, $3, 'vendor', 'byok', '\\x00ff', $4, 1)",

@@ -55,8 +55,13 @@ async fn register_api(pool: &PgPool, upstream: std::net::SocketAddr, org: Uuid) 
     .unwrap();
 }
 
-/// A database-mode proxy on `tdb` with a file that names no route.
+/// A database-mode proxy on `tdb` with a file that names no route, its sellers' upstreams
+/// allowed on loopback (where the tests' upstreams listen).
 async fn start_proxy(tdb: &TestDb) -> DbGateway {
+    start_proxy_allowing(tdb, vec!["127.0.0.0/8".parse().unwrap()]).await
+}
+
+async fn start_proxy_allowing(tdb: &TestDb, upstream_allow: Vec<ipnet::IpNet>) -> DbGateway {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
@@ -69,6 +74,7 @@ async fn start_proxy(tdb: &TestDb) -> DbGateway {
     .unwrap();
     let opts = apitree::proxy::ProxyOptions {
         database_url: Some(tdb.url.clone()),
+        upstream_allow,
         ..proxy_options(cfg)
     };
     let p = apitree::proxy::prepare(&opts)
@@ -390,4 +396,158 @@ async fn a_database_mode_proxy_starts_with_no_api_and_picks_one_up_when_register
         readiness(&gw).await["config"]["routes"] == 1
     })
     .await;
+}
+
+/// A live key of `org`.
+async fn live_key(pool: &PgPool, org: Uuid) -> String {
+    let issued = dbkeys::create_key(
+        pool,
+        &pepper(),
+        dbkeys::NewKey {
+            org,
+            scope: KeyScope::Live,
+            tier: "std",
+            daily_quota: None,
+            name: "",
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    issued.key.expose_secret().to_string()
+}
+
+/// Seals `value` for `org` on API `weather` and stores it as a credential of `kind`.
+async fn store_credential(
+    pool: &PgPool,
+    org: Uuid,
+    name: &str,
+    kind: &str,
+    value: &str,
+) -> Result<(), sqlx::Error> {
+    let sealed = master_keys().encrypt(&org.to_string(), "weather", value);
+    sqlx::query(
+        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
+         SELECT $1, $2, id, $3, $4::credential_kind, $5, $6, 1 FROM apis WHERE name = 'weather'",
+    )
+    .bind(Uuid::new_v4())
+    .bind(org)
+    .bind(name)
+    .bind(kind)
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_name() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let up = start_upstream().await;
+    let seller = dbkeys::create_org(&pool, "seller", "test").await.unwrap();
+    let byok_buyer = dbkeys::create_org(&pool, "beta", "test").await.unwrap();
+    let plain_buyer = dbkeys::create_org(&pool, "gamma", "test").await.unwrap();
+    // The seller's system credential is named "vendor"; the buyer's BYOK one sorts before it.
+    let gw = start(&tdb, &pool, up.addr.unwrap(), seller).await;
+    store_credential(&pool, byok_buyer, "aaa", "byok", BYOK_SECRET)
+        .await
+        .unwrap();
+    let (byok_key, plain_key) = (
+        live_key(&pool, byok_buyer).await,
+        live_key(&pool, plain_buyer).await,
+    );
+    let sent = |key: String| {
+        let url = format!("http://{}/weather/x", gw.addr);
+        async move {
+            let resp = client().get(url).bearer_auth(key).send().await.unwrap();
+            let body: Value = resp.json().await.unwrap_or_default();
+            body["headers"]["authorization"].as_str().map(String::from)
+        }
+    };
+    eventually("the BYOK buyer's own credential is sent", || async {
+        sent(byok_key.clone()).await == Some(format!("Bearer {BYOK_SECRET}"))
+    })
+    .await;
+    eventually(
+        "a buyer without BYOK gets the seller's system credential",
+        || async { sent(plain_key.clone()).await == Some(format!("Bearer {UPSTREAM_SECRET}")) },
+    )
+    .await;
+
+    // The database refuses what would make the choice ambiguous or hand it to another org.
+    let e = store_credential(&pool, byok_buyer, "second", "byok", "x")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_database_error().unwrap().code().as_deref(),
+        Some("23505"),
+        "a second BYOK credential for one org and API: {e}"
+    );
+    let e = store_credential(&pool, plain_buyer, "mine", "system", "x")
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a system credential must belong to the org that owns the API"),
+        "a system credential for another org's API: {e}"
+    );
+    let e = store_credential(&pool, seller, "other", "system", "x")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_database_error().unwrap().code().as_deref(),
+        Some("23505"),
+        "a second system credential for one API: {e}"
+    );
+    assert_eq!(
+        sent(plain_key).await,
+        Some(format!("Bearer {UPSTREAM_SECRET}"))
+    );
+}
+
+/// A seller's upstream that resolves inside the gateway's network is refused at connect time
+/// (whatever the console checked when it was saved: names can be repointed), while the same
+/// upstream in the gateway's own file is the SRE's to choose.
+#[tokio::test]
+async fn a_sellers_upstream_on_a_denied_address_is_never_dialled() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let up = start_upstream().await;
+    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
+    let key = live_key(&pool, org).await;
+    // Written straight to the database, as if DNS had changed after the console's check:
+    // `localhost` resolves to loopback.
+    let addr = up.addr.unwrap();
+    register_api(&pool, addr, org).await;
+    sqlx::query("UPDATE apis SET upstream_url = $1")
+        .bind(format!("http://localhost:{}/", addr.port()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let gw = start_proxy_allowing(&tdb, Vec::new()).await;
+    let resp = client()
+        .get(format!("http://{}/weather/x", gw.addr))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["request_id"].is_string(), "{body}");
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the upstream was never called"
+    );
+
+    // Allowed networks are reachable.
+    let open = start_proxy_allowing(
+        &tdb,
+        vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+    )
+    .await;
+    assert_eq!(status(&open, &key).await, 200);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

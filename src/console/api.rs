@@ -338,6 +338,29 @@ fn known_path(path: &[&str]) -> bool {
 
 // ---- sessions ----
 
+/// 429 with Retry-After for a throttled sign-in or invitation.
+fn throttled(t: crate::console::throttle::Throttled, what: &str) -> ApiError {
+    let secs = t.retry_after.as_secs().max(1);
+    let mut e = ApiError::new(
+        429,
+        "too_many_attempts",
+        format!("too many {what} from this {}; retry in {secs} s", t.by),
+    );
+    e.retry_after = Some(secs);
+    e
+}
+
+/// 503 with Retry-After when too many passwords are being hashed at once.
+fn busy() -> ApiError {
+    let mut e = ApiError::new(
+        503,
+        "busy",
+        "the console is checking too many passwords at once; retry in a second",
+    );
+    e.retry_after = Some(1);
+    e
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignIn {
@@ -352,20 +375,10 @@ async fn sign_in(r: &Request<'_>) -> Reply {
         return Err(ApiError::bad("the email or password is too long"));
     }
     let now = Instant::now();
-    if let Err(t) = c.throttle.check(&body.email, r.peer, now) {
+    if let Err(t) = c.throttle.begin(Some(&body.email), r.peer, now) {
         c.metrics.login("throttled");
         c.metrics.auth_failure("login_throttled");
-        let secs = t.retry_after.as_secs().max(1);
-        let mut e = ApiError::new(
-            429,
-            "too_many_attempts",
-            format!(
-                "too many failed sign-ins for this {}; retry in {secs} s",
-                t.by
-            ),
-        );
-        e.retry_after = Some(secs);
-        return Err(e);
+        return Err(throttled(t, "failed sign-ins"));
     }
     let mut tx = begin(c).await?;
     type LoginRow = (Uuid, Option<Uuid>, String, Option<String>, bool);
@@ -377,15 +390,19 @@ async fn sign_in(r: &Request<'_>) -> Reply {
     .await?;
     tx.commit().await?;
     let stored = row.as_ref().and_then(|r| r.3.clone());
-    // Argon2 is slow on purpose: off the async workers.
+    // Argon2 is slow on purpose: off the async workers, a bounded number at once.
     let password = body.password;
-    let ok = tokio::task::spawn_blocking(move || password::verify(&password, stored.as_deref()))
+    let ok = c
+        .hashing
+        .run(move || password::verify(&password, stored.as_deref()))
         .await
-        .unwrap_or(false);
+        .map_err(|_| {
+            c.throttle.succeeded(None, r.peer, now);
+            busy()
+        })?;
     let user = match row {
         Some((id, _org, role, Some(_), false)) if ok => (id, Role::parse(&role)),
         _ => {
-            c.throttle.failed(&body.email, r.peer, now);
             c.metrics.login("invalid");
             c.metrics.auth_failure("login_invalid");
             tracing::info!(peer = %r.peer, "console sign-in refused");
@@ -399,7 +416,7 @@ async fn sign_in(r: &Request<'_>) -> Reply {
     let (id, Some(role)) = user else {
         return Err(ApiError::bad("unknown role"));
     };
-    c.throttle.succeeded(&body.email);
+    c.throttle.succeeded(Some(&body.email), r.peer, now);
     c.metrics.login("ok");
     let iat = Utc::now().timestamp();
     let exp = iat + c.session_ttl.as_secs() as i64;
@@ -428,13 +445,25 @@ struct Accept {
 }
 
 async fn accept_invitation(r: &Request<'_>) -> Reply {
+    let c = r.console;
     let body: Accept = r.json()?;
     password::check_new(&body.password).map_err(ApiError::bad)?;
+    // Guessing tokens is throttled per address like guessing passwords: each try costs a hash.
+    let now = Instant::now();
+    if let Err(t) = c.throttle.begin(None, r.peer, now) {
+        c.metrics.auth_failure("invite_throttled");
+        return Err(throttled(t, "failed attempts"));
+    }
     let hash = Sha256::digest(body.token.trim().as_bytes()).to_vec();
     let password = body.password;
-    let phc = tokio::task::spawn_blocking(move || password::hash(&password))
+    let phc = c
+        .hashing
+        .run(move || password::hash(&password))
         .await
-        .map_err(|_| ApiError::new(500, "internal", "hashing failed"))?
+        .map_err(|_| {
+            c.throttle.succeeded(None, r.peer, now);
+            busy()
+        })?
         .map_err(ApiError::bad)?;
     let mut tx = begin(r.console).await?;
     let row: Option<(Uuid, Option<Uuid>)> =
@@ -451,6 +480,7 @@ async fn accept_invitation(r: &Request<'_>) -> Reply {
             "this invitation is unknown, used or expired; ask an admin for a new one",
         ));
     };
+    c.throttle.succeeded(None, r.peer, now);
     // Staff belong to no org: their activation row is written through the staff policy.
     open(&mut tx, org, org.is_none()).await?;
     audit::append(
@@ -768,6 +798,15 @@ async fn write_api(r: &Request<'_>, org: Uuid, id: Option<Uuid>) -> Reply {
     let body: ApiBody = r.json()?;
     check_api(&body)?;
     let mut a = r.authorize(Action::WriteApi, Some(org)).await?;
+    // The gateways check each connection's addresses too (a name can be repointed later).
+    let url = reqwest::Url::parse(&body.upstream_url).map_err(|e| ApiError::bad(e.to_string()))?;
+    let host = url.host_str().unwrap_or_default();
+    let port = url.port_or_known_default().unwrap_or(80);
+    r.console
+        .egress
+        .resolve(host, port)
+        .await
+        .map_err(|e| ApiError::new(400, "upstream_refused", e.to_string()))?;
     let scopes: Vec<String> = body
         .scopes
         .iter()
@@ -813,6 +852,33 @@ async fn write_api(r: &Request<'_>, org: Uuid, id: Option<Uuid>) -> Reply {
             409,
             "name_fixed",
             "an API's name cannot change: routes and sealed credentials are bound to it; register a new API instead",
+        ));
+    }
+    // The gateway sends a call to the longest matching prefix: a prefix that overlaps another
+    // org's would take that seller's traffic (and its buyers' bodies). Nested prefixes within
+    // one org are the seller's own business; the same prefix twice is ambiguous anywhere.
+    let overlaps: Vec<(String, Uuid, String)> =
+        sqlx::query_as("SELECT name, org_id, path_prefix FROM console_prefix_overlaps($1, $2)")
+            .bind(&body.path_prefix)
+            .bind(id)
+            .fetch_all(&mut *a.tx)
+            .await?;
+    if let Some((name, owner, prefix)) = overlaps
+        .iter()
+        .find(|(_, owner, prefix)| *owner != org || *prefix == body.path_prefix)
+    {
+        let whose = if *owner == org {
+            format!("your API {name}")
+        } else {
+            "another seller's API".to_string()
+        };
+        return Err(ApiError::new(
+            409,
+            "path_prefix_taken",
+            format!(
+                "path_prefix {} overlaps {prefix} of {whose}: choose a prefix that no other seller's API matches, e.g. /{}/",
+                body.path_prefix, body.name
+            ),
         ));
     }
     let row: ApiRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -865,14 +931,7 @@ struct CredentialBody {
     value_prefix: String,
 }
 
-/// Headers a stored credential may set.
-const CREDENTIAL_HEADERS: [&str; 5] = [
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "x-auth-token",
-    "proxy-authorization",
-];
+use crate::proxy::config::CREDENTIAL_HEADERS;
 
 fn default_header() -> String {
     "authorization".into()
@@ -921,9 +980,7 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
             "value must be 1 to 8192 bytes without control characters (it is sent in a header)",
         ));
     }
-    // A credential may only set an authentication header: never one that frames the request
-    // (content-length, transfer-encoding), routes it (host) or that the gateway vouches for
-    // (x-forwarded-*, x-request-id).
+    // A credential may only set an authentication header (the gateway refuses others too).
     if !CREDENTIAL_HEADERS.contains(&body.header.to_ascii_lowercase().as_str()) {
         return Err(ApiError::bad(format!(
             "header must be one of {}",
@@ -960,12 +1017,13 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
         _ => return Err(ApiError::not_found("API")),
     };
     let sealed = keys.encrypt(&org.to_string(), &body.api, &body.value);
-    // Update, else insert: the role may not read ciphertexts, which an upsert's EXCLUDED
-    // would need.
+    // An org holds one credential of each kind per API (the database says so too): writing
+    // again replaces it, under the new name if one is given. Update, else insert: the role may
+    // not read ciphertexts, which an upsert's EXCLUDED would need.
     let updated: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE upstream_credentials SET kind = $4::credential_kind, ciphertext = $5, nonce = $6,
+        "UPDATE upstream_credentials SET name = $3, ciphertext = $5, nonce = $6,
                 key_version = $7, header = $8, value_prefix = $9, updated_at = now(), rotated_at = now()
-          WHERE org_id = $1 AND api_id = $2 AND name = $3
+          WHERE org_id = $1 AND api_id = $2 AND kind = $4::credential_kind
          RETURNING id",
     )
     .bind(org)

@@ -128,6 +128,12 @@ pub struct Console {
     pub keyring: jwt::Keyring,
     pub session_ttl: Duration,
     pub throttle: throttle::Throttle,
+    /// Bounds the password hashing that unauthenticated requests can start.
+    pub hashing: password::Gate,
+    /// Proxies whose X-Forwarded-For names the client (see [`client_address`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Where sellers' upstream URLs may point.
+    pub egress: crate::proxy::egress::EgressPolicy,
     /// Issues keys; without it key creation and rotation answer 503.
     pub pepper: Option<Arc<Pepper>>,
     /// Seals credentials; without it credential writes answer 503.
@@ -240,11 +246,40 @@ fn request_id(req: &http::Request<hyper::body::Incoming>) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
 }
 
+/// The client a request comes from: the TCP peer, unless the peer is a trusted proxy; then
+/// X-Forwarded-For is read from the right (each proxy appends the address it saw), skipping
+/// trusted proxies, and the first address that is not one is the client. An entry that does
+/// not parse ends the walk at the last trusted hop: what lies left of it is the client's own
+/// to write.
+pub fn client_address(peer: IpAddr, headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |a: &IpAddr| trusted.iter().any(|n| n.contains(a));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let entries = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .rev()
+        .flat_map(|v| v.to_str().unwrap_or("?").rsplit(','));
+    for entry in entries {
+        let Ok(addr) = entry.trim().parse::<IpAddr>() else {
+            return client;
+        };
+        client = addr;
+        if !is_trusted(&addr) {
+            return addr;
+        }
+    }
+    client
+}
+
 async fn handle(
     console: &Arc<Console>,
     req: http::Request<hyper::body::Incoming>,
     peer: IpAddr,
 ) -> Response {
+    let peer = client_address(peer, req.headers(), &console.trusted_proxies);
     let id = request_id(&req);
     let path = req.uri().path().to_string();
     let mut resp = if let Some(rest) = path.strip_prefix("/api/v1/") {
@@ -374,5 +409,54 @@ async fn api_request(
     match api::dispatch(r).await {
         Ok((status, value)) => respond(status, "application/json", value.to_string()),
         Err(e) => error_body(&e, id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_rightmost_address_no_trusted_proxy_wrote() {
+        let trusted: Vec<ipnet::IpNet> =
+            vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let table: [(&str, &[&str], &str); 10] = [
+            // (peer, X-Forwarded-For values, client)
+            ("203.0.113.9", &["198.51.100.1"], "203.0.113.9"),
+            ("10.1.1.1", &[], "10.1.1.1"),
+            ("10.1.1.1", &["198.51.100.1"], "198.51.100.1"),
+            ("10.1.1.1", &["1.1.1.1, 198.51.100.1"], "198.51.100.1"),
+            (
+                "10.1.1.1",
+                &["1.1.1.1, 198.51.100.1, 10.2.2.2"],
+                "198.51.100.1",
+            ),
+            (
+                "10.1.1.1",
+                &["1.1.1.1", "198.51.100.1, 10.2.2.2"],
+                "198.51.100.1",
+            ),
+            ("10.1.1.1", &["10.3.3.3, 10.2.2.2"], "10.3.3.3"),
+            ("10.1.1.1", &["1.1.1.1, garbage, 10.2.2.2"], "10.2.2.2"),
+            ("10.1.1.1", &["1.1.1.1, 198.51.100.1:443"], "10.1.1.1"),
+            ("fd00::1", &["2001:db8::7"], "2001:db8::7"),
+        ];
+        for (peer, xff, want) in table {
+            let mut h = http::HeaderMap::new();
+            for v in xff {
+                h.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+            }
+            assert_eq!(
+                client_address(ip(peer), &h, &trusted),
+                ip(want),
+                "{peer} {xff:?}"
+            );
+            assert_eq!(
+                client_address(ip(peer), &h, &[]),
+                ip(peer),
+                "nothing trusted"
+            );
+        }
     }
 }

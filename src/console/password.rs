@@ -54,6 +54,50 @@ pub fn verify(password: &str, stored: Option<&str>) -> bool {
     }
 }
 
+/// Computes the fixed hash unknown accounts verify against, so the first such sign-in takes
+/// no longer than the others. Call at start.
+pub fn prepare() {
+    dummy();
+}
+
+/// Bounds the Argon2 work (19 MiB and tens of milliseconds each) that requests can start:
+/// `parallel` hashes run at once on the blocking pool, a few more wait, and the rest are
+/// turned away at once rather than queued without end.
+pub struct Gate {
+    running: tokio::sync::Semaphore,
+    admitted: tokio::sync::Semaphore,
+}
+
+/// The gate is full: the caller should answer 503 and ask the client to retry shortly.
+#[derive(Debug)]
+pub struct Busy;
+
+impl Gate {
+    /// `parallel` at once (at least one), four times as many waiting.
+    pub fn new(parallel: usize) -> Self {
+        let parallel = parallel.max(1);
+        Gate {
+            running: tokio::sync::Semaphore::new(parallel),
+            admitted: tokio::sync::Semaphore::new(parallel * 5),
+        }
+    }
+
+    /// One per core of this machine.
+    pub fn per_core() -> Self {
+        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// Runs `work` off the async workers when the gate admits it.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Busy> {
+        let _admitted = self.admitted.try_acquire().map_err(|_| Busy)?;
+        let _running = self.running.acquire().await.map_err(|_| Busy)?;
+        tokio::task::spawn_blocking(work).await.map_err(|_| Busy)
+    }
+}
+
 fn dummy() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
     DUMMY.get_or_init(|| hash("not a password anyone has").expect("hashing a constant"))
@@ -80,6 +124,32 @@ mod tests {
         }
         assert!(!verify("correct horse battery", None));
         assert!(!verify("correct horse battery", Some("not a phc string")));
+    }
+
+    #[tokio::test]
+    async fn the_gate_runs_a_bounded_number_and_turns_the_rest_away() {
+        let gate = std::sync::Arc::new(Gate::new(1));
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = std::sync::Arc::new(std::sync::Mutex::new(wait));
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let (gate, wait) = (gate.clone(), wait.clone());
+            held.push(tokio::spawn(async move {
+                gate.run(move || wait.lock().unwrap().recv().unwrap()).await
+            }));
+        }
+        // Let the five be admitted (one running, four waiting).
+        while gate.admitted.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(gate.run(|| ()).await.is_err(), "a sixth is turned away");
+        for _ in 0..5 {
+            release.send(()).unwrap();
+        }
+        for h in held {
+            assert!(h.await.unwrap().is_ok());
+        }
+        assert!(gate.run(|| ()).await.is_ok(), "free again");
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Sign-in throttling: failed sign-ins are counted per account (email) and per client address
-//! in a fixed window; past the limit, sign-ins are refused (429 with Retry-After) until the
-//! window ends, before any password is checked. A successful sign-in clears its account's
-//! count. Counts live in this console's memory: each replica throttles on its own.
+//! Sign-in throttling: sign-ins are counted per account (email) and per client address (an
+//! IPv6 client's /64) in a fixed window as they start, and a success takes its count back;
+//! past the limit, sign-ins are refused (429 with Retry-After) until the window ends, before
+//! any password is checked. A successful sign-in clears its account's count. Counts live in
+//! this console's memory: each replica throttles on its own.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -101,9 +102,35 @@ impl Throttle {
         email.trim().to_lowercase()
     }
 
-    /// Whether a sign-in for `email` from `addr` may be tried now.
-    pub fn check(&self, email: &str, addr: IpAddr, now: Instant) -> Result<(), Throttled> {
+    /// The address a count belongs to: an IPv6 client owns its whole /64 (one host can pick
+    /// any address in it), an IPv4-mapped address is its IPv4 one.
+    fn address_key(addr: IpAddr) -> IpAddr {
+        match addr {
+            IpAddr::V4(_) => addr,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let mut s = v6.segments();
+                    s[4..].fill(0);
+                    IpAddr::from(s)
+                }
+            },
+        }
+    }
+
+    /// Starts a sign-in for `account` (if it names one) from `addr`: refused when either has
+    /// used its attempts in this window, else counted as failed until [`Throttle::succeeded`]
+    /// says otherwise. Counting before the password is checked means concurrent attempts
+    /// cannot all pass one check.
+    pub fn begin(
+        &self,
+        account: Option<&str>,
+        addr: IpAddr,
+        now: Instant,
+    ) -> Result<(), Throttled> {
         let w = self.limits.window;
+        let addr = Self::address_key(addr);
+        let account = account.map(Self::account_key);
         let mut g = self.inner.lock().unwrap();
         let left = |c: Count| {
             w.saturating_sub(now.duration_since(c.since))
@@ -117,33 +144,39 @@ impl Throttle {
                 });
             }
         }
-        if let Some(c) = g.0.current(&Self::account_key(email), now, w) {
-            if c.failures >= self.limits.per_account {
-                return Err(Throttled {
-                    by: "account",
-                    retry_after: left(c),
-                });
+        if let Some(key) = &account {
+            if let Some(c) = g.0.current(key, now, w) {
+                if c.failures >= self.limits.per_account {
+                    return Err(Throttled {
+                        by: "account",
+                        retry_after: left(c),
+                    });
+                }
             }
+            g.0.fail(key, now, w);
         }
+        g.1.fail(&addr, now, w);
         Ok(())
     }
 
-    /// Counts a failed sign-in.
-    pub fn failed(&self, email: &str, addr: IpAddr, now: Instant) {
+    /// A sign-in that [`Throttle::begin`] counted succeeded: the account's count is cleared
+    /// and the address gets its attempt back.
+    pub fn succeeded(&self, account: Option<&str>, addr: IpAddr, now: Instant) {
         let w = self.limits.window;
         let mut g = self.inner.lock().unwrap();
-        g.0.fail(&Self::account_key(email), now, w);
-        g.1.fail(&addr, now, w);
-    }
-
-    /// A successful sign-in clears the account's count (not the address's).
-    pub fn succeeded(&self, email: &str) {
-        self.inner
-            .lock()
-            .unwrap()
-            .0
-            .map
-            .remove(&Self::account_key(email));
+        if let Some(account) = account {
+            g.0.map.remove(&Self::account_key(account));
+        }
+        let addr = Self::address_key(addr);
+        if let Some(c) = g.1.current(&addr, now, w) {
+            g.1.map.insert(
+                addr,
+                Count {
+                    failures: c.failures.saturating_sub(1),
+                    ..c
+                },
+            );
+        }
     }
 }
 
@@ -155,62 +188,90 @@ mod tests {
         IpAddr::from([10, 0, 0, n])
     }
 
+    fn limits(per_account: u32, per_address: u32) -> Limits {
+        Limits {
+            per_account,
+            per_address,
+            window: Duration::from_secs(60),
+        }
+    }
+
     #[test]
     fn an_account_locks_after_its_limit_from_any_address_until_the_window_ends() {
-        let t = Throttle::new(Limits {
-            per_account: 3,
-            per_address: 100,
-            window: Duration::from_secs(60),
-        });
+        let t = Throttle::new(limits(3, 100));
         let start = Instant::now();
         for n in 0..3 {
-            assert!(t.check("A@x.io", ip(n), start).is_ok());
-            t.failed("A@x.io", ip(n), start);
+            assert!(t.begin(Some("A@x.io"), ip(n), start).is_ok());
         }
         // Case and spaces do not make another account.
         let refused = t
-            .check(" a@X.io", ip(9), start + Duration::from_secs(10))
+            .begin(Some(" a@X.io"), ip(9), start + Duration::from_secs(10))
             .unwrap_err();
         assert_eq!(refused.by, "account");
         assert_eq!(refused.retry_after, Duration::from_secs(50));
         // Another account from the same addresses is fine.
-        assert!(t.check("b@x.io", ip(0), start).is_ok());
+        assert!(t.begin(Some("b@x.io"), ip(0), start).is_ok());
         // The window ends.
         assert!(t
-            .check("a@x.io", ip(9), start + Duration::from_secs(60))
+            .begin(Some("a@x.io"), ip(9), start + Duration::from_secs(60))
             .is_ok());
     }
 
     #[test]
+    fn attempts_in_flight_count_so_a_burst_gets_no_more_than_the_limit() {
+        let t = Throttle::new(limits(5, 100));
+        let now = Instant::now();
+        // Fifty sign-ins start before any finishes: five get to check a password.
+        let started = (0..50)
+            .filter(|n| t.begin(Some("a@x.io"), ip(*n as u8), now).is_ok())
+            .count();
+        assert_eq!(started, 5);
+    }
+
+    #[test]
     fn an_address_locks_across_accounts_and_success_clears_only_the_account() {
-        let t = Throttle::new(Limits {
-            per_account: 100,
-            per_address: 4,
-            window: Duration::from_secs(60),
-        });
+        let t = Throttle::new(limits(100, 4));
         let now = Instant::now();
         for n in 0..4 {
-            t.failed(&format!("user{n}@x.io"), ip(1), now);
+            t.begin(Some(&format!("user{n}@x.io")), ip(1), now).unwrap();
         }
-        assert_eq!(t.check("new@x.io", ip(1), now).unwrap_err().by, "address");
-        assert!(t.check("new@x.io", ip(2), now).is_ok());
-        t.succeeded("user0@x.io");
-        assert_eq!(t.check("user0@x.io", ip(1), now).unwrap_err().by, "address");
+        assert_eq!(
+            t.begin(Some("new@x.io"), ip(1), now).unwrap_err().by,
+            "address"
+        );
+        assert!(t.begin(Some("new@x.io"), ip(2), now).is_ok());
+        // One of the four succeeded after all: the address gets that attempt back.
+        t.succeeded(Some("user0@x.io"), ip(1), now);
+        assert!(t.begin(None, ip(1), now).is_ok());
+        assert_eq!(t.begin(None, ip(1), now).unwrap_err().by, "address");
     }
 
     #[test]
     fn success_resets_an_accounts_count() {
-        let t = Throttle::new(Limits {
-            per_account: 2,
-            per_address: 100,
-            window: Duration::from_secs(60),
-        });
+        let t = Throttle::new(limits(2, 100));
         let now = Instant::now();
-        t.failed("a@x.io", ip(1), now);
-        t.succeeded("a@x.io");
-        t.failed("a@x.io", ip(1), now);
-        assert!(t.check("a@x.io", ip(1), now).is_ok());
-        t.failed("a@x.io", ip(1), now);
-        assert!(t.check("a@x.io", ip(1), now).is_err());
+        t.begin(Some("a@x.io"), ip(1), now).unwrap();
+        t.begin(Some("a@x.io"), ip(1), now).unwrap();
+        t.succeeded(Some("a@x.io"), ip(1), now);
+        t.begin(Some("a@x.io"), ip(1), now).unwrap();
+        t.begin(Some("a@x.io"), ip(1), now).unwrap();
+        assert!(t.begin(Some("a@x.io"), ip(1), now).is_err());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_a_mapped_ipv4_client_is_its_ipv4_address() {
+        let t = Throttle::new(limits(100, 2));
+        let now = Instant::now();
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        t.begin(None, v6("2001:db8:1:2::1"), now).unwrap();
+        t.begin(None, v6("2001:db8:1:2:ffff:1:2:3"), now).unwrap();
+        assert!(t.begin(None, v6("2001:db8:1:2:dead::beef"), now).is_err());
+        assert!(
+            t.begin(None, v6("2001:db8:1:3::1"), now).is_ok(),
+            "another /64"
+        );
+        t.begin(None, ip(7), now).unwrap();
+        t.begin(None, v6("::ffff:10.0.0.7"), now).unwrap();
+        assert!(t.begin(None, ip(7), now).is_err());
     }
 }

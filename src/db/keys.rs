@@ -309,39 +309,26 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
     .fetch_all(&mut *tx)
     .await
     .map_err(DbError::query("load API keys"))?;
-    type ApiRow = (
-        String,
-        String,
-        String,
-        Vec<String>,
-        String,
-        i32,
-        bool,
-        Option<String>,
-    );
-    let apis: Vec<ApiRow> = sqlx::query_as(
+    type ApiRow = (String, String, String, Vec<String>, String, i32, bool, bool);
+    // Which credential a call carries is decided by the API and the calling key's org, never
+    // by a credential's name: the API's system credential is its own seller's (a system row of
+    // another org is ignored), and each org's BYOK credential wins for that org's keys. So
+    // every credential of an API is loaded under one name, the API's, and the route refers to
+    // it when there is any.
+    const USABLE: &str = "(c.kind = 'byok' OR c.org_id = a.org_id)";
+    let apis: Vec<ApiRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT a.name, a.path_prefix, a.upstream_url, a.scopes::text[], a.pii_mode, a.timeout_ms, a.log_bodies,
-                (SELECT c.name FROM upstream_credentials c WHERE c.api_id = a.id ORDER BY c.name LIMIT 1)
-         FROM apis a ORDER BY a.name",
-    )
+                EXISTS (SELECT 1 FROM upstream_credentials c WHERE c.api_id = a.id AND {USABLE})
+         FROM apis a ORDER BY a.name"
+    )))
     .fetch_all(&mut *tx)
     .await
     .map_err(DbError::query("load APIs"))?;
-    type CredRow = (
-        String,
-        Uuid,
-        String,
-        String,
-        i32,
-        Vec<u8>,
-        Vec<u8>,
-        String,
-        String,
-    );
-    let creds: Vec<CredRow> = sqlx::query_as(
-        "SELECT c.name, c.org_id, a.name, c.kind::text, c.key_version, c.nonce, c.ciphertext, c.header, c.value_prefix
-         FROM upstream_credentials c JOIN apis a ON a.id = c.api_id ORDER BY c.id",
-    )
+    type CredRow = (Uuid, String, String, i32, Vec<u8>, Vec<u8>, String, String);
+    let creds: Vec<CredRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT c.org_id, a.name, c.kind::text, c.key_version, c.nonce, c.ciphertext, c.header, c.value_prefix
+         FROM upstream_credentials c JOIN apis a ON a.id = c.api_id WHERE {USABLE} ORDER BY c.id"
+    )))
     .fetch_all(&mut *tx)
     .await
     .map_err(DbError::query("load upstream credentials"))?;
@@ -386,6 +373,7 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
             .map(
                 |(name, prefix, upstream, scopes, pii, timeout_ms, log_bodies, credential)| {
                     crate::crd::gateway::RouteSpec {
+                        credential: credential.then(|| name.clone()),
                         name,
                         path_prefix: prefix,
                         upstream,
@@ -394,7 +382,6 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
                         )),
                         scopes: scopes.iter().map(|s| scope(s)).collect(),
                         tier: None,
-                        credential,
                         pii: match pii.as_str() {
                             "mask" => crate::crd::gateway::PiiMode::Mask,
                             "flag" => crate::crd::gateway::PiiMode::Flag,
@@ -414,9 +401,9 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
         credentials: creds
             .into_iter()
             .map(
-                |(name, org, api, kind, version, nonce, ciphertext, header, value_prefix)| {
+                |(org, api, kind, version, nonce, ciphertext, header, value_prefix)| {
                     CredentialEntry {
-                        name,
+                        name: api.clone(),
                         org: org.to_string(),
                         api,
                         kind: if kind == "byok" {

@@ -336,6 +336,17 @@ fn default_header() -> String {
     "authorization".into()
 }
 
+/// Headers a stored credential may set: authentication headers only, never one that frames
+/// the request (content-length, transfer-encoding), routes it (host) or that the gateway
+/// vouches for (x-forwarded-*, x-request-id).
+pub const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "proxy-authorization",
+];
+
 /// Who owns a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -722,16 +733,34 @@ impl ProxyConfig {
                     format!("route {:?} is not defined in routes", c.api),
                 );
             }
-            if !bound.insert((c.name.as_str(), c.org.as_str(), c.api.as_str())) {
+            // A call carries its org's BYOK credential, else the route's one system
+            // credential: two of either would make the choice depend on the file's order.
+            let owner = match c.kind {
+                CredentialKind::Byok => c.org.as_str(),
+                CredentialKind::System => "",
+            };
+            if !bound.insert((c.name.as_str(), owner, c.api.as_str())) {
                 push(
                     p("name"),
-                    "the same credential is listed twice for this org and route".into(),
+                    match c.kind {
+                        CredentialKind::Byok => {
+                            "this org has another BYOK credential of this name for this route"
+                        }
+                        CredentialKind::System => {
+                            "this route has another system credential of this name"
+                        }
+                    }
+                    .into(),
                 );
             }
-            if http::HeaderName::from_bytes(c.header.as_bytes()).is_err() {
+            if !CREDENTIAL_HEADERS.contains(&c.header.to_ascii_lowercase().as_str()) {
                 push(
                     p("header"),
-                    format!("{:?} is not a valid header name", c.header),
+                    format!(
+                        "{:?} is not an authentication header; use one of {}",
+                        c.header,
+                        CREDENTIAL_HEADERS.join(", ")
+                    ),
                 );
             }
             match (Sealed::from_base64(&c.name, c.key_version, &c.nonce, &c.ciphertext), master_keys) {
@@ -806,6 +835,91 @@ routes:
                 paths.iter().any(|p| p == want),
                 "missing {want} in {paths:?}"
             );
+        }
+    }
+
+    /// Which credential a call carries must not depend on the file's order, and a credential
+    /// sets an authentication header only: each (first, second) pair is judged as a file
+    /// holding both.
+    #[test]
+    fn credentials_that_would_make_the_choice_ambiguous_or_set_other_headers_are_problems() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let keys = MasterKeys::single(1, &b64.encode([7u8; 32])).unwrap();
+        let entry = |name: &str, org: &str, kind: &str, header: &str| {
+            let sealed = keys.encrypt(org, "api", "s3cret");
+            format!(
+                "  - {{ name: {name}, org: {org}, api: api, kind: {kind}, keyVersion: 1, nonce: {}, ciphertext: {}, header: {header:?} }}\n",
+                b64.encode(&sealed.nonce),
+                b64.encode(&sealed.ciphertext)
+            )
+        };
+        let table = [
+            // (first, second, problem on credentials[1])
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "b", "byok", "x-api-key"),
+                None,
+            ),
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "a", "system", "authorization"),
+                None,
+            ),
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "a", "byok", "api-key"),
+                Some("name"),
+            ),
+            (
+                ("vendor", "a", "system", "authorization"),
+                ("vendor", "b", "system", "authorization"),
+                Some("name"),
+            ),
+            (
+                ("vendor", "a", "system", "authorization"),
+                ("other", "b", "system", "authorization"),
+                None,
+            ),
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "b", "byok", "Proxy-Authorization"),
+                None,
+            ),
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "b", "byok", "host"),
+                Some("header"),
+            ),
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "b", "byok", "content-length"),
+                Some("header"),
+            ),
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "b", "byok", "x-forwarded-for"),
+                Some("header"),
+            ),
+            (
+                ("vendor", "a", "byok", "authorization"),
+                ("vendor", "b", "byok", "x-request-id"),
+                Some("header"),
+            ),
+        ];
+        for (first, second, want) in table {
+            let yaml = format!(
+                "orgs: [{{ id: a }}, {{ id: b }}]\ncredentials:\n{}{}routes:\n  - {{ name: api, pathPrefix: /api/, upstream: \"http://u/\", credential: vendor }}\n",
+                entry(first.0, first.1, first.2, first.3),
+                entry(second.0, second.1, second.2, second.3),
+            );
+            let problems: Vec<String> = parse(&yaml)
+                .problems(Some(&keys))
+                .into_iter()
+                .map(|p| p.path)
+                .collect();
+            let want: Vec<String> = want.iter().map(|f| format!("credentials[1].{f}")).collect();
+            assert_eq!(problems, want, "{first:?} then {second:?}");
         }
     }
 

@@ -7,7 +7,10 @@ use std::{sync::Arc, time::Duration};
 
 use sqlx::{postgres::PgListener, PgPool};
 
+use std::collections::HashSet;
+
 use super::config::ProxyConfig;
+use super::egress::EgressPolicy;
 use super::server::{DependencyStatus, Gateway};
 use super::state::GatewayState;
 use super::vault::MasterKeys;
@@ -18,8 +21,7 @@ use crate::db::{self, keys::DbEntities};
 /// use the default tier.
 pub fn merge(base: &ProxyConfig, e: DbEntities) -> ProxyConfig {
     let mut cfg = base.clone();
-    let tiers: std::collections::HashSet<String> =
-        cfg.tiers.iter().map(|t| t.name.clone()).collect();
+    let tiers: HashSet<String> = cfg.tiers.iter().map(|t| t.name.clone()).collect();
     cfg.orgs.extend(e.orgs);
     cfg.keys.extend(e.keys.into_iter().map(|mut k| {
         if k.tier.as_ref().is_some_and(|t| !tiers.contains(t)) {
@@ -38,11 +40,14 @@ pub async fn load(
     base: &ProxyConfig,
     source: &str,
     master_keys: Option<&MasterKeys>,
+    egress: &Arc<EgressPolicy>,
     previous: Option<&GatewayState>,
 ) -> Result<GatewayState, ProxyError> {
     let entities = db::keys::load_entities(pool)
         .await
         .map_err(ProxyError::Database)?;
+    // The database's APIs are sellers': their upstreams are held to the egress policy.
+    let sellers: HashSet<String> = entities.routes.iter().map(|r| r.name.clone()).collect();
     let cfg = merge(base, entities);
     // A fresh install has no API registered yet: it serves (404 for every path, /readyz counts
     // zero routes) and picks APIs up as they are registered.
@@ -52,6 +57,7 @@ pub async fn load(
         master_keys,
         previous,
         super::config::Routes::MayBeNone,
+        Some((&sellers, egress)),
     )?)
 }
 
@@ -62,11 +68,21 @@ pub async fn watch(
     base: ProxyConfig,
     source: String,
     master_keys: Option<MasterKeys>,
+    egress: Arc<EgressPolicy>,
 ) {
     let set = |s: DependencyStatus| *gateway.database.lock().unwrap_or_else(|p| p.into_inner()) = s;
     let reload = || async {
         let previous = gateway.state.current();
-        match load(&pool, &base, &source, master_keys.as_ref(), Some(&previous)).await {
+        match load(
+            &pool,
+            &base,
+            &source,
+            master_keys.as_ref(),
+            &egress,
+            Some(&previous),
+        )
+        .await
+        {
             Ok(state) => {
                 gateway.state.store(state);
                 gateway

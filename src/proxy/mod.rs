@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod config;
 pub mod dbmode;
 pub mod drain;
+pub mod egress;
 pub mod fasthash;
 pub mod forward;
 pub mod front;
@@ -46,6 +47,9 @@ pub struct ProxyOptions {
     pub redis_ca_file: Option<PathBuf>,
     /// Serve orgs, keys, APIs and credentials from this PostgreSQL database.
     pub database_url: Option<String>,
+    /// In database mode, networks sellers' upstreams may reach although the egress policy
+    /// denies them (see [`egress`]).
+    pub upstream_allow: Vec<ipnet::IpNet>,
     pub listen: Option<String>,
     pub admin: Option<String>,
     pub access_log: bool,
@@ -108,8 +112,10 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
                 "{file} + database {}",
                 crate::db::describe_target(&crate::db::parse_url(url)?)
             );
-            let state = dbmode::load(&pool, &cfg, &source, master_keys.as_ref(), None).await?;
-            (state, Some((pool, source)))
+            let egress = Arc::new(egress::EgressPolicy::allowing(opts.upstream_allow.clone()));
+            let state =
+                dbmode::load(&pool, &cfg, &source, master_keys.as_ref(), &egress, None).await?;
+            (state, Some((pool, source, egress)))
         }
     };
     let metrics = metrics::ProxyMetrics::new();
@@ -147,7 +153,7 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
             .await
             .map_err(|source| ProxyError::Bind { addr, source })
     };
-    if let Some((pool, source)) = database {
+    if let Some((pool, source, egress)) = database {
         *gateway.database.lock().unwrap_or_else(|p| p.into_inner()) = server::DependencyStatus::Ok;
         tokio::spawn(dbmode::watch(
             gateway.clone(),
@@ -155,6 +161,7 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
             cfg.clone(),
             source,
             master_keys.clone(),
+            egress,
         ));
     }
     let mut settings = server::ServerSettings::of(&cfg);

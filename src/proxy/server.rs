@@ -652,6 +652,7 @@ impl Gateway {
             upstream_target,
             upstream_req,
             Some(&forwarding),
+            route.egress.as_ref(),
         );
         let result = super::timer::timeout(route.timeout, sent).await;
         // Whatever the upstream did, a failed client body makes this the client's request to

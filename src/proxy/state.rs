@@ -66,6 +66,9 @@ pub struct Route {
     pub allow_test: bool,
     pub tier: Option<String>,
     pub credential: Option<String>,
+    /// Where this route's upstream may be reached (sellers' routes in database mode); `None`
+    /// for the operator's own routes.
+    pub egress: Option<Arc<super::egress::EgressPolicy>>,
     /// BYOK credentials by org.
     pub byok: HashMap<String, Injected>,
     pub system: Option<Injected>,
@@ -210,16 +213,22 @@ impl GatewayState {
             master_keys,
             previous,
             super::config::Routes::Required,
+            None,
         )
     }
 
-    /// [`GatewayState::build`], with or without routes required.
+    /// [`GatewayState::build`], with or without routes required, and the routes named in
+    /// `guarded` (sellers' routes) held to an egress policy.
     pub fn build_of(
         cfg: &ProxyConfig,
         file: &str,
         master_keys: Option<&MasterKeys>,
         previous: Option<&GatewayState>,
         routes: super::config::Routes,
+        guarded: Option<(
+            &std::collections::HashSet<String>,
+            &Arc<super::egress::EgressPolicy>,
+        )>,
     ) -> Result<Self, InvalidConfig> {
         let problems = cfg.problems_of(master_keys, routes);
         if !problems.is_empty() {
@@ -305,6 +314,9 @@ impl GatewayState {
                 allow_test: r.scopes.contains(&KeyScope::Test),
                 tier: r.tier.clone(),
                 credential: r.credential.clone(),
+                egress: guarded
+                    .filter(|(names, _)| names.contains(&r.name))
+                    .map(|(_, policy)| policy.clone()),
                 byok,
                 system,
                 pii: r.pii,

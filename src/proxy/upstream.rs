@@ -23,6 +23,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use super::egress::EgressPolicy;
 use super::fasthash::FastMap;
 use super::forward::{strip_hop_by_hop, Forwarding};
 use super::h1::{self, Chunked, Decoded, Framing, H1Error};
@@ -50,13 +52,15 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream and worker; more are closed.
 pub const MAX_IDLE_PER_UPSTREAM: usize = 1024;
 
-/// Which upstream a connection goes to. Hashed and compared as written (http's own `Authority`
-/// hashes byte by byte, lowercased): `Up:80` and `up:80` get separate idle lists, which costs a
-/// connection, never a wrong one.
+/// Which upstream a connection goes to, and under which egress policy it was opened. Hashed
+/// and compared as written (http's own `Authority` hashes byte by byte, lowercased): `Up:80`
+/// and `up:80` get separate idle lists, which costs a connection, never a wrong one. A
+/// connection opened without a policy is never handed to a route that has one.
 #[derive(Clone, Debug)]
 struct Key {
     scheme: Scheme,
     authority: Authority,
+    egress: Option<Arc<EgressPolicy>>,
 }
 
 impl Key {
@@ -64,7 +68,12 @@ impl Key {
         Self {
             scheme: scheme.clone(),
             authority: authority.clone(),
+            egress: None,
         }
+    }
+
+    fn policy_id(&self) -> usize {
+        self.egress.as_ref().map_or(0, |p| Arc::as_ptr(p) as usize)
     }
 }
 
@@ -72,6 +81,7 @@ impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
         self.authority.as_str() == other.authority.as_str()
             && self.scheme.as_str() == other.scheme.as_str()
+            && self.policy_id() == other.policy_id()
     }
 }
 
@@ -81,6 +91,7 @@ impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write(self.authority.as_str().as_bytes());
         state.write(self.scheme.as_str().as_bytes());
+        state.write_usize(self.policy_id());
     }
 }
 
@@ -253,18 +264,30 @@ pub fn idle_count(scheme: &Scheme, authority: &Authority) -> usize {
 /// How long a TCP connect to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A plain TCP connection to an `http` upstream.
-async fn connect_tcp(authority: &Authority) -> Result<TcpStream, UpstreamError> {
-    let addr = authority.as_str();
-    let addr = if authority.port().is_some() {
-        addr.to_string()
-    } else {
-        format!("{addr}:80")
+/// A plain TCP connection to `key`'s upstream (port 80 unless it names one). Under an egress
+/// policy the host is resolved here and every address checked before any is dialled.
+async fn connect_tcp(key: &Key) -> Result<TcpStream, UpstreamError> {
+    let authority = &key.authority;
+    let port = authority
+        .port_u16()
+        .unwrap_or(if key.scheme == Scheme::HTTPS { 443 } else { 80 });
+    let shown = format!("{}:{port}", authority.host());
+    let connecting = async {
+        match &key.egress {
+            None => TcpStream::connect(&shown).await,
+            Some(policy) => {
+                let addrs = policy
+                    .resolve(authority.host(), port)
+                    .await
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+                TcpStream::connect(&addrs[..]).await
+            }
+        }
     };
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| UpstreamError::Connect(format!("{addr}: timed out after 5s")))?
-        .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
+        .map_err(|_| UpstreamError::Connect(format!("{shown}: timed out after 5s")))?
+        .map_err(|e| UpstreamError::Connect(format!("{shown}: {e}")))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
@@ -272,8 +295,26 @@ async fn connect_tcp(authority: &Authority) -> Result<TcpStream, UpstreamError> 
 async fn connect(key: &Key) -> Result<SendRequest<Body>, UpstreamError> {
     if key.scheme == Scheme::HTTP {
         // Plain TCP without the TLS connector's stream wrapper in every read and write.
-        let stream = connect_tcp(&key.authority).await?;
+        let stream = connect_tcp(key).await?;
         return handshake(hyper_util::rt::TokioIo::new(stream)).await;
+    }
+    if key.egress.is_some() {
+        // TLS over a connection whose address the policy checked (the connector below would
+        // resolve the name itself).
+        let stream = connect_tcp(key).await?;
+        let name = rustls::pki_types::ServerName::try_from(
+            key.authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        )
+        .map_err(|e| UpstreamError::Connect(format!("{}: {e}", key.authority)))?;
+        let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config())
+            .connect(name, stream)
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("{}: {e}", key.authority)))?;
+        return handshake(hyper_util::rt::TokioIo::new(tls)).await;
     }
     let uri = Uri::builder()
         .scheme(key.scheme.clone())
@@ -318,7 +359,7 @@ pub async fn request(req: Request<Body>) -> Result<Response<UpstreamBody>, Upstr
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-    send(scheme, authority, target, req, None).await
+    send(scheme, authority, target, req, None, None).await
 }
 
 /// Sends `req` (its URI is not used) to `scheme://authority` with `target` (path and query) as
@@ -335,8 +376,13 @@ pub fn send(
     target: String,
     mut req: Request<Body>,
     forwarding: Option<&Forwarding<'_>>,
+    egress: Option<&Arc<EgressPolicy>>,
 ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> + Send + 'static {
-    let key = Key { scheme, authority };
+    let key = Key {
+        scheme,
+        authority,
+        egress: egress.cloned(),
+    };
     if key.scheme == Scheme::HTTP && req.body().is_end_stream() {
         let (parts, _) = req.into_parts();
         let mut head = Vec::with_capacity(256);
@@ -412,7 +458,7 @@ async fn fast_request(
         let (mut conn, reused) = match POOL.with(|p| checkout(&p.raw, &key)) {
             Some(c) => (c, true),
             None => {
-                let io = connect_tcp(&key.authority).await?;
+                let io = connect_tcp(&key).await?;
                 let buf = BytesMut::with_capacity(READ_CHUNK);
                 (RawConn { io, buf }, false)
             }

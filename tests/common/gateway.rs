@@ -329,6 +329,8 @@ pub fn proxy_options(config: std::path::PathBuf) -> apitree::proxy::ProxyOptions
         redis_url: None,
         redis_ca_file: None,
         database_url: None,
+        // The tests' upstreams listen on loopback.
+        upstream_allow: vec!["127.0.0.0/8".parse().unwrap()],
         listen: Some("127.0.0.1:0".into()),
         admin: Some("127.0.0.1:0".into()),
         access_log: false,

@@ -91,15 +91,19 @@ pub async fn seed_upstream_credentials(
     let org = apitree::db::keys::create_org(pool, "acme", "test")
         .await
         .unwrap();
-    let api = uuid::Uuid::new_v4();
-    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'weather', '/weather/', 'http://up/')")
-        .bind(api)
-        .bind(org)
-        .execute(pool)
-        .await
-        .unwrap();
+    // One API per credential: an API has one system credential.
     for i in 0..n {
-        let sealed = keys.encrypt(&org.to_string(), "weather", &format!("secret-{i}"));
+        let api = uuid::Uuid::new_v4();
+        let name = format!("weather-{i:03}");
+        sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, $3, $4, 'http://up/')")
+            .bind(api)
+            .bind(org)
+            .bind(&name)
+            .bind(format!("/{name}/"))
+            .execute(pool)
+            .await
+            .unwrap();
+        let sealed = keys.encrypt(&org.to_string(), &name, &format!("secret-{i}"));
         sqlx::query("INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version) VALUES ($1, $2, $3, $4, 'system', $5, $6, $7)")
             .bind(uuid::Uuid::new_v4())
             .bind(org)
@@ -122,20 +126,21 @@ pub async fn assert_seeded_credentials_decrypt(
     keys: &apitree::proxy::vault::MasterKeys,
     org: uuid::Uuid,
 ) {
-    let rows: Vec<(String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-        "SELECT name, key_version, nonce, ciphertext FROM upstream_credentials ORDER BY name",
+    let rows: Vec<(String, String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT c.name, a.name, c.key_version, c.nonce, c.ciphertext
+           FROM upstream_credentials c JOIN apis a ON a.id = c.api_id ORDER BY c.name",
     )
     .fetch_all(pool)
     .await
     .unwrap();
-    for (i, (name, version, nonce, ciphertext)) in rows.into_iter().enumerate() {
+    for (i, (name, api, version, nonce, ciphertext)) in rows.into_iter().enumerate() {
         let sealed = apitree::proxy::vault::Sealed {
             key_version: version as u32,
             nonce,
             ciphertext,
         };
         let plain = keys
-            .decrypt(&name, &org.to_string(), "weather", &sealed)
+            .decrypt(&name, &org.to_string(), &api, &sealed)
             .unwrap();
         assert_eq!(plain.expose(), format!("secret-{i}"));
     }
