@@ -964,11 +964,18 @@ async fn users(cmd: UsersCommand) -> Result<()> {
 
 /// Checks APITREE_JWT_SECRETS before the HTTP port starts, and says who may read the status.
 fn status_viewers() -> Result<()> {
-    match apitree::console::jwt::Keyring::from_env().map_err(|e| anyhow!("APITREE_JWT_SECRETS: {e}"))? {
-        Some(k) => tracing::info!(
-            kids = %k.kids().join(", "),
-            "the status data (/api/gateways) answers admins with a console session"
-        ),
+    match apitree::operator::http::Viewers::from_env().map_err(|e| anyhow!(e))? {
+        Some(v) => match v.console() {
+            Some(url) => tracing::info!(
+                kids = %v.keyring.kids().join(", "),
+                console = %url,
+                "the status data (/api/gateways) answers admins with a console session, confirmed with the console"
+            ),
+            None => tracing::warn!(
+                kids = %v.keyring.kids().join(", "),
+                "the status data (/api/gateways) answers admins with a console session; without APITREE_CONSOLE_URL a session's role is believed until it expires (a disabled admin keeps access that long)"
+            ),
+        },
         None => tracing::info!(
             "the status data (/api/gateways) answers this machine only; set APITREE_JWT_SECRETS to the console's keyring to serve it to signed-in admins"
         ),

@@ -176,9 +176,19 @@ fn the_console_runs_locked_down_with_its_secrets_from_secrets() {
         .iter()
         .filter_map(|s| s["metadata"]["name"].as_str().map(String::from))
         .collect();
-    assert!(
-        services.iter().any(|n| n.ends_with("-console")),
-        "{services:?}"
+    let console_service = services
+        .iter()
+        .find(|n| n.ends_with("-console"))
+        .unwrap_or_else(|| panic!("no console Service in {services:?}"));
+    // The operator confirms sessions with that Service, over the scheme the console serves.
+    let console_url = op_env
+        .iter()
+        .find(|e| e.name == "APITREE_CONSOLE_URL")
+        .and_then(|e| e.value.clone())
+        .expect("APITREE_CONSOLE_URL");
+    assert_eq!(
+        console_url,
+        format!("https://{console_service}.apitree-system.svc:8090/")
     );
     let job = of_kind(&docs, "Job")[0].to_string();
     assert!(

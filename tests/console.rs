@@ -1526,3 +1526,57 @@ async fn sellers_cannot_take_anothers_traffic_or_point_the_gateway_inward() {
         .collect();
     assert_eq!(names, ["second"]);
 }
+
+/// The operator's status data answers an admin's console session only while the console says
+/// that admin is enabled and still staff: a disabled admin is refused at the next request,
+/// not when the token expires.
+#[tokio::test]
+async fn the_operators_status_data_follows_the_console_on_every_request() {
+    use apitree::operator::http::{HttpState, Viewers};
+    let env = Env::new().await;
+    let mut state = HttpState::new(
+        Arc::new(apitree::operator::metrics::OperatorMetrics::new()),
+        None,
+    );
+    state.viewers = Some(
+        Viewers::new(
+            Keyring::parse(SECRETS).unwrap(),
+            Some(format!("{}/", env.base).parse().unwrap()),
+        )
+        .uncached(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = apitree::operator::http::spawn(listener, Arc::new(state), None);
+    let status = |token: String| {
+        let http = env.http.clone();
+        async move {
+            http.get(format!("http://{addr}/api/gateways"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let admin = env.sign_in("admin@ops.test").await;
+    let seller = env.sign_in("seller@a.test").await;
+    assert_eq!(status(admin.clone()).await, 200);
+    assert_eq!(status(seller).await, 403);
+    let root = env.sign_in("root@ops.test").await;
+    let (s, v) = env
+        .call(
+            &root,
+            "POST",
+            &format!("users/{}/disable", env.people.admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        status(admin).await,
+        403,
+        "the disabled admin's token still verifies, the console says no"
+    );
+}

@@ -29,10 +29,117 @@ pub struct HttpState {
     /// Where incidents, the Slack outbox and baselines live: `postgres` or `memory`.
     pub state: RwLock<&'static str>,
     pub interactions: Option<InteractionEndpoint>,
-    /// The console's keyring (`APITREE_JWT_SECRETS`): with it, `/api/gateways` answers admins
-    /// and super_admins with a console session; without it, only this machine (loopback, which
-    /// includes `kubectl port-forward`).
-    pub viewers: Option<crate::console::jwt::Keyring>,
+    /// Console sessions that may read `/api/gateways` (admins and super_admins); `None`:
+    /// only this machine (loopback, which includes `kubectl port-forward`).
+    pub viewers: Option<Viewers>,
+}
+
+/// How long the console's answer about a session is kept.
+const CONFIRM_FOR: Duration = Duration::from_secs(10);
+/// Sessions whose answer is kept at once (all are forgotten when full).
+const CONFIRMED_MAX: usize = 1024;
+
+/// Console sessions that may read the status data: tokens signed with the console's keyring
+/// (`APITREE_JWT_SECRETS`) whose user the console (`APITREE_CONSOLE_URL`) confirms is an
+/// enabled admin or super_admin now, so a disabled admin or a changed role loses access within
+/// [`CONFIRM_FOR`]. Without a console URL the token's role claim is believed until the token
+/// expires (a session lifetime, 15 minutes by default).
+pub struct Viewers {
+    pub keyring: crate::console::jwt::Keyring,
+    /// The console and a client to ask it.
+    console: Option<(reqwest::Url, reqwest::Client)>,
+    confirm_for: Duration,
+    confirmed: std::sync::Mutex<std::collections::HashMap<[u8; 32], (std::time::Instant, bool)>>,
+}
+
+impl Viewers {
+    pub fn new(keyring: crate::console::jwt::Keyring, console: Option<reqwest::Url>) -> Self {
+        let client = || {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("a client with a timeout")
+        };
+        Viewers {
+            keyring,
+            console: console.map(|url| (url, client())),
+            confirm_for: CONFIRM_FOR,
+            confirmed: Default::default(),
+        }
+    }
+
+    /// Without caching the console's answers (tests).
+    pub fn uncached(mut self) -> Self {
+        self.confirm_for = Duration::ZERO;
+        self
+    }
+
+    /// From `APITREE_JWT_SECRETS` and `APITREE_CONSOLE_URL`; `None` without a keyring.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        let Some(keyring) = crate::console::jwt::Keyring::from_env()
+            .map_err(|e| format!("APITREE_JWT_SECRETS: {e}"))?
+        else {
+            return Ok(None);
+        };
+        let console = match std::env::var("APITREE_CONSOLE_URL") {
+            Ok(u) if !u.trim().is_empty() => Some(reqwest::Url::parse(u.trim()).map_err(|e| {
+                format!(
+                    "APITREE_CONSOLE_URL {u:?} is not a URL like http://apitree-console:8090/: {e}"
+                )
+            })?),
+            _ => None,
+        };
+        Ok(Some(Self::new(keyring, console)))
+    }
+
+    /// The console's URL, if sessions are confirmed there.
+    pub fn console(&self) -> Option<&reqwest::Url> {
+        self.console.as_ref().map(|(url, _)| url)
+    }
+
+    /// Whether the console says `token`'s user is an enabled admin or super_admin now.
+    async fn confirm(&self, token: &str) -> Result<bool, String> {
+        use sha2::Digest;
+        let Some((console, http)) = &self.console else {
+            return Ok(true);
+        };
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = std::time::Instant::now();
+        if let Some((at, staff)) = self
+            .confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if now.duration_since(*at) < self.confirm_for {
+                return Ok(*staff);
+            }
+        }
+        let url = console.join("api/v1/me").map_err(|e| e.to_string())?;
+        let resp = http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| crate::tls::error_chain(&e))?;
+        let staff = match resp.status().as_u16() {
+            200 => {
+                let me: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+                me["user"]["role"]
+                    .as_str()
+                    .and_then(crate::console::authz::Role::parse)
+                    .is_some_and(|r| r.is_staff())
+            }
+            401 | 403 | 404 => false,
+            other => return Err(format!("the console answered {other}")),
+        };
+        let mut cache = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CONFIRMED_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (now, staff));
+        Ok(staff)
+    }
 }
 
 impl HttpState {
@@ -44,7 +151,7 @@ impl HttpState {
             role: RwLock::new("local"),
             state: RwLock::new("memory"),
             interactions,
-            viewers: crate::console::jwt::Keyring::from_env().ok().flatten(),
+            viewers: Viewers::from_env().ok().flatten(),
         }
     }
 
@@ -112,12 +219,12 @@ fn json_error(status: u16, code: &str, message: &str) -> http::Response<String> 
 }
 
 /// Whether this request may read the gateways' status: see [`HttpState::viewers`].
-fn may_view(
+async fn may_view(
     state: &HttpState,
     headers: &http::HeaderMap,
     peer: std::net::IpAddr,
 ) -> Result<(), Box<http::Response<String>>> {
-    let Some(keyring) = &state.viewers else {
+    let Some(viewers) = &state.viewers else {
         if peer.is_loopback() {
             return Ok(());
         }
@@ -141,13 +248,30 @@ fn may_view(
             "sign in to the console and paste its session token here",
         )));
     };
-    match keyring.verify(token, chrono::Utc::now().timestamp()) {
-        Ok(claims) if claims.role.is_staff() => Ok(()),
-        Ok(_) => Err(Box::new(json_error(
+    let forbidden = || {
+        Box::new(json_error(
             403,
             "forbidden",
             "the gateways' status is for admins and super_admins",
-        ))),
+        ))
+    };
+    match viewers
+        .keyring
+        .verify(token, chrono::Utc::now().timestamp())
+    {
+        Ok(claims) if claims.role.is_staff() => match viewers.confirm(token).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(forbidden()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not confirm a console session");
+                Err(Box::new(json_error(
+                    503,
+                    "console_unavailable",
+                    "the console that confirms sessions did not answer; retry shortly",
+                )))
+            }
+        },
+        Ok(_) => Err(forbidden()),
         Err(e) => Err(Box::new(json_error(401, e.code(), &e.to_string()))),
     }
 }
@@ -161,7 +285,7 @@ async fn route(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => reply(200, "text/html; charset=utf-8", PAGE.to_string()),
         (&Method::GET, "/api/gateways") => {
-            if let Err(refusal) = may_view(&state, req.headers(), peer) {
+            if let Err(refusal) = may_view(&state, req.headers(), peer).await {
                 return *refusal;
             }
             let views = state.views.read().unwrap_or_else(|p| p.into_inner());
@@ -338,7 +462,12 @@ mod status_access {
                 format!("Bearer {b}").parse().unwrap(),
             );
         }
-        match may_view(state, &headers, peer.parse().unwrap()) {
+        let view = may_view(state, &headers, peer.parse().unwrap());
+        let answer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(view);
+        match answer {
             Ok(()) => 200,
             Err(r) => r.status().as_u16(),
         }
@@ -360,7 +489,7 @@ mod status_access {
         }
         let keyring = Keyring::parse("k:a-secret-of-at-least-thirty-two-bytes-0001").unwrap();
         let other = Keyring::parse("k:another-secret-of-at-least-32-bytes-0002").unwrap();
-        state.viewers = Some(keyring.clone());
+        state.viewers = Some(Viewers::new(keyring.clone(), None));
         let cases = [
             (None, 401),
             (Some(token(&keyring, Role::Buyer)), 403),

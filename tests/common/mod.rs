@@ -126,7 +126,9 @@ pub async fn assert_seeded_credentials_decrypt(
     keys: &apitree::proxy::vault::MasterKeys,
     org: uuid::Uuid,
 ) {
-    let rows: Vec<(String, String, i32, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+    // (credential, API, key version, nonce, ciphertext)
+    type Row = (String, String, i32, Vec<u8>, Vec<u8>);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT c.name, a.name, c.key_version, c.nonce, c.ciphertext
            FROM upstream_credentials c JOIN apis a ON a.id = c.api_id ORDER BY c.name",
     )
