@@ -147,6 +147,10 @@ fn the_console_runs_locked_down_with_its_secrets_from_secrets() {
         Some("10.42.0.0/16,fd00::/8"),
         "the ingress's addresses reach the console"
     );
+    assert_eq!(
+        env_value(c, "APITREE_UPSTREAM_ALLOW").as_deref(),
+        Some("10.20.0.0/16")
+    );
     // The flags those variables stand for exist.
     let help = run(
         Command::new(env!("CARGO_BIN_EXE_apitree")).args(["console", "--help"]),
@@ -155,6 +159,7 @@ fn the_console_runs_locked_down_with_its_secrets_from_secrets() {
     for var in [
         "APITREE_CONSOLE_LISTEN",
         "APITREE_CONSOLE_TRUSTED_PROXIES",
+        "APITREE_UPSTREAM_ALLOW",
         "APITREE_SESSION_TTL",
         "APITREE_TLS_CERT",
         "APITREE_DATABASE_URL",

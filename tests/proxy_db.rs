@@ -279,21 +279,7 @@ async fn losing_the_database_keeps_the_last_config_and_degrades_readiness() {
     let pool = tdb.migrated_pool().await;
     let up = start_upstream().await;
     let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
-    let issued = dbkeys::create_key(
-        &pool,
-        &pepper(),
-        dbkeys::NewKey {
-            org,
-            scope: KeyScope::Live,
-            tier: "std",
-            daily_quota: None,
-            name: "",
-        },
-        "test",
-    )
-    .await
-    .unwrap();
-    let key = issued.key.expose_secret().to_string();
+    let key = live_key(&pool, org).await;
     let gw = start(&tdb, &pool, up.addr.unwrap(), org).await;
     assert_eq!(readiness(&gw).await["database"], "ok");
     pool.close().await;
@@ -335,21 +321,7 @@ async fn losing_the_database_keeps_the_last_config_and_degrades_readiness() {
     .await
     .unwrap();
     let pool = tdb.pool().await;
-    let later = dbkeys::create_key(
-        &pool,
-        &pepper(),
-        dbkeys::NewKey {
-            org,
-            scope: KeyScope::Live,
-            tier: "std",
-            daily_quota: None,
-            name: "",
-        },
-        "test",
-    )
-    .await
-    .unwrap();
-    let later = later.key.expose_secret().to_string();
+    let later = live_key(&pool, org).await;
     eventually("the database is ok again", || async {
         readiness(&gw).await["database"] == "ok"
     })

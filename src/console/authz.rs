@@ -282,6 +282,108 @@ pub fn decide_user_change(p: &Principal, action: Action, change: UserChange) -> 
 mod tests {
     use super::*;
 
+    /// The README's role matrix says what [`reach`] does, cell by cell: a cell is `own`, `any`,
+    /// `-`, `VERBS: any` (those verbs any org, the row's others none), or `buyers and sellers`
+    /// (any org, whom is [`decide_user_change`]'s). Every action has a row, every row is known.
+    #[test]
+    fn the_readme_matrix_is_the_code_matrix() {
+        use Action::*;
+        let rows: [(&str, &[(&str, Action)]); 8] = [
+            (
+                "keys:",
+                &[
+                    ("list", ListKeys),
+                    ("create", CreateKey),
+                    ("rotate", RotateKey),
+                    ("revoke", RevokeKey),
+                ],
+            ),
+            ("BYOK credentials", &[("write", WriteByokCredential)]),
+            ("system credentials", &[("write", WriteSystemCredential)]),
+            (
+                "APIs:",
+                &[
+                    ("list", ListApis),
+                    ("register", WriteApi),
+                    ("update", WriteApi),
+                ],
+            ),
+            (
+                "usage, credit balance",
+                &[("usage", ReadUsage), ("balance", ReadCredits)],
+            ),
+            ("credit adjustments", &[("adjust", AdjustCredits)]),
+            (
+                "users:",
+                &[
+                    ("list", ListUsers),
+                    ("invite", InviteUser),
+                    ("change role", SetRole),
+                    ("disable", DisableUser),
+                ],
+            ),
+            ("audit log", &[("read", ReadAudit)]),
+        ];
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## The console").expect("the console section")..];
+        let table: Vec<Vec<&str>> = section
+            .lines()
+            .skip_while(|l| !l.starts_with("| action |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+            .collect();
+        assert_eq!(
+            table.len(),
+            rows.len(),
+            "a README row without a mapping here, or the reverse"
+        );
+        let roles = [Role::Buyer, Role::Seller, Role::Admin, Role::SuperAdmin];
+        let mut covered = std::collections::HashSet::new();
+        for line in &table {
+            let (_, actions) = rows
+                .iter()
+                .find(|(label, _)| line[0].starts_with(label))
+                .unwrap_or_else(|| panic!("README row {:?} has no mapping", line[0]));
+            for (role, cell) in roles.iter().zip(&line[1..]) {
+                for (verb, action) in actions.iter() {
+                    covered.insert(*action);
+                    let want = match *cell {
+                        "own" => Reach::OwnOrg,
+                        "any" | "buyers and sellers" => Reach::AnyOrg,
+                        "-" => Reach::None,
+                        other => {
+                            let (verbs, scope) = other.split_once(": ").unwrap_or_else(|| {
+                                panic!("cell {other:?} is not in the matrix's language")
+                            });
+                            assert_eq!(scope, "any", "{other:?}");
+                            if verbs.split(", ").any(|v| v == *verb) {
+                                Reach::AnyOrg
+                            } else {
+                                Reach::None
+                            }
+                        }
+                    };
+                    assert_eq!(
+                        reach(*role, *action),
+                        want,
+                        "{} {} ({}): README says {cell:?}",
+                        role.as_str(),
+                        verb,
+                        line[0]
+                    );
+                }
+            }
+        }
+        for action in Action::ALL {
+            assert!(
+                covered.contains(&action),
+                "{} is not in the README's matrix",
+                action.name()
+            );
+        }
+    }
+
     fn who(role: Role, org: Option<Uuid>) -> Principal {
         Principal {
             id: Uuid::new_v4(),

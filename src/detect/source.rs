@@ -73,6 +73,9 @@ pub enum SourceError {
     },
 }
 
+/// The route a console's answers are counted under.
+pub const CONSOLE_ROUTE: &str = "console";
+
 /// Cumulative counters of one proxy.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Totals {
@@ -118,6 +121,15 @@ fn totals(text: &str, url: &str) -> Result<Totals, SourceError> {
                 }
             }
             "apitree_proxy_auth_failures_total" => t.auth_failures += value,
+            // The console, watched like a gateway with one route: its answers, its 5xx, and
+            // its refused sign-ins and sessions.
+            "apitree_console_responses_total" => {
+                *t.requests.entry(CONSOLE_ROUTE.into()).or_default() += value;
+                if s.labels.get("status_class") == Some("5xx") {
+                    *t.errors.entry(CONSOLE_ROUTE.into()).or_default() += value;
+                }
+            }
+            "apitree_console_auth_failures_total" => t.auth_failures += value,
             "apitree_proxy_breaker_opens_total" => {
                 *t.breaker_opens.entry(route).or_default() += value
             }

@@ -3,6 +3,7 @@
 //! (`controller`, with leader election in `lease` and the binary's wiring in `serve`); on this
 //! machine `local` and `demo`. `http` serves the status page, metrics and Slack interactions.
 
+pub mod console_watch;
 pub mod controller;
 pub mod credentials;
 pub mod demo;

@@ -16,6 +16,7 @@ use super::durable::Durable;
 use super::http::{self, HttpState};
 use super::lease;
 use super::metrics::OperatorMetrics;
+use crate::crd::gateway::DetectionSpec;
 use crate::notify::slack::console_or_slack;
 use crate::platform::kube::{cluster_resolver, KubePlatform};
 use crate::schedule::{SweepMetrics, Sweeper};
@@ -63,10 +64,30 @@ pub enum OperatorError {
     Scheduler(String),
     #[error("--database-url: {0}")]
     Database(#[from] crate::db::DbError),
+    #[error("{0}")]
+    Console(String),
 }
 
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// The console watch, when `APITREE_CONSOLE_URL` names the console.
+fn console_watch(
+    store: Arc<crate::detect::engine::IncidentStore>,
+    notifier: Arc<crate::notify::Notifier>,
+) -> Result<Option<Arc<tokio::sync::Mutex<super::console_watch::ConsoleWatch>>>, OperatorError> {
+    let Some(viewers) = http::Viewers::from_env().map_err(OperatorError::Console)? else {
+        return Ok(None);
+    };
+    let Some(url) = viewers.console() else {
+        return Ok(None);
+    };
+    let watch =
+        super::console_watch::ConsoleWatch::new(url, &DetectionSpec::default(), store, notifier)
+            .map_err(OperatorError::Console)?;
+    tracing::info!(console = %url, "the console's sign-ins are watched like a gateway's traffic");
+    Ok(Some(Arc::new(tokio::sync::Mutex::new(watch))))
+}
 
 /// Runs until `stop` resolves or leadership is lost.
 pub async fn run(
@@ -88,6 +109,9 @@ pub async fn run(
         Arc::new(move || leads.get().is_some_and(|s| s.delivers())),
     );
     let notifier = Arc::new(notifier);
+    // The console's sign-ins, scored like a gateway's traffic (when the operator knows it).
+    let console_watch = console_watch(durable.store.clone(), notifier.clone())?;
+    let console_presses = console_watch.clone();
     // Button presses reach the operator, which the endpoint is built before.
     let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
     let cell = operator_cell.clone();
@@ -104,7 +128,17 @@ pub async fn run(
             // gateway's next pass.
             let op = cell.get().and_then(Weak::upgrade);
             let rotations = policies.get().and_then(Weak::upgrade);
+            let console = console_presses.clone();
             tokio::spawn(async move {
+                if let Some(c) = console {
+                    if c.lock()
+                        .await
+                        .respond(&press, Timestamp::now().as_second())
+                        .await
+                    {
+                        return;
+                    }
+                }
                 if let Some(r) = rotations {
                     if r.rotate_from_slack(&press).await || r.respond(&press).await {
                         return;
@@ -168,6 +202,14 @@ pub async fn run(
     .await
     .map_err(|e| OperatorError::Scheduler(e.to_string()))?;
     let _ = operator_cell.set(Arc::downgrade(&op));
+    if let Some(watch) = console_watch {
+        let state = state_role.clone();
+        tokio::spawn(super::console_watch::run(
+            watch,
+            DetectionSpec::default().window.as_std(),
+            move || *state.role.read().unwrap_or_else(|p| p.into_inner()) == "leader",
+        ));
+    }
 
     let leases: Api<Lease> = Api::namespaced(client, &opts.namespace);
     // Both controllers stop when this flips.
