@@ -22,5 +22,6 @@ pub mod platform;
 pub mod proxy;
 pub mod rotation;
 pub mod schedule;
+pub mod small_http;
 pub mod telemetry;
 pub mod tls;

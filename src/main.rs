@@ -840,25 +840,10 @@ async fn console(args: ConsoleArgs) -> Result<()> {
     }
     let metrics = ConsoleMetrics::new();
     let tls = match args.tls.pair() {
-        Some((cert, key)) => {
-            let cfg = proxy::config::TlsConfig {
-                cert_file: cert,
-                key_file: key,
-                min_version: Default::default(),
-                hsts: Default::default(),
-                redirect: None,
-            };
-            let tls = proxy::tls::ServerTls::new(
-                &cfg,
-                Path::new(""),
-                &metrics.registry,
-                "apitree_console",
-                &[b"http/1.1"],
-            )
-            .map_err(|e| anyhow!(e))?;
-            tokio::spawn(tls.certificates.clone().watch());
-            Some(tls)
-        }
+        Some((cert, key)) => Some(
+            apitree::small_http::tls(&cert, &key, &metrics.registry, "apitree_console")
+                .map_err(|e| anyhow!(e))?,
+        ),
         None => None,
     };
     let c = Arc::new(Console {

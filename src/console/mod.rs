@@ -15,14 +15,12 @@ pub mod password;
 pub mod throttle;
 pub mod users;
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
 use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::net::TcpListener;
 
@@ -163,44 +161,19 @@ pub fn spawn(
     tls: Option<Arc<ServerTls>>,
 ) -> std::io::Result<ConsoleServer> {
     let addr = listener.local_addr()?;
-    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = &mut stopped => return,
-                accepted = listener.accept() => {
-                    let Ok((stream, peer)) = accepted else { continue };
-                    let console = console.clone();
-                    let tls = tls.clone();
-                    let hsts = tls.as_ref().map(|t| t.hsts.clone());
-                    let service = hyper::service::service_fn(move |req| {
-                        let (console, hsts) = (console.clone(), hsts.clone());
-                        async move {
-                            let mut resp = handle(&console, req, peer.ip()).await;
-                            if let Some(hsts) = hsts {
-                                resp.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
-                            }
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    tokio::spawn(async move {
-                        let mut http = hyper::server::conn::http1::Builder::new();
-                        http.timer(hyper_util::rt::TokioTimer::new())
-                            .header_read_timeout(HEADER_READ_TIMEOUT)
-                            .max_header_size(64 * 1024);
-                        let Some(tls) = tls else {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                            return;
-                        };
-                        let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.acceptor.accept(stream)).await;
-                        if let Some(stream) = tls.accepted(handshake) {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                    });
-                }
-            }
-        }
-    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::small_http::serve(
+        listener,
+        tls,
+        HEADER_READ_TIMEOUT,
+        async move {
+            let _ = stopped.await;
+        },
+        move |req, peer| {
+            let console = console.clone();
+            async move { handle(&console, req, peer).await }
+        },
+    ));
     Ok(ConsoleServer { addr, stop, task })
 }
 

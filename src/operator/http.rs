@@ -1,12 +1,10 @@
 //! The operator's HTTP port: the status page (`/`, `/api/gateways`), `/metrics`, `/healthz`,
 //! `/readyz` and, when a signing secret is configured, Slack's `POST /slack/interactions`.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::metrics::OperatorMetrics;
@@ -350,8 +348,6 @@ impl HttpServer {
 /// response, or the connection is closed (the proxy's `headerReadTimeout` default): a client
 /// that sends half a request, or keeps a connection idle, cannot hold it open.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Request heads longer than this are answered 431 (the proxy's limit).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves `state` on `listener` until [`HttpServer::stop`]; over TLS when `tls` is given.
 pub fn spawn(
@@ -373,22 +369,7 @@ pub fn tls(
     key: &std::path::Path,
     metrics: &OperatorMetrics,
 ) -> Result<Arc<ServerTls>, String> {
-    let cfg = crate::proxy::config::TlsConfig {
-        cert_file: cert.to_path_buf(),
-        key_file: key.to_path_buf(),
-        min_version: Default::default(),
-        hsts: Default::default(),
-        redirect: None,
-    };
-    let tls = ServerTls::new(
-        &cfg,
-        std::path::Path::new(""),
-        &metrics.registry,
-        "apitree_operator",
-        &[b"http/1.1"],
-    )?;
-    tokio::spawn(tls.certificates.clone().watch());
-    Ok(tls)
+    crate::small_http::tls(cert, key, &metrics.registry, "apitree_operator")
 }
 
 async fn serve(
@@ -398,42 +379,10 @@ async fn serve(
     header_read: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
-                let state = state.clone();
-                let tls = tls.clone();
-                let hsts = tls.as_ref().map(|t| t.hsts.clone());
-                let service = hyper::service::service_fn(move |req| {
-                    let (state, hsts) = (state.clone(), hsts.clone());
-                    async move {
-                        let mut resp = route(state, req, peer.ip()).await;
-                        if let Some(hsts) = hsts {
-                            resp.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
-                        }
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                tokio::spawn(async move {
-                    let mut http = hyper::server::conn::http1::Builder::new();
-                    http.timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(header_read)
-                        .max_header_size(MAX_HEAD_BYTES);
-                    let Some(tls) = tls else {
-                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        return;
-                    };
-                    let handshake = tokio::time::timeout(header_read, tls.acceptor.accept(stream)).await;
-                    if let Some(stream) = tls.accepted(handshake) {
-                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                    }
-                });
-            }
-        }
-    }
+    crate::small_http::serve(listener, tls, header_read, stop, move |req, peer| {
+        route(state.clone(), req, peer)
+    })
+    .await
 }
 
 #[cfg(test)]
