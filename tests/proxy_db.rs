@@ -62,6 +62,15 @@ async fn start_proxy(tdb: &TestDb) -> DbGateway {
 }
 
 async fn start_proxy_allowing(tdb: &TestDb, upstream_allow: Vec<ipnet::IpNet>) -> DbGateway {
+    start_proxy_with(tdb, upstream_allow, "").await
+}
+
+/// A database-mode proxy whose file adds `routes` (YAML list items) of the gateway's own.
+async fn start_proxy_with(
+    tdb: &TestDb,
+    upstream_allow: Vec<ipnet::IpNet>,
+    routes: &str,
+) -> DbGateway {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
@@ -69,7 +78,7 @@ async fn start_proxy_allowing(tdb: &TestDb, upstream_allow: Vec<ipnet::IpNet>) -
     let cfg = dir.path().join("proxy.yaml");
     std::fs::write(
         &cfg,
-        "secrets: { pepperFile: pepper, masterKeyFile: master }\ntiers:\n  - { name: std, perKey: { burst10s: 1000, perMinute: 10000, perDay: 100000 }, perOrg: { burst10s: 1000, perMinute: 10000, perDay: 100000 } }\ndefaultTier: std\n",
+        format!("secrets: {{ pepperFile: pepper, masterKeyFile: master }}\ntiers:\n  - {{ name: std, perKey: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}, perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }} }}\ndefaultTier: std\nroutes:{}\n", if routes.is_empty() { " []".to_string() } else { format!("\n{routes}") }),
     )
     .unwrap();
     let opts = apitree::proxy::ProxyOptions {
@@ -474,9 +483,53 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
         "a second system credential for one API: {e}"
     );
     assert_eq!(
-        sent(plain_key).await,
+        sent(plain_key.clone()).await,
         Some(format!("Bearer {UPSTREAM_SECRET}"))
     );
+
+    // An API without a system credential: a buyer's BYOK credential is that buyer's and does
+    // not turn the API off for everyone else.
+    let open = Uuid::new_v4();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'open', '/open/', $3)")
+        .bind(open)
+        .bind(seller)
+        .bind(format!("http://{}/", up.addr.unwrap()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sealed = master_keys().encrypt(&byok_buyer.to_string(), "open", BYOK_SECRET);
+    sqlx::query(
+        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
+         VALUES ($1, $2, $3, 'mine', 'byok', $4, $5, 1)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(byok_buyer)
+    .bind(open)
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let call_open = |key: String| {
+        let url = format!("http://{}/open/x", gw.addr);
+        async move {
+            let resp = client().get(url).bearer_auth(key).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or_default();
+            (
+                status,
+                body["headers"]["authorization"].as_str().map(String::from),
+            )
+        }
+    };
+    eventually(
+        "the BYOK buyer's credential is sent to the open API",
+        || async {
+            call_open(byok_key.clone()).await == (200, Some(format!("Bearer {BYOK_SECRET}")))
+        },
+    )
+    .await;
+    assert_eq!(call_open(plain_key).await, (200, None), "others pass bare");
 }
 
 /// A seller's upstream that resolves inside the gateway's network is refused at connect time
@@ -522,4 +575,70 @@ async fn a_sellers_upstream_on_a_denied_address_is_never_dialled() {
     .await;
     assert_eq!(status(&open, &key).await, 200);
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// An API row the gateway cannot serve (an upstream only a lenient parser accepts), or one
+/// that would take the gateway's own route (its name, or a prefix under it), is skipped: the
+/// gateway still starts, serves the rest, never hands the own route's traffic to the seller,
+/// and keeps reloading (a revoked key stops working).
+#[tokio::test]
+async fn a_sellers_unservable_or_intruding_api_is_skipped_and_reloads_go_on() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let (own, seller_up) = (start_upstream().await, start_upstream().await);
+    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
+    let key = live_key(&pool, org).await;
+    register_api(&pool, seller_up.addr.unwrap(), org).await;
+    let intruder = format!("http://{}/", seller_up.addr.unwrap());
+    for (name, prefix, upstream) in [
+        ("poison", "/poison", "http://203.0.113.9/a b"),
+        ("ops", "/elsewhere", intruder.as_str()),
+        ("ops-v2", "/ops/v2", intruder.as_str()),
+        ("root", "/", intruder.as_str()),
+    ] {
+        sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, $3, $4, $5)")
+            .bind(Uuid::new_v4())
+            .bind(org)
+            .bind(name)
+            .bind(prefix)
+            .bind(upstream)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let gw = start_proxy_with(
+        &tdb,
+        vec!["127.0.0.0/8".parse().unwrap()],
+        &format!(
+            "  - {{ name: ops, pathPrefix: /ops, upstream: \"http://{}/\" }}",
+            own.addr.unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(
+        status(&gw, &key).await,
+        200,
+        "the seller's good API is served"
+    );
+    let hits = |u: &Upstream| u.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let before = hits(&seller_up);
+    let resp = client()
+        .get(format!("http://{}/ops/v2/orders", gw.addr))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(hits(&own), 1, "the gateway's own route answered");
+    assert_eq!(hits(&seller_up), before, "the seller never saw it");
+
+    let id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    dbkeys::revoke_key(&pool, id, "test").await.unwrap();
+    eventually("the revocation reaches the gateway", || async {
+        status(&gw, &key).await == 401
+    })
+    .await;
 }

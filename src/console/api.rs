@@ -183,6 +183,26 @@ impl Request<'_> {
         })
     }
 
+    /// The session token's claims when it verifies (signature, expiry, issuer, audience). Not
+    /// an authorization: the user is read from the database by [`Request::authorize`].
+    pub fn verify_session(&self) -> Result<crate::console::jwt::Claims, ApiError> {
+        let c = self.console;
+        let Some(token) = self.bearer else {
+            c.metrics.auth_failure("no_token");
+            return Err(ApiError::new(
+                401,
+                "unauthenticated",
+                "sign in first: POST /api/v1/session, then send Authorization: Bearer <token>",
+            ));
+        };
+        c.keyring
+            .verify(token, Utc::now().timestamp())
+            .map_err(|e| {
+                c.metrics.auth_failure(e.code());
+                ApiError::new(401, e.code(), e.to_string())
+            })
+    }
+
     /// Verifies the session and decides `action` in `org`.
     pub async fn authorize(
         &self,
@@ -200,21 +220,7 @@ impl Request<'_> {
         rule: impl FnOnce(&Principal) -> Decision,
     ) -> Result<Authorized, ApiError> {
         let c = self.console;
-        let Some(token) = self.bearer else {
-            c.metrics.auth_failure("no_token");
-            return Err(ApiError::new(
-                401,
-                "unauthenticated",
-                "sign in first: POST /api/v1/session, then send Authorization: Bearer <token>",
-            ));
-        };
-        let claims = c
-            .keyring
-            .verify(token, Utc::now().timestamp())
-            .map_err(|e| {
-                c.metrics.auth_failure(e.code());
-                ApiError::new(401, e.code(), e.to_string())
-            })?;
+        let claims = self.verify_session()?;
         let mut tx = begin(c).await?;
         let row: Option<(String, Option<Uuid>, String, bool)> =
             sqlx::query_as("SELECT email, org_id, role::text, disabled FROM console_principal($1)")
@@ -380,24 +386,31 @@ async fn sign_in(r: &Request<'_>) -> Reply {
         c.metrics.auth_failure("login_throttled");
         return Err(throttled(t, "failed sign-ins"));
     }
-    let mut tx = begin(c).await?;
     type LoginRow = (Uuid, Option<Uuid>, String, Option<String>, bool);
-    let row: Option<LoginRow> = sqlx::query_as(
-        "SELECT id, org_id, role::text, password_hash, disabled FROM console_login($1)",
-    )
-    .bind(body.email.trim())
-    .fetch_optional(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    // No account has an email that is not ASCII: such a sign-in is looked up nowhere (it
+    // still spends a hash and a count), so no database case-folding can make it another's.
+    let row: Option<LoginRow> = if body.email.is_ascii() {
+        let mut tx = begin(c).await?;
+        let row = sqlx::query_as(
+            "SELECT id, org_id, role::text, password_hash, disabled FROM console_login($1)",
+        )
+        .bind(body.email.trim())
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row
+    } else {
+        None
+    };
     let stored = row.as_ref().and_then(|r| r.3.clone());
     // Argon2 is slow on purpose: off the async workers, a bounded number at once.
-    let password = body.password;
+    let (password, email) = (body.password, body.email.clone());
     let ok = c
         .hashing
         .run(move || password::verify(&password, stored.as_deref()))
         .await
         .map_err(|_| {
-            c.throttle.succeeded(None, r.peer, now);
+            c.throttle.not_tried(Some(&email), r.peer, now);
             busy()
         })?;
     let user = match row {
@@ -461,7 +474,7 @@ async fn accept_invitation(r: &Request<'_>) -> Reply {
         .run(move || password::hash(&password))
         .await
         .map_err(|_| {
-            c.throttle.succeeded(None, r.peer, now);
+            c.throttle.not_tried(None, r.peer, now);
             busy()
         })?
         .map_err(ApiError::bad)?;
@@ -744,6 +757,9 @@ fn default_timeout() -> i32 {
     30_000
 }
 
+/// How long the console waits for an upstream host to resolve.
+const UPSTREAM_RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn check_api(b: &ApiBody) -> Result<(), ApiError> {
     let name_ok = !b.name.is_empty()
         && b.name.len() <= 63
@@ -770,18 +786,14 @@ fn check_api(b: &ApiBody) -> Result<(), ApiError> {
             "path_prefix: starts with '/', at most 200 characters of letters, digits, '/', '-', '_', '.', '~', no '//' and no '.' or '..' segment",
         ));
     }
-    let url = reqwest::Url::parse(&b.upstream_url)
-        .map_err(|e| ApiError::bad(format!("upstream_url does not parse: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+    if p == "/" {
         return Err(ApiError::bad(
-            "upstream_url must be an http:// or https:// URL with a host",
+            "path_prefix: / would take every path of the marketplace; name your API's, e.g. /weather",
         ));
     }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ApiError::bad(
-            "upstream_url must not carry credentials; store them with POST .../credentials",
-        ));
-    }
+    // Exactly the gateway's reading of the URL: a URL the gateway refuses must not be saved.
+    crate::proxy::config::upstream_uri(&b.upstream_url)
+        .map_err(|e| ApiError::bad(format!("upstream_url: {e}")))?;
     if !matches!(b.pii_mode.as_str(), "off" | "flag" | "mask") {
         return Err(ApiError::bad("pii_mode is one of off, flag, mask"));
     }
@@ -797,16 +809,43 @@ fn check_api(b: &ApiBody) -> Result<(), ApiError> {
 async fn write_api(r: &Request<'_>, org: Uuid, id: Option<Uuid>) -> Reply {
     let body: ApiBody = r.json()?;
     check_api(&body)?;
+    // Resolve the host as the gateway will (the gateways check each connection's addresses
+    // too: a name can be repointed later), for a signed-in caller only, before a database
+    // connection is held, and not for longer than a few seconds.
+    let claims = r.verify_session()?;
+    if authz::reach(claims.role, Action::WriteApi) == authz::Reach::None {
+        // Refused below, with the rule; no lookup on its behalf.
+        r.authorize(Action::WriteApi, Some(org)).await?;
+    }
+    let uri = crate::proxy::config::upstream_uri(&body.upstream_url).map_err(ApiError::bad)?;
+    let host = uri.host().unwrap_or_default();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    match tokio::time::timeout(
+        UPSTREAM_RESOLVE_TIMEOUT,
+        r.console.egress.resolve(host, port),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(ApiError::new(400, "upstream_refused", e.to_string())),
+        Err(_) => {
+            return Err(ApiError::new(
+                400,
+                "upstream_refused",
+                format!(
+                    "upstream host {host} did not resolve within {} s",
+                    UPSTREAM_RESOLVE_TIMEOUT.as_secs()
+                ),
+            ))
+        }
+    }
     let mut a = r.authorize(Action::WriteApi, Some(org)).await?;
-    // The gateways check each connection's addresses too (a name can be repointed later).
-    let url = reqwest::Url::parse(&body.upstream_url).map_err(|e| ApiError::bad(e.to_string()))?;
-    let host = url.host_str().unwrap_or_default();
-    let port = url.port_or_known_default().unwrap_or(80);
-    r.console
-        .egress
-        .resolve(host, port)
-        .await
-        .map_err(|e| ApiError::new(400, "upstream_refused", e.to_string()))?;
     let scopes: Vec<String> = body
         .scopes
         .iter()
@@ -1252,11 +1291,15 @@ pub fn check_email(email: &str) -> Result<(), String> {
             !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.')
         })
         && email.matches('@').count() == 1
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+        // ASCII only (a domain in its xn-- form): one lower-casing, the same in Rust and in
+        // PostgreSQL, so the throttle and the database agree on which account is meant.
+        && email.bytes().all(|b| b.is_ascii_graphic());
     if ok {
         Ok(())
     } else {
-        Err(format!("{email:?} is not an email address"))
+        Err(format!(
+            "{email:?} is not an email address (ASCII, one @, a dotted domain; write an internationalised domain in its xn-- form)"
+        ))
     }
 }
 

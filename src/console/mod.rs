@@ -222,8 +222,8 @@ fn request_id(req: &http::Request<hyper::body::Incoming>) -> String {
 /// The client a request comes from: the TCP peer, unless the peer is a trusted proxy; then
 /// X-Forwarded-For is read from the right (each proxy appends the address it saw), skipping
 /// trusted proxies, and the first address that is not one is the client. An entry that does
-/// not parse ends the walk at the last trusted hop: what lies left of it is the client's own
-/// to write.
+/// not parse (an address, or an address and port) ends the walk at the last trusted hop:
+/// what lies left of it is the client's own to write.
 pub fn client_address(peer: IpAddr, headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
     let is_trusted = |a: &IpAddr| trusted.iter().any(|n| n.contains(a));
     if !is_trusted(&peer) {
@@ -236,7 +236,12 @@ pub fn client_address(peer: IpAddr, headers: &http::HeaderMap, trusted: &[ipnet:
         .rev()
         .flat_map(|v| v.to_str().unwrap_or("?").rsplit(','));
     for entry in entries {
-        let Ok(addr) = entry.trim().parse::<IpAddr>() else {
+        // Some balancers append the port they saw.
+        let entry = entry.trim();
+        let Ok(addr) = entry
+            .parse::<IpAddr>()
+            .or_else(|_| entry.parse::<SocketAddr>().map(|s| s.ip()))
+        else {
             return client;
         };
         client = addr;
@@ -394,7 +399,7 @@ mod tests {
         let trusted: Vec<ipnet::IpNet> =
             vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let table: [(&str, &[&str], &str); 10] = [
+        let table: [(&str, &[&str], &str); 12] = [
             // (peer, X-Forwarded-For values, client)
             ("203.0.113.9", &["198.51.100.1"], "203.0.113.9"),
             ("10.1.1.1", &[], "10.1.1.1"),
@@ -412,7 +417,9 @@ mod tests {
             ),
             ("10.1.1.1", &["10.3.3.3, 10.2.2.2"], "10.3.3.3"),
             ("10.1.1.1", &["1.1.1.1, garbage, 10.2.2.2"], "10.2.2.2"),
-            ("10.1.1.1", &["1.1.1.1, 198.51.100.1:443"], "10.1.1.1"),
+            ("10.1.1.1", &["1.1.1.1, 198.51.100.1:443"], "198.51.100.1"),
+            ("10.1.1.1", &["[2001:db8::9]:443"], "2001:db8::9"),
+            ("10.1.1.1", &["1.1.1.1, 198.51.100.1:x"], "10.1.1.1"),
             ("fd00::1", &["2001:db8::7"], "2001:db8::7"),
         ];
         for (peer, xff, want) in table {

@@ -38,12 +38,16 @@ const SWEEP_AT: usize = 10_000;
 
 struct Counts<K> {
     map: HashMap<K, Count>,
+    /// The size at which expired entries are swept next: twice what the last sweep left, so
+    /// a map of many live entries is not scanned on every attempt.
+    sweep_at: usize,
 }
 
 impl<K> Default for Counts<K> {
     fn default() -> Self {
         Counts {
             map: HashMap::new(),
+            sweep_at: SWEEP_AT,
         }
     }
 }
@@ -60,9 +64,22 @@ impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
         }
     }
 
+    fn take_back(&mut self, key: &K, now: Instant, window: Duration) {
+        if let Some(c) = self.current(key, now, window) {
+            self.map.insert(
+                key.clone(),
+                Count {
+                    failures: c.failures.saturating_sub(1),
+                    ..c
+                },
+            );
+        }
+    }
+
     fn fail(&mut self, key: &K, now: Instant, window: Duration) {
-        if self.map.len() >= SWEEP_AT {
+        if self.map.len() >= self.sweep_at {
             self.map.retain(|_, c| now.duration_since(c.since) < window);
+            self.sweep_at = SWEEP_AT.max(self.map.len() * 2);
         }
         let c = self.current(key, now, window).unwrap_or(Count {
             since: now,
@@ -98,8 +115,10 @@ impl Throttle {
         }
     }
 
+    /// ASCII lower case, as the database compares emails (accounts are ASCII); any other
+    /// character is kept as it is, so `İ` is not `i` here and matches no account there.
     fn account_key(email: &str) -> String {
-        email.trim().to_lowercase()
+        email.trim().to_ascii_lowercase()
     }
 
     /// The address a count belongs to: an IPv6 client owns its whole /64 (one host can pick
@@ -167,16 +186,18 @@ impl Throttle {
         if let Some(account) = account {
             g.0.map.remove(&Self::account_key(account));
         }
-        let addr = Self::address_key(addr);
-        if let Some(c) = g.1.current(&addr, now, w) {
-            g.1.map.insert(
-                addr,
-                Count {
-                    failures: c.failures.saturating_sub(1),
-                    ..c
-                },
-            );
+        g.1.take_back(&Self::address_key(addr), now, w);
+    }
+
+    /// A sign-in that [`Throttle::begin`] counted was never tried (the console was too busy
+    /// to check it): the account and the address both get the attempt back.
+    pub fn not_tried(&self, account: Option<&str>, addr: IpAddr, now: Instant) {
+        let w = self.limits.window;
+        let mut g = self.inner.lock().unwrap();
+        if let Some(account) = account {
+            g.0.take_back(&Self::account_key(account), now, w);
         }
+        g.1.take_back(&Self::address_key(addr), now, w);
     }
 }
 
@@ -244,6 +265,15 @@ mod tests {
         t.succeeded(Some("user0@x.io"), ip(1), now);
         assert!(t.begin(None, ip(1), now).is_ok());
         assert_eq!(t.begin(None, ip(1), now).unwrap_err().by, "address");
+    }
+
+    #[test]
+    fn an_attempt_never_tried_is_given_back_to_the_account_and_the_address() {
+        let t = Throttle::new(limits(1, 1));
+        let now = Instant::now();
+        t.begin(Some("a@x.io"), ip(1), now).unwrap();
+        t.not_tried(Some("a@x.io"), ip(1), now);
+        assert!(t.begin(Some("a@x.io"), ip(1), now).is_ok());
     }
 
     #[test]

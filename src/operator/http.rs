@@ -80,11 +80,19 @@ impl Viewers {
             return Ok(None);
         };
         let console = match std::env::var("APITREE_CONSOLE_URL") {
-            Ok(u) if !u.trim().is_empty() => Some(reqwest::Url::parse(u.trim()).map_err(|e| {
-                format!(
-                    "APITREE_CONSOLE_URL {u:?} is not a URL like http://apitree-console:8090/: {e}"
-                )
-            })?),
+            Ok(u) if !u.trim().is_empty() => {
+                let mut url = reqwest::Url::parse(u.trim()).map_err(|e| {
+                    format!(
+                        "APITREE_CONSOLE_URL {u:?} is not a URL like http://apitree-console:8090/: {e}"
+                    )
+                })?;
+                // The console's paths are below this one, whether or not it ends in '/'.
+                if !url.path().ends_with('/') {
+                    let path = format!("{}/", url.path());
+                    url.set_path(&path);
+                }
+                Some(url)
+            }
             _ => None,
         };
         Ok(Some(Self::new(keyring, console)))

@@ -336,6 +336,45 @@ fn default_header() -> String {
     "authorization".into()
 }
 
+/// An upstream URL as the gateway reads it: `http` or `https`, a host, no user name or
+/// password, printable ASCII only. The console saves only what passes this (its own URL
+/// parser is more lenient than the gateway's).
+pub fn upstream_uri(upstream: &str) -> Result<http::Uri, String> {
+    let bad = || format!("{upstream:?} is not an http(s) URL like http://10.0.0.5:8080/");
+    if !upstream.bytes().all(|b| b.is_ascii_graphic()) || upstream.contains('\\') {
+        return Err(bad());
+    }
+    let uri: http::Uri = upstream.parse().map_err(|_| bad())?;
+    match uri.authority() {
+        Some(a) if matches!(uri.scheme_str(), Some("http" | "https")) && !a.host().is_empty() => {
+            if a.as_str().contains('@') {
+                return Err(format!(
+                    "{upstream:?} carries a user name or password; store credentials as credentials"
+                ));
+            }
+            Ok(uri)
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Does `path` fall under a route with `prefix`? `/demo` matches `/demo` and `/demo/x`, not
+/// `/demox`; `/demo/` matches everything after it.
+#[inline]
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
+}
+
+/// Whether one request path could match both prefixes (by [`prefix_matches`]): exactly when
+/// one prefix, as a path, matches the other's route. The console's registration check
+/// (`console_prefix_overlaps` in the migrations) is this rule in SQL.
+pub fn prefixes_overlap(a: &str, b: &str) -> bool {
+    prefix_matches(a, b) || prefix_matches(b, a)
+}
+
 /// Headers a stored credential may set: authentication headers only, never one that frames
 /// the request (content-length, transfer-encoding), routes it (host) or that the gateway
 /// vouches for (x-forwarded-*, x-request-id).
@@ -627,17 +666,8 @@ impl ProxyConfig {
                     "must be longer than 0s: every call would time out (504)".into(),
                 );
             }
-            match r.upstream.parse::<http::Uri>() {
-                Ok(u)
-                    if matches!(u.scheme_str(), Some("http") | Some("https"))
-                        && u.authority().is_some() => {}
-                _ => push(
-                    p("upstream"),
-                    format!(
-                        "{:?} is not an http(s) URL like http://10.0.0.5:8080/",
-                        r.upstream
-                    ),
-                ),
+            if let Err(e) = upstream_uri(&r.upstream) {
+                push(p("upstream"), e);
             }
             if r.scopes.is_empty() {
                 push(p("scopes"), "allow at least one of live, test".into());
@@ -920,6 +950,60 @@ routes:
                 .collect();
             let want: Vec<String> = want.iter().map(|f| format!("credentials[1].{f}")).collect();
             assert_eq!(problems, want, "{first:?} then {second:?}");
+        }
+    }
+
+    /// Differential over every prefix and path of up to five characters from `/`, `a`, `b`:
+    /// two prefixes overlap exactly when some path matches both.
+    #[test]
+    fn prefixes_overlap_exactly_when_a_path_matches_both() {
+        fn all(max: usize) -> Vec<String> {
+            let mut out = vec!["/".to_string()];
+            let mut frontier = out.clone();
+            for _ in 1..max {
+                let next: Vec<String> = frontier
+                    .iter()
+                    .flat_map(|s| ['/', 'a', 'b'].map(|c| format!("{s}{c}")))
+                    .collect();
+                out.extend(next.iter().cloned());
+                frontier = next;
+            }
+            out
+        }
+        let prefixes = all(4);
+        let paths = all(6);
+        for a in &prefixes {
+            for b in &prefixes {
+                let witness = paths
+                    .iter()
+                    .any(|p| prefix_matches(a, p) && prefix_matches(b, p));
+                assert_eq!(prefixes_overlap(a, b), witness, "{a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn upstream_urls_are_what_the_gateway_can_dial() {
+        for ok in [
+            "http://10.0.0.5:8080/",
+            "https://api.example.com/v1/",
+            "http://[2001:db8::1]:80/",
+        ] {
+            assert!(upstream_uri(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://203.0.113.9/a b",
+            "http://1.1.1.1\\@127.0.0.1/",
+            "http://1.1.1.1/\tx",
+            "http://user:pw@example.com/",
+            "http://@example.com/",
+            "ftp://example.com/",
+            "http:///x",
+            "example.com",
+            "http://exämple.com/",
+            "",
+        ] {
+            assert!(upstream_uri(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -34,6 +34,109 @@ pub fn merge(base: &ProxyConfig, e: DbEntities) -> ProxyConfig {
     cfg
 }
 
+/// Drops from `cfg` (the file's config `base` with the database's entries appended) each
+/// database entry the gateway cannot serve, and says which and why: one seller's bad row must
+/// not keep the whole gateway on a stale config (revocations included) or stop it starting.
+/// A seller's API that would take the gateway's own routes (same name, or a prefix one path
+/// could match with one of them) goes first; then entries with problems, with what hangs on
+/// them (a dropped route's credentials), until none is left. Problems in the file remain the
+/// file's, reported as before.
+pub fn servable(
+    base: &ProxyConfig,
+    cfg: &mut ProxyConfig,
+    master_keys: Option<&MasterKeys>,
+) -> Vec<String> {
+    let mut skipped = Vec::new();
+    let own = base.routes.len();
+    let mut dropped_routes: HashSet<String> = HashSet::new();
+    let mut i = own;
+    while i < cfg.routes.len() {
+        let r = &cfg.routes[i];
+        let taken = base.routes.iter().find(|o| {
+            o.name == r.name || super::config::prefixes_overlap(&o.path_prefix, &r.path_prefix)
+        });
+        if let Some(o) = taken {
+            skipped.push(format!(
+                "API {} ({}) would take the gateway's own route {} ({})",
+                r.name, r.path_prefix, o.name, o.path_prefix
+            ));
+            dropped_routes.insert(cfg.routes.remove(i).name);
+        } else {
+            i += 1;
+        }
+    }
+    let lens = (base.orgs.len(), base.keys.len(), base.credentials.len());
+    drop_credentials_of(cfg, &dropped_routes, lens.2);
+    loop {
+        let mut drop = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for p in cfg.problems_of(master_keys, super::config::Routes::MayBeNone) {
+            let Some((list, rest)) = p.path.split_once('[') else {
+                continue;
+            };
+            let Some(n) = rest.split(']').next().and_then(|n| n.parse::<usize>().ok()) else {
+                continue;
+            };
+            let (set, first, what) = match list {
+                "routes" => (
+                    &mut drop.0,
+                    own,
+                    cfg.routes.get(n).map(|r| format!("API {}", r.name)),
+                ),
+                "orgs" => (
+                    &mut drop.1,
+                    lens.0,
+                    cfg.orgs.get(n).map(|o| format!("org {}", o.id)),
+                ),
+                "keys" => (
+                    &mut drop.2,
+                    lens.1,
+                    cfg.keys.get(n).map(|k| format!("key {}", k.prefix)),
+                ),
+                "credentials" => (
+                    &mut drop.3,
+                    lens.2,
+                    cfg.credentials
+                        .get(n)
+                        .map(|c| format!("a credential of org {} for API {}", c.org, c.api)),
+                ),
+                _ => continue,
+            };
+            if n >= first && set.insert(n) {
+                skipped.push(format!("{}: {}", what.unwrap_or_default(), p.message));
+            }
+        }
+        if drop.0.is_empty() && drop.1.is_empty() && drop.2.is_empty() && drop.3.is_empty() {
+            return skipped;
+        }
+        fn remove<T>(v: &mut Vec<T>, at: &std::collections::BTreeSet<usize>) {
+            for n in at.iter().rev() {
+                v.remove(*n);
+            }
+        }
+        dropped_routes.extend(drop.0.iter().map(|n| cfg.routes[*n].name.clone()));
+        remove(&mut cfg.routes, &drop.0);
+        remove(&mut cfg.orgs, &drop.1);
+        remove(&mut cfg.keys, &drop.2);
+        remove(&mut cfg.credentials, &drop.3);
+        drop_credentials_of(cfg, &dropped_routes, lens.2);
+    }
+}
+
+/// Drops the database's credentials (those after the file's `own`) bound to a dropped route:
+/// they go with it, unreported (the route was).
+fn drop_credentials_of(cfg: &mut ProxyConfig, routes: &HashSet<String>, own: usize) {
+    let mut n = 0;
+    cfg.credentials.retain(|c| {
+        n += 1;
+        n <= own || !routes.contains(&c.api)
+    });
+}
+
 /// Loads and compiles the database's state once.
 pub async fn load(
     pool: &PgPool,
@@ -46,9 +149,15 @@ pub async fn load(
     let entities = db::keys::load_entities(pool)
         .await
         .map_err(ProxyError::Database)?;
+    let mut cfg = merge(base, entities);
+    for skipped in servable(base, &mut cfg, master_keys) {
+        tracing::warn!(%skipped, "a database entry is not served");
+    }
     // The database's APIs are sellers': their upstreams are held to the egress policy.
-    let sellers: HashSet<String> = entities.routes.iter().map(|r| r.name.clone()).collect();
-    let cfg = merge(base, entities);
+    let sellers: HashSet<String> = cfg.routes[base.routes.len()..]
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
     // A fresh install has no API registered yet: it serves (404 for every path, /readyz counts
     // zero routes) and picks APIs up as they are registered.
     Ok(GatewayState::build_of(

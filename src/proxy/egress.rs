@@ -13,8 +13,10 @@ use ipnet::IpNet;
 
 /// Address ranges no seller upstream may reach unless allowed: loopback, unspecified,
 /// link-local (the cloud metadata services live there), private and unique-local networks,
-/// carrier-grade NAT, IETF protocol assignments, benchmarking, multicast and broadcast.
-pub const DENIED: [&str; 17] = [
+/// carrier-grade NAT, IETF protocol assignments, documentation and benchmarking ranges,
+/// multicast and broadcast, and the IPv6 forms that carry an IPv4 address a gateway's network
+/// may translate (IPv4-compatible, IPv4-translated, NAT64, 6to4, Teredo).
+pub const DENIED: [&str; 28] = [
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10",
@@ -22,23 +24,40 @@ pub const DENIED: [&str; 17] = [
     "169.254.0.0/16",
     "172.16.0.0/12",
     "192.0.0.0/24",
+    "192.0.2.0/24",
     "192.168.0.0/16",
     "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
     "224.0.0.0/4",
     "240.0.0.0/4",
-    "::/128",
-    "::1/128",
+    "::/96",
+    "::ffff:0:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001::/32",
+    "2001:2::/48",
+    "2001:db8::/32",
+    "2002::/16",
     "fc00::/7",
     "fe80::/10",
+    "fec0::/10",
     "ff00::/8",
-    "64:ff9b::/96",
+    "::1/128",
 ];
 
+/// Host names resolved at once under one policy. Each lookup holds a thread of the blocking
+/// pool until the resolver answers; sellers' names that resolve slowly wait for one another
+/// here instead of taking the threads other lookups (the gateway's own routes) need.
+pub const LOOKUPS: usize = 32;
+
 /// The ranges sellers' upstreams may not reach, less the CIDRs an operator allows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct EgressPolicy {
     denied: Vec<IpNet>,
     allowed: Vec<IpNet>,
+    lookups: tokio::sync::Semaphore,
 }
 
 /// An upstream the policy refuses, or whose host does not resolve.
@@ -65,7 +84,14 @@ impl EgressPolicy {
                 .map(|n| n.parse().expect("a valid CIDR"))
                 .collect(),
             allowed,
+            lookups: tokio::sync::Semaphore::new(LOOKUPS),
         }
+    }
+
+    /// Whether `addr` lies in a network the operator allowed (not merely outside the denied
+    /// ones).
+    pub fn allowed(&self, addr: IpAddr) -> bool {
+        self.allowed.iter().any(|n| n.contains(&addr))
     }
 
     /// Whether a seller's upstream may be reached at `addr`. An IPv4 address written as IPv6
@@ -87,13 +113,23 @@ impl EgressPolicy {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((bare, port))
-                .await
-                .map_err(|e| EgressError::Unresolved {
-                    host: host.to_string(),
-                    reason: e.to_string(),
-                })?
-                .collect(),
+            Err(_) => {
+                let _turn = self
+                    .lookups
+                    .acquire()
+                    .await
+                    .map_err(|_| EgressError::Unresolved {
+                        host: host.to_string(),
+                        reason: "shutting down".into(),
+                    })?;
+                tokio::net::lookup_host((bare, port))
+                    .await
+                    .map_err(|e| EgressError::Unresolved {
+                        host: host.to_string(),
+                        reason: e.to_string(),
+                    })?
+                    .collect()
+            }
         };
         if addrs.is_empty() {
             return Err(EgressError::Unresolved {
@@ -151,14 +187,23 @@ mod tests {
             "192.167.255.255",
             "192.169.0.0",
             "223.255.255.255",
-            "2001:db8::1",
             "2606:4700::1111",
+            "2a00:1450::1",
             "::ffff:8.8.8.8",
         ] {
             assert!(p.permits(ip(public)), "{public}");
         }
         // The metadata services by name of address.
-        for metadata in ["169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254"] {
+        for metadata in [
+            "169.254.169.254",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "64:ff9b:1::7f00:1",
+            "2002:7f00:1::",
+            "2001::",
+        ] {
             assert!(!p.permits(ip(metadata)), "{metadata}");
         }
     }
@@ -182,8 +227,8 @@ mod tests {
             Err(EgressError::Denied { .. })
         ));
         assert_eq!(
-            p.resolve("203.0.113.7", 8080).await.unwrap(),
-            vec!["203.0.113.7:8080".parse().unwrap()]
+            p.resolve("93.184.215.14", 8080).await.unwrap(),
+            vec!["93.184.215.14:8080".parse().unwrap()]
         );
         assert!(matches!(
             p.resolve("no-such-host.invalid", 80).await,

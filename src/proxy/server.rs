@@ -579,11 +579,11 @@ impl Gateway {
 
         // Step 5: the upstream credential for the caller's org (BYOK first, else system).
         let credential = match &route.credential {
-            Some(_) => Some(
-                route
-                    .credential_for(&record.org)
-                    .ok_or(Refusal::NoCredential)?,
-            ),
+            Some(_) => match route.credential_for(&record.org) {
+                Some(c) => Some(c),
+                None if !route.credential_required => None,
+                None => return Err(Refusal::NoCredential),
+            },
             None => None,
         };
 

@@ -72,6 +72,10 @@ pub struct Route {
     /// BYOK credentials by org.
     pub byok: HashMap<String, Injected>,
     pub system: Option<Injected>,
+    /// Whether a call with no credential for its org is refused (`no_upstream_credential`).
+    /// A seller's API without a system credential passes such calls on bare: a buyer's BYOK
+    /// credential is that buyer's, and must not turn the API off for everyone else.
+    pub credential_required: bool,
     pub pii: PiiMode,
     pub log_bodies: bool,
     /// The methods this route forwards and their `Allow` field; None: every method but TRACE
@@ -147,10 +151,7 @@ fn route_methods(listed: &[RouteMethod]) -> Option<(Vec<http::Method>, HeaderVal
 impl Route {
     /// Does `path` fall under this route? `/demo` matches `/demo` and `/demo/x`, not `/demox`.
     pub fn matches(&self, path: &str) -> bool {
-        path.starts_with(&self.prefix)
-            && (self.prefix.ends_with('/')
-                || path.len() == self.prefix.len()
-                || path.as_bytes()[self.prefix.len()] == b'/')
+        super::config::prefix_matches(&self.prefix, path)
     }
 
     /// The upstream path and query for a request path under this route.
@@ -218,14 +219,14 @@ impl GatewayState {
     }
 
     /// [`GatewayState::build`], with or without routes required, and the routes named in
-    /// `guarded` (sellers' routes) held to an egress policy.
+    /// `sellers` (sellers' routes) held to an egress policy.
     pub fn build_of(
         cfg: &ProxyConfig,
         file: &str,
         master_keys: Option<&MasterKeys>,
         previous: Option<&GatewayState>,
         routes: super::config::Routes,
-        guarded: Option<(
+        sellers: Option<(
             &std::collections::HashSet<String>,
             &Arc<super::egress::EgressPolicy>,
         )>,
@@ -314,9 +315,11 @@ impl GatewayState {
                 allow_test: r.scopes.contains(&KeyScope::Test),
                 tier: r.tier.clone(),
                 credential: r.credential.clone(),
-                egress: guarded
+                egress: sellers
                     .filter(|(names, _)| names.contains(&r.name))
                     .map(|(_, policy)| policy.clone()),
+                credential_required: system.is_some()
+                    || !sellers.is_some_and(|(names, _)| names.contains(&r.name)),
                 byok,
                 system,
                 pii: r.pii,

@@ -276,11 +276,22 @@ async fn connect_tcp(key: &Key) -> Result<TcpStream, UpstreamError> {
         match &key.egress {
             None => TcpStream::connect(&shown).await,
             Some(policy) => {
+                let denied = |e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e);
                 let addrs = policy
                     .resolve(authority.host(), port)
                     .await
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
-                TcpStream::connect(&addrs[..]).await
+                    .map_err(denied)?;
+                let stream = TcpStream::connect(&addrs[..]).await?;
+                // A connection whose two ends have one address reached this host itself (one
+                // of its own interfaces, which no fixed range names).
+                let (near, far) = (stream.local_addr()?.ip(), stream.peer_addr()?.ip());
+                if near == far && !policy.allowed(far) {
+                    return Err(denied(super::egress::EgressError::Denied {
+                        host: authority.host().to_string(),
+                        addr: far,
+                    }));
+                }
+                Ok(stream)
             }
         }
     };
