@@ -40,19 +40,9 @@ async fn register_api(pool: &PgPool, upstream: std::net::SocketAddr, org: Uuid) 
         .execute(pool)
         .await
         .unwrap();
-    let sealed = master_keys().encrypt(&org.to_string(), "weather", UPSTREAM_SECRET);
-    sqlx::query(
-        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
-         VALUES ($1, $2, $3, 'vendor', 'system', $4, $5, 1)",
-    )
-    .bind(Uuid::new_v4())
-    .bind(org)
-    .bind(api)
-    .bind(&sealed.ciphertext)
-    .bind(&sealed.nonce)
-    .execute(pool)
-    .await
-    .unwrap();
+    store_credential(pool, org, "weather", "vendor", "system", UPSTREAM_SECRET)
+        .await
+        .unwrap();
 }
 
 /// A database-mode proxy on `tdb` with a file that names no route, its sellers' upstreams
@@ -398,18 +388,19 @@ async fn live_key(pool: &PgPool, org: Uuid) -> String {
     issued.key.expose_secret().to_string()
 }
 
-/// Seals `value` for `org` on API `weather` and stores it as a credential of `kind`.
+/// Seals `value` for `org` on API `api` and stores it as a credential of `kind`.
 async fn store_credential(
     pool: &PgPool,
     org: Uuid,
+    api: &str,
     name: &str,
     kind: &str,
     value: &str,
 ) -> Result<(), sqlx::Error> {
-    let sealed = master_keys().encrypt(&org.to_string(), "weather", value);
+    let sealed = master_keys().encrypt(&org.to_string(), api, value);
     sqlx::query(
         "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
-         SELECT $1, $2, id, $3, $4::credential_kind, $5, $6, 1 FROM apis WHERE name = 'weather'",
+         SELECT $1, $2, id, $3, $4::credential_kind, $5, $6, 1 FROM apis WHERE name = $7",
     )
     .bind(Uuid::new_v4())
     .bind(org)
@@ -417,6 +408,7 @@ async fn store_credential(
     .bind(kind)
     .bind(&sealed.ciphertext)
     .bind(&sealed.nonce)
+    .bind(api)
     .execute(pool)
     .await
     .map(|_| ())
@@ -432,7 +424,7 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
     let plain_buyer = dbkeys::create_org(&pool, "gamma", "test").await.unwrap();
     // The seller's system credential is named "vendor"; the buyer's BYOK one sorts before it.
     let gw = start(&tdb, &pool, up.addr.unwrap(), seller).await;
-    store_credential(&pool, byok_buyer, "aaa", "byok", BYOK_SECRET)
+    store_credential(&pool, byok_buyer, "weather", "aaa", "byok", BYOK_SECRET)
         .await
         .unwrap();
     let (byok_key, plain_key) = (
@@ -458,7 +450,7 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
     .await;
 
     // The database refuses what would make the choice ambiguous or hand it to another org.
-    let e = store_credential(&pool, byok_buyer, "second", "byok", "x")
+    let e = store_credential(&pool, byok_buyer, "weather", "second", "byok", "x")
         .await
         .unwrap_err();
     assert_eq!(
@@ -466,7 +458,7 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
         Some("23505"),
         "a second BYOK credential for one org and API: {e}"
     );
-    let e = store_credential(&pool, plain_buyer, "mine", "system", "x")
+    let e = store_credential(&pool, plain_buyer, "weather", "mine", "system", "x")
         .await
         .unwrap_err();
     assert!(
@@ -474,7 +466,7 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
             .contains("a system credential must belong to the org that owns the API"),
         "a system credential for another org's API: {e}"
     );
-    let e = store_credential(&pool, seller, "other", "system", "x")
+    let e = store_credential(&pool, seller, "weather", "other", "system", "x")
         .await
         .unwrap_err();
     assert_eq!(
@@ -497,19 +489,9 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
         .execute(&pool)
         .await
         .unwrap();
-    let sealed = master_keys().encrypt(&byok_buyer.to_string(), "open", BYOK_SECRET);
-    sqlx::query(
-        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
-         VALUES ($1, $2, $3, 'mine', 'byok', $4, $5, 1)",
-    )
-    .bind(Uuid::new_v4())
-    .bind(byok_buyer)
-    .bind(open)
-    .bind(&sealed.ciphertext)
-    .bind(&sealed.nonce)
-    .execute(&pool)
-    .await
-    .unwrap();
+    store_credential(&pool, byok_buyer, "open", "mine", "byok", BYOK_SECRET)
+        .await
+        .unwrap();
     let call_open = |key: String| {
         let url = format!("http://{}/open/x", gw.addr);
         async move {

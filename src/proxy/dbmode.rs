@@ -3,11 +3,10 @@
 //! away the last good configuration keeps serving, readiness says `degraded`, and the loader
 //! retries until the database answers again (then reloads, since notifications were missed).
 
+use std::collections::{BTreeSet, HashSet};
 use std::{sync::Arc, time::Duration};
 
 use sqlx::{postgres::PgListener, PgPool};
-
-use std::collections::HashSet;
 
 use super::config::ProxyConfig;
 use super::egress::EgressPolicy;
@@ -65,65 +64,55 @@ pub fn servable(
             i += 1;
         }
     }
-    let lens = (base.orgs.len(), base.keys.len(), base.credentials.len());
-    drop_credentials_of(cfg, &dropped_routes, lens.2);
+    drop_credentials_of(cfg, &dropped_routes, base.credentials.len());
+    // Per list, where the database's entries start (the file's come first).
+    const LISTS: [&str; 4] = ["routes", "orgs", "keys", "credentials"];
+    let first = [
+        own,
+        base.orgs.len(),
+        base.keys.len(),
+        base.credentials.len(),
+    ];
     loop {
-        let mut drop = (
-            std::collections::BTreeSet::new(),
-            std::collections::BTreeSet::new(),
-            std::collections::BTreeSet::new(),
-            std::collections::BTreeSet::new(),
-        );
+        let mut drop: [BTreeSet<usize>; 4] = Default::default();
         for p in cfg.problems_of(master_keys, super::config::Routes::MayBeNone) {
             let Some((list, rest)) = p.path.split_once('[') else {
                 continue;
             };
-            let Some(n) = rest.split(']').next().and_then(|n| n.parse::<usize>().ok()) else {
+            let (Some(l), Some(n)) = (
+                LISTS.iter().position(|x| *x == list),
+                rest.split(']').next().and_then(|n| n.parse::<usize>().ok()),
+            ) else {
                 continue;
             };
-            let (set, first, what) = match list {
-                "routes" => (
-                    &mut drop.0,
-                    own,
-                    cfg.routes.get(n).map(|r| format!("API {}", r.name)),
-                ),
-                "orgs" => (
-                    &mut drop.1,
-                    lens.0,
-                    cfg.orgs.get(n).map(|o| format!("org {}", o.id)),
-                ),
-                "keys" => (
-                    &mut drop.2,
-                    lens.1,
-                    cfg.keys.get(n).map(|k| format!("key {}", k.prefix)),
-                ),
-                "credentials" => (
-                    &mut drop.3,
-                    lens.2,
-                    cfg.credentials
-                        .get(n)
-                        .map(|c| format!("a credential of org {} for API {}", c.org, c.api)),
-                ),
-                _ => continue,
-            };
-            if n >= first && set.insert(n) {
-                skipped.push(format!("{}: {}", what.unwrap_or_default(), p.message));
+            if n < first[l] || !drop[l].insert(n) {
+                continue;
             }
+            let what = match l {
+                0 => cfg.routes.get(n).map(|r| format!("API {}", r.name)),
+                1 => cfg.orgs.get(n).map(|o| format!("org {}", o.id)),
+                2 => cfg.keys.get(n).map(|k| format!("key {}", k.prefix)),
+                _ => cfg
+                    .credentials
+                    .get(n)
+                    .map(|c| format!("a credential of org {} for API {}", c.org, c.api)),
+            };
+            skipped.push(format!("{}: {}", what.unwrap_or_default(), p.message));
         }
-        if drop.0.is_empty() && drop.1.is_empty() && drop.2.is_empty() && drop.3.is_empty() {
+        if drop.iter().all(BTreeSet::is_empty) {
             return skipped;
         }
-        fn remove<T>(v: &mut Vec<T>, at: &std::collections::BTreeSet<usize>) {
+        fn remove<T>(v: &mut Vec<T>, at: &BTreeSet<usize>) {
             for n in at.iter().rev() {
                 v.remove(*n);
             }
         }
-        dropped_routes.extend(drop.0.iter().map(|n| cfg.routes[*n].name.clone()));
-        remove(&mut cfg.routes, &drop.0);
-        remove(&mut cfg.orgs, &drop.1);
-        remove(&mut cfg.keys, &drop.2);
-        remove(&mut cfg.credentials, &drop.3);
-        drop_credentials_of(cfg, &dropped_routes, lens.2);
+        dropped_routes.extend(drop[0].iter().map(|n| cfg.routes[*n].name.clone()));
+        remove(&mut cfg.routes, &drop[0]);
+        remove(&mut cfg.orgs, &drop[1]);
+        remove(&mut cfg.keys, &drop[2]);
+        remove(&mut cfg.credentials, &drop[3]);
+        drop_credentials_of(cfg, &dropped_routes, first[3]);
     }
 }
 
