@@ -625,6 +625,16 @@ fn credentials(cmd: CredentialsCommand) -> Result<()> {
     if value.is_empty() {
         return Err(anyhow!("no credential on stdin: pipe the secret in, e.g. `printf %s \"$TOKEN\" | apitree credentials encrypt ...`"));
     }
+    for (what, text) in [
+        ("the credential", value),
+        ("--value-prefix", value_prefix.as_str()),
+    ] {
+        if !proxy::config::header_text(text) {
+            return Err(anyhow!(
+                "{what} must be visible ASCII characters and spaces: it is sent in a header"
+            ));
+        }
+    }
     let sealed = keys.encrypt(&org, &api, value);
     print!(
         "- name: {name}\n  org: {org}\n  api: {api}\n  kind: {kind}\n  keyVersion: {}\n  nonce: {}\n  ciphertext: {}\n  header: {header}\n  valuePrefix: {value_prefix:?}\n",

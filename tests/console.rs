@@ -207,6 +207,132 @@ type Row = (&'static str, String, Option<Value>, [May; 4], bool);
 /// Every endpoint × every role × (own org, another org): allowed calls succeed and write one
 /// audit row naming the caller; tenant users get 404 for another org, refused roles 403; a
 /// refusal writes nothing.
+/// Every endpoint of the API, with a body it accepts: (method, path, body, who may call it
+/// as buyer, seller, admin, super_admin, whether a success writes an audit row). `key` and
+/// `api` are a key and an API of `org`; `n` makes names unique.
+fn endpoints(
+    env: &Env,
+    org: Uuid,
+    key: &str,
+    api: &str,
+    api_name: &str,
+    n: usize,
+    role: Role,
+) -> Vec<Row> {
+    use May::*;
+    vec![
+        (
+            "GET",
+            format!("orgs/{org}/keys"),
+            None,
+            [Own, Own, Any, Any],
+            false,
+        ),
+        (
+            "POST",
+            format!("orgs/{org}/keys"),
+            Some(json!({"scope": "live", "name": "k"})),
+            [Own, Own, No, Any],
+            true,
+        ),
+        (
+            "POST",
+            format!("orgs/{org}/keys/{key}/rotate"),
+            Some(json!({"grace_seconds": 60})),
+            [Own, Own, No, Any],
+            true,
+        ),
+        (
+            "POST",
+            format!("orgs/{org}/credentials"),
+            Some(
+                json!({"api": "maps", "name": format!("byok-{n}"), "value": "s3cr3t-value", "kind": "byok"}),
+            ),
+            [Own, Own, No, Any],
+            true,
+        ),
+        (
+            "POST",
+            format!("orgs/{org}/credentials"),
+            Some(
+                json!({"api": api_name, "name": format!("sys-{n}"), "value": "s3cr3t-value", "kind": "system"}),
+            ),
+            [No, Own, No, Any],
+            true,
+        ),
+        (
+            "GET",
+            format!("orgs/{org}/credentials"),
+            None,
+            [Own, Own, No, Any],
+            false,
+        ),
+        (
+            "GET",
+            format!("orgs/{org}/apis"),
+            None,
+            [No, Own, Any, Any],
+            false,
+        ),
+        (
+            "POST",
+            format!("orgs/{org}/apis"),
+            Some(api_body(&format!("new-{n}"))),
+            [No, Own, No, Any],
+            true,
+        ),
+        (
+            "PUT",
+            format!("orgs/{org}/apis/{api}"),
+            Some(
+                json!({"name": api_name, "path_prefix": format!("/moved-{n}"), "upstream_url": "https://93.184.215.15/"}),
+            ),
+            [No, Own, No, Any],
+            true,
+        ),
+        (
+            "GET",
+            format!("orgs/{org}/usage"),
+            None,
+            [Own, Own, Any, Any],
+            false,
+        ),
+        (
+            "GET",
+            format!("orgs/{org}/credits"),
+            None,
+            [Own, Own, Any, Any],
+            false,
+        ),
+        (
+            "POST",
+            format!("orgs/{org}/credits"),
+            Some(json!({"amount": 100, "reason": "welcome credit"})),
+            [No, No, Any, Any],
+            true,
+        ),
+        (
+            "POST",
+            format!("orgs/{org}/keys/{key}/revoke"),
+            None,
+            [Own, Own, Any, Any],
+            true,
+        ),
+        ("GET", "users".into(), None, [No, No, Any, Any], false),
+        ("GET", "orgs".into(), None, [No, No, Any, Any], false),
+        (
+            "POST",
+            "users".into(),
+            Some(
+                json!({"email": format!("new{n}-{}@a.test", role.as_str()), "role": "buyer", "org": env.org_a}),
+            ),
+            [No, No, Any, Any],
+            true,
+        ),
+        ("GET", "audit".into(), None, [No, No, Any, Any], false),
+    ]
+}
+
 #[tokio::test]
 async fn every_endpoint_follows_the_role_matrix_for_every_role() {
     use May::*;
@@ -251,118 +377,7 @@ async fn every_endpoint_follows_the_role_matrix_for_every_role() {
                 )
                 .await;
             let api = a["api"]["id"].as_str().unwrap().to_string();
-            // (method, path, body, buyer, seller, admin, super_admin, writes)
-            let table: Vec<Row> = vec![
-                (
-                    "GET",
-                    format!("orgs/{org}/keys"),
-                    None,
-                    [Own, Own, Any, Any],
-                    false,
-                ),
-                (
-                    "POST",
-                    format!("orgs/{org}/keys"),
-                    Some(json!({"scope": "live", "name": "k"})),
-                    [Own, Own, No, Any],
-                    true,
-                ),
-                (
-                    "POST",
-                    format!("orgs/{org}/keys/{key}/rotate"),
-                    Some(json!({"grace_seconds": 60})),
-                    [Own, Own, No, Any],
-                    true,
-                ),
-                (
-                    "POST",
-                    format!("orgs/{org}/credentials"),
-                    Some(
-                        json!({"api": "maps", "name": format!("byok-{n}"), "value": "s3cr3t-value", "kind": "byok"}),
-                    ),
-                    [Own, Own, No, Any],
-                    true,
-                ),
-                (
-                    "POST",
-                    format!("orgs/{org}/credentials"),
-                    Some(
-                        json!({"api": api_name, "name": format!("sys-{n}"), "value": "s3cr3t-value", "kind": "system"}),
-                    ),
-                    [No, Own, No, Any],
-                    true,
-                ),
-                (
-                    "GET",
-                    format!("orgs/{org}/credentials"),
-                    None,
-                    [Own, Own, No, Any],
-                    false,
-                ),
-                (
-                    "GET",
-                    format!("orgs/{org}/apis"),
-                    None,
-                    [No, Own, Any, Any],
-                    false,
-                ),
-                (
-                    "POST",
-                    format!("orgs/{org}/apis"),
-                    Some(api_body(&format!("new-{n}"))),
-                    [No, Own, No, Any],
-                    true,
-                ),
-                (
-                    "PUT",
-                    format!("orgs/{org}/apis/{api}"),
-                    Some(
-                        json!({"name": api_name, "path_prefix": format!("/moved-{n}"), "upstream_url": "https://93.184.215.15/"}),
-                    ),
-                    [No, Own, No, Any],
-                    true,
-                ),
-                (
-                    "GET",
-                    format!("orgs/{org}/usage"),
-                    None,
-                    [Own, Own, Any, Any],
-                    false,
-                ),
-                (
-                    "GET",
-                    format!("orgs/{org}/credits"),
-                    None,
-                    [Own, Own, Any, Any],
-                    false,
-                ),
-                (
-                    "POST",
-                    format!("orgs/{org}/credits"),
-                    Some(json!({"amount": 100, "reason": "welcome credit"})),
-                    [No, No, Any, Any],
-                    true,
-                ),
-                (
-                    "POST",
-                    format!("orgs/{org}/keys/{key}/revoke"),
-                    None,
-                    [Own, Own, Any, Any],
-                    true,
-                ),
-                ("GET", "users".into(), None, [No, No, Any, Any], false),
-                ("GET", "orgs".into(), None, [No, No, Any, Any], false),
-                (
-                    "POST",
-                    "users".into(),
-                    Some(
-                        json!({"email": format!("new{n}-{}@a.test", role.as_str()), "role": "buyer", "org": env.org_a}),
-                    ),
-                    [No, No, Any, Any],
-                    true,
-                ),
-                ("GET", "audit".into(), None, [No, No, Any, Any], false),
-            ];
+            let table = endpoints(&env, org, &key, &api, &api_name, n, role);
             for (method, path, body, may, writes) in table {
                 let may = may[role as usize];
                 let before = env.audit_rows().await;
@@ -415,6 +430,89 @@ async fn every_endpoint_follows_the_role_matrix_for_every_role() {
             }
         }
     }
+}
+
+/// No byte PostgreSQL cannot store turns a request into a server error: a NUL at either end
+/// of any text field of any endpoint's body, or in a query parameter, is a 400 with the
+/// request id that says what is wrong, and writes nothing.
+#[tokio::test]
+async fn a_nul_in_any_text_field_or_parameter_is_a_clear_400() {
+    let env = Env::new().await;
+    let root = env.sign_in("root@ops.test").await;
+    let org = env.org_a;
+    let (_, k) = env
+        .call(
+            &root,
+            "POST",
+            &format!("orgs/{org}/keys"),
+            Some(json!({"scope": "test"})),
+        )
+        .await;
+    let (_, a) = env
+        .call(
+            &root,
+            "POST",
+            &format!("orgs/{org}/apis"),
+            Some(api_body("nul-api")),
+        )
+        .await;
+    let (key, api) = (k["id"].as_str().unwrap(), a["api"]["id"].as_str().unwrap());
+    let mut rows = endpoints(&env, org, key, api, "nul-api", 1, Role::SuperAdmin);
+    for (method, path, body) in [
+        (
+            "POST",
+            "session".to_string(),
+            json!({"email": "root@ops.test", "password": PASSWORD}),
+        ),
+        (
+            "POST",
+            "invitations/accept".into(),
+            json!({"token": "t0123456789", "password": PASSWORD}),
+        ),
+        (
+            "PUT",
+            format!("users/{}/role", env.people.buyer),
+            json!({"role": "seller"}),
+        ),
+        ("GET", "me".into(), Value::Null),
+    ] {
+        let body = (!body.is_null()).then_some(body);
+        rows.push((method, path, body, [May::Any; 4], false));
+    }
+    let mut fields = 0;
+    for (method, path, body, _, _) in rows {
+        let mut tries = vec![(format!("{path}?action=%00&org=x%00"), body.clone())];
+        if let Some(Value::Object(map)) = &body {
+            for (field, v) in map {
+                let Value::String(text) = v else { continue };
+                fields += 1;
+                for nul in [format!("{text}\0"), format!("\0{text}")] {
+                    let mut b = map.clone();
+                    b.insert(field.clone(), Value::String(nul));
+                    tries.push((path.clone(), Some(Value::Object(b))));
+                }
+            }
+        }
+        for (path, body) in tries {
+            let before = env.audit_rows().await;
+            let (status, v) = env.call(&root, method, &path, body.clone()).await;
+            let what = format!("{method} {path} {body:?}");
+            assert_eq!(status, 400, "{what}: {v}");
+            assert!(
+                v["error"].as_str().is_some_and(|e| e.contains("NUL")),
+                "{what}: {v}"
+            );
+            assert!(
+                v["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+                "{what}: {v}"
+            );
+            assert_eq!(env.audit_rows().await, before, "{what}: wrote an audit row");
+        }
+    }
+    assert!(
+        fields >= 15,
+        "the table's bodies have text fields ({fields})"
+    );
 }
 
 /// A tenant user cannot tell another org that exists from one that does not.

@@ -514,6 +514,173 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
     assert_eq!(call_open(plain_key).await, (200, None), "others pass bare");
 }
 
+/// Rows the schema allows (or allowed before a constraint) that the gateway cannot use are
+/// skipped one at a time: a time no date type can hold does not fail the snapshot, and a
+/// credential that would break a request head, or that no master key opens, costs only the
+/// calls that would carry it: a 503 (an error the detector counts), never a bare call, and
+/// its API stays served to everyone else.
+#[tokio::test]
+async fn rows_the_gateway_cannot_use_cost_only_the_calls_that_need_them() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let up = start_upstream().await;
+    let seller = dbkeys::create_org(&pool, "seller", "test").await.unwrap();
+    let byok_buyer = dbkeys::create_org(&pool, "beta", "test").await.unwrap();
+    let plain_buyer = dbkeys::create_org(&pool, "gamma", "test").await.unwrap();
+    register_api(&pool, up.addr.unwrap(), seller).await;
+    store_credential(&pool, byok_buyer, "weather", "mine", "byok", BYOK_SECRET)
+        .await
+        .unwrap();
+    let (byok_key, plain_key) = (
+        live_key(&pool, byok_buyer).await,
+        live_key(&pool, plain_buyer).await,
+    );
+    let (forever, ended, far) = (
+        live_key(&pool, plain_buyer).await,
+        live_key(&pool, plain_buyer).await,
+        live_key(&pool, plain_buyer).await,
+    );
+    let set_key = |key: &str, sql: &'static str| {
+        let (pool, prefix) = (pool.clone(), key[..16].to_string());
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE api_keys SET {sql} WHERE $1 LIKE prefix || '%'"
+            )))
+            .bind(prefix)
+            .execute(&pool)
+            .await
+            .map(|r| assert_eq!(r.rows_affected(), 1))
+        }
+    };
+    // Written now, such rows are refused with the reason.
+    let e = set_key(&forever, "expires_at = 'infinity'")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("api_keys_times_finite"), "{e}");
+    let bad_prefix = "UPDATE upstream_credentials SET value_prefix = E'Bearer\\r\\nX-Injected: 1 ' WHERE kind = 'system'";
+    let e = sqlx::query(bad_prefix).execute(&pool).await.unwrap_err();
+    assert!(
+        e.to_string().contains("upstream_credentials_header_text"),
+        "{e}"
+    );
+    // Written before the constraints (which do not check old rows), they are loaded anyway.
+    sqlx::raw_sql(
+        "ALTER TABLE api_keys DROP CONSTRAINT api_keys_times_finite;
+         ALTER TABLE upstream_credentials DROP CONSTRAINT upstream_credentials_header_text",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    set_key(&forever, "expires_at = 'infinity'").await.unwrap();
+    set_key(&ended, "grace_until = '-infinity'").await.unwrap();
+    set_key(&far, "expires_at = '200000-01-01'").await.unwrap();
+
+    let gw = start_proxy(&tdb).await;
+    let call = |key: String| {
+        let url = format!("http://{}/weather/x", gw.addr);
+        async move {
+            let resp = client().get(url).bearer_auth(key).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or_default();
+            let sent = body["headers"]["authorization"].as_str().map(String::from);
+            let code = body["code"].as_str().map(String::from);
+            (status, sent.or(code))
+        }
+    };
+    let system = || (200, Some(format!("Bearer {UPSTREAM_SECRET}")));
+    let own = || (200, Some(format!("Bearer {BYOK_SECRET}")));
+    let unavailable = || (503, Some("upstream_credential_unavailable".to_string()));
+    assert_eq!(
+        call(forever.clone()).await,
+        system(),
+        "'infinity' never ends"
+    );
+    assert_eq!(call(far.clone()).await, system(), "year 200000 is far away");
+    assert_eq!(status(&gw, &ended).await, 401, "'-infinity' has passed");
+    assert_eq!(call(plain_key.clone()).await, system());
+    assert_eq!(call(byok_key.clone()).await, own());
+
+    // The seller's credential would split the request head: its calls get 503, not a bare
+    // call and not a 404; the BYOK buyer's calls go on.
+    let hits = |u: &Upstream| u.hits.load(std::sync::atomic::Ordering::SeqCst);
+    sqlx::query(bad_prefix).execute(&pool).await.unwrap();
+    eventually("the seller's broken credential costs its calls", || async {
+        call(plain_key.clone()).await == unavailable()
+    })
+    .await;
+    let before = hits(&up);
+    assert_eq!(call(plain_key.clone()).await, unavailable());
+    assert_eq!(hits(&up), before, "the upstream never saw the call");
+    assert_eq!(call(byok_key.clone()).await, own());
+
+    // A BYOK credential no master key opens costs only that buyer's calls: they do not fall
+    // back to the seller's credential. Then a seller's secret that decrypts to a line break.
+    sqlx::query("UPDATE upstream_credentials SET value_prefix = 'Bearer ' WHERE kind = 'system'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE upstream_credentials SET key_version = 99 WHERE kind = 'byok'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually(
+        "the buyer's unreadable BYOK costs only the buyer's calls",
+        || async {
+            call(byok_key.clone()).await == unavailable()
+                && call(plain_key.clone()).await == system()
+        },
+    )
+    .await;
+    let sealed = master_keys().encrypt(&seller.to_string(), "weather", "tok\r\nX-Injected: 1");
+    sqlx::query(
+        "UPDATE upstream_credentials SET ciphertext = $1, nonce = $2 WHERE kind = 'system'",
+    )
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .execute(&pool)
+    .await
+    .unwrap();
+    eventually("a secret with a line break is never sent", || async {
+        call(plain_key.clone()).await == unavailable()
+    })
+    .await;
+    assert_eq!(call(byok_key.clone()).await, unavailable());
+
+    // Written again, both serve; and the gateway never stopped following the database.
+    store_credential(
+        &pool,
+        seller,
+        "weather",
+        "vendor",
+        "system",
+        UPSTREAM_SECRET,
+    )
+    .await
+    .unwrap_err(); // one system credential per API: rewrite it in place
+    let sealed = master_keys().encrypt(&seller.to_string(), "weather", UPSTREAM_SECRET);
+    sqlx::query(
+        "UPDATE upstream_credentials SET ciphertext = $1, nonce = $2 WHERE kind = 'system'",
+    )
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE upstream_credentials SET key_version = 1 WHERE kind = 'byok'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually("both credentials serve again", || async {
+        call(plain_key.clone()).await == system() && call(byok_key.clone()).await == own()
+    })
+    .await;
+    set_key(&forever, "revoked_at = now()").await.unwrap();
+    eventually("a revocation still arrives", || async {
+        status(&gw, &forever).await == 401
+    })
+    .await;
+}
+
 /// A seller's upstream that resolves inside the gateway's network is refused at connect time
 /// (whatever the console checked when it was saved: names can be repointed), while the same
 /// upstream in the gateway's own file is the SRE's to choose.

@@ -39,7 +39,7 @@ impl ApiError {
         }
     }
 
-    fn bad(message: impl Into<String>) -> Self {
+    pub(super) fn bad(message: impl Into<String>) -> Self {
         ApiError::new(400, "invalid_request", message)
     }
 
@@ -178,9 +178,26 @@ impl Request<'_> {
     }
 
     fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ApiError> {
-        serde_json::from_slice(self.body).map_err(|e| {
+        let bad = |e: serde_json::Error| {
             ApiError::bad(format!("the body is not the JSON this endpoint takes: {e}"))
-        })
+        };
+        let value: Value = serde_json::from_slice(self.body).map_err(bad)?;
+        // No text the console stores or looks up may hold NUL (PostgreSQL cannot): refused
+        // here, for every field of every endpoint, instead of failing in the database.
+        fn nul(v: &Value) -> bool {
+            match v {
+                Value::String(s) => s.contains('\0'),
+                Value::Array(a) => a.iter().any(nul),
+                Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || nul(v)),
+                _ => false,
+            }
+        }
+        if nul(&value) {
+            return Err(ApiError::bad(
+                "a text field holds a NUL character (\\u0000); remove it",
+            ));
+        }
+        serde_json::from_value(value).map_err(bad)
     }
 
     /// The session token's claims when it verifies (signature, expiry, issuer, audience). Not
@@ -387,9 +404,10 @@ async fn sign_in(r: &Request<'_>) -> Reply {
         return Err(throttled(t, "failed sign-ins"));
     }
     type LoginRow = (Uuid, Option<Uuid>, String, Option<String>, bool);
-    // No account has an email that is not ASCII: such a sign-in is looked up nowhere (it
-    // still spends a hash and a count), so no database case-folding can make it another's.
-    let row: Option<LoginRow> = if body.email.is_ascii() {
+    // Every account's email is visible ASCII (`check_email`): any other sign-in is looked up
+    // nowhere (it still spends a hash and a count), so no database case-folding can make it
+    // another's and no byte the database refuses turns a failed sign-in into an error.
+    let row: Option<LoginRow> = if body.email.trim().bytes().all(|b| b.is_ascii_graphic()) {
         let mut tx = begin(c).await?;
         let row = sqlx::query_as(
             "SELECT id, org_id, role::text, password_hash, disabled FROM console_login($1)",
@@ -970,7 +988,7 @@ struct CredentialBody {
     value_prefix: String,
 }
 
-use crate::proxy::config::CREDENTIAL_HEADERS;
+use crate::proxy::config::{header_text, CREDENTIAL_HEADERS};
 
 fn default_header() -> String {
     "authorization".into()
@@ -1013,10 +1031,9 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
     if body.name.is_empty() {
         return Err(ApiError::bad("name must not be empty"));
     }
-    if body.value.is_empty() || body.value.len() > 8192 || body.value.chars().any(char::is_control)
-    {
+    if body.value.is_empty() || body.value.len() > 8192 || !header_text(&body.value) {
         return Err(ApiError::bad(
-            "value must be 1 to 8192 bytes without control characters (it is sent in a header)",
+            "value must be 1 to 8192 visible ASCII characters or spaces (it is sent in a header)",
         ));
     }
     // A credential may only set an authentication header (the gateway refuses others too).
@@ -1036,7 +1053,11 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
             "name: 1 to 64 letters, digits, '-', '_' and '.'",
         ));
     }
-    short_text(&body.value_prefix, "value_prefix", 32)?;
+    if body.value_prefix.len() > 32 || !header_text(&body.value_prefix) {
+        return Err(ApiError::bad(
+            "value_prefix must be at most 32 visible ASCII characters or spaces (it is sent in a header)",
+        ));
+    }
     let keys = r.console.master_keys.clone().ok_or_else(|| {
         ApiError::new(
             503,

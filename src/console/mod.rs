@@ -374,6 +374,15 @@ async fn api_request(
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    if query
+        .iter()
+        .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return error_body(
+            &api::ApiError::bad("a query parameter holds a NUL character (%00); remove it"),
+            id,
+        );
+    }
     let segments: Vec<&str> = rest.split('/').collect();
     let r = api::Request {
         console,

@@ -280,6 +280,16 @@ pub struct DbEntities {
 }
 
 /// Reads orgs, keys, APIs and credentials in one snapshot (one repeatable-read transaction).
+/// A key's end (seconds since the epoch) as the gateway reads it: `infinity` is no end, any
+/// time before 1970 (`-infinity` too) has passed, any after 9999 is 9999.
+fn until(epoch_s: f64) -> Option<String> {
+    if epoch_s == f64::INFINITY {
+        return None;
+    }
+    let ms = (epoch_s * 1000.0).clamp(0.0, 253_402_300_799_999.0) as i64;
+    DateTime::<Utc>::from_timestamp_millis(ms).map(|t| t.to_rfc3339())
+}
+
 pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
     let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -298,12 +308,16 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
         String,
         String,
         Option<i64>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
+        Option<f64>,
+        Option<f64>,
+        bool,
     );
+    // Times as seconds since the epoch: a column holds what no date type can ('infinity',
+    // year 200000), and one such row must not fail the whole snapshot.
     let keys: Vec<KeyRow> = sqlx::query_as(
-        "SELECT id, org_id, prefix, key_hash, scope::text, tier, daily_quota, expires_at, grace_until, revoked_at
+        "SELECT id, org_id, prefix, key_hash, scope::text, tier, daily_quota,
+                extract(epoch FROM expires_at)::float8, extract(epoch FROM grace_until)::float8,
+                revoked_at IS NOT NULL
          FROM api_keys ORDER BY id",
     )
     .fetch_all(&mut *tx)
@@ -362,9 +376,9 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
                     scope: scope(&sc),
                     tier: Some(tier),
                     daily_quota: quota.map(|q| q as u64),
-                    expires_at: expires.map(|t| t.to_rfc3339()),
-                    grace_until: grace.map(|t| t.to_rfc3339()),
-                    revoked: revoked.is_some(),
+                    expires_at: expires.and_then(until),
+                    grace_until: grace.and_then(until),
+                    revoked,
                 },
             )
             .collect(),

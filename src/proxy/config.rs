@@ -352,6 +352,23 @@ pub fn upstream_uri(upstream: &str) -> Result<http::Uri, String> {
                     "{upstream:?} carries a user name or password; store credentials as credentials"
                 ));
             }
+            // The port as written, digit by digit: the URI parser drops one it cannot read
+            // (`:99999`, `:+80`) and the gateway would dial the scheme's default instead.
+            if let Some(port) = a.as_str()[a.host().len()..].strip_prefix(':') {
+                let ok = (1..=5).contains(&port.len())
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && port.parse::<u16>().is_ok_and(|p| p != 0);
+                if !ok {
+                    return Err(format!(
+                        "{upstream:?} has port {port:?}; write a port from 1 to 65535, or none for the scheme's default"
+                    ));
+                }
+            }
+            if uri.query().is_some() {
+                return Err(format!(
+                    "{upstream:?} has a query; an upstream URL is a base (scheme, host, port, path): the caller's query is forwarded"
+                ));
+            }
             Ok(uri)
         }
         _ => Err(bad()),
@@ -385,6 +402,15 @@ pub const CREDENTIAL_HEADERS: [&str; 5] = [
     "x-auth-token",
     "proxy-authorization",
 ];
+
+/// Whether `text` can go into a header value as written: visible ASCII, spaces and tabs. The
+/// one rule for a credential's value and prefix, at save (console, CLI) and at load.
+pub fn header_text(text: &str) -> bool {
+    // Stricter than `HeaderValue`, which also takes bytes above 0x7F: an upstream reads
+    // those as it likes, so a secret is ASCII.
+    text.bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
 
 /// Who owns a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -793,13 +819,24 @@ impl ProxyConfig {
                     ),
                 );
             }
+            // The value goes into a request head as written: a byte a header cannot carry (a
+            // control character, a line break) would frame the upstream request wrongly.
+            if !header_text(&c.value_prefix) {
+                push(
+                    p("valuePrefix"),
+                    "must be visible ASCII characters and spaces (it goes into a header)".into(),
+                );
+            }
             match (Sealed::from_base64(&c.name, c.key_version, &c.nonce, &c.ciphertext), master_keys) {
                 (Err(e), _) => push(p("ciphertext"), e.to_string()),
-                (Ok(sealed), Some(keys)) => {
-                    if let Err(e) = keys.decrypt(&c.name, &c.org, &c.api, &sealed) {
-                        push(p("ciphertext"), e.to_string());
-                    }
-                }
+                (Ok(sealed), Some(keys)) => match keys.decrypt(&c.name, &c.org, &c.api, &sealed) {
+                    Err(e) => push(p("ciphertext"), e.to_string()),
+                    Ok(secret) if !header_text(secret.expose()) => push(
+                        p("ciphertext"),
+                        "the decrypted secret is not a valid header value (visible ASCII and spaces only); write it again".into(),
+                    ),
+                    Ok(_) => {}
+                },
                 (Ok(_), None) => push(p("keyVersion"), "no master key is loaded to decrypt it; set APITREE_MASTER_KEY or secrets.masterKeyFile".into()),
             }
         }
@@ -953,6 +990,49 @@ routes:
         }
     }
 
+    /// Every character in a credential's value prefix and in its secret: the validator
+    /// refuses exactly what a header cannot carry, and whatever it passes compiles (a
+    /// database-mode gateway skips what it refuses instead of failing to load).
+    #[test]
+    fn a_credential_passes_exactly_when_its_header_value_can_be_sent() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let keys = MasterKeys::single(1, &b64.encode([7u8; 32])).unwrap();
+        let chars = (0u32..=0x7F).chain([0x80, 0xA0, 0xE9, 0x2028, 0xAC00, 0x1F600]);
+        for c in chars.filter_map(char::from_u32) {
+            let sendable = c == '\t' || (' '..='~').contains(&c);
+            for in_secret in [false, true] {
+                let (prefix, secret) = if in_secret {
+                    ("Bearer ".to_string(), format!("s3{c}cret"))
+                } else {
+                    (format!("Bearer{c}"), "s3cret".to_string())
+                };
+                let sealed = keys.encrypt("a", "api", &secret);
+                let mut cfg = parse("orgs: [{ id: a }]\nroutes:\n  - { name: api, pathPrefix: /api/, upstream: \"http://u/\", credential: vendor }\n");
+                cfg.credentials.push(CredentialEntry {
+                    name: "vendor".into(),
+                    org: "a".into(),
+                    api: "api".into(),
+                    kind: CredentialKind::System,
+                    key_version: 1,
+                    nonce: b64.encode(&sealed.nonce),
+                    ciphertext: b64.encode(&sealed.ciphertext),
+                    header: "authorization".into(),
+                    value_prefix: prefix,
+                });
+                let problems = cfg.problems(Some(&keys));
+                let built = super::super::state::GatewayState::build(&cfg, "t", Some(&keys), None);
+                let what = format!(
+                    "U+{:04X} in the {}",
+                    c as u32,
+                    if in_secret { "secret" } else { "prefix" }
+                );
+                assert_eq!(problems.is_empty(), sendable, "{what}: {problems:?}");
+                assert_eq!(built.is_ok(), sendable, "{what}");
+            }
+        }
+    }
+
     /// Differential over every prefix and path of up to five characters from `/`, `a`, `b`:
     /// two prefixes overlap exactly when some path matches both.
     #[test]
@@ -1002,8 +1082,51 @@ routes:
             "example.com",
             "http://exämple.com/",
             "",
+            "http://example.com:/",
+            "http://example.com:+80/",
+            "http://example.com:080/x?",
+            "http://example.com/?k=v",
+            "http://[::1]:99999/",
         ] {
             assert!(upstream_uri(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Every accepted URL is dialled at the port it names, whatever is written after the
+    /// colon: the URI parser alone would drop a port it cannot read and dial 80.
+    #[test]
+    fn an_accepted_upstream_is_dialled_at_the_port_it_names() {
+        let spellings = |n: u32| {
+            [
+                format!("{n}"),
+                format!("0{n}"),
+                format!("+{n}"),
+                format!("{n}0"),
+            ]
+        };
+        for host in ["example.com", "10.0.0.5", "[2001:db8::1]"] {
+            for n in (0..=70_000u32)
+                .step_by(7)
+                .chain([0, 1, 80, 443, 65_535, 65_536, 99_999])
+            {
+                for port in spellings(n) {
+                    let url = format!("http://{host}:{port}/");
+                    let want = port
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                        .then(|| port.parse::<u32>().ok())
+                        .flatten()
+                        .filter(|p| (1..=65_535).contains(p) && port.len() <= 5);
+                    match (upstream_uri(&url), want) {
+                        (Ok(uri), Some(p)) => {
+                            assert_eq!(uri.port_u16().map(u32::from), Some(p), "{url}");
+                            assert_eq!(uri.host(), Some(host), "{url}");
+                        }
+                        (Err(_), None) => {}
+                        (got, want) => panic!("{url}: accepted={} expected={want:?}", got.is_ok()),
+                    }
+                }
+            }
         }
     }
 

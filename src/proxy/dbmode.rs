@@ -8,10 +8,10 @@ use std::{sync::Arc, time::Duration};
 
 use sqlx::{postgres::PgListener, PgPool};
 
-use super::config::ProxyConfig;
+use super::config::{CredentialKind, ProxyConfig};
 use super::egress::EgressPolicy;
 use super::server::{DependencyStatus, Gateway};
-use super::state::GatewayState;
+use super::state::{GatewayState, Sellers};
 use super::vault::MasterKeys;
 use super::ProxyError;
 use crate::db::{self, keys::DbEntities};
@@ -44,8 +44,9 @@ pub fn servable(
     base: &ProxyConfig,
     cfg: &mut ProxyConfig,
     master_keys: Option<&MasterKeys>,
-) -> Vec<String> {
+) -> Servable {
     let mut skipped = Vec::new();
+    let mut unavailable = HashSet::new();
     let own = base.routes.len();
     let mut dropped_routes: HashSet<String> = HashSet::new();
     let mut i = own;
@@ -100,8 +101,18 @@ pub fn servable(
             skipped.push(format!("{}: {}", what.unwrap_or_default(), p.message));
         }
         if drop.iter().all(BTreeSet::is_empty) {
-            return skipped;
+            return Servable {
+                skipped,
+                unavailable,
+            };
         }
+        // A skipped credential's API still serves everyone else; the calls that would carry
+        // it get 503 (counted as an error), never go upstream bare.
+        unavailable.extend(drop[3].iter().map(|n| {
+            let c = &cfg.credentials[*n];
+            let org = (c.kind == CredentialKind::Byok).then(|| c.org.clone());
+            (c.api.clone(), org)
+        }));
         fn remove<T>(v: &mut Vec<T>, at: &BTreeSet<usize>) {
             for n in at.iter().rev() {
                 v.remove(*n);
@@ -113,7 +124,26 @@ pub fn servable(
         remove(&mut cfg.keys, &drop[2]);
         remove(&mut cfg.credentials, &drop[3]);
         drop_credentials_of(cfg, &dropped_routes, first[3]);
+        // A route whose credentials are all skipped no longer names one; it stays served.
+        for r in &mut cfg.routes[own..] {
+            if r.credential.as_ref().is_some_and(|name| {
+                !cfg.credentials
+                    .iter()
+                    .any(|c| &c.name == name && c.api == r.name)
+            }) {
+                r.credential = None;
+            }
+        }
     }
+}
+
+/// What [`servable`] dropped.
+#[derive(Debug, Default)]
+pub struct Servable {
+    /// Each skipped entry and why, for the log.
+    pub skipped: Vec<String>,
+    /// The skipped credentials, as (API, BYOK org or None for system).
+    pub unavailable: HashSet<(String, Option<String>)>,
 }
 
 /// Drops the database's credentials (those after the file's `own`) bound to a dropped route:
@@ -139,14 +169,19 @@ pub async fn load(
         .await
         .map_err(ProxyError::Database)?;
     let mut cfg = merge(base, entities);
-    for skipped in servable(base, &mut cfg, master_keys) {
+    let servable = servable(base, &mut cfg, master_keys);
+    for skipped in &servable.skipped {
         tracing::warn!(%skipped, "a database entry is not served");
     }
     // The database's APIs are sellers': their upstreams are held to the egress policy.
-    let sellers: HashSet<String> = cfg.routes[base.routes.len()..]
-        .iter()
-        .map(|r| r.name.clone())
-        .collect();
+    let sellers = Sellers {
+        names: cfg.routes[base.routes.len()..]
+            .iter()
+            .map(|r| r.name.clone())
+            .collect(),
+        unavailable: servable.unavailable,
+        egress: egress.clone(),
+    };
     // A fresh install has no API registered yet: it serves (404 for every path, /readyz counts
     // zero routes) and picks APIs up as they are registered.
     Ok(GatewayState::build_of(
@@ -155,7 +190,7 @@ pub async fn load(
         master_keys,
         previous,
         super::config::Routes::MayBeNone,
-        Some((&sellers, egress)),
+        Some(&sellers),
     )?)
 }
 

@@ -39,7 +39,7 @@ use super::metrics::{ProxyMetrics, NO_ROUTE};
 use super::pii::{self, PiiKind, StreamMasker};
 use super::ratelimit::Decision;
 use super::request_body::{BodyFault, BodyWatch, WatchedBody};
-use super::state::{GatewayState, KeyRecord, Route, SharedState};
+use super::state::{GatewayState, KeyRecord, NoCredential, Route, SharedState};
 use super::upstream::{self, UpstreamBody};
 use crate::crd::gateway::{KeyScope, PiiMode};
 
@@ -121,6 +121,7 @@ pub enum Refusal {
     ScopeForbidden(KeyScope),
     NoTier,
     NoCredential,
+    CredentialUnavailable,
     RateLimited(Decision),
     BreakerOpen {
         retry_after_ms: u64,
@@ -167,6 +168,7 @@ impl Refusal {
             Self::ScopeForbidden(_) => "scope_forbidden",
             Self::NoTier => "no_rate_limit_tier",
             Self::NoCredential => "no_upstream_credential",
+            Self::CredentialUnavailable => "upstream_credential_unavailable",
             Self::RateLimited(_) => "rate_limited",
             Self::BreakerOpen { .. } => "upstream_circuit_open",
             Self::UpstreamTimeout(_) => "upstream_timeout",
@@ -198,6 +200,7 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
         Refusal::ScopeForbidden(KeyScope::Test) => (StatusCode::FORBIDDEN, "this API accepts live keys only; a test key cannot call it".into()),
         Refusal::ScopeForbidden(KeyScope::Live) => (StatusCode::FORBIDDEN, "this API accepts test keys only".into()),
         Refusal::NoTier => (StatusCode::INTERNAL_SERVER_ERROR, "no rate-limit tier applies to this key; the gateway operator must set one".into()),
+        Refusal::CredentialUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "this API's upstream credential cannot be loaded; its seller must write it again (the gateway's log says why)".into()),
         Refusal::NoCredential => (StatusCode::FORBIDDEN, "this API needs an upstream credential and none is set for your org; add your own (BYOK)".into()),
         Refusal::RateLimited(d) => {
             let (s, w) = d.blocked.unwrap_or((super::ratelimit::Subject::Key, super::ratelimit::Window::Burst10s));
@@ -578,14 +581,10 @@ impl Gateway {
         }
 
         // Step 5: the upstream credential for the caller's org (BYOK first, else system).
-        let credential = match &route.credential {
-            Some(_) => match route.credential_for(&record.org) {
-                Some(c) => Some(c),
-                None if !route.credential_required => None,
-                None => return Err(Refusal::NoCredential),
-            },
-            None => None,
-        };
+        let credential = route.credential_for(&record.org).map_err(|e| match e {
+            NoCredential::Required => Refusal::NoCredential,
+            NoCredential::Unavailable => Refusal::CredentialUnavailable,
+        })?;
 
         // The client's body is watched from here on, so its failures are the client's.
         let (mut parts, body) = req.into_parts();

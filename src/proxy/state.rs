@@ -3,7 +3,7 @@
 
 use std::{
     cell::RefCell,
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, RwLock,
@@ -76,6 +76,11 @@ pub struct Route {
     /// A seller's API without a system credential passes such calls on bare: a buyer's BYOK
     /// credential is that buyer's, and must not turn the API off for everyone else.
     pub credential_required: bool,
+    /// Orgs whose BYOK credential for this route exists but could not be loaded (see
+    /// `dbmode::servable`): their calls get 503 until it is written again, never go bare.
+    pub byok_unavailable: HashSet<String>,
+    /// Likewise the route's system credential, for calls that would carry it.
+    pub system_unavailable: bool,
     pub pii: PiiMode,
     pub log_bodies: bool,
     /// The methods this route forwards and their `Allow` field; None: every method but TRACE
@@ -181,10 +186,34 @@ impl Route {
         }
     }
 
-    /// The credential for a caller's org: its own (BYOK) first, else the system one.
-    pub fn credential_for(&self, org: &str) -> Option<&Injected> {
-        self.byok.get(org).or(self.system.as_ref())
+    /// The credential a call from `org` carries: its org's own (BYOK) first, else the route's
+    /// system one, else none when the route may be called bare.
+    pub fn credential_for(&self, org: &str) -> Result<Option<&Injected>, NoCredential> {
+        if self.credential.is_none() {
+            return Ok(None);
+        }
+        if let Some(c) = self.byok.get(org) {
+            return Ok(Some(c));
+        }
+        if self.byok_unavailable.contains(org) {
+            return Err(NoCredential::Unavailable);
+        }
+        match &self.system {
+            Some(c) => Ok(Some(c)),
+            None if self.system_unavailable => Err(NoCredential::Unavailable),
+            None if self.credential_required => Err(NoCredential::Required),
+            None => Ok(None),
+        }
     }
+}
+
+/// Why a call has no credential to carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoCredential {
+    /// The route needs one and the caller's org has none.
+    Required,
+    /// The one it would carry exists but could not be loaded.
+    Unavailable,
 }
 
 /// Everything a request needs to be decided.
@@ -197,6 +226,14 @@ pub struct GatewayState {
     pub default_tier: Option<String>,
     /// Where this state came from, for /readyz.
     pub source: String,
+}
+
+/// The database's APIs (sellers'), which a gateway holds to its egress policy.
+pub struct Sellers {
+    pub names: HashSet<String>,
+    /// Credentials skipped by `dbmode::servable`, as (API, BYOK org or None for system).
+    pub unavailable: HashSet<(String, Option<String>)>,
+    pub egress: Arc<super::egress::EgressPolicy>,
 }
 
 impl GatewayState {
@@ -226,10 +263,7 @@ impl GatewayState {
         master_keys: Option<&MasterKeys>,
         previous: Option<&GatewayState>,
         routes: super::config::Routes,
-        sellers: Option<(
-            &std::collections::HashSet<String>,
-            &Arc<super::egress::EgressPolicy>,
-        )>,
+        sellers: Option<&Sellers>,
     ) -> Result<Self, InvalidConfig> {
         let problems = cfg.problems_of(master_keys, routes);
         if !problems.is_empty() {
@@ -258,6 +292,12 @@ impl GatewayState {
                 })
                 .map(|o| o.breaker.clone())
                 .unwrap_or_else(|| Arc::new(Breaker::new(settings)));
+            let seller = sellers.filter(|s| s.names.contains(&r.name));
+            let skipped = seller.iter().flat_map(|s| &s.unavailable);
+            let skipped = skipped.filter(|(api, _)| api == &r.name);
+            let system_unavailable = skipped.clone().any(|(_, org)| org.is_none());
+            let byok_unavailable: HashSet<String> =
+                skipped.filter_map(|(_, org)| org.clone()).collect();
             let mut byok = HashMap::new();
             let mut system = None;
             if let (Some(name), Some(keys)) = (&r.credential, master_keys) {
@@ -278,14 +318,7 @@ impl GatewayState {
                         .expect("validated");
                     let mut value =
                         HeaderValue::from_str(&format!("{}{}", c.value_prefix, secret.expose()))
-                            .map_err(|_| InvalidConfig {
-                                file: file.to_string(),
-                                problems: vec![super::config::Problem {
-                                    path: format!("credentials[{}]", c.name),
-                                    message: "the decrypted value is not a valid header value"
-                                        .into(),
-                                }],
-                            })?;
+                            .expect("validated: both parts are header values");
                     value.set_sensitive(true);
                     let injected = Injected {
                         header: HeaderName::from_bytes(c.header.as_bytes()).expect("validated"),
@@ -314,12 +347,13 @@ impl GatewayState {
                 allow_live: r.scopes.contains(&KeyScope::Live),
                 allow_test: r.scopes.contains(&KeyScope::Test),
                 tier: r.tier.clone(),
-                credential: r.credential.clone(),
-                egress: sellers
-                    .filter(|(names, _)| names.contains(&r.name))
-                    .map(|(_, policy)| policy.clone()),
-                credential_required: system.is_some()
-                    || !sellers.is_some_and(|(names, _)| names.contains(&r.name)),
+                credential: r.credential.clone().or_else(|| {
+                    (system_unavailable || !byok_unavailable.is_empty()).then(|| r.name.clone())
+                }),
+                egress: seller.map(|s| s.egress.clone()),
+                credential_required: system.is_some() || seller.is_none(),
+                system_unavailable,
+                byok_unavailable,
                 byok,
                 system,
                 pii: r.pii,
