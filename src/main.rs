@@ -625,15 +625,11 @@ fn credentials(cmd: CredentialsCommand) -> Result<()> {
     if value.is_empty() {
         return Err(anyhow!("no credential on stdin: pipe the secret in, e.g. `printf %s \"$TOKEN\" | apitree credentials encrypt ...`"));
     }
-    for (what, text) in [
-        ("the credential", value),
-        ("--value-prefix", value_prefix.as_str()),
-    ] {
-        if !proxy::config::header_text(text) {
-            return Err(anyhow!(
-                "{what} must be visible ASCII characters and spaces: it is sent in a header"
-            ));
-        }
+    if let Some(e) = proxy::config::value_prefix_problem(&value_prefix) {
+        return Err(anyhow!("--value-prefix {e}"));
+    }
+    if let Some(e) = proxy::config::secret_problem(&value_prefix, value) {
+        return Err(anyhow!("the credential on stdin {e}"));
     }
     let sealed = keys.encrypt(&org, &api, value);
     print!(
@@ -961,9 +957,9 @@ async fn users(cmd: UsersCommand) -> Result<()> {
 fn status_viewers() -> Result<()> {
     match apitree::operator::http::Viewers::from_env().map_err(|e| anyhow!(e))? {
         Some(v) => match v.console() {
-            Some(url) => tracing::info!(
+            Some(link) => tracing::info!(
                 kids = %v.keyring.kids().join(", "),
-                console = %url,
+                console = %link.url,
                 "the status data (/api/gateways) answers admins with a console session, confirmed with the console"
             ),
             None => tracing::warn!(

@@ -170,7 +170,7 @@ fn the_console_runs_locked_down_with_its_secrets_from_secrets() {
         );
     }
     let op: Deployment = serde_json::from_value(operator_deployment(&docs).clone()).unwrap();
-    let op_env = op.spec.template.spec.unwrap().containers[0]
+    let op_env = op.spec.template.spec.clone().unwrap().containers[0]
         .env
         .clone()
         .unwrap();
@@ -194,6 +194,35 @@ fn the_console_runs_locked_down_with_its_secrets_from_secrets() {
     assert_eq!(
         console_url,
         format!("https://{console_service}.apitree-system.svc:8090/")
+    );
+    // Its certificate's private CA: the file the operator reads is the Secret's key.
+    let ca_file = op_env
+        .iter()
+        .find(|e| e.name == "APITREE_CONSOLE_CA_FILE")
+        .and_then(|e| e.value.clone())
+        .expect("APITREE_CONSOLE_CA_FILE");
+    let op_pod = op.spec.template.spec.clone().unwrap();
+    let mount = op_pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| ca_file.starts_with(&format!("{}/", m.mount_path)))
+        .unwrap_or_else(|| panic!("{ca_file} is on no volume"));
+    let volume = op_pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let secret = volume.secret.as_ref().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("apitree-console-ca"));
+    let item = &secret.items.as_ref().unwrap()[0];
+    assert_eq!(
+        (
+            item.key.as_str(),
+            format!("{}/{}", mount.mount_path, item.path)
+        ),
+        ("ca.crt", ca_file)
     );
     let job = of_kind(&docs, "Job")[0].to_string();
     assert!(

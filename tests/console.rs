@@ -51,6 +51,35 @@ impl Env {
     }
 
     async fn with_limits(limits: Limits) -> Env {
+        Env::build(limits, None).await
+    }
+
+    /// A console serving TLS with `pki`'s `tls.crt` (signed by its private CA), which this
+    /// Env's client trusts.
+    async fn with_tls(pki: &common::pki::Pki) -> Env {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = apitree::small_http::tls(
+            &pki.path("tls.crt"),
+            &pki.path("tls.key"),
+            &prometheus::Registry::new(),
+            "test",
+        )
+        .unwrap();
+        Env::build(
+            Limits {
+                per_account: 3,
+                per_address: 1000,
+                window: Duration::from_secs(60),
+            },
+            Some((tls, pki.ca())),
+        )
+        .await
+    }
+
+    async fn build(
+        limits: Limits,
+        tls: Option<(Arc<apitree::proxy::tls::ServerTls>, Vec<u8>)>,
+    ) -> Env {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let db = common::TestDb::new().await;
         let pool = db.migrated_pool().await;
@@ -95,12 +124,23 @@ impl Env {
             metrics: ConsoleMetrics::new(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = console::spawn(listener, c, None).unwrap();
+        let (tls, http) = match tls {
+            Some((tls, ca)) => (
+                Some(tls),
+                reqwest::Client::builder()
+                    .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
+                    .build()
+                    .unwrap(),
+            ),
+            None => (None, reqwest::Client::new()),
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = console::spawn(listener, c, tls).unwrap();
         let env = Env {
-            base: format!("http://{}", server.addr),
+            base: format!("{scheme}://{}", server.addr),
             _db: db,
             pool,
-            http: reqwest::Client::new(),
+            http,
             org_a,
             org_b,
             people,
@@ -1631,7 +1671,7 @@ async fn sellers_cannot_take_anothers_traffic_or_point_the_gateway_inward() {
 /// not when the token expires.
 #[tokio::test]
 async fn the_operators_status_data_follows_the_console_on_every_request() {
-    use apitree::operator::http::{HttpState, Viewers};
+    use apitree::operator::http::{ConsoleLink, HttpState, Viewers};
     let env = Env::new().await;
     let mut state = HttpState::new(
         Arc::new(apitree::operator::metrics::OperatorMetrics::new()),
@@ -1640,7 +1680,7 @@ async fn the_operators_status_data_follows_the_console_on_every_request() {
     state.viewers = Some(
         Viewers::new(
             Keyring::parse(SECRETS).unwrap(),
-            Some(format!("{}/", env.base).parse().unwrap()),
+            Some(ConsoleLink::new(env.base.parse().unwrap(), None).unwrap()),
         )
         .uncached(),
     );
@@ -1680,6 +1720,62 @@ async fn the_operators_status_data_follows_the_console_on_every_request() {
     );
 }
 
+/// A console whose certificate a private CA signed: the operator confirms sessions and
+/// scrapes its metrics when `APITREE_CONSOLE_CA_FILE` names that CA, and does not trust it
+/// otherwise (the status data answers 503, never a session it could not confirm).
+#[tokio::test]
+async fn the_operator_trusts_a_console_signed_by_a_private_ca_only_when_told() {
+    use apitree::operator::console_watch::ConsoleWatch;
+    use apitree::operator::http::{ConsoleLink, HttpState, Viewers};
+    let pki = common::pki::Pki::serving();
+    let env = Env::with_tls(&pki).await;
+    assert!(env.base.starts_with("https://"));
+    let admin = env.sign_in("admin@ops.test").await;
+    let url: reqwest::Url = env.base.parse().unwrap();
+    let trusting = ConsoleLink::new(url.clone(), Some(&pki.ca())).unwrap();
+    let system_cas = ConsoleLink::new(url.clone(), None).unwrap();
+    let e = ConsoleLink::new(url, Some(b"not a certificate"))
+        .err()
+        .unwrap();
+    assert!(e.contains("no PEM certificate"), "{e}");
+
+    for (link, want) in [(trusting.clone(), 200), (system_cas.clone(), 503)] {
+        let mut state = HttpState::new(
+            Arc::new(apitree::operator::metrics::OperatorMetrics::new()),
+            None,
+        );
+        state.viewers = Some(Viewers::new(Keyring::parse(SECRETS).unwrap(), Some(link)).uncached());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = apitree::operator::http::spawn(listener, Arc::new(state), None);
+        let status = reqwest::Client::new()
+            .get(format!("http://{addr}/api/gateways"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(status, want);
+    }
+    let watch = |link: &ConsoleLink| {
+        ConsoleWatch::new(
+            link,
+            &Default::default(),
+            Arc::new(apitree::detect::engine::IncidentStore::memory()),
+            Arc::new(apitree::notify::Notifier::recording()),
+        )
+        .unwrap()
+    };
+    let at = chrono::Utc::now().timestamp();
+    assert!(
+        watch(&trusting).tick(at).await.is_ok(),
+        "metrics are scraped"
+    );
+    let e = watch(&system_cas).tick(at).await.unwrap_err();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+}
+
 /// A password-guessing run against the console is an auth-failure spike the operator's
 /// detector scores like a gateway's: quiet windows with the odd typo open nothing, the run
 /// opens an incident for the console, and the notice goes where gateways' go (Slack).
@@ -1699,7 +1795,7 @@ async fn a_password_guessing_run_opens_an_auth_failure_incident_for_the_console(
         ..Default::default()
     };
     let mut watch = ConsoleWatch::new(
-        &format!("{}/", env.base).parse().unwrap(),
+        &apitree::operator::http::ConsoleLink::new(env.base.parse().unwrap(), None).unwrap(),
         &spec,
         Arc::new(IncidentStore::memory()),
         notifier.clone(),

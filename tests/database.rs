@@ -40,6 +40,139 @@ async fn migrations_apply_twice_without_change() {
     }
 }
 
+/// Rows written before the "loadable rows" migration that no date type or plain array can
+/// hold are rewritten to what the gateway already read them as, so the new rules hold for
+/// every row and nothing old blocks a revocation, a grace sweep or a master-key rotation.
+#[tokio::test]
+async fn an_upgrade_rewrites_old_rows_the_gateway_could_not_read_and_they_stay_usable() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.pool().await;
+    let before = db::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| *v < 20261205000012)
+        .max()
+        .unwrap();
+    db::MIGRATOR.run_to(before, &pool).await.unwrap();
+    let org = Uuid::new_v4();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'acme')")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let insert_key = |prefix: &'static str, set: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("INSERT INTO api_keys (id, org_id, prefix, key_hash, scope, tier) VALUES ($1, $2, $3, $4, 'live', 'std')")
+                .bind(Uuid::new_v4())
+                .bind(org)
+                .bind(prefix)
+                .bind(Uuid::new_v4().as_bytes().repeat(2))
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "UPDATE api_keys SET {set} WHERE prefix = '{prefix}'"
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    insert_key(
+        "at_live_forever1",
+        "expires_at = 'infinity', last_used_at = 'infinity'",
+    )
+    .await;
+    insert_key("at_live_ended001", "grace_until = '-infinity'").await;
+    insert_key(
+        "at_live_far00001",
+        "expires_at = '200000-01-01', created_at = '-infinity'",
+    )
+    .await;
+    let api = Uuid::new_v4();
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "INSERT INTO apis (id, org_id, name, path_prefix, upstream_url, scopes)
+              VALUES ('{api}', '{org}', 'odd', '/odd', 'http://10.0.0.5:8080/v1?k=v', '[0:1]={{live,NULL}}');
+         INSERT INTO apis (id, org_id, name, path_prefix, upstream_url, scopes)
+              VALUES (gen_random_uuid(), '{org}', 'deep', '/deep', 'http://10.0.0.5/', '{{{{live}},{{test}}}}');
+         INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version, value_prefix)
+              VALUES (gen_random_uuid(), '{org}', '{api}', 'old', 'system', '\\x00', '\\x000000000000000000000000', 1, E' Bearer\\r\\n')"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    db::migrate(&pool, &tdb.name).await.expect("the upgrade");
+    type Times = (String, Option<String>, Option<String>, bool, bool);
+    let times: Vec<Times> = sqlx::query_as(
+        "SELECT prefix, expires_at::text, grace_until::text, last_used_at IS NULL, created_at > now() - interval '1 hour'
+           FROM api_keys ORDER BY prefix",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let epoch = Some("1970-01-01 00:00:00+00".to_string());
+    assert_eq!(
+        times,
+        [
+            ("at_live_ended001".into(), None, epoch, true, true),
+            (
+                "at_live_far00001".into(),
+                Some("9999-12-31 23:59:59+00".into()),
+                None,
+                true,
+                true
+            ),
+            ("at_live_forever1".into(), None, None, true, true),
+        ]
+    );
+    let apis: Vec<(String, String, Vec<String>)> =
+        sqlx::query_as("SELECT name, upstream_url, scopes::text[] FROM apis ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        apis,
+        [
+            (
+                "deep".into(),
+                "http://10.0.0.5/".into(),
+                vec!["live".into(), "test".into()]
+            ),
+            (
+                "odd".into(),
+                "http://10.0.0.5:8080/v1".into(),
+                vec!["live".into()]
+            ),
+        ]
+    );
+    // Every key is revocable and the grace sweep runs; an old credential the gateway skips
+    // still takes a master-key rotation's rewrite, while a new bad prefix is refused.
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM api_keys")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for id in ids {
+        db::keys::revoke_key(&pool, id, "test").await.unwrap();
+    }
+    db::keys::sweep_grace(&pool, chrono::Utc::now(), "test")
+        .await
+        .unwrap();
+    sqlx::query("UPDATE upstream_credentials SET key_version = 2, ciphertext = '\\x01'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let e = sqlx::query("UPDATE upstream_credentials SET value_prefix = E'Bearer\\n'")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("visible ASCII"), "{e}");
+    db::keys::load_entities(&pool)
+        .await
+        .expect("the gateway loads every row");
+}
+
 async fn table_names(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables

@@ -556,17 +556,18 @@ async fn rows_the_gateway_cannot_use_cost_only_the_calls_that_need_them() {
     let e = set_key(&forever, "expires_at = 'infinity'")
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("api_keys_times_finite"), "{e}");
+    assert!(e.to_string().contains("api_keys_times_readable"), "{e}");
     let bad_prefix = "UPDATE upstream_credentials SET value_prefix = E'Bearer\\r\\nX-Injected: 1 ' WHERE kind = 'system'";
     let e = sqlx::query(bad_prefix).execute(&pool).await.unwrap_err();
-    assert!(
-        e.to_string().contains("upstream_credentials_header_text"),
+    assert_eq!(
+        e.as_database_error().and_then(|d| d.constraint()),
+        Some("upstream_credentials_header_text"),
         "{e}"
     );
-    // Written before the constraints (which do not check old rows), they are loaded anyway.
+    // With the rules dropped (by hand, say), such rows are written, and loaded anyway.
     sqlx::raw_sql(
-        "ALTER TABLE api_keys DROP CONSTRAINT api_keys_times_finite;
-         ALTER TABLE upstream_credentials DROP CONSTRAINT upstream_credentials_header_text",
+        "ALTER TABLE api_keys DROP CONSTRAINT api_keys_times_readable;
+         DROP TRIGGER upstream_credentials_header_text ON upstream_credentials",
     )
     .execute(&pool)
     .await

@@ -988,7 +988,7 @@ struct CredentialBody {
     value_prefix: String,
 }
 
-use crate::proxy::config::{header_text, CREDENTIAL_HEADERS};
+use crate::proxy::config::{secret_problem, value_prefix_problem, CREDENTIAL_HEADERS};
 
 fn default_header() -> String {
     "authorization".into()
@@ -1031,10 +1031,14 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
     if body.name.is_empty() {
         return Err(ApiError::bad("name must not be empty"));
     }
-    if body.value.is_empty() || body.value.len() > 8192 || !header_text(&body.value) {
-        return Err(ApiError::bad(
-            "value must be 1 to 8192 visible ASCII characters or spaces (it is sent in a header)",
-        ));
+    if body.value.len() > 8192 {
+        return Err(ApiError::bad("value must be at most 8192 bytes"));
+    }
+    if let Some(e) = value_prefix_problem(&body.value_prefix)
+        .map(|e| format!("value_prefix {e}"))
+        .or_else(|| secret_problem(&body.value_prefix, &body.value).map(|e| format!("value {e}")))
+    {
+        return Err(ApiError::bad(e));
     }
     // A credential may only set an authentication header (the gateway refuses others too).
     if !CREDENTIAL_HEADERS.contains(&body.header.to_ascii_lowercase().as_str()) {
@@ -1053,10 +1057,8 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
             "name: 1 to 64 letters, digits, '-', '_' and '.'",
         ));
     }
-    if body.value_prefix.len() > 32 || !header_text(&body.value_prefix) {
-        return Err(ApiError::bad(
-            "value_prefix must be at most 32 visible ASCII characters or spaces (it is sent in a header)",
-        ));
+    if body.value_prefix.len() > 32 {
+        return Err(ApiError::bad("value_prefix must be at most 32 characters"));
     }
     let keys = r.console.master_keys.clone().ok_or_else(|| {
         ApiError::new(

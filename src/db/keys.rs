@@ -279,7 +279,6 @@ pub struct DbEntities {
     pub credentials: Vec<CredentialEntry>,
 }
 
-/// Reads orgs, keys, APIs and credentials in one snapshot (one repeatable-read transaction).
 /// A key's end (seconds since the epoch) as the gateway reads it: `infinity` is no end, any
 /// time before 1970 (`-infinity` too) has passed, any after 9999 is 9999.
 fn until(epoch_s: f64) -> Option<String> {
@@ -290,6 +289,9 @@ fn until(epoch_s: f64) -> Option<String> {
     DateTime::<Utc>::from_timestamp_millis(ms).map(|t| t.to_rfc3339())
 }
 
+/// Reads orgs, keys, APIs and credentials in one snapshot (one repeatable-read transaction).
+/// Columns are read in forms every value the schema allows decodes from (times as seconds,
+/// scopes as flags), so one odd row cannot fail the snapshot.
 pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
     let mut tx = pool.begin().await.map_err(DbError::query("begin"))?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -323,7 +325,7 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
     .fetch_all(&mut *tx)
     .await
     .map_err(DbError::query("load API keys"))?;
-    type ApiRow = (String, String, String, Vec<String>, String, i32, bool, bool);
+    type ApiRow = (String, String, String, bool, bool, String, i32, bool, bool);
     // Which credential a call carries is decided by the API and the calling key's org, never
     // by a credential's name: the API's system credential is its own seller's (a system row of
     // another org is ignored), and each org's BYOK credential wins for that org's keys. So
@@ -331,7 +333,9 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
     // it when there is any.
     const USABLE: &str = "(c.kind = 'byok' OR c.org_id = a.org_id)";
     let apis: Vec<ApiRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT a.name, a.path_prefix, a.upstream_url, a.scopes::text[], a.pii_mode, a.timeout_ms, a.log_bodies,
+        "SELECT a.name, a.path_prefix, a.upstream_url,
+                coalesce('live' = ANY(a.scopes), false), coalesce('test' = ANY(a.scopes), false),
+                a.pii_mode, a.timeout_ms, a.log_bodies,
                 EXISTS (SELECT 1 FROM upstream_credentials c WHERE c.api_id = a.id AND {USABLE})
          FROM apis a ORDER BY a.name"
     )))
@@ -385,7 +389,7 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
         routes: apis
             .into_iter()
             .map(
-                |(name, prefix, upstream, scopes, pii, timeout_ms, log_bodies, credential)| {
+                |(name, prefix, upstream, live, test, pii, timeout_ms, log_bodies, credential)| {
                     crate::crd::gateway::RouteSpec {
                         credential: credential.then(|| name.clone()),
                         name,
@@ -394,7 +398,10 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
                         timeout: Some(crate::crd::KubeDuration::from_millis(
                             timeout_ms.max(1) as u64
                         )),
-                        scopes: scopes.iter().map(|s| scope(s)).collect(),
+                        scopes: [(live, KeyScope::Live), (test, KeyScope::Test)]
+                            .into_iter()
+                            .filter_map(|(on, s)| on.then_some(s))
+                            .collect(),
                         tier: None,
                         pii: match pii.as_str() {
                             "mask" => crate::crd::gateway::PiiMode::Mask,

@@ -25,18 +25,23 @@ pub struct ConsoleWatch {
 }
 
 impl ConsoleWatch {
-    /// Watches the console at `console` (its base URL) with `spec`'s scoring.
+    /// Watches `console` with `spec`'s scoring.
     pub fn new(
-        console: &reqwest::Url,
+        console: &super::http::ConsoleLink,
         spec: &DetectionSpec,
         store: Arc<IncidentStore>,
         notifier: Arc<Notifier>,
     ) -> Result<Self, String> {
         let metrics = console
+            .url
             .join("metrics")
-            .map_err(|e| format!("{console}: {e}"))?;
+            .map_err(|e| format!("{}: {e}", console.url))?;
         Ok(ConsoleWatch {
-            source: ScrapeSource::new(vec![metrics.to_string()]),
+            source: ScrapeSource::with_targets(vec![crate::detect::source::ScrapeTarget {
+                name: metrics.to_string(),
+                url: metrics.to_string(),
+                client: console.client.clone(),
+            }]),
             detector: Detector::new(
                 CONSOLE,
                 ScoreConfig::from(spec),

@@ -44,23 +44,72 @@ const CONFIRMED_MAX: usize = 1024;
 /// expires (a session lifetime, 15 minutes by default).
 pub struct Viewers {
     pub keyring: crate::console::jwt::Keyring,
-    /// The console and a client to ask it.
-    console: Option<(reqwest::Url, reqwest::Client)>,
+    /// The console to ask.
+    console: Option<ConsoleLink>,
     confirm_for: Duration,
     confirmed: std::sync::Mutex<std::collections::HashMap<[u8; 32], (std::time::Instant, bool)>>,
 }
 
-impl Viewers {
-    pub fn new(keyring: crate::console::jwt::Keyring, console: Option<reqwest::Url>) -> Self {
-        let client = || {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .expect("a client with a timeout")
+/// The console the operator asks (sessions, `/metrics`): its base URL and a client that
+/// trusts its certificate.
+#[derive(Clone)]
+pub struct ConsoleLink {
+    pub url: reqwest::Url,
+    pub client: reqwest::Client,
+}
+
+impl ConsoleLink {
+    /// `url` is the console's base URL; `ca_pem`, the CA that signed its certificate when the
+    /// system CAs do not (a private CA): then that CA alone is trusted.
+    pub fn new(mut url: reqwest::Url, ca_pem: Option<&[u8]>) -> Result<Self, String> {
+        // The console's paths are below this one, whether or not it ends in '/'.
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(5));
+        if let Some(pem) = ca_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or("holds no PEM certificate")?;
+            builder = builder.tls_certs_only(roots);
+        }
+        let client = builder.build().map_err(|e| crate::tls::error_chain(&e))?;
+        Ok(ConsoleLink { url, client })
+    }
+
+    /// From `APITREE_CONSOLE_URL` and `APITREE_CONSOLE_CA_FILE`; `None` without a URL.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        let u = match std::env::var("APITREE_CONSOLE_URL") {
+            Ok(u) if !u.trim().is_empty() => u,
+            _ => return Ok(None),
         };
+        let url = reqwest::Url::parse(u.trim()).map_err(|e| {
+            format!("APITREE_CONSOLE_URL {u:?} is not a URL like http://apitree-console:8090/: {e}")
+        })?;
+        let ca = match std::env::var("APITREE_CONSOLE_CA_FILE") {
+            Ok(f) if !f.trim().is_empty() => Some(
+                std::fs::read(f.trim())
+                    .map_err(|e| format!("APITREE_CONSOLE_CA_FILE {f:?}: {e}"))
+                    .map(|pem| (f, pem))?,
+            ),
+            _ => None,
+        };
+        match ca {
+            Some((f, pem)) => Self::new(url, Some(&pem))
+                .map_err(|e| format!("APITREE_CONSOLE_CA_FILE {f:?}: {e}")),
+            None => Self::new(url, None).map_err(|e| format!("APITREE_CONSOLE_URL: {e}")),
+        }
+        .map(Some)
+    }
+}
+
+impl Viewers {
+    pub fn new(keyring: crate::console::jwt::Keyring, console: Option<ConsoleLink>) -> Self {
         Viewers {
             keyring,
-            console: console.map(|url| (url, client())),
+            console,
             confirm_for: CONFIRM_FOR,
             confirmed: Default::default(),
         }
@@ -72,41 +121,30 @@ impl Viewers {
         self
     }
 
-    /// From `APITREE_JWT_SECRETS` and `APITREE_CONSOLE_URL`; `None` without a keyring.
+    /// From `APITREE_JWT_SECRETS`, `APITREE_CONSOLE_URL` and `APITREE_CONSOLE_CA_FILE`; `None`
+    /// without a keyring.
     pub fn from_env() -> Result<Option<Self>, String> {
         let Some(keyring) = crate::console::jwt::Keyring::from_env()
             .map_err(|e| format!("APITREE_JWT_SECRETS: {e}"))?
         else {
             return Ok(None);
         };
-        let console = match std::env::var("APITREE_CONSOLE_URL") {
-            Ok(u) if !u.trim().is_empty() => {
-                let mut url = reqwest::Url::parse(u.trim()).map_err(|e| {
-                    format!(
-                        "APITREE_CONSOLE_URL {u:?} is not a URL like http://apitree-console:8090/: {e}"
-                    )
-                })?;
-                // The console's paths are below this one, whether or not it ends in '/'.
-                if !url.path().ends_with('/') {
-                    let path = format!("{}/", url.path());
-                    url.set_path(&path);
-                }
-                Some(url)
-            }
-            _ => None,
-        };
-        Ok(Some(Self::new(keyring, console)))
+        Ok(Some(Self::new(keyring, ConsoleLink::from_env()?)))
     }
 
-    /// The console's URL, if sessions are confirmed there.
-    pub fn console(&self) -> Option<&reqwest::Url> {
-        self.console.as_ref().map(|(url, _)| url)
+    /// The console, if sessions are confirmed there.
+    pub fn console(&self) -> Option<&ConsoleLink> {
+        self.console.as_ref()
     }
 
     /// Whether the console says `token`'s user is an enabled admin or super_admin now.
     async fn confirm(&self, token: &str) -> Result<bool, String> {
         use sha2::Digest;
-        let Some((console, http)) = &self.console else {
+        let Some(ConsoleLink {
+            url: console,
+            client: http,
+        }) = &self.console
+        else {
             return Ok(true);
         };
         let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();

@@ -79,13 +79,13 @@ fn console_watch(
     let Some(viewers) = http::Viewers::from_env().map_err(OperatorError::Console)? else {
         return Ok(None);
     };
-    let Some(url) = viewers.console() else {
+    let Some(link) = viewers.console() else {
         return Ok(None);
     };
     let watch =
-        super::console_watch::ConsoleWatch::new(url, &DetectionSpec::default(), store, notifier)
+        super::console_watch::ConsoleWatch::new(link, &DetectionSpec::default(), store, notifier)
             .map_err(OperatorError::Console)?;
-    tracing::info!(console = %url, "the console's sign-ins are watched like a gateway's traffic");
+    tracing::info!(console = %link.url, "the console's sign-ins are watched like a gateway's traffic");
     Ok(Some(Arc::new(tokio::sync::Mutex::new(watch))))
 }
 

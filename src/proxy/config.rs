@@ -403,11 +403,40 @@ pub const CREDENTIAL_HEADERS: [&str; 5] = [
     "proxy-authorization",
 ];
 
-/// Whether `text` can go into a header value as written: visible ASCII, spaces and tabs. The
-/// one rule for a credential's value and prefix, at save (console, CLI) and at load.
-pub fn header_text(text: &str) -> bool {
-    // Stricter than `HeaderValue`, which also takes bytes above 0x7F: an upstream reads
-    // those as it likes, so a secret is ASCII.
+/// What is wrong with a credential's value prefix, if anything: it goes into a header as
+/// written, so visible ASCII, spaces and tabs, and not starting with a space or tab (a parser
+/// drops those). The one rule at save (console, CLI, database) and at load.
+pub fn value_prefix_problem(prefix: &str) -> Option<&'static str> {
+    if !header_text(prefix) {
+        Some("must be visible ASCII characters and spaces: it goes into a header as written")
+    } else if prefix.starts_with([' ', '\t']) {
+        Some("must not start with a space or tab: the upstream would drop it")
+    } else {
+        None
+    }
+}
+
+/// What is wrong with a credential's secret sent after `prefix`, if anything: there is one,
+/// it is visible ASCII, spaces and tabs, and the value does not end (or, without a prefix,
+/// start) with a space or tab, which a parser would drop: the upstream would read another
+/// credential, or none.
+pub fn secret_problem(prefix: &str, secret: &str) -> Option<&'static str> {
+    if secret.is_empty() {
+        Some("is empty: the call would go upstream without a credential")
+    } else if !header_text(secret) {
+        Some("must be visible ASCII characters and spaces: it goes into a header as written")
+    } else if secret.ends_with([' ', '\t'])
+        || (prefix.is_empty() && secret.starts_with([' ', '\t']))
+    {
+        Some("must not start or end with a space or tab: the upstream would drop it")
+    } else {
+        None
+    }
+}
+
+/// Visible ASCII, spaces and tabs: stricter than `HeaderValue`, which also takes bytes above
+/// 0x7F (an upstream reads those as it likes).
+fn header_text(text: &str) -> bool {
     text.bytes()
         .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
@@ -821,21 +850,18 @@ impl ProxyConfig {
             }
             // The value goes into a request head as written: a byte a header cannot carry (a
             // control character, a line break) would frame the upstream request wrongly.
-            if !header_text(&c.value_prefix) {
-                push(
-                    p("valuePrefix"),
-                    "must be visible ASCII characters and spaces (it goes into a header)".into(),
-                );
+            if let Some(e) = value_prefix_problem(&c.value_prefix) {
+                push(p("valuePrefix"), e.into());
             }
             match (Sealed::from_base64(&c.name, c.key_version, &c.nonce, &c.ciphertext), master_keys) {
                 (Err(e), _) => push(p("ciphertext"), e.to_string()),
                 (Ok(sealed), Some(keys)) => match keys.decrypt(&c.name, &c.org, &c.api, &sealed) {
                     Err(e) => push(p("ciphertext"), e.to_string()),
-                    Ok(secret) if !header_text(secret.expose()) => push(
-                        p("ciphertext"),
-                        "the decrypted secret is not a valid header value (visible ASCII and spaces only); write it again".into(),
-                    ),
-                    Ok(_) => {}
+                    Ok(secret) => {
+                        if let Some(e) = secret_problem(&c.value_prefix, secret.expose()) {
+                            push(p("ciphertext"), format!("the decrypted secret {e}; write it again"));
+                        }
+                    }
                 },
                 (Ok(_), None) => push(p("keyVersion"), "no master key is loaded to decrypt it; set APITREE_MASTER_KEY or secrets.masterKeyFile".into()),
             }
@@ -999,14 +1025,29 @@ routes:
         let b64 = base64::engine::general_purpose::STANDARD;
         let keys = MasterKeys::single(1, &b64.encode([7u8; 32])).unwrap();
         let chars = (0u32..=0x7F).chain([0x80, 0xA0, 0xE9, 0x2028, 0xAC00, 0x1F600]);
+        let mut cases = Vec::new();
         for c in chars.filter_map(char::from_u32) {
             let sendable = c == '\t' || (' '..='~').contains(&c);
-            for in_secret in [false, true] {
-                let (prefix, secret) = if in_secret {
-                    ("Bearer ".to_string(), format!("s3{c}cret"))
-                } else {
-                    (format!("Bearer{c}"), "s3cret".to_string())
-                };
+            cases.push(("Bearer ".to_string(), format!("s3{c}cret"), sendable));
+            cases.push((format!("Bearer{c}"), "s3cret".to_string(), sendable));
+        }
+        // What a parser would trim, and no secret at all.
+        for (prefix, secret, sendable) in [
+            ("Bearer ", "", false),
+            ("", "", false),
+            ("Bearer ", "tok ", false),
+            ("Bearer ", "tok\t", false),
+            (" Bearer ", "tok", false),
+            ("\tBearer ", "tok", false),
+            ("", " tok", false),
+            ("", "tok", true),
+            ("Bearer ", " tok", true),
+            ("Bearer\t", "tok", true),
+        ] {
+            cases.push((prefix.to_string(), secret.to_string(), sendable));
+        }
+        for (prefix, secret, sendable) in cases {
+            {
                 let sealed = keys.encrypt("a", "api", &secret);
                 let mut cfg = parse("orgs: [{ id: a }]\nroutes:\n  - { name: api, pathPrefix: /api/, upstream: \"http://u/\", credential: vendor }\n");
                 cfg.credentials.push(CredentialEntry {
@@ -1018,15 +1059,11 @@ routes:
                     nonce: b64.encode(&sealed.nonce),
                     ciphertext: b64.encode(&sealed.ciphertext),
                     header: "authorization".into(),
-                    value_prefix: prefix,
+                    value_prefix: prefix.clone(),
                 });
                 let problems = cfg.problems(Some(&keys));
                 let built = super::super::state::GatewayState::build(&cfg, "t", Some(&keys), None);
-                let what = format!(
-                    "U+{:04X} in the {}",
-                    c as u32,
-                    if in_secret { "secret" } else { "prefix" }
-                );
+                let what = format!("prefix {prefix:?}, secret {secret:?}");
                 assert_eq!(problems.is_empty(), sendable, "{what}: {problems:?}");
                 assert_eq!(built.is_ok(), sendable, "{what}");
             }
