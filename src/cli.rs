@@ -137,7 +137,10 @@ pub enum Command {
     /// One replica leads through a Lease and reconciles; the others stand by, ready to take
     /// over (/readyz says which role a replica has). Serves the status page, /metrics (apitree_operator_*),
     /// /healthz, /readyz and, with SLACK_SIGNING_SECRET, POST /slack/interactions on --http.
-    /// Notifications go to the log, or to Slack when SLACK_BOT_TOKEN is set.
+    /// Notifications go to the log, or to Slack when SLACK_BOT_TOKEN is set. With
+    /// APITREE_JWT_SECRETS (the console's keyring) /api/gateways answers admins with a console
+    /// session; APITREE_CONSOLE_URL names the console that confirms each session (and whose
+    /// sign-ins are watched), APITREE_CONSOLE_CA_FILE the private CA that signed its certificate.
     Operator(OperatorArgs),
 
     /// Run the console: where buyers, sellers and admins sign in and act within their role.
