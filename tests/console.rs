@@ -980,6 +980,82 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
         !list.to_string().contains("sk-live") && list["credentials"][0]["name"] == "mine",
         "{list}"
     );
+    assert_eq!(list["credentials"][0]["upstream_changed"], false, "{list}");
+
+    // The seller moves the API to another server: the buyer's secret is bound to the old one
+    // (the gateway holds it back), and the buyer's list says so without showing the seller's
+    // upstream. Writing it again binds it to the new server.
+    let seller_b = env.sign_in("seller@b.test").await;
+    let maps: Uuid = sqlx::query_scalar("SELECT id FROM apis WHERE name = 'maps'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let listed = |token: String| {
+        let env = &env;
+        async move {
+            let (s, v) = env
+                .call(
+                    &token,
+                    "GET",
+                    &format!("orgs/{}/credentials", env.org_a),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            assert!(
+                !v.to_string().contains("93.184.215"),
+                "no upstream shown: {v}"
+            );
+            v["credentials"][0]["upstream_changed"].clone()
+        }
+    };
+    for (upstream, changed) in [
+        ("http://93.184.215.14:9/v2/", false),
+        ("https://93.184.215.14:9/", true),
+        ("http://93.184.215.99:9/", true),
+        ("http://93.184.215.14:9", false),
+    ] {
+        let (s, v) = env
+            .call(
+                &seller_b,
+                "PUT",
+                &format!("orgs/{}/apis/{maps}", env.org_b),
+                Some(json!({"name": "maps", "path_prefix": "/maps", "upstream_url": upstream})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(listed(buyer.clone()).await, changed, "moved to {upstream}");
+    }
+    let (s, _) = env
+        .call(
+            &seller_b,
+            "PUT",
+            &format!("orgs/{}/apis/{maps}", env.org_b),
+            Some(json!({"name": "maps", "path_prefix": "/maps", "upstream_url": "http://93.184.215.99:9/"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(listed(buyer.clone()).await, true);
+    let (s, v) = env
+        .call(
+            &buyer,
+            "POST",
+            &format!("orgs/{}/credentials", env.org_a),
+            Some(json!({"api": "maps", "name": "mine", "value": "sk-live-654321", "kind": "byok"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        listed(buyer.clone()).await,
+        false,
+        "written again for the new server"
+    );
+    let bound: Option<String> =
+        sqlx::query_scalar("SELECT bound_upstream FROM upstream_credentials WHERE name = 'mine'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(bound.as_deref(), Some("http://93.184.215.99:9/"));
     // A value that would split a header is refused; a system credential for another org's
     // API is not found.
     let seller = env.sign_in("seller@a.test").await;

@@ -97,7 +97,9 @@ async fn an_upgrade_rewrites_old_rows_the_gateway_could_not_read_and_they_stay_u
          INSERT INTO apis (id, org_id, name, path_prefix, upstream_url, scopes)
               VALUES (gen_random_uuid(), '{org}', 'deep', '/deep', 'http://10.0.0.5/', '{{{{live}},{{test}}}}');
          INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version, value_prefix)
-              VALUES (gen_random_uuid(), '{org}', '{api}', 'old', 'system', '\\x00', '\\x000000000000000000000000', 1, E' Bearer\\r\\n')"
+              VALUES (gen_random_uuid(), '{org}', '{api}', 'old', 'system', '\\x00', '\\x000000000000000000000000', 1, E' Bearer\\r\\n');
+         INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
+              VALUES (gen_random_uuid(), '{org}', '{api}', 'own', 'byok', '\\x00', '\\x000000000000000000000000', 1)"
     )))
     .execute(&pool)
     .await
@@ -145,6 +147,20 @@ async fn an_upgrade_rewrites_old_rows_the_gateway_could_not_read_and_they_stay_u
                 "http://10.0.0.5:8080/v1".into(),
                 vec!["live".into()]
             ),
+        ]
+    );
+    // A BYOK credential written before the binding is bound to the upstream it was being
+    // sent to (as rewritten above).
+    let bound: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT name, bound_upstream FROM upstream_credentials ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        bound,
+        [
+            ("old".into(), None),
+            ("own".into(), Some("http://10.0.0.5:8080/v1".into()))
         ]
     );
     // Every key is revocable and the grace sweep runs; an old credential the gateway skips

@@ -514,6 +514,175 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
     assert_eq!(call_open(plain_key).await, (200, None), "others pass bare");
 }
 
+/// A buyer's own (BYOK) secret goes only to the server it was written for. A seller who
+/// repoints their API at another host (their own, say) does not receive it: that buyer's calls
+/// get 503 and never reach the new host, until the buyer writes the credential again. A new
+/// path on the same server, a rewrite of the ciphertext alone (as a master-key rotation does)
+/// and the seller's own system credential are unaffected.
+#[tokio::test]
+async fn a_seller_who_moves_their_api_elsewhere_does_not_receive_buyers_own_secrets() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let (vendor, elsewhere) = (start_upstream().await, start_upstream().await);
+    let seller = dbkeys::create_org(&pool, "seller", "test").await.unwrap();
+    let buyer = dbkeys::create_org(&pool, "beta", "test").await.unwrap();
+    let plain_buyer = dbkeys::create_org(&pool, "gamma", "test").await.unwrap();
+    register_api(&pool, vendor.addr.unwrap(), seller).await;
+    store_credential(&pool, buyer, "weather", "mine", "byok", BYOK_SECRET)
+        .await
+        .unwrap();
+    let (key, plain_key) = (
+        live_key(&pool, buyer).await,
+        live_key(&pool, plain_buyer).await,
+    );
+    let gw = start_proxy(&tdb).await;
+    // (status, path the upstream saw or error code, authorization the upstream saw)
+    let call = |key: String| {
+        let url = format!("http://{}/weather/x", gw.addr);
+        async move {
+            let resp = client().get(url).bearer_auth(key).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or_default();
+            let at = body["path"]
+                .as_str()
+                .or(body["code"].as_str())
+                .map(String::from);
+            let sent = body["headers"]["authorization"].as_str().map(String::from);
+            (status, at, sent)
+        }
+    };
+    let own = |path: &str| {
+        (
+            200,
+            Some(path.to_string()),
+            Some(format!("Bearer {BYOK_SECRET}")),
+        )
+    };
+    let move_api = |url: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("UPDATE apis SET upstream_url = $1 WHERE name = 'weather'")
+                .bind(url)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let hits = |u: &Upstream| u.hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(call(key.clone()).await, own("/x"));
+
+    // Another path on the same server: still the buyer's server.
+    let vendor_addr = vendor.addr.unwrap();
+    move_api(format!("http://{vendor_addr}/v2")).await;
+    eventually(
+        "a new path on the same server keeps the buyer's secret",
+        || async { call(key.clone()).await == own("/v2/x") },
+    )
+    .await;
+
+    // The seller moves the API to another server: the buyer's calls stop there, before it.
+    move_api(format!("http://{}/", elsewhere.addr.unwrap())).await;
+    let held = (
+        503,
+        Some("upstream_credential_unavailable".to_string()),
+        None,
+    );
+    eventually("the moved API holds the buyer's secret back", || async {
+        call(key.clone()).await == held
+    })
+    .await;
+    let before = hits(&elsewhere);
+    let resp = client()
+        .get(format!("http://{}/weather/x", gw.addr))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("write it again"),
+        "the buyer is told what to do: {body}"
+    );
+    assert_eq!(
+        hits(&elsewhere),
+        before,
+        "the new server never saw the buyer's call"
+    );
+    // The seller's own credential goes where the seller points it.
+    assert_eq!(
+        call(plain_key.clone()).await,
+        (
+            200,
+            Some("/x".into()),
+            Some(format!("Bearer {UPSTREAM_SECRET}"))
+        )
+    );
+    let before = before + 1;
+    assert_eq!(hits(&elsewhere), before);
+
+    // Rewriting only the ciphertext (a master-key rotation does) does not rebind it, nor does
+    // naming a binding by hand on insert.
+    sqlx::query(
+        "UPDATE upstream_credentials SET ciphertext = ciphertext, nonce = nonce, updated_at = now()
+          WHERE kind = 'byok'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let third = dbkeys::create_org(&pool, "delta", "test").await.unwrap();
+    let sealed = master_keys().encrypt(&third.to_string(), "weather", BYOK_SECRET);
+    sqlx::query(
+        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version, bound_upstream)
+         SELECT $1, $2, id, 'mine', 'byok', $3, $4, 1, 'http://somewhere.else/' FROM apis WHERE name = 'weather'",
+    )
+    .bind(Uuid::new_v4())
+    .bind(third)
+    .bind(&sealed.ciphertext)
+    .bind(&sealed.nonce)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let bound: std::collections::HashSet<(Uuid, String, Option<String>)> =
+        sqlx::query_as("SELECT org_id, kind::text, bound_upstream FROM upstream_credentials")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(
+        bound,
+        [
+            (buyer, "byok".into(), Some(format!("http://{vendor_addr}/"))),
+            (
+                third,
+                "byok".into(),
+                Some(format!("http://{}/", elsewhere.addr.unwrap()))
+            ),
+            (seller, "system".into(), None),
+        ]
+        .into_iter()
+        .collect(),
+        "bound by the database to what the API was when each secret was written"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(call(key.clone()).await, held);
+    assert_eq!(hits(&elsewhere), before);
+
+    // The buyer writes it again (the console clears the binding): now it goes to the new
+    // server, with the buyer's consent.
+    sqlx::query("UPDATE upstream_credentials SET bound_upstream = NULL WHERE org_id = $1")
+        .bind(buyer)
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually(
+        "written again, the secret goes to the API's server",
+        || async { call(key.clone()).await == own("/x") },
+    )
+    .await;
+    assert_eq!(hits(&elsewhere), before + 1);
+}
+
 /// Rows the schema allows (or allowed before a constraint) that the gateway cannot use are
 /// skipped one at a time: a time no date type can hold does not fail the snapshot, and a
 /// credential that would break a request head, or that no master key opens, costs only the

@@ -3,6 +3,7 @@
 //! [`authz::decide`] and only then opens the org to the transaction (`apitree.org_id`), which
 //! runs as `apitree_console`, a role row-level security applies to.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -1007,10 +1008,27 @@ async fn list_credentials(r: &Request<'_>, org: Uuid) -> Reply {
     .bind(org)
     .fetch_all(&mut *a.tx)
     .await?;
+    // A BYOK credential is sent only to the server it was written for (the gateway's rule,
+    // `upstream_origin`); the buyer learns here which ones wait to be written again. The
+    // seller's upstream itself is not shown.
+    let bindings: Vec<(Uuid, Option<String>, String)> =
+        sqlx::query_as("SELECT id, bound_upstream, upstream_url FROM console_byok_bindings($1)")
+            .bind(org)
+            .fetch_all(&mut *a.tx)
+            .await?;
+    let moved: HashSet<Uuid> = bindings
+        .into_iter()
+        .filter(|(_, was, now)| {
+            let origin = crate::proxy::config::upstream_origin;
+            !matches!((was.as_deref().map(origin), origin(now)), (Some(Ok(a)), Ok(b)) if a == b)
+        })
+        .map(|(id, ..)| id)
+        .collect();
     let list: Vec<Value> = rows
         .into_iter()
         .map(|(id, api, name, kind, v, at)| {
-            json!({"id": id, "api_id": api, "name": name, "kind": kind, "key_version": v, "updated_at": at})
+            json!({"id": id, "api_id": api, "name": name, "kind": kind, "key_version": v, "updated_at": at,
+                   "upstream_changed": moved.contains(&id)})
         })
         .collect();
     Ok((200, json!({"credentials": list})))
@@ -1084,7 +1102,8 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
     // not read ciphertexts, which an upsert's EXCLUDED would need.
     let updated: Option<Uuid> = sqlx::query_scalar(
         "UPDATE upstream_credentials SET name = $3, ciphertext = $5, nonce = $6,
-                key_version = $7, header = $8, value_prefix = $9, updated_at = now(), rotated_at = now()
+                key_version = $7, header = $8, value_prefix = $9, updated_at = now(), rotated_at = now(),
+                bound_upstream = NULL
           WHERE org_id = $1 AND api_id = $2 AND kind = $4::credential_kind
          RETURNING id",
     )

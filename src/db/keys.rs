@@ -342,9 +342,20 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
     .fetch_all(&mut *tx)
     .await
     .map_err(DbError::query("load APIs"))?;
-    type CredRow = (Uuid, String, String, i32, Vec<u8>, Vec<u8>, String, String);
+    type CredRow = (
+        Uuid,
+        String,
+        String,
+        i32,
+        Vec<u8>,
+        Vec<u8>,
+        String,
+        String,
+        Option<String>,
+    );
     let creds: Vec<CredRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT c.org_id, a.name, c.kind::text, c.key_version, c.nonce, c.ciphertext, c.header, c.value_prefix
+        "SELECT c.org_id, a.name, c.kind::text, c.key_version, c.nonce, c.ciphertext, c.header, c.value_prefix,
+                c.bound_upstream
          FROM upstream_credentials c JOIN apis a ON a.id = c.api_id WHERE {USABLE} ORDER BY c.id"
     )))
     .fetch_all(&mut *tx)
@@ -422,7 +433,7 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
         credentials: creds
             .into_iter()
             .map(
-                |(org, api, kind, version, nonce, ciphertext, header, value_prefix)| {
+                |(org, api, kind, version, nonce, ciphertext, header, value_prefix, bound)| {
                     CredentialEntry {
                         name: api.clone(),
                         org: org.to_string(),
@@ -437,6 +448,7 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
                         ciphertext: b64.encode(ciphertext),
                         header,
                         value_prefix,
+                        bound_upstream: bound,
                     }
                 },
             )

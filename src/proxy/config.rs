@@ -330,6 +330,25 @@ pub struct CredentialEntry {
     /// Text before the secret in the header value, e.g. `Bearer `.
     #[serde(default)]
     pub value_prefix: String,
+    /// For BYOK: the upstream URL the secret was written for. It is sent only while the
+    /// route's upstream has the same origin (scheme, host, port); when the route moves to
+    /// another host the credential is held back (503 for that org) until it is written again.
+    /// The database sets it on every BYOK write; unset in a file means any upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_upstream: Option<String>,
+}
+
+/// The origin of an upstream URL as the gateway dials it: scheme, host (lower case) and port
+/// (the scheme's default when none is written). Two URLs with the same origin reach the same
+/// server; a BYOK credential goes only to the origin it was written for.
+pub fn upstream_origin(upstream: &str) -> Result<(String, String, u16), String> {
+    let uri = upstream_uri(upstream)?;
+    let scheme = uri.scheme_str().unwrap_or_default().to_ascii_lowercase();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+    Ok((scheme, host, port))
 }
 
 fn default_header() -> String {
@@ -853,6 +872,34 @@ impl ProxyConfig {
             if let Some(e) = value_prefix_problem(&c.value_prefix) {
                 push(p("valuePrefix"), e.into());
             }
+            // A buyer's secret goes only to the server it was written for, never to wherever
+            // the seller points the API later.
+            if let (Some(bound), Some(route)) = (
+                &c.bound_upstream,
+                self.routes.iter().find(|r| r.name == c.api),
+            ) {
+                if c.kind == CredentialKind::System {
+                    push(
+                        p("boundUpstream"),
+                        "only a BYOK credential is bound to an upstream".into(),
+                    );
+                } else {
+                    match (upstream_origin(bound), upstream_origin(&route.upstream)) {
+                        (Ok(was), Ok(now)) if was != now => push(
+                            p("boundUpstream"),
+                            format!(
+                                "was written for {}://{}:{}, and the API now goes to {}://{}:{}: it is not sent there until its org writes it again",
+                                was.0, was.1, was.2, now.0, now.1, now.2
+                            ),
+                        ),
+                        (Err(e), _) => push(
+                            p("boundUpstream"),
+                            format!("{e}; write the credential again"),
+                        ),
+                        _ => {}
+                    }
+                }
+            }
             match (Sealed::from_base64(&c.name, c.key_version, &c.nonce, &c.ciphertext), master_keys) {
                 (Err(e), _) => push(p("ciphertext"), e.to_string()),
                 (Ok(sealed), Some(keys)) => match keys.decrypt(&c.name, &c.org, &c.api, &sealed) {
@@ -1060,6 +1107,7 @@ routes:
                     ciphertext: b64.encode(&sealed.ciphertext),
                     header: "authorization".into(),
                     value_prefix: prefix.clone(),
+                    bound_upstream: None,
                 });
                 let problems = cfg.problems(Some(&keys));
                 let built = super::super::state::GatewayState::build(&cfg, "t", Some(&keys), None);
@@ -1068,6 +1116,93 @@ routes:
                 assert_eq!(built.is_ok(), sendable, "{what}");
             }
         }
+    }
+
+    /// A BYOK credential written for one upstream is sent exactly when the route's compiled
+    /// upstream reaches the same server: every pair of spellings below, compared with what
+    /// the gateway dials (scheme, host, port), not with the text.
+    #[test]
+    fn a_byok_credential_is_sent_only_to_the_server_it_was_written_for() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let keys = MasterKeys::single(1, &b64.encode([7u8; 32])).unwrap();
+        let urls = [
+            "http://u/",
+            "http://u",
+            "http://u:80/",
+            "http://U/other/path",
+            "HTTP://u/x/",
+            "http://u:8080/",
+            "http://u:08080/",
+            "https://u/",
+            "https://u:443/v1/",
+            "https://u:80/",
+            "http://v/",
+            "http://u.example/",
+            "http://10.0.0.5/",
+            "http://10.0.0.5:80/",
+            "http://[::1]/",
+            "http://[::1]:8080/",
+            "not a url",
+        ];
+        let sealed = keys.encrypt("a", "api", "s3cret");
+        let config = |upstream: &str, bound: &str| {
+            let mut cfg = parse(&format!("orgs: [{{ id: a }}]\nroutes:\n  - {{ name: api, pathPrefix: /api/, upstream: \"{upstream}\", credential: vendor }}\n"));
+            cfg.credentials.push(CredentialEntry {
+                name: "vendor".into(),
+                org: "a".into(),
+                api: "api".into(),
+                kind: CredentialKind::Byok,
+                key_version: 1,
+                nonce: b64.encode(&sealed.nonce),
+                ciphertext: b64.encode(&sealed.ciphertext),
+                header: "authorization".into(),
+                value_prefix: "Bearer ".into(),
+                bound_upstream: Some(bound.into()),
+            });
+            cfg
+        };
+        let dialled = |upstream: &str| {
+            let state = super::super::state::GatewayState::build(
+                &config(upstream, upstream),
+                "t",
+                Some(&keys),
+                None,
+            )
+            .ok()?;
+            let r = &state.routes[0];
+            let https = r.scheme == http::uri::Scheme::HTTPS;
+            let port = r
+                .authority
+                .port_u16()
+                .unwrap_or(if https { 443 } else { 80 });
+            Some((https, r.authority.host().to_ascii_lowercase(), port))
+        };
+        let mut sent = 0;
+        for now in urls.iter().filter(|u| dialled(u).is_some()) {
+            for was in urls {
+                let problems = config(now, was).problems(Some(&keys));
+                let same = dialled(was).is_some() && dialled(was) == dialled(now);
+                let flagged = problems
+                    .iter()
+                    .any(|p| p.path == "credentials[0].boundUpstream");
+                assert_eq!(
+                    flagged, !same,
+                    "written for {was:?}, route now {now:?}: {problems:?}"
+                );
+                assert_eq!(problems.len(), usize::from(flagged), "{problems:?}");
+                sent += usize::from(same);
+            }
+        }
+        // Spellings of one server do pass (the table is not all mismatches).
+        assert!(sent > urls.len(), "{sent}");
+        // A system credential is the seller's own: it is never bound.
+        let mut cfg = config("http://u/", "http://u/");
+        cfg.credentials[0].kind = CredentialKind::System;
+        assert!(cfg
+            .problems(Some(&keys))
+            .iter()
+            .any(|p| p.path == "credentials[0].boundUpstream"));
     }
 
     /// Differential over every prefix and path of up to five characters from `/`, `a`, `b`:

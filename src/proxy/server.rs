@@ -121,7 +121,9 @@ pub enum Refusal {
     ScopeForbidden(KeyScope),
     NoTier,
     NoCredential,
-    CredentialUnavailable,
+    CredentialUnavailable {
+        byok: bool,
+    },
     RateLimited(Decision),
     BreakerOpen {
         retry_after_ms: u64,
@@ -168,7 +170,7 @@ impl Refusal {
             Self::ScopeForbidden(_) => "scope_forbidden",
             Self::NoTier => "no_rate_limit_tier",
             Self::NoCredential => "no_upstream_credential",
-            Self::CredentialUnavailable => "upstream_credential_unavailable",
+            Self::CredentialUnavailable { .. } => "upstream_credential_unavailable",
             Self::RateLimited(_) => "rate_limited",
             Self::BreakerOpen { .. } => "upstream_circuit_open",
             Self::UpstreamTimeout(_) => "upstream_timeout",
@@ -200,7 +202,8 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
         Refusal::ScopeForbidden(KeyScope::Test) => (StatusCode::FORBIDDEN, "this API accepts live keys only; a test key cannot call it".into()),
         Refusal::ScopeForbidden(KeyScope::Live) => (StatusCode::FORBIDDEN, "this API accepts test keys only".into()),
         Refusal::NoTier => (StatusCode::INTERNAL_SERVER_ERROR, "no rate-limit tier applies to this key; the gateway operator must set one".into()),
-        Refusal::CredentialUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "this API's upstream credential cannot be loaded; its seller must write it again (the gateway's log says why)".into()),
+        Refusal::CredentialUnavailable { byok: true } => (StatusCode::SERVICE_UNAVAILABLE, "your org's own upstream credential (BYOK) for this API cannot be used: it could not be read, or the API's upstream moved to another server since it was written; write it again in the console".into()),
+        Refusal::CredentialUnavailable { byok: false } => (StatusCode::SERVICE_UNAVAILABLE, "this API's upstream credential cannot be loaded; its seller must write it again (the gateway's log says why)".into()),
         Refusal::NoCredential => (StatusCode::FORBIDDEN, "this API needs an upstream credential and none is set for your org; add your own (BYOK)".into()),
         Refusal::RateLimited(d) => {
             let (s, w) = d.blocked.unwrap_or((super::ratelimit::Subject::Key, super::ratelimit::Window::Burst10s));
@@ -583,7 +586,8 @@ impl Gateway {
         // Step 5: the upstream credential for the caller's org (BYOK first, else system).
         let credential = route.credential_for(&record.org).map_err(|e| match e {
             NoCredential::Required => Refusal::NoCredential,
-            NoCredential::Unavailable => Refusal::CredentialUnavailable,
+            NoCredential::YoursUnavailable => Refusal::CredentialUnavailable { byok: true },
+            NoCredential::SystemUnavailable => Refusal::CredentialUnavailable { byok: false },
         })?;
 
         // The client's body is watched from here on, so its failures are the client's.

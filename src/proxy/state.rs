@@ -196,11 +196,11 @@ impl Route {
             return Ok(Some(c));
         }
         if self.byok_unavailable.contains(org) {
-            return Err(NoCredential::Unavailable);
+            return Err(NoCredential::YoursUnavailable);
         }
         match &self.system {
             Some(c) => Ok(Some(c)),
-            None if self.system_unavailable => Err(NoCredential::Unavailable),
+            None if self.system_unavailable => Err(NoCredential::SystemUnavailable),
             None if self.credential_required => Err(NoCredential::Required),
             None => Ok(None),
         }
@@ -212,8 +212,11 @@ impl Route {
 pub enum NoCredential {
     /// The route needs one and the caller's org has none.
     Required,
-    /// The one it would carry exists but could not be loaded.
-    Unavailable,
+    /// The caller's org's own (BYOK) credential exists but cannot be used: it could not be
+    /// read, or the API's upstream moved to another server since it was written.
+    YoursUnavailable,
+    /// The route's system credential exists but could not be loaded.
+    SystemUnavailable,
 }
 
 /// Everything a request needs to be decided.

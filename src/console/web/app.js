@@ -116,7 +116,12 @@ const LOAD = {
   async credentials() {
     const { credentials } = await call("GET", "orgs/" + me.user.org + "/credentials");
     const body = clear("creds");
-    for (const c of credentials) row(body, [c.name, c.kind, c.key_version, c.updated_at]);
+    // A BYOK credential is sent only to the server it was written for: after the API moves,
+    // the gateway holds it back until it is written again.
+    for (const c of credentials) {
+      const state = c.upstream_changed ? "API moved: write it again" : "in use";
+      row(body, [c.name, c.kind, c.key_version, c.updated_at, state]);
+    }
   },
   async users() {
     await orgsInto($("invite-org"));

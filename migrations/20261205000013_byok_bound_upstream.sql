@@ -1,0 +1,48 @@
+-- A BYOK credential is a buyer's own account at the service an API fronts. It is sent only to
+-- the upstream it was written for: a seller who repoints their API at another host must not
+-- receive their buyers' secrets on the next call. Each BYOK row records the API's upstream URL
+-- as it was when the secret was written; a database-mode gateway compares its origin (scheme,
+-- host, port) with the API's current one and, when they differ, answers that buyer's calls
+-- with 503 until the buyer writes the credential again.
+ALTER TABLE upstream_credentials ADD COLUMN bound_upstream text;
+
+-- Rows written before this rule were written for the upstream the API has now.
+UPDATE upstream_credentials c SET bound_upstream = a.upstream_url
+  FROM apis a WHERE a.id = c.api_id AND c.kind = 'byok';
+
+ALTER TABLE upstream_credentials ADD CONSTRAINT upstream_credentials_byok_bound
+    CHECK ((kind = 'byok') = (bound_upstream IS NOT NULL));
+
+-- The binding is the database's, not the writer's: a new BYOK row, a row that becomes BYOK or
+-- moves to another API, and a rewrite that clears the binding (what "write it again" does)
+-- take the API's upstream as it is now. Any other update keeps it, so a master-key rotation,
+-- which rewrites only the ciphertext, cannot rebind a secret to a moved upstream. It reads
+-- the API as the owner: the API belongs to another org than the buyer who writes.
+CREATE FUNCTION upstream_credentials_bind() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    IF NEW.kind <> 'byok' THEN
+        NEW.bound_upstream := NULL;
+    ELSIF TG_OP = 'INSERT' OR NEW.bound_upstream IS NULL OR OLD.kind <> 'byok'
+          OR NEW.api_id <> OLD.api_id THEN
+        NEW.bound_upstream := (SELECT a.upstream_url FROM apis a WHERE a.id = NEW.api_id);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER upstream_credentials_bind
+    BEFORE INSERT OR UPDATE ON upstream_credentials
+    FOR EACH ROW EXECUTE FUNCTION upstream_credentials_bind();
+
+-- The console tells a buyer which of their BYOK credentials wait to be written again; the
+-- API's upstream belongs to its seller's org, so this reads it as the owner, for the org the
+-- transaction was opened for only.
+CREATE FUNCTION console_byok_bindings(p_org uuid)
+RETURNS TABLE (id uuid, bound_upstream text, upstream_url text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT c.id, c.bound_upstream, a.upstream_url
+      FROM upstream_credentials c JOIN apis a ON a.id = c.api_id
+     WHERE c.kind = 'byok' AND c.org_id = p_org AND p_org = apitree_current_org()
+$$;
+REVOKE ALL ON FUNCTION console_byok_bindings(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION console_byok_bindings(uuid) TO apitree_console;
