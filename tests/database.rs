@@ -189,6 +189,109 @@ async fn an_upgrade_rewrites_old_rows_the_gateway_could_not_read_and_they_stay_u
         .expect("the gateway loads every row");
 }
 
+/// Whoever writes `apis`, the database refuses a prefix that one request path could match
+/// together with another org's API (by the gateway's own rule, `prefixes_overlap`, which is
+/// tested against routing), the same prefix twice, and `/`; nesting within one org passes.
+/// Every pair of prefixes of up to four characters from `/`, `a`, `b`.
+#[tokio::test]
+async fn the_database_refuses_a_prefix_that_would_take_another_orgs_traffic() {
+    use apitree::proxy::config::prefixes_overlap;
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    for (org, name) in [(a, "a"), (b, "b")] {
+        sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
+            .bind(org)
+            .bind(name)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let mut prefixes = vec!["/".to_string()];
+    let mut frontier = prefixes.clone();
+    for _ in 1..4 {
+        frontier = frontier
+            .iter()
+            .flat_map(|s| ['/', 'a', 'b'].map(|c| format!("{s}{c}")))
+            .collect();
+        prefixes.extend(frontier.iter().cloned());
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let insert = |org: Uuid, name: &'static str, prefix: String| {
+        sqlx::query(
+            "INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, $3, $4, 'http://10.0.0.5/')",
+        )
+        .bind(Uuid::new_v4())
+        .bind(org)
+        .bind(name)
+        .bind(prefix)
+    };
+    let (mut refused, mut passed) = (0, 0);
+    for first in prefixes.iter().filter(|p| *p != "/") {
+        for second in &prefixes {
+            for other_org in [true, false] {
+                sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+                insert(a, "first", first.clone())
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+                let result = insert(if other_org { b } else { a }, "second", second.clone())
+                    .execute(&mut *conn)
+                    .await;
+                sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+                let want_refused = second == "/"
+                    || first == second
+                    || (other_org && prefixes_overlap(first, second));
+                let what = format!("{first:?} then {second:?}, other org: {other_org}");
+                match result {
+                    Ok(_) => {
+                        assert!(!want_refused, "{what}: passed");
+                        passed += 1;
+                    }
+                    Err(e) => {
+                        assert!(want_refused, "{what}: {e}");
+                        assert_eq!(
+                            e.as_database_error().and_then(|d| d.constraint()),
+                            Some("apis_prefix_boundary"),
+                            "{what}: {e}"
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        refused > 100 && passed > 100,
+        "{refused} refused, {passed} passed"
+    );
+    // Moving an API (a new prefix, or to another org) is checked the same way; other changes
+    // to a row are not.
+    insert(a, "first", "/a/".into())
+        .execute(&pool)
+        .await
+        .unwrap();
+    insert(a, "nested", "/a/x/".into())
+        .execute(&pool)
+        .await
+        .unwrap();
+    insert(b, "second", "/b".into())
+        .execute(&pool)
+        .await
+        .unwrap();
+    for sql in [
+        "UPDATE apis SET path_prefix = '/a/b' WHERE name = 'second'",
+        "UPDATE apis SET org_id = (SELECT org_id FROM apis WHERE name = 'second') WHERE name = 'first'",
+    ] {
+        let e = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await.unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{sql}: {e}");
+    }
+    sqlx::query("UPDATE apis SET upstream_url = 'http://10.0.0.6/'")
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
 async fn table_names(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables

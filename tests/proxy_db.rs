@@ -909,6 +909,11 @@ async fn a_sellers_unservable_or_intruding_api_is_skipped_and_reloads_go_on() {
     let key = live_key(&pool, org).await;
     register_api(&pool, seller_up.addr.unwrap(), org).await;
     let intruder = format!("http://{}/", seller_up.addr.unwrap());
+    // The database refuses `/` today; a row from before that rule is still skipped.
+    sqlx::raw_sql("DROP TRIGGER apis_prefix_boundary ON apis")
+        .execute(&pool)
+        .await
+        .unwrap();
     for (name, prefix, upstream) in [
         ("poison", "/poison", "http://203.0.113.9/a b"),
         ("ops", "/elsewhere", intruder.as_str()),
