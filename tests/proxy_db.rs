@@ -608,6 +608,7 @@ async fn a_seller_who_moves_their_api_elsewhere_does_not_receive_buyers_own_secr
         before,
         "the new server never saw the buyer's call"
     );
+    assert_eq!(readiness(&gw).await["config"]["skipped"]["credentials"], 1);
     // The seller's own credential goes where the seller points it.
     assert_eq!(
         call(plain_key.clone()).await,
@@ -955,6 +956,26 @@ async fn a_sellers_unservable_or_intruding_api_is_skipped_and_reloads_go_on() {
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(hits(&own), 1, "the gateway's own route answered");
     assert_eq!(hits(&seller_up), before, "the seller never saw it");
+    // Readiness and the metrics say how many rows are skipped (the log says which and why).
+    let ready = readiness(&gw).await;
+    assert_eq!(
+        ready["config"]["skipped"],
+        serde_json::json!({"apis": 4, "orgs": 0, "keys": 0, "credentials": 0}),
+        "{ready}"
+    );
+    assert_eq!(ready["status"], "ready", "the rest is served: {ready}");
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("apitree_proxy_database_rows_skipped{kind=\"api\"} 4"),
+        "{metrics}"
+    );
 
     let id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys")
         .fetch_one(&pool)

@@ -36,6 +36,11 @@ struct Count {
 /// Entries kept before expired ones are swept.
 const SWEEP_AT: usize = 10_000;
 
+/// Entries kept at most, per map: many client networks each trying many emails cannot grow a
+/// console's memory past some tens of MiB. Past it, the tenth with the fewest failures (the
+/// oldest among equals) goes first, so the counts that are refusing sign-ins now stay.
+const MAX_ENTRIES: usize = 50_000;
+
 struct Counts<K> {
     map: HashMap<K, Count>,
     /// The size at which expired entries are swept next: twice what the last sweep left, so
@@ -80,6 +85,18 @@ impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
         if self.map.len() >= self.sweep_at {
             self.map.retain(|_, c| now.duration_since(c.since) < window);
             self.sweep_at = SWEEP_AT.max(self.map.len() * 2);
+        }
+        if self.map.len() >= MAX_ENTRIES && !self.map.contains_key(key) {
+            let mut by_weight: Vec<(u32, Instant, K)> = self
+                .map
+                .iter()
+                .map(|(k, c)| (c.failures, c.since, k.clone()))
+                .collect();
+            let cut = MAX_ENTRIES / 10;
+            by_weight.select_nth_unstable_by(cut, |a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            for (_, _, k) in &by_weight[..cut] {
+                self.map.remove(k);
+            }
         }
         let c = self.current(key, now, window).unwrap_or(Count {
             since: now,
@@ -286,6 +303,45 @@ mod tests {
         t.begin(Some("a@x.io"), ip(1), now).unwrap();
         t.begin(Some("a@x.io"), ip(1), now).unwrap();
         assert!(t.begin(Some("a@x.io"), ip(1), now).is_err());
+    }
+
+    /// Sign-ins from ever new networks for ever new emails within one window: the counts stay
+    /// bounded, and an account being guessed at (and the address guessing) stays refused.
+    #[test]
+    fn many_networks_and_emails_cannot_grow_the_counts_or_wash_out_a_lock() {
+        let t = Throttle::new(limits(3, 3));
+        let now = Instant::now();
+        for n in 0..3 {
+            t.begin(Some("target@x.io"), ip(200), now + Duration::from_millis(n))
+                .unwrap();
+        }
+        for n in 0..(MAX_ENTRIES as u32 * 2) {
+            let net = IpAddr::from(std::net::Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                (n >> 16) as u16,
+                n as u16,
+                0,
+                0,
+                0,
+                1,
+            ));
+            t.begin(
+                Some(&format!("filler{n}@x.io")),
+                net,
+                now + Duration::from_secs(1),
+            )
+            .unwrap();
+        }
+        let g = t.inner.lock().unwrap();
+        assert!(g.0.map.len() <= MAX_ENTRIES && g.1.map.len() <= MAX_ENTRIES);
+        drop(g);
+        let later = now + Duration::from_secs(2);
+        assert_eq!(
+            t.begin(Some("target@x.io"), ip(9), later).unwrap_err().by,
+            "account"
+        );
+        assert_eq!(t.begin(None, ip(200), later).unwrap_err().by, "address");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use sqlx::{postgres::PgListener, PgPool};
 use super::config::{CredentialKind, ProxyConfig};
 use super::egress::EgressPolicy;
 use super::server::{DependencyStatus, Gateway};
-use super::state::{GatewayState, Sellers};
+use super::state::{GatewayState, Sellers, SkippedRows};
 use super::vault::MasterKeys;
 use super::ProxyError;
 use crate::db::{self, keys::DbEntities};
@@ -46,6 +46,7 @@ pub fn servable(
     master_keys: Option<&MasterKeys>,
 ) -> Servable {
     let mut skipped = Vec::new();
+    let mut counts = SkippedRows::default();
     let mut unavailable = HashSet::new();
     let own = base.routes.len();
     let mut dropped_routes: HashSet<String> = HashSet::new();
@@ -61,6 +62,7 @@ pub fn servable(
                 r.name, r.path_prefix, o.name, o.path_prefix
             ));
             dropped_routes.insert(cfg.routes.remove(i).name);
+            counts.apis += 1;
         } else {
             i += 1;
         }
@@ -103,8 +105,20 @@ pub fn servable(
         if drop.iter().all(BTreeSet::is_empty) {
             return Servable {
                 skipped,
+                counts,
                 unavailable,
             };
+        }
+        for (n, d) in [
+            &mut counts.apis,
+            &mut counts.orgs,
+            &mut counts.keys,
+            &mut counts.credentials,
+        ]
+        .into_iter()
+        .zip(&drop)
+        {
+            *n += d.len();
         }
         // A skipped credential's API still serves everyone else; the calls that would carry
         // it get 503 (counted as an error), never go upstream bare.
@@ -142,6 +156,8 @@ pub fn servable(
 pub struct Servable {
     /// Each skipped entry and why, for the log.
     pub skipped: Vec<String>,
+    /// How many of each kind, for /readyz and /metrics.
+    pub counts: SkippedRows,
     /// The skipped credentials, as (API, BYOK org or None for system).
     pub unavailable: HashSet<(String, Option<String>)>,
 }
@@ -184,14 +200,16 @@ pub async fn load(
     };
     // A fresh install has no API registered yet: it serves (404 for every path, /readyz counts
     // zero routes) and picks APIs up as they are registered.
-    Ok(GatewayState::build_of(
+    let mut state = GatewayState::build_of(
         &cfg,
         source,
         master_keys,
         previous,
         super::config::Routes::MayBeNone,
         Some(&sellers),
-    )?)
+    )?;
+    state.skipped = servable.counts;
+    Ok(state)
 }
 
 /// Keeps a gateway in step with the database until the process ends.

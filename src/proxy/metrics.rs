@@ -26,6 +26,8 @@ pub struct ProxyMetrics {
     pub limiter_store_calls: IntCounter,
     pub in_flight: ShardedGauge,
     pub config_reloads: IntCounterVec,
+    /// Database rows the serving configuration skips, by kind (set at each scrape).
+    pub database_rows_skipped: IntGaugeVec,
     pub access_log_dropped: IntCounter,
     pub connections_shed: IntCounter,
 }
@@ -56,6 +58,16 @@ impl ProxyMetrics {
         )
         .expect("valid metric");
         r.register(Box::new(breaker_state.clone()))
+            .expect("unique metric");
+        let database_rows_skipped = IntGaugeVec::new(
+            Opts::new(
+                "apitree_proxy_database_rows_skipped",
+                "Database rows the serving configuration skips, by kind (api, org, key, credential); the log names each and why.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(database_rows_skipped.clone()))
             .expect("unique metric");
         let in_flight = ShardedGauge::new(
             "apitree_proxy_in_flight_requests",
@@ -130,6 +142,7 @@ impl ProxyMetrics {
             ),
             routes,
             breaker_state,
+            database_rows_skipped,
             in_flight,
             limiter_fallbacks,
             limiter_store_calls,

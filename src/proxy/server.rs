@@ -791,6 +791,13 @@ impl Gateway {
         };
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
+                let skipped = self.state.current().skipped;
+                for (kind, n) in skipped.by_kind() {
+                    self.metrics
+                        .database_rows_skipped
+                        .with_label_values(&[kind])
+                        .set(n as i64);
+                }
                 let mut r = Response::new(full(self.metrics.render()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -826,7 +833,7 @@ impl Gateway {
                     code,
                     serde_json::json!({
                         "status": status,
-                        "config": {"source": state.source, "routes": state.routes.len(), "keys": state.keys.len()},
+                        "config": {"source": state.source, "routes": state.routes.len(), "keys": state.keys.len(), "skipped": state.skipped},
                         "rateLimitStore": limiter,
                         "database": database.label(),
                         "tls": tls,

@@ -99,8 +99,11 @@ fn host_header(authority: &Authority) -> HeaderValue {
         Some(port) => format!("{}:{}", authority.host(), port.as_str()),
         None => authority.host().to_string(),
     };
-    // A parsed host and port are a valid header value.
-    HeaderValue::from_static(interned(&host))
+    match interned(&host) {
+        // A parsed host and port are a valid header value.
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from_str(&host).expect("a parsed host and port are header text"),
+    }
 }
 
 /// The upstream authority a route's requests go to, `'static` unless it carries userinfo.
@@ -109,24 +112,36 @@ fn upstream_authority(authority: &Authority) -> Authority {
         // Userinfo may be a secret: not kept for the life of the process.
         return authority.clone();
     }
-    Authority::from_static(interned(authority.as_str()))
+    match interned(authority.as_str()) {
+        Some(text) => Authority::from_static(text),
+        None => authority.clone(),
+    }
 }
 
 static INTERNED: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
+/// How many distinct upstream texts are kept for the life of the process. In database mode
+/// sellers change upstreams at will; past this (some 4,000 upstreams and Host values, a few
+/// hundred KiB) new ones are ordinary shared copies, so memory stays bounded however often
+/// they change.
+const INTERN_CAP: usize = 4096;
+
 /// Upstream authorities and Host values as `'static` text: one copy per distinct value for the
-/// life of the process, bounded by the upstreams ever configured. Every request clones them
-/// (upstream URI, pool key, Host header); a clone of `'static` text touches no reference count,
-/// while a clone of a heap copy wrote the same count from every worker core.
-fn interned(text: &str) -> &'static str {
+/// life of the process, at most [`INTERN_CAP`] of them (None past that). Every request clones
+/// them (upstream URI, pool key, Host header); a clone of `'static` text touches no reference
+/// count, while a clone of a heap copy wrote the same count from every worker core.
+fn interned(text: &str) -> Option<&'static str> {
     let mut seen = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(known) = seen.get(text) {
-        return known;
+        return Some(known);
+    }
+    if seen.len() >= INTERN_CAP {
+        return None;
     }
     let text: &'static str = Box::leak(text.into());
     seen.insert(text);
-    text
+    Some(text)
 }
 
 /// A route's `methods` list as methods and an `Allow` field; `GET` brings `HEAD` along.
@@ -229,6 +244,29 @@ pub struct GatewayState {
     pub default_tier: Option<String>,
     /// Where this state came from, for /readyz.
     pub source: String,
+    /// Database rows this state does not serve (database mode), for /readyz and /metrics.
+    pub skipped: SkippedRows,
+}
+
+/// How many database rows of each kind a database-mode gateway skips (each named, with why,
+/// in its log).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedRows {
+    pub apis: usize,
+    pub orgs: usize,
+    pub keys: usize,
+    pub credentials: usize,
+}
+
+impl SkippedRows {
+    pub fn by_kind(&self) -> [(&'static str, usize); 4] {
+        [
+            ("api", self.apis),
+            ("org", self.orgs),
+            ("key", self.keys),
+            ("credential", self.credentials),
+        ]
+    }
 }
 
 /// The database's APIs (sellers'), which a gateway holds to its egress policy.
@@ -401,6 +439,7 @@ impl GatewayState {
                 .collect(),
             default_tier: cfg.default_tier.clone(),
             source: file.to_string(),
+            skipped: SkippedRows::default(),
         })
     }
 
@@ -565,10 +604,11 @@ mod tests {
 
     #[test]
     fn upstream_text_is_kept_once_and_userinfo_not_at_all() {
-        let a = interned("orders.internal:8443");
+        let _one_at_a_time = KEPT_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let a = interned("orders.internal:8443").unwrap();
         assert!(std::ptr::eq(
             a,
-            interned(&String::from("orders.internal:8443"))
+            interned(&String::from("orders.internal:8443")).unwrap()
         ));
         let plain: Authority = "orders.internal:8443".parse().unwrap();
         assert!(std::ptr::eq(upstream_authority(&plain).as_str(), a));
@@ -577,6 +617,26 @@ mod tests {
         let kept = INTERNED.lock().unwrap();
         assert!(!kept.iter().any(|t| t.contains("hunter2")), "{kept:?}");
     }
+
+    /// A seller who keeps moving their API grows the kept texts only up to the cap; the
+    /// routes built past it still reach the right upstream with the right Host.
+    #[test]
+    fn kept_upstream_text_is_bounded_however_often_upstreams_change() {
+        let _one_at_a_time = KEPT_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        for n in 0..INTERN_CAP + 100 {
+            let a: Authority = format!("moving-{n}.example:8080").parse().unwrap();
+            let built = upstream_authority(&a);
+            assert_eq!(built, a);
+            assert_eq!(host_header(&a), format!("moving-{n}.example:8080").as_str());
+        }
+        let mut kept = INTERNED.lock().unwrap();
+        assert!(kept.len() <= INTERN_CAP);
+        // Room again for the other tests in this process.
+        kept.retain(|t| !t.starts_with("moving-"));
+    }
+
+    /// The tests that fill or rely on the process-wide set of kept texts.
+    static KEPT_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn the_upstream_host_header_is_host_and_port_without_userinfo() {
