@@ -10,6 +10,14 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     taken record;
 BEGIN
+    -- The check reads other orgs' APIs after taking the registration lock; only a READ
+    -- COMMITTED statement sees a registration committed while it waited. A transaction with
+    -- an older snapshot (REPEATABLE READ, SERIALIZABLE) would miss it and both would win.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'register or move an API in a READ COMMITTED transaction (this one is %): the prefix check must see registrations committed while it waited for the lock',
+                current_setting('transaction_isolation')
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'apis_prefix_boundary';
+    END IF;
     IF NEW.path_prefix = '/' THEN
         RAISE EXCEPTION 'path_prefix / would match every path; choose one like /%/', NEW.name
             USING ERRCODE = 'check_violation', CONSTRAINT = 'apis_prefix_boundary';

@@ -290,6 +290,40 @@ async fn the_database_refuses_a_prefix_that_would_take_another_orgs_traffic() {
         .execute(&pool)
         .await
         .unwrap();
+
+    // A writer whose snapshot predates another org's registration (REPEATABLE READ or
+    // SERIALIZABLE, snapshot taken, the other commits, then it writes) does not win with it.
+    for (n, isolation) in ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut late = pool.acquire().await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "BEGIN ISOLATION LEVEL {isolation}; SELECT count(*) FROM apis"
+        )))
+        .execute(&mut *late)
+        .await
+        .unwrap();
+        let prefix = format!("/race{n}");
+        insert(a, "early", prefix.clone())
+            .execute(&pool)
+            .await
+            .unwrap();
+        let e = insert(b, "late", format!("{prefix}/x"))
+            .execute(&mut *late)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.as_database_error().and_then(|d| d.constraint()),
+            Some("apis_prefix_boundary"),
+            "{isolation}: {e}"
+        );
+        sqlx::raw_sql("ROLLBACK").execute(&mut *late).await.unwrap();
+        sqlx::query("DELETE FROM apis WHERE name = 'early'")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
 }
 
 async fn table_names(pool: &PgPool) -> Vec<String> {
