@@ -249,7 +249,7 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
 }
 
 async fn operator(args: OperatorArgs) -> Result<()> {
-    status_viewers()?;
+    let viewers = status_viewers()?;
     let identity = args.identity.unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| format!("apitree-{}", std::process::id()))
     });
@@ -266,6 +266,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
         status_url: args.status_url,
         sweep_every: args.sweep_every.as_std(),
         database_url: args.state.resolve(),
+        viewers,
     };
     let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
         .ok()
@@ -275,7 +276,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
 }
 
 async fn local(args: LocalArgs) -> Result<()> {
-    status_viewers()?;
+    let viewers = status_viewers()?;
     let durable = std::sync::Arc::new(
         apitree::operator::durable::Durable::open(args.state.resolve().as_deref()).await?,
     );
@@ -293,6 +294,7 @@ async fn local(args: LocalArgs) -> Result<()> {
         http: args.http,
         http_tls: args.tls.pair(),
         base_port: args.port,
+        viewers,
         interval: std::time::Duration::from_secs(1),
         durable,
     };
@@ -953,9 +955,11 @@ async fn users(cmd: UsersCommand) -> Result<()> {
     Ok(())
 }
 
-/// Checks APITREE_JWT_SECRETS before the HTTP port starts, and says who may read the status.
-fn status_viewers() -> Result<()> {
-    match apitree::operator::http::Viewers::from_env().map_err(|e| anyhow!(e))? {
+/// Reads APITREE_JWT_SECRETS and the console's variables once, before the HTTP port starts,
+/// and says who may read the status.
+fn status_viewers() -> Result<Option<apitree::operator::http::Viewers>> {
+    let viewers = apitree::operator::http::Viewers::from_env().map_err(|e| anyhow!(e))?;
+    match &viewers {
         Some(v) => match v.console() {
             Some(link) => tracing::info!(
                 kids = %v.keyring.kids().join(", "),
@@ -971,5 +975,5 @@ fn status_viewers() -> Result<()> {
             "the status data (/api/gateways) answers this machine only; set APITREE_JWT_SECRETS to the console's keyring to serve it to signed-in admins"
         ),
     }
-    Ok(())
+    Ok(viewers)
 }

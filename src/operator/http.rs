@@ -50,6 +50,16 @@ pub struct Viewers {
     confirmed: std::sync::Mutex<std::collections::HashMap<[u8; 32], (std::time::Instant, bool)>>,
 }
 
+/// Key ids and the console's URL only: never a secret.
+impl std::fmt::Debug for Viewers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Viewers")
+            .field("kids", &self.keyring.kids())
+            .field("console", &self.console.as_ref().map(|c| c.url.as_str()))
+            .finish()
+    }
+}
+
 /// The console the operator asks (sessions, `/metrics`): its base URL and a client that
 /// trusts its certificate.
 #[derive(Clone)]
@@ -195,8 +205,14 @@ impl HttpState {
             role: RwLock::new("local"),
             state: RwLock::new("memory"),
             interactions,
-            viewers: Viewers::from_env().ok().flatten(),
+            viewers: None,
         }
+    }
+
+    /// Who may read the gateways' status besides this machine (see [`Viewers::from_env`]).
+    pub fn with_viewers(mut self, viewers: Option<Viewers>) -> Self {
+        self.viewers = viewers;
+        self
     }
 
     /// Records whether this replica leads; either way it is ready.

@@ -32,7 +32,7 @@ pub const PROMOTE_ANNOTATION: &str = "apitree.io/promote";
 pub const ROLLBACK_ANNOTATION: &str = "apitree.io/rollback";
 
 /// How `apitree local` runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LocalOptions {
     /// A manifest file or a directory of them.
     pub path: PathBuf,
@@ -45,6 +45,8 @@ pub struct LocalOptions {
     pub http_tls: Option<(PathBuf, PathBuf)>,
     /// First port of the gateways' front listeners (two per gateway: active and preview).
     pub base_port: Option<u16>,
+    /// Admins with a console session who may read the status (`Viewers::from_env`).
+    pub viewers: Option<http::Viewers>,
     /// How often the loop runs.
     pub interval: Duration,
     /// Where incidents, the Slack outbox and baselines live.
@@ -326,7 +328,7 @@ fn base_secret_versions(cfg: &ProxyConfig, dir: &Path) -> Vec<(String, String)> 
 
 /// Runs until `stop` resolves.
 pub async fn run(
-    opts: LocalOptions,
+    mut opts: LocalOptions,
     notifier: Arc<Notifier>,
     signing_secret: Option<String>,
     stop: impl std::future::Future<Output = ()>,
@@ -359,7 +361,8 @@ pub async fn run(
             let _ = press_tx.send(p);
         })
     });
-    let state = Arc::new(HttpState::new(metrics.clone(), interactions));
+    let state =
+        Arc::new(HttpState::new(metrics.clone(), interactions).with_viewers(opts.viewers.take()));
     let listener = tokio::net::TcpListener::bind(&opts.http)
         .await
         .map_err(|e| LocalError::Listen {

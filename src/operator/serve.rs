@@ -22,7 +22,7 @@ use crate::platform::kube::{cluster_resolver, KubePlatform};
 use crate::schedule::{SweepMetrics, Sweeper};
 
 /// How `apitree operator` runs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OperatorOptions {
     /// Address of the HTTP port.
     pub http: String,
@@ -43,6 +43,9 @@ pub struct OperatorOptions {
     pub sweep_every: Duration,
     /// PostgreSQL for incidents, the Slack outbox and baselines; memory when None.
     pub database_url: Option<String>,
+    /// Admins with a console session who may read the status (`Viewers::from_env`), and the
+    /// console whose sign-ins are watched.
+    pub viewers: Option<http::Viewers>,
 }
 
 /// Why the operator stopped.
@@ -73,13 +76,11 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 
 /// The console watch, when `APITREE_CONSOLE_URL` names the console.
 fn console_watch(
+    viewers: Option<&http::Viewers>,
     store: Arc<crate::detect::engine::IncidentStore>,
     notifier: Arc<crate::notify::Notifier>,
 ) -> Result<Option<Arc<tokio::sync::Mutex<super::console_watch::ConsoleWatch>>>, OperatorError> {
-    let Some(viewers) = http::Viewers::from_env().map_err(OperatorError::Console)? else {
-        return Ok(None);
-    };
-    let Some(link) = viewers.console() else {
+    let Some(link) = viewers.and_then(http::Viewers::console) else {
         return Ok(None);
     };
     let watch =
@@ -91,7 +92,7 @@ fn console_watch(
 
 /// Runs until `stop` resolves or leadership is lost.
 pub async fn run(
-    opts: OperatorOptions,
+    mut opts: OperatorOptions,
     signing_secret: Option<String>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
@@ -110,7 +111,11 @@ pub async fn run(
     );
     let notifier = Arc::new(notifier);
     // The console's sign-ins, scored like a gateway's traffic (when the operator knows it).
-    let console_watch = console_watch(durable.store.clone(), notifier.clone())?;
+    let console_watch = console_watch(
+        opts.viewers.as_ref(),
+        durable.store.clone(),
+        notifier.clone(),
+    )?;
     let console_presses = console_watch.clone();
     // Button presses reach the operator, which the endpoint is built before.
     let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
@@ -150,7 +155,8 @@ pub async fn run(
             });
         },
     ));
-    let state = Arc::new(HttpState::new(metrics.clone(), interactions));
+    let state =
+        Arc::new(HttpState::new(metrics.clone(), interactions).with_viewers(opts.viewers.take()));
     state.set_state(durable.kind());
     let _ = state_cell.set(state.clone());
     let state_role = state.clone();
