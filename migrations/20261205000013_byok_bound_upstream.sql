@@ -34,15 +34,23 @@ CREATE TRIGGER upstream_credentials_bind
     BEFORE INSERT OR UPDATE ON upstream_credentials
     FOR EACH ROW EXECUTE FUNCTION upstream_credentials_bind();
 
--- The console tells a buyer which of their BYOK credentials wait to be written again; the
--- API's upstream belongs to its seller's org, so this reads it as the owner, for the org the
--- transaction was opened for only.
+-- A buyer hands their secret to the API's server, so the console shows them which server
+-- (its origin, never the path) before and after they write, and which of their BYOK
+-- credentials wait to be written again. The API belongs to its seller's org, so these read
+-- it as the owner: the bindings for the org the transaction was opened for only, and one
+-- API's upstream by id.
 CREATE FUNCTION console_byok_bindings(p_org uuid)
-RETURNS TABLE (id uuid, bound_upstream text, upstream_url text)
+RETURNS TABLE (id uuid, api text, bound_upstream text, upstream_url text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    SELECT c.id, c.bound_upstream, a.upstream_url
+    SELECT c.id, a.name, c.bound_upstream, a.upstream_url
       FROM upstream_credentials c JOIN apis a ON a.id = c.api_id
      WHERE c.kind = 'byok' AND c.org_id = p_org AND p_org = apitree_current_org()
 $$;
+CREATE FUNCTION console_api_upstream(p_api uuid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT a.upstream_url FROM apis a WHERE a.id = p_api
+$$;
 REVOKE ALL ON FUNCTION console_byok_bindings(uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION console_api_upstream(uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION console_byok_bindings(uuid) TO apitree_console;
+GRANT EXECUTE ON FUNCTION console_api_upstream(uuid) TO apitree_console;

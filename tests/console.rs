@@ -1003,17 +1003,21 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
                 .await;
             assert_eq!(s, 200, "{v}");
             assert!(
-                !v.to_string().contains("93.184.215"),
-                "no upstream shown: {v}"
+                !v.to_string().contains("/v2"),
+                "no seller's path shown: {v}"
             );
-            v["credentials"][0]["upstream_changed"].clone()
+            v["credentials"][0].clone()
         }
     };
-    for (upstream, changed) in [
-        ("http://93.184.215.14:9/v2/", false),
-        ("https://93.184.215.14:9/", true),
-        ("http://93.184.215.99:9/", true),
-        ("http://93.184.215.14:9", false),
+    for (upstream, changed, goes_to) in [
+        (
+            "http://93.184.215.14:9/v2/",
+            false,
+            "http://93.184.215.14:9",
+        ),
+        ("https://93.184.215.14:9/", true, "https://93.184.215.14:9"),
+        ("http://93.184.215.99:80/", true, "http://93.184.215.99"),
+        ("http://93.184.215.14:9", false, "http://93.184.215.14:9"),
     ] {
         let (s, v) = env
             .call(
@@ -1024,7 +1028,22 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
             )
             .await;
         assert_eq!(s, 200, "{v}");
-        assert_eq!(listed(buyer.clone()).await, changed, "moved to {upstream}");
+        let row = listed(buyer.clone()).await;
+        assert_eq!(
+            (
+                &row["upstream_changed"],
+                &row["sent_to"],
+                &row["api_goes_to"],
+                &row["api"]
+            ),
+            (
+                &json!(changed),
+                &json!("http://93.184.215.14:9"),
+                &json!(goes_to),
+                &json!("maps")
+            ),
+            "moved to {upstream}: {row}"
+        );
     }
     let (s, _) = env
         .call(
@@ -1035,18 +1054,45 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
         )
         .await;
     assert_eq!(s, 200);
-    assert_eq!(listed(buyer.clone()).await, true);
-    let (s, v) = env
-        .call(
-            &buyer,
-            "POST",
-            &format!("orgs/{}/credentials", env.org_a),
-            Some(json!({"api": "maps", "name": "mine", "value": "sk-live-654321", "kind": "byok"})),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
+    assert_eq!(listed(buyer.clone()).await["upstream_changed"], true);
+    // A rewrite that expects another server than the API's now is refused and changes
+    // nothing; one that expects the shown server binds to it.
+    let rewrite = |expect: &str| {
+        let (env, buyer) = (&env, buyer.clone());
+        let body = json!({"api": "maps", "name": "mine", "value": "sk-live-654321", "kind": "byok",
+                          "expect_origin": expect});
+        async move {
+            env.call(
+                &buyer,
+                "POST",
+                &format!("orgs/{}/credentials", env.org_a),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let (s, v) = rewrite("http://93.184.215.14:9").await;
     assert_eq!(
-        listed(buyer.clone()).await,
+        (s, v["code"].as_str()),
+        (409, Some("upstream_moved")),
+        "{v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("http://93.184.215.99:9"),
+        "{v}"
+    );
+    assert_eq!(listed(buyer.clone()).await["upstream_changed"], true);
+    let (s, v) = rewrite("http://93.184.215.99:9").await;
+    assert_eq!(
+        (s, &v["sent_to"]),
+        (201, &json!("http://93.184.215.99:9")),
+        "{v}"
+    );
+    assert_eq!(
+        listed(buyer.clone()).await["upstream_changed"],
         false,
         "written again for the new server"
     );
@@ -1476,6 +1522,55 @@ async fn each_role_sees_its_pages_in_a_browser_and_the_audit_page_shows_who_acte
             .await
             .unwrap();
     assert!(shown.as_str().unwrap().contains(&prefix), "{shown}");
+
+    // The buyer's own credential: the page says where it goes, says when the API has moved,
+    // and a rewrite expects the server it showed (the seller moves the API again meanwhile:
+    // refused, nothing rebound).
+    let move_maps = |url: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query("UPDATE apis SET upstream_url = $1 WHERE name = 'maps'")
+                .bind(url)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let write_byok = "document.getElementById('cred-api').value = 'maps'; \
+         document.getElementById('cred-name').value = 'own'; \
+         document.getElementById('cred-value').value = 'sk-browser-123'; \
+         document.getElementById('cred-kind').value = 'byok'; \
+         document.getElementById('cred-form').requestSubmit(); true";
+    b.eval("document.getElementById('tab-credentials').click(); true")
+        .await;
+    b.eval(write_byok).await;
+    b.until(
+        "the page says where the secret goes",
+        "document.getElementById('cred-shown').textContent === 'Stored: sent only to http://93.184.215.14:9' \
+         && document.querySelector('#creds tbody').textContent.includes('in use')",
+    )
+    .await;
+    move_maps("http://93.184.215.99/").await;
+    b.eval("document.getElementById('tab-credentials').click(); true")
+        .await;
+    b.until(
+        "the page says the API moved",
+        "document.querySelector('#creds tbody').textContent.includes('held back: the API now sends to http://93.184.215.99;')",
+    )
+    .await;
+    move_maps("http://93.184.215.77/").await;
+    b.eval(write_byok).await;
+    b.until(
+        "the rewrite is refused",
+        "document.getElementById('error').textContent.includes('now sends to http://93.184.215.77')",
+    )
+    .await;
+    let bound: String =
+        sqlx::query_scalar("SELECT bound_upstream FROM upstream_credentials WHERE name = 'own'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(bound, "http://93.184.215.14:9/", "nothing rebound");
 
     b.sign_in(&env.base, "admin@ops.test").await;
     b.eval("document.getElementById('tab-credits').click(); true")

@@ -3,7 +3,7 @@
 //! [`authz::decide`] and only then opens the org to the transaction (`apitree.org_id`), which
 //! runs as `apitree_console`, a role row-level security applies to.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -987,6 +987,10 @@ struct CredentialBody {
     header: String,
     #[serde(default = "default_value_prefix")]
     value_prefix: String,
+    /// BYOK: the server (`https://host[:port]`) the buyer means to send the secret to, as the
+    /// credential list showed it; refused (409) when the API goes elsewhere now.
+    #[serde(default)]
+    expect_origin: Option<String>,
 }
 
 use crate::proxy::config::{secret_problem, value_prefix_problem, CREDENTIAL_HEADERS};
@@ -1009,26 +1013,36 @@ async fn list_credentials(r: &Request<'_>, org: Uuid) -> Reply {
     .fetch_all(&mut *a.tx)
     .await?;
     // A BYOK credential is sent only to the server it was written for (the gateway's rule,
-    // `upstream_origin`); the buyer learns here which ones wait to be written again. The
-    // seller's upstream itself is not shown.
-    let bindings: Vec<(Uuid, Option<String>, String)> =
-        sqlx::query_as("SELECT id, bound_upstream, upstream_url FROM console_byok_bindings($1)")
-            .bind(org)
-            .fetch_all(&mut *a.tx)
-            .await?;
-    let moved: HashSet<Uuid> = bindings
+    // `upstream_origin`): the buyer sees that server, where the API goes now, and whether it
+    // waits to be written again. Origins only: the seller's paths are not shown.
+    let bindings: Vec<(Uuid, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT id, api, bound_upstream, upstream_url FROM console_byok_bindings($1)",
+    )
+    .bind(org)
+    .fetch_all(&mut *a.tx)
+    .await?;
+    let origin = |url: &str| crate::proxy::config::upstream_origin(url).ok();
+    let byok: HashMap<Uuid, Value> = bindings
         .into_iter()
-        .filter(|(_, was, now)| {
-            let origin = crate::proxy::config::upstream_origin;
-            !matches!((was.as_deref().map(origin), origin(now)), (Some(Ok(a)), Ok(b)) if a == b)
+        .map(|(id, api, was, now)| {
+            let (was, now) = (was.as_deref().and_then(origin), origin(&now));
+            let changed = !(was.is_some() && was == now);
+            let text = |o: Option<crate::proxy::config::Origin>| o.map(|o| o.to_string());
+            (
+                id,
+                json!({"api": api, "sent_to": text(was), "api_goes_to": text(now), "upstream_changed": changed}),
+            )
         })
-        .map(|(id, ..)| id)
         .collect();
     let list: Vec<Value> = rows
         .into_iter()
         .map(|(id, api, name, kind, v, at)| {
-            json!({"id": id, "api_id": api, "name": name, "kind": kind, "key_version": v, "updated_at": at,
-                   "upstream_changed": moved.contains(&id)})
+            let mut row = json!({"id": id, "api_id": api, "name": name, "kind": kind, "key_version": v,
+                                 "updated_at": at, "upstream_changed": false});
+            if let (Some(extra), Some(row)) = (byok.get(&id), row.as_object_mut()) {
+                row.extend(extra.as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            row
         })
         .collect();
     Ok((200, json!({"credentials": list})))
@@ -1096,6 +1110,35 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
         Some((id, owner)) if action == Action::WriteByokCredential || owner == org => id,
         _ => return Err(ApiError::not_found("API")),
     };
+    // A BYOK secret will go to the API's server as it is now (the binding); one the buyer did
+    // not expect is refused, so a seller who moves the API while the buyer rewrites gets
+    // nothing.
+    let sent_to = if action == Action::WriteByokCredential {
+        let upstream: Option<String> = sqlx::query_scalar("SELECT console_api_upstream($1)")
+            .bind(api_id)
+            .fetch_one(&mut *a.tx)
+            .await?;
+        let now = upstream
+            .as_deref()
+            .and_then(|u| crate::proxy::config::upstream_origin(u).ok())
+            .map(|o| o.to_string());
+        if let Some(expected) = &body.expect_origin {
+            if now.as_deref() != Some(expected.trim_end_matches('/')) {
+                return Err(ApiError::new(
+                    409,
+                    "upstream_moved",
+                    format!(
+                        "API {} now sends to {}, not {expected}: check that this is where your secret should go, then write it again with expect_origin set to it",
+                        body.api,
+                        now.as_deref().unwrap_or("an upstream the gateway cannot use")
+                    ),
+                ));
+            }
+        }
+        now
+    } else {
+        None
+    };
     let sealed = keys.encrypt(&org.to_string(), &body.api, &body.value);
     // An org holds one credential of each kind per API (the database says so too): writing
     // again replaces it, under the new name if one is given. Update, else insert: the role may
@@ -1151,7 +1194,8 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
     a.tx.commit().await?;
     Ok((
         201,
-        json!({"id": id, "api": body.api, "name": body.name, "kind": body.kind, "key_version": sealed.key_version}),
+        json!({"id": id, "api": body.api, "name": body.name, "kind": body.kind, "key_version": sealed.key_version,
+               "sent_to": sent_to}),
     ))
 }
 

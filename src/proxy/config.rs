@@ -341,14 +341,35 @@ pub struct CredentialEntry {
 /// The origin of an upstream URL as the gateway dials it: scheme, host (lower case) and port
 /// (the scheme's default when none is written). Two URLs with the same origin reach the same
 /// server; a BYOK credential goes only to the origin it was written for.
-pub fn upstream_origin(upstream: &str) -> Result<(String, String, u16), String> {
+pub fn upstream_origin(upstream: &str) -> Result<Origin, String> {
     let uri = upstream_uri(upstream)?;
-    let scheme = uri.scheme_str().unwrap_or_default().to_ascii_lowercase();
-    let port = uri
-        .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let https = uri
+        .scheme_str()
+        .unwrap_or_default()
+        .eq_ignore_ascii_case("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-    Ok((scheme, host, port))
+    Ok(Origin { https, host, port })
+}
+
+/// Where an upstream URL's calls go: see [`upstream_origin`]. Shown as `https://host` (the
+/// port only when it is not the scheme's default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.host)?;
+        if self.port != if self.https { 443 } else { 80 } {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
 }
 
 fn default_header() -> String {
@@ -888,8 +909,7 @@ impl ProxyConfig {
                         (Ok(was), Ok(now)) if was != now => push(
                             p("boundUpstream"),
                             format!(
-                                "was written for {}://{}:{}, and the API now goes to {}://{}:{}: it is not sent there until its org writes it again",
-                                was.0, was.1, was.2, now.0, now.1, now.2
+                                "was written for {was}, and the API now goes to {now}: it is not sent there until its org writes it again"
                             ),
                         ),
                         (Err(e), _) => push(

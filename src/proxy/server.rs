@@ -202,7 +202,7 @@ pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
         Refusal::ScopeForbidden(KeyScope::Test) => (StatusCode::FORBIDDEN, "this API accepts live keys only; a test key cannot call it".into()),
         Refusal::ScopeForbidden(KeyScope::Live) => (StatusCode::FORBIDDEN, "this API accepts test keys only".into()),
         Refusal::NoTier => (StatusCode::INTERNAL_SERVER_ERROR, "no rate-limit tier applies to this key; the gateway operator must set one".into()),
-        Refusal::CredentialUnavailable { byok: true } => (StatusCode::SERVICE_UNAVAILABLE, "your org's own upstream credential (BYOK) for this API cannot be used: it could not be read, or the API's upstream moved to another server since it was written; write it again in the console".into()),
+        Refusal::CredentialUnavailable { byok: true } => (StatusCode::SERVICE_UNAVAILABLE, "your org's own upstream credential (BYOK) for this API cannot be used: it could not be read, or the API's upstream moved to another server since it was written; write it again in the console, which shows where it will be sent".into()),
         Refusal::CredentialUnavailable { byok: false } => (StatusCode::SERVICE_UNAVAILABLE, "this API's upstream credential cannot be loaded; its seller must write it again (the gateway's log says why)".into()),
         Refusal::NoCredential => (StatusCode::FORBIDDEN, "this API needs an upstream credential and none is set for your org; add your own (BYOK)".into()),
         Refusal::RateLimited(d) => {

@@ -13,6 +13,8 @@ const PAGES = [
 ];
 
 let me = null;
+// Where each of the org's BYOK credentials' APIs send now, as last shown: a rewrite expects it.
+let shownOrigins = {};
 
 const $ = (id) => document.getElementById(id);
 
@@ -118,9 +120,12 @@ const LOAD = {
     const body = clear("creds");
     // A BYOK credential is sent only to the server it was written for: after the API moves,
     // the gateway holds it back until it is written again.
+    shownOrigins = {};
     for (const c of credentials) {
-      const state = c.upstream_changed ? "API moved: write it again" : "in use";
-      row(body, [c.name, c.kind, c.key_version, c.updated_at, state]);
+      if (c.kind === "byok" && c.api_goes_to) shownOrigins[c.api] = c.api_goes_to;
+      const state = !c.upstream_changed ? "in use"
+        : "held back: the API now sends to " + (c.api_goes_to || "an unusable upstream") + "; write it again to send it there";
+      row(body, [c.name, c.api || "", c.kind, c.key_version, c.updated_at, c.sent_to || "", state]);
     }
   },
   async users() {
@@ -180,8 +185,16 @@ document.addEventListener("DOMContentLoaded", () => {
     await LOAD.apis();
   });
   onSubmit("cred-form", async () => {
-    await call("POST", "orgs/" + me.user.org + "/credentials", { api: $("cred-api").value, name: $("cred-name").value, value: $("cred-value").value, kind: $("cred-kind").value });
+    const api = $("cred-api").value, kind = $("cred-kind").value;
+    const body = { api, name: $("cred-name").value, value: $("cred-value").value, kind };
+    if (kind === "byok" && shownOrigins[api]) body.expect_origin = shownOrigins[api];
+    const stored = await call("POST", "orgs/" + me.user.org + "/credentials", body);
     $("cred-value").value = "";
+    if (stored.sent_to) {
+      const shown = $("cred-shown");
+      shown.textContent = "Stored: sent only to " + stored.sent_to;
+      shown.hidden = false;
+    }
     await LOAD.credentials();
   });
   onSubmit("invite-form", async () => {
