@@ -6,6 +6,11 @@
 -- with 503 until the buyer writes the credential again.
 ALTER TABLE upstream_credentials ADD COLUMN bound_upstream text;
 
+-- An upstream URL's fragment was never sent (the URI parser drops it); it is now refused, and
+-- rewritten first to what was dialled, so such an API keeps serving (and its BYOK credentials
+-- are bound to that).
+UPDATE apis SET upstream_url = split_part(upstream_url, '#', 1) WHERE upstream_url LIKE '%#%';
+
 -- Rows written before this rule were written for the upstream the API has now.
 UPDATE upstream_credentials c SET bound_upstream = a.upstream_url
   FROM apis a WHERE a.id = c.api_id AND c.kind = 'byok';

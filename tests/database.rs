@@ -93,9 +93,9 @@ async fn an_upgrade_rewrites_old_rows_the_gateway_could_not_read_and_they_stay_u
     let api = Uuid::new_v4();
     sqlx::raw_sql(AssertSqlSafe(format!(
         "INSERT INTO apis (id, org_id, name, path_prefix, upstream_url, scopes)
-              VALUES ('{api}', '{org}', 'odd', '/odd', 'http://10.0.0.5:8080/v1?k=v', '[0:1]={{live,NULL}}');
+              VALUES ('{api}', '{org}', 'odd', '/odd', 'http://10.0.0.5:8080/v1?k=v#top', '[0:1]={{live,NULL}}');
          INSERT INTO apis (id, org_id, name, path_prefix, upstream_url, scopes)
-              VALUES (gen_random_uuid(), '{org}', 'deep', '/deep', 'http://10.0.0.5/', '{{{{live}},{{test}}}}');
+              VALUES (gen_random_uuid(), '{org}', 'deep', '/deep', 'http://10.0.0.5/#top', '{{{{live}},{{test}}}}');
          INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version, value_prefix)
               VALUES (gen_random_uuid(), '{org}', '{api}', 'old', 'system', '\\x00', '\\x000000000000000000000000', 1, E' Bearer\\r\\n');
          INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)

@@ -244,8 +244,8 @@ pub struct RouteSpec {
     #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
     pub path_prefix: String,
     /// Upstream base URL; the path after the prefix is appended. `http` or `https`, a host, a
-    /// port from 1 to 65535 or none, a base path; no query (the caller's is forwarded), no
-    /// user name or password.
+    /// port from 1 to 65535 or none, a base path; no query (the caller's is forwarded) or
+    /// fragment, no user name or password.
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://"))]
     pub upstream: String,
     /// Upstream call timeout; defaults to `proxy.defaultTimeout`.

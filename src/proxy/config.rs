@@ -409,6 +409,12 @@ pub fn upstream_uri(upstream: &str) -> Result<http::Uri, String> {
                     "{upstream:?} has a query; an upstream URL is a base (scheme, host, port, path): the caller's query is forwarded"
                 ));
             }
+            // The URI parser drops a fragment; one would be saved and never sent.
+            if upstream.contains('#') {
+                return Err(format!(
+                    "{upstream:?} has a fragment ('#'); an upstream URL is a base (scheme, host, port, path)"
+                ));
+            }
             Ok(uri)
         }
         _ => Err(bad()),
@@ -1279,6 +1285,9 @@ routes:
             "http://example.com:080/x?",
             "http://example.com/?k=v",
             "http://[::1]:99999/",
+            "http://example.com/#frag",
+            "http://example.com#@10.0.0.5/",
+            "http://example.com/v1/#",
         ] {
             assert!(upstream_uri(bad).is_err(), "{bad:?}");
         }
