@@ -1091,6 +1091,20 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
         (201, &json!("http://93.184.215.99:9")),
         "{v}"
     );
+    let consented: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT detail->>'sent_to' FROM audit_log WHERE action = 'credential.write' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        consented,
+        [
+            Some("http://93.184.215.14:9".into()),
+            Some("http://93.184.215.99:9".into())
+        ],
+        "the audit log says where each written secret goes"
+    );
     assert_eq!(
         listed(buyer.clone()).await["upstream_changed"],
         false,

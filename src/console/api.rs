@@ -1188,7 +1188,8 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
         "credential.write",
         &body.name,
         Some(org),
-        json!({"credential_id": id, "api": body.api, "kind": body.kind, "key_version": sealed.key_version}),
+        json!({"credential_id": id, "api": body.api, "kind": body.kind, "key_version": sealed.key_version,
+               "sent_to": sent_to}),
     )
     .await?;
     a.tx.commit().await?;
