@@ -55,6 +55,9 @@ CREATE FUNCTION console_api_upstream(p_api uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
     SELECT a.upstream_url FROM apis a WHERE a.id = p_api
 $$;
+-- The console reads back what a write was bound to, and refuses it when that is not the
+-- server the buyer expected (the binding is the database's: no check before it can race it).
+GRANT SELECT (bound_upstream) ON upstream_credentials TO apitree_console;
 REVOKE ALL ON FUNCTION console_byok_bindings(uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION console_api_upstream(uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION console_byok_bindings(uuid) TO apitree_console;

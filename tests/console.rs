@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apitree::console::authz::Role;
 use apitree::console::{self, jwt::Keyring, throttle::Limits, Console, ConsoleMetrics};
@@ -303,6 +303,13 @@ fn endpoints(
         (
             "GET",
             format!("orgs/{org}/credentials"),
+            None,
+            [Own, Own, No, Any],
+            false,
+        ),
+        (
+            "GET",
+            format!("orgs/{org}/credentials/origin?api=maps"),
             None,
             [Own, Own, No, Any],
             false,
@@ -1116,6 +1123,61 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
             .await
             .unwrap();
     assert_eq!(bound.as_deref(), Some("http://93.184.215.99:9/"));
+
+    // A seller flipping the API between two servers while the buyer keeps writing, always
+    // expecting the first: every write that is stored is bound to the first, so the last
+    // binding is too (a check before the write, not of the binding, loses this race).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let flip = async {
+        let mut n = 0;
+        while Instant::now() < deadline {
+            n += 1;
+            let url = if n % 2 == 0 {
+                "http://93.184.215.99:9/"
+            } else {
+                "http://93.184.215.66:9/"
+            };
+            let (s, v) = env
+                .call(
+                    &seller_b,
+                    "PUT",
+                    &format!("orgs/{}/apis/{maps}", env.org_b),
+                    Some(json!({"name": "maps", "path_prefix": "/maps", "upstream_url": url})),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+        }
+    };
+    let write = || async {
+        let (mut stored, mut refused) = (0, 0);
+        while Instant::now() < deadline {
+            let (s, v) = rewrite("http://93.184.215.99:9").await;
+            match s {
+                201 => {
+                    assert_eq!(v["sent_to"], "http://93.184.215.99:9", "{v}");
+                    stored += 1;
+                }
+                409 => refused += 1,
+                _ => panic!("{s} {v}"),
+            }
+        }
+        (stored, refused)
+    };
+    let (_, a, b) = tokio::join!(flip, write(), write());
+    assert!(
+        a.0 + b.0 > 0 && a.1 + b.1 > 0,
+        "both outcomes happened: {a:?} {b:?}"
+    );
+    let bound: Option<String> =
+        sqlx::query_scalar("SELECT bound_upstream FROM upstream_credentials WHERE name = 'mine'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        bound.as_deref(),
+        Some("http://93.184.215.99:9/"),
+        "never bound to the other server"
+    );
     // A value that would split a header is refused; a system credential for another org's
     // API is not found.
     let seller = env.sign_in("seller@a.test").await;
@@ -1537,9 +1599,9 @@ async fn each_role_sees_its_pages_in_a_browser_and_the_audit_page_shows_who_acte
             .unwrap();
     assert!(shown.as_str().unwrap().contains(&prefix), "{shown}");
 
-    // The buyer's own credential: the page says where it goes, says when the API has moved,
-    // and a rewrite expects the server it showed (the seller moves the API again meanwhile:
-    // refused, nothing rebound).
+    // The buyer's own credential: the page says where it goes before storing it, says when
+    // the API has moved, and a rewrite expects the server it showed (the seller moves the API
+    // again meanwhile: refused, nothing rebound; the next press shows the new server first).
     let move_maps = |url: &'static str| {
         let pool = env.pool.clone();
         async move {
@@ -1557,6 +1619,18 @@ async fn each_role_sees_its_pages_in_a_browser_and_the_audit_page_shows_who_acte
          document.getElementById('cred-form').requestSubmit(); true";
     b.eval("document.getElementById('tab-credentials').click(); true")
         .await;
+    b.eval(write_byok).await;
+    b.until(
+        "the page says where the secret would go, before storing it",
+        "document.getElementById('cred-shown').textContent.includes('will be sent to http://93.184.215.14:9.')",
+    )
+    .await;
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM upstream_credentials WHERE name = 'own'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 0, "nothing stored before the buyer confirms");
     b.eval(write_byok).await;
     b.until(
         "the page says where the secret goes",
@@ -1585,6 +1659,18 @@ async fn each_role_sees_its_pages_in_a_browser_and_the_audit_page_shows_who_acte
             .await
             .unwrap();
     assert_eq!(bound, "http://93.184.215.14:9/", "nothing rebound");
+    b.eval(write_byok).await;
+    b.until(
+        "the page shows the new server first",
+        "document.getElementById('cred-shown').textContent.includes('will be sent to http://93.184.215.77.')",
+    )
+    .await;
+    b.eval(write_byok).await;
+    b.until(
+        "stored for the server the buyer saw",
+        "document.getElementById('cred-shown').textContent === 'Stored: sent only to http://93.184.215.77'",
+    )
+    .await;
 
     b.sign_in(&env.base, "admin@ops.test").await;
     b.eval("document.getElementById('tab-credits').click(); true")

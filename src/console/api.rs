@@ -318,6 +318,9 @@ pub async fn dispatch(r: Request<'_>) -> Reply {
         }
         (&M::GET, ["orgs", org, "credentials"]) => list_credentials(&r, uuid(org, "org")?).await,
         (&M::POST, ["orgs", org, "credentials"]) => write_credential(&r, uuid(org, "org")?).await,
+        (&M::GET, ["orgs", org, "credentials", "origin"]) => {
+            credential_origin(&r, uuid(org, "org")?).await
+        }
         (&M::GET, ["orgs", org, "usage"]) => usage(&r, uuid(org, "org")?).await,
         (&M::GET, ["orgs", org, "credits"]) => credits(&r, uuid(org, "org")?).await,
         (&M::POST, ["orgs", org, "credits"]) => adjust_credits(&r, uuid(org, "org")?).await,
@@ -353,6 +356,7 @@ fn known_path(path: &[&str]) -> bool {
                 "keys" | "apis" | "credentials" | "usage" | "credits"
             ]
             | ["orgs", _, "keys", _, "rotate" | "revoke"]
+            | ["orgs", _, "credentials", "origin"]
             | ["orgs", _, "apis", _]
             | ["users"]
             | ["users", _, "role" | "disable"]
@@ -993,7 +997,9 @@ struct CredentialBody {
     expect_origin: Option<String>,
 }
 
-use crate::proxy::config::{secret_problem, value_prefix_problem, CREDENTIAL_HEADERS};
+use crate::proxy::config::{
+    secret_problem, upstream_origin, value_prefix_problem, CREDENTIAL_HEADERS,
+};
 
 fn default_header() -> String {
     "authorization".into()
@@ -1046,6 +1052,34 @@ async fn list_credentials(r: &Request<'_>, org: Uuid) -> Reply {
         })
         .collect();
     Ok((200, json!({"credentials": list})))
+}
+
+/// Where a BYOK secret for an API would be sent (`?api=NAME`): its server's origin, never its
+/// path. A buyer sees this before handing over a secret, and writes with it as
+/// `expect_origin`.
+async fn credential_origin(r: &Request<'_>, org: Uuid) -> Reply {
+    let name = r
+        .param("api")
+        .ok_or_else(|| ApiError::bad("name the API: ?api=NAME"))?
+        .to_string();
+    let mut a = r.authorize(Action::WriteByokCredential, Some(org)).await?;
+    let api: Option<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT id, org_id FROM console_api_by_name($1)")
+            .bind(&name)
+            .fetch_optional(&mut *a.tx)
+            .await?;
+    let Some((id, _)) = api else {
+        return Err(ApiError::not_found("API"));
+    };
+    let upstream: Option<String> = sqlx::query_scalar("SELECT console_api_upstream($1)")
+        .bind(id)
+        .fetch_one(&mut *a.tx)
+        .await?;
+    let origin = upstream
+        .as_deref()
+        .and_then(|u| upstream_origin(u).ok())
+        .map(|o| o.to_string());
+    Ok((200, json!({"api": name, "origin": origin})))
 }
 
 async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
@@ -1110,45 +1144,24 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
         Some((id, owner)) if action == Action::WriteByokCredential || owner == org => id,
         _ => return Err(ApiError::not_found("API")),
     };
-    // A BYOK secret will go to the API's server as it is now (the binding); one the buyer did
-    // not expect is refused, so a seller who moves the API while the buyer rewrites gets
-    // nothing.
-    let sent_to = if action == Action::WriteByokCredential {
-        let upstream: Option<String> = sqlx::query_scalar("SELECT console_api_upstream($1)")
-            .bind(api_id)
-            .fetch_one(&mut *a.tx)
-            .await?;
-        let now = upstream
-            .as_deref()
-            .and_then(|u| crate::proxy::config::upstream_origin(u).ok())
-            .map(|o| o.to_string());
-        if let Some(expected) = &body.expect_origin {
-            if now.as_deref() != Some(expected.trim_end_matches('/')) {
-                return Err(ApiError::new(
-                    409,
-                    "upstream_moved",
-                    format!(
-                        "API {} now sends to {}, not {expected}: check that this is where your secret should go, then write it again with expect_origin set to it",
-                        body.api,
-                        now.as_deref().unwrap_or("an upstream the gateway cannot use")
-                    ),
-                ));
-            }
-        }
-        now
-    } else {
-        None
+    // The server the buyer means their secret for, if they say (any spelling of it).
+    let expected = match (&body.expect_origin, action) {
+        (Some(e), Action::WriteByokCredential) => Some(upstream_origin(e).map_err(|e| {
+            ApiError::bad(format!("expect_origin {e}; write it as the credential list shows it, e.g. https://api.example.com"))
+        })?),
+        (Some(_), _) => return Err(ApiError::bad("expect_origin is for BYOK credentials")),
+        (None, _) => None,
     };
     let sealed = keys.encrypt(&org.to_string(), &body.api, &body.value);
     // An org holds one credential of each kind per API (the database says so too): writing
     // again replaces it, under the new name if one is given. Update, else insert: the role may
     // not read ciphertexts, which an upsert's EXCLUDED would need.
-    let updated: Option<Uuid> = sqlx::query_scalar(
+    let updated: Option<(Uuid, Option<String>)> = sqlx::query_as(
         "UPDATE upstream_credentials SET name = $3, ciphertext = $5, nonce = $6,
                 key_version = $7, header = $8, value_prefix = $9, updated_at = now(), rotated_at = now(),
                 bound_upstream = NULL
           WHERE org_id = $1 AND api_id = $2 AND kind = $4::credential_kind
-         RETURNING id",
+         RETURNING id, bound_upstream",
     )
     .bind(org)
     .bind(api_id)
@@ -1161,14 +1174,14 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
     .bind(&body.value_prefix)
     .fetch_optional(&mut *a.tx)
     .await?;
-    let id = match updated {
-        Some(id) => id,
+    let (id, bound) = match updated {
+        Some(row) => row,
         None => {
-            sqlx::query_scalar(
+            sqlx::query_as(
                 "INSERT INTO upstream_credentials
                      (id, org_id, api_id, name, kind, ciphertext, nonce, key_version, header, value_prefix)
                  VALUES ($1, $2, $3, $4, $5::credential_kind, $6, $7, $8, $9, $10)
-                 RETURNING id",
+                 RETURNING id, bound_upstream",
             )
             .bind(Uuid::new_v4())
             .bind(org)
@@ -1184,6 +1197,29 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
             .await?
         }
     };
+    // A BYOK secret is bound by the database to the API's server as it is at this write; one
+    // the buyer did not expect is rolled back, so a seller who moves the API while the buyer
+    // writes gets nothing.
+    let bound = bound
+        .as_deref()
+        .map(upstream_origin)
+        .transpose()
+        .ok()
+        .flatten();
+    if let Some(expected) = &expected {
+        if bound.as_ref() != Some(expected) {
+            return Err(ApiError::new(
+                409,
+                "upstream_moved",
+                format!(
+                    "API {} now sends to {}, not {expected}: nothing was stored; check that this is where your secret should go, then write it again with expect_origin set to it",
+                    body.api,
+                    bound.map_or("an upstream the gateway cannot use".to_string(), |o| o.to_string())
+                ),
+            ));
+        }
+    }
+    let sent_to = bound.map(|o| o.to_string());
     a.audit(
         "credential.write",
         &body.name,

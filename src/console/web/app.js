@@ -13,7 +13,7 @@ const PAGES = [
 ];
 
 let me = null;
-// Where each of the org's BYOK credentials' APIs send now, as last shown: a rewrite expects it.
+// Where each API sends a BYOK secret, as last shown to this person: a write expects it.
 let shownOrigins = {};
 
 const $ = (id) => document.getElementById(id);
@@ -120,7 +120,6 @@ const LOAD = {
     const body = clear("creds");
     // A BYOK credential is sent only to the server it was written for: after the API moves,
     // the gateway holds it back until it is written again.
-    shownOrigins = {};
     for (const c of credentials) {
       if (c.kind === "byok" && c.api_goes_to) shownOrigins[c.api] = c.api_goes_to;
       const state = !c.upstream_changed ? "in use"
@@ -186,15 +185,30 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   onSubmit("cred-form", async () => {
     const api = $("cred-api").value, kind = $("cred-kind").value;
+    const shown = $("cred-shown");
     const body = { api, name: $("cred-name").value, value: $("cred-value").value, kind };
-    if (kind === "byok" && shownOrigins[api]) body.expect_origin = shownOrigins[api];
-    const stored = await call("POST", "orgs/" + me.user.org + "/credentials", body);
-    $("cred-value").value = "";
-    if (stored.sent_to) {
-      const shown = $("cred-shown");
-      shown.textContent = "Stored: sent only to " + stored.sent_to;
-      shown.hidden = false;
+    if (kind === "byok") {
+      // A secret goes to the API's server: say which before the first write.
+      if (!shownOrigins[api]) {
+        const { origin } = await call("GET", "orgs/" + me.user.org + "/credentials/origin?api=" + encodeURIComponent(api));
+        if (!origin) throw new Error("API " + api + " has no upstream the gateway can use now; try again later");
+        shownOrigins[api] = origin;
+        shown.textContent = "Your secret for " + api + " will be sent to " + origin + ". Press Store credential again to store it.";
+        shown.hidden = false;
+        return;
+      }
+      body.expect_origin = shownOrigins[api];
     }
+    let stored;
+    try {
+      stored = await call("POST", "orgs/" + me.user.org + "/credentials", body);
+    } catch (e) {
+      delete shownOrigins[api];  // moved: the next press shows where it goes now
+      throw e;
+    }
+    $("cred-value").value = "";
+    shown.textContent = stored.sent_to ? "Stored: sent only to " + stored.sent_to : "Stored.";
+    shown.hidden = false;
     await LOAD.credentials();
   });
   onSubmit("invite-form", async () => {
