@@ -514,6 +514,34 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
     assert_eq!(call_open(plain_key).await, (200, None), "others pass bare");
 }
 
+/// The marketplace most tests start from: a seller's API "weather" on `upstream` with its
+/// system credential, a buyer with their own (BYOK) credential for it, and a buyer without;
+/// a live key for each buyer.
+struct Market {
+    seller: Uuid,
+    buyer: Uuid,
+    plain_buyer: Uuid,
+    byok_key: String,
+    plain_key: String,
+}
+
+async fn market(pool: &PgPool, upstream: &Upstream) -> Market {
+    let seller = dbkeys::create_org(pool, "seller", "test").await.unwrap();
+    let buyer = dbkeys::create_org(pool, "beta", "test").await.unwrap();
+    let plain_buyer = dbkeys::create_org(pool, "gamma", "test").await.unwrap();
+    register_api(pool, upstream.addr.unwrap(), seller).await;
+    store_credential(pool, buyer, "weather", "mine", "byok", BYOK_SECRET)
+        .await
+        .unwrap();
+    Market {
+        seller,
+        buyer,
+        plain_buyer,
+        byok_key: live_key(pool, buyer).await,
+        plain_key: live_key(pool, plain_buyer).await,
+    }
+}
+
 /// A buyer's own (BYOK) secret goes only to the server it was written for. A seller who
 /// repoints their API at another host (their own, say) does not receive it: that buyer's calls
 /// get 503 and never reach the new host, until the buyer writes the credential again. A new
@@ -524,17 +552,13 @@ async fn a_seller_who_moves_their_api_elsewhere_does_not_receive_buyers_own_secr
     let tdb = TestDb::new().await;
     let pool = tdb.migrated_pool().await;
     let (vendor, elsewhere) = (start_upstream().await, start_upstream().await);
-    let seller = dbkeys::create_org(&pool, "seller", "test").await.unwrap();
-    let buyer = dbkeys::create_org(&pool, "beta", "test").await.unwrap();
-    let plain_buyer = dbkeys::create_org(&pool, "gamma", "test").await.unwrap();
-    register_api(&pool, vendor.addr.unwrap(), seller).await;
-    store_credential(&pool, buyer, "weather", "mine", "byok", BYOK_SECRET)
-        .await
-        .unwrap();
-    let (key, plain_key) = (
-        live_key(&pool, buyer).await,
-        live_key(&pool, plain_buyer).await,
-    );
+    let Market {
+        seller,
+        buyer,
+        byok_key: key,
+        plain_key,
+        ..
+    } = market(&pool, &vendor).await;
     let gw = start_proxy(&tdb).await;
     // (status, path the upstream saw or error code, authorization the upstream saw)
     let call = |key: String| {
@@ -694,17 +718,13 @@ async fn rows_the_gateway_cannot_use_cost_only_the_calls_that_need_them() {
     let tdb = TestDb::new().await;
     let pool = tdb.migrated_pool().await;
     let up = start_upstream().await;
-    let seller = dbkeys::create_org(&pool, "seller", "test").await.unwrap();
-    let byok_buyer = dbkeys::create_org(&pool, "beta", "test").await.unwrap();
-    let plain_buyer = dbkeys::create_org(&pool, "gamma", "test").await.unwrap();
-    register_api(&pool, up.addr.unwrap(), seller).await;
-    store_credential(&pool, byok_buyer, "weather", "mine", "byok", BYOK_SECRET)
-        .await
-        .unwrap();
-    let (byok_key, plain_key) = (
-        live_key(&pool, byok_buyer).await,
-        live_key(&pool, plain_buyer).await,
-    );
+    let Market {
+        seller,
+        plain_buyer,
+        byok_key,
+        plain_key,
+        ..
+    } = market(&pool, &up).await;
     let (forever, ended, far) = (
         live_key(&pool, plain_buyer).await,
         live_key(&pool, plain_buyer).await,
