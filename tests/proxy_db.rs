@@ -514,6 +514,19 @@ async fn the_credential_a_call_carries_depends_on_the_callers_org_never_on_a_nam
     assert_eq!(call_open(plain_key).await, (200, None), "others pass bare");
 }
 
+/// `GET /weather/x` with `key`: the status and the JSON body (the upstream's echo, or the
+/// gateway's error).
+async fn call_weather(gw: &DbGateway, key: &str) -> (u16, Value) {
+    let resp = client()
+        .get(format!("http://{}/weather/x", gw.addr))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
 /// The marketplace most tests start from: a seller's API "weather" on `upstream` with its
 /// system credential, a buyer with their own (BYOK) credential for it, and a buyer without;
 /// a live key for each buyer.
@@ -562,11 +575,9 @@ async fn a_seller_who_moves_their_api_elsewhere_does_not_receive_buyers_own_secr
     let gw = start_proxy(&tdb).await;
     // (status, path the upstream saw or error code, authorization the upstream saw)
     let call = |key: String| {
-        let url = format!("http://{}/weather/x", gw.addr);
+        let gw = &gw;
         async move {
-            let resp = client().get(url).bearer_auth(key).send().await.unwrap();
-            let status = resp.status().as_u16();
-            let body: Value = resp.json().await.unwrap_or_default();
+            let (status, body) = call_weather(gw, &key).await;
             let at = body["path"]
                 .as_str()
                 .or(body["code"].as_str())
@@ -616,13 +627,7 @@ async fn a_seller_who_moves_their_api_elsewhere_does_not_receive_buyers_own_secr
     })
     .await;
     let before = hits(&elsewhere);
-    let resp = client()
-        .get(format!("http://{}/weather/x", gw.addr))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    let body: Value = resp.json().await.unwrap();
+    let (_, body) = call_weather(&gw, &key).await;
     assert!(
         body["error"].as_str().unwrap().contains("write it again"),
         "the buyer is told what to do: {body}"
@@ -768,11 +773,9 @@ async fn rows_the_gateway_cannot_use_cost_only_the_calls_that_need_them() {
 
     let gw = start_proxy(&tdb).await;
     let call = |key: String| {
-        let url = format!("http://{}/weather/x", gw.addr);
+        let gw = &gw;
         async move {
-            let resp = client().get(url).bearer_auth(key).send().await.unwrap();
-            let status = resp.status().as_u16();
-            let body: Value = resp.json().await.unwrap_or_default();
+            let (status, body) = call_weather(gw, &key).await;
             let sent = body["headers"]["authorization"].as_str().map(String::from);
             let code = body["code"].as_str().map(String::from);
             (status, sent.or(code))
