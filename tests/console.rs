@@ -1078,6 +1078,12 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
             .await
         }
     };
+    let (s, v) = rewrite(&format!("http://{}", "a".repeat(300))).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
     let (s, v) = rewrite("http://93.184.215.14:9").await;
     assert_eq!(
         (s, v["code"].as_str()),

@@ -52,11 +52,14 @@ impl ApiError {
         if let Some(d) = e.as_database_error() {
             match d.code().as_deref() {
                 Some("23505") => {
-                    return ApiError::new(
-                        409,
-                        "conflict",
-                        "a resource with that name already exists",
-                    )
+                    // One credential of each kind per org and API: two first writes at once.
+                    let message = match d.constraint() {
+                        Some("upstream_credentials_one_byok_idx" | "upstream_credentials_one_system_idx") => {
+                            "another request wrote this org's credential for this API at the same moment; write it again"
+                        }
+                        _ => "a resource with that name already exists",
+                    };
+                    return ApiError::new(409, "conflict", message);
                 }
                 Some("23514") | Some("22P02") | Some("23502") => {
                     return ApiError::bad(format!(
@@ -1146,6 +1149,11 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
     };
     // The server the buyer means their secret for, if they say (any spelling of it).
     let expected = match (&body.expect_origin, action) {
+        (Some(e), _) if e.len() > 300 => {
+            return Err(ApiError::bad(
+                "expect_origin is at most 300 characters: scheme, host and port",
+            ))
+        }
         (Some(e), Action::WriteByokCredential) => Some(upstream_origin(e).map_err(|e| {
             ApiError::bad(format!("expect_origin {e}; write it as the credential list shows it, e.g. https://api.example.com"))
         })?),
