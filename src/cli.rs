@@ -182,13 +182,12 @@ pub enum DriftCommand {
         /// tables and turns on row-level security there (refused otherwise).
         #[arg(long)]
         adopt: bool,
-        /// Who is fixing, for the audit log.
-        #[arg(long, env = "APITREE_ACTOR", default_value = "apitree drift fix")]
-        actor: String,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
         #[command(flatten)]
         db: DatabaseArgs,
+        #[command(flatten)]
+        actor: ActorArgs,
     },
     /// Migrate an EMPTY database and write its schema as the expected-schema snapshot.
     Snapshot {

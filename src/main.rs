@@ -193,7 +193,7 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
             db,
         } => {
             let pool = open_db(&db).await?;
-            let done = fix::fix(&pool, allow_changed, adopt, &actor).await?;
+            let done = fix::fix(&pool, allow_changed, adopt, &actor.resolve()).await?;
             match format {
                 OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&done)?)?,
                 OutputFormat::Text => {
@@ -215,17 +215,14 @@ async fn drift(cmd: DriftCommand) -> Result<()> {
         }
         DriftCommand::Snapshot { out, db } => {
             let pool = open_db(&db).await?;
-            let tables: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'",
-            )
-            .fetch_one(&pool)
-            .await?;
-            if tables > 0
-                && sqlx::query_scalar::<_, bool>("SELECT to_regclass('_sqlx_migrations') IS NULL")
+            // What the migrations create, and nothing else: a used database could carry drift
+            // into the reference.
+            let tables: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
                     .fetch_one(&pool)
-                    .await?
-            {
-                return Err(anyhow!("the database holds tables but no migration history: snapshot an empty database"));
+                    .await?;
+            if tables > 0 {
+                return Err(anyhow!("the database holds {tables} table(s): snapshot an empty one, e.g. `createdb apitree_snapshot` and pass its URL"));
             }
             let target = db::describe_target(&db::parse_url(&db.resolve().unwrap_or_default())?);
             db::migrate(&pool, &target).await?;
@@ -630,6 +627,13 @@ fn credentials(cmd: CredentialsCommand) -> Result<()> {
     if let Some(e) = proxy::config::value_prefix_problem(&value_prefix) {
         return Err(anyhow!("--value-prefix {e}"));
     }
+    // The gateway refuses a credential that sets any other header: say so now.
+    if !proxy::config::CREDENTIAL_HEADERS.contains(&header.to_ascii_lowercase().as_str()) {
+        return Err(anyhow!(
+            "--header {header:?} is not an authentication header; use one of {}",
+            proxy::config::CREDENTIAL_HEADERS.join(", ")
+        ));
+    }
     if let Some(e) = proxy::config::secret_problem(&value_prefix, value) {
         return Err(anyhow!("the credential on stdin {e}"));
     }
@@ -813,7 +817,7 @@ async fn migrate(args: MigrateArgs) -> Result<()> {
         ));
     }
     let applied = db::MIGRATOR.iter().count();
-    tracing::info!(%target, migrations = applied, "database is at the latest schema");
+    tracing::info!(database = %target, migrations = applied, "database is at the latest schema");
     Ok(())
 }
 

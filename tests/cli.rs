@@ -147,6 +147,59 @@ async fn commands_refuse_to_reshape_a_database_that_is_not_apitrees() {
     assert_ne!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
+/// `drift snapshot` writes the reference from an empty database only: a used one (migrated
+/// before, or with its own tables) could carry drift into it; the fresh snapshot is the
+/// committed reference.
+#[tokio::test]
+async fn a_drift_snapshot_is_taken_of_an_empty_database_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("schema.json");
+    let out_arg = out_file.to_str().unwrap();
+    let used = common::TestDb::new().await;
+    assert!(apitree(&["migrate", "--database-url", &used.url])
+        .status
+        .success());
+    let out = apitree(&[
+        "drift",
+        "snapshot",
+        "--database-url",
+        &used.url,
+        "--out",
+        out_arg,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("snapshot an empty one"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!out_file.exists());
+    let fresh = common::TestDb::new().await;
+    let out = apitree(&[
+        "drift",
+        "snapshot",
+        "--database-url",
+        &fresh.url,
+        "--out",
+        out_arg,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/drift/expected-schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        written, committed,
+        "the committed reference is what the migrations create"
+    );
+}
+
 /// `migrate` on a database whose migrations are all applied but a table was dropped since says
 /// so (exit 1) instead of "at the latest schema".
 #[tokio::test]
@@ -949,4 +1002,36 @@ fn split_words(line: &str) -> Vec<String> {
         out.push(word);
     }
     out
+}
+
+/// `credentials encrypt` prints only an entry the gateway accepts: a header a credential may
+/// not set is refused here, naming the ones it may.
+#[test]
+fn credentials_encrypt_refuses_a_header_the_gateway_would_refuse() {
+    let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+    let args = |header: &'static str| {
+        [
+            "credentials",
+            "encrypt",
+            "--name",
+            "vendor",
+            "--org",
+            "acme",
+            "--api",
+            "demo",
+            "--header",
+            header,
+        ]
+    };
+    let out = apitree_stdin(&args("host"), &[("APITREE_MASTER_KEY", key)], "s3cret");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("use one of authorization"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(out.stdout.is_empty());
+    let out = apitree_stdin(&args("X-API-Key"), &[("APITREE_MASTER_KEY", key)], "s3cret");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("header: X-API-Key"));
 }

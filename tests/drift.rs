@@ -221,6 +221,42 @@ async fn a_changed_column_is_rewritten_only_with_allow_changed() {
     assert!(done.after.in_sync(), "{:#?}", done.after);
 }
 
+/// `drift fix` records who ran it like every other admin command: the OS user, with
+/// `--actor` only as a label.
+#[tokio::test]
+async fn a_drift_fix_is_audited_under_the_os_user() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    exec(&pool, "DROP INDEX apis_org_id_idx".into())
+        .await
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args([
+            "drift",
+            "fix",
+            "--actor",
+            "TICKET-9",
+            "--database-url",
+            &db.url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let actors: Vec<String> =
+        sqlx::query_scalar("SELECT actor FROM audit_log WHERE action = 'drift.fix'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(!actors.is_empty());
+    for a in actors {
+        assert!(a.starts_with("os:") && a.ends_with(" (TICKET-9)"), "{a}");
+    }
+}
+
 #[tokio::test]
 async fn a_dropped_sequence_is_recreated_after_the_highest_id_and_a_renamed_enum_label_is_reported()
 {

@@ -190,7 +190,7 @@ fn unknown_route_fields(doc: &serde_json::Value) -> Vec<Problem> {
             for found in crate::crd::validate::unknown_fields_in(items, item) {
                 out.push(Problem {
                     path: format!("{list}[{i}]{}", found.trim_end_matches(": unknown field")),
-                    message: "unknown field; check its spelling against the proxy config reference"
+                    message: "unknown field; check its spelling against examples/proxy.yaml and the README's proxy section"
                         .into(),
                 });
             }

@@ -48,7 +48,7 @@ pub enum VaultError {
     BadKey { what: String },
     #[error("master-key file line {line}: expected `<version>:<base64 key>`")]
     BadLine { line: usize },
-    #[error("no master key: set APITREE_MASTER_KEY (base64 of 32 bytes) and APITREE_MASTER_KEY_VERSION, or pass --master-key-file")]
+    #[error("no master key: set APITREE_MASTER_KEY (base64 of 32 bytes; APITREE_MASTER_KEY_VERSION if not 1), or name a file of version:base64 lines as secrets.masterKeyFile in the config given with -c")]
     Missing,
     #[error("invalid base64 in {field} of credential {name:?}")]
     BadEncoding { name: String, field: &'static str },
