@@ -9,7 +9,7 @@
 
 use statrs::distribution::{ContinuousCDF, Normal};
 
-use crate::crd::gateway::{CheckPhase, GateSpec};
+use crate::crd::gateway::{CheckPhase, Color, GateSpec};
 
 /// Traffic one color served in the window.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -73,14 +73,16 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", x * 100.0)
 }
 
-/// Judges green against blue.
-pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
+/// Judges the new revision (`green`, on color `preview`) against the serving one (`blue`, on
+/// the other color); texts name the colors as they are.
+pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec, preview: Color) -> Judgement {
+    let (new, old) = (preview.as_str(), preview.other().as_str());
     let latency = match (green.p99_ms, blue.p99_ms) {
         (Some(g), Some(b)) => format!("; p99 {g:.0} ms vs {b:.0} ms"),
         _ => String::new(),
     };
     let observed = format!(
-        "green {} errors ({}/{}), blue {} ({}/{}){latency}",
+        "{new} {} errors ({}/{}), {old} {} ({}/{}){latency}",
         pct(green.ratio()),
         green.errors,
         green.requests,
@@ -89,7 +91,7 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
         blue.requests
     );
     let threshold = format!(
-        "≤ +{:.2} pp errors (α={}), p99 ≤ {}× blue, ≥ {} requests",
+        "≤ +{:.2} pp errors (α={}), p99 ≤ {}× {old}, ≥ {} requests",
         spec.max_error_ratio_increase * 100.0,
         spec.alpha,
         spec.max_latency_ratio,
@@ -108,7 +110,7 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
             CheckPhase::Inconclusive,
             None,
             format!(
-                "green served {} requests in the window, fewer than minSamples {}: send traffic to the preview endpoint or lower gate.minSamples",
+                "{new} served {} requests in the window, fewer than minSamples {}: send traffic to the preview endpoint or lower gate.minSamples",
                 green.requests, spec.min_samples
             ),
         );
@@ -117,8 +119,9 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
         return verdict(
             CheckPhase::Inconclusive,
             None,
-            "blue served no requests in the window, so there is nothing to compare green with"
-                .into(),
+            format!(
+                "{old} served no requests in the window, so there is nothing to compare {new} with"
+            ),
         );
     }
     let p = error_increase_p_value(blue, green);
@@ -128,7 +131,7 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
             CheckPhase::Failed,
             Some(p),
             format!(
-                "green's error ratio is {:.2} percentage points above blue's ({})",
+                "{new}'s error ratio is {:.2} percentage points above {old}'s ({})",
                 increase * 100.0,
                 crate::detect::p_text(p)
             ),
@@ -142,16 +145,16 @@ pub fn judge(blue: &Traffic, green: &Traffic, spec: &GateSpec) -> Judgement {
                 CheckPhase::Failed,
                 Some(p),
                 format!(
-                    "green's p99 latency {g:.0} ms is {:.1}× blue's {b:.0} ms",
+                    "{new}'s p99 latency {g:.0} ms is {:.1}× {old}'s {b:.0} ms",
                     g / b.max(f64::MIN_POSITIVE)
                 ),
             );
         }
     }
     let reason = if latency_judged {
-        "green's errors and latency are in line with blue's".to_string()
+        format!("{new}'s errors and latency are in line with {old}'s")
     } else {
-        format!("green's errors are in line with blue's; p99s not compared below {MIN_LATENCY_SAMPLES} requests per color")
+        format!("{new}'s errors are in line with {old}'s; p99s not compared below {MIN_LATENCY_SAMPLES} requests per color")
     };
     verdict(CheckPhase::Passed, Some(p), reason)
 }
@@ -177,7 +180,7 @@ mod tests {
 
     #[test]
     fn too_few_green_requests_is_inconclusive_even_when_clean() {
-        let j = judge(&t(1000, 1, 10.0), &t(150, 0, 10.0), &spec());
+        let j = judge(&t(1000, 1, 10.0), &t(150, 0, 10.0), &spec(), Color::Green);
         assert_eq!(j.phase, CheckPhase::Inconclusive);
         assert!(
             j.reason.contains("fewer than minSamples 200"),
@@ -188,16 +191,47 @@ mod tests {
 
     #[test]
     fn equal_error_ratios_pass() {
-        let j = judge(&t(1000, 10, 10.0), &t(1000, 12, 11.0), &spec());
+        let j = judge(
+            &t(1000, 10, 10.0),
+            &t(1000, 12, 11.0),
+            &spec(),
+            Color::Green,
+        );
         assert_eq!(j.phase, CheckPhase::Passed, "{j:?}");
     }
 
     #[test]
     fn a_significant_regression_fails() {
-        let j = judge(&t(1000, 5, 10.0), &t(1000, 60, 10.0), &spec());
+        let j = judge(&t(1000, 5, 10.0), &t(1000, 60, 10.0), &spec(), Color::Green);
         assert_eq!(j.phase, CheckPhase::Failed);
         assert!(j.p_value.unwrap() < 0.001);
         assert!(j.reason.contains("5.50 percentage points"), "{}", j.reason);
+    }
+
+    /// Every second rollout runs the new revision on blue: the texts name the colors as
+    /// they are, never "green" for the new one by habit.
+    #[test]
+    fn texts_name_the_new_revisions_color_and_the_serving_one() {
+        let j = judge(&t(1000, 5, 10.0), &t(1000, 60, 10.0), &spec(), Color::Blue);
+        assert!(
+            j.reason
+                .starts_with("blue's error ratio is 5.50 percentage points above green's"),
+            "{}",
+            j.reason
+        );
+        assert!(
+            j.observed
+                .starts_with("blue 6.00% errors (60/1000), green 0.50%"),
+            "{}",
+            j.observed
+        );
+        assert!(j.threshold.contains("× green"), "{}", j.threshold);
+        let j = judge(&t(0, 0, 0.0), &t(500, 0, 10.0), &spec(), Color::Blue);
+        assert!(
+            j.reason.starts_with("green served no requests"),
+            "{}",
+            j.reason
+        );
     }
 
     #[test]
@@ -205,21 +239,21 @@ mod tests {
         // 2 of 200 vs 0 of 200: 1 pp above blue, but nowhere near significant.
         let mut s = spec();
         s.max_error_ratio_increase = 0.005;
-        let j = judge(&t(200, 0, 10.0), &t(200, 2, 10.0), &s);
+        let j = judge(&t(200, 0, 10.0), &t(200, 2, 10.0), &s, Color::Green);
         assert_eq!(j.phase, CheckPhase::Passed, "{j:?}");
         assert!(j.p_value.unwrap() > 0.05);
     }
 
     #[test]
     fn slower_green_fails_but_tiny_absolute_differences_do_not() {
-        let j = judge(&t(1000, 0, 10.0), &t(1000, 0, 40.0), &spec());
+        let j = judge(&t(1000, 0, 10.0), &t(1000, 0, 40.0), &spec(), Color::Green);
         assert_eq!(j.phase, CheckPhase::Failed);
         assert!(j.reason.contains("4.0× blue's"), "{}", j.reason);
         // 9 ms vs 3 ms is 3× but only 6 ms: loopback noise.
-        let j = judge(&t(1000, 0, 3.0), &t(1000, 0, 9.0), &spec());
+        let j = judge(&t(1000, 0, 3.0), &t(1000, 0, 9.0), &spec(), Color::Green);
         assert_eq!(j.phase, CheckPhase::Passed);
         // A p99 of 300 requests is their third-slowest: not judged, and the reason says so.
-        let j = judge(&t(300, 0, 10.0), &t(300, 0, 80.0), &spec());
+        let j = judge(&t(300, 0, 10.0), &t(300, 0, 80.0), &spec(), Color::Green);
         assert_eq!(j.phase, CheckPhase::Passed);
         assert!(
             j.reason.contains("p99s not compared below 1000"),
@@ -230,7 +264,7 @@ mod tests {
 
     #[test]
     fn no_blue_traffic_is_inconclusive() {
-        let j = judge(&t(0, 0, 0.0), &t(500, 0, 10.0), &spec());
+        let j = judge(&t(0, 0, 0.0), &t(500, 0, 10.0), &spec(), Color::Green);
         assert_eq!(j.phase, CheckPhase::Inconclusive);
     }
 }

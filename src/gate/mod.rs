@@ -589,13 +589,16 @@ impl Machine<'_> {
                     // starts now, so the verdict always rests on a full window.
                     let c = self.check(check);
                     c.started_at = Some(now.to_string());
-                    c.reason = Some("observing green and blue".into());
+                    c.reason =
+                        Some("observing the new revision's color and the serving one".into());
                     self.actions.push(Action::StartAnalysis);
                     return CheckPhase::Running;
                 };
                 let started = self.check(check).started_at.clone();
                 let window_len = spec.observation_window.as_std();
-                let j = analysis::judge(&w.active, &w.preview, spec);
+                // The new revision runs on the color that does not serve.
+                let preview = self.s.active_color.map_or(Color::Green, Color::other);
+                let j = analysis::judge(&w.active, &w.preview, spec, preview);
                 let c = self.check(check);
                 c.observed = Some(j.observed);
                 c.threshold = Some(j.threshold);
@@ -603,7 +606,7 @@ impl Machine<'_> {
                 c.p_value = j.p_value;
                 if elapsed(&started, now).unsigned_abs() < window_len {
                     c.reason = Some(format!(
-                        "observing for {} ({} green requests so far)",
+                        "observing for {} ({} requests to the new revision so far)",
                         spec.observation_window, j.samples
                     ));
                     return CheckPhase::Running;
