@@ -74,7 +74,7 @@ pub enum Command {
     #[command(subcommand)]
     Orgs(OrgsCommand),
 
-    /// Upstream credentials: encrypt one for a config or database entry.
+    /// Upstream credentials: encrypt one for a config; re-encrypt the database's after a new master key.
     #[command(subcommand)]
     Credentials(CredentialsCommand),
 
@@ -299,7 +299,7 @@ impl HttpTlsArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// `json` prints only one JSON summary on stdout (gate runs, incidents, notification
-    /// count); progress stays on stderr.
+    /// count, the gateway's schema drift status); progress stays on stderr.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
     /// Leave the gateway, its synthetic clients, the sample API and the status page up after

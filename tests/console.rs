@@ -1362,6 +1362,16 @@ async fn credits_are_an_append_only_ledger() {
 #[tokio::test]
 async fn responses_carry_security_headers_and_json_errors() {
     let env = Env::new().await;
+    // HEAD answers like GET, without the body.
+    let head = env
+        .http
+        .head(format!("{}/", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-frame-options"], "DENY");
+    assert!(head.bytes().await.unwrap().is_empty());
     let page = env.http.get(format!("{}/", env.base)).send().await.unwrap();
     assert_eq!(page.status(), 200);
     let h = page.headers();

@@ -268,7 +268,13 @@ async fn handle(
         );
         r
     } else {
-        match (req.method(), path.as_str()) {
+        // HEAD is GET without the body (hyper leaves the body out).
+        let method = if req.method() == Method::HEAD {
+            &Method::GET
+        } else {
+            req.method()
+        };
+        match (method, path.as_str()) {
             (&Method::GET, "/") => respond(200, "text/html; charset=utf-8", INDEX),
             (&Method::GET, "/app.js") => respond(200, "text/javascript; charset=utf-8", APP_JS),
             (&Method::GET, "/app.css") => respond(200, "text/css; charset=utf-8", APP_CSS),

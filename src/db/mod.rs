@@ -147,7 +147,9 @@ pub fn describe_target(opts: &PgConnectOptions) -> String {
 /// Opens a small pool and proves it works with one round trip.
 /// Connections see the whole database or fail ([`WHOLE_DATABASE`]).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let opts = parse_url(url)?.options([WHOLE_DATABASE]);
+    // NOTICEs ("already exists, skipping" on every migrate) are not news to the person
+    // reading the log; warnings and errors still arrive.
+    let opts = parse_url(url)?.options([WHOLE_DATABASE, ("client_min_messages", "warning")]);
     let target = describe_target(&opts);
     let fail = |source: sqlx::Error| {
         let (cause, hint) = classify_connect_error(&source);

@@ -277,14 +277,23 @@ pub async fn start_embedded(
 }
 
 fn warn_on_example_secrets(cfg: &ProxyConfig) {
-    for path in [&cfg.secrets.pepper_file, &cfg.secrets.master_key_file]
-        .into_iter()
-        .flatten()
-    {
-        if path.to_string_lossy().contains("example") {
-            tracing::warn!(file = %path.display(), "using an EXAMPLE secret file: fine for trying apitree out, never for real traffic");
-        }
+    for path in example_secret_files(cfg, |v| std::env::var_os(v).is_some()) {
+        tracing::warn!(file = %path.display(), "using an EXAMPLE secret file: fine for trying apitree out, never for real traffic");
     }
+}
+
+/// The example secret files the config uses: a file the environment overrides (`set(var)`)
+/// is not used (see `load_pepper`, `load_master_keys`).
+fn example_secret_files(cfg: &ProxyConfig, set: impl Fn(&str) -> bool) -> Vec<&std::path::PathBuf> {
+    [
+        (&cfg.secrets.pepper_file, "APITREE_KEY_PEPPER"),
+        (&cfg.secrets.master_key_file, "APITREE_MASTER_KEY"),
+    ]
+    .into_iter()
+    .filter(|(_, var)| !set(var))
+    .filter_map(|(file, _)| file.as_ref())
+    .filter(|path| path.to_string_lossy().contains("example"))
+    .collect()
 }
 
 /// Reloads the config file into a running gateway; keeps the old config when the new one is
@@ -407,4 +416,33 @@ pub async fn serve(
         tracing::warn!("access-log lines still unwritten at exit: stdout is not keeping up");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod example_secret_tests {
+    use super::*;
+
+    /// The warning names the example files in use, not those the environment overrides.
+    #[test]
+    fn only_the_example_files_in_use_are_named() {
+        let cfg: ProxyConfig = serde_saphyr::from_str(
+            "secrets: { pepperFile: proxy.example-pepper, masterKeyFile: proxy.example-master-keys }\n",
+        )
+        .unwrap();
+        let named = |set: &[&str]| {
+            example_secret_files(&cfg, |v| set.contains(&v))
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            named(&[]),
+            ["proxy.example-pepper", "proxy.example-master-keys"]
+        );
+        assert_eq!(
+            named(&["APITREE_KEY_PEPPER"]),
+            ["proxy.example-master-keys"]
+        );
+        assert!(named(&["APITREE_KEY_PEPPER", "APITREE_MASTER_KEY"]).is_empty());
+    }
 }
