@@ -628,11 +628,8 @@ fn credentials(cmd: CredentialsCommand) -> Result<()> {
         return Err(anyhow!("--value-prefix {e}"));
     }
     // The gateway refuses a credential that sets any other header: say so now.
-    if !proxy::config::CREDENTIAL_HEADERS.contains(&header.to_ascii_lowercase().as_str()) {
-        return Err(anyhow!(
-            "--header {header:?} is not an authentication header; use one of {}",
-            proxy::config::CREDENTIAL_HEADERS.join(", ")
-        ));
+    if let Some(e) = proxy::config::credential_header_problem(&header) {
+        return Err(anyhow!("--header {e}"));
     }
     if let Some(e) = proxy::config::secret_problem(&value_prefix, value) {
         return Err(anyhow!("the credential on stdin {e}"));

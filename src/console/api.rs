@@ -1001,7 +1001,7 @@ struct CredentialBody {
 }
 
 use crate::proxy::config::{
-    secret_problem, upstream_origin, value_prefix_problem, CREDENTIAL_HEADERS,
+    credential_header_problem, secret_problem, upstream_origin, value_prefix_problem, Origin,
 };
 
 fn default_header() -> String {
@@ -1030,31 +1030,32 @@ async fn list_credentials(r: &Request<'_>, org: Uuid) -> Reply {
     .bind(org)
     .fetch_all(&mut *a.tx)
     .await?;
-    let origin = |url: &str| crate::proxy::config::upstream_origin(url).ok();
-    let byok: HashMap<Uuid, Value> = bindings
+    let byok: HashMap<Uuid, (String, Option<Origin>, Option<Origin>)> = bindings
         .into_iter()
-        .map(|(id, api, was, now)| {
-            let (was, now) = (was.as_deref().and_then(origin), origin(&now));
-            let changed = !(was.is_some() && was == now);
-            let text = |o: Option<crate::proxy::config::Origin>| o.map(|o| o.to_string());
-            (
-                id,
-                json!({"api": api, "sent_to": text(was), "api_goes_to": text(now), "upstream_changed": changed}),
-            )
-        })
+        .map(|(id, api, was, now)| (id, (api, origin_of(was.as_deref()), origin_of(Some(&now)))))
         .collect();
+    let text = |o: &Option<Origin>| o.as_ref().map(Origin::to_string);
     let list: Vec<Value> = rows
         .into_iter()
         .map(|(id, api, name, kind, v, at)| {
             let mut row = json!({"id": id, "api_id": api, "name": name, "kind": kind, "key_version": v,
                                  "updated_at": at, "upstream_changed": false});
-            if let (Some(extra), Some(row)) = (byok.get(&id), row.as_object_mut()) {
-                row.extend(extra.as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+            if let Some((api, was, now)) = byok.get(&id) {
+                row["api"] = json!(api);
+                row["sent_to"] = json!(text(was));
+                row["api_goes_to"] = json!(text(now));
+                row["upstream_changed"] = json!(!(was.is_some() && was == now));
             }
             row
         })
         .collect();
     Ok((200, json!({"credentials": list})))
+}
+
+/// The origin an upstream URL is dialled at (the gateway's rule); None for none, or for one
+/// the gateway cannot use.
+fn origin_of(upstream: Option<&str>) -> Option<Origin> {
+    upstream.and_then(|u| upstream_origin(u).ok())
 }
 
 /// Where a BYOK secret for an API would be sent (`?api=NAME`): its server's origin, never its
@@ -1078,10 +1079,7 @@ async fn credential_origin(r: &Request<'_>, org: Uuid) -> Reply {
         .bind(id)
         .fetch_one(&mut *a.tx)
         .await?;
-    let origin = upstream
-        .as_deref()
-        .and_then(|u| upstream_origin(u).ok())
-        .map(|o| o.to_string());
+    let origin = origin_of(upstream.as_deref()).map(|o| o.to_string());
     Ok((200, json!({"api": name, "origin": origin})))
 }
 
@@ -1110,11 +1108,8 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
         return Err(ApiError::bad(e));
     }
     // A credential may only set an authentication header (the gateway refuses others too).
-    if !CREDENTIAL_HEADERS.contains(&body.header.to_ascii_lowercase().as_str()) {
-        return Err(ApiError::bad(format!(
-            "header must be one of {}",
-            CREDENTIAL_HEADERS.join(", ")
-        )));
+    if let Some(e) = credential_header_problem(&body.header) {
+        return Err(ApiError::bad(format!("header {e}")));
     }
     let name_ok = body.name.len() <= 64
         && body
@@ -1208,12 +1203,7 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
     // A BYOK secret is bound by the database to the API's server as it is at this write; one
     // the buyer did not expect is rolled back, so a seller who moves the API while the buyer
     // writes gets nothing.
-    let bound = bound
-        .as_deref()
-        .map(upstream_origin)
-        .transpose()
-        .ok()
-        .flatten();
+    let bound = origin_of(bound.as_deref());
     if let Some(expected) = &expected {
         if bound.as_ref() != Some(expected) {
             return Err(ApiError::new(

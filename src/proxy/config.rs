@@ -449,6 +449,17 @@ pub const CREDENTIAL_HEADERS: [&str; 5] = [
     "proxy-authorization",
 ];
 
+/// What is wrong with a credential's header, if anything: it may set an authentication header
+/// only ([`CREDENTIAL_HEADERS`]). The one rule at save (console, CLI) and at load.
+pub fn credential_header_problem(header: &str) -> Option<String> {
+    (!CREDENTIAL_HEADERS.contains(&header.to_ascii_lowercase().as_str())).then(|| {
+        format!(
+            "{header:?} is not an authentication header; use one of {}",
+            CREDENTIAL_HEADERS.join(", ")
+        )
+    })
+}
+
 /// What is wrong with a credential's value prefix, if anything: it goes into a header as
 /// written, so visible ASCII, spaces and tabs, and not starting with a space or tab (a parser
 /// drops those). The one rule at save (console, CLI, database) and at load.
@@ -884,15 +895,8 @@ impl ProxyConfig {
                     .into(),
                 );
             }
-            if !CREDENTIAL_HEADERS.contains(&c.header.to_ascii_lowercase().as_str()) {
-                push(
-                    p("header"),
-                    format!(
-                        "{:?} is not an authentication header; use one of {}",
-                        c.header,
-                        CREDENTIAL_HEADERS.join(", ")
-                    ),
-                );
+            if let Some(e) = credential_header_problem(&c.header) {
+                push(p("header"), e);
             }
             // The value goes into a request head as written: a byte a header cannot carry (a
             // control character, a line break) would frame the upstream request wrongly.
