@@ -312,10 +312,16 @@ async fn a_critical_incident_inside_the_rollback_window_switches_back_to_blue() 
     run.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_spec_gets_a_condition_and_one_event_and_deploys_nothing() {
+/// A spec that cannot run, whether the spec itself is wrong or the platform cannot run what it
+/// asks for: `SpecValid=False` with every problem, one Event per bad generation (not one per
+/// pass), nothing deployed; fixing the spec deploys.
+async fn refused_with_one_event(
+    brk: impl FnOnce(&mut ApiGatewaySpec),
+    fix: impl FnOnce(&mut ApiGatewaySpec),
+    expected: &str,
+) {
     let _turn = TURN.lock().await;
-    let mut run = Run::start(|s| s.proxy.routes[1].tier = Some("gold".into())).await;
+    let mut run = Run::start(brk).await;
     for _ in 0..3 {
         run.tour.tick().await;
     }
@@ -328,33 +334,49 @@ async fn an_invalid_spec_gets_a_condition_and_one_event_and_deploys_nothing() {
         .unwrap();
     assert_eq!(spec_valid.status, "False");
     assert!(
-        spec_valid
-            .message
-            .contains("spec.proxy.routes[1].tier: tier \"gold\" is not defined"),
+        spec_valid.message.contains(expected),
         "{}",
         spec_valid.message
     );
-    let events: Vec<_> = run
-        .tour
-        .m
-        .events
-        .iter()
-        .filter(|e| e.reason == "InvalidSpec")
-        .collect();
+    let events: Vec<_> = run.tour.m.events.iter().collect();
     assert_eq!(
         events.len(),
         1,
-        "one Event per bad generation, not per pass"
+        "one Event per bad generation, not per pass: {events:#?}"
     );
+    assert_eq!(events[0].reason, "InvalidSpec");
     assert!(events[0].warning);
     assert!(run.tour.ctx.platform.active_url("shop").await.is_none());
-    // Fixing the spec deploys.
-    run.edit(|s| s.proxy.routes[1].tier = None);
+    run.edit(fix);
     run.until("first deploy after the fix", 20, |m| {
         m.status.phase == Some(GatewayPhase::Stable)
     })
     .await;
     run.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_gets_a_condition_and_one_event_and_deploys_nothing() {
+    refused_with_one_event(
+        |s| s.proxy.routes[1].tier = Some("gold".into()),
+        |s| s.proxy.routes[1].tier = None,
+        "spec.proxy.routes[1].tier: tier \"gold\" is not defined",
+    )
+    .await;
+}
+
+/// `apitree local` cannot serve TLS: a spec asking for it is refused like any bad spec, not
+/// retried (and warned about) every pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_the_platform_cannot_run_is_refused_once_not_retried_every_pass() {
+    refused_with_one_event(
+        |s| {
+            s.tls = Some(serde_json::from_value(serde_json::json!({"secretName": "t"})).unwrap())
+        },
+        |s| s.tls = None,
+        "spec.tls needs a cluster",
+    )
+    .await;
 }
 
 /// `apitree demo --format json ARGS` without Slack or a database from the environment:

@@ -516,7 +516,8 @@ impl Managed {
         ctx: &Context<P>,
     ) -> Result<(String, ProxyConfig), Vec<String>> {
         let rendered = plan::render(&self.spec, &ctx.base);
-        let problems = plan::problems(&self.spec, &rendered, ctx.master_keys.as_ref());
+        let mut problems = plan::problems(&self.spec, &rendered, ctx.master_keys.as_ref());
+        problems.extend(ctx.platform.cannot_run(&self.spec));
         if !problems.is_empty() {
             return Err(problems);
         }

@@ -260,14 +260,22 @@ impl LocalPlatform {
     }
 }
 
+/// Why the local platform refuses a spec with `spec.tls`.
+const TLS_NEEDS_A_CLUSTER: &str = "spec.tls needs a cluster: the local platform's front and preview listeners speak plain HTTP; remove spec.tls to run it locally";
+
 impl Platform for LocalPlatform {
+    fn cannot_run(&self, spec: &crate::crd::gateway::ApiGatewaySpec) -> Option<String> {
+        // Serving it as plain HTTP would pass the gate with a promise it does not keep.
+        spec.tls.is_some().then(|| TLS_NEEDS_A_CLUSTER.to_string())
+    }
+
     async fn deploy(&self, color: Color, d: &Deployment) -> Result<(), PlatformError> {
-        if d.spec.tls.is_some() {
-            // Serving it as plain HTTP would pass the gate with a promise it does not keep.
+        if let Some(reason) = self.cannot_run(&d.spec) {
+            // The gate never asks (it refuses the spec first); a direct caller is refused too.
             return Err(PlatformError::Start {
                 gateway: d.gateway.clone(),
                 color: color.as_str(),
-                reason: "spec.tls needs a cluster: the local platform's front and preview listeners speak plain HTTP; remove spec.tls to run it locally".into(),
+                reason,
             });
         }
         let mut gateways = self.gateways.lock().await;

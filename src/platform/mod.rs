@@ -71,6 +71,13 @@ impl PlatformError {
 
 /// A place where gateway colors run.
 pub trait Platform: Send + Sync + 'static {
+    /// What in `spec` this platform can never run, in words for `SpecValid` (None: it can).
+    /// The gate treats it as a spec problem: one condition and one Event, and nothing is
+    /// deployed until the spec changes, instead of a deploy that fails every pass.
+    fn cannot_run(&self, _spec: &crate::crd::gateway::ApiGatewaySpec) -> Option<String> {
+        None
+    }
+
     /// Makes `color` run `d` (idempotent: the same revision is left alone).
     fn deploy(
         &self,
