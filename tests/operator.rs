@@ -370,9 +370,7 @@ async fn an_invalid_spec_gets_a_condition_and_one_event_and_deploys_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_the_platform_cannot_run_is_refused_once_not_retried_every_pass() {
     refused_with_one_event(
-        |s| {
-            s.tls = Some(serde_json::from_value(serde_json::json!({"secretName": "t"})).unwrap())
-        },
+        |s| s.tls = Some(serde_json::from_value(serde_json::json!({"secretName": "t"})).unwrap()),
         |s| s.tls = None,
         "spec.tls needs a cluster",
     )

@@ -529,6 +529,134 @@ pub struct InvalidConfig {
     pub problems: Vec<Problem>,
 }
 
+/// The lists of a config file whose entries a parse error can be pinned to, with where each
+/// entry starts.
+#[derive(Deserialize)]
+struct Outline {
+    #[serde(default)]
+    tiers: Vec<serde_saphyr::Spanned<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    orgs: Vec<serde_saphyr::Spanned<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    keys: Vec<serde_saphyr::Spanned<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    credentials: Vec<serde_saphyr::Spanned<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    routes: Vec<serde_saphyr::Spanned<serde::de::IgnoredAny>>,
+}
+
+/// Every parse problem of a file that does not parse, not only the first: the parser stops at
+/// one, so the entry (a route, a key, …) holding it is blanked out line for line (every other
+/// line keeps its number) and the file parsed again, until it parses or a problem lies outside
+/// any entry. An entry that shares a line with another (a one-line `[{…}, {…}]`) cannot be cut
+/// out alone: the search stops there, having named the first problem.
+fn parse_problems(text: &str, first: &serde_saphyr::Error) -> Vec<Problem> {
+    const MAX: usize = 100;
+    let line_of = |e: &serde_saphyr::Error| e.location().map(|l| l.line() as usize);
+    let entries: Vec<(String, usize)> = match serde_saphyr::from_str::<Outline>(text) {
+        Ok(o) => [
+            ("tiers", o.tiers),
+            ("orgs", o.orgs),
+            ("keys", o.keys),
+            ("credentials", o.credentials),
+            ("routes", o.routes),
+        ]
+        .into_iter()
+        .flat_map(|(list, items)| {
+            items
+                .into_iter()
+                .enumerate()
+                .map(move |(i, s)| (format!("{list}[{i}]"), s.referenced.line() as usize))
+        })
+        .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut lines: Vec<&str> = text.lines().collect();
+    // Where an entry ends: the next entry's first line, or the next line at the left margin
+    // (the next top-level key), or the end of the file.
+    let end_of = |start: usize, lines: &[&str]| -> usize {
+        let next_entry = entries.iter().map(|(_, l)| *l).filter(|l| *l > start).min();
+        let next_key = (start..lines.len())
+            .find(|i| {
+                let l = lines[*i];
+                !l.is_empty() && !l.starts_with([' ', '\t', '#', '-'])
+            })
+            .map(|i| i + 1);
+        [next_entry, next_key]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(lines.len() + 1)
+    };
+    let mut problems = Vec::new();
+    let mut later: Option<serde_saphyr::Error> = None;
+    let mut cut: Vec<String> = Vec::new();
+    let path_of = |entry: Option<&(String, usize)>| {
+        entry.map_or_else(|| "(yaml)".to_string(), |(p, _)| p.clone())
+    };
+    for round in 0..MAX {
+        let error = later.as_ref().unwrap_or(first);
+        let line = line_of(error);
+        let entry = line.and_then(|line| {
+            entries
+                .iter()
+                .filter(|(_, start)| *start <= line && line < end_of(*start, &lines))
+                .max_by_key(|(_, start)| *start)
+        });
+        let shared_line =
+            entry.is_some_and(|(_, start)| entries.iter().filter(|(_, l)| l == start).count() > 1);
+        // The first problem is shown with the lines around it; later ones are read from a
+        // file with entries blanked out, so only their line is named.
+        let message = if round == 0 {
+            error.to_string()
+        } else {
+            error.without_snippet().to_string()
+        };
+        problems.push(Problem {
+            path: path_of(entry),
+            message,
+        });
+        let Some((_, start)) = entry.filter(|_| !shared_line) else {
+            break;
+        };
+        let (path, start, end) = (path_of(entry), *start, end_of(*start, &lines));
+        for l in &mut lines[start - 1..end - 1] {
+            *l = "";
+        }
+        // A list whose every entry is cut out would read as `null`, not as empty.
+        let list = &path[..path.find('[').unwrap_or(path.len())];
+        cut.push(path.clone());
+        let all_cut = entries
+            .iter()
+            .filter(|(p, _)| p.starts_with(&format!("{list}[")))
+            .all(|(p, _)| cut.contains(p));
+        if all_cut {
+            if let Some(key) = lines
+                .iter_mut()
+                .find(|l| l.starts_with(&format!("{list}:")))
+            {
+                *key = empty_list(list);
+            }
+        }
+        match serde_saphyr::from_str::<ProxyConfig>(&lines.join("\n")) {
+            Ok(_) => break,
+            Err(e) => later = Some(e),
+        }
+    }
+    problems
+}
+
+/// The line that stands for a list once all its entries are cut out.
+fn empty_list(list: &str) -> &'static str {
+    match list {
+        "tiers" => "tiers: []",
+        "orgs" => "orgs: []",
+        "keys" => "keys: []",
+        "credentials" => "credentials: []",
+        _ => "routes: []",
+    }
+}
+
 /// Parses a timestamp into unix milliseconds.
 pub fn parse_time_ms(text: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(text)
@@ -557,10 +685,7 @@ impl ProxyConfig {
         })?;
         let cfg: Self = serde_saphyr::from_str(&text).map_err(|e| InvalidConfig {
             file: file.clone(),
-            problems: vec![Problem {
-                path: "(yaml)".into(),
-                message: e.to_string(),
-            }],
+            problems: parse_problems(&text, &e),
         })?;
         // Routes and tiers are the ApiGateway's types, which take what the API server has
         // already pruned; a file has no API server, so unknown fields (a typo like `timout:`)
@@ -1384,6 +1509,114 @@ routes:
         )
         .unwrap();
         assert!(ProxyConfig::load(&file).is_ok());
+    }
+
+    /// A file that does not parse names every entry that holds a problem, each once, in file
+    /// order, with its line: every subset of five broken entries (block and flow style, three
+    /// kinds of fault, in two lists), and a fault outside any list stops the search after
+    /// naming itself.
+    #[test]
+    fn a_file_that_does_not_parse_names_every_broken_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("proxy.yaml");
+        // (list, good entry, broken entry, what the message names)
+        let entries: [(&str, &str, &str, &str); 5] = [
+            (
+                "tiers",
+                "  - { name: t0, perKey: { burst10s: 1, perMinute: 1, perDay: 1 },\n      perOrg: { burst10s: 1, perMinute: 1, perDay: 1 } }\n",
+                "  - { name: t0, perKey: { burst10s: x, perMinute: 1, perDay: 1 },\n      perOrg: { burst10s: 1, perMinute: 1, perDay: 1 } }\n",
+                "x",
+            ),
+            (
+                "tiers",
+                "  - name: t1\n    perKey: { burst10s: 1, perMinute: 1, perDay: 1 }\n    perOrg: { burst10s: 1, perMinute: 1, perDay: 1 }\n",
+                "  - name: t1\n    perOrg: { burst10s: 1, perMinute: 1, perDay: 1 }\n",
+                "perKey",
+            ),
+            (
+                "routes",
+                "  - name: a\n    pathPrefix: /a/\n    upstream: http://u/\n    timeout: 5s\n",
+                "  - name: a\n    pathPrefix: /a/\n    upstream: http://u/\n    timeout: 5\n",
+                "no unit",
+            ),
+            (
+                "routes",
+                "  # the second route\n  - name: b\n    pathPrefix: /b/\n    upstream: http://u/\n",
+                "  # the second route\n  - name: b\n    pathPrefix: /b/\n",
+                "upstream",
+            ),
+            (
+                "routes",
+                "  - { name: c, pathPrefix: /c/, upstream: \"http://u/\" }\n",
+                "  - { name: c, pathPrefix: /c/, upstream: [1] }\n",
+                "string",
+            ),
+        ];
+        for broken in 0u32..32 {
+            for trailer in ["", "adminTls: true\n"] {
+                let mut text = String::from("listen: 127.0.0.1:1\n");
+                let mut expected = Vec::new();
+                let mut list = "";
+                for (i, (name, good, bad, says)) in entries.iter().enumerate() {
+                    if *name != list {
+                        text.push_str(&format!("{name}:\n"));
+                        list = name;
+                    }
+                    let index = entries[..i].iter().filter(|e| e.0 == *name).count();
+                    if broken & (1 << i) != 0 {
+                        let line = text.lines().count() + 1;
+                        expected.push((format!("{name}[{index}]"), line, *says));
+                        text.push_str(bad);
+                    } else {
+                        text.push_str(good);
+                    }
+                }
+                text.push_str(trailer);
+                std::fs::write(&file, &text).unwrap();
+                let result = ProxyConfig::load(&file);
+                if expected.is_empty() {
+                    assert!(result.is_ok(), "{text}\n{result:?}");
+                    continue;
+                }
+                let err = result.unwrap_err();
+                let got: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+                let want: Vec<&str> = expected.iter().map(|e| e.0.as_str()).collect();
+                assert_eq!(got, want, "{text}\n{err}");
+                for (p, (_, first_line, says)) in err.problems.iter().zip(&expected) {
+                    assert!(p.message.contains(says), "{text}\n{err}");
+                    let line = p.message.split("line ").nth(1).unwrap();
+                    let line: usize = line
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    assert!(
+                        line >= *first_line && line < first_line + 4,
+                        "{text}\n{err}: problem of {} on line {line}, entry starts at {first_line}",
+                        p.path
+                    );
+                }
+            }
+        }
+        // A fault outside any list: named, and the search stops (nothing to cut out).
+        std::fs::write(
+            &file,
+            "listen: [1]\nroutes:\n  - { name: c, pathPrefix: /c/, upstream: [1] }\n",
+        )
+        .unwrap();
+        let err = ProxyConfig::load(&file).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].path, "(yaml)");
+        // Entries sharing a line cannot be cut out alone: the first problem is still named.
+        std::fs::write(
+            &file,
+            "routes: [{ name: c, pathPrefix: /c/, upstream: [1] }, { name: d, pathPrefix: /d/ }]\n",
+        )
+        .unwrap();
+        let err = ProxyConfig::load(&file).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(err.problems[0].message.contains("line 1"), "{err}");
     }
 
     #[test]
