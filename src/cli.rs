@@ -158,6 +158,71 @@ pub enum Command {
     /// Console users: create (the first super_admin), list, disable.
     #[command(subcommand)]
     Users(UsersCommand),
+
+    /// Data subject requests (GDPR): export everything apitree holds about a person, or erase
+    /// them. Both are audited and listed in the console's request queue.
+    #[command(subcommand)]
+    Dsar(DsarCommand),
+}
+
+/// The person a data subject request is about.
+#[derive(Debug, clap::Args)]
+pub struct DsarSubject {
+    /// The console user's id.
+    #[arg(
+        long,
+        value_name = "ID",
+        required_unless_present = "email",
+        conflicts_with = "email"
+    )]
+    pub user: Option<uuid::Uuid>,
+    /// The console user's email (case-insensitive).
+    #[arg(long)]
+    pub email: Option<String>,
+    /// Another identity of the same person, recorded by the operator: slack:<Slack user id>
+    /// (who pressed Slack buttons, acknowledged incidents) or os:<user name> (who ran the
+    /// CLI). Repeatable.
+    #[arg(long = "identity", value_name = "KIND:ID")]
+    pub identities: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DsarCommand {
+    /// Print one JSON document with everything apitree holds about a person: profile, org and
+    /// role, the API keys and BYOK credentials they created (never hashes or ciphertexts), the
+    /// keys' usage, audit rows where they act or are acted on, incidents they acknowledged,
+    /// their Slack/OS identities and earlier requests. The export is itself audited.
+    ///
+    ///   apitree dsar export --email alice@example.com --identity slack:U024BE7LH > alice.json
+    Export {
+        #[command(flatten)]
+        who: DsarSubject,
+        #[command(flatten)]
+        actor: ActorArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Erase a person: the keys they created are revoked, the BYOK credentials they wrote
+    /// removed, their profile overwritten, their identities forgotten and their Slack id
+    /// scrubbed from incidents and queued messages. The audit log keeps its rows (they name
+    /// people only by reference) and `apitree audit verify` still passes. Refused for a
+    /// super_admin and for an org's last admin. Export first: nothing can be undone.
+    ///
+    ///   apitree dsar erase --email alice@example.com --reason "ticket 4711: account closed" --yes
+    Erase {
+        #[command(flatten)]
+        who: DsarSubject,
+        /// Why (recorded in the audit log and the request queue; no personal data here).
+        #[arg(long)]
+        reason: String,
+        /// Confirms the erasure (without it the command only says what it would erase).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        actor: ActorArgs,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -802,6 +867,14 @@ pub struct ConsoleArgs {
         env = "APITREE_UPSTREAM_ALLOW"
     )]
     pub upstream_allow: Vec<ipnet::IpNet>,
+    /// Where security vulnerabilities are reported (an email address or an https:// URL),
+    /// shown in the page's footer.
+    #[arg(long, value_name = "ADDRESS", env = "APITREE_SECURITY_CONTACT", value_parser = crate::console::Contact::parse)]
+    pub security_contact: Option<crate::console::Contact>,
+    /// Where people send data protection requests (access, erasure): an email address or an
+    /// https:// URL, shown in the page's footer.
+    #[arg(long, value_name = "ADDRESS", env = "APITREE_PRIVACY_CONTACT", value_parser = crate::console::Contact::parse)]
+    pub privacy_contact: Option<crate::console::Contact>,
     #[command(flatten)]
     pub db: DatabaseArgs,
     #[command(flatten)]

@@ -164,6 +164,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Drift(cmd) => drift(cmd).await,
         Command::Console(args) => console(args).await,
         Command::Users(cmd) => users(cmd).await,
+        Command::Dsar(cmd) => dsar(cmd).await,
     }
 }
 
@@ -870,6 +871,10 @@ async fn console(args: ConsoleArgs) -> Result<()> {
         pepper,
         master_keys,
         metrics,
+        contacts: console::Contacts {
+            security: args.security_contact.clone(),
+            privacy: args.privacy_contact.clone(),
+        },
     });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -884,6 +889,69 @@ async fn console(args: ConsoleArgs) -> Result<()> {
     );
     shutdown_signal().await;
     server.stop().await;
+    Ok(())
+}
+
+/// The user a request names, and the other identities given for them.
+async fn dsar_subject(
+    conn: &mut sqlx::PgConnection,
+    who: &apitree::cli::DsarSubject,
+) -> Result<(uuid::Uuid, Vec<db::dsar::Handle>)> {
+    let also = who
+        .identities
+        .iter()
+        .map(|h| db::dsar::Handle::parse(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let id = match (&who.user, &who.email) {
+        (Some(id), _) => *id,
+        (None, Some(email)) => db::dsar::user_by_email(conn, email).await?.ok_or_else(|| {
+            anyhow!("there is no user with the email {email:?}; `apitree users list` shows them")
+        })?,
+        (None, None) => return Err(anyhow!("name the person: --user ID or --email EMAIL")),
+    };
+    Ok((id, also))
+}
+
+async fn dsar(cmd: apitree::cli::DsarCommand) -> Result<()> {
+    use apitree::cli::DsarCommand;
+    match cmd {
+        DsarCommand::Export {
+            who,
+            actor,
+            db: dbargs,
+        } => {
+            let pool = open_db(&dbargs).await?;
+            let mut tx = pool.begin().await?;
+            let (id, also) = dsar_subject(&mut tx, &who).await?;
+            let doc = db::dsar::export(&mut tx, id, &also, &actor.resolve()).await?;
+            tx.commit().await?;
+            outln!("{}", serde_json::to_string_pretty(&doc)?)?;
+        }
+        DsarCommand::Erase {
+            who,
+            reason,
+            yes,
+            actor,
+            db: dbargs,
+        } => {
+            let pool = open_db(&dbargs).await?;
+            let mut tx = pool.begin().await?;
+            let (id, also) = dsar_subject(&mut tx, &who).await?;
+            let actor = actor.resolve();
+            let report = db::dsar::erase(&mut tx, id, &also, &actor, &reason).await?;
+            if !yes {
+                // The same statements, rolled back: what --yes would do, exactly.
+                tx.rollback().await?;
+                eprintln!(
+                    "nothing erased (this was a dry run): add --yes to erase user {id}; export first with `apitree dsar export`, nothing can be undone"
+                );
+            } else {
+                tx.commit().await?;
+                eprintln!("erased user {id}");
+            }
+            outln!("{}", serde_json::to_string_pretty(&report)?)?;
+        }
+    }
     Ok(())
 }
 

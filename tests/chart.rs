@@ -143,6 +143,14 @@ fn the_console_runs_locked_down_with_its_secrets_from_secrets() {
         Some("0.0.0.0:8090")
     );
     assert_eq!(
+        env_value(c, "APITREE_SECURITY_CONTACT").as_deref(),
+        Some("security@marketplace.example")
+    );
+    assert_eq!(
+        env_value(c, "APITREE_PRIVACY_CONTACT").as_deref(),
+        Some("https://marketplace.example/privacy")
+    );
+    assert_eq!(
         env_value(c, "APITREE_CONSOLE_TRUSTED_PROXIES").as_deref(),
         Some("10.42.0.0/16,fd00::/8"),
         "the ingress's addresses reach the console"
@@ -1088,4 +1096,47 @@ fn the_dashboard_and_the_rules_use_only_metrics_the_code_exports() {
         missing.is_empty(),
         "queried but never exported: {missing:?}"
     );
+}
+
+/// The values schema takes a footer contact exactly when the console does: a value the schema
+/// lets through but the console refuses would crash-loop the console at start.
+#[test]
+fn the_values_schema_and_the_console_agree_on_contacts() {
+    for value in [
+        "security@example.com",
+        "dpo+gdpr@corp.example.co.kr",
+        "https://example.com/security",
+        "https://example.com",
+        "security",
+        "@example.com",
+        "a@b",
+        "a@b@c.com",
+        "http://example.com/security",
+        "javascript:alert(1)",
+        "https://",
+        "https://user@evil.example/",
+        "mailto:a@b.com",
+        "a b@c.com",
+        "\"a\"@b.com",
+        "ops@exämple.com",
+        "https://exämple.com/",
+    ] {
+        let console = apitree::console::Contact::parse(value).is_ok();
+        let out = Command::new(helm())
+            .args(["template", "apitree"])
+            .arg(chart())
+            .args([
+                "--set-string",
+                &format!("console.contacts.security={value}"),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.success(),
+            console,
+            "{value:?}: console {}, chart {}",
+            if console { "takes it" } else { "refuses it" },
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -122,6 +122,10 @@ impl Env {
                 apitree::proxy::vault::MasterKeys::single(1, MASTER_KEY).unwrap(),
             )),
             metrics: ConsoleMetrics::new(),
+            contacts: console::Contacts {
+                security: Some(console::Contact::parse("security@ops.test").unwrap()),
+                privacy: Some(console::Contact::parse("https://ops.test/privacy").unwrap()),
+            },
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tls, http) = match tls {
@@ -1584,10 +1588,21 @@ async fn each_role_sees_its_pages_in_a_browser_and_the_audit_page_shows_who_acte
     for (email, pages) in [
         ("buyer@a.test", vec!["Keys", "Credentials"]),
         ("seller@a.test", vec!["Keys", "APIs", "Credentials"]),
-        ("admin@ops.test", vec!["Users", "Credits", "Audit"]),
+        (
+            "admin@ops.test",
+            vec!["Users", "Credits", "Audit", "Customer operations"],
+        ),
         (
             "root@ops.test",
-            vec!["Keys", "APIs", "Credentials", "Users", "Credits", "Audit"],
+            vec![
+                "Keys",
+                "APIs",
+                "Credentials",
+                "Users",
+                "Credits",
+                "Audit",
+                "Customer operations",
+            ],
         ),
     ] {
         assert_eq!(b.sign_in(&env.base, email).await, pages, "{email}");
@@ -2131,4 +2146,257 @@ async fn a_password_guessing_run_opens_an_auth_failure_incident_for_the_console(
             .any(|n| n.signal == AUTH_FAILURES),
         "the notice was delivered"
     );
+}
+
+/// A person's data, through the console: every role × whom (themselves, a buyer, an admin, a
+/// super_admin) × export / erase, answered as the matrix says; an export carries the person's
+/// data, an erasure ends their sessions, the queue lists both and the chain still verifies.
+#[tokio::test]
+async fn personal_data_export_and_erasure_follow_who_may_touch_whom() {
+    let env = Env::new().await;
+    let phc = apitree::console::password::hash(PASSWORD).unwrap();
+    let mut n = 0;
+    // A fresh target of `role` per cell, so an erasure in one cell changes no other.
+    let mut fresh = |role: Role| {
+        n += 1;
+        let (pool, phc, org) = (env.pool.clone(), phc.clone(), env.org_a);
+        async move {
+            let email = format!("target{n}-{}@a.test", role.as_str());
+            let org = (!role.is_staff()).then_some(org);
+            let id = apitree::console::users::create(&pool, &email, role, org, &phc, "test")
+                .await
+                .unwrap();
+            (id, email)
+        }
+    };
+    let callers = [
+        ("buyer@a.test", env.people.buyer),
+        ("seller@a.test", env.people.seller),
+        ("admin@ops.test", env.people.admin),
+        ("root@ops.test", env.people.super_admin),
+    ];
+    // (whom, action, status for buyer / seller / admin / super_admin)
+    let table: [(&str, &str, [u16; 4]); 8] = [
+        ("self", "export", [200, 200, 200, 200]),
+        ("buyer", "export", [403, 403, 200, 200]),
+        ("admin", "export", [403, 403, 403, 200]),
+        ("super_admin", "export", [403, 403, 403, 200]),
+        ("self", "erase", [403, 403, 403, 403]),
+        ("buyer", "erase", [403, 403, 200, 200]),
+        ("admin", "erase", [403, 403, 403, 200]),
+        // The database refuses to erase a super_admin, whoever asks.
+        ("super_admin", "erase", [403, 403, 403, 409]),
+    ];
+    for (i, (email, me)) in callers.iter().enumerate() {
+        let token = env.sign_in(email).await;
+        for (whom, action, want) in &table {
+            let (id, target_email) = match *whom {
+                "self" => (*me, email.to_string()),
+                "buyer" => fresh(Role::Buyer).await,
+                "admin" => fresh(Role::Admin).await,
+                _ => fresh(Role::SuperAdmin).await,
+            };
+            let before = env.audit_rows().await;
+            let (s, v) = if *action == "export" {
+                env.call(&token, "GET", &format!("users/{id}/export"), None)
+                    .await
+            } else {
+                env.call(
+                    &token,
+                    "POST",
+                    &format!("users/{id}/erase"),
+                    Some(json!({"reason": "ticket 7: account closed", "confirm": id})),
+                )
+                .await
+            };
+            assert_eq!(s, want[i], "{email} {action} {whom}: {v}");
+            let written = env.audit_rows().await - before;
+            if s == 200 {
+                assert_eq!(written, 1, "{email} {action} {whom}: one audit row");
+            } else {
+                assert_eq!(
+                    written, 0,
+                    "{email} {action} {whom}: refused, nothing written"
+                );
+                assert!(
+                    v["error"].as_str().is_some() && v["request_id"].is_string(),
+                    "{v}"
+                );
+            }
+            match (*action, s) {
+                ("export", 200) => {
+                    assert_eq!(v["profile"]["email"], target_email.as_str(), "{v}");
+                    assert_eq!(v["profile"]["id"], id.to_string());
+                    assert!(!v.to_string().contains("argon2"), "a hash exported: {v}");
+                }
+                ("erase", 200) => {
+                    let (s, _) = env
+                        .call(
+                            "",
+                            "POST",
+                            "session",
+                            Some(json!({"email": target_email, "password": PASSWORD})),
+                        )
+                        .await;
+                    assert_eq!(s, 401, "an erased person cannot sign in");
+                }
+                _ => {}
+            }
+        }
+    }
+    // Only staff name other identities; an erasure must say whom twice; unknown people are 404.
+    let buyer = env.sign_in("buyer@a.test").await;
+    let (s, v) = env
+        .call(
+            &buyer,
+            "GET",
+            &format!("users/{}/export?identity=slack:U1", env.people.buyer),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403, "{v}");
+    let admin = env.sign_in("admin@ops.test").await;
+    let (target, _) = fresh(Role::Buyer).await;
+    for (body, code) in [
+        (
+            json!({"reason": "x", "confirm": env.people.buyer}),
+            "invalid_request",
+        ),
+        (json!({"reason": "x"}), "invalid_request"),
+        (json!({"reason": " ", "confirm": target}), "invalid_request"),
+    ] {
+        let (s, v) = env
+            .call(&admin, "POST", &format!("users/{target}/erase"), Some(body))
+            .await;
+        assert_eq!((s, v["code"].as_str()), (400, Some(code)), "{v}");
+    }
+    let (s, v) = env
+        .call(
+            &admin,
+            "GET",
+            &format!("users/{target}/export?identity=bogus"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let nobody = Uuid::new_v4();
+    let (s, _) = env
+        .call(&admin, "GET", &format!("users/{nobody}/export"), None)
+        .await;
+    assert_eq!(s, 404);
+    // The queue, for staff only.
+    let (s, v) = env.call(&admin, "GET", "dsar/requests", None).await;
+    assert_eq!(s, 200, "{v}");
+    let kinds: Vec<&str> = v["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "erased").count(), 3, "{v}");
+    assert_eq!(kinds.iter().filter(|k| **k == "exported").count(), 8, "{v}");
+    let (s, _) = env.call(&buyer, "GET", "dsar/requests", None).await;
+    assert_eq!(s, 403);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["audit", "verify", "--database-url", &env._db.url])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Customer operations page in a real browser: anyone downloads their own data; an admin
+/// exports a buyer's, then erases them in two steps (the email typed again), and the queue shows
+/// both requests; the erased buyer cannot sign in.
+#[tokio::test]
+async fn customer_operations_exports_and_erases_in_two_steps_in_a_browser() {
+    let env = Env::new().await;
+    let mut b = Browser::start().await;
+    // The footer names where reports and requests go, before anyone signs in.
+    b.eval("try { sessionStorage.clear() } catch (e) {} true")
+        .await;
+    b.open(&format!("{}/", env.base)).await;
+    b.until(
+        "footer",
+        "[...document.querySelectorAll('#contacts a')].map(a => a.href).join(' ') === 'mailto:security@ops.test https://ops.test/privacy'",
+    )
+    .await;
+    // Downloads are captured instead of saved.
+    let capture =
+        "window.__got = []; download = (name, doc) => window.__got.push([name, doc]); true";
+    b.sign_in(&env.base, "buyer@a.test").await;
+    b.eval(capture).await;
+    b.eval("document.getElementById('mydata').click(); true")
+        .await;
+    b.until("own data downloaded", "window.__got.length === 1")
+        .await;
+    let mine = b.eval("window.__got[0]").await;
+    assert_eq!(mine[0], "apitree-my-data.json");
+    assert_eq!(mine[1]["profile"]["email"], "buyer@a.test", "{mine}");
+
+    b.sign_in(&env.base, "admin@ops.test").await;
+    b.eval(capture).await;
+    b.eval("document.getElementById('tab-ops').click(); true")
+        .await;
+    b.eval(
+        "document.getElementById('ops-email').value = 'BUYER@a.test'; \
+         document.getElementById('ops-form').requestSubmit(); true",
+    )
+    .await;
+    b.until("export downloaded", "window.__got.length === 1")
+        .await;
+    let doc = b.eval("window.__got[0][1]").await;
+    assert_eq!(doc["profile"]["email"], "buyer@a.test", "{doc}");
+    // Step one names the person and what happens; a wrong email in step two erases nothing.
+    b.eval("document.getElementById('ops-erase').click(); true")
+        .await;
+    b.until(
+        "confirmation shown",
+        "!document.getElementById('ops-confirm').hidden && document.getElementById('ops-confirm-what').textContent.includes('buyer@a.test')",
+    )
+    .await;
+    b.eval(
+        "document.getElementById('ops-confirm-email').value = 'seller@a.test'; \
+         document.getElementById('ops-reason').value = 'ticket 9: account closed'; \
+         document.getElementById('ops-confirm-form').requestSubmit(); true",
+    )
+    .await;
+    b.until(
+        "refused",
+        "document.getElementById('error').textContent.includes('type the email')",
+    )
+    .await;
+    let erased: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE erased_at IS NOT NULL")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(erased, 0);
+    b.eval(
+        "document.getElementById('ops-confirm-email').value = 'buyer@a.test'; \
+         document.getElementById('ops-confirm-form').requestSubmit(); true",
+    )
+    .await;
+    b.until(
+        "erased",
+        "document.getElementById('ops-shown').textContent.startsWith('Erased:')",
+    )
+    .await;
+    b.until(
+        "the queue shows both requests",
+        "[...document.querySelectorAll('#dsar tbody tr')].map(r => r.cells[1].textContent + '/' + r.cells[2].textContent).join(' ') === 'erase/erased export/exported export/exported'",
+    )
+    .await;
+    let (s, _) = env
+        .call(
+            "",
+            "POST",
+            "session",
+            Some(json!({"email": "buyer@a.test", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(s, 401, "an erased buyer cannot sign in");
 }

@@ -1708,11 +1708,7 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         )
         .await;
     assert_eq!(status_of(&bodies).open_incidents, 1);
-    let rows: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT actor, action, target FROM audit_log ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let rows = common::audit_named(&pool).await;
     assert_eq!(
         rows,
         [(
@@ -2177,11 +2173,8 @@ async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_
             .unwrap();
     let hours = (grace - chrono::Utc::now()).num_minutes() as f64 / 60.0;
     assert!((11.9..=12.0).contains(&hours), "grace ends in {hours} h");
-    let actor: String =
-        sqlx::query_scalar("SELECT actor FROM audit_log WHERE action = 'key.rotate'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let named = common::audit_named(&pool).await;
+    let actor = &named.iter().find(|r| r.1 == "key.rotate").unwrap().0;
     assert_eq!(actor, "slack:mina (U9)");
     // Slack hears where the key is, never the key; the reminder loses its button.
     let reply = last_reply();

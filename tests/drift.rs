@@ -246,14 +246,19 @@ async fn a_drift_fix_is_audited_under_the_os_user() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let actors: Vec<String> =
-        sqlx::query_scalar("SELECT actor FROM audit_log WHERE action = 'drift.fix'")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    // The chain holds a reference; the OS user and the label are the subject's (see dsar).
+    let actors: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT a.actor, d.kind, d.label FROM audit_log a
+           JOIN data_subjects d ON a.actor = 'subject:' || d.id::text
+          WHERE a.action = 'drift.fix'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert!(!actors.is_empty());
-    for a in actors {
-        assert!(a.starts_with("os:") && a.ends_with(" (TICKET-9)"), "{a}");
+    for (_, kind, label) in actors {
+        assert_eq!(kind, "os");
+        assert!(label.ends_with(" (TICKET-9)"), "{label}");
     }
 }
 

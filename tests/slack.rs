@@ -421,15 +421,17 @@ async fn signed_interactions_are_verified_audited_and_update_the_message() {
         notifier.recorded()[0].acknowledged_by.as_deref(),
         Some("U123")
     );
-    let (actor, action, target): (String, String, String) =
-        sqlx::query_as("SELECT actor, action, target FROM audit_log")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (actor, action, target) = common::audit_named(&pool).await.remove(0);
     assert_eq!(
         (actor.as_str(), action.as_str(), target),
         ("slack:jiwoo (U123)", "slack.acknowledge", id.to_string())
     );
+    // The chain holds a reference, never the Slack user's name.
+    let raw: String = sqlx::query_scalar("SELECT actor FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(raw.starts_with("subject:"), "{raw}");
 
     let wrong = slack::sign("another-secret", &now, &body);
     let err = slack::verify_interaction(Some("signing-secret"), Some(&wrong), Some(&now), &body)

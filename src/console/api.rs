@@ -19,7 +19,7 @@ use super::authz::{self, Action, Decision, Principal, Role, UserChange};
 use super::jwt::{Claims, AUDIENCE, ISSUER};
 use super::{password, Console};
 use crate::crd::gateway::KeyScope;
-use crate::db::{audit, keys as dbkeys};
+use crate::db::{audit, dsar, keys as dbkeys};
 
 /// A refusal or failure, answered as `{"error", "code", "request_id"}`.
 #[derive(Debug)]
@@ -306,6 +306,8 @@ pub async fn dispatch(r: Request<'_>) -> Reply {
         (&M::POST, ["session"]) => sign_in(&r).await,
         (&M::POST, ["invitations", "accept"]) => accept_invitation(&r).await,
         (&M::GET, ["me"]) => me(&r).await,
+        // Public: the page shows it before anyone signs in.
+        (&M::GET, ["contacts"]) => Ok((200, json!(r.console.contacts))),
         (&M::GET, ["orgs", org, "keys"]) => list_keys(&r, uuid(org, "org")?).await,
         (&M::POST, ["orgs", org, "keys"]) => create_key(&r, uuid(org, "org")?).await,
         (&M::POST, ["orgs", org, "keys", id, "rotate"]) => {
@@ -332,6 +334,9 @@ pub async fn dispatch(r: Request<'_>) -> Reply {
         (&M::POST, ["users"]) => invite_user(&r).await,
         (&M::PUT, ["users", id, "role"]) => set_role(&r, uuid(id, "user")?).await,
         (&M::POST, ["users", id, "disable"]) => disable_user(&r, uuid(id, "user")?).await,
+        (&M::GET, ["users", id, "export"]) => export_user(&r, uuid(id, "user")?).await,
+        (&M::POST, ["users", id, "erase"]) => erase_user(&r, uuid(id, "user")?).await,
+        (&M::GET, ["dsar", "requests"]) => dsar_requests(&r).await,
         (&M::GET, ["audit"]) => read_audit(&r).await,
         (_, path) if known_path(path) => Err(ApiError::new(
             405,
@@ -352,6 +357,7 @@ fn known_path(path: &[&str]) -> bool {
         ["session"]
             | ["invitations", "accept"]
             | ["me"]
+            | ["contacts"]
             | ["orgs"]
             | [
                 "orgs",
@@ -362,7 +368,8 @@ fn known_path(path: &[&str]) -> bool {
             | ["orgs", _, "credentials", "origin"]
             | ["orgs", _, "apis", _]
             | ["users"]
-            | ["users", _, "role" | "disable"]
+            | ["users", _, "role" | "disable" | "export" | "erase"]
+            | ["dsar", "requests"]
             | ["audit"]
     )
 }
@@ -1218,9 +1225,11 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
         }
     }
     let sent_to = bound.map(|o| o.to_string());
+    // The target is a reference: a credential's name is the buyer's free text, and the
+    // chain cannot forget it (see `db::dsar`).
     a.audit(
         "credential.write",
-        &body.name,
+        &format!("credential:{id}"),
         Some(org),
         json!({"credential_id": id, "api": body.api, "kind": body.kind, "key_version": sealed.key_version,
                "sent_to": sent_to}),
@@ -1613,6 +1622,133 @@ async fn disable_user(r: &Request<'_>, id: Uuid) -> Reply {
     Ok((200, json!({"id": id, "disabled": true})))
 }
 
+// ---- personal data (GDPR) ----
+
+/// The other identities a staff member names for a person (`identity=slack:U…`, repeatable).
+fn identities(r: &Request<'_>, who: &Principal) -> Result<Vec<dsar::Handle>, ApiError> {
+    let given: Vec<&str> = r
+        .query
+        .iter()
+        .filter(|(k, _)| k == "identity")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if !given.is_empty() && !who.role.is_staff() {
+        return Err(ApiError::new(
+            403,
+            "forbidden",
+            "only admins name other identities (Slack, OS users) of a person",
+        ));
+    }
+    given
+        .into_iter()
+        .map(|h| dsar::Handle::parse(h).map_err(|e| ApiError::bad(e.to_string())))
+        .collect()
+}
+
+fn dsar_error(e: dsar::DsarError) -> ApiError {
+    use dsar::DsarError as E;
+    match e {
+        E::NoUser(_) => ApiError::not_found("user"),
+        E::AlreadyErased(m) => ApiError::new(409, "already_erased", m),
+        E::Refused(m) => ApiError::new(409, "erasure_refused", m),
+        E::BadInput(m) => ApiError::bad(m),
+        E::Db(e) => e.into(),
+    }
+}
+
+/// Opens the staff view (or the caller's own) and decides on the person asked about.
+async fn authorize_personal(
+    r: &Request<'_>,
+    action: Action,
+    id: Uuid,
+) -> Result<Authorized, ApiError> {
+    let mut a = r
+        .authorize_with(action, None, |p| {
+            if action == Action::ExportPersonalData && p.id == id {
+                Decision::Allow
+            } else {
+                authz::decide(p, action, None)
+            }
+        })
+        .await?;
+    let (role, _) = if a.who.id == id {
+        (a.who.role, a.who.org)
+    } else {
+        target_user(&mut a.tx, id).await?
+    };
+    if let Decision::Forbidden(why) = authz::decide_personal_data(&a.who, action, (id, role)) {
+        r.console.metrics.refused(action.name(), "forbidden");
+        return Err(ApiError::new(403, "forbidden", why));
+    }
+    Ok(a)
+}
+
+async fn export_user(r: &Request<'_>, id: Uuid) -> Reply {
+    let mut a = authorize_personal(r, Action::ExportPersonalData, id).await?;
+    let also = identities(r, &a.who)?;
+    let actor = a.actor();
+    let doc = dsar::export(&mut a.tx, id, &also, &actor)
+        .await
+        .map_err(dsar_error)?;
+    a.tx.commit().await?;
+    Ok((200, doc))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EraseBody {
+    reason: String,
+    /// The user's id again: an erasure cannot be undone, so the caller says whom twice.
+    confirm: Uuid,
+}
+
+async fn erase_user(r: &Request<'_>, id: Uuid) -> Reply {
+    let body: EraseBody = r.json()?;
+    if body.confirm != id {
+        return Err(ApiError::bad(
+            "confirm must repeat the id of the user to erase; an erasure cannot be undone",
+        ));
+    }
+    let mut a = authorize_personal(r, Action::ErasePersonalData, id).await?;
+    let also = identities(r, &a.who)?;
+    let actor = a.actor();
+    let report = dsar::erase(&mut a.tx, id, &also, &actor, &body.reason)
+        .await
+        .map_err(dsar_error)?;
+    a.tx.commit().await?;
+    Ok((200, json!({"id": id, "erased": true, "report": report})))
+}
+
+/// The Customer Operations queue: requests about people's data, newest first.
+async fn dsar_requests(r: &Request<'_>) -> Reply {
+    let mut a = r.authorize(Action::ExportPersonalData, None).await?;
+    type Row = (
+        i64,
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        Value,
+        DateTime<Utc>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, subject, kind, state, actor, reason, outcome, at
+           FROM dsar_requests ORDER BY id DESC LIMIT 200",
+    )
+    .fetch_all(&mut *a.tx)
+    .await?;
+    let requests: Vec<Value> = rows
+        .into_iter()
+        .map(|(id, subject, kind, state, actor, reason, outcome, at)| {
+            json!({"id": id, "subject": subject, "kind": kind, "state": state, "actor": actor,
+                   "reason": reason, "outcome": outcome, "at": at})
+        })
+        .collect();
+    a.tx.commit().await?;
+    Ok((200, json!({"requests": requests})))
+}
+
 // ---- audit ----
 
 async fn read_audit(r: &Request<'_>) -> Reply {
@@ -1642,15 +1778,18 @@ async fn read_audit(r: &Request<'_>) -> Reply {
         DateTime<Utc>,
         String,
         Option<String>,
+        Option<String>,
         String,
         String,
         Option<Uuid>,
         Value,
     );
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT a.id, a.at, a.actor, u.email, a.action, a.target, a.org_id, a.detail
+        "SELECT a.id, a.at, a.actor, u.email, d.kind || ':' || d.label, a.action,
+                a.target, a.org_id, a.detail
            FROM audit_log a
            LEFT JOIN users u ON a.actor = 'user:' || u.id::text
+           LEFT JOIN data_subjects d ON a.actor = 'subject:' || d.id::text
           WHERE ($1::uuid IS NULL OR a.org_id = $1)
             AND ($2::bigint IS NULL OR a.id < $2)
             AND ($3::text IS NULL OR a.action = $3)
@@ -1667,10 +1806,13 @@ async fn read_audit(r: &Request<'_>) -> Reply {
         .flatten();
     let entries: Vec<Value> = rows
         .into_iter()
-        .map(|(id, at, actor, email, action, target, org, detail)| {
-            json!({"id": id, "at": at, "actor": actor, "actor_email": email, "action": action,
+        .map(
+            |(id, at, actor, email, name, action, target, org, detail)| {
+                json!({"id": id, "at": at, "actor": actor, "actor_email": email, "actor_name": name,
+                   "action": action,
                    "target": target, "org": org, "detail": detail})
-        })
+            },
+        )
         .collect();
     Ok((200, json!({"entries": entries, "next_before": next})))
 }

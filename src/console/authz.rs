@@ -104,10 +104,13 @@ pub enum Action {
     SetRole,
     DisableUser,
     ReadAudit,
+    /// Export a person's data (anyone their own, see [`decide_personal_data`]).
+    ExportPersonalData,
+    ErasePersonalData,
 }
 
 impl Action {
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 18] = [
         Action::ListKeys,
         Action::CreateKey,
         Action::RotateKey,
@@ -124,6 +127,8 @@ impl Action {
         Action::SetRole,
         Action::DisableUser,
         Action::ReadAudit,
+        Action::ExportPersonalData,
+        Action::ErasePersonalData,
     ];
 
     /// The name in the matrix and in audit/metric labels.
@@ -145,6 +150,8 @@ impl Action {
             Action::SetRole => "users.role",
             Action::DisableUser => "users.disable",
             Action::ReadAudit => "audit.read",
+            Action::ExportPersonalData => "personal_data.export",
+            Action::ErasePersonalData => "personal_data.erase",
         }
     }
 }
@@ -164,7 +171,8 @@ pub fn reach(role: Role, action: Action) -> Reach {
         Role::SuperAdmin => Reach::AnyOrg,
         Role::Admin => match action {
             ListKeys | RevokeKey | ListApis | ReadUsage | ReadCredits | AdjustCredits
-            | ListUsers | InviteUser | SetRole | DisableUser | ReadAudit => Reach::AnyOrg,
+            | ListUsers | InviteUser | SetRole | DisableUser | ReadAudit | ExportPersonalData
+            | ErasePersonalData => Reach::AnyOrg,
             CreateKey | RotateKey | WriteByokCredential | WriteSystemCredential | WriteApi => {
                 Reach::None
             }
@@ -180,9 +188,8 @@ pub fn reach(role: Role, action: Action) -> Reach {
             | WriteApi
             | ReadUsage
             | ReadCredits => Reach::OwnOrg,
-            AdjustCredits | ListUsers | InviteUser | SetRole | DisableUser | ReadAudit => {
-                Reach::None
-            }
+            AdjustCredits | ListUsers | InviteUser | SetRole | DisableUser | ReadAudit
+            | ExportPersonalData | ErasePersonalData => Reach::None,
         },
         Role::Buyer => match action {
             ListKeys | CreateKey | RotateKey | RevokeKey | WriteByokCredential | ReadUsage
@@ -195,7 +202,9 @@ pub fn reach(role: Role, action: Action) -> Reach {
             | InviteUser
             | SetRole
             | DisableUser
-            | ReadAudit => Reach::None,
+            | ReadAudit
+            | ExportPersonalData
+            | ErasePersonalData => Reach::None,
         },
     }
 }
@@ -278,6 +287,35 @@ pub fn decide_user_change(p: &Principal, action: Action, change: UserChange) -> 
     Decision::Allow
 }
 
+/// [`decide`] for a person's data: everyone may export their own; otherwise the matrix, then
+/// who may touch whom (an admin: buyers and sellers; nobody erases themselves).
+pub fn decide_personal_data(p: &Principal, action: Action, target: (Uuid, Role)) -> Decision {
+    if action == Action::ExportPersonalData && target.0 == p.id {
+        return Decision::Allow;
+    }
+    let base = decide(p, action, None);
+    if base != Decision::Allow {
+        return base;
+    }
+    if target.0 == p.id {
+        return Decision::Forbidden(
+            "nobody erases themselves; ask another admin (export first)".into(),
+        );
+    }
+    if p.role != Role::SuperAdmin && target.1.is_staff() {
+        return Decision::Forbidden(format!(
+            "only a super_admin may {} a {}",
+            if action == Action::ErasePersonalData {
+                "erase"
+            } else {
+                "export the data of"
+            },
+            target.1.as_str()
+        ));
+    }
+    Decision::Allow
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +326,7 @@ mod tests {
     #[test]
     fn the_readme_matrix_is_the_code_matrix() {
         use Action::*;
-        let rows: [(&str, &[(&str, Action)]); 8] = [
+        let rows: [(&str, &[(&str, Action)]); 9] = [
             (
                 "keys:",
                 &[
@@ -323,6 +361,10 @@ mod tests {
                 ],
             ),
             ("audit log", &[("read", ReadAudit)]),
+            (
+                "personal data",
+                &[("export", ExportPersonalData), ("erase", ErasePersonalData)],
+            ),
         ];
         let readme = include_str!("../../README.md");
         let section = &readme[readme.find("## The console").expect("the console section")..];

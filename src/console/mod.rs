@@ -137,6 +137,50 @@ pub struct Console {
     /// Seals credentials; without it credential writes answer 503.
     pub master_keys: Option<Arc<MasterKeys>>,
     pub metrics: ConsoleMetrics,
+    /// Where security reports and data protection requests go (the page's footer).
+    pub contacts: Contacts,
+}
+
+/// The addresses the page's footer names.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Contacts {
+    pub security: Option<Contact>,
+    pub privacy: Option<Contact>,
+}
+
+/// An email address or an https:// URL people can reach someone at.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Contact(String);
+
+impl Contact {
+    /// `security@example.com` or `https://example.com/security`: printable ASCII, no spaces,
+    /// at most 254 characters.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let printable = !t.is_empty() && t.len() <= 254 && t.bytes().all(|b| b.is_ascii_graphic());
+        let email = t.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.contains('@')
+                && !t.contains(['<', '>', '"', '\\', ':', '/'])
+        });
+        let url = t.strip_prefix("https://").is_some_and(|rest| {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            !host.is_empty() && !host.contains('@')
+        });
+        if printable && (email || url) {
+            Ok(Self(t.to_string()))
+        } else {
+            Err(format!(
+                "{t:?} is not a contact: give an email address (security@example.com) or an https:// URL"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// The console port, serving in the background.
@@ -452,6 +496,42 @@ mod tests {
                 ip(peer),
                 "nothing trusted"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod contact_tests {
+    use super::Contact;
+
+    #[test]
+    fn a_contact_is_an_email_or_an_https_url() {
+        for good in [
+            "security@example.com",
+            "dpo+gdpr@corp.example.co.kr",
+            "https://example.com/security",
+            "https://example.com",
+        ] {
+            assert_eq!(Contact::parse(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            "security",
+            "@example.com",
+            "a@b",
+            "a@b@c.com",
+            "http://example.com/security",
+            "javascript:alert(1)",
+            "https://",
+            "https://user@evil.example/",
+            "mailto:a@b.com",
+            "a b@c.com",
+            "\"a\"@b.com",
+            "a@b.com\nb@c.com",
+            "ops@exämple.com",
+        ] {
+            let err = Contact::parse(bad).unwrap_err();
+            assert!(err.contains("is not a contact"), "{bad:?}: {err}");
         }
     }
 }

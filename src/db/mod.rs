@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod credentials;
+pub mod dsar;
 pub mod keys;
 
 use std::{str::FromStr, time::Duration};

@@ -171,3 +171,17 @@ pub async fn seed_live_key(
     .await
     .unwrap()
 }
+
+/// The audit log's (actor, action, target) rows in order, with a `subject:<uuid>` actor shown
+/// as the `kind:label` it stands for, as the console's audit page shows it (the chain itself
+/// holds only the reference; see `apitree::db::dsar`).
+pub async fn audit_named(pool: &PgPool) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT coalesce(d.kind || ':' || d.label, a.actor), a.action, a.target
+           FROM audit_log a LEFT JOIN data_subjects d ON a.actor = 'subject:' || d.id::text
+          ORDER BY a.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}

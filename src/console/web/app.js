@@ -10,6 +10,7 @@ const PAGES = [
   ["users", "Users", "users.list"],
   ["credits", "Credits", "credits.adjust"],
   ["audit", "Audit", "audit.read"],
+  ["ops", "Customer operations", "personal_data.erase"],
 ];
 
 let me = null;
@@ -57,6 +58,7 @@ function signOut() {
   $("signin").hidden = false;
   $("tabs").hidden = true;
   $("signout").hidden = true;
+  $("mydata").hidden = true;
   $("who").textContent = "";
   for (const p of document.querySelectorAll(".page")) p.hidden = true;
 }
@@ -67,6 +69,7 @@ async function start() {
   } catch (e) { signOut(); return; }
   $("signin").hidden = true;
   $("signout").hidden = false;
+  $("mydata").hidden = false;
   $("who").textContent = me.user.email + " (" + me.user.role + ")";
   const tabs = $("tabs");
   tabs.replaceChildren();
@@ -142,10 +145,19 @@ const LOAD = {
     const body = clear("ledger");
     for (const e of c.ledger) row(body, [e.at, e.amount, e.reason, e.actor]);
   },
+  async ops() {
+    const { requests } = await call("GET", "dsar/requests");
+    const body = clear("dsar");
+    for (const r of requests) {
+      const outcome = Object.entries(r.outcome.sections || r.outcome)
+        .filter(([k]) => k !== "user_id").map(([k, v]) => k + " " + v).join(", ");
+      row(body, [r.at, r.kind, r.state, r.subject, r.actor, r.reason || "", outcome]);
+    }
+  },
   async audit() {
     const { entries } = await call("GET", "audit?limit=100");
     const body = clear("audit");
-    for (const e of entries) row(body, [e.id, e.at, e.actor_email || e.actor, e.action, e.target]);
+    for (const e of entries) row(body, [e.id, e.at, e.actor_email || e.actor_name || e.actor, e.action, e.target]);
   },
 };
 
@@ -158,6 +170,48 @@ function open(id) {
   for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-" + id;
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.id === "tab-" + id);
   act(() => LOAD[id]());
+}
+
+// Saves `doc` as a JSON file the browser downloads (a data subject export).
+function download(name, doc) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" }));
+  a.download = name;
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+}
+
+// The person the Customer operations form names: their id (from the user list) and the other
+// identities given for them.
+async function opsPerson() {
+  const email = $("ops-email").value.trim().toLowerCase();
+  const { users } = await call("GET", "users");
+  const u = users.find((x) => x.email.toLowerCase() === email);
+  if (!u) throw new Error("there is no user with the email " + email);
+  const ids = $("ops-identities").value.split(/[\s,]+/).filter(Boolean);
+  const query = ids.map((h) => "identity=" + encodeURIComponent(h)).join("&");
+  return { u, query: query ? "?" + query : "" };
+}
+
+// The footer: where security reports and data protection requests go.
+async function contacts() {
+  const c = await call("GET", "contacts").catch(() => ({}));
+  const footer = $("contacts");
+  footer.replaceChildren();
+  for (const [label, addr] of [["Security reports", c.security], ["Data protection requests", c.privacy]]) {
+    const span = document.createElement("span");
+    span.append(label + ": ");
+    if (addr) {
+      const a = document.createElement("a");
+      a.href = addr.startsWith("https://") ? addr : "mailto:" + addr;
+      a.textContent = addr;
+      span.appendChild(a);
+    } else {
+      span.append("ask your administrator");
+    }
+    footer.appendChild(span);
+  }
 }
 
 function onSubmit(id, fn) {
@@ -226,5 +280,39 @@ document.addEventListener("DOMContentLoaded", () => {
     await call("POST", "orgs/" + $("credit-org").value + "/credits", { amount: Number($("credit-amount").value), reason: $("credit-reason").value });
     await LOAD.credits();
   });
+  $("mydata").addEventListener("click", () => act(async () => {
+    const doc = await call("GET", "users/" + me.user.id + "/export");
+    download("apitree-my-data.json", doc);
+  }));
+  onSubmit("ops-form", async () => {
+    const { u, query } = await opsPerson();
+    const doc = await call("GET", "users/" + u.id + "/export" + query);
+    download("apitree-export-" + u.id + ".json", doc);
+    const shown = $("ops-shown");
+    shown.textContent = "Exported " + u.email + " (" + doc.audit.length + " audit rows, " + doc.api_keys.length + " keys).";
+    shown.hidden = false;
+    await LOAD.ops();
+  });
+  // Erasure takes two steps: the first names what will happen, the second needs the email
+  // typed again.
+  $("ops-erase").addEventListener("click", () => act(async () => {
+    const { u } = await opsPerson();
+    $("ops-confirm-what").textContent = "Erase " + u.email + " (" + u.role + ")? Their keys are revoked, their BYOK credentials removed, their profile overwritten. This cannot be undone: export first.";
+    $("ops-confirm").hidden = false;
+  }));
+  onSubmit("ops-confirm-form", async () => {
+    const { u, query } = await opsPerson();
+    if ($("ops-confirm-email").value.trim().toLowerCase() !== u.email.toLowerCase()) {
+      throw new Error("type the email of the person to erase to confirm");
+    }
+    const done = await call("POST", "users/" + u.id + "/erase" + query, { reason: $("ops-reason").value, confirm: u.id });
+    $("ops-confirm").hidden = true;
+    $("ops-confirm-email").value = "";
+    const shown = $("ops-shown");
+    shown.textContent = "Erased: " + Object.entries(done.report).map(([k, v]) => k + " " + v).join(", ");
+    shown.hidden = false;
+    await LOAD.ops();
+  });
+  contacts();
   if (sessionStorage.getItem("apitree.token")) start(); else signOut();
 });

@@ -1,0 +1,279 @@
+-- Data subjects: GDPR access (export) and erasure without breaking the audit chain.
+--
+-- The audit log is append-only and hash-chained, so personal data must never be written into
+-- it. People are named there only by opaque references:
+--   user:<uuid>     a console user; the email lives only in `users`;
+--   subject:<uuid>  anyone else who acted (a Slack user pressing a button, an OS user running
+--                   the CLI); the name lives only in `data_subjects`.
+-- Erasure overwrites `users` and `data_subjects` rows; the chain keeps references that no
+-- longer lead to a person, and `apitree audit verify` still passes.
+
+CREATE TABLE data_subjects (
+    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    kind        text NOT NULL CHECK (kind IN ('slack', 'os')),
+    -- What the writer recorded (`alice (U123)`, `bob (TICKET-1)`); NULL once erased.
+    label       text CHECK (label IS NULL OR length(label) BETWEEN 1 AND 500),
+    -- The identity to search by: the Slack user id, the OS user name; NULL once erased.
+    external_id text CHECK (external_id IS NULL OR length(external_id) BETWEEN 1 AND 200),
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now(),
+    erased_at   timestamptz,
+    CONSTRAINT data_subjects_erased CHECK ((erased_at IS NULL) = (label IS NOT NULL AND external_id IS NOT NULL))
+);
+CREATE UNIQUE INDEX data_subjects_label_idx ON data_subjects (kind, label) WHERE label IS NOT NULL;
+CREATE INDEX data_subjects_external_idx ON data_subjects (kind, external_id);
+
+ALTER TABLE users ADD COLUMN erased_at timestamptz;
+
+-- Requests about a person's data, for the Customer Operations queue: who asked for what, when,
+-- and what came of it. `subject` is a reference (`user:<uuid>`), never an email.
+CREATE TABLE dsar_requests (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    subject    text NOT NULL CHECK (subject ~ '^user:[0-9a-f-]{36}$'),
+    kind       text NOT NULL CHECK (kind IN ('export', 'erase')),
+    state      text NOT NULL CHECK (state IN ('received', 'exported', 'erased', 'refused')),
+    actor      text NOT NULL CHECK (length(actor) > 0),
+    reason     text CHECK (reason IS NULL OR length(btrim(reason)) BETWEEN 1 AND 1000),
+    outcome    jsonb NOT NULL DEFAULT '{}'::jsonb,
+    at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX dsar_requests_subject_idx ON dsar_requests (subject, id);
+
+-- Before the chain trigger (triggers fire in name order): a person's name in `actor` becomes a
+-- subject reference, and any `slack:<name>` of a known Slack subject in `detail` (a gate's
+-- "promoted by slack:alice") becomes the same reference.
+CREATE FUNCTION audit_log_subject_ref() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    k    text;
+    rest text;
+    ext  text;
+    sid  uuid;
+    s    record;
+BEGIN
+    IF NEW.actor ~ '^(slack|os):.' THEN
+        k := split_part(NEW.actor, ':', 1);
+        rest := left(substr(NEW.actor, length(k) + 2), 500);
+        ext := CASE k
+            WHEN 'slack' THEN coalesce(substring(rest FROM '\(([^() ]+)\)$'), rest)
+            ELSE split_part(rest, ' (', 1)
+        END;
+        INSERT INTO data_subjects (kind, label, external_id)
+        VALUES (k, rest, left(ext, 200))
+        ON CONFLICT (kind, label) WHERE label IS NOT NULL DO UPDATE SET last_seen = now()
+        RETURNING id INTO sid;
+        NEW.actor := 'subject:' || sid::text;
+    END IF;
+    IF NEW.detail::text LIKE '%slack:%' THEN
+        -- Longest names first, so `slack:al` never replaces part of `slack:alice`.
+        FOR s IN
+            SELECT d.id, split_part(d.label, ' (', 1) AS name
+              FROM data_subjects d
+             WHERE d.kind = 'slack' AND d.label IS NOT NULL
+             ORDER BY length(split_part(d.label, ' (', 1)) DESC
+        LOOP
+            IF position('slack:' || s.name IN NEW.detail::text) > 0 THEN
+                NEW.detail := replace(NEW.detail::text, 'slack:' || s.name,
+                                      'subject:' || s.id::text)::jsonb;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER audit_log_actor_subject BEFORE INSERT ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION audit_log_subject_ref();
+
+-- The audit references that stand for one person: their console user and the subjects named
+-- by `p_handles` (`slack:<user id>`, `os:<user name>`).
+CREATE FUNCTION dsar_refs(p_user uuid, p_handles text[])
+RETURNS TABLE (ref text, subject uuid)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT 'user:' || p_user::text, NULL::uuid
+    UNION ALL
+    SELECT 'subject:' || d.id::text, d.id
+      FROM data_subjects d
+     WHERE d.kind || ':' || d.external_id = ANY (p_handles)
+$$;
+
+-- Everything apitree holds about one person, as one document (never a hash or a ciphertext).
+-- NULL when there is no such user.
+CREATE FUNCTION dsar_export(p_user uuid, p_handles text[])
+RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+WITH u AS (SELECT * FROM users WHERE id = p_user),
+     refs AS (SELECT * FROM dsar_refs(p_user, p_handles)),
+     slack_ids AS (SELECT substr(h, 7) AS id FROM unnest(p_handles) h WHERE h LIKE 'slack:%'),
+     keys AS (
+        SELECT DISTINCT (a.detail->>'key_id')::uuid AS id FROM audit_log a
+         WHERE a.actor = 'user:' || p_user::text AND a.action = 'key.create'
+           AND a.detail ? 'key_id'),
+     creds AS (
+        SELECT DISTINCT (a.detail->>'credential_id')::uuid AS id FROM audit_log a
+         WHERE a.actor = 'user:' || p_user::text AND a.action = 'credential.write'
+           AND a.detail ? 'credential_id')
+SELECT jsonb_build_object(
+    'format', 'apitree.dsar.export/1',
+    'generated_at', now(),
+    'subject', 'user:' || p_user::text,
+    'profile', (SELECT jsonb_build_object(
+        'id', u.id, 'email', u.email, 'role', u.role, 'org_id', u.org_id,
+        'created_at', u.created_at, 'updated_at', u.updated_at, 'disabled_at', u.disabled_at,
+        'has_password', u.password_hash IS NOT NULL,
+        'invitation_pending', u.invite_hash IS NOT NULL,
+        'invite_expires_at', u.invite_expires_at, 'erased_at', u.erased_at) FROM u),
+    'orgs', (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'name', o.name, 'role', u.role)), '[]')
+               FROM u JOIN orgs o ON o.id = u.org_id),
+    'api_keys', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'id', k.id, 'name', k.name, 'prefix', k.prefix, 'scope', k.scope, 'tier', k.tier,
+                    'daily_quota', k.daily_quota, 'created_at', k.created_at,
+                    'expires_at', k.expires_at, 'grace_until', k.grace_until,
+                    'revoked_at', k.revoked_at, 'replaced_by', k.replaced_by,
+                    'last_used_at', k.last_used_at) ORDER BY k.created_at), '[]')
+                   FROM api_keys k WHERE k.id IN (SELECT id FROM keys)),
+    'byok_credentials', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'id', c.id, 'name', c.name, 'kind', c.kind, 'api', a.name, 'header', c.header,
+                    'sent_to', c.bound_upstream, 'key_version', c.key_version,
+                    'created_at', c.created_at, 'updated_at', c.updated_at,
+                    'rotated_at', c.rotated_at) ORDER BY c.created_at), '[]')
+                   FROM upstream_credentials c JOIN apis a ON a.id = c.api_id
+                  WHERE c.id IN (SELECT id FROM creds)),
+    'usage', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'api_key_id', uc.api_key_id, 'api_id', uc.api_id,
+                    'window_start', uc.window_start, 'requests', uc.requests,
+                    'errors', uc.errors, 'bytes_out', uc.bytes_out)
+                    ORDER BY uc.window_start, uc.api_key_id), '[]')
+                FROM usage_counters uc WHERE uc.api_key_id IN (SELECT id FROM keys)),
+    'audit', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'id', a.id, 'at', a.at, 'actor', a.actor, 'action', a.action,
+                    'target', a.target, 'org_id', a.org_id, 'detail', a.detail) ORDER BY a.id), '[]')
+                FROM audit_log a
+               WHERE a.actor IN (SELECT ref FROM refs) OR a.target IN (SELECT ref FROM refs)
+                  OR a.detail->>'user_id' = p_user::text),
+    'credit_ledger', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'id', l.id, 'org_id', l.org_id, 'amount', l.amount, 'reason', l.reason,
+                    'at', l.at) ORDER BY l.id), '[]')
+                FROM credit_ledger l WHERE l.actor IN (SELECT ref FROM refs)),
+    'incidents_acknowledged', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'id', i.id, 'gateway', i.gateway, 'route', i.route, 'signal', i.signal,
+                    'acknowledged_by', i.acknowledged_by, 'acknowledged_at', i.acknowledged_at,
+                    'opened_at', i.opened_at, 'resolved_at', i.resolved_at) ORDER BY i.opened_at), '[]')
+                FROM incidents i
+               WHERE i.acknowledged_by IN (SELECT id FROM slack_ids)
+                  OR i.acknowledged_by IN (SELECT ref FROM refs)),
+    'identities', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'reference', 'subject:' || d.id::text, 'kind', d.kind,
+                    'external_id', d.external_id, 'label', d.label,
+                    'first_seen', d.first_seen, 'last_seen', d.last_seen) ORDER BY d.first_seen), '[]')
+                FROM data_subjects d WHERE d.id IN (SELECT subject FROM refs)),
+    'requests', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'id', r.id, 'kind', r.kind, 'state', r.state, 'actor', r.actor,
+                    'reason', r.reason, 'at', r.at) ORDER BY r.id), '[]')
+                FROM dsar_requests r WHERE r.subject = 'user:' || p_user::text)
+)
+WHERE EXISTS (SELECT FROM u)
+$$;
+
+-- Erases one person: keys they created revoked, BYOK credentials they wrote removed, profile
+-- overwritten, their Slack/OS identities forgotten, their Slack id scrubbed from incidents and
+-- queued messages. The audit log is not touched (it holds references only); one `dsar.erase`
+-- row is appended. Refused (SQLSTATE AT403) for a super_admin or an org's last admin; AT404
+-- when there is no such user, AT409 when already erased.
+CREATE FUNCTION dsar_erase(p_user uuid, p_handles text[], p_actor text, p_reason text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    u         users%ROWTYPE;
+    ref       text := 'user:' || p_user::text;
+    n_keys    bigint;
+    n_creds   bigint;
+    n_ids     bigint;
+    n_inc     bigint := 0;
+    n_out     bigint := 0;
+    n_legacy  bigint;
+    sid       text;
+    report    jsonb;
+BEGIN
+    IF p_reason IS NULL OR length(btrim(p_reason)) NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'an erasure needs a reason (1 to 1000 characters)' USING ERRCODE = 'AT400';
+    END IF;
+    SELECT * INTO u FROM users WHERE id = p_user FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'there is no user %', p_user USING ERRCODE = 'AT404';
+    END IF;
+    IF u.erased_at IS NOT NULL THEN
+        RAISE EXCEPTION 'user % was erased at %', p_user, u.erased_at USING ERRCODE = 'AT409';
+    END IF;
+    IF u.role = 'super_admin' THEN
+        RAISE EXCEPTION 'user % is a super_admin: change their role first (apitree users role), then erase'
+            , p_user USING ERRCODE = 'AT403';
+    END IF;
+    IF u.role = 'admin' AND u.org_id IS NOT NULL THEN
+        -- Every admin row of the org, locked: two erasures of its last two admins serialize.
+        PERFORM 1 FROM users WHERE org_id = u.org_id AND role = 'admin' FOR UPDATE;
+        IF NOT EXISTS (SELECT FROM users
+                        WHERE org_id = u.org_id AND role = 'admin' AND id <> p_user
+                          AND erased_at IS NULL AND disabled_at IS NULL) THEN
+            RAISE EXCEPTION 'user % is the last admin of org %: make another member admin first, then erase'
+                , p_user, u.org_id USING ERRCODE = 'AT403';
+        END IF;
+    END IF;
+
+    WITH k AS (
+        UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()), name = ''
+         WHERE id IN (SELECT (a.detail->>'key_id')::uuid FROM audit_log a
+                       WHERE a.actor = ref AND a.action = 'key.create' AND a.detail ? 'key_id')
+        RETURNING 1)
+    SELECT count(*) INTO n_keys FROM k;
+    WITH c AS (
+        DELETE FROM upstream_credentials
+         WHERE kind = 'byok'
+           AND id IN (SELECT (a.detail->>'credential_id')::uuid FROM audit_log a
+                       WHERE a.actor = ref AND a.action = 'credential.write'
+                         AND a.detail ? 'credential_id')
+        RETURNING 1)
+    SELECT count(*) INTO n_creds FROM c;
+    UPDATE users
+       SET email = 'erased-' || p_user::text || '@erased.invalid', password_hash = NULL,
+           invite_hash = NULL, invite_expires_at = NULL,
+           disabled_at = coalesce(disabled_at, now()), erased_at = now(), updated_at = now()
+     WHERE id = p_user;
+    -- Rows written before subjects existed still carry names in the chain: counted, kept.
+    SELECT count(*) INTO n_legacy FROM audit_log a, unnest(p_handles) h
+     WHERE (h LIKE 'slack:%' AND a.actor LIKE 'slack:%(' || substr(h, 7) || ')')
+        OR (h LIKE 'os:%' AND (a.actor = h OR a.actor LIKE h || ' (%'));
+    FOR sid IN SELECT substr(h, 7) FROM unnest(p_handles) h WHERE h LIKE 'slack:%' LOOP
+        WITH i AS (
+            UPDATE incidents SET acknowledged_by = 'erased' WHERE acknowledged_by = sid RETURNING 1)
+        SELECT n_inc + count(*) INTO n_inc FROM i;
+        WITH o AS (
+            UPDATE notification_outbox SET payload = replace(payload::text, sid, 'erased')::jsonb
+             WHERE position(sid IN payload::text) > 0 RETURNING 1)
+        SELECT n_out + count(*) INTO n_out FROM o;
+    END LOOP;
+    WITH d AS (
+        UPDATE data_subjects SET label = NULL, external_id = NULL, erased_at = now()
+         WHERE kind || ':' || external_id = ANY (p_handles) RETURNING 1)
+    SELECT count(*) INTO n_ids FROM d;
+
+    report := jsonb_build_object(
+        'keys_revoked', n_keys, 'credentials_removed', n_creds, 'identities_erased', n_ids,
+        'incidents_scrubbed', n_inc, 'messages_scrubbed', n_out,
+        'legacy_audit_rows_kept', n_legacy);
+    INSERT INTO audit_log (id, actor, action, target, org_id, detail, prev_hash, hash)
+    VALUES (0, p_actor, 'dsar.erase', ref, u.org_id,
+            jsonb_build_object('user_id', p_user, 'reason', btrim(p_reason)) || report, '', '');
+    INSERT INTO dsar_requests (subject, kind, state, actor, reason, outcome)
+    VALUES (ref, 'erase', 'erased', p_actor, btrim(p_reason), report);
+    RETURN report;
+END
+$$;
+
+REVOKE ALL ON FUNCTION dsar_refs(uuid, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION dsar_export(uuid, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION dsar_erase(uuid, text[], text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dsar_export(uuid, text[]) TO apitree_console;
+GRANT EXECUTE ON FUNCTION dsar_erase(uuid, text[], text, text) TO apitree_console;
+GRANT SELECT, INSERT ON dsar_requests TO apitree_console;
+-- The audit page shows who a reference stands for (staff only read the audit log).
+GRANT SELECT ON data_subjects TO apitree_console;

@@ -1,0 +1,599 @@
+//! Data subject requests on a real database: every column is classified, an export holds
+//! everything a person left, an erasure forgets it, and the audit chain still verifies.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use apitree::db::{
+    audit,
+    dsar::{self, DsarError, Handle, Personal},
+};
+use common::TestDb;
+use sqlx::{AssertSqlSafe, PgPool};
+use uuid::Uuid;
+
+/// A new column must be classified in `dsar::COLUMNS` (and a personal one handled by export
+/// and erasure): this fails naming it.
+#[tokio::test]
+async fn every_column_of_the_schema_is_classified_for_export_and_erasure() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns
+          WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let schema: BTreeSet<String> = rows.iter().map(|(t, c)| format!("{t}.{c}")).collect();
+    let listed: BTreeSet<String> = dsar::COLUMNS
+        .iter()
+        .flat_map(|(t, cols)| cols.iter().map(move |(c, _)| format!("{t}.{c}")))
+        .collect();
+    let unlisted: Vec<_> = schema.difference(&listed).collect();
+    let gone: Vec<_> = listed.difference(&schema).collect();
+    assert!(
+        unlisted.is_empty(),
+        "columns not classified in dsar::COLUMNS (can they hold personal data? then export and erase them in dsar_export / dsar_erase): {unlisted:?}"
+    );
+    assert!(
+        gone.is_empty(),
+        "dsar::COLUMNS lists columns the schema does not have: {gone:?}"
+    );
+}
+
+/// Everything the test plants about one person, by the column it lands in.
+struct Person {
+    id: Uuid,
+    email: String,
+    handles: Vec<Handle>,
+    /// (table, column) → a value only this person's data contains.
+    seeds: BTreeMap<(&'static str, &'static str), String>,
+}
+
+async fn exec(pool: &PgPool, sql: &str, binds: &[&str]) {
+    let mut q = sqlx::query(AssertSqlSafe(sql.to_string()));
+    for b in binds {
+        q = q.bind(*b);
+    }
+    q.execute(pool).await.unwrap();
+}
+
+/// A buyer who signed in, created a key and a BYOK credential, used the key, was credited, and
+/// acts in Slack and at a shell: a row in every table that can hold personal data.
+async fn plant(pool: &PgPool, n: u32) -> Person {
+    let tag = Uuid::new_v4().simple().to_string()[..8].to_uppercase();
+    let id = Uuid::new_v4();
+    let org = apitree::db::keys::create_org(pool, &format!("org-{tag}"), "test")
+        .await
+        .unwrap();
+    let seller = apitree::db::keys::create_org(pool, &format!("seller-{tag}"), "test")
+        .await
+        .unwrap();
+    let email = format!("alice.{tag}@example.com");
+    let password_hash = format!("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ${tag}PW");
+    let invite = format!("{:0>64}", tag.to_lowercase());
+    let slack_id = format!("UDSAR{tag}");
+    let slack_name = format!("alice-slack-{tag}");
+    let os_user = format!("alice{tag}").to_lowercase();
+    let key_name = format!("alice laptop {tag}");
+    let cred_name = format!("alice-cred-{tag}");
+    let expires = format!("{}-01-02", 2990 + n);
+    exec(
+        pool,
+        "INSERT INTO users (id, org_id, email, role, password_hash, invite_hash, invite_expires_at)
+         VALUES ($1::uuid, $2::uuid, $3, 'buyer', $4, decode($5, 'hex'), $6::timestamptz)",
+        &[
+            &id.to_string(),
+            &org.to_string(),
+            &email,
+            &password_hash,
+            &invite,
+            &format!("{expires}T03:04:05Z"),
+        ],
+    )
+    .await;
+    let actor = format!("user:{id}");
+    // A key and a BYOK credential, created through the console (as its audit rows say).
+    let key = Uuid::new_v4();
+    exec(
+        pool,
+        "INSERT INTO api_keys (id, org_id, name, prefix, key_hash, scope)
+         VALUES ($1::uuid, $2::uuid, $3, 'at_live_' || $4, sha256($4::bytea), 'live')",
+        &[&key.to_string(), &org.to_string(), &key_name, &tag],
+    )
+    .await;
+    audit::append(
+        pool,
+        &actor,
+        "key.create",
+        "at_live_x",
+        Some(org),
+        &serde_json::json!({"key_id": key}),
+    )
+    .await
+    .unwrap();
+    let api = Uuid::new_v4();
+    exec(
+        pool,
+        "INSERT INTO apis (id, org_id, name, path_prefix, upstream_url)
+         VALUES ($1::uuid, $2::uuid, $3, '/' || $3 || '/', 'https://up.example/')",
+        &[
+            &api.to_string(),
+            &seller.to_string(),
+            &format!("w{}", tag.to_lowercase()),
+        ],
+    )
+    .await;
+    let cred = Uuid::new_v4();
+    exec(
+        pool,
+        "INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version)
+         VALUES ($1::uuid, $2::uuid, $3::uuid, $4, 'byok', '\\x00', '\\x000000000000000000000000', 1)",
+        &[&cred.to_string(), &org.to_string(), &api.to_string(), &cred_name],
+    )
+    .await;
+    audit::append(
+        pool,
+        &actor,
+        "credential.write",
+        &format!("credential:{cred}"),
+        Some(org),
+        &serde_json::json!({"credential_id": cred}),
+    )
+    .await
+    .unwrap();
+    exec(
+        pool,
+        "INSERT INTO usage_counters (org_id, api_key_id, api_id, window_start, requests)
+         VALUES ($1::uuid, $2::uuid, $3::uuid, '2026-12-01T00:00:00Z', 4242)",
+        &[&org.to_string(), &key.to_string(), &api.to_string()],
+    )
+    .await;
+    exec(
+        pool,
+        "INSERT INTO credit_ledger (org_id, amount, reason, actor) VALUES ($1::uuid, 100, 'welcome credit', $2)",
+        &[&org.to_string(), &actor],
+    )
+    .await;
+    // In Slack: a button press (the operator's audit row), a gate decision naming them, an
+    // acknowledged incident and its queued message.
+    audit::append(
+        pool,
+        &format!("slack:{slack_name} ({slack_id})"),
+        "slack.promote",
+        "shop",
+        None,
+        &serde_json::json!({"revision": "abc"}),
+    )
+    .await
+    .unwrap();
+    audit::append(
+        pool,
+        "apitree-operator",
+        "rollout.promoted",
+        "shop",
+        None,
+        &serde_json::json!({"message": format!("abc promoted by slack:{slack_name}")}),
+    )
+    .await
+    .unwrap();
+    let incident = Uuid::new_v4();
+    exec(
+        pool,
+        "INSERT INTO incidents (id, gateway, route, signal, severity, max_severity, acknowledged_by, acknowledged_at)
+         VALUES ($1::uuid, 'shop', $2, 'error_ratio', 'high', 'high', $3, now())",
+        &[&incident.to_string(), &tag, &slack_id],
+    )
+    .await;
+    exec(
+        pool,
+        "INSERT INTO notification_outbox (dedupe_key, incident_id, channel, method, payload)
+         VALUES ($1, $2::uuid, 'C1', 'chat.update', jsonb_build_object('text', 'Acknowledged by <@' || $3 || '>'))",
+        &[&format!("ack-{tag}"), &incident.to_string(), &slack_id],
+    )
+    .await;
+    // At a shell: `apitree drift fix` as their OS user.
+    audit::append(
+        pool,
+        &format!("os:{os_user} (TICKET-{tag})"),
+        "drift.fix",
+        "table users",
+        None,
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    let seeds = BTreeMap::from([
+        (("users", "email"), email.clone()),
+        (("users", "password_hash"), password_hash),
+        (("users", "invite_hash"), invite),
+        (("users", "invite_expires_at"), expires),
+        (("api_keys", "name"), key_name),
+        (("upstream_credentials", "name"), cred_name),
+        (("incidents", "acknowledged_by"), slack_id.clone()),
+        (("notification_outbox", "payload"), slack_id.clone()),
+        (("data_subjects", "label"), slack_name),
+        (("data_subjects", "external_id"), os_user.clone()),
+    ]);
+    Person {
+        id,
+        email,
+        handles: vec![
+            Handle::parse(&format!("slack:{slack_id}")).unwrap(),
+            Handle::parse(&format!("os:{os_user}")).unwrap(),
+        ],
+        seeds,
+    }
+}
+
+/// Rows of `table` whose `column` (as text) contains `value`.
+async fn holding(pool: &PgPool, table: &str, column: &str, value: &str) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {table} WHERE {column}::text LIKE '%' || $1 || '%'"
+    )))
+    .bind(value)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn audit_verifies(url: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
+        .args(["audit", "verify", "--database-url", url])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn an_export_holds_everything_and_an_erasure_forgets_it_with_the_chain_intact() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let p = plant(&pool, 1).await;
+    let other = plant(&pool, 2).await;
+
+    // Every personal column is planted by this test (a new one must be added to `plant`).
+    for (table, cols) in dsar::COLUMNS {
+        for (col, class) in *cols {
+            if matches!(class, Personal::Erased | Personal::Secret) {
+                assert!(
+                    p.seeds.contains_key(&(*table, *col)),
+                    "{table}.{col} holds personal data: plant a value in it in `plant` so export and erasure are checked"
+                );
+            }
+        }
+    }
+    // Names never reach the hash chain: the trigger wrote references.
+    for (table, col) in [("data_subjects", "label"), ("data_subjects", "external_id")] {
+        let v = &p.seeds[&(table, col)];
+        for c in ["actor", "target", "detail"] {
+            assert_eq!(
+                holding(&pool, "audit_log", c, v).await,
+                0,
+                "{v} in audit_log.{c}"
+            );
+        }
+    }
+    assert_eq!(
+        holding(&pool, "audit_log", "actor", "subject:").await,
+        4,
+        "two people, each a Slack and an OS subject"
+    );
+
+    // Export: every planted value of this person, no secret, nothing of the other person.
+    let mut tx = pool.begin().await.unwrap();
+    let doc = dsar::export(&mut tx, p.id, &p.handles, "os:dpo")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let text = doc.to_string();
+    for ((table, col), v) in &p.seeds {
+        let class = dsar::COLUMNS
+            .iter()
+            .find(|(t, _)| t == table)
+            .and_then(|(_, cols)| cols.iter().find(|(c, _)| c == col))
+            .map(|(_, class)| *class)
+            .unwrap();
+        if class == Personal::Secret {
+            assert!(
+                !text.contains(v.as_str()),
+                "{table}.{col} is exported: {text}"
+            );
+        } else {
+            assert!(
+                text.contains(v.as_str()),
+                "{table}.{col} ({v}) missing: {text}"
+            );
+        }
+    }
+    for v in other.seeds.values() {
+        assert!(!text.contains(v.as_str()), "another person's {v} exported");
+    }
+    for (section, n) in [
+        ("api_keys", 1),
+        ("byok_credentials", 1),
+        ("usage", 1),
+        ("credit_ledger", 1),
+        ("incidents_acknowledged", 1),
+        ("identities", 2),
+    ] {
+        assert_eq!(
+            doc[section].as_array().unwrap().len(),
+            n,
+            "{section}: {doc:#}"
+        );
+    }
+    assert_eq!(doc["usage"][0]["requests"], 4242);
+    // The export is audited, as a reference to the person.
+    let exported: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'dsar.export' AND target = 'user:' || $1::text",
+    )
+    .bind(p.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(exported, 1);
+
+    // Erasure: every planted value is gone from every column of every table.
+    let mut tx = pool.begin().await.unwrap();
+    let report = dsar::erase(
+        &mut tx,
+        p.id,
+        &p.handles,
+        "os:dpo",
+        "ticket 1: account closed",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(report["keys_revoked"], 1, "{report}");
+    assert_eq!(report["credentials_removed"], 1, "{report}");
+    assert_eq!(report["identities_erased"], 2, "{report}");
+    assert_eq!(report["incidents_scrubbed"], 1, "{report}");
+    assert_eq!(report["messages_scrubbed"], 1, "{report}");
+    for v in p.seeds.values() {
+        for (table, cols) in dsar::COLUMNS {
+            for (col, _) in *cols {
+                assert_eq!(
+                    holding(&pool, table, col, v).await,
+                    0,
+                    "{v} still in {table}.{col} after erasure"
+                );
+            }
+        }
+    }
+    // The other person is untouched.
+    for ((table, col), v) in &other.seeds {
+        assert!(
+            holding(&pool, table, col, v).await > 0,
+            "{table}.{col} of the other person"
+        );
+    }
+    // They cannot sign in; their key is revoked; the chain still verifies.
+    let login: Option<Uuid> = sqlx::query_scalar("SELECT id FROM console_login($1)")
+        .bind(&p.email)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+    assert_eq!(login, None);
+    let revoked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_keys WHERE name = '' AND revoked_at IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(revoked, 1);
+    assert!(audit_verifies(&db.url).await.contains("intact"));
+    // Once is enough; the request queue has both requests.
+    let mut tx = pool.begin().await.unwrap();
+    let again = dsar::erase(&mut tx, p.id, &[], "os:dpo", "again").await;
+    assert!(
+        matches!(again, Err(DsarError::AlreadyErased(_))),
+        "{again:?}"
+    );
+    drop(tx);
+    let states: Vec<String> = sqlx::query_scalar(
+        "SELECT kind || '/' || state FROM dsar_requests WHERE subject = 'user:' || $1::text ORDER BY id",
+    )
+    .bind(p.id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(states, ["export/exported", "erase/erased"]);
+}
+
+async fn user(pool: &PgPool, org: Option<Uuid>, role: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query("INSERT INTO users (id, org_id, email, role) VALUES ($1, $2, $3, $4::user_role)")
+        .bind(id)
+        .bind(org)
+        .bind(format!("{id}@example.com"))
+        .bind(role)
+        .execute(pool)
+        .await
+        .unwrap();
+    id
+}
+
+async fn erase(pool: &PgPool, id: Uuid, reason: &str) -> Result<serde_json::Value, DsarError> {
+    let mut tx = pool.begin().await.unwrap();
+    let r = dsar::erase(&mut tx, id, &[], "os:dpo", reason).await;
+    if r.is_ok() {
+        tx.commit().await.unwrap();
+    }
+    r
+}
+
+/// Who cannot be erased, and what a request must carry: each refusal says what to do.
+#[tokio::test]
+async fn erasure_refuses_a_super_admin_an_orgs_last_admin_and_a_request_without_reason() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    let root = user(&pool, None, "super_admin").await;
+    let err = erase(&pool, root, "left").await.unwrap_err();
+    assert!(matches!(err, DsarError::Refused(_)), "{err:?}");
+    assert!(err.to_string().contains("change their role first"), "{err}");
+
+    let a = user(&pool, Some(org), "admin").await;
+    let err = erase(&pool, a, "left").await.unwrap_err();
+    assert!(err.to_string().contains("last admin of org"), "{err}");
+    let b = user(&pool, Some(org), "admin").await;
+    erase(&pool, a, "left").await.unwrap();
+    let err = erase(&pool, b, "left").await.unwrap_err();
+    assert!(err.to_string().contains("last admin of org"), "{err}");
+    // Staff without an org is not an org's admin.
+    let staff = user(&pool, None, "admin").await;
+    erase(&pool, staff, "left").await.unwrap();
+
+    let buyer = user(&pool, Some(org), "buyer").await;
+    for reason in ["", "   "] {
+        let err = erase(&pool, buyer, reason).await.unwrap_err();
+        assert!(matches!(err, DsarError::BadInput(_)), "{err:?}");
+        assert!(err.to_string().contains("needs a reason"), "{err}");
+    }
+    let err = erase(&pool, Uuid::new_v4(), "gone").await.unwrap_err();
+    assert!(matches!(err, DsarError::NoUser(_)), "{err:?}");
+    // Nothing refused left a trace; the two erasures did.
+    let erased: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE erased_at IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(erased, 2);
+    assert!(audit_verifies(&db.url).await.contains("intact"));
+}
+
+/// Rows written before people were referenced by subject keep their names (the chain cannot
+/// change); an erasure counts them so the answer to the person can say so.
+#[tokio::test]
+async fn rows_from_before_subjects_are_counted_not_rewritten() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    let id = user(&pool, Some(org), "buyer").await;
+    exec(
+        &pool,
+        "ALTER TABLE audit_log DISABLE TRIGGER audit_log_actor_subject",
+        &[],
+    )
+    .await;
+    audit::append(
+        &pool,
+        "slack:old (UOLD1)",
+        "slack.promote",
+        "shop",
+        None,
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    exec(
+        &pool,
+        "ALTER TABLE audit_log ENABLE TRIGGER audit_log_actor_subject",
+        &[],
+    )
+    .await;
+    let mut tx = pool.begin().await.unwrap();
+    let report = dsar::erase(
+        &mut tx,
+        id,
+        &[Handle::parse("slack:UOLD1").unwrap()],
+        "os:dpo",
+        "closed",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(report["legacy_audit_rows_kept"], 1, "{report}");
+    assert!(audit_verifies(&db.url).await.contains("intact"));
+}
+
+/// `apitree dsar` as the README shows it: export by email, a dry run that changes nothing, the
+/// erasure, and a clear error for someone who is not there.
+#[tokio::test]
+async fn the_cli_exports_dry_runs_and_erases_by_email() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    user(&pool, Some(org), "buyer").await;
+    sqlx::query("UPDATE users SET email = 'alice@example.com'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let apitree = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_apitree"));
+        cmd.args(["dsar"])
+            .args(args)
+            .args(["--database-url", &db.url])
+            .env_remove("APITREE_ACTOR");
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stdout, stderr) = apitree(&[
+        "export",
+        "--email",
+        "ALICE@example.com",
+        "--identity",
+        "slack:U024BE7LH",
+    ]);
+    assert!(ok, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["profile"]["email"], "alice@example.com");
+    let erase = [
+        "erase",
+        "--email",
+        "alice@example.com",
+        "--reason",
+        "ticket 4711: account closed",
+    ];
+    let (ok, stdout, stderr) = apitree(&erase);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("dry run") && stderr.contains("--yes"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("keys_revoked"), "{stdout}");
+    let still: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM users WHERE email = 'alice@example.com'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(still, 1, "a dry run erases nothing");
+    let (ok, _, stderr) = apitree(&[&erase[..], &["--yes"]].concat());
+    assert!(ok, "{stderr}");
+    let still: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM users WHERE email = 'alice@example.com'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(still, 0);
+    let (ok, _, stderr) = apitree(&["export", "--email", "alice@example.com"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("no user with the email") && stderr.contains("users list"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = apitree(&["export", "--email", "x@example.com", "--identity", "U024"]);
+    assert!(!ok);
+    assert!(stderr.contains("slack:<Slack user id>"), "{stderr}");
+    assert!(audit_verifies(&db.url).await.contains("intact"));
+}
