@@ -296,7 +296,8 @@ pub struct OperatorArgs {
     pub status_url: Option<String>,
     /// How often the health sweep checks every gateway: its routes' upstreams (each route's
     /// probe) and serving replicas, and its database's reachability, schema drift (fixed at
-    /// once under driftPolicy auto) and keys whose rotation grace ended (revoked).
+    /// once under driftPolicy auto), keys whose rotation grace ended (revoked) and data past
+    /// its spec.retention (deleted in batches).
     #[arg(long, env = "APITREE_SWEEP_EVERY", default_value = "15m")]
     pub sweep_every: crate::crd::KubeDuration,
     #[command(flatten)]

@@ -27,6 +27,8 @@ pub struct SweepTarget {
     /// sweep then reports a problem instead of taking the gateway for one without a database.
     pub unresolved: Option<String>,
     pub policy: DriftPolicy,
+    /// How long the database keeps each kind of data.
+    pub retention: crate::crd::gateway::RetentionSpec,
     /// The spec's routes' upstreams.
     pub upstreams: Vec<Upstream>,
 }
@@ -64,6 +66,8 @@ pub struct SweepOutcome {
     pub fixed: Vec<String>,
     /// Prefixes of keys revoked because their grace period ended.
     pub revoked: Vec<String>,
+    /// Rows deleted by retention, by kind (only kinds with deletions).
+    pub purged: std::collections::BTreeMap<&'static str, u64>,
     /// Upstreams probed (and, once the gateway's pass has run, its endpoints).
     pub probed: Vec<Probed>,
     /// Why (part of) the sweep failed.
@@ -113,6 +117,7 @@ pub async fn sweep_gateway(
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        purged: Default::default(),
         probed: Vec::new(),
         problems: Vec::new(),
     };
@@ -169,6 +174,12 @@ async fn sweep_database(
     match crate::db::keys::sweep_grace(pool, now, "apitree health sweep").await {
         Ok(r) => out.revoked = r,
         Err(e) => out.problems.push(format!("grace expiry: {e}")),
+    }
+    match crate::db::retention::apply(pool, &t.retention, now, "apitree health sweep (retention)")
+        .await
+    {
+        Ok(deleted) => out.purged = deleted.into_iter().filter(|(_, n)| *n > 0).collect(),
+        Err(e) => out.problems.push(format!("retention: {e}")),
     }
     // APIs registered in the database are routes of a database-mode proxy.
     let registered: Result<Vec<(String, String)>, _> =

@@ -1471,6 +1471,7 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        purged: Default::default(),
         probed: Vec::new(),
         problems: Vec::new(),
     };
@@ -1549,6 +1550,7 @@ async fn what_the_sweep_finds_down_is_an_incident_until_a_sweep_finds_it_up() {
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        purged: Default::default(),
         probed: vec![Probed {
             route: Some("r".into()),
             target: "http://upstream.shop-ns.svc/health".into(),
@@ -1663,6 +1665,7 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        purged: Default::default(),
         probed: Vec::new(),
         problems: Vec::new(),
     }])

@@ -849,3 +849,128 @@ async fn whole_database_work_fails_loudly_for_a_role_that_row_level_security_fil
         .await
         .unwrap();
 }
+
+/// Retention as the health sweep applies it: each kind older than its rule is deleted (in
+/// batches: 12,000 old usage rows go in one run), what is younger or still needed stays (open
+/// incidents, undelivered messages, keys whose usage or successor refers to them), the run is
+/// audited with its counts, a run with nothing to delete writes nothing, the chain verifies.
+#[tokio::test]
+async fn the_health_sweep_deletes_what_retention_no_longer_keeps() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = db::keys::create_org(&pool, "acme", "test").await.unwrap();
+    let o = org.to_string();
+    let key = |name: &str, extra: &str| {
+        format!(
+            "INSERT INTO api_keys (id, org_id, name, prefix, key_hash, scope{c})
+             VALUES (gen_random_uuid(), '{o}', '{name}', 'at_live_{name}', sha256('{name}'::bytea), 'live'{v});",
+            c = if extra.is_empty() { "" } else { ", revoked_at, expires_at, replaced_by" },
+            v = extra
+        )
+    };
+    let seed = [
+        // usage: 12,000 rows two years old (3 batches), one recent
+        format!("INSERT INTO api_keys (id, org_id, prefix, key_hash, scope) VALUES ('00000000-0000-0000-0000-0000000000aa', '{o}', 'at_live_used', sha256('used'::bytea), 'live');"),
+        "INSERT INTO usage_counters (org_id, api_key_id, window_start, requests)
+         SELECT (SELECT org_id FROM api_keys WHERE prefix = 'at_live_used'), '00000000-0000-0000-0000-0000000000aa', now() - interval '730 days' - g * interval '1 minute', 1
+           FROM generate_series(1, 12000) g;".to_string(),
+        "INSERT INTO usage_counters (org_id, api_key_id, window_start, requests)
+         SELECT org_id, id, now() - interval '1 day', 1 FROM api_keys WHERE prefix = 'at_live_used';".to_string(),
+        // incidents: resolved long ago (goes), resolved lately, open since long ago (stay)
+        "INSERT INTO incidents (id, gateway, route, signal, severity, max_severity, opened_at, resolved_at) VALUES
+           (gen_random_uuid(), 'shop', 'a', 'error_ratio', 'high', 'high', now() - interval '400 days', now() - interval '200 days'),
+           (gen_random_uuid(), 'shop', 'b', 'error_ratio', 'high', 'high', now() - interval '20 days', now() - interval '10 days'),
+           (gen_random_uuid(), 'shop', 'c', 'error_ratio', 'high', 'high', now() - interval '400 days', NULL);".to_string(),
+        // outbox: delivered long ago (goes), undelivered and old, delivered lately (stay)
+        "INSERT INTO notification_outbox (dedupe_key, channel, method, payload, created_at, delivered_at) VALUES
+           ('a', 'C', 'chat.postMessage', '{}', now() - interval '50 days', now() - interval '40 days'),
+           ('b', 'C', 'chat.postMessage', '{}', now() - interval '50 days', NULL),
+           ('c', 'C', 'chat.postMessage', '{}', now() - interval '5 days', now() - interval '5 days');".to_string(),
+        // keys: revoked long ago (goes), expired long ago (goes), revoked lately, active (stay)
+        key("old1", ", now() - interval '100 days', NULL, NULL"),
+        key("old2", ", NULL, now() - interval '100 days', NULL"),
+        key("new1", ", now() - interval '10 days', NULL, NULL"),
+        key("live", ""),
+        // a key revoked long ago that a newer key replaced stays while the newer one names it
+        key("prev", ", now() - interval '100 days', NULL, NULL"),
+        key("next", ", NULL, NULL, (SELECT id FROM api_keys WHERE prefix = 'at_live_prev')"),
+        "UPDATE api_keys SET revoked_at = now() - interval '100 days' WHERE prefix = 'at_live_used';".to_string(),
+        // data requests: four years old (goes), this year (stays)
+        "INSERT INTO dsar_requests (subject, kind, state, actor, at) VALUES
+           ('user:00000000-0000-0000-0000-000000000001', 'export', 'exported', 'x', now() - interval '1500 days'),
+           ('user:00000000-0000-0000-0000-000000000001', 'export', 'exported', 'x', now() - interval '10 days');".to_string(),
+    ];
+    for sql in seed {
+        common::exec(&pool, sql).await.unwrap();
+    }
+    let target = apitree::schedule::SweepTarget {
+        gateway: "shop".into(),
+        database_url: Some(db.url.clone()),
+        unresolved: None,
+        policy: apitree::crd::gateway::DriftPolicy::Off,
+        retention: Default::default(),
+        upstreams: Vec::new(),
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let out = apitree::schedule::sweep_gateway(&target, &http, chrono::Utc::now()).await;
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    let purged: Vec<(&str, u64)> = out.purged.iter().map(|(k, v)| (*k, *v)).collect();
+    assert_eq!(
+        purged,
+        [
+            ("deliveredNotifications", 1),
+            ("endedKeys", 2),
+            ("resolvedIncidents", 1),
+            ("usage", 12_000),
+            ("dataRequests", 1),
+        ]
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+    );
+    let left = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        left("SELECT string_agg(prefix, ' ' ORDER BY prefix) FROM api_keys").await,
+        "at_live_live at_live_new1 at_live_next at_live_prev at_live_used",
+        "keys still needed stay"
+    );
+    assert_eq!(
+        left("SELECT string_agg(route, ' ' ORDER BY route) FROM incidents").await,
+        "b c"
+    );
+    assert_eq!(
+        left("SELECT string_agg(dedupe_key, ' ' ORDER BY dedupe_key) FROM notification_outbox")
+            .await,
+        "b c"
+    );
+    assert_eq!(left("SELECT count(*)::text FROM usage_counters").await, "1");
+    assert_eq!(left("SELECT count(*)::text FROM dsar_requests").await, "1");
+    let detail: serde_json::Value =
+        sqlx::query_scalar("SELECT detail FROM audit_log WHERE action = 'retention.purge'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(detail["deleted"]["usage"], 12_000, "{detail}");
+    assert_eq!(detail["kept_for"]["usage"], "400d", "{detail}");
+    // Nothing left to delete: no second audit row.
+    let again = apitree::schedule::sweep_gateway(&target, &http, chrono::Utc::now()).await;
+    assert!(again.purged.is_empty(), "{:?}", again.purged);
+    assert_eq!(
+        left("SELECT count(*)::text FROM audit_log WHERE action = 'retention.purge'").await,
+        "1"
+    );
+    let mut verifier = audit::ChainVerifier::new();
+    for row in audit::read_rows(&pool, 0, 10_000).await.unwrap() {
+        verifier.feed(&row).unwrap();
+    }
+}

@@ -417,6 +417,7 @@ async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_n
             policy: DriftPolicy::Auto,
             upstreams: Vec::new(),
             unresolved: None,
+            retention: Default::default(),
         },
         SweepTarget {
             gateway: "ns/report".into(),
@@ -424,6 +425,7 @@ async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_n
             policy: DriftPolicy::Report,
             upstreams: Vec::new(),
             unresolved: None,
+            retention: Default::default(),
         },
     ];
     let (sweeper, _registry) = sweeper();
@@ -558,6 +560,7 @@ async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
         gateway: "ns/shop".into(),
         database_url: Some(db.url.clone()),
         policy: DriftPolicy::Off,
+        retention: Default::default(),
         upstreams: vec![
             route(
                 "healthy",
@@ -667,6 +670,7 @@ async fn an_unreachable_database_is_a_failed_sweep_run_with_the_reason() {
         policy: DriftPolicy::Auto,
         upstreams: Vec::new(),
         unresolved: None,
+        retention: Default::default(),
     };
     let out = sweeper.run(&[target], chrono::Utc::now()).await.unwrap();
     assert!(
@@ -716,6 +720,7 @@ async fn an_upstream_down_incident_of_a_route_removed_meanwhile_resolves_after_a
         found: None,
         fixed: Vec::new(),
         revoked: Vec::new(),
+        purged: Default::default(),
         probed: vec![Probed {
             route: Some(route.into()),
             target: format!("http://{route}.svc/"),

@@ -320,6 +320,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
             policy,
             upstreams: Vec::new(),
             unresolved: None,
+            retention: Default::default(),
         };
         let mut point = 1;
         let mut failed = 0;
@@ -373,6 +374,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         policy: DriftPolicy::Report,
         upstreams: Vec::new(),
         unresolved: None,
+        retention: Default::default(),
     };
     switch_off_tenant_isolation(&pool).await;
     m.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);

@@ -112,6 +112,79 @@ pub struct ApiGatewaySpec {
     /// `report` only records it, `off` does not check. Unfixed drift fails gate check 3.
     #[serde(default)]
     pub drift_policy: DriftPolicy,
+
+    /// How long the gateway database keeps each kind of data before the health sweep deletes
+    /// it (in batches, each run that deletes audited with its counts). The audit log is never
+    /// deleted. Only used with `database`; not part of the revision. Each at least 1d.
+    #[serde(default)]
+    pub retention: RetentionSpec,
+}
+
+/// How long each kind of data is kept (durations such as `400d`).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// Usage counters (per key, API and day), by the day they count: 400d, a year of billing
+    /// history and a month to settle the last invoice.
+    #[serde(default = "default_keep_usage")]
+    pub usage: KubeDuration,
+    /// Incidents, from when they were resolved: 180d, two quarters of reviews and trends.
+    #[serde(default = "default_keep_incidents")]
+    pub resolved_incidents: KubeDuration,
+    /// Slack messages the outbox delivered, from delivery: 30d (the incident keeps its state;
+    /// undelivered messages are never deleted).
+    #[serde(default = "default_keep_delivered")]
+    pub delivered_notifications: KubeDuration,
+    /// API keys, from their revocation or expiry: 90d, long enough to answer "why is my key
+    /// refused". A key goes only once no usage row and no newer key refer to it.
+    #[serde(default = "default_keep_ended_keys")]
+    pub ended_keys: KubeDuration,
+    /// Records of data subject requests (exports, erasures), from the request: 1095d, the
+    /// proof that requests were answered.
+    #[serde(default = "default_keep_requests")]
+    pub data_requests: KubeDuration,
+}
+
+impl Default for RetentionSpec {
+    fn default() -> Self {
+        Self {
+            usage: default_keep_usage(),
+            resolved_incidents: default_keep_incidents(),
+            delivered_notifications: default_keep_delivered(),
+            ended_keys: default_keep_ended_keys(),
+            data_requests: default_keep_requests(),
+        }
+    }
+}
+
+const DAY: u64 = 86_400;
+fn default_keep_usage() -> KubeDuration {
+    KubeDuration::from_secs(400 * DAY)
+}
+fn default_keep_incidents() -> KubeDuration {
+    KubeDuration::from_secs(180 * DAY)
+}
+fn default_keep_delivered() -> KubeDuration {
+    KubeDuration::from_secs(30 * DAY)
+}
+fn default_keep_ended_keys() -> KubeDuration {
+    KubeDuration::from_secs(90 * DAY)
+}
+fn default_keep_requests() -> KubeDuration {
+    KubeDuration::from_secs(1095 * DAY)
+}
+
+impl RetentionSpec {
+    /// Each kind with its field name in the spec and how long it is kept.
+    pub fn kinds(&self) -> [(&'static str, &KubeDuration); 5] {
+        [
+            ("usage", &self.usage),
+            ("resolvedIncidents", &self.resolved_incidents),
+            ("deliveredNotifications", &self.delivered_notifications),
+            ("endedKeys", &self.ended_keys),
+            ("dataRequests", &self.data_requests),
+        ]
+    }
 }
 
 fn default_replicas() -> i32 {
@@ -1050,6 +1123,14 @@ impl ApiGatewaySpec {
                 "spec.detection.source.prometheusUrl".into(),
                 "required when source.type is prometheus".into(),
             );
+        }
+        for (field, keep) in self.retention.kinds() {
+            if keep.as_std() < std::time::Duration::from_secs(DAY) {
+                push(
+                    format!("spec.retention.{field}"),
+                    format!("{keep} is shorter than a day: give at least 1d (the health sweep deletes what is older)"),
+                );
+            }
         }
         let mut route_names = BTreeMap::new();
         for (i, r) in self.proxy.routes.iter().enumerate() {

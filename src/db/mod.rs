@@ -4,6 +4,7 @@ pub mod audit;
 pub mod credentials;
 pub mod dsar;
 pub mod keys;
+pub mod retention;
 
 use std::{str::FromStr, time::Duration};
 

@@ -115,6 +115,38 @@ mod tests {
         let mut c = spec(SPEC);
         c.replicas = 5;
         assert_eq!(r1, revision("img:1", &render(&c, &base), &[]));
+        // Nor is how long the database keeps what it holds.
+        let mut d = spec(SPEC);
+        d.retention.usage = "30d".parse().unwrap();
+        assert_eq!(r1, revision("img:1", &render(&d, &base), &[]));
+    }
+
+    /// Every retention rule is at least a day (a typo like `1h` would delete today's usage),
+    /// and each one is named by its path.
+    #[test]
+    fn a_retention_shorter_than_a_day_is_a_problem() {
+        let base = ProxyConfig::default();
+        let ok = spec(&format!(
+            "{SPEC}retention:\n  usage: 1d\n  endedKeys: 24h\n"
+        ));
+        assert!(problems(&ok, &render(&ok, &base), None).is_empty());
+        for field in [
+            "usage",
+            "resolvedIncidents",
+            "deliveredNotifications",
+            "endedKeys",
+            "dataRequests",
+        ] {
+            let s = spec(&format!("{SPEC}retention:\n  {field}: 23h59m\n"));
+            let problems = problems(&s, &render(&s, &base), None);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0].starts_with(&format!(
+                    "spec.retention.{field}: 23h59m is shorter than a day"
+                )),
+                "{problems:?}"
+            );
+        }
     }
 
     #[test]

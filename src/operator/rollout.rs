@@ -252,6 +252,7 @@ impl Managed {
             database_url: self.database_url.clone(),
             unresolved,
             policy: self.spec.drift_policy,
+            retention: self.spec.retention.clone(),
             upstreams: self
                 .spec
                 .proxy
@@ -300,6 +301,14 @@ impl Managed {
                 o.revoked.join(", ")
             );
             self.event_once("GraceExpired", &msg, false, now);
+        }
+        if !o.purged.is_empty() {
+            let counts: Vec<String> = o.purged.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            let msg = format!(
+                "retention deleted at {at}: {} (spec.retention)",
+                counts.join(", ")
+            );
+            self.event_once("RetentionApplied", &msg, false, now);
         }
         // Security drift the sweep found and fixed (`driftPolicy: auto`) still pages: someone
         // or something switched tenant isolation or the audit trail off. Taken once; the
