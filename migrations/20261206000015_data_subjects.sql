@@ -39,56 +39,153 @@ CREATE TABLE dsar_requests (
 );
 CREATE INDEX dsar_requests_subject_idx ON dsar_requests (subject, id);
 
--- Before the chain trigger (triggers fire in name order): a person's name in `actor` becomes a
--- subject reference, and any `slack:<name>` of a known Slack subject in `detail` (a gate's
--- "promoted by slack:alice") becomes the same reference.
-CREATE FUNCTION audit_log_subject_ref() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+-- A person's name in an actor (`slack:<name> (<id>)`, `os:<user> (<label>)`, in any case and
+-- spacing) becomes a subject reference. Every writer goes through it: the triggers below call
+-- it for audit_log, credit_ledger and dsar_requests.
+CREATE FUNCTION apitree_actor_ref(p_actor text) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 DECLARE
+    m    text[];
     k    text;
     rest text;
     ext  text;
     sid  uuid;
-    s    record;
 BEGIN
-    IF NEW.actor ~ '^(slack|os):.' THEN
-        k := split_part(NEW.actor, ':', 1);
-        rest := left(substr(NEW.actor, length(k) + 2), 500);
-        ext := CASE k
-            WHEN 'slack' THEN coalesce(substring(rest FROM '\(([^() ]+)\)$'), rest)
-            ELSE split_part(rest, ' (', 1)
-        END;
-        INSERT INTO data_subjects (kind, label, external_id)
-        VALUES (k, rest, left(ext, 200))
-        ON CONFLICT (kind, label) WHERE label IS NOT NULL DO UPDATE SET last_seen = now()
-        RETURNING id INTO sid;
-        NEW.actor := 'subject:' || sid::text;
+    m := regexp_match(p_actor, '^[[:space:]]*(slack|os)[[:space:]]*:[[:space:]]*(.*)$', 'i');
+    IF m IS NULL THEN
+        RETURN p_actor;
     END IF;
-    IF NEW.detail::text LIKE '%slack:%' THEN
-        -- Longest names first, so `slack:al` never replaces part of `slack:alice`.
-        FOR s IN
-            SELECT d.id, split_part(d.label, ' (', 1) AS name
-              FROM data_subjects d
-             WHERE d.kind = 'slack' AND d.label IS NOT NULL
-             ORDER BY length(split_part(d.label, ' (', 1)) DESC
-        LOOP
-            IF position('slack:' || s.name IN NEW.detail::text) > 0 THEN
-                NEW.detail := replace(NEW.detail::text, 'slack:' || s.name,
-                                      'subject:' || s.id::text)::jsonb;
-            END IF;
-        END LOOP;
+    k := lower(m[1]);
+    rest := m[2];
+    -- The identity from the whole text, before the label is cut to length.
+    ext := CASE k
+        WHEN 'slack' THEN substring(rest FROM '\(([^() ]+)\)[[:space:]]*$')
+        ELSE split_part(rest, ' (', 1)
+    END;
+    ext := left(coalesce(nullif(btrim(ext), ''), nullif(btrim(rest), ''), '(unnamed)'), 200);
+    rest := left(coalesce(nullif(btrim(rest), ''), '(unnamed)'), 500);
+    INSERT INTO data_subjects (kind, label, external_id)
+    VALUES (k, rest, ext)
+    ON CONFLICT (kind, label) WHERE label IS NOT NULL DO UPDATE SET last_seen = now()
+    RETURNING id INTO sid;
+    RETURN 'subject:' || sid::text;
+END
+$$;
+
+-- `slack:<name>` of a known Slack subject inside a JSON document (a gate's "promoted by
+-- slack:alice" in an audit row's detail) becomes the subject's reference. Names are matched in
+-- their JSON-escaped form and never as the start of a longer name; the result is always valid
+-- JSON (if it were not, the document is kept as it was rather than the row lost).
+CREATE FUNCTION apitree_detail_refs(p_detail jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+DECLARE
+    t   text := p_detail::text;
+    s   record;
+    esc text;
+    out jsonb;
+BEGIN
+    IF position('slack:' IN lower(t)) = 0 THEN
+        RETURN p_detail;
     END IF;
+    FOR s IN
+        SELECT d.id, split_part(d.label, ' (', 1) AS name
+          FROM data_subjects d
+         WHERE d.kind = 'slack' AND d.label IS NOT NULL AND split_part(d.label, ' (', 1) <> ''
+         ORDER BY length(split_part(d.label, ' (', 1)) DESC
+    LOOP
+        esc := to_jsonb(s.name)::text;
+        esc := substr(esc, 2, length(esc) - 2);
+        IF position(lower(esc) IN lower(t)) > 0 THEN
+            t := regexp_replace(t,
+                '[Ss][Ll][Aa][Cc][Kk]:' || regexp_replace(esc, '([^[:alnum:]])', '\\\1', 'g')
+                    || '(?![.]*[[:alnum:]_-])',
+                'subject:' || s.id::text, 'g');
+        END IF;
+    END LOOP;
+    BEGIN
+        out := t::jsonb;
+    EXCEPTION WHEN others THEN
+        RETURN p_detail;
+    END;
+    RETURN out;
+END
+$$;
+
+-- Fires before the chain trigger (triggers fire in name order).
+CREATE FUNCTION audit_log_subject_ref() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    NEW.actor := apitree_actor_ref(NEW.actor);
+    NEW.detail := apitree_detail_refs(NEW.detail);
     RETURN NEW;
 END
 $$;
 CREATE TRIGGER audit_log_actor_subject BEFORE INSERT ON audit_log
     FOR EACH ROW EXECUTE FUNCTION audit_log_subject_ref();
 
+CREATE FUNCTION actor_subject_ref() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    NEW.actor := apitree_actor_ref(NEW.actor);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER credit_ledger_actor_subject BEFORE INSERT ON credit_ledger
+    FOR EACH ROW EXECUTE FUNCTION actor_subject_ref();
+CREATE TRIGGER dsar_requests_actor_subject BEFORE INSERT ON dsar_requests
+    FOR EACH ROW EXECUTE FUNCTION actor_subject_ref();
+
+-- Whether `p_handles` are identities (`slack:<Slack user id>`, `os:<user name>`).
+CREATE FUNCTION dsar_check_handles(p_handles text[]) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF EXISTS (SELECT FROM unnest(coalesce(p_handles, '{}')) h
+                WHERE h IS NULL OR h !~ '^(slack:[A-Z0-9]{1,40}|os:[A-Za-z0-9._$-]{1,64})$') THEN
+        RAISE EXCEPTION 'an identity is slack:<Slack user id> or os:<user name>' USING ERRCODE = 'AT400';
+    END IF;
+END
+$$;
+
+-- The API keys that are a person's: those they created or received by rotating one (they hold
+-- the secret), and — `named` — every key since rotated from those (a rotation copies the name).
+CREATE FUNCTION dsar_keys(p_user uuid)
+RETURNS TABLE (id uuid, held boolean)
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    WITH RECURSIVE held(id) AS (
+        SELECT (a.detail->>'key_id')::uuid FROM audit_log a
+         WHERE a.actor = 'user:' || p_user::text AND a.action = 'key.create' AND a.detail ? 'key_id'
+        UNION
+        SELECT (a.detail->>'new_key_id')::uuid FROM audit_log a
+         WHERE a.actor = 'user:' || p_user::text AND a.action = 'key.rotate'
+           AND a.detail ? 'new_key_id'
+    ), named(id) AS (
+        SELECT id FROM held
+        UNION
+        SELECT k.replaced_by FROM api_keys k JOIN named n ON k.id = n.id
+         WHERE k.replaced_by IS NOT NULL
+    )
+    SELECT n.id, n.id IN (SELECT id FROM held) FROM named n WHERE n.id IS NOT NULL
+$$;
+
+-- The credentials a person wrote last (a later write by someone else makes it theirs).
+CREATE FUNCTION dsar_credentials(p_user uuid)
+RETURNS TABLE (id uuid)
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    SELECT w.id FROM (
+        SELECT DISTINCT ON (a.detail->>'credential_id')
+               (a.detail->>'credential_id')::uuid AS id, a.actor
+          FROM audit_log a
+         WHERE a.action = 'credential.write' AND a.detail ? 'credential_id'
+         ORDER BY a.detail->>'credential_id', a.id DESC
+    ) w
+    WHERE w.actor = 'user:' || p_user::text
+$$;
+
 -- The audit references that stand for one person: their console user and the subjects named
 -- by `p_handles` (`slack:<user id>`, `os:<user name>`).
 CREATE FUNCTION dsar_refs(p_user uuid, p_handles text[])
 RETURNS TABLE (ref text, subject uuid)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
     SELECT 'user:' || p_user::text, NULL::uuid
     UNION ALL
     SELECT 'subject:' || d.id::text, d.id
@@ -100,18 +197,12 @@ $$;
 -- NULL when there is no such user.
 CREATE FUNCTION dsar_export(p_user uuid, p_handles text[])
 RETURNS jsonb
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
 WITH u AS (SELECT * FROM users WHERE id = p_user),
      refs AS (SELECT * FROM dsar_refs(p_user, p_handles)),
      slack_ids AS (SELECT substr(h, 7) AS id FROM unnest(p_handles) h WHERE h LIKE 'slack:%'),
-     keys AS (
-        SELECT DISTINCT (a.detail->>'key_id')::uuid AS id FROM audit_log a
-         WHERE a.actor = 'user:' || p_user::text AND a.action = 'key.create'
-           AND a.detail ? 'key_id'),
-     creds AS (
-        SELECT DISTINCT (a.detail->>'credential_id')::uuid AS id FROM audit_log a
-         WHERE a.actor = 'user:' || p_user::text AND a.action = 'credential.write'
-           AND a.detail ? 'credential_id')
+     keys AS (SELECT * FROM dsar_keys(p_user)),
+     creds AS (SELECT * FROM dsar_credentials(p_user))
 SELECT jsonb_build_object(
     'format', 'apitree.dsar.export/1',
     'generated_at', now(),
@@ -129,9 +220,11 @@ SELECT jsonb_build_object(
                     'daily_quota', k.daily_quota, 'created_at', k.created_at,
                     'expires_at', k.expires_at, 'grace_until', k.grace_until,
                     'revoked_at', k.revoked_at, 'replaced_by', k.replaced_by,
-                    'last_used_at', k.last_used_at) ORDER BY k.created_at), '[]')
+                    'last_used_at', k.last_used_at,
+                    'revoked_on_erasure', (SELECT held FROM keys WHERE keys.id = k.id))
+                    ORDER BY k.created_at), '[]')
                    FROM api_keys k WHERE k.id IN (SELECT id FROM keys)),
-    'byok_credentials', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+    'credentials', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                     'id', c.id, 'name', c.name, 'kind', c.kind, 'api', a.name, 'header', c.header,
                     'sent_to', c.bound_upstream, 'key_version', c.key_version,
                     'created_at', c.created_at, 'updated_at', c.updated_at,
@@ -143,7 +236,7 @@ SELECT jsonb_build_object(
                     'window_start', uc.window_start, 'requests', uc.requests,
                     'errors', uc.errors, 'bytes_out', uc.bytes_out)
                     ORDER BY uc.window_start, uc.api_key_id), '[]')
-                FROM usage_counters uc WHERE uc.api_key_id IN (SELECT id FROM keys)),
+                FROM usage_counters uc WHERE uc.api_key_id IN (SELECT id FROM keys WHERE held)),
     'audit', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                     'id', a.id, 'at', a.at, 'actor', a.actor, 'action', a.action,
                     'target', a.target, 'org_id', a.org_id, 'detail', a.detail) ORDER BY a.id), '[]')
@@ -174,19 +267,23 @@ SELECT jsonb_build_object(
 WHERE EXISTS (SELECT FROM u)
 $$;
 
--- Erases one person: keys they created revoked, BYOK credentials they wrote removed, profile
--- overwritten, their Slack/OS identities forgotten, their Slack id scrubbed from incidents and
--- queued messages. The audit log is not touched (it holds references only); one `dsar.erase`
--- row is appended. Refused (SQLSTATE AT403) for a super_admin or an org's last admin; AT404
--- when there is no such user, AT409 when already erased.
+-- Erases one person: the keys they hold revoked (and every key named after them unnamed), the
+-- BYOK credentials they wrote last removed, profile overwritten, the identities in `p_handles`
+-- forgotten, their Slack ids scrubbed from incidents and messages. The audit log is not
+-- touched (it holds references only); one `dsar.erase` row is appended, naming the identities.
+-- Refused (SQLSTATE AT403) for a super_admin or an org's last admin; AT404 when there is no
+-- such user, AT409 when already erased, AT400 for a missing reason or a malformed identity.
 CREATE FUNCTION dsar_erase(p_user uuid, p_handles text[], p_actor text, p_reason text)
 RETURNS jsonb
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 DECLARE
     u         users%ROWTYPE;
     ref       text := 'user:' || p_user::text;
+    reason    text := regexp_replace(coalesce(p_reason, ''), '^[[:space:]]+|[[:space:]]+$', '', 'g');
     n_keys    bigint;
+    n_named   bigint;
     n_creds   bigint;
+    n_system  bigint;
     n_ids     bigint;
     n_inc     bigint := 0;
     n_out     bigint := 0;
@@ -194,9 +291,13 @@ DECLARE
     sid       text;
     report    jsonb;
 BEGIN
-    IF p_reason IS NULL OR length(btrim(p_reason)) NOT BETWEEN 1 AND 1000 THEN
-        RAISE EXCEPTION 'an erasure needs a reason (1 to 1000 characters)' USING ERRCODE = 'AT400';
+    IF length(reason) NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'an erasure needs a reason (1 to 1000 characters, not only spaces)'
+            USING ERRCODE = 'AT400';
     END IF;
+    PERFORM dsar_check_handles(p_handles);
+    -- Locked until commit: a console request of this person waits (its principal lookup takes
+    -- a share lock), then finds them disabled; none slips a new key past the erasure.
     SELECT * INTO u FROM users WHERE id = p_user FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'there is no user %', p_user USING ERRCODE = 'AT404';
@@ -205,8 +306,8 @@ BEGIN
         RAISE EXCEPTION 'user % was erased at %', p_user, u.erased_at USING ERRCODE = 'AT409';
     END IF;
     IF u.role = 'super_admin' THEN
-        RAISE EXCEPTION 'user % is a super_admin: change their role first (apitree users role), then erase'
-            , p_user USING ERRCODE = 'AT403';
+        RAISE EXCEPTION 'user % is a super_admin: another super_admin changes their role first (console: PUT /api/v1/users/%/role), then erase them'
+            , p_user, p_user USING ERRCODE = 'AT403';
     END IF;
     IF u.role = 'admin' AND u.org_id IS NOT NULL THEN
         -- Every admin row of the org, locked: two erasures of its last two admins serialize.
@@ -221,18 +322,22 @@ BEGIN
 
     WITH k AS (
         UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()), name = ''
-         WHERE id IN (SELECT (a.detail->>'key_id')::uuid FROM audit_log a
-                       WHERE a.actor = ref AND a.action = 'key.create' AND a.detail ? 'key_id')
+         WHERE id IN (SELECT id FROM dsar_keys(p_user) WHERE held)
         RETURNING 1)
     SELECT count(*) INTO n_keys FROM k;
+    WITH k AS (
+        UPDATE api_keys SET name = ''
+         WHERE id IN (SELECT id FROM dsar_keys(p_user) WHERE NOT held) AND name <> ''
+        RETURNING 1)
+    SELECT count(*) INTO n_named FROM k;
     WITH c AS (
         DELETE FROM upstream_credentials
-         WHERE kind = 'byok'
-           AND id IN (SELECT (a.detail->>'credential_id')::uuid FROM audit_log a
-                       WHERE a.actor = ref AND a.action = 'credential.write'
-                         AND a.detail ? 'credential_id')
+         WHERE kind = 'byok' AND id IN (SELECT id FROM dsar_credentials(p_user))
         RETURNING 1)
     SELECT count(*) INTO n_creds FROM c;
+    -- A seller's system credential is the org's API configuration: kept (and counted).
+    SELECT count(*) INTO n_system FROM upstream_credentials
+     WHERE kind = 'system' AND id IN (SELECT id FROM dsar_credentials(p_user));
     UPDATE users
        SET email = 'erased-' || p_user::text || '@erased.invalid', password_hash = NULL,
            invite_hash = NULL, invite_expires_at = NULL,
@@ -242,13 +347,22 @@ BEGIN
     SELECT count(*) INTO n_legacy FROM audit_log a, unnest(p_handles) h
      WHERE (h LIKE 'slack:%' AND a.actor LIKE 'slack:%(' || substr(h, 7) || ')')
         OR (h LIKE 'os:%' AND (a.actor = h OR a.actor LIKE h || ' (%'));
+    -- A Slack id is scrubbed where it stands alone: a mention `<@U…>` or a whole JSON string.
     FOR sid IN SELECT substr(h, 7) FROM unnest(p_handles) h WHERE h LIKE 'slack:%' LOOP
         WITH i AS (
-            UPDATE incidents SET acknowledged_by = 'erased' WHERE acknowledged_by = sid RETURNING 1)
+            UPDATE incidents
+               SET acknowledged_by = CASE WHEN acknowledged_by = sid THEN 'erased' ELSE acknowledged_by END,
+                   last_notice = replace(last_notice::text, '"' || sid || '"', '"erased"')::jsonb
+             WHERE acknowledged_by = sid OR position('"' || sid || '"' IN last_notice::text) > 0
+            RETURNING 1)
         SELECT n_inc + count(*) INTO n_inc FROM i;
         WITH o AS (
-            UPDATE notification_outbox SET payload = replace(payload::text, sid, 'erased')::jsonb
-             WHERE position(sid IN payload::text) > 0 RETURNING 1)
+            UPDATE notification_outbox
+               SET payload = replace(replace(payload::text, '<@' || sid || '>', '<@erased>'),
+                                     '"' || sid || '"', '"erased"')::jsonb
+             WHERE position('<@' || sid || '>' IN payload::text) > 0
+                OR position('"' || sid || '"' IN payload::text) > 0
+            RETURNING 1)
         SELECT n_out + count(*) INTO n_out FROM o;
     END LOOP;
     WITH d AS (
@@ -257,14 +371,20 @@ BEGIN
     SELECT count(*) INTO n_ids FROM d;
 
     report := jsonb_build_object(
-        'keys_revoked', n_keys, 'credentials_removed', n_creds, 'identities_erased', n_ids,
+        'keys_revoked', n_keys, 'keys_unnamed', n_named, 'credentials_removed', n_creds,
+        'system_credentials_kept', n_system, 'identities_erased', n_ids,
         'incidents_scrubbed', n_inc, 'messages_scrubbed', n_out,
         'legacy_audit_rows_kept', n_legacy);
+    -- The identities are named by reference (their subjects), never by their handle.
     INSERT INTO audit_log (id, actor, action, target, org_id, detail, prev_hash, hash)
     VALUES (0, p_actor, 'dsar.erase', ref, u.org_id,
-            jsonb_build_object('user_id', p_user, 'reason', btrim(p_reason)) || report, '', '');
+            jsonb_build_object('user_id', p_user, 'reason', reason,
+                               'identities', (SELECT coalesce(jsonb_agg(r.ref), '[]')
+                                                FROM dsar_refs(p_user, p_handles) r
+                                               WHERE r.subject IS NOT NULL)) || report,
+            '', '');
     INSERT INTO dsar_requests (subject, kind, state, actor, reason, outcome)
-    VALUES (ref, 'erase', 'erased', p_actor, btrim(p_reason), report);
+    VALUES (ref, 'erase', 'erased', p_actor, reason, report);
     RETURN report;
 END
 $$;
@@ -277,3 +397,31 @@ GRANT EXECUTE ON FUNCTION dsar_erase(uuid, text[], text, text) TO apitree_consol
 GRANT SELECT, INSERT ON dsar_requests TO apitree_console;
 -- The audit page shows who a reference stands for (staff only read the audit log).
 GRANT SELECT ON data_subjects TO apitree_console;
+
+-- A principal lookup that holds a share lock on the user's row until the request's
+-- transaction ends, so an erasure (which locks the row for update) and the person's own
+-- requests serialize.
+CREATE FUNCTION console_principal_locked(p_id uuid)
+RETURNS TABLE (email text, org_id uuid, role user_role, disabled boolean)
+LANGUAGE sql VOLATILE SECURITY DEFINER AS $$
+    SELECT u.email, u.org_id, u.role, u.disabled_at IS NOT NULL FROM users u WHERE u.id = p_id
+       FOR SHARE
+$$;
+REVOKE ALL ON FUNCTION console_principal_locked(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION console_principal_locked(uuid) TO apitree_console;
+
+-- Every SECURITY DEFINER function of the schema searches the schema first and pg_temp last:
+-- otherwise a session's temporary tables (searched first by default) could stand in for the
+-- real ones while the function runs as the owner.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+         WHERE p.prosecdef AND p.pronamespace = current_schema()::regnamespace
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
+    END LOOP;
+END
+$$;

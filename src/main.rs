@@ -938,7 +938,18 @@ async fn dsar(cmd: apitree::cli::DsarCommand) -> Result<()> {
             let mut tx = pool.begin().await?;
             let (id, also) = dsar_subject(&mut tx, &who).await?;
             let actor = actor.resolve();
-            let report = db::dsar::erase(&mut tx, id, &also, &actor, &reason).await?;
+            let report = match db::dsar::erase(&mut tx, id, &also, &actor, &reason).await {
+                Ok(report) => report,
+                Err(db::dsar::DsarError::Refused(why)) if yes => {
+                    // The request and its refusal stay in the queue.
+                    tx.rollback().await?;
+                    let mut tx = pool.begin().await?;
+                    db::dsar::record_refusal(&mut tx, id, &actor, &reason, &why).await?;
+                    tx.commit().await?;
+                    return Err(anyhow!("erasure refused: {why}"));
+                }
+                Err(e) => return Err(e.into()),
+            };
             if !yes {
                 // The same statements, rolled back: what --yes would do, exactly.
                 tx.rollback().await?;

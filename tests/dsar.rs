@@ -182,8 +182,8 @@ async fn plant(pool: &PgPool, n: u32) -> Person {
     let incident = Uuid::new_v4();
     exec(
         pool,
-        "INSERT INTO incidents (id, gateway, route, signal, severity, max_severity, acknowledged_by, acknowledged_at)
-         VALUES ($1::uuid, 'shop', $2, 'error_ratio', 'high', 'high', $3, now())",
+        "INSERT INTO incidents (id, gateway, route, signal, severity, max_severity, acknowledged_by, acknowledged_at, last_notice)
+         VALUES ($1::uuid, 'shop', $2, 'error_ratio', 'high', 'high', $3, now(), jsonb_build_object('acknowledged_by', $3))",
         &[&incident.to_string(), &tag, &slack_id],
     )
     .await;
@@ -213,6 +213,7 @@ async fn plant(pool: &PgPool, n: u32) -> Person {
         (("api_keys", "name"), key_name),
         (("upstream_credentials", "name"), cred_name),
         (("incidents", "acknowledged_by"), slack_id.clone()),
+        (("incidents", "last_notice"), slack_id.clone()),
         (("notification_outbox", "payload"), slack_id.clone()),
         (("data_subjects", "label"), slack_name),
         (("data_subjects", "external_id"), os_user.clone()),
@@ -320,7 +321,7 @@ async fn an_export_holds_everything_and_an_erasure_forgets_it_with_the_chain_int
     }
     for (section, n) in [
         ("api_keys", 1),
-        ("byok_credentials", 1),
+        ("credentials", 1),
         ("usage", 1),
         ("credit_ledger", 1),
         ("incidents_acknowledged", 1),
@@ -444,7 +445,10 @@ async fn erasure_refuses_a_super_admin_an_orgs_last_admin_and_a_request_without_
     let root = user(&pool, None, "super_admin").await;
     let err = erase(&pool, root, "left").await.unwrap_err();
     assert!(matches!(err, DsarError::Refused(_)), "{err:?}");
-    assert!(err.to_string().contains("change their role first"), "{err}");
+    assert!(
+        err.to_string().contains("changes their role first"),
+        "{err}"
+    );
 
     let a = user(&pool, Some(org), "admin").await;
     let err = erase(&pool, a, "left").await.unwrap_err();
@@ -596,4 +600,383 @@ async fn the_cli_exports_dry_runs_and_erases_by_email() {
     assert!(!ok);
     assert!(stderr.contains("slack:<Slack user id>"), "{stderr}");
     assert!(audit_verifies(&db.url).await.contains("intact"));
+}
+
+/// Review findings, each a class: what a person holds through rotation, what someone else
+/// wrote last, and the identity records of others.
+#[tokio::test]
+async fn erasure_follows_rotations_and_last_writers_and_scrubs_only_whole_ids() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    let alice = user(&pool, Some(org), "buyer").await;
+    let dave = user(&pool, Some(org), "buyer").await;
+    let key = |name: &'static str, replaced_by: Option<Uuid>| {
+        let pool = pool.clone();
+        async move {
+            let id = Uuid::new_v4();
+            sqlx::query(
+                "INSERT INTO api_keys (id, org_id, name, prefix, key_hash, scope, replaced_by)
+                 VALUES ($1, $2, $3, 'at_live_' || $4, sha256($4::bytea), 'live', $5)",
+            )
+            .bind(id)
+            .bind(org)
+            .bind(name)
+            .bind(&id.simple().to_string()[..12])
+            .bind(replaced_by)
+            .execute(&pool)
+            .await
+            .unwrap();
+            id
+        }
+    };
+    let audit_as = |who: Uuid, action: &'static str, detail: serde_json::Value| {
+        let pool = pool.clone();
+        async move {
+            audit::append(
+                &pool,
+                &format!("user:{who}"),
+                action,
+                "x",
+                Some(org),
+                &detail,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // Alice creates A and rotates it herself into B (she holds B's secret); dave rotates B
+    // into C (he holds C's, which still carries her key's name).
+    let c = key("alice laptop", None).await;
+    let b = key("alice laptop", Some(c)).await;
+    let a = key("alice laptop", Some(b)).await;
+    audit_as(alice, "key.create", serde_json::json!({"key_id": a})).await;
+    audit_as(
+        alice,
+        "key.rotate",
+        serde_json::json!({"old_key_id": a, "new_key_id": b}),
+    )
+    .await;
+    audit_as(
+        dave,
+        "key.rotate",
+        serde_json::json!({"old_key_id": b, "new_key_id": c}),
+    )
+    .await;
+    // Alice writes a BYOK credential that dave then rewrites (same row): it is dave's now.
+    let seller = apitree::db::keys::create_org(&pool, "seller", "test")
+        .await
+        .unwrap();
+    let api = Uuid::new_v4();
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'maps', '/maps/', 'https://up.example/')")
+        .bind(api)
+        .bind(seller)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let cred = Uuid::new_v4();
+    sqlx::query("INSERT INTO upstream_credentials (id, org_id, api_id, name, kind, ciphertext, nonce, key_version) VALUES ($1, $2, $3, 'dave-cred', 'byok', '\\x00', '\\x000000000000000000000000', 1)")
+        .bind(cred)
+        .bind(org)
+        .bind(api)
+        .execute(&pool)
+        .await
+        .unwrap();
+    audit_as(
+        alice,
+        "credential.write",
+        serde_json::json!({"credential_id": cred}),
+    )
+    .await;
+    audit_as(
+        dave,
+        "credential.write",
+        serde_json::json!({"credential_id": cred}),
+    )
+    .await;
+    // A message whose channel and timestamp merely contain the Slack id's characters.
+    sqlx::query("INSERT INTO notification_outbox (dedupe_key, channel, method, payload) VALUES ('m', 'C0U1AB', 'chat.update', '{\"channel\": \"C0U1AB\", \"ts\": \"17U1.0\", \"text\": \"Acknowledged by <@U1>\"}')")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    let doc = dsar::export(&mut tx, alice, &[], "os:dpo").await.unwrap();
+    tx.commit().await.unwrap();
+    let keys: Vec<(String, bool)> = doc["api_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_str().unwrap().to_string(),
+                k["revoked_on_erasure"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let held = |id: Uuid| keys.iter().find(|k| k.0 == id.to_string()).map(|k| k.1);
+    assert_eq!(
+        (held(a), held(b), held(c)),
+        (Some(true), Some(true), Some(false)),
+        "{doc:#}"
+    );
+    assert_eq!(
+        doc["credentials"],
+        serde_json::json!([]),
+        "dave's credential is not hers"
+    );
+
+    let mut tx = pool.begin().await.unwrap();
+    let report = dsar::erase(
+        &mut tx,
+        alice,
+        &[Handle::parse("slack:U1").unwrap()],
+        "os:dpo",
+        "closed",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(report["keys_revoked"], 2, "{report}");
+    assert_eq!(report["keys_unnamed"], 1, "{report}");
+    assert_eq!(report["credentials_removed"], 0, "{report}");
+    let rows: Vec<(Uuid, String, bool)> =
+        sqlx::query_as("SELECT id, name, revoked_at IS NOT NULL FROM api_keys")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (id, name, revoked) in rows {
+        assert_eq!(name, "", "no key keeps her name");
+        assert_eq!(revoked, id != c, "only the keys she holds are revoked");
+    }
+    let creds: i64 = sqlx::query_scalar("SELECT count(*) FROM upstream_credentials")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(creds, 1, "dave's credential stays");
+    let payload: serde_json::Value = sqlx::query_scalar("SELECT payload FROM notification_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        payload,
+        serde_json::json!({"channel": "C0U1AB", "ts": "17U1.0", "text": "Acknowledged by <@erased>"})
+    );
+}
+
+/// No spelling of a person's name reaches the hash chain, and no name makes an audit row fail
+/// (a lost row is worse than a kept name).
+#[tokio::test]
+async fn no_name_reaches_the_chain_and_no_name_loses_a_row() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let long = "n".repeat(600);
+    // (actor as written, the name that must not be in the chain)
+    let actors: Vec<(String, String)> = [
+        ("slack:alice (U0A)", "alice"),
+        ("slack:alicex (U0AX)", "alicex"),
+        ("Slack:bob (U0B)", "bob"),
+        ("  SLACK :  carol (U0C)", "carol"),
+        ("OS:dan", "dan"),
+        ("os:erin (ticket 7 for Erin Example)", "Erin Example"),
+        ("slack:mallory\" (U0M)", "mallory\""),
+        ("slack:back\\slash (U0BS)", "back\\slash"),
+        ("slack:tab\tname (U0T)", "tab\tname"),
+        ("slack: (U0EMPTY)", "U0EMPTY"),
+        ("slack:o'brien [x]{1}*+? (U0OB)", "o'brien [x]{1}*+?"),
+    ]
+    .into_iter()
+    .map(|(a, n)| (a.to_string(), n.to_string()))
+    .chain([(format!("slack:{long} (U0LONG)"), long.clone())])
+    .collect();
+    for (actor, _) in &actors {
+        audit::append(
+            &pool,
+            actor,
+            "slack.acknowledge",
+            "x",
+            None,
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{actor:?}: {e}"));
+    }
+    // Every Slack name again, in a gate message of the operator's, in several spellings.
+    // (Not the 600-character name: Slack's names are far shorter than the 500 kept.)
+    let slack = |a: &str| {
+        a.trim().to_lowercase().starts_with("slack") && !a.contains("slack: (") && a.len() < 500
+    };
+    let messages = actors.iter().filter(|(a, _)| slack(a)).count() * 3;
+    for (actor, name) in actors.iter().filter(|(a, _)| slack(a)) {
+        for text in [
+            format!("promoted by slack:{name}"),
+            format!("promoted by slack:{name}."),
+            format!("promoted by Slack:{name}, then by slack:{name}"),
+        ] {
+            audit::append(
+                &pool,
+                "apitree-operator",
+                "rollout.promoted",
+                "shop",
+                None,
+                &serde_json::json!({"message": text}),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{actor:?} / {text:?}: {e}"));
+        }
+    }
+    let rows: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT actor, detail FROM audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), actors.len() + messages, "every row written");
+    for (actor, detail) in &rows {
+        assert!(
+            actor.starts_with("subject:") || actor == "apitree-operator",
+            "{actor}"
+        );
+        let message = detail["message"].as_str().unwrap_or("");
+        assert!(!message.to_lowercase().contains("slack:"), "{message:?}");
+    }
+    // Found by their ids: the long name's id survives the label's cut.
+    for id in ["U0A", "U0AX", "U0B", "U0C", "U0LONG", "U0EMPTY"] {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM data_subjects WHERE kind = 'slack' AND external_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "{id}");
+    }
+    // `slack:alicex` is alicex's, not alice's with an x.
+    let alicex: Uuid =
+        sqlx::query_scalar("SELECT id FROM data_subjects WHERE external_id = 'U0AX'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE detail->>'message' = 'promoted by subject:' || $1::text",
+    )
+    .bind(alicex)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(n, 1);
+    assert!(audit_verifies(&db.url).await.contains("intact"));
+}
+
+/// Who acted is a reference in every table that records it, not only the audit log.
+#[tokio::test]
+async fn request_queue_and_ledger_record_people_by_reference() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    let id = user(&pool, Some(org), "buyer").await;
+    let mut tx = pool.begin().await.unwrap();
+    dsar::export(&mut tx, id, &[], "os:root (ticket 7 for Erin Example)")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query(
+        "INSERT INTO credit_ledger (org_id, amount, reason, actor) VALUES ($1, 5, 'x', 'os:root')",
+    )
+    .bind(org)
+    .execute(&pool)
+    .await
+    .unwrap();
+    for table in ["dsar_requests", "credit_ledger"] {
+        let actor: String = sqlx::query_scalar(AssertSqlSafe(format!("SELECT actor FROM {table}")))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(actor.starts_with("subject:"), "{table}: {actor}");
+    }
+    // A reason of only whitespace is no reason.
+    for reason in ["\n\t ", ""] {
+        let mut tx = pool.begin().await.unwrap();
+        let err = dsar::erase(&mut tx, id, &[], "os:dpo", reason)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DsarError::BadInput(_)), "{err:?}");
+    }
+}
+
+/// A request of the person that is under way when their erasure starts finishes first, and
+/// what it created is erased too; one that starts later finds them gone.
+#[tokio::test]
+async fn an_erasure_waits_for_the_persons_request_under_way_and_takes_its_key() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    let id = user(&pool, Some(org), "buyer").await;
+    // The person's console request: principal looked up (share lock), then a key created.
+    let mut request = pool.begin().await.unwrap();
+    let disabled: bool = sqlx::query_scalar("SELECT disabled FROM console_principal_locked($1)")
+        .bind(id)
+        .fetch_one(&mut *request)
+        .await
+        .unwrap();
+    assert!(!disabled);
+    let erasure = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let report = dsar::erase(&mut tx, id, &[], "os:dpo", "closed")
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            report
+        })
+    };
+    // The erasure is waiting for the request's lock.
+    let mut waited = false;
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%dsar_erase%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(waited, "the erasure waits for the request under way");
+    let key = Uuid::new_v4();
+    sqlx::query("INSERT INTO api_keys (id, org_id, name, prefix, key_hash, scope) VALUES ($1, $2, 'late', 'at_live_late1', sha256('late'::bytea), 'live')")
+        .bind(key)
+        .bind(org)
+        .execute(&mut *request)
+        .await
+        .unwrap();
+    audit::append(
+        &mut *request,
+        &format!("user:{id}"),
+        "key.create",
+        "x",
+        Some(org),
+        &serde_json::json!({"key_id": key}),
+    )
+    .await
+    .unwrap();
+    request.commit().await.unwrap();
+    let report = erasure.await.unwrap();
+    assert_eq!(report["keys_revoked"], 1, "{report}");
+    // A request that starts now finds the person disabled.
+    let disabled: bool = sqlx::query_scalar("SELECT disabled FROM console_principal_locked($1)")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(disabled);
 }

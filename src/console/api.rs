@@ -243,11 +243,12 @@ impl Request<'_> {
         let c = self.console;
         let claims = self.verify_session()?;
         let mut tx = begin(c).await?;
-        let row: Option<(String, Option<Uuid>, String, bool)> =
-            sqlx::query_as("SELECT email, org_id, role::text, disabled FROM console_principal($1)")
-                .bind(claims.sub)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<(String, Option<Uuid>, String, bool)> = sqlx::query_as(
+            "SELECT email, org_id, role::text, disabled FROM console_principal_locked($1)",
+        )
+        .bind(claims.sub)
+        .fetch_optional(&mut *tx)
+        .await?;
         let who = match row {
             Some((email, org, role, false)) => Principal {
                 id: claims.sub,
@@ -1632,11 +1633,12 @@ fn identities(r: &Request<'_>, who: &Principal) -> Result<Vec<dsar::Handle>, Api
         .filter(|(k, _)| k == "identity")
         .map(|(_, v)| v.as_str())
         .collect();
-    if !given.is_empty() && !who.role.is_staff() {
+    // Naming an identity reaches whoever holds it (staff included): super_admins only.
+    if !given.is_empty() && who.role != Role::SuperAdmin {
         return Err(ApiError::new(
             403,
             "forbidden",
-            "only admins name other identities (Slack, OS users) of a person",
+            "only a super_admin names other identities (Slack, OS users) of a person",
         ));
     }
     given
@@ -1712,9 +1714,23 @@ async fn erase_user(r: &Request<'_>, id: Uuid) -> Reply {
     let mut a = authorize_personal(r, Action::ErasePersonalData, id).await?;
     let also = identities(r, &a.who)?;
     let actor = a.actor();
-    let report = dsar::erase(&mut a.tx, id, &also, &actor, &body.reason)
-        .await
-        .map_err(dsar_error)?;
+    let report = match dsar::erase(&mut a.tx, id, &also, &actor, &body.reason).await {
+        Ok(report) => report,
+        Err(e) => {
+            let staff = a.who.role.is_staff();
+            drop(a.tx);
+            if let dsar::DsarError::Refused(why) = &e {
+                // The request and its refusal stay in the queue.
+                let mut tx = begin(r.console).await?;
+                open(&mut tx, None, staff).await?;
+                dsar::record_refusal(&mut tx, id, &actor, &body.reason, why)
+                    .await
+                    .map_err(dsar_error)?;
+                tx.commit().await?;
+            }
+            return Err(dsar_error(e));
+        }
+    };
     a.tx.commit().await?;
     Ok((200, json!({"id": id, "erased": true, "report": report})))
 }

@@ -54,7 +54,7 @@ impl Handle {
 /// Why a request about a person's data was not carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum DsarError {
-    #[error("there is no user {0}")]
+    #[error("{0}")]
     NoUser(String),
     #[error("{0}")]
     AlreadyErased(String),
@@ -123,7 +123,7 @@ pub async fn export(
         .await
         .map_err(DsarError::from_sql("export a person's data"))?;
     let Some(doc) = doc else {
-        return Err(DsarError::NoUser(user.to_string()));
+        return Err(DsarError::NoUser(format!("there is no user {user}")));
     };
     let counts: serde_json::Map<String, Value> = doc
         .as_object()
@@ -168,6 +168,42 @@ pub async fn erase(
         .fetch_one(&mut *db)
         .await
         .map_err(DsarError::from_sql("erase a person's data"))
+}
+
+/// Queues an erasure request that was refused (`why`), with an audit row, in a transaction of
+/// its own (the refused one was rolled back). Commit `db` after.
+pub async fn record_refusal(
+    db: &mut PgConnection,
+    user: Uuid,
+    actor: &str,
+    reason: &str,
+    why: &str,
+) -> Result<(), DsarError> {
+    let subject = format!("user:{user}");
+    let reason = reason.trim();
+    let reason = (!reason.is_empty()).then(|| reason.chars().take(1000).collect::<String>());
+    let outcome = serde_json::json!({"refused": why});
+    audit::append(
+        &mut *db,
+        actor,
+        "dsar.erase_refused",
+        &subject,
+        None,
+        &serde_json::json!({"user_id": user, "reason": reason, "refused": why}),
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO dsar_requests (subject, kind, state, actor, reason, outcome)
+         VALUES ($1, 'erase', 'refused', $2, $3, $4)",
+    )
+    .bind(&subject)
+    .bind(actor)
+    .bind(reason)
+    .bind(outcome)
+    .execute(&mut *db)
+    .await
+    .map_err(DsarError::from_sql("record the refusal"))?;
+    Ok(())
 }
 
 /// How a column relates to the people apitree knows.
@@ -293,7 +329,7 @@ pub const COLUMNS: &[(&str, &[(&str, Personal)])] = {
                 ("slack_channel", No),
                 ("slack_ts", No),
                 ("notice_seq", No),
-                ("last_notice", No),
+                ("last_notice", Erased),
             ],
         ),
         (
