@@ -455,6 +455,10 @@ pub struct ProxyArgs {
     /// Do not write the JSON access log to stdout.
     #[arg(long, env = "APITREE_NO_ACCESS_LOG")]
     pub no_access_log: bool,
+    /// In database mode, do not record usage (per key, API and day) in usage_counters: the
+    /// console's usage and quota figures then stay empty.
+    #[arg(long, env = "APITREE_NO_USAGE_METERING")]
+    pub no_usage_metering: bool,
 }
 
 /// Where commands find the key pepper and master keys.

@@ -342,6 +342,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<()> {
         listen: args.listen,
         admin: args.admin,
         access_log: !args.no_access_log,
+        usage_metering: !args.no_usage_metering,
     };
     proxy::serve(opts, shutdown_signal()).await?;
     Ok(())
@@ -494,11 +495,12 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
                 OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&rows)?)?,
                 OutputFormat::Text => {
                     outln!(
-                        "{:<36}  {:<16}  {:<5}  {:<10}  STATE",
+                        "{:<36}  {:<16}  {:<5}  {:<10}  {:<15}  STATE",
                         "ID",
                         "PREFIX",
                         "SCOPE",
-                        "TIER"
+                        "TIER",
+                        "TODAY"
                     )?;
                     let now = chrono::Utc::now();
                     for r in rows {
@@ -512,8 +514,13 @@ async fn keys(cmd: KeysCommand) -> Result<()> {
                             (_, _, Some(e)) if e <= now => "expired".into(),
                             _ => "active".into(),
                         };
+                        // Calls today (UTC), out of the daily quota when the key has one.
+                        let today = match r.daily_quota {
+                            Some(q) => format!("{}/{q}", r.today),
+                            None => r.today.to_string(),
+                        };
                         outln!(
-                            "{:<36}  {:<16}  {:<5}  {:<10}  {state}",
+                            "{:<36}  {:<16}  {:<5}  {:<10}  {today:<15}  {state}",
                             r.id,
                             r.prefix,
                             r.scope,

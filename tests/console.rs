@@ -2422,3 +2422,47 @@ async fn customer_operations_exports_and_erases_in_two_steps_in_a_browser() {
         .await;
     assert_eq!(s, 401, "an erased buyer cannot sign in");
 }
+
+/// A buyer sees each key's calls today and what is left of its daily quota (from the usage the
+/// gateways report).
+#[tokio::test]
+async fn keys_show_todays_calls_and_the_quota_left() {
+    let env = Env::new().await;
+    let buyer = env.sign_in("buyer@a.test").await;
+    let org = env.org_a;
+    let (s, k) = env
+        .call(
+            &buyer,
+            "POST",
+            &format!("orgs/{org}/keys"),
+            Some(json!({"scope": "live", "name": "q", "daily_quota": 100})),
+        )
+        .await;
+    assert_eq!(s, 201, "{k}");
+    let id: Uuid = k["id"].as_str().unwrap().parse().unwrap();
+    sqlx::query(
+        "INSERT INTO usage_counters (org_id, api_key_id, window_start, requests) VALUES
+           ($1, $2, date_trunc('day', now(), 'UTC'), 30),
+           ($1, $2, date_trunc('day', now(), 'UTC') - interval '1 day', 99)",
+    )
+    .bind(org)
+    .bind(id)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let (s, v) = env
+        .call(&buyer, "GET", &format!("orgs/{org}/keys"), None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let key = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == id.to_string())
+        .unwrap();
+    assert_eq!(
+        (key["today"].clone(), key["quota_left"].clone()),
+        (json!(30), json!(70)),
+        "{key}"
+    );
+}

@@ -1010,3 +1010,151 @@ async fn a_sellers_unservable_or_intruding_api_is_skipped_and_reloads_go_on() {
     })
     .await;
 }
+
+/// Usage is metered per key, API and UTC day, off the request path: two replicas on one
+/// database add up exactly; refused calls (no key, over a limit) are not usage; a batch whose
+/// commit is unconfirmed is sent again and counts once; what is pending is sent at shutdown.
+#[tokio::test]
+async fn usage_is_metered_per_key_and_api_and_replicas_add_up_exactly() {
+    let tdb = TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let up = start_upstream().await;
+    let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
+    register_api(&pool, up.addr.unwrap(), org).await;
+    let (k1, k2) = (live_key(&pool, org).await, live_key(&pool, org).await);
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
+    std::fs::write(dir.path().join("master"), format!("1:{MASTER_KEY_B64}\n")).unwrap();
+    let cfg = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &cfg,
+        "secrets: { pepperFile: pepper, masterKeyFile: master }\ntiers:\n  - { name: std, perKey: { burst10s: 1000, perMinute: 10000, perDay: 100000 }, perOrg: { burst10s: 1000, perMinute: 10000, perDay: 100000 } }\ndefaultTier: std\nroutes: []\n",
+    )
+    .unwrap();
+    let opts = |listen: &str| apitree::proxy::ProxyOptions {
+        database_url: Some(tdb.url.clone()),
+        upstream_allow: vec!["127.0.0.0/8".parse().unwrap()],
+        listen: Some(listen.to_string()),
+        admin: Some("127.0.0.1:0".to_string()),
+        ..proxy_options(cfg.clone())
+    };
+    // Replica A: served by `serve`, which sends what is pending when it stops.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let a = tokio::spawn(apitree::proxy::serve(
+        opts(&format!("127.0.0.1:{port}")),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // Replica B: its meter flushed by hand.
+    let b = apitree::proxy::prepare(&opts("127.0.0.1:0")).await.unwrap();
+    let b_addr = b.listener.local_addr().unwrap();
+    let b_gw = b.gateway.clone();
+    let b_pool = b.usage_pool.clone().unwrap();
+    tokio::spawn(apitree::proxy::server::run(
+        b.gateway,
+        b.listener,
+        b.admin,
+        std::future::pending(),
+        b.settings,
+    ));
+    let call = |addr: String, key: Option<String>, path: &'static str| async move {
+        let mut req = client().get(format!("http://{addr}/weather/{path}"));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    let a_addr = format!("127.0.0.1:{port}");
+    eventually("replica A serves", || {
+        let a_addr = a_addr.clone();
+        async move { call(a_addr, None, "x").await == 401 }
+    })
+    .await;
+    for _ in 0..7 {
+        assert_eq!(call(a_addr.clone(), Some(k1.clone()), "today").await, 200);
+        assert_eq!(
+            call(b_addr.to_string(), Some(k1.clone()), "today").await,
+            200
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            call(b_addr.to_string(), Some(k2.clone()), "fail").await,
+            500
+        );
+        // Not usage: no key, and a key nobody has.
+        assert_eq!(call(b_addr.to_string(), None, "today").await, 401);
+    }
+    let meter = b_gw.usage.clone().expect("database mode meters usage");
+    apitree::proxy::flush_usage(&b_gw, &meter, &b_pool).await;
+    assert_eq!(meter.pending().await, 0);
+    let _ = stop.send(());
+    a.await.unwrap().unwrap();
+    let rows: Vec<(String, Option<String>, chrono::NaiveDate, i64, i64)> = sqlx::query_as(
+        "SELECT k.prefix, a.name, (u.window_start AT TIME ZONE 'UTC')::date, u.requests, u.errors
+           FROM usage_counters u JOIN api_keys k ON k.id = u.api_key_id
+           LEFT JOIN apis a ON a.id = u.api_id ORDER BY u.requests DESC",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let today = chrono::Utc::now().date_naive();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for ((prefix, api, day, requests, errors), (key, want)) in
+        rows.iter().zip([(&k1, (14, 0)), (&k2, (3, 3))])
+    {
+        assert!(key.starts_with(prefix.as_str()), "{rows:?}");
+        assert_eq!((api.as_deref(), *day), (Some("weather"), today));
+        assert_eq!((*requests, *errors), want, "{rows:?}");
+    }
+    // `apitree keys list` shows today's calls.
+    let listed = dbkeys::list_keys(&pool, Some(org)).await.unwrap();
+    let mut today: Vec<i64> = listed.iter().map(|k| k.today).collect();
+    today.sort();
+    assert_eq!(today, [3, 14]);
+    // The same batch again (its commit unconfirmed) counts once.
+    let replica = Uuid::new_v4();
+    let flush = || {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT usage_flush($1, 1, ARRAY[(SELECT id FROM api_keys ORDER BY created_at LIMIT 1)], ARRAY['weather'], ARRAY[(extract(epoch from now())::bigint / 86400)], ARRAY[5::bigint], ARRAY[0::bigint], ARRAY[0::bigint])",
+        )
+        .bind(replica)
+        .fetch_one(&pool)
+    };
+    assert!(flush().await.unwrap());
+    assert!(!flush().await.unwrap(), "applied once");
+    let total: i64 = sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_counters")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 14 + 3 + 5);
+    // A database that is away: the batch is kept, then sent once it is back, counted once.
+    let id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys ORDER BY created_at LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let meter = apitree::proxy::usage::UsageMeter::new();
+    let now_ms = chrono::Utc::now().timestamp_millis() as u64;
+    meter.record(&id.to_string(), "weather", now_ms, false, 10);
+    let away = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+        .unwrap();
+    assert!(meter.flush(&away).await.is_err());
+    assert_eq!(meter.pending().await, 1, "kept");
+    meter.record(&id.to_string(), "weather", now_ms, false, 10);
+    assert_eq!(meter.flush(&pool).await.unwrap(), 2);
+    assert_eq!(meter.pending().await, 0);
+    let total: i64 = sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_counters")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 14 + 3 + 5 + 2);
+}

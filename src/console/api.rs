@@ -571,14 +571,23 @@ struct KeyRow {
     grace_until: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
     last_used_at: Option<DateTime<Utc>>,
+    /// Calls admitted today (UTC), as the gateways last reported (every 10 s).
+    today: i64,
+    /// What is left of `daily_quota` today (None without a quota).
+    quota_left: Option<i64>,
 }
 
 async fn list_keys(r: &Request<'_>, org: Uuid) -> Reply {
     let mut a = r.authorize(Action::ListKeys, Some(org)).await?;
     let rows: Vec<KeyRow> = sqlx::query_as(
-        "SELECT id, name, prefix, scope::text AS scope, tier, daily_quota, created_at, expires_at,
-                grace_until, revoked_at, last_used_at
-           FROM api_keys WHERE org_id = $1 ORDER BY created_at, prefix",
+        "SELECT k.id, k.name, k.prefix, k.scope::text AS scope, k.tier, k.daily_quota, k.created_at,
+                k.expires_at, k.grace_until, k.revoked_at, k.last_used_at, t.today,
+                greatest(k.daily_quota - t.today, 0) AS quota_left
+           FROM api_keys k
+           CROSS JOIN LATERAL (
+                SELECT coalesce(sum(u.requests), 0)::bigint AS today FROM usage_counters u
+                 WHERE u.api_key_id = k.id AND u.window_start >= date_trunc('day', now(), 'UTC')) t
+          WHERE k.org_id = $1 ORDER BY k.created_at, k.prefix",
     )
     .bind(org)
     .fetch_all(&mut *a.tx)

@@ -418,6 +418,7 @@ pub const COLUMNS: &[(&str, &[(&str, Personal)])] = {
             ],
         ),
         ("audit_cursors", &[("gateway", No), ("after", No)]),
+        ("usage_flushes", &[("replica", No), ("seq", No), ("at", No)]),
         (
             "apitree_migration_fingerprints",
             &[("version", No), ("fingerprint", No), ("recorded_at", No)],

@@ -258,12 +258,17 @@ pub struct KeyListing {
     pub expires_at: Option<DateTime<Utc>>,
     pub grace_until: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Calls admitted today (UTC), as the gateways last reported (every 10 s).
+    pub today: i64,
 }
 
 pub async fn list_keys(pool: &PgPool, org: Option<Uuid>) -> Result<Vec<KeyListing>, DbError> {
     sqlx::query_as(
-        "SELECT id, org_id, prefix, scope::text AS scope, tier, daily_quota, created_at, expires_at, grace_until, revoked_at
-         FROM api_keys WHERE $1::uuid IS NULL OR org_id = $1 ORDER BY created_at, prefix",
+        "SELECT k.id, k.org_id, k.prefix, k.scope::text AS scope, k.tier, k.daily_quota, k.created_at,
+                k.expires_at, k.grace_until, k.revoked_at,
+                (SELECT coalesce(sum(u.requests), 0)::bigint FROM usage_counters u
+                  WHERE u.api_key_id = k.id AND u.window_start >= date_trunc('day', now(), 'UTC')) AS today
+           FROM api_keys k WHERE $1::uuid IS NULL OR k.org_id = $1 ORDER BY k.created_at, k.prefix",
     )
     .bind(org)
     .fetch_all(pool)

@@ -26,6 +26,8 @@ pub struct ProxyMetrics {
     pub limiter_store_calls: IntCounter,
     pub in_flight: ShardedGauge,
     pub config_reloads: IntCounterVec,
+    /// Usage batches sent to the database, by result (ok, failed: kept and sent again).
+    pub usage_flushes: IntCounterVec,
     /// Database rows the serving configuration skips, by kind (set at each scrape).
     pub database_rows_skipped: IntGaugeVec,
     pub access_log_dropped: IntCounter,
@@ -138,6 +140,12 @@ impl ProxyMetrics {
                 &r,
                 "apitree_proxy_config_reloads_total",
                 "Configuration loads by result (ok, error).",
+                &["result"],
+            ),
+            usage_flushes: counter_vec(
+                &r,
+                "apitree_proxy_usage_flushes_total",
+                "Usage batches sent to the database (database mode), by result (ok, failed: kept and sent again).",
                 &["result"],
             ),
             routes,

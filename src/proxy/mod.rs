@@ -27,6 +27,7 @@ pub mod state;
 pub mod timer;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 pub mod vault;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
@@ -53,6 +54,8 @@ pub struct ProxyOptions {
     pub listen: Option<String>,
     pub admin: Option<String>,
     pub access_log: bool,
+    /// In database mode, record usage in `usage_counters` (see [`usage`]).
+    pub usage_metering: bool,
 }
 
 /// Why the proxy could not start. Nothing starts half-configured.
@@ -79,6 +82,8 @@ pub enum ProxyError {
 /// A gateway ready to serve, with its listeners bound.
 pub struct Prepared {
     pub gateway: Arc<Gateway>,
+    /// The database usage is written to (database mode).
+    pub usage_pool: Option<sqlx::PgPool>,
     pub listener: TcpListener,
     pub admin: TcpListener,
     /// `tls.redirect`'s plain-HTTP listener and its redirect counter.
@@ -137,23 +142,27 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     } else {
         accesslog::AccessLog::disabled(metrics.access_log_dropped.clone())
     };
-    let gateway = Arc::new(
-        Gateway::new(
-            SharedState::new(state),
-            pepper,
-            limiter,
-            metrics,
-            access_log,
-            server::system_clock(),
-        )
-        .with_body_read_timeout(cfg.body_read_timeout.as_std()),
-    );
+    let mut gateway = Gateway::new(
+        SharedState::new(state),
+        pepper,
+        limiter,
+        metrics,
+        access_log,
+        server::system_clock(),
+    )
+    .with_body_read_timeout(cfg.body_read_timeout.as_std());
+    if database.is_some() && opts.usage_metering {
+        gateway = gateway.with_usage(Arc::new(usage::UsageMeter::new()));
+    }
+    let gateway = Arc::new(gateway);
     let bind = |addr: String| async move {
         TcpListener::bind(&addr)
             .await
             .map_err(|source| ProxyError::Bind { addr, source })
     };
+    let mut usage_pool = None;
     if let Some((pool, source, egress)) = database {
+        usage_pool = Some(pool.clone());
         *gateway.database.lock().unwrap_or_else(|p| p.into_inner()) = server::DependencyStatus::Ok;
         tokio::spawn(dbmode::watch(
             gateway.clone(),
@@ -188,6 +197,7 @@ pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
     };
     Ok(Prepared {
         gateway,
+        usage_pool,
         listener,
         admin,
         redirect,
@@ -347,6 +357,22 @@ pub async fn serve(
 ) -> Result<(), ProxyError> {
     let prepared = prepare(&opts).await?;
     let gw = prepared.gateway.clone();
+    let usage_pool = prepared.usage_pool.clone();
+    let usage_task = tokio::spawn({
+        let (gw, pool) = (gw.clone(), usage_pool.clone());
+        async move {
+            let (Some(meter), Some(pool)) = (gw.usage.clone(), pool) else {
+                return;
+            };
+            let mut tick = tokio::time::interval(USAGE_FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                flush_usage(&gw, &meter, &pool).await;
+            }
+        }
+    });
     tracing::info!(
         listen = %prepared.config.listen,
         scheme = if prepared.settings.tls.is_some() { "https" } else { "http" },
@@ -412,10 +438,34 @@ pub async fn serve(
     if let Some(task) = redirect {
         task.abort();
     }
+    if let (Some(meter), Some(pool)) = (&gw.usage, &usage_pool) {
+        // What was counted since the last flush, after the last request has been answered.
+        flush_usage(&gw, meter, pool).await;
+        usage_task.abort();
+    }
     if !gw.access_log.close(std::time::Duration::from_secs(2)) {
         tracing::warn!("access-log lines still unwritten at exit: stdout is not keeping up");
     }
     Ok(())
+}
+
+/// How often a database-mode gateway sends the usage it counted.
+pub const USAGE_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends the usage counted so far; a failure keeps it for the next try (counted in
+/// `apitree_proxy_usage_flushes_total{result="failed"}`).
+pub async fn flush_usage(gw: &Gateway, meter: &usage::UsageMeter, pool: &sqlx::PgPool) {
+    match meter.flush(pool).await {
+        Ok(0) => {}
+        Ok(_) => gw.metrics.usage_flushes.with_label_values(&["ok"]).inc(),
+        Err(e) => {
+            gw.metrics
+                .usage_flushes
+                .with_label_values(&["failed"])
+                .inc();
+            tracing::warn!("usage not recorded yet, kept for the next try: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -98,6 +98,8 @@ pub struct Gateway {
     pub database: std::sync::Mutex<DependencyStatus>,
     /// The public listener's certificate, when it speaks TLS (for /readyz and SIGHUP).
     pub tls: std::sync::Mutex<Option<Arc<super::tls::Certificates>>>,
+    /// Usage metering, in database mode.
+    pub usage: Option<Arc<super::usage::UsageMeter>>,
     draining: std::sync::atomic::AtomicBool,
     /// Metric handles of requests refused before routing (resolved once).
     no_route_metrics: super::metrics::RouteMetrics,
@@ -288,6 +290,8 @@ struct Trace<'s> {
     upstream_status: Option<u16>,
     request_body: Option<String>,
     permit: Option<Permit<'s>>,
+    /// Past authentication, scopes and rate limits: a call that counts as usage.
+    admitted: bool,
 }
 
 /// One request's bookkeeping in one guard: the in-flight gauge, the breaker permit (in
@@ -331,6 +335,20 @@ impl<'s> Exchange<'s> {
                 .get_or_init(|| gw.metrics.for_route(&r.name))
                 .observe(status, elapsed),
             None => gw.no_route_metrics.observe(status, elapsed),
+        }
+        if let (Some(usage), Some(key), Some(route), true) = (
+            &gw.usage,
+            self.trace.key,
+            self.trace.route,
+            self.trace.admitted,
+        ) {
+            usage.record(
+                &key.id,
+                &route.name,
+                self.now_ms,
+                status >= 500,
+                bytes_out.unwrap_or(0),
+            );
         }
         if gw.access_log.enabled() {
             gw.access_log.write(&AccessRecord {
@@ -464,9 +482,16 @@ impl Gateway {
             clock,
             database: std::sync::Mutex::new(DependencyStatus::Off),
             tls: Default::default(),
+            usage: None,
             draining: Default::default(),
             body_read_timeout: super::config::DEFAULT_BODY_READ_TIMEOUT,
         }
+    }
+
+    /// The gateway metering usage (database mode).
+    pub fn with_usage(mut self, meter: Arc<super::usage::UsageMeter>) -> Self {
+        self.usage = Some(meter);
+        self
     }
 
     /// The gateway with its `bodyReadTimeout`.
@@ -582,6 +607,7 @@ impl Gateway {
             }
             return Err(Refusal::RateLimited(decision));
         }
+        trace.admitted = true;
 
         // Step 5: the upstream credential for the caller's org (BYOK first, else system).
         let credential = route.credential_for(&record.org).map_err(|e| match e {

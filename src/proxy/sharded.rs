@@ -67,7 +67,7 @@ impl<T> PerThread<T> {
 }
 
 /// Slots per metric: the CPU count rounded up to a power of two, 4 to 64.
-fn slot_count() -> usize {
+pub(crate) fn slot_count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
     *COUNT.get_or_init(|| {
         std::thread::available_parallelism()
@@ -78,7 +78,7 @@ fn slot_count() -> usize {
 }
 
 /// This thread's slot number (taken on first use, in thread start order).
-fn thread_slot() -> usize {
+pub(crate) fn thread_slot() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static SLOT: usize = NEXT.fetch_add(1, Relaxed);

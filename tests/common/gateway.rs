@@ -334,6 +334,7 @@ pub fn proxy_options(config: std::path::PathBuf) -> apitree::proxy::ProxyOptions
         listen: Some("127.0.0.1:0".into()),
         admin: Some("127.0.0.1:0".into()),
         access_log: false,
+        usage_metering: true,
     }
 }
 

@@ -110,7 +110,8 @@ const LOAD = {
           await LOAD.keys();
         }));
       }
-      row(body, [k.prefix, k.name, k.scope, k.created_at, state], button);
+      const today = k.daily_quota ? k.today + " of " + k.daily_quota + " (" + k.quota_left + " left)" : String(k.today);
+      row(body, [k.prefix, k.name, k.scope, k.created_at, today, state], button);
     }
   },
   async apis() {
