@@ -25,8 +25,10 @@ CREATE INDEX data_subjects_external_idx ON data_subjects (kind, external_id);
 
 ALTER TABLE users ADD COLUMN erased_at timestamptz;
 
--- Requests about a person's data, for the Customer Operations queue: who asked for what, when,
--- and what came of it. `subject` is a reference (`user:<uuid>`), never an email.
+-- Requests about a person's data, for the Customer Operations queue: who logged what request
+-- when (`received`), and who carried it out when, with what outcome (`exported`, `erased`,
+-- `refused`). A request carried out without being logged first is one row, received and done
+-- at once. `subject` is a reference (`user:<uuid>`), never an email; actors are references too.
 CREATE TABLE dsar_requests (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     subject    text NOT NULL CHECK (subject ~ '^user:[0-9a-f-]{36}$'),
@@ -35,7 +37,10 @@ CREATE TABLE dsar_requests (
     actor      text NOT NULL CHECK (length(actor) > 0),
     reason     text CHECK (reason IS NULL OR length(btrim(reason)) BETWEEN 1 AND 1000),
     outcome    jsonb NOT NULL DEFAULT '{}'::jsonb,
-    at         timestamptz NOT NULL DEFAULT now()
+    at         timestamptz NOT NULL DEFAULT now(),
+    done_at    timestamptz,
+    done_by    text CHECK (done_by IS NULL OR length(done_by) > 0),
+    CONSTRAINT dsar_requests_done CHECK ((state = 'received') = (done_at IS NULL AND done_by IS NULL))
 );
 CREATE INDEX dsar_requests_subject_idx ON dsar_requests (subject, id);
 
@@ -132,8 +137,38 @@ END
 $$;
 CREATE TRIGGER credit_ledger_actor_subject BEFORE INSERT ON credit_ledger
     FOR EACH ROW EXECUTE FUNCTION actor_subject_ref();
-CREATE TRIGGER dsar_requests_actor_subject BEFORE INSERT ON dsar_requests
-    FOR EACH ROW EXECUTE FUNCTION actor_subject_ref();
+CREATE FUNCTION dsar_requests_subject_ref() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    NEW.actor := apitree_actor_ref(NEW.actor);
+    IF NEW.done_by IS NOT NULL THEN
+        NEW.done_by := apitree_actor_ref(NEW.done_by);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER dsar_requests_actor_subject BEFORE INSERT OR UPDATE ON dsar_requests
+    FOR EACH ROW EXECUTE FUNCTION dsar_requests_subject_ref();
+
+-- Records a request as carried out: the oldest request of that kind logged for the person and
+-- still open becomes `p_state`, or, when none was logged, a new row is received and done at once.
+CREATE FUNCTION dsar_done(p_subject text, p_kind text, p_state text, p_actor text,
+                          p_reason text, p_outcome jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+BEGIN
+    UPDATE dsar_requests
+       SET state = p_state, done_at = now(), done_by = p_actor, outcome = p_outcome,
+           reason = coalesce(reason, p_reason)
+     WHERE id = (SELECT id FROM dsar_requests
+                  WHERE subject = p_subject AND kind = p_kind AND state = 'received'
+                  ORDER BY id LIMIT 1 FOR UPDATE);
+    IF NOT FOUND THEN
+        INSERT INTO dsar_requests (subject, kind, state, actor, reason, outcome, done_at, done_by)
+        VALUES (p_subject, p_kind, p_state, p_actor, p_reason, p_outcome, now(), p_actor);
+    END IF;
+END
+$$;
 
 -- Whether `p_handles` are identities (`slack:<Slack user id>`, `os:<user name>`).
 CREATE FUNCTION dsar_check_handles(p_handles text[]) RETURNS void
@@ -383,8 +418,7 @@ BEGIN
                                                 FROM dsar_refs(p_user, p_handles) r
                                                WHERE r.subject IS NOT NULL)) || report,
             '', '');
-    INSERT INTO dsar_requests (subject, kind, state, actor, reason, outcome)
-    VALUES (ref, 'erase', 'erased', p_actor, reason, report);
+    PERFORM dsar_done(ref, 'erase', 'erased', p_actor, reason, report);
     RETURN report;
 END
 $$;
@@ -395,6 +429,8 @@ REVOKE ALL ON FUNCTION dsar_erase(uuid, text[], text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dsar_export(uuid, text[]) TO apitree_console;
 GRANT EXECUTE ON FUNCTION dsar_erase(uuid, text[], text, text) TO apitree_console;
 GRANT SELECT, INSERT ON dsar_requests TO apitree_console;
+REVOKE ALL ON FUNCTION dsar_done(text, text, text, text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dsar_done(text, text, text, text, text, jsonb) TO apitree_console;
 -- The audit page shows who a reference stands for (staff only read the audit log).
 GRANT SELECT ON data_subjects TO apitree_console;
 

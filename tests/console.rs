@@ -2319,6 +2319,45 @@ async fn personal_data_export_and_erasure_follow_who_may_touch_whom() {
     assert_eq!(kinds.iter().filter(|k| **k == "refused").count(), 1, "{v}");
     let (s, _) = env.call(&buyer, "GET", "dsar/requests", None).await;
     assert_eq!(s, 403);
+    // Logging a request: staff only, a known person, export or erase.
+    let body =
+        |user: Uuid, kind: &str| Some(json!({"user": user, "kind": kind, "note": "ticket 1"}));
+    let (s, _) = env
+        .call(
+            &buyer,
+            "POST",
+            "dsar/requests",
+            body(env.people.buyer, "export"),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, v) = env
+        .call(
+            &admin,
+            "POST",
+            "dsar/requests",
+            body(env.people.buyer, "delete"),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = env
+        .call(
+            &admin,
+            "POST",
+            "dsar/requests",
+            body(Uuid::new_v4(), "export"),
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, v) = env
+        .call(
+            &admin,
+            "POST",
+            "dsar/requests",
+            body(env.people.buyer, "export"),
+        )
+        .await;
+    assert_eq!((s, v["state"].as_str()), (201, Some("received")), "{v}");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_apitree"))
         .args(["audit", "verify", "--database-url", &env._db.url])
         .output()
@@ -2364,11 +2403,21 @@ async fn customer_operations_exports_and_erases_in_two_steps_in_a_browser() {
     b.eval(capture).await;
     b.eval("document.getElementById('tab-ops').click(); true")
         .await;
+    // The request arrives by email: logged, it waits in the queue.
     b.eval(
         "document.getElementById('ops-email').value = 'BUYER@a.test'; \
-         document.getElementById('ops-form').requestSubmit(); true",
+         document.getElementById('ops-log-kind').value = 'erase'; \
+         document.getElementById('ops-log-note').value = 'email of 3 Dec'; \
+         document.getElementById('ops-log-form').requestSubmit(); true",
     )
     .await;
+    b.until(
+        "the logged request is open",
+        "(() => { const r = document.querySelector('#dsar tbody tr'); return !!r && r.cells[1].textContent === 'erase' && r.cells[2].textContent === 'received' && r.cells[3].textContent === 'buyer@a.test'; })()",
+    )
+    .await;
+    b.eval("document.getElementById('ops-form').requestSubmit(); true")
+        .await;
     b.until("export downloaded", "window.__got.length === 1")
         .await;
     let doc = b.eval("window.__got[0][1]").await;
@@ -2409,7 +2458,10 @@ async fn customer_operations_exports_and_erases_in_two_steps_in_a_browser() {
     .await;
     b.until(
         "the queue shows both requests",
-        "[...document.querySelectorAll('#dsar tbody tr')].map(r => r.cells[1].textContent + '/' + r.cells[2].textContent).join(' ') === 'erase/erased export/exported export/exported'",
+        "(() => { const rows = [...document.querySelectorAll('#dsar tbody tr')]; \
+          return rows.map(r => r.cells[1].textContent + '/' + r.cells[2].textContent).join(' ') === 'export/exported erase/erased export/exported' \
+            && rows[0].cells[6].textContent === 'admin@ops.test' && rows[1].cells[6].textContent === 'admin@ops.test' \
+            && rows[2].cells[6].textContent.endsWith('@erased.invalid'); })()",
     )
     .await;
     let (s, _) = env

@@ -896,9 +896,12 @@ async fn the_health_sweep_deletes_what_retention_no_longer_keeps() {
         key("next", ", NULL, NULL, (SELECT id FROM api_keys WHERE prefix = 'at_live_prev')"),
         "UPDATE api_keys SET revoked_at = now() - interval '100 days' WHERE prefix = 'at_live_used';".to_string(),
         // data requests: four years old (goes), this year (stays)
+        "INSERT INTO dsar_requests (subject, kind, state, actor, at, done_at, done_by) VALUES
+           ('user:00000000-0000-0000-0000-000000000001', 'export', 'exported', 'x', now() - interval '1500 days', now() - interval '1500 days', 'x'),
+           ('user:00000000-0000-0000-0000-000000000001', 'export', 'exported', 'x', now() - interval '10 days', now() - interval '10 days', 'x');".to_string(),
+        // an open request received long ago stays until it is carried out
         "INSERT INTO dsar_requests (subject, kind, state, actor, at) VALUES
-           ('user:00000000-0000-0000-0000-000000000001', 'export', 'exported', 'x', now() - interval '1500 days'),
-           ('user:00000000-0000-0000-0000-000000000001', 'export', 'exported', 'x', now() - interval '10 days');".to_string(),
+           ('user:00000000-0000-0000-0000-000000000001', 'erase', 'received', 'x', now() - interval '1500 days');".to_string(),
     ];
     for sql in seed {
         common::exec(&pool, sql).await.unwrap();
@@ -954,7 +957,10 @@ async fn the_health_sweep_deletes_what_retention_no_longer_keeps() {
         "b c"
     );
     assert_eq!(left("SELECT count(*)::text FROM usage_counters").await, "1");
-    assert_eq!(left("SELECT count(*)::text FROM dsar_requests").await, "1");
+    assert_eq!(
+        left("SELECT string_agg(state, ' ' ORDER BY id) FROM dsar_requests").await,
+        "exported received"
+    );
     let detail: serde_json::Value =
         sqlx::query_scalar("SELECT detail FROM audit_log WHERE action = 'retention.purge'")
             .fetch_one(&pool)

@@ -338,6 +338,7 @@ pub async fn dispatch(r: Request<'_>) -> Reply {
         (&M::GET, ["users", id, "export"]) => export_user(&r, uuid(id, "user")?).await,
         (&M::POST, ["users", id, "erase"]) => erase_user(&r, uuid(id, "user")?).await,
         (&M::GET, ["dsar", "requests"]) => dsar_requests(&r).await,
+        (&M::POST, ["dsar", "requests"]) => receive_request(&r).await,
         (&M::GET, ["audit"]) => read_audit(&r).await,
         (_, path) if known_path(path) => Err(ApiError::new(
             405,
@@ -1747,31 +1748,56 @@ async fn erase_user(r: &Request<'_>, id: Uuid) -> Reply {
 /// The Customer Operations queue: requests about people's data, newest first.
 async fn dsar_requests(r: &Request<'_>) -> Reply {
     let mut a = r.authorize(Action::ExportPersonalData, None).await?;
-    type Row = (
-        i64,
-        String,
-        String,
-        String,
-        String,
-        Option<String>,
-        Value,
-        DateTime<Utc>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, subject, kind, state, actor, reason, outcome, at
-           FROM dsar_requests ORDER BY id DESC LIMIT 200",
+    // Who is named by reference: the person's current email (an erased one reads
+    // erased-…@erased.invalid), the actors' emails or subject labels. Open requests first.
+    let requests: Vec<Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object(
+                'id', r.id, 'subject', r.subject, 'email', u.email, 'kind', r.kind,
+                'state', r.state, 'actor', r.actor,
+                'actor_name', coalesce(au.email, ad.kind || ':' || ad.label),
+                'reason', r.reason, 'outcome', r.outcome, 'at', r.at, 'done_at', r.done_at,
+                'done_by', r.done_by,
+                'done_by_name', coalesce(du.email, dd.kind || ':' || dd.label))
+           FROM dsar_requests r
+           LEFT JOIN users u ON r.subject = 'user:' || u.id::text
+           LEFT JOIN users au ON r.actor = 'user:' || au.id::text
+           LEFT JOIN data_subjects ad ON r.actor = 'subject:' || ad.id::text
+           LEFT JOIN users du ON r.done_by = 'user:' || du.id::text
+           LEFT JOIN data_subjects dd ON r.done_by = 'subject:' || dd.id::text
+          ORDER BY (r.state = 'received') DESC, r.id DESC LIMIT 200",
     )
     .fetch_all(&mut *a.tx)
     .await?;
-    let requests: Vec<Value> = rows
-        .into_iter()
-        .map(|(id, subject, kind, state, actor, reason, outcome, at)| {
-            json!({"id": id, "subject": subject, "kind": kind, "state": state, "actor": actor,
-                   "reason": reason, "outcome": outcome, "at": at})
-        })
-        .collect();
     a.tx.commit().await?;
     Ok((200, json!({"requests": requests})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveBody {
+    user: Uuid,
+    kind: String,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+/// Logs a request about a person's data as it arrives (an email to the data protection
+/// address, a ticket): the queue shows it open until it is carried out.
+async fn receive_request(r: &Request<'_>) -> Reply {
+    let body: ReceiveBody = r.json()?;
+    let mut a = r.authorize(Action::ExportPersonalData, None).await?;
+    let actor = a.actor();
+    let id = dsar::receive(
+        &mut a.tx,
+        body.user,
+        &body.kind,
+        &actor,
+        body.note.as_deref(),
+    )
+    .await
+    .map_err(dsar_error)?;
+    a.tx.commit().await?;
+    Ok((201, json!({"id": id, "state": "received"})))
 }
 
 // ---- audit ----

@@ -137,16 +137,13 @@ pub async fn export(
         .as_str()
         .and_then(|s| s.parse().ok());
     audit::append(&mut *db, actor, "dsar.export", &subject, org, &detail).await?;
-    sqlx::query(
-        "INSERT INTO dsar_requests (subject, kind, state, actor, outcome)
-         VALUES ($1, 'export', 'exported', $2, $3)",
-    )
-    .bind(&subject)
-    .bind(actor)
-    .bind(&detail)
-    .execute(&mut *db)
-    .await
-    .map_err(DsarError::from_sql("record the export"))?;
+    sqlx::query("SELECT dsar_done($1, 'export', 'exported', $2, NULL, $3)")
+        .bind(&subject)
+        .bind(actor)
+        .bind(&detail)
+        .execute(&mut *db)
+        .await
+        .map_err(DsarError::from_sql("record the export"))?;
     Ok(doc)
 }
 
@@ -192,18 +189,67 @@ pub async fn record_refusal(
         &serde_json::json!({"user_id": user, "reason": reason, "refused": why}),
     )
     .await?;
-    sqlx::query(
-        "INSERT INTO dsar_requests (subject, kind, state, actor, reason, outcome)
-         VALUES ($1, 'erase', 'refused', $2, $3, $4)",
+    sqlx::query("SELECT dsar_done($1, 'erase', 'refused', $2, $3, $4)")
+        .bind(&subject)
+        .bind(actor)
+        .bind(reason)
+        .bind(outcome)
+        .execute(&mut *db)
+        .await
+        .map_err(DsarError::from_sql("record the refusal"))?;
+    Ok(())
+}
+
+/// Logs a request as it arrives (`received`), for the queue; carrying it out later closes it.
+/// Commit `db` after.
+pub async fn receive(
+    db: &mut PgConnection,
+    user: Uuid,
+    kind: &str,
+    actor: &str,
+    note: Option<&str>,
+) -> Result<i64, DsarError> {
+    if !matches!(kind, "export" | "erase") {
+        return Err(DsarError::BadInput(format!(
+            "{kind:?} is not a request: give export or erase"
+        )));
+    }
+    let note = note.map(str::trim).filter(|n| !n.is_empty());
+    if note.is_some_and(|n| n.chars().count() > 1000) {
+        return Err(DsarError::BadInput(
+            "a note is at most 1000 characters".into(),
+        ));
+    }
+    let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
+        .bind(user)
+        .fetch_optional(&mut *db)
+        .await
+        .map_err(DsarError::from_sql("find the user"))?;
+    if exists.is_none() {
+        return Err(DsarError::NoUser(format!("there is no user {user}")));
+    }
+    let subject = format!("user:{user}");
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO dsar_requests (subject, kind, state, actor, reason)
+         VALUES ($1, $2, 'received', $3, $4) RETURNING id",
     )
     .bind(&subject)
+    .bind(kind)
     .bind(actor)
-    .bind(reason)
-    .bind(outcome)
-    .execute(&mut *db)
+    .bind(note)
+    .fetch_one(&mut *db)
     .await
-    .map_err(DsarError::from_sql("record the refusal"))?;
-    Ok(())
+    .map_err(DsarError::from_sql("log the request"))?;
+    audit::append(
+        &mut *db,
+        actor,
+        "dsar.received",
+        &subject,
+        None,
+        &serde_json::json!({"user_id": user, "kind": kind, "request": id}),
+    )
+    .await?;
+    Ok(id)
 }
 
 /// How a column relates to the people apitree knows.
@@ -387,6 +433,8 @@ pub const COLUMNS: &[(&str, &[(&str, Personal)])] = {
                 ("reason", Reference),
                 ("outcome", No),
                 ("at", Reference),
+                ("done_at", Reference),
+                ("done_by", Reference),
             ],
         ),
         ("orgs", &[("id", No), ("name", No), ("created_at", No)]),

@@ -40,8 +40,10 @@ fn statement(kind: &str) -> &'static str {
                  LIMIT $2)"
         }
         _ => {
+            // An open request stays until it is carried out.
             "DELETE FROM dsar_requests WHERE id IN (
-                SELECT id FROM dsar_requests WHERE at < $1 LIMIT $2)"
+                SELECT id FROM dsar_requests
+                 WHERE coalesce(done_at, 'infinity') < $1 LIMIT $2)"
         }
     }
 }

@@ -152,7 +152,8 @@ const LOAD = {
     for (const r of requests) {
       const outcome = Object.entries(r.outcome.sections || r.outcome)
         .filter(([k]) => k !== "user_id").map(([k, v]) => k + " " + v).join(", ");
-      row(body, [r.at, r.kind, r.state, r.subject, r.actor, r.reason || "", outcome]);
+      row(body, [r.at, r.kind, r.state, r.email || r.subject, r.actor_name || r.actor,
+        r.done_at || "", r.done_by_name || r.done_by || "", r.reason || "", outcome]);
     }
   },
   async audit() {
@@ -285,6 +286,13 @@ document.addEventListener("DOMContentLoaded", () => {
     const doc = await call("GET", "users/" + me.user.id + "/export");
     download("apitree-my-data.json", doc);
   }));
+  // A request as it arrives (an email, a ticket): open in the queue until carried out.
+  onSubmit("ops-log-form", async () => {
+    const { u } = await opsPerson();
+    await call("POST", "dsar/requests", { user: u.id, kind: $("ops-log-kind").value, note: $("ops-log-note").value });
+    $("ops-log-note").value = "";
+    await LOAD.ops();
+  });
   onSubmit("ops-form", async () => {
     const { u, query } = await opsPerson();
     const doc = await call("GET", "users/" + u.id + "/export" + query);
