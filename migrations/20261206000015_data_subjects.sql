@@ -67,8 +67,15 @@ BEGIN
         WHEN 'slack' THEN substring(rest FROM '\(([^() ]+)\)[[:space:]]*$')
         ELSE split_part(rest, ' (', 1)
     END;
+    IF k = 'slack' AND ext IS NOT NULL THEN
+        -- The name cut to length, the id kept whole: two people never share a label.
+        rest := left(coalesce(nullif(btrim(regexp_replace(rest, '\([^() ]+\)[[:space:]]*$', '')), ''),
+                              '(unnamed)'), 400)
+                || ' (' || left(ext, 90) || ')';
+    ELSE
+        rest := left(coalesce(nullif(btrim(rest), ''), '(unnamed)'), 500);
+    END IF;
     ext := left(coalesce(nullif(btrim(ext), ''), nullif(btrim(rest), ''), '(unnamed)'), 200);
-    rest := left(coalesce(nullif(btrim(rest), ''), '(unnamed)'), 500);
     INSERT INTO data_subjects (kind, label, external_id)
     VALUES (k, rest, ext)
     ON CONFLICT (kind, label) WHERE label IS NOT NULL DO UPDATE SET last_seen = now()
@@ -85,11 +92,12 @@ CREATE FUNCTION apitree_detail_refs(p_detail jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
 DECLARE
     t   text := p_detail::text;
+    tl  text := lower(p_detail::text);
     s   record;
     esc text;
     out jsonb;
 BEGIN
-    IF position('slack:' IN lower(t)) = 0 THEN
+    IF position('slack:' IN tl) = 0 THEN
         RETURN p_detail;
     END IF;
     FOR s IN
@@ -100,11 +108,12 @@ BEGIN
     LOOP
         esc := to_jsonb(s.name)::text;
         esc := substr(esc, 2, length(esc) - 2);
-        IF position(lower(esc) IN lower(t)) > 0 THEN
+        IF position('slack:' || lower(esc) IN tl) > 0 THEN
             t := regexp_replace(t,
-                '[Ss][Ll][Aa][Cc][Kk]:' || regexp_replace(esc, '([^[:alnum:]])', '\\\1', 'g')
+                'slack:' || regexp_replace(esc, '([^[:alnum:]])', '\\\1', 'g')
                     || '(?![.]*[[:alnum:]_-])',
-                'subject:' || s.id::text, 'g');
+                'subject:' || s.id::text, 'gi');
+            tl := lower(t);
         END IF;
     END LOOP;
     BEGIN
@@ -314,7 +323,9 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 DECLARE
     u         users%ROWTYPE;
     ref       text := 'user:' || p_user::text;
-    reason    text := regexp_replace(coalesce(p_reason, ''), '^[[:space:]]+|[[:space:]]+$', '', 'g');
+    reason    text := regexp_replace(coalesce(p_reason, ''),
+                                     '^[[:space:]\u00a0\u2000-\u200b\u3000]+|[[:space:]\u00a0\u2000-\u200b\u3000]+$', '', 'g');
+    ids       jsonb;
     n_keys    bigint;
     n_named   bigint;
     n_creds   bigint;
@@ -400,6 +411,9 @@ BEGIN
             RETURNING 1)
         SELECT n_out + count(*) INTO n_out FROM o;
     END LOOP;
+    -- The identities' references, taken before they are forgotten, for the audit row.
+    SELECT coalesce(jsonb_agg(r.ref), '[]') INTO ids
+      FROM dsar_refs(p_user, p_handles) r WHERE r.subject IS NOT NULL;
     WITH d AS (
         UPDATE data_subjects SET label = NULL, external_id = NULL, erased_at = now()
          WHERE kind || ':' || external_id = ANY (p_handles) RETURNING 1)
@@ -413,10 +427,7 @@ BEGIN
     -- The identities are named by reference (their subjects), never by their handle.
     INSERT INTO audit_log (id, actor, action, target, org_id, detail, prev_hash, hash)
     VALUES (0, p_actor, 'dsar.erase', ref, u.org_id,
-            jsonb_build_object('user_id', p_user, 'reason', reason,
-                               'identities', (SELECT coalesce(jsonb_agg(r.ref), '[]')
-                                                FROM dsar_refs(p_user, p_handles) r
-                                               WHERE r.subject IS NOT NULL)) || report,
+            jsonb_build_object('user_id', p_user, 'reason', reason, 'identities', ids) || report,
             '', '');
     PERFORM dsar_done(ref, 'erase', 'erased', p_actor, reason, report);
     RETURN report;
@@ -458,6 +469,9 @@ BEGIN
          WHERE p.prosecdef AND p.pronamespace = current_schema()::regnamespace
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
+        -- Only the roles granted above (and the owner) may call them: a function that runs as
+        -- the owner is never everyone's.
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
 END
 $$;

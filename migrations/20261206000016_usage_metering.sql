@@ -25,18 +25,27 @@ BEGIN
         RETURN false;
     END IF;
     INSERT INTO usage_counters (org_id, api_key_id, api_id, window_start, requests, errors, bytes_out)
-    SELECT k.org_id, k.id, a.id, to_timestamp(d.day * 86400), sum(d.requests), sum(d.errors), sum(d.bytes)
+    -- Sums saturate at the largest bigint (a declared length can be anything); rows are taken in
+    -- one order, so replicas flushing at once lock them in the same order.
+    SELECT k.org_id, k.id, a.id, to_timestamp(d.day * 86400),
+           least(sum(greatest(d.requests, 0)::numeric), 9223372036854775807)::bigint,
+           least(sum(greatest(d.errors, 0)::numeric), 9223372036854775807)::bigint,
+           least(sum(greatest(d.bytes, 0)::numeric), 9223372036854775807)::bigint
       FROM unnest(p_keys, p_apis, p_days, p_requests, p_errors, p_bytes)
                AS d(key_id, api, day, requests, errors, bytes)
       JOIN api_keys k ON k.id = d.key_id
       LEFT JOIN apis a ON a.name = d.api
+     WHERE d.day BETWEEN 0 AND 2932896
      GROUP BY k.org_id, k.id, a.id, d.day
+     ORDER BY k.id, d.day, a.id
     ON CONFLICT (api_key_id, window_start, (COALESCE(api_id, '00000000-0000-0000-0000-000000000000'::uuid)))
-    DO UPDATE SET requests = usage_counters.requests + EXCLUDED.requests,
-                  errors = usage_counters.errors + EXCLUDED.errors,
-                  bytes_out = usage_counters.bytes_out + EXCLUDED.bytes_out;
-    -- A batch is sent again only while its process runs: a day of records is plenty.
-    DELETE FROM usage_flushes WHERE at < now() - interval '1 day';
+    DO UPDATE SET
+        requests = least(usage_counters.requests::numeric + EXCLUDED.requests, 9223372036854775807)::bigint,
+        errors = least(usage_counters.errors::numeric + EXCLUDED.errors, 9223372036854775807)::bigint,
+        bytes_out = least(usage_counters.bytes_out::numeric + EXCLUDED.bytes_out, 9223372036854775807)::bigint;
+    -- A batch is sent again only while its process runs and cannot reach the database: a week
+    -- of records covers any outage it would survive.
+    DELETE FROM usage_flushes WHERE at < now() - interval '7 days';
     RETURN true;
 END
 $$;

@@ -175,12 +175,11 @@ async fn sweep_database(
         Ok(r) => out.revoked = r,
         Err(e) => out.problems.push(format!("grace expiry: {e}")),
     }
-    match crate::db::retention::apply(pool, &t.retention, now, "apitree health sweep (retention)")
-        .await
-    {
-        Ok(deleted) => out.purged = deleted.into_iter().filter(|(_, n)| *n > 0).collect(),
-        Err(e) => out.problems.push(format!("retention: {e}")),
-    }
+    let purged =
+        crate::db::retention::apply(pool, &t.retention, now, "apitree health sweep (retention)")
+            .await;
+    out.purged = purged.deleted.into_iter().filter(|(_, n)| *n > 0).collect();
+    out.problems.extend(purged.problems);
     // APIs registered in the database are routes of a database-mode proxy.
     let registered: Result<Vec<(String, String)>, _> =
         sqlx::query_as("SELECT name, upstream_url FROM apis ORDER BY name")

@@ -979,4 +979,31 @@ async fn the_health_sweep_deletes_what_retention_no_longer_keeps() {
     for row in audit::read_rows(&pool, 0, 10_000).await.unwrap() {
         verifier.feed(&row).unwrap();
     }
+    // A rule the operator would refuse (shorter than a day) deletes nothing, whatever the
+    // spec says; a rule of millions of days keeps everything, without an error.
+    let usage_before = left("SELECT count(*)::text FROM usage_counters").await;
+    for (usage, problem) in [
+        ("1h", Some("retention.usage is 1h, shorter than a day")),
+        ("0s", Some("shorter than a day")),
+        ("100000000d", None),
+    ] {
+        let policy = apitree::crd::gateway::RetentionSpec {
+            usage: usage.parse().unwrap(),
+            ..Default::default()
+        };
+        let out = db::retention::apply(&pool, &policy, chrono::Utc::now(), "test").await;
+        assert_eq!(out.deleted.get("usage").copied().unwrap_or(0), 0, "{usage}");
+        match problem {
+            Some(p) => assert!(
+                out.problems.iter().any(|x| x.contains(p)),
+                "{usage}: {:?}",
+                out.problems
+            ),
+            None => assert!(out.problems.is_empty(), "{usage}: {:?}", out.problems),
+        }
+    }
+    assert_eq!(
+        left("SELECT count(*)::text FROM usage_counters").await,
+        usage_before
+    );
 }

@@ -359,6 +359,15 @@ async fn an_export_holds_everything_and_an_erasure_forgets_it_with_the_chain_int
     assert_eq!(report["keys_revoked"], 1, "{report}");
     assert_eq!(report["credentials_removed"], 1, "{report}");
     assert_eq!(report["identities_erased"], 2, "{report}");
+    // The erasure's audit row names the identities it forgot, by reference.
+    let identities: serde_json::Value = sqlx::query_scalar(
+        "SELECT detail->'identities' FROM audit_log WHERE action = 'dsar.erase'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(identities.as_array().map(Vec::len), Some(2), "{identities}");
+    assert!(identities.to_string().contains("subject:"), "{identities}");
     assert_eq!(report["incidents_scrubbed"], 1, "{report}");
     assert_eq!(report["messages_scrubbed"], 1, "{report}");
     for v in p.seeds.values() {
@@ -803,17 +812,40 @@ async fn no_name_reaches_the_chain_and_no_name_loses_a_row() {
         .await
         .unwrap_or_else(|e| panic!("{actor:?}: {e}"));
     }
+    // Two people whose long names differ only past the cut stay two people.
+    let long_a = format!("slack:{} (U0LA)", "w".repeat(600));
+    let long_b = format!("slack:{} (U0LB)", "w".repeat(600));
+    for a in [&long_a, &long_b] {
+        audit::append(
+            &pool,
+            a,
+            "slack.acknowledge",
+            "x",
+            None,
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    }
+    let distinct: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT actor) FROM audit_log WHERE actor IN (SELECT 'subject:' || id FROM data_subjects WHERE external_id IN ('U0LA', 'U0LB'))",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(distinct, 2);
     // Every Slack name again, in a gate message of the operator's, in several spellings.
     // (Not the 600-character name: Slack's names are far shorter than the 500 kept.)
     let slack = |a: &str| {
         a.trim().to_lowercase().starts_with("slack") && !a.contains("slack: (") && a.len() < 500
     };
-    let messages = actors.iter().filter(|(a, _)| slack(a)).count() * 3;
+    let messages = actors.iter().filter(|(a, _)| slack(a)).count() * 4;
     for (actor, name) in actors.iter().filter(|(a, _)| slack(a)) {
         for text in [
             format!("promoted by slack:{name}"),
             format!("promoted by slack:{name}."),
             format!("promoted by Slack:{name}, then by slack:{name}"),
+            format!("promoted by SLACK:{}", name.to_uppercase()),
         ] {
             audit::append(
                 &pool,
@@ -832,7 +864,7 @@ async fn no_name_reaches_the_chain_and_no_name_loses_a_row() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(rows.len(), actors.len() + messages, "every row written");
+    assert_eq!(rows.len(), actors.len() + 2 + messages, "every row written");
     for (actor, detail) in &rows {
         assert!(
             actor.starts_with("subject:") || actor == "apitree-operator",
@@ -865,7 +897,7 @@ async fn no_name_reaches_the_chain_and_no_name_loses_a_row() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(n, 2, "as written and in capitals");
     assert!(audit_verifies(&db.url).await.contains("intact"));
 }
 
@@ -898,7 +930,7 @@ async fn request_queue_and_ledger_record_people_by_reference() {
         assert!(actor.starts_with("subject:"), "{table}: {actor}");
     }
     // A reason of only whitespace is no reason.
-    for reason in ["\n\t ", ""] {
+    for reason in ["\n\t ", "", "\u{a0}", "\u{3000} \u{2009}"] {
         let mut tx = pool.begin().await.unwrap();
         let err = dsar::erase(&mut tx, id, &[], "os:dpo", reason)
             .await
@@ -979,4 +1011,44 @@ async fn an_erasure_waits_for_the_persons_request_under_way_and_takes_its_key() 
         .await
         .unwrap();
     assert!(disabled);
+}
+
+/// A function that runs as the owner is nobody else's to call: every SECURITY DEFINER function
+/// of the schema refuses a role that was not granted it (row-level security and the console's
+/// checks would otherwise be one call away).
+#[tokio::test]
+async fn owner_functions_are_not_callable_by_any_role() {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let role = format!("apitree_t_role_{}", Uuid::new_v4().simple());
+    sqlx::query(AssertSqlSafe(format!("CREATE ROLE {role} NOLOGIN")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let open: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p
+          WHERE p.prosecdef AND p.pronamespace = current_schema()::regnamespace
+            AND has_function_privilege($1, p.oid, 'EXECUTE')",
+    )
+    .bind(&role)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let search_path: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p
+          WHERE p.prosecdef AND p.pronamespace = current_schema()::regnamespace
+            AND NOT coalesce(p.proconfig @> ARRAY['search_path=public, pg_temp'], false)",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    sqlx::query(AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(open.is_empty(), "callable by any role: {open:?}");
+    assert!(
+        search_path.is_empty(),
+        "search_path not pinned: {search_path:?}"
+    );
 }

@@ -1092,8 +1092,60 @@ async fn usage_is_metered_per_key_and_api_and_replicas_add_up_exactly() {
         // Not usage: no key, and a key nobody has.
         assert_eq!(call(b_addr.to_string(), None, "today").await, 401);
     }
+    // An API whose upstream is down: the calls that went to it are usage (and errors); those
+    // the open breaker refused without calling it are not.
+    sqlx::query("INSERT INTO apis (id, org_id, name, path_prefix, upstream_url) VALUES ($1, $2, 'dead', '/dead/', 'http://127.0.0.1:1/')")
+        .bind(Uuid::new_v4())
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let dead = |key: String| {
+        let addr = b_addr;
+        async move {
+            client()
+                .get(format!("http://{addr}/dead/x"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    eventually("the new API is served", || {
+        let k = k2.clone();
+        async move { dead(k).await != 404 }
+    })
+    .await;
+    let (mut upstream_calls, mut refused) = (0, 0);
+    for _ in 0..20 {
+        match dead(k2.clone()).await {
+            502 => upstream_calls += 1,
+            503 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(refused > 0, "the breaker opened");
     let meter = b_gw.usage.clone().expect("database mode meters usage");
     apitree::proxy::flush_usage(&b_gw, &meter, &b_pool).await;
+    let (requests, errors): (i64, i64) = sqlx::query_as(
+        "SELECT sum(requests)::bigint, sum(errors)::bigint FROM usage_counters u JOIN apis a ON a.id = u.api_id WHERE a.name = 'dead'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    // The probe call that found the new API counted too, when it reached the upstream.
+    assert!(
+        requests == upstream_calls || requests == upstream_calls + 1,
+        "{requests} recorded, {upstream_calls} went upstream, {refused} refused"
+    );
+    assert_eq!(errors, requests);
+    sqlx::query(
+        "DELETE FROM usage_counters WHERE api_id = (SELECT id FROM apis WHERE name = 'dead')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     assert_eq!(meter.pending().await, 0);
     let _ = stop.send(());
     a.await.unwrap().unwrap();
@@ -1157,4 +1209,42 @@ async fn usage_is_metered_per_key_and_api_and_replicas_add_up_exactly() {
         .await
         .unwrap();
     assert_eq!(total, 14 + 3 + 5 + 2);
+    // Sums saturate: a declared length of any size never makes a batch fail.
+    meter.record(&id.to_string(), "weather", now_ms, false, u64::MAX);
+    meter.record(&id.to_string(), "weather", now_ms, false, u64::MAX);
+    assert_eq!(meter.flush(&pool).await.unwrap(), 2);
+    meter.record(&id.to_string(), "weather", now_ms, false, u64::MAX);
+    assert_eq!(meter.flush(&pool).await.unwrap(), 1);
+    let bytes: i64 = sqlx::query_scalar("SELECT max(bytes_out) FROM usage_counters")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(bytes, i64::MAX);
+    // A batch the database refuses for good (here: a trigger refusing 13) is set aside, and
+    // does not hold up the next one.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_13() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.requests = 13 THEN RAISE EXCEPTION 'no 13' USING ERRCODE = '22023'; END IF;
+         RETURN NEW; END $$;
+         CREATE TRIGGER refuse_13 BEFORE INSERT ON usage_counters FOR EACH ROW EXECUTE FUNCTION refuse_13();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let other: Uuid =
+        sqlx::query_scalar("SELECT id FROM api_keys ORDER BY created_at DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let day_later = now_ms + 86_400_000;
+    for _ in 0..13 {
+        meter.record(&other.to_string(), "weather", day_later, false, 0);
+    }
+    assert!(matches!(
+        meter.flush(&pool).await,
+        Err(apitree::proxy::usage::FlushError::Discarded(_))
+    ));
+    assert_eq!(meter.pending().await, 0, "set aside");
+    meter.record(&other.to_string(), "weather", day_later, false, 0);
+    assert_eq!(meter.flush(&pool).await.unwrap(), 1);
 }

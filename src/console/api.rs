@@ -132,6 +132,28 @@ impl Authorized {
         json!({"id": self.who.id, "role": self.who.role.as_str()})
     }
 
+    /// Before committing something that will be the caller's (a key, a credential): the caller
+    /// is still enabled, checked under a share lock on their row held to commit. An erasure
+    /// (which locks the row for update) that started first is waited for and then refuses this
+    /// write; one that starts later waits for it and takes what it wrote. Taken only here, at
+    /// the end, so requests never hold it while they update other users.
+    async fn confirm_still_enabled(&mut self) -> Result<(), ApiError> {
+        let disabled: Option<bool> =
+            sqlx::query_scalar("SELECT disabled FROM console_principal_locked($1)")
+                .bind(self.who.id)
+                .fetch_optional(&mut *self.tx)
+                .await?;
+        if disabled == Some(false) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                401,
+                "session_revoked",
+                "this account is disabled or gone; its sessions end at once",
+            ))
+        }
+    }
+
     async fn audit(
         &mut self,
         action: &str,
@@ -243,12 +265,11 @@ impl Request<'_> {
         let c = self.console;
         let claims = self.verify_session()?;
         let mut tx = begin(c).await?;
-        let row: Option<(String, Option<Uuid>, String, bool)> = sqlx::query_as(
-            "SELECT email, org_id, role::text, disabled FROM console_principal_locked($1)",
-        )
-        .bind(claims.sub)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let row: Option<(String, Option<Uuid>, String, bool)> =
+            sqlx::query_as("SELECT email, org_id, role::text, disabled FROM console_principal($1)")
+                .bind(claims.sub)
+                .fetch_optional(&mut *tx)
+                .await?;
         let who = match row {
             Some((email, org, role, false)) => Principal {
                 id: claims.sub,
@@ -657,6 +678,7 @@ async fn create_key(r: &Request<'_>, org: Uuid) -> Reply {
         json!({"key_id": issued.id, "scope": scope, "tier": body.tier, "daily_quota": body.daily_quota}),
     )
     .await?;
+    a.confirm_still_enabled().await?;
     a.tx.commit().await?;
     Ok((
         201,
@@ -716,6 +738,7 @@ async fn rotate_key(r: &Request<'_>, org: Uuid, id: Uuid) -> Reply {
             "this key is revoked or was already rotated; rotate its replacement",
         )
     })?;
+    a.confirm_still_enabled().await?;
     a.tx.commit().await?;
     Ok((
         201,
@@ -1246,6 +1269,7 @@ async fn write_credential(r: &Request<'_>, org: Uuid) -> Reply {
                "sent_to": sent_to}),
     )
     .await?;
+    a.confirm_still_enabled().await?;
     a.tx.commit().await?;
     Ok((
         201,

@@ -48,51 +48,82 @@ fn statement(kind: &str) -> &'static str {
     }
 }
 
-/// Deletes what `policy` no longer keeps, as of `now`; rows deleted by kind. A run that deleted
-/// anything is audited (`retention.purge`, with the counts and the policy).
+/// The shortest rule applied: a spec the operator refused (`1h`, `0s`) never deletes anything.
+pub const MIN_KEEP: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// What a retention run did.
+#[derive(Debug, Default)]
+pub struct Purged {
+    /// Rows deleted, by kind.
+    pub deleted: BTreeMap<&'static str, u64>,
+    /// Why a kind was not applied (a rule shorter than a day), or where the run stopped.
+    pub problems: Vec<String>,
+}
+
+/// Deletes what `policy` no longer keeps, as of `now`. A run that deleted anything is audited
+/// (`retention.purge`, with the counts, the rules, and the error that stopped it, if any).
 pub async fn apply(
     pool: &PgPool,
     policy: &RetentionSpec,
     now: DateTime<Utc>,
     actor: &str,
-) -> Result<BTreeMap<&'static str, u64>, DbError> {
-    let mut deleted = BTreeMap::new();
-    for (kind, keep) in policy.kinds() {
+) -> Purged {
+    let mut out = Purged::default();
+    // Year 1: older than anything stored, and a time PostgreSQL takes (a rule of millions of
+    // days means "keep everything").
+    let floor =
+        DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).unwrap_or(DateTime::<Utc>::MIN_UTC);
+    'kinds: for (kind, keep) in policy.kinds() {
+        if keep.as_std() < MIN_KEEP {
+            out.problems.push(format!(
+                "retention.{kind} is {keep}, shorter than a day: not applied"
+            ));
+            continue;
+        }
         let before = chrono::Duration::from_std(keep.as_std())
             .ok()
             .and_then(|d| now.checked_sub_signed(d))
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+            .map_or(floor, |t| t.max(floor));
         let mut n = 0u64;
         for _ in 0..MAX_BATCHES {
-            let done = sqlx::query(statement(kind))
+            match sqlx::query(statement(kind))
                 .bind(before)
                 .bind(BATCH)
                 .execute(pool)
                 .await
-                .map_err(DbError::query("apply retention"))?
-                .rows_affected();
-            n += done;
-            if (done as i64) < BATCH {
-                break;
+            {
+                Ok(done) => {
+                    n += done.rows_affected();
+                    if (done.rows_affected() as i64) < BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    out.deleted.insert(kind, n);
+                    out.problems.push(format!(
+                        "retention stopped at {kind}: {}",
+                        DbError::query("apply retention")(e)
+                    ));
+                    break 'kinds;
+                }
             }
         }
-        deleted.insert(kind, n);
+        out.deleted.insert(kind, n);
     }
-    if deleted.values().any(|n| *n > 0) {
+    if out.deleted.values().any(|n| *n > 0) {
         let kept: BTreeMap<&str, String> = policy
             .kinds()
             .into_iter()
             .map(|(k, d)| (k, d.to_string()))
             .collect();
-        audit::append(
-            pool,
-            actor,
-            "retention.purge",
-            "database",
-            None,
-            &serde_json::json!({"deleted": deleted, "kept_for": kept}),
-        )
-        .await?;
+        let detail =
+            serde_json::json!({"deleted": out.deleted, "kept_for": kept, "problems": out.problems});
+        if let Err(e) =
+            audit::append(pool, actor, "retention.purge", "database", None, &detail).await
+        {
+            out.problems
+                .push(format!("retention could not be audited: {e}"));
+        }
     }
-    Ok(deleted)
+    out
 }

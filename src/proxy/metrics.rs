@@ -145,7 +145,7 @@ impl ProxyMetrics {
             usage_flushes: counter_vec(
                 &r,
                 "apitree_proxy_usage_flushes_total",
-                "Usage batches sent to the database (database mode), by result (ok, failed: kept and sent again).",
+                "Usage batches sent to the database (database mode), by result (ok; failed: kept and sent again; discarded: refused by the database for good).",
                 &["result"],
             ),
             routes,

@@ -440,8 +440,11 @@ pub async fn serve(
     }
     if let (Some(meter), Some(pool)) = (&gw.usage, &usage_pool) {
         // What was counted since the last flush, after the last request has been answered.
-        flush_usage(&gw, meter, pool).await;
         usage_task.abort();
+        if let Err(e) = meter.flush(pool).await {
+            let lost = meter.pending().await;
+            tracing::error!("usage of {lost} call(s) could not be recorded before exit: {e}");
+        }
     }
     if !gw.access_log.close(std::time::Duration::from_secs(2)) {
         tracing::warn!("access-log lines still unwritten at exit: stdout is not keeping up");
@@ -458,12 +461,19 @@ pub async fn flush_usage(gw: &Gateway, meter: &usage::UsageMeter, pool: &sqlx::P
     match meter.flush(pool).await {
         Ok(0) => {}
         Ok(_) => gw.metrics.usage_flushes.with_label_values(&["ok"]).inc(),
-        Err(e) => {
+        Err(e @ usage::FlushError::Kept(_)) => {
             gw.metrics
                 .usage_flushes
                 .with_label_values(&["failed"])
                 .inc();
-            tracing::warn!("usage not recorded yet, kept for the next try: {e}");
+            tracing::warn!("{e}");
+        }
+        Err(e @ usage::FlushError::Discarded(_)) => {
+            gw.metrics
+                .usage_flushes
+                .with_label_values(&["discarded"])
+                .inc();
+            tracing::error!("{e}");
         }
     }
 }

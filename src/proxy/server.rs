@@ -290,7 +290,8 @@ struct Trace<'s> {
     upstream_status: Option<u16>,
     request_body: Option<String>,
     permit: Option<Permit<'s>>,
-    /// Past authentication, scopes and rate limits: a call that counts as usage.
+    /// Past authentication, scopes, rate limits, credentials and the breaker, on its way
+    /// upstream: a call that counts as usage.
     admitted: bool,
 }
 
@@ -607,7 +608,6 @@ impl Gateway {
             }
             return Err(Refusal::RateLimited(decision));
         }
-        trace.admitted = true;
 
         // Step 5: the upstream credential for the caller's org (BYOK first, else system).
         let credential = route.credential_for(&record.org).map_err(|e| match e {
@@ -649,6 +649,9 @@ impl Gateway {
         self.note_breaker(route, transition);
         trace.permit =
             Some(entered.map_err(|retry_after_ms| Refusal::BreakerOpen { retry_after_ms })?);
+        // From here the call goes upstream: it is usage (its failures too), refusals before
+        // it are not.
+        trace.admitted = true;
 
         // Step 7: the upstream request. The buyer's key never leaves the gateway.
         let forwarding = Forwarding {

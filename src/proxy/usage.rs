@@ -96,9 +96,10 @@ impl UsageMeter {
                 &mut days.last_mut().expect("pushed").1
             }
         };
-        c.requests += 1;
-        c.errors += u64::from(error);
-        c.bytes += bytes;
+        c.requests = c.requests.saturating_add(1);
+        c.errors = c.errors.saturating_add(u64::from(error));
+        // A declared length can be anything: sums saturate, never wrap or panic.
+        c.bytes = c.bytes.saturating_add(bytes);
     }
 
     /// Everything counted so far, taken out of the slots.
@@ -110,9 +111,9 @@ impl UsageMeter {
                 for (route, days) in routes {
                     for (day, c) in days {
                         let t = all.entry((key.clone(), route.clone(), day)).or_default();
-                        t.requests += c.requests;
-                        t.errors += c.errors;
-                        t.bytes += c.bytes;
+                        t.requests = t.requests.saturating_add(c.requests);
+                        t.errors = t.errors.saturating_add(c.errors);
+                        t.bytes = t.bytes.saturating_add(c.bytes);
                     }
                 }
             }
@@ -123,13 +124,21 @@ impl UsageMeter {
     /// Sends the unconfirmed batch (again) and then what was counted since; calls counted
     /// while it runs wait for the next flush. Cells whose key id is not a database key (a key
     /// from the gateway's file) are not metered.
-    pub async fn flush(&self, pool: &PgPool) -> Result<u64, DbError> {
+    pub async fn flush(&self, pool: &PgPool) -> Result<u64, FlushError> {
         let mut outgoing = self.outgoing.lock().await;
         let mut sent = 0;
         // The batch whose landing was not confirmed goes first, as it was, under its number.
         if let Some(batch) = outgoing.as_ref() {
-            send(pool, self.replica, batch).await?;
-            sent += batch.requests();
+            match send(pool, self.replica, batch).await {
+                Ok(()) => sent += batch.requests(),
+                // The database will never take it (a value it refuses): set aside, so it
+                // cannot hold up every later batch. Counted and logged by the caller.
+                Err(e) if refused_for_good(&e) => {
+                    *outgoing = None;
+                    return Err(FlushError::Discarded(e));
+                }
+                Err(e) => return Err(FlushError::Kept(e)),
+            }
             *outgoing = None;
         }
         let cells = self.take();
@@ -140,8 +149,14 @@ impl UsageMeter {
             seq: self.next_seq.fetch_add(1, Relaxed),
             cells,
         });
-        send(pool, self.replica, batch).await?;
-        sent += batch.requests();
+        match send(pool, self.replica, batch).await {
+            Ok(()) => sent += batch.requests(),
+            Err(e) if refused_for_good(&e) => {
+                *outgoing = None;
+                return Err(FlushError::Discarded(e));
+            }
+            Err(e) => return Err(FlushError::Kept(e)),
+        }
         *outgoing = None;
         Ok(sent)
     }
@@ -172,6 +187,29 @@ impl Outgoing {
     }
 }
 
+/// Why a flush did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The database could not be reached or failed: the batch is kept and sent again.
+    #[error("usage not recorded yet, kept for the next try: {0}")]
+    Kept(DbError),
+    /// The database refused the batch's data (it never will take it): set aside.
+    #[error("usage batch refused by the database and set aside: {0}")]
+    Discarded(DbError),
+}
+
+/// A refusal about the data (SQLSTATE class 22, data exception, or 23, integrity), not the
+/// connection: sending the same batch again cannot succeed.
+fn refused_for_good(e: &DbError) -> bool {
+    let DbError::Query { source, .. } = e else {
+        return false;
+    };
+    source
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+}
+
 async fn send(pool: &PgPool, replica: Uuid, batch: &Outgoing) -> Result<(), DbError> {
     let (mut keys, mut apis, mut days) = (Vec::new(), Vec::new(), Vec::new());
     let (mut requests, mut errors, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
@@ -182,9 +220,10 @@ async fn send(pool: &PgPool, replica: Uuid, batch: &Outgoing) -> Result<(), DbEr
         keys.push(key);
         apis.push(route.to_string());
         days.push(i64::from(*day));
-        requests.push(c.requests as i64);
-        errors.push(c.errors as i64);
-        bytes.push(c.bytes as i64);
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        requests.push(clamp(c.requests));
+        errors.push(clamp(c.errors));
+        bytes.push(clamp(c.bytes));
     }
     sqlx::query("SELECT usage_flush($1, $2, $3, $4, $5, $6, $7, $8)")
         .bind(replica)
