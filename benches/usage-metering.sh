@@ -116,11 +116,12 @@ for r in $(seq 1 "$ROUNDS"); do
         printf 'round %d %-10s %10.0f req/s  p99 %7.2f ms\n' "$r" "$t" "$rps" "$p99"
     done
 done
-mean() { tr ' ' '\n' <<<"$1" | awk 'NF {s+=$1; n++} END {printf "%.2f", s/n}'; }
-m_rps="$(mean "${RPS[metered]}")"; u_rps="$(mean "${RPS[unmetered]}")"
-m_p99="$(mean "${P99[metered]}")"; u_p99="$(mean "${P99[unmetered]}")"
+# Medians: one disturbed round (the first often is) moves a mean far more than the effect.
+median() { tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk '{v[NR]=$1} END {if (NR % 2) printf "%.2f", v[(NR+1)/2]; else printf "%.2f", (v[NR/2]+v[NR/2+1])/2}'; }
+m_rps="$(median "${RPS[metered]}")"; u_rps="$(median "${RPS[unmetered]}")"
+m_p99="$(median "${P99[metered]}")"; u_p99="$(median "${P99[unmetered]}")"
 echo
-printf '%-10s %10s %10s\n' "" "req/s" "p99 ms"
+printf '%-10s %10s %10s   (medians of %d rounds)\n' "" "req/s" "p99 ms" "$ROUNDS"
 printf '%-10s %10.0f %10.2f\n' metered "$m_rps" "$m_p99" unmetered "$u_rps" "$u_p99"
 awk -v a="$m_rps" -v b="$u_rps" -v c="$m_p99" -v d="$u_p99" \
     'BEGIN {printf "metered/unmetered: req/s %.3f, p99 %.3f\n", a/b, c/d}'

@@ -421,6 +421,16 @@ async fn an_export_holds_everything_and_an_erasure_forgets_it_with_the_chain_int
     assert_eq!(states, ["export/exported", "erase/erased"]);
 }
 
+/// A migrated database of its own with an org `acme`.
+async fn with_org() -> (TestDb, PgPool, Uuid) {
+    let db = TestDb::new().await;
+    let pool = db.migrated_pool().await;
+    let org = apitree::db::keys::create_org(&pool, "acme", "test")
+        .await
+        .unwrap();
+    (db, pool, org)
+}
+
 async fn user(pool: &PgPool, org: Option<Uuid>, role: &str) -> Uuid {
     let id = Uuid::new_v4();
     sqlx::query("INSERT INTO users (id, org_id, email, role) VALUES ($1, $2, $3, $4::user_role)")
@@ -446,11 +456,7 @@ async fn erase(pool: &PgPool, id: Uuid, reason: &str) -> Result<serde_json::Valu
 /// Who cannot be erased, and what a request must carry: each refusal says what to do.
 #[tokio::test]
 async fn erasure_refuses_a_super_admin_an_orgs_last_admin_and_a_request_without_reason() {
-    let db = TestDb::new().await;
-    let pool = db.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
+    let (db, pool, org) = with_org().await;
     let root = user(&pool, None, "super_admin").await;
     let err = erase(&pool, root, "left").await.unwrap_err();
     assert!(matches!(err, DsarError::Refused(_)), "{err:?}");
@@ -491,11 +497,7 @@ async fn erasure_refuses_a_super_admin_an_orgs_last_admin_and_a_request_without_
 /// change); an erasure counts them so the answer to the person can say so.
 #[tokio::test]
 async fn rows_from_before_subjects_are_counted_not_rewritten() {
-    let db = TestDb::new().await;
-    let pool = db.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
+    let (db, pool, org) = with_org().await;
     let id = user(&pool, Some(org), "buyer").await;
     exec(
         &pool,
@@ -538,11 +540,7 @@ async fn rows_from_before_subjects_are_counted_not_rewritten() {
 /// erasure, and a clear error for someone who is not there.
 #[tokio::test]
 async fn the_cli_exports_dry_runs_and_erases_by_email() {
-    let db = TestDb::new().await;
-    let pool = db.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
+    let (db, pool, org) = with_org().await;
     user(&pool, Some(org), "buyer").await;
     sqlx::query("UPDATE users SET email = 'alice@example.com'")
         .execute(&pool)
@@ -615,11 +613,7 @@ async fn the_cli_exports_dry_runs_and_erases_by_email() {
 /// wrote last, and the identity records of others.
 #[tokio::test]
 async fn erasure_follows_rotations_and_last_writers_and_scrubs_only_whole_ids() {
-    let db = TestDb::new().await;
-    let pool = db.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
+    let (_db, pool, org) = with_org().await;
     let alice = user(&pool, Some(org), "buyer").await;
     let dave = user(&pool, Some(org), "buyer").await;
     let key = |name: &'static str, replaced_by: Option<Uuid>| {
@@ -904,11 +898,7 @@ async fn no_name_reaches_the_chain_and_no_name_loses_a_row() {
 /// Who acted is a reference in every table that records it, not only the audit log.
 #[tokio::test]
 async fn request_queue_and_ledger_record_people_by_reference() {
-    let db = TestDb::new().await;
-    let pool = db.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
+    let (_db, pool, org) = with_org().await;
     let id = user(&pool, Some(org), "buyer").await;
     let mut tx = pool.begin().await.unwrap();
     dsar::export(&mut tx, id, &[], "os:root (ticket 7 for Erin Example)")
@@ -943,11 +933,7 @@ async fn request_queue_and_ledger_record_people_by_reference() {
 /// what it created is erased too; one that starts later finds them gone.
 #[tokio::test]
 async fn an_erasure_waits_for_the_persons_request_under_way_and_takes_its_key() {
-    let db = TestDb::new().await;
-    let pool = db.migrated_pool().await;
-    let org = apitree::db::keys::create_org(&pool, "acme", "test")
-        .await
-        .unwrap();
+    let (_db, pool, org) = with_org().await;
     let id = user(&pool, Some(org), "buyer").await;
     // The person's console request: principal looked up (share lock), then a key created.
     let mut request = pool.begin().await.unwrap();

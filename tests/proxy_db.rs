@@ -61,16 +61,7 @@ async fn start_proxy_with(
     upstream_allow: Vec<ipnet::IpNet>,
     routes: &str,
 ) -> DbGateway {
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
-    std::fs::write(dir.path().join("master"), format!("1:{MASTER_KEY_B64}\n")).unwrap();
-    let cfg = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &cfg,
-        format!("secrets: {{ pepperFile: pepper, masterKeyFile: master }}\ntiers:\n  - {{ name: std, perKey: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}, perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }} }}\ndefaultTier: std\nroutes:{}\n", if routes.is_empty() { " []".to_string() } else { format!("\n{routes}") }),
-    )
-    .unwrap();
+    let (dir, cfg) = config_dir(routes);
     let opts = apitree::proxy::ProxyOptions {
         database_url: Some(tdb.url.clone()),
         upstream_allow,
@@ -95,6 +86,22 @@ async fn start_proxy_with(
         admin,
         _dir: dir,
     }
+}
+
+/// A proxy file (pepper, master key, a `std` tier, the given `routes`) in a directory of its
+/// own: (the directory, the file).
+fn config_dir(routes: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
+    std::fs::write(dir.path().join("master"), format!("1:{MASTER_KEY_B64}\n")).unwrap();
+    let cfg = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &cfg,
+        format!("secrets: {{ pepperFile: pepper, masterKeyFile: master }}\ntiers:\n  - {{ name: std, perKey: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }}, perOrg: {{ burst10s: 1000, perMinute: 10000, perDay: 100000 }} }}\ndefaultTier: std\nroutes:{}\n", if routes.is_empty() { " []".to_string() } else { format!("\n{routes}") }),
+    )
+    .unwrap();
+    (dir, cfg)
 }
 
 async fn status(gw: &DbGateway, key: &str) -> u16 {
@@ -1022,16 +1029,7 @@ async fn usage_is_metered_per_key_and_api_and_replicas_add_up_exactly() {
     let org = dbkeys::create_org(&pool, "acme", "test").await.unwrap();
     register_api(&pool, up.addr.unwrap(), org).await;
     let (k1, k2) = (live_key(&pool, org).await, live_key(&pool, org).await);
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pepper"), PEPPER).unwrap();
-    std::fs::write(dir.path().join("master"), format!("1:{MASTER_KEY_B64}\n")).unwrap();
-    let cfg = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &cfg,
-        "secrets: { pepperFile: pepper, masterKeyFile: master }\ntiers:\n  - { name: std, perKey: { burst10s: 1000, perMinute: 10000, perDay: 100000 }, perOrg: { burst10s: 1000, perMinute: 10000, perDay: 100000 } }\ndefaultTier: std\nroutes: []\n",
-    )
-    .unwrap();
+    let (_dir, cfg) = config_dir("");
     let opts = |listen: &str| apitree::proxy::ProxyOptions {
         database_url: Some(tdb.url.clone()),
         upstream_allow: vec!["127.0.0.0/8".parse().unwrap()],
