@@ -146,11 +146,7 @@ impl Authorized {
         if disabled == Some(false) {
             Ok(())
         } else {
-            Err(ApiError::new(
-                401,
-                "session_revoked",
-                "this account is disabled or gone; its sessions end at once",
-            ))
+            Err(session_revoked())
         }
     }
 
@@ -279,11 +275,7 @@ impl Request<'_> {
             },
             _ => {
                 c.metrics.auth_failure("session_revoked");
-                return Err(ApiError::new(
-                    401,
-                    "session_revoked",
-                    "this account is disabled or gone; its sessions end at once",
-                ));
+                return Err(session_revoked());
             }
         };
         match rule(&who) {
@@ -314,6 +306,15 @@ impl Request<'_> {
         }
         Ok(Authorized { tx, who })
     }
+}
+
+/// 401 for a session whose user is disabled, erased or gone.
+fn session_revoked() -> ApiError {
+    ApiError::new(
+        401,
+        "session_revoked",
+        "this account is disabled or gone; its sessions end at once",
+    )
 }
 
 fn uuid(s: &str, what: &str) -> Result<Uuid, ApiError> {

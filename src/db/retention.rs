@@ -15,9 +15,10 @@ pub const BATCH: i64 = 5_000;
 /// Statements per kind and run: what is left waits for the next sweep.
 pub const MAX_BATCHES: usize = 20;
 
-/// The statement deleting at most `$2` rows of one kind older than `$1`.
-fn statement(kind: &str) -> &'static str {
-    match kind {
+/// The statement deleting at most `$2` rows of one kind older than `$1`; None for a kind it
+/// does not know (never guessed: a wrong guess deletes another kind's rows).
+fn statement(kind: &str) -> Option<&'static str> {
+    Some(match kind {
         "usage" => {
             "DELETE FROM usage_counters WHERE ctid IN (
                 SELECT ctid FROM usage_counters WHERE window_start < $1 LIMIT $2)"
@@ -39,13 +40,14 @@ fn statement(kind: &str) -> &'static str {
                    AND NOT EXISTS (SELECT 1 FROM api_keys r WHERE r.replaced_by = k.id)
                  LIMIT $2)"
         }
-        _ => {
+        "dataRequests" => {
             // An open request stays until it is carried out.
             "DELETE FROM dsar_requests WHERE id IN (
                 SELECT id FROM dsar_requests
                  WHERE coalesce(done_at, 'infinity') < $1 LIMIT $2)"
         }
-    }
+        _ => return None,
+    })
 }
 
 /// The shortest rule applied: a spec the operator refused (`1h`, `0s`) never deletes anything.
@@ -74,6 +76,12 @@ pub async fn apply(
     let floor =
         DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).unwrap_or(DateTime::<Utc>::MIN_UTC);
     'kinds: for (kind, keep) in policy.kinds() {
+        let Some(sql) = statement(kind) else {
+            out.problems.push(format!(
+                "retention.{kind} has no rule in this release: not applied"
+            ));
+            continue;
+        };
         if keep.as_std() < MIN_KEEP {
             out.problems.push(format!(
                 "retention.{kind} is {keep}, shorter than a day: not applied"
@@ -86,7 +94,7 @@ pub async fn apply(
             .map_or(floor, |t| t.max(floor));
         let mut n = 0u64;
         for _ in 0..MAX_BATCHES {
-            match sqlx::query(statement(kind))
+            match sqlx::query(sql)
                 .bind(before)
                 .bind(BATCH)
                 .execute(pool)
@@ -126,4 +134,19 @@ pub async fn apply(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kind the spec has is one this module deletes, by its own statement.
+    #[test]
+    fn every_kind_has_its_own_statement() {
+        let spec = crate::crd::gateway::RetentionSpec::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for (kind, _) in spec.kinds() {
+            let sql = super::statement(kind).unwrap_or_else(|| panic!("{kind} has no statement"));
+            assert!(seen.insert(sql), "{kind} shares a statement");
+        }
+        assert_eq!(super::statement("usages"), None);
+    }
 }

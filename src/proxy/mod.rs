@@ -458,24 +458,19 @@ pub const USAGE_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_sec
 /// Sends the usage counted so far; a failure keeps it for the next try (counted in
 /// `apitree_proxy_usage_flushes_total{result="failed"}`).
 pub async fn flush_usage(gw: &Gateway, meter: &usage::UsageMeter, pool: &sqlx::PgPool) {
-    match meter.flush(pool).await {
-        Ok(0) => {}
-        Ok(_) => gw.metrics.usage_flushes.with_label_values(&["ok"]).inc(),
+    let result = match meter.flush(pool).await {
+        Ok(0) => return,
+        Ok(_) => "ok",
         Err(e @ usage::FlushError::Kept(_)) => {
-            gw.metrics
-                .usage_flushes
-                .with_label_values(&["failed"])
-                .inc();
             tracing::warn!("{e}");
+            "failed"
         }
         Err(e @ usage::FlushError::Discarded(_)) => {
-            gw.metrics
-                .usage_flushes
-                .with_label_values(&["discarded"])
-                .inc();
             tracing::error!("{e}");
+            "discarded"
         }
-    }
+    };
+    gw.metrics.usage_flushes.with_label_values(&[result]).inc();
 }
 
 #[cfg(test)]
