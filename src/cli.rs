@@ -696,10 +696,12 @@ pub enum DetectCommand {
     /// Run recorded windows through the detector to see what it would have raised.
     ///
     /// Input CSV with a header: `timestamp,requests,errors` (optional `auth_failures`,
-    /// `p99_ms`) or `timestamp,value` for a plain gauge; timestamps RFC 3339 or unix seconds, one
-    /// row per window. Prints one line per row (JSON objects with --format json): timestamp,
-    /// baseline, ratio, p_value, severity (the incident's level), anomaly_score in [0, 1] and
-    /// event (open, escalate, deescalate, resolve). Malformed input exits 1 naming the line.
+    /// `p99_ms`) or `timestamp,value` for a plain gauge; timestamps RFC 3339, `YYYY-MM-DD
+    /// HH:MM:SS` (UTC) or unix seconds, one row per window, sorted (gaps are fine). Prints one
+    /// line per row (JSON objects with --format json): timestamp, baseline, ratio, p_value,
+    /// severity (the incident's level), anomaly_score in [0, 1] (0.5: supports a warning; high
+    /// where something starts) and event (open, escalate, deescalate, resolve). Malformed
+    /// input exits 1 naming the line.
     ///
     ///   apitree detect replay --input errors.csv --config detection.yaml --format json
     Replay {

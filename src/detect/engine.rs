@@ -551,17 +551,16 @@ impl Detector {
     /// Keeps a window that entered a series' baseline in the store (a failure only costs a
     /// restarted detector that window, so it is logged, not raised).
     async fn keep(&mut self, route: &str, signal: &'static str, verdict: &Verdict) {
-        let Some(past) = verdict.remembered else {
-            return;
-        };
-        let (store, gateway) = (self.store.clone(), self.gateway.clone());
-        let w = self.watched(route, signal);
-        let prune = past.at - w.pruned_at >= 3600;
-        if prune {
-            w.pruned_at = past.at;
-        }
-        if let Err(e) = store.remember(&gateway, route, signal, &past, prune).await {
-            tracing::warn!(gateway = %gateway, "cannot keep a baseline window: {e}");
+        for past in &verdict.remembered {
+            let (store, gateway) = (self.store.clone(), self.gateway.clone());
+            let w = self.watched(route, signal);
+            let prune = past.at - w.pruned_at >= 3600;
+            if prune {
+                w.pruned_at = past.at;
+            }
+            if let Err(e) = store.remember(&gateway, route, signal, past, prune).await {
+                tracing::warn!(gateway = %gateway, "cannot keep a baseline window: {e}");
+            }
         }
     }
 
@@ -931,6 +930,6 @@ fn event_verdict(at: i64, severity: Severity, event: IncidentEvent) -> Verdict {
         },
         severity,
         event: Some(event),
-        remembered: None,
+        remembered: Vec::new(),
     }
 }

@@ -7,9 +7,12 @@
 
 use serde::Serialize;
 
+use super::gauge::GaugeState;
 use super::score::{
-    baseline_with_recent, score_errors, score_gauge, Past, Score, ScoreConfig, Severity, RECENT,
+    horizon, recent, same_time, score_errors, seasonal, Past, Score, ScoreConfig, Severity, RECENT,
+    WEEK,
 };
+use crate::crd::gateway::BaselineMethod;
 
 /// Share of a level's threshold a ratio must fall below to count as calm.
 pub const HYSTERESIS: f64 = 0.8;
@@ -91,19 +94,66 @@ impl Tracker {
 }
 
 /// The verdict on one window of a series.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub at: i64,
     pub score: Score,
     /// The incident's level after this window.
     pub severity: Severity,
     pub event: Option<IncidentEvent>,
-    /// The window as it entered the baseline's history (quiet windows only).
-    pub remembered: Option<Past>,
+    /// Windows that entered the baseline's history with this one: the window itself when it
+    /// was quiet, and for a gauge the earlier windows of a regime it turned out to start.
+    pub remembered: Vec<Past>,
 }
 
 /// How many past windows a series keeps: five weeks of 1-minute windows at most.
 const MAX_HISTORY: usize = 5 * 7 * 24 * 60;
+
+/// Decayed sums of requests and errors: a burn window.
+#[derive(Debug, Clone, Copy, Default)]
+struct Decayed {
+    requests: f64,
+    errors: f64,
+}
+
+/// The burn windows of an error series: the SRE workbook's paired long and short windows (6 h
+/// with 30 min, 1 h with the window itself), kept as exponentially decayed sums so a series
+/// holds six numbers instead of hours of windows. A sliding window of length L has the mean
+/// age of a decay with time constant L/2. Every window enters them, anomalous or not: they
+/// measure what is happening, the reference measures what is normal.
+#[derive(Debug, Clone, Copy, Default)]
+struct Burn {
+    at: Option<i64>,
+    half_hour: Decayed,
+    hour: Decayed,
+    six_hours: Decayed,
+}
+
+impl Burn {
+    fn add(&mut self, at: i64, requests: u64, errors: u64) {
+        let elapsed = self.at.map_or(0, |t| (at - t).max(0)) as f64;
+        for (d, tau) in [
+            (&mut self.half_hour, 900.0),
+            (&mut self.hour, 1_800.0),
+            (&mut self.six_hours, 10_800.0),
+        ] {
+            let keep = (-elapsed / tau).exp();
+            d.requests = d.requests * keep + requests as f64;
+            d.errors = d.errors * keep + errors as f64;
+        }
+        self.at = Some(self.at.map_or(at, |t| t.max(at)));
+    }
+}
+
+fn burn_score(d: Decayed, reference: f64, cfg: &ScoreConfig) -> Score {
+    let requests = d.requests.round() as u64;
+    score_errors(
+        requests,
+        (d.errors.round() as u64).min(requests),
+        Some(reference),
+        cfg,
+    )
+}
 
 /// One watched series: its quiet history (the baseline's input) and its incident.
 #[derive(Debug, Clone)]
@@ -115,6 +165,15 @@ pub struct Series {
     recent_len: usize,
     recent_next: usize,
     pub tracker: Tracker,
+    /// Error series: the burn windows.
+    burn: Burn,
+    /// Error series: the level before the long burn window, and when it was computed (it
+    /// moves slowly, so it is recomputed hourly).
+    horizon: Option<(i64, Option<f64>)>,
+    /// Gauge series: predictors, scales and the current episode.
+    gauge: Option<Box<GaugeState>>,
+    /// Windows since the open incident last rose (opened or escalated).
+    since_rise: u32,
 }
 
 impl Default for Series {
@@ -129,6 +188,10 @@ impl Default for Series {
             recent_len: 0,
             recent_next: 0,
             tracker: Tracker::default(),
+            burn: Burn::default(),
+            horizon: None,
+            gauge: None,
+            since_rise: 0,
         }
     }
 }
@@ -137,31 +200,45 @@ impl Series {
     /// Puts windows that entered the baseline before (oldest first) back into its history.
     pub fn restore(&mut self, pasts: impl IntoIterator<Item = Past>) {
         for past in pasts {
-            self.remember(past, true);
+            self.remember(past);
         }
     }
 
-    fn remember(&mut self, past: Past, verdict_quiet: bool) {
-        // Anomalous windows stay out of the baseline, so a long incident never becomes normal.
-        if verdict_quiet {
-            // Kept sorted by time (the baseline binary-searches it); a late window is inserted.
-            match self.history.last() {
-                Some(last) if last.at > past.at => {
-                    let i = self.history.partition_point(|p| p.at <= past.at);
-                    self.history.insert(i, past);
-                }
-                _ => self.history.push(past),
+    /// Adds a quiet window to the history and the recent ring. Anomalous windows never come
+    /// here, so a long incident never becomes normal.
+    fn remember(&mut self, past: Past) {
+        // Kept sorted by time (the baseline searches it); a late window is inserted.
+        match self.history.last() {
+            Some(last) if last.at > past.at => {
+                let i = self.history.partition_point(|p| p.at <= past.at);
+                self.history.insert(i, past);
             }
-            self.recent[self.recent_next] = past;
-            self.recent_next = (self.recent_next + 1) % RECENT;
-            self.recent_len = (self.recent_len + 1).min(RECENT);
-            if self.history.len() > MAX_HISTORY + MAX_HISTORY / 4 {
-                self.history.drain(..MAX_HISTORY / 4);
-            }
+            _ => self.history.push(past),
+        }
+        self.recent[self.recent_next] = past;
+        self.recent_next = (self.recent_next + 1) % RECENT;
+        self.recent_len = (self.recent_len + 1).min(RECENT);
+        if self.history.len() > MAX_HISTORY + MAX_HISTORY / 4 {
+            self.history.drain(..MAX_HISTORY / 4);
+        }
+    }
+
+    /// The quiet windows before `at`.
+    fn past(&self, at: i64) -> &[Past] {
+        match self.history.last() {
+            Some(last) if last.at < at => &self.history,
+            _ => &self.history[..self.history.partition_point(|p| p.at < at)],
         }
     }
 
     /// An error-ratio window: `errors` of `requests`, starting at `at` (unix seconds).
+    ///
+    /// Three verdicts, the strongest counts: the window against its baseline (the seasonal
+    /// reference blended with the recent level: fast spikes), and two burns against the long
+    /// reference (the seasonal reference, or the level six to 24 hours ago, whichever is
+    /// higher): the last hour together with this window, and the last six hours together with
+    /// the last half hour. A burn needs both of its windows above a threshold, so it pages on
+    /// a rise however slowly it came, and stops as soon as the short window is calm.
     pub fn observe_errors(
         &mut self,
         at: i64,
@@ -169,54 +246,117 @@ impl Series {
         errors: u64,
         cfg: &ScoreConfig,
     ) -> Verdict {
-        let base = baseline_with_recent(&self.history, &self.recent[..self.recent_len], at, cfg);
-        let score = score_errors(requests, errors, base, cfg);
+        let errors = errors.min(requests);
+        let past = self.past(at);
+        let recent_level = recent(&self.recent[..self.recent_len], at);
+        let seasonal_ref = match cfg.baseline {
+            BaselineMethod::Auto => seasonal(past, at, cfg),
+            BaselineMethod::SameTimeLastWeek => same_time(past, at, WEEK, 4, cfg),
+            BaselineMethod::RecentMedian => None,
+        };
+        let base = match cfg.baseline {
+            BaselineMethod::SameTimeLastWeek => seasonal_ref,
+            BaselineMethod::RecentMedian => recent_level,
+            BaselineMethod::Auto => match (seasonal_ref, recent_level) {
+                (Some(s), Some(r)) => Some(s.max(r)),
+                (s, r) => s.or(r),
+            },
+        };
+        let level_before = match self.horizon {
+            Some((when, level)) if at >= when && at - when < 3600 => level,
+            _ => {
+                let level = horizon(past, at);
+                self.horizon = Some((at, level));
+                level
+            }
+        };
+        let long_ref = match (seasonal_ref, level_before) {
+            (Some(s), Some(h)) => Some(s.max(h)),
+            (s, h) => s.or(h),
+        };
+        let mut score = score_errors(requests, errors, base, cfg);
+        self.burn.add(at, requests, errors);
+        if let Some(reference) = long_ref {
+            let this = score_errors(requests, errors, Some(reference), cfg);
+            let hour = burn_score(self.burn.hour, reference, cfg).weaker(this);
+            let six = burn_score(self.burn.six_hours, reference, cfg).weaker(burn_score(
+                self.burn.half_hour,
+                reference,
+                cfg,
+            ));
+            score = score.stronger(hour).stronger(six);
+        }
         // An empty window says nothing about the level: it does not enter the history.
         let past = (requests > 0).then(|| Past {
             at,
-            value: errors.min(requests) as f64 / requests as f64,
+            value: errors as f64 / requests as f64,
             weight: requests,
         });
         self.conclude(at, score, past, cfg)
     }
 
-    /// A gauge window.
+    /// A gauge window (see [`super::gauge`]).
     pub fn observe_gauge(&mut self, at: i64, value: f64, cfg: &ScoreConfig) -> Verdict {
-        let base = baseline_with_recent(&self.history, &self.recent[..self.recent_len], at, cfg);
-        let recent: Vec<f64> = self
-            .history
-            .iter()
-            .rev()
-            .take(48)
-            .map(|p| p.value)
-            .collect();
-        let score = score_gauge(value, base, &recent, cfg);
-        self.conclude(
+        let mut gauge = self.gauge.take().unwrap_or_default();
+        let judged = gauge.judge(
+            self.past(at),
+            &self.recent[..self.recent_len],
             at,
-            score,
-            Some(Past {
+            value,
+            cfg,
+        );
+        self.gauge = Some(gauge);
+        let event = self.tracker.step(&judged.score, cfg);
+        let severity = self.tracker.level();
+        let mut remembered = judged.accepted;
+        if judged.level_shift {
+            // The new level is the recent level now.
+            self.recent_len = 0;
+            self.recent_next = 0;
+        }
+        if judged.quiet && remembered.is_empty() {
+            remembered.push(Past {
                 at,
                 value,
                 weight: 1,
-            }),
-            cfg,
-        )
+            });
+        }
+        for past in &remembered {
+            self.remember(*past);
+        }
+        Verdict {
+            at,
+            score: judged.score,
+            severity,
+            event,
+            remembered,
+        }
     }
 
-    /// Steps the incident and remembers the window when it was quiet.
+    /// Steps the incident and remembers the window when it was quiet. The anomaly score of a
+    /// window that neither opens nor escalates the open incident falls to 40% with every window
+    /// since it last did: it marks where something started, not how long it lasts.
     fn conclude(
         &mut self,
         at: i64,
-        score: Score,
+        mut score: Score,
         past: Option<Past>,
         cfg: &ScoreConfig,
     ) -> Verdict {
         let event = self.tracker.step(&score, cfg);
         let severity = self.tracker.level();
+        match event {
+            Some(IncidentEvent::Open | IncidentEvent::Escalate) => self.since_rise = 0,
+            _ if severity != Severity::None => {
+                self.since_rise = self.since_rise.saturating_add(1);
+                score.anomaly_score *= super::gauge::NOVELTY.powi(self.since_rise.min(60) as i32);
+            }
+            _ => self.since_rise = 0,
+        }
         let quiet = severity == Severity::None && score.severity == Severity::None;
-        let remembered = past.filter(|_| quiet);
-        if let Some(past) = past {
-            self.remember(past, quiet);
+        let remembered: Vec<Past> = past.filter(|_| quiet).into_iter().collect();
+        for past in &remembered {
+            self.remember(*past);
         }
         Verdict {
             at,
@@ -339,5 +479,62 @@ mod tests {
         // An empty window (no traffic) is not an outage.
         let v3 = s.observe_errors(T0 + 41 * 300, 0, 0, &cfg());
         assert_eq!(v3.severity, Severity::None);
+    }
+
+    /// The case: three days at ~1% errors, then a climb to 12% over six hours. Each
+    /// window is only a little above the one before, so the recent level follows it; the burn
+    /// windows against the level of earlier days page.
+    #[test]
+    fn a_slow_climb_to_twelve_times_pages_however_slowly_it_comes() {
+        let mut s = Series::default();
+        let c = cfg();
+        let day = 288;
+        for i in 0..3 * day {
+            s.observe_errors(T0 + i as i64 * 300, 10_000, 100, &c);
+        }
+        let mut opened = None;
+        let mut last = None;
+        for k in 0..72 {
+            let errors = 100 + 1_100 * k / 72;
+            let v = s.observe_errors(T0 + (3 * day + k) as i64 * 300, 10_000, errors, &c);
+            if v.event == Some(IncidentEvent::Open) && opened.is_none() {
+                opened = Some(k);
+            }
+            last = Some(v);
+        }
+        let opened = opened.expect("a twelvefold rise never paged");
+        assert!(opened < 48, "paged only after {opened} windows");
+        assert!(last.unwrap().severity >= Severity::High);
+        // The same with a traffic drop and the ratio unchanged: nothing.
+        let mut quiet = Series::default();
+        for i in 0..3 * day {
+            quiet.observe_errors(T0 + i as i64 * 300, 10_000, 100, &c);
+        }
+        for k in 0..72 {
+            let v = quiet.observe_errors(T0 + (3 * day + k) as i64 * 300, 1_000, 10, &c);
+            assert_eq!(v.severity, Severity::None);
+        }
+    }
+
+    /// A gauge that shifts its level is alerted once, then adapted to: the incident resolves
+    /// and the anomaly score falls back while the new level holds.
+    #[test]
+    fn a_gauge_level_shift_alerts_then_adapts() {
+        let mut s = Series::default();
+        let c = cfg();
+        for i in 0..300 {
+            let noise = [0.0, 1.5, -1.0, 0.5, -1.5, 1.0][i % 6];
+            s.observe_gauge(T0 + i as i64 * 300, 100.0 + noise, &c);
+        }
+        let mut v = Vec::new();
+        for i in 300..340 {
+            let noise = [0.0, 1.5, -1.0, 0.5, -1.5, 1.0][i % 6];
+            v.push(s.observe_gauge(T0 + i as i64 * 300, 400.0 + noise, &c));
+        }
+        assert_eq!(v[0].event, Some(IncidentEvent::Open));
+        assert!(v[0].score.anomaly_score >= 0.5);
+        assert!(v[1..].iter().all(|v| v.score.anomaly_score < 0.5));
+        assert!(v.iter().any(|v| v.event == Some(IncidentEvent::Resolve)));
+        assert_eq!(v.last().unwrap().severity, Severity::None);
     }
 }

@@ -5,6 +5,8 @@
 //! Prometheus), persistence and notifications sit at the edges.
 
 pub mod engine;
+pub mod eval;
+pub mod gauge;
 pub mod incident;
 pub mod replay;
 pub mod score;

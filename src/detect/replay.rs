@@ -2,8 +2,11 @@
 //! thresholds can be tuned on real history.
 //!
 //! Input is CSV with a header: `timestamp,requests,errors` (optional `auth_failures`, `p99_ms`)
-//! for error-ratio series, or `timestamp,value` for a plain gauge. Timestamps are RFC 3339 or
-//! unix seconds. One output record per input row.
+//! for error-ratio series, or `timestamp,value` for a plain gauge. Timestamps are RFC 3339,
+//! `YYYY-MM-DD HH:MM:SS` (UTC) or unix seconds. One output record per input row. Rows must be
+//! sorted; gaps (missing windows) are allowed: baselines look windows up by time, the burn
+//! windows decay by the time that passed, and after a gap of more than a day a series waits for
+//! three windows before it judges again.
 
 use serde::Serialize;
 
@@ -51,7 +54,17 @@ pub struct ReplayRow {
     pub signals: std::collections::BTreeMap<&'static str, SignalOutput>,
 }
 
-fn parse_time(text: &str, line: usize) -> Result<i64, ReplayError> {
+/// Timestamp layouts without an offset, read as UTC.
+const NAIVE_LAYOUTS: [&str; 4] = [
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%dT%H:%M",
+];
+
+/// Unix seconds, RFC 3339 (`2026-11-29T07:00:00Z`, `…+09:00`, also with a space for the `T`)
+/// or `YYYY-MM-DD HH:MM[:SS[.fff]]` without an offset, which is read as UTC.
+pub fn parse_time(text: &str, line: usize) -> Result<i64, ReplayError> {
     let t = text.trim();
     if let Ok(secs) = t.parse::<i64>() {
         return Ok(secs);
@@ -61,16 +74,23 @@ fn parse_time(text: &str, line: usize) -> Result<i64, ReplayError> {
             return Ok(secs as i64);
         }
     }
-    chrono::DateTime::parse_from_rfc3339(t)
-        .map(|d| d.timestamp())
-        .map_err(|_| {
-            err(
-                line,
-                format!(
-                    "timestamp {t:?} is neither RFC 3339 (2026-11-29T07:00:00Z) nor unix seconds"
-                ),
-            )
-        })
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Ok(d.timestamp());
+    }
+    if let Ok(d) = chrono::DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%:z") {
+        return Ok(d.timestamp());
+    }
+    for layout in NAIVE_LAYOUTS {
+        if let Ok(d) = chrono::NaiveDateTime::parse_from_str(t, layout) {
+            return Ok(d.and_utc().timestamp());
+        }
+    }
+    Err(err(
+        line,
+        format!(
+            "timestamp {t:?} is neither RFC 3339 (2026-11-29T07:00:00Z), YYYY-MM-DD HH:MM:SS (UTC) nor unix seconds"
+        ),
+    ))
 }
 
 fn parse_count(text: &str, column: &str, line: usize) -> Result<u64, ReplayError> {
@@ -331,6 +351,22 @@ mod tests {
         .unwrap();
         assert_eq!(rows[0].timestamp, "2026-11-29T07:00:00Z");
         assert_eq!(rows.len(), 2);
+        for (text, secs) in [
+            ("2026-11-29 07:00:00", 1_795_935_600),
+            ("2026-11-29 07:00:00.250", 1_795_935_600),
+            ("2026-11-29T07:00:00", 1_795_935_600),
+            ("2026-11-29 07:00", 1_795_935_600),
+            ("2026-11-29 16:00:00+09:00", 1_795_935_600),
+            ("2026-11-29T16:00:00+09:00", 1_795_935_600),
+        ] {
+            assert_eq!(parse_time(text, 2), Ok(secs), "{text}");
+        }
+        for bad in ["2026-11-29", "29/11/2026 07:00", "2026-13-01 00:00:00"] {
+            assert!(parse_time(bad, 7)
+                .unwrap_err()
+                .message
+                .contains("YYYY-MM-DD HH:MM:SS"));
+        }
     }
 
     /// Unsorted or repeated timestamps change every verdict after them: refused with the line.

@@ -101,7 +101,8 @@ pub struct Past {
     pub weight: u64,
 }
 
-const WEEK: i64 = 7 * 86_400;
+pub const DAY: i64 = 86_400;
+pub const WEEK: i64 = 7 * DAY;
 /// Recent windows the fallback baseline uses.
 pub const RECENT: usize = 12;
 /// Fewest past windows a baseline rests on.
@@ -113,7 +114,7 @@ pub const MIN_EXPECTED_ERRORS: f64 = 5.0;
 
 /// The central value of past windows: for error ratios the pooled ratio (total errors / total
 /// requests, which stays right when most small windows hold zero errors), for gauges the median.
-fn central(points: &[Past]) -> Option<f64> {
+pub(super) fn central(points: &[Past]) -> Option<f64> {
     if points.is_empty() {
         return None;
     }
@@ -125,7 +126,7 @@ fn central(points: &[Past]) -> Option<f64> {
     (requests > 0.0).then(|| errors / requests)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(super) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -139,14 +140,111 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 /// The baseline for a window starting at `now` from quiet past windows (anomalous windows are
-/// left out by the caller). Same time last week(s) when that history exists, else the recent
-/// level (the last day, at most the 12 latest windows); None when there is too little history
-/// to judge. `history` must be sorted by time; lookups are binary searches, so a week of
-/// history per series costs microseconds.
+/// left out by the caller). Same time on earlier weeks when that history exists, else on
+/// earlier days, blended with the recent level (the last day, at most the 12 latest windows);
+/// None when there is too little history to judge. `history` must be sorted by time.
 pub fn baseline(history: &[Past], now: i64, cfg: &ScoreConfig) -> Option<f64> {
     let end = history.partition_point(|p| p.at < now);
     let tail = &history[end.saturating_sub(RECENT)..end];
     baseline_with_recent(history, tail, now, cfg)
+}
+
+/// The window of `past` (sorted by time) nearest to `target`, when one lies within
+/// `tolerance`. Windows are usually evenly spaced, so the index is guessed from the time and
+/// corrected by a few steps; a binary search only when the guess is far off. A tick over many
+/// series therefore touches a handful of cache lines per lookup.
+fn near(past: &[Past], target: i64, tolerance: i64, spacing: i64) -> Option<Past> {
+    let last = past.last()?;
+    let n = past.len();
+    let back = (last.at - target) / spacing.max(1);
+    let mut i = (n as i64 - 1 - back).clamp(0, n as i64 - 1) as usize;
+    let mut steps = 0;
+    while steps < 4 && i + 1 < n && past[i].at < target {
+        i += 1;
+        steps += 1;
+    }
+    while steps < 8 && i > 0 && past[i].at > target {
+        i -= 1;
+        steps += 1;
+    }
+    if steps >= 4 {
+        // Uneven spacing (gaps): search properly.
+        i = past.partition_point(|p| p.at < target).min(n - 1);
+    }
+    [i.checked_sub(1), Some(i), (i + 1 < n).then_some(i + 1)]
+        .into_iter()
+        .flatten()
+        .map(|j| past[j])
+        .filter(|p| p.weight > 0 && (p.at - target).abs() <= tolerance)
+        .min_by_key(|p| (p.at - target).abs())
+}
+
+/// Same time on up to `count` earlier periods (days or weeks): the central value of the
+/// windows found, None when none is.
+pub fn same_time(
+    past: &[Past],
+    now: i64,
+    period: i64,
+    count: i64,
+    cfg: &ScoreConfig,
+) -> Option<f64> {
+    let tolerance = (cfg.window_secs / 2).max(1);
+    if past.first().is_none_or(|p| p.at > now - period + tolerance) {
+        return None;
+    }
+    let mut found = [EMPTY; 7];
+    let mut n = 0;
+    for k in 1..=count.min(7) {
+        if let Some(p) = near(past, now - k * period, tolerance, cfg.window_secs) {
+            found[n] = p;
+            n += 1;
+        }
+    }
+    central(&found[..n])
+}
+
+const EMPTY: Past = Past {
+    at: 0,
+    value: 0.0,
+    weight: 0,
+};
+
+/// The seasonal reference of a window: same time on up to four earlier weeks when a week of
+/// history exists, else on up to seven earlier days.
+pub fn seasonal(past: &[Past], now: i64, cfg: &ScoreConfig) -> Option<f64> {
+    same_time(past, now, WEEK, 4, cfg).or_else(|| same_time(past, now, DAY, 7, cfg))
+}
+
+/// The recent level: the central value of the latest quiet windows of the last day (at least
+/// three of them).
+pub fn recent(recent_windows: &[Past], now: i64) -> Option<f64> {
+    let mut found = [EMPTY; RECENT];
+    let mut n = 0;
+    for p in recent_windows
+        .iter()
+        .filter(|p| p.at < now && p.at >= now - DAY && p.weight > 0)
+        .take(RECENT)
+    {
+        found[n] = *p;
+        n += 1;
+    }
+    if n < MIN_HISTORY {
+        return None;
+    }
+    central(&found[..n])
+}
+
+/// The level before the long burn window: errors pooled over the quiet windows between a day
+/// and six hours before `now` (at least three of them). A rise that has been going on for
+/// hours is measured against it, not against the windows it has already crept into.
+pub fn horizon(history: &[Past], now: i64) -> Option<f64> {
+    let from = history.partition_point(|p| p.at < now - DAY);
+    let to = history.partition_point(|p| p.at < now - 6 * 3600);
+    let span = &history[from..to.max(from)];
+    if span.len() < MIN_HISTORY {
+        return None;
+    }
+    central(span)
 }
 
 /// [`baseline`] with the recent windows supplied separately (a series keeps them in a small
@@ -162,61 +260,13 @@ pub fn baseline_with_recent(
         Some(last) if last.at < now => history,
         _ => &history[..history.partition_point(|p| p.at < now)],
     };
-    let weekly = || {
-        // Up to four prior weeks, each within half a window of the same time.
-        let tolerance = (cfg.window_secs / 2).max(1);
-        if past.first().is_none_or(|p| p.at > now - WEEK + tolerance) {
-            return None;
-        }
-        let mut found = [Past {
-            at: 0,
-            value: 0.0,
-            weight: 0,
-        }; 4];
-        let mut n = 0;
-        for w in 1..=4 {
-            let target = now - w * WEEK;
-            let i = past.partition_point(|p| p.at < target);
-            let best = [i.checked_sub(1), Some(i)]
-                .into_iter()
-                .flatten()
-                .filter_map(|j| past.get(j))
-                .filter(|p| p.weight > 0 && (p.at - target).abs() <= tolerance)
-                .min_by_key(|p| (p.at - target).abs());
-            if let Some(p) = best {
-                found[n] = *p;
-                n += 1;
-            }
-        }
-        central(&found[..n])
-    };
-    let recent = || {
-        // Recent means the last day: a week-old window says nothing about the current level.
-        let mut found = [Past {
-            at: 0,
-            value: 0.0,
-            weight: 0,
-        }; RECENT];
-        let mut n = 0;
-        for p in recent_windows
-            .iter()
-            .filter(|p| p.at < now && p.at >= now - 86_400 && p.weight > 0)
-            .take(RECENT)
-        {
-            found[n] = *p;
-            n += 1;
-        }
-        if n < MIN_HISTORY {
-            return None;
-        }
-        central(&found[..n])
-    };
     match cfg.baseline {
-        BaselineMethod::SameTimeLastWeek => weekly(),
-        BaselineMethod::RecentMedian => recent(),
-        // Same time last week, blended with the recent level so a shifted week (a holiday, a
-        // migration) does not skew it alone: the larger of the two guards against false alarms.
-        BaselineMethod::Auto => match (weekly(), recent()) {
+        BaselineMethod::SameTimeLastWeek => same_time(past, now, WEEK, 4, cfg),
+        BaselineMethod::RecentMedian => recent(recent_windows, now),
+        // The seasonal reference blended with the recent level so a shifted day or week (a
+        // holiday, a migration) does not skew it alone: the larger of the two guards against
+        // false alarms. Slow rises that drag the recent level along are the burn windows' job.
+        BaselineMethod::Auto => match (seasonal(past, now, cfg), recent(recent_windows, now)) {
             (Some(w), Some(r)) => Some(w.max(r)),
             (w, r) => w.or(r),
         },
@@ -240,7 +290,7 @@ pub struct Score {
 
 impl Score {
     /// Nothing to judge (no baseline yet, or an empty window).
-    fn unjudged(baseline: Option<f64>, ratio: f64) -> Self {
+    pub fn unjudged(baseline: Option<f64>, ratio: f64) -> Self {
         Self {
             baseline,
             ratio,
@@ -253,7 +303,8 @@ impl Score {
     /// The severity `ratio` reaches, when the window has enough data and the excess is
     /// significant at `cfg.alpha`.
     fn judged(base: f64, ratio: f64, p_value: f64, enough: bool, cfg: &ScoreConfig) -> Self {
-        let severity = if enough && p_value < cfg.alpha {
+        let passes = enough && p_value < cfg.alpha;
+        let severity = if passes {
             cfg.level(ratio)
         } else {
             Severity::None
@@ -263,17 +314,44 @@ impl Score {
             ratio,
             p_value,
             severity,
-            anomaly_score: anomaly_score(ratio, p_value, cfg),
+            anomaly_score: anomaly_score(ratio, p_value, passes, cfg),
+        }
+    }
+
+    /// The stronger of two verdicts: the higher severity, then the larger ratio.
+    pub fn stronger(self, other: Self) -> Self {
+        if (other.severity, other.ratio) > (self.severity, self.ratio) {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// The weaker of two verdicts (a burn needs both of its windows).
+    pub fn weaker(self, other: Self) -> Self {
+        if (other.severity, other.ratio) < (self.severity, self.ratio) {
+            other
+        } else {
+            self
         }
     }
 }
 
-fn anomaly_score(ratio: f64, p_value: f64, cfg: &ScoreConfig) -> f64 {
+/// How anomalous a window is, in [0, 1]: 0.5 at the warning multiple, 1 at its square (9x by
+/// default), scaled by confidence (1 − p). A window that cannot raise a severity (too few
+/// requests or errors, not significant) stays below 0.5, so "0.5 or more" means "supports a
+/// warning or more".
+fn anomaly_score(ratio: f64, p_value: f64, passes: bool, cfg: &ScoreConfig) -> f64 {
     if ratio <= 1.0 {
         return 0.0;
     }
-    let size = (ratio.ln() / cfg.critical.ln()).min(1.0);
-    (size * (1.0 - p_value)).clamp(0.0, 1.0)
+    let size = (0.5 * ratio.ln() / cfg.warning.max(1.0 + 1e-9).ln()).min(1.0);
+    let score = (size * (1.0 - p_value)).clamp(0.0, 1.0);
+    if passes {
+        score
+    } else {
+        score.min(0.45)
+    }
 }
 
 /// Scores an error-ratio window: `errors` of `requests` against the baseline ratio.
@@ -319,33 +397,6 @@ pub fn score_errors(
         // A jump that is significant even on few requests still pages.
         || (errors >= 5 && p_value < cfg.alpha / 100.0);
     Score::judged(base, ratio, p_value, enough, cfg)
-}
-
-/// Scores a plain gauge: deviation from the baseline in either direction, significant by a
-/// robust z-score (median and MAD of the history).
-pub fn score_gauge(
-    value: f64,
-    baseline_value: Option<f64>,
-    history: &[f64],
-    cfg: &ScoreConfig,
-) -> Score {
-    let Some(base) = baseline_value else {
-        return Score::unjudged(None, 1.0);
-    };
-    let floor = cfg.baseline_floor.max(f64::MIN_POSITIVE);
-    let b = base.abs().max(floor);
-    let v = value.abs().max(floor);
-    let ratio = if v >= b { v / b } else { b / v };
-    let med = median(history.to_vec()).unwrap_or(base);
-    let mad = median(history.iter().map(|x| (x - med).abs()).collect()).unwrap_or(0.0);
-    // MAD of a constant series is 0; fall back to a small share of the level so it stays finite.
-    let scale = (1.4826 * mad).max(b * 0.01).max(f64::MIN_POSITIVE);
-    let z = (value - med).abs() / scale;
-    let p_value = Normal::new(0.0, 1.0)
-        .map(|n| 2.0 * (1.0 - n.cdf(z)))
-        .unwrap_or(1.0)
-        .clamp(0.0, 1.0);
-    Score::judged(base, ratio, p_value, true, cfg)
 }
 
 #[cfg(test)]
@@ -433,25 +484,6 @@ mod tests {
             baseline(&history[history.len() - 2..], now, &c),
             None,
             "two windows are too little history"
-        );
-    }
-
-    #[test]
-    fn gauges_deviate_in_either_direction() {
-        let c = cfg();
-        let history: Vec<f64> = (0..24).map(|i| 100.0 + (i % 3) as f64).collect();
-        assert_eq!(
-            score_gauge(101.0, Some(101.0), &history, &c).severity,
-            Severity::None
-        );
-        assert_eq!(
-            score_gauge(1_200.0, Some(101.0), &history, &c).severity,
-            Severity::Critical
-        );
-        assert_eq!(
-            score_gauge(8.0, Some(101.0), &history, &c).severity,
-            Severity::Critical,
-            "a drop to a tenth"
         );
     }
 }

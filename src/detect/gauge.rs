@@ -1,0 +1,347 @@
+//! Gauge scoring: a route's p99 latency and the `timestamp,value` series of a replay.
+//!
+//! A gauge is predicted three ways: the recent level (median of the latest quiet windows of the
+//! last day), the same time on up to seven earlier days, and the same time on up to four
+//! earlier weeks. A window is judged against the predictor that has been right most lately
+//! (exponentially weighted mean absolute error over about 30 windows); a seasonal predictor
+//! only once it has predicted a day's worth of windows and beats the recent level by 10%. So
+//! daily and weekly seasonality are found in the data, not configured, and a series that loses
+//! its rhythm falls back to its recent level.
+//!
+//! The residual (value − prediction, corrected by the predictor's recent bias) is measured in
+//! robust units: 1.4826 × the median absolute deviation of that predictor's residuals over its
+//! latest 64 quiet windows, never less than 1% of the level (a gauge does not alarm on a few
+//! percent). A window is anomalous from [`GAUGE_Z`] units. Anomalous windows stay out of the
+//! baseline, unless they show that the series has changed regime:
+//! - **a level shift**: 5 of the last 6 windows anomalous on the same side. They become the
+//!   recent level: the shift is alerted, then adapted to;
+//! - **a variance change**: 4 of the last 12 windows anomalous on both sides. Their residuals
+//!   become the predictor's scale.
+//!
+//! The anomaly score says how surprising a window is: 0.5 at [`GAUGE_Z`] units, 1 from twice as
+//! far. It is high when something starts, not while it lasts: within an episode of consecutive
+//! anomalous windows it falls to 40% with every window, unless a window is markedly stronger than
+//! the episode's strongest so far. A severity (the configured multiples of the prediction, in
+//! either direction) is only raised by an anomalous window.
+
+use statrs::distribution::{ContinuousCDF, Normal};
+
+use super::score::{median, recent, same_time, Past, Score, ScoreConfig, Severity, DAY, WEEK};
+use crate::crd::gateway::BaselineMethod;
+
+/// What an anomaly score keeps per window an episode (or an incident) goes on: 0.4, so a
+/// window after the first is below 0.5 even at full strength.
+pub const NOVELTY: f64 = 0.4;
+/// Robust units from which a gauge window is anomalous.
+pub const GAUGE_Z: f64 = 4.5;
+/// Quiet residuals each predictor's scale rests on.
+const RING: usize = 64;
+/// The latest windows (quiet or not) a regime change is read from.
+const LAST: usize = 12;
+/// Residuals a predictor needs before its own scale is used.
+const MIN_RESIDUALS: usize = 8;
+/// Windows a seasonal predictor must have predicted before it can be chosen.
+const TRACK_RECORD: u32 = 48;
+/// Weight of the newest window in a predictor's mean absolute error.
+const ERROR_WEIGHT: f64 = 0.03;
+/// The smallest scale, as a share of the level.
+const RELATIVE_FLOOR: f64 = 0.01;
+
+/// The predictors, in the order of [`GaugeState`]'s arrays.
+const RECENT_LEVEL: usize = 0;
+const SAME_TIME_DAYS: usize = 1;
+const SAME_TIME_WEEKS: usize = 2;
+
+#[derive(Debug, Clone, Copy)]
+struct Ring {
+    values: [f64; RING],
+    len: usize,
+    next: usize,
+    /// Pushes since the cached bias and scale were computed.
+    stale: usize,
+    bias: f64,
+    scale: f64,
+}
+
+impl Default for Ring {
+    fn default() -> Self {
+        Self {
+            values: [0.0; RING],
+            len: 0,
+            next: 0,
+            stale: usize::MAX,
+            bias: 0.0,
+            scale: 0.0,
+        }
+    }
+}
+
+impl Ring {
+    fn push(&mut self, x: f64) {
+        self.values[self.next] = x;
+        self.next = (self.next + 1) % RING;
+        self.len = (self.len + 1).min(RING);
+        self.stale = self.stale.saturating_add(1);
+    }
+
+    fn replace(&mut self, xs: impl IntoIterator<Item = f64>) {
+        *self = Self::default();
+        for x in xs {
+            self.push(x);
+        }
+    }
+
+    /// (bias, scale): the median residual and 1.4826 × the median absolute deviation around
+    /// it, recomputed every fourth push (sorting 64 numbers per window adds up over many
+    /// series, and four windows barely move a median of 64).
+    fn bias_and_scale(&mut self) -> Option<(f64, f64)> {
+        if self.len < MIN_RESIDUALS {
+            return None;
+        }
+        if self.stale >= 4 {
+            let values = &self.values[..self.len];
+            let bias = median(values.to_vec()).unwrap_or(0.0);
+            let mad = median(values.iter().map(|x| (x - bias).abs()).collect()).unwrap_or(0.0);
+            self.bias = bias;
+            self.scale = 1.4826 * mad;
+            self.stale = 0;
+        }
+        Some((self.bias, self.scale))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    at: i64,
+    value: f64,
+    residual: f64,
+    anomalous: bool,
+}
+
+/// What a gauge series keeps besides its history: each predictor's residuals and record, the
+/// latest windows and the current episode.
+#[derive(Debug, Clone, Default)]
+pub struct GaugeState {
+    residuals: [Ring; 3],
+    error: [f64; 3],
+    predicted: [u32; 3],
+    last: [Window; LAST],
+    last_len: usize,
+    last_next: usize,
+    episode: u32,
+    peak: f64,
+}
+
+/// The verdict on one gauge window, before the incident steps.
+pub struct Judged {
+    pub score: Score,
+    /// The window may enter the baseline.
+    pub quiet: bool,
+    /// Earlier anomalous windows that turned out to be a new regime: they enter the baseline
+    /// now (with this window).
+    pub accepted: Vec<Past>,
+    /// A level shift: the recent level is made of the accepted windows only.
+    pub level_shift: bool,
+}
+
+impl GaugeState {
+    /// Judges `value` at `at` against `history` (quiet windows, sorted) and the recent ring.
+    pub fn judge(
+        &mut self,
+        history: &[Past],
+        recent_windows: &[Past],
+        at: i64,
+        value: f64,
+        cfg: &ScoreConfig,
+    ) -> Judged {
+        let mut predictions = [None; 3];
+        let allowed = match cfg.baseline {
+            BaselineMethod::Auto => [true, true, true],
+            BaselineMethod::RecentMedian => [true, false, false],
+            BaselineMethod::SameTimeLastWeek => [false, false, true],
+        };
+        if allowed[RECENT_LEVEL] {
+            predictions[RECENT_LEVEL] = recent(recent_windows, at);
+        }
+        if allowed[SAME_TIME_DAYS] {
+            predictions[SAME_TIME_DAYS] = same_time(history, at, DAY, 7, cfg);
+        }
+        if allowed[SAME_TIME_WEEKS] {
+            predictions[SAME_TIME_WEEKS] = same_time(history, at, WEEK, 4, cfg);
+        }
+        let chosen = self.choose(&predictions, cfg);
+        let Some((c, predicted)) = chosen else {
+            // Nothing to judge against yet: the window starts the history.
+            self.remember_last(at, value, 0.0, false);
+            return Judged {
+                score: Score::unjudged(None, 1.0),
+                quiet: true,
+                accepted: Vec::new(),
+                level_shift: false,
+            };
+        };
+        let floor = cfg.baseline_floor.max(f64::MIN_POSITIVE);
+        let (bias, scale) = match self.residuals[c].bias_and_scale() {
+            Some((bias, scale)) => (bias, scale),
+            // Too few residuals of this predictor (a new or restored series): the spread of
+            // the recent history stands in.
+            None => (0.0, fallback_scale(history)),
+        };
+        let expected = predicted + bias;
+        let scale = scale
+            .max(expected.abs() * RELATIVE_FLOOR)
+            .max(floor)
+            .max(f64::MIN_POSITIVE);
+        let residual = value - expected;
+        let z = residual.abs() / scale;
+        let anomalous = z >= GAUGE_Z;
+        // Every predictor's record, with errors clipped so one spike does not disqualify one.
+        for (i, p) in predictions.iter().enumerate() {
+            if let Some(p) = p {
+                let e = (value - p).abs().min(GAUGE_Z * scale);
+                self.error[i] = if self.predicted[i] == 0 {
+                    e
+                } else {
+                    (1.0 - ERROR_WEIGHT) * self.error[i] + ERROR_WEIGHT * e
+                };
+                self.predicted[i] = self.predicted[i].saturating_add(1);
+                if !anomalous {
+                    self.residuals[i].push(value - p);
+                }
+            }
+        }
+        self.remember_last(at, value, residual, anomalous);
+        let (accepted, level_shift) = if anomalous {
+            self.regime_change(c)
+        } else {
+            (Vec::new(), false)
+        };
+        let b = expected.abs().max(floor);
+        let v = value.abs().max(floor);
+        let ratio = if v >= b { v / b } else { b / v };
+        let p_value = Normal::new(0.0, 1.0)
+            .map(|n| 2.0 * (1.0 - n.cdf(z)))
+            .unwrap_or(1.0)
+            .clamp(0.0, 1.0);
+        let severity = if anomalous && p_value < cfg.alpha {
+            cfg.level(ratio)
+        } else {
+            Severity::None
+        };
+        let strength = ((z - 2.0) / (2.0 * (GAUGE_Z - 2.0))).clamp(0.0, 1.0);
+        let anomaly_score = if anomalous {
+            let s = if self.episode == 0 || strength > 1.5 * self.peak {
+                strength
+            } else {
+                strength * NOVELTY.powi(self.episode.min(60) as i32)
+            };
+            self.episode += 1;
+            self.peak = self.peak.max(strength);
+            s
+        } else {
+            self.episode = 0;
+            self.peak = 0.0;
+            strength
+        };
+        Judged {
+            score: Score {
+                baseline: Some(expected),
+                ratio,
+                p_value,
+                severity,
+                anomaly_score,
+            },
+            quiet: !anomalous || !accepted.is_empty(),
+            accepted,
+            level_shift,
+        }
+    }
+
+    /// The predictor to judge against, and its prediction.
+    fn choose(&self, predictions: &[Option<f64>; 3], _cfg: &ScoreConfig) -> Option<(usize, f64)> {
+        let mut chosen: Option<usize> = predictions[RECENT_LEVEL].map(|_| RECENT_LEVEL);
+        for i in [SAME_TIME_DAYS, SAME_TIME_WEEKS] {
+            if predictions[i].is_none() {
+                continue;
+            }
+            let proven = self.predicted[i] >= TRACK_RECORD;
+            chosen = match chosen {
+                // Alone (SameTimeLastWeek, or no recent level yet after a gap).
+                None => Some(i),
+                Some(c) if proven && self.error[i] < 0.9 * self.error[c] => Some(i),
+                keep => keep,
+            };
+        }
+        chosen.and_then(|c| predictions[c].map(|p| (c, p)))
+    }
+
+    fn remember_last(&mut self, at: i64, value: f64, residual: f64, anomalous: bool) {
+        self.last[self.last_next] = Window {
+            at,
+            value,
+            residual,
+            anomalous,
+        };
+        self.last_next = (self.last_next + 1) % LAST;
+        self.last_len = (self.last_len + 1).min(LAST);
+    }
+
+    /// The latest `n` windows, oldest first.
+    fn latest(&self, n: usize) -> impl Iterator<Item = usize> + '_ {
+        let n = n.min(self.last_len);
+        (0..n).map(move |k| (self.last_next + LAST - n + k) % LAST)
+    }
+
+    /// Whether the latest anomalous windows are a new regime; if so they are accepted (they
+    /// enter the baseline and are no longer counted as anomalies).
+    fn regime_change(&mut self, chosen: usize) -> (Vec<Past>, bool) {
+        let six: Vec<usize> = self.latest(6).collect();
+        let shifted: Vec<usize> = six
+            .iter()
+            .copied()
+            .filter(|&i| self.last[i].anomalous)
+            .collect();
+        let same_side = shifted
+            .windows(2)
+            .all(|w| self.last[w[0]].residual.signum() == self.last[w[1]].residual.signum());
+        if shifted.len() >= 5 && same_side {
+            return (self.accept(&shifted), true);
+        }
+        let twelve: Vec<usize> = self.latest(LAST).collect();
+        let noisy: Vec<usize> = twelve
+            .iter()
+            .copied()
+            .filter(|&i| self.last[i].anomalous)
+            .collect();
+        let up = noisy.iter().any(|&i| self.last[i].residual > 0.0);
+        let down = noisy.iter().any(|&i| self.last[i].residual < 0.0);
+        if noisy.len() >= 4 && up && down {
+            let residuals: Vec<f64> = twelve.iter().map(|&i| self.last[i].residual).collect();
+            self.residuals[chosen].replace(residuals);
+            return (self.accept(&noisy), false);
+        }
+        (Vec::new(), false)
+    }
+
+    fn accept(&mut self, windows: &[usize]) -> Vec<Past> {
+        windows
+            .iter()
+            .map(|&i| {
+                self.last[i].anomalous = false;
+                Past {
+                    at: self.last[i].at,
+                    value: self.last[i].value,
+                    weight: 1,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The spread of the latest 48 windows of history (1.4826 × MAD), for a predictor with too
+/// few residuals of its own.
+fn fallback_scale(history: &[Past]) -> f64 {
+    let values: Vec<f64> = history.iter().rev().take(48).map(|p| p.value).collect();
+    let med = median(values.clone()).unwrap_or(0.0);
+    1.4826 * median(values.iter().map(|x| (x - med).abs()).collect()).unwrap_or(0.0)
+}
