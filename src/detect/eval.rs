@@ -175,6 +175,15 @@ fn gauge(
             edit(i, clean, sd, rng)
         })
         .collect();
+    gauge_series(category, seed, values, windows)
+}
+
+fn gauge_series(
+    category: &'static str,
+    seed: u64,
+    values: Vec<f64>,
+    windows: Vec<(usize, usize)>,
+) -> Labelled {
     Labelled {
         category,
         name: format!("{category}-{seed}"),
@@ -349,15 +358,7 @@ fn series(category: &'static str, seed: u64) -> Labelled {
                     level * shape + sd * rng.normal()
                 })
                 .collect();
-            Labelled {
-                category,
-                name: format!("{category}-{seed}"),
-                kind: Kind::Gauge,
-                times: times(),
-                values,
-                counts: Vec::new(),
-                windows: vec![(s, s + 48)],
-            }
+            gauge_series(category, seed, values, vec![(s, s + 48)])
         }
         "flat, rare noise" => {
             let level = rng.range(10.0, 1_000.0);
@@ -375,15 +376,7 @@ fn series(category: &'static str, seed: u64) -> Labelled {
                     level + blip + event
                 })
                 .collect();
-            Labelled {
-                category,
-                name: format!("{category}-{seed}"),
-                kind: Kind::Gauge,
-                times: times(),
-                values,
-                counts: Vec::new(),
-                windows: vec![(s, s + 12)],
-            }
+            gauge_series(category, seed, values, vec![(s, s + 12)])
         }
         "long quiet" => {
             let s = rng.index(5 * 288, ROWS - 12);

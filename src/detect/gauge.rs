@@ -169,7 +169,7 @@ impl GaugeState {
         if allowed[SAME_TIME_WEEKS] {
             predictions[SAME_TIME_WEEKS] = same_time(history, at, WEEK, 4, cfg);
         }
-        let chosen = self.choose(&predictions, cfg);
+        let chosen = self.choose(&predictions);
         let Some((c, predicted)) = chosen else {
             // Nothing to judge against yet: the window starts the history.
             self.remember_last(at, value, 0.0, false);
@@ -258,7 +258,7 @@ impl GaugeState {
     }
 
     /// The predictor to judge against, and its prediction.
-    fn choose(&self, predictions: &[Option<f64>; 3], _cfg: &ScoreConfig) -> Option<(usize, f64)> {
+    fn choose(&self, predictions: &[Option<f64>; 3]) -> Option<(usize, f64)> {
         let mut chosen: Option<usize> = predictions[RECENT_LEVEL].map(|_| RECENT_LEVEL);
         for i in [SAME_TIME_DAYS, SAME_TIME_WEEKS] {
             if predictions[i].is_none() {

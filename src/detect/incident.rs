@@ -9,10 +9,8 @@ use serde::Serialize;
 
 use super::gauge::GaugeState;
 use super::score::{
-    horizon, recent, same_time, score_errors, seasonal, Past, Score, ScoreConfig, Severity, RECENT,
-    WEEK,
+    horizon, references, score_errors, Past, References, Score, ScoreConfig, Severity, RECENT,
 };
-use crate::crd::gateway::BaselineMethod;
 
 /// Share of a level's threshold a ratio must fall below to count as calm.
 pub const HYSTERESIS: f64 = 0.8;
@@ -248,20 +246,10 @@ impl Series {
     ) -> Verdict {
         let errors = errors.min(requests);
         let past = self.past(at);
-        let recent_level = recent(&self.recent[..self.recent_len], at);
-        let seasonal_ref = match cfg.baseline {
-            BaselineMethod::Auto => seasonal(past, at, cfg),
-            BaselineMethod::SameTimeLastWeek => same_time(past, at, WEEK, 4, cfg),
-            BaselineMethod::RecentMedian => None,
-        };
-        let base = match cfg.baseline {
-            BaselineMethod::SameTimeLastWeek => seasonal_ref,
-            BaselineMethod::RecentMedian => recent_level,
-            BaselineMethod::Auto => match (seasonal_ref, recent_level) {
-                (Some(s), Some(r)) => Some(s.max(r)),
-                (s, r) => s.or(r),
-            },
-        };
+        let References {
+            baseline: base,
+            seasonal: seasonal_ref,
+        } = references(past, &self.recent[..self.recent_len], at, cfg);
         let level_before = match self.horizon {
             Some((when, level)) if at >= when && at - when < 3600 => level,
             _ => {

@@ -146,7 +146,7 @@ pub(super) fn median(mut v: Vec<f64>) -> Option<f64> {
 pub fn baseline(history: &[Past], now: i64, cfg: &ScoreConfig) -> Option<f64> {
     let end = history.partition_point(|p| p.at < now);
     let tail = &history[end.saturating_sub(RECENT)..end];
-    baseline_with_recent(history, tail, now, cfg)
+    references(history, tail, now, cfg).baseline
 }
 
 /// The window of `past` (sorted by time) nearest to `target`, when one lies within
@@ -247,29 +247,51 @@ pub fn horizon(history: &[Past], now: i64) -> Option<f64> {
     central(span)
 }
 
+/// A window's references: its baseline, and the seasonal reference it was blended from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct References {
+    pub baseline: Option<f64>,
+    pub seasonal: Option<f64>,
+}
+
 /// [`baseline`] with the recent windows supplied separately (a series keeps them in a small
-/// ring next to its state, so a tick over many series reads little memory).
-pub fn baseline_with_recent(
+/// ring next to its state, so a tick over many series reads little memory), and the seasonal
+/// reference (the burn windows' long reference starts from it).
+pub fn references(
     history: &[Past],
     recent_windows: &[Past],
     now: i64,
     cfg: &ScoreConfig,
-) -> Option<f64> {
+) -> References {
     // Usually every stored window is older than `now`: skip the search (and its cache misses).
     let past = match history.last() {
         Some(last) if last.at < now => history,
         _ => &history[..history.partition_point(|p| p.at < now)],
     };
+    let recent_level = || recent(recent_windows, now);
     match cfg.baseline {
-        BaselineMethod::SameTimeLastWeek => same_time(past, now, WEEK, 4, cfg),
-        BaselineMethod::RecentMedian => recent(recent_windows, now),
+        BaselineMethod::SameTimeLastWeek => {
+            let weekly = same_time(past, now, WEEK, 4, cfg);
+            References {
+                baseline: weekly,
+                seasonal: weekly,
+            }
+        }
+        BaselineMethod::RecentMedian => References {
+            baseline: recent_level(),
+            seasonal: None,
+        },
         // The seasonal reference blended with the recent level so a shifted day or week (a
         // holiday, a migration) does not skew it alone: the larger of the two guards against
         // false alarms. Slow rises that drag the recent level along are the burn windows' job.
-        BaselineMethod::Auto => match (seasonal(past, now, cfg), recent(recent_windows, now)) {
-            (Some(w), Some(r)) => Some(w.max(r)),
-            (w, r) => w.or(r),
-        },
+        BaselineMethod::Auto => {
+            let seasonal = seasonal(past, now, cfg);
+            let baseline = match (seasonal, recent_level()) {
+                (Some(w), Some(r)) => Some(w.max(r)),
+                (w, r) => w.or(r),
+            };
+            References { baseline, seasonal }
+        }
     }
 }
 
