@@ -4,6 +4,10 @@
 //!
 //!   cargo bench --bench detector_quality                   # the table
 //!   cargo bench --bench detector_quality -- --write DIR    # also the corpus as CSV + labels
+//!   cargo bench --bench detector_quality -- --series ramp  # also each series of a category:
+//!                                                          # when each detector first fired in
+//!                                                          # each window, and where it fired
+//!                                                          # outside them
 //!
 //! Runs only under `cargo bench` (it exits at once under `cargo test --all-targets`).
 
@@ -87,7 +91,43 @@ fn main() {
         );
     }
     println!();
+    if let Some(category) = args
+        .iter()
+        .position(|a| a == "--series")
+        .and_then(|i| args.get(i + 1))
+    {
+        for (k, series) in corpus.iter().enumerate() {
+            if series.category != category.as_str() {
+                continue;
+            }
+            println!("{}: windows {:?}", series.name, series.windows);
+            for ((d, sc), t) in DETECTORS.iter().zip(&scores).zip(&thresholds) {
+                println!("  {d:<20} {}", detections(&sc[k], *t, &series.windows));
+            }
+        }
+    }
     eprintln!("({:.1}s)", started.elapsed().as_secs_f64());
+}
+
+/// Where a detector fired on one series: each window's first detection as rows after its
+/// start (or "miss"), then the rows it fired outside every window.
+fn detections(scores: &[f64], threshold: f64, windows: &[(usize, usize)]) -> String {
+    let fired = |i: usize| scores[i] >= threshold;
+    let mut out: Vec<String> = windows
+        .iter()
+        .map(|&(a, b)| match (a..b).find(|&i| fired(i)) {
+            Some(i) => format!("+{}", i - a),
+            None => "miss".to_string(),
+        })
+        .collect();
+    let outside: Vec<String> = (eval::WARM_UP..scores.len())
+        .filter(|&i| fired(i) && !windows.iter().any(|&(a, b)| i >= a && i < b))
+        .map(|i| i.to_string())
+        .collect();
+    if !outside.is_empty() {
+        out.push(format!("outside: {}", outside.join(" ")));
+    }
+    out.join("  ")
 }
 
 fn write(dir: &str, corpus: &[eval::Labelled]) {

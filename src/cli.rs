@@ -699,7 +699,7 @@ pub enum DetectCommand {
     /// `p99_ms`) or `timestamp,value` for a plain gauge; timestamps RFC 3339, `YYYY-MM-DD
     /// HH:MM:SS` (UTC) or unix seconds, one row per window, sorted (gaps are fine). Prints one
     /// line per row (JSON objects with --format json): timestamp, baseline, ratio, p_value,
-    /// severity (the incident's level), anomaly_score in [0, 1] (0.5: supports a warning; high
+    /// severity (the incident's level), anomaly_score in [0, 1] (0.5: anomalous; high
     /// where something starts) and event (open, escalate, deescalate, resolve). Malformed
     /// input exits 1 naming the line.
     ///

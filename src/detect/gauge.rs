@@ -18,26 +18,36 @@
 //! - **a variance change**: 4 of the last 12 windows anomalous on both sides. Their residuals
 //!   become the predictor's scale.
 //!
-//! The anomaly score says how surprising a window is: 0.5 at [`GAUGE_Z`] units, 1 from twice as
-//! far. It is high when something starts, not while it lasts: within an episode of consecutive
-//! anomalous windows it falls to 40% with every window, unless a window is markedly stronger than
-//! the episode's strongest so far. A severity (the configured multiples of the prediction, in
+//! A steady climb (or fall) can stay within [`GAUGE_Z`] units of the recent level, which
+//! follows it a few windows behind. So a window is also anomalous when the mean of the latest
+//! six quiet windows has drifted from what was predicted before they came by [`GAUGE_Z`] units
+//! of how far such a mean drifts when nothing happens; the climb then stays out of the
+//! baseline, and once it has lasted it is a level shift like any other.
+//!
+//! The anomaly score says how surprising a window is: 0.5 at [`GAUGE_Z`] units, 1 from 7. It
+//! is high when something starts, not while it lasts (see [`Episode`]). A severity (the configured multiples of the prediction, in
 //! either direction) is only raised by an anomalous window.
 
 use statrs::distribution::{ContinuousCDF, Normal};
 
-use super::score::{median, recent, same_time, Past, Score, ScoreConfig, Severity, DAY, WEEK};
+use super::score::{
+    median, recent, same_time, strength, Episode, Past, Score, ScoreConfig, Severity, DAY, WEEK,
+};
 use crate::crd::gateway::BaselineMethod;
 
-/// What an anomaly score keeps per window an episode (or an incident) goes on: 0.4, so a
-/// window after the first is below 0.5 even at full strength.
-pub const NOVELTY: f64 = 0.4;
 /// Robust units from which a gauge window is anomalous.
 pub const GAUGE_Z: f64 = 4.5;
 /// Quiet residuals each predictor's scale rests on.
 const RING: usize = 64;
 /// The latest windows (quiet or not) a regime change is read from.
 const LAST: usize = 12;
+/// Windows a drift is averaged over (see [`GaugeState::drift`]).
+const DRIFT: usize = 6;
+/// The least noise of a drift, as a share of one window's scale: a mean of six windows against
+/// a median of twelve, √(1/6 + π/(2·12)) ≈ 0.55. A drift's noise is measured like a residual's
+/// (the spread of the predictor's latest 64 quiet drifts, around their median): a seasonal
+/// series the recent level follows a little behind drifts every day, and that is its normal.
+const DRIFT_NOISE: f64 = 0.55;
 /// Residuals a predictor needs before its own scale is used.
 const MIN_RESIDUALS: usize = 8;
 /// Windows a seasonal predictor must have predicted before it can be chosen.
@@ -114,6 +124,10 @@ impl Ring {
 struct Window {
     at: i64,
     value: f64,
+    /// What the window was judged against (the chosen prediction, bias-corrected).
+    expected: f64,
+    /// The chosen predictor.
+    chosen: usize,
     residual: f64,
     anomalous: bool,
 }
@@ -123,13 +137,16 @@ struct Window {
 #[derive(Debug, Clone, Default)]
 pub struct GaugeState {
     residuals: [Ring; 3],
+    /// Each predictor's drifts on quiet windows: how far a drift goes when nothing happens.
+    drifts: [Ring; 3],
     error: [f64; 3],
     predicted: [u32; 3],
     last: [Window; LAST],
     last_len: usize,
     last_next: usize,
-    episode: u32,
-    peak: f64,
+    episode: Episode,
+    /// When the latest level shift was adopted: a drift is not measured across it.
+    settled: Option<i64>,
 }
 
 /// The verdict on one gauge window, before the incident steps.
@@ -172,7 +189,14 @@ impl GaugeState {
         let chosen = self.choose(&predictions);
         let Some((c, predicted)) = chosen else {
             // Nothing to judge against yet: the window starts the history.
-            self.remember_last(at, value, 0.0, false);
+            self.remember_last(Window {
+                at,
+                value,
+                expected: value,
+                chosen: RECENT_LEVEL,
+                residual: 0.0,
+                anomalous: false,
+            });
             return Judged {
                 score: Score::unjudged(None, 1.0),
                 quiet: true,
@@ -193,7 +217,19 @@ impl GaugeState {
             .max(floor)
             .max(f64::MIN_POSITIVE);
         let residual = value - expected;
-        let z = residual.abs() / scale;
+        let mut z = residual.abs() / scale;
+        if z < GAUGE_Z {
+            // A window that is near its prediction may still be part of a steady climb the
+            // prediction has been following.
+            if let Some(drift) = self.drift(c, at, value, expected) {
+                let (bias, spread) = self.drifts[c].bias_and_scale().unwrap_or((0.0, 0.0));
+                let z_drift = (drift - bias).abs() / spread.max(DRIFT_NOISE * scale);
+                if z_drift < GAUGE_Z {
+                    self.drifts[c].push(drift);
+                }
+                z = z.max(z_drift);
+            }
+        }
         let anomalous = z >= GAUGE_Z;
         // Every predictor's record, with errors clipped so one spike does not disqualify one.
         for (i, p) in predictions.iter().enumerate() {
@@ -210,12 +246,22 @@ impl GaugeState {
                 }
             }
         }
-        self.remember_last(at, value, residual, anomalous);
+        self.remember_last(Window {
+            at,
+            value,
+            expected,
+            chosen: c,
+            residual,
+            anomalous,
+        });
         let (accepted, level_shift) = if anomalous {
             self.regime_change(c)
         } else {
             (Vec::new(), false)
         };
+        if level_shift {
+            self.settled = Some(at);
+        }
         let b = expected.abs().max(floor);
         let v = value.abs().max(floor);
         let ratio = if v >= b { v / b } else { b / v };
@@ -228,21 +274,7 @@ impl GaugeState {
         } else {
             Severity::None
         };
-        let strength = ((z - 2.0) / (2.0 * (GAUGE_Z - 2.0))).clamp(0.0, 1.0);
-        let anomaly_score = if anomalous {
-            let s = if self.episode == 0 || strength > 1.5 * self.peak {
-                strength
-            } else {
-                strength * NOVELTY.powi(self.episode.min(60) as i32)
-            };
-            self.episode += 1;
-            self.peak = self.peak.max(strength);
-            s
-        } else {
-            self.episode = 0;
-            self.peak = 0.0;
-            strength
-        };
+        let anomaly_score = self.episode.score(anomalous, strength(z, GAUGE_Z));
         Judged {
             score: Score {
                 baseline: Some(expected),
@@ -275,15 +307,44 @@ impl GaugeState {
         chosen.and_then(|c| predictions[c].map(|p| (c, p)))
     }
 
-    fn remember_last(&mut self, at: i64, value: f64, residual: f64, anomalous: bool) {
-        self.last[self.last_next] = Window {
-            at,
-            value,
-            residual,
-            anomalous,
-        };
+    fn remember_last(&mut self, window: Window) {
+        self.last[self.last_next] = window;
         self.last_next = (self.last_next + 1) % LAST;
         self.last_len = (self.last_len + 1).min(LAST);
+    }
+
+    /// How far the latest quiet windows (with this one) have drifted from their prediction,
+    /// in the gauge's units, when that can be told. Against the recent level, which follows a
+    /// climb a few windows behind, the drift is the mean of the latest [`DRIFT`] quiet values
+    /// less the prediction made [`LAST`] windows ago, before they came; against a seasonal
+    /// predictor, which does not follow, it is the mean of their residuals. Anomalous windows
+    /// are left out (a spike is not a drift), and no drift is measured across a level shift
+    /// or a gap of hours.
+    fn drift(&self, chosen: usize, at: i64, value: f64, expected: f64) -> Option<f64> {
+        if self.last_len < LAST - 1 {
+            return None;
+        }
+        let oldest = self.last[self.latest(LAST - 1).next()?];
+        if self.settled.is_some_and(|t| oldest.at <= t)
+            || oldest.at < at - 3 * 3600
+            || oldest.chosen != chosen
+        {
+            return None;
+        }
+        let quiet: Vec<Window> = self
+            .latest(DRIFT - 1)
+            .map(|i| self.last[i])
+            .filter(|w| !w.anomalous && w.chosen == chosen)
+            .collect();
+        if quiet.len() + 1 < DRIFT - 1 {
+            return None;
+        }
+        let n = (quiet.len() + 1) as f64;
+        Some(if chosen == RECENT_LEVEL {
+            (quiet.iter().map(|w| w.value).sum::<f64>() + value) / n - oldest.expected
+        } else {
+            (quiet.iter().map(|w| w.residual).sum::<f64>() + value - expected) / n
+        })
     }
 
     /// The latest `n` windows, oldest first.

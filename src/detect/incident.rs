@@ -7,9 +7,10 @@
 
 use serde::Serialize;
 
-use super::gauge::GaugeState;
+use super::gauge::{GaugeState, GAUGE_Z};
 use super::score::{
-    horizon, references, score_errors, Past, References, Score, ScoreConfig, Severity, RECENT,
+    references, score_errors, strength, Episode, Horizon, Past, References, Score, ScoreConfig,
+    Severity, MIN_EXPECTED_ERRORS, NOVELTY, RECENT,
 };
 
 /// Share of a level's threshold a ratio must fall below to count as calm.
@@ -153,6 +154,64 @@ fn burn_score(d: Decayed, reference: f64, cfg: &ScoreConfig) -> Score {
     )
 }
 
+/// How far an error series' windows stray from its long reference when nothing happens: the
+/// mean square of their binomial z (exponentially weighted over about 50 quiet windows). It is
+/// 1 where errors are purely binomial; real traffic is usually more dispersed (retries, one
+/// client's bad batch, a daily mix of callers), and a window's surprise is measured in these
+/// units, so a series that always wobbles is not surprising when it wobbles.
+#[derive(Debug, Clone, Copy, Default)]
+struct Dispersion {
+    phi: f64,
+    /// Quiet windows it has learnt from.
+    learnt: u32,
+}
+
+/// Quiet windows a series' dispersion is learnt from before its surprise counts.
+const LEARN: u32 = 24;
+/// The smallest rise that can be surprising, as a multiple of the long reference: at high
+/// traffic a 10% rise is statistically certain and still nothing to look at.
+const MIN_SURPRISE: f64 = 1.25;
+
+impl Dispersion {
+    /// The strength of this window's rise over `reference` in dispersion units (0.5 from
+    /// [`GAUGE_Z`] units), and whether it is surprising. Calm windows that are not surprising
+    /// teach the dispersion.
+    fn surprise(
+        &mut self,
+        requests: u64,
+        errors: u64,
+        reference: f64,
+        calm: bool,
+        cfg: &ScoreConfig,
+    ) -> (bool, f64) {
+        let reference = reference.max(cfg.baseline_floor).min(1.0);
+        let expected = requests as f64 * reference;
+        if requests < cfg.min_requests || expected < MIN_EXPECTED_ERRORS || reference >= 1.0 {
+            // Too few errors expected for a normal approximation to mean anything.
+            return (false, 0.0);
+        }
+        let z = (errors as f64 - expected) / (expected * (1.0 - reference)).sqrt();
+        let units = z / self.phi.max(1.0).sqrt();
+        let surprising =
+            self.learnt >= LEARN && units >= GAUGE_Z && errors as f64 >= MIN_SURPRISE * expected;
+        if calm && units < GAUGE_Z {
+            let z2 = z.clamp(-GAUGE_Z, GAUGE_Z).powi(2);
+            self.phi = if self.learnt == 0 {
+                z2
+            } else {
+                0.98 * self.phi + 0.02 * z2
+            };
+            self.learnt = self.learnt.saturating_add(1);
+        }
+        let s = if self.learnt >= LEARN && errors as f64 >= MIN_SURPRISE * expected {
+            strength(units, GAUGE_Z)
+        } else {
+            0.0
+        };
+        (surprising, s)
+    }
+}
+
 /// One watched series: its quiet history (the baseline's input) and its incident.
 #[derive(Debug, Clone)]
 pub struct Series {
@@ -165,11 +224,14 @@ pub struct Series {
     pub tracker: Tracker,
     /// Error series: the burn windows.
     burn: Burn,
-    /// Error series: the level before the long burn window, and when it was computed (it
-    /// moves slowly, so it is recomputed hourly).
-    horizon: Option<(i64, Option<f64>)>,
+    /// Error series: the level before the long burn window.
+    horizon: Horizon,
     /// Gauge series: predictors, scales and the current episode.
     gauge: Option<Box<GaugeState>>,
+    /// Error series: how its windows stray from the long reference, and the current episode
+    /// of surprising windows.
+    dispersion: Dispersion,
+    episode: Episode,
     /// Windows since the open incident last rose (opened or escalated).
     since_rise: u32,
 }
@@ -187,8 +249,10 @@ impl Default for Series {
             recent_next: 0,
             tracker: Tracker::default(),
             burn: Burn::default(),
-            horizon: None,
+            horizon: Horizon::default(),
             gauge: None,
+            dispersion: Dispersion::default(),
+            episode: Episode::default(),
             since_rise: 0,
         }
     }
@@ -210,6 +274,9 @@ impl Series {
             Some(last) if last.at > past.at => {
                 let i = self.history.partition_point(|p| p.at <= past.at);
                 self.history.insert(i, past);
+                if self.horizon.covers(i) {
+                    self.horizon.reset();
+                }
             }
             _ => self.history.push(past),
         }
@@ -218,6 +285,7 @@ impl Series {
         self.recent_len = (self.recent_len + 1).min(RECENT);
         if self.history.len() > MAX_HISTORY + MAX_HISTORY / 4 {
             self.history.drain(..MAX_HISTORY / 4);
+            self.horizon.reset();
         }
     }
 
@@ -245,19 +313,12 @@ impl Series {
         cfg: &ScoreConfig,
     ) -> Verdict {
         let errors = errors.min(requests);
+        let level_before = self.horizon.level(&self.history, at);
         let past = self.past(at);
         let References {
             baseline: base,
             seasonal: seasonal_ref,
         } = references(past, &self.recent[..self.recent_len], at, cfg);
-        let level_before = match self.horizon {
-            Some((when, level)) if at >= when && at - when < 3600 => level,
-            _ => {
-                let level = horizon(past, at);
-                self.horizon = Some((at, level));
-                level
-            }
-        };
         let long_ref = match (seasonal_ref, level_before) {
             (Some(s), Some(h)) => Some(s.max(h)),
             (s, h) => s.or(h),
@@ -273,6 +334,12 @@ impl Series {
                 cfg,
             ));
             score = score.stronger(hour).stronger(six);
+            let calm = self.tracker.level() == Severity::None;
+            let (surprising, rise) = self
+                .dispersion
+                .surprise(requests, errors, reference, calm, cfg);
+            let surprise = self.episode.score(surprising, rise);
+            score.anomaly_score = score.anomaly_score.max(surprise);
         }
         // An empty window says nothing about the level: it does not enter the history.
         let past = (requests > 0).then(|| Past {
@@ -337,7 +404,7 @@ impl Series {
             Some(IncidentEvent::Open | IncidentEvent::Escalate) => self.since_rise = 0,
             _ if severity != Severity::None => {
                 self.since_rise = self.since_rise.saturating_add(1);
-                score.anomaly_score *= super::gauge::NOVELTY.powi(self.since_rise.min(60) as i32);
+                score.anomaly_score *= NOVELTY.powi(self.since_rise.min(60) as i32);
             }
             _ => self.since_rise = 0,
         }
@@ -524,5 +591,80 @@ mod tests {
         assert!(v[1..].iter().all(|v| v.score.anomaly_score < 0.5));
         assert!(v.iter().any(|v| v.event == Some(IncidentEvent::Resolve)));
         assert_eq!(v.last().unwrap().severity, Severity::None);
+    }
+
+    /// A gauge that climbs steadily (12 noise units over three hours) stays within a few units
+    /// of its recent level, which follows it; the drift from what was predicted before the
+    /// climb is what marks it, during the climb, and the quiet day before is never marked.
+    #[test]
+    fn a_gauge_that_climbs_slowly_is_marked_while_it_climbs() {
+        let c = cfg();
+        for seed in 1..=5 {
+            let mut s = Series::default();
+            let mut rng = crate::detect::eval::Rng::new(seed);
+            let mut scores = Vec::new();
+            for i in 0..400 {
+                let climb = if i >= 300 {
+                    12.0 * ((i - 300) as f64 / 36.0).min(1.0)
+                } else {
+                    0.0
+                };
+                let v = s.observe_gauge(T0 + i * 300, 200.0 + 4.0 * (climb + rng.normal()), &c);
+                scores.push(v.score.anomaly_score);
+            }
+            let quiet = scores[48..300].iter().cloned().fold(0.0, f64::max);
+            assert!(quiet < 0.5, "seed {seed}: a quiet window scored {quiet}");
+            let first = scores[300..].iter().position(|s| *s >= 0.5);
+            assert!(
+                first.is_some_and(|k| k < 36),
+                "seed {seed}: the climb was marked at {first:?} (it lasts 36 windows)"
+            );
+        }
+    }
+
+    /// Surprise is measured in the series' own wobble: errors that wobble ±30% from window to
+    /// window (more than counting noise) are not surprising when they wobble, nor at a 1.6x
+    /// rise; on a series without the wobble that rise is; and a rise under 1.25x never is,
+    /// however much traffic makes it certain.
+    #[test]
+    fn surprise_is_measured_in_the_series_own_wobble() {
+        let c = cfg();
+        // (highest score on a quiet day after its first hours, highest in the hour of a rise)
+        let run = |requests: u64, wobble: f64, rise: f64| -> (f64, f64) {
+            let mut s = Series::default();
+            let mut rng = crate::detect::eval::Rng::new(11);
+            let mut quiet = 0.0f64;
+            for i in 0..300 {
+                let ratio = 0.01 * (1.0 + wobble * (2.0 * rng.uniform() - 1.0));
+                let v = s.observe_errors(T0 + i * 300, requests, rng.binomial(requests, ratio), &c);
+                if i >= 120 {
+                    quiet = quiet.max(v.score.anomaly_score);
+                }
+            }
+            let mut risen = 0.0f64;
+            for k in 0..12 {
+                let errors = rng.binomial(requests, 0.01 * rise);
+                let v = s.observe_errors(T0 + (300 + k) * 300, requests, errors, &c);
+                risen = risen.max(v.score.anomaly_score);
+            }
+            (quiet, risen)
+        };
+        let (quiet, risen) = run(20_000, 0.0, 1.6);
+        assert!(
+            quiet < 0.5 && risen >= 0.5,
+            "steady series: {quiet} then {risen}"
+        );
+        let (quiet, risen) = run(20_000, 0.3, 1.6);
+        assert!(
+            quiet < 0.5 && risen < 0.5,
+            "wobbling series: {quiet} then {risen}"
+        );
+        let (_, risen) = run(200_000, 0.0, 1.15);
+        assert!(risen < 0.5, "a 1.15x rise was surprising: {risen}");
+        let (_, risen) = run(200_000, 0.0, 1.4);
+        assert!(
+            risen >= 0.5,
+            "a certain 1.4x rise was not surprising: {risen}"
+        );
     }
 }

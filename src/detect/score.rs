@@ -234,17 +234,111 @@ pub fn recent(recent_windows: &[Past], now: i64) -> Option<f64> {
     central(&found[..n])
 }
 
+/// What an anomaly score keeps per window an episode (or an incident) goes on: 0.4, so a
+/// window after the first is below 0.5 even at full strength.
+pub const NOVELTY: f64 = 0.4;
+/// Quiet windows that end an episode: an anomaly that flickers on and off is one episode.
+const EPISODE_GAP: u32 = 6;
+
+/// Anomalous windows close together, so that an anomaly score is high where something starts,
+/// not while it lasts: within an episode (anomalous windows until six quiet ones in a row end
+/// it, so a flickering anomaly is one episode) a window's score falls to 40% with every
+/// anomalous window, unless it is markedly stronger than the episode's strongest so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Episode {
+    /// Anomalous windows in the episode so far.
+    length: u32,
+    /// Its strongest window's strength.
+    peak: f64,
+    /// Quiet windows since the latest anomalous one.
+    calm: u32,
+}
+
+impl Episode {
+    /// The anomaly score of a window of `strength` (in [0, 1], 0.5 = anomalous).
+    pub fn score(&mut self, anomalous: bool, strength: f64) -> f64 {
+        if !anomalous {
+            self.calm = self.calm.saturating_add(1);
+            return strength;
+        }
+        if self.calm >= EPISODE_GAP {
+            *self = Self::default();
+        }
+        self.calm = 0;
+        let score = if self.length == 0 || strength > 1.5 * self.peak {
+            strength
+        } else {
+            strength * NOVELTY.powi(self.length.min(60) as i32)
+        };
+        self.length += 1;
+        self.peak = self.peak.max(strength);
+        score
+    }
+}
+
+/// Strength of a distance of `units` (robust or dispersion-corrected standard units) from what
+/// was expected: 0.5 at `anomalous` units, 1 from `anomalous + 2.5`.
+pub fn strength(units: f64, anomalous: f64) -> f64 {
+    ((units - 2.0) / (2.0 * (anomalous - 2.0))).clamp(0.0, 1.0)
+}
+
 /// The level before the long burn window: errors pooled over the quiet windows between a day
 /// and six hours before `now` (at least three of them). A rise that has been going on for
 /// hours is measured against it, not against the windows it has already crept into.
-pub fn horizon(history: &[Past], now: i64) -> Option<f64> {
-    let from = history.partition_point(|p| p.at < now - DAY);
-    let to = history.partition_point(|p| p.at < now - 6 * 3600);
-    let span = &history[from..to.max(from)];
-    if span.len() < MIN_HISTORY {
-        return None;
+///
+/// Kept as running sums over a slice of the history that slides with time: each window adds
+/// the windows that have just become six hours old and drops those that have become a day old,
+/// so a tick over many series costs a few additions per series, never a scan of 18 hours.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Horizon {
+    /// The slice `history[from..to]` the sums cover, and the `now` they were moved to.
+    from: usize,
+    to: usize,
+    now: Option<i64>,
+    requests: f64,
+    errors: f64,
+}
+
+impl Horizon {
+    /// The level before `now`. `history` is sorted by time and only grows at its end between
+    /// calls, unless [`Horizon::reset`] was called.
+    pub fn level(&mut self, history: &[Past], now: i64) -> Option<f64> {
+        if self.now.is_some_and(|t| now < t) || self.to > history.len() {
+            // A late window, or a history that changed under the sums: start again.
+            self.reset();
+        }
+        self.now = Some(now);
+        while self.to < history.len() && history[self.to].at < now - 6 * 3600 {
+            let p = history[self.to];
+            self.requests += p.weight as f64;
+            self.errors += p.value * p.weight as f64;
+            self.to += 1;
+        }
+        while self.from < self.to && history[self.from].at < now - DAY {
+            let p = history[self.from];
+            self.requests -= p.weight as f64;
+            self.errors -= p.value * p.weight as f64;
+            self.from += 1;
+        }
+        if self.from == self.to {
+            // Nothing in the slice: no rounding left over either.
+            self.requests = 0.0;
+            self.errors = 0.0;
+        }
+        (self.to - self.from >= MIN_HISTORY && self.requests > 0.0)
+            .then(|| (self.errors / self.requests).clamp(0.0, 1.0))
     }
-    central(span)
+
+    /// Forgets the sums: the next [`Horizon::level`] adds the slice up again (after the
+    /// history was trimmed, or a window was inserted before the slice's end).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Whether a window inserted at `index` of the history lands inside or before the slice.
+    pub fn covers(&self, index: usize) -> bool {
+        index < self.to
+    }
 }
 
 /// A window's references: its baseline, and the seasonal reference it was blended from.
@@ -306,7 +400,8 @@ pub struct Score {
     pub p_value: f64,
     /// The severity this window supports on its own (already gated by significance and sample size).
     pub severity: Severity,
-    /// 0 (normal) to 1 (at least critical and certainly significant).
+    /// 0 (normal) to 1; from 0.5 the window is anomalous: it supports a warning, or its error
+    /// ratio is surprising against the long reference, or it is an anomalous gauge window.
     pub anomaly_score: f64,
 }
 
@@ -507,5 +602,87 @@ mod tests {
             None,
             "two windows are too little history"
         );
+    }
+
+    /// The sliding level before the long burn window equals the pooled ratio of the quiet
+    /// windows 6–24 h old, computed from scratch, at every step: windows arriving in order,
+    /// with gaps, late windows inserted before the slice (after a reset), and time going back.
+    #[test]
+    fn the_sliding_horizon_equals_the_level_computed_from_scratch() {
+        let from_scratch = |history: &[Past], now: i64| {
+            let span: Vec<&Past> = history
+                .iter()
+                .filter(|p| p.at >= now - DAY && p.at < now - 6 * 3600)
+                .collect();
+            let requests: f64 = span.iter().map(|p| p.weight as f64).sum();
+            let errors: f64 = span.iter().map(|p| p.value * p.weight as f64).sum();
+            (span.len() >= MIN_HISTORY && requests > 0.0).then(|| errors / requests)
+        };
+        let mut rng = crate::detect::eval::Rng::new(7);
+        let mut history: Vec<Past> = Vec::new();
+        let mut horizon = Horizon::default();
+        let mut now = 1_700_000_000;
+        for step in 0..3_000 {
+            // Mostly 5-minute steps, sometimes a gap of hours.
+            now += if rng.uniform() < 0.01 { 4 * 3600 } else { 300 };
+            let requests = rng.index(1, 500) as u64;
+            let window = Past {
+                at: now,
+                value: rng.binomial(requests, 0.02) as f64 / requests as f64,
+                weight: requests,
+            };
+            let asked = if step % 97 == 0 {
+                // A window that arrives late, hours behind: inserted in its place.
+                let late = Past {
+                    at: now - rng.index(3_600, 20 * 3_600) as i64,
+                    ..window
+                };
+                let i = history.partition_point(|p| p.at <= late.at);
+                history.insert(i, late);
+                if horizon.covers(i) {
+                    horizon.reset();
+                }
+                late.at + 1
+            } else {
+                history.push(window);
+                now + 1
+            };
+            let got = horizon.level(&history, asked);
+            let want = from_scratch(&history, asked);
+            match (got, want) {
+                (Some(g), Some(w)) => assert!((g - w).abs() < 1e-9, "step {step}: {g} vs {w}"),
+                (g, w) => assert_eq!(g, w, "step {step}"),
+            }
+        }
+    }
+
+    /// An episode marks where an anomaly starts: its first window keeps its strength, the
+    /// following ones fall to 40% each, a flicker (quiet windows between anomalous ones) stays
+    /// one episode, a markedly stronger window is marked again, and six quiet windows in a row
+    /// end the episode.
+    #[test]
+    fn an_episode_is_marked_where_it_starts_not_while_it_lasts() {
+        // (anomalous, strength, expected score)
+        let table: &[(bool, f64, f64)] = &[
+            (false, 0.2, 0.2),
+            (true, 0.6, 0.6),                     // starts
+            (true, 0.6, 0.6 * NOVELTY),           // goes on
+            (false, 0.1, 0.1),                    // one calm window...
+            (true, 0.6, 0.6 * NOVELTY * NOVELTY), // ...is a flicker, not a new start
+            (true, 1.0, 1.0),                     // markedly stronger: marked again
+            (true, 1.0, NOVELTY.powi(4)),
+            (false, 0.0, 0.0),
+            (false, 0.0, 0.0),
+            (false, 0.0, 0.0),
+            (false, 0.0, 0.0),
+            (false, 0.0, 0.0),
+            (false, 0.0, 0.0), // six calm windows end it
+            (true, 0.6, 0.6),  // a new start
+        ];
+        let mut episode = Episode::default();
+        for (k, &(anomalous, strength, want)) in table.iter().enumerate() {
+            let got = episode.score(anomalous, strength);
+            assert!((got - want).abs() < 1e-12, "row {k}: {got} vs {want}");
+        }
     }
 }
