@@ -218,20 +218,30 @@ pub fn seasonal(past: &[Past], now: i64, cfg: &ScoreConfig) -> Option<f64> {
 /// The recent level: the central value of the latest quiet windows of the last day (at least
 /// three of them).
 pub fn recent(recent_windows: &[Past], now: i64) -> Option<f64> {
-    let mut found = [EMPTY; RECENT];
-    let mut n = 0;
-    for p in recent_windows
-        .iter()
-        .filter(|p| p.at < now && p.at >= now - DAY && p.weight > 0)
-        .take(RECENT)
-    {
-        found[n] = *p;
+    let usable = |p: &&Past| p.at < now && p.at >= now - DAY && p.weight > 0;
+    // One pass for the pooled ratio (the usual case, error series: no copy, no sort); gauge
+    // windows (all of weight 1) take the median.
+    let (mut n, mut requests, mut errors, mut all_one) = (0, 0.0, 0.0, true);
+    for p in recent_windows.iter().filter(usable).take(RECENT) {
         n += 1;
+        requests += p.weight as f64;
+        errors += p.value * p.weight as f64;
+        all_one &= p.weight == 1;
     }
     if n < MIN_HISTORY {
         return None;
     }
-    central(&found[..n])
+    if all_one {
+        return median(
+            recent_windows
+                .iter()
+                .filter(usable)
+                .take(RECENT)
+                .map(|p| p.value)
+                .collect(),
+        );
+    }
+    (requests > 0.0).then(|| errors / requests)
 }
 
 /// What an anomaly score keeps per window an episode (or an incident) goes on: 0.4, so a
