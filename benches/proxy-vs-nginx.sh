@@ -25,9 +25,7 @@ cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
 CONNS="${2:-64}"
 ROUNDS="${ROUNDS:-2}"
-KEY="at_live_vLb1N8gfg8Hywq5YOC79ImjUvm015Z0cyT1b"
-
-need() { command -v "$1" >/dev/null || { echo "installing $2" >&2; apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }; }
+. benches/common.sh
 need nginx nginx
 need wrk wrk
 need redis-server redis-server
@@ -38,31 +36,8 @@ if [ -z "${APITREE_BIN:-}" ] || [ -z "${BARE_BIN:-}" ]; then
 fi
 BIN="${APITREE_BIN:-$PWD/target/production/apitree}"
 BARE="${BARE_BIN:-$PWD/target/production/examples/bare-proxy}"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$WORK/up.pid" ] && kill "$(cat "$WORK/up.pid")" 2>/dev/null || true
-    [ -f "$WORK/ref.pid" ] && kill "$(cat "$WORK/ref.pid")" 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-cat > "$WORK/upstream.conf" <<NGINX
-worker_processes 1;
-pid $WORK/up.pid;
-error_log $WORK/up-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    server {
-        listen 127.0.0.1:18080 reuseport;
-        keepalive_requests 1000000;
-        location / { default_type application/json; return 200 '{"ok":true,"service":"bench-upstream"}'; }
-    }
-}
-NGINX
+bench_workdir
+write_upstream_conf "$WORK/upstream.conf"
 cat > "$WORK/reference.conf" <<NGINX
 worker_processes auto;
 pid $WORK/ref.pid;
@@ -85,19 +60,6 @@ NGINX
 nginx -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon on;'
 nginx -c "$WORK/reference.conf" -p "$WORK" -g 'daemon on;'
 
-# Each server under test runs in a session of its own, as daemonized nginx does: with the
-# kernel's autogroup scheduling (sched_autogroup_enabled=1, common on desktops and VMs) a
-# process sharing wrk's session also shares wrk's CPU share when the cores are oversubscribed,
-# which handicapped apitree and the bare proxies against nginx by 10-20% req/s.
-start_apitree() { # start_apitree PORT ADMINPORT [extra args]; the binary is $APITREE (default $BIN)
-    local port=$1 admin=$2; shift 2
-    setsid "${APITREE:-$BIN}" --log-filter warn proxy --config benches/proxy.yaml --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
-        >"$WORK/apitree-$port-access.log" 2>"$WORK/apitree-$port.err" &
-    PIDS+=($!)
-    echo $! >"$WORK/apitree-$port.pid"
-    for _ in $(seq 50); do curl -fs "http://127.0.0.1:$admin/readyz" >/dev/null && return 0; sleep 0.1; done
-    echo "apitree on $port did not start:" >&2; cat "$WORK/apitree-$port.err" >&2; exit 1
-}
 start_apitree 18082 19082
 redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
 # Redis database 15, emptied first: each run starts from fresh counters (the day window's
@@ -134,10 +96,6 @@ serving_pids() {
         *) cat "$WORK/apitree-$1.pid" ;;
     esac
 }
-# CPU time (clock ticks, user + system) the processes serving a port have used.
-cpu_ticks() { local t=0; for p in $(serving_pids "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
-TICKS_PER_SEC=$(getconf CLK_TCK)
-
 # run NAME PORT -> appends "NAME rps p50_ms p99_ms non2xx cpu_us_per_request" to $WORK/results.
 # CPU per request is the proxy's own user+system time over the requests it served: a steadier
 # efficiency figure than req/s, which also depends on how wrk and the upstream share the cores.

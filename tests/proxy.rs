@@ -955,6 +955,62 @@ async fn pipelined_requests_are_answered_in_order_across_the_handoff_to_hyper() 
     assert_eq!(read_raw(&mut conn, &[false]).await[0].status, 200);
 }
 
+/// A kept-alive connection that has gone idle (it gives its buffers back while it waits) reads
+/// its next requests whole, however they come: a head split over three writes with pauses
+/// between them, three pipelined heads in one write, and a head that arrives byte by byte;
+/// each is answered once, in order, on the same connection.
+#[tokio::test]
+async fn an_idle_connection_reads_its_next_requests_whole_however_they_arrive() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup("").await;
+    let k = &s.live;
+    let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    conn.set_nodelay(true).unwrap();
+    let path_of = |a: &RawResponse| {
+        assert_eq!(a.status, 200, "{}", a.body);
+        let v: Value = serde_json::from_str(&a.body).unwrap();
+        v["path"].as_str().unwrap().to_string()
+    };
+    conn.write_all(raw_get("/api/first", k, "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        path_of(&read_raw(&mut conn, &[false]).await[0]),
+        "/v1/first"
+    );
+
+    // Idle, then a head in three pieces.
+    let split = raw_get("/api/split", k, "X-Request-Id: split-1\r\n");
+    let (a, rest) = split.split_at(7);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    for piece in [a, b, c] {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        conn.write_all(piece.as_bytes()).await.unwrap();
+    }
+    let answer = read_raw(&mut conn, &[false]).await;
+    assert_eq!(path_of(&answer[0]), "/v1/split");
+    assert_eq!(answer[0].header("x-request-id"), Some("split-1"));
+
+    // Idle, then three heads in one write.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let three = raw_get("/api/p1", k, "") + &raw_get("/api/p2", k, "") + &raw_get("/api/p3", k, "");
+    conn.write_all(three.as_bytes()).await.unwrap();
+    let paths: Vec<String> = read_raw(&mut conn, &[false; 3])
+        .await
+        .iter()
+        .map(path_of)
+        .collect();
+    assert_eq!(paths, ["/v1/p1", "/v1/p2", "/v1/p3"]);
+
+    // Idle, then a head byte by byte.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for byte in raw_get("/api/slow", k, "").as_bytes() {
+        conn.write_all(&[*byte]).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(path_of(&read_raw(&mut conn, &[false]).await[0]), "/v1/slow");
+}
+
 /// HEAD answers carry the length and no body; `Connection: close` is honoured and said back;
 /// a response of unknown length is sent chunked and arrives whole.
 #[tokio::test]

@@ -1,0 +1,58 @@
+# Shared by the proxy benchmarks (sourced, not run): the benchmark key, installing a missing
+# tool, a work directory that is cleaned up with everything started in it, the upstream they
+# all call, starting apitree, and the CPU time of the processes serving a port.
+
+KEY="at_live_vLb1N8gfg8Hywq5YOC79ImjUvm015Z0cyT1b"
+TICKS_PER_SEC=$(getconf CLK_TCK)
+PIDS=()
+
+need() { command -v "$1" >/dev/null || { echo "installing $2" >&2; apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }; }
+
+# WORK: a temporary directory; on exit every process in PIDS and every daemon that left a
+# *.pid file in WORK is stopped, and WORK is removed.
+bench_workdir() {
+    WORK="$(mktemp -d)"
+    trap bench_cleanup EXIT
+}
+bench_cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for f in "$WORK"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+
+# The upstream: one nginx worker answering a small JSON body on 127.0.0.1:18080.
+write_upstream_conf() {
+    cat >"$1" <<NGINX
+worker_processes 1;
+pid $WORK/up.pid;
+error_log $WORK/up-error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    server {
+        listen 127.0.0.1:18080 reuseport;
+        keepalive_requests 1000000;
+        location / { default_type application/json; return 200 '{"ok":true,"service":"bench-upstream"}'; }
+    }
+}
+NGINX
+}
+
+# Each server under test runs in a session of its own, as daemonized nginx does: with the
+# kernel's autogroup scheduling (sched_autogroup_enabled=1, common on desktops and VMs) a
+# process sharing wrk's session also shares wrk's CPU share when the cores are oversubscribed,
+# which handicapped apitree and the bare proxies against nginx by 10-20% req/s.
+start_apitree() { # start_apitree PORT ADMINPORT [extra args]; the binary is $APITREE (default $BIN)
+    local port=$1 admin=$2; shift 2
+    setsid "${APITREE:-$BIN}" --log-filter warn proxy --config benches/proxy.yaml --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
+        >"$WORK/apitree-$port-access.log" 2>"$WORK/apitree-$port.err" &
+    PIDS+=($!)
+    echo $! >"$WORK/apitree-$port.pid"
+    for _ in $(seq 50); do curl -fs "http://127.0.0.1:$admin/readyz" >/dev/null && return 0; sleep 0.1; done
+    echo "apitree on $port did not start:" >&2; cat "$WORK/apitree-$port.err" >&2; exit 1
+}
+
+# CPU time (clock ticks, user + system) the processes serving a port have used; the sourcing
+# script defines serving_pids PORT.
+cpu_ticks() { local t=0; for p in $(serving_pids "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
