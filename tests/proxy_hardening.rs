@@ -523,6 +523,76 @@ async fn answers_before_reading_the_body() -> SocketAddr {
     addr
 }
 
+/// A client that keeps its socket full of requests (pipelined, each refused at once for want of
+/// a key, its answers read as fast as they come) never holds its worker: another client on the
+/// same single worker is answered promptly all the while, and the flood's connection is served
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_lets_its_socket_empty_cannot_hold_its_worker() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let up = start_upstream().await;
+    let routes = "  - { name: api, pathPrefix: /api/, upstream: \"{up}/\" }\n";
+    for fast in BOTH_PATHS {
+        let h = hardened_with_workers(fast, "", routes, up.addr.unwrap(), 1).await;
+        let flood = TcpStream::connect(h.gw.addr).await.unwrap();
+        flood.set_nodelay(true).unwrap();
+        let (mut reader, mut writer) = flood.into_split();
+        let stop = Arc::new(AtomicBool::new(false));
+        let batch = "GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n".repeat(500);
+        let writing = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if writer.write_all(batch.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let answered = Arc::new(AtomicUsize::new(0));
+        let reading = {
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let mut sink = vec![0u8; 256 * 1024];
+                while let Ok(n) = reader.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                    answered.fetch_add(n, Ordering::Relaxed);
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 0..5 {
+            let started = Instant::now();
+            let req = format!(
+                "GET /api/ok HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\n\
+                 Connection: close\r\n\r\n",
+                h.live
+            );
+            let r =
+                tokio::time::timeout(Duration::from_secs(5), send_raw(h.gw.addr, req.as_bytes()))
+                    .await
+                    .unwrap_or_else(|_| panic!("fast path {fast}: request {i} starved for 5 s"));
+            assert_eq!(r.status, 200, "fast path {fast}: {r:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "fast path {fast}: request {i} took {:?} beside the flood",
+                started.elapsed()
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        writing.abort();
+        reading.abort();
+        assert!(
+            answered.load(Ordering::Relaxed) > 0,
+            "fast path {fast}: the flood was never answered"
+        );
+        drop(h);
+    }
+}
+
 /// A connection whose request body is still being sent is not handed to the next request.
 #[tokio::test]
 async fn a_stalled_upload_never_holds_up_another_clients_request() {

@@ -370,6 +370,11 @@ async fn fast_path(
             Ok(true) if !close => {}
             _ => return End::Closed,
         }
+        // A request counts against the task's budget: a client that pipelines without end
+        // (every request answered at once, a refusal say, its socket never empty) makes its
+        // connection yield every so often, so it cannot keep the worker from its other
+        // connections, its timers and shutdown.
+        tokio::task::coop::consume_budget().await;
     }
 }
 
@@ -387,7 +392,7 @@ async fn next_head(
     settings: &ServerSettings,
 ) -> Option<Parsed> {
     if !first {
-        if buf.is_empty() && !read_at_once(io, buf)? {
+        if buf.is_empty() && !read_at_once(io, buf).await? {
             // Idle: the connection gives its buffers back and waits holding none (10,000 idle
             // clients would otherwise hold about 9 KB each for as long as they stay). A busy
             // connection finds its next request already there and keeps them.
@@ -426,7 +431,14 @@ async fn read_head(io: &mut TcpStream, buf: &mut BytesMut, drain: &Drain) -> Opt
 
 /// Reads what the socket already holds into `buf` without waiting: `Some(true)` when something
 /// was read, `Some(false)` when nothing is there yet, `None` when the connection has ended.
-fn read_at_once(io: &mut TcpStream, buf: &mut BytesMut) -> Option<bool> {
+/// Readiness is asked of tokio first (an exhausted task budget reads as `Some(false)`, the
+/// idle path, which then yields).
+async fn read_at_once(io: &mut TcpStream, buf: &mut BytesMut) -> Option<bool> {
+    match poll_fn(|cx| Poll::Ready(io.poll_read_ready(cx))).await {
+        Poll::Pending => return Some(false),
+        Poll::Ready(Err(_)) => return None,
+        Poll::Ready(Ok(())) => {}
+    }
     buf.reserve(READ_CHUNK);
     match io.try_read_buf(buf) {
         Ok(0) => None,
@@ -467,6 +479,8 @@ async fn write_response(
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     out.clear();
+    // One allocation for a head when an idle wait gave the buffer back.
+    out.reserve(1024);
     let framing = encode_head(
         head_request,
         parts.status,
