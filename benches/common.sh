@@ -21,8 +21,8 @@ bench_cleanup() {
     rm -rf "$WORK"
 }
 
-# The upstream: one nginx worker answering a small JSON body on 127.0.0.1:18080.
-write_upstream_conf() {
+# The upstream: one nginx worker answering a small JSON body on 127.0.0.1:PORT (18080).
+write_upstream_conf() { # write_upstream_conf FILE [PORT]
     cat >"$1" <<NGINX
 worker_processes 1;
 pid $WORK/up.pid;
@@ -31,9 +31,35 @@ events { worker_connections 4096; }
 http {
     access_log off;
     server {
-        listen 127.0.0.1:18080 reuseport;
+        listen 127.0.0.1:${2:-18080} reuseport;
         keepalive_requests 1000000;
         location / { default_type application/json; return 200 '{"ok":true,"service":"bench-upstream"}'; }
+    }
+}
+NGINX
+}
+
+# The reference: nginx as a reverse proxy to the upstream (worker_processes auto, upstream
+# keepalive, access log on) serving /bench/; SERVER is the server block's own lines (listen,
+# TLS), MAIN extra main-context lines.
+write_reference_conf() { # write_reference_conf FILE SERVER [KEEPALIVE=128] [WORKER_CONNECTIONS=4096] [MAIN]
+    cat >"$1" <<NGINX
+worker_processes auto;
+pid $WORK/ref.pid;
+error_log $WORK/ref-error.log;
+${5:-}
+events { worker_connections ${4:-4096}; }
+http {
+    access_log $WORK/ref-access.log;
+    upstream bench { server 127.0.0.1:18080; keepalive ${3:-128}; }
+    server {
+        $2
+        keepalive_requests 1000000;
+        location /bench/ {
+            proxy_pass http://bench/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
     }
 }
 NGINX

@@ -17,12 +17,11 @@
 # Needs valgrind, nginx and python3 (valgrind and nginx installed with apt when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 N1="${N1:-500}"
 N2="${N2:-2500}"
 BASELINE_BIN="${BASELINE_BIN:?set BASELINE_BIN to the apitree binary to compare with}"
-KEY="at_live_vLb1N8gfg8Hywq5YOC79ImjUvm015Z0cyT1b"
 
-need() { command -v "$1" >/dev/null || { echo "installing $2" >&2; apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }; }
 need valgrind valgrind
 need nginx nginx
 if [ -z "${APITREE_BIN:-}" ]; then
@@ -38,20 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$WORK/upstream.conf" <<NGINX
-worker_processes 1;
-pid $WORK/up.pid;
-error_log $WORK/up-error.log;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    server {
-        listen 127.0.0.1:18080;
-        keepalive_requests 1000000;
-        location / { default_type application/json; return 200 '{"ok":true,"service":"bench-upstream"}'; }
-    }
-}
-NGINX
+write_upstream_conf "$WORK/upstream.conf"
 nginx -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon on;'
 
 # One keep-alive connection, N requests, each answered 200 with its whole body read.

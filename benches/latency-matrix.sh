@@ -60,26 +60,8 @@ if [ $((IDLE * 2 + 2000)) -gt "$FDS" ]; then
 fi
 
 write_upstream_conf "$WORK/upstream.conf"
-cat >"$WORK/nginx.conf" <<NGINX
-worker_processes auto;
-pid $WORK/ref.pid;
-error_log $WORK/ref-error.log;
-worker_rlimit_nofile $FDS;
-events { worker_connections $((IDLE + 1000)); }
-http {
-    access_log $WORK/ref-access.log;
-    upstream bench { server 127.0.0.1:18080; keepalive 1024; }
-    server {
-        listen 127.0.0.1:18081;
-        keepalive_requests 1000000;
-        location /bench/ {
-            proxy_pass http://bench/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-NGINX
+write_reference_conf "$WORK/nginx.conf" 'listen 127.0.0.1:18081;' 1024 $((IDLE + 1000)) \
+    "worker_rlimit_nofile $FDS;"
 cat >"$WORK/haproxy.cfg" <<HAPROXY
 global
     nbthread $CORES

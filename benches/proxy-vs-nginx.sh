@@ -38,25 +38,7 @@ BIN="${APITREE_BIN:-$PWD/target/production/apitree}"
 BARE="${BARE_BIN:-$PWD/target/production/examples/bare-proxy}"
 bench_workdir
 write_upstream_conf "$WORK/upstream.conf"
-cat > "$WORK/reference.conf" <<NGINX
-worker_processes auto;
-pid $WORK/ref.pid;
-error_log $WORK/ref-error.log;
-events { worker_connections 4096; }
-http {
-    access_log $WORK/ref-access.log;
-    upstream bench { server 127.0.0.1:18080; keepalive 128; }
-    server {
-        listen 127.0.0.1:18081;
-        keepalive_requests 1000000;
-        location /bench/ {
-            proxy_pass http://bench/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-NGINX
+write_reference_conf "$WORK/reference.conf" 'listen 127.0.0.1:18081;'
 nginx -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon on;'
 nginx -c "$WORK/reference.conf" -p "$WORK" -g 'daemon on;'
 

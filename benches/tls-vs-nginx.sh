@@ -21,9 +21,8 @@ cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
 CONNS="${2:-64}"
 ROUNDS="${ROUNDS:-2}"
-KEY="at_live_vLb1N8gfg8Hywq5YOC79ImjUvm015Z0cyT1b"
 
-need() { command -v "$1" >/dev/null || { echo "installing $2" >&2; apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }; }
+. benches/common.sh
 need nginx nginx
 need wrk wrk
 need openssl openssl
@@ -32,59 +31,19 @@ if [ -z "${APITREE_BIN:-}" ]; then
     cargo build --profile production --quiet --bin apitree
 fi
 BIN="${APITREE_BIN:-$PWD/target/production/apitree}"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$WORK/up.pid" ] && kill "$(cat "$WORK/up.pid")" 2>/dev/null || true
-    [ -f "$WORK/ref.pid" ] && kill "$(cat "$WORK/ref.pid")" 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir
 
 # One certificate for both: ECDSA P-256, as cert-manager issues by default for ECDSA.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
     -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1,DNS:localhost \
     -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
-cat > "$WORK/upstream.conf" <<NGINX
-worker_processes 1;
-pid $WORK/up.pid;
-error_log $WORK/up-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    server {
-        listen 127.0.0.1:18080 reuseport;
-        keepalive_requests 1000000;
-        location / { default_type application/json; return 200 '{"ok":true,"service":"bench-upstream"}'; }
-    }
-}
-NGINX
-cat > "$WORK/reference.conf" <<NGINX
-worker_processes auto;
-pid $WORK/ref.pid;
-error_log $WORK/ref-error.log;
-events { worker_connections 4096; }
-http {
-    access_log $WORK/ref-access.log;
-    upstream bench { server 127.0.0.1:18080; keepalive 128; }
-    server {
-        listen 127.0.0.1:18443 ssl;
+write_upstream_conf "$WORK/upstream.conf"
+write_reference_conf "$WORK/reference.conf" "listen 127.0.0.1:18443 ssl;
         ssl_certificate $WORK/tls.crt;
         ssl_certificate_key $WORK/tls.key;
         ssl_protocols TLSv1.3;
-        add_header Strict-Transport-Security "max-age=31536000; includeSubDomains" always;
-        keepalive_requests 1000000;
-        location /bench/ {
-            proxy_pass http://bench/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-NGINX
+        add_header Strict-Transport-Security \"max-age=31536000; includeSubDomains\" always;"
 nginx -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon on;'
 nginx -c "$WORK/reference.conf" -p "$WORK" -g 'daemon on;'
 
@@ -112,8 +71,6 @@ serving_pids() {
         *) cat "$WORK/apitree.pid" ;;
     esac
 }
-cpu_ticks() { local t=0; for p in $(serving_pids "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
-TICKS_PER_SEC=$(getconf CLK_TCK)
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v+0 } else if (v ~ /s$/) { sub(/s$/, "", v); print v*1000 } else print v }'; }
 
 # keepalive NAME PORT -> "ka NAME rps p50_ms p99_ms cpu_us_per_request" in $WORK/results

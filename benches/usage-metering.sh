@@ -13,13 +13,13 @@
 # removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 DURATION="${1:-8}"
 CONNS="${2:-32}"
 ROUNDS="${ROUNDS:-3}"
 PG="${APITREE_TEST_PG:-postgres://postgres@127.0.0.1:5432}"
 DB="apitree_bench_usage_$$"
 
-need() { command -v "$1" >/dev/null || { echo "installing $2" >&2; apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }; }
 need nginx nginx
 need wrk wrk
 need psql postgresql-client
@@ -39,20 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$WORK/upstream.conf" <<NGINX
-worker_processes 1;
-pid $WORK/up.pid;
-error_log $WORK/up-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    server {
-        listen 127.0.0.1:18190 reuseport;
-        keepalive_requests 1000000;
-        location / { default_type application/json; return 200 '{"ok":true}'; }
-    }
-}
-NGINX
+write_upstream_conf "$WORK/upstream.conf" 18190
 nginx -c "$WORK/upstream.conf" -p "$WORK"
 
 psql "$PG/postgres" -qc "CREATE DATABASE $DB" >/dev/null
