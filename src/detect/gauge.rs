@@ -331,19 +331,36 @@ impl GaugeState {
         {
             return None;
         }
-        let quiet: Vec<Window> = self
-            .latest(DRIFT - 1)
-            .map(|i| self.last[i])
-            .filter(|w| !w.anomalous && w.chosen == chosen)
-            .collect();
-        if quiet.len() + 1 < DRIFT - 1 {
+        // The latest quiet windows of this predictor (with this one): how many, and the sum
+        // of what the drift averages (values against the recent level, else residuals).
+        let measure = |w: &Window| {
+            if chosen == RECENT_LEVEL {
+                w.value
+            } else {
+                w.residual
+            }
+        };
+        let (mut n, mut sum) = (0usize, 0.0);
+        for w in self.latest(DRIFT - 1).map(|i| &self.last[i]) {
+            if !w.anomalous && w.chosen == chosen {
+                n += 1;
+                sum += measure(w);
+            }
+        }
+        n += 1;
+        sum += if chosen == RECENT_LEVEL {
+            value
+        } else {
+            value - expected
+        };
+        if n < DRIFT - 1 {
             return None;
         }
-        let n = (quiet.len() + 1) as f64;
+        let mean = sum / n as f64;
         Some(if chosen == RECENT_LEVEL {
-            (quiet.iter().map(|w| w.value).sum::<f64>() + value) / n - oldest.expected
+            mean - oldest.expected
         } else {
-            (quiet.iter().map(|w| w.residual).sum::<f64>() + value - expected) / n
+            mean
         })
     }
 
