@@ -83,10 +83,30 @@ pub struct ProxyConfig {
     /// answered 503 with `Retry-After` and closed (`apitree_proxy_connections_shed_total`).
     #[serde(default = "default_accept_queue")]
     pub accept_queue: usize,
+    /// Whether each worker thread is bound to a CPU of its own (`auto`, the default) or placed
+    /// by the kernel (`off`). See [`CpuAffinity`].
+    #[serde(default)]
+    pub worker_cpu_affinity: CpuAffinity,
     /// TLS on the public listener. Absent: plain HTTP (put the gateway behind something that
     /// terminates TLS).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+}
+
+/// Where the proxy's worker threads run (`workerCpuAffinity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuAffinity {
+    /// When there are exactly as many workers as CPUs the process may run on (its affinity
+    /// mask: a whole machine, or a Kubernetes pod given exclusive CPUs by the static CPU
+    /// manager), worker i is bound to the i-th of those CPUs, as nginx's
+    /// `worker_cpu_affinity auto` does; otherwise nothing is bound. Left to the kernel, two
+    /// workers can end up taking turns on one core while the other runs something else, and
+    /// every connection of the waiting worker waits out the other's time slice.
+    #[default]
+    Auto,
+    /// The kernel places the workers (they may share a core and move between cores).
+    Off,
 }
 
 /// The public listener's TLS: a certificate chain and its key, as PEM files (relative to the
@@ -224,6 +244,7 @@ impl Default for ProxyConfig {
             admin_tls: false,
             client_fast_path: true,
             accept_queue: default_accept_queue(),
+            worker_cpu_affinity: CpuAffinity::default(),
             tls: None,
         }
     }
@@ -737,6 +758,10 @@ impl ProxyConfig {
             self.client_fast_path != new.client_fast_path,
         );
         differ("acceptQueue", self.accept_queue != new.accept_queue);
+        differ(
+            "workerCpuAffinity",
+            self.worker_cpu_affinity != new.worker_cpu_affinity,
+        );
         differ("adminTls", self.admin_tls != new.admin_tls);
         // The certificate and key files are re-read when they change; which files, the
         // version floor and HSTS are fixed at start.
@@ -1638,7 +1663,7 @@ routes:
         let same = parse("listen: 127.0.0.1:1\nroutes: []\n");
         assert!(started.restart_only_changes(&same).is_empty());
         let moved = parse(
-            "listen: 127.0.0.1:2\nsecrets: { pepperFile: p }\nclientFastPath: false\nbodyReadTimeout: 5s\n",
+            "listen: 127.0.0.1:2\nsecrets: { pepperFile: p }\nclientFastPath: false\nbodyReadTimeout: 5s\nworkerCpuAffinity: off\n",
         );
         assert_eq!(
             started.restart_only_changes(&moved),
@@ -1646,8 +1671,24 @@ routes:
                 "listen",
                 "secrets.pepperFile",
                 "bodyReadTimeout",
-                "clientFastPath"
+                "clientFastPath",
+                "workerCpuAffinity"
             ]
         );
+    }
+
+    #[test]
+    fn worker_cpu_affinity_is_auto_unless_turned_off_and_a_typo_says_what_is_allowed() {
+        assert_eq!(parse("{}").worker_cpu_affinity, CpuAffinity::Auto);
+        assert_eq!(
+            parse("workerCpuAffinity: off\n").worker_cpu_affinity,
+            CpuAffinity::Off
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("proxy.yaml");
+        std::fs::write(&file, "workerCpuAffinity: pinned\n").unwrap();
+        let err = ProxyConfig::load(&file).unwrap_err().to_string();
+        assert!(err.contains("pinned"), "{err}");
+        assert!(err.contains("auto") && err.contains("off"), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 //! the compiled configuration (`state`), and `server`, the one place that stacks the layers.
 
 pub mod accesslog;
+pub mod affinity;
 pub mod breaker;
 pub mod config;
 pub mod dbmode;

@@ -1053,6 +1053,8 @@ pub struct ServerSettings {
     pub client_fast_path: bool,
     /// Accepted connections that may wait for each worker; more are shed with a 503.
     pub accept_queue: usize,
+    /// Whether workers are bound to CPUs of their own (`workerCpuAffinity`).
+    pub cpu_affinity: super::config::CpuAffinity,
     /// TLS on the public listener (`tls:`); None: plain HTTP.
     pub tls: Option<Arc<super::tls::ServerTls>>,
     /// TLS on the admin port (`adminTls`): HTTP/1.1 with the listener's certificate.
@@ -1070,6 +1072,7 @@ impl ServerSettings {
             shutdown_grace: cfg.shutdown_grace.as_std(),
             client_fast_path: cfg.client_fast_path,
             accept_queue: cfg.accept_queue.max(1),
+            cpu_affinity: cfg.worker_cpu_affinity,
             tls: None,
             admin_tls: cfg.admin_tls,
         }
@@ -1153,8 +1156,9 @@ pub type Accepted = (std::net::TcpStream, SocketAddr);
 
 /// Like [`run`] with an explicit number of workers. Each worker is a thread with its own
 /// single-threaded runtime and upstream connection pool (like nginx's worker processes): a
-/// connection, its requests and their upstream calls stay on one thread. This task accepts
-/// and hands connections out round-robin, and serves the admin port itself.
+/// connection, its requests and their upstream calls stay on one thread, bound to a CPU of its
+/// own when [`super::affinity::plan`] says so. This task accepts and hands connections out
+/// round-robin, and serves the admin port itself.
 pub async fn run_with_workers(
     gateway: Arc<Gateway>,
     listener: TcpListener,
@@ -1166,15 +1170,36 @@ pub async fn run_with_workers(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut senders = Vec::with_capacity(workers);
     let mut finished = Vec::with_capacity(workers);
-    for i in 0..workers.max(1) {
+    let workers = workers.max(1);
+    let cpus = super::affinity::plan(
+        settings.cpu_affinity,
+        &super::affinity::allowed_cpus(),
+        workers,
+    );
+    match &cpus {
+        Some(cpus) => tracing::info!(?cpus, "proxy workers bound one per CPU"),
+        None => tracing::info!(
+            workers,
+            "proxy workers placed by the kernel (workerCpuAffinity off, or not one worker per CPU the process may use)"
+        ),
+    }
+    for i in 0..workers {
         let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(settings.accept_queue.max(1));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let gw = gateway.clone();
         let stop = stop_rx.clone();
         let settings = settings.clone();
+        let cpu = cpus.as_ref().map(|cpus| cpus[i]);
         let spawned = std::thread::Builder::new()
             .name(format!("proxy-worker-{i}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = super::affinity::bind_current_thread(cpu) {
+                        tracing::warn!(
+                            "proxy worker {i} stays unbound: cannot bind it to CPU {cpu}: {e}"
+                        );
+                    }
+                }
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
