@@ -69,9 +69,10 @@ NGINX
 # kernel's autogroup scheduling (sched_autogroup_enabled=1, common on desktops and VMs) a
 # process sharing wrk's session also shares wrk's CPU share when the cores are oversubscribed,
 # which handicapped apitree and the bare proxies against nginx by 10-20% req/s.
-start_apitree() { # start_apitree PORT ADMINPORT [extra args]; the binary is $APITREE (default $BIN)
+start_apitree() { # start_apitree PORT ADMINPORT [extra args]; the binary is $APITREE (default $BIN),
+    # the config $APITREE_CONFIG (default benches/proxy.yaml)
     local port=$1 admin=$2; shift 2
-    setsid "${APITREE:-$BIN}" --log-filter warn proxy --config benches/proxy.yaml --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
+    setsid "${APITREE:-$BIN}" --log-filter warn proxy --config "${APITREE_CONFIG:-benches/proxy.yaml}" --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
         >"$WORK/apitree-$port-access.log" 2>"$WORK/apitree-$port.err" &
     PIDS+=($!)
     echo $! >"$WORK/apitree-$port.pid"

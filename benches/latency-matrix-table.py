@@ -12,7 +12,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["nginx", "haproxy", "apitree-release", "apitree-production"]
+TARGETS = ["nginx", "haproxy", "apitree-release", "apitree-production", "apitree-unbound"]
 cells = defaultdict(list)
 order = []
 with open(sys.argv[1]) as f:

@@ -24,6 +24,12 @@
 #                                                   capped by the open-files limit)
 #   RELEASE_BIN / PRODUCTION_BIN   binaries built elsewhere (otherwise both are built here)
 #   APITREE_WORKERS=N      passed to apitree (worker threads; default: the cores)
+#   SCHED=1                also record the kernel's scheduling for 2 s of load at 32
+#                          connections per target (perf sched, installed with apt when
+#                          missing) and report the serving threads' wake-up delays and
+#                          which CPUs they ran on (benches/sched-delay.py)
+#   UNBOUND=1              also the release build with workerCpuAffinity: off (workers placed
+#                          by the kernel), to see what binding each worker to a CPU changes
 # Needs nginx, haproxy, wrk and python3 (the first three installed with apt when missing).
 # Bounded: every load runs for SECONDS against 127.0.0.1 only; everything it starts is
 # stopped on exit.
@@ -86,9 +92,16 @@ nginx -c "$WORK/nginx.conf" -p "$WORK" -g 'daemon on;'
 setsid haproxy -f "$WORK/haproxy.cfg" -D
 APITREE="$RELEASE" start_apitree 18082 19082
 APITREE="$PRODUCTION" start_apitree 18083 19083
+TARGETS="nginx:18081 haproxy:18087 apitree-release:18082 apitree-production:18083"
+if [ -n "${UNBOUND:-}" ]; then
+    sed "s|pepperFile: bench.example-pepper|pepperFile: $PWD/benches/bench.example-pepper|" \
+        benches/proxy.yaml >"$WORK/proxy-unbound.yaml"
+    echo "workerCpuAffinity: off" >>"$WORK/proxy-unbound.yaml"
+    APITREE="$RELEASE" APITREE_CONFIG="$WORK/proxy-unbound.yaml" start_apitree 18084 19084
+    TARGETS="$TARGETS apitree-unbound:18084"
+fi
 for _ in $(seq 50); do [ -s "$WORK/haproxy.pid" ] && break; sleep 0.1; done
 
-TARGETS="nginx:18081 haproxy:18087 apitree-release:18082 apitree-production:18083"
 for t in $TARGETS; do
     port=${t#*:}
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x")
@@ -140,6 +153,23 @@ done
 echo
 echo "## Latency and throughput ($(date -u +%F), $CORES cores, wrk -t$WRK_THREADS, ${DURATION}s x $ROUNDS rounds per cell)"
 python3 benches/latency-matrix-table.py "$WORK/results"
+
+if [ -n "${SCHED:-}" ]; then
+    need perf linux-perf
+    echo
+    echo "## Wake-up delays and placement, 32 connections, 2 s of perf sched per target"
+    echo "| target | delay p50 ms | p99 ms | p99.9 ms | longest ms | serving threads: run time (share per CPU) |"
+    echo "|---|---|---|---|---|---|"
+    for t in $TARGETS; do
+        wrk -t1 -c32 -d4s -H "Authorization: Bearer $KEY" "http://127.0.0.1:${t#*:}/bench/x" >/dev/null &
+        load=$!
+        sleep 1
+        perf sched record -q -o "$WORK/sched.data" -- sleep 2 >/dev/null 2>&1
+        wait "$load"
+        perf sched timehist -i "$WORK/sched.data" 2>/dev/null |
+            python3 benches/sched-delay.py "${t%%:*}" $(serving_pids "${t#*:}")
+    done
+fi
 
 [ "$IDLE" -gt 0 ] || exit 0
 # Memory with IDLE keep-alive client connections, each of which has made one request: the
