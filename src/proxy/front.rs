@@ -298,8 +298,20 @@ pub async fn serve(
     drain: Arc<Drain>,
     settings: ServerSettings,
 ) {
+    // The connection's task lives as long as the connection, idle or not, and its size is that
+    // of its largest state: what only a request in flight or a connection handed to hyper
+    // needs is boxed for as long as it runs instead (10,000 idle connections each kept a
+    // 6.9 KB task when a request's handling was inline).
     if !settings.client_fast_path {
-        return hand_to_hyper(io, Bytes::new(), gateway, forwarded_for, drain, settings).await;
+        return Box::pin(hand_to_hyper(
+            io,
+            Bytes::new(),
+            gateway,
+            forwarded_for,
+            drain,
+            settings,
+        ))
+        .await;
     }
     let mut buf = BytesMut::new();
     let end = fast_path(
@@ -313,7 +325,15 @@ pub async fn serve(
     .await;
     match end {
         End::Handoff => {
-            hand_to_hyper(io, buf.freeze(), gateway, forwarded_for, drain, settings).await
+            Box::pin(hand_to_hyper(
+                io,
+                buf.freeze(),
+                gateway,
+                forwarded_for,
+                drain,
+                settings,
+            ))
+            .await
         }
         End::Closed => linger(io).await,
     }
@@ -332,7 +352,8 @@ async fn linger(mut io: TcpStream) {
     if io.shutdown().await.is_err() {
         return;
     }
-    let mut sink = [0u8; 4096];
+    // On the heap: in the task a 4 KB array would be part of every connection's size.
+    let mut sink = vec![0u8; 4096];
     let mut read = 0;
     let _ = super::timer::timeout(LINGER_TIME, async {
         while read < LINGER_BYTES {
@@ -364,7 +385,7 @@ async fn fast_path(
         };
         first = false;
         let head_request = req.method() == Method::HEAD;
-        let resp = gateway.handle(req, forwarded_for.clone()).await;
+        let resp = Box::pin(gateway.handle(req, forwarded_for.clone())).await;
         let close = asked_close || drain.draining();
         match write_response(io, &mut out, head_request, resp, close, settings.send).await {
             Ok(true) if !close => {}
@@ -1242,6 +1263,44 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plain connection's future, which lives (boxed) for as long as the connection does,
+    /// idle or not: its size is that of its largest state, so anything big inlined into it
+    /// (a request's handling, hyper's connection, a stack buffer) is paid by every idle
+    /// connection. 10,000 idle connections cost 6.9 KB each in this future before.
+    #[tokio::test]
+    async fn an_idle_connection_keeps_a_small_future() {
+        use super::super::{accesslog, config, keys, limiter, metrics, state};
+        let cfg = config::ProxyConfig::default();
+        let built = state::GatewayState::build_of(
+            &cfg,
+            "test",
+            None,
+            None,
+            config::Routes::MayBeNone,
+            None,
+        )
+        .unwrap();
+        let metrics = metrics::ProxyMetrics::new();
+        let gateway = Arc::new(Gateway::new(
+            state::SharedState::new(built),
+            keys::Pepper::new(vec![7; 32]).unwrap(),
+            limiter::Limiter::local(metrics.clone()),
+            metrics.clone(),
+            accesslog::AccessLog::disabled(metrics.access_log_dropped.clone()),
+            super::super::server::system_clock(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (io, _) = listener.accept().await.unwrap();
+        let settings = ServerSettings::of(&cfg);
+        let conn = serve(io, gateway, None, Drain::new(), settings);
+        let size = std::mem::size_of_val(&conn);
+        // 1.6 KB in a debug build (the test profile), less in a release one.
+        assert!(size <= 2048, "a connection's future takes {size} bytes");
+    }
 
     /// A socket that takes what each step of its plan says (`None`: nothing, not ready) and
     /// keeps what it took.
