@@ -98,14 +98,16 @@ pub struct ProxyConfig {
 #[serde(rename_all = "lowercase")]
 pub enum CpuAffinity {
     /// When there are exactly as many workers as CPUs the process may run on (its affinity
-    /// mask: a whole machine, or a Kubernetes pod given exclusive CPUs by the static CPU
-    /// manager), worker i is bound to the i-th of those CPUs, as nginx's
-    /// `worker_cpu_affinity auto` does; otherwise nothing is bound. Left to the kernel, two
-    /// workers can end up taking turns on one core while the other runs something else, and
-    /// every connection of the waiting worker waits out the other's time slice.
+    /// mask; with the default worker count: a whole machine or VM, a container without a CPU
+    /// limit, a pod with exclusive CPUs), worker i is bound to the i-th of those CPUs, as
+    /// nginx's `worker_cpu_affinity auto` does for one worker per CPU; otherwise (fewer
+    /// workers than CPUs, as under a CPU limit on a larger node) nothing is bound. Left to the
+    /// kernel, two workers can end up taking turns on one core while the other runs something
+    /// else, and every connection of the waiting worker waits out the other's time slice.
     #[default]
     Auto,
-    /// The kernel places the workers (they may share a core and move between cores).
+    /// The kernel places the workers (they may share a core and move between cores): for
+    /// machines where a busy neighbour may take a core, which a bound worker cannot leave.
     Off,
 }
 

@@ -1168,9 +1168,9 @@ pub async fn run_with_workers(
     workers: usize,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = workers.max(1);
     let mut senders = Vec::with_capacity(workers);
     let mut finished = Vec::with_capacity(workers);
-    let workers = workers.max(1);
     let cpus = super::affinity::plan(
         settings.cpu_affinity,
         &super::affinity::allowed_cpus(),
