@@ -80,6 +80,22 @@ start_apitree() { # start_apitree PORT ADMINPORT [extra args]; the binary is $AP
     echo "apitree on $port did not start:" >&2; cat "$WORK/apitree-$port.err" >&2; exit 1
 }
 
+# write_apitree_conf FILE [YAML]: benches/proxy.yaml with YAML lines added, in FILE's directory
+# with its pepper file (relative paths in the config resolve there).
+write_apitree_conf() {
+    cp benches/bench.example-pepper "$(dirname "$1")/"
+    { cat benches/proxy.yaml; [ -z "${2:-}" ] || printf '%s\n' "$2"; } >"$1"
+}
+
+# expect_200 URL [CURL ARGS]: the benchmark key's request to URL answers 200; fails (stopping a
+# set -e script) otherwise.
+expect_200() {
+    local url=$1 code
+    shift
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$@" -H "Authorization: Bearer $KEY" "$url") || true
+    [ "$code" = 200 ] || { echo "$url answered $code, not 200" >&2; return 1; }
+}
+
 # CPU time (clock ticks, user + system) the processes serving a port have used; the sourcing
 # script defines serving_pids PORT.
 cpu_ticks() { local t=0; for p in $(serving_pids "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }

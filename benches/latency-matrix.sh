@@ -94,19 +94,13 @@ APITREE="$RELEASE" start_apitree 18082 19082
 APITREE="$PRODUCTION" start_apitree 18083 19083
 TARGETS="nginx:18081 haproxy:18087 apitree-release:18082 apitree-production:18083"
 if [ -n "${UNBOUND:-}" ]; then
-    sed "s|pepperFile: bench.example-pepper|pepperFile: $PWD/benches/bench.example-pepper|" \
-        benches/proxy.yaml >"$WORK/proxy-unbound.yaml"
-    echo "workerCpuAffinity: off" >>"$WORK/proxy-unbound.yaml"
+    write_apitree_conf "$WORK/proxy-unbound.yaml" "workerCpuAffinity: off"
     APITREE="$RELEASE" APITREE_CONFIG="$WORK/proxy-unbound.yaml" start_apitree 18084 19084
     TARGETS="$TARGETS apitree-unbound:18084"
 fi
 for _ in $(seq 50); do [ -s "$WORK/haproxy.pid" ] && break; sleep 0.1; done
 
-for t in $TARGETS; do
-    port=${t#*:}
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x")
-    [ "$code" = 200 ] || { echo "${t%%:*} on $port answered $code, not 200" >&2; exit 1; }
-done
+for t in $TARGETS; do expect_200 "http://127.0.0.1:${t#*:}/bench/x"; done
 
 # The processes serving a port: nginx's workers, HAProxy, or the apitree process.
 serving_pids() {

@@ -65,10 +65,7 @@ for port in 18084 18085; do
 done
 
 # Sanity: each path answers 200 before we measure.
-for port in $PORTS; do
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$port/bench/x")
-    [ "$code" = 200 ] || { echo "127.0.0.1:$port answered $code, not 200" >&2; exit 1; }
-done
+for port in $PORTS; do expect_200 "http://127.0.0.1:$port/bench/x"; done
 
 # The processes serving a port: nginx's workers, or the apitree process.
 serving_pids() {

@@ -47,11 +47,7 @@ write_reference_conf "$WORK/reference.conf" "listen 127.0.0.1:18443 ssl;
 nginx -c "$WORK/upstream.conf" -p "$WORK" -g 'daemon on;'
 nginx -c "$WORK/reference.conf" -p "$WORK" -g 'daemon on;'
 
-cp benches/bench.example-pepper "$WORK/"
-{
-    cat benches/proxy.yaml
-    printf 'tls:\n  certFile: tls.crt\n  keyFile: tls.key\n'
-} >"$WORK/proxy.yaml"
+write_apitree_conf "$WORK/proxy.yaml" $'tls:\n  certFile: tls.crt\n  keyFile: tls.key'
 # In a session of its own, as daemonized nginx is (see benches/proxy-vs-nginx.sh: autogroup
 # scheduling would otherwise share wrk's CPU share with it).
 setsid "$BIN" --log-filter warn proxy --config "$WORK/proxy.yaml" --listen 127.0.0.1:18444 --admin 127.0.0.1:19444 \
@@ -60,10 +56,9 @@ PIDS+=($!)
 echo $! >"$WORK/apitree.pid"
 for _ in $(seq 50); do curl -fs http://127.0.0.1:19444/readyz >/dev/null && break; sleep 0.1; done
 
-for port in 18443 18444; do
-    code=$(curl -s --tlsv1.3 --cacert "$WORK/tls.crt" -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "https://127.0.0.1:$port/bench/x")
-    [ "$code" = 200 ] || { echo "https://127.0.0.1:$port answered $code, not 200" >&2; cat "$WORK/apitree.err" >&2; exit 1; }
-done
+trap 'cat "$WORK/apitree.err" >&2' ERR
+for port in 18443 18444; do expect_200 "https://127.0.0.1:$port/bench/x" --tlsv1.3 --cacert "$WORK/tls.crt"; done
+trap - ERR
 
 serving_pids() {
     case $1 in
