@@ -461,12 +461,35 @@ async fn read_at_once(io: &mut TcpStream, buf: &mut BytesMut) -> Option<bool> {
         Poll::Ready(Err(_)) => return None,
         Poll::Ready(Ok(())) => {}
     }
-    buf.reserve(READ_CHUNK);
+    make_room(buf);
     match io.try_read_buf(buf) {
         Ok(0) => None,
         Ok(_) => Some(true),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(false),
         Err(_) => None,
+    }
+}
+
+/// The most a connection's read buffer holds: the longest head the fast path takes and one read
+/// past it (which tells it the head is too long for it).
+const MAX_READ_BUFFER: usize = MAX_HEAD_BYTES + READ_CHUNK;
+
+/// Makes room for a read of up to [`READ_CHUNK`] bytes, growing `buf` by doubling but never past
+/// [`MAX_READ_BUFFER`]: `BytesMut::reserve` doubles, so a client trickling a head just under the
+/// limit would otherwise make each of its connections hold twice the limit until it times out.
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() >= READ_CHUNK || buf.len() >= MAX_READ_BUFFER {
+        return;
+    }
+    let want = (2 * buf.capacity())
+        .max(buf.len() + READ_CHUNK)
+        .min(MAX_READ_BUFFER);
+    if want >= 2 * buf.capacity() {
+        buf.reserve(want - buf.len());
+    } else {
+        let mut grown = BytesMut::with_capacity(want);
+        grown.extend_from_slice(buf);
+        *buf = grown;
     }
 }
 
@@ -480,7 +503,7 @@ async fn read_more(io: &mut TcpStream, buf: &mut BytesMut, drain: &Drain) -> io:
         std::task::ready!(io.poll_read_ready(cx))?;
         // Room only once there is something to read: a connection waiting for its client
         // holds no buffer.
-        buf.reserve(READ_CHUNK);
+        make_room(buf);
         match io.try_read_buf(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return Poll::Ready(other),
@@ -1264,6 +1287,44 @@ impl<S: Closing> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However a head arrives (a byte or a chunk at a time, starting from an empty buffer or
+    /// from one a pipelined request left), the read buffer never grows past the longest head
+    /// the fast path takes plus one read, and there is always room for the next read below it.
+    #[test]
+    fn the_read_buffer_never_outgrows_the_head_limit() {
+        for step in [
+            1,
+            100,
+            1000,
+            4096,
+            READ_CHUNK,
+            READ_CHUNK + 1,
+            3 * READ_CHUNK,
+        ] {
+            for start in [0, 10, READ_CHUNK - 1, 20_000] {
+                let mut buf = BytesMut::new();
+                buf.extend_from_slice(&vec![b'a'; start]);
+                while buf.len() < MAX_READ_BUFFER {
+                    make_room(&mut buf);
+                    assert!(
+                        buf.capacity() <= MAX_READ_BUFFER,
+                        "step {step}, start {start}: {} bytes of room at {} bytes",
+                        buf.capacity(),
+                        buf.len()
+                    );
+                    let spare = buf.capacity() - buf.len();
+                    assert!(
+                        spare > 0,
+                        "step {step}, start {start}: no room at {}",
+                        buf.len()
+                    );
+                    let n = step.min(spare);
+                    buf.extend_from_slice(&vec![b'a'; n]);
+                }
+            }
+        }
+    }
 
     /// A plain connection's future, which lives (boxed) for as long as the connection does,
     /// idle or not: its size is that of its largest state, so anything big inlined into it
