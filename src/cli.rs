@@ -163,6 +163,125 @@ pub enum Command {
     /// them. Both are audited and listed in the console's request queue.
     #[command(subcommand)]
     Dsar(DsarCommand),
+
+    /// The on-premises Connector Agent: a proxy inside a bank, configured by the control plane.
+    ///
+    /// The agent dials out over TLS 1.3 (only the CA in --ca-file is trusted), authenticates
+    /// with its token, receives its pool's routes, tiers, orgs and key hashes signed with the
+    /// control plane's key (--config-key pins it), joins them with the bank's local file
+    /// (listeners, pepper, master keys, credentials, each route's upstream: none of it ever
+    /// leaves) and serves. The last applied configuration is cached in --cache-dir and served
+    /// after a restart without the control plane; a configuration that fails a check is refused,
+    /// reported and the old one keeps serving. Reports carry metadata only: counts, latency
+    /// histograms, breaker state, version, generation. SIGHUP reads the local file again.
+    ///
+    ///   apitree agent --control-plane https://cp.example.com:8443/ --token-file /etc/apitree/agent.token \
+    ///     --config-key /etc/apitree/config-key.pub --ca-file /etc/apitree/cp-ca.crt \
+    ///     --pool bank-a --cache-dir /var/lib/apitree-agent --config /etc/apitree/agent.yaml
+    ///
+    /// On the control plane: `apitree agent keygen` makes the signing key, `apitree agent
+    /// token` an agent's token and its agents-file entry.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Agent(AgentCommand),
+}
+
+/// `apitree agent`: run the agent, or make its keys on the control plane's side.
+#[derive(Debug, clap::Args)]
+pub struct AgentCommand {
+    #[command(subcommand)]
+    pub tool: Option<AgentTool>,
+    #[command(flatten)]
+    pub run: AgentArgs,
+}
+
+/// The control plane's tools for agents.
+#[derive(Debug, Subcommand)]
+pub enum AgentTool {
+    /// Write a new configuration-signing key (Ed25519) to FILE (owner-only) and print its
+    /// public key, which every agent pins with --config-key.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Issue a token for agent NAME of POOL: the token goes to FILE (owner-only; copy it to the
+    /// agent's --token-file), the entry for the control plane's agents file to stdout. To revoke
+    /// the agent, set `revoked: true` on its entry.
+    Token {
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        #[arg(long, value_name = "POOL")]
+        pool: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// How the agent runs.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The control plane's agent endpoint (https only).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_CONTROL_PLANE",
+        required = true
+    )]
+    pub control_plane: Option<reqwest::Url>,
+    /// File holding this agent's token (agt_NAME_SECRET).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_AGENT_TOKEN_FILE",
+        required = true
+    )]
+    pub token_file: Option<PathBuf>,
+    /// The control plane's configuration-signing public key (ed25519:BASE64), pinned.
+    #[arg(long, value_name = "FILE", env = "APITREE_CONFIG_KEY", required = true)]
+    pub config_key: Option<PathBuf>,
+    /// The CA that signed the control plane's certificate (PEM): only it is trusted. Without
+    /// it, the system's CAs.
+    #[arg(long, value_name = "FILE", env = "APITREE_CONTROL_PLANE_CA")]
+    pub ca_file: Option<PathBuf>,
+    /// The agent pool this agent serves; a configuration for another pool is refused.
+    #[arg(long, value_name = "POOL", env = "APITREE_AGENT_POOL", required = true)]
+    pub pool: Option<String>,
+    /// Where the last applied configuration is cached.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "APITREE_AGENT_CACHE_DIR",
+        required = true
+    )]
+    pub cache_dir: Option<PathBuf>,
+    /// The bank's local file: listeners, secrets, credentials, each route's upstream.
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        env = "APITREE_CONFIG",
+        required = true
+    )]
+    pub config: Option<PathBuf>,
+    /// Share rate-limit counters with other replicas through this Redis; limits are per agent
+    /// without it.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "APITREE_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// How often metadata is reported to the control plane.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "APITREE_AGENT_REPORT_EVERY",
+        default_value = "10s"
+    )]
+    pub report_every: crate::crd::KubeDuration,
+    /// Do not write the JSON access log to stdout.
+    #[arg(long, env = "APITREE_NO_ACCESS_LOG")]
+    pub no_access_log: bool,
 }
 
 /// The person a data subject request is about.

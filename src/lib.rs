@@ -8,6 +8,7 @@
 //! that would have wanted it (buffers, timers) are written without.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod cli;
 pub mod console;
 pub mod crd;

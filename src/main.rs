@@ -112,6 +112,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Crds(args) => crds(args),
         Command::Migrate(args) => migrate(args).await,
         Command::Proxy(args) => run_proxy(args).await,
+        Command::Agent(cmd) => agent(cmd).await,
         Command::Keys(cmd) => keys(cmd).await,
         Command::Orgs(OrgsCommand::Create { name, db, actor }) => {
             let pool = open_db(&db).await?;
@@ -345,6 +346,76 @@ async fn run_proxy(args: ProxyArgs) -> Result<()> {
         usage_metering: !args.no_usage_metering,
     };
     proxy::serve(opts, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn agent(cmd: apitree::cli::AgentCommand) -> Result<()> {
+    use apitree::agent::{envelope, hub, run};
+    match cmd.tool {
+        Some(apitree::cli::AgentTool::Keygen { out }) => {
+            let text = envelope::Signer::generate_text();
+            write_private(&out, &text)?;
+            let signer = envelope::Signer::parse(&text).map_err(|e| anyhow!(e))?;
+            outln!("{}", signer.public_key())?;
+            Ok(())
+        }
+        Some(apitree::cli::AgentTool::Token { name, pool, out }) => {
+            let (token, record) = hub::new_token(&name, &pool).map_err(|e| anyhow!(e))?;
+            write_private(&out, &format!("{token}\n"))?;
+            let entry = serde_saphyr::to_string(&vec![record])?;
+            outln!("# add to the control plane's agents file, under `agents:`\n{entry}")?;
+            Ok(())
+        }
+        None => {
+            let a = cmd.run;
+            let need =
+                |v: Option<PathBuf>, flag: &str| v.ok_or_else(|| anyhow!("{flag} is required"));
+            let token_file = need(a.token_file, "--token-file")?;
+            let token = std::fs::read_to_string(&token_file)
+                .map_err(|e| anyhow!("--token-file {}: {e}", token_file.display()))?
+                .trim()
+                .to_string();
+            let key = envelope::PublicKey::from_file(&need(a.config_key, "--config-key")?)
+                .map_err(|e| anyhow!(e))?;
+            let ca_pem = match &a.ca_file {
+                Some(f) => {
+                    Some(std::fs::read(f).map_err(|e| anyhow!("--ca-file {}: {e}", f.display()))?)
+                }
+                None => None,
+            };
+            let mut opts = run::AgentOptions::new(
+                a.control_plane
+                    .ok_or_else(|| anyhow!("--control-plane is required"))?,
+                token,
+                key,
+                a.pool.ok_or_else(|| anyhow!("--pool is required"))?,
+                need(a.cache_dir, "--cache-dir")?,
+                need(a.config, "--config")?,
+            );
+            opts.ca_pem = ca_pem;
+            opts.redis_url = a.redis_url;
+            opts.access_log = !a.no_access_log;
+            opts.report_every = a.report_every.as_std();
+            run::run(opts, shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Writes a secret to a new file only its owner can read.
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let mut f = o.open(path).map_err(|e| {
+        anyhow!(
+            "{}: {e} (it is never overwritten; choose a new file)",
+            path.display()
+        )
+    })?;
+    f.write_all(text.as_bytes())?;
     Ok(())
 }
 

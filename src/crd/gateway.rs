@@ -440,7 +440,7 @@ impl RouteMethod {
     }
 }
 
-fn default_scopes() -> Vec<KeyScope> {
+pub(crate) fn default_scopes() -> Vec<KeyScope> {
     vec![KeyScope::Live, KeyScope::Test]
 }
 

@@ -297,7 +297,7 @@ pub struct SecretSources {
 }
 
 /// An org.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrgEntry {
     pub id: String,
@@ -306,7 +306,7 @@ pub struct OrgEntry {
 }
 
 /// A key in stored form.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeyEntry {
     /// Stable id (defaults to the prefix); counts and limits are kept per id.
@@ -573,7 +573,7 @@ struct Outline {
 /// line keeps its number) and the file parsed again, until it parses or a problem lies outside
 /// any entry. An entry that shares a line with another (a one-line `[{…}, {…}]`) cannot be cut
 /// out alone: the search stops there, having named the first problem.
-fn parse_problems(text: &str, first: &serde_saphyr::Error) -> Vec<Problem> {
+pub(crate) fn parse_problems(text: &str, first: &serde_saphyr::Error) -> Vec<Problem> {
     const MAX: usize = 100;
     let line_of = |e: &serde_saphyr::Error| e.location().map(|l| l.line() as usize);
     let entries: Vec<(String, usize)> = match serde_saphyr::from_str::<Outline>(text) {

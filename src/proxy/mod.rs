@@ -95,15 +95,27 @@ pub struct Prepared {
 
 /// Loads and validates everything, binds the listeners; does not serve yet.
 pub async fn prepare(opts: &ProxyOptions) -> Result<Prepared, ProxyError> {
-    let mut cfg = ProxyConfig::load(&opts.config)?;
+    let cfg = ProxyConfig::load(&opts.config)?;
+    let base = opts.config.parent().map(PathBuf::from).unwrap_or_default();
+    let file = opts.config.display().to_string();
+    prepare_config(cfg, &base, &file, opts).await
+}
+
+/// [`prepare`] for a configuration already in memory: `base` is the directory its relative
+/// paths start from, `file` what errors and `/readyz` call it. `opts.config` is not read.
+pub async fn prepare_config(
+    mut cfg: ProxyConfig,
+    base: &std::path::Path,
+    file: &str,
+    opts: &ProxyOptions,
+) -> Result<Prepared, ProxyError> {
     if let Some(l) = &opts.listen {
         cfg.listen = l.clone();
     }
     if let Some(a) = &opts.admin {
         cfg.admin = a.clone();
     }
-    let base = opts.config.parent().map(PathBuf::from).unwrap_or_default();
-    let file = opts.config.display().to_string();
+    let (base, file) = (base.to_path_buf(), file.to_string());
     let pepper = state::load_pepper(&cfg, &base).map_err(ProxyError::Secrets)?;
     let master_keys = state::load_master_keys(&cfg, &base).map_err(ProxyError::Secrets)?;
     warn_on_example_secrets(&cfg);

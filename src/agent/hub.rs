@@ -1,0 +1,691 @@
+//! The control plane's side: the endpoint agents dial.
+//!
+//! - `GET /agent/v1/config?after=N` — the newest signed configuration of the agent's pool when
+//!   its generation is above `N`; otherwise the request waits (a long poll, up to
+//!   [`LONG_POLL`]) for one, and answers `304` when none came.
+//! - `POST /agent/v1/report` — the agent's [`Report`]: version, generation, refusal, metrics.
+//!
+//! Every request carries `Authorization: Bearer agt_NAME_SECRET`. The hub knows each agent by
+//! name, pool and the SHA-256 of its token (the agents file, `apitree agent token` prints an
+//! entry); a token is compared in constant time, and a revoked agent is refused with 403 at
+//! its next request, including one already waiting in a long poll. Errors are JSON with a
+//! `request_id`; no answer and no log line holds a token.
+//!
+//! The hub keeps, per agent, what it last reported: [`Hub::agents`] (name, pool, version,
+//! generation, refusal, last seen) and [`Hub::agent_metrics`] (its metrics text, which the
+//! detector scrapes like a proxy's `/metrics`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use prometheus::{IntCounterVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::bundle::AgentConfig;
+use super::envelope::{Payload, Signer};
+use super::report::{Refusal, Report};
+
+/// The longest a config request waits for a new generation before answering 304.
+pub const LONG_POLL: Duration = Duration::from_secs(25);
+/// The largest report accepted.
+pub const MAX_REPORT_BYTES: usize = 1024 * 1024;
+/// The prefix of agent tokens.
+pub const TOKEN_PREFIX: &str = "agt_";
+
+/// One agent the control plane knows (an entry of the agents file).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentRecord {
+    /// The agent's name (lower-case letters, digits, `-`), part of its token.
+    pub name: String,
+    /// The pool whose configuration it receives.
+    pub pool: String,
+    /// Hex SHA-256 of its token.
+    pub token_sha256: String,
+    /// A revoked agent is refused (403) at its next request.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The agents file: `agents: [AgentRecord]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsFile {
+    #[serde(default)]
+    pub agents: Vec<AgentRecord>,
+}
+
+impl AgentsFile {
+    pub fn load(path: &std::path::Path) -> Result<Vec<AgentRecord>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("agents file {}: {e}", path.display()))?;
+        let file: Self = serde_saphyr::from_str(&text)
+            .map_err(|e| format!("agents file {}: {e}", path.display()))?;
+        for a in &file.agents {
+            if let Some(problem) = name_problem(&a.name) {
+                return Err(format!(
+                    "agents file {}: agent {:?}: {problem}",
+                    path.display(),
+                    a.name
+                ));
+            }
+        }
+        Ok(file.agents)
+    }
+}
+
+/// Why `name` cannot be an agent's name, if it cannot.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    (!ok).then_some("a name is 1 to 63 lower-case letters, digits and '-'")
+}
+
+/// A new token for agent `name` and its agents-file entry for `pool`.
+pub fn new_token(name: &str, pool: &str) -> Result<(String, AgentRecord), String> {
+    if let Some(p) = name_problem(name) {
+        return Err(format!("agent name {name:?}: {p}"));
+    }
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret);
+    let token = format!("{TOKEN_PREFIX}{name}_{}", B64URL.encode(secret));
+    let record = AgentRecord {
+        name: name.into(),
+        pool: pool.into(),
+        token_sha256: token_sha256(&token),
+        revoked: false,
+    };
+    Ok((token, record))
+}
+
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The agent name a token claims (checked against its hash before it is believed).
+fn token_name(token: &str) -> Option<&str> {
+    let rest = token.strip_prefix(TOKEN_PREFIX)?;
+    let (name, _) = rest.split_once('_')?;
+    Some(name)
+}
+
+/// What the hub knows of one agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub name: String,
+    pub pool: String,
+    /// The agent's version, from its last report.
+    pub version: Option<String>,
+    /// The configuration generation it last reported serving.
+    pub generation: Option<u64>,
+    /// The configuration it last refused (since it last applied one).
+    pub refused: Option<Refusal>,
+    /// Its last request of any kind.
+    pub last_seen: DateTime<Utc>,
+    pub revoked: bool,
+}
+
+/// A pool's newest configuration.
+struct Published {
+    generation: u64,
+    config: AgentConfig,
+    body: Bytes,
+}
+
+#[derive(Default)]
+struct Inner {
+    agents: HashMap<String, AgentRecord>,
+    pools: HashMap<String, Published>,
+    seen: BTreeMap<String, (AgentStatus, String)>,
+}
+
+/// The control plane's agent endpoint.
+pub struct Hub {
+    signer: Signer,
+    inner: Mutex<Inner>,
+    /// Bumped on every publication and agents change: long polls wake and look again.
+    changed: tokio::sync::watch::Sender<u64>,
+    requests: IntCounterVec,
+    long_poll: Duration,
+}
+
+/// An answer with its request id.
+type Answer = Response<Full<Bytes>>;
+
+impl Hub {
+    /// A hub signing with `signer`, knowing `agents`; its request counter
+    /// (`apitree_agent_hub_requests_total{endpoint,result}`) goes in `registry`.
+    pub fn new(signer: Signer, agents: Vec<AgentRecord>, registry: &Registry) -> Arc<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "apitree_agent_hub_requests_total",
+                "Agent requests by endpoint (config, report) and result (ok, unchanged, unauthorized, revoked, bad_request).",
+            ),
+            &["endpoint", "result"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(requests.clone()));
+        let hub = Arc::new(Self {
+            signer,
+            inner: Mutex::default(),
+            changed: tokio::sync::watch::channel(0).0,
+            requests,
+            long_poll: LONG_POLL,
+        });
+        hub.set_agents(agents);
+        hub
+    }
+
+    /// The same hub with a shorter long poll (tests).
+    pub fn with_long_poll(self: Arc<Self>, long_poll: Duration) -> Arc<Self> {
+        let mut hub = Arc::into_inner(self).expect("with_long_poll before the hub is shared");
+        hub.long_poll = long_poll;
+        Arc::new(hub)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Replaces the known agents (a revocation takes effect at each agent's next request).
+    pub fn set_agents(&self, agents: Vec<AgentRecord>) {
+        self.lock().agents = agents.into_iter().map(|a| (a.name.clone(), a)).collect();
+        self.bump();
+    }
+
+    /// Makes `config` the newest configuration of `pool` and returns its generation. The same
+    /// configuration again keeps its generation (agents are not woken for nothing).
+    /// Generations grow: at least one more than the last, and at least the time in
+    /// milliseconds, so a control plane that restarts without memory still moves forward.
+    pub fn publish(&self, pool: &str, config: AgentConfig) -> u64 {
+        let mut inner = self.lock();
+        let last = inner.pools.get(pool).map(|p| p.generation);
+        if let Some(p) = inner.pools.get(pool) {
+            if p.config == config {
+                return p.generation;
+            }
+        }
+        let now = Utc::now();
+        let generation = last
+            .map_or(0, |g| g + 1)
+            .max(now.timestamp_millis().max(0) as u64);
+        let envelope = self.signer.sign(&Payload {
+            pool: pool.into(),
+            generation,
+            issued_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            config: config.clone(),
+        });
+        let body = Bytes::from(serde_json::to_vec(&envelope).expect("an envelope serialises"));
+        inner.pools.insert(
+            pool.into(),
+            Published {
+                generation,
+                config,
+                body,
+            },
+        );
+        drop(inner);
+        self.bump();
+        generation
+    }
+
+    /// The newest generation of `pool`.
+    pub fn generation(&self, pool: &str) -> Option<u64> {
+        self.lock().pools.get(pool).map(|p| p.generation)
+    }
+
+    /// Every agent that has made a request, by name.
+    pub fn agents(&self) -> Vec<AgentStatus> {
+        let inner = self.lock();
+        inner
+            .seen
+            .values()
+            .map(|(s, _)| {
+                let mut s = s.clone();
+                s.revoked = inner.agents.get(&s.name).is_none_or(|a| a.revoked);
+                s
+            })
+            .collect()
+    }
+
+    /// The metrics text agent `name` last reported.
+    pub fn agent_metrics(&self, name: &str) -> Option<String> {
+        self.lock().seen.get(name).map(|(_, m)| m.clone())
+    }
+
+    /// Serves the agent endpoint on `listener` until `stop` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        tls: Option<Arc<crate::proxy::tls::ServerTls>>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        crate::small_http::serve(
+            listener,
+            tls,
+            Duration::from_secs(10),
+            stop,
+            move |req, _| {
+                let hub = self.clone();
+                async move { hub.handle(req).await }
+            },
+        )
+        .await
+    }
+
+    /// Answers one agent request.
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Answer
+    where
+        B: http_body::Body + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let id = uuid::Uuid::new_v4().to_string();
+        let endpoint = match (req.method(), req.uri().path()) {
+            (&Method::GET, "/agent/v1/config") => "config",
+            (&Method::POST, "/agent/v1/report") => "report",
+            (_, "/agent/v1/config" | "/agent/v1/report") => {
+                return error(
+                    &id,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use GET for /agent/v1/config and POST for /agent/v1/report",
+                )
+            }
+            _ => {
+                return error(
+                    &id,
+                    StatusCode::NOT_FOUND,
+                    "no such agent endpoint; agents use /agent/v1/config and /agent/v1/report",
+                )
+            }
+        };
+        let (answer, result) = match self.authenticate(&req) {
+            Err((status, result, message)) => (error(&id, status, &message), result),
+            Ok(agent) => match endpoint {
+                "config" => self.config(&id, &agent, req.uri().query()).await,
+                _ => self.report(&id, &agent, req.into_body()).await,
+            },
+        };
+        self.requests.with_label_values(&[endpoint, result]).inc();
+        answer
+    }
+
+    /// The agent a request's token belongs to, or why there is none.
+    fn authenticate<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<AgentRecord, (StatusCode, &'static str, String)> {
+        let unauthorized = |m: &str| (StatusCode::UNAUTHORIZED, "unauthorized", m.to_string());
+        let token = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("send the agent's token as `Authorization: Bearer agt_…` (the file named by --token-file)"))?;
+        let name = token_name(token).ok_or_else(|| unauthorized("the token is not an agent token (agt_NAME_SECRET); `apitree agent token` issues one"))?;
+        let inner = self.lock();
+        let record = inner.agents.get(name);
+        let presented = Sha256::digest(token.as_bytes());
+        let matches = record.is_some_and(|r| {
+            hex::decode(&r.token_sha256)
+                .is_ok_and(|known| bool::from(known.as_slice().ct_eq(presented.as_slice())))
+        });
+        let Some(record) = record.filter(|_| matches).cloned() else {
+            tracing::warn!(agent = %name.chars().take(63).collect::<String>(), "an agent token was refused: unknown agent or wrong token");
+            return Err(unauthorized(
+                "the token is not valid for this control plane; ask its operators for a new one",
+            ));
+        };
+        if record.revoked {
+            tracing::warn!(agent = %record.name, "a revoked agent tried to connect");
+            return Err((
+                StatusCode::FORBIDDEN,
+                "revoked",
+                format!(
+                    "agent {} is revoked; ask the control plane's operators for a new token",
+                    record.name
+                ),
+            ));
+        }
+        drop(inner);
+        self.seen(&record, |_| {});
+        Ok(record)
+    }
+
+    /// Records that `agent` was seen now, updating its status with `update`.
+    fn seen(&self, agent: &AgentRecord, update: impl FnOnce(&mut (AgentStatus, String))) {
+        let mut inner = self.lock();
+        let entry = inner.seen.entry(agent.name.clone()).or_insert_with(|| {
+            (
+                AgentStatus {
+                    name: agent.name.clone(),
+                    pool: agent.pool.clone(),
+                    version: None,
+                    generation: None,
+                    refused: None,
+                    last_seen: Utc::now(),
+                    revoked: false,
+                },
+                String::new(),
+            )
+        });
+        entry.0.last_seen = Utc::now();
+        entry.0.pool = agent.pool.clone();
+        update(entry);
+    }
+
+    async fn config(
+        self: &Arc<Self>,
+        id: &str,
+        agent: &AgentRecord,
+        query: Option<&str>,
+    ) -> (Answer, &'static str) {
+        let mut after = None;
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            if k == "after" {
+                match v.parse::<u64>() {
+                    Ok(n) => after = Some(n),
+                    Err(_) => {
+                        return (
+                            error(
+                                id,
+                                StatusCode::BAD_REQUEST,
+                                "`after` is the generation the agent runs, a whole number",
+                            ),
+                            "bad_request",
+                        )
+                    }
+                }
+            }
+        }
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.long_poll;
+        loop {
+            // Looked up again after every wake-up: the agent may have been revoked meanwhile.
+            {
+                let inner = self.lock();
+                match inner.agents.get(&agent.name) {
+                    Some(a) if a.revoked => {
+                        return (
+                            error(id, StatusCode::FORBIDDEN, &format!("agent {} is revoked; ask the control plane's operators for a new token", a.name)),
+                            "revoked",
+                        )
+                    }
+                    None => {
+                        return (
+                            error(id, StatusCode::UNAUTHORIZED, "the token is not valid for this control plane; ask its operators for a new one"),
+                            "unauthorized",
+                        )
+                    }
+                    Some(_) => {}
+                }
+                if let Some(p) = inner.pools.get(&agent.pool) {
+                    if after.is_none_or(|a| p.generation > a) {
+                        let mut resp = Response::new(Full::new(p.body.clone()));
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        with_id(&mut resp, id);
+                        return (resp, "ok");
+                    }
+                }
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        self.seen(agent, |_| {});
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        with_id(&mut resp, id);
+        (resp, "unchanged")
+    }
+
+    async fn report<B>(&self, id: &str, agent: &AgentRecord, body: B) -> (Answer, &'static str)
+    where
+        B: http_body::Body + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let bytes = match Limited::new(body, MAX_REPORT_BYTES).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return (
+                    error(
+                        id,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "a report is at most 1 MiB and must arrive whole",
+                    ),
+                    "bad_request",
+                )
+            }
+        };
+        let report: Report = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                return (
+                    error(
+                        id,
+                        StatusCode::BAD_REQUEST,
+                        &format!("the report is not valid JSON of the expected shape: {e}"),
+                    ),
+                    "bad_request",
+                )
+            }
+        };
+        if let Err(e) =
+            prometheus_parse::Scrape::parse(report.metrics.lines().map(|l| Ok(l.to_string())))
+        {
+            return (
+                error(
+                    id,
+                    StatusCode::BAD_REQUEST,
+                    &format!("the report's metrics are not Prometheus text: {e}"),
+                ),
+                "bad_request",
+            );
+        }
+        self.seen(agent, |(status, metrics)| {
+            status.version = Some(report.version.chars().take(64).collect());
+            status.generation = report.generation;
+            status.refused = report.refused;
+            *metrics = report.metrics;
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        with_id(&mut resp, id);
+        (resp, "ok")
+    }
+}
+
+fn with_id(resp: &mut Answer, id: &str) {
+    if let Ok(v) = http::HeaderValue::from_str(id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+}
+
+/// A JSON error: what is wrong and what to do, with the request id.
+fn error(id: &str, status: StatusCode, message: &str) -> Answer {
+    let body = serde_json::json!({ "error": message, "request_id": id });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    with_id(&mut resp, id);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> (Arc<Hub>, String, String) {
+        let (t1, a1) = new_token("bank-a-1", "bank-a").unwrap();
+        let (t2, mut a2) = new_token("bank-a-2", "bank-a").unwrap();
+        a2.revoked = true;
+        let signer = Signer::parse(&Signer::generate_text()).unwrap();
+        let hub = Hub::new(signer, vec![a1, a2], &Registry::new())
+            .with_long_poll(Duration::from_millis(50));
+        (hub, t1, t2)
+    }
+
+    fn get(path: &str, token: Option<&str>) -> Request<Full<Bytes>> {
+        let mut b = Request::get(path);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Full::new(Bytes::new())).unwrap()
+    }
+
+    async fn body(resp: Answer) -> (StatusCode, serde_json::Value) {
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Every way a token can be wrong is refused with a JSON error and a request id, and no
+    /// answer repeats the token.
+    #[tokio::test]
+    async fn tokens_are_checked_and_never_echoed() {
+        let (hub, good, revoked) = hub();
+        let forged = format!("{}x", &good[..good.len() - 1]);
+        let other_name = good.replace("bank-a-1", "bank-a-2");
+        let cases: Vec<(Option<String>, StatusCode)> = vec![
+            (None, StatusCode::UNAUTHORIZED),
+            (Some("".into()), StatusCode::UNAUTHORIZED),
+            (Some("agt_".into()), StatusCode::UNAUTHORIZED),
+            (Some("not-a-token".into()), StatusCode::UNAUTHORIZED),
+            (Some("agt_nobody_AAAA".into()), StatusCode::UNAUTHORIZED),
+            (Some(forged), StatusCode::UNAUTHORIZED),
+            (Some(other_name), StatusCode::UNAUTHORIZED),
+            (
+                Some(good[..good.len() - 1].to_string()),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (Some(revoked.clone()), StatusCode::FORBIDDEN),
+        ];
+        for (token, want) in cases {
+            let resp = hub.handle(get("/agent/v1/config", token.as_deref())).await;
+            assert!(resp.headers().contains_key("x-request-id"));
+            let (status, json) = body(resp).await;
+            assert_eq!(status, want, "{token:?}");
+            assert!(json["request_id"].is_string() && json["error"].is_string());
+            if let Some(t) = token.filter(|t| t.len() > 8) {
+                assert!(!json.to_string().contains(&t[4..]), "token echoed");
+            }
+        }
+        // The good token: nothing published yet, so the long poll ends in 304.
+        let resp = hub.handle(get("/agent/v1/config", Some(&good))).await;
+        assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_wakes_for_a_new_generation_and_for_a_revocation() {
+        let (hub, good, _) = hub();
+        let g1 = hub.publish("bank-a", AgentConfig::default());
+        assert_eq!(
+            hub.publish("bank-a", AgentConfig::default()),
+            g1,
+            "same config, same generation"
+        );
+        let resp = hub.handle(get("/agent/v1/config", Some(&good))).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let uri = format!("/agent/v1/config?after={g1}");
+        assert_eq!(
+            hub.handle(get(&uri, Some(&good))).await.status(),
+            StatusCode::NOT_MODIFIED
+        );
+        let hub = Hub {
+            long_poll: Duration::from_secs(30),
+            ..Arc::into_inner(hub).unwrap()
+        };
+        let hub = Arc::new(hub);
+        let waiting = tokio::spawn({
+            let (hub, good, uri) = (hub.clone(), good.clone(), uri.clone());
+            async move { hub.handle(get(&uri, Some(&good))).await.status() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let cfg = AgentConfig {
+            default_tier: Some("gold".into()),
+            ..Default::default()
+        };
+        let g2 = hub.publish("bank-a", cfg);
+        assert!(g2 > g1);
+        assert_eq!(waiting.await.unwrap(), StatusCode::OK);
+        // Revoked while waiting: the wait ends with 403.
+        let waiting = tokio::spawn({
+            let (hub, good) = (hub.clone(), good.clone());
+            async move {
+                hub.handle(get(&format!("/agent/v1/config?after={g2}"), Some(&good)))
+                    .await
+                    .status()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut agents: Vec<_> = hub.lock().agents.values().cloned().collect();
+        agents.iter_mut().for_each(|a| a.revoked = true);
+        hub.set_agents(agents);
+        assert_eq!(waiting.await.unwrap(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn reports_are_checked_and_kept() {
+        let (hub, good, _) = hub();
+        let post = |body: &str| {
+            Request::post("/agent/v1/report")
+                .header("authorization", format!("Bearer {good}"))
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap()
+        };
+        for bad in [
+            "",
+            "{",
+            r#"{"version":"1"}"#,
+            r#"{"version":"1","generation":1,"metrics":"","extra":1}"#,
+        ] {
+            let (status, json) = body(hub.handle(post(bad)).await).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(json["error"].as_str().unwrap().contains("report"), "{json}");
+        }
+        let big = format!(
+            r#"{{"version":"1","generation":1,"metrics":"{}"}}"#,
+            "#".repeat(MAX_REPORT_BYTES)
+        );
+        assert_eq!(
+            hub.handle(post(&big)).await.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let ok = r#"{"version":"0.1.0","generation":5,"metrics":"apitree_proxy_requests_total{route=\"a\",status_class=\"2xx\"} 3\n"}"#;
+        assert_eq!(hub.handle(post(ok)).await.status(), StatusCode::NO_CONTENT);
+        let status = hub.agents();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].name, "bank-a-1");
+        assert_eq!(status[0].generation, Some(5));
+        assert_eq!(status[0].version.as_deref(), Some("0.1.0"));
+        assert!(hub
+            .agent_metrics("bank-a-1")
+            .unwrap()
+            .contains("status_class"));
+    }
+}

@@ -1,0 +1,471 @@
+//! The Connector Agent end to end on loopback: a control plane (the agent hub over TLS 1.3 with
+//! a certificate from a test CA) and agents that dial it, each with its own cache and local
+//! file, in front of a real upstream.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apitree::agent::bundle::{AgentConfig, AgentRoute};
+use apitree::agent::envelope::Signer;
+use apitree::agent::hub::{new_token, AgentRecord, Hub};
+use apitree::agent::run::{start, AgentOptions, RunningAgent};
+use apitree::crd::gateway::KeyScope;
+use apitree::proxy::config::KeyEntry;
+use common::gateway::*;
+use common::pki::Pki;
+use http_body_util::BodyExt;
+
+/// The control plane's agent endpoint, restartable on the same port.
+struct ControlPlane {
+    hub: Arc<Hub>,
+    addr: SocketAddr,
+    pki: Pki,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    /// Every request the agents sent: method, path and query, headers, body.
+    seen: Arc<Mutex<Vec<String>>>,
+    tokens: Vec<(String, AgentRecord)>,
+    signer_public: String,
+}
+
+impl ControlPlane {
+    async fn start(agents: &[&str]) -> Self {
+        install_crypto();
+        if std::env::var_os("AGENT_TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        }
+        let pki = Pki::serving();
+        let signer = Signer::parse(&Signer::generate_text()).unwrap();
+        let signer_public = signer.public_key().to_string();
+        let tokens: Vec<_> = agents
+            .iter()
+            .map(|n| new_token(n, "bank-a").unwrap())
+            .collect();
+        let hub = Hub::new(
+            signer,
+            tokens.iter().map(|(_, r)| r.clone()).collect(),
+            &prometheus::Registry::new(),
+        )
+        .with_long_poll(Duration::from_millis(500));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cp = Self {
+            hub,
+            addr,
+            pki,
+            stop: None,
+            done: None,
+            seen: Arc::default(),
+            tokens,
+            signer_public,
+        };
+        cp.serve(listener);
+        cp
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let tls = apitree::small_http::tls(
+            &self.pki.path("tls.crt"),
+            &self.pki.path("tls.key"),
+            &prometheus::Registry::new(),
+            "test_hub",
+        )
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (hub, seen) = (self.hub.clone(), self.seen.clone());
+        self.done = Some(tokio::spawn(apitree::small_http::serve(
+            listener,
+            Some(tls),
+            Duration::from_secs(5),
+            async {
+                let _ = rx.await;
+            },
+            move |req: http::Request<hyper::body::Incoming>, _| {
+                let (hub, seen) = (hub.clone(), seen.clone());
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.unwrap().to_bytes();
+                    let mut text = format!("{} {}\n", parts.method, parts.uri);
+                    for (k, v) in &parts.headers {
+                        text.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+                    }
+                    text.push_str(&String::from_utf8_lossy(&body));
+                    seen.lock().unwrap().push(text);
+                    let req = http::Request::from_parts(parts, http_body_util::Full::new(body));
+                    hub.handle(req).await
+                }
+            },
+        )));
+        self.stop = Some(tx);
+    }
+
+    /// Stops answering: the port refuses connections.
+    async fn down(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(d) = self.done.take() {
+            let _ = d.await;
+        }
+    }
+
+    async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+
+    fn token(&self, name: &str) -> String {
+        self.tokens
+            .iter()
+            .find(|(_, r)| r.name == name)
+            .unwrap()
+            .0
+            .clone()
+    }
+
+    /// Agent `name`'s options: its own directory with the local file, pepper, token.
+    fn agent(&self, name: &str, dir: &Path, upstream: &str, routes: &[&str]) -> AgentOptions {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("pepper"), PEPPER).unwrap();
+        let mut local = String::from(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nsecrets: { pepperFile: pepper }\nupstreams:\n",
+        );
+        for r in routes {
+            local.push_str(&format!("  - {{ route: {r}, upstream: '{upstream}' }}\n"));
+        }
+        std::fs::write(dir.join("local.yaml"), local).unwrap();
+        std::fs::write(dir.join("ca.crt"), self.pki.ca()).unwrap();
+        let url = format!("https://localhost:{}/", self.addr.port())
+            .parse()
+            .unwrap();
+        let mut opts = AgentOptions::new(
+            url,
+            self.token(name),
+            apitree::agent::envelope::PublicKey::parse(&self.signer_public).unwrap(),
+            "bank-a".into(),
+            dir.join("cache"),
+            dir.join("local.yaml"),
+        );
+        opts.ca_pem = Some(self.pki.ca());
+        opts.report_every = Duration::from_millis(100);
+        opts.retry_min = Duration::from_millis(50);
+        opts.retry_max = Duration::from_millis(400);
+        opts.workers = Some(1);
+        opts
+    }
+}
+
+/// A pool configuration: `routes` under `/NAME/`, one live key of org `bank-a-org`.
+fn config(routes: &[&str], key: &KeyEntry) -> AgentConfig {
+    AgentConfig {
+        tiers: vec![serde_json::from_str(
+            r#"{"name":"standard","perKey":{"burst10s":1000,"perMinute":6000,"perDay":100000},
+                "perOrg":{"burst10s":1000,"perMinute":6000,"perDay":100000}}"#,
+        )
+        .unwrap()],
+        default_tier: Some("standard".into()),
+        orgs: vec![serde_json::from_str(r#"{"id":"bank-a-org"}"#).unwrap()],
+        keys: vec![key.clone()],
+        routes: routes
+            .iter()
+            .map(|r| {
+                serde_json::from_value::<AgentRoute>(serde_json::json!({
+                    "name": r, "pathPrefix": format!("/{r}/"), "pii": "mask"
+                }))
+                .unwrap()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn live_key() -> (apitree::proxy::keys::ApiKey, KeyEntry) {
+    let (key, yaml) = key_entry(KeyScope::Live, "bank-a-org", "");
+    let entry = serde_saphyr::from_str(yaml.trim().trim_start_matches("- ")).unwrap();
+    (key, entry)
+}
+
+async fn get(agent: &RunningAgent, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = client().get(format!("http://{}{path}", agent.addr));
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Waits until `check` holds (5 s at most).
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..250 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test]
+async fn agents_serve_the_pools_configuration_and_keep_serving_without_the_control_plane() {
+    let upstream = start_upstream().await;
+    let up = format!("http://{}/", upstream.addr.unwrap());
+    let mut cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
+    let (key, entry) = live_key();
+    let g1 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let dir = tempfile::tempdir().unwrap();
+    let a1 = start(cp.agent(
+        "bank-a-1",
+        &dir.path().join("a1"),
+        &up,
+        &["accounts", "cards"],
+    ))
+    .await
+    .unwrap();
+    let a2 = start(cp.agent(
+        "bank-a-2",
+        &dir.path().join("a2"),
+        &up,
+        &["accounts", "cards"],
+    ))
+    .await
+    .unwrap();
+    for a in [&a1, &a2] {
+        assert_eq!(a.generation(), Some(g1));
+        let (status, body) = get(a, "/accounts/balance", Some(key.expose_secret())).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("/balance"), "{body}");
+        assert_eq!(get(a, "/accounts/balance", None).await.0, 401);
+        assert_eq!(get(a, "/cards/x", Some(key.expose_secret())).await.0, 404);
+    }
+
+    // A new generation reaches both agents through their long polls.
+    let g2 = cp
+        .hub
+        .publish("bank-a", config(&["accounts", "cards"], &entry));
+    assert!(g2 > g1);
+    until("both agents run g2", || {
+        a1.generation() == Some(g2) && a2.generation() == Some(g2)
+    })
+    .await;
+    assert_eq!(get(&a1, "/cards/x", Some(key.expose_secret())).await.0, 200);
+    until("the hub has both agents' reports of g2", || {
+        let s = cp.hub.agents();
+        s.len() == 2
+            && s.iter()
+                .all(|a| a.generation == Some(g2) && a.version.is_some())
+    })
+    .await;
+
+    // The control plane goes away: the agents keep serving what they have.
+    cp.down().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for a in [&a1, &a2] {
+        assert_eq!(get(a, "/cards/x", Some(key.expose_secret())).await.0, 200);
+    }
+    // A change made meanwhile arrives once it is back (the agents retry with back-off).
+    let g3 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    cp.up().await;
+    until("both agents run g3 after the outage", || {
+        a1.generation() == Some(g3) && a2.generation() == Some(g3)
+    })
+    .await;
+    assert_eq!(get(&a1, "/cards/x", Some(key.expose_secret())).await.0, 404);
+    a1.stop().await;
+    a2.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_without_the_control_plane_serves_the_cache_and_a_tampered_cache_is_refused() {
+    let upstream = start_upstream().await;
+    let up = format!("http://{}/", upstream.addr.unwrap());
+    let mut cp = ControlPlane::start(&["bank-a-1"]).await;
+    let (key, entry) = live_key();
+    let g1 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let dir = tempfile::tempdir().unwrap();
+    let opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts", "cards"]);
+    let a = start(opts.clone()).await.unwrap();
+    a.stop().await;
+    cp.down().await;
+
+    // Restarted with the control plane away: the cached generation serves.
+    let a = tokio::time::timeout(Duration::from_secs(5), start(opts.clone()))
+        .await
+        .expect("a cached configuration serves without the control plane")
+        .unwrap();
+    assert_eq!(a.generation(), Some(g1));
+    assert_eq!(
+        get(&a, "/accounts/x", Some(key.expose_secret())).await.0,
+        200
+    );
+    a.stop().await;
+
+    // Someone with access to the disk widens the cached routes: the signature no longer holds,
+    // and the agent does not serve it.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let cache = dir.path().join("cache").join(apitree::agent::cache::FILE);
+    let mut env: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    let payload = b64.decode(env["payload"].as_str().unwrap()).unwrap();
+    let forged = String::from_utf8(payload)
+        .unwrap()
+        .replace("/accounts/", "/");
+    env["payload"] = b64.encode(forged).into();
+    std::fs::write(&cache, env.to_string()).unwrap();
+    let starting = tokio::spawn(start(opts.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!starting.is_finished(), "an agent served a tampered cache");
+    // The control plane comes back: its configuration replaces the forged one.
+    cp.up().await;
+    let a = tokio::time::timeout(Duration::from_secs(5), starting)
+        .await
+        .expect("the agent starts once the control plane answers")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.generation(), Some(g1));
+    assert_eq!(get(&a, "/other", Some(key.expose_secret())).await.0, 404);
+    let cached: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    assert_ne!(cached, env, "the forged cache was replaced");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_reported() {
+    let upstream = start_upstream().await;
+    let up = format!("http://{}/", upstream.addr.unwrap());
+    let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
+    let (key, entry) = live_key();
+    let g1 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let dir = tempfile::tempdir().unwrap();
+    let opts = cp.agent("bank-a-1", &dir.path().join("a1"), &up, &["accounts"]);
+    let a = start(opts.clone()).await.unwrap();
+
+    // `loans` has no upstream in the bank's file: refused, reported, the old one serves.
+    let g2 = cp
+        .hub
+        .publish("bank-a", config(&["accounts", "loans"], &entry));
+    until("the agent refuses g2", || a.refused().is_some()).await;
+    assert_eq!(a.generation(), Some(g1));
+    assert_eq!(
+        get(&a, "/accounts/x", Some(key.expose_secret())).await.0,
+        200
+    );
+    until("the hub shows the refusal", || {
+        cp.hub.agents()[0]
+            .refused
+            .as_ref()
+            .is_some_and(|r| r.generation == Some(g2) && r.reason.contains("loans"))
+    })
+    .await;
+    // The bank adds the upstream and reloads its file: g2 applies.
+    let local = dir.path().join("a1").join("local.yaml");
+    let mut text = std::fs::read_to_string(&local).unwrap();
+    text.push_str(&format!("  - {{ route: loans, upstream: '{up}' }}\n"));
+    std::fs::write(&local, text).unwrap();
+    a.reload_local().unwrap();
+    until("the agent applies g2", || a.generation() == Some(g2)).await;
+    assert!(a.refused().is_none());
+    assert_eq!(get(&a, "/loans/x", Some(key.expose_secret())).await.0, 200);
+
+    // Revoked: its own requests are refused; a fresh agent with that token gets nothing.
+    let mut agents: Vec<_> = cp.tokens.iter().map(|(_, r)| r.clone()).collect();
+    agents[0].revoked = true;
+    cp.hub.set_agents(agents);
+    until("the hub lists bank-a-1 as revoked", || {
+        cp.hub.agents()[0].revoked
+    })
+    .await;
+    let fresh = cp.agent(
+        "bank-a-1",
+        &dir.path().join("fresh"),
+        &up,
+        &["accounts", "loans"],
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), start(fresh))
+            .await
+            .is_err(),
+        "a revoked agent received a configuration"
+    );
+    let seen = cp.seen.lock().unwrap().len();
+    until("the revoked agent keeps trying", || {
+        cp.seen.lock().unwrap().len() > seen
+    })
+    .await;
+    a.stop().await;
+}
+
+/// Everything the agent sends the control plane, captured at the hub: its requests' lines,
+/// headers and bodies hold no key, no body, no PII, no client or upstream address and no
+/// secret — while the counts the detector needs are there.
+#[tokio::test]
+async fn everything_an_agent_sends_is_metadata() {
+    let upstream = start_upstream().await;
+    let up = format!("http://{}/", upstream.addr.unwrap());
+    let cp = ControlPlane::start(&["bank-a-1"]).await;
+    let (key, entry) = live_key();
+    cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(cp.agent("bank-a-1", dir.path(), &up, &["accounts"]))
+        .await
+        .unwrap();
+    let marker = "body-marker-7f3a";
+    for path in ["/accounts/pii", "/accounts/echo-body", "/accounts/fail"] {
+        let resp = client()
+            .post(format!("http://{}{path}?q={marker}", a.addr))
+            .header("x-api-key", key.expose_secret())
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(format!("{{\"note\":\"{marker}\",\"rrn\":\"{RRN}\"}}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().as_u16() < 600);
+    }
+    let _ = get(
+        &a,
+        "/accounts/x",
+        Some("at_live_wrongwrongwrongwrongwrongwrong"),
+    )
+    .await;
+    until("a report with the requests reached the hub", || {
+        cp.hub
+            .agent_metrics("bank-a-1")
+            .is_some_and(|m| m.contains(r#"route="accounts",status_class="5xx""#))
+    })
+    .await;
+    a.stop().await;
+    let seen = cp.seen.lock().unwrap().join("\n-----\n");
+    let upstream_port = upstream.addr.unwrap().port().to_string();
+    let token = cp.token("bank-a-1");
+    let token_secret = token.rsplit('_').next().unwrap();
+    for (what, needle) in [
+        ("the API key", key.expose_secret()),
+        (
+            "the key's secret part",
+            &key.expose_secret()[key.prefix().len()..],
+        ),
+        ("a request body", marker),
+        ("PII", RRN),
+        ("a client address", "203.0.113.9"),
+        ("a loopback address (client or upstream)", "127.0.0.1"),
+        ("the upstream's port", &format!(":{upstream_port}")),
+        ("the pepper", std::str::from_utf8(PEPPER).unwrap()),
+        ("the local file's path", dir.path().to_str().unwrap()),
+    ] {
+        assert!(!seen.contains(needle), "the agent sent {what}:\n{seen}");
+    }
+    // The token is sent as the agent's credential, in the Authorization header only.
+    for line in seen.lines().filter(|l| l.contains(token_secret)) {
+        assert!(
+            line.starts_with("authorization: Bearer "),
+            "token outside its header: {line}"
+        );
+    }
+    assert!(seen.contains("apitree_proxy_request_duration_seconds_bucket"));
+    assert!(seen.contains(r#"apitree_proxy_auth_failures_total{reason="#));
+}
