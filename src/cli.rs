@@ -185,6 +185,66 @@ pub enum Command {
     Agent(AgentCommand),
 }
 
+/// The agent endpoint a control plane serves (`apitree operator`, `apitree local`).
+#[derive(Debug, clap::Args)]
+pub struct AgentEndpointArgs {
+    /// Serve the Connector Agent endpoint on this address (TLS 1.3 only): agents dial it for
+    /// their pool's configuration and send their reports. Needs the four --agent-*/--agents-file
+    /// settings below.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "APITREE_AGENT_LISTEN",
+        requires_all = ["agent_tls_cert", "agent_tls_key", "agent_signing_key", "agents_file"]
+    )]
+    pub agent_listen: Option<String>,
+    /// The agent endpoint's certificate chain (PEM); agents pin the CA that signed it.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_AGENT_TLS_CERT",
+        requires = "agent_listen"
+    )]
+    pub agent_tls_cert: Option<PathBuf>,
+    /// The agent endpoint's private key (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_AGENT_TLS_KEY",
+        requires = "agent_listen"
+    )]
+    pub agent_tls_key: Option<PathBuf>,
+    /// The key agents' configurations are signed with (`apitree agent keygen`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_AGENT_SIGNING_KEY",
+        requires = "agent_listen"
+    )]
+    pub agent_signing_key: Option<PathBuf>,
+    /// The agents this control plane knows: `agents: [{name, pool, tokenSha256, revoked}]`
+    /// (`apitree agent token` prints an entry). Read again when it changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_AGENTS_FILE",
+        requires = "agent_listen"
+    )]
+    pub agents_file: Option<PathBuf>,
+}
+
+impl AgentEndpointArgs {
+    /// The endpoint's options, when --agent-listen is given (clap has checked the rest).
+    pub fn options(&self) -> Option<crate::agent::hub::EndpointOptions> {
+        Some(crate::agent::hub::EndpointOptions {
+            listen: self.agent_listen.clone()?,
+            tls: (self.agent_tls_cert.clone()?, self.agent_tls_key.clone()?),
+            signing_key: self.agent_signing_key.clone()?,
+            agents_file: self.agents_file.clone()?,
+        })
+    }
+}
+
 /// `apitree agent`: run the agent, or make its keys on the control plane's side.
 #[derive(Debug, clap::Args)]
 pub struct AgentCommand {
@@ -421,6 +481,8 @@ pub struct OperatorArgs {
     pub sweep_every: crate::crd::KubeDuration,
     #[command(flatten)]
     pub state: StateDbArgs,
+    #[command(flatten)]
+    pub agents: AgentEndpointArgs,
 }
 
 #[derive(Debug, Args)]
@@ -451,6 +513,8 @@ pub struct LocalArgs {
     pub slack_channel: String,
     #[command(flatten)]
     pub state: StateDbArgs,
+    #[command(flatten)]
+    pub agents: AgentEndpointArgs,
 }
 
 /// TLS for the HTTP port (status page, `/api/gateways`, `/metrics`, `/slack/interactions`).

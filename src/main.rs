@@ -266,6 +266,7 @@ async fn operator(args: OperatorArgs) -> Result<()> {
         sweep_every: args.sweep_every.as_std(),
         database_url: args.state.resolve(),
         viewers,
+        agents: args.agents.options(),
     };
     let signing_secret = std::env::var("SLACK_SIGNING_SECRET")
         .ok()
@@ -296,6 +297,7 @@ async fn local(args: LocalArgs) -> Result<()> {
         viewers,
         interval: std::time::Duration::from_secs(1),
         durable,
+        agents: args.agents.options(),
     };
     let result = apitree::operator::local::run(
         opts,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apitree::agent::bundle::{AgentConfig, AgentRoute};
+use apitree::agent::bundle::{AgentConfig, ConnectorRoute};
 use apitree::agent::envelope::Signer;
 use apitree::agent::hub::{new_token, AgentRecord, Hub};
 use apitree::agent::run::{start, AgentOptions, RunningAgent};
@@ -173,7 +173,7 @@ fn config(routes: &[&str], key: &KeyEntry) -> AgentConfig {
         routes: routes
             .iter()
             .map(|r| {
-                serde_json::from_value::<AgentRoute>(serde_json::json!({
+                serde_json::from_value::<ConnectorRoute>(serde_json::json!({
                     "name": r, "pathPrefix": format!("/{r}/"), "pii": "mask"
                 }))
                 .unwrap()
@@ -468,4 +468,182 @@ async fn everything_an_agent_sends_is_metadata() {
     }
     assert!(seen.contains("apitree_proxy_request_duration_seconds_bucket"));
     assert!(seen.contains(r#"apitree_proxy_auth_failures_total{reason="#));
+}
+
+/// The control loop with agents: a gateway with `spec.connectors` publishes its active
+/// revision's configuration to the pool, lists the pool's agents in its status, reads their
+/// reported metadata into the detector — an agent's failing upstream escalates to (a stand-in)
+/// Slack like a cluster route — and an agent that goes silent is an `agent lost` incident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_failures() {
+    use apitree::crd::duration::KubeDuration;
+    use apitree::crd::gateway::{ConnectorSpec, GatewayPhase};
+    use apitree::notify::{outbox::Outbox, slack::SlackDelivery, Notifier};
+    use apitree::operator::demo;
+    use apitree::operator::rollout::Managed;
+    use common::slack::{channels, config as slack_config, start_stand_in};
+
+    let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
+    let api = demo::start_sample_api().await.unwrap();
+    api.weather_failure_per_mille
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let cluster_up = format!("http://{}", api.addr);
+    let bank_up = start_upstream().await;
+    let bank_url = format!("http://{}/", bank_up.addr.unwrap());
+
+    let (slack_addr, stand_in) = start_stand_in().await;
+    let outbox = Arc::new(Outbox::memory());
+    let notifier = Arc::new(Notifier::Slack {
+        outbox: outbox.clone(),
+        channels: channels(),
+    });
+    let delivery = SlackDelivery::new(&slack_config(slack_addr), outbox);
+    let (mut ctx, _) = demo::local_context(notifier.clone(), None).unwrap();
+    ctx.agents = Some(cp.hub.clone());
+    // A key the agents check with their own pepper (the bank holds the same one as the
+    // control plane; the demo's cluster proxies use a random one).
+    let (key, entry) = live_key();
+    ctx.base.keys.push(apitree::proxy::config::KeyEntry {
+        org: "acme".into(),
+        ..entry
+    });
+    let mut spec = demo::spec(
+        &format!("{cluster_up}/weather/"),
+        &format!("{cluster_up}/fx/"),
+    );
+    spec.gate.observation_window = KubeDuration::from_secs(2);
+    spec.gate.min_samples = 1;
+    spec.detection.window = KubeDuration::from_secs(1);
+    spec.detection.min_requests = 20;
+    spec.connectors = vec![serde_json::from_value::<ConnectorSpec>(serde_json::json!({
+        "pool": "bank-a", "lostAfter": "2s",
+        "routes": [{"name": "accounts", "pathPrefix": "/accounts/"}]
+    }))
+    .unwrap()];
+    let m = Managed::new(
+        "bank-gw",
+        spec,
+        1,
+        notifier.clone(),
+        ctx.store.clone(),
+        None,
+    );
+    let mut tour = demo::Tour::new(m, ctx);
+    let limit = Duration::from_secs(40);
+    tour.until("first deploy", limit, |m| {
+        m.status.phase == Some(GatewayPhase::Stable)
+    })
+    .await
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let a1 = start(cp.agent("bank-a-1", &dir.path().join("a1"), &bank_url, &["accounts"]))
+        .await
+        .unwrap();
+    let a2 = start(cp.agent("bank-a-2", &dir.path().join("a2"), &bank_url, &["accounts"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&a1, "/accounts/x", Some(key.expose_secret())).await.0,
+        200
+    );
+    tour.until("both agents listed and in sync", limit, |m| {
+        let in_sync = m
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "ConnectorsInSync" && c.status == "True");
+        m.status.connectors.len() == 2
+            && m.status.connectors.iter().all(|c| {
+                c.state == "Connected"
+                    && c.generation.is_some()
+                    && c.generation == c.published_generation
+            })
+            && in_sync
+    })
+    .await
+    .unwrap();
+
+    // Traffic through the agents: a baseline of successes, then the bank's upstream fails.
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let (addrs, key) = ([a1.addr, a2.addr], key.expose_secret().to_string());
+        let (failing, stop) = (failing.clone(), stop.clone());
+        async move {
+            let c = client();
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let path =
+                    if failing.load(std::sync::atomic::Ordering::Relaxed) && i.is_multiple_of(2) {
+                        "/accounts/fail"
+                    } else {
+                        "/accounts/ok"
+                    };
+                let _ = c
+                    .get(format!("http://{}{path}", addrs[i % 2]))
+                    .header("x-api-key", &key)
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    tour.until("a baseline of agent traffic", limit, |m| {
+        m.error_ratios.len() >= 6
+    })
+    .await
+    .unwrap();
+    failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    tour.until("an incident on the agents' route", limit, |m| {
+        m.incidents
+            .iter()
+            .any(|i| i.route == "accounts" && i.signal == "error ratio")
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = traffic.await;
+
+    // Agent 2 goes silent: lost, an incident, shown in status.
+    a2.stop().await;
+    tour.until("agent 2 lost", limit, |m| {
+        m.status
+            .connectors
+            .iter()
+            .any(|c| c.name == "bank-a-2" && c.state == "Lost")
+            && m.incidents
+                .iter()
+                .any(|i| i.signal == "agent lost" && i.route == "bank-a-2")
+    })
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        let r = delivery.deliver_due().await.unwrap();
+        if r.delivered == 0 && r.failed == 0 {
+            break;
+        }
+    }
+    let posted: Vec<String> = stand_in
+        .lock()
+        .unwrap()
+        .answered
+        .iter()
+        .map(|(_, body)| body.to_string())
+        .collect();
+    assert!(
+        posted
+            .iter()
+            .any(|b| b.contains("error ratio") && b.contains("route accounts")),
+        "no Slack message for the agents' failing route: {posted:#?}"
+    );
+    assert!(
+        posted
+            .iter()
+            .any(|b| b.contains("agent lost") && b.contains("agent bank-a-2")),
+        "no Slack message for the lost agent: {posted:#?}"
+    );
+    a1.stop().await;
+    tour.ctx.platform.shutdown().await;
 }

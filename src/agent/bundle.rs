@@ -1,7 +1,7 @@
 //! What crosses the line between the control plane and a bank, and what never does.
 //!
-//! [`AgentConfig`] is everything the control plane sends: routes as policy (path, scopes, tier,
-//! limits, PII handling, breaker, methods), tiers, orgs and keys in stored form (prefix and
+//! [`AgentConfig`] is everything the control plane sends: routes as policy ([`ConnectorRoute`]:
+//! path, scopes, tier, PII handling, breaker, methods), tiers, orgs and keys in stored form (prefix and
 //! HMAC hash). Its types have no field for an upstream address, a credential or a key's
 //! plaintext, and unknown fields are refused, so a control plane cannot send one even by
 //! mistake.
@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::crd::duration::KubeDuration;
-use crate::crd::gateway::{
-    default_scopes, BreakerSpec, KeyScope, PiiMode, RouteMethod, RouteSpec, TierSpec,
-};
+pub use crate::crd::gateway::ConnectorRoute;
+use crate::crd::gateway::TierSpec;
 use crate::proxy::config::{
     CredentialEntry, InvalidConfig, KeyEntry, OrgEntry, Problem, ProxyConfig, SecretSources,
     TlsConfig,
@@ -41,49 +40,9 @@ pub struct AgentConfig {
     /// Keys in stored form: prefix and HMAC hash, never the key.
     #[serde(default)]
     pub keys: Vec<KeyEntry>,
+    /// The pool's routes (`spec.connectors[].routes` of the gateway).
     #[serde(default)]
-    pub routes: Vec<AgentRoute>,
-}
-
-/// A route as policy: everything of an `ApiGateway` route except where it goes (the upstream
-/// and its credential are the bank's, in [`AgentLocal::upstreams`]) and body logging (the
-/// bank's access log is the bank's decision, and bodies stay off).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AgentRoute {
-    pub name: String,
-    pub path_prefix: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<KubeDuration>,
-    #[serde(default = "default_scopes")]
-    pub scopes: Vec<KeyScope>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tier: Option<String>,
-    #[serde(default)]
-    pub pii: PiiMode,
-    #[serde(default)]
-    pub breaker: BreakerSpec,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<RouteMethod>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub allow_encoded_slashes: bool,
-}
-
-impl AgentRoute {
-    /// The policy of a cluster route, without its upstream, credential and probe.
-    pub fn of(route: &RouteSpec) -> Self {
-        Self {
-            name: route.name.clone(),
-            path_prefix: route.path_prefix.clone(),
-            timeout: route.timeout.clone(),
-            scopes: route.scopes.clone(),
-            tier: route.tier.clone(),
-            pii: route.pii,
-            breaker: route.breaker.clone(),
-            methods: route.methods.clone(),
-            allow_encoded_slashes: route.allow_encoded_slashes,
-        }
-    }
+    pub routes: Vec<ConnectorRoute>,
 }
 
 /// The agent's local file (`apitree agent --config FILE`): what stays in the bank.
@@ -173,44 +132,32 @@ impl AgentLocal {
 /// secrets, credentials and upstreams. Fails, naming each route, when the bank has no upstream
 /// for a route the control plane sends.
 pub fn merge(remote: &AgentConfig, local: &AgentLocal) -> Result<ProxyConfig, Vec<Problem>> {
-    let mut cfg: ProxyConfig =
-        serde_json::from_value(serde_json::json!({})).expect("every proxy setting has a default");
-    cfg.listen = local.listen.clone();
-    cfg.admin = local.admin.clone();
-    cfg.secrets = local.secrets.clone();
-    cfg.tls = local.tls.clone();
-    cfg.credentials = local.credentials.clone();
-    cfg.tiers = remote.tiers.clone();
-    cfg.default_tier = remote.default_tier.clone();
+    let mut cfg = ProxyConfig {
+        listen: local.listen.clone(),
+        admin: local.admin.clone(),
+        secrets: local.secrets.clone(),
+        tls: local.tls.clone(),
+        credentials: local.credentials.clone(),
+        tiers: remote.tiers.clone(),
+        default_tier: remote.default_tier.clone(),
+        orgs: remote.orgs.clone(),
+        keys: remote.keys.clone(),
+        ..ProxyConfig::default()
+    };
     if let Some(t) = &remote.default_timeout {
         cfg.default_timeout = t.clone();
     }
-    cfg.orgs = remote.orgs.clone();
-    cfg.keys = remote.keys.clone();
     let mut problems = Vec::new();
     for (i, r) in remote.routes.iter().enumerate() {
         let Some(up) = local.upstreams.iter().find(|u| u.route == r.name) else {
             problems.push(Problem {
                 path: format!("routes[{i}] ({})", r.name),
-                message: "the agent's local file has no upstream for this route; add `upstreams: [{route: NAME, upstream: URL}]` there, the agent applies the configuration on its next poll".into(),
+                message: "the agent's local file has no upstream for this route; add `upstreams: [{route: NAME, upstream: URL}]` there and send the agent SIGHUP".into(),
             });
             continue;
         };
-        cfg.routes.push(RouteSpec {
-            name: r.name.clone(),
-            path_prefix: r.path_prefix.clone(),
-            upstream: up.upstream.clone(),
-            timeout: r.timeout.clone(),
-            scopes: r.scopes.clone(),
-            tier: r.tier.clone(),
-            credential: up.credential.clone(),
-            pii: r.pii,
-            breaker: r.breaker.clone(),
-            log_bodies: false,
-            methods: r.methods.clone(),
-            allow_encoded_slashes: r.allow_encoded_slashes,
-            probe: None,
-        });
+        cfg.routes
+            .push(r.to_route(up.upstream.clone(), up.credential.clone()));
     }
     if problems.is_empty() {
         Ok(cfg)

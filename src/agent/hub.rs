@@ -264,6 +264,16 @@ impl Hub {
             .collect()
     }
 
+    /// The metrics texts the agents of `pools` last reported, by agent name.
+    pub fn pool_metrics(&self, pools: &[&str]) -> Vec<(String, String)> {
+        self.lock()
+            .seen
+            .iter()
+            .filter(|(_, (s, m))| pools.contains(&s.pool.as_str()) && !m.is_empty())
+            .map(|(name, (_, m))| (name.clone(), m.clone()))
+            .collect()
+    }
+
     /// The metrics text agent `name` last reported.
     pub fn agent_metrics(&self, name: &str) -> Option<String> {
         self.lock().seen.get(name).map(|(_, m)| m.clone())
@@ -511,6 +521,79 @@ impl Hub {
         *resp.status_mut() = StatusCode::NO_CONTENT;
         with_id(&mut resp, id);
         (resp, "ok")
+    }
+}
+
+/// Where and how a control plane serves its agent endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// Address of the agent endpoint's listener.
+    pub listen: String,
+    /// Its certificate chain and key (PEM): agents only speak TLS 1.3.
+    pub tls: (std::path::PathBuf, std::path::PathBuf),
+    /// The configuration-signing key (`apitree agent keygen`).
+    pub signing_key: std::path::PathBuf,
+    /// The agents file, read again when it changes (a revocation needs no restart).
+    pub agents_file: std::path::PathBuf,
+}
+
+/// How often the agents file is looked at.
+const AGENTS_FILE_EVERY: Duration = Duration::from_secs(2);
+
+/// Starts the agent endpoint: loads the key and the agents file, binds, serves over TLS and
+/// watches the agents file. Fails, saying which, when any of them is unusable.
+pub async fn start_endpoint(
+    opts: &EndpointOptions,
+    registry: &Registry,
+) -> Result<(Arc<Hub>, std::net::SocketAddr), String> {
+    let signer =
+        Signer::from_file(&opts.signing_key).map_err(|e| format!("--agent-signing-key: {e}"))?;
+    let agents = AgentsFile::load(&opts.agents_file).map_err(|e| format!("--agents-file: {e}"))?;
+    let tls = crate::small_http::tls(&opts.tls.0, &opts.tls.1, registry, "apitree_agent_hub")
+        .map_err(|e| format!("--agent-tls-cert/--agent-tls-key: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "--agent-listen {}: {e}; is another process using the port?",
+                opts.listen
+            )
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("--agent-listen {}: {e}", opts.listen))?;
+    let hub = Hub::new(signer, agents, registry);
+    tracing::info!(%addr, key = %hub.signer.public_key(), agents = hub.lock().agents.len(), "serving the Connector Agent endpoint");
+    tokio::spawn(
+        hub.clone()
+            .serve(listener, Some(tls), std::future::pending()),
+    );
+    tokio::spawn(watch_agents_file(hub.clone(), opts.agents_file.clone()));
+    Ok((hub, addr))
+}
+
+/// Reads the agents file again whenever its content changes; a file that does not read keeps
+/// the agents as they were, and says why.
+async fn watch_agents_file(hub: Arc<Hub>, path: std::path::PathBuf) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(AGENTS_FILE_EVERY).await;
+        let now = std::fs::read(&path).ok();
+        if now == last {
+            continue;
+        }
+        last = now;
+        match AgentsFile::load(&path) {
+            Ok(agents) => {
+                tracing::info!(
+                    agents = agents.len(),
+                    revoked = agents.iter().filter(|a| a.revoked).count(),
+                    "agents file read again"
+                );
+                hub.set_agents(agents);
+            }
+            Err(e) => tracing::error!("{e}; the agents stay as they were"),
+        }
     }
 }
 

@@ -14,6 +14,31 @@ use serde::{Deserialize, Serialize};
 
 use super::duration::KubeDuration;
 
+/// One Connector Agent as the control plane last heard from it.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectorStatus {
+    pub name: String,
+    pub pool: String,
+    /// `Connected`, `Lost` (silent for longer than the pool's `lostAfter`) or `Revoked`.
+    pub state: String,
+    /// The agent's apitree version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The configuration generation the agent serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// The generation the control plane publishes for its pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_generation: Option<u64>,
+    /// RFC 3339: the agent's last call.
+    pub last_seen: String,
+    /// Why the agent refused the newest configuration, if it did (paths, never the partner's
+    /// values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
 /// Desired state of one API gateway: what runs, how new revisions are gated, how it is watched.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
@@ -118,6 +143,99 @@ pub struct ApiGatewaySpec {
     /// deleted. Only used with `database`; not part of the revision. Each at least 1d.
     #[serde(default)]
     pub retention: RetentionSpec,
+    /// Routes served inside partners' networks by Connector Agents (`apitree agent`), by agent
+    /// pool. Their upstreams and credentials are in each agent's local file, never here; the
+    /// tiers, orgs and key hashes are this gateway's. Part of the revision: a change goes
+    /// through the gate like any other, and each pool receives the configuration of the
+    /// revision that takes traffic (a rollback rolls the agents back too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub connectors: Vec<ConnectorSpec>,
+}
+
+/// The routes one pool of Connector Agents serves.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectorSpec {
+    /// The agent pool, as the control plane's agents file assigns agents to it.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub pool: String,
+    /// Routes the pool's agents serve, matched by longest path prefix. Route names are unique
+    /// across the gateway (cluster routes and every pool's).
+    #[schemars(length(max = 64))]
+    pub routes: Vec<ConnectorRoute>,
+    /// An agent of the pool that has not called the control plane for this long is lost: an
+    /// `agent lost` incident (high), resolved when it calls again.
+    #[serde(default = "default_lost_after")]
+    pub lost_after: KubeDuration,
+}
+
+fn default_lost_after() -> KubeDuration {
+    KubeDuration::from_secs(60)
+}
+
+/// A route served by Connector Agents: a cluster route's policy without its upstream, its
+/// credential, its probe and body logging, which are the partner's (in the agent's local file).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectorRoute {
+    /// Route name, used in metrics, incidents and access logs; the agent's local file gives
+    /// its upstream under the same name.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Path prefix that selects this route, e.g. `/accounts/`.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub path_prefix: String,
+    /// Upstream call timeout; defaults to `proxy.defaultTimeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<KubeDuration>,
+    /// Key scopes allowed on this route.
+    #[serde(default = "default_scopes")]
+    #[schemars(length(min = 1, max = 2))]
+    pub scopes: Vec<KeyScope>,
+    /// Rate-limit tier for this route's traffic; defaults to the key's own tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Korean PII handling on responses: `off`, `flag` or `mask`.
+    #[serde(default)]
+    pub pii: PiiMode,
+    /// Circuit breaker of this route's upstream.
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    /// Methods this route forwards (empty: every method except TRACE and CONNECT).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
+    pub methods: Vec<RouteMethod>,
+    /// Accept an encoded slash (`%2F`) in the path and pass it on encoded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_encoded_slashes: bool,
+}
+
+impl ConnectorRoute {
+    /// The route as a proxy runs it, going to `upstream` with `credential` (the partner's).
+    pub fn to_route(&self, upstream: String, credential: Option<String>) -> RouteSpec {
+        RouteSpec {
+            name: self.name.clone(),
+            path_prefix: self.path_prefix.clone(),
+            upstream,
+            timeout: self.timeout.clone(),
+            scopes: self.scopes.clone(),
+            tier: self.tier.clone(),
+            credential,
+            pii: self.pii,
+            breaker: self.breaker.clone(),
+            log_bodies: false,
+            methods: self.methods.clone(),
+            allow_encoded_slashes: self.allow_encoded_slashes,
+            probe: None,
+        }
+    }
 }
 
 /// How long each kind of data is kept (durations such as `400d`).
@@ -915,6 +1033,9 @@ pub struct ApiGatewayStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<ProbesSummary>,
     /// Conditions: `Ready`, `Progressing`, `Degraded`, `SpecValid`.
+    /// Connector Agents of this gateway's pools that have called the control plane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connectors: Vec<ConnectorStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Generation of the spec this status describes.
@@ -1158,6 +1279,53 @@ impl ApiGatewaySpec {
                         format!("spec.proxy.routes[{i}].tier"),
                         format!("tier {tier:?} is not defined in spec.proxy.tiers"),
                     );
+                }
+            }
+        }
+        let mut pools = BTreeMap::new();
+        for (c, connector) in self.connectors.iter().enumerate() {
+            if let Some(first) = pools.insert(connector.pool.as_str(), c) {
+                push(
+                    format!("spec.connectors[{c}].pool"),
+                    format!("pool {:?} is already listed at connectors[{first}]; give each pool one entry", connector.pool),
+                );
+            }
+            for (i, r) in connector.routes.iter().enumerate() {
+                let path = format!("spec.connectors[{c}].routes[{i}]");
+                if self.proxy.routes.iter().any(|p| p.name == r.name) {
+                    push(
+                        format!("{path}.name"),
+                        format!("route name {:?} is already a cluster route (spec.proxy.routes); route names are unique across the gateway", r.name),
+                    );
+                }
+                let earlier = self.connectors[..=c]
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(pc, p)| {
+                        p.routes
+                            .iter()
+                            .enumerate()
+                            .map(move |(pi, pr)| (pc, pi, pr))
+                    });
+                if let Some((pc, pi, _)) = earlier
+                    .filter(|(pc, pi, _)| (*pc, *pi) < (c, i))
+                    .find(|(_, _, pr)| pr.name == r.name)
+                {
+                    push(
+                        format!("{path}.name"),
+                        format!(
+                            "route name {:?} is already used by connectors[{pc}].routes[{pi}]",
+                            r.name
+                        ),
+                    );
+                }
+                if let Some(tier) = &r.tier {
+                    if !self.proxy.tiers.iter().any(|t| &t.name == tier) {
+                        push(
+                            format!("{path}.tier"),
+                            format!("tier {tier:?} is not defined in spec.proxy.tiers"),
+                        );
+                    }
                 }
             }
         }

@@ -33,8 +33,12 @@ pub const UPSTREAM_DOWN: &str = "upstream down";
 /// Serving replicas of the gateway that are not ready when the health sweep asks.
 pub const ENDPOINTS_DOWN: &str = "endpoints down";
 
+/// A Connector Agent that has not called the control plane for longer than its pool's
+/// `lostAfter` (the incident's route is the agent's name).
+pub const AGENT_LOST: &str = "agent lost";
+
 /// Every signal an incident can be about.
-pub const SIGNALS: [&str; 9] = [
+pub const SIGNALS: [&str; 10] = [
     ERROR_RATIO,
     AUTH_FAILURES,
     P99_LATENCY,
@@ -44,6 +48,7 @@ pub const SIGNALS: [&str; 9] = [
     CREDENTIAL_CHANGES,
     UPSTREAM_DOWN,
     ENDPOINTS_DOWN,
+    AGENT_LOST,
 ];
 
 /// Whether incidents of `signal` are events (something is or is not the case: a breaker

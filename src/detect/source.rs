@@ -152,6 +152,40 @@ fn increase(now: f64, before: Option<f64>) -> u64 {
     d.max(0.0).round() as u64
 }
 
+impl Snapshot {
+    /// Counters from metrics texts already at hand, by name: what Connector Agents reported to
+    /// the control plane.
+    pub fn from_texts(
+        texts: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SourceError> {
+        let mut out = HashMap::new();
+        for (name, text) in texts {
+            let t = totals(&text, &name)?;
+            out.insert(name, t);
+        }
+        Ok(Snapshot(out))
+    }
+}
+
+impl GatewayWindow {
+    /// Adds `other`'s traffic (another set of proxies serving the same gateway): counts add
+    /// up, a route's p99 is the larger of the two, a breaker is open if either is.
+    pub fn absorb(&mut self, other: GatewayWindow) {
+        self.auth_failures += other.auth_failures;
+        for (route, o) in other.routes {
+            let w = self.routes.entry(route).or_default();
+            w.requests += o.requests;
+            w.errors += o.errors;
+            w.breaker_opens += o.breaker_opens;
+            w.breaker_open |= o.breaker_open;
+            w.p99_ms = match (w.p99_ms, o.p99_ms) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+}
+
 /// Scrapes proxies directly; windows are differences between consecutive scrapes.
 pub struct ScrapeSource {
     targets: Vec<ScrapeTarget>,

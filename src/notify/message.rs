@@ -22,6 +22,8 @@ pub fn summary(n: &IncidentNotice) -> String {
     let state = state_label(n);
     let route = if n.route.is_empty() {
         "all routes".to_string()
+    } else if n.signal == crate::detect::engine::AGENT_LOST {
+        format!("agent {}", n.route)
     } else {
         format!("route {}", n.route)
     };
@@ -64,7 +66,7 @@ pub fn incident_blocks(n: &IncidentNotice) -> Value {
     fields.extend([
         json!({"type": "mrkdwn", "text": format!("*Window*\n{}s ending {}", n.window_secs, n.at)}),
         json!({"type": "mrkdwn", "text": format!("*Gateway*\n{}", n.gateway)}),
-        json!({"type": "mrkdwn", "text": format!("*Route*\n{}", if n.route.is_empty() { "-" } else { &n.route })}),
+        json!({"type": "mrkdwn", "text": format!("*{}*\n{}", if n.signal == crate::detect::engine::AGENT_LOST { "Agent" } else { "Route" }, if n.route.is_empty() { "-" } else { &n.route })}),
     ]);
     if let Some(who) = &n.acknowledged_by {
         fields.push(json!({"type": "mrkdwn", "text": format!("*Acknowledged*\n<@{who}>")}));

@@ -98,6 +98,8 @@ pub struct Operator {
     /// Slack presses waiting for their gateway's next pass, with when they arrived.
     presses: Mutex<Vec<(Timestamp, Press)>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// The Connector Agent endpoint, when this operator serves one.
+    pub agents: Option<Arc<crate::agent::hub::Hub>>,
 }
 
 /// What a gateway's last pass published.
@@ -150,6 +152,7 @@ impl Operator {
             slack: Mutex::new(HashMap::new()),
             presses: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
+            agents: None,
         }
     }
 
@@ -595,6 +598,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         http: op.http.clone(),
         status_url: op.status_url.clone(),
         metrics: op.metrics.clone(),
+        agents: op.agents.clone(),
     };
     let slot = op
         .gateways

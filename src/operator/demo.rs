@@ -512,6 +512,7 @@ pub fn local_context(
         http: reqwest::Client::new(),
         status_url: None,
         metrics: Arc::new(super::metrics::OperatorMetrics::new()),
+        agents: None,
     };
     Ok((ctx, key))
 }

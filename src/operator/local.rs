@@ -51,6 +51,8 @@ pub struct LocalOptions {
     pub interval: Duration,
     /// Where incidents, the Slack outbox and baselines live.
     pub durable: Arc<super::durable::Durable>,
+    /// The Connector Agent endpoint, when this control plane serves one.
+    pub agents: Option<crate::agent::hub::EndpointOptions>,
 }
 
 /// Why `apitree local` could not start.
@@ -64,6 +66,8 @@ pub enum LocalError {
     Listen { addr: String, reason: String },
     #[error("--tls-cert/--tls-key: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Agents(String),
 }
 
 /// An ApiGateway read from a file.
@@ -388,6 +392,15 @@ pub async fn run(
         },
         opts.base_port,
     ));
+    let agents = match &opts.agents {
+        Some(endpoint) => Some(
+            crate::agent::hub::start_endpoint(endpoint, &metrics.registry)
+                .await
+                .map_err(LocalError::Agents)?
+                .0,
+        ),
+        None => None,
+    };
     let store = opts.durable.store.clone();
     state.set_state(opts.durable.kind());
     let mut gateways: BTreeMap<String, Managed> = BTreeMap::new();
@@ -406,6 +419,7 @@ pub async fn run(
         http: reqwest::Client::new(),
         status_url: status_url.clone(),
         metrics: metrics.clone(),
+        agents,
     };
     tokio::pin!(stop);
     loop {

@@ -5,6 +5,9 @@ use sha2::{Digest, Sha256};
 
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
+use crate::agent::bundle::{merge, AgentConfig, AgentLocal, LocalUpstream};
 use crate::crd::gateway::{ApiGatewaySpec, MinTlsVersion};
 use crate::proxy::config::{ProxyConfig, TlsConfig, TlsVersion};
 use crate::proxy::vault::MasterKeys;
@@ -62,6 +65,77 @@ pub fn revision(image: &str, cfg: &ProxyConfig, secret_versions: &[(String, Stri
     hex::encode(&h.finalize()[..5])
 }
 
+/// What each agent pool of the spec receives: its routes (`spec.connectors`) with the rendered
+/// configuration's tiers, defaults, orgs and keys (hashes). Never a credential or an upstream.
+pub fn agent_configs(
+    spec: &ApiGatewaySpec,
+    rendered: &ProxyConfig,
+) -> BTreeMap<String, AgentConfig> {
+    spec.connectors
+        .iter()
+        .map(|c| {
+            let cfg = AgentConfig {
+                tiers: rendered.tiers.clone(),
+                default_tier: rendered.default_tier.clone(),
+                default_timeout: Some(rendered.default_timeout.clone()),
+                orgs: rendered.orgs.clone(),
+                keys: rendered.keys.clone(),
+                routes: c.routes.clone(),
+            };
+            (c.pool.clone(), cfg)
+        })
+        .collect()
+}
+
+/// The revision of a spec with connectors: [`revision`] with the pools' routes in it too, so
+/// a change for agents goes through the gate. Without connectors, exactly [`revision`].
+pub fn revision_with_agents(
+    image: &str,
+    cfg: &ProxyConfig,
+    secret_versions: &[(String, String)],
+    spec: &ApiGatewaySpec,
+) -> String {
+    if spec.connectors.is_empty() {
+        return revision(image, cfg, secret_versions);
+    }
+    let mut versions = secret_versions.to_vec();
+    let connectors = serde_json::to_vec(&spec.connectors).unwrap_or_default();
+    versions.push(("connectors".into(), hex::encode(Sha256::digest(connectors))));
+    revision(image, cfg, &versions)
+}
+
+/// What a pool's agents would refuse whatever their local file says, checked with a stand-in
+/// upstream for every route: duplicate path prefixes, unknown tiers, bad limits.
+fn agent_problems(spec: &ApiGatewaySpec, rendered: &ProxyConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for (c, (pool, cfg)) in agent_configs(spec, rendered).iter().enumerate() {
+        let local = AgentLocal {
+            upstreams: cfg
+                .routes
+                .iter()
+                .map(|r| LocalUpstream {
+                    route: r.name.clone(),
+                    upstream: "http://agent-local.invalid/".into(),
+                    credential: None,
+                })
+                .collect(),
+            ..serde_json::from_value(serde_json::json!({})).expect("a local file has defaults")
+        };
+        let Ok(merged) = merge(cfg, &local) else {
+            continue;
+        };
+        for p in merged.problems(None) {
+            if let Some(rest) = p.path.strip_prefix("routes") {
+                out.push(format!(
+                    "spec.connectors[{c}].routes{rest}: {} (pool {pool})",
+                    p.message
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Everything wrong with a spec, as `path: message` lines: the cross-field rules of the CRD and
 /// what the proxy would refuse at start-up.
 pub fn problems(
@@ -86,6 +160,7 @@ pub fn problems(
         };
         out.push(format!("{path}: {}", p.message));
     }
+    out.extend(agent_problems(spec, rendered));
     out
 }
 
@@ -147,6 +222,71 @@ mod tests {
                 "{problems:?}"
             );
         }
+    }
+
+    const CONNECTORS: &str =
+        "connectors:\n- pool: bank-a\n  routes:\n  - { name: accounts, pathPrefix: /accounts/ }\n";
+
+    /// A change for agents is a new revision; a spec without connectors keeps the revision it
+    /// always had (no rollout on upgrade).
+    #[test]
+    fn connectors_are_part_of_the_revision() {
+        let base = ProxyConfig::default();
+        let plain = spec(SPEC);
+        let r = |s: &ApiGatewaySpec| revision_with_agents("img:1", &render(s, &base), &[], s);
+        assert_eq!(r(&plain), revision("img:1", &render(&plain, &base), &[]));
+        let with = spec(&format!("{SPEC}{CONNECTORS}"));
+        assert_ne!(r(&with), r(&plain));
+        let mut moved = with.clone();
+        moved.connectors[0].routes[0].path_prefix = "/acct/".into();
+        assert_ne!(r(&moved), r(&with));
+    }
+
+    /// What a pool receives: its routes and the gateway's tiers, orgs and key hashes; the
+    /// gateway's credentials and cluster routes (with their upstreams) are not in it.
+    #[test]
+    fn a_pool_receives_its_routes_and_the_key_hashes_only() {
+        let base: ProxyConfig = serde_saphyr::from_str(
+            "orgs: [{ id: acme }]\nkeys: [{ prefix: at_live_aaaaaaaa, hash: abcd, org: acme, scope: live }]\ncredentials: [{ name: c, org: acme, api: weather, kind: system, keyVersion: 1, nonce: n, ciphertext: SEALED }]\n",
+        )
+        .unwrap();
+        let s = spec(&format!("{SPEC}{CONNECTORS}"));
+        let configs = agent_configs(&s, &render(&s, &base));
+        let cfg = &configs["bank-a"];
+        assert_eq!(cfg.routes.len(), 1);
+        assert_eq!(cfg.keys.len(), 1);
+        let text = serde_json::to_string(cfg).unwrap();
+        for absent in ["127.0.0.1:9", "SEALED", "weather", "upstream", "credential"] {
+            assert!(!text.contains(absent), "{absent} sent to agents: {text}");
+        }
+    }
+
+    /// Every rule a pool's routes must keep, each named by its path.
+    #[test]
+    fn connector_problems_name_their_path() {
+        let cases = [
+            // A route name of the cluster's.
+            ("- pool: a\n  routes: [{ name: weather, pathPrefix: /w/ }]\n", "spec.connectors[0].routes[0].name"),
+            // The same route name in two pools.
+            ("- pool: a\n  routes: [{ name: x, pathPrefix: /x/ }]\n- pool: b\n  routes: [{ name: x, pathPrefix: /y/ }]\n", "spec.connectors[1].routes[0].name"),
+            // A pool listed twice.
+            ("- pool: a\n  routes: []\n- pool: a\n  routes: []\n", "spec.connectors[1].pool"),
+            // An unknown tier.
+            ("- pool: a\n  routes: [{ name: x, pathPrefix: /x/, tier: gold }]\n", "spec.connectors[0].routes[0].tier"),
+            // Two routes of one pool on the same prefix (what the agent would refuse).
+            ("- pool: a\n  routes: [{ name: x, pathPrefix: /x/ }, { name: y, pathPrefix: /x/ }]\n", "spec.connectors[0].routes[1]"),
+        ];
+        let base = ProxyConfig::default();
+        for (connectors, path) in cases {
+            let s = spec(&format!("{SPEC}connectors:\n{connectors}"));
+            let found = problems(&s, &render(&s, &base), None);
+            assert!(
+                found.iter().any(|p| p.starts_with(path)),
+                "{path}: {found:?}"
+            );
+        }
+        let ok = spec(&format!("{SPEC}{CONNECTORS}"));
+        assert!(problems(&ok, &render(&ok, &base), None).is_empty());
     }
 
     #[test]

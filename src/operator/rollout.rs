@@ -42,6 +42,8 @@ pub struct Context<P: Platform> {
     /// Link to the status page, shown in notifications.
     pub status_url: Option<String>,
     pub metrics: Arc<super::metrics::OperatorMetrics>,
+    /// The endpoint Connector Agents dial (`--agent-listen`), when this control plane serves one.
+    pub agents: Option<Arc<crate::agent::hub::Hub>>,
 }
 
 /// A finished gate run, for the status page and the demo summary.
@@ -143,6 +145,10 @@ pub struct Managed {
     /// newer than the object's, so the next pass starts from it instead of deciding again
     /// (a switch is not made, or announced, twice).
     pub unwritten: Option<ApiGatewayStatus>,
+    /// What each agent pool receives, by revision (the active revision's is published).
+    agent_configs: BTreeMap<String, BTreeMap<String, crate::agent::bundle::AgentConfig>>,
+    /// The agents' counters at the last detection window.
+    agent_snapshot: Option<Snapshot>,
 }
 
 impl Managed {
@@ -196,6 +202,8 @@ impl Managed {
             answered: Vec::new(),
             events_published: 0,
             unwritten: None,
+            agent_configs: BTreeMap::new(),
+            agent_snapshot: None,
         }
     }
 
@@ -532,7 +540,7 @@ impl Managed {
         }
         let image = self.spec.image.as_deref().unwrap_or(&ctx.default_image);
         Ok((
-            plan::revision(image, &rendered, &ctx.secret_versions),
+            plan::revision_with_agents(image, &rendered, &ctx.secret_versions, &self.spec),
             rendered,
         ))
     }
@@ -702,6 +710,7 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
         m.critical = None;
     }
     update_conditions(m, now);
+    connectors(m, ctx, &desired, &rendered, now).await;
     m.status.observed_generation = generation;
     detect(m, ctx, now).await;
     timer.observe_duration();
@@ -811,6 +820,129 @@ fn update_conditions(m: &mut Managed, now: Timestamp) {
             .filter(|_| rejected)
             .map(|r| format!("revision {} was refused: {}", r.revision, r.reason))
             .unwrap_or_default(),
+        generation,
+        now,
+    );
+}
+
+/// The gateway's agent pools: each receives the configuration of the revision that takes
+/// traffic (so the gate stands between a spec change and the agents, and a rollback rolls
+/// them back); `status.connectors` lists their agents; an agent silent for longer than its
+/// pool's `lostAfter` is an `agent lost` incident; `ConnectorsInSync` says whether every
+/// connected agent serves what its pool is given.
+async fn connectors<P: Platform>(
+    m: &mut Managed,
+    ctx: &Context<P>,
+    desired: &str,
+    rendered: &ProxyConfig,
+    now: Timestamp,
+) {
+    use crate::crd::gateway::ConnectorStatus;
+    let generation = Some(m.generation);
+    let Some(hub) = &ctx.agents else {
+        if !m.spec.connectors.is_empty() {
+            m.warn_once(
+                "ConnectorsUnserved",
+                "spec.connectors is set but this control plane serves no agent endpoint (start it with --agent-listen); no agent receives a configuration",
+                now,
+            );
+        }
+        return;
+    };
+    m.agent_configs
+        .insert(desired.to_string(), plan::agent_configs(&m.spec, rendered));
+    let keep = [
+        Some(desired),
+        m.status.active_revision.as_deref(),
+        m.status.previous_revision.as_deref(),
+        m.status.preview_revision.as_deref(),
+    ];
+    m.agent_configs
+        .retain(|rev, _| keep.contains(&Some(rev.as_str())));
+    // Only a revision this process rendered is published: after a restart, until the active
+    // revision is rendered again, the agents keep what they run.
+    let mut published = BTreeMap::new();
+    if let Some(configs) = m
+        .status
+        .active_revision
+        .as_ref()
+        .and_then(|a| m.agent_configs.get(a))
+    {
+        for (pool, cfg) in configs {
+            published.insert(pool.clone(), hub.publish(pool, cfg.clone()));
+        }
+    }
+    let at = now.as_second();
+    let mut statuses = Vec::new();
+    let mut lagging = Vec::new();
+    let mut lost_now = Vec::new();
+    for a in hub.agents() {
+        let Some(c) = m.spec.connectors.iter().find(|c| c.pool == a.pool) else {
+            continue;
+        };
+        let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
+        let lost = silent.to_std().unwrap_or_default() > c.lost_after.as_std();
+        let state = match (a.revoked, lost) {
+            (true, _) => "Revoked",
+            (false, true) => "Lost",
+            (false, false) => "Connected",
+        };
+        let pool_generation = published.get(&a.pool).copied();
+        if state == "Connected" && pool_generation.is_some() && a.generation != pool_generation {
+            lagging.push(a.name.clone());
+        }
+        if !a.revoked {
+            lost_now.push((a.name.clone(), lost));
+        }
+        statuses.push(ConnectorStatus {
+            name: a.name,
+            pool: a.pool,
+            state: state.into(),
+            version: a.version,
+            generation: a.generation,
+            published_generation: pool_generation,
+            last_seen: a
+                .last_seen
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            refused: a.refused.map(|r| r.reason),
+        });
+    }
+    for (name, lost) in lost_now {
+        m.event_on(
+            at,
+            &name,
+            crate::detect::engine::AGENT_LOST,
+            lost,
+            Severity::High,
+        )
+        .await;
+    }
+    m.status.connectors = statuses;
+    if m.spec.connectors.is_empty() {
+        return;
+    }
+    let (state, reason, message) = if lagging.is_empty() {
+        (
+            ConditionStatus::True,
+            "InSync",
+            "every connected agent serves its pool's configuration".to_string(),
+        )
+    } else {
+        (
+            ConditionStatus::False,
+            "AgentsBehind",
+            format!(
+                "not yet on their pool's configuration (or refusing it, see status.connectors): {}",
+                lagging.join(", ")
+            ),
+        )
+    };
+    set_condition(
+        &mut m.status.conditions,
+        "ConnectorsInSync",
+        state,
+        reason,
+        &message,
         generation,
         now,
     );
@@ -1135,7 +1267,7 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     let Some((_, source)) = m.detect_source.as_mut() else {
         return;
     };
-    let w = match source.window(window).await {
+    let mut w = match source.window(window).await {
         Ok(Some(w)) => w,
         Ok(None) => return,
         Err(e) => {
@@ -1144,6 +1276,9 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
             return;
         }
     };
+    if let Some(agents) = agent_window(m, ctx) {
+        w.absorb(agents);
+    }
     let t = traffic(&w);
     m.error_ratios.push_back(if t.requests > 0 {
         t.errors as f64 / t.requests as f64
@@ -1161,6 +1296,24 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         }
     };
     record_notices(m, notices);
+}
+
+/// What the gateway's Connector Agents served since the last window, from their reports.
+fn agent_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<GatewayWindow> {
+    let hub = ctx.agents.as_ref()?;
+    if m.spec.connectors.is_empty() {
+        return None;
+    }
+    let pools: Vec<&str> = m.spec.connectors.iter().map(|c| c.pool.as_str()).collect();
+    let now = match Snapshot::from_texts(hub.pool_metrics(&pools)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(gateway = %m.name, "cannot read the agents' reported metrics: {e}");
+            return None;
+        }
+    };
+    let before = m.agent_snapshot.replace(now.clone())?;
+    Some(window_between(&before, &now))
 }
 
 /// A position in a gateway database's audit log.

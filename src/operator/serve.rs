@@ -46,6 +46,8 @@ pub struct OperatorOptions {
     /// Admins with a console session who may read the status (`Viewers::from_env`), and the
     /// console whose sign-ins are watched.
     pub viewers: Option<http::Viewers>,
+    /// The Connector Agent endpoint, when this operator serves one.
+    pub agents: Option<crate::agent::hub::EndpointOptions>,
 }
 
 /// Why the operator stopped.
@@ -69,6 +71,8 @@ pub enum OperatorError {
     Database(#[from] crate::db::DbError),
     #[error("{0}")]
     Console(String),
+    #[error("{0}")]
+    Agents(String),
 }
 
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -185,6 +189,12 @@ pub async fn run(
         state,
     );
     operator.signing_secrets = gateway_secrets;
+    if let Some(endpoint) = &opts.agents {
+        let (hub, _) = crate::agent::hub::start_endpoint(endpoint, &operator.metrics.registry)
+            .await
+            .map_err(OperatorError::Agents)?;
+        operator.agents = Some(hub);
+    }
     operator.set_durable(durable);
     let op = Arc::new(operator);
     // The health sweep runs on the leader only.
