@@ -175,9 +175,7 @@ pub enum Command {
     /// reported and the old one keeps serving. Reports carry metadata only: counts, latency
     /// histograms, breaker state, version, generation. SIGHUP reads the local file again.
     ///
-    ///   apitree agent --control-plane https://cp.example.com:8443/ --token-file /etc/apitree/agent.token \
-    ///     --config-key /etc/apitree/config-key.pub --ca-file /etc/apitree/cp-ca.crt \
-    ///     --pool bank-a --cache-dir /var/lib/apitree-agent --config /etc/apitree/agent.yaml
+    ///   apitree agent --control-plane https://cp.example.com:8443/ --pool bank-a --config agent.yaml --token-file agent.token --config-key config-key.pub --ca-file cp-ca.crt --cache-dir /var/lib/apitree-agent
     ///
     /// On the control plane: `apitree agent keygen` makes the signing key, `apitree agent
     /// token` an agent's token and its agents-file entry.

@@ -365,7 +365,8 @@ async fn agent(cmd: apitree::cli::AgentCommand) -> Result<()> {
             let (token, record) = hub::new_token(&name, &pool).map_err(|e| anyhow!(e))?;
             write_private(&out, &format!("{token}\n"))?;
             let entry = serde_saphyr::to_string(&vec![record])?;
-            outln!("# add to the control plane's agents file, under `agents:`\n{entry}")?;
+            let entry: String = entry.lines().map(|l| format!("  {l}\n")).collect();
+            outln!("  # agent {name} of pool {pool}: this entry goes under `agents:` in the control plane's agents file\n{}", entry.trim_end())?;
             Ok(())
         }
         None => {

@@ -1,7 +1,7 @@
 //! The Helm chart, rendered and validated without a cluster, with real tools: Helm (which
 //! `scripts/test` installs into ~/.cache/apitree when missing), kubernetes-validate and promtool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -819,13 +819,17 @@ fn network_policies_keep_the_proxies_admin_port_to_the_operator_and_prometheus()
         );
         let rules = spec.ingress.as_ref().unwrap();
         if p.metadata.namespace.as_deref() == Some("apitree-system") {
-            assert_eq!(rules.len(), 1);
+            // The operator's port from the ingress controller; the agent endpoint (on in the
+            // full values) from anywhere, since agents call from partners' networks.
+            assert_eq!(rules.len(), 2);
             assert_eq!(port_name(&rules[0]), "http");
             let from = serde_json::to_value(rules[0].from.as_ref().unwrap()).unwrap();
             assert_eq!(
                 from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
                 "ingress-nginx"
             );
+            assert_eq!(port_name(&rules[1]), "agents");
+            assert!(rules[1].from.is_none());
             continue;
         }
         let selected = spec
@@ -1139,4 +1143,83 @@ fn the_values_schema_and_the_console_agree_on_contacts() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The Connector Agent endpoint: off by default; on, the leader alone serves it (its own
+/// Service, selecting the leader pod), TLS and the signing key come from Secrets (the key
+/// owner-read-only), and the agents file the operator reads is what the values list — in the
+/// format `apitree agent token` prints and the operator loads, a revoked agent marked so.
+#[test]
+fn the_agent_endpoint_is_the_leaders_with_its_keys_from_secrets() {
+    let docs = render(None, &[]);
+    assert!(docs.iter().all(|d| !d["metadata"]["name"]
+        .as_str()
+        .unwrap_or("")
+        .ends_with("-agents")));
+    let docs = render(FULL, &[]);
+    let service = of_kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"].as_str().unwrap().ends_with("-agents"))
+        .expect("the agents' Service");
+    assert_eq!(service["spec"]["selector"]["apitree.io/role"], "leader");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(service["spec"]["ports"][0]["port"], 8443);
+    let d = operator_deployment(&docs);
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    let env: BTreeMap<&str, &str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .collect();
+    assert_eq!(env["APITREE_AGENT_LISTEN"], "0.0.0.0:8443");
+    let mounts: Vec<&str> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for var in [
+        "APITREE_AGENT_TLS_CERT",
+        "APITREE_AGENT_TLS_KEY",
+        "APITREE_AGENT_SIGNING_KEY",
+        "APITREE_AGENTS_FILE",
+    ] {
+        assert!(
+            mounts.iter().any(|m| env[var].starts_with(m)),
+            "{var} = {} is on no mounted volume ({mounts:?})",
+            env[var]
+        );
+    }
+    let volumes = d["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let signing = volumes
+        .iter()
+        .find(|v| v["name"] == "agent-signing")
+        .unwrap();
+    assert_eq!(signing["secret"]["secretName"], "apitree-agent-signing");
+    assert_eq!(signing["secret"]["defaultMode"], 0o400);
+    let cm = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|m| m["metadata"]["name"].as_str().unwrap().ends_with("-agents"))
+        .expect("the agents ConfigMap");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agents.yaml");
+    std::fs::write(&file, cm["data"]["agents.yaml"].as_str().unwrap()).unwrap();
+    let agents = apitree::agent::hub::AgentsFile::load(&file).unwrap();
+    let names: Vec<(&str, bool)> = agents
+        .iter()
+        .map(|a| (a.name.as_str(), a.revoked))
+        .collect();
+    assert_eq!(names, [("bank-a-1", false), ("bank-a-2", true)]);
+    // Enabled without its Secrets: refused by the values schema.
+    let out = Command::new(helm())
+        .args(["template", "t"])
+        .arg(chart())
+        .args(["--set", "agents.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "agents without a TLS Secret rendered"
+    );
 }

@@ -64,7 +64,11 @@ fn crds_are_listed_by_kubectl_get_apitree_with_short_names_and_status() {
 
 fn examples() -> Vec<(PathBuf, Value)> {
     let mut out = Vec::new();
-    let dirs = [repo().join("examples"), repo().join("examples/local")];
+    let dirs = [
+        repo().join("examples"),
+        repo().join("examples/local"),
+        repo().join("examples/agent"),
+    ];
     let files = dirs
         .iter()
         .flat_map(|d| std::fs::read_dir(d).unwrap())
