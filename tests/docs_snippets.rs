@@ -149,6 +149,39 @@ fn the_readmes_gateway_block_runs_as_written() {
     assert!(!out.contains("900101-1234568"), "{out}");
 }
 
+/// The Connector Agent on one machine: the control plane's keys and token made as shown,
+/// `apitree local` serving the agent endpoint, an agent that receives its pool's routes and
+/// serves the bank's API with the example key, and the gateway's status listing it; the
+/// agent's token and signing key appear in no log line.
+#[test]
+fn the_readmes_agent_block_runs_as_written() {
+    let block = marked_blocks()
+        .into_iter()
+        .find(|b| b.contains("apitree agent keygen"))
+        .expect("the README's agent block is marked");
+    let shims = shims();
+    let (out, err) =
+        run(&block, shims.path(), Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.contains("Directory listing"),
+        "the bank's API answered through the agent:\n{out}\n{err}"
+    );
+    assert!(
+        out.contains(r#""route":"accounts""#),
+        "the agent's access log names the pool's route:\n{out}"
+    );
+    assert!(
+        out.contains(r#""name":"bank-a-1","pool":"bank-a","state":"Connected""#),
+        "the gateway lists its agent:\n{out}\n{err}"
+    );
+    for secret in ["agt_bank-a-1_", "apitree-ed25519-pkcs8:"] {
+        assert!(
+            !err.contains(secret) && !out.contains(secret),
+            "{secret} was logged"
+        );
+    }
+}
+
 /// Database mode end to end, on a database of the test's own.
 #[tokio::test]
 async fn the_readmes_database_block_runs_as_written() {

@@ -79,6 +79,7 @@ fn view(later: bool) -> GatewayView {
         runs: Vec::new(),
         events: Vec::new(),
         url: None,
+        connectors: Vec::new(),
     }
 }
 

@@ -27,6 +27,9 @@ pub struct GatewayView {
     pub runs: Vec<GateRun>,
     pub events: Vec<GatewayEvent>,
     pub url: Option<String>,
+    /// Connector Agents of the gateway's pools (`status.connectors`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub connectors: Vec<crate::crd::gateway::ConnectorStatus>,
 }
 
 impl GatewayView {
@@ -58,6 +61,7 @@ impl GatewayView {
             runs: m.runs.iter().rev().take(10).cloned().collect(),
             events: m.events.iter().rev().take(15).cloned().collect(),
             url,
+            connectors: s.connectors.clone(),
         }
     }
 }
