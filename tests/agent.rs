@@ -483,7 +483,8 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
     use apitree::operator::rollout::Managed;
     use common::slack::{channels, config as slack_config, start_stand_in};
 
-    let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
+    // bank-a-3 runs no agent: its token is used below to send reports of a compromised agent.
+    let cp = ControlPlane::start(&["bank-a-1", "bank-a-2", "bank-a-3"]).await;
     let api = demo::start_sample_api().await.unwrap();
     api.weather_failure_per_mille
         .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -567,6 +568,35 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
     // Traffic through the agents: a baseline of successes, then the bank's upstream fails.
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Meanwhile an agent of the pool reports the same story about the cluster's route
+    // `weather`, which it does not serve: it must not reach the detector.
+    let rogue = tokio::spawn({
+        let (hub, token) = (cp.hub.clone(), cp.token("bank-a-3"));
+        let (failing, stop) = (failing.clone(), stop.clone());
+        async move {
+            let (mut ok, mut bad) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ok += 40;
+                if failing.load(std::sync::atomic::Ordering::Relaxed) {
+                    bad += 40;
+                }
+                let metrics = format!(
+                    "apitree_proxy_requests_total{{route=\"weather\",status_class=\"2xx\"}} {ok}\n\
+                     apitree_proxy_requests_total{{route=\"weather\",status_class=\"5xx\"}} {bad}\n"
+                );
+                let body =
+                    serde_json::json!({"version": "0.1.0", "generation": null, "metrics": metrics});
+                let req = http::Request::post("/agent/v1/report")
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        body.to_string(),
+                    )))
+                    .unwrap();
+                assert_eq!(hub.handle(req).await.status(), 204);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
     let traffic = tokio::spawn({
         let (addrs, key) = ([a1.addr, a2.addr], key.expose_secret().to_string());
         let (failing, stop) = (failing.clone(), stop.clone());
@@ -605,6 +635,12 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
     .unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = traffic.await;
+    rogue.await.unwrap();
+    assert!(
+        !tour.m.incidents.iter().any(|i| i.route == "weather"),
+        "an agent's report raised an incident on a route it does not serve: {:?}",
+        tour.m.incidents
+    );
 
     // Agent 2 goes silent: lost, an incident, shown in status.
     a2.stop().await;

@@ -147,8 +147,8 @@ pub struct Managed {
     pub unwritten: Option<ApiGatewayStatus>,
     /// What each agent pool receives, by revision (the active revision's is published).
     agent_configs: BTreeMap<String, BTreeMap<String, crate::agent::bundle::AgentConfig>>,
-    /// The agents' counters at the last detection window.
-    agent_snapshot: Option<Snapshot>,
+    /// The agents' counters at the last detection window, by pool.
+    agent_snapshots: BTreeMap<String, Snapshot>,
 }
 
 impl Managed {
@@ -203,7 +203,7 @@ impl Managed {
             events_published: 0,
             unwritten: None,
             agent_configs: BTreeMap::new(),
-            agent_snapshot: None,
+            agent_snapshots: BTreeMap::new(),
         }
     }
 
@@ -1298,22 +1298,32 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
     record_notices(m, notices);
 }
 
-/// What the gateway's Connector Agents served since the last window, from their reports.
+/// What the gateway's Connector Agents served since the last window, from their reports. An
+/// agent speaks for its own pool's routes only: whatever else its report names (a cluster
+/// route, another pool's) is dropped, so an agent cannot raise or hide an incident elsewhere.
 fn agent_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<GatewayWindow> {
     let hub = ctx.agents.as_ref()?;
-    if m.spec.connectors.is_empty() {
-        return None;
+    let mut total: Option<GatewayWindow> = None;
+    for c in &m.spec.connectors {
+        let now = match Snapshot::from_texts(hub.pool_metrics(&[c.pool.as_str()])) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(gateway = %m.name, pool = %c.pool, "cannot read the agents' reported metrics: {e}");
+                continue;
+            }
+        };
+        let Some(before) = m.agent_snapshots.insert(c.pool.clone(), now.clone()) else {
+            continue;
+        };
+        let mut w = window_between(&before, &now);
+        w.routes
+            .retain(|route, _| c.routes.iter().any(|r| &r.name == route));
+        total.get_or_insert_with(GatewayWindow::default).absorb(w);
     }
     let pools: Vec<&str> = m.spec.connectors.iter().map(|c| c.pool.as_str()).collect();
-    let now = match Snapshot::from_texts(hub.pool_metrics(&pools)) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(gateway = %m.name, "cannot read the agents' reported metrics: {e}");
-            return None;
-        }
-    };
-    let before = m.agent_snapshot.replace(now.clone())?;
-    Some(window_between(&before, &now))
+    m.agent_snapshots
+        .retain(|pool, _| pools.contains(&pool.as_str()));
+    total
 }
 
 /// A position in a gateway database's audit log.
