@@ -415,6 +415,13 @@ async fn everything_an_agent_sends_is_metadata() {
         .await
         .unwrap();
     let marker = "body-marker-7f3a";
+    // First: the wait below ends at the first report holding the last request.
+    let _ = get(
+        &a,
+        "/accounts/x",
+        Some("at_live_wrongwrongwrongwrongwrongwrong"),
+    )
+    .await;
     for path in ["/accounts/pii", "/accounts/echo-body", "/accounts/fail"] {
         let resp = client()
             .post(format!("http://{}{path}?q={marker}", a.addr))
@@ -426,12 +433,6 @@ async fn everything_an_agent_sends_is_metadata() {
             .unwrap();
         assert!(resp.status().as_u16() < 600);
     }
-    let _ = get(
-        &a,
-        "/accounts/x",
-        Some("at_live_wrongwrongwrongwrongwrongwrong"),
-    )
-    .await;
     until("a report with the requests reached the hub", || {
         cp.hub
             .agent_metrics("bank-a-1")
@@ -476,19 +477,12 @@ async fn everything_an_agent_sends_is_metadata() {
 /// Slack like a cluster route — and an agent that goes silent is an `agent lost` incident.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_failures() {
-    use apitree::crd::duration::KubeDuration;
-    use apitree::crd::gateway::{ConnectorSpec, GatewayPhase};
+    use apitree::crd::gateway::GatewayPhase;
     use apitree::notify::{outbox::Outbox, slack::SlackDelivery, Notifier};
-    use apitree::operator::demo;
-    use apitree::operator::rollout::Managed;
     use common::slack::{channels, config as slack_config, start_stand_in};
 
     // bank-a-3 runs no agent: its token is used below to send reports of a compromised agent.
     let cp = ControlPlane::start(&["bank-a-1", "bank-a-2", "bank-a-3"]).await;
-    let api = demo::start_sample_api().await.unwrap();
-    api.weather_failure_per_mille
-        .store(0, std::sync::atomic::Ordering::Relaxed);
-    let cluster_up = format!("http://{}", api.addr);
     let bank_up = start_upstream().await;
     let bank_url = format!("http://{}/", bank_up.addr.unwrap());
 
@@ -499,37 +493,10 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
         channels: channels(),
     });
     let delivery = SlackDelivery::new(&slack_config(slack_addr), outbox);
-    let (mut ctx, _) = demo::local_context(notifier.clone(), None).unwrap();
-    ctx.agents = Some(cp.hub.clone());
     // A key the agents check with their own pepper (the bank holds the same one as the
     // control plane; the demo's cluster proxies use a random one).
     let (key, entry) = live_key();
-    ctx.base.keys.push(apitree::proxy::config::KeyEntry {
-        org: "acme".into(),
-        ..entry
-    });
-    let mut spec = demo::spec(
-        &format!("{cluster_up}/weather/"),
-        &format!("{cluster_up}/fx/"),
-    );
-    spec.gate.observation_window = KubeDuration::from_secs(2);
-    spec.gate.min_samples = 1;
-    spec.detection.window = KubeDuration::from_secs(1);
-    spec.detection.min_requests = 20;
-    spec.connectors = vec![serde_json::from_value::<ConnectorSpec>(serde_json::json!({
-        "pool": "bank-a", "lostAfter": "2s",
-        "routes": [{"name": "accounts", "pathPrefix": "/accounts/"}]
-    }))
-    .unwrap()];
-    let m = Managed::new(
-        "bank-gw",
-        spec,
-        1,
-        notifier.clone(),
-        ctx.store.clone(),
-        None,
-    );
-    let mut tour = demo::Tour::new(m, ctx);
+    let (mut tour, _api) = pool_gateway(&cp, notifier.clone(), Some(entry)).await;
     let limit = Duration::from_secs(40);
     tour.until("first deploy", limit, |m| {
         m.status.phase == Some(GatewayPhase::Stable)
@@ -681,5 +648,106 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
         "no Slack message for the lost agent: {posted:#?}"
     );
     a1.stop().await;
+    tour.ctx.platform.shutdown().await;
+}
+
+/// A gateway `bank-gw` on the local platform whose pool `bank-a` serves `/accounts/` (agents
+/// lost after 2 s), with `key` among its keys, deployed: the loop a control plane runs.
+async fn pool_gateway(
+    cp: &ControlPlane,
+    notifier: Arc<apitree::notify::Notifier>,
+    key: Option<KeyEntry>,
+) -> (
+    apitree::operator::demo::Tour,
+    apitree::operator::demo::SampleApi,
+) {
+    use apitree::crd::duration::KubeDuration;
+    use apitree::crd::gateway::{ConnectorSpec, GatewayPhase};
+    use apitree::operator::demo;
+    let api = demo::start_sample_api().await.unwrap();
+    api.weather_failure_per_mille
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let cluster_up = format!("http://{}", api.addr);
+    let (mut ctx, _) = demo::local_context(notifier.clone(), None).unwrap();
+    ctx.agents = Some(cp.hub.clone());
+    if let Some(entry) = key {
+        ctx.base.keys.push(KeyEntry {
+            org: "acme".into(),
+            ..entry
+        });
+    }
+    let mut spec = demo::spec(
+        &format!("{cluster_up}/weather/"),
+        &format!("{cluster_up}/fx/"),
+    );
+    spec.gate.observation_window = KubeDuration::from_secs(2);
+    spec.gate.min_samples = 1;
+    spec.detection.window = KubeDuration::from_secs(1);
+    spec.detection.min_requests = 20;
+    spec.connectors = vec![serde_json::from_value::<ConnectorSpec>(serde_json::json!({
+        "pool": "bank-a", "lostAfter": "2s",
+        "routes": [{"name": "accounts", "pathPrefix": "/accounts/"}]
+    }))
+    .unwrap()];
+    let m = apitree::operator::rollout::Managed::new(
+        "bank-gw",
+        spec,
+        1,
+        notifier,
+        ctx.store.clone(),
+        None,
+    );
+    let mut tour = demo::Tour::new(m, ctx);
+    tour.until("first deploy", Duration::from_secs(40), |m| {
+        m.status.phase == Some(GatewayPhase::Stable)
+    })
+    .await
+    .unwrap();
+    (tour, api)
+}
+
+/// With a gateway database, the agents receive its orgs and keys (hashes): a key issued there
+/// works at the agents, and revoking it there shuts it out at the agents within a pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_take_the_gateway_databases_keys_and_their_revocation() {
+    let cp = ControlPlane::start(&["bank-a-1"]).await;
+    let tdb = common::TestDb::new().await;
+    let pool = tdb.migrated_pool().await;
+    let issued = common::seed_live_key(&pool, &pepper(), "bank app").await;
+    let notifier = Arc::new(apitree::notify::Notifier::recording());
+    let (mut tour, _api) = pool_gateway(&cp, notifier, None).await;
+    tour.m.database_url = Some(tdb.url.clone());
+    let bank_up = start_upstream().await;
+    let bank_url = format!("http://{}/", bank_up.addr.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let starting = tokio::spawn(start(cp.agent(
+        "bank-a-1",
+        dir.path(),
+        &bank_url,
+        &["accounts"],
+    )));
+    let limit = Duration::from_secs(30);
+    tour.until("the agent is connected", limit, |m| {
+        m.status
+            .connectors
+            .iter()
+            .any(|c| c.generation.is_some() && c.generation == c.published_generation)
+    })
+    .await
+    .unwrap();
+    let a = starting.await.unwrap().unwrap();
+    let secret = issued.key.expose_secret().to_string();
+    assert_eq!(get(&a, "/accounts/x", Some(&secret)).await.0, 200);
+    apitree::db::keys::revoke_key(&pool, issued.id, "test")
+        .await
+        .unwrap();
+    let before = a.generation();
+    tour.until("the revocation is published", limit, |_| {
+        a.generation() != before
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(&a, "/accounts/x", Some(&secret)).await.0, 401);
+    a.stop().await;
     tour.ctx.platform.shutdown().await;
 }

@@ -149,6 +149,8 @@ pub struct Managed {
     agent_configs: BTreeMap<String, BTreeMap<String, crate::agent::bundle::AgentConfig>>,
     /// The agents' counters at the last detection window, by pool.
     agent_snapshots: BTreeMap<String, Snapshot>,
+    /// The gateway database, for the orgs and keys its agents receive.
+    agent_db: Option<(String, sqlx::PgPool)>,
 }
 
 impl Managed {
@@ -204,6 +206,7 @@ impl Managed {
             unwritten: None,
             agent_configs: BTreeMap::new(),
             agent_snapshots: BTreeMap::new(),
+            agent_db: None,
         }
     }
 
@@ -861,15 +864,43 @@ async fn connectors<P: Platform>(
         .retain(|rev, _| keep.contains(&Some(rev.as_str())));
     // Only a revision this process rendered is published: after a restart, until the active
     // revision is rendered again, the agents keep what they run.
-    let mut published = BTreeMap::new();
-    if let Some(configs) = m
+    let active = m
         .status
         .active_revision
         .as_ref()
         .and_then(|a| m.agent_configs.get(a))
-    {
-        for (pool, cfg) in configs {
-            published.insert(pool.clone(), hub.publish(pool, cfg.clone()));
+        .cloned();
+    // With a gateway database the keys live there: each pass adds its orgs and keys, so a new
+    // or revoked key reaches the agents within a pass. When it cannot be read nothing is
+    // published (a configuration without the keys would refuse every caller).
+    let entities = match (&active, m.database_url.clone()) {
+        (Some(_), Some(url)) => match agent_entities(&mut m.agent_db, &url).await {
+            Ok(e) => Some(Some(e)),
+            Err(e) => {
+                m.warn_once(
+                    "ConnectorsStale",
+                    &format!("cannot read the gateway database's orgs and keys for the agents ({e}); they keep the configuration they have"),
+                    now,
+                );
+                None
+            }
+        },
+        _ => Some(None),
+    };
+    let mut published = BTreeMap::new();
+    if let (Some(configs), Some(entities)) = (active, entities) {
+        for (pool, mut cfg) in configs {
+            if let Some(e) = &entities {
+                let tiers: Vec<&str> = cfg.tiers.iter().map(|t| t.name.as_str()).collect();
+                cfg.orgs.extend(e.orgs.iter().cloned());
+                cfg.keys.extend(e.keys.iter().cloned().map(|mut k| {
+                    if k.tier.as_deref().is_some_and(|t| !tiers.contains(&t)) {
+                        k.tier = None;
+                    }
+                    k
+                }));
+            }
+            published.insert(pool.clone(), hub.publish(&pool, cfg));
         }
     }
     let at = now.as_second();
@@ -946,6 +977,26 @@ async fn connectors<P: Platform>(
         generation,
         now,
     );
+}
+
+/// The gateway database's orgs and keys (hashes), over a connection kept for `url`.
+async fn agent_entities(
+    db: &mut Option<(String, sqlx::PgPool)>,
+    url: &str,
+) -> Result<crate::db::keys::DbEntities, crate::db::DbError> {
+    let pool = match db {
+        Some((u, pool)) if u == url => pool.clone(),
+        _ => {
+            let pool = crate::db::connect(url, 1).await?;
+            *db = Some((url.to_string(), pool.clone()));
+            pool
+        }
+    };
+    let mut e = crate::db::keys::load_entities(&pool).await?;
+    // Agents get orgs and keys only: the database's APIs and credentials are the cluster's.
+    e.routes.clear();
+    e.credentials.clear();
+    Ok(e)
 }
 
 /// Adds the gateway's own endpoints to a fresh health sweep: every serving replica's
