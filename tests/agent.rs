@@ -496,7 +496,7 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
     // A key the agents check with their own pepper (the bank holds the same one as the
     // control plane; the demo's cluster proxies use a random one).
     let (key, entry) = live_key();
-    let (mut tour, _api) = pool_gateway(&cp, notifier.clone(), Some(entry)).await;
+    let (mut tour, _api, _) = pool_gateway(&cp, notifier.clone(), Some(entry)).await;
     let limit = Duration::from_secs(40);
     tour.until("first deploy", limit, |m| {
         m.status.phase == Some(GatewayPhase::Stable)
@@ -652,7 +652,8 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
 }
 
 /// A gateway `bank-gw` on the local platform whose pool `bank-a` serves `/accounts/` (agents
-/// lost after 2 s), with `key` among its keys, deployed: the loop a control plane runs.
+/// lost after 2 s), with `key` among its keys, deployed: the loop a control plane runs; and
+/// a key the cluster's proxies take.
 async fn pool_gateway(
     cp: &ControlPlane,
     notifier: Arc<apitree::notify::Notifier>,
@@ -660,6 +661,7 @@ async fn pool_gateway(
 ) -> (
     apitree::operator::demo::Tour,
     apitree::operator::demo::SampleApi,
+    apitree::proxy::keys::ApiKey,
 ) {
     use apitree::crd::duration::KubeDuration;
     use apitree::crd::gateway::{ConnectorSpec, GatewayPhase};
@@ -668,7 +670,7 @@ async fn pool_gateway(
     api.weather_failure_per_mille
         .store(0, std::sync::atomic::Ordering::Relaxed);
     let cluster_up = format!("http://{}", api.addr);
-    let (mut ctx, _) = demo::local_context(notifier.clone(), None).unwrap();
+    let (mut ctx, cluster_key) = demo::local_context(notifier.clone(), None).unwrap();
     ctx.agents = Some(cp.hub.clone());
     if let Some(entry) = key {
         ctx.base.keys.push(KeyEntry {
@@ -703,7 +705,7 @@ async fn pool_gateway(
     })
     .await
     .unwrap();
-    (tour, api)
+    (tour, api, cluster_key)
 }
 
 /// With a gateway database, the agents receive its orgs and keys (hashes): a key issued there
@@ -715,7 +717,7 @@ async fn agents_take_the_gateway_databases_keys_and_their_revocation() {
     let pool = tdb.migrated_pool().await;
     let issued = common::seed_live_key(&pool, &pepper(), "bank app").await;
     let notifier = Arc::new(apitree::notify::Notifier::recording());
-    let (mut tour, _api) = pool_gateway(&cp, notifier, None).await;
+    let (mut tour, _api, _) = pool_gateway(&cp, notifier, None).await;
     tour.m.database_url = Some(tdb.url.clone());
     let bank_up = start_upstream().await;
     let bank_url = format!("http://{}/", bank_up.addr.unwrap());
@@ -748,6 +750,108 @@ async fn agents_take_the_gateway_databases_keys_and_their_revocation() {
     .await
     .unwrap();
     assert_eq!(get(&a, "/accounts/x", Some(&secret)).await.0, 401);
+    a.stop().await;
+    tour.ctx.platform.shutdown().await;
+}
+
+/// A revision that changes what the pool receives reaches the agents when it takes traffic, and
+/// when the agents' traffic turns critical inside the rollback window the gateway rolls back —
+/// and the agents are given the previous configuration again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_inside_the_window_rolls_the_agents_back_too() {
+    use apitree::crd::duration::KubeDuration;
+    use apitree::crd::gateway::GatewayPhase;
+    use apitree::platform::Platform;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cp = ControlPlane::start(&["bank-a-1"]).await;
+    let notifier = Arc::new(apitree::notify::Notifier::recording());
+    let (key, entry) = live_key();
+    let (mut tour, _api, cluster_key) = pool_gateway(&cp, notifier, Some(entry)).await;
+    let bank_up = start_upstream().await;
+    let bank_url = format!("http://{}/", bank_up.addr.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(cp.agent("bank-a-1", dir.path(), &bank_url, &["accounts"]))
+        .await
+        .unwrap();
+    let first = a.generation();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failing = Arc::new(AtomicBool::new(false));
+    let active = tour.ctx.platform.active_url("bank-gw").await.unwrap();
+    let mut traffic = apitree::operator::demo::start_traffic(
+        active,
+        tour.preview.clone(),
+        cluster_key.expose_secret().to_string(),
+        stop.clone(),
+    );
+    traffic.push(tokio::spawn({
+        let (addr, key, stop, failing) = (
+            a.addr,
+            key.expose_secret().to_string(),
+            stop.clone(),
+            failing.clone(),
+        );
+        async move {
+            let c = client();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let path = if failing.load(Ordering::Relaxed) && i % 2 == 0 {
+                    "/accounts/fail"
+                } else {
+                    "/accounts/ok"
+                };
+                let _ = c
+                    .get(format!("http://{addr}{path}"))
+                    .header("x-api-key", &key)
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }));
+    let limit = Duration::from_secs(60);
+    tour.until("a baseline", limit, |m| m.error_ratios.len() >= 6)
+        .await
+        .unwrap();
+    let old_revision = tour.m.status.active_revision.clone();
+    let mut spec = tour.m.spec.clone();
+    spec.gate.rollback_window = KubeDuration::from_secs(60);
+    spec.connectors[0].routes[0].timeout = Some(KubeDuration::from_secs(3));
+    tour.set_spec(spec);
+    tour.until("the new revision takes traffic", limit, |m| {
+        m.status.phase == Some(GatewayPhase::Promoting) && m.status.active_revision != old_revision
+    })
+    .await
+    .unwrap();
+    let promoted = tour.m.status.connectors[0].published_generation;
+    tour.until(
+        "the agent runs the new revision's configuration",
+        limit,
+        |_| a.generation() == promoted && promoted != first,
+    )
+    .await
+    .unwrap();
+    failing.store(true, Ordering::Relaxed);
+    tour.until("automatic rollback", limit, |m| {
+        m.status.phase == Some(GatewayPhase::RolledBack)
+    })
+    .await
+    .unwrap();
+    assert_eq!(tour.m.status.active_revision, old_revision);
+    tour.until(
+        "the agent is given the previous configuration again",
+        limit,
+        |m| {
+            let published = m.status.connectors[0].published_generation;
+            published > promoted && a.generation() == published
+        },
+    )
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        let _ = t.await;
+    }
     a.stop().await;
     tour.ctx.platform.shutdown().await;
 }
