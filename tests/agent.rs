@@ -564,29 +564,12 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
             }
         }
     });
-    let traffic = tokio::spawn({
-        let (addrs, key) = ([a1.addr, a2.addr], key.expose_secret().to_string());
-        let (failing, stop) = (failing.clone(), stop.clone());
-        async move {
-            let c = client();
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                i += 1;
-                let path =
-                    if failing.load(std::sync::atomic::Ordering::Relaxed) && i.is_multiple_of(2) {
-                        "/accounts/fail"
-                    } else {
-                        "/accounts/ok"
-                    };
-                let _ = c
-                    .get(format!("http://{}{path}", addrs[i % 2]))
-                    .header("x-api-key", &key)
-                    .send()
-                    .await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    });
+    let traffic = agent_traffic(
+        vec![a1.addr, a2.addr],
+        key.expose_secret(),
+        failing.clone(),
+        stop.clone(),
+    );
     tour.until("a baseline of agent traffic", limit, |m| {
         m.error_ratios.len() >= 6
     })
@@ -783,32 +766,12 @@ async fn a_rollback_inside_the_window_rolls_the_agents_back_too() {
         cluster_key.expose_secret().to_string(),
         stop.clone(),
     );
-    traffic.push(tokio::spawn({
-        let (addr, key, stop, failing) = (
-            a.addr,
-            key.expose_secret().to_string(),
-            stop.clone(),
-            failing.clone(),
-        );
-        async move {
-            let c = client();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                let path = if failing.load(Ordering::Relaxed) && i % 2 == 0 {
-                    "/accounts/fail"
-                } else {
-                    "/accounts/ok"
-                };
-                let _ = c
-                    .get(format!("http://{addr}{path}"))
-                    .header("x-api-key", &key)
-                    .send()
-                    .await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }));
+    traffic.push(agent_traffic(
+        vec![a.addr],
+        key.expose_secret(),
+        failing.clone(),
+        stop.clone(),
+    ));
     let limit = Duration::from_secs(60);
     tour.until("a baseline", limit, |m| m.error_ratios.len() >= 6)
         .await
@@ -854,4 +817,34 @@ async fn a_rollback_inside_the_window_rolls_the_agents_back_too() {
     }
     a.stop().await;
     tour.ctx.platform.shutdown().await;
+}
+
+/// Clients of the agents at `addrs` (in turn) with `key`: every other request goes to the
+/// bank upstream's `/fail` (500) while `failing` is set, the rest succeed; until `stop`.
+fn agent_traffic(
+    addrs: Vec<SocketAddr>,
+    key: &str,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let key = key.to_string();
+    tokio::spawn(async move {
+        let c = client();
+        let mut i = 0usize;
+        while !stop.load(Relaxed) {
+            i += 1;
+            let path = if failing.load(Relaxed) && i.is_multiple_of(2) {
+                "/accounts/fail"
+            } else {
+                "/accounts/ok"
+            };
+            let _ = c
+                .get(format!("http://{}{path}", addrs[i % addrs.len()]))
+                .header("x-api-key", &key)
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
 }
