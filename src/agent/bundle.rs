@@ -93,18 +93,7 @@ fn default_admin() -> String {
 impl AgentLocal {
     /// Reads the local file; paths in it are made relative to its directory.
     pub fn load(path: &Path) -> Result<Self, InvalidConfig> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| InvalidConfig {
-            file: file.clone(),
-            problems: vec![Problem {
-                path: "(file)".into(),
-                message: format!("cannot read it: {e}"),
-            }],
-        })?;
-        let mut local: Self = serde_saphyr::from_str(&text).map_err(|e| InvalidConfig {
-            file: file.clone(),
-            problems: crate::proxy::config::parse_problems(&text, &e),
-        })?;
+        let (mut local, _): (Self, _) = crate::proxy::config::read_yaml(path)?;
         let base = path.parent().map(PathBuf::from).unwrap_or_default();
         local.rebase(&base);
         Ok(local)

@@ -573,7 +573,29 @@ struct Outline {
 /// line keeps its number) and the file parsed again, until it parses or a problem lies outside
 /// any entry. An entry that shares a line with another (a one-line `[{…}, {…}]`) cannot be cut
 /// out alone: the search stops there, having named the first problem.
-pub(crate) fn parse_problems(text: &str, first: &serde_saphyr::Error) -> Vec<Problem> {
+/// A YAML file read and parsed, with its text; a file that cannot be read or parsed is an
+/// [`InvalidConfig`] whose problems say where.
+pub(crate) fn read_yaml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<(T, String), InvalidConfig> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| InvalidConfig {
+        file: file.clone(),
+        problems: vec![Problem {
+            path: "(file)".into(),
+            message: format!("cannot read it: {e}"),
+        }],
+    })?;
+    match serde_saphyr::from_str(&text) {
+        Ok(v) => Ok((v, text)),
+        Err(e) => Err(InvalidConfig {
+            file,
+            problems: parse_problems(&text, &e),
+        }),
+    }
+}
+
+fn parse_problems(text: &str, first: &serde_saphyr::Error) -> Vec<Problem> {
     const MAX: usize = 100;
     let line_of = |e: &serde_saphyr::Error| e.location().map(|l| l.line() as usize);
     let entries: Vec<(String, usize)> = match serde_saphyr::from_str::<Outline>(text) {
@@ -699,17 +721,7 @@ impl ProxyConfig {
     /// Reads and parses a file; YAML errors become a problem with the line.
     pub fn load(path: &Path) -> Result<Self, InvalidConfig> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| InvalidConfig {
-            file: file.clone(),
-            problems: vec![Problem {
-                path: "(file)".into(),
-                message: format!("cannot read it: {e}"),
-            }],
-        })?;
-        let cfg: Self = serde_saphyr::from_str(&text).map_err(|e| InvalidConfig {
-            file: file.clone(),
-            problems: parse_problems(&text, &e),
-        })?;
+        let (cfg, text): (Self, String) = read_yaml(path)?;
         // Routes and tiers are the ApiGateway's types, which take what the API server has
         // already pruned; a file has no API server, so unknown fields (a typo like `timout:`)
         // are looked for here, against the same schema.
