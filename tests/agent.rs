@@ -11,13 +11,16 @@ use std::time::Duration;
 
 use apitree::agent::bundle::{AgentConfig, ConnectorRoute};
 use apitree::agent::envelope::Signer;
-use apitree::agent::hub::{new_token, AgentRecord, Hub};
+use apitree::agent::hub::{new_token, AgentRecord, AgentsFile, Hub, PoolBinding};
 use apitree::agent::run::{start, AgentOptions, RunningAgent};
 use apitree::crd::gateway::KeyScope;
 use apitree::proxy::config::KeyEntry;
 use common::gateway::*;
 use common::pki::Pki;
 use http_body_util::BodyExt;
+
+/// The gateway the agents file binds pool `bank-a` to.
+const GATEWAY: &str = "bank-gw";
 
 /// The control plane's agent endpoint, restartable on the same port.
 struct ControlPlane {
@@ -47,7 +50,13 @@ impl ControlPlane {
             .collect();
         let hub = Hub::new(
             signer,
-            tokens.iter().map(|(_, r)| r.clone()).collect(),
+            AgentsFile {
+                pools: vec![PoolBinding {
+                    name: "bank-a".into(),
+                    gateway: GATEWAY.into(),
+                }],
+                agents: tokens.iter().map(|(_, r)| r.clone()).collect(),
+            },
             &prometheus::Registry::new(),
         )
         .with_long_poll(Duration::from_millis(500));
@@ -215,7 +224,10 @@ async fn agents_serve_the_pools_configuration_and_keep_serving_without_the_contr
     let up = format!("http://{}/", upstream.addr.unwrap());
     let mut cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
     let (key, entry) = live_key();
-    let g1 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let g1 = cp
+        .hub
+        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let a1 = start(cp.agent(
         "bank-a-1",
@@ -245,7 +257,8 @@ async fn agents_serve_the_pools_configuration_and_keep_serving_without_the_contr
     // A new generation reaches both agents through their long polls.
     let g2 = cp
         .hub
-        .publish("bank-a", config(&["accounts", "cards"], &entry));
+        .publish(GATEWAY, "bank-a", config(&["accounts", "cards"], &entry))
+        .unwrap();
     assert!(g2 > g1);
     until("both agents run g2", || {
         a1.generation() == Some(g2) && a2.generation() == Some(g2)
@@ -267,7 +280,10 @@ async fn agents_serve_the_pools_configuration_and_keep_serving_without_the_contr
         assert_eq!(get(a, "/cards/x", Some(key.expose_secret())).await.0, 200);
     }
     // A change made meanwhile arrives once it is back (the agents retry with back-off).
-    let g3 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let g3 = cp
+        .hub
+        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
+        .unwrap();
     cp.up().await;
     until("both agents run g3 after the outage", || {
         a1.generation() == Some(g3) && a2.generation() == Some(g3)
@@ -284,7 +300,10 @@ async fn a_restart_without_the_control_plane_serves_the_cache_and_a_tampered_cac
     let up = format!("http://{}/", upstream.addr.unwrap());
     let mut cp = ControlPlane::start(&["bank-a-1"]).await;
     let (key, entry) = live_key();
-    let g1 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let g1 = cp
+        .hub
+        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts", "cards"]);
     let a = start(opts.clone()).await.unwrap();
@@ -340,7 +359,10 @@ async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_rep
     let up = format!("http://{}/", upstream.addr.unwrap());
     let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
     let (key, entry) = live_key();
-    let g1 = cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    let g1 = cp
+        .hub
+        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let opts = cp.agent("bank-a-1", &dir.path().join("a1"), &up, &["accounts"]);
     let a = start(opts.clone()).await.unwrap();
@@ -348,7 +370,8 @@ async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_rep
     // `loans` has no upstream in the bank's file: refused, reported, the old one serves.
     let g2 = cp
         .hub
-        .publish("bank-a", config(&["accounts", "loans"], &entry));
+        .publish(GATEWAY, "bank-a", config(&["accounts", "loans"], &entry))
+        .unwrap();
     until("the agent refuses g2", || a.refused().is_some()).await;
     assert_eq!(a.generation(), Some(g1));
     assert_eq!(
@@ -375,7 +398,13 @@ async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_rep
     // Revoked: its own requests are refused; a fresh agent with that token gets nothing.
     let mut agents: Vec<_> = cp.tokens.iter().map(|(_, r)| r.clone()).collect();
     agents[0].revoked = true;
-    cp.hub.set_agents(agents);
+    cp.hub.set_agents(AgentsFile {
+        pools: vec![PoolBinding {
+            name: "bank-a".into(),
+            gateway: GATEWAY.into(),
+        }],
+        agents,
+    });
     until("the hub lists bank-a-1 as revoked", || {
         cp.hub.agents()[0].revoked
     })
@@ -409,7 +438,9 @@ async fn everything_an_agent_sends_is_metadata() {
     let up = format!("http://{}/", upstream.addr.unwrap());
     let cp = ControlPlane::start(&["bank-a-1"]).await;
     let (key, entry) = live_key();
-    cp.hub.publish("bank-a", config(&["accounts"], &entry));
+    cp.hub
+        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let a = start(cp.agent("bank-a-1", dir.path(), &up, &["accounts"]))
         .await
@@ -675,7 +706,7 @@ async fn pool_gateway(
     }))
     .unwrap()];
     let m = apitree::operator::rollout::Managed::new(
-        "bank-gw",
+        GATEWAY,
         spec,
         1,
         notifier,

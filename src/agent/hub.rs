@@ -55,30 +55,63 @@ pub struct AgentRecord {
     pub revoked: bool,
 }
 
-/// The agents file: `agents: [AgentRecord]`.
+/// The agents file: which gateway each pool serves, and the agents.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentsFile {
+    /// Each pool and the one gateway whose `spec.connectors` may configure it. A pool not
+    /// listed receives nothing: which gateway speaks to a partner's agents is the control
+    /// plane operators' decision, not a gateway author's.
+    #[serde(default)]
+    pub pools: Vec<PoolBinding>,
     #[serde(default)]
     pub agents: Vec<AgentRecord>,
 }
 
+/// A pool and its gateway.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolBinding {
+    pub name: String,
+    /// The gateway as the control plane names it: `NAMESPACE/NAME` in a cluster, the
+    /// manifest's name with `apitree local`.
+    pub gateway: String,
+}
+
 impl AgentsFile {
-    pub fn load(path: &std::path::Path) -> Result<Vec<AgentRecord>, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("agents file {}: {e}", path.display()))?;
-        let file: Self = serde_saphyr::from_str(&text)
-            .map_err(|e| format!("agents file {}: {e}", path.display()))?;
-        for a in &file.agents {
+    /// Reads and checks the file: names well formed, no agent or pool listed twice (which
+    /// entry counts, a revoked one or not, must never be a guess).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let at = |e: &dyn std::fmt::Display| format!("agents file {}: {e}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
+        let file: Self = serde_saphyr::from_str(&text).map_err(|e| at(&e))?;
+        file.check().map_err(|e| at(&e))?;
+        Ok(file)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut agents = std::collections::HashSet::new();
+        for a in &self.agents {
             if let Some(problem) = name_problem(&a.name) {
+                return Err(format!("agent {:?}: {problem}", a.name));
+            }
+            if !agents.insert(a.name.as_str()) {
                 return Err(format!(
-                    "agents file {}: agent {:?}: {problem}",
-                    path.display(),
+                    "agent {:?} is listed twice; keep one entry",
                     a.name
                 ));
             }
         }
-        Ok(file.agents)
+        let mut pools = std::collections::HashSet::new();
+        for p in &self.pools {
+            if !pools.insert(p.name.as_str()) {
+                return Err(format!(
+                    "pool {:?} is listed twice; a pool serves one gateway",
+                    p.name
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -147,9 +180,40 @@ struct Published {
 #[derive(Default)]
 struct Inner {
     agents: HashMap<String, AgentRecord>,
+    /// Pool → the gateway that may configure it.
+    bindings: HashMap<String, String>,
     pools: HashMap<String, Published>,
     seen: BTreeMap<String, (AgentStatus, String)>,
+    /// Config requests each agent has open now.
+    polls: HashMap<String, usize>,
 }
+
+/// Why a configuration was not published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("pool {pool:?} is bound to no gateway in the agents file; add `pools: [{{name: {pool}, gateway: {gateway}}}]` there to let gateway {gateway} configure it")]
+    Unbound { pool: String, gateway: String },
+    #[error("pool {pool:?} serves gateway {owner} (the agents file binds it so); gateway {gateway} cannot configure it")]
+    Taken {
+        pool: String,
+        gateway: String,
+        owner: String,
+    },
+}
+
+/// Config requests one agent may have open at once; more are answered 429.
+pub const MAX_POLLS_PER_AGENT: usize = 4;
+/// The largest count a report may carry (more than a proxy counts in centuries).
+pub const MAX_REPORTED_VALUE: f64 = 1e15;
+/// How long a report's body may take to arrive.
+const REPORT_READ: Duration = Duration::from_secs(10);
+/// The longest refusal reason kept from a report.
+const MAX_REASON: usize = 1024;
+/// How far ahead of the newest publication a generation an agent runs may be and still be
+/// followed (a control plane whose clock went back, or that lost its memory): 30 days.
+const MAX_GENERATION_AHEAD_MS: u64 = 30 * 24 * 3600 * 1000;
+/// At most one log line per this long about refused tokens (the counter counts them all).
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The control plane's agent endpoint.
 pub struct Hub {
@@ -159,15 +223,17 @@ pub struct Hub {
     changed: tokio::sync::watch::Sender<u64>,
     requests: IntCounterVec,
     long_poll: Duration,
+    /// Refused tokens since the last log line about them, and when that line was written.
+    refused_log: Mutex<(u64, Option<std::time::Instant>)>,
 }
 
 /// An answer with its request id.
 type Answer = Response<Full<Bytes>>;
 
 impl Hub {
-    /// A hub signing with `signer`, knowing `agents`; its request counter
-    /// (`apitree_agent_hub_requests_total{endpoint,result}`) goes in `registry`.
-    pub fn new(signer: Signer, agents: Vec<AgentRecord>, registry: &Registry) -> Arc<Self> {
+    /// A hub signing with `signer`, knowing the pools and agents of `agents`; its request
+    /// counter (`apitree_agent_hub_requests_total{endpoint,result}`) goes in `registry`.
+    pub fn new(signer: Signer, agents: AgentsFile, registry: &Registry) -> Arc<Self> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "apitree_agent_hub_requests_total",
@@ -183,6 +249,7 @@ impl Hub {
             changed: tokio::sync::watch::channel(0).0,
             requests,
             long_poll: LONG_POLL,
+            refused_log: Mutex::default(),
         });
         hub.set_agents(agents);
         hub
@@ -203,32 +270,73 @@ impl Hub {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Replaces the known agents (a revocation takes effect at each agent's next request).
-    pub fn set_agents(&self, agents: Vec<AgentRecord>) {
-        self.lock().agents = agents.into_iter().map(|a| (a.name.clone(), a)).collect();
+    /// Replaces the known pools and agents (a revocation takes effect at each agent's next
+    /// request, a waiting one included).
+    pub fn set_agents(&self, file: AgentsFile) {
+        let mut inner = self.lock();
+        inner.agents = file
+            .agents
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect();
+        inner.bindings = file
+            .pools
+            .into_iter()
+            .map(|p| (p.name, p.gateway))
+            .collect();
+        drop(inner);
         self.bump();
     }
 
-    /// Makes `config` the newest configuration of `pool` and returns its generation. The same
-    /// configuration again keeps its generation (agents are not woken for nothing).
-    /// Generations grow: at least one more than the last, and at least the time in
-    /// milliseconds, so a control plane that restarts without memory still moves forward.
-    pub fn publish(&self, pool: &str, config: AgentConfig) -> u64 {
+    /// Makes `config` the newest configuration of `pool` and returns its generation; only the
+    /// gateway the agents file binds the pool to may. The same configuration again keeps its
+    /// generation (agents are not woken for nothing). Generations grow: at least one more than
+    /// the last, and at least the time in milliseconds, so a control plane that restarts
+    /// without memory still moves forward (and [`Hub::follow`] covers a clock that went back).
+    pub fn publish(
+        &self,
+        gateway: &str,
+        pool: &str,
+        config: AgentConfig,
+    ) -> Result<u64, PublishError> {
         let mut inner = self.lock();
-        let last = inner.pools.get(pool).map(|p| p.generation);
+        match inner.bindings.get(pool) {
+            None => {
+                return Err(PublishError::Unbound {
+                    pool: pool.into(),
+                    gateway: gateway.into(),
+                })
+            }
+            Some(owner) if owner != gateway => {
+                return Err(PublishError::Taken {
+                    pool: pool.into(),
+                    gateway: gateway.into(),
+                    owner: owner.clone(),
+                })
+            }
+            Some(_) => {}
+        }
         if let Some(p) = inner.pools.get(pool) {
             if p.config == config {
-                return p.generation;
+                return Ok(p.generation);
             }
         }
-        let now = Utc::now();
+        let last = inner.pools.get(pool).map(|p| p.generation);
         let generation = last
-            .map_or(0, |g| g + 1)
-            .max(now.timestamp_millis().max(0) as u64);
+            .map_or(0, |g| g.saturating_add(1))
+            .max(Utc::now().timestamp_millis().max(0) as u64);
+        self.sign_into(&mut inner, pool, config, generation);
+        drop(inner);
+        self.bump();
+        Ok(generation)
+    }
+
+    /// Signs `config` as generation `generation` of `pool` and makes it the newest.
+    fn sign_into(&self, inner: &mut Inner, pool: &str, config: AgentConfig, generation: u64) {
         let envelope = self.signer.sign(&Payload {
             pool: pool.into(),
             generation,
-            issued_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            issued_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             config: config.clone(),
         });
         let body = Bytes::from(serde_json::to_vec(&envelope).expect("an envelope serialises"));
@@ -240,9 +348,37 @@ impl Hub {
                 body,
             },
         );
+    }
+
+    /// An agent runs generation `after` of `pool`, newer than anything published here (this
+    /// control plane restarted without its memory, or its clock went back): the pool's
+    /// configuration is signed again above it, so the agents are not left waiting for a
+    /// number this clock will not reach soon. Not beyond [`MAX_GENERATION_AHEAD_MS`], so an
+    /// agent cannot push a pool's generations to the end of the range.
+    fn follow(&self, pool: &str, after: Option<u64>) {
+        let Some(after) = after else { return };
+        let mut inner = self.lock();
+        let Some(p) = inner.pools.get(pool) else {
+            return;
+        };
+        if after <= p.generation {
+            return;
+        }
+        let published = p.generation;
+        if after - published > MAX_GENERATION_AHEAD_MS {
+            tracing::error!(pool, generation = after, published, "an agent runs a generation far ahead of this control plane's; not followed: check the clocks, or clear that agent's --cache-dir");
+            return;
+        }
+        tracing::warn!(pool, generation = after, published, "an agent runs a generation this control plane did not publish (a restart without memory, or a clock that went back); signing the pool's configuration again above it");
+        let config = p.config.clone();
+        self.sign_into(&mut inner, pool, config, after.saturating_add(1));
         drop(inner);
         self.bump();
-        generation
+    }
+
+    /// The gateway the agents file binds `pool` to.
+    pub fn gateway_of(&self, pool: &str) -> Option<String> {
+        self.lock().bindings.get(pool).cloned()
     }
 
     /// The newest generation of `pool`.
@@ -356,7 +492,8 @@ impl Hub {
                 .is_ok_and(|known| bool::from(known.as_slice().ct_eq(presented.as_slice())))
         });
         let Some(record) = record.filter(|_| matches).cloned() else {
-            tracing::warn!(agent = %name.chars().take(63).collect::<String>(), "an agent token was refused: unknown agent or wrong token");
+            drop(inner);
+            self.log_refused(name);
             return Err(unauthorized(
                 "the token is not valid for this control plane; ask its operators for a new one",
             ));
@@ -375,6 +512,18 @@ impl Hub {
         drop(inner);
         self.seen(&record, |_| {});
         Ok(record)
+    }
+
+    /// Logs a refused token: the first, then at most one line per [`REFUSED_LOG_EVERY`] with
+    /// how many there were. Anyone can send tokens; the log must not be theirs to fill.
+    fn log_refused(&self, name: &str) {
+        let mut log = self.refused_log.lock().unwrap_or_else(|p| p.into_inner());
+        log.0 += 1;
+        if log.1.is_none_or(|at| at.elapsed() >= REFUSED_LOG_EVERY) {
+            let shown: String = name.chars().take(63).collect();
+            tracing::warn!(agent = ?shown, refused = log.0, "agent token(s) refused: unknown agent or wrong token (the latest shown; apitree_agent_hub_requests_total counts them all)");
+            *log = (0, Some(std::time::Instant::now()));
+        }
     }
 
     /// Records that `agent` was seen now, updating its status with `update`.
@@ -423,6 +572,19 @@ impl Hub {
                 }
             }
         }
+        let Some(_poll) = PollSlot::take(self, &agent.name) else {
+            let mut resp = error(
+                id,
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("agent {} already has {MAX_POLLS_PER_AGENT} configuration requests open; one is enough", agent.name),
+            );
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("5"),
+            );
+            return (resp, "too_many");
+        };
+        self.follow(&agent.pool, after);
         let mut changed = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + self.long_poll;
         loop {
@@ -473,16 +635,24 @@ impl Hub {
         B: http_body::Body + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let bytes = match Limited::new(body, MAX_REPORT_BYTES).collect().await {
-            Ok(b) => b.to_bytes(),
+        let collected =
+            tokio::time::timeout(REPORT_READ, Limited::new(body, MAX_REPORT_BYTES).collect()).await;
+        let refuse = |status, message: &str| (error(id, status, message), "bad_request");
+        let bytes = match collected {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return refuse(StatusCode::PAYLOAD_TOO_LARGE, "a report is at most 1 MiB")
+            }
+            Ok(Err(_)) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "the report's body did not arrive whole (a broken chunked encoding?)",
+                )
+            }
             Err(_) => {
-                return (
-                    error(
-                        id,
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "a report is at most 1 MiB and must arrive whole",
-                    ),
-                    "bad_request",
+                return refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the report's body must arrive within 10 s",
                 )
             }
         };
@@ -499,22 +669,21 @@ impl Hub {
                 )
             }
         };
-        if let Err(e) =
-            prometheus_parse::Scrape::parse(report.metrics.lines().map(|l| Ok(l.to_string())))
-        {
-            return (
-                error(
-                    id,
-                    StatusCode::BAD_REQUEST,
-                    &format!("the report's metrics are not Prometheus text: {e}"),
-                ),
-                "bad_request",
+        if let Some(problem) = metrics_problem(&report.metrics) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                &format!("the report's metrics are refused: {problem}"),
             );
         }
         self.seen(agent, |(status, metrics)| {
             status.version = Some(report.version.chars().take(64).collect());
             status.generation = report.generation;
-            status.refused = report.refused;
+            status.refused = report.refused.map(|mut r| {
+                if r.reason.chars().count() > MAX_REASON {
+                    r.reason = r.reason.chars().take(MAX_REASON).collect::<String>() + "…";
+                }
+                r
+            });
             *metrics = report.metrics;
         });
         let mut resp = Response::new(Full::new(Bytes::new()));
@@ -584,15 +753,76 @@ async fn watch_agents_file(hub: Arc<Hub>, path: std::path::PathBuf) {
         }
         last = now;
         match AgentsFile::load(&path) {
-            Ok(agents) => {
+            Ok(file) => {
                 tracing::info!(
-                    agents = agents.len(),
-                    revoked = agents.iter().filter(|a| a.revoked).count(),
+                    agents = file.agents.len(),
+                    revoked = file.agents.iter().filter(|a| a.revoked).count(),
+                    pools = file.pools.len(),
                     "agents file read again"
                 );
-                hub.set_agents(agents);
+                hub.set_agents(file);
             }
             Err(e) => tracing::error!("{e}; the agents stay as they were"),
+        }
+    }
+}
+
+/// Why a report's metrics text cannot be taken: it does not parse, or a value is not a count
+/// (negative, not finite, or beyond [`MAX_REPORTED_VALUE`]). What an agent reports goes into
+/// the detector's sums.
+fn metrics_problem(text: &str) -> Option<String> {
+    let scrape = match prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("not Prometheus text: {e}")),
+    };
+    let count = |v: &f64| v.is_finite() && (0.0..=MAX_REPORTED_VALUE).contains(v);
+    for s in &scrape.samples {
+        let values: Vec<f64> = match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => vec![*v],
+            prometheus_parse::Value::Histogram(h) => h.iter().map(|c| c.count).collect(),
+            prometheus_parse::Value::Summary(q) => q.iter().map(|c| c.count).collect(),
+        };
+        if let Some(v) = values.iter().find(|v| !count(v)) {
+            return Some(format!(
+                "{} has the value {v}; a report holds counts from 0 to {MAX_REPORTED_VALUE:e}",
+                s.metric
+            ));
+        }
+    }
+    None
+}
+
+/// One of an agent's open config requests, given back when the request ends.
+struct PollSlot<'a> {
+    hub: &'a Hub,
+    agent: String,
+}
+
+impl<'a> PollSlot<'a> {
+    fn take(hub: &'a Hub, agent: &str) -> Option<Self> {
+        let mut inner = hub.lock();
+        let open = inner.polls.entry(agent.to_string()).or_default();
+        if *open >= MAX_POLLS_PER_AGENT {
+            return None;
+        }
+        *open += 1;
+        Some(Self {
+            hub,
+            agent: agent.to_string(),
+        })
+    }
+}
+
+impl Drop for PollSlot<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.hub.lock();
+        if let Some(open) = inner.polls.get_mut(&self.agent) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                inner.polls.remove(&self.agent);
+            }
         }
     }
 }
@@ -625,9 +855,20 @@ mod tests {
         let (t2, mut a2) = new_token("bank-a-2", "bank-a").unwrap();
         a2.revoked = true;
         let signer = Signer::parse(&Signer::generate_text()).unwrap();
-        let hub = Hub::new(signer, vec![a1, a2], &Registry::new())
-            .with_long_poll(Duration::from_millis(50));
+        let file = AgentsFile {
+            pools: vec![PoolBinding {
+                name: "bank-a".into(),
+                gateway: "ns/bank".into(),
+            }],
+            agents: vec![a1, a2],
+        };
+        let hub =
+            Hub::new(signer, file, &Registry::new()).with_long_poll(Duration::from_millis(50));
         (hub, t1, t2)
+    }
+
+    fn publish(hub: &Hub, cfg: AgentConfig) -> u64 {
+        hub.publish("ns/bank", "bank-a", cfg).unwrap()
     }
 
     fn get(path: &str, token: Option<&str>) -> Request<Full<Bytes>> {
@@ -686,9 +927,9 @@ mod tests {
     #[tokio::test]
     async fn a_long_poll_wakes_for_a_new_generation_and_for_a_revocation() {
         let (hub, good, _) = hub();
-        let g1 = hub.publish("bank-a", AgentConfig::default());
+        let g1 = publish(&hub, AgentConfig::default());
         assert_eq!(
-            hub.publish("bank-a", AgentConfig::default()),
+            publish(&hub, AgentConfig::default()),
             g1,
             "same config, same generation"
         );
@@ -713,7 +954,7 @@ mod tests {
             default_tier: Some("gold".into()),
             ..Default::default()
         };
-        let g2 = hub.publish("bank-a", cfg);
+        let g2 = publish(&hub, cfg);
         assert!(g2 > g1);
         assert_eq!(waiting.await.unwrap(), StatusCode::OK);
         // Revoked while waiting: the wait ends with 403.
@@ -728,8 +969,101 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut agents: Vec<_> = hub.lock().agents.values().cloned().collect();
         agents.iter_mut().for_each(|a| a.revoked = true);
-        hub.set_agents(agents);
+        hub.set_agents(AgentsFile {
+            pools: vec![],
+            agents,
+        });
         assert_eq!(waiting.await.unwrap(), StatusCode::FORBIDDEN);
+    }
+
+    /// Only the gateway the agents file binds a pool to publishes to it; a pool bound to none
+    /// receives nothing.
+    #[test]
+    fn a_pool_is_configured_by_its_bound_gateway_only() {
+        let (hub, _, _) = hub();
+        assert!(matches!(
+            hub.publish("ns/other", "bank-a", AgentConfig::default()),
+            Err(PublishError::Taken { .. })
+        ));
+        let unbound = hub.publish("ns/bank", "bank-b", AgentConfig::default());
+        assert!(matches!(unbound, Err(PublishError::Unbound { .. })));
+        assert!(unbound.unwrap_err().to_string().contains("pools:"));
+        assert_eq!(hub.generation("bank-a"), None);
+        assert!(hub
+            .publish("ns/bank", "bank-a", AgentConfig::default())
+            .is_ok());
+    }
+
+    /// An agents file that leaves which entry counts to a guess is refused whole.
+    #[test]
+    fn an_agents_file_with_an_agent_or_pool_twice_is_refused() {
+        let (_, a) = new_token("a-1", "p").unwrap();
+        let twice = AgentsFile {
+            pools: vec![],
+            agents: vec![a.clone(), AgentRecord { revoked: true, ..a }],
+        };
+        assert!(twice.check().unwrap_err().contains("listed twice"));
+        let bind = |g: &str| PoolBinding {
+            name: "p".into(),
+            gateway: g.into(),
+        };
+        let pools = AgentsFile {
+            pools: vec![bind("x"), bind("y")],
+            agents: vec![],
+        };
+        assert!(pools.check().unwrap_err().contains("one gateway"));
+    }
+
+    /// An agent that runs a generation this control plane never reached (it restarted
+    /// without memory, or its clock went back) is given the configuration again above it;
+    /// not when it claims one absurdly far ahead.
+    #[tokio::test]
+    async fn a_generation_ahead_of_the_control_plane_is_followed_within_bounds() {
+        let (hub, good, _) = hub();
+        let g = publish(&hub, AgentConfig::default());
+        let ahead = g + 86_400_000;
+        let resp = hub
+            .handle(get(&format!("/agent/v1/config?after={ahead}"), Some(&good)))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(hub.generation("bank-a"), Some(ahead + 1));
+        let far = ahead + 1 + MAX_GENERATION_AHEAD_MS + 1;
+        let resp = hub
+            .handle(get(&format!("/agent/v1/config?after={far}"), Some(&good)))
+            .await;
+        assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(hub.generation("bank-a"), Some(ahead + 1));
+    }
+
+    /// One agent holds at most a few config requests open; more are answered 429 and the
+    /// slots come back when the requests end.
+    #[tokio::test]
+    async fn an_agent_holds_a_bounded_number_of_long_polls() {
+        let (hub, good, _) = hub();
+        let hub = Arc::new(Hub {
+            long_poll: Duration::from_millis(400),
+            ..Arc::into_inner(hub).unwrap()
+        });
+        let waiting: Vec<_> = (0..MAX_POLLS_PER_AGENT)
+            .map(|_| {
+                let (hub, good) = (hub.clone(), good.clone());
+                tokio::spawn(async move {
+                    hub.handle(get("/agent/v1/config", Some(&good)))
+                        .await
+                        .status()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let extra = hub.handle(get("/agent/v1/config", Some(&good))).await;
+        assert_eq!(extra.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(extra.headers().contains_key("retry-after"));
+        for w in waiting {
+            assert_eq!(w.await.unwrap(), StatusCode::NOT_MODIFIED);
+        }
+        assert!(hub.lock().polls.is_empty());
+        let again = hub.handle(get("/agent/v1/config", Some(&good))).await;
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
     }
 
     #[tokio::test]
@@ -758,6 +1092,35 @@ mod tests {
         assert_eq!(
             hub.handle(post(&big)).await.status(),
             StatusCode::PAYLOAD_TOO_LARGE
+        );
+        // Every way a number can be no count: the detector sums what agents report.
+        for value in ["-1", "1e30", "+Inf", "-Inf", "NaN", "1e16"] {
+            for family in [
+                format!("apitree_proxy_requests_total{{route=\"a\",status_class=\"2xx\"}} {value}"),
+                format!("apitree_proxy_auth_failures_total{{reason=\"x\"}} {value}"),
+                format!("# TYPE h histogram\nh_bucket{{le=\"+Inf\"}} {value}\nh_sum 1\nh_count 1"),
+            ] {
+                let report = serde_json::json!({"version": "1", "generation": 1, "metrics": format!("{family}\n")});
+                let (status, json) = body(hub.handle(post(&report.to_string())).await).await;
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{family}");
+                assert!(
+                    json["error"].as_str().unwrap().contains("counts from 0"),
+                    "{json}"
+                );
+            }
+        }
+        // A refusal reason is kept short, whatever an agent sends.
+        let long = serde_json::json!({"version": "1", "generation": 1, "metrics": "",
+            "refused": {"generation": 2, "reason": "x".repeat(100_000)}});
+        assert_eq!(
+            hub.handle(post(&long.to_string())).await.status(),
+            StatusCode::NO_CONTENT
+        );
+        let kept = hub.agents()[0].refused.clone().unwrap().reason;
+        assert!(
+            kept.chars().count() <= MAX_REASON + 1,
+            "{} characters kept",
+            kept.len()
         );
         let ok = r#"{"version":"0.1.0","generation":5,"metrics":"apitree_proxy_requests_total{route=\"a\",status_class=\"2xx\"} 3\n"}"#;
         assert_eq!(hub.handle(post(ok)).await.status(), StatusCode::NO_CONTENT);

@@ -582,7 +582,10 @@ impl Detector {
     ) -> Result<Vec<IncidentNotice>, DbError> {
         self.resume().await?;
         let mut notices = Vec::new();
-        let total: u64 = window.routes.values().map(|w| w.requests).sum();
+        let total: u64 = window
+            .routes
+            .values()
+            .fold(0u64, |sum, w| sum.saturating_add(w.requests));
         for (route, w) in &window.routes {
             if route.as_str() == crate::proxy::metrics::NO_ROUTE {
                 continue;
@@ -635,6 +638,8 @@ impl Detector {
             }
         }
         let cfg = self.cfg.clone();
+        // The gateway-wide ratio is the cluster's: agents' requests are not in it.
+        let total = total.saturating_sub(window.agent_requests);
         let auth = window.auth_failures.min(total);
         let verdict = self
             .watched("", AUTH_FAILURES)

@@ -56,6 +56,9 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
 pub struct GatewayWindow {
     pub routes: BTreeMap<String, RouteWindow>,
     pub auth_failures: u64,
+    /// Requests of `routes` that Connector Agents reported: counted per route, but not in the
+    /// gateway-wide auth-failure ratio (an agent speaks for its own routes only).
+    pub agent_requests: u64,
 }
 
 /// Why a window could not be read.
@@ -168,15 +171,18 @@ impl Snapshot {
 }
 
 impl GatewayWindow {
-    /// Adds `other`'s traffic (another set of proxies serving the same gateway): counts add
-    /// up, a route's p99 is the larger of the two, a breaker is open if either is.
-    pub fn absorb(&mut self, other: GatewayWindow) {
-        self.auth_failures += other.auth_failures;
+    /// Adds what Connector Agents served (another set of proxies of the same gateway): per
+    /// route, counts add up (saturating), a route's p99 is the larger of the two, a breaker is
+    /// open if either is. Their requests are remembered in `agent_requests`, and their auth
+    /// failures are left out: the gateway-wide auth-failure ratio is the cluster's own, which
+    /// an agent can neither raise nor dilute.
+    pub fn absorb_agents(&mut self, other: GatewayWindow) {
         for (route, o) in other.routes {
+            self.agent_requests = self.agent_requests.saturating_add(o.requests);
             let w = self.routes.entry(route).or_default();
-            w.requests += o.requests;
-            w.errors += o.errors;
-            w.breaker_opens += o.breaker_opens;
+            w.requests = w.requests.saturating_add(o.requests);
+            w.errors = w.errors.saturating_add(o.errors);
+            w.breaker_opens = w.breaker_opens.saturating_add(o.breaker_opens);
             w.breaker_open |= o.breaker_open;
             w.p99_ms = match (w.p99_ms, o.p99_ms) {
                 (Some(a), Some(b)) => Some(a.max(b)),
@@ -277,15 +283,17 @@ pub fn window_between(before: &Snapshot, now: &Snapshot) -> GatewayWindow {
         };
         for (route, req) in &now.requests {
             let w = out.routes.entry(route.clone()).or_default();
-            w.requests += increase(*req, prior(|t| &t.requests, route));
-            w.errors += increase(
+            w.requests = w
+                .requests
+                .saturating_add(increase(*req, prior(|t| &t.requests, route)));
+            w.errors = w.errors.saturating_add(increase(
                 now.errors.get(route).copied().unwrap_or(0.0),
                 prior(|t| &t.errors, route),
-            );
-            w.breaker_opens += increase(
+            ));
+            w.breaker_opens = w.breaker_opens.saturating_add(increase(
                 now.breaker_opens.get(route).copied().unwrap_or(0.0),
                 prior(|t| &t.breaker_opens, route),
-            );
+            ));
             w.breaker_open |= now.breaker_state.get(route).copied().unwrap_or(0.0) > 0.0;
             if let Some(buckets) = now.latency.get(route) {
                 let prev = before.and_then(|b| b.latency.get(route));
@@ -304,7 +312,9 @@ pub fn window_between(before: &Snapshot, now: &Snapshot) -> GatewayWindow {
                 }
             }
         }
-        out.auth_failures += increase(now.auth_failures, before.map(|b| b.auth_failures));
+        out.auth_failures = out
+            .auth_failures
+            .saturating_add(increase(now.auth_failures, before.map(|b| b.auth_failures)));
     }
     out
 }
@@ -539,5 +549,64 @@ apitree_proxy_auth_failures_total{reason=\"unknown_api_key\"} 3\n";
             histogram_quantile(0.99, &[(0.1, 0.0), (f64::INFINITY, 0.0)]),
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod agent_window_tests {
+    use super::*;
+
+    fn snapshot(text: &str) -> Snapshot {
+        Snapshot::from_texts([("agent".to_string(), text.to_string())]).unwrap()
+    }
+
+    /// Counts from outside (agents' reports) cannot overflow a window: any value sums
+    /// saturating, with no panic in a debug build and no wrap in a release one.
+    #[test]
+    fn huge_counts_saturate() {
+        let before = snapshot("apitree_proxy_requests_total{route=\"a\",status_class=\"5xx\"} 0\n");
+        let now = snapshot(
+            "apitree_proxy_requests_total{route=\"a\",status_class=\"5xx\"} 1e30\n\
+             apitree_proxy_auth_failures_total{reason=\"x\"} 1e30\n",
+        );
+        let mut w = window_between(&before, &now);
+        assert_eq!(w.routes["a"].requests, u64::MAX);
+        w.absorb_agents(window_between(&before, &now));
+        assert_eq!(w.routes["a"].requests, u64::MAX);
+        assert_eq!(w.routes["a"].errors, u64::MAX);
+    }
+
+    /// What agents report adds to their routes, but neither their auth failures nor their
+    /// requests enter the gateway-wide auth-failure ratio.
+    #[test]
+    fn agents_count_per_route_and_stay_out_of_the_gateway_wide_ratio() {
+        let mut w = GatewayWindow {
+            auth_failures: 3,
+            ..Default::default()
+        };
+        w.routes.insert(
+            "cluster".into(),
+            RouteWindow {
+                requests: 100,
+                ..Default::default()
+            },
+        );
+        let mut agents = GatewayWindow {
+            auth_failures: 1000,
+            ..Default::default()
+        };
+        agents.routes.insert(
+            "accounts".into(),
+            RouteWindow {
+                requests: 5000,
+                errors: 10,
+                ..Default::default()
+            },
+        );
+        w.absorb_agents(agents);
+        assert_eq!(w.auth_failures, 3);
+        assert_eq!(w.agent_requests, 5000);
+        assert_eq!(w.routes["accounts"].errors, 10);
+        assert_eq!(w.routes["cluster"].requests, 100);
     }
 }

@@ -555,8 +555,8 @@ fn traffic(w: &GatewayWindow) -> Traffic {
         if route == crate::proxy::metrics::NO_ROUTE {
             continue;
         }
-        t.requests += r.requests;
-        t.errors += r.errors;
+        t.requests = t.requests.saturating_add(r.requests);
+        t.errors = t.errors.saturating_add(r.errors);
         if let Some(p) = r.p99_ms {
             t.p99_ms = Some(t.p99_ms.unwrap_or(0.0).max(p));
         }
@@ -888,6 +888,7 @@ async fn connectors<P: Platform>(
         _ => Some(None),
     };
     let mut published = BTreeMap::new();
+    let mut unbound = Vec::new();
     if let (Some(configs), Some(entities)) = (active, entities) {
         for (pool, mut cfg) in configs {
             if let Some(e) = &entities {
@@ -900,15 +901,27 @@ async fn connectors<P: Platform>(
                     k
                 }));
             }
-            published.insert(pool.clone(), hub.publish(&pool, cfg));
+            match hub.publish(&m.name, &pool, cfg) {
+                Ok(generation) => {
+                    published.insert(pool.clone(), generation);
+                }
+                Err(e) => unbound.push(e.to_string()),
+            }
         }
+    }
+    if !unbound.is_empty() {
+        m.warn_once("ConnectorsUnbound", &unbound.join("; "), now);
     }
     let at = now.as_second();
     let mut statuses = Vec::new();
     let mut lagging = Vec::new();
     let mut lost_now = Vec::new();
     for a in hub.agents() {
-        let Some(c) = m.spec.connectors.iter().find(|c| c.pool == a.pool) else {
+        // Only the agents of pools the agents file gives this gateway: another gateway's
+        // agents are none of its business.
+        let Some(c) = m.spec.connectors.iter().find(|c| {
+            c.pool == a.pool && hub.gateway_of(&c.pool).as_deref() == Some(m.name.as_str())
+        }) else {
             continue;
         };
         let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
@@ -952,7 +965,9 @@ async fn connectors<P: Platform>(
     if m.spec.connectors.is_empty() {
         return;
     }
-    let (state, reason, message) = if lagging.is_empty() {
+    let (state, reason, message) = if !unbound.is_empty() {
+        (ConditionStatus::False, "PoolNotBound", unbound.join("; "))
+    } else if lagging.is_empty() {
         (
             ConditionStatus::True,
             "InSync",
@@ -1328,7 +1343,7 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         }
     };
     if let Some(agents) = agent_window(m, ctx) {
-        w.absorb(agents);
+        w.absorb_agents(agents);
     }
     let t = traffic(&w);
     m.error_ratios.push_back(if t.requests > 0 {
@@ -1356,6 +1371,9 @@ fn agent_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<Gatewa
     let hub = ctx.agents.as_ref()?;
     let mut total: Option<GatewayWindow> = None;
     for c in &m.spec.connectors {
+        if hub.gateway_of(&c.pool).as_deref() != Some(m.name.as_str()) {
+            continue;
+        }
         let now = match Snapshot::from_texts(hub.pool_metrics(&[c.pool.as_str()])) {
             Ok(s) => s,
             Err(e) => {
@@ -1369,7 +1387,9 @@ fn agent_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<Gatewa
         let mut w = window_between(&before, &now);
         w.routes
             .retain(|route, _| c.routes.iter().any(|r| &r.name == route));
-        total.get_or_insert_with(GatewayWindow::default).absorb(w);
+        total
+            .get_or_insert_with(GatewayWindow::default)
+            .absorb_agents(w);
     }
     let pools: Vec<&str> = m.spec.connectors.iter().map(|c| c.pool.as_str()).collect();
     m.agent_snapshots
