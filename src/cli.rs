@@ -220,8 +220,10 @@ pub struct AgentEndpointArgs {
         requires = "agent_listen"
     )]
     pub agent_signing_key: Option<PathBuf>,
-    /// The agents this control plane knows: `agents: [{name, pool, tokenSha256, revoked}]`
-    /// (`apitree agent token` prints an entry). Read again when it changes.
+    /// Which gateway configures each pool and the agents this control plane knows:
+    /// `pools: [{name, gateway}]` (a pool not bound receives nothing) and `agents: [{name,
+    /// pool, tokenSha256, revoked}]` (`apitree agent token` prints an entry). Read again when
+    /// it changes.
     #[arg(
         long,
         value_name = "FILE",

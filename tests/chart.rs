@@ -1206,7 +1206,10 @@ fn the_agent_endpoint_is_the_leaders_with_its_keys_from_secrets() {
     let file = dir.path().join("agents.yaml");
     std::fs::write(&file, cm["data"]["agents.yaml"].as_str().unwrap()).unwrap();
     let agents = apitree::agent::hub::AgentsFile::load(&file).unwrap();
+    assert_eq!(agents.pools.len(), 1);
+    assert_eq!(agents.pools[0].gateway, "payments/bank");
     let names: Vec<(&str, bool)> = agents
+        .agents
         .iter()
         .map(|a| (a.name.as_str(), a.revoked))
         .collect();
