@@ -59,7 +59,13 @@ pub async fn serve<H, F, B>(
         tokio::select! {
             _ = &mut stop => return,
             accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        crate::proxy::server::accept_failed(&e).await;
+                        continue;
+                    }
+                };
                 let tls = tls.clone();
                 let hsts = tls.as_ref().map(|t| t.hsts.clone());
                 let handler = handler.clone();

@@ -1035,3 +1035,62 @@ fn credentials_encrypt_refuses_a_header_the_gateway_would_refuse() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("header: X-API-Key"));
 }
+
+/// Out of file descriptors, a listener waits between tries instead of spinning on `accept`
+/// (it stays readable while the process cannot take the connection): the proxy, held at a low
+/// open-files limit and sent more connections than it may open, stays nearly idle.
+#[test]
+fn out_of_file_descriptors_the_accept_loop_waits_instead_of_spinning() {
+    use std::time::Duration;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = env!("CARGO_BIN_EXE_apitree");
+    let (listen, admin) = ("127.0.0.1:38480", "127.0.0.1:38490");
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            &format!("ulimit -n 96; exec '{bin}' proxy --config examples/proxy.yaml --listen {listen} --admin {admin} --no-access-log"),
+        ])
+        .current_dir(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::net::TcpStream::connect(admin).is_ok()
+    });
+    assert!(up, "the proxy did not start");
+    // More connections than the limit lets it accept; held open.
+    let held: Vec<_> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(listen).ok())
+        .collect();
+    assert!(held.len() > 96, "the kernel queued the connections");
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        // utime and stime, in clock ticks (fields 14 and 15; 12 and 13 after the name).
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu() - before;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        used < 50,
+        "the proxy used {used} ticks of CPU in 2 s (of 200) with nothing to do but wait for descriptors:\n{log}"
+    );
+    assert!(log.contains("cannot accept connections"), "{log}");
+    assert!(
+        log.matches("cannot accept connections").count() <= 2,
+        "one line per 10 s, not one per try:\n{log}"
+    );
+    drop(held);
+}

@@ -211,8 +211,12 @@ pub async fn start_sample_api() -> Result<SampleApi, DemoError> {
     let (weather, v2) = (state.weather_share.clone(), state.v2_share.clone());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    crate::proxy::server::accept_failed(&e).await;
+                    continue;
+                }
             };
             let state = state.clone();
             tokio::spawn(async move {

@@ -118,7 +118,13 @@ async fn serve_front(
         tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        crate::proxy::server::accept_failed(&e).await;
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let front = front.clone();
                 let service = hyper::service::service_fn(move |req| {

@@ -24,8 +24,12 @@ pub async fn serve(
 ) {
     let redirects = Arc::new(redirects);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                super::server::accept_failed(&e).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let redirects = redirects.clone();

@@ -1134,6 +1134,27 @@ impl Dispatch {
 
 /// Runs the public and admin listeners until `shutdown` resolves, then drains in-flight
 /// requests for up to `settings.shutdown_grace`.
+/// What every accept loop does when `accept` fails: the process is out of file descriptors
+/// (or memory, or the kernel's connection table is full), and the listener stays readable, so
+/// trying again at once would spin a core and starve everything else. It waits a little,
+/// and says so — once per [`ACCEPT_FAILED_LOG_EVERY`].
+pub async fn accept_failed(e: &std::io::Error) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= ACCEPT_FAILED_LOG_EVERY) {
+            tracing::error!("cannot accept connections: {e}; waiting {ACCEPT_PAUSE:?} between tries (raise the open-files limit if it is too low)");
+            *last = Some(std::time::Instant::now());
+        }
+    }
+    tokio::time::sleep(ACCEPT_PAUSE).await;
+}
+
+/// How long an accept loop waits after `accept` failed.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+/// At most one log line per this long about failed accepts.
+const ACCEPT_FAILED_LOG_EVERY: Duration = Duration::from_secs(10);
+
 pub async fn run(
     gateway: Arc<Gateway>,
     listener: TcpListener,
@@ -1234,7 +1255,13 @@ pub async fn run_with_workers(
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        accept_failed(&e).await;
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let Ok(std_stream) = stream.into_std() else { continue };
                 if has_workers {
@@ -1242,7 +1269,13 @@ pub async fn run_with_workers(
                 }
             }
             accepted = admin.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        accept_failed(&e).await;
+                        continue;
+                    }
+                };
                 let gw = gateway.clone();
                 let hsts = admin_tls.as_ref().map(|(_, tls)| tls.hsts.clone());
                 let service = hyper::service::service_fn(move |req| {
