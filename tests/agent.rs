@@ -390,8 +390,16 @@ async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_rep
     let mut text = std::fs::read_to_string(&local).unwrap();
     text.push_str(&format!("  - {{ route: loans, upstream: '{up}' }}\n"));
     std::fs::write(&local, text).unwrap();
-    a.reload_local().unwrap();
+    assert!(a.reload_local().unwrap().is_empty());
     until("the agent applies g2", || a.generation() == Some(g2)).await;
+    // Settings a running agent cannot change are named, not silently taken as applied.
+    let text = std::fs::read_to_string(&local)
+        .unwrap()
+        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1")
+        .replace("pepperFile: pepper", "pepperFile: other-pepper");
+    std::fs::write(dir.path().join("a1").join("other-pepper"), PEPPER).unwrap();
+    std::fs::write(&local, text).unwrap();
+    assert_eq!(a.reload_local().unwrap(), ["listen", "secrets.pepperFile"]);
     assert!(a.refused().is_none());
     assert_eq!(get(&a, "/loans/x", Some(key.expose_secret())).await.0, 200);
 

@@ -258,6 +258,8 @@ struct Status {
 /// The agent's state shared by its loops.
 struct Agent {
     opts: AgentOptions,
+    /// The local file as the agent started with it.
+    started: AgentLocal,
     local: Mutex<AgentLocal>,
     master_keys: Mutex<Option<MasterKeys>>,
     cache: Cache,
@@ -420,8 +422,9 @@ impl Agent {
 
     /// Reads the local file again and joins it with the newest configuration: a bank that
     /// moved an upstream or added a missing one applies it with SIGHUP.
-    fn reload_local(&self) -> Result<(), String> {
+    fn reload_local(&self) -> Result<Vec<&'static str>, String> {
         let local = AgentLocal::load(&self.opts.config).map_err(|e| e.to_string())?;
+        let restart = restart_only_changes(&self.started, &local);
         let master_keys = crate::proxy::state::load_master_keys(
             &merge(&AgentConfig::default(), &local).expect("an empty configuration joins"),
             Path::new(""),
@@ -441,8 +444,34 @@ impl Agent {
             // A configuration refused for want of a local upstream is asked for again.
             self.status().refused = None;
         }
-        Ok(())
+        if !restart.is_empty() {
+            tracing::warn!(
+                "the local file changes settings only a restart applies, which still run as started: {}",
+                restart.join(", ")
+            );
+        }
+        Ok(restart)
     }
+}
+
+/// The settings of the local file a running agent cannot change (its listeners are bound,
+/// its keys hashed with the pepper it started with), named as in the file, where `started`
+/// and `now` differ.
+fn restart_only_changes(started: &AgentLocal, now: &AgentLocal) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if started.listen != now.listen {
+        out.push("listen");
+    }
+    if started.admin != now.admin {
+        out.push("admin");
+    }
+    if started.tls != now.tls {
+        out.push("tls");
+    }
+    if started.secrets.pepper_file != now.secrets.pepper_file {
+        out.push("secrets.pepperFile");
+    }
+    out
 }
 
 /// A running agent.
@@ -468,8 +497,9 @@ impl RunningAgent {
         self.agent.status().refused.clone()
     }
 
-    /// Reads the local file again (what SIGHUP does).
-    pub fn reload_local(&self) -> Result<(), String> {
+    /// Reads the local file again (what SIGHUP does); returns the changed settings only a
+    /// restart applies (they keep running as started).
+    pub fn reload_local(&self) -> Result<Vec<&'static str>, String> {
         self.agent.reload_local()
     }
 
@@ -500,6 +530,7 @@ pub async fn start(opts: AgentOptions) -> Result<RunningAgent, AgentError> {
     let cache = Cache::open(&opts.cache_dir).map_err(AgentError::Setup)?;
     let agent = Arc::new(Agent {
         opts: opts.clone(),
+        started: local.clone(),
         local: Mutex::new(local),
         master_keys: Mutex::new(master_keys),
         cache,
@@ -708,7 +739,7 @@ pub async fn run(
             };
             while hup.recv().await.is_some() {
                 match agent.reload_local() {
-                    Ok(()) => tracing::info!("local file read again"),
+                    Ok(_) => tracing::info!("local file read again"),
                     Err(e) => tracing::error!(
                         "local file NOT reloaded, still serving the previous one: {e}"
                     ),
