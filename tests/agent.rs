@@ -631,7 +631,11 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
         tour.m.incidents
     );
 
-    // Agent 2 goes silent: lost, an incident, shown in status.
+    // Someone saves a spec that cannot run; then agent 2 goes silent: lost, an incident,
+    // shown in status all the same.
+    let mut broken = tour.m.spec.clone();
+    broken.connectors[0].routes[0].tier = Some("no-such-tier".into());
+    tour.set_spec(broken);
     a2.stop().await;
     tour.until("agent 2 lost", limit, |m| {
         m.status
@@ -644,6 +648,15 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
     })
     .await
     .unwrap();
+    assert!(
+        tour.m
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "SpecValid" && c.status == "False"),
+        "the spec was meant to be invalid: {:?}",
+        tour.m.status.conditions
+    );
     for _ in 0..20 {
         let r = delivery.deliver_due().await.unwrap();
         if r.delivered == 0 && r.failed == 0 {

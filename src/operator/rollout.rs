@@ -629,7 +629,11 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
                 .reconciles
                 .with_label_values(&["invalid_spec"])
                 .inc();
-            return refuse_spec(m, problems, now);
+            refuse_spec(m, problems, now);
+            if let Some(hub) = ctx.agents.clone() {
+                connector_status(m, &hub, &[], now).await;
+            }
+            return;
         }
     };
     let generation = Some(m.generation);
@@ -840,8 +844,6 @@ async fn connectors<P: Platform>(
     rendered: &ProxyConfig,
     now: Timestamp,
 ) {
-    use crate::crd::gateway::ConnectorStatus;
-    let generation = Some(m.generation);
     let Some(hub) = &ctx.agents else {
         if !m.spec.connectors.is_empty() {
             m.warn_once(
@@ -887,7 +889,6 @@ async fn connectors<P: Platform>(
         },
         _ => Some(None),
     };
-    let mut published = BTreeMap::new();
     let mut unbound = Vec::new();
     if let (Some(configs), Some(entities)) = (active, entities) {
         for (pool, mut cfg) in configs {
@@ -901,17 +902,35 @@ async fn connectors<P: Platform>(
                     k
                 }));
             }
-            match hub.publish(&m.name, &pool, cfg) {
-                Ok(generation) => {
-                    published.insert(pool.clone(), generation);
-                }
-                Err(e) => unbound.push(e.to_string()),
+            if let Err(e) = hub.publish(&m.name, &pool, cfg) {
+                unbound.push(e.to_string());
             }
         }
     }
     if !unbound.is_empty() {
         m.warn_once("ConnectorsUnbound", &unbound.join("; "), now);
     }
+    connector_status(m, hub, &unbound, now).await;
+}
+
+/// `status.connectors`, `agent lost` incidents and `ConnectorsInSync` from what the hub knows:
+/// each pass, an invalid spec's too (an agent that disappears pages whatever the spec says).
+async fn connector_status(
+    m: &mut Managed,
+    hub: &crate::agent::hub::Hub,
+    unbound: &[String],
+    now: Timestamp,
+) {
+    use crate::crd::gateway::ConnectorStatus;
+    let generation = Some(m.generation);
+    let own = |pool: &str| hub.gateway_of(pool).as_deref() == Some(m.name.as_str());
+    let published: BTreeMap<String, u64> = m
+        .spec
+        .connectors
+        .iter()
+        .filter(|c| own(&c.pool))
+        .filter_map(|c| Some((c.pool.clone(), hub.generation(&c.pool)?)))
+        .collect();
     let at = now.as_second();
     let mut statuses = Vec::new();
     let mut lagging = Vec::new();
@@ -919,9 +938,12 @@ async fn connectors<P: Platform>(
     for a in hub.agents() {
         // Only the agents of pools the agents file gives this gateway: another gateway's
         // agents are none of its business.
-        let Some(c) = m.spec.connectors.iter().find(|c| {
-            c.pool == a.pool && hub.gateway_of(&c.pool).as_deref() == Some(m.name.as_str())
-        }) else {
+        let Some(c) = m
+            .spec
+            .connectors
+            .iter()
+            .find(|c| c.pool == a.pool && own(&c.pool))
+        else {
             continue;
         };
         let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
