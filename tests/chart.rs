@@ -1214,6 +1214,21 @@ fn the_agent_endpoint_is_the_leaders_with_its_keys_from_secrets() {
         .map(|a| (a.name.as_str(), a.revoked))
         .collect();
     assert_eq!(names, [("bank-a-1", false), ("bank-a-2", true)]);
+    // Enabled with no pools or agents yet: still a file the operator reads (empty lists).
+    let docs = render(
+        None,
+        &[
+            "--set",
+            "agents.enabled=true,agents.tlsSecret=t,agents.signingKey.existingSecret=k",
+        ],
+    );
+    let cm = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|m| m["metadata"]["name"].as_str().unwrap().ends_with("-agents"))
+        .expect("the agents ConfigMap");
+    std::fs::write(&file, cm["data"]["agents.yaml"].as_str().unwrap()).unwrap();
+    let empty = apitree::agent::hub::AgentsFile::load(&file).unwrap();
+    assert!(empty.pools.is_empty() && empty.agents.is_empty());
     // Enabled without its Secrets: refused by the values schema.
     let out = Command::new(helm())
         .args(["template", "t"])

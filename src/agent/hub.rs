@@ -50,8 +50,8 @@ pub struct AgentRecord {
     pub pool: String,
     /// Hex SHA-256 of its token.
     pub token_sha256: String,
-    /// A revoked agent is refused (403) at its next request.
-    #[serde(default)]
+    /// A revoked agent is refused (403) at its next request. Required: a file cut before
+    /// an entry's `revoked: true` must not read as an agent let back in.
     pub revoked: bool,
 }
 
@@ -64,7 +64,7 @@ pub struct AgentsFile {
     /// plane operators' decision, not a gateway author's.
     #[serde(default)]
     pub pools: Vec<PoolBinding>,
-    #[serde(default)]
+    /// Required, even empty (`agents: []`): an empty or cut file is not "no agents".
     pub agents: Vec<AgentRecord>,
 }
 
@@ -186,6 +186,8 @@ struct Inner {
     seen: BTreeMap<String, (AgentStatus, String)>,
     /// Config requests each agent has open now.
     polls: HashMap<String, usize>,
+    /// When each pool was last signed again above an agent's generation.
+    followed: HashMap<String, std::time::Instant>,
 }
 
 /// Why a configuration was not published.
@@ -209,9 +211,11 @@ pub const MAX_REPORTED_VALUE: f64 = 1e15;
 const REPORT_READ: Duration = Duration::from_secs(10);
 /// The longest refusal reason kept from a report.
 const MAX_REASON: usize = 1024;
-/// How far ahead of the newest publication a generation an agent runs may be and still be
+/// How far ahead of this control plane's clock a generation an agent runs may be and still be
 /// followed (a control plane whose clock went back, or that lost its memory): 30 days.
 const MAX_GENERATION_AHEAD_MS: u64 = 30 * 24 * 3600 * 1000;
+/// How often a pool may be signed again above an agent's generation.
+const FOLLOW_EVERY: Duration = Duration::from_secs(60);
 /// At most one log line per this long about refused tokens (the counter counts them all).
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -358,19 +362,37 @@ impl Hub {
     fn follow(&self, pool: &str, after: Option<u64>) {
         let Some(after) = after else { return };
         let mut inner = self.lock();
-        let Some(p) = inner.pools.get(pool) else {
+        if !inner.bindings.contains_key(pool) {
+            return;
+        }
+        let Some(published) = inner.pools.get(pool).map(|p| p.generation) else {
             return;
         };
-        if after <= p.generation {
+        if after <= published {
             return;
         }
-        let published = p.generation;
-        if after - published > MAX_GENERATION_AHEAD_MS {
-            tracing::error!(pool, generation = after, published, "an agent runs a generation far ahead of this control plane's; not followed: check the clocks, or clear that agent's --cache-dir");
+        // Bounded by this clock, not by the last publication: steps of any size cannot add
+        // up beyond it (an agent walking the pool's generations towards the end of the range
+        // would leave every later control plane behind its agents).
+        let now_ms = Utc::now().timestamp_millis().max(0) as u64;
+        if after > now_ms.saturating_add(MAX_GENERATION_AHEAD_MS) {
+            tracing::error!(pool, generation = after, published, "an agent runs a generation more than 30 days ahead of this control plane's clock; not followed: check the clocks, or clear that agent's --cache-dir");
             return;
         }
+        // At most once per FOLLOW_EVERY a pool: each follow makes every agent of the pool
+        // apply and cache again, which one agent must not be able to ask for endlessly.
+        if inner
+            .followed
+            .get(pool)
+            .is_some_and(|at| at.elapsed() < FOLLOW_EVERY)
+        {
+            return;
+        }
+        inner
+            .followed
+            .insert(pool.to_string(), std::time::Instant::now());
         tracing::warn!(pool, generation = after, published, "an agent runs a generation this control plane did not publish (a restart without memory, or a clock that went back); signing the pool's configuration again above it");
-        let config = p.config.clone();
+        let config = inner.pools[pool].config.clone();
         self.sign_into(&mut inner, pool, config, after.saturating_add(1));
         drop(inner);
         self.bump();
@@ -606,7 +628,9 @@ impl Hub {
                     }
                     Some(_) => {}
                 }
-                if let Some(p) = inner.pools.get(&agent.pool) {
+                // A pool the agents file no longer binds to a gateway receives nothing.
+                let bound = inner.bindings.contains_key(&agent.pool);
+                if let Some(p) = inner.pools.get(&agent.pool).filter(|_| bound) {
                     if after.is_none_or(|a| p.generation > a) {
                         let mut resp = Response::new(Full::new(p.body.clone()));
                         resp.headers_mut().insert(
@@ -744,14 +768,18 @@ pub async fn start_endpoint(
 /// Reads the agents file again whenever its content changes; a file that does not read keeps
 /// the agents as they were, and says why.
 async fn watch_agents_file(hub: Arc<Hub>, path: std::path::PathBuf) {
-    let mut last = std::fs::read(&path).ok();
+    let mut applied = std::fs::read(&path).ok();
+    let mut seen = applied.clone();
     loop {
         tokio::time::sleep(AGENTS_FILE_EVERY).await;
         let now = std::fs::read(&path).ok();
-        if now == last {
+        // Taken once it reads the same twice in a row: a file caught half-written is not.
+        let stable = now == seen;
+        seen = now.clone();
+        if !stable || now == applied {
             continue;
         }
-        last = now;
+        applied = now;
         match AgentsFile::load(&path) {
             Ok(file) => {
                 tracing::info!(
@@ -781,8 +809,21 @@ fn metrics_problem(text: &str) -> Option<String> {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
             | prometheus_parse::Value::Untyped(v) => vec![*v],
-            prometheus_parse::Value::Histogram(h) => h.iter().map(|c| c.count).collect(),
-            prometheus_parse::Value::Summary(q) => q.iter().map(|c| c.count).collect(),
+            prometheus_parse::Value::Histogram(h) => {
+                if let Some(b) = h.iter().find(|c| c.less_than.is_nan() || c.less_than < 0.0) {
+                    return Some(format!(
+                        "{} has a bucket bound of {}",
+                        s.metric, b.less_than
+                    ));
+                }
+                h.iter().map(|c| c.count).collect()
+            }
+            prometheus_parse::Value::Summary(q) => {
+                if let Some(b) = q.iter().find(|c| !(0.0..=1.0).contains(&c.quantile)) {
+                    return Some(format!("{} has a quantile of {}", s.metric, b.quantile));
+                }
+                q.iter().map(|c| c.count).collect()
+            }
         };
         if let Some(v) = values.iter().find(|v| !count(v)) {
             return Some(format!(
@@ -994,6 +1035,23 @@ mod tests {
             .is_ok());
     }
 
+    /// A pool whose binding is taken out of the agents file receives nothing more, although
+    /// a configuration was published for it.
+    #[tokio::test]
+    async fn an_unbound_pool_is_served_nothing() {
+        let (hub, good, _) = hub();
+        publish(&hub, AgentConfig::default());
+        let first = hub.handle(get("/agent/v1/config", Some(&good))).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        let agents = hub.lock().agents.values().cloned().collect();
+        hub.set_agents(AgentsFile {
+            pools: vec![],
+            agents,
+        });
+        let after = hub.handle(get("/agent/v1/config", Some(&good))).await;
+        assert_eq!(after.status(), StatusCode::NOT_MODIFIED);
+    }
+
     /// An agents file that leaves which entry counts to a guess is refused whole.
     #[test]
     fn an_agents_file_with_an_agent_or_pool_twice_is_refused() {
@@ -1012,27 +1070,48 @@ mod tests {
             agents: vec![],
         };
         assert!(pools.check().unwrap_err().contains("one gateway"));
+        // An empty file, or one cut before an entry's `revoked:`, is no agents file.
+        let (_, r) = new_token("a-1", "p").unwrap();
+        let whole = format!(
+            "agents:\n  - {{ name: a-1, pool: p, tokenSha256: {}, revoked: true }}\n",
+            r.token_sha256
+        );
+        assert!(serde_saphyr::from_str::<AgentsFile>(&whole).is_ok());
+        let cut = whole.replace(", revoked: true", "");
+        for text in ["", "pools: []\n", cut.as_str()] {
+            assert!(
+                serde_saphyr::from_str::<AgentsFile>(text).is_err(),
+                "{text:?} read"
+            );
+        }
     }
 
     /// An agent that runs a generation this control plane never reached (it restarted
-    /// without memory, or its clock went back) is given the configuration again above it;
-    /// not when it claims one absurdly far ahead.
+    /// without memory, or its clock went back) is given the configuration again above it:
+    /// once a minute at most, and never beyond 30 days past this clock, however the agent
+    /// steps.
     #[tokio::test]
     async fn a_generation_ahead_of_the_control_plane_is_followed_within_bounds() {
+        let now_ms = Utc::now().timestamp_millis() as u64;
         let (hub, good, _) = hub();
         let g = publish(&hub, AgentConfig::default());
         let ahead = g + 86_400_000;
-        let resp = hub
-            .handle(get(&format!("/agent/v1/config?after={ahead}"), Some(&good)))
-            .await;
-        assert_eq!(resp.status(), StatusCode::OK);
+        let ask = |after: u64| get(&format!("/agent/v1/config?after={after}"), Some(&good));
+        assert_eq!(hub.handle(ask(ahead)).await.status(), StatusCode::OK);
         assert_eq!(hub.generation("bank-a"), Some(ahead + 1));
-        let far = ahead + 1 + MAX_GENERATION_AHEAD_MS + 1;
-        let resp = hub
+        // Again at once: not followed (one agent cannot make its pool reload endlessly).
+        let again = hub.handle(ask(ahead + 5)).await.status();
+        assert_eq!(again, StatusCode::NOT_MODIFIED);
+        assert_eq!(hub.generation("bank-a"), Some(ahead + 1));
+        // Beyond 30 days past this clock: never, on a fresh hub too.
+        let (fresh, good, _) = self::hub();
+        publish(&fresh, AgentConfig::default());
+        let far = now_ms + MAX_GENERATION_AHEAD_MS + 86_400_000;
+        let resp = fresh
             .handle(get(&format!("/agent/v1/config?after={far}"), Some(&good)))
             .await;
         assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
-        assert_eq!(hub.generation("bank-a"), Some(ahead + 1));
+        assert!(fresh.generation("bank-a").unwrap() < far);
     }
 
     /// One agent holds at most a few config requests open; more are answered 429 and the
@@ -1064,6 +1143,15 @@ mod tests {
         assert!(hub.lock().polls.is_empty());
         let again = hub.handle(get("/agent/v1/config", Some(&good))).await;
         assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    }
+
+    /// A bucket bound no histogram has, for each bad count of the report test (`1e30` and
+    /// `1e16` are fine bounds, so those use NaN).
+    fn bound(value: &str) -> &str {
+        match value {
+            "-1" | "-Inf" => value,
+            _ => "NaN",
+        }
     }
 
     #[tokio::test]
@@ -1099,12 +1187,17 @@ mod tests {
                 format!("apitree_proxy_requests_total{{route=\"a\",status_class=\"2xx\"}} {value}"),
                 format!("apitree_proxy_auth_failures_total{{reason=\"x\"}} {value}"),
                 format!("# TYPE h histogram\nh_bucket{{le=\"+Inf\"}} {value}\nh_sum 1\nh_count 1"),
+                format!(
+                    "# TYPE h histogram\nh_bucket{{le=\"{}\"}} 1\nh_sum 1\nh_count 1",
+                    bound(value)
+                ),
             ] {
                 let report = serde_json::json!({"version": "1", "generation": 1, "metrics": format!("{family}\n")});
                 let (status, json) = body(hub.handle(post(&report.to_string())).await).await;
                 assert_eq!(status, StatusCode::BAD_REQUEST, "{family}");
+                let error = json["error"].as_str().unwrap();
                 assert!(
-                    json["error"].as_str().unwrap().contains("counts from 0"),
+                    error.contains("counts from 0") || error.contains("bound"),
                     "{json}"
                 );
             }
