@@ -900,3 +900,36 @@ fn agent_traffic(
         }
     })
 }
+
+/// An agent pinned to the wrong signing key refuses every configuration, and asks again with
+/// back-off, not in a loop as fast as the control plane answers.
+#[tokio::test]
+async fn an_agent_that_cannot_verify_backs_off() {
+    let upstream = start_upstream().await;
+    let up = format!("http://{}/", upstream.addr.unwrap());
+    let cp = ControlPlane::start(&["bank-a-1"]).await;
+    let (_, entry) = live_key();
+    cp.hub
+        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
+    let other = Signer::parse(&Signer::generate_text()).unwrap();
+    opts.config_key = *other.public_key();
+    let starting = tokio::spawn(start(opts));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !starting.is_finished(),
+        "an agent served what it could not verify"
+    );
+    starting.abort();
+    let asked = cp
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.starts_with("GET /agent/v1/config"))
+        .count();
+    // 50 ms doubling to 400 ms: about 6 in 1.5 s; without back-off, hundreds.
+    assert!(asked <= 15, "asked {asked} times in 1.5 s");
+}

@@ -406,6 +406,24 @@ impl Agent {
         }
     }
 
+    /// Whether the last configuration was refused before its generation could be believed.
+    fn refused_unverified(&self) -> bool {
+        self.status()
+            .refused
+            .as_ref()
+            .is_some_and(|r| r.generation.is_none())
+    }
+
+    /// How long to wait before the `n`-th retry.
+    fn wait(&self, n: u32) -> Duration {
+        backoff(
+            self.opts.retry_min,
+            self.opts.retry_max,
+            n.saturating_sub(1),
+            rand::rng().random(),
+        )
+    }
+
     fn report(&self) -> Report {
         let s = self.status();
         Report {
@@ -624,6 +642,7 @@ async fn first_configuration(
         Err(e) => tracing::error!("{e}; waiting for the control plane"),
     }
     let mut attempt = 0;
+    let mut refusals = 0u32;
     loop {
         match cp.fetch(agent.after()).await {
             Ok(Some(env)) => match agent.check(&env) {
@@ -634,8 +653,13 @@ async fn first_configuration(
                     return (generation, remote, cfg, env);
                 }
                 Err(r) => {
+                    let unverified = r.generation.is_none();
                     agent.refuse(r);
                     attempt = 0;
+                    if unverified {
+                        refusals = refusals.saturating_add(1);
+                        tokio::time::sleep(agent.wait(refusals)).await;
+                    }
                     continue;
                 }
             },
@@ -660,6 +684,7 @@ async fn first_configuration(
 
 async fn config_loop(agent: Arc<Agent>, cp: Arc<ControlPlane>) {
     let mut attempt = 0u32;
+    let mut refusals = 0u32;
     loop {
         match cp.fetch(agent.after()).await {
             Ok(Some(env)) => {
@@ -668,6 +693,15 @@ async fn config_loop(agent: Arc<Agent>, cp: Arc<ControlPlane>) {
                 }
                 attempt = 0;
                 agent.apply(&env);
+                // Refused before its generation could be believed (a signature that does not
+                // verify: a wrong --config-key, say): asking again at once would get the same
+                // envelope at once, so the next ask waits as after a failure.
+                if agent.refused_unverified() {
+                    refusals = refusals.saturating_add(1);
+                    tokio::time::sleep(agent.wait(refusals)).await;
+                } else {
+                    refusals = 0;
+                }
             }
             Ok(None) => {
                 if attempt > 0 {
