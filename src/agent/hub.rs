@@ -620,13 +620,14 @@ impl Hub {
                             "revoked",
                         )
                     }
-                    None => {
+                    // Gone from the file, or given a new token since this request began.
+                    Some(a) if a.token_sha256 == agent.token_sha256 => {}
+                    _ => {
                         return (
                             error(id, StatusCode::UNAUTHORIZED, "the token is not valid for this control plane; ask its operators for a new one"),
                             "unauthorized",
                         )
                     }
-                    Some(_) => {}
                 }
                 // A pool the agents file no longer binds to a gateway receives nothing.
                 let bound = inner.bindings.contains_key(&agent.pool);
@@ -1015,6 +1016,27 @@ mod tests {
             agents,
         });
         assert_eq!(waiting.await.unwrap(), StatusCode::FORBIDDEN);
+        // Given a new token while waiting: the old one's wait ends with 401.
+        let (hub, good, _) = self::hub();
+        let hub = Arc::new(Hub {
+            long_poll: Duration::from_secs(30),
+            ..Arc::into_inner(hub).unwrap()
+        });
+        let waiting = tokio::spawn({
+            let (hub, good) = (hub.clone(), good.clone());
+            async move {
+                hub.handle(get("/agent/v1/config", Some(&good)))
+                    .await
+                    .status()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, reissued) = new_token("bank-a-1", "bank-a").unwrap();
+        hub.set_agents(AgentsFile {
+            pools: vec![],
+            agents: vec![reissued],
+        });
+        assert_eq!(waiting.await.unwrap(), StatusCode::UNAUTHORIZED);
     }
 
     /// Only the gateway the agents file binds a pool to publishes to it; a pool bound to none
