@@ -168,6 +168,41 @@ impl ControlPlane {
     }
 }
 
+/// What most tests start from: a bank upstream, a control plane knowing `agents` (pool
+/// `bank-a`), a live key, generation `g1` of the pool (route `accounts`) published, and a
+/// directory for the agents.
+struct Setup {
+    upstream: Upstream,
+    up: String,
+    cp: ControlPlane,
+    key: apitree::proxy::keys::ApiKey,
+    entry: KeyEntry,
+    g1: u64,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new(agents: &[&str]) -> Self {
+        let upstream = start_upstream().await;
+        let up = format!("http://{}/", upstream.addr.unwrap());
+        let cp = ControlPlane::start(agents).await;
+        let (key, entry) = live_key();
+        let g1 = cp
+            .hub
+            .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
+            .unwrap();
+        Self {
+            upstream,
+            up,
+            cp,
+            key,
+            entry,
+            g1,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
 /// A pool configuration: `routes` under `/NAME/`, one live key of org `bank-a-org`.
 fn config(routes: &[&str], key: &KeyEntry) -> AgentConfig {
     AgentConfig {
@@ -220,15 +255,15 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn agents_serve_the_pools_configuration_and_keep_serving_without_the_control_plane() {
-    let upstream = start_upstream().await;
-    let up = format!("http://{}/", upstream.addr.unwrap());
-    let mut cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
-    let (key, entry) = live_key();
-    let g1 = cp
-        .hub
-        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        upstream: _upstream,
+        up,
+        mut cp,
+        key,
+        entry,
+        g1,
+        dir,
+    } = Setup::new(&["bank-a-1", "bank-a-2"]).await;
     let a1 = start(cp.agent(
         "bank-a-1",
         &dir.path().join("a1"),
@@ -296,15 +331,15 @@ async fn agents_serve_the_pools_configuration_and_keep_serving_without_the_contr
 
 #[tokio::test]
 async fn a_restart_without_the_control_plane_serves_the_cache_and_a_tampered_cache_is_refused() {
-    let upstream = start_upstream().await;
-    let up = format!("http://{}/", upstream.addr.unwrap());
-    let mut cp = ControlPlane::start(&["bank-a-1"]).await;
-    let (key, entry) = live_key();
-    let g1 = cp
-        .hub
-        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        upstream: _upstream,
+        up,
+        mut cp,
+        key,
+        entry: _,
+        g1,
+        dir,
+    } = Setup::new(&["bank-a-1"]).await;
     let opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts", "cards"]);
     let a = start(opts.clone()).await.unwrap();
     a.stop().await;
@@ -355,15 +390,15 @@ async fn a_restart_without_the_control_plane_serves_the_cache_and_a_tampered_cac
 
 #[tokio::test]
 async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_reported() {
-    let upstream = start_upstream().await;
-    let up = format!("http://{}/", upstream.addr.unwrap());
-    let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
-    let (key, entry) = live_key();
-    let g1 = cp
-        .hub
-        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        upstream: _upstream,
+        up,
+        cp,
+        key,
+        entry,
+        g1,
+        dir,
+    } = Setup::new(&["bank-a-1", "bank-a-2"]).await;
     let opts = cp.agent("bank-a-1", &dir.path().join("a1"), &up, &["accounts"]);
     let a = start(opts.clone()).await.unwrap();
 
@@ -442,14 +477,15 @@ async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_rep
 /// secret — while the counts the detector needs are there.
 #[tokio::test]
 async fn everything_an_agent_sends_is_metadata() {
-    let upstream = start_upstream().await;
-    let up = format!("http://{}/", upstream.addr.unwrap());
-    let cp = ControlPlane::start(&["bank-a-1"]).await;
-    let (key, entry) = live_key();
-    cp.hub
-        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        upstream,
+        up,
+        cp,
+        key,
+        entry: _,
+        g1: _,
+        dir,
+    } = Setup::new(&["bank-a-1"]).await;
     let a = start(cp.agent("bank-a-1", dir.path(), &up, &["accounts"]))
         .await
         .unwrap();
@@ -905,14 +941,15 @@ fn agent_traffic(
 /// back-off, not in a loop as fast as the control plane answers.
 #[tokio::test]
 async fn an_agent_that_cannot_verify_backs_off() {
-    let upstream = start_upstream().await;
-    let up = format!("http://{}/", upstream.addr.unwrap());
-    let cp = ControlPlane::start(&["bank-a-1"]).await;
-    let (_, entry) = live_key();
-    cp.hub
-        .publish(GATEWAY, "bank-a", config(&["accounts"], &entry))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        upstream: _upstream,
+        up,
+        cp,
+        key: _,
+        entry: _,
+        g1: _,
+        dir,
+    } = Setup::new(&["bank-a-1"]).await;
     let mut opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
     let other = Signer::parse(&Signer::generate_text()).unwrap();
     opts.config_key = *other.public_key();

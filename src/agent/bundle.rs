@@ -50,10 +50,10 @@ pub struct AgentConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentLocal {
     /// Address of the listener for the bank's clients.
-    #[serde(default = "default_listen")]
+    #[serde(default = "crate::proxy::config::default_listen")]
     pub listen: String,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
-    #[serde(default = "default_admin")]
+    #[serde(default = "crate::proxy::config::default_admin")]
     pub admin: String,
     /// Where the key pepper (the same as the control plane's, so key hashes match) and the
     /// master keys of the credentials below come from. Paths are relative to this file.
@@ -81,13 +81,6 @@ pub struct LocalUpstream {
     /// A credential of `credentials` injected into this route's calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
-}
-
-fn default_listen() -> String {
-    "127.0.0.1:8080".into()
-}
-fn default_admin() -> String {
-    "127.0.0.1:9090".into()
 }
 
 impl AgentLocal {

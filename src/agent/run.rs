@@ -280,9 +280,13 @@ impl Agent {
         )
     }
 
-    /// Verifies `env` (signature, pool, not older than what runs) and joins it with the local
-    /// file into a configuration that builds.
-    fn check(&self, env: &Envelope) -> Result<(u64, AgentConfig, ProxyConfig), Refused> {
+    /// Verifies `env` (signature, pool, not older than what runs), joins it with the local file
+    /// and builds it (over `previous`, the running state, when there is one).
+    fn check(
+        &self,
+        env: &Envelope,
+        previous: Option<&GatewayState>,
+    ) -> Result<(u64, AgentConfig, ProxyConfig, GatewayState), Refused> {
         let have = self.status().generation;
         let payload = self
             .opts
@@ -297,21 +301,26 @@ impl Agent {
             generation: Some(generation),
             reason,
         })?;
-        if let Err(e) =
-            GatewayState::build(&cfg, &self.source(generation), master_keys.as_ref(), None)
-        {
-            tracing::error!(generation, "configuration refused: {e}");
-            let paths: Vec<_> = e.problems.iter().map(|p| p.path.as_str()).collect();
-            return Err(Refused {
-                generation: Some(generation),
-                reason: format!(
-                    "with the agent's local file it has {} problem(s), at: {}; the agent's log has the details",
-                    paths.len(),
-                    paths.join(", ")
-                ),
-            });
+        match GatewayState::build(
+            &cfg,
+            &self.source(generation),
+            master_keys.as_ref(),
+            previous,
+        ) {
+            Ok(state) => Ok((generation, payload.config, cfg, state)),
+            Err(e) => {
+                tracing::error!(generation, "configuration refused: {e}");
+                let paths: Vec<_> = e.problems.iter().map(|p| p.path.as_str()).collect();
+                Err(Refused {
+                    generation: Some(generation),
+                    reason: format!(
+                        "with the agent's local file it has {} problem(s), at: {}; the agent's log has the details",
+                        paths.len(),
+                        paths.join(", ")
+                    ),
+                })
+            }
         }
-        Ok((generation, payload.config, cfg))
     }
 
     /// The configuration `remote` makes with the local file, and the master keys it needs.
@@ -338,30 +347,10 @@ impl Agent {
             .gateway
             .get()
             .expect("the proxy runs before configurations are applied");
-        let result = self.check(env).and_then(|(generation, remote, cfg)| {
-            let master_keys = self
-                .master_keys
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let previous = gateway.state.current();
-            GatewayState::build(
-                &cfg,
-                &self.source(generation),
-                master_keys.as_ref(),
-                Some(&previous),
-            )
-            .map(|state| (generation, remote, state))
-            .map_err(|e| Refused {
-                generation: Some(generation),
-                reason: format!(
-                    "it does not build with the running one: {} problem(s)",
-                    e.problems.len()
-                ),
-            })
-        });
+        let previous = gateway.state.current();
+        let result = self.check(env, Some(&previous));
         match result {
-            Ok((generation, remote, state)) => {
+            Ok((generation, remote, _, state)) => {
                 gateway.state.store(state);
                 gateway
                     .metrics
@@ -622,8 +611,8 @@ async fn first_configuration(
     cp: &ControlPlane,
 ) -> (u64, AgentConfig, ProxyConfig, Envelope) {
     match agent.cache.read() {
-        Ok(Some(env)) => match agent.check(&env) {
-            Ok((generation, remote, cfg)) => {
+        Ok(Some(env)) => match agent.check(&env, None) {
+            Ok((generation, remote, cfg, _)) => {
                 tracing::info!(
                     generation,
                     "serving the cached configuration until the control plane answers"
@@ -645,8 +634,8 @@ async fn first_configuration(
     let mut refusals = 0u32;
     loop {
         match cp.fetch(agent.after()).await {
-            Ok(Some(env)) => match agent.check(&env) {
-                Ok((generation, remote, cfg)) => {
+            Ok(Some(env)) => match agent.check(&env, None) {
+                Ok((generation, remote, cfg, _)) => {
                     if let Err(e) = agent.cache.write(&env) {
                         tracing::error!("configuration generation {generation} not cached: {e}");
                     }

@@ -262,10 +262,10 @@ fn default_accept_queue() -> usize {
     1024
 }
 
-fn default_listen() -> String {
+pub(crate) fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
-fn default_admin() -> String {
+pub(crate) fn default_admin() -> String {
     "127.0.0.1:9090".into()
 }
 fn default_timeout() -> KubeDuration {
