@@ -973,3 +973,145 @@ async fn an_agent_that_cannot_verify_backs_off() {
     // 50 ms doubling to 400 ms: about 6 in 1.5 s; without back-off, hundreds.
     assert!(asked <= 15, "asked {asked} times in 1.5 s");
 }
+
+/// A revision that changes what the agents serve is checked on them before traffic switches:
+/// each connected agent runs it as a candidate beside what it serves. One that cannot build
+/// it (no upstream for a new route) fails the rollout check, the revision is refused and the
+/// agents keep serving what they had; a revision every agent runs, whose smoke probes pass
+/// through the candidates (bank-a-2 sends one of its own, with a key only it holds), switches
+/// and only then reaches the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_for_the_agents_is_checked_on_them_before_traffic_switches() {
+    use apitree::crd::duration::KubeDuration;
+    use apitree::crd::gateway::{CheckPhase, GatewayPhase};
+    use apitree::platform::Platform;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
+    let notifier = Arc::new(apitree::notify::Notifier::recording());
+    let (key, entry) = live_key();
+    let (mut tour, _api, cluster_key) = pool_gateway(&cp, notifier, Some(entry)).await;
+    let bank_up = start_upstream().await;
+    let bank_url = format!("http://{}/", bank_up.addr.unwrap());
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let o1 = cp.agent("bank-a-1", d1.path(), &bank_url, &["accounts", "cards"]);
+    let o2 = cp.agent("bank-a-2", d2.path(), &bank_url, &["accounts"]);
+    std::fs::write(d2.path().join("smoke.key"), key.expose_secret()).unwrap();
+    let mut local = std::fs::read_to_string(&o2.config).unwrap();
+    local.push_str("smoke:\n  - { name: balance, path: /accounts/ok, apiKeyFile: smoke.key }\n");
+    std::fs::write(&o2.config, local).unwrap();
+    let (a1, a2) = (start(o1).await.unwrap(), start(o2).await.unwrap());
+    let limit = Duration::from_secs(60);
+    tour.until("both agents serve the pool's configuration", limit, |m| {
+        m.status.connectors.len() == 2
+            && m.status
+                .connectors
+                .iter()
+                .all(|c| c.generation.is_some() && c.generation == c.published_generation)
+    })
+    .await
+    .unwrap();
+    let first = a1.generation();
+    let serving = tour.m.status.active_revision.clone();
+    let original = tour.m.spec.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let active = tour.ctx.platform.active_url("bank-gw").await.unwrap();
+    let traffic = apitree::operator::demo::start_traffic(
+        active,
+        tour.preview.clone(),
+        cluster_key.expose_secret().to_string(),
+        stop.clone(),
+    );
+
+    // 1. A route bank-a-2 has no upstream for.
+    let mut spec = original.clone();
+    spec.connectors[0].routes.push(
+        serde_json::from_value(serde_json::json!({"name": "cards", "pathPrefix": "/cards/"}))
+            .unwrap(),
+    );
+    tour.set_spec(spec);
+    tour.until("the revision is refused", limit, |m| {
+        m.status.phase == Some(GatewayPhase::Rejected)
+    })
+    .await
+    .unwrap();
+    let rollout = tour.m.status.gate.as_ref().unwrap().checks[0].clone();
+    assert_eq!(rollout.phase, CheckPhase::Failed);
+    let why = rollout.reason.unwrap();
+    assert!(
+        why.contains("agent bank-a-2 refused the candidate configuration") && why.contains("cards"),
+        "{why}"
+    );
+    assert_eq!(tour.m.status.active_revision, serving);
+    assert_eq!((a1.generation(), a2.generation()), (first, first));
+    tour.until("the candidate is withdrawn", limit, |_| {
+        a1.preview().is_none() && a2.preview().is_none()
+    })
+    .await
+    .unwrap();
+
+    // 2. A change both agents can run.
+    let mut spec = original.clone();
+    spec.connectors[0].routes[0].timeout = Some(KubeDuration::from_secs(3));
+    tour.set_spec(spec);
+    tour.until(
+        "bank-a-2 reports its candidate ready and probed",
+        limit,
+        |m| {
+            m.status.connectors.iter().any(|c| {
+                c.name == "bank-a-2"
+                    && c.candidate
+                        .as_deref()
+                        .is_some_and(|s| s.contains("running, ready, smoke 2/2 passed"))
+            })
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (a1.generation(), a2.generation()),
+        (first, first),
+        "nothing reaches the pool before the switch"
+    );
+    let probed = a2.preview().unwrap();
+    assert!(
+        probed.smoke.iter().any(|s| s.name == "balance" && s.passed),
+        "{probed:?}"
+    );
+    tour.until("the new revision takes traffic", limit, |m| {
+        m.status.phase == Some(GatewayPhase::Promoting) && m.status.active_revision != serving
+    })
+    .await
+    .unwrap();
+    let gate = tour.m.status.gate.clone().unwrap();
+    let observed = |i: usize| gate.checks[i].observed.clone().unwrap_or_default();
+    assert!(
+        observed(0).contains("2/2 agent(s) run the candidate"),
+        "{:?}",
+        gate.checks[0]
+    );
+    assert!(
+        observed(1).contains("2/2 agent(s)' candidates ready"),
+        "{:?}",
+        gate.checks[1]
+    );
+    assert!(
+        observed(3).contains("2/2 agent(s)' smoke probes passed"),
+        "{:?}",
+        gate.checks[3]
+    );
+    let promoted = tour.m.status.connectors[0].published_generation;
+    tour.until(
+        "the pool runs the new revision's configuration",
+        limit,
+        |_| a1.generation() == promoted && a2.generation() == promoted && promoted != first,
+    )
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        let _ = t.await;
+    }
+    a1.stop().await;
+    a2.stop().await;
+    tour.ctx.platform.shutdown().await;
+}

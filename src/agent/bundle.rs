@@ -68,7 +68,49 @@ pub struct AgentLocal {
     /// Where each route the control plane sends goes.
     #[serde(default)]
     pub upstreams: Vec<LocalUpstream>,
+    /// Where a candidate configuration the control plane's gate is checking listens (plain
+    /// HTTP, so a loopback address only): the agent's smoke probes go there, and so may the
+    /// partner's synthetic monitors or canary clients on this host, whose traffic the gate's
+    /// analysis compares with the serving configuration's. Default: a free loopback port.
+    #[serde(default = "default_preview_listen")]
+    pub preview_listen: String,
+    /// Requests the agent sends through a candidate before it reports it good, beside the one
+    /// it always sends (each route's path without a key must get 401).
+    #[serde(default)]
+    pub smoke: Vec<LocalSmoke>,
 }
+
+fn default_preview_listen() -> String {
+    "127.0.0.1:0".into()
+}
+
+/// One smoke request an agent sends through a candidate configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalSmoke {
+    /// Its name in the gate's report (lower-case letters, digits, `-`).
+    pub name: String,
+    /// Request path, e.g. `/accounts/health`.
+    pub path: String,
+    #[serde(default = "default_smoke_method")]
+    pub method: String,
+    /// Status it must get back.
+    #[serde(default = "default_smoke_status")]
+    pub expect_status: u16,
+    /// A file holding the API key it sends (a test key of the partner's; it never leaves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+fn default_smoke_method() -> String {
+    "GET".into()
+}
+fn default_smoke_status() -> u16 {
+    200
+}
+
+/// Smoke probes a report may name (the control plane takes no more).
+const MAX_LOCAL_SMOKE: usize = 31;
 
 /// The bank's upstream for one route.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -87,9 +129,74 @@ impl AgentLocal {
     /// Reads the local file; paths in it are made relative to its directory.
     pub fn load(path: &Path) -> Result<Self, InvalidConfig> {
         let (mut local, _): (Self, _) = crate::proxy::config::read_yaml(path)?;
+        let problems = local.problems();
+        if !problems.is_empty() {
+            return Err(InvalidConfig {
+                file: path.display().to_string(),
+                problems,
+            });
+        }
         let base = path.parent().map(PathBuf::from).unwrap_or_default();
         local.rebase(&base);
         Ok(local)
+    }
+
+    /// What is wrong with the preview listener and the smoke probes.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut problem = |path: String, message: String| out.push(Problem { path, message });
+        match self.preview_listen.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => {}
+            _ => problem(
+                "previewListen".into(),
+                format!("{:?} is not a loopback address and port (like 127.0.0.1:8081): a candidate configuration is served over plain HTTP, to this host only", self.preview_listen),
+            ),
+        }
+        if self.smoke.len() > MAX_LOCAL_SMOKE {
+            problem(
+                "smoke".into(),
+                format!("{} probes; at most {MAX_LOCAL_SMOKE}", self.smoke.len()),
+            );
+        }
+        for (i, p) in self.smoke.iter().enumerate() {
+            let at = |f: &str| format!("smoke[{i}].{f}");
+            let plain_name = !p.name.is_empty()
+                && p.name.len() <= 63
+                && p.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !plain_name {
+                problem(at("name"), "use lower-case letters, digits and `-` (at most 63): the name is reported to the control plane".into());
+            }
+            if self.smoke[..i].iter().any(|q| q.name == p.name)
+                || p.name == super::run::NO_KEY_PROBE
+            {
+                problem(
+                    at("name"),
+                    format!("{:?} is taken; give each probe its own name", p.name),
+                );
+            }
+            if !p.path.starts_with('/') || p.path.bytes().any(|b| b.is_ascii_control() || b == b' ')
+            {
+                problem(
+                    at("path"),
+                    "a path starting with `/`, without spaces or control characters".into(),
+                );
+            }
+            if !matches!(
+                p.method.as_str(),
+                "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS"
+            ) {
+                problem(
+                    at("method"),
+                    "one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".into(),
+                );
+            }
+            if !(100..=599).contains(&p.expect_status) {
+                problem(at("expectStatus"), "an HTTP status from 100 to 599".into());
+            }
+        }
+        out
     }
 
     /// Makes the file paths in it relative to `base` (the directory of the file).
@@ -106,6 +213,11 @@ impl AgentLocal {
         if let Some(tls) = &mut self.tls {
             tls.cert_file = base.join(&tls.cert_file);
             tls.key_file = base.join(&tls.key_file);
+        }
+        for p in &mut self.smoke {
+            if let Some(f) = &mut p.api_key_file {
+                *f = base.join(&*f);
+            }
         }
     }
 }
@@ -157,6 +269,59 @@ mod tests {
             "upstreams:\n  - { route: accounts, upstream: 'http://10.1.2.3:8443/core/', credential: core-token }\n",
         )
         .unwrap()
+    }
+
+    /// Every field of the preview listener and the smoke probes that can be wrong is refused
+    /// at its path, and a good file passes.
+    #[test]
+    fn the_preview_listener_and_smoke_probes_are_checked() {
+        let good: AgentLocal = serde_saphyr::from_str(
+            "previewListen: '[::1]:8081'\nsmoke:\n  - { name: balance, path: /accounts/ping, apiKeyFile: k }\n",
+        )
+        .unwrap();
+        assert_eq!(good.problems(), vec![]);
+        assert_eq!(good.smoke[0].expect_status, 200);
+        for (yaml, path) in [
+            ("previewListen: 0.0.0.0:8081", "previewListen"),
+            ("previewListen: 10.0.0.1:8081", "previewListen"),
+            ("previewListen: localhost:8081", "previewListen"),
+            ("smoke: [{name: Bad_Name, path: /a}]", "smoke[0].name"),
+            ("smoke: [{name: '', path: /a}]", "smoke[0].name"),
+            (
+                "smoke: [{name: no-key-is-refused, path: /a}]",
+                "smoke[0].name",
+            ),
+            (
+                "smoke: [{name: a, path: /a}, {name: a, path: /b}]",
+                "smoke[1].name",
+            ),
+            ("smoke: [{name: a, path: a}]", "smoke[0].path"),
+            ("smoke: [{name: a, path: '/a b'}]", "smoke[0].path"),
+            (
+                "smoke: [{name: a, path: /a, method: TRACE}]",
+                "smoke[0].method",
+            ),
+            (
+                "smoke: [{name: a, path: /a, expectStatus: 600}]",
+                "smoke[0].expectStatus",
+            ),
+        ] {
+            let local: AgentLocal = serde_saphyr::from_str(yaml).unwrap();
+            let problems = local.problems();
+            assert!(
+                problems.iter().any(|p| p.path == path),
+                "{yaml}: {problems:?}"
+            );
+        }
+        let many = format!(
+            "smoke: [{}]",
+            (0..32)
+                .map(|i| format!("{{name: p{i}, path: /}}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let local: AgentLocal = serde_saphyr::from_str(&many).unwrap();
+        assert!(local.problems().iter().any(|p| p.path == "smoke"));
     }
 
     #[test]

@@ -10,6 +10,12 @@
 //! A payload names its pool and a generation: an agent refuses a payload for another pool
 //! (one bank's configuration replayed to another) and one older than what it already runs (a
 //! replayed old configuration).
+//!
+//! A payload marked `preview` is a candidate the control plane's gate is checking: the agent
+//! builds it beside the running one, probes it and reports, but never serves it to its clients
+//! nor caches it. The mark is inside the signed bytes, so a candidate cannot be passed off as
+//! the configuration to serve ([`PublicKey::open`] refuses it; [`PublicKey::open_preview`]
+//! takes nothing else), and an agent that predates previews refuses one as an unknown field.
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
@@ -28,6 +34,9 @@ pub struct Payload {
     pub generation: u64,
     /// RFC 3339, when the control plane signed it (shown, not trusted for ordering).
     pub issued_at: String,
+    /// A candidate for the gate's checks, not the configuration to serve.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview: bool,
     pub config: AgentConfig,
 }
 
@@ -56,6 +65,10 @@ pub enum EnvelopeError {
     WrongPool { expected: String, got: String },
     #[error("the configuration has generation {got}, older than generation {have} this agent already runs (a replayed configuration); it was not applied")]
     Stale { got: u64, have: u64 },
+    #[error("a candidate configuration (preview) came where the configuration to serve belongs; it was not applied")]
+    PreviewAsActive,
+    #[error("a configuration to serve came where a candidate (preview) belongs; it was not built as one")]
+    ActiveAsPreview,
 }
 
 /// The control plane's signing key.
@@ -170,14 +183,41 @@ impl PublicKey {
         hex::encode(&Sha256::digest(self.0)[..8])
     }
 
-    /// Checks `envelope`'s signature, then that it is for `pool` and not older than `have`
-    /// (the generation the agent runs). Returns the payload only when everything holds.
+    /// Checks `envelope`'s signature, then that it is for `pool`, not older than `have` (the
+    /// generation the agent runs) and not a candidate. Returns the payload only when
+    /// everything holds.
     pub fn open(
         &self,
         envelope: &Envelope,
         pool: &str,
         have: Option<u64>,
     ) -> Result<Payload, EnvelopeError> {
+        let payload = self.verified(envelope, pool)?;
+        if payload.preview {
+            return Err(EnvelopeError::PreviewAsActive);
+        }
+        if let Some(have) = have {
+            if payload.generation < have {
+                return Err(EnvelopeError::Stale {
+                    got: payload.generation,
+                    have,
+                });
+            }
+        }
+        Ok(payload)
+    }
+
+    /// Checks a candidate's signature, that it is for `pool` and that it is marked as one.
+    pub fn open_preview(&self, envelope: &Envelope, pool: &str) -> Result<Payload, EnvelopeError> {
+        let payload = self.verified(envelope, pool)?;
+        if !payload.preview {
+            return Err(EnvelopeError::ActiveAsPreview);
+        }
+        Ok(payload)
+    }
+
+    /// The payload of `envelope` when its signature verifies and it is for `pool`.
+    fn verified(&self, envelope: &Envelope, pool: &str) -> Result<Payload, EnvelopeError> {
         let malformed = |what: &str| EnvelopeError::Malformed(what.to_string());
         if envelope.key_id != self.id() {
             return Err(EnvelopeError::UnknownKey {
@@ -203,14 +243,6 @@ impl PublicKey {
                 got: payload.pool,
             });
         }
-        if let Some(have) = have {
-            if payload.generation < have {
-                return Err(EnvelopeError::Stale {
-                    got: payload.generation,
-                    have,
-                });
-            }
-        }
         Ok(payload)
     }
 }
@@ -224,6 +256,7 @@ mod tests {
             pool: pool.into(),
             generation,
             issued_at: "2026-12-06T00:00:00Z".into(),
+            preview: false,
             config: serde_json::from_str(
                 r#"{"routes":[{"name":"accounts","pathPrefix":"/accounts/"}]}"#,
             )
@@ -317,6 +350,58 @@ mod tests {
             };
             assert!(s.public_key().open(&bad, "bank-a", None).is_err());
         }
+    }
+
+    /// A candidate never opens as the configuration to serve, nor the other way round: the
+    /// mark is signed, so neither can be relabelled.
+    #[test]
+    fn a_candidate_and_a_configuration_to_serve_do_not_pass_for_each_other() {
+        let s = signer();
+        let active = s.sign(&payload("bank-a", 5));
+        let candidate = s.sign(&Payload {
+            preview: true,
+            ..payload("bank-a", 6)
+        });
+        assert_eq!(
+            s.public_key().open(&candidate, "bank-a", None),
+            Err(EnvelopeError::PreviewAsActive)
+        );
+        assert_eq!(
+            s.public_key().open_preview(&active, "bank-a"),
+            Err(EnvelopeError::ActiveAsPreview)
+        );
+        assert!(
+            s.public_key()
+                .open_preview(&candidate, "bank-a")
+                .unwrap()
+                .preview
+        );
+        assert!(matches!(
+            s.public_key().open_preview(&candidate, "bank-b"),
+            Err(EnvelopeError::WrongPool { .. })
+        ));
+        // The mark is in the signed bytes: flipping it breaks the signature.
+        let text = String::from_utf8(B64.decode(&candidate.payload).unwrap()).unwrap();
+        let relabelled = Envelope {
+            payload: B64.encode(text.replace(r#","preview":true"#, "")),
+            ..candidate.clone()
+        };
+        assert_ne!(relabelled.payload, candidate.payload);
+        assert_eq!(
+            s.public_key().open(&relabelled, "bank-a", None),
+            Err(EnvelopeError::BadSignature)
+        );
+        // An agent that predates candidates refuses one: its payload has no such field.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct OldPayload {
+            pool: String,
+            generation: u64,
+            issued_at: String,
+            config: serde_json::Value,
+        }
+        assert!(serde_json::from_str::<OldPayload>(&text).is_err());
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! - `GET /agent/v1/config?after=N` — the newest signed configuration of the agent's pool when
 //!   its generation is above `N`; otherwise the request waits (a long poll, up to
 //!   [`LONG_POLL`]) for one, and answers `304` when none came.
-//! - `POST /agent/v1/report` — the agent's [`Report`]: version, generation, refusal, metrics.
+//! - `POST /agent/v1/report` — the agent's [`Report`]: version, generation, refusal, metrics,
+//!   and what it made of the pool's candidate configuration. While the gate checks a revision
+//!   that changes the pool, the answer carries that candidate (signed, marked `preview`):
+//!   `200 {"preview": envelope}`; otherwise `204`.
 //!
 //! Every request carries `Authorization: Bearer agt_NAME_SECRET`. The hub knows each agent by
 //! name, pool and the SHA-256 of its token (the agents file, `apitree agent token` prints an
@@ -31,7 +34,7 @@ use subtle::ConstantTimeEq;
 
 use super::bundle::AgentConfig;
 use super::envelope::{Payload, Signer};
-use super::report::{Refusal, Report};
+use super::report::{PreviewReport, Refusal, Report};
 
 /// The longest a config request waits for a new generation before answering 304.
 pub const LONG_POLL: Duration = Duration::from_secs(25);
@@ -168,6 +171,9 @@ pub struct AgentStatus {
     /// Its last request of any kind.
     pub last_seen: DateTime<Utc>,
     pub revoked: bool,
+    /// What it made of the pool's candidate configuration, from its last report (its metrics
+    /// are kept apart: [`Hub::preview_metrics`]).
+    pub preview: Option<PreviewReport>,
 }
 
 /// A pool's newest configuration.
@@ -177,13 +183,30 @@ struct Published {
     body: Bytes,
 }
 
+/// The candidate the gate is checking for a pool.
+struct Candidate {
+    revision: String,
+    generation: u64,
+    config: AgentConfig,
+    /// `{"preview": envelope}`, the answer to a report.
+    body: Bytes,
+}
+
+/// What an agent last said.
+struct Seen {
+    status: AgentStatus,
+    metrics: String,
+    preview_metrics: String,
+}
+
 #[derive(Default)]
 struct Inner {
     agents: HashMap<String, AgentRecord>,
     /// Pool → the gateway that may configure it.
     bindings: HashMap<String, String>,
     pools: HashMap<String, Published>,
-    seen: BTreeMap<String, (AgentStatus, String)>,
+    previews: HashMap<String, Candidate>,
+    seen: BTreeMap<String, Seen>,
     /// Config requests each agent has open now.
     polls: HashMap<String, usize>,
     /// When each pool was last signed again above an agent's generation.
@@ -211,6 +234,8 @@ pub const MAX_REPORTED_VALUE: f64 = 1e15;
 const REPORT_READ: Duration = Duration::from_secs(10);
 /// The longest refusal reason kept from a report.
 const MAX_REASON: usize = 1024;
+/// The most smoke probes a report may name.
+pub const MAX_SMOKE: usize = 32;
 /// How far ahead of this control plane's clock a generation an agent runs may be and still be
 /// followed (a control plane whose clock went back, or that lost its memory): 30 days.
 const MAX_GENERATION_AHEAD_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -304,35 +329,73 @@ impl Hub {
         config: AgentConfig,
     ) -> Result<u64, PublishError> {
         let mut inner = self.lock();
-        match inner.bindings.get(pool) {
-            None => {
-                return Err(PublishError::Unbound {
-                    pool: pool.into(),
-                    gateway: gateway.into(),
-                })
-            }
-            Some(owner) if owner != gateway => {
-                return Err(PublishError::Taken {
-                    pool: pool.into(),
-                    gateway: gateway.into(),
-                    owner: owner.clone(),
-                })
-            }
-            Some(_) => {}
-        }
+        bound_to(&inner, gateway, pool)?;
         if let Some(p) = inner.pools.get(pool) {
             if p.config == config {
                 return Ok(p.generation);
             }
         }
-        let last = inner.pools.get(pool).map(|p| p.generation);
-        let generation = last
-            .map_or(0, |g| g.saturating_add(1))
-            .max(Utc::now().timestamp_millis().max(0) as u64);
+        let generation = next_generation(&inner, pool);
         self.sign_into(&mut inner, pool, config, generation);
         drop(inner);
         self.bump();
         Ok(generation)
+    }
+
+    /// Offers `config`, revision `revision`'s configuration of `pool`, to the pool's agents as
+    /// the candidate the gate checks: they build it beside what they serve, probe it and
+    /// report ([`Hub::previews`]). The same candidate again keeps its generation. Only the
+    /// gateway the pool is bound to may.
+    pub fn publish_preview(
+        &self,
+        gateway: &str,
+        pool: &str,
+        revision: &str,
+        config: AgentConfig,
+    ) -> Result<u64, PublishError> {
+        let mut inner = self.lock();
+        bound_to(&inner, gateway, pool)?;
+        if let Some(c) = inner.previews.get(pool) {
+            if c.revision == revision && c.config == config {
+                return Ok(c.generation);
+            }
+        }
+        let generation = next_generation(&inner, pool);
+        let envelope = self.signer.sign(&Payload {
+            pool: pool.into(),
+            generation,
+            issued_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            preview: true,
+            config: config.clone(),
+        });
+        let body = serde_json::json!({ "preview": envelope }).to_string();
+        inner.previews.insert(
+            pool.into(),
+            Candidate {
+                revision: revision.into(),
+                generation,
+                config,
+                body: Bytes::from(body),
+            },
+        );
+        Ok(generation)
+    }
+
+    /// Takes back `pool`'s candidate (the gate ended): its agents stop the preview at their
+    /// next report.
+    pub fn withdraw_preview(&self, gateway: &str, pool: &str) {
+        let mut inner = self.lock();
+        if bound_to(&inner, gateway, pool).is_ok() {
+            inner.previews.remove(pool);
+        }
+    }
+
+    /// The revision and generation of `pool`'s candidate, when one is offered.
+    pub fn preview_of(&self, pool: &str) -> Option<(String, u64)> {
+        self.lock()
+            .previews
+            .get(pool)
+            .map(|c| (c.revision.clone(), c.generation))
     }
 
     /// Signs `config` as generation `generation` of `pool` and makes it the newest.
@@ -341,6 +404,7 @@ impl Hub {
             pool: pool.into(),
             generation,
             issued_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            preview: false,
             config: config.clone(),
         });
         let body = Bytes::from(serde_json::to_vec(&envelope).expect("an envelope serialises"));
@@ -414,8 +478,8 @@ impl Hub {
         inner
             .seen
             .values()
-            .map(|(s, _)| {
-                let mut s = s.clone();
+            .map(|seen| {
+                let mut s = seen.status.clone();
                 s.revoked = inner.agents.get(&s.name).is_none_or(|a| a.revoked);
                 s
             })
@@ -424,17 +488,26 @@ impl Hub {
 
     /// The metrics texts the agents of `pools` last reported, by agent name.
     pub fn pool_metrics(&self, pools: &[&str]) -> Vec<(String, String)> {
+        self.metrics_of(pools, |s| &s.metrics)
+    }
+
+    /// The metrics texts of the candidates the agents of `pools` run, by agent name.
+    pub fn preview_metrics(&self, pools: &[&str]) -> Vec<(String, String)> {
+        self.metrics_of(pools, |s| &s.preview_metrics)
+    }
+
+    fn metrics_of(&self, pools: &[&str], which: fn(&Seen) -> &String) -> Vec<(String, String)> {
         self.lock()
             .seen
             .iter()
-            .filter(|(_, (s, m))| pools.contains(&s.pool.as_str()) && !m.is_empty())
-            .map(|(name, (_, m))| (name.clone(), m.clone()))
+            .filter(|(_, s)| pools.contains(&s.status.pool.as_str()) && !which(s).is_empty())
+            .map(|(name, s)| (name.clone(), which(s).clone()))
             .collect()
     }
 
     /// The metrics text agent `name` last reported.
     pub fn agent_metrics(&self, name: &str) -> Option<String> {
-        self.lock().seen.get(name).map(|(_, m)| m.clone())
+        self.lock().seen.get(name).map(|s| s.metrics.clone())
     }
 
     /// Serves the agent endpoint on `listener` until `stop` resolves.
@@ -549,11 +622,13 @@ impl Hub {
     }
 
     /// Records that `agent` was seen now, updating its status with `update`.
-    fn seen(&self, agent: &AgentRecord, update: impl FnOnce(&mut (AgentStatus, String))) {
+    fn seen(&self, agent: &AgentRecord, update: impl FnOnce(&mut Seen)) {
         let mut inner = self.lock();
-        let entry = inner.seen.entry(agent.name.clone()).or_insert_with(|| {
-            (
-                AgentStatus {
+        let entry = inner
+            .seen
+            .entry(agent.name.clone())
+            .or_insert_with(|| Seen {
+                status: AgentStatus {
                     name: agent.name.clone(),
                     pool: agent.pool.clone(),
                     version: None,
@@ -561,12 +636,13 @@ impl Hub {
                     refused: None,
                     last_seen: Utc::now(),
                     revoked: false,
+                    preview: None,
                 },
-                String::new(),
-            )
-        });
-        entry.0.last_seen = Utc::now();
-        entry.0.pool = agent.pool.clone();
+                metrics: String::new(),
+                preview_metrics: String::new(),
+            });
+        entry.status.last_seen = Utc::now();
+        entry.status.pool = agent.pool.clone();
         update(entry);
     }
 
@@ -700,19 +776,64 @@ impl Hub {
                 &format!("the report's metrics are refused: {problem}"),
             );
         }
-        self.seen(agent, |(status, metrics)| {
+        let mut preview = report.preview;
+        if let Some(p) = &preview {
+            if let Some(problem) = preview_problem(p) {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the report's preview is refused: {problem}"),
+                );
+            }
+        }
+        let preview_metrics = preview
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.metrics))
+            .unwrap_or_default();
+        if let Some(p) = preview.as_mut() {
+            for text in [&mut p.refused, &mut p.not_ready].into_iter().flatten() {
+                *text = capped(text, MAX_REASON);
+            }
+            for s in &mut p.smoke {
+                s.detail = capped(&s.detail, 200);
+            }
+        }
+        self.seen(agent, |seen| {
+            let status = &mut seen.status;
             status.version = Some(report.version.chars().take(64).collect());
             status.generation = report.generation;
             status.refused = report.refused.map(|mut r| {
-                if r.reason.chars().count() > MAX_REASON {
-                    r.reason = r.reason.chars().take(MAX_REASON).collect::<String>() + "…";
-                }
+                r.reason = capped(&r.reason, MAX_REASON);
                 r
             });
-            *metrics = report.metrics;
+            status.preview = preview;
+            seen.metrics = report.metrics;
+            seen.preview_metrics = preview_metrics;
         });
-        let mut resp = Response::new(Full::new(Bytes::new()));
-        *resp.status_mut() = StatusCode::NO_CONTENT;
+        // The pool's candidate, if the gate is checking one, goes back with the answer.
+        let candidate = {
+            let inner = self.lock();
+            let bound = inner.bindings.contains_key(&agent.pool);
+            inner
+                .previews
+                .get(&agent.pool)
+                .filter(|_| bound)
+                .map(|c| c.body.clone())
+        };
+        let mut resp = match candidate {
+            Some(body) => {
+                let mut resp = Response::new(Full::new(body));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            None => {
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                resp
+            }
+        };
         with_id(&mut resp, id);
         (resp, "ok")
     }
@@ -794,6 +915,63 @@ async fn watch_agents_file(hub: Arc<Hub>, path: std::path::PathBuf) {
             Err(e) => tracing::error!("{e}; the agents stay as they were"),
         }
     }
+}
+
+/// `text` cut to `max` characters, marked when cut.
+fn capped(text: &str, max: usize) -> String {
+    if text.chars().count() > max {
+        text.chars().take(max).collect::<String>() + "…"
+    } else {
+        text.to_string()
+    }
+}
+
+/// Why a pool's binding does not let `gateway` configure it.
+fn bound_to(inner: &Inner, gateway: &str, pool: &str) -> Result<(), PublishError> {
+    match inner.bindings.get(pool) {
+        None => Err(PublishError::Unbound {
+            pool: pool.into(),
+            gateway: gateway.into(),
+        }),
+        Some(owner) if owner != gateway => Err(PublishError::Taken {
+            pool: pool.into(),
+            gateway: gateway.into(),
+            owner: owner.clone(),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The next generation of `pool` (configurations and candidates share the sequence): at
+/// least one more than the last, and at least the time in milliseconds.
+fn next_generation(inner: &Inner, pool: &str) -> u64 {
+    let last = [
+        inner.pools.get(pool).map(|p| p.generation),
+        inner.previews.get(pool).map(|c| c.generation),
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    last.map_or(0, |g| g.saturating_add(1))
+        .max(Utc::now().timestamp_millis().max(0) as u64)
+}
+
+/// Why the preview part of a report cannot be taken: its metrics are not counts, or its smoke
+/// probes are too many or not plainly named.
+fn preview_problem(p: &PreviewReport) -> Option<String> {
+    if let Some(problem) = metrics_problem(&p.metrics) {
+        return Some(problem);
+    }
+    if p.smoke.len() > MAX_SMOKE {
+        return Some(format!(
+            "{} smoke probes; at most {MAX_SMOKE}",
+            p.smoke.len()
+        ));
+    }
+    p.smoke
+        .iter()
+        .find(|s| !super::report::plain(&s.name))
+        .map(|_| "a smoke probe's name is not a plain name ([a-z0-9._-], at most 63)".to_string())
 }
 
 /// Why a report's metrics text cannot be taken: it does not parse, or a value is not a count
@@ -1248,5 +1426,143 @@ mod tests {
             .agent_metrics("bank-a-1")
             .unwrap()
             .contains("status_class"));
+    }
+
+    /// While a candidate is offered, the answer to every report carries it, signed and marked
+    /// so it opens only as a candidate; withdrawn, the answer is empty again. Only the bound
+    /// gateway offers or withdraws one.
+    #[tokio::test]
+    async fn a_candidate_travels_with_the_report_answer() {
+        let (hub, good, _) = hub();
+        let post = |body: serde_json::Value| {
+            Request::post("/agent/v1/report")
+                .header("authorization", format!("Bearer {good}"))
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap()
+        };
+        let plain = serde_json::json!({"version": "1", "generation": 1, "metrics": ""});
+        assert_eq!(
+            hub.handle(post(plain.clone())).await.status(),
+            StatusCode::NO_CONTENT
+        );
+        let g1 = publish(&hub, AgentConfig::default());
+        let cfg = AgentConfig {
+            default_tier: Some("gold".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            hub.publish_preview("ns/other", "bank-a", "rev-b", cfg.clone()),
+            Err(PublishError::Taken { .. })
+        ));
+        assert!(matches!(
+            hub.publish_preview("ns/bank", "bank-z", "rev-b", cfg.clone()),
+            Err(PublishError::Unbound { .. })
+        ));
+        let g2 = hub
+            .publish_preview("ns/bank", "bank-a", "rev-b", cfg.clone())
+            .unwrap();
+        assert!(g2 > g1, "candidates share the pool's sequence");
+        assert_eq!(
+            hub.publish_preview("ns/bank", "bank-a", "rev-b", cfg.clone())
+                .unwrap(),
+            g2,
+            "the same candidate keeps its generation"
+        );
+        assert_eq!(
+            hub.generation("bank-a"),
+            Some(g1),
+            "the served generation stays"
+        );
+        let (status, json) = body(hub.handle(post(plain.clone())).await).await;
+        assert_eq!(status, StatusCode::OK);
+        let env: super::super::envelope::Envelope =
+            serde_json::from_value(json["preview"].clone()).unwrap();
+        let key = *hub.signer.public_key();
+        let payload = key.open_preview(&env, "bank-a").unwrap();
+        assert_eq!((payload.generation, payload.config), (g2, cfg));
+        assert_eq!(
+            key.open(&env, "bank-a", None),
+            Err(super::super::envelope::EnvelopeError::PreviewAsActive)
+        );
+        // Another gateway cannot withdraw it; the bound one can.
+        hub.withdraw_preview("ns/other", "bank-a");
+        assert_eq!(hub.preview_of("bank-a"), Some(("rev-b".into(), g2)));
+        hub.withdraw_preview("ns/bank", "bank-a");
+        assert_eq!(hub.preview_of("bank-a"), None);
+        assert_eq!(
+            hub.handle(post(plain)).await.status(),
+            StatusCode::NO_CONTENT
+        );
+    }
+
+    /// What an agent reports about a candidate is checked like the rest of a report, kept
+    /// apart from what it serves, and cut to size.
+    #[tokio::test]
+    async fn a_candidates_report_is_checked_and_kept_apart() {
+        let (hub, good, _) = hub();
+        let post = |preview: serde_json::Value| {
+            let report = serde_json::json!({"version": "1", "generation": 1, "metrics": "", "preview": preview});
+            Request::post("/agent/v1/report")
+                .header("authorization", format!("Bearer {good}"))
+                .body(Full::new(Bytes::from(report.to_string())))
+                .unwrap()
+        };
+        let smoke = |name: &str| serde_json::json!({"name": name, "passed": true, "detail": "ok"});
+        let many: Vec<_> = (0..=MAX_SMOKE).map(|i| smoke(&format!("p{i}"))).collect();
+        for (what, bad) in [
+            (
+                "a name that is not plain",
+                serde_json::json!({"generation": 2, "smoke": [smoke("Bad Name")]}),
+            ),
+            (
+                "a name too long",
+                serde_json::json!({"generation": 2, "smoke": [smoke(&"a".repeat(64))]}),
+            ),
+            (
+                "too many probes",
+                serde_json::json!({"generation": 2, "smoke": many}),
+            ),
+            (
+                "metrics that are no counts",
+                serde_json::json!({"generation": 2, "metrics": "apitree_proxy_requests_total{route=\"a\",status_class=\"5xx\"} 1e30\n"}),
+            ),
+            (
+                "an unknown field",
+                serde_json::json!({"generation": 2, "upstream": "http://10.0.0.1/"}),
+            ),
+        ] {
+            let (status, json) = body(hub.handle(post(bad)).await).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{what}");
+            assert!(
+                json["error"].as_str().unwrap().contains("report"),
+                "{what}: {json}"
+            );
+        }
+        let metrics = "apitree_proxy_requests_total{route=\"accounts\",status_class=\"2xx\"} 7\n";
+        let good_preview = serde_json::json!({
+            "generation": 2, "ready": false, "notReady": "x".repeat(5000),
+            "smoke": [{"name": "balance", "passed": false, "detail": "d".repeat(5000)}],
+            "metrics": metrics,
+        });
+        assert_eq!(
+            hub.handle(post(good_preview)).await.status(),
+            StatusCode::NO_CONTENT
+        );
+        let agent = hub
+            .agents()
+            .into_iter()
+            .find(|a| a.name == "bank-a-1")
+            .unwrap();
+        let p = agent.preview.unwrap();
+        assert!(
+            p.metrics.is_empty(),
+            "metrics are kept apart from the status"
+        );
+        assert!(p.not_ready.unwrap().chars().count() <= MAX_REASON + 1);
+        assert!(p.smoke[0].detail.chars().count() <= 201);
+        assert!(hub.pool_metrics(&["bank-a"]).is_empty());
+        let kept = hub.preview_metrics(&["bank-a"]);
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].1.contains("route=\"accounts\""), "{kept:?}");
     }
 }

@@ -53,6 +53,45 @@ pub struct Report {
     pub refused: Option<Refusal>,
     /// Its metrics, filtered to [`FAMILIES`], Prometheus text format.
     pub metrics: String,
+    /// What it made of the candidate configuration the control plane offered, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewReport>,
+}
+
+/// The agent's side of the gate: what became of a candidate configuration (built beside the
+/// running one, never served to the agent's clients).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PreviewReport {
+    /// The candidate's generation (none when its signature did not verify).
+    pub generation: Option<u64>,
+    /// Why it was not built (paths, never the partner's values); then nothing else is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Whether its admin `/readyz` says ready (rate-limit store reachable, configuration
+    /// loaded), and if not, what it says.
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
+    /// Its smoke probes, once they have run (empty before).
+    #[serde(default)]
+    pub smoke: Vec<SmokeOutcome>,
+    /// Its own metrics (traffic the partner's monitors or canary clients send it), filtered
+    /// like the report's.
+    #[serde(default)]
+    pub metrics: String,
+}
+
+/// One smoke probe an agent sent through a candidate.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SmokeOutcome {
+    /// The probe's name (a plain name: lower-case letters, digits, `-`).
+    pub name: String,
+    pub passed: bool,
+    /// What came back against what was expected, e.g. `got 200, expected 401`.
+    pub detail: String,
 }
 
 /// A configuration the agent did not apply, and why.
@@ -67,7 +106,7 @@ pub struct Refusal {
 
 /// A label value that can only be a name or a category: lower-case letters, digits, `-`, `_`,
 /// `.`, at most [`MAX_LABEL_VALUE`] characters.
-fn plain(value: &str) -> bool {
+pub fn plain(value: &str) -> bool {
     value.len() <= MAX_LABEL_VALUE
         && value.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')

@@ -11,7 +11,14 @@
 //!   replace the running configuration and the cache. A configuration that fails any step is
 //!   refused — logged in full here, reported to the control plane by its paths only — and the
 //!   old one keeps serving;
-//! - the report loop sends [`Report`]s: version, generation, refusal, metadata metrics.
+//! - the report loop sends [`Report`]s: version, generation, refusal, metadata metrics. The
+//!   answer may carry a candidate configuration the control plane's gate is checking: the
+//!   agent verifies it (signed, for its pool, marked as a candidate), joins it with the local
+//!   file and runs it beside the served one on `previewListen` — never for its clients, never
+//!   cached — checks its `/readyz`, sends its smoke probes through it (every route without a
+//!   key must get 401, and the local file's own probes) and reports the outcome and the
+//!   candidate's metrics with the next reports. When the control plane stops offering it, it
+//!   is stopped.
 //!
 //! Failed requests to the control plane are retried after `min(max, min·2^n)` scaled by a
 //! random factor in [0.5, 1] (so a fleet of agents that lost the control plane at once does
@@ -25,8 +32,8 @@ use rand::RngExt;
 
 use super::bundle::{merge, AgentConfig, AgentLocal};
 use super::cache::Cache;
-use super::envelope::{Envelope, PublicKey};
-use super::report::{metadata, Refusal, Report};
+use super::envelope::{Envelope, Payload, PublicKey};
+use super::report::{metadata, PreviewReport, Refusal, Report, SmokeOutcome};
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::server::Gateway;
 use crate::proxy::state::GatewayState;
@@ -222,7 +229,8 @@ impl ControlPlane {
             .map_err(|e| unreadable(format!("not a configuration envelope: {e}")))
     }
 
-    async fn report(&self, report: &Report) -> Result<(), FetchError> {
+    /// Sends `report`; returns the candidate configuration the answer carries, if any.
+    async fn report(&self, report: &Report) -> Result<Option<Envelope>, FetchError> {
         let sent = self
             .client
             .post(self.report_url.clone())
@@ -231,7 +239,25 @@ impl ControlPlane {
             .json(report)
             .send()
             .await;
-        self.check(sent, &self.report_url).await.map(|_| ())
+        let resp = self.check(sent, &self.report_url).await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            preview: Option<Envelope>,
+        }
+        let unreadable = |reason: String| FetchError::Unreachable {
+            url: self.report_url.to_string(),
+            reason,
+        };
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| unreadable(crate::tls::error_chain(&e)))?;
+        serde_json::from_slice::<Answer>(&bytes)
+            .map(|a| a.preview)
+            .map_err(|e| unreadable(format!("not a report answer: {e}")))
     }
 }
 
@@ -255,6 +281,27 @@ struct Status {
     latest: Option<(u64, AgentConfig, Envelope)>,
 }
 
+/// The name of the smoke probe every candidate gets: each route's path without a key must be
+/// refused with 401.
+pub const NO_KEY_PROBE: &str = "no-key-is-refused";
+
+/// How long one smoke probe or readiness call may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A candidate configuration running beside the served one.
+struct PreviewStack {
+    gateway: Arc<Gateway>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl PreviewStack {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.done.await;
+    }
+}
+
 /// The agent's state shared by its loops.
 struct Agent {
     opts: AgentOptions,
@@ -265,6 +312,11 @@ struct Agent {
     cache: Cache,
     status: Mutex<Status>,
     gateway: std::sync::OnceLock<Arc<Gateway>>,
+    /// The candidate last offered (the report loop's answer), and what became of it.
+    offered: Mutex<Option<Envelope>>,
+    preview: Mutex<Option<(PreviewReport, Option<Arc<Gateway>>)>>,
+    /// The running candidate; held while one is replaced or stopped.
+    preview_stack: tokio::sync::Mutex<Option<PreviewStack>>,
 }
 
 impl Agent {
@@ -296,6 +348,15 @@ impl Agent {
                 generation: None,
                 reason: e.to_string(),
             })?;
+        self.build(payload, previous)
+    }
+
+    /// Joins a verified payload with the local file and builds it.
+    fn build(
+        &self,
+        payload: Payload,
+        previous: Option<&GatewayState>,
+    ) -> Result<(u64, AgentConfig, ProxyConfig, GatewayState), Refused> {
         let generation = payload.generation;
         let (cfg, master_keys) = self.join(&payload.config).map_err(|reason| Refused {
             generation: Some(generation),
@@ -414,6 +475,18 @@ impl Agent {
     }
 
     fn report(&self) -> Report {
+        let preview = self
+            .preview
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(report, gateway)| PreviewReport {
+                metrics: gateway
+                    .as_ref()
+                    .map(|g| metadata(&g.metrics.registry))
+                    .unwrap_or_default(),
+                ..report.clone()
+            });
         let s = self.status();
         Report {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -424,6 +497,162 @@ impl Agent {
                 .get()
                 .map(|g| metadata(&g.metrics.registry))
                 .unwrap_or_default(),
+            preview,
+        }
+    }
+
+    /// The report loop's answer: a candidate the agent has not taken up yet starts a task that
+    /// runs it (replacing the one running); no candidate stops the one running.
+    fn offer(self: &Arc<Self>, candidate: Option<Envelope>) {
+        {
+            let mut offered = self.offered.lock().unwrap_or_else(|p| p.into_inner());
+            if *offered == candidate {
+                return;
+            }
+            offered.clone_from(&candidate);
+        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut stack = agent.preview_stack.lock().await;
+            // Offered again meanwhile: the newer offer's task does the work.
+            if *agent.offered.lock().unwrap_or_else(|p| p.into_inner()) != candidate {
+                return;
+            }
+            if let Some(old) = stack.take() {
+                old.stop().await;
+            }
+            let Some(env) = candidate else {
+                *agent.preview.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return;
+            };
+            let (report, running) = agent.try_candidate(&env).await;
+            let gateway = running.as_ref().map(|r| r.gateway.clone());
+            *stack = running;
+            *agent.preview.lock().unwrap_or_else(|p| p.into_inner()) = Some((report, gateway));
+        });
+    }
+
+    /// Verifies, builds and starts a candidate on `previewListen`, then checks its readiness
+    /// and sends its smoke probes.
+    async fn try_candidate(&self, env: &Envelope) -> (PreviewReport, Option<PreviewStack>) {
+        let refused = |generation, reason: String| PreviewReport {
+            generation,
+            refused: Some(reason),
+            ready: false,
+            not_ready: None,
+            smoke: Vec::new(),
+            metrics: String::new(),
+        };
+        let payload = match self.opts.config_key.open_preview(env, &self.opts.pool) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("candidate configuration refused: {e}");
+                return (refused(None, e.to_string()), None);
+            }
+        };
+        let generation = payload.generation;
+        let routes = payload.config.routes.clone();
+        let (_, _, mut cfg, _) = match self.build(payload, None) {
+            Ok(built) => built,
+            Err(r) => {
+                tracing::error!(generation, "candidate configuration refused: {}", r.reason);
+                return (refused(Some(generation), r.reason), None);
+            }
+        };
+        let preview_listen = self
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .preview_listen
+            .clone();
+        // Plain HTTP on loopback: only this host reaches the candidate.
+        cfg.tls = None;
+        cfg.listen = preview_listen;
+        cfg.admin = "127.0.0.1:0".into();
+        let opts = self.proxy_options();
+        let source = format!(
+            "candidate generation {generation} + {}",
+            self.opts.config.display()
+        );
+        let prepared = match crate::proxy::prepare_config(cfg, Path::new(""), &source, &opts).await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(generation, "candidate configuration not started: {e}");
+                let reason = match &e {
+                    ProxyError::Bind { addr, .. } => format!("previewListen {addr} cannot be bound (in use?); the agent's log has the details"),
+                    _ => "it does not start with the agent's local file; the agent's log has the details".into(),
+                };
+                return (refused(Some(generation), reason), None);
+            }
+        };
+        let (addr, admin) = match (prepared.listener.local_addr(), prepared.admin.local_addr()) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => {
+                return (
+                    refused(
+                        Some(generation),
+                        "the candidate's listeners have no address".into(),
+                    ),
+                    None,
+                )
+            }
+        };
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let gateway = prepared.gateway.clone();
+        let done = tokio::spawn(crate::proxy::server::run_with_workers(
+            prepared.gateway,
+            prepared.listener,
+            prepared.admin,
+            async {
+                let _ = stop_rx.await;
+            },
+            prepared.settings,
+            1,
+        ));
+        tracing::info!(generation, %addr, "candidate configuration running beside the served one, for the gate's checks");
+        let stack = PreviewStack {
+            gateway,
+            stop,
+            done,
+        };
+        let (ready, not_ready) = readiness(admin).await;
+        let probes = self
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .smoke
+            .clone();
+        let smoke = smoke(addr, &routes, &probes).await;
+        let report = PreviewReport {
+            generation: Some(generation),
+            refused: None,
+            ready,
+            not_ready,
+            smoke,
+            metrics: String::new(),
+        };
+        tracing::info!(
+            generation,
+            ready,
+            failed = report.smoke.iter().filter(|s| !s.passed).count(),
+            "candidate configuration checked"
+        );
+        (report, Some(stack))
+    }
+
+    /// How the agent's proxies (the served one and a candidate) are started.
+    fn proxy_options(&self) -> ProxyOptions {
+        ProxyOptions {
+            config: self.opts.config.clone(),
+            redis_url: self.opts.redis_url.clone(),
+            redis_ca_file: None,
+            database_url: None,
+            upstream_allow: Vec::new(),
+            listen: None,
+            admin: None,
+            access_log: self.opts.access_log,
+            usage_metering: false,
         }
     }
 
@@ -438,6 +667,8 @@ impl Agent {
         )?;
         *self.local.lock().unwrap_or_else(|p| p.into_inner()) = local;
         *self.master_keys.lock().unwrap_or_else(|p| p.into_inner()) = master_keys;
+        // A candidate is tried again with the new file at the next report's answer.
+        *self.offered.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let latest = self.status().latest.clone();
         if let Some((_, _, env)) = latest {
             // Applied again even at the same generation: the local half changed.
@@ -481,6 +712,129 @@ fn restart_only_changes(started: &AgentLocal, now: &AgentLocal) -> Vec<&'static 
     out
 }
 
+/// A candidate's `/readyz` on its admin listener: ready, or what it says instead.
+async fn readiness(admin: std::net::SocketAddr) -> (bool, Option<String>) {
+    let answer = loopback_client()
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await;
+    match answer {
+        Ok(r) => {
+            let code = r.status();
+            let doc: serde_json::Value = r.json().await.unwrap_or_default();
+            let status = doc["status"].as_str().unwrap_or("unknown");
+            if code.is_success() && status == "ready" {
+                (true, None)
+            } else {
+                (
+                    false,
+                    Some(format!(
+                        "{status} (rate-limit store {})",
+                        doc["rateLimitStore"].as_str().unwrap_or("?")
+                    )),
+                )
+            }
+        }
+        Err(e) => (false, Some(no_answer(&e))),
+    }
+}
+
+fn loopback_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PROBE_TIMEOUT)
+        .build()
+        .expect("a plain HTTP client builds")
+}
+
+/// Why a probe got no answer, without the address (which stays in the partner's network).
+fn no_answer(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("no answer within {PROBE_TIMEOUT:?}")
+    } else {
+        "no answer (the connection failed)".into()
+    }
+}
+
+/// The smoke probes through a candidate listening at `addr`: every route's path without a key
+/// must get 401 (one outcome, [`NO_KEY_PROBE`]), then each of the local file's probes.
+async fn smoke(
+    addr: std::net::SocketAddr,
+    routes: &[super::bundle::ConnectorRoute],
+    local: &[super::bundle::LocalSmoke],
+) -> Vec<SmokeOutcome> {
+    let client = loopback_client();
+    let send = |method: &str, path: &str, key: Option<String>| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut req = client.request(method, format!("http://{addr}{path}"));
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        req.send()
+    };
+    let mut failures = Vec::new();
+    for r in routes {
+        let method = r
+            .methods
+            .first()
+            .map_or(http::Method::GET, |m| m.as_method());
+        match send(method.as_str(), &r.path_prefix, None).await {
+            Ok(resp) if resp.status().as_u16() == 401 => {}
+            Ok(resp) => failures.push(format!(
+                "route {}: got {}, expected 401",
+                r.name,
+                resp.status().as_u16()
+            )),
+            Err(e) => failures.push(format!("route {}: {}", r.name, no_answer(&e))),
+        }
+    }
+    let mut out = vec![SmokeOutcome {
+        name: NO_KEY_PROBE.into(),
+        passed: failures.is_empty(),
+        detail: if failures.is_empty() {
+            format!(
+                "{} route(s) refuse a request without a key (401)",
+                routes.len()
+            )
+        } else {
+            failures.join("; ")
+        },
+    }];
+    for p in local {
+        let key = match &p.api_key_file {
+            Some(f) => match std::fs::read_to_string(f) {
+                Ok(k) => Some(k.trim().to_string()),
+                Err(e) => {
+                    tracing::error!(probe = %p.name, "smoke probe's apiKeyFile {}: {e}", f.display());
+                    out.push(SmokeOutcome {
+                        name: p.name.clone(),
+                        passed: false,
+                        detail: "its apiKeyFile cannot be read; the agent's log says why".into(),
+                    });
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let (passed, detail) = match send(&p.method, &p.path, key).await {
+            Ok(resp) => {
+                let got = resp.status().as_u16();
+                (
+                    got == p.expect_status,
+                    format!("got {got}, expected {}", p.expect_status),
+                )
+            }
+            Err(e) => (false, no_answer(&e)),
+        };
+        out.push(SmokeOutcome {
+            name: p.name.clone(),
+            passed,
+            detail,
+        });
+    }
+    out
+}
+
 /// A running agent.
 pub struct RunningAgent {
     /// The client listener's address.
@@ -510,10 +864,24 @@ impl RunningAgent {
         self.agent.reload_local()
     }
 
-    /// Stops the loops, drains in-flight requests and waits.
+    /// The candidate configuration the agent runs beside the served one, and what it made of
+    /// it, if the control plane offers one.
+    pub fn preview(&self) -> Option<PreviewReport> {
+        self.agent
+            .preview
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(r, _)| r.clone())
+    }
+
+    /// Stops the loops and a candidate, drains in-flight requests and waits.
     pub async fn stop(mut self) {
         for l in &self.loops {
             l.abort();
+        }
+        if let Some(stack) = self.agent.preview_stack.lock().await.take() {
+            stack.stop().await;
         }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -543,6 +911,9 @@ pub async fn start(opts: AgentOptions) -> Result<RunningAgent, AgentError> {
         cache,
         status: Mutex::default(),
         gateway: std::sync::OnceLock::new(),
+        offered: Mutex::default(),
+        preview: Mutex::default(),
+        preview_stack: tokio::sync::Mutex::default(),
     });
     let (generation, remote, cfg, env) = first_configuration(&agent, &cp).await;
     {
@@ -550,17 +921,7 @@ pub async fn start(opts: AgentOptions) -> Result<RunningAgent, AgentError> {
         s.generation = Some(generation);
         s.latest = Some((generation, remote, env));
     }
-    let proxy_opts = ProxyOptions {
-        config: opts.config.clone(),
-        redis_url: opts.redis_url.clone(),
-        redis_ca_file: None,
-        database_url: None,
-        upstream_allow: Vec::new(),
-        listen: None,
-        admin: None,
-        access_log: opts.access_log,
-        usage_metering: false,
-    };
+    let proxy_opts = agent.proxy_options();
     let prepared =
         crate::proxy::prepare_config(cfg, Path::new(""), &agent.source(generation), &proxy_opts)
             .await?;
@@ -725,7 +1086,8 @@ async fn report_loop(agent: Arc<Agent>, cp: Arc<ControlPlane>) {
     loop {
         tick.tick().await;
         match cp.report(&agent.report()).await {
-            Ok(()) => {
+            Ok(candidate) => {
+                agent.offer(candidate);
                 if failing {
                     tracing::info!("reports reach the control plane again");
                 }

@@ -37,6 +37,11 @@ pub struct ConnectorStatus {
     /// values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// While the gate checks a revision that changes its pool: what the agent made of that
+    /// revision's candidate configuration, e.g. `generation 17: running, ready, smoke 2/2
+    /// passed` or `generation 17: refused: …`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
 }
 
 /// Desired state of one API gateway: what runs, how new revisions are gated, how it is watched.

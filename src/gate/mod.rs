@@ -11,6 +11,12 @@
 //! until the spec changes. An inconclusive analysis never promotes on its own: the gateway waits
 //! for a human even with `autoPromote`. After a switch blue stays warm for `rollbackWindow`; a
 //! critical incident on green or a rollback request inside it switches back.
+//!
+//! A revision that changes what Connector Agents serve is checked on them too: each connected
+//! agent of such a pool runs the revision's candidate configuration beside its served one and
+//! reports on it ([`AgentCandidate`]). Rollout waits for every one to run it (one refusing it
+//! fails the check), health for their candidates' readiness, smoke for the probes they send
+//! through it; the controller adds their candidates' traffic to the analysis.
 
 pub mod analysis;
 
@@ -113,6 +119,114 @@ pub struct Observations {
     pub rollback: Option<Request>,
     /// A critical incident on the active color since the switch, in words.
     pub critical_incident: Option<String>,
+    /// The connected agents of the pools whose configuration the desired revision changes.
+    pub agents: Vec<AgentCandidate>,
+}
+
+/// What one connected Connector Agent made of the desired revision's candidate configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentCandidate {
+    pub name: String,
+    pub state: CandidateState,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CandidateState {
+    /// It has not reported on this candidate yet.
+    Waiting,
+    /// It could not build or start it (the reason names paths, not the partner's values).
+    Refused(String),
+    /// It runs it beside the served configuration.
+    Running {
+        ready: bool,
+        not_ready: Option<String>,
+        /// Empty until its probes have run.
+        smoke: Vec<AgentSmoke>,
+    },
+}
+
+/// One smoke probe an agent sent through a candidate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSmoke {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// What the agents say about one check.
+#[derive(Debug, Clone, PartialEq)]
+enum AgentVerdict {
+    /// Passed, in words for `observed` (empty without agents).
+    Pass(String),
+    /// Not yet: who is awaited.
+    Wait(String),
+    Fail(String),
+}
+
+/// The agents' verdict on `check` (rollout, health or smoke; the others do not ask agents).
+fn agents_verdict(check: GateCheck, agents: &[AgentCandidate]) -> AgentVerdict {
+    if agents.is_empty() {
+        return AgentVerdict::Pass(String::new());
+    }
+    let mut waiting = Vec::new();
+    let mut failed = Vec::new();
+    for a in agents {
+        match &a.state {
+            CandidateState::Waiting => waiting.push(a.name.clone()),
+            CandidateState::Refused(why) => failed.push(format!(
+                "agent {} refused the candidate configuration: {why}",
+                a.name
+            )),
+            CandidateState::Running {
+                ready,
+                not_ready,
+                smoke,
+            } => match check {
+                GateCheck::Health if !ready => failed.push(format!(
+                    "agent {}'s candidate is not ready: {}",
+                    a.name,
+                    not_ready.as_deref().unwrap_or("no reason given")
+                )),
+                GateCheck::Smoke if smoke.is_empty() => waiting.push(a.name.clone()),
+                GateCheck::Smoke => failed.extend(
+                    smoke
+                        .iter()
+                        .filter(|p| !p.passed)
+                        .map(|p| format!("agent {}'s probe {}: {}", a.name, p.name, p.detail)),
+                ),
+                _ => {}
+            },
+        }
+    }
+    let n = agents.len();
+    if !failed.is_empty() {
+        AgentVerdict::Fail(failed.join("; "))
+    } else if !waiting.is_empty() {
+        let what = match check {
+            GateCheck::Smoke => "their smoke probes",
+            _ => "running the candidate",
+        };
+        AgentVerdict::Wait(format!(
+            "{}/{n} agent(s) awaited ({what}): {}",
+            waiting.len(),
+            waiting.join(", ")
+        ))
+    } else {
+        AgentVerdict::Pass(match check {
+            GateCheck::Rollout => format!("{n}/{n} agent(s) run the candidate"),
+            GateCheck::Health => format!("{n}/{n} agent(s)' candidates ready"),
+            _ => format!("{n}/{n} agent(s)' smoke probes passed"),
+        })
+    }
+}
+
+/// `observed` with the agents' part added.
+fn with_agents(observed: Option<String>, agents: &str) -> Option<String> {
+    match (observed, agents.is_empty()) {
+        (o, true) => o,
+        (Some(o), false) => Some(format!("{o}; {agents}")),
+        (None, false) => Some(agents.to_string()),
+    }
 }
 
 impl Observations {
@@ -533,27 +647,46 @@ impl Machine<'_> {
                     .map(|g| g.ready)
                     .unwrap_or(0);
                 let deadline = spec.rollout_deadline.as_std();
+                let agents = agents_verdict(check, &self.obs.agents);
                 let c = self.check(check);
-                c.observed = Some(format!("{ready}/{want} ready"));
-                c.threshold = Some(format!("{want}/{want} within {}", spec.rollout_deadline));
+                let (summary, threshold) = match &agents {
+                    AgentVerdict::Pass(s) | AgentVerdict::Wait(s) if !s.is_empty() => {
+                        (s.clone(), ", every connected agent running the candidate")
+                    }
+                    _ => (String::new(), ""),
+                };
+                c.observed = with_agents(Some(format!("{ready}/{want} ready")), &summary);
+                c.threshold = Some(format!(
+                    "{want}/{want} within {}{threshold}",
+                    spec.rollout_deadline
+                ));
                 c.samples = Some(want as u64);
-                if ready >= want {
+                if let AgentVerdict::Fail(why) = agents {
+                    return self.finish(check, CheckPhase::Failed, why);
+                }
+                if ready >= want && matches!(agents, AgentVerdict::Pass(_)) {
                     let instance = green.map(|g| g.instance.clone());
                     if let Some(g) = self.s.gate.as_mut() {
                         g.instance = instance;
                     }
-                    return self.finish(check, CheckPhase::Passed, "every replica is ready".into());
+                    let why = if summary.is_empty() {
+                        "every replica is ready".to_string()
+                    } else {
+                        "every replica is ready and every connected agent runs the candidate"
+                            .to_string()
+                    };
+                    return self.finish(check, CheckPhase::Passed, why);
                 }
                 let started = self.check(check).started_at.clone();
                 if elapsed(&started, now).unsigned_abs() > deadline {
-                    return self.finish(
-                        check,
-                        CheckPhase::Failed,
-                        format!(
-                            "only {ready}/{want} replicas ready after {}",
-                            spec.rollout_deadline
-                        ),
+                    let mut why = format!(
+                        "only {ready}/{want} replicas ready after {}",
+                        spec.rollout_deadline
                     );
+                    if let AgentVerdict::Wait(w) = agents {
+                        why = format!("{why}; {w}");
+                    }
+                    return self.finish(check, CheckPhase::Failed, why);
                 }
                 CheckPhase::Running
             }
@@ -567,8 +700,12 @@ impl Machine<'_> {
                     self.actions.push(Action::Probe(check));
                     return CheckPhase::Running;
                 };
+                let agents = match check {
+                    GateCheck::Health | GateCheck::Smoke => agents_verdict(check, &self.obs.agents),
+                    _ => AgentVerdict::Pass(String::new()),
+                };
+                let started = self.check(check).started_at.clone();
                 let c = self.check(check);
-                c.observed = p.observed;
                 c.threshold = p.threshold;
                 c.samples = p.samples;
                 // A probe can only pass, fail or not apply; anything else is not a pass.
@@ -576,7 +713,33 @@ impl Machine<'_> {
                     CheckPhase::Passed | CheckPhase::Failed | CheckPhase::Skipped => p.phase,
                     _ => CheckPhase::Failed,
                 };
-                self.finish(check, phase, p.reason)
+                if phase != CheckPhase::Passed {
+                    c.observed = p.observed;
+                    return self.finish(check, phase, p.reason);
+                }
+                match agents {
+                    AgentVerdict::Pass(s) => {
+                        c.observed = with_agents(p.observed, &s);
+                        self.finish(check, phase, p.reason)
+                    }
+                    AgentVerdict::Fail(why) => {
+                        c.observed = p.observed;
+                        self.finish(check, CheckPhase::Failed, why)
+                    }
+                    AgentVerdict::Wait(w) => {
+                        c.observed = with_agents(p.observed, &w);
+                        // Bounded like the rollout: an agent that never reports fails the check.
+                        if elapsed(&started, now).unsigned_abs() > spec.rollout_deadline.as_std() {
+                            return self.finish(
+                                check,
+                                CheckPhase::Failed,
+                                format!("after {}: {w}", spec.rollout_deadline),
+                            );
+                        }
+                        c.reason = Some(format!("{}; waiting: {w}", p.reason));
+                        CheckPhase::Running
+                    }
+                }
             }
             GateCheck::Analysis => {
                 let window = self

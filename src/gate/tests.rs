@@ -508,3 +508,164 @@ fn a_spec_change_mid_gate_cancels_the_checks_and_gates_the_new_revision() {
         .starts_with("cancelled"));
     assert_eq!(gate.checks[4].phase, CheckPhase::Skipped);
 }
+
+fn agent(name: &str, state: CandidateState) -> AgentCandidate {
+    AgentCandidate {
+        name: name.into(),
+        state,
+    }
+}
+
+fn running(ready: bool, smoke: &[(&str, bool)]) -> CandidateState {
+    CandidateState::Running {
+        ready,
+        not_ready: (!ready).then(|| "degraded (rate-limit store degraded)".into()),
+        smoke: smoke
+            .iter()
+            .map(|(name, passed)| AgentSmoke {
+                name: name.to_string(),
+                passed: *passed,
+                detail: if *passed {
+                    "got 401, expected 401"
+                } else {
+                    "got 200, expected 401"
+                }
+                .into(),
+            })
+            .collect(),
+    }
+}
+
+/// Every way a connected agent can answer a candidate, and the check it decides: agents that
+/// run it, ready, with passing probes let the gate promote; a refusal fails rollout, an
+/// unready candidate health, a failed probe smoke, and an agent that never answers fails the
+/// check it is awaited in once `rolloutDeadline` has passed — never a pass.
+#[test]
+fn the_agents_candidates_decide_rollout_health_and_smoke() {
+    let good = || running(true, &[("no-key-is-refused", true), ("balance", true)]);
+    type Case = (
+        &'static str,
+        Vec<CandidateState>,
+        Option<(&'static str, &'static str)>,
+    );
+    let cases: Vec<Case> = vec![
+        ("all good", vec![good(), good()], None),
+        (
+            "one refuses",
+            vec![
+                good(),
+                CandidateState::Refused("routes[1] (cards): no upstream".into()),
+            ],
+            Some((
+                "rollout",
+                "agent bank-a-2 refused the candidate configuration: routes[1] (cards)",
+            )),
+        ),
+        (
+            "one never answers",
+            vec![good(), CandidateState::Waiting],
+            Some((
+                "rollout",
+                "1/2 agent(s) awaited (running the candidate): bank-a-2",
+            )),
+        ),
+        (
+            "one is not ready",
+            vec![running(false, &[("no-key-is-refused", true)]), good()],
+            Some((
+                "health",
+                "agent bank-a-1's candidate is not ready: degraded",
+            )),
+        ),
+        (
+            "a probe fails",
+            vec![good(), running(true, &[("no-key-is-refused", false)])],
+            Some((
+                "smoke",
+                "agent bank-a-2's probe no-key-is-refused: got 200, expected 401",
+            )),
+        ),
+        (
+            "probes never reported",
+            vec![good(), running(true, &[])],
+            Some(("smoke", "(their smoke probes): bank-a-2")),
+        ),
+    ];
+    for (what, states, fails) in cases {
+        let mut w = World::serving_a(true);
+        w.obs.desired = B.into();
+        w.obs.agents = states
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| agent(&format!("bank-a-{}", i + 1), s))
+            .collect();
+        let before = w.log.len();
+        for at in [10, 100, 200, 400] {
+            w.tick(t(at));
+        }
+        let switched = switches(&w.log[before..]);
+        let gate = w.status.gate.clone().unwrap();
+        match fails {
+            None => {
+                assert_eq!(switched, vec![Color::Green], "{what}");
+                assert!(
+                    gate.checks[0]
+                        .observed
+                        .as_deref()
+                        .unwrap()
+                        .contains("2/2 agent(s) run the candidate"),
+                    "{what}: {:?}",
+                    gate.checks[0]
+                );
+                assert!(gate.checks[3]
+                    .observed
+                    .as_deref()
+                    .unwrap()
+                    .contains("2/2 agent(s)' smoke probes passed"));
+            }
+            Some((check, reason)) => {
+                assert_eq!(w.phase(), GatewayPhase::Rejected, "{what}");
+                assert_eq!(switched, vec![], "{what}");
+                let c = gate.checks.iter().find(|c| c.name == check).unwrap();
+                assert_eq!(c.phase, CheckPhase::Failed, "{what}: {:?}", gate.checks);
+                let why = c.reason.as_deref().unwrap();
+                assert!(why.contains(reason), "{what}: {why}");
+            }
+        }
+    }
+}
+
+/// An agent that is still starting the candidate holds the check back, and once it runs it
+/// the gate goes on; agents never count for a revision that does not change their pool (the
+/// controller lists none).
+#[test]
+fn a_slow_agent_holds_the_gate_until_it_answers() {
+    let mut w = World::serving_a(true);
+    w.obs.desired = B.into();
+    w.obs.agents = vec![agent("bank-a-1", CandidateState::Waiting)];
+    w.tick(t(10));
+    w.tick(t(60));
+    let gate = w.status.gate.clone().unwrap();
+    assert_eq!(gate.checks[0].phase, CheckPhase::Running);
+    assert!(gate.checks[0]
+        .observed
+        .as_deref()
+        .unwrap()
+        .contains("awaited"));
+    w.obs.agents = vec![agent("bank-a-1", running(true, &[]))];
+    w.tick(t(70));
+    let gate = w.status.gate.clone().unwrap();
+    assert_eq!(gate.checks[0].phase, CheckPhase::Passed);
+    assert_eq!(
+        gate.checks[3].phase,
+        CheckPhase::Running,
+        "smoke awaits the agent's probes"
+    );
+    w.obs.agents = vec![agent(
+        "bank-a-1",
+        running(true, &[("no-key-is-refused", true)]),
+    )];
+    w.tick(t(80));
+    w.tick(t(150));
+    assert_eq!(w.phase(), GatewayPhase::Promoting);
+}

@@ -96,6 +96,44 @@ struct AnalysisCounters {
     preview: ScrapeSource,
     active_start: Snapshot,
     preview_start: Snapshot,
+    /// The pools offered the revision's candidate: their agents' served and candidate traffic
+    /// count with the colors'.
+    agents: Vec<PoolCounters>,
+}
+
+/// One pool's agents' counters when the analysis window started.
+struct PoolCounters {
+    pool: String,
+    routes: Vec<String>,
+    active_start: Snapshot,
+    preview_start: Snapshot,
+}
+
+impl PoolCounters {
+    /// Snapshots of what the pool's agents reported: the served configuration's and the
+    /// candidate's.
+    fn snapshots(hub: &crate::agent::hub::Hub, pool: &str) -> Result<(Snapshot, Snapshot), String> {
+        let active = Snapshot::from_texts(hub.pool_metrics(&[pool])).map_err(|e| e.to_string())?;
+        let preview =
+            Snapshot::from_texts(hub.preview_metrics(&[pool])).map_err(|e| e.to_string())?;
+        Ok((active, preview))
+    }
+
+    /// The pool's agents' traffic since the start, on its own routes only: served, candidate.
+    fn windows(
+        &self,
+        hub: &crate::agent::hub::Hub,
+    ) -> Result<(GatewayWindow, GatewayWindow), String> {
+        let (active, preview) = Self::snapshots(hub, &self.pool)?;
+        let own = |mut w: GatewayWindow| {
+            w.routes.retain(|route, _| self.routes.contains(route));
+            w
+        };
+        Ok((
+            own(window_between(&self.active_start, &active)),
+            own(window_between(&self.preview_start, &preview)),
+        ))
+    }
 }
 
 /// Windows of the error ratio kept for the status page's sparkline.
@@ -667,7 +705,9 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
         critical_incident: m.critical.clone(),
         ..Observations::default()
     };
-    obs.analysis = analysis_window(m).await;
+    let entities = pass_entities(m, ctx, now).await;
+    obs.agents = candidates(m, ctx, &desired, &rendered, &entities);
+    obs.analysis = analysis_window(m, ctx).await;
     for _ in 0..8 {
         let observed = match platform.observe(&m.name, Color::Blue).await {
             Ok(blue) => platform
@@ -717,7 +757,15 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
         m.critical = None;
     }
     update_conditions(m, now);
-    connectors(m, ctx, &desired, &rendered, now).await;
+    if m.status.preview_revision.is_none() {
+        // The gate ended this pass (promoted, refused, cancelled): no candidate stays offered.
+        if let Some(hub) = &ctx.agents {
+            for c in &m.spec.connectors {
+                hub.withdraw_preview(&m.name, &c.pool);
+            }
+        }
+    }
+    connectors(m, ctx, &desired, &rendered, entities, now).await;
     m.status.observed_generation = generation;
     detect(m, ctx, now).await;
     timer.observe_duration();
@@ -832,16 +880,153 @@ fn update_conditions(m: &mut Managed, now: Timestamp) {
     );
 }
 
-/// The gateway's agent pools: each receives the configuration of the revision that takes
-/// traffic (so the gate stands between a spec change and the agents, and a rollback rolls
-/// them back); `status.connectors` lists their agents; an agent silent for longer than its
-/// pool's `lostAfter` is an `agent lost` incident; `ConnectorsInSync` says whether every
-/// connected agent serves what its pool is given.
+/// The orgs and keys the pools receive this pass, from the gateway database: `Some(None)`
+/// without one, `None` when it cannot be read (then nothing is published: a configuration
+/// without the keys would refuse every caller). Read once a pass, for the configurations
+/// and the gate's candidates alike.
+async fn pass_entities<P: Platform>(
+    m: &mut Managed,
+    ctx: &Context<P>,
+    now: Timestamp,
+) -> Option<Option<crate::db::keys::DbEntities>> {
+    if ctx.agents.is_none() || m.spec.connectors.is_empty() {
+        return Some(None);
+    }
+    let Some(url) = m.database_url.clone() else {
+        return Some(None);
+    };
+    match agent_entities(&mut m.agent_db, &url).await {
+        Ok(e) => Some(Some(e)),
+        Err(e) => {
+            m.warn_once(
+                "ConnectorsStale",
+                &format!("cannot read the gateway database's orgs and keys for the agents ({e}); they keep the configuration they have"),
+                now,
+            );
+            None
+        }
+    }
+}
+
+/// `cfg` with the gateway database's orgs and keys added (a key's tier the pool does not
+/// have falls back to the pool's default).
+fn with_entities(
+    mut cfg: crate::agent::bundle::AgentConfig,
+    entities: &Option<crate::db::keys::DbEntities>,
+) -> crate::agent::bundle::AgentConfig {
+    if let Some(e) = entities {
+        let tiers: Vec<String> = cfg.tiers.iter().map(|t| t.name.clone()).collect();
+        cfg.orgs.extend(e.orgs.iter().cloned());
+        cfg.keys.extend(e.keys.iter().cloned().map(|mut k| {
+            if k.tier.as_ref().is_some_and(|t| !tiers.contains(t)) {
+                k.tier = None;
+            }
+            k
+        }));
+    }
+    cfg
+}
+
+/// The agents' part of the gate. While the desired revision waits to take traffic (not
+/// active, not refused), each pool whose configuration it changes is offered it as a
+/// candidate, and the reports of that pool's connected agents on it are what the gate
+/// observes; every other pool of this gateway has its candidate withdrawn.
+fn candidates<P: Platform>(
+    m: &mut Managed,
+    ctx: &Context<P>,
+    desired: &str,
+    rendered: &ProxyConfig,
+    entities: &Option<Option<crate::db::keys::DbEntities>>,
+) -> Vec<gate::AgentCandidate> {
+    use gate::{AgentCandidate, AgentSmoke, CandidateState};
+    let Some(hub) = &ctx.agents else {
+        return Vec::new();
+    };
+    let configs = plan::agent_configs(&m.spec, rendered);
+    let gating = m.status.active_revision.is_some()
+        && m.status.active_revision.as_deref() != Some(desired)
+        && m.status
+            .rejected_revision
+            .as_ref()
+            .is_none_or(|r| r.revision != desired);
+    let active = m
+        .status
+        .active_revision
+        .as_ref()
+        .and_then(|a| m.agent_configs.get(a));
+    let mut offered = Vec::new();
+    for c in &m.spec.connectors {
+        let changed = configs
+            .get(&c.pool)
+            .is_some_and(|cfg| active.and_then(|a| a.get(&c.pool)) != Some(cfg));
+        match (gating && changed, configs.get(&c.pool), entities) {
+            (true, Some(cfg), Some(e)) => {
+                if hub
+                    .publish_preview(&m.name, &c.pool, desired, with_entities(cfg.clone(), e))
+                    .is_ok()
+                {
+                    offered.push(c);
+                }
+            }
+            // The database cannot be read: the candidate offered stays (its keys are a pass
+            // old), and the agents' reports on it still count.
+            (true, Some(_), None) => {
+                if hub.preview_of(&c.pool).is_some_and(|(r, _)| r == desired) {
+                    offered.push(c);
+                }
+            }
+            _ => hub.withdraw_preview(&m.name, &c.pool),
+        }
+    }
+    let mut out = Vec::new();
+    for c in offered {
+        let Some((_, generation)) = hub.preview_of(&c.pool) else {
+            continue;
+        };
+        for a in hub.agents() {
+            let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
+            let lost = silent.to_std().unwrap_or_default() > c.lost_after.as_std();
+            if a.pool != c.pool || a.revoked || lost {
+                continue;
+            }
+            let state = match a.preview {
+                Some(p) if p.generation == Some(generation) || p.generation.is_none() => {
+                    match p.refused {
+                        Some(why) => CandidateState::Refused(why),
+                        None => CandidateState::Running {
+                            ready: p.ready,
+                            not_ready: p.not_ready,
+                            smoke: p
+                                .smoke
+                                .into_iter()
+                                .map(|s| AgentSmoke {
+                                    name: s.name,
+                                    passed: s.passed,
+                                    detail: s.detail,
+                                })
+                                .collect(),
+                        },
+                    }
+                }
+                _ => CandidateState::Waiting,
+            };
+            out.push(AgentCandidate {
+                name: a.name,
+                state,
+            });
+        }
+    }
+    out
+}
+
+/// Publishes the active revision's configuration to each of this gateway's pools, then
+/// computes `status.connectors`.
 async fn connectors<P: Platform>(
     m: &mut Managed,
     ctx: &Context<P>,
     desired: &str,
     rendered: &ProxyConfig,
+    entities: Option<Option<crate::db::keys::DbEntities>>,
     now: Timestamp,
 ) {
     let Some(hub) = &ctx.agents else {
@@ -872,37 +1057,10 @@ async fn connectors<P: Platform>(
         .as_ref()
         .and_then(|a| m.agent_configs.get(a))
         .cloned();
-    // With a gateway database the keys live there: each pass adds its orgs and keys, so a new
-    // or revoked key reaches the agents within a pass. When it cannot be read nothing is
-    // published (a configuration without the keys would refuse every caller).
-    let entities = match (&active, m.database_url.clone()) {
-        (Some(_), Some(url)) => match agent_entities(&mut m.agent_db, &url).await {
-            Ok(e) => Some(Some(e)),
-            Err(e) => {
-                m.warn_once(
-                    "ConnectorsStale",
-                    &format!("cannot read the gateway database's orgs and keys for the agents ({e}); they keep the configuration they have"),
-                    now,
-                );
-                None
-            }
-        },
-        _ => Some(None),
-    };
     let mut unbound = Vec::new();
     if let (Some(configs), Some(entities)) = (active, entities) {
-        for (pool, mut cfg) in configs {
-            if let Some(e) = &entities {
-                let tiers: Vec<&str> = cfg.tiers.iter().map(|t| t.name.as_str()).collect();
-                cfg.orgs.extend(e.orgs.iter().cloned());
-                cfg.keys.extend(e.keys.iter().cloned().map(|mut k| {
-                    if k.tier.as_deref().is_some_and(|t| !tiers.contains(&t)) {
-                        k.tier = None;
-                    }
-                    k
-                }));
-            }
-            if let Err(e) = hub.publish(&m.name, &pool, cfg) {
+        for (pool, cfg) in configs {
+            if let Err(e) = hub.publish(&m.name, &pool, with_entities(cfg, &entities)) {
                 unbound.push(e.to_string());
             }
         }
@@ -911,6 +1069,30 @@ async fn connectors<P: Platform>(
         m.warn_once("ConnectorsUnbound", &unbound.join("; "), now);
     }
     connector_status(m, hub, &unbound, now).await;
+}
+
+/// One agent's answer to its pool's candidate generation `generation`, in words.
+fn candidate_summary(
+    generation: u64,
+    report: Option<&crate::agent::report::PreviewReport>,
+) -> String {
+    let Some(p) = report.filter(|p| p.generation.is_none_or(|g| g == generation)) else {
+        return format!("generation {generation}: not reported on yet");
+    };
+    if let Some(why) = &p.refused {
+        return format!("generation {generation}: refused: {why}");
+    }
+    let ready = match (&p.ready, &p.not_ready) {
+        (true, _) => "ready".to_string(),
+        (false, why) => format!("not ready ({})", why.as_deref().unwrap_or("?")),
+    };
+    let smoke = if p.smoke.is_empty() {
+        "smoke probes not run yet".to_string()
+    } else {
+        let passed = p.smoke.iter().filter(|s| s.passed).count();
+        format!("smoke {passed}/{} passed", p.smoke.len())
+    };
+    format!("generation {generation}: running, {ready}, {smoke}")
 }
 
 /// `status.connectors`, `agent lost` incidents and `ConnectorsInSync` from what the hub knows:
@@ -960,6 +1142,9 @@ async fn connector_status(
         if !a.revoked {
             lost_now.push((a.name.clone(), lost));
         }
+        let candidate = hub
+            .preview_of(&a.pool)
+            .map(|(_, generation)| candidate_summary(generation, a.preview.as_ref()));
         statuses.push(ConnectorStatus {
             name: a.name,
             pool: a.pool,
@@ -971,6 +1156,7 @@ async fn connector_status(
                 .last_seen
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             refused: a.refused.map(|r| r.reason),
+            candidate,
         });
     }
     for (name, lost) in lost_now {
@@ -1076,8 +1262,9 @@ pub async fn probe_endpoints<P: Platform>(m: &mut Managed, ctx: &Context<P>) {
     }
 }
 
-/// Green's and blue's traffic since the analysis window started, when it is being counted.
-async fn analysis_window(m: &mut Managed) -> Option<AnalysisWindow> {
+/// Green's and blue's traffic since the analysis window started, when it is being counted,
+/// with the agents' candidate and served traffic of the pools the revision changes.
+async fn analysis_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<AnalysisWindow> {
     let gate_revision = m.status.gate.as_ref().map(|g| g.revision.clone())?;
     let counters = m
         .analysis
@@ -1094,10 +1281,25 @@ async fn analysis_window(m: &mut Managed) -> Option<AnalysisWindow> {
             return None;
         }
     };
+    let mut active = window_between(&counters.active_start, &active);
+    let mut preview = window_between(&counters.preview_start, &preview);
+    if let Some(hub) = &ctx.agents {
+        for pool in &counters.agents {
+            match pool.windows(hub) {
+                Ok((a, p)) => {
+                    active.absorb_agents(a);
+                    preview.absorb_agents(p);
+                }
+                Err(e) => {
+                    tracing::warn!(gateway = %m.name, pool = %pool.pool, "cannot read the agents' reported metrics for the analysis: {e}")
+                }
+            }
+        }
+    }
     Some(AnalysisWindow {
         revision: gate_revision,
-        active: traffic(&window_between(&counters.active_start, &active)),
-        preview: traffic(&window_between(&counters.preview_start, &preview)),
+        active: traffic(&active),
+        preview: traffic(&preview),
     })
 }
 
@@ -1194,6 +1396,25 @@ async fn perform<P: Platform>(
                     return Step::Done;
                 }
             };
+            let mut agents = Vec::new();
+            if let Some(hub) = &ctx.agents {
+                for c in &m.spec.connectors {
+                    if hub.preview_of(&c.pool).is_none_or(|(r, _)| r != desired) {
+                        continue;
+                    }
+                    match PoolCounters::snapshots(hub, &c.pool) {
+                        Ok((active_start, preview_start)) => agents.push(PoolCounters {
+                            pool: c.pool.clone(),
+                            routes: c.routes.iter().map(|r| r.name.clone()).collect(),
+                            active_start,
+                            preview_start,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(gateway = %m.name, pool = %c.pool, "cannot read the agents' reported metrics for the analysis: {e}")
+                        }
+                    }
+                }
+            }
             match (active_src.snapshot().await, preview_src.snapshot().await) {
                 (Ok(active_start), Ok(preview_start)) => {
                     m.analysis = Some(AnalysisCounters {
@@ -1202,6 +1423,7 @@ async fn perform<P: Platform>(
                         preview: preview_src,
                         active_start,
                         preview_start,
+                        agents,
                     });
                 }
                 (Err(e), _) | (_, Err(e)) => {
