@@ -83,6 +83,14 @@ pub struct PreviewReport {
     pub metrics: String,
 }
 
+impl PreviewReport {
+    /// Whether this is the answer to candidate `generation`: one for that generation, or a
+    /// refusal of a candidate whose signature did not verify (it had no generation to read).
+    pub fn answers(&self, generation: u64) -> bool {
+        self.generation == Some(generation) || (self.generation.is_none() && self.refused.is_some())
+    }
+}
+
 /// One smoke probe an agent sent through a candidate.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

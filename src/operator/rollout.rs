@@ -990,24 +990,22 @@ fn candidates<P: Platform>(
                 continue;
             }
             let state = match a.preview {
-                Some(p) if p.generation == Some(generation) || p.generation.is_none() => {
-                    match p.refused {
-                        Some(why) => CandidateState::Refused(why),
-                        None => CandidateState::Running {
-                            ready: p.ready,
-                            not_ready: p.not_ready,
-                            smoke: p
-                                .smoke
-                                .into_iter()
-                                .map(|s| AgentSmoke {
-                                    name: s.name,
-                                    passed: s.passed,
-                                    detail: s.detail,
-                                })
-                                .collect(),
-                        },
-                    }
-                }
+                Some(p) if p.answers(generation) => match p.refused {
+                    Some(why) => CandidateState::Refused(why),
+                    None => CandidateState::Running {
+                        ready: p.ready,
+                        not_ready: p.not_ready,
+                        smoke: p
+                            .smoke
+                            .into_iter()
+                            .map(|s| AgentSmoke {
+                                name: s.name,
+                                passed: s.passed,
+                                detail: s.detail,
+                            })
+                            .collect(),
+                    },
+                },
                 _ => CandidateState::Waiting,
             };
             out.push(AgentCandidate {
@@ -1076,7 +1074,7 @@ fn candidate_summary(
     generation: u64,
     report: Option<&crate::agent::report::PreviewReport>,
 ) -> String {
-    let Some(p) = report.filter(|p| p.generation.is_none_or(|g| g == generation)) else {
+    let Some(p) = report.filter(|p| p.answers(generation)) else {
         return format!("generation {generation}: not reported on yet");
     };
     if let Some(why) = &p.refused {
