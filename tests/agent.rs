@@ -482,12 +482,20 @@ async fn everything_an_agent_sends_is_metadata() {
         up,
         cp,
         key,
-        entry: _,
+        entry,
         g1: _,
         dir,
     } = Setup::new(&["bank-a-1"]).await;
-    let a = start(cp.agent("bank-a-1", dir.path(), &up, &["accounts"]))
-        .await
+    // A candidate is offered too, and the agent sends a probe of its own through it with the
+    // key: what it reports about the candidate is captured as well.
+    let opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
+    std::fs::write(dir.path().join("smoke.key"), key.expose_secret()).unwrap();
+    let mut local = std::fs::read_to_string(&opts.config).unwrap();
+    local.push_str("smoke:\n  - { name: pii, path: /accounts/pii, apiKeyFile: smoke.key }\n");
+    std::fs::write(&opts.config, local).unwrap();
+    let a = start(opts).await.unwrap();
+    cp.hub
+        .publish_preview(GATEWAY, "bank-a", "rev-2", config(&["accounts"], &entry))
         .unwrap();
     let marker = "body-marker-7f3a";
     // First: the wait below ends at the first report holding the last request.
@@ -514,8 +522,20 @@ async fn everything_an_agent_sends_is_metadata() {
             .is_some_and(|m| m.contains(r#"route="accounts",status_class="5xx""#))
     })
     .await;
+    until("a report on the probed candidate reached the hub", || {
+        cp.hub.agents().iter().any(|s| {
+            s.preview
+                .as_ref()
+                .is_some_and(|p| p.smoke.iter().any(|p| p.name == "pii" && p.passed))
+        })
+    })
+    .await;
     a.stop().await;
     let seen = cp.seen.lock().unwrap().join("\n-----\n");
+    assert!(
+        seen.contains(r#""preview":{"#),
+        "the candidate's report is in the capture"
+    );
     let upstream_port = upstream.addr.unwrap().port().to_string();
     let token = cp.token("bank-a-1");
     // The secret is everything after `agt_NAME_`: base64url may itself hold `_`, and a
