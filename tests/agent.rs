@@ -1135,3 +1135,38 @@ async fn a_revision_for_the_agents_is_checked_on_them_before_traffic_switches() 
     a2.stop().await;
     tour.ctx.platform.shutdown().await;
 }
+
+/// When the gateway database's keys cannot be read, no candidate can be offered to the
+/// agents: the gate does not pass them unasked, and refuses the revision at the rollout
+/// deadline, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_that_could_not_be_offered_a_candidate_are_not_passed() {
+    use apitree::crd::duration::KubeDuration;
+    use apitree::crd::gateway::{CheckPhase, GatewayPhase};
+    let cp = ControlPlane::start(&["bank-a-1"]).await;
+    let notifier = Arc::new(apitree::notify::Notifier::recording());
+    let (mut tour, _api, _) = pool_gateway(&cp, notifier, None).await;
+    let serving = tour.m.status.active_revision.clone();
+    // Nothing listens on port 9: every read of the database fails.
+    tour.m.database_url = Some("postgres://postgres@127.0.0.1:9/test?connect_timeout=1".into());
+    let mut spec = tour.m.spec.clone();
+    spec.gate.rollout_deadline = KubeDuration::from_secs(3);
+    spec.connectors[0].routes[0].timeout = Some(KubeDuration::from_secs(3));
+    tour.set_spec(spec);
+    tour.until("the revision is refused", Duration::from_secs(60), |m| {
+        m.status.phase == Some(GatewayPhase::Rejected)
+    })
+    .await
+    .unwrap();
+    let rollout = tour.m.status.gate.as_ref().unwrap().checks[0].clone();
+    assert_eq!(rollout.phase, CheckPhase::Failed);
+    let why = rollout.reason.unwrap();
+    assert!(
+        why.contains(
+            "pool bank-a (no candidate offered: the gateway database's keys cannot be read)"
+        ),
+        "{why}"
+    );
+    assert_eq!(tour.m.status.active_revision, serving);
+    tour.ctx.platform.shutdown().await;
+}

@@ -955,6 +955,7 @@ fn candidates<P: Platform>(
         .as_ref()
         .and_then(|a| m.agent_configs.get(a));
     let mut offered = Vec::new();
+    let mut unasked = Vec::new();
     for c in &m.spec.connectors {
         let changed = configs
             .get(&c.pool)
@@ -969,16 +970,23 @@ fn candidates<P: Platform>(
                 }
             }
             // The database cannot be read: the candidate offered stays (its keys are a pass
-            // old), and the agents' reports on it still count.
+            // old), and the agents' reports on it still count. None offered yet: the pool's
+            // agents are awaited all the same, so the gate never passes agents it could not
+            // ask (it fails at the rollout deadline if the database stays away).
             (true, Some(_), None) => {
                 if hub.preview_of(&c.pool).is_some_and(|(r, _)| r == desired) {
                     offered.push(c);
+                } else {
+                    unasked.push(AgentCandidate {
+                        name: format!("pool {} (no candidate offered: the gateway database's keys cannot be read)", c.pool),
+                        state: CandidateState::Waiting,
+                    });
                 }
             }
             _ => hub.withdraw_preview(&m.name, &c.pool),
         }
     }
-    let mut out = Vec::new();
+    let mut out = unasked;
     for c in offered {
         let Some((_, generation)) = hub.preview_of(&c.pool) else {
             continue;
