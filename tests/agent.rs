@@ -868,20 +868,13 @@ async fn a_rollback_inside_the_window_rolls_the_agents_back_too() {
         .await
         .unwrap();
     let first = a.generation();
-    let stop = Arc::new(AtomicBool::new(false));
     let failing = Arc::new(AtomicBool::new(false));
-    let active = tour.ctx.platform.active_url("bank-gw").await.unwrap();
-    let mut traffic = apitree::operator::demo::start_traffic(
-        active,
-        tour.preview.clone(),
-        cluster_key.expose_secret().to_string(),
-        stop.clone(),
-    );
-    traffic.push(agent_traffic(
+    let mut traffic = Traffic::to_gateway(&tour, &cluster_key).await;
+    traffic.tasks.push(agent_traffic(
         vec![a.addr],
         key.expose_secret(),
         failing.clone(),
-        stop.clone(),
+        traffic.stop.clone(),
     ));
     let limit = Duration::from_secs(60);
     tour.until("a baseline", limit, |m| m.error_ratios.len() >= 6)
@@ -922,12 +915,41 @@ async fn a_rollback_inside_the_window_rolls_the_agents_back_too() {
     )
     .await
     .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    for t in traffic {
-        let _ = t.await;
-    }
+    traffic.stop().await;
     a.stop().await;
     tour.ctx.platform.shutdown().await;
+}
+
+/// Clients sending traffic until stopped.
+struct Traffic {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// The demo's clients of the gateway's active and preview endpoints, with `key`.
+    async fn to_gateway(
+        tour: &apitree::operator::demo::Tour,
+        key: &apitree::proxy::keys::ApiKey,
+    ) -> Self {
+        use apitree::platform::Platform;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let active = tour.ctx.platform.active_url(GATEWAY).await.unwrap();
+        let tasks = apitree::operator::demo::start_traffic(
+            active,
+            tour.preview.clone(),
+            key.expose_secret().to_string(),
+            stop.clone(),
+        );
+        Self { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 /// Clients of the agents at `addrs` (in turn) with `key`: every other request goes to the
@@ -1033,14 +1055,7 @@ async fn a_revision_for_the_agents_is_checked_on_them_before_traffic_switches() 
     let first = a1.generation();
     let serving = tour.m.status.active_revision.clone();
     let original = tour.m.spec.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let active = tour.ctx.platform.active_url("bank-gw").await.unwrap();
-    let traffic = apitree::operator::demo::start_traffic(
-        active,
-        tour.preview.clone(),
-        cluster_key.expose_secret().to_string(),
-        stop.clone(),
-    );
+    let traffic = Traffic::to_gateway(&tour, &cluster_key).await;
 
     // 1. A route bank-a-2 has no upstream for.
     let mut spec = original.clone();
@@ -1127,10 +1142,7 @@ async fn a_revision_for_the_agents_is_checked_on_them_before_traffic_switches() 
     )
     .await
     .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    for t in traffic {
-        let _ = t.await;
-    }
+    traffic.stop().await;
     a1.stop().await;
     a2.stop().await;
     tour.ctx.platform.shutdown().await;

@@ -720,19 +720,11 @@ async fn readiness(admin: std::net::SocketAddr) -> (bool, Option<String>) {
         .await;
     match answer {
         Ok(r) => {
-            let code = r.status();
+            let code = r.status().as_u16();
             let doc: serde_json::Value = r.json().await.unwrap_or_default();
-            let status = doc["status"].as_str().unwrap_or("unknown");
-            if code.is_success() && status == "ready" {
-                (true, None)
-            } else {
-                (
-                    false,
-                    Some(format!(
-                        "{status} (rate-limit store {})",
-                        doc["rateLimitStore"].as_str().unwrap_or("?")
-                    )),
-                )
+            match crate::proxy::server::readyz_verdict(code, &doc) {
+                Ok(()) => (true, None),
+                Err(why) => (false, Some(why)),
             }
         }
         Err(e) => (false, Some(no_answer(&e))),

@@ -74,17 +74,11 @@ async fn health(t: &ProbeTarget<'_>) -> ProbeResult {
             .await;
         match answer {
             Ok(r) => {
-                let code = r.status();
+                let code = r.status().as_u16();
                 let doc: serde_json::Value = r.json().await.unwrap_or_default();
-                let status = doc["status"].as_str().unwrap_or("unknown").to_string();
-                if code.is_success() && status == "ready" {
-                    good += 1;
-                } else {
-                    problems.push(format!(
-                        "{url}: {status} (database {}, rate-limit store {})",
-                        doc["database"].as_str().unwrap_or("?"),
-                        doc["rateLimitStore"].as_str().unwrap_or("?")
-                    ));
+                match crate::proxy::server::readyz_verdict(code, &doc) {
+                    Ok(()) => good += 1,
+                    Err(why) => problems.push(format!("{url}: {why}")),
                 }
             }
             Err(e) => problems.push(format!("{url}: {}", no_answer(&e, t.spec.tls.is_some()))),

@@ -877,6 +877,21 @@ impl Gateway {
     }
 }
 
+/// What a caller makes of a proxy's `/readyz` answer (`code` and its JSON `doc`): ready, or
+/// what it says instead, e.g. `degraded (database ok, rate-limit store degraded)`.
+pub fn readyz_verdict(code: u16, doc: &serde_json::Value) -> Result<(), String> {
+    let status = doc["status"].as_str().unwrap_or("unknown");
+    if (200..300).contains(&code) && status == "ready" {
+        Ok(())
+    } else {
+        Err(format!(
+            "{status} (database {}, rate-limit store {})",
+            doc["database"].as_str().unwrap_or("?"),
+            doc["rateLimitStore"].as_str().unwrap_or("?")
+        ))
+    }
+}
+
 /// The whole body, or None when it fails or runs past `limit` bytes. (Not `Limited`: over a
 /// boxed body its error bound makes the request future impossible to prove `Send`.)
 async fn collect_limited(mut body: Body, limit: usize) -> Option<Bytes> {
