@@ -322,8 +322,10 @@ pub struct AgentArgs {
         required = true
     )]
     pub config: Option<PathBuf>,
-    /// Share rate-limit counters with other replicas through this Redis; limits are per agent
-    /// without it.
+    /// Share rate-limit counters through this Redis: with the pool's other agents (a Redis in
+    /// the partner's network) or with the cloud's replicas too (the Redis they use, where the
+    /// partner's network reaches it; rediss://… for TLS). Limits are per agent without it, and
+    /// when it fails (/readyz then reports degraded).
     #[arg(
         long,
         value_name = "URL",
@@ -331,6 +333,15 @@ pub struct AgentArgs {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
+    /// With a rediss:// URL: verify Redis's certificate against these CA certificates (PEM)
+    /// instead of the system's.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "APITREE_REDIS_CA_FILE",
+        requires = "redis_url"
+    )]
+    pub redis_ca_file: Option<PathBuf>,
     /// How often metadata is reported to the control plane.
     #[arg(
         long,

@@ -397,6 +397,7 @@ async fn agent(cmd: apitree::cli::AgentCommand) -> Result<()> {
             );
             opts.ca_pem = ca_pem;
             opts.redis_url = a.redis_url;
+            opts.redis_ca_file = a.redis_ca_file;
             opts.access_log = !a.no_access_log;
             opts.report_every = a.report_every.as_std();
             run::run(opts, shutdown_signal()).await?;

@@ -855,7 +855,6 @@ async fn agents_take_the_gateway_databases_keys_and_their_revocation() {
 async fn a_rollback_inside_the_window_rolls_the_agents_back_too() {
     use apitree::crd::duration::KubeDuration;
     use apitree::crd::gateway::GatewayPhase;
-    use apitree::platform::Platform;
     use std::sync::atomic::{AtomicBool, Ordering};
     let cp = ControlPlane::start(&["bank-a-1"]).await;
     let notifier = Arc::new(apitree::notify::Notifier::recording());
@@ -1026,8 +1025,6 @@ async fn an_agent_that_cannot_verify_backs_off() {
 async fn a_revision_for_the_agents_is_checked_on_them_before_traffic_switches() {
     use apitree::crd::duration::KubeDuration;
     use apitree::crd::gateway::{CheckPhase, GatewayPhase};
-    use apitree::platform::Platform;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
     let notifier = Arc::new(apitree::notify::Notifier::recording());
     let (key, entry) = live_key();
@@ -1181,4 +1178,101 @@ async fn agents_that_could_not_be_offered_a_candidate_are_not_passed() {
     );
     assert_eq!(tour.m.status.active_revision, serving);
     tour.ctx.platform.shutdown().await;
+}
+
+/// With `--redis-url` to the Redis the cloud's replicas use, an agent and a cloud replica
+/// count one key against one limit: a burst of 6 per key holds across both.
+#[tokio::test]
+async fn an_agent_and_a_cloud_replica_share_a_keys_limits_through_redis() {
+    use apitree::proxy::limiter::Limiter;
+    use apitree::proxy::metrics::ProxyMetrics;
+    let redis =
+        std::env::var("APITREE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let upstream = start_upstream().await;
+    let up = format!("http://{}/", upstream.addr.unwrap());
+    let cp = ControlPlane::start(&["bank-a-1"]).await;
+    // A new key each run: its counters in Redis are this test's alone.
+    let (key, entry_yaml) = key_entry(KeyScope::Live, "bank-a-org", "");
+    let entry: KeyEntry =
+        serde_saphyr::from_str(entry_yaml.trim().trim_start_matches("- ")).unwrap();
+    let tier = r#"{ "name": "standard", "perKey": {"burst10s": 6, "perMinute": 100, "perDay": 1000},
+        "perOrg": {"burst10s": 1000000, "perMinute": 1000000, "perDay": 10000000} }"#;
+    let mut cfg = config(&["accounts"], &entry);
+    cfg.tiers = vec![serde_json::from_str(tier).unwrap()];
+    cp.hub.publish(GATEWAY, "bank-a", cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
+    opts.redis_url = Some(redis.clone());
+    let a = start(opts).await.unwrap();
+    let yaml = format!(
+        "tiers:\n  - {tier}\ndefaultTier: standard\norgs: [{{ id: bank-a-org }}]\nkeys:\n{entry_yaml}routes:\n  - {{ name: accounts, pathPrefix: /accounts/, upstream: \"{up}\" }}\n",
+        tier = tier.replace('\n', " ")
+    );
+    let cloud = start_gateway(
+        &yaml,
+        Some(Limiter::shared(&redis, ProxyMetrics::new()).unwrap()),
+    )
+    .await;
+    let mut admitted = 0;
+    for i in 0..10 {
+        let at = if i % 2 == 0 { a.addr } else { cloud.addr };
+        let status = client()
+            .get(format!("http://{at}/accounts/ok"))
+            .header("x-api-key", key.expose_secret())
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(
+        admitted, 6,
+        "the key's burst of 6 holds across the agent and the cloud"
+    );
+    a.stop().await;
+}
+
+/// A candidate the agent cannot start (its `previewListen` port is taken) is reported refused
+/// in words that hold none of the local file's values: not the address, not the port.
+#[tokio::test]
+async fn a_candidate_that_cannot_start_is_refused_without_the_local_values() {
+    let Setup {
+        upstream: _upstream,
+        up,
+        cp,
+        key: _,
+        entry,
+        g1: _,
+        dir,
+    } = Setup::new(&["bank-a-1"]).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
+    let mut local = std::fs::read_to_string(&opts.config).unwrap();
+    local.push_str(&format!("previewListen: 127.0.0.1:{port}\n"));
+    std::fs::write(&opts.config, local).unwrap();
+    let a = start(opts).await.unwrap();
+    cp.hub
+        .publish_preview(GATEWAY, "bank-a", "rev-2", config(&["accounts"], &entry))
+        .unwrap();
+    until("the hub hears the candidate refused", || {
+        cp.hub
+            .agents()
+            .iter()
+            .any(|s| s.preview.as_ref().is_some_and(|p| p.refused.is_some()))
+    })
+    .await;
+    let status = cp.hub.agents().remove(0);
+    let refused = status.preview.unwrap().refused.unwrap();
+    assert!(
+        refused.contains("previewListen cannot be bound"),
+        "{refused}"
+    );
+    assert!(
+        !refused.contains("127.0.0.1") && !refused.contains(&port.to_string()),
+        "{refused}"
+    );
+    a.stop().await;
 }

@@ -185,6 +185,8 @@ struct Published {
 
 /// The candidate the gate is checking for a pool.
 struct Candidate {
+    /// The gateway that offered it: served only while the pool is still bound to it.
+    gateway: String,
     revision: String,
     generation: u64,
     config: AgentConfig,
@@ -372,6 +374,7 @@ impl Hub {
         inner.previews.insert(
             pool.into(),
             Candidate {
+                gateway: gateway.into(),
                 revision: revision.into(),
                 generation,
                 config,
@@ -381,20 +384,21 @@ impl Hub {
         Ok(generation)
     }
 
-    /// Takes back `pool`'s candidate (the gate ended): its agents stop the preview at their
-    /// next report.
-    pub fn withdraw_preview(&self, gateway: &str, pool: &str) {
-        let mut inner = self.lock();
-        if bound_to(&inner, gateway, pool).is_ok() {
-            inner.previews.remove(pool);
-        }
-    }
-
-    /// The revision and generation of `pool`'s candidate, when one is offered.
-    pub fn preview_of(&self, pool: &str) -> Option<(String, u64)> {
+    /// Takes back every candidate `gateway` offered but for those of `keep` (a gate ended, a
+    /// pool left the spec, the gateway was deleted: `keep` empty): their agents stop them at
+    /// their next report.
+    pub fn retain_previews(&self, gateway: &str, keep: &[&str]) {
         self.lock()
             .previews
-            .get(pool)
+            .retain(|pool, c| c.gateway != gateway || keep.contains(&pool.as_str()));
+    }
+
+    /// The revision and generation of the candidate `gateway` offers `pool`, while the pool
+    /// is bound to it.
+    pub fn preview_of(&self, gateway: &str, pool: &str) -> Option<(String, u64)> {
+        let inner = self.lock();
+        offered(&inner, pool)
+            .filter(|c| c.gateway == gateway)
             .map(|c| (c.revision.clone(), c.generation))
     }
 
@@ -791,18 +795,18 @@ impl Hub {
             .unwrap_or_default();
         if let Some(p) = preview.as_mut() {
             for text in [&mut p.refused, &mut p.not_ready].into_iter().flatten() {
-                *text = capped(text, MAX_REASON);
+                *text = clean(text, MAX_REASON);
             }
             for s in &mut p.smoke {
-                s.detail = capped(&s.detail, 200);
+                s.detail = clean(&s.detail, 200);
             }
         }
         self.seen(agent, |seen| {
             let status = &mut seen.status;
-            status.version = Some(report.version.chars().take(64).collect());
+            status.version = Some(clean(&report.version, 64));
             status.generation = report.generation;
             status.refused = report.refused.map(|mut r| {
-                r.reason = capped(&r.reason, MAX_REASON);
+                r.reason = clean(&r.reason, MAX_REASON);
                 r
             });
             status.preview = preview;
@@ -810,15 +814,7 @@ impl Hub {
             seen.preview_metrics = preview_metrics;
         });
         // The pool's candidate, if the gate is checking one, goes back with the answer.
-        let candidate = {
-            let inner = self.lock();
-            let bound = inner.bindings.contains_key(&agent.pool);
-            inner
-                .previews
-                .get(&agent.pool)
-                .filter(|_| bound)
-                .map(|c| c.body.clone())
-        };
+        let candidate = offered(&self.lock(), &agent.pool).map(|c| c.body.clone());
         let mut resp = match candidate {
             Some(body) => {
                 let mut resp = Response::new(Full::new(body));
@@ -917,13 +913,26 @@ async fn watch_agents_file(hub: Arc<Hub>, path: std::path::PathBuf) {
     }
 }
 
-/// `text` cut to `max` characters, marked when cut.
-fn capped(text: &str, max: usize) -> String {
-    if text.chars().count() > max {
-        text.chars().take(max).collect::<String>() + "…"
-    } else {
-        text.to_string()
+/// Text an agent sent, as the control plane keeps it: cut to `max` characters (marked when
+/// cut), every control character (a newline, an escape sequence) replaced by `\u{FFFD}`, so
+/// it cannot forge log lines or drive a terminal where the reason is shown.
+fn clean(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
     }
+    out
+}
+
+/// `pool`'s candidate, if one is offered by the gateway the pool is bound to now (one offered
+/// before the agents file bound the pool elsewhere is not).
+fn offered<'a>(inner: &'a Inner, pool: &str) -> Option<&'a Candidate> {
+    let owner = inner.bindings.get(pool)?;
+    inner.previews.get(pool).filter(|c| &c.gateway == owner)
 }
 
 /// Why a pool's binding does not let `gateway` configure it.
@@ -1484,11 +1493,40 @@ mod tests {
             key.open(&env, "bank-a", None),
             Err(super::super::envelope::EnvelopeError::PreviewAsActive)
         );
-        // Another gateway cannot withdraw it; the bound one can.
-        hub.withdraw_preview("ns/other", "bank-a");
-        assert_eq!(hub.preview_of("bank-a"), Some(("rev-b".into(), g2)));
-        hub.withdraw_preview("ns/bank", "bank-a");
-        assert_eq!(hub.preview_of("bank-a"), None);
+        // Another gateway cannot withdraw it; the one that offered it can.
+        hub.retain_previews("ns/other", &[]);
+        assert_eq!(
+            hub.preview_of("ns/bank", "bank-a"),
+            Some(("rev-b".into(), g2))
+        );
+        assert_eq!(hub.preview_of("ns/other", "bank-a"), None);
+        hub.retain_previews("ns/bank", &["bank-a"]);
+        assert_eq!(
+            hub.preview_of("ns/bank", "bank-a"),
+            Some(("rev-b".into(), g2))
+        );
+        // The agents file binds the pool elsewhere: the old gateway's candidate is not served.
+        let mut file = AgentsFile {
+            pools: vec![PoolBinding {
+                name: "bank-a".into(),
+                gateway: "ns/other".into(),
+            }],
+            agents: hub.lock().agents.values().cloned().collect(),
+        };
+        hub.set_agents(file.clone());
+        assert_eq!(
+            hub.handle(post(plain.clone())).await.status(),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(hub.preview_of("ns/other", "bank-a"), None);
+        file.pools[0].gateway = "ns/bank".into();
+        hub.set_agents(file);
+        assert_eq!(
+            hub.handle(post(plain.clone())).await.status(),
+            StatusCode::OK
+        );
+        hub.retain_previews("ns/bank", &[]);
+        assert_eq!(hub.preview_of("ns/bank", "bank-a"), None);
         assert_eq!(
             hub.handle(post(plain)).await.status(),
             StatusCode::NO_CONTENT
@@ -1564,5 +1602,46 @@ mod tests {
         let kept = hub.preview_metrics(&["bank-a"]);
         assert_eq!(kept.len(), 1);
         assert!(kept[0].1.contains("route=\"accounts\""), "{kept:?}");
+    }
+
+    /// Whatever text an agent sends (its version, a refusal, a candidate's readiness or probe
+    /// detail), no control character is kept: none can forge a log line or a terminal
+    /// sequence where the control plane shows it.
+    #[tokio::test]
+    async fn an_agents_text_is_kept_without_control_characters() {
+        let (hub, good, _) = hub();
+        let nasty =
+            "ok\n2026-12-07T01:40:00Z  INFO 5/5 checks passed\u{1b}[2J\r\t\u{0}\u{7f}\u{85}end";
+        let report = serde_json::json!({
+            "version": nasty, "generation": 1, "metrics": "",
+            "refused": {"generation": 2, "reason": nasty},
+            "preview": {"generation": 3, "refused": nasty, "notReady": nasty,
+                        "smoke": [{"name": "p", "passed": false, "detail": nasty}]},
+        });
+        let req = Request::post("/agent/v1/report")
+            .header("authorization", format!("Bearer {good}"))
+            .body(Full::new(Bytes::from(report.to_string())))
+            .unwrap();
+        assert_eq!(hub.handle(req).await.status(), StatusCode::NO_CONTENT);
+        let a = hub
+            .agents()
+            .into_iter()
+            .find(|a| a.name == "bank-a-1")
+            .unwrap();
+        let p = a.preview.clone().unwrap();
+        let texts = [
+            a.version.unwrap(),
+            a.refused.unwrap().reason,
+            p.refused.unwrap(),
+            p.not_ready.unwrap(),
+            p.smoke[0].detail.clone(),
+        ];
+        for t in texts {
+            assert!(!t.chars().any(char::is_control), "{t:?}");
+            assert!(
+                t.starts_with("ok\u{FFFD}2026") && t.contains("end") || t.ends_with('…'),
+                "{t:?}"
+            );
+        }
     }
 }

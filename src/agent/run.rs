@@ -58,6 +58,8 @@ pub struct AgentOptions {
     /// The local file (`AgentLocal`).
     pub config: PathBuf,
     pub redis_url: Option<String>,
+    /// CA certificates (PEM) a rediss:// Redis is verified against.
+    pub redis_ca_file: Option<PathBuf>,
     pub access_log: bool,
     pub report_every: Duration,
     pub retry_min: Duration,
@@ -85,6 +87,7 @@ impl AgentOptions {
             cache_dir,
             config,
             redis_url: None,
+            redis_ca_file: None,
             access_log: false,
             report_every: Duration::from_secs(10),
             retry_min: Duration::from_secs(1),
@@ -580,7 +583,8 @@ impl Agent {
             Err(e) => {
                 tracing::error!(generation, "candidate configuration not started: {e}");
                 let reason = match &e {
-                    ProxyError::Bind { addr, .. } => format!("previewListen {addr} cannot be bound (in use?); the agent's log has the details"),
+                    // The address stays home, like every value of the local file.
+                    ProxyError::Bind { .. } => "previewListen cannot be bound (is its port in use?); the agent's log has the details".into(),
                     _ => "it does not start with the agent's local file; the agent's log has the details".into(),
                 };
                 return (refused(Some(generation), reason), None);
@@ -646,7 +650,7 @@ impl Agent {
         ProxyOptions {
             config: self.opts.config.clone(),
             redis_url: self.opts.redis_url.clone(),
-            redis_ca_file: None,
+            redis_ca_file: self.opts.redis_ca_file.clone(),
             database_url: None,
             upstream_allow: Vec::new(),
             listen: None,

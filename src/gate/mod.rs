@@ -16,7 +16,9 @@
 //! agent of such a pool runs the revision's candidate configuration beside its served one and
 //! reports on it ([`AgentCandidate`]). Rollout waits for every one to run it (one refusing it
 //! fails the check), health for their candidates' readiness, smoke for the probes they send
-//! through it; the controller adds their candidates' traffic to the analysis.
+//! through it, and the analysis judges each pool's candidate traffic against its served
+//! traffic on its own: a pool's regression fails the check, a pool with too little candidate
+//! traffic is noted and does not hold the gate (its agents passed smoke).
 
 pub mod analysis;
 
@@ -92,6 +94,20 @@ pub struct ProbeResult {
 pub struct AnalysisWindow {
     pub revision: String,
     pub active: Traffic,
+    pub preview: Traffic,
+    /// Per pool the revision changes: its agents' candidate and served traffic, judged on
+    /// their own (an agent's counts never enter the cluster's ratios, which they could
+    /// drown).
+    pub pools: Vec<PoolTraffic>,
+}
+
+/// One agent pool's traffic in the analysis window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolTraffic {
+    pub pool: String,
+    /// Through the configuration its agents serve.
+    pub active: Traffic,
+    /// Through their candidates (`previewListen`).
     pub preview: Traffic,
 }
 
@@ -774,6 +790,28 @@ impl Machine<'_> {
                     ));
                     return CheckPhase::Running;
                 }
+                let mut notes = Vec::new();
+                for p in &w.pools {
+                    let pj = analysis::judge(&p.active, &p.preview, spec, preview);
+                    match pj.phase {
+                        CheckPhase::Failed => {
+                            let c = self.check(check);
+                            c.observed = with_agents(c.observed.take(), &format!("pool {}: {}", p.pool, pj.observed));
+                            return self.finish(
+                                check,
+                                CheckPhase::Failed,
+                                format!("pool {}'s agents, candidate ({}) against served ({}): {}", p.pool, preview.as_str(), preview.other().as_str(), pj.reason),
+                            );
+                        }
+                        CheckPhase::Passed => notes.push(format!("pool {}: {}", p.pool, pj.observed)),
+                        _ => notes.push(format!(
+                            "pool {}: too little candidate traffic to judge ({} requests; its agents passed smoke)",
+                            p.pool, p.preview.requests
+                        )),
+                    }
+                }
+                let c = self.check(check);
+                c.observed = with_agents(c.observed.take(), &notes.join("; "));
                 self.finish(check, j.phase, j.reason)
             }
         }

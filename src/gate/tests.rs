@@ -22,6 +22,8 @@ struct World {
     instances: u32,
     /// Replicas a deploy makes ready (all of them unless set).
     deploy_ready: Option<i32>,
+    /// Agent pools' traffic the analysis window reports.
+    pools: Vec<PoolTraffic>,
     log: Vec<Action>,
 }
 
@@ -56,6 +58,7 @@ impl World {
             },
             instances: 0,
             deploy_ready: None,
+            pools: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -113,6 +116,7 @@ impl World {
                                 p99_ms: Some(10.0),
                             },
                             preview: self.green_traffic.clone(),
+                            pools: self.pools.clone(),
                         })
                     }
                     Action::Switch { .. } | Action::Notify(_) => {}
@@ -668,4 +672,97 @@ fn a_slow_agent_holds_the_gate_until_it_answers() {
     w.tick(t(80));
     w.tick(t(150));
     assert_eq!(w.phase(), GatewayPhase::Promoting);
+}
+
+fn traffic(requests: u64, errors: u64) -> Traffic {
+    Traffic {
+        requests,
+        errors,
+        p99_ms: Some(10.0),
+    }
+}
+
+/// Each pool's agent traffic is judged on its own, never summed into the cluster's: a pool
+/// whose candidate fails more than it serves fails the analysis, a pool reporting an ocean of
+/// clean candidate requests cannot rescue a failing green (nor dilute it), and a pool without
+/// candidate traffic is noted without holding the gate.
+#[test]
+fn agent_pools_are_judged_on_their_own_in_the_analysis() {
+    let pool = |name: &str, active: Traffic, preview: Traffic| PoolTraffic {
+        pool: name.into(),
+        active,
+        preview,
+    };
+    type Case = (
+        &'static str,
+        Traffic,
+        Vec<PoolTraffic>,
+        CheckPhase,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "a pool's candidate regresses",
+            traffic(500, 1),
+            vec![pool("bank-a", traffic(1000, 2), traffic(400, 120))],
+            CheckPhase::Failed,
+            "pool bank-a's agents",
+        ),
+        (
+            "a pool's flood of clean requests next to a failing green",
+            traffic(500, 250),
+            vec![pool("bank-a", traffic(10, 0), traffic(200_000_000_000, 0))],
+            CheckPhase::Failed,
+            "",
+        ),
+        (
+            "a pool's flood of served errors next to a failing green",
+            traffic(500, 250),
+            vec![pool(
+                "bank-a",
+                traffic(200_000_000_000, 200_000_000_000),
+                traffic(10, 0),
+            )],
+            CheckPhase::Failed,
+            "",
+        ),
+        (
+            "a pool without candidate traffic",
+            traffic(500, 1),
+            vec![pool("bank-a", traffic(1000, 2), traffic(0, 0))],
+            CheckPhase::Passed,
+            "pool bank-a: too little candidate traffic to judge",
+        ),
+        (
+            "a pool whose candidate does as well",
+            traffic(500, 1),
+            vec![pool("bank-a", traffic(1000, 2), traffic(500, 1))],
+            CheckPhase::Passed,
+            "pool bank-a: ",
+        ),
+    ];
+    for (what, green, pools, want, says) in cases {
+        let mut w = World::serving_a(true);
+        w.green_traffic = green;
+        w.pools = pools;
+        w.obs.desired = B.into();
+        for at in [10, 40, 71] {
+            w.tick(t(at));
+        }
+        let gate = w.status.gate.clone().unwrap();
+        let analysis = &gate.checks[4];
+        assert_eq!(analysis.phase, want, "{what}: {analysis:?}");
+        let text = format!(
+            "{} {}",
+            analysis.observed.as_deref().unwrap_or(""),
+            analysis.reason.as_deref().unwrap_or("")
+        );
+        assert!(text.contains(says), "{what}: {text}");
+        if what.contains("failing green") {
+            assert!(
+                text.contains("green"),
+                "{what}: the cluster's own verdict: {text}"
+            );
+        }
+    }
 }

@@ -757,6 +757,10 @@ async fn cleanup(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controll
         published.remove(&name);
         op.publish_all(&published);
     }
+    if let Some(hub) = &op.agents {
+        // A gate that was running offers its agents nothing any more.
+        hub.retain_previews(&name, &[]);
+    }
     if let Some(old) = op
         .slack
         .lock()

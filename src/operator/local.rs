@@ -454,6 +454,9 @@ pub async fn run(
                 tracing::info!(gateway = %name, "manifest removed: stopping the gateway");
                 platform.remove(&name).await;
                 gateways.remove(&name);
+                if let Some(hub) = &ctx.agents {
+                    hub.retain_previews(&name, &[]);
+                }
             }
             for g in &manifests.gateways {
                 match (&g.spec, gateways.get_mut(&g.name)) {

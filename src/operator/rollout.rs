@@ -96,8 +96,8 @@ struct AnalysisCounters {
     preview: ScrapeSource,
     active_start: Snapshot,
     preview_start: Snapshot,
-    /// The pools offered the revision's candidate: their agents' served and candidate traffic
-    /// count with the colors'.
+    /// The pools offered the revision's candidate: their agents' served and candidate traffic,
+    /// judged per pool.
     agents: Vec<PoolCounters>,
 }
 
@@ -669,6 +669,9 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
                 .inc();
             refuse_spec(m, problems, now);
             if let Some(hub) = ctx.agents.clone() {
+                // No gate steps on a spec that cannot run: its candidates are withdrawn, and
+                // offered again (with fresh keys) once it can.
+                hub.retain_previews(&m.name, &[]);
                 connector_status(m, &hub, &[], now).await;
             }
             return;
@@ -760,9 +763,7 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
     if m.status.preview_revision.is_none() {
         // The gate ended this pass (promoted, refused, cancelled): no candidate stays offered.
         if let Some(hub) = &ctx.agents {
-            for c in &m.spec.connectors {
-                hub.withdraw_preview(&m.name, &c.pool);
-            }
+            hub.retain_previews(&m.name, &[]);
         }
     }
     connectors(m, ctx, &desired, &rendered, entities, now).await;
@@ -962,10 +963,11 @@ fn candidates<P: Platform>(
             .is_some_and(|cfg| active.and_then(|a| a.get(&c.pool)) != Some(cfg));
         match (gating && changed, configs.get(&c.pool), entities) {
             (true, Some(cfg), Some(e)) => {
-                if hub
-                    .publish_preview(&m.name, &c.pool, desired, with_entities(cfg.clone(), e))
-                    .is_ok()
-                {
+                // Refused for a pool not bound to this gateway, whose agents it cannot ask
+                // (and which `ConnectorsUnbound` reports).
+                let published =
+                    hub.publish_preview(&m.name, &c.pool, desired, with_entities(cfg.clone(), e));
+                if published.is_ok() {
                     offered.push(c);
                 }
             }
@@ -974,7 +976,10 @@ fn candidates<P: Platform>(
             // agents are awaited all the same, so the gate never passes agents it could not
             // ask (it fails at the rollout deadline if the database stays away).
             (true, Some(_), None) => {
-                if hub.preview_of(&c.pool).is_some_and(|(r, _)| r == desired) {
+                if hub
+                    .preview_of(&m.name, &c.pool)
+                    .is_some_and(|(r, _)| r == desired)
+                {
                     offered.push(c);
                 } else {
                     unasked.push(AgentCandidate {
@@ -983,12 +988,16 @@ fn candidates<P: Platform>(
                     });
                 }
             }
-            _ => hub.withdraw_preview(&m.name, &c.pool),
+            _ => {}
         }
     }
+    // Every other candidate this gateway offered goes: pools the revision does not change,
+    // and pools no longer in the spec.
+    let keep: Vec<&str> = offered.iter().map(|c| c.pool.as_str()).collect();
+    hub.retain_previews(&m.name, &keep);
     let mut out = unasked;
     for c in offered {
-        let Some((_, generation)) = hub.preview_of(&c.pool) else {
+        let Some((_, generation)) = hub.preview_of(&m.name, &c.pool) else {
             continue;
         };
         for a in hub.agents() {
@@ -1149,7 +1158,7 @@ async fn connector_status(
             lost_now.push((a.name.clone(), lost));
         }
         let candidate = hub
-            .preview_of(&a.pool)
+            .preview_of(&m.name, &a.pool)
             .map(|(_, generation)| candidate_summary(generation, a.preview.as_ref()));
         statuses.push(ConnectorStatus {
             name: a.name,
@@ -1269,7 +1278,7 @@ pub async fn probe_endpoints<P: Platform>(m: &mut Managed, ctx: &Context<P>) {
 }
 
 /// Green's and blue's traffic since the analysis window started, when it is being counted,
-/// with the agents' candidate and served traffic of the pools the revision changes.
+/// and apart from it each changed pool's agents' candidate and served traffic.
 async fn analysis_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<AnalysisWindow> {
     let gate_revision = m.status.gate.as_ref().map(|g| g.revision.clone())?;
     let counters = m
@@ -1287,15 +1296,15 @@ async fn analysis_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Opti
             return None;
         }
     };
-    let mut active = window_between(&counters.active_start, &active);
-    let mut preview = window_between(&counters.preview_start, &preview);
+    let mut pools = Vec::new();
     if let Some(hub) = &ctx.agents {
         for pool in &counters.agents {
             match pool.windows(hub) {
-                Ok((a, p)) => {
-                    active.absorb_agents(a);
-                    preview.absorb_agents(p);
-                }
+                Ok((a, p)) => pools.push(gate::PoolTraffic {
+                    pool: pool.pool.clone(),
+                    active: traffic(&a),
+                    preview: traffic(&p),
+                }),
                 Err(e) => {
                     tracing::warn!(gateway = %m.name, pool = %pool.pool, "cannot read the agents' reported metrics for the analysis: {e}")
                 }
@@ -1304,8 +1313,9 @@ async fn analysis_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Opti
     }
     Some(AnalysisWindow {
         revision: gate_revision,
-        active: traffic(&active),
-        preview: traffic(&preview),
+        active: traffic(&window_between(&counters.active_start, &active)),
+        preview: traffic(&window_between(&counters.preview_start, &preview)),
+        pools,
     })
 }
 
@@ -1405,7 +1415,10 @@ async fn perform<P: Platform>(
             let mut agents = Vec::new();
             if let Some(hub) = &ctx.agents {
                 for c in &m.spec.connectors {
-                    if hub.preview_of(&c.pool).is_none_or(|(r, _)| r != desired) {
+                    if hub
+                        .preview_of(&m.name, &c.pool)
+                        .is_none_or(|(r, _)| r != desired)
+                    {
                         continue;
                     }
                     match PoolCounters::snapshots(hub, &c.pool) {
