@@ -1084,6 +1084,7 @@ async fn a_revision_for_the_agents_is_checked_on_them_before_traffic_switches() 
     // 2. A change both agents can run.
     let mut spec = original.clone();
     spec.connectors[0].routes[0].timeout = Some(KubeDuration::from_secs(3));
+    spec.gate.rollback_window = KubeDuration::from_secs(2);
     tour.set_spec(spec);
     tour.until(
         "bank-a-2 reports its candidate ready and probed",
@@ -1137,6 +1138,31 @@ async fn a_revision_for_the_agents_is_checked_on_them_before_traffic_switches() 
         limit,
         |_| a1.generation() == promoted && a2.generation() == promoted && promoted != first,
     )
+    .await
+    .unwrap();
+
+    // 3. A candidate does not outlive its gate: a pool the spec drops mid-gate has its
+    // candidate withdrawn, and the agents stop it.
+    tour.until("the rollback window ends", limit, |m| {
+        m.status.phase == Some(GatewayPhase::Stable)
+    })
+    .await
+    .unwrap();
+    let mut spec = tour.m.spec.clone();
+    spec.gate.auto_promote = false;
+    spec.connectors[0].routes[0].timeout = Some(KubeDuration::from_secs(4));
+    tour.set_spec(spec.clone());
+    tour.until("both agents run the candidate", limit, |_| {
+        a1.preview().is_some_and(|p| p.refused.is_none())
+            && a2.preview().is_some_and(|p| p.refused.is_none())
+    })
+    .await
+    .unwrap();
+    spec.connectors.clear();
+    tour.set_spec(spec);
+    tour.until("the candidate is withdrawn and stopped", limit, |_| {
+        a1.preview().is_none() && a2.preview().is_none()
+    })
     .await
     .unwrap();
     traffic.stop().await;
