@@ -31,6 +31,8 @@ struct ControlPlane {
     done: Option<tokio::task::JoinHandle<()>>,
     /// Every request the agents sent: method, path and query, headers, body.
     seen: Arc<Mutex<Vec<String>>>,
+    /// While set, every request is answered 503 (a control plane that cannot be heard).
+    unavailable: Arc<std::sync::atomic::AtomicBool>,
     tokens: Vec<(String, AgentRecord)>,
     signer_public: String,
 }
@@ -69,6 +71,7 @@ impl ControlPlane {
             stop: None,
             done: None,
             seen: Arc::default(),
+            unavailable: Arc::default(),
             tokens,
             signer_public,
         };
@@ -86,6 +89,7 @@ impl ControlPlane {
         .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (hub, seen) = (self.hub.clone(), self.seen.clone());
+        let unavailable = self.unavailable.clone();
         self.done = Some(tokio::spawn(apitree::small_http::serve(
             listener,
             Some(tls),
@@ -95,7 +99,15 @@ impl ControlPlane {
             },
             move |req: http::Request<hyper::body::Incoming>, _| {
                 let (hub, seen) = (hub.clone(), seen.clone());
+                let unavailable = unavailable.load(std::sync::atomic::Ordering::Relaxed);
                 async move {
+                    if unavailable {
+                        let mut resp = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"{\"error\":\"unavailable\"}"),
+                        ));
+                        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                        return resp;
+                    }
                     let (parts, body) = req.into_parts();
                     let body = body.collect().await.unwrap().to_bytes();
                     let mut text = format!("{} {}\n", parts.method, parts.uri);
@@ -1301,4 +1313,79 @@ async fn a_candidate_that_cannot_start_is_refused_without_the_local_values() {
         "{refused}"
     );
     a.stop().await;
+}
+
+/// A candidate does not outlive the control plane that offered it: when the agent's reports
+/// fail in a row (the control plane is gone), it stops the candidate; when the control plane
+/// answers again with the candidate, the agent runs it again.
+#[tokio::test]
+async fn an_agent_stops_its_candidate_when_the_control_plane_is_gone() {
+    let Setup {
+        upstream: _upstream,
+        up,
+        cp,
+        key: _,
+        entry,
+        g1: _,
+        dir,
+    } = Setup::new(&["bank-a-1"]).await;
+    let a = start(cp.agent("bank-a-1", dir.path(), &up, &["accounts"]))
+        .await
+        .unwrap();
+    cp.hub
+        .publish_preview(GATEWAY, "bank-a", "rev-2", config(&["accounts"], &entry))
+        .unwrap();
+    until("the agent runs the candidate", || {
+        a.preview().is_some_and(|p| p.refused.is_none())
+    })
+    .await;
+    cp.unavailable
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    until("the agent stops the candidate", || a.preview().is_none()).await;
+    cp.unavailable
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    until("the agent runs the candidate again", || {
+        a.preview().is_some_and(|p| p.refused.is_none())
+    })
+    .await;
+    a.stop().await;
+}
+
+/// Every agent the agents file gives a pool is asked: one that never answers (here bank-a-2,
+/// never started since the control plane started) is awaited, not passed, and the revision is
+/// refused at the rollout deadline naming it; the agent that answered cannot carry the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_answer_is_awaited_not_passed() {
+    use apitree::crd::duration::KubeDuration;
+    use apitree::crd::gateway::{CheckPhase, GatewayPhase};
+    let cp = ControlPlane::start(&["bank-a-1", "bank-a-2"]).await;
+    let notifier = Arc::new(apitree::notify::Notifier::recording());
+    let (mut tour, _api, _) = pool_gateway(&cp, notifier, None).await;
+    let bank_up = start_upstream().await;
+    let bank_url = format!("http://{}/", bank_up.addr.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let a1 = start(cp.agent("bank-a-1", dir.path(), &bank_url, &["accounts"]))
+        .await
+        .unwrap();
+    let serving = tour.m.status.active_revision.clone();
+    let mut spec = tour.m.spec.clone();
+    spec.gate.rollout_deadline = KubeDuration::from_secs(3);
+    spec.connectors[0].routes[0].timeout = Some(KubeDuration::from_secs(3));
+    tour.set_spec(spec);
+    tour.until("the revision is refused", Duration::from_secs(60), |m| {
+        m.status.phase == Some(GatewayPhase::Rejected)
+    })
+    .await
+    .unwrap();
+    let rollout = tour.m.status.gate.as_ref().unwrap().checks[0].clone();
+    assert_eq!(rollout.phase, CheckPhase::Failed);
+    let why = rollout.reason.unwrap();
+    assert!(
+        why.contains("1/2 agent(s) awaited")
+            && why.contains("bank-a-2 (not heard from since this control plane started)"),
+        "{why}"
+    );
+    assert_eq!(tour.m.status.active_revision, serving);
+    a1.stop().await;
+    tour.ctx.platform.shutdown().await;
 }

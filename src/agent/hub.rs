@@ -210,7 +210,8 @@ struct Inner {
     previews: HashMap<String, Candidate>,
     seen: BTreeMap<String, Seen>,
     /// Config requests each agent has open now.
-    polls: HashMap<String, usize>,
+    /// Requests each agent has open now, by endpoint (`config`, `report`) and agent.
+    polls: HashMap<(&'static str, String), usize>,
     /// When each pool was last signed again above an agent's generation.
     followed: HashMap<String, std::time::Instant>,
 }
@@ -230,6 +231,9 @@ pub enum PublishError {
 
 /// Config requests one agent may have open at once; more are answered 429.
 pub const MAX_POLLS_PER_AGENT: usize = 4;
+/// Reports one agent may have in flight at once (it sends one at a time); more are answered
+/// 429, so one token cannot keep the hub parsing megabytes in parallel.
+pub const MAX_REPORTS_PER_AGENT: usize = 2;
 /// The largest count a report may carry (more than a proxy counts in centuries).
 pub const MAX_REPORTED_VALUE: f64 = 1e15;
 /// How long a report's body may take to arrive.
@@ -490,6 +494,23 @@ impl Hub {
             .collect()
     }
 
+    /// Every agent the agents file assigns to `pool` and does not revoke, with what the hub
+    /// has heard from it (`None`: nothing since this control plane started).
+    pub fn pool_agents(&self, pool: &str) -> Vec<(String, Option<AgentStatus>)> {
+        let inner = self.lock();
+        let mut out: Vec<_> = inner
+            .agents
+            .values()
+            .filter(|a| a.pool == pool && !a.revoked)
+            .map(|a| {
+                let seen = inner.seen.get(&a.name).map(|s| s.status.clone());
+                (a.name.clone(), seen)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The metrics texts the agents of `pools` last reported, by agent name.
     pub fn pool_metrics(&self, pools: &[&str]) -> Vec<(String, String)> {
         self.metrics_of(pools, |s| &s.metrics)
@@ -674,7 +695,7 @@ impl Hub {
                 }
             }
         }
-        let Some(_poll) = PollSlot::take(self, &agent.name) else {
+        let Some(_poll) = PollSlot::take(self, "config", &agent.name, MAX_POLLS_PER_AGENT) else {
             let mut resp = error(
                 id,
                 StatusCode::TOO_MANY_REQUESTS,
@@ -740,6 +761,18 @@ impl Hub {
         B: http_body::Body + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let Some(_slot) = PollSlot::take(self, "report", &agent.name, MAX_REPORTS_PER_AGENT) else {
+            let mut resp = error(
+                id,
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("agent {} already has {MAX_REPORTS_PER_AGENT} reports in flight; send one at a time", agent.name),
+            );
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("5"),
+            );
+            return (resp, "too_many");
+        };
         let collected =
             tokio::time::timeout(REPORT_READ, Limited::new(body, MAX_REPORT_BYTES).collect()).await;
         let refuse = |status, message: &str| (error(id, status, message), "bad_request");
@@ -914,13 +947,22 @@ async fn watch_agents_file(hub: Arc<Hub>, path: std::path::PathBuf) {
 }
 
 /// Text an agent sent, as the control plane keeps it: cut to `max` characters (marked when
-/// cut), every control character (a newline, an escape sequence) replaced by `\u{FFFD}`, so
-/// it cannot forge log lines or drive a terminal where the reason is shown.
+/// cut), every control character (a newline, an escape sequence) and every invisible format
+/// character (bidi overrides and isolates, zero-width characters, line and paragraph
+/// separators) replaced by `\u{FFFD}`, so it cannot forge log lines, drive a terminal or
+/// reorder what an operator reads where the reason is shown.
 fn clean(text: &str, max: usize) -> String {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c,
+                '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}')
+    };
     let mut out: String = text
         .chars()
         .take(max)
-        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .map(|c| if unsafe_char(c) { '\u{FFFD}' } else { c })
         .collect();
     if text.chars().nth(max).is_some() {
         out.push('…');
@@ -1023,34 +1065,33 @@ fn metrics_problem(text: &str) -> Option<String> {
     None
 }
 
-/// One of an agent's open config requests, given back when the request ends.
+/// One of an agent's open requests to an endpoint, given back when the request ends.
 struct PollSlot<'a> {
     hub: &'a Hub,
-    agent: String,
+    key: (&'static str, String),
 }
 
 impl<'a> PollSlot<'a> {
-    fn take(hub: &'a Hub, agent: &str) -> Option<Self> {
+    /// A slot when `agent` has fewer than `max` requests to `endpoint` open.
+    fn take(hub: &'a Hub, endpoint: &'static str, agent: &str, max: usize) -> Option<Self> {
+        let key = (endpoint, agent.to_string());
         let mut inner = hub.lock();
-        let open = inner.polls.entry(agent.to_string()).or_default();
-        if *open >= MAX_POLLS_PER_AGENT {
+        let open = inner.polls.entry(key.clone()).or_default();
+        if *open >= max {
             return None;
         }
         *open += 1;
-        Some(Self {
-            hub,
-            agent: agent.to_string(),
-        })
+        Some(Self { hub, key })
     }
 }
 
 impl Drop for PollSlot<'_> {
     fn drop(&mut self) {
         let mut inner = self.hub.lock();
-        if let Some(open) = inner.polls.get_mut(&self.agent) {
+        if let Some(open) = inner.polls.get_mut(&self.key) {
             *open = open.saturating_sub(1);
             if *open == 0 {
-                inner.polls.remove(&self.agent);
+                inner.polls.remove(&self.key);
             }
         }
     }
@@ -1611,7 +1652,7 @@ mod tests {
     async fn an_agents_text_is_kept_without_control_characters() {
         let (hub, good, _) = hub();
         let nasty =
-            "ok\n2026-12-07T01:40:00Z  INFO 5/5 checks passed\u{1b}[2J\r\t\u{0}\u{7f}\u{85}end";
+            "ok\n2026-12-07T01:40:00Z  INFO 5/5 passed\u{1b}[2J\r\t\u{0}\u{7f}\u{85}\u{202e}\u{2066}\u{200b}\u{2028}\u{feff}end";
         let report = serde_json::json!({
             "version": nasty, "generation": 1, "metrics": "",
             "refused": {"generation": 2, "reason": nasty},
@@ -1638,10 +1679,44 @@ mod tests {
         ];
         for t in texts {
             assert!(!t.chars().any(char::is_control), "{t:?}");
+            for invisible in ['\u{202e}', '\u{2066}', '\u{200b}', '\u{2028}', '\u{feff}'] {
+                assert!(!t.contains(invisible), "{t:?}");
+            }
             assert!(
                 t.starts_with("ok\u{FFFD}2026") && t.contains("end") || t.ends_with('…'),
                 "{t:?}"
             );
         }
+    }
+
+    /// One token holds at most MAX_REPORTS_PER_AGENT reports in flight: the next is answered
+    /// 429, and slots come back when reports end (here: their bodies never arrive and time
+    /// out).
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_holds_a_bounded_number_of_reports_in_flight() {
+        type Pending = http_body_util::StreamBody<
+            futures::stream::Pending<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+        >;
+        let (hub, good, _) = hub();
+        let slow = || {
+            Request::post("/agent/v1/report")
+                .header("authorization", format!("Bearer {good}"))
+                .body(Pending::new(futures::stream::pending()))
+                .unwrap()
+        };
+        let in_flight: Vec<_> = (0..MAX_REPORTS_PER_AGENT)
+            .map(|_| {
+                let (hub, req) = (hub.clone(), slow());
+                tokio::spawn(async move { hub.handle(req).await.status() })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let extra = hub.handle(slow()).await;
+        assert_eq!(extra.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(extra.headers().contains_key("retry-after"));
+        for r in in_flight {
+            assert_eq!(r.await.unwrap(), StatusCode::REQUEST_TIMEOUT);
+        }
+        assert!(hub.lock().polls.is_empty());
     }
 }

@@ -1075,8 +1075,12 @@ async fn config_loop(agent: Arc<Agent>, cp: Arc<ControlPlane>) {
     }
 }
 
+/// Reports that fail in a row before a running candidate is stopped: the control plane that
+/// offered it cannot be heard, so whether its gate still runs is unknown.
+const CANDIDATE_LOST_AFTER: u32 = 3;
+
 async fn report_loop(agent: Arc<Agent>, cp: Arc<ControlPlane>) {
-    let mut failing = false;
+    let mut failures = 0u32;
     let mut tick = tokio::time::interval(agent.opts.report_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1084,16 +1088,21 @@ async fn report_loop(agent: Arc<Agent>, cp: Arc<ControlPlane>) {
         match cp.report(&agent.report()).await {
             Ok(candidate) => {
                 agent.offer(candidate);
-                if failing {
+                if failures > 0 {
                     tracing::info!("reports reach the control plane again");
                 }
-                failing = false;
+                failures = 0;
             }
             Err(e) => {
-                if !failing {
+                if failures == 0 {
                     tracing::warn!("report not delivered: {e}; the next one carries the counts (they are cumulative)");
                 }
-                failing = true;
+                failures = failures.saturating_add(1);
+                // Refused (revoked, a replaced token) or unheard for a while: no candidate
+                // keeps running on an offer nobody can withdraw.
+                if matches!(e, FetchError::Refused { .. }) || failures >= CANDIDATE_LOST_AFTER {
+                    agent.offer(None);
+                }
             }
         }
     }

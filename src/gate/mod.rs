@@ -216,7 +216,7 @@ fn agents_verdict(check: GateCheck, agents: &[AgentCandidate]) -> AgentVerdict {
     }
     let n = agents.len();
     if !failed.is_empty() {
-        AgentVerdict::Fail(failed.join("; "))
+        AgentVerdict::Fail(listed(&failed, "; "))
     } else if !waiting.is_empty() {
         let what = match check {
             GateCheck::Smoke => "their smoke probes",
@@ -225,7 +225,7 @@ fn agents_verdict(check: GateCheck, agents: &[AgentCandidate]) -> AgentVerdict {
         AgentVerdict::Wait(format!(
             "{}/{n} agent(s) awaited ({what}): {}",
             waiting.len(),
-            waiting.join(", ")
+            listed(&waiting, ", ")
         ))
     } else {
         AgentVerdict::Pass(match check {
@@ -234,6 +234,17 @@ fn agents_verdict(check: GateCheck, agents: &[AgentCandidate]) -> AgentVerdict {
             _ => format!("{n}/{n} agent(s)' smoke probes passed"),
         })
     }
+}
+
+/// The first few of `items` joined, and how many more there are: a reason stays short enough
+/// for an Event, a condition and a Slack message whatever a fleet of agents says.
+fn listed(items: &[String], sep: &str) -> String {
+    const SHOWN: usize = 5;
+    let mut out = items[..items.len().min(SHOWN)].join(sep);
+    if items.len() > SHOWN {
+        out.push_str(&format!("{sep}and {} more", items.len() - SHOWN));
+    }
+    out
 }
 
 /// `observed` with the agents' part added.
@@ -790,29 +801,46 @@ impl Machine<'_> {
                     ));
                     return CheckPhase::Running;
                 }
+                // Each pool on its own: a regression fails; too few candidate requests is a
+                // note (the partner runs no monitors; its agents passed smoke); anything else
+                // that cannot be judged (candidate traffic but nothing served to compare
+                // with) waits for a human, like the cluster's own.
                 let mut notes = Vec::new();
+                let mut failed = None;
+                let mut undecided = None;
                 for p in &w.pools {
                     let pj = analysis::judge(&p.active, &p.preview, spec, preview);
+                    notes.push(format!("pool {}: {}", p.pool, pj.observed));
+                    let why = format!(
+                        "pool {}'s agents, candidate ({}) against served ({}): {}",
+                        p.pool,
+                        preview.as_str(),
+                        preview.other().as_str(),
+                        pj.reason
+                    );
                     match pj.phase {
-                        CheckPhase::Failed => {
-                            let c = self.check(check);
-                            c.observed = with_agents(c.observed.take(), &format!("pool {}: {}", p.pool, pj.observed));
-                            return self.finish(
-                                check,
-                                CheckPhase::Failed,
-                                format!("pool {}'s agents, candidate ({}) against served ({}): {}", p.pool, preview.as_str(), preview.other().as_str(), pj.reason),
-                            );
+                        CheckPhase::Failed => failed = failed.or(Some(why)),
+                        CheckPhase::Passed => {}
+                        _ if p.preview.requests < spec.min_samples => {
+                            notes.pop();
+                            notes.push(format!(
+                                "pool {}: too little candidate traffic to judge ({} of {} requests; its agents passed smoke)",
+                                p.pool, p.preview.requests, spec.min_samples
+                            ));
                         }
-                        CheckPhase::Passed => notes.push(format!("pool {}: {}", p.pool, pj.observed)),
-                        _ => notes.push(format!(
-                            "pool {}: too little candidate traffic to judge ({} requests; its agents passed smoke)",
-                            p.pool, p.preview.requests
-                        )),
+                        _ => undecided = undecided.or(Some(why)),
                     }
                 }
                 let c = self.check(check);
                 c.observed = with_agents(c.observed.take(), &notes.join("; "));
-                self.finish(check, j.phase, j.reason)
+                let (phase, reason) = match (j.phase, failed, undecided) {
+                    (CheckPhase::Failed, _, _) => (j.phase, j.reason),
+                    (_, Some(why), _) => (CheckPhase::Failed, why),
+                    (CheckPhase::Inconclusive, _, _) => (j.phase, j.reason),
+                    (_, _, Some(why)) => (CheckPhase::Inconclusive, why),
+                    _ => (j.phase, j.reason),
+                };
+                self.finish(check, phase, reason)
             }
         }
     }

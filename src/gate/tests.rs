@@ -734,6 +734,13 @@ fn agent_pools_are_judged_on_their_own_in_the_analysis() {
             "pool bank-a: too little candidate traffic to judge",
         ),
         (
+            "a pool whose candidate fails but which served nothing to compare with",
+            traffic(500, 1),
+            vec![pool("bank-a", traffic(0, 0), traffic(400, 400))],
+            CheckPhase::Inconclusive,
+            "pool bank-a's agents",
+        ),
+        (
             "a pool whose candidate does as well",
             traffic(500, 1),
             vec![pool("bank-a", traffic(1000, 2), traffic(500, 1))],
@@ -765,4 +772,23 @@ fn agent_pools_are_judged_on_their_own_in_the_analysis() {
             );
         }
     }
+}
+
+/// However many agents fail however many probes, the reason names a few and counts the rest:
+/// it goes into Events, conditions and Slack.
+#[test]
+fn a_fleets_failures_make_a_bounded_reason() {
+    let probes: Vec<(&str, bool)> = (0..31).map(|_| ("p", false)).collect();
+    let mut w = World::serving_a(true);
+    w.obs.desired = B.into();
+    w.obs.agents = (0..40)
+        .map(|i| agent(&format!("bank-a-{i}"), running(true, &probes)))
+        .collect();
+    for at in [10, 20] {
+        w.tick(t(at));
+    }
+    assert_eq!(w.phase(), GatewayPhase::Rejected);
+    let reason = &w.status.rejected_revision.as_ref().unwrap().reason;
+    assert!(reason.contains("and 1235 more"), "{reason}");
+    assert!(reason.len() < 1000, "{}", reason.len());
 }

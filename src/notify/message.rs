@@ -89,7 +89,7 @@ pub fn incident_blocks(n: &IncidentNotice) -> Value {
         let list = n
             .related_changes
             .iter()
-            .map(|c| format!("• {c}"))
+            .map(|c| format!("• {}", slack_literal(c, 300)))
             .collect::<Vec<_>>()
             .join("\n");
         blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*Recent credential changes*\n{list}")}}));
@@ -145,11 +145,53 @@ pub fn change_text(n: &IncidentNotice) -> String {
     )
 }
 
+/// Text from outside (a gate's reason can quote what a Connector Agent reported) as Slack
+/// shows it literally: `&`, `<` and `>` escaped, so it cannot mention `<!channel>` or dress a
+/// link as a button; cut to `max` characters (a section holds 3000).
+pub fn slack_literal(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The longest reason a rollout message shows (a section's text holds 3000 characters).
+const ROLLOUT_REASON_MAX: usize = 2000;
+
+/// A rollout notice's one line for Slack (the notification text and the fallback).
+pub fn rollout_text(n: &RolloutNotice) -> String {
+    format!(
+        "rollout {}: {} revision {} (gate {}): {}",
+        slack_literal(&n.gateway, 253),
+        slack_literal(&n.kind, 64),
+        slack_literal(&n.revision, 64),
+        slack_literal(&n.progress, 16),
+        slack_literal(&n.reason, ROLLOUT_REASON_MAX)
+    )
+}
+
 /// A rollout step: what happened, the gate's progress and the reason, with Promote / Roll back
 /// buttons while a person can still decide.
 pub fn rollout_blocks(n: &RolloutNotice) -> Value {
     let mut blocks = vec![
-        json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*{}* · gateway `{}` · revision `{}` · gate {}\n{}", n.kind, n.gateway, n.revision, n.progress, n.reason)}}),
+        json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
+            "*{}* · gateway `{}` · revision `{}` · gate {}\n{}",
+            slack_literal(&n.kind, 64),
+            slack_literal(&n.gateway, 253),
+            slack_literal(&n.revision, 64),
+            slack_literal(&n.progress, 16),
+            slack_literal(&n.reason, ROLLOUT_REASON_MAX)
+        )}}),
     ];
     let value = format!("{}:{}", n.id, n.revision);
     let mut buttons = Vec::new();
@@ -251,6 +293,37 @@ mod tests {
                     "{header}"
                 );
             }
+        }
+    }
+
+    /// Whatever a rollout's reason holds (it can quote what an agent reported), Slack shows
+    /// it as text: no mention, no link, no markup escapes it, and it fits in a section.
+    #[test]
+    fn a_rollout_reason_is_shown_literally_and_fits_a_section() {
+        let hostile =
+            "got 200 <!channel> <https://evil.example/approve|Promote: click here> & <@U123> "
+                .to_string()
+                + &"x".repeat(8000);
+        let n = RolloutNotice {
+            id: uuid::Uuid::nil(),
+            gateway: "shop/api".into(),
+            kind: "Rejected".into(),
+            revision: "abc123".into(),
+            reason: hostile,
+            progress: "2/5".into(),
+            promote_button: false,
+            rollback_button: false,
+        };
+        let blocks = rollout_blocks(&n);
+        let section = blocks[0]["text"]["text"].as_str().unwrap();
+        for text in [section, rollout_text(&n).as_str()] {
+            assert!(
+                !text.contains('<') && !text.contains('>'),
+                "{}",
+                &text[..200]
+            );
+            assert!(text.contains("&lt;!channel&gt;") && text.contains("&amp;"));
+            assert!(text.chars().count() < 3000, "{}", text.chars().count());
         }
     }
 }

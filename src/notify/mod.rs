@@ -342,8 +342,7 @@ impl Notifier {
                 Ok(())
             }
             Self::Slack { outbox, channels } => {
-                let body =
-                    serde_json::json!({"text": n.line(), "blocks": message::rollout_blocks(n)});
+                let body = serde_json::json!({"text": message::rollout_text(n), "blocks": message::rollout_blocks(n)});
                 let key = format!("rollout:{}:{}:{}", n.gateway, n.revision, n.kind);
                 outbox
                     .enqueue(n.id, Kind::Main, &channels.warning, body, &key)

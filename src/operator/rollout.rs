@@ -963,12 +963,15 @@ fn candidates<P: Platform>(
             .is_some_and(|cfg| active.and_then(|a| a.get(&c.pool)) != Some(cfg));
         match (gating && changed, configs.get(&c.pool), entities) {
             (true, Some(cfg), Some(e)) => {
-                // Refused for a pool not bound to this gateway, whose agents it cannot ask
-                // (and which `ConnectorsUnbound` reports).
-                let published =
-                    hub.publish_preview(&m.name, &c.pool, desired, with_entities(cfg.clone(), e));
-                if published.is_ok() {
-                    offered.push(c);
+                match hub.publish_preview(&m.name, &c.pool, desired, with_entities(cfg.clone(), e))
+                {
+                    Ok(_) => offered.push(c),
+                    // A pool the agents file does not bind to this gateway: its agents cannot
+                    // be asked, so they are awaited (`ConnectorsUnbound` says why).
+                    Err(e) => unasked.push(AgentCandidate {
+                        name: format!("pool {} (no candidate offered: {e})", c.pool),
+                        state: CandidateState::Waiting,
+                    }),
                 }
             }
             // The database cannot be read: the candidate offered stays (its keys are a pass
@@ -1000,12 +1003,20 @@ fn candidates<P: Platform>(
         let Some((_, generation)) = hub.preview_of(&m.name, &c.pool) else {
             continue;
         };
-        for a in hub.agents() {
-            let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
-            let lost = silent.to_std().unwrap_or_default() > c.lost_after.as_std();
-            if a.pool != c.pool || a.revoked || lost {
+        // Every agent the agents file gives the pool is asked, heard from or not: an agent
+        // that is silent (lost, or not heard from since this control plane started) is
+        // awaited, never passed; one that is gone for good is revoked in the agents file.
+        for (name, seen) in hub.pool_agents(&c.pool) {
+            let Some(a) = seen else {
+                out.push(AgentCandidate {
+                    name: format!("{name} (not heard from since this control plane started)"),
+                    state: CandidateState::Waiting,
+                });
                 continue;
-            }
+            };
+            let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
+            let silent = silent.to_std().unwrap_or_default();
+            let lost = silent > c.lost_after.as_std();
             let state = match a.preview {
                 Some(p) if p.answers(generation) => match p.refused {
                     Some(why) => CandidateState::Refused(why),
@@ -1025,10 +1036,14 @@ fn candidates<P: Platform>(
                 },
                 _ => CandidateState::Waiting,
             };
-            out.push(AgentCandidate {
-                name: a.name,
-                state,
-            });
+            let name = match (&state, lost) {
+                (CandidateState::Waiting, true) => format!(
+                    "{name} (lost: silent for {}s; revoke it in the agents file if it is gone)",
+                    silent.as_secs()
+                ),
+                _ => name,
+            };
+            out.push(AgentCandidate { name, state });
         }
     }
     out
