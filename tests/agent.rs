@@ -215,6 +215,30 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// Agent bank-a-1 with `extra` added to its local file, started, and offered a candidate
+    /// (revision `rev-2`, the same routes).
+    async fn agent_with_candidate(&self, extra: &str) -> RunningAgent {
+        let opts = self
+            .cp
+            .agent("bank-a-1", self.dir.path(), &self.up, &["accounts"]);
+        let mut local = std::fs::read_to_string(&opts.config).unwrap();
+        local.push_str(extra);
+        std::fs::write(&opts.config, local).unwrap();
+        let a = start(opts).await.unwrap();
+        self.cp
+            .hub
+            .publish_preview(
+                GATEWAY,
+                "bank-a",
+                "rev-2",
+                config(&["accounts"], &self.entry),
+            )
+            .unwrap();
+        a
+    }
+}
+
 /// A pool configuration: `routes` under `/NAME/`, one live key of org `bank-a-org`.
 fn config(routes: &[&str], key: &KeyEntry) -> AgentConfig {
     AgentConfig {
@@ -489,26 +513,28 @@ async fn a_revoked_agent_gets_nothing_and_a_configuration_it_cannot_apply_is_rep
 /// secret — while the counts the detector needs are there.
 #[tokio::test]
 async fn everything_an_agent_sends_is_metadata() {
-    let Setup {
-        upstream,
-        up,
-        cp,
-        key,
-        entry,
-        g1: _,
-        dir,
-    } = Setup::new(&["bank-a-1"]).await;
+    let setup = Setup::new(&["bank-a-1"]).await;
     // A candidate is offered too, and the agent sends a probe of its own through it with the
     // key: what it reports about the candidate is captured as well.
-    let opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
-    std::fs::write(dir.path().join("smoke.key"), key.expose_secret()).unwrap();
-    let mut local = std::fs::read_to_string(&opts.config).unwrap();
-    local.push_str("smoke:\n  - { name: pii, path: /accounts/pii, apiKeyFile: smoke.key }\n");
-    std::fs::write(&opts.config, local).unwrap();
-    let a = start(opts).await.unwrap();
-    cp.hub
-        .publish_preview(GATEWAY, "bank-a", "rev-2", config(&["accounts"], &entry))
-        .unwrap();
+    std::fs::write(
+        setup.dir.path().join("smoke.key"),
+        setup.key.expose_secret(),
+    )
+    .unwrap();
+    let a = setup
+        .agent_with_candidate(
+            "smoke:\n  - { name: pii, path: /accounts/pii, apiKeyFile: smoke.key }\n",
+        )
+        .await;
+    let Setup {
+        upstream,
+        up: _,
+        cp,
+        key,
+        entry: _,
+        g1: _,
+        dir,
+    } = setup;
     let marker = "body-marker-7f3a";
     // First: the wait below ends at the first report holding the last request.
     let _ = get(
@@ -1276,25 +1302,13 @@ async fn an_agent_and_a_cloud_replica_share_a_keys_limits_through_redis() {
 /// in words that hold none of the local file's values: not the address, not the port.
 #[tokio::test]
 async fn a_candidate_that_cannot_start_is_refused_without_the_local_values() {
-    let Setup {
-        upstream: _upstream,
-        up,
-        cp,
-        key: _,
-        entry,
-        g1: _,
-        dir,
-    } = Setup::new(&["bank-a-1"]).await;
+    let setup = Setup::new(&["bank-a-1"]).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
-    let mut local = std::fs::read_to_string(&opts.config).unwrap();
-    local.push_str(&format!("previewListen: 127.0.0.1:{port}\n"));
-    std::fs::write(&opts.config, local).unwrap();
-    let a = start(opts).await.unwrap();
-    cp.hub
-        .publish_preview(GATEWAY, "bank-a", "rev-2", config(&["accounts"], &entry))
-        .unwrap();
+    let a = setup
+        .agent_with_candidate(&format!("previewListen: 127.0.0.1:{port}\n"))
+        .await;
+    let cp = &setup.cp;
     until("the hub hears the candidate refused", || {
         cp.hub
             .agents()
@@ -1320,21 +1334,9 @@ async fn a_candidate_that_cannot_start_is_refused_without_the_local_values() {
 /// answers again with the candidate, the agent runs it again.
 #[tokio::test]
 async fn an_agent_stops_its_candidate_when_the_control_plane_is_gone() {
-    let Setup {
-        upstream: _upstream,
-        up,
-        cp,
-        key: _,
-        entry,
-        g1: _,
-        dir,
-    } = Setup::new(&["bank-a-1"]).await;
-    let a = start(cp.agent("bank-a-1", dir.path(), &up, &["accounts"]))
-        .await
-        .unwrap();
-    cp.hub
-        .publish_preview(GATEWAY, "bank-a", "rev-2", config(&["accounts"], &entry))
-        .unwrap();
+    let setup = Setup::new(&["bank-a-1"]).await;
+    let a = setup.agent_with_candidate("").await;
+    let cp = &setup.cp;
     until("the agent runs the candidate", || {
         a.preview().is_some_and(|p| p.refused.is_none())
     })

@@ -168,29 +168,31 @@ pub fn slack_literal(text: &str, max: usize) -> String {
 /// The longest reason a rollout message shows (a section's text holds 3000 characters).
 const ROLLOUT_REASON_MAX: usize = 2000;
 
-/// A rollout notice's one line for Slack (the notification text and the fallback).
-pub fn rollout_text(n: &RolloutNotice) -> String {
-    format!(
-        "rollout {}: {} revision {} (gate {}): {}",
-        slack_literal(&n.gateway, 253),
+/// A rollout notice's fields as Slack shows them literally: kind, gateway, revision, progress
+/// and reason.
+fn rollout_fields(n: &RolloutNotice) -> [String; 5] {
+    [
         slack_literal(&n.kind, 64),
+        slack_literal(&n.gateway, 253),
         slack_literal(&n.revision, 64),
         slack_literal(&n.progress, 16),
-        slack_literal(&n.reason, ROLLOUT_REASON_MAX)
-    )
+        slack_literal(&n.reason, ROLLOUT_REASON_MAX),
+    ]
+}
+
+/// A rollout notice's one line for Slack (the notification text and the fallback).
+pub fn rollout_text(n: &RolloutNotice) -> String {
+    let [kind, gateway, revision, progress, reason] = rollout_fields(n);
+    format!("rollout {gateway}: {kind} revision {revision} (gate {progress}): {reason}")
 }
 
 /// A rollout step: what happened, the gate's progress and the reason, with Promote / Roll back
 /// buttons while a person can still decide.
 pub fn rollout_blocks(n: &RolloutNotice) -> Value {
+    let [kind, gateway, revision, progress, reason] = rollout_fields(n);
     let mut blocks = vec![
         json!({"type": "section", "text": {"type": "mrkdwn", "text": format!(
-            "*{}* · gateway `{}` · revision `{}` · gate {}\n{}",
-            slack_literal(&n.kind, 64),
-            slack_literal(&n.gateway, 253),
-            slack_literal(&n.revision, 64),
-            slack_literal(&n.progress, 16),
-            slack_literal(&n.reason, ROLLOUT_REASON_MAX)
+            "*{kind}* · gateway `{gateway}` · revision `{revision}` · gate {progress}\n{reason}"
         )}}),
     ];
     let value = format!("{}:{}", n.id, n.revision);
