@@ -1049,8 +1049,11 @@ fn candidates<P: Platform>(
     out
 }
 
-/// Publishes the active revision's configuration to each of this gateway's pools, then
-/// computes `status.connectors`.
+/// The gateway's agent pools: each receives the configuration of the revision that takes
+/// traffic (so the gate, with the candidates of [`candidates`], stands between a spec change
+/// and the agents, and a rollback rolls them back); `status.connectors` lists their agents;
+/// an agent silent for longer than its pool's `lostAfter` is an `agent lost` incident;
+/// `ConnectorsInSync` says whether every connected agent serves what its pool is given.
 async fn connectors<P: Platform>(
     m: &mut Managed,
     ctx: &Context<P>,
