@@ -12,13 +12,15 @@
 //! for a human even with `autoPromote`. After a switch blue stays warm for `rollbackWindow`; a
 //! critical incident on green or a rollback request inside it switches back.
 //!
-//! A revision that changes what Connector Agents serve is checked on them too: each connected
-//! agent of such a pool runs the revision's candidate configuration beside its served one and
-//! reports on it ([`AgentCandidate`]). Rollout waits for every one to run it (one refusing it
-//! fails the check), health for their candidates' readiness, smoke for the probes they send
-//! through it, and the analysis judges each pool's candidate traffic against its served
-//! traffic on its own: a pool's regression fails the check, a pool with too little candidate
-//! traffic is noted and does not hold the gate (its agents passed smoke).
+//! A revision that changes what Connector Agents serve is checked on them too: each agent of
+//! such a pool (every one the agents file lists and does not revoke) runs the revision's
+//! candidate configuration beside its served one and reports on it ([`AgentCandidate`]).
+//! Rollout waits for every one to run it (one refusing it fails the check; a silent one is
+//! awaited until `rolloutDeadline`, never passed), health for their candidates' readiness,
+//! smoke for the probes they send through it, and the analysis judges each pool's candidate
+//! traffic against its served traffic on its own: a pool's regression fails the check, too
+//! little candidate traffic is noted and does not hold the gate (its agents passed smoke),
+//! anything else it cannot judge waits for a human.
 
 pub mod analysis;
 
@@ -135,11 +137,12 @@ pub struct Observations {
     pub rollback: Option<Request>,
     /// A critical incident on the active color since the switch, in words.
     pub critical_incident: Option<String>,
-    /// The connected agents of the pools whose configuration the desired revision changes.
+    /// The agents of the pools whose configuration the desired revision changes (and pools
+    /// whose agents could not be offered a candidate, as `Waiting`).
     pub agents: Vec<AgentCandidate>,
 }
 
-/// What one connected Connector Agent made of the desired revision's candidate configuration.
+/// What one Connector Agent made of the desired revision's candidate configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentCandidate {
     pub name: String,
@@ -678,7 +681,7 @@ impl Machine<'_> {
                 let c = self.check(check);
                 let (summary, threshold) = match &agents {
                     AgentVerdict::Pass(s) | AgentVerdict::Wait(s) if !s.is_empty() => {
-                        (s.clone(), ", every connected agent running the candidate")
+                        (s.clone(), ", every agent of the pool running the candidate")
                     }
                     _ => (String::new(), ""),
                 };
@@ -699,7 +702,7 @@ impl Machine<'_> {
                     let why = if summary.is_empty() {
                         "every replica is ready".to_string()
                     } else {
-                        "every replica is ready and every connected agent runs the candidate"
+                        "every replica is ready and every agent of the pool runs the candidate"
                             .to_string()
                     };
                     return self.finish(check, CheckPhase::Passed, why);

@@ -540,7 +540,7 @@ fn running(ready: bool, smoke: &[(&str, bool)]) -> CandidateState {
     }
 }
 
-/// Every way a connected agent can answer a candidate, and the check it decides: agents that
+/// Every way an agent can answer a candidate, and the check it decides: agents that
 /// run it, ready, with passing probes let the gate promote; a refusal fails rollout, an
 /// unready candidate health, a failed probe smoke, and an agent that never answers fails the
 /// check it is awaited in once `rolloutDeadline` has passed — never a pass.

@@ -930,8 +930,8 @@ fn with_entities(
 
 /// The agents' part of the gate. While the desired revision waits to take traffic (not
 /// active, not refused), each pool whose configuration it changes is offered it as a
-/// candidate, and the reports of that pool's connected agents on it are what the gate
-/// observes; every other pool of this gateway has its candidate withdrawn.
+/// candidate, and the reports on it of every agent the agents file gives that pool are what
+/// the gate observes; every other pool of this gateway has its candidate withdrawn.
 fn candidates<P: Platform>(
     m: &mut Managed,
     ctx: &Context<P>,
