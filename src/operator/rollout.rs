@@ -709,7 +709,10 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
         ..Observations::default()
     };
     let entities = pass_entities(m, ctx, now).await;
-    obs.agents = candidates(m, ctx, &desired, &rendered, &entities);
+    // Each pool's configuration under the desired revision, for its candidate and (when it
+    // takes traffic) its publication.
+    let configs = plan::agent_configs(&m.spec, &rendered);
+    obs.agents = candidates(m, ctx, &desired, &configs, &entities);
     obs.analysis = analysis_window(m, ctx).await;
     for _ in 0..8 {
         let observed = match platform.observe(&m.name, Color::Blue).await {
@@ -766,7 +769,7 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
             hub.retain_previews(&m.name, &[]);
         }
     }
-    connectors(m, ctx, &desired, &rendered, entities, now).await;
+    connectors(m, ctx, &desired, configs, entities, now).await;
     m.status.observed_generation = generation;
     detect(m, ctx, now).await;
     timer.observe_duration();
@@ -936,14 +939,13 @@ fn candidates<P: Platform>(
     m: &mut Managed,
     ctx: &Context<P>,
     desired: &str,
-    rendered: &ProxyConfig,
+    configs: &BTreeMap<String, crate::agent::bundle::AgentConfig>,
     entities: &Option<Option<crate::db::keys::DbEntities>>,
 ) -> Vec<gate::AgentCandidate> {
     use gate::{AgentCandidate, AgentSmoke, CandidateState};
     let Some(hub) = &ctx.agents else {
         return Vec::new();
     };
-    let configs = plan::agent_configs(&m.spec, rendered);
     let gating = m.status.active_revision.is_some()
         && m.status.active_revision.as_deref() != Some(desired)
         && m.status
@@ -1014,8 +1016,7 @@ fn candidates<P: Platform>(
                 });
                 continue;
             };
-            let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
-            let silent = silent.to_std().unwrap_or_default();
+            let silent = silent_for(&a);
             let lost = silent > c.lost_after.as_std();
             let state = match a.preview {
                 Some(p) if p.answers(generation) => match p.refused {
@@ -1058,7 +1059,7 @@ async fn connectors<P: Platform>(
     m: &mut Managed,
     ctx: &Context<P>,
     desired: &str,
-    rendered: &ProxyConfig,
+    configs: BTreeMap<String, crate::agent::bundle::AgentConfig>,
     entities: Option<Option<crate::db::keys::DbEntities>>,
     now: Timestamp,
 ) {
@@ -1072,8 +1073,7 @@ async fn connectors<P: Platform>(
         }
         return;
     };
-    m.agent_configs
-        .insert(desired.to_string(), plan::agent_configs(&m.spec, rendered));
+    m.agent_configs.insert(desired.to_string(), configs);
     let keep = [
         Some(desired),
         m.status.active_revision.as_deref(),
@@ -1102,6 +1102,14 @@ async fn connectors<P: Platform>(
         m.warn_once("ConnectorsUnbound", &unbound.join("; "), now);
     }
     connector_status(m, hub, &unbound, now).await;
+}
+
+/// How long `agent` has not called the control plane.
+fn silent_for(agent: &crate::agent::hub::AgentStatus) -> std::time::Duration {
+    chrono::Utc::now()
+        .signed_duration_since(agent.last_seen)
+        .to_std()
+        .unwrap_or_default()
 }
 
 /// One agent's answer to its pool's candidate generation `generation`, in words.
@@ -1161,8 +1169,7 @@ async fn connector_status(
         else {
             continue;
         };
-        let silent = chrono::Utc::now().signed_duration_since(a.last_seen);
-        let lost = silent.to_std().unwrap_or_default() > c.lost_after.as_std();
+        let lost = silent_for(&a) > c.lost_after.as_std();
         let state = match (a.revoked, lost) {
             (true, _) => "Revoked",
             (false, true) => "Lost",
