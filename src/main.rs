@@ -313,14 +313,14 @@ async fn local(args: LocalArgs) -> Result<()> {
 }
 
 async fn demo(args: DemoArgs) -> Result<()> {
-    let gateway = apitree::operator::demo::run(apitree::operator::demo::DemoOptions {
+    let gateway = apitree::demo::run(apitree::demo::DemoOptions {
         keep_running: args.keep_running,
         slack_channel: Some(args.slack_channel),
         http: args.http,
         database_url: apitree::cli::database_url_or_env(&args.database_url),
     })
     .await?;
-    let summary = apitree::operator::demo::summary(&gateway);
+    let summary = apitree::demo::summary(&gateway);
     match args.format {
         OutputFormat::Json => outln!("{summary}")?,
         OutputFormat::Text => {

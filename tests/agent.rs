@@ -791,13 +791,13 @@ async fn pool_gateway(
     notifier: Arc<apitree::notify::Notifier>,
     key: Option<KeyEntry>,
 ) -> (
-    apitree::operator::demo::Tour,
-    apitree::operator::demo::SampleApi,
+    apitree::demo::Tour,
+    apitree::demo::SampleApi,
     apitree::proxy::keys::ApiKey,
 ) {
     use apitree::crd::duration::KubeDuration;
     use apitree::crd::gateway::{ConnectorSpec, GatewayPhase};
-    use apitree::operator::demo;
+    use apitree::demo;
     let api = demo::start_sample_api().await.unwrap();
     api.weather_failure_per_mille
         .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -823,7 +823,7 @@ async fn pool_gateway(
         "routes": [{"name": "accounts", "pathPrefix": "/accounts/"}]
     }))
     .unwrap()];
-    let m = apitree::operator::rollout::Managed::new(
+    let m = apitree::operator::gateway::rollout::Managed::new(
         GATEWAY,
         spec,
         1,
@@ -965,14 +965,11 @@ struct Traffic {
 
 impl Traffic {
     /// The demo's clients of the gateway's active and preview endpoints, with `key`.
-    async fn to_gateway(
-        tour: &apitree::operator::demo::Tour,
-        key: &apitree::proxy::keys::ApiKey,
-    ) -> Self {
+    async fn to_gateway(tour: &apitree::demo::Tour, key: &apitree::proxy::keys::ApiKey) -> Self {
         use apitree::platform::Platform;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let active = tour.ctx.platform.active_url(GATEWAY).await.unwrap();
-        let tasks = apitree::operator::demo::start_traffic(
+        let tasks = apitree::demo::start_traffic(
             active,
             tour.preview.clone(),
             key.expose_secret().to_string(),

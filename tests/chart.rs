@@ -940,7 +940,7 @@ fn rbac_has_no_wildcards_and_grants_what_the_controller_calls() {
             }
         }
     }
-    // What src/operator/controller.rs and src/platform/kube.rs call.
+    // What src/operator/gateway/{controller,apply}.rs and src/platform/kube.rs call.
     for need in [
         "apitree.io/apigateways:watch",
         "apitree.io/apigateways:patch",

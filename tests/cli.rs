@@ -839,11 +839,11 @@ fn every_help_shows_one_example_command_per_line() {
     }
 }
 
-/// Every `apitree` command the docs show — shell blocks and inline code in README.md, the
-/// chart's README and NOTES, example files' comments — parses with this binary's CLI: no
-/// renamed flag, removed subcommand or wrong value can hide in a text people copy. (Code
-/// blocks and example comments must be complete; a command named in running prose may leave
-/// out a required argument.)
+/// Every `apitree` command the docs show — shell blocks and inline code in README.md, every
+/// Markdown file under docs/, the chart's README and NOTES, example files' comments — parses
+/// with this binary's CLI: no renamed flag, removed subcommand or wrong value can hide in a
+/// text people copy. (Code blocks and example comments must be complete; a command named in
+/// running prose may leave out a required argument.)
 #[test]
 fn every_apitree_command_in_the_docs_parses() {
     use clap::Parser;
@@ -853,6 +853,22 @@ fn every_apitree_command_in_the_docs_parses() {
         root.join("charts/apitree/README.md"),
         root.join("charts/apitree/templates/NOTES.txt"),
     ];
+    // Every Markdown file under docs/, in a stable order.
+    let mut docs = Vec::new();
+    let mut doc_dirs = vec![root.join("docs")];
+    while let Some(d) = doc_dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                doc_dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "md") {
+                docs.push(p);
+            }
+        }
+    }
+    assert!(!docs.is_empty(), "docs/ holds the documentation");
+    docs.sort();
+    files.extend(docs);
     let mut dirs = vec![root.join("examples")];
     while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(d).unwrap() {

@@ -14,10 +14,10 @@ use apitree::crd::gateway::{
     GatewayPhase,
 };
 use apitree::notify::Notifier;
-use apitree::operator::controller::{reconcile, Operator};
+use apitree::operator::gateway::controller::{reconcile, Operator};
+use apitree::operator::gateway::plan;
 use apitree::operator::http::HttpState;
 use apitree::operator::metrics::OperatorMetrics;
-use apitree::operator::plan;
 use apitree::platform::kube::{KubePlatform, Target};
 use apitree::proxy::config::ProxyConfig;
 use bytes::Bytes;
@@ -369,7 +369,7 @@ impl Harness {
         gw: &ApiGateway,
         calls: Vec<Call>,
     ) -> (
-        Result<Action, apitree::operator::controller::ControllerError>,
+        Result<Action, apitree::operator::gateway::controller::ControllerError>,
         Vec<Value>,
     ) {
         let scenario = run_scenario(self.handle.clone(), calls);
@@ -1185,7 +1185,7 @@ async fn a_slack_token_that_does_not_resolve_is_one_warning_event_not_one_per_pa
 #[tokio::test]
 async fn a_credential_policy_counts_secret_ages_and_reminds_once_per_offset() {
     use apitree::crd::credential_policy::CredentialPolicy;
-    use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
+    use apitree::operator::credentials::controller::{reconcile as reconcile_policy, Rotations};
     let h = Harness::new().await;
     let clock = h.clock.clone();
     let notifier = Arc::new(Notifier::recording());
@@ -1451,7 +1451,7 @@ async fn credential_changes_made_while_the_operator_was_down_are_announced_after
 #[tokio::test]
 async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_gone() {
     use apitree::crd::gateway::DriftSummary;
-    use apitree::schedule::SweepOutcome;
+    use apitree::operator::gateway::sweep::SweepOutcome;
     let h = Harness::new().await;
     let (fx, rev) = stable_with_database("missing");
     let quiet = |extra: Vec<Call>| quiet_without_secret(&rev, extra);
@@ -1518,7 +1518,7 @@ async fn security_drift_found_by_the_sweep_is_a_critical_incident_until_it_is_go
 #[tokio::test]
 async fn what_the_sweep_finds_down_is_an_incident_until_a_sweep_finds_it_up() {
     use apitree::detect::{IncidentEvent, Severity};
-    use apitree::schedule::{Probed, SweepOutcome, Upstream};
+    use apitree::operator::gateway::sweep::{Probed, SweepOutcome, Upstream};
     let h = Harness::new().await;
     let (mut fx, rev) = stable_with_database("missing");
     fx.gw.spec.proxy.routes[0].probe =
@@ -1629,7 +1629,7 @@ async fn what_the_sweep_finds_down_is_an_incident_until_a_sweep_finds_it_up() {
 async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_log() {
     use apitree::crd::gateway::DriftSummary;
     use apitree::notify::slack::{Action as Button, Interaction};
-    use apitree::schedule::SweepOutcome;
+    use apitree::operator::gateway::sweep::SweepOutcome;
     use base64::Engine;
     let db = common::TestDb::new().await;
     let pool = db.migrated_pool().await;
@@ -1725,7 +1725,7 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
 #[tokio::test]
 async fn a_credential_policy_reencrypts_to_the_new_master_key_once_the_gateway_runs_it() {
     use apitree::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
-    use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
+    use apitree::operator::credentials::controller::{reconcile as reconcile_policy, Rotations};
     use apitree::proxy::vault::MasterKeys;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -1919,7 +1919,7 @@ async fn the_master_key_versions_of_the_revision_taking_traffic_are_in_status() 
 async fn a_smoke_probe_retries_an_upstream_error_but_not_a_wrong_answer() {
     use apitree::crd::gateway::CheckPhase;
     use apitree::gate::GateCheck;
-    use apitree::operator::probes::{run, ProbeTarget, SecretResolver};
+    use apitree::operator::gateway::probes::{run, ProbeTarget, SecretResolver};
     let _ = rustls::crypto::ring::default_provider().install_default();
     // A preview endpoint whose /flaky answers 500 once, /down always 502, /gone 404.
     let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
@@ -1977,7 +1977,7 @@ async fn a_smoke_probe_retries_an_upstream_error_but_not_a_wrong_answer() {
 async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_one_in_grace() {
     use apitree::crd::credential_policy::CredentialPolicy;
     use apitree::notify::slack::{Action as Button, Interaction, RotateTarget};
-    use apitree::operator::credentials::{reconcile as reconcile_policy, Rotations};
+    use apitree::operator::credentials::controller::{reconcile as reconcile_policy, Rotations};
     use apitree::proxy::keys::{ApiKey, Pepper};
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;

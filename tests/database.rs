@@ -765,7 +765,7 @@ async fn whole_database_work_fails_loudly_for_a_role_that_row_level_security_fil
         ),
         (
             "rotation::database_credentials",
-            apitree::rotation::database_credentials(&restricted, true, true)
+            apitree::operator::credentials::rotation::database_credentials(&restricted, true, true)
                 .await
                 .map(drop),
         ),
@@ -906,7 +906,7 @@ async fn the_health_sweep_deletes_what_retention_no_longer_keeps() {
     for sql in seed {
         common::exec(&pool, sql).await.unwrap();
     }
-    let target = apitree::schedule::SweepTarget {
+    let target = apitree::operator::gateway::sweep::SweepTarget {
         gateway: "shop".into(),
         database_url: Some(db.url.clone()),
         unresolved: None,
@@ -916,7 +916,8 @@ async fn the_health_sweep_deletes_what_retention_no_longer_keeps() {
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
-    let out = apitree::schedule::sweep_gateway(&target, &http, chrono::Utc::now()).await;
+    let out =
+        apitree::operator::gateway::sweep::sweep_gateway(&target, &http, chrono::Utc::now()).await;
     assert!(out.problems.is_empty(), "{:?}", out.problems);
     let purged: Vec<(&str, u64)> = out.purged.iter().map(|(k, v)| (*k, *v)).collect();
     assert_eq!(
@@ -969,7 +970,8 @@ async fn the_health_sweep_deletes_what_retention_no_longer_keeps() {
     assert_eq!(detail["deleted"]["usage"], 12_000, "{detail}");
     assert_eq!(detail["kept_for"]["usage"], "400d", "{detail}");
     // Nothing left to delete: no second audit row.
-    let again = apitree::schedule::sweep_gateway(&target, &http, chrono::Utc::now()).await;
+    let again =
+        apitree::operator::gateway::sweep::sweep_gateway(&target, &http, chrono::Utc::now()).await;
     assert!(again.purged.is_empty(), "{:?}", again.purged);
     assert_eq!(
         left("SELECT count(*)::text FROM audit_log WHERE action = 'retention.purge'").await,

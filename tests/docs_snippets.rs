@@ -1,5 +1,6 @@
-//! The shell snippets people copy first, run as written: the README blocks marked
-//! `<!-- tests/docs_snippets.rs runs this block … -->` and the commands in the comments of
+//! The shell snippets people copy first, run as written: the blocks marked
+//! `<!-- tests/docs_snippets.rs runs this block … -->` in README.md and docs/*.md (the mark on
+//! the line right before the block's sh fence) and the commands in the comments of
 //! `examples/local/shop.yaml`. `apitree` and `cargo run [--release] --` run this build's
 //! binary; nothing else in a snippet is changed, except that a snippet's database is a fresh
 //! one of the test's and a `<ID>` placeholder is the id the snippet's own listing printed.
@@ -21,23 +22,35 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The README's marked blocks, in order.
+/// The docs' marked blocks, in order: README.md's, then those of every docs/*.md file in name
+/// order.
 fn marked_blocks() -> Vec<String> {
-    let text = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut files = vec![root().join("README.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
     let mut blocks = Vec::new();
-    let mut lines = text.lines();
-    while let Some(line) = lines.next() {
-        if line.starts_with(MARK) {
-            let fence = lines.next().unwrap_or_default();
-            assert!(
-                fence.starts_with("```sh"),
-                "a mark is followed by a sh block: {fence:?}"
-            );
-            let body: Vec<&str> = lines
-                .by_ref()
-                .take_while(|l| !l.starts_with("```"))
-                .collect();
-            blocks.push(body.join("\n"));
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            if line.starts_with(MARK) {
+                let fence = lines.next().unwrap_or_default();
+                assert!(
+                    fence.starts_with("```sh"),
+                    "{}: a mark is followed by a sh block: {fence:?}",
+                    file.display()
+                );
+                let body: Vec<&str> = lines
+                    .by_ref()
+                    .take_while(|l| !l.starts_with("```"))
+                    .collect();
+                blocks.push(body.join("\n"));
+            }
         }
     }
     blocks
@@ -130,7 +143,7 @@ fn the_readmes_gateway_block_runs_as_written() {
     let block = marked_blocks()
         .into_iter()
         .find(|b| b.contains("proxy --config examples/proxy.yaml"))
-        .expect("the README's gateway block is marked");
+        .expect("the docs' gateway block is marked");
     let shims = shims();
     let (out, err) =
         run(&block, shims.path(), Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}"));
@@ -158,7 +171,7 @@ fn the_readmes_agent_block_runs_as_written() {
     let block = marked_blocks()
         .into_iter()
         .find(|b| b.contains("apitree agent keygen"))
-        .expect("the README's agent block is marked");
+        .expect("the docs' agent block is marked");
     let shims = shims();
     let (out, err) =
         run(&block, shims.path(), Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
@@ -189,7 +202,7 @@ async fn the_readmes_database_block_runs_as_written() {
     let block = marked_blocks()
         .into_iter()
         .find(|b| b.contains("apitree migrate"))
-        .expect("the README's database block is marked");
+        .expect("the docs' database block is marked");
     let named = "postgres://postgres@127.0.0.1:5432/apitree ";
     assert!(
         block.contains(named),

@@ -391,12 +391,15 @@ async fn an_edited_migration_is_reported_and_a_whitespace_change_is_cosmetic() {
     assert!(!report.in_sync());
 }
 
-fn sweeper() -> (apitree::schedule::Sweeper, prometheus::Registry) {
+fn sweeper() -> (
+    apitree::operator::gateway::sweep::Sweeper,
+    prometheus::Registry,
+) {
     let registry = prometheus::Registry::new();
-    let metrics = apitree::schedule::SweepMetrics::register(&registry);
+    let metrics = apitree::operator::gateway::sweep::SweepMetrics::register(&registry);
     common::gateway::install_crypto();
     (
-        apitree::schedule::Sweeper::new(metrics, reqwest::Client::new()),
+        apitree::operator::gateway::sweep::Sweeper::new(metrics, reqwest::Client::new()),
         registry,
     )
 }
@@ -404,7 +407,7 @@ fn sweeper() -> (apitree::schedule::Sweeper, prometheus::Registry) {
 #[tokio::test]
 async fn the_health_sweep_fixes_drift_under_auto_only_reports_it_otherwise_and_never_overlaps() {
     use apitree::crd::gateway::DriftPolicy;
-    use apitree::schedule::SweepTarget;
+    use apitree::operator::gateway::sweep::SweepTarget;
     let (auto_db, report_db) = (TestDb::new().await, TestDb::new().await);
     for db in [&auto_db, &report_db] {
         let pool = db.migrated_pool().await;
@@ -513,7 +516,7 @@ async fn start_probed_upstream() -> std::net::SocketAddr {
 #[tokio::test]
 async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
     use apitree::crd::gateway::{DriftPolicy, UpstreamProbe};
-    use apitree::schedule::{sweep_gateway, SweepTarget, Upstream};
+    use apitree::operator::gateway::sweep::{sweep_gateway, SweepTarget, Upstream};
     common::gateway::install_crypto();
     let up = start_probed_upstream().await;
     let closed = {
@@ -595,7 +598,7 @@ async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
     };
     let out = sweep_gateway(
         &target,
-        &apitree::schedule::probe_client(),
+        &apitree::operator::gateway::sweep::probe_client(),
         chrono::Utc::now(),
     )
     .await;
@@ -664,7 +667,7 @@ async fn the_sweep_probes_each_routes_upstream_and_every_registered_api() {
 async fn an_unreachable_database_is_a_failed_sweep_run_with_the_reason() {
     use apitree::crd::gateway::DriftPolicy;
     let (sweeper, _registry) = sweeper();
-    let target = apitree::schedule::SweepTarget {
+    let target = apitree::operator::gateway::sweep::SweepTarget {
         gateway: "ns/down".into(),
         database_url: Some("postgres://postgres@127.0.0.1:1/none".into()),
         policy: DriftPolicy::Auto,
@@ -686,14 +689,15 @@ async fn an_unreachable_database_is_a_failed_sweep_run_with_the_reason() {
 async fn the_scheduler_runs_the_sweep_again_and_again() {
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let r = runs.clone();
-    let mut scheduler = apitree::schedule::every(std::time::Duration::from_secs(1), move || {
-        let r = r.clone();
-        async move {
-            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    })
-    .await
-    .unwrap();
+    let mut scheduler =
+        apitree::operator::gateway::sweep::every(std::time::Duration::from_secs(1), move || {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
     scheduler.shutdown().await.unwrap();
     let n = runs.load(std::sync::atomic::Ordering::SeqCst);
@@ -708,8 +712,8 @@ async fn an_upstream_down_incident_of_a_route_removed_meanwhile_resolves_after_a
     use apitree::detect::engine::IncidentStore;
     use apitree::detect::IncidentEvent;
     use apitree::notify::Notifier;
-    use apitree::operator::rollout::Managed;
-    use apitree::schedule::{Probed, SweepOutcome};
+    use apitree::operator::gateway::rollout::Managed;
+    use apitree::operator::gateway::sweep::{Probed, SweepOutcome};
     use std::sync::Arc;
     let db = TestDb::new().await;
     let pool = db.migrated_pool().await;

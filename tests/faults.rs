@@ -17,9 +17,9 @@ use apitree::detect::{IncidentEvent, Severity};
 use apitree::notify::outbox::Outbox;
 use apitree::notify::slack::SlackDelivery;
 use apitree::notify::Notifier;
+use apitree::operator::gateway::sweep::{sweep_gateway, SweepTarget};
 use apitree::proxy::limiter::Limiter;
 use apitree::proxy::metrics::ProxyMetrics;
-use apitree::schedule::{sweep_gateway, SweepTarget};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -359,7 +359,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
 
     // Through a gateway: a completed sweep with security drift, a failed one, a fixing one.
     let notifier = Notifier::recording();
-    let mut m = apitree::operator::rollout::Managed::new(
+    let mut m = apitree::operator::gateway::rollout::Managed::new(
         "shop",
         serde_json::from_value(serde_json::json!({"replicas": 1, "proxy": {"routes": []}}))
             .unwrap(),
@@ -385,7 +385,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         .clone()
         .expect("a completed check is in status");
     assert!(seen.security > 0);
-    let open = |m: &apitree::operator::rollout::Managed| {
+    let open = |m: &apitree::operator::gateway::rollout::Managed| {
         m.incidents.iter().filter(|i| !i.resolved).count()
     };
     assert_eq!(open(&m), 1, "security drift is an incident");
@@ -412,7 +412,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
     // Found and fixed by one sweep (auto) still pages: the incident opens and resolves at
     // once, and only once however many passes see that sweep.
     let notifier = Arc::new(Notifier::recording());
-    let mut fresh = apitree::operator::rollout::Managed::new(
+    let mut fresh = apitree::operator::gateway::rollout::Managed::new(
         "cart",
         serde_json::from_value(serde_json::json!({"replicas": 1, "proxy": {"routes": []}}))
             .unwrap(),

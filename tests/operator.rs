@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use apitree::crd::duration::KubeDuration;
 use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase, Color, GatewayPhase};
+use apitree::demo::{self, SampleApi, Tour};
 use apitree::notify::Notifier;
-use apitree::operator::demo::{self, SampleApi, Tour};
-use apitree::operator::rollout::Managed;
+use apitree::operator::gateway::rollout::Managed;
 use apitree::platform::Platform;
 use apitree::proxy::keys::ApiKey;
 

@@ -744,7 +744,7 @@ keys:
 async fn smoke_probes_reach_a_tls_gateway_verified_against_its_ca_only() {
     use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase};
     use apitree::gate::GateCheck;
-    use apitree::operator::probes::{run, ProbeTarget, SecretResolver};
+    use apitree::operator::gateway::probes::{run, ProbeTarget, SecretResolver};
     let pki = Pki::serving();
     let other = Pki::new();
     let gw = start(&pki, "").await;
@@ -830,7 +830,7 @@ async fn health_checks_and_scrapes_reach_tls_admin_ports_verified_against_the_ca
     use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase};
     use apitree::detect::source::ScrapeSource;
     use apitree::gate::GateCheck;
-    use apitree::operator::probes::{metric_targets, run, ProbeTarget, SecretResolver};
+    use apitree::operator::gateway::probes::{metric_targets, run, ProbeTarget, SecretResolver};
     let pki = Pki::serving();
     let other = Pki::new();
     let gw = start_full(&pki, "", "adminTls: true", None).await;

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::crd::gateway::{ApiGatewayStatus, GateCheckStatus, IncidentSummary};
-use crate::operator::rollout::{GateRun, GatewayEvent, Managed};
+use crate::operator::gateway::rollout::{GateRun, GatewayEvent, Managed};
 
 /// One gateway as the page shows it.
 #[derive(Debug, Clone, Serialize)]

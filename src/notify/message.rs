@@ -219,7 +219,7 @@ pub fn note_blocks(n: &Note, text: &str) -> Value {
             "title": {"type": "plain_text", "text": "Rotate this API key?"},
             "text": {"type": "mrkdwn", "text": format!(
                 "A new key replaces `{}`; the old key keeps working for {}. The new key is written to Secret `{}` in namespace `{namespace}`, never to Slack.",
-                b.key_prefix, b.grace, crate::rotation::ROTATED_KEYS_SECRET)},
+                b.key_prefix, b.grace, crate::operator::credentials::rotation::ROTATED_KEYS_SECRET)},
             "confirm": {"type": "plain_text", "text": "Rotate"},
             "deny": {"type": "plain_text", "text": "Cancel"},
         });

@@ -126,7 +126,7 @@ pub struct Note {
 
 /// A "Rotate now" button on an API-key reminder. Slack asks for confirmation first; the press
 /// goes to the CredentialPolicy controller, which rotates the key and puts the new one in the
-/// policy namespace's [`crate::rotation::ROTATED_KEYS_SECRET`] Secret (never in Slack).
+/// policy namespace's [`crate::operator::credentials::rotation::ROTATED_KEYS_SECRET`] Secret (never in Slack).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RotateButton {
     /// The key's row id in the gateway database.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use super::gateway::rollout::Press;
 use super::metrics::OperatorMetrics;
-use super::rollout::Press;
 use crate::dashboard::{GatewayView, PAGE};
 use crate::notify::slack::InteractionEndpoint;
 use crate::notify::Notifier;

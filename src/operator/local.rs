@@ -15,9 +15,9 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::gateway::rollout::{reconcile, Context, Managed, Press};
 use super::http::{self, HttpState};
 use super::metrics::OperatorMetrics;
-use super::rollout::{reconcile, Context, Managed, Press};
 use crate::crd::gateway::{ApiGatewaySpec, SecretKeyRef};
 use crate::dashboard::GatewayView;
 use crate::gate::Request;
@@ -525,7 +525,7 @@ pub async fn run(
             metrics.phases.with_label_values(&[phase.as_str()]).inc();
             views.push(GatewayView::of(m, platform.active_url(&m.name).await));
         }
-        super::rollout::count_open_incidents(gateways.values(), &metrics);
+        super::gateway::rollout::count_open_incidents(gateways.values(), &metrics);
         state.publish(views);
         tokio::select! {
             _ = &mut stop => break,

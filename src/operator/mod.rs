@@ -1,18 +1,18 @@
-//! The control plane: the ApiGateway control loop (`rollout`), its pure plan (`plan`), the gate
-//! probes (`probes`), and what drives it: in a cluster the kube-runtime controller
-//! (`controller`, with leader election in `lease` and the binary's wiring in `serve`); on this
-//! machine `local` and `demo`. `http` serves the status page, metrics and Slack interactions.
+//! The control plane. Each resource kind has the same shape: `plan` (pure: what should run),
+//! a controller (kube-runtime wiring and the reconcile pass) and `apply` (its Kubernetes writes:
+//! status, Events, Secret annotations). `gateway` is the ApiGateway kind, with its
+//! platform-independent loop (`rollout`), the gate's probes and the periodic health `sweep`;
+//! `credentials` is the CredentialPolicy kind, with its pure `rotation` rules. Around them:
+//! leader election (`lease`), the binary's cluster wiring (`serve`), the HTTP port (`http`:
+//! status page, metrics, Slack interactions), what must survive a restart (`durable`), the
+//! console's watch (`console_watch`) and the loop on this machine (`local`).
 
 pub mod console_watch;
-pub mod controller;
 pub mod credentials;
-pub mod demo;
 pub mod durable;
+pub mod gateway;
 pub mod http;
 pub mod lease;
 pub mod local;
 pub mod metrics;
-pub mod plan;
-pub mod probes;
-pub mod rollout;
 pub mod serve;

@@ -11,15 +11,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::Client;
 
-use super::controller::{self, Operator};
 use super::durable::Durable;
+use super::gateway::controller::{self, Operator};
 use super::http::{self, HttpState};
 use super::lease;
 use super::metrics::OperatorMetrics;
 use crate::crd::gateway::DetectionSpec;
 use crate::notify::slack::console_or_slack;
+use crate::operator::gateway::sweep::{SweepMetrics, Sweeper};
 use crate::platform::kube::{cluster_resolver, KubePlatform};
-use crate::schedule::{SweepMetrics, Sweeper};
 
 /// How `apitree operator` runs.
 #[derive(Debug)]
@@ -124,7 +124,7 @@ pub async fn run(
     // Button presses reach the operator, which the endpoint is built before.
     let operator_cell: Arc<OnceLock<Weak<Operator>>> = Arc::new(OnceLock::new());
     let cell = operator_cell.clone();
-    let rotations_cell: Arc<OnceLock<Weak<super::credentials::Rotations>>> =
+    let rotations_cell: Arc<OnceLock<Weak<super::credentials::controller::Rotations>>> =
         Arc::new(OnceLock::new());
     let policies = rotations_cell.clone();
     let gateway_secrets: Arc<std::sync::RwLock<Vec<String>>> = Arc::default();
@@ -200,10 +200,10 @@ pub async fn run(
     // The health sweep runs on the leader only.
     let sweeper = Arc::new(Sweeper::new(
         SweepMetrics::register(&op.metrics.registry),
-        crate::schedule::probe_client(),
+        crate::operator::gateway::sweep::probe_client(),
     ));
     let (sweep_op, sweep_state) = (op.clone(), state_role.clone());
-    let scheduler = crate::schedule::every(opts.sweep_every, move || {
+    let scheduler = crate::operator::gateway::sweep::every(opts.sweep_every, move || {
         let (op, state, sweeper) = (sweep_op.clone(), sweep_state.clone(), sweeper.clone());
         async move {
             if *state.role.read().unwrap_or_else(|p| p.into_inner()) != "leader" {
@@ -236,7 +236,7 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let rotations = Arc::new(super::credentials::Rotations::new(
+    let rotations = Arc::new(super::credentials::controller::Rotations::new(
         op.client.clone(),
         op.metrics.clone(),
         op.notifier.clone(),
@@ -277,7 +277,10 @@ pub async fn run(
                 tracing::info!(lease = %opts.lease_name, identity = %opts.identity, "leading: starting the ApiGateway and CredentialPolicy controllers");
                 running = Some(vec![
                     tokio::spawn(controller::run(op.clone(), stopped())),
-                    tokio::spawn(super::credentials::run(rotations.clone(), stopped())),
+                    tokio::spawn(super::credentials::controller::run(
+                        rotations.clone(),
+                        stopped(),
+                    )),
                 ]);
             }
             Ok(true) => {}

@@ -214,7 +214,7 @@ pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
         // A Secret volume, not a subPath, so a renewed pair reaches the running proxies.
         mounts.push(VolumeMount {
             name: "tls".into(),
-            mount_path: crate::operator::plan::TLS_DIR.into(),
+            mount_path: crate::operator::gateway::plan::TLS_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -732,7 +732,7 @@ mod tests {
             yaml.push_str("tls:\n  secretName: shop-tls\n");
         }
         let spec: ApiGatewaySpec = serde_saphyr::from_str(&yaml).unwrap();
-        let config = crate::operator::plan::render(&spec, &Default::default());
+        let config = crate::operator::gateway::plan::render(&spec, &Default::default());
         Deployment {
             gateway: "shop/web".into(),
             revision: "abc".into(),

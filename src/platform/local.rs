@@ -473,7 +473,7 @@ mod tests {
             gateway: "shop".into(),
             revision: "abc".into(),
             replicas: 1,
-            config: crate::operator::plan::render(&spec, &Default::default()),
+            config: crate::operator::gateway::plan::render(&spec, &Default::default()),
             image: String::new(),
             spec,
             owner_uid: None,

@@ -1,6 +1,6 @@
 //! The CredentialPolicy controller: gathers the tracked credentials (Secrets' metadata by label
 //! selector; API keys and upstream credentials in the database of the referenced ApiGateway),
-//! evaluates them (`crate::rotation`), writes counts and the next due items to status, and
+//! evaluates them (`super::rotation`), writes counts and the next due items to status, and
 //! publishes a reminder Event each time a credential crosses a reminder offset or its maximum
 //! age. It looks again every hour.
 
@@ -12,13 +12,13 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
-use super::metrics::OperatorMetrics;
+use super::apply;
 use crate::crd::condition::{set_condition, ConditionStatus};
 use crate::crd::credential_policy::{
     CredentialPolicy, CredentialPolicyStatus, ReencryptionProgress,
@@ -28,9 +28,11 @@ use crate::detect::engine::{Detector, IncidentStore, NoticeContext, CREDENTIALS_
 use crate::detect::{ScoreConfig, Severity};
 use crate::notify::slack::{Interaction, RotateTarget};
 use crate::notify::{Note, Notifier, RotateButton};
-use crate::platform::kube::FIELD_MANAGER;
+use crate::operator::credentials::rotation::{
+    self, Credential, ROTATED_AT_ANNOTATION, ROTATED_KEYS_SECRET,
+};
+use crate::operator::metrics::OperatorMetrics;
 use crate::proxy::vault::MasterKeys;
-use crate::rotation::{self, Credential, ROTATED_AT_ANNOTATION, ROTATED_KEYS_SECRET};
 
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +88,7 @@ impl Rotations {
             client,
             metrics,
             notifier,
-            reporter: super::controller::reporter(),
+            reporter: crate::operator::gateway::controller::reporter(),
             clock,
             sent: Mutex::new(HashMap::new()),
             counts: Mutex::new(HashMap::new()),
@@ -216,19 +218,14 @@ impl Rotations {
             name: Some(target.policy.clone()),
             ..Default::default()
         };
-        let event = KubeEvent {
-            type_: event.0,
-            reason: event.1.into(),
-            note: Some(event.2.chars().take(1000).collect()),
-            action: "RotateKey".into(),
-            secondary: None,
-        };
-        if let Err(e) = Recorder::new(self.client.clone(), self.reporter.clone())
-            .publish(&event, &reference)
-            .await
-        {
-            tracing::warn!(policy = %policy, "cannot publish an Event: {e}");
-        }
+        apply::publish_events(
+            &self.client,
+            &self.reporter,
+            &reference,
+            "RotateKey",
+            vec![(event.0, event.1.into(), event.2)],
+        )
+        .await;
         true
     }
 
@@ -300,33 +297,28 @@ impl Rotations {
                 "the key was already rotated or revoked (or is not in this gateway's database); nothing changed"
                     .to_string()
             })?;
-            use base64::Engine;
             let new_prefix = r.new.key.prefix().to_string();
-            let patch = serde_json::json!({
-                "metadata": {"annotations": {
-                    format!("apitree.io/rotated.{new_prefix}"): format!(
-                        "replaces {} (valid until {}); rotated from Slack by {} at {}",
-                        r.old_prefix, r.grace_until.to_rfc3339(), press.actor(), now.to_rfc3339()
-                    )
-                }},
-                "data": {
-                    new_prefix.clone(): base64::engine::general_purpose::STANDARD
-                        .encode(r.new.key.expose_secret()),
-                },
-            });
-            secrets
-                .patch(
-                    ROTATED_KEYS_SECRET,
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
+            let annotation = format!(
+                "replaces {} (valid until {}); rotated from Slack by {} at {}",
+                r.old_prefix,
+                r.grace_until.to_rfc3339(),
+                press.actor(),
+                now.to_rfc3339()
+            );
+            apply::store_rotated_key(
+                &self.client,
+                ns,
+                &new_prefix,
+                r.new.key.expose_secret().as_bytes(),
+                annotation,
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot write the new key into Secret {ns}/{ROTATED_KEYS_SECRET} ({}); the rotation was rolled back and the old key is unchanged",
+                    kube_reason(&e)
                 )
-                .await
-                .map_err(|e| {
-                    format!(
-                        "cannot write the new key into Secret {ns}/{ROTATED_KEYS_SECRET} ({}); the rotation was rolled back and the old key is unchanged",
-                        kube_reason(&e)
-                    )
-                })?;
+            })?;
             tx.commit().await.map_err(|e| {
                 format!(
                     "the new key is in Secret {ns}/{ROTATED_KEYS_SECRET} as {new_prefix}, but recording the rotation failed ({e}), so that key does not work; the old key is unchanged"
@@ -681,31 +673,15 @@ pub async fn reconcile(
         }
     };
     status.observed_generation = generation;
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let reference = policy.object_ref(&());
-    for (type_, reason, note) in notes {
-        let event = KubeEvent {
-            type_,
-            reason,
-            note: Some(note.chars().take(1000).collect()),
-            action: "Evaluate".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(policy = %name, "cannot publish an Event: {e}");
-        }
-    }
-    let patch = serde_json::json!({
-        "apiVersion": "apitree.io/v1alpha1",
-        "kind": "CredentialPolicy",
-        "status": status,
-    });
-    Api::<CredentialPolicy>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &policy.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
+    apply::publish_events(
+        &ctx.client,
+        &ctx.reporter,
+        &policy.object_ref(&()),
+        "Evaluate",
+        notes,
+    )
+    .await;
+    apply::write_status(&ctx.client, &policy, &status)
         .await
         .map_err(|source| CredentialsError::PatchStatus {
             name: name.clone(),

@@ -41,7 +41,7 @@ pub struct Context<P: Platform> {
     pub http: reqwest::Client,
     /// Link to the status page, shown in notifications.
     pub status_url: Option<String>,
-    pub metrics: Arc<super::metrics::OperatorMetrics>,
+    pub metrics: Arc<crate::operator::metrics::OperatorMetrics>,
     /// The endpoint Connector Agents dial (`--agent-listen`), when this control plane serves one.
     pub agents: Option<Arc<crate::agent::hub::Hub>>,
 }
@@ -172,7 +172,7 @@ pub struct Managed {
     /// Where this gateway's audit log was last read (credential changes page people).
     audit: Option<AuditCursor>,
     /// The last health sweep of this gateway.
-    pub sweep: Option<crate::schedule::SweepOutcome>,
+    pub sweep: Option<crate::operator::gateway::sweep::SweepOutcome>,
     /// Master-key versions each revision was deployed with (for `status.masterKeyVersions`).
     deployed_keys: BTreeMap<String, Vec<u32>>,
     /// Slack presses applied between passes, for the next pass's audit rows.
@@ -288,7 +288,7 @@ impl Managed {
 
     /// What the health sweep looks at for this gateway: its routes' upstreams and, when its
     /// spec names one, its database.
-    pub fn sweep_target(&self) -> crate::schedule::SweepTarget {
+    pub fn sweep_target(&self) -> crate::operator::gateway::sweep::SweepTarget {
         let unresolved = match (&self.spec.database, &self.database_url) {
             (Some(db), None) => Some(format!(
                 "the database URL in Secret {} (key {:?}) could not be read; database checks skipped",
@@ -296,7 +296,7 @@ impl Managed {
             )),
             _ => None,
         };
-        crate::schedule::SweepTarget {
+        crate::operator::gateway::sweep::SweepTarget {
             gateway: self.name.clone(),
             database_url: self.database_url.clone(),
             unresolved,
@@ -307,7 +307,7 @@ impl Managed {
                 .proxy
                 .routes
                 .iter()
-                .map(|r| crate::schedule::Upstream {
+                .map(|r| crate::operator::gateway::sweep::Upstream {
                     route: r.name.clone(),
                     url: r.upstream.clone(),
                     probe: r.probe.clone(),
@@ -378,7 +378,11 @@ impl Managed {
     /// The sweep's probes: `status.probes`, an `upstream down` incident per route whose
     /// upstream does not answer, an `endpoints down` incident while serving replicas are not
     /// ready, each resolved by the first sweep that finds it up again.
-    async fn apply_probes(&mut self, o: &crate::schedule::SweepOutcome, now: Timestamp) {
+    async fn apply_probes(
+        &mut self,
+        o: &crate::operator::gateway::sweep::SweepOutcome,
+        now: Timestamp,
+    ) {
         use crate::detect::engine::{ENDPOINTS_DOWN, UPSTREAM_DOWN};
         if o.probed.is_empty() {
             return;
@@ -1291,7 +1295,7 @@ pub async fn probe_endpoints<P: Platform>(m: &mut Managed, ctx: &Context<P>) {
         secrets: ctx.secrets.as_ref(),
     };
     let r = probes::run(gate::GateCheck::Health, &target).await;
-    let probed = crate::schedule::Probed {
+    let probed = crate::operator::gateway::sweep::Probed {
         route: None,
         target: format!("{} replicas' /readyz", active.as_str()),
         down: (r.phase != crate::crd::gateway::CheckPhase::Passed)
@@ -1849,7 +1853,7 @@ fn summarize_incidents(m: &mut Managed) {
 /// Sets `apitree_operator_open_incidents{severity}` from the gateways' open incidents.
 pub fn count_open_incidents<'a>(
     gateways: impl Iterator<Item = &'a Managed>,
-    metrics: &super::metrics::OperatorMetrics,
+    metrics: &crate::operator::metrics::OperatorMetrics,
 ) {
     let mut counts = [0i64; 3];
     for m in gateways {
@@ -1873,7 +1877,7 @@ pub fn open_incident_counts(m: &Managed) -> [i64; 3] {
 }
 
 /// Sets the open-incident gauges to `counts` (warning, high, critical).
-pub fn set_open_incidents(counts: [i64; 3], metrics: &super::metrics::OperatorMetrics) {
+pub fn set_open_incidents(counts: [i64; 3], metrics: &crate::operator::metrics::OperatorMetrics) {
     for (severity, n) in ["warning", "high", "critical"].iter().zip(counts) {
         metrics.open_incidents.with_label_values(&[severity]).set(n);
     }

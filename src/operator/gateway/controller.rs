@@ -12,15 +12,14 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 
-use super::http::HttpState;
-use super::metrics::OperatorMetrics;
+use super::apply;
 use super::probes::SecretResolver;
 use super::rollout::{self, Context, Managed, Press};
 use crate::crd::gateway::{ApiGateway, GatewayPhase, SecretKeyRef};
@@ -29,12 +28,14 @@ use crate::detect::engine::IncidentStore;
 use crate::gate::Request;
 use crate::notify::slack::{slack_notifier, DeliveryTask, SlackConfig};
 use crate::notify::{Channels, Notifier};
-use crate::platform::kube::{KubePlatform, FIELD_MANAGER};
+use crate::operator::http::HttpState;
+use crate::operator::metrics::OperatorMetrics;
+use crate::platform::kube::KubePlatform;
 use crate::proxy::config::ProxyConfig;
 
 /// Finalizer that makes deletion remove the gateway's children first.
 pub const FINALIZER: &str = "apitree.io/cleanup";
-pub use super::local::{PROMOTE_ANNOTATION, ROLLBACK_ANNOTATION};
+pub use crate::operator::local::{PROMOTE_ANNOTATION, ROLLBACK_ANNOTATION};
 
 /// Why a pass failed. Each variant names the operation; `category` is the metric label and the
 /// Event reason.
@@ -74,7 +75,7 @@ pub struct Operator {
     pub notifier: Arc<Notifier>,
     pub store: Arc<IncidentStore>,
     /// Where state lives; gateways' own Slack apps get their outboxes here.
-    durable: Arc<super::durable::Durable>,
+    durable: Arc<crate::operator::durable::Durable>,
     pub default_image: String,
     pub http: reqwest::Client,
     pub status_url: Option<String>,
@@ -91,7 +92,7 @@ pub struct Operator {
     /// any pass runs.
     published: Mutex<std::collections::BTreeMap<String, Published>>,
     /// Sweep results waiting for their gateway's next pass.
-    sweeps: Mutex<HashMap<String, crate::schedule::SweepOutcome>>,
+    sweeps: Mutex<HashMap<String, crate::operator::gateway::sweep::SweepOutcome>>,
     /// Pools of the gateways' databases, for their audit logs.
     pools: tokio::sync::Mutex<HashMap<String, sqlx::PgPool>>,
     slack: Mutex<HashMap<String, GatewaySlack>>,
@@ -107,7 +108,7 @@ struct Published {
     view: GatewayView,
     /// Open incidents by severity: warning, high, critical.
     incidents: [i64; 3],
-    sweep: Option<crate::schedule::SweepTarget>,
+    sweep: Option<crate::operator::gateway::sweep::SweepTarget>,
 }
 
 /// A gateway's own Slack delivery (`spec.escalation.slack`).
@@ -137,7 +138,7 @@ impl Operator {
             metrics,
             notifier,
             store: Arc::new(IncidentStore::memory()),
-            durable: Arc::new(super::durable::Durable::memory()),
+            durable: Arc::new(crate::operator::durable::Durable::memory()),
             default_image,
             http: reqwest::Client::new(),
             status_url,
@@ -157,7 +158,7 @@ impl Operator {
     }
 
     /// Keeps incidents, outboxes and baselines where `durable` says.
-    pub fn set_durable(&mut self, durable: Arc<super::durable::Durable>) {
+    pub fn set_durable(&mut self, durable: Arc<crate::operator::durable::Durable>) {
         self.store = durable.store.clone();
         self.durable = durable;
     }
@@ -285,7 +286,7 @@ impl Operator {
     }
 
     /// The gateways the health sweep should look at: every one whose pass has run.
-    pub async fn sweep_targets(&self) -> Vec<crate::schedule::SweepTarget> {
+    pub async fn sweep_targets(&self) -> Vec<crate::operator::gateway::sweep::SweepTarget> {
         self.published
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -295,7 +296,7 @@ impl Operator {
     }
 
     /// Hands a sweep's results to the gateways; their next pass puts them in status.
-    pub async fn record_sweep(&self, outcomes: Vec<crate::schedule::SweepOutcome>) {
+    pub async fn record_sweep(&self, outcomes: Vec<crate::operator::gateway::sweep::SweepOutcome>) {
         let mut sweeps = self.sweeps.lock().unwrap_or_else(|e| e.into_inner());
         for o in outcomes {
             sweeps.insert(o.gateway.clone(), o);
@@ -454,18 +455,6 @@ pub async fn reconcile(obj: Arc<ApiGateway>, op: Arc<Operator>) -> Result<Action
 }
 
 /// Transient failures back off per object: 5 s, 10 s, 20 s … up to 5 minutes.
-/// Attempts at writing a pass's status (250 ms, then 1 s apart) before the pass fails.
-const STATUS_WRITE_ATTEMPTS: u32 = 3;
-
-/// Whether a failed API call may succeed if made again: a server error, a rate limit, a
-/// conflict, a timeout, or no answer at all.
-fn retryable(e: &kube::Error) -> bool {
-    match e {
-        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 409,
-        _ => true,
-    }
-}
-
 pub fn error_policy(obj: Arc<ApiGateway>, err: &ControllerError, op: Arc<Operator>) -> Action {
     op.metrics.errors.with_label_values(&[err.category()]).inc();
     op.metrics.reconciles.with_label_values(&["error"]).inc();
@@ -687,52 +676,16 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     if let (false, Some(url)) = (audited.is_empty(), m.database_url.clone()) {
         op.audit(&name, &url, audited).await;
     }
-    let recorder = Recorder::new(op.client.clone(), op.reporter.clone());
-    let reference = obj.object_ref(&());
     if let Some(last) = fresh.last() {
         m.events_published = last.seq;
     }
-    for e in fresh {
-        let event = KubeEvent {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: e.reason.clone(),
-            note: Some(e.message.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(err) = recorder.publish(&event, &reference).await {
-            tracing::warn!(gateway = %name, "cannot publish an Event: {err}");
-        }
-    }
-    let status = serde_json::json!({
-        "apiVersion": "apitree.io/v1alpha1",
-        "kind": "ApiGateway",
-        "status": m.status,
-    });
-    let api: Api<ApiGateway> = Api::namespaced(op.client.clone(), &ns);
-    let mut attempt = 0;
-    // A server-side apply of the whole status: a retry needs no re-read to be right.
-    while let Err(source) = api
-        .patch_status(
-            &obj.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&status),
-        )
-        .await
-    {
-        attempt += 1;
-        if attempt == STATUS_WRITE_ATTEMPTS || !retryable(&source) {
-            m.unwritten = Some(m.status.clone());
-            return Err(ControllerError::PatchStatus {
-                name: name.clone(),
-                source,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(250 << (2 * (attempt - 1)))).await;
+    apply::publish_events(&op.client, &op.reporter, &obj, fresh).await;
+    if let Err(source) = apply::write_status(&op.client, &obj, &m.status).await {
+        m.unwritten = Some(m.status.clone());
+        return Err(ControllerError::PatchStatus {
+            name: name.clone(),
+            source,
+        });
     }
     let action = requeue_after(m);
     op.publish(m);
