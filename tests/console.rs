@@ -235,7 +235,7 @@ fn api_body(name: &str) -> Value {
     json!({"name": name, "path_prefix": format!("/{name}"), "upstream_url": "http://93.184.215.14:9/"})
 }
 
-/// What a role may do with an endpoint: the README's matrix, written out independently of the
+/// What a role may do with an endpoint: docs/console.md's matrix, written out independently of the
 /// code's table.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum May {

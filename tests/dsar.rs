@@ -536,7 +536,7 @@ async fn rows_from_before_subjects_are_counted_not_rewritten() {
     assert!(audit_verifies(&db.url).await.contains("intact"));
 }
 
-/// `apitree dsar` as the README shows it: export by email, a dry run that changes nothing, the
+/// `apitree dsar` as docs/gdpr.md shows it: export by email, a dry run that changes nothing, the
 /// erasure, and a clear error for someone who is not there.
 #[tokio::test]
 async fn the_cli_exports_dry_runs_and_erases_by_email() {

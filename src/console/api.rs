@@ -370,7 +370,7 @@ pub async fn dispatch(r: Request<'_>) -> Reply {
         _ => Err(ApiError::new(
             404,
             "no_route",
-            "no such endpoint; the API is listed in the README's console section",
+            "no such endpoint; the API is listed in docs/console.md",
         )),
     }
 }

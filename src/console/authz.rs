@@ -1,7 +1,7 @@
 //! Who may do what: the console's one decision point. Every endpoint names its [`Action`] and
 //! the org it touches and calls [`decide`]; nothing else grants access.
 //!
-//! The matrix (also in the README, checked against this code by a test):
+//! The matrix (also in docs/console.md, checked against this code by a test):
 //!
 //! | action             | buyer | seller | admin | super_admin |
 //! |--------------------|-------|--------|-------|-------------|
@@ -320,7 +320,7 @@ pub fn decide_personal_data(p: &Principal, action: Action, target: (Uuid, Role))
 mod tests {
     use super::*;
 
-    /// The README's role matrix says what [`reach`] does, cell by cell: a cell is `own`, `any`,
+    /// The role matrix in docs/console.md says what [`reach`] does, cell by cell: a cell is `own`, `any`,
     /// `-`, `VERBS: any` (those verbs any org, the row's others none), or `buyers and sellers`
     /// (any org, whom is [`decide_user_change`]'s). Every action has a row, every row is known.
     #[test]
@@ -366,8 +366,8 @@ mod tests {
                 &[("export", ExportPersonalData), ("erase", ErasePersonalData)],
             ),
         ];
-        let readme = include_str!("../../README.md");
-        let section = &readme[readme.find("## The console").expect("the console section")..];
+        let readme = include_str!("../../docs/console.md");
+        let section = &readme[readme.find("# The console").expect("the console page")..];
         let table: Vec<Vec<&str>> = section
             .lines()
             .skip_while(|l| !l.starts_with("| action |"))
@@ -378,7 +378,7 @@ mod tests {
         assert_eq!(
             table.len(),
             rows.len(),
-            "a README row without a mapping here, or the reverse"
+            "a docs/console.md row without a mapping here, or the reverse"
         );
         let roles = [Role::Buyer, Role::Seller, Role::Admin, Role::SuperAdmin];
         let mut covered = std::collections::HashSet::new();
@@ -386,7 +386,7 @@ mod tests {
             let (_, actions) = rows
                 .iter()
                 .find(|(label, _)| line[0].starts_with(label))
-                .unwrap_or_else(|| panic!("README row {:?} has no mapping", line[0]));
+                .unwrap_or_else(|| panic!("docs/console.md row {:?} has no mapping", line[0]));
             for (role, cell) in roles.iter().zip(&line[1..]) {
                 for (verb, action) in actions.iter() {
                     covered.insert(*action);
@@ -409,7 +409,7 @@ mod tests {
                     assert_eq!(
                         reach(*role, *action),
                         want,
-                        "{} {} ({}): README says {cell:?}",
+                        "{} {} ({}): docs/console.md says {cell:?}",
                         role.as_str(),
                         verb,
                         line[0]
@@ -420,7 +420,7 @@ mod tests {
         for action in Action::ALL {
             assert!(
                 covered.contains(&action),
-                "{} is not in the README's matrix",
+                "{} is not in the matrix of docs/console.md",
                 action.name()
             );
         }

@@ -1,6 +1,6 @@
 //! How good the detector is, measured: a labelled corpus of series generated with fixed seeds,
 //! the scoring rules, and two simple reference detectors to compare with.
-//! `cargo bench --bench detector_quality` runs it; the rules are written down in the README.
+//! `cargo bench --bench detector_quality` runs it; the rules are written down in docs/performance.md (Detector quality).
 //!
 //! **The corpus.** Twelve categories, six series each, six days of 5-minute windows. Gauges:
 //! spikes, dips, level shifts, ramps (up and down), variance changes, seasonality changes
@@ -703,7 +703,7 @@ mod tests {
     }
 
     /// The corpus through the replay path: the detector keeps its overall score and is at
-    /// least level with both references in every category (see the README's table).
+    /// least level with both references in every category (see the table in docs/performance.md).
     #[test]
     fn the_detector_keeps_its_corpus_score() {
         let cfg = ScoreConfig::from(&crate::crd::gateway::DetectionSpec::default());

@@ -212,7 +212,7 @@ fn unknown_route_fields(doc: &serde_json::Value) -> Vec<Problem> {
             for found in crate::crd::validate::unknown_fields_in(items, item) {
                 out.push(Problem {
                     path: format!("{list}[{i}]{}", found.trim_end_matches(": unknown field")),
-                    message: "unknown field; check its spelling against examples/proxy.yaml and the README's proxy section"
+                    message: "unknown field; check its spelling against examples/proxy.yaml and docs/configuration.md"
                         .into(),
                 });
             }
@@ -521,14 +521,24 @@ fn header_text(text: &str) -> bool {
         .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
-/// Who owns a credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+/// Who owns a credential (also a command-line value: `--kind byok|system`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "camelCase")]
 pub enum CredentialKind {
     /// The buyer's own upstream key, used for that buyer's org only.
     Byok,
     /// The platform's or seller's key, used for every org without a BYOK key.
     System,
+}
+
+impl CredentialKind {
+    /// The name in configuration files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Byok => "byok",
+            Self::System => "system",
+        }
+    }
 }
 
 /// One validation problem.

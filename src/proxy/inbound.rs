@@ -1,7 +1,7 @@
 //! What a client's request must be before a route is chosen for it: one valid `Host`, a method
 //! the gateway forwards, and a request target with one meaning.
 //!
-//! The target rule (written down in the README's forwarding section): routes are matched on,
+//! The target rule (written down in docs/proxy.md, "Request targets"): routes are matched on,
 //! and upstreams receive, the *normalised* path —
 //! - percent-encoded unreserved characters are decoded (`%2E` is a dot, `%7E` a tilde) and the
 //!   remaining percent-encodings are written with upper-case hex (RFC 3986 §6.2.2);
