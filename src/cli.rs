@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::crd::gateway::KeyScope;
+pub use crate::proxy::config::CredentialKind;
+
 /// apitree runs and heals the gateway of an API marketplace: the gateway proxy (data plane) and
 /// a Kubernetes operator that gates every new revision Blue/Green, detects error-rate anomalies,
 /// remediates schema drift and prompts credential rotation.
@@ -741,7 +744,7 @@ pub enum KeysCommand {
         org: uuid::Uuid,
         /// live or test.
         #[arg(long, value_enum)]
-        scope: Scope,
+        scope: KeyScope,
         /// Rate-limit tier name (keys with a tier the proxy does not define use its default).
         #[arg(long, default_value = "default")]
         tier: String,
@@ -815,21 +818,14 @@ pub enum KeysCommand {
     /// Generate a new key. Prints the key once (to stdout) and its config entry (to stderr).
     Generate {
         /// live or test.
-        #[arg(long, value_enum, default_value_t = Scope::Live)]
-        scope: Scope,
+        #[arg(long, value_enum, default_value_t = KeyScope::Live)]
+        scope: KeyScope,
         /// Org id to put in the entry.
         #[arg(long, default_value = "ORG_ID")]
         org: String,
         #[command(flatten)]
         secrets: SecretArgs,
     },
-}
-
-/// Key scope on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Scope {
-    Live,
-    Test,
 }
 
 #[derive(Debug, Subcommand)]
@@ -846,9 +842,9 @@ pub enum CredentialsCommand {
         /// Route (API) it is for.
         #[arg(long)]
         api: String,
-        /// byok or system.
-        #[arg(long, default_value = "system")]
-        kind: String,
+        /// Who owns it: byok (one buyer's own key) or system (the platform's or seller's).
+        #[arg(long, value_enum, default_value_t = CredentialKind::System)]
+        kind: CredentialKind,
         /// Header to inject.
         #[arg(long, default_value = "authorization")]
         header: String,

@@ -1,6 +1,6 @@
 //! apitree: a self-healing operator and gateway for API marketplaces.
 //!
-//! The binary in `main.rs` only parses the command line and dispatches here. Dependency
+//! The binary (`src/bin/apitree/`) only parses the command line and dispatches here. Dependency
 //! directions: `crd` depends on nothing of ours, and only the operator's kube layer writes to
 //! the Kubernetes API.
 //!

@@ -567,14 +567,36 @@ pub(crate) fn default_scopes() -> Vec<KeyScope> {
     vec![KeyScope::Live, KeyScope::Test]
 }
 
-/// API key scope.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+/// API key scope (also a command-line value: `--scope live|test`).
+#[derive(
+    Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash, clap::ValueEnum,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum KeyScope {
     /// Production keys (`at_live_…`).
     Live,
     /// Sandbox keys (`at_test_…`).
     Test,
+}
+
+impl KeyScope {
+    /// The name in configuration files, the database and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Test => "test",
+        }
+    }
+
+    /// A scope as the database stores it (a check constraint allows `live` and `test`);
+    /// anything else is taken as the sandbox scope, never as production.
+    pub fn from_stored(text: &str) -> Self {
+        if text == "live" {
+            Self::Live
+        } else {
+            Self::Test
+        }
+    }
 }
 
 /// PII handling of a route.
@@ -1225,6 +1247,33 @@ pub struct SpecProblem {
     pub message: String,
 }
 
+impl DetectionSpec {
+    /// The detection rules that span fields, with paths relative to the detection spec. The
+    /// one place they are checked: `ApiGatewaySpec::problems` and `apitree detect replay` both
+    /// ask here (the CRD's CEL rules say the same to an API server).
+    pub fn problems(&self) -> Vec<SpecProblem> {
+        let mut out = Vec::new();
+        let t = &self.thresholds;
+        if !(t.warning < t.high && t.high < t.critical) {
+            out.push(SpecProblem {
+                path: "thresholds".into(),
+                message: format!(
+                    "thresholds must be ordered warning < high < critical, got {} / {} / {}",
+                    t.warning, t.high, t.critical
+                ),
+            });
+        }
+        if self.source.type_ == MetricSourceType::Prometheus && self.source.prometheus_url.is_none()
+        {
+            out.push(SpecProblem {
+                path: "source.prometheusUrl".into(),
+                message: "required when source.type is prometheus".into(),
+            });
+        }
+        out
+    }
+}
+
 impl ApiGatewaySpec {
     /// Checks the rules that span fields. The same rules are CEL validations in the CRD, so a
     /// cluster refuses such a spec at admission; this catches them where no API server runs
@@ -1232,23 +1281,8 @@ impl ApiGatewaySpec {
     pub fn problems(&self) -> Vec<SpecProblem> {
         let mut out = Vec::new();
         let mut push = |path: String, message: String| out.push(SpecProblem { path, message });
-        let t = &self.detection.thresholds;
-        if !(t.warning < t.high && t.high < t.critical) {
-            push(
-                "spec.detection.thresholds".into(),
-                format!(
-                    "thresholds must be ordered warning < high < critical, got {} / {} / {}",
-                    t.warning, t.high, t.critical
-                ),
-            );
-        }
-        if self.detection.source.type_ == MetricSourceType::Prometheus
-            && self.detection.source.prometheus_url.is_none()
-        {
-            push(
-                "spec.detection.source.prometheusUrl".into(),
-                "required when source.type is prometheus".into(),
-            );
+        for p in self.detection.problems() {
+            push(format!("spec.detection.{}", p.path), p.message);
         }
         for (field, keep) in self.retention.kinds() {
             if keep.as_std() < std::time::Duration::from_secs(DAY) {

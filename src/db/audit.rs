@@ -121,6 +121,40 @@ pub async fn read_rows<'e>(
     .map_err(DbError::query("read audit log"))
 }
 
+/// What [`verify_chain`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainVerdict {
+    /// Every row links to the one before it; this many rows were checked.
+    Intact(i64),
+    /// The chain breaks at this row, after `verified` good rows.
+    Broken { link: BrokenLink, verified: i64 },
+    /// Rows exist that this connection cannot read (row-level security), so the chain cannot be
+    /// checked.
+    Hidden(String),
+}
+
+/// Verifies the whole audit chain from row 1, reading it in pages of 5,000 rows.
+pub async fn verify_chain(pool: &sqlx::PgPool) -> Result<ChainVerdict, DbError> {
+    if let Some(why) = hidden_rows(pool).await? {
+        return Ok(ChainVerdict::Hidden(why));
+    }
+    let mut verifier = ChainVerifier::new();
+    let mut after = 0;
+    loop {
+        let rows = read_rows(pool, after, 5_000).await?;
+        let Some(last) = rows.last() else {
+            return Ok(ChainVerdict::Intact(verifier.verified()));
+        };
+        after = last.id;
+        for row in &rows {
+            if let Err(link) = verifier.feed(row) {
+                let verified = verifier.verified();
+                return Ok(ChainVerdict::Broken { link, verified });
+            }
+        }
+    }
+}
+
 /// Walks a chain row by row (rows in id order, from id 1), so long logs can be read in pages.
 #[derive(Debug, Default)]
 pub struct ChainVerifier {

@@ -29,12 +29,36 @@ pub struct Progress {
 pub enum ReencryptError {
     #[error("{0}")]
     Database(#[from] DbError),
+    #[error("credentials under key version(s) {0:?} are locked by another run or were added meanwhile; run again")]
+    Unfinished(Vec<u32>),
     #[error("{source}; add key version {version} to the master keys and run again")]
     Decrypt {
         version: u32,
         #[source]
         source: VaultError,
     },
+}
+
+/// Rewraps every credential under an older key version, batch by batch, reporting each batch
+/// to `progress`. Ends when every credential is at the current version; an error when a batch
+/// rewraps nothing while older versions remain (rows locked by another run, or added meanwhile).
+pub async fn reencrypt_all(
+    pool: &PgPool,
+    keys: &MasterKeys,
+    batch: i64,
+    actor: &str,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Progress, ReencryptError> {
+    loop {
+        let p = reencrypt_batch(pool, keys, batch.max(1), actor).await?;
+        progress(&p);
+        if p.versions_in_use.is_empty() {
+            return Ok(p);
+        }
+        if p.rewrapped == 0 {
+            return Err(ReencryptError::Unfinished(p.versions_in_use));
+        }
+    }
 }
 
 type Row = (Uuid, String, Uuid, String, i32, Vec<u8>, Vec<u8>);

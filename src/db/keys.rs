@@ -11,13 +11,6 @@ use crate::crd::gateway::KeyScope;
 use crate::proxy::config::{CredentialEntry, CredentialKind, KeyEntry, OrgEntry};
 use crate::proxy::keys::{ApiKey, Pepper};
 
-fn scope_str(scope: KeyScope) -> &'static str {
-    match scope {
-        KeyScope::Live => "live",
-        KeyScope::Test => "test",
-    }
-}
-
 /// Creates an org; returns its id.
 pub async fn create_org(pool: &PgPool, name: &str, actor: &str) -> Result<Uuid, DbError> {
     let id = Uuid::new_v4();
@@ -72,7 +65,7 @@ pub async fn insert_key(
     .bind(new.name)
     .bind(key.prefix())
     .bind(pepper.hash(&key).0.to_vec())
-    .bind(scope_str(new.scope))
+    .bind(KeyScope::as_str(new.scope))
     .bind(new.tier)
     .bind(new.daily_quota)
     .execute(&mut *tx)
@@ -96,7 +89,7 @@ pub async fn create_key(
         "key.create",
         issued.key.prefix(),
         Some(new.org),
-        &json!({"key_id": issued.id, "scope": scope_str(new.scope), "tier": new.tier, "daily_quota": new.daily_quota}),
+        &json!({"key_id": issued.id, "scope": KeyScope::as_str(new.scope), "tier": new.tier, "daily_quota": new.daily_quota}),
     )
     .await?;
     tx.commit().await.map_err(DbError::query("commit"))?;
@@ -146,11 +139,7 @@ pub async fn rotate_key_in(
     let Some((org, scope, tier, old_prefix, daily_quota, name)) = row else {
         return Ok(None);
     };
-    let scope = if scope == "live" {
-        KeyScope::Live
-    } else {
-        KeyScope::Test
-    };
+    let scope = KeyScope::from_stored(&scope);
     let new = insert_key(
         &mut *tx,
         pepper,
@@ -262,6 +251,47 @@ pub struct KeyListing {
     pub today: i64,
 }
 
+/// Where a listed key stands at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    /// Rotated; the old key works until this instant.
+    InGrace(DateTime<Utc>),
+    /// Rotated and its grace period is over.
+    GraceOver,
+    Expired,
+    Revoked,
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Active => f.write_str("active"),
+            Self::InGrace(until) => write!(
+                f,
+                "rotated, valid until {}",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            Self::GraceOver => f.write_str("rotated (grace over)"),
+            Self::Expired => f.write_str("expired"),
+            Self::Revoked => f.write_str("revoked"),
+        }
+    }
+}
+
+impl KeyListing {
+    /// The key's state at `now`: a revocation wins, then a rotation's grace, then expiry.
+    pub fn state(&self, now: DateTime<Utc>) -> KeyState {
+        match (self.revoked_at, self.grace_until, self.expires_at) {
+            (Some(_), _, _) => KeyState::Revoked,
+            (_, Some(g), _) if g <= now => KeyState::GraceOver,
+            (_, Some(g), _) => KeyState::InGrace(g),
+            (_, _, Some(e)) if e <= now => KeyState::Expired,
+            _ => KeyState::Active,
+        }
+    }
+}
+
 pub async fn list_keys(pool: &PgPool, org: Option<Uuid>) -> Result<Vec<KeyListing>, DbError> {
     sqlx::query_as(
         "SELECT k.id, k.org_id, k.prefix, k.scope::text AS scope, k.tier, k.daily_quota, k.created_at,
@@ -370,13 +400,7 @@ pub async fn load_entities(pool: &PgPool) -> Result<DbEntities, DbError> {
 
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let scope = |s: &str| {
-        if s == "live" {
-            KeyScope::Live
-        } else {
-            KeyScope::Test
-        }
-    };
+    let scope = KeyScope::from_stored;
     Ok(DbEntities {
         orgs: orgs
             .into_iter()

@@ -123,23 +123,60 @@ fn round(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-/// Replays a CSV document (all in memory; [`Replayer`] streams).
+/// Replays a CSV document held in memory.
 pub fn replay(csv: &str, cfg: &ScoreConfig) -> Result<Vec<ReplayRow>, ReplayError> {
-    let mut replayer: Option<Replayer> = None;
     let mut out = Vec::new();
-    for (i, line) in csv.lines().enumerate() {
-        match replayer.as_mut() {
-            None => replayer = Replayer::header(i + 1, line, cfg.clone())?,
-            Some(r) => out.extend(r.row(i + 1, line)?),
+    replay_stream(csv.as_bytes(), cfg, |r| {
+        out.push(r);
+        Ok(())
+    })
+    .map_err(|e| match e {
+        StreamError::Input(e) => e,
+        StreamError::Output(e) => err(0, e.to_string()),
+    })?;
+    Ok(out)
+}
+
+/// Why a streamed replay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The input is not a replayable CSV (the line says where), or could not be read.
+    #[error("{0}")]
+    Input(ReplayError),
+    /// A verdict could not be written.
+    #[error("{0}")]
+    Output(#[source] std::io::Error),
+}
+
+/// Replays a CSV read line by line in bounded memory, handing each verdict to `emit` as soon
+/// as its row is read.
+pub fn replay_stream(
+    input: impl std::io::BufRead,
+    cfg: &ScoreConfig,
+    mut emit: impl FnMut(ReplayRow) -> std::io::Result<()>,
+) -> Result<(), StreamError> {
+    let mut replayer: Option<Replayer> = None;
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| StreamError::Input(err(i + 1, e.to_string())))?;
+        let row = match replayer.as_mut() {
+            None => {
+                replayer =
+                    Replayer::header(i + 1, &line, cfg.clone()).map_err(StreamError::Input)?;
+                continue;
+            }
+            Some(r) => r.row(i + 1, &line).map_err(StreamError::Input)?,
+        };
+        if let Some(r) = row {
+            emit(r).map_err(StreamError::Output)?;
         }
     }
     if replayer.is_none() {
-        return Err(err(
+        return Err(StreamError::Input(err(
             1,
             "empty input; expected a header like timestamp,requests,errors",
-        ));
+        )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Replays rows one at a time, so an input of any length is replayed in bounded memory and

@@ -27,6 +27,8 @@ pub enum DriftError {
     },
     #[error("{0}")]
     Database(#[from] DbError),
+    #[error("the database holds {0} table(s): snapshot an empty one, e.g. `createdb apitree_snapshot` and pass its URL")]
+    NotEmpty(i64),
     #[error(
         "fixing {object} failed: {source}; nothing was changed (the fix runs in one transaction)"
     )]
@@ -35,6 +37,26 @@ pub enum DriftError {
         #[source]
         source: sqlx::Error,
     },
+}
+
+/// `apitree drift snapshot`: migrates an empty database and reads back the schema the
+/// migrations make, the reference every check compares with. Only an empty database is taken:
+/// a used one could carry its drift into the reference.
+pub async fn snapshot(pool: &PgPool, target: &str) -> Result<super::Schema, DriftError> {
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_one(pool)
+            .await
+            .map_err(DbError::query("count tables"))?;
+    if tables > 0 {
+        return Err(DriftError::NotEmpty(tables));
+    }
+    crate::db::migrate(pool, target).await?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(DbError::query("acquire a connection"))?;
+    Ok(introspect(&mut conn, "public").await?)
 }
 
 /// The result of a check.

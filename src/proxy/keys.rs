@@ -193,6 +193,19 @@ impl fmt::Debug for Pepper {
 #[error("the key pepper must be at least 32 bytes (got {0}); generate one with `head -c 48 /dev/urandom | base64`")]
 pub struct WeakPepper(usize);
 
+impl ApiKey {
+    /// The proxy configuration's `keys:` entry for this key: its prefix and peppered hash, never
+    /// the key itself.
+    pub fn config_entry(&self, pepper: &Pepper, org: &str) -> String {
+        format!(
+            "- prefix: {}\n  hash: {}\n  org: {org}\n  scope: {}\n",
+            self.prefix(),
+            pepper.hash(self).to_hex(),
+            self.scope().as_str()
+        )
+    }
+}
+
 impl Pepper {
     pub fn new(bytes: Vec<u8>) -> Result<Self, WeakPepper> {
         if bytes.len() < 32 {

@@ -506,6 +506,56 @@ impl StreamMasker {
     }
 }
 
+/// Copies `input` to `output` masked, in bounded memory; returns what was masked.
+pub fn mask_stream(
+    mut input: impl std::io::Read,
+    mut output: impl std::io::Write,
+) -> std::io::Result<Counts> {
+    let mut masker = StreamMasker::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        output.write_all(&masker.push(&buf[..n]))?;
+    }
+    output.write_all(&masker.finish())?;
+    output.flush()?;
+    Ok(masker.counts)
+}
+
+/// A finding where a person reading the text finds it: line, column and the masked form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub kind: PiiKind,
+    pub line: usize,
+    pub column: usize,
+    /// The finding as the gateway would pass it on (never the original digits).
+    pub masked: String,
+}
+
+/// Every finding in `text`, located, with the counts by kind.
+pub fn locate(text: &[u8]) -> (Vec<Located>, Counts) {
+    let findings = scan(text);
+    let mut masked = text.to_vec();
+    apply_mask(&mut masked, &findings);
+    let mut counts = Counts::default();
+    counts.add(&findings);
+    let positions = line_columns(text, findings.iter().map(|f| f.start));
+    let located = findings
+        .iter()
+        .zip(positions)
+        .map(|(f, (line, column))| Located {
+            kind: f.kind,
+            line,
+            column,
+            masked: String::from_utf8_lossy(&masked[f.start..f.end]).into_owned(),
+        })
+        .collect();
+    (located, counts)
+}
+
 /// The 1-based line and column (in characters) of each byte offset in `text`, in one pass
 /// however many offsets there are (offsets in ascending order; a smaller one than the last is
 /// placed at the last one's position).
