@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use crate::crd::gateway::KeyScope;
-pub use crate::proxy::config::CredentialKind;
+pub use crate::entities::CredentialKind;
 
 /// apitree runs and heals the gateway of an API marketplace: the gateway proxy (data plane) and
 /// a Kubernetes operator that gates every new revision Blue/Green, detects error-rate anomalies,

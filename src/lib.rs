@@ -17,6 +17,7 @@ pub mod db;
 pub mod demo;
 pub mod detect;
 pub mod drift;
+pub mod entities;
 pub mod gate;
 pub mod notify;
 pub mod operator;

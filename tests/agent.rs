@@ -14,7 +14,7 @@ use apitree::agent::envelope::Signer;
 use apitree::agent::hub::{new_token, AgentRecord, AgentsFile, Hub, PoolBinding};
 use apitree::agent::run::{start, AgentOptions, RunningAgent};
 use apitree::crd::gateway::KeyScope;
-use apitree::proxy::config::KeyEntry;
+use apitree::entities::KeyEntry;
 use common::gateway::*;
 use common::pki::Pki;
 use http_body_util::BodyExt;
@@ -187,7 +187,7 @@ struct Setup {
     upstream: Upstream,
     up: String,
     cp: ControlPlane,
-    key: apitree::proxy::keys::ApiKey,
+    key: apitree::entities::keys::ApiKey,
     entry: KeyEntry,
     g1: u64,
     dir: tempfile::TempDir,
@@ -263,7 +263,7 @@ fn config(routes: &[&str], key: &KeyEntry) -> AgentConfig {
     }
 }
 
-fn live_key() -> (apitree::proxy::keys::ApiKey, KeyEntry) {
+fn live_key() -> (apitree::entities::keys::ApiKey, KeyEntry) {
     let (key, yaml) = key_entry(KeyScope::Live, "bank-a-org", "");
     let entry = serde_saphyr::from_str(yaml.trim().trim_start_matches("- ")).unwrap();
     (key, entry)
@@ -793,7 +793,7 @@ async fn pool_gateway(
 ) -> (
     apitree::demo::Tour,
     apitree::demo::SampleApi,
-    apitree::proxy::keys::ApiKey,
+    apitree::entities::keys::ApiKey,
 ) {
     use apitree::crd::duration::KubeDuration;
     use apitree::crd::gateway::{ConnectorSpec, GatewayPhase};
@@ -965,7 +965,7 @@ struct Traffic {
 
 impl Traffic {
     /// The demo's clients of the gateway's active and preview endpoints, with `key`.
-    async fn to_gateway(tour: &apitree::demo::Tour, key: &apitree::proxy::keys::ApiKey) -> Self {
+    async fn to_gateway(tour: &apitree::demo::Tour, key: &apitree::entities::keys::ApiKey) -> Self {
         use apitree::platform::Platform;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let active = tour.ctx.platform.active_url(GATEWAY).await.unwrap();

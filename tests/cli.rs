@@ -396,7 +396,7 @@ fn commands_end_quietly_when_the_reader_goes_away() {
 #[test]
 fn keys_hash_prints_the_stored_form_and_refuses_typos() {
     let pepper = "p-0123456789-0123456789-0123456789";
-    let key = apitree::proxy::keys::ApiKey::generate(apitree::crd::gateway::KeyScope::Test);
+    let key = apitree::entities::keys::ApiKey::generate(apitree::crd::gateway::KeyScope::Test);
     let out = apitree_stdin(
         &["keys", "hash", "-", "--org", "acme"],
         &[("APITREE_KEY_PEPPER", pepper)],
@@ -404,7 +404,7 @@ fn keys_hash_prints_the_stored_form_and_refuses_typos() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let entry = String::from_utf8(out.stdout).unwrap();
-    let want = apitree::proxy::keys::Pepper::new(pepper.as_bytes().to_vec())
+    let want = apitree::entities::keys::Pepper::new(pepper.as_bytes().to_vec())
         .unwrap()
         .hash(&key)
         .to_hex();
@@ -512,7 +512,10 @@ async fn orgs_and_keys_admin_commands_print_ids_keys_and_grace() {
         .unwrap()
         .trim()
         .to_string();
-    assert!(apitree::proxy::keys::ApiKey::parse(&key).is_ok(), "{key}");
+    assert!(
+        apitree::entities::keys::ApiKey::parse(&key).is_ok(),
+        "{key}"
+    );
     assert!(stderr(&out).contains("only time it is shown"));
 
     let out = apitree_stdin(&["keys", "list", "--format", "json"], &[db], "");

@@ -115,11 +115,11 @@ impl Env {
             hashing: apitree::console::password::Gate::per_core(),
             throttle: console::throttle::Throttle::new(limits),
             pepper: Some(Arc::new(
-                apitree::proxy::keys::Pepper::new(b"pepper-0123456789-0123456789-0123".to_vec())
+                apitree::entities::keys::Pepper::new(b"pepper-0123456789-0123456789-0123".to_vec())
                     .unwrap(),
             )),
             master_keys: Some(Arc::new(
-                apitree::proxy::vault::MasterKeys::single(1, MASTER_KEY).unwrap(),
+                apitree::entities::vault::MasterKeys::single(1, MASTER_KEY).unwrap(),
             )),
             metrics: ConsoleMetrics::new(),
             contacts: console::Contacts {
@@ -965,8 +965,8 @@ async fn credentials_are_sealed_for_the_proxy_and_never_readable() {
     .fetch_one(&env.pool)
     .await
     .unwrap();
-    let keys = apitree::proxy::vault::MasterKeys::single(1, MASTER_KEY).unwrap();
-    let sealed = apitree::proxy::vault::Sealed {
+    let keys = apitree::entities::vault::MasterKeys::single(1, MASTER_KEY).unwrap();
+    let sealed = apitree::entities::vault::Sealed {
         key_version: version as u32,
         nonce,
         ciphertext,

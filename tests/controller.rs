@@ -1725,8 +1725,8 @@ async fn a_slack_acknowledgement_reaches_the_incident_the_status_and_the_audit_l
 #[tokio::test]
 async fn a_credential_policy_reencrypts_to_the_new_master_key_once_the_gateway_runs_it() {
     use apitree::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
+    use apitree::entities::vault::MasterKeys;
     use apitree::operator::credentials::controller::{reconcile as reconcile_policy, Rotations};
-    use apitree::proxy::vault::MasterKeys;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let (k1, k2) = (b64.encode([7u8; 32]), b64.encode([9u8; 32]));
@@ -1976,9 +1976,9 @@ async fn a_smoke_probe_retries_an_upstream_error_but_not_a_wrong_answer() {
 #[tokio::test]
 async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_one_in_grace() {
     use apitree::crd::credential_policy::CredentialPolicy;
+    use apitree::entities::keys::{ApiKey, Pepper};
     use apitree::notify::slack::{Action as Button, Interaction, RotateTarget};
     use apitree::operator::credentials::controller::{reconcile as reconcile_policy, Rotations};
-    use apitree::proxy::keys::{ApiKey, Pepper};
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     const PEPPER: &str = "rotate-now-test-pepper-0123456789-abcdef";

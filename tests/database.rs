@@ -575,7 +575,7 @@ async fn the_grace_sweep_revokes_rotated_keys_once_their_grace_ends_and_only_onc
     let tdb = TestDb::new().await;
     let pool = tdb.migrated_pool().await;
     let pepper =
-        apitree::proxy::keys::Pepper::new(b"sweep-test-pepper-0123456789-0123456789".to_vec())
+        apitree::entities::keys::Pepper::new(b"sweep-test-pepper-0123456789-0123456789".to_vec())
             .unwrap();
     let key = common::seed_live_key(&pool, &pepper, "ci").await;
     let t0 = chrono::Utc::now();
@@ -622,7 +622,7 @@ async fn the_grace_sweep_revokes_rotated_keys_once_their_grace_ends_and_only_onc
 #[tokio::test]
 async fn master_key_reencryption_resumes_after_interruption_and_concurrent_runs_share_the_work() {
     use apitree::db::credentials::reencrypt_batch;
-    use apitree::proxy::vault::MasterKeys;
+    use apitree::entities::vault::MasterKeys;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let (k1, k2) = (b64.encode([7u8; 32]), b64.encode([9u8; 32]));
@@ -684,7 +684,7 @@ async fn master_key_reencryption_resumes_after_interruption_and_concurrent_runs_
 #[tokio::test]
 async fn whole_database_work_fails_loudly_for_a_role_that_row_level_security_filters() {
     use apitree::db::{credentials, keys as dbkeys, DbError};
-    use apitree::proxy::vault::MasterKeys;
+    use apitree::entities::vault::MasterKeys;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let (k1, k2) = (b64.encode([7u8; 32]), b64.encode([9u8; 32]));
@@ -693,7 +693,7 @@ async fn whole_database_work_fails_loudly_for_a_role_that_row_level_security_fil
     let tdb = TestDb::new().await;
     let pool = tdb.migrated_pool().await;
     let pepper =
-        apitree::proxy::keys::Pepper::new(b"rls-test-pepper-0123456789-0123456789-x".to_vec())
+        apitree::entities::keys::Pepper::new(b"rls-test-pepper-0123456789-0123456789-x".to_vec())
             .unwrap();
     let org = common::seed_upstream_credentials(&pool, &old, 3).await;
     let key = dbkeys::create_key(

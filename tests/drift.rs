@@ -341,7 +341,7 @@ async fn applied_as(pool: &sqlx::PgPool, applied_sql: &str, fingerprint: bool) -
             "INSERT INTO apitree_migration_fingerprints (version, fingerprint) VALUES ($1, $2)",
         )
         .bind(first.version)
-        .bind(apitree::drift::history::fingerprint(applied_sql))
+        .bind(apitree::db::migration_fingerprint(applied_sql))
         .execute(pool)
         .await
         .unwrap();

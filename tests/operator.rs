@@ -11,10 +11,10 @@ use std::time::Duration;
 use apitree::crd::duration::KubeDuration;
 use apitree::crd::gateway::{ApiGatewaySpec, CheckPhase, Color, GatewayPhase};
 use apitree::demo::{self, SampleApi, Tour};
+use apitree::entities::keys::ApiKey;
 use apitree::notify::Notifier;
 use apitree::operator::gateway::rollout::Managed;
 use apitree::platform::Platform;
-use apitree::proxy::keys::ApiKey;
 
 mod common;
 
@@ -254,7 +254,7 @@ async fn a_revision_with_a_broken_upstream_is_refused_and_blue_keeps_serving() {
         .count();
     assert_eq!(started, 1);
     assert_eq!(run.tour.m.runs.len(), 1);
-    assert_eq!(run.tour.m.runs[0].outcome, "rejected");
+    assert_eq!(run.tour.m.runs[0].outcome.as_str(), "rejected");
     run.finish().await;
 }
 
@@ -306,7 +306,7 @@ async fn a_critical_incident_inside_the_rollback_window_switches_back_to_blue() 
         .await
         .unwrap()
         .is_empty());
-    let outcomes: Vec<&str> = run.tour.m.runs.iter().map(|r| r.outcome).collect();
+    let outcomes: Vec<&str> = run.tour.m.runs.iter().map(|r| r.outcome.as_str()).collect();
     assert_eq!(outcomes, ["promoted", "rolled_back"]);
     assert!(run.notice_kinds().contains(&"RolledBack".to_string()));
     run.finish().await;

@@ -3,8 +3,9 @@
 //! report executions.
 
 use apitree::crd::gateway::KeyScope;
+use apitree::entities::keys::ApiKey;
 use apitree::proxy::h1::{self, Chunked, Decoded, Framing};
-use apitree::proxy::{config::ProxyConfig, keys::ApiKey, pii};
+use apitree::proxy::{config::ProxyConfig, pii};
 use bytes::BytesMut;
 use proptest::prelude::*;
 

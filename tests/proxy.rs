@@ -234,7 +234,7 @@ async fn auth_failures_are_401_json_with_the_request_id() {
     let mut typo = s.live.clone().into_bytes();
     typo[12] = if typo[12] == b'a' { b'b' } else { b'a' };
     let typo = String::from_utf8(typo).unwrap();
-    let unknown = apitree::proxy::keys::ApiKey::generate(KeyScope::Live);
+    let unknown = apitree::entities::keys::ApiKey::generate(KeyScope::Live);
     for (key, code) in [
         (None, "missing_api_key"),
         (Some(typo.as_str()), "malformed_api_key"),

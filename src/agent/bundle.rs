@@ -19,10 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::crd::duration::KubeDuration;
 pub use crate::crd::gateway::ConnectorRoute;
 use crate::crd::gateway::TierSpec;
-use crate::proxy::config::{
-    CredentialEntry, InvalidConfig, KeyEntry, OrgEntry, Problem, ProxyConfig, SecretSources,
-    TlsConfig,
-};
+use crate::entities::{CredentialEntry, KeyEntry, OrgEntry};
+use crate::proxy::config::{InvalidConfig, Problem, ProxyConfig, SecretSources, TlsConfig};
 
 /// The policy of one agent pool, as the control plane sends it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

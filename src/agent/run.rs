@@ -34,10 +34,10 @@ use super::bundle::{merge, AgentConfig, AgentLocal};
 use super::cache::Cache;
 use super::envelope::{Envelope, Payload, PublicKey};
 use super::report::{metadata, PreviewReport, Refusal, Report, SmokeOutcome};
+use crate::entities::vault::MasterKeys;
 use crate::proxy::config::ProxyConfig;
 use crate::proxy::server::Gateway;
 use crate::proxy::state::GatewayState;
-use crate::proxy::vault::MasterKeys;
 use crate::proxy::{ProxyError, ProxyOptions};
 
 /// How `apitree agent` runs.

@@ -633,7 +633,7 @@ fn default_tier() -> String {
     "default".into()
 }
 
-fn pepper(r: &Request<'_>) -> Result<Arc<crate::proxy::keys::Pepper>, ApiError> {
+fn pepper(r: &Request<'_>) -> Result<Arc<crate::entities::keys::Pepper>, ApiError> {
     r.console.pepper.clone().ok_or_else(|| {
         ApiError::new(
             503,

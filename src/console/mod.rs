@@ -24,9 +24,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::net::TcpListener;
 
-use crate::proxy::keys::Pepper;
+use crate::entities::keys::Pepper;
+use crate::entities::vault::MasterKeys;
 use crate::proxy::tls::ServerTls;
-use crate::proxy::vault::MasterKeys;
 
 /// Longest request body the console reads.
 const MAX_BODY: usize = 64 * 1024;

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::duration::KubeDuration;
 use super::gateway::SpecProblem;
 
+/// The Secret (in a CredentialPolicy's namespace, created by a person beforehand) that receives
+/// keys rotated from Slack: one data entry per new key, named by its prefix.
+pub const ROTATED_KEYS_SECRET: &str = "apitree-rotated-keys";
+
 /// Rotation rules for a set of credentials: Kubernetes Secrets, API keys and upstream credentials.
 #[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(

@@ -1,11 +1,12 @@
 //! The status page the operator and `apitree local` serve on `/`: every gateway with its phase,
 //! revisions, gate checks with their values, open incidents and an error-rate sparkline. The page
-//! is static HTML that reads `/api/gateways` every 10 seconds and redraws in place.
+//! is static HTML that reads `/api/gateways` every 10 seconds and redraws in place. The view
+//! types here are what the page reads; the operator fills them (`Managed::view`).
 
 use serde::Serialize;
 
-use crate::crd::gateway::{ApiGatewayStatus, GateCheckStatus, IncidentSummary};
-use crate::operator::gateway::rollout::{GateRun, GatewayEvent, Managed};
+use crate::crd::gateway::{GateCheckStatus, IncidentSummary};
+use crate::gate::GateRun;
 
 /// One gateway as the page shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -25,45 +26,20 @@ pub struct GatewayView {
     /// Gateway-wide error ratio per detection window, oldest first.
     pub error_ratios: Vec<f64>,
     pub runs: Vec<GateRun>,
-    pub events: Vec<GatewayEvent>,
+    pub events: Vec<EventView>,
     pub url: Option<String>,
     /// Connector Agents of the gateway's pools (`status.connectors`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub connectors: Vec<crate::crd::gateway::ConnectorStatus>,
 }
 
-impl GatewayView {
-    pub fn of(m: &Managed, url: Option<String>) -> Self {
-        let s: &ApiGatewayStatus = &m.status;
-        Self {
-            name: m.name.clone(),
-            phase: s
-                .phase
-                .map(|p| format!("{p:?}"))
-                .unwrap_or_else(|| "Pending".into()),
-            active_color: s.active_color.map(|c| c.as_str().to_string()),
-            active_revision: s.active_revision.clone(),
-            preview_revision: s.preview_revision.clone(),
-            previous_revision: s.previous_revision.clone(),
-            gate_revision: s.gate.as_ref().map(|g| g.revision.clone()),
-            gate_progress: s.gate.as_ref().map(|g| g.progress.clone()),
-            checks: s
-                .gate
-                .as_ref()
-                .map(|g| g.checks.clone())
-                .unwrap_or_default(),
-            rejected: s
-                .rejected_revision
-                .as_ref()
-                .map(|r| format!("{}: {}", r.revision, r.reason)),
-            incidents: s.incidents.clone(),
-            error_ratios: m.error_ratios.iter().copied().collect(),
-            runs: m.runs.iter().rev().take(10).cloned().collect(),
-            events: m.events.iter().rev().take(15).cloned().collect(),
-            url,
-            connectors: s.connectors.clone(),
-        }
-    }
+/// One Event as the page lists it, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub at: String,
+    pub reason: String,
+    pub message: String,
+    pub warning: bool,
 }
 
 /// The page. Everything dynamic is filled in by its script from `/api/gateways`; values are

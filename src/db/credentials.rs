@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{audit, DbError};
-use crate::proxy::vault::{MasterKeys, Sealed, VaultError};
+use crate::entities::vault::{MasterKeys, Sealed, VaultError};
 
 /// Where a re-encryption stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

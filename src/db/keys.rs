@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::{audit, DbError};
 use crate::crd::gateway::KeyScope;
-use crate::proxy::config::{CredentialEntry, CredentialKind, KeyEntry, OrgEntry};
-use crate::proxy::keys::{ApiKey, Pepper};
+use crate::entities::keys::{ApiKey, Pepper};
+use crate::entities::{CredentialEntry, CredentialKind, KeyEntry, OrgEntry};
 
 /// Creates an org; returns its id.
 pub async fn create_org(pool: &PgPool, name: &str, actor: &str) -> Result<Uuid, DbError> {

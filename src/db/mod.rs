@@ -6,6 +6,7 @@ pub mod dsar;
 pub mod keys;
 pub mod retention;
 
+use sha2::{Digest, Sha384};
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
@@ -260,7 +261,34 @@ pub async fn migrate_with(pool: &PgPool, target: &str, adopt: bool) -> Result<()
             target: target.to_string(),
             source,
         })?;
-    crate::drift::history::record_fingerprints(pool).await
+    record_fingerprints(pool).await
+}
+
+/// SHA-384 of a migration with every run of whitespace made one space: equal for two texts
+/// that differ only in whitespace.
+pub fn migration_fingerprint(sql: &str) -> Vec<u8> {
+    let words: Vec<&str> = sql.split_whitespace().collect();
+    Sha384::digest(words.join(" ").as_bytes()).to_vec()
+}
+
+/// Records the fingerprint of every applied migration (drift's history check compares them) that has none yet and whose checksum
+/// shows it was applied from the text this release ships.
+async fn record_fingerprints(pool: &sqlx::PgPool) -> Result<(), DbError> {
+    for m in MIGRATOR.iter() {
+        sqlx::query(
+            "INSERT INTO apitree_migration_fingerprints (version, fingerprint)
+             SELECT version, $3 FROM _sqlx_migrations
+             WHERE version = $1 AND checksum = $2 AND success
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(m.version)
+        .bind(m.checksum.as_ref())
+        .bind(migration_fingerprint(m.sql.as_str()))
+        .execute(pool)
+        .await
+        .map_err(DbError::query("record migration fingerprints"))?;
+    }
+    Ok(())
 }
 
 fn classify_connect_error(err: &sqlx::Error) -> (String, &'static str) {

@@ -21,16 +21,16 @@ mod sample_api;
 pub use sample_api::{start_sample_api, SampleApi};
 
 use crate::crd::gateway::{ApiGatewaySpec, GatewayPhase, KeyScope, SecretKeyRef};
-use crate::dashboard::GatewayView;
 use crate::detect::engine::IncidentStore;
+use crate::entities::keys::{ApiKey, Pepper};
+use crate::entities::{KeyEntry, OrgEntry};
 use crate::notify::slack::console_or_slack;
 use crate::notify::Notifier;
 use crate::operator::gateway::rollout::{reconcile, Context, Managed};
 use crate::operator::http::HttpState;
 use crate::platform::local::{LocalPlatform, LocalSecrets};
 use crate::platform::Platform;
-use crate::proxy::config::{KeyEntry, OrgEntry, ProxyConfig};
-use crate::proxy::keys::{ApiKey, Pepper};
+use crate::proxy::config::ProxyConfig;
 
 /// How the demo runs.
 #[derive(Debug, Clone)]
@@ -332,7 +332,7 @@ async fn keep_running(tour: &mut Tour, addr: &str) -> Result<(), std::io::Error>
     loop {
         tour.tick().await;
         let url = tour.ctx.platform.active_url(&tour.m.name).await;
-        state.publish(vec![GatewayView::of(&tour.m, url)]);
+        state.publish(vec![tour.m.view(url)]);
         tokio::select! {
             _ = &mut ctrl_c => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

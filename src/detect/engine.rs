@@ -12,8 +12,8 @@ use uuid::Uuid;
 use super::incident::{IncidentEvent, Series, Tracker, Verdict};
 use super::score::{Past, ScoreConfig, Severity};
 use super::source::GatewayWindow;
+use super::{IncidentNotice, IncidentSink};
 use crate::db::DbError;
-use crate::notify::{IncidentNotice, Notifier};
 
 /// Signal names (also incident `signal` values).
 pub const ERROR_RATIO: &str = "error ratio";
@@ -475,7 +475,7 @@ pub struct Detector {
     context: NoticeContext,
     watched: HashMap<(String, &'static str), Watched>,
     store: Arc<IncidentStore>,
-    notifier: Arc<Notifier>,
+    notifier: Arc<dyn IncidentSink>,
     /// Credential changes seen lately: (unix seconds, description).
     changes: Vec<(i64, String)>,
     /// Open incidents and baseline windows have been taken up from the store.
@@ -498,7 +498,7 @@ impl Detector {
         cfg: ScoreConfig,
         context: NoticeContext,
         store: Arc<IncidentStore>,
-        notifier: Arc<Notifier>,
+        notifier: Arc<dyn IncidentSink>,
     ) -> Self {
         Self {
             gateway: gateway.to_string(),
@@ -570,7 +570,7 @@ impl Detector {
     }
 
     /// Where notices go from now on (the gateway's Slack settings changed).
-    pub fn set_notifier(&mut self, notifier: Arc<Notifier>) {
+    pub fn set_notifier(&mut self, notifier: Arc<dyn IncidentSink>) {
         self.notifier = notifier;
     }
 
@@ -740,21 +740,16 @@ impl Detector {
             .collect();
         self.note_audit(rows);
         for r in &changes {
-            let note = crate::notify::Note {
-                id: change_note_id(&self.gateway, r.id),
-                text: format!(
-                    "credential change on {}: {} {} by {} at {}",
-                    self.gateway,
-                    r.action,
-                    r.target,
-                    r.actor,
-                    r.at.format("%Y-%m-%d %H:%M:%SZ")
-                ),
-                channel: None,
-                urgent: false,
-                rotate: None,
-            };
-            if let Err(e) = self.notifier.note(&note).await {
+            let text = format!(
+                "credential change on {}: {} {} by {} at {}",
+                self.gateway,
+                r.action,
+                r.target,
+                r.actor,
+                r.at.format("%Y-%m-%d %H:%M:%SZ")
+            );
+            let id = change_note_id(&self.gateway, r.id);
+            if let Err(e) = self.notifier.note(id, text).await {
                 tracing::error!(gateway = %self.gateway, "cannot queue a credential-change notice: {e}");
             }
         }
@@ -857,7 +852,7 @@ impl Detector {
         }
         if silenced {
             tracing::info!(incident = %id, "incident silenced: change recorded, not posted");
-        } else if let Err(e) = notifier.notify(&notice).await {
+        } else if let Err(e) = notifier.incident(&notice).await {
             tracing::error!("cannot queue the notification for incident {id}: {e}");
         }
         Ok(Some(notice))
@@ -910,7 +905,7 @@ impl Detector {
         if let Some(last) = &w.last {
             store.noted(last).await?;
         }
-        if let Err(e) = notifier.notify(&notice).await {
+        if let Err(e) = notifier.incident(&notice).await {
             tracing::error!("cannot queue the notification for incident {incident}: {e}");
         }
         Ok(Some(notice))

@@ -2,17 +2,20 @@
 //! runs an incident per (gateway, route, signal) with hysteresis.
 //!
 //! Everything here decides in pure functions with the time passed in; sources (scrape /
-//! Prometheus), persistence and notifications sit at the edges.
+//! Prometheus), persistence and notifications sit at the edges; notices leave through
+//! [`IncidentSink`], which `crate::notify` implements.
 
 pub mod engine;
 pub mod eval;
 pub mod gauge;
 pub mod incident;
+pub mod notice;
 pub mod replay;
 pub mod score;
 pub mod source;
 
 pub use incident::{IncidentEvent, Series, Tracker, Verdict};
+pub use notice::{IncidentNotice, IncidentSink, SinkError};
 pub use score::{Score, ScoreConfig, Severity};
 
 /// A p-value as people read it: `p=2.40e-8`; below what a float holds (a test so lopsided its

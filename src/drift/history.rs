@@ -46,12 +46,7 @@ pub struct Applied {
     pub fingerprint: Option<Vec<u8>>,
 }
 
-/// SHA-384 of the migration with every run of whitespace made one space: equal for two texts
-/// that differ only in whitespace.
-pub fn fingerprint(sql: &str) -> Vec<u8> {
-    let words: Vec<&str> = sql.split_whitespace().collect();
-    Sha384::digest(words.join(" ").as_bytes()).to_vec()
-}
+use crate::db::migration_fingerprint as fingerprint;
 
 /// A migration the release ships.
 pub struct Shipped<'a> {
@@ -160,26 +155,6 @@ pub async fn check(conn: &mut PgConnection) -> Result<Vec<HistoryItem>, DbError>
         })
         .collect();
     Ok(classify(&applied, &shipped))
-}
-
-/// Records the fingerprint of every applied migration that has none yet and whose checksum
-/// shows it was applied from the text this release ships.
-pub async fn record_fingerprints(pool: &sqlx::PgPool) -> Result<(), DbError> {
-    for m in crate::db::MIGRATOR.iter() {
-        sqlx::query(
-            "INSERT INTO apitree_migration_fingerprints (version, fingerprint)
-             SELECT version, $3 FROM _sqlx_migrations
-             WHERE version = $1 AND checksum = $2 AND success
-             ON CONFLICT (version) DO NOTHING",
-        )
-        .bind(m.version)
-        .bind(m.checksum.as_ref())
-        .bind(fingerprint(m.sql.as_str()))
-        .execute(pool)
-        .await
-        .map_err(DbError::query("record migration fingerprints"))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -329,6 +329,53 @@ impl NoticeKind {
     }
 }
 
+impl NoticeKind {
+    /// How a gate run ended, for the notices that end one.
+    pub fn outcome(self) -> Option<GateOutcome> {
+        match self {
+            Self::Promoted => Some(GateOutcome::Promoted),
+            Self::Rejected => Some(GateOutcome::Rejected),
+            Self::RolledBack => Some(GateOutcome::RolledBack),
+            _ => None,
+        }
+    }
+}
+
+/// How a gate run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOutcome {
+    Promoted,
+    Rejected,
+    RolledBack,
+}
+
+impl GateOutcome {
+    /// The metric label and the status page's and demo summary's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Promoted => "promoted",
+            Self::Rejected => "rejected",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl std::fmt::Display for GateOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A finished gate run, for the status page and the demo summary.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GateRun {
+    pub revision: String,
+    pub outcome: GateOutcome,
+    pub reason: String,
+    pub checks: Vec<GateCheckStatus>,
+}
+
 fn parse_time(t: &Option<String>) -> Option<Timestamp> {
     t.as_deref().and_then(|t| t.parse().ok())
 }

@@ -4,8 +4,9 @@
 
 use serde_json::{json, Value};
 
-use super::{IncidentNotice, Note, RolloutNotice};
+use super::{Note, RolloutNotice};
 use crate::detect::engine::is_event_signal;
+use crate::detect::IncidentNotice;
 use crate::detect::{IncidentEvent, Severity};
 
 fn emoji(s: Severity) -> &'static str {
@@ -219,7 +220,7 @@ pub fn note_blocks(n: &Note, text: &str) -> Value {
             "title": {"type": "plain_text", "text": "Rotate this API key?"},
             "text": {"type": "mrkdwn", "text": format!(
                 "A new key replaces `{}`; the old key keeps working for {}. The new key is written to Secret `{}` in namespace `{namespace}`, never to Slack.",
-                b.key_prefix, b.grace, crate::operator::credentials::rotation::ROTATED_KEYS_SECRET)},
+                b.key_prefix, b.grace, crate::crd::credential_policy::ROTATED_KEYS_SECRET)},
             "confirm": {"type": "plain_text", "text": "Rotate"},
             "deny": {"type": "plain_text", "text": "Cancel"},
         });

@@ -14,45 +14,8 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use crate::detect::{IncidentEvent, Severity};
+use crate::detect::{IncidentEvent, IncidentNotice, IncidentSink, Severity};
 use outbox::{Kind, Outbox};
-
-/// One change of one incident, with everything a message needs (and nothing secret). Stored
-/// with the incident (its last notice), so a restarted detector updates the same message.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct IncidentNotice {
-    pub incident_id: Uuid,
-    /// Increases with every change of this incident; makes delivery idempotent.
-    pub seq: u32,
-    pub gateway: String,
-    pub route: String,
-    pub signal: String,
-    pub severity: Severity,
-    pub event: IncidentEvent,
-    /// Current value / baseline.
-    pub ratio: f64,
-    /// Current error ratio.
-    pub current: f64,
-    pub baseline: f64,
-    pub p_value: f64,
-    pub window_secs: u64,
-    /// RFC 3339 end of the window.
-    pub at: String,
-    pub runbook_url: Option<String>,
-    pub status_url: Option<String>,
-    /// Set when the incident concerns a rollout: adds Promote / Roll back buttons.
-    pub rollout_revision: Option<String>,
-    pub acknowledged_by: Option<String>,
-    /// Set when a person changed the incident (acknowledged, silenced): the message is updated
-    /// in place and the thread reply says this instead of a severity change.
-    pub remark: Option<String>,
-    /// Slack user-group id mentioned on critical incidents.
-    pub critical_mention: Option<String>,
-    /// Credential changes shortly before this change (key rotations, revocations, credential
-    /// writes), e.g. `key.rotate at_live_Xy3kQ9ab at 07:01:12Z`: the first thing to suspect
-    /// when auth failures jump.
-    pub related_changes: Vec<String>,
-}
 
 /// Slack markup made readable on a console: no `*bold*` stars, no `:emoji:` codes.
 fn plain(text: &str) -> String {
@@ -126,7 +89,7 @@ pub struct Note {
 
 /// A "Rotate now" button on an API-key reminder. Slack asks for confirmation first; the press
 /// goes to the CredentialPolicy controller, which rotates the key and puts the new one in the
-/// policy namespace's [`crate::operator::credentials::rotation::ROTATED_KEYS_SECRET`] Secret (never in Slack).
+/// policy namespace's [`crate::crd::credential_policy::ROTATED_KEYS_SECRET`] Secret (never in Slack).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RotateButton {
     /// The key's row id in the gateway database.
@@ -416,5 +379,32 @@ impl Notifier {
                 Ok(())
             }
         }
+    }
+}
+
+/// The detector's incident changes and notes reach people through the notifier.
+impl IncidentSink for Notifier {
+    fn incident<'a>(
+        &'a self,
+        n: &'a IncidentNotice,
+    ) -> futures::future::BoxFuture<'a, Result<(), crate::detect::SinkError>> {
+        Box::pin(async move { self.notify(n).await.map_err(Into::into) })
+    }
+
+    fn note<'a>(
+        &'a self,
+        id: Uuid,
+        text: String,
+    ) -> futures::future::BoxFuture<'a, Result<(), crate::detect::SinkError>> {
+        Box::pin(async move {
+            let note = Note {
+                id,
+                text,
+                channel: None,
+                urgent: false,
+                rotate: None,
+            };
+            self.note(&note).await.map_err(Into::into)
+        })
     }
 }

@@ -12,8 +12,9 @@ use crate::crd::gateway::DetectionSpec;
 use crate::detect::engine::{Detector, IncidentStore, NoticeContext};
 use crate::detect::score::ScoreConfig;
 use crate::detect::source::ScrapeSource;
+use crate::detect::IncidentNotice;
 use crate::notify::slack::Interaction;
-use crate::notify::{IncidentNotice, Notifier};
+use crate::notify::Notifier;
 
 /// The name the console's incidents carry where a gateway's name would be.
 pub const CONSOLE: &str = "apitree-console";

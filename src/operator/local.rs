@@ -19,7 +19,6 @@ use super::gateway::rollout::{reconcile, Context, Managed, Press};
 use super::http::{self, HttpState};
 use super::metrics::OperatorMetrics;
 use crate::crd::gateway::{ApiGatewaySpec, SecretKeyRef};
-use crate::dashboard::GatewayView;
 use crate::gate::Request;
 use crate::notify::Notifier;
 use crate::platform::local::{LocalPlatform, LocalSecrets};
@@ -353,7 +352,7 @@ pub async fn run(
             tracing::warn!("no --proxy-config: the gateways know no API keys and refuse every request with 401");
             let mut bytes = [0u8; 32];
             rand::fill(&mut bytes);
-            let pepper = crate::proxy::keys::Pepper::new(bytes.to_vec())
+            let pepper = crate::entities::keys::Pepper::new(bytes.to_vec())
                 .map_err(|e| LocalError::ProxyConfig(e.to_string()))?;
             (ProxyConfig::default(), pepper, None, Vec::new())
         }
@@ -523,7 +522,7 @@ pub async fn run(
             reconcile(m, &ctx, now).await;
             let phase = m.status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
             metrics.phases.with_label_values(&[phase.as_str()]).inc();
-            views.push(GatewayView::of(m, platform.active_url(&m.name).await));
+            views.push(m.view(platform.active_url(&m.name).await));
         }
         super::gateway::rollout::count_open_incidents(gateways.values(), &metrics);
         state.publish(views);

@@ -214,7 +214,7 @@ pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
         // A Secret volume, not a subPath, so a renewed pair reaches the running proxies.
         mounts.push(VolumeMount {
             name: "tls".into(),
-            mount_path: crate::operator::gateway::plan::TLS_DIR.into(),
+            mount_path: super::TLS_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });

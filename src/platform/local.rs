@@ -21,9 +21,9 @@ use tokio::net::TcpListener;
 
 use super::{Deployment, Platform, PlatformError};
 use crate::crd::gateway::Color;
+use crate::entities::keys::Pepper;
+use crate::entities::vault::MasterKeys;
 use crate::gate::ColorObservation;
-use crate::proxy::keys::Pepper;
-use crate::proxy::vault::MasterKeys;
 use crate::proxy::Embedded;
 
 /// Secrets every local proxy uses (the local stand-in for the gateway's Secrets).
@@ -452,7 +452,7 @@ impl Platform for LocalPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::keys::Pepper;
+    use crate::entities::keys::Pepper;
 
     /// A gateway with `spec.tls` is refused, saying why, instead of being served in clear.
     #[tokio::test]

@@ -2,6 +2,10 @@
 //! cluster) and `local` (proxies inside this process on loopback ports, behind a front listener
 //! that switches color atomically). The controller and the gate do not know which one they drive.
 
+/// Where a gateway's TLS Secret (`spec.tls.secretName`) is mounted in its proxies: outside
+/// the config's directory, whose ConfigMap volume is read-only and cannot hold a mount point.
+pub const TLS_DIR: &str = "/var/run/apitree/tls";
+
 pub mod kube;
 pub mod local;
 

@@ -12,10 +12,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::KeyHash;
-use super::vault::{MasterKeys, Sealed};
 use crate::crd::duration::KubeDuration;
 use crate::crd::gateway::{KeyScope, RouteSpec, TierSpec};
+use crate::entities::keys::KeyHash;
+use crate::entities::vault::{MasterKeys, Sealed};
+use crate::entities::{CredentialEntry, CredentialKind, KeyEntry, OrgEntry};
 
 /// The YAML file `apitree proxy --config FILE` reads.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -296,71 +297,6 @@ pub struct SecretSources {
     pub master_key_file: Option<PathBuf>,
 }
 
-/// An org.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct OrgEntry {
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-}
-
-/// A key in stored form.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct KeyEntry {
-    /// Stable id (defaults to the prefix); counts and limits are kept per id.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// Public prefix, e.g. `at_live_Xy3kQ9ab`.
-    pub prefix: String,
-    /// Hex HMAC-SHA256 of the key under the pepper.
-    pub hash: String,
-    /// Org id.
-    pub org: String,
-    pub scope: KeyScope,
-    #[serde(default)]
-    pub tier: Option<String>,
-    #[serde(default)]
-    pub daily_quota: Option<u64>,
-    /// RFC 3339; the key is refused afterwards.
-    #[serde(default)]
-    pub expires_at: Option<String>,
-    /// RFC 3339; set on a rotated key: valid until then.
-    #[serde(default)]
-    pub grace_until: Option<String>,
-    #[serde(default)]
-    pub revoked: bool,
-}
-
-/// An encrypted upstream credential.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CredentialEntry {
-    /// Name routes refer to.
-    pub name: String,
-    /// Org the ciphertext is bound to: the buyer's org for BYOK, the seller's for system keys.
-    pub org: String,
-    /// Route (API) the ciphertext is bound to.
-    pub api: String,
-    pub kind: CredentialKind,
-    pub key_version: u32,
-    pub nonce: String,
-    pub ciphertext: String,
-    /// Header to set on upstream calls.
-    #[serde(default = "default_header")]
-    pub header: String,
-    /// Text before the secret in the header value, e.g. `Bearer `.
-    #[serde(default)]
-    pub value_prefix: String,
-    /// For BYOK: the upstream URL the secret was written for. It is sent only while the
-    /// route's upstream has the same origin (scheme, host, port); when the route moves to
-    /// another host the credential is held back (503 for that org) until it is written again.
-    /// The database sets it on every BYOK write; unset in a file means any upstream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bound_upstream: Option<String>,
-}
-
 /// The origin of an upstream URL as the gateway dials it: scheme, host (lower case) and port
 /// (the scheme's default when none is written). Two URLs with the same origin reach the same
 /// server; a BYOK credential goes only to the origin it was written for.
@@ -393,10 +329,6 @@ impl std::fmt::Display for Origin {
         }
         Ok(())
     }
-}
-
-fn default_header() -> String {
-    "authorization".into()
 }
 
 /// An upstream URL as the gateway reads it: `http` or `https`, a host, no user name or
@@ -519,26 +451,6 @@ pub fn secret_problem(prefix: &str, secret: &str) -> Option<&'static str> {
 fn header_text(text: &str) -> bool {
     text.bytes()
         .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
-}
-
-/// Who owns a credential (also a command-line value: `--kind byok|system`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "camelCase")]
-pub enum CredentialKind {
-    /// The buyer's own upstream key, used for that buyer's org only.
-    Byok,
-    /// The platform's or seller's key, used for every org without a BYOK key.
-    System,
-}
-
-impl CredentialKind {
-    /// The name in configuration files and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Byok => "byok",
-            Self::System => "system",
-        }
-    }
 }
 
 /// One validation problem.

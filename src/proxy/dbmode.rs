@@ -8,13 +8,14 @@ use std::{sync::Arc, time::Duration};
 
 use sqlx::{postgres::PgListener, PgPool};
 
-use super::config::{CredentialKind, ProxyConfig};
+use super::config::ProxyConfig;
 use super::egress::EgressPolicy;
 use super::server::{DependencyStatus, Gateway};
 use super::state::{GatewayState, Sellers, SkippedRows};
-use super::vault::MasterKeys;
 use super::ProxyError;
 use crate::db::{self, keys::DbEntities};
+use crate::entities::vault::MasterKeys;
+use crate::entities::CredentialKind;
 
 /// The file's config plus the database's entities. Keys whose tier the file does not define
 /// use the default tier.

@@ -1332,7 +1332,8 @@ mod tests {
     /// connection. 10,000 idle connections cost 6.9 KB each in this future before.
     #[tokio::test]
     async fn an_idle_connection_keeps_a_small_future() {
-        use super::super::{accesslog, config, keys, limiter, metrics, state};
+        use super::super::{accesslog, config, limiter, metrics, state};
+        use crate::entities::keys;
         let cfg = config::ProxyConfig::default();
         let built = state::GatewayState::build_of(
             &cfg,

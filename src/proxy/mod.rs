@@ -15,7 +15,6 @@ pub mod forward;
 pub mod front;
 pub mod h1;
 pub mod inbound;
-pub mod keys;
 pub mod limiter;
 pub mod metrics;
 pub mod pii;
@@ -29,7 +28,6 @@ pub mod timer;
 pub mod tls;
 pub mod upstream;
 pub mod usage;
-pub mod vault;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
 
@@ -245,8 +243,8 @@ impl Embedded {
 pub async fn start_embedded(
     cfg: &ProxyConfig,
     source: &str,
-    pepper: keys::Pepper,
-    master_keys: Option<&vault::MasterKeys>,
+    pepper: crate::entities::keys::Pepper,
+    master_keys: Option<&crate::entities::vault::MasterKeys>,
 ) -> Result<Embedded, ProxyError> {
     let state = GatewayState::build(cfg, source, master_keys, None)?;
     let metrics = metrics::ProxyMetrics::new();

@@ -33,7 +33,6 @@ use super::accesslog::{AccessLog, AccessRecord};
 use super::breaker::{Permit, Transition};
 use super::forward::{Forwarding, X_API_KEY, X_REQUEST_ID};
 use super::inbound::{self, HostError, TargetError};
-use super::keys::{ApiKey, KeyFormatError, Pepper};
 use super::limiter::Limiter;
 use super::metrics::{ProxyMetrics, NO_ROUTE};
 use super::pii::{self, PiiKind, StreamMasker};
@@ -42,6 +41,7 @@ use super::request_body::{BodyFault, BodyWatch, WatchedBody};
 use super::state::{GatewayState, KeyRecord, NoCredential, Route, SharedState};
 use super::upstream::{self, UpstreamBody};
 use crate::crd::gateway::{KeyScope, PiiMode};
+use crate::entities::keys::{ApiKey, KeyFormatError, Pepper};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;

@@ -15,11 +15,12 @@ use super::fasthash::FastMap;
 use http::{uri::Authority, uri::Scheme, HeaderName, HeaderValue};
 
 use super::breaker::{Breaker, BreakerSettings};
-use super::config::{parse_time_ms, CredentialKind, InvalidConfig, ProxyConfig};
-use super::keys::{KeyHash, Pepper};
+use super::config::{parse_time_ms, InvalidConfig, ProxyConfig};
 use super::ratelimit::Limits;
-use super::vault::MasterKeys;
 use crate::crd::gateway::{KeyScope, PiiMode, RouteMethod, TierSpec};
+use crate::entities::keys::{KeyHash, Pepper};
+use crate::entities::vault::MasterKeys;
+use crate::entities::CredentialKind;
 
 /// A key as the gateway knows it (never the key itself).
 #[derive(Debug, Clone)]
@@ -347,7 +348,7 @@ impl GatewayState {
                     .iter()
                     .filter(|c| &c.name == name && c.api == r.name)
                 {
-                    let sealed = super::vault::Sealed::from_base64(
+                    let sealed = crate::entities::vault::Sealed::from_base64(
                         &c.name,
                         c.key_version,
                         &c.nonce,

@@ -13,15 +13,15 @@ use std::{
 };
 
 use apitree::crd::gateway::KeyScope;
+use apitree::entities::keys::{ApiKey, Pepper};
+use apitree::entities::vault::MasterKeys;
 use apitree::proxy::{
     accesslog::AccessLog,
     config::ProxyConfig,
-    keys::{ApiKey, Pepper},
     limiter::Limiter,
     metrics::ProxyMetrics,
     server::{self, Gateway},
     state::{GatewayState, SharedState},
-    vault::MasterKeys,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};

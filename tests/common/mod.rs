@@ -85,7 +85,7 @@ pub async fn exec<'e>(db: impl sqlx::PgExecutor<'e>, sql: String) -> Result<(), 
 /// plaintexts are `secret-0…`, sealed under `keys`; returns the org id.
 pub async fn seed_upstream_credentials(
     pool: &PgPool,
-    keys: &apitree::proxy::vault::MasterKeys,
+    keys: &apitree::entities::vault::MasterKeys,
     n: usize,
 ) -> uuid::Uuid {
     let org = apitree::db::keys::create_org(pool, "acme", "test")
@@ -123,7 +123,7 @@ pub async fn seed_upstream_credentials(
 /// new master key alone) to what it was.
 pub async fn assert_seeded_credentials_decrypt(
     pool: &PgPool,
-    keys: &apitree::proxy::vault::MasterKeys,
+    keys: &apitree::entities::vault::MasterKeys,
     org: uuid::Uuid,
 ) {
     // (credential, API, key version, nonce, ciphertext)
@@ -136,7 +136,7 @@ pub async fn assert_seeded_credentials_decrypt(
     .await
     .unwrap();
     for (i, (name, api, version, nonce, ciphertext)) in rows.into_iter().enumerate() {
-        let sealed = apitree::proxy::vault::Sealed {
+        let sealed = apitree::entities::vault::Sealed {
             key_version: version as u32,
             nonce,
             ciphertext,
@@ -151,7 +151,7 @@ pub async fn assert_seeded_credentials_decrypt(
 /// Org `acme` with one live key on tier `gold` named `name`, created by actor `test`.
 pub async fn seed_live_key(
     pool: &PgPool,
-    pepper: &apitree::proxy::keys::Pepper,
+    pepper: &apitree::entities::keys::Pepper,
     name: &str,
 ) -> apitree::db::keys::IssuedKey {
     use apitree::db::keys as dbkeys;

@@ -10,8 +10,9 @@ use std::{
     time::Instant,
 };
 
+use apitree::detect::IncidentNotice;
 use apitree::detect::{IncidentEvent, Severity};
-use apitree::notify::{slack::SlackConfig, Channels, IncidentNotice};
+use apitree::notify::{slack::SlackConfig, Channels};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;

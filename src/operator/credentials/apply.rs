@@ -7,7 +7,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::{Client, ResourceExt};
 
-use super::rotation::ROTATED_KEYS_SECRET;
+use crate::crd::credential_policy::ROTATED_KEYS_SECRET;
 use crate::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
 use crate::platform::kube::FIELD_MANAGER;
 

@@ -21,18 +21,16 @@ use kube::{Client, Resource, ResourceExt};
 use super::apply;
 use crate::crd::condition::{set_condition, ConditionStatus};
 use crate::crd::credential_policy::{
-    CredentialPolicy, CredentialPolicyStatus, ReencryptionProgress,
+    CredentialPolicy, CredentialPolicyStatus, ReencryptionProgress, ROTATED_KEYS_SECRET,
 };
 use crate::crd::gateway::{ApiGateway, DetectionSpec, SecretKeyRef};
 use crate::detect::engine::{Detector, IncidentStore, NoticeContext, CREDENTIALS_OVERDUE};
 use crate::detect::{ScoreConfig, Severity};
+use crate::entities::vault::MasterKeys;
 use crate::notify::slack::{Interaction, RotateTarget};
 use crate::notify::{Note, Notifier, RotateButton};
-use crate::operator::credentials::rotation::{
-    self, Credential, ROTATED_AT_ANNOTATION, ROTATED_KEYS_SECRET,
-};
+use crate::operator::credentials::rotation::{self, Credential, ROTATED_AT_ANNOTATION};
 use crate::operator::metrics::OperatorMetrics;
-use crate::proxy::vault::MasterKeys;
 
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +268,7 @@ impl Rotations {
             )
         })?;
         let pepper = secret_value(&self.client, ns, &pepper_ref).await?;
-        let pepper = crate::proxy::keys::Pepper::new(pepper.trim().as_bytes().to_vec())
+        let pepper = crate::entities::keys::Pepper::new(pepper.trim().as_bytes().to_vec())
             .map_err(|e| format!("the pepper in Secret {}: {e}", pepper_ref.name))?;
         let pool = crate::db::connect(&g.url, 1)
             .await

@@ -14,10 +14,6 @@ use crate::db::DbError;
 /// Annotation that dates a Secret's last rotation (RFC 3339); else its creation time counts.
 pub const ROTATED_AT_ANNOTATION: &str = "apitree.io/rotated-at";
 
-/// The Secret (in a CredentialPolicy's namespace, created by a person beforehand) that receives
-/// keys rotated from Slack: one data entry per new key, named by its prefix.
-pub const ROTATED_KEYS_SECRET: &str = "apitree-rotated-keys";
-
 /// One tracked credential (never its value).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {

@@ -320,7 +320,7 @@ impl Operator {
         published.insert(
             m.name.clone(),
             Published {
-                view: GatewayView::of(m, None),
+                view: m.view(None),
                 incidents: rollout::open_incident_counts(m),
                 sweep: Some(m.sweep_target()),
             },

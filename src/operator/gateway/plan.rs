@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 
 use crate::agent::bundle::{merge, AgentConfig, AgentLocal, LocalUpstream};
 use crate::crd::gateway::{ApiGatewaySpec, MinTlsVersion};
+use crate::entities::vault::MasterKeys;
+use crate::platform::TLS_DIR;
 use crate::proxy::config::{ProxyConfig, TlsConfig, TlsVersion};
-use crate::proxy::vault::MasterKeys;
 
 /// The proxy configuration a spec asks for: the spec's routes, tiers and defaults over `base`
 /// (orgs, keys, credentials and secret sources, which live outside the resource).
@@ -42,10 +43,6 @@ pub fn render(spec: &ApiGatewaySpec, base: &ProxyConfig) -> ProxyConfig {
     cfg.admin = "127.0.0.1:0".into();
     cfg
 }
-
-/// Where a gateway's TLS Secret (`spec.tls.secretName`) is mounted in its proxies: outside
-/// the config's directory, whose ConfigMap volume is read-only and cannot hold a mount point.
-pub const TLS_DIR: &str = "/var/run/apitree/tls";
 
 /// The revision: a short hash of everything that changes the proxy's behaviour — image,
 /// rendered config and the versions of the secrets it uses — so a config-only or credential

@@ -11,19 +11,17 @@ use k8s_openapi::jiff::Timestamp;
 use super::plan;
 use super::probes::{self, ProbeTarget, SecretResolver};
 use crate::crd::condition::{set_condition, ConditionStatus};
-use crate::crd::gateway::{
-    ApiGatewaySpec, ApiGatewayStatus, Color, GateCheckStatus, GatewayPhase, IncidentSummary,
-};
+use crate::crd::gateway::{ApiGatewaySpec, ApiGatewayStatus, Color, GatewayPhase, IncidentSummary};
 use crate::detect::engine::{Detector, IncidentStore, NoticeContext};
 use crate::detect::source::{
     window_between, GatewayWindow, MetricSource, ScrapeSource, ScrapeTarget, Snapshot,
 };
 use crate::detect::{IncidentEvent, ScoreConfig, Severity};
+use crate::entities::vault::MasterKeys;
 use crate::gate::{self, Action, AnalysisWindow, NoticeKind, Observations, Request, Traffic};
 use crate::notify::{Notifier, RolloutNotice};
 use crate::platform::{Deployment, Platform};
 use crate::proxy::config::ProxyConfig;
-use crate::proxy::vault::MasterKeys;
 
 /// What every gateway's loop shares.
 pub struct Context<P: Platform> {
@@ -46,15 +44,8 @@ pub struct Context<P: Platform> {
     pub agents: Option<Arc<crate::agent::hub::Hub>>,
 }
 
-/// A finished gate run, for the status page and the demo summary.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct GateRun {
-    pub revision: String,
-    /// promoted, rejected or rolled_back.
-    pub outcome: &'static str,
-    pub reason: String,
-    pub checks: Vec<GateCheckStatus>,
-}
+use crate::dashboard::{EventView, GatewayView};
+use crate::gate::GateRun;
 
 /// One incident as the demo summary and the status page tell it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -189,6 +180,52 @@ pub struct Managed {
     agent_snapshots: BTreeMap<String, Snapshot>,
     /// The gateway database, for the orgs and keys its agents receive.
     agent_db: Option<(String, sqlx::PgPool)>,
+}
+
+impl Managed {
+    /// The gateway as the status page shows it.
+    pub fn view(&self, url: Option<String>) -> GatewayView {
+        let s: &ApiGatewayStatus = &self.status;
+        GatewayView {
+            name: self.name.clone(),
+            phase: s
+                .phase
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "Pending".into()),
+            active_color: s.active_color.map(|c| c.as_str().to_string()),
+            active_revision: s.active_revision.clone(),
+            preview_revision: s.preview_revision.clone(),
+            previous_revision: s.previous_revision.clone(),
+            gate_revision: s.gate.as_ref().map(|g| g.revision.clone()),
+            gate_progress: s.gate.as_ref().map(|g| g.progress.clone()),
+            checks: s
+                .gate
+                .as_ref()
+                .map(|g| g.checks.clone())
+                .unwrap_or_default(),
+            rejected: s
+                .rejected_revision
+                .as_ref()
+                .map(|r| format!("{}: {}", r.revision, r.reason)),
+            incidents: s.incidents.clone(),
+            error_ratios: self.error_ratios.iter().copied().collect(),
+            runs: self.runs.iter().rev().take(10).cloned().collect(),
+            events: self
+                .events
+                .iter()
+                .rev()
+                .take(15)
+                .map(|e| EventView {
+                    at: e.at.clone(),
+                    reason: e.reason.clone(),
+                    message: e.message.clone(),
+                    warning: e.warning,
+                })
+                .collect(),
+            url,
+            connectors: s.connectors.clone(),
+        }
+    }
 }
 
 impl Managed {
@@ -1542,14 +1579,11 @@ async fn announce<P: Platform>(
         format!("revision {}: {}", n.revision, n.reason),
         warning,
     );
-    let outcome = match n.kind {
-        NoticeKind::Promoted => Some("promoted"),
-        NoticeKind::Rejected => Some("rejected"),
-        NoticeKind::RolledBack => Some("rolled_back"),
-        _ => None,
-    };
-    if let Some(outcome) = outcome {
-        ctx.metrics.gate_results.with_label_values(&[outcome]).inc();
+    if let Some(outcome) = n.kind.outcome() {
+        ctx.metrics
+            .gate_results
+            .with_label_values(&[outcome.as_str()])
+            .inc();
         m.runs.push(GateRun {
             revision: n.revision.clone(),
             outcome,
@@ -1771,7 +1805,7 @@ fn master_key_versions<P: Platform>(spec: &ApiGatewaySpec, ctx: &Context<P>) -> 
 }
 
 /// Keeps the incident records and `status.incidents` up to date with the detector's notices.
-fn record_notices(m: &mut Managed, notices: Vec<crate::notify::IncidentNotice>) {
+fn record_notices(m: &mut Managed, notices: Vec<crate::detect::IncidentNotice>) {
     for n in notices {
         m.notifications += 1;
         let key = (n.route.clone(), n.signal.clone());

@@ -10,7 +10,8 @@ use apitree::cli::{
     SecretArgs, UsersCommand,
 };
 use apitree::db;
-use apitree::proxy::{self, keys::ApiKey, state};
+use apitree::entities::keys::ApiKey;
+use apitree::proxy::{self, state};
 
 use super::{open_db, pepper_from, secret_sources, DriftFound, Tampered};
 
@@ -240,7 +241,7 @@ pub async fn reencrypt(
     let (cfg, base) = secret_sources(&secrets)?;
     let keys = state::load_master_keys(&cfg, &base)
         .map_err(|e| anyhow!(e))?
-        .ok_or_else(|| anyhow!("{}", proxy::vault::VaultError::Missing))?;
+        .ok_or_else(|| anyhow!("{}", apitree::entities::vault::VaultError::Missing))?;
     let pool = open_db(&dbargs).await?;
     let done = db::credentials::reencrypt_all(&pool, &keys, batch, &actor, |p| {
         eprintln!(
@@ -274,7 +275,7 @@ pub fn credentials(cmd: CredentialsCommand) -> Result<()> {
     let (cfg, base) = secret_sources(&secrets)?;
     let keys = state::load_master_keys(&cfg, &base)
         .map_err(|e| anyhow!(e))?
-        .ok_or_else(|| anyhow!("{}", proxy::vault::VaultError::Missing))?;
+        .ok_or_else(|| anyhow!("{}", apitree::entities::vault::VaultError::Missing))?;
     let mut value = String::new();
     std::io::stdin().read_to_string(&mut value)?;
     let value = value.trim_end_matches(['\n', '\r']);

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context, Result};
 
 use apitree::cli::{DatabaseArgs, SecretArgs};
 use apitree::db;
-use apitree::proxy::{self, config::ProxyConfig, state};
+use apitree::proxy::{config::ProxyConfig, state};
 
 /// `println!` that returns the write's error (a closed pipe among them) instead of panicking.
 macro_rules! outln {
@@ -83,7 +83,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 /// The key pepper from the environment or the --config file's secrets.pepperFile.
-pub(crate) fn pepper_from(secrets: &SecretArgs) -> Result<proxy::keys::Pepper> {
+pub(crate) fn pepper_from(secrets: &SecretArgs) -> Result<apitree::entities::keys::Pepper> {
     let (cfg, base) = secret_sources(secrets)?;
     state::load_pepper(&cfg, &base).map_err(|e| anyhow!(e))
 }
