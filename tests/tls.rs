@@ -1150,7 +1150,7 @@ async fn the_operator_port_serves_over_tls_with_hsts() {
     let metrics = Arc::new(OperatorMetrics::new());
     let tls = http::tls(&pki.path("tls.crt"), &pki.path("tls.key"), &metrics).unwrap();
     let state = Arc::new(http::HttpState::new(metrics.clone(), None));
-    state.set_role("local");
+    state.set_role(http::Role::Local);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = http::spawn(listener, state, Some(tls));

@@ -1177,7 +1177,10 @@ pub enum CheckPhase {
     Passed,
     Failed,
     Inconclusive,
+    /// Does not apply to this gateway (e.g. schema without a database); counts as done.
     Skipped,
+    /// Abandoned with its gate because the spec moved on; never counts as done.
+    Cancelled,
 }
 
 /// A revision the gate refused or rolled back.

@@ -63,7 +63,7 @@ pub const PAGE: &str = r##"<!doctype html>
   th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid #eef1f4; vertical-align: top; }
   th { font-weight: 600; color: #445; }
   .Passed { color: #1a7f37; } .Failed { color: #cf222e; } .Inconclusive { color: #9a6700; }
-  .Running { color: #0969da; } .Skipped, .Pending { color: #667; }
+  .Running { color: #0969da; } .Skipped, .Pending, .Cancelled { color: #667; }
   .sev-critical { color: #cf222e; font-weight: 600; } .sev-high { color: #bc4c00; } .sev-warning { color: #9a6700; }
   svg.spark { vertical-align: middle; }
   code { font-size: .9em; }

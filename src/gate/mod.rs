@@ -386,9 +386,6 @@ fn elapsed(since: &Option<String>, now: Timestamp) -> SignedDuration {
         .unwrap_or(SignedDuration::ZERO)
 }
 
-/// Reason prefix of checks a gate abandoned; they never count as done.
-const CANCELLED: &str = "cancelled: ";
-
 fn new_checks() -> Vec<GateCheckStatus> {
     CHECKS
         .iter()
@@ -410,12 +407,7 @@ fn progress(gate: &GateStatus) -> String {
     let done = gate
         .checks
         .iter()
-        .filter(|c| match c.phase {
-            CheckPhase::Passed => true,
-            // Skipped because it does not apply counts; skipped because cancelled does not.
-            CheckPhase::Skipped => !c.reason.as_deref().unwrap_or("").starts_with(CANCELLED),
-            _ => false,
-        })
+        .filter(|c| matches!(c.phase, CheckPhase::Passed | CheckPhase::Skipped))
         .count();
     format!("{done}/{}", CHECKS.len())
 }
@@ -576,8 +568,8 @@ impl Machine<'_> {
         if let Some(g) = self.s.gate.as_mut() {
             for c in g.checks.iter_mut() {
                 if matches!(c.phase, CheckPhase::Pending | CheckPhase::Running) {
-                    c.phase = CheckPhase::Skipped;
-                    c.reason = Some(format!("{CANCELLED}{why}"));
+                    c.phase = CheckPhase::Cancelled;
+                    c.reason = Some(format!("cancelled: {why}"));
                     c.finished_at = Some(now.clone());
                 }
             }
@@ -657,7 +649,7 @@ impl Machine<'_> {
                     self.notify(NoticeKind::AwaitingApproval, desired, reason);
                     return;
                 }
-                CheckPhase::Pending | CheckPhase::Running => return,
+                CheckPhase::Pending | CheckPhase::Running | CheckPhase::Cancelled => return,
             }
         }
         if self.spec.auto_promote {
@@ -711,7 +703,8 @@ impl Machine<'_> {
         let revision = desired.to_string();
         {
             let c = self.check(check);
-            if c.phase == CheckPhase::Pending {
+            // A cancelled check never counts: should its gate go on, it runs again.
+            if matches!(c.phase, CheckPhase::Pending | CheckPhase::Cancelled) {
                 c.phase = CheckPhase::Running;
                 c.started_at = Some(now.to_string());
             }

@@ -510,7 +510,7 @@ fn a_spec_change_mid_gate_cancels_the_checks_and_gates_the_new_revision() {
         .as_deref()
         .unwrap()
         .starts_with("cancelled"));
-    assert_eq!(gate.checks[4].phase, CheckPhase::Skipped);
+    assert_eq!(gate.checks[4].phase, CheckPhase::Cancelled);
 }
 
 fn agent(name: &str, state: CandidateState) -> AgentCandidate {

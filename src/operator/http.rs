@@ -14,6 +14,27 @@ use crate::notify::slack::InteractionEndpoint;
 use crate::notify::Notifier;
 use crate::proxy::tls::ServerTls;
 
+/// This replica's part in the control plane, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `apitree local` or `apitree demo`: alone, no election.
+    Local,
+    /// Holds the leader Lease: reconciles, sweeps and delivers Slack messages.
+    Leader,
+    /// Waits to take over; serves `/healthz` and `/readyz` only.
+    Standby,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Leader => "leader",
+            Self::Standby => "standby",
+        }
+    }
+}
+
 /// What the HTTP port serves from.
 pub struct HttpState {
     /// The gateways as of the last pass of the loop.
@@ -22,8 +43,7 @@ pub struct HttpState {
     /// True once the loop has completed a pass, or (in a cluster) the replica knows whether it
     /// leads or stands by; a standby is ready to take over.
     pub ready: AtomicBool,
-    /// `leader`, `standby` or `local`.
-    pub role: RwLock<&'static str>,
+    pub role: RwLock<Role>,
     /// Where incidents, the Slack outbox and baselines live: `postgres` or `memory`.
     pub state: RwLock<&'static str>,
     pub interactions: Option<InteractionEndpoint>,
@@ -202,7 +222,7 @@ impl HttpState {
             views: RwLock::new(Vec::new()),
             metrics,
             ready: AtomicBool::new(false),
-            role: RwLock::new("local"),
+            role: RwLock::new(Role::Local),
             state: RwLock::new("memory"),
             interactions,
             viewers: None,
@@ -216,17 +236,19 @@ impl HttpState {
     }
 
     /// Records whether this replica leads; either way it is ready.
-    pub fn set_role(&self, role: &'static str) {
+    pub fn set_role(&self, role: Role) {
         *self.role.write().unwrap_or_else(|p| p.into_inner()) = role;
         self.ready.store(true, Ordering::Relaxed);
     }
 
+    /// This replica's part.
+    pub fn role(&self) -> Role {
+        *self.role.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether this replica leads (or runs alone): it delivers Slack messages then.
     pub fn delivers(&self) -> bool {
-        matches!(
-            *self.role.read().unwrap_or_else(|p| p.into_inner()),
-            "leader" | "local"
-        )
+        matches!(self.role(), Role::Leader | Role::Local)
     }
 
     /// Records where state lives (`/readyz` reports it).
@@ -361,7 +383,7 @@ async fn route(
         (&Method::GET, "/healthz") => reply(200, "application/json", r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {
             if state.ready.load(Ordering::Relaxed) {
-                let role = *state.role.read().unwrap_or_else(|p| p.into_inner());
+                let role = state.role().as_str();
                 let kept = *state.state.read().unwrap_or_else(|p| p.into_inner());
                 reply(
                     200,

@@ -13,7 +13,7 @@ use kube::Client;
 
 use super::durable::Durable;
 use super::gateway::controller::{self, Operator};
-use super::http::{self, HttpState};
+use super::http::{self, HttpState, Role};
 use super::lease;
 use super::metrics::OperatorMetrics;
 use crate::crd::gateway::DetectionSpec;
@@ -206,7 +206,7 @@ pub async fn run(
     let scheduler = crate::operator::gateway::sweep::every(opts.sweep_every, move || {
         let (op, state, sweeper) = (sweep_op.clone(), sweep_state.clone(), sweeper.clone());
         async move {
-            if *state.role.read().unwrap_or_else(|p| p.into_inner()) != "leader" {
+            if state.role() != Role::Leader {
                 return;
             }
             let targets = op.sweep_targets().await;
@@ -223,7 +223,7 @@ pub async fn run(
         tokio::spawn(super::console_watch::run(
             watch,
             DetectionSpec::default().window.as_std(),
-            move || *state.role.read().unwrap_or_else(|p| p.into_inner()) == "leader",
+            move || state.role() == Role::Leader,
         ));
     }
 
@@ -273,7 +273,7 @@ pub async fn run(
         .await
         {
             Ok(true) if running.is_none() => {
-                state_role.set_role("leader");
+                state_role.set_role(Role::Leader);
                 tracing::info!(lease = %opts.lease_name, identity = %opts.identity, "leading: starting the ApiGateway and CredentialPolicy controllers");
                 running = Some(vec![
                     tokio::spawn(controller::run(op.clone(), stopped())),
@@ -288,7 +288,7 @@ pub async fn run(
                 break Err(OperatorError::LostLease(opts.lease_name.clone()));
             }
             Ok(false) => {
-                state_role.set_role("standby");
+                state_role.set_role(Role::Standby);
                 tracing::debug!("standing by: another replica holds the lease");
             }
             Err(e) if running.is_some() => {
