@@ -32,7 +32,8 @@ use crate::notify::{Note, Notifier, RotateButton};
 use crate::operator::credentials::rotation::{self, Credential, ROTATED_AT_ANNOTATION};
 use crate::operator::metrics::OperatorMetrics;
 
-/// Why a pass failed.
+/// Why a pass, a read of what a policy names, or a "Rotate now" press failed. Each variant
+/// names the operation; `category` is the metric label and the Event reason.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
     #[error("cannot list the Secrets CredentialPolicy {name} selects: {source}")]
@@ -47,6 +48,57 @@ pub enum CredentialsError {
         #[source]
         source: kube::Error,
     },
+    #[error("cannot read {what}: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("CredentialPolicy {policy} no longer exists")]
+    PolicyGone { policy: String },
+    #[error("Secret {name} does not exist")]
+    SecretMissing { name: String },
+    #[error("ApiGateway {gateway} does not exist in {ns}")]
+    GatewayMissing { gateway: String, ns: String },
+    #[error("Secret {name} has no key {key:?}")]
+    SecretKeyMissing { name: String, key: String },
+    #[error("ApiGateway {gateway} has no spec.database")]
+    NoDatabase { gateway: String },
+    #[error("the master key in Secret {secret}: {source}")]
+    MasterKey {
+        secret: String,
+        #[source]
+        source: crate::entities::vault::VaultError,
+    },
+    #[error("the pepper in Secret {secret}: {source}")]
+    Pepper {
+        secret: String,
+        #[source]
+        source: crate::entities::keys::WeakPepper,
+    },
+    #[error("ApiGateway {gateway} has no spec.secrets.keyPepper to hash a new key with")]
+    NoPepper { gateway: String },
+    #[error("CredentialPolicy {policy} does not allow rotation from Slack (spec.notify.allowRotateFromSlack is false); rotate with `apitree keys rotate {key_id}`")]
+    RotationNotAllowed { policy: String, key_id: uuid::Uuid },
+    #[error("CredentialPolicy {policy} tracks no API keys")]
+    NoApiKeys { policy: String },
+    #[error("Secret {ns}/{ROTATED_KEYS_SECRET}, where the new key goes, does not exist; create it (`kubectl -n {ns} create secret generic {ROTATED_KEYS_SECRET}`) and press again")]
+    NoRotatedKeysSecret { ns: String },
+    #[error("{0}")]
+    Database(#[from] crate::db::DbError),
+    #[error("{0}")]
+    Reencrypt(#[from] crate::db::credentials::ReencryptError),
+    #[error("the key was already rotated or revoked (or is not in this gateway's database); nothing changed")]
+    AlreadyRotated,
+    #[error("cannot write the new key into Secret {ns}/{ROTATED_KEYS_SECRET} ({reason}); the rotation was rolled back and the old key is unchanged")]
+    StoreKey { ns: String, reason: String },
+    #[error("the new key is in Secret {ns}/{ROTATED_KEYS_SECRET} as {prefix}, but recording the rotation failed ({source}), so that key does not work; the old key is unchanged")]
+    RecordRotation {
+        ns: String,
+        prefix: String,
+        #[source]
+        source: sqlx::Error,
+    },
 }
 
 impl CredentialsError {
@@ -54,6 +106,23 @@ impl CredentialsError {
         match self {
             Self::ListSecrets { .. } => "ListSecrets",
             Self::PatchStatus { .. } => "PatchStatus",
+            Self::Read { .. } => "Read",
+            Self::PolicyGone { .. } => "PolicyGone",
+            Self::SecretMissing { .. } => "SecretMissing",
+            Self::GatewayMissing { .. } => "GatewayMissing",
+            Self::SecretKeyMissing { .. } => "SecretKeyMissing",
+            Self::NoDatabase { .. } => "NoDatabase",
+            Self::MasterKey { .. } => "MasterKey",
+            Self::Pepper { .. } => "Pepper",
+            Self::NoPepper { .. } => "NoPepper",
+            Self::RotationNotAllowed { .. } => "RotationNotAllowed",
+            Self::NoApiKeys { .. } => "NoApiKeys",
+            Self::NoRotatedKeysSecret { .. } => "NoRotatedKeysSecret",
+            Self::Database(_) => "Database",
+            Self::Reencrypt(_) => "Reencrypt",
+            Self::AlreadyRotated => "AlreadyRotated",
+            Self::StoreKey { .. } => "StoreKey",
+            Self::RecordRotation { .. } => "RecordRotation",
         }
     }
 }
@@ -231,48 +300,57 @@ impl Rotations {
         &self,
         press: &Interaction,
         t: &RotateTarget,
-    ) -> Result<SlackRotation, String> {
+    ) -> Result<SlackRotation, CredentialsError> {
         let (ns, name) = (&t.namespace, &t.policy);
+        let policy_name = format!("{ns}/{name}");
         let policy = Api::<CredentialPolicy>::namespaced(self.client.clone(), ns)
             .get_opt(name)
             .await
-            .map_err(|e| format!("cannot read CredentialPolicy {ns}/{name}: {e}"))?
-            .ok_or_else(|| format!("CredentialPolicy {ns}/{name} no longer exists"))?;
+            .map_err(|source| CredentialsError::Read {
+                what: format!("CredentialPolicy {policy_name}"),
+                source,
+            })?
+            .ok_or_else(|| CredentialsError::PolicyGone {
+                policy: policy_name.clone(),
+            })?;
         if !policy.spec.notify.allow_rotate_from_slack {
-            return Err(format!(
-                "CredentialPolicy {ns}/{name} does not allow rotation from Slack (spec.notify.allowRotateFromSlack is false); rotate with `apitree keys rotate {}`",
-                t.key_id
-            ));
+            return Err(CredentialsError::RotationNotAllowed {
+                policy: policy_name,
+                key_id: t.key_id,
+            });
         }
         let db = policy
             .spec
             .database
             .as_ref()
             .filter(|d| d.api_keys)
-            .ok_or_else(|| format!("CredentialPolicy {ns}/{name} tracks no API keys"))?;
+            .ok_or_else(|| CredentialsError::NoApiKeys {
+                policy: policy_name.clone(),
+            })?;
         let secrets = Api::<Secret>::namespaced(self.client.clone(), ns);
         let exists = secrets
             .get_metadata_opt(ROTATED_KEYS_SECRET)
             .await
-            .map_err(|e| format!("cannot read Secret {ns}/{ROTATED_KEYS_SECRET}: {e}"))?;
+            .map_err(|source| CredentialsError::Read {
+                what: format!("Secret {ns}/{ROTATED_KEYS_SECRET}"),
+                source,
+            })?;
         if exists.is_none() {
-            return Err(format!(
-                "Secret {ns}/{ROTATED_KEYS_SECRET}, where the new key goes, does not exist; create it                  (`kubectl -n {ns} create secret generic {ROTATED_KEYS_SECRET}`) and press again"
-            ));
+            return Err(CredentialsError::NoRotatedKeysSecret { ns: ns.clone() });
         }
         let g = gateway_database(&self.client, ns, &db.gateway_ref).await?;
         let pepper_ref = g.secrets.map(|s| s.key_pepper).ok_or_else(|| {
-            format!(
-                "ApiGateway {} has no spec.secrets.keyPepper to hash a new key with",
-                db.gateway_ref
-            )
+            CredentialsError::NoPepper {
+                gateway: db.gateway_ref.clone(),
+            }
         })?;
         let pepper = secret_value(&self.client, ns, &pepper_ref).await?;
         let pepper = crate::entities::keys::Pepper::new(pepper.trim().as_bytes().to_vec())
-            .map_err(|e| format!("the pepper in Secret {}: {e}", pepper_ref.name))?;
-        let pool = crate::db::connect(&g.url, 1)
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| CredentialsError::Pepper {
+                secret: pepper_ref.name.clone(),
+                source,
+            })?;
+        let pool = crate::db::connect(&g.url, 1).await?;
         let now = to_chrono((self.clock)());
         let grace = chrono::Duration::from_std(policy.spec.grace_period.as_std())
             .unwrap_or(chrono::Duration::days(1));
@@ -280,7 +358,7 @@ impl Rotations {
             let mut tx = pool
                 .begin()
                 .await
-                .map_err(|e| format!("cannot start a database transaction: {e}"))?;
+                .map_err(crate::db::DbError::query("start a transaction"))?;
             let r = crate::db::keys::rotate_key_in(
                 &mut tx,
                 &pepper,
@@ -289,12 +367,8 @@ impl Rotations {
                 now,
                 &press.actor(),
             )
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                "the key was already rotated or revoked (or is not in this gateway's database); nothing changed"
-                    .to_string()
-            })?;
+            .await?
+            .ok_or(CredentialsError::AlreadyRotated)?;
             let new_prefix = r.new.key.prefix().to_string();
             let annotation = format!(
                 "replaces {} (valid until {}); rotated from Slack by {} at {}",
@@ -311,17 +385,17 @@ impl Rotations {
                 annotation,
             )
             .await
-            .map_err(|e| {
-                format!(
-                    "cannot write the new key into Secret {ns}/{ROTATED_KEYS_SECRET} ({}); the rotation was rolled back and the old key is unchanged",
-                    kube_reason(&e)
-                )
+            .map_err(|e| CredentialsError::StoreKey {
+                ns: ns.clone(),
+                reason: kube_reason(&e),
             })?;
-            tx.commit().await.map_err(|e| {
-                format!(
-                    "the new key is in Secret {ns}/{ROTATED_KEYS_SECRET} as {new_prefix}, but recording the rotation failed ({e}), so that key does not work; the old key is unchanged"
-                )
-            })?;
+            tx.commit()
+                .await
+                .map_err(|source| CredentialsError::RecordRotation {
+                    ns: ns.clone(),
+                    prefix: new_prefix.clone(),
+                    source,
+                })?;
             Ok(SlackRotation {
                 old_prefix: r.old_prefix,
                 new_prefix,
@@ -378,28 +452,48 @@ struct GatewayDatabase {
 
 impl GatewayDatabase {
     /// The gateway's master keys, when `spec.secrets.masterKey` is set.
-    async fn master_keys(&self, client: &Client, ns: &str) -> Option<Result<MasterKeys, String>> {
+    async fn master_keys(
+        &self,
+        client: &Client,
+        ns: &str,
+    ) -> Option<Result<MasterKeys, CredentialsError>> {
         let s = self.secrets.as_ref()?;
         let r = s.master_key.as_ref()?;
         Some(match secret_value(client, ns, r).await {
-            Ok(v) => MasterKeys::from_value(&v, s.master_key_version.max(1) as u32)
-                .map_err(|e| format!("the master key in Secret {}: {e}", r.name)),
+            Ok(v) => MasterKeys::from_value(&v, s.master_key_version.max(1) as u32).map_err(
+                |source| CredentialsError::MasterKey {
+                    secret: r.name.clone(),
+                    source,
+                },
+            ),
             Err(e) => Err(e),
         })
     }
 }
 
-async fn secret_value(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
+async fn secret_value(
+    client: &Client,
+    ns: &str,
+    r: &SecretKeyRef,
+) -> Result<String, CredentialsError> {
     let secret = Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(&r.name)
         .await
-        .map_err(|e| format!("cannot read Secret {}: {e}", r.name))?
-        .ok_or_else(|| format!("Secret {} does not exist", r.name))?;
+        .map_err(|source| CredentialsError::Read {
+            what: format!("Secret {}", r.name),
+            source,
+        })?
+        .ok_or_else(|| CredentialsError::SecretMissing {
+            name: r.name.clone(),
+        })?;
     secret
         .data
         .and_then(|d| d.get(&r.key).cloned())
         .and_then(|v| String::from_utf8(v.0).ok())
-        .ok_or_else(|| format!("Secret {} has no key {:?}", r.name, r.key))
+        .ok_or_else(|| CredentialsError::SecretKeyMissing {
+            name: r.name.clone(),
+            key: r.key.clone(),
+        })
 }
 
 /// Reads the database URL, secret references and `status.masterKeyVersions` of the ApiGateway
@@ -408,17 +502,25 @@ async fn gateway_database(
     client: &Client,
     ns: &str,
     gateway: &str,
-) -> Result<GatewayDatabase, String> {
+) -> Result<GatewayDatabase, CredentialsError> {
     let gw = Api::<ApiGateway>::namespaced(client.clone(), ns)
         .get_opt(gateway)
         .await
-        .map_err(|e| format!("cannot read ApiGateway {gateway}: {e}"))?
-        .ok_or_else(|| format!("ApiGateway {gateway} does not exist in {ns}"))?;
+        .map_err(|source| CredentialsError::Read {
+            what: format!("ApiGateway {gateway}"),
+            source,
+        })?
+        .ok_or_else(|| CredentialsError::GatewayMissing {
+            gateway: gateway.to_string(),
+            ns: ns.to_string(),
+        })?;
     let db = gw
         .spec
         .database
         .as_ref()
-        .ok_or_else(|| format!("ApiGateway {gateway} has no spec.database"))?;
+        .ok_or_else(|| CredentialsError::NoDatabase {
+            gateway: gateway.to_string(),
+        })?;
     let url = secret_value(client, ns, db).await?;
     Ok(GatewayDatabase {
         url,
@@ -437,16 +539,15 @@ async fn reencrypt(
     pool: &sqlx::PgPool,
     keys: &MasterKeys,
     proxies_hold: &[u32],
-) -> Result<ReencryptionProgress, String> {
+) -> Result<ReencryptionProgress, CredentialsError> {
     let target = keys.current_version();
     let ready = proxies_hold.contains(&target);
     let started = std::time::Instant::now();
     loop {
         // A batch of 0 only counts.
         let batch = if ready { REENCRYPT_BATCH } else { 0 };
-        let p = crate::db::credentials::reencrypt_batch(pool, keys, batch, "apitree-operator")
-            .await
-            .map_err(|e| e.to_string())?;
+        let p =
+            crate::db::credentials::reencrypt_batch(pool, keys, batch, "apitree-operator").await?;
         if p.rewrapped == 0 || started.elapsed() >= REENCRYPT_BUDGET {
             return Ok(ReencryptionProgress {
                 target_version: target as i32,
@@ -566,31 +667,37 @@ pub async fn reconcile(
                             db.upstream_credentials,
                         )
                         .await
-                        .map_err(|e| e.to_string());
+                        .map_err(CredentialsError::from);
                         match &keys {
                             Some(Ok(keys)) => match reencrypt(&pool, keys, &g.proxies_hold).await {
                                 Ok(p) => status.reencryption = Some(p),
-                                Err(e) => {
-                                    notes.push((EventType::Warning, "ReencryptionFailed".into(), e))
-                                }
+                                Err(e) => notes.push((
+                                    EventType::Warning,
+                                    "ReencryptionFailed".into(),
+                                    e.to_string(),
+                                )),
                             },
                             Some(Err(e)) => notes.push((
                                 EventType::Warning,
                                 "MasterKeyUnreadable".into(),
-                                e.clone(),
+                                e.to_string(),
                             )),
                             None => {}
                         }
                         pool.close().await;
                         r
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(CredentialsError::from(e)),
                 },
                 Err(e) => Err(e),
             };
             match found {
                 Ok(c) => creds.extend(c),
-                Err(e) => notes.push((EventType::Warning, "DatabaseUnavailable".into(), e)),
+                Err(e) => notes.push((
+                    EventType::Warning,
+                    "DatabaseUnavailable".into(),
+                    e.to_string(),
+                )),
             }
         }
         if let Some(p) = &status.reencryption {
