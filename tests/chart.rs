@@ -763,7 +763,7 @@ fn network_policies_keep_the_proxies_admin_port_to_the_operator_and_prometheus()
     .unwrap();
     let proxy = apitree::platform::kube::deployment(
         apitree::crd::gateway::Color::Blue,
-        &apitree::platform::Deployment {
+        &apitree::platform::Workload {
             gateway: "shop/web".into(),
             revision: "abc".into(),
             replicas: 1,

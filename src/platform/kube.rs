@@ -20,7 +20,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::Client;
 use sha2::{Digest, Sha256};
 
-use super::{Deployment, Platform, PlatformError};
+use super::{Platform, PlatformError, Workload};
 use crate::crd::gateway::{Color, SecretKeyRef};
 use crate::gate::ColorObservation;
 
@@ -171,7 +171,7 @@ fn http_probe(path: &str, tls: bool) -> Probe {
 
 /// The Deployment of one color. The revision is on the pod template too, so a new revision
 /// rolls the pods even when only the ConfigMap changed.
-pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
+pub fn deployment(color: Color, d: &Workload) -> KubeDeployment {
     let (ns, name) = split(&d.gateway);
     let full = format!("{name}-{}", color.as_str());
     let mut env = vec![EnvVar {
@@ -298,7 +298,7 @@ pub fn deployment(color: Color, d: &Deployment) -> KubeDeployment {
 
 /// The ConfigMap with one color's rendered config; listeners on all interfaces, secrets from
 /// the environment the Deployment sets.
-pub fn config_map(color: Color, d: &Deployment) -> ConfigMap {
+pub fn config_map(color: Color, d: &Workload) -> ConfigMap {
     let (ns, name) = split(&d.gateway);
     let mut cfg = d.config.clone();
     cfg.listen = format!("0.0.0.0:{PUBLIC_PORT}");
@@ -514,7 +514,7 @@ fn pod_ready(p: &Pod) -> bool {
 }
 
 impl Platform for KubePlatform {
-    async fn deploy(&self, color: Color, d: &Deployment) -> Result<(), PlatformError> {
+    async fn deploy(&self, color: Color, d: &Workload) -> Result<(), PlatformError> {
         let (ns, name) = split(&d.gateway);
         let full = format!("{name}-{}", color.as_str());
         let sa = ServiceAccount {
@@ -724,7 +724,7 @@ mod tests {
     use super::*;
     use crate::crd::gateway::ApiGatewaySpec;
 
-    fn deployment_of(tls: bool) -> Deployment {
+    fn deployment_of(tls: bool) -> Workload {
         let mut yaml = String::from(
             "proxy:\n  routes:\n  - name: r\n    pathPrefix: /r/\n    upstream: http://up/\n",
         );
@@ -733,7 +733,7 @@ mod tests {
         }
         let spec: ApiGatewaySpec = serde_saphyr::from_str(&yaml).unwrap();
         let config = crate::operator::gateway::plan::render(&spec, &Default::default());
-        Deployment {
+        Workload {
             gateway: "shop/web".into(),
             revision: "abc".into(),
             replicas: 2,
@@ -806,7 +806,7 @@ mod tests {
             schemes(&pod),
             [Some("HTTPS".to_string()), Some("HTTPS".to_string())]
         );
-        let scheme_label = |d: &Deployment| {
+        let scheme_label = |d: &Workload| {
             let template = deployment(Color::Blue, d).spec.template;
             template.metadata.unwrap().labels.unwrap()[ADMIN_SCHEME_LABEL].clone()
         };

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use super::{Deployment, Platform, PlatformError};
+use super::{Platform, PlatformError, Workload};
 use crate::crd::gateway::Color;
 use crate::entities::keys::Pepper;
 use crate::entities::vault::MasterKeys;
@@ -275,7 +275,7 @@ impl Platform for LocalPlatform {
         spec.tls.is_some().then(|| TLS_NEEDS_A_CLUSTER.to_string())
     }
 
-    async fn deploy(&self, color: Color, d: &Deployment) -> Result<(), PlatformError> {
+    async fn deploy(&self, color: Color, d: &Workload) -> Result<(), PlatformError> {
         if let Some(reason) = self.cannot_run(&d.spec) {
             // The gate never asks (it refuses the spec first); a direct caller is refused too.
             return Err(PlatformError::Start {
@@ -469,7 +469,7 @@ mod tests {
             "proxy:\n  routes:\n  - name: r\n    pathPrefix: /r/\n    upstream: http://127.0.0.1:9/\ntls:\n  secretName: t\n",
         )
         .unwrap();
-        let d = Deployment {
+        let d = Workload {
             gateway: "shop".into(),
             revision: "abc".into(),
             replicas: 1,

@@ -15,9 +15,10 @@ use crate::crd::gateway::{ApiGatewaySpec, Color};
 use crate::gate::ColorObservation;
 use crate::proxy::config::ProxyConfig;
 
-/// One color of one gateway as the plan wants it.
+/// One color of one gateway as the plan wants it: the proxies of one revision (a Kubernetes
+/// Deployment in a cluster, processes on this machine).
 #[derive(Debug, Clone)]
-pub struct Deployment {
+pub struct Workload {
     /// `name` locally, `namespace/name` in a cluster.
     pub gateway: String,
     pub revision: String,
@@ -86,7 +87,7 @@ pub trait Platform: Send + Sync + 'static {
     fn deploy(
         &self,
         color: Color,
-        d: &Deployment,
+        d: &Workload,
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
 
     /// What runs on `color`, and how much of it is ready; None when nothing runs. A platform

@@ -339,11 +339,12 @@ impl Rotations {
             return Err(CredentialsError::NoRotatedKeysSecret { ns: ns.clone() });
         }
         let g = gateway_database(&self.client, ns, &db.gateway_ref).await?;
-        let pepper_ref = g.secrets.map(|s| s.key_pepper).ok_or_else(|| {
-            CredentialsError::NoPepper {
-                gateway: db.gateway_ref.clone(),
-            }
-        })?;
+        let pepper_ref =
+            g.secrets
+                .map(|s| s.key_pepper)
+                .ok_or_else(|| CredentialsError::NoPepper {
+                    gateway: db.gateway_ref.clone(),
+                })?;
         let pepper = secret_value(&self.client, ns, &pepper_ref).await?;
         let pepper = crate::entities::keys::Pepper::new(pepper.trim().as_bytes().to_vec())
             .map_err(|source| CredentialsError::Pepper {
@@ -460,12 +461,14 @@ impl GatewayDatabase {
         let s = self.secrets.as_ref()?;
         let r = s.master_key.as_ref()?;
         Some(match secret_value(client, ns, r).await {
-            Ok(v) => MasterKeys::from_value(&v, s.master_key_version.max(1) as u32).map_err(
-                |source| CredentialsError::MasterKey {
-                    secret: r.name.clone(),
-                    source,
-                },
-            ),
+            Ok(v) => {
+                MasterKeys::from_value(&v, s.master_key_version.max(1) as u32).map_err(|source| {
+                    CredentialsError::MasterKey {
+                        secret: r.name.clone(),
+                        source,
+                    }
+                })
+            }
             Err(e) => Err(e),
         })
     }

@@ -20,7 +20,7 @@ use crate::detect::{IncidentEvent, ScoreConfig, Severity};
 use crate::entities::vault::MasterKeys;
 use crate::gate::{self, Action, AnalysisWindow, NoticeKind, Observations, Request, Traffic};
 use crate::notify::{Notifier, RolloutNotice};
-use crate::platform::{Deployment, Platform};
+use crate::platform::{Platform, Workload};
 use crate::proxy::config::ProxyConfig;
 
 /// What every gateway's loop shares.
@@ -1408,7 +1408,7 @@ async fn perform<P: Platform>(
     let platform = &ctx.platform;
     match action {
         Action::Deploy { color, revision } => {
-            let d = Deployment {
+            let d = Workload {
                 gateway: m.name.clone(),
                 revision: revision.clone(),
                 replicas: m.spec.replicas,
