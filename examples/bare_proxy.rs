@@ -66,7 +66,7 @@ async fn forward(
     parts.uri = uri;
     let body: Body = body.map_err(|e| Box::new(e) as BoxError).boxed();
     let resp = if worker_pool {
-        apitree::proxy::upstream::request(Request::from_parts(parts, body))
+        apitree::proxy::transport::upstream::request(Request::from_parts(parts, body))
             .await
             .map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
             .ok()

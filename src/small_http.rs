@@ -62,7 +62,7 @@ pub async fn serve<H, F, B>(
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        crate::proxy::server::accept_failed(&e).await;
+                        crate::proxy::transport::workers::accept_failed(&e).await;
                         continue;
                     }
                 };

@@ -445,7 +445,7 @@ async fn the_proxy_example_runs_as_is_and_its_documented_keys_work() {
         .await
         .expect("the example starts as-is");
     let addr = prepared.listener.local_addr().unwrap();
-    tokio::spawn(apitree::proxy::server::run(
+    tokio::spawn(apitree::proxy::transport::workers::run(
         prepared.gateway,
         prepared.listener,
         prepared.admin,

@@ -47,9 +47,9 @@ use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::task::Poll;
 
-use apitree::proxy::front::{self, Parsed};
-use apitree::proxy::h1::{self, Chunked, Decoded, Framing, H1Error};
 use apitree::proxy::inbound;
+use apitree::proxy::transport::front::{self, Parsed};
+use apitree::proxy::transport::h1::{self, Chunked, Decoded, Framing, H1Error};
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};

@@ -4,7 +4,7 @@
 
 use apitree::crd::gateway::KeyScope;
 use apitree::entities::keys::ApiKey;
-use apitree::proxy::h1::{self, Chunked, Decoded, Framing};
+use apitree::proxy::transport::h1::{self, Chunked, Decoded, Framing};
 use apitree::proxy::{config::ProxyConfig, pii};
 use bytes::BytesMut;
 use proptest::prelude::*;

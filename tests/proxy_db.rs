@@ -74,7 +74,7 @@ async fn start_proxy_with(
         p.listener.local_addr().unwrap(),
         p.admin.local_addr().unwrap(),
     );
-    tokio::spawn(apitree::proxy::server::run(
+    tokio::spawn(apitree::proxy::transport::workers::run(
         p.gateway,
         p.listener,
         p.admin,
@@ -1055,7 +1055,7 @@ async fn usage_is_metered_per_key_and_api_and_replicas_add_up_exactly() {
     let b_addr = b.listener.local_addr().unwrap();
     let b_gw = b.gateway.clone();
     let b_pool = b.usage_pool.clone().unwrap();
-    tokio::spawn(apitree::proxy::server::run(
+    tokio::spawn(apitree::proxy::transport::workers::run(
         b.gateway,
         b.listener,
         b.admin,

@@ -1056,7 +1056,7 @@ async fn answered(stream: &mut TcpStream) {
 }
 
 // --- 7. Overload ----------------------------------------------------------------------------
-// (The bounded accept queue and its 503 are tested beside `server::Dispatch`.)
+// (The bounded accept queue and its 503 are tested beside `workers::Dispatch`.)
 
 /// With the fast path off the gateway answers the same requests the same way: a smoke check of
 /// the switch over the ordinary cases (the tests above run both ways too).

@@ -83,7 +83,7 @@ keys:
         p.listener.local_addr().unwrap(),
         p.admin.local_addr().unwrap(),
     );
-    tokio::spawn(apitree::proxy::server::run(
+    tokio::spawn(apitree::proxy::transport::workers::run(
         p.gateway,
         p.listener,
         p.admin,

@@ -604,7 +604,7 @@ impl Agent {
         };
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let gateway = prepared.gateway.clone();
-        let done = tokio::spawn(crate::proxy::server::run_with_workers(
+        let done = tokio::spawn(crate::proxy::transport::workers::run_with_workers(
             prepared.gateway,
             prepared.listener,
             prepared.admin,
@@ -726,7 +726,7 @@ async fn readiness(admin: std::net::SocketAddr) -> (bool, Option<String>) {
         Ok(r) => {
             let code = r.status().as_u16();
             let doc: serde_json::Value = r.json().await.unwrap_or_default();
-            match crate::proxy::server::readyz_verdict(code, &doc) {
+            match crate::proxy::admin::readyz_verdict(code, &doc) {
                 Ok(()) => (true, None),
                 Err(why) => (false, Some(why)),
             }
@@ -935,7 +935,7 @@ pub async fn start(opts: AgentOptions) -> Result<RunningAgent, AgentError> {
     let workers = opts
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let done = tokio::spawn(crate::proxy::server::run_with_workers(
+    let done = tokio::spawn(crate::proxy::transport::workers::run_with_workers(
         gateway.clone(),
         prepared.listener,
         prepared.admin,

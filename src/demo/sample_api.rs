@@ -86,7 +86,7 @@ pub async fn start_sample_api() -> Result<SampleApi, DemoError> {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    crate::proxy::server::accept_failed(&e).await;
+                    crate::proxy::transport::workers::accept_failed(&e).await;
                     continue;
                 }
             };

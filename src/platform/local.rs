@@ -121,7 +121,7 @@ async fn serve_front(
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        crate::proxy::server::accept_failed(&e).await;
+                        crate::proxy::transport::workers::accept_failed(&e).await;
                         continue;
                     }
                 };

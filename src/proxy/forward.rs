@@ -12,8 +12,8 @@
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use super::h1::{self, is_hop_by_hop, HOP_BY_HOP};
 use super::state::Injected;
+use super::transport::h1::{self, is_hop_by_hop, HOP_BY_HOP};
 
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

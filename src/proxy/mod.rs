@@ -1,19 +1,22 @@
 //! The gateway data plane: `apitree proxy`.
 //!
-//! One module per layer (keys, ratelimit + limiter, vault, breaker, pii, accesslog, metrics),
-//! the compiled configuration (`state`), and `server`, the one place that stacks the layers.
+//! `server` is the policy stack, the one place that stacks the layers; one module per layer
+//! beside it (ratelimit + limiter, breaker, pii, accesslog, metrics, forward, inbound,
+//! request_body), `rescue` (refusals to responses), `body` (response body adapters), `admin`
+//! (`/metrics`, `/healthz`, `/readyz`), the compiled configuration (`config`, `state`,
+//! `dbmode`) and `transport`, everything that moves bytes (workers, the client and upstream
+//! fast paths, pools, deadlines, drain). API keys and credential sealing are
+//! `crate::entities`.
 
 pub mod accesslog;
-pub mod affinity;
+pub mod admin;
+pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod dbmode;
-pub mod drain;
 pub mod egress;
 pub mod fasthash;
 pub mod forward;
-pub mod front;
-pub mod h1;
 pub mod inbound;
 pub mod limiter;
 pub mod metrics;
@@ -21,12 +24,12 @@ pub mod pii;
 pub mod ratelimit;
 pub mod redirect;
 pub mod request_body;
+pub mod rescue;
 pub mod server;
 pub mod sharded;
 pub mod state;
-pub mod timer;
 pub mod tls;
-pub mod upstream;
+pub mod transport;
 pub mod usage;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
@@ -87,7 +90,7 @@ pub struct Prepared {
     pub admin: TcpListener,
     /// `tls.redirect`'s plain-HTTP listener and its redirect counter.
     pub redirect: Option<(TcpListener, prometheus::IntCounter)>,
-    pub settings: server::ServerSettings,
+    pub settings: transport::workers::ServerSettings,
     pub config: ProxyConfig,
 }
 
@@ -184,7 +187,7 @@ pub async fn prepare_config(
             egress,
         ));
     }
-    let mut settings = server::ServerSettings::of(&cfg);
+    let mut settings = transport::workers::ServerSettings::of(&cfg);
     if let Some(tls) = &cfg.tls {
         let tls = tls::ServerTls::gateway(tls, &base, &gateway.metrics.registry)
             .map_err(ProxyError::Tls)?;
@@ -277,8 +280,8 @@ pub async fn start_embedded(
     };
     let (addr, admin_addr) = (local(&listener)?, local(&admin)?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let settings = server::ServerSettings::of(cfg);
-    let done = tokio::spawn(server::run_with_workers(
+    let settings = transport::workers::ServerSettings::of(cfg);
+    let done = tokio::spawn(transport::workers::run_with_workers(
         gateway.clone(),
         listener,
         admin,
@@ -438,7 +441,7 @@ pub async fn serve(
         let header_read = prepared.settings.header_read;
         tokio::spawn(redirect::serve(listener, port, header_read, counter))
     });
-    server::run(
+    transport::workers::run(
         gw.clone(),
         prepared.listener,
         prepared.admin,

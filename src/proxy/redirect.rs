@@ -27,7 +27,7 @@ pub async fn serve(
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                super::server::accept_failed(&e).await;
+                super::transport::workers::accept_failed(&e).await;
                 continue;
             }
         };
@@ -41,7 +41,7 @@ pub async fn serve(
                 }
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = super::server::http1_builder(header_read)
+            let _ = super::transport::workers::http1_builder(header_read)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

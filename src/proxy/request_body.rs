@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::server::{Body, BoxError};
-use super::timer::{self, Sleep};
+use super::transport::timer::{self, Sleep};
 
 /// How a client's request body failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,47 +1,40 @@
-//! The request path, assembled in one place, and the listeners.
+//! The request path (the policy stack), assembled in one place. The transport that feeds it
+//! and calls upstreams is `super::transport`.
 //!
 //! Outer to inner: request id + access log → API-key auth → route match → key scope → rate
 //! limits (key and org, three windows) → upstream credential → circuit breaker → upstream call
 //! with timeout → PII on the response → metrics. Route matching happens before the limits (the
 //! design lists it after) so that a route's own tier applies and unknown paths cost no quota.
 //!
-//! Errors are classified once, where they happen, as a [`Refusal`]; [`rescue`] is the one place
+//! Errors are classified once, where they happen, as a [`Refusal`]; [`rescue`] (in
+//! `super::rescue`) is the one place
 //! that turns them into HTTP statuses with a JSON body naming the problem and the request id.
 
 use std::{
-    collections::VecDeque,
-    convert::Infallible,
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use prometheus::IntCounter;
+use http_body::Body as HttpBody;
+use http_body_util::{combinators::BoxBody, BodyExt};
 use rand::RngExt;
-use tokio::net::TcpListener;
 
 use super::accesslog::{AccessLog, AccessRecord};
+use super::body::{collect_limited, collect_up_to, MaskingBody};
 use super::breaker::{Permit, Transition};
 use super::forward::{Forwarding, X_API_KEY, X_REQUEST_ID};
-use super::inbound::{self, HostError, TargetError};
+use super::inbound::{self, TargetError};
 use super::limiter::Limiter;
 use super::metrics::{ProxyMetrics, NO_ROUTE};
-use super::pii::{self, PiiKind, StreamMasker};
-use super::ratelimit::Decision;
+use super::pii::{self, PiiKind};
 use super::request_body::{BodyFault, BodyWatch, WatchedBody};
+use super::rescue::{full, insert_str, rescue, Refusal};
 use super::state::{GatewayState, KeyRecord, NoCredential, Route, SharedState};
-use super::upstream::{self, UpstreamBody};
-use crate::crd::gateway::{KeyScope, PiiMode};
-use crate::entities::keys::{ApiKey, KeyFormatError, Pepper};
+use super::transport::upstream::{self};
+use crate::crd::gateway::PiiMode;
+use crate::entities::keys::{ApiKey, Pepper};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -77,7 +70,7 @@ pub enum DependencyStatus {
 }
 
 impl DependencyStatus {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Off => "off",
             Self::Ok => "ok",
@@ -100,179 +93,15 @@ pub struct Gateway {
     pub tls: std::sync::Mutex<Option<Arc<super::tls::Certificates>>>,
     /// Usage metering, in database mode.
     pub usage: Option<Arc<super::usage::UsageMeter>>,
-    draining: std::sync::atomic::AtomicBool,
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Metric handles of requests refused before routing (resolved once).
     no_route_metrics: super::metrics::RouteMetrics,
     /// How long a client's request body may pause between two pieces (`bodyReadTimeout`).
     body_read_timeout: Duration,
 }
 
-/// Why a request was not served as asked. Classified where it happens.
-#[derive(Debug)]
-pub enum Refusal {
-    MissingKey,
-    /// Different keys (in two fields, or a bearer token and an `X-API-Key`): which one counts
-    /// would depend on who reads the request.
-    SeveralKeys,
-    BadKey(KeyFormatError),
-    UnknownKey,
-    RevokedKey,
-    ExpiredKey,
-    GraceEnded,
-    NoRoute,
-    ScopeForbidden(KeyScope),
-    NoTier,
-    NoCredential,
-    CredentialUnavailable {
-        byok: bool,
-    },
-    RateLimited(Decision),
-    BreakerOpen {
-        retry_after_ms: u64,
-    },
-    UpstreamTimeout(Duration),
-    UpstreamUnreachable,
-    UpstreamBadResponse,
-    BodyTooLarge,
-    /// A method the gateway or the route does not forward; the value is the `Allow` field.
-    MethodNotAllowed(HeaderValue),
-    BadTarget(TargetError),
-    BadHost(HostError),
-    /// The client's request body failed: never the upstream's failure.
-    ClientBody(BodyFault),
-    Internal(&'static str),
-}
-
-impl Refusal {
-    /// The caller's credentials were refused (401, counted as an auth failure).
-    pub fn is_auth(&self) -> bool {
-        matches!(
-            self,
-            Self::MissingKey
-                | Self::SeveralKeys
-                | Self::BadKey(_)
-                | Self::UnknownKey
-                | Self::RevokedKey
-                | Self::ExpiredKey
-                | Self::GraceEnded
-        )
-    }
-
-    /// Stable machine-readable code (also the access log's error_code).
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::MissingKey => "missing_api_key",
-            Self::SeveralKeys => "several_api_keys",
-            Self::BadKey(_) => "malformed_api_key",
-            Self::UnknownKey => "unknown_api_key",
-            Self::RevokedKey => "revoked_api_key",
-            Self::ExpiredKey => "expired_api_key",
-            Self::GraceEnded => "rotated_api_key",
-            Self::NoRoute => "no_route",
-            Self::ScopeForbidden(_) => "scope_forbidden",
-            Self::NoTier => "no_rate_limit_tier",
-            Self::NoCredential => "no_upstream_credential",
-            Self::CredentialUnavailable { .. } => "upstream_credential_unavailable",
-            Self::RateLimited(_) => "rate_limited",
-            Self::BreakerOpen { .. } => "upstream_circuit_open",
-            Self::UpstreamTimeout(_) => "upstream_timeout",
-            Self::UpstreamUnreachable => "upstream_unreachable",
-            Self::UpstreamBadResponse => "upstream_bad_response",
-            Self::BodyTooLarge => "body_too_large",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
-            Self::BadTarget(_) => "invalid_request_target",
-            Self::BadHost(_) => "invalid_host",
-            Self::ClientBody(BodyFault::Malformed) => "malformed_request_body",
-            Self::ClientBody(BodyFault::TimedOut) => "request_body_timeout",
-            Self::ClientBody(BodyFault::Closed) => "client_closed_request",
-            Self::Internal(_) => "internal_error",
-        }
-    }
-}
-
-/// The one place refusals become responses.
-pub fn rescue(refusal: &Refusal, request_id: &str) -> Response<Body> {
-    let (status, message): (StatusCode, String) = match refusal {
-        Refusal::MissingKey => (StatusCode::UNAUTHORIZED, "an API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`".into()),
-        Refusal::SeveralKeys => (StatusCode::UNAUTHORIZED, "send one API key: this request carries different ones (in Authorization and X-API-Key, or one of them twice)".into()),
-        Refusal::BadKey(e) => (StatusCode::UNAUTHORIZED, e.to_string()),
-        Refusal::UnknownKey => (StatusCode::UNAUTHORIZED, "the API key is not valid".into()),
-        Refusal::RevokedKey => (StatusCode::UNAUTHORIZED, "the API key was revoked; create a new one".into()),
-        Refusal::ExpiredKey => (StatusCode::UNAUTHORIZED, "the API key has expired; create a new one".into()),
-        Refusal::GraceEnded => (StatusCode::UNAUTHORIZED, "the API key was rotated and its grace period has ended; use the new key".into()),
-        Refusal::NoRoute => (StatusCode::NOT_FOUND, "no API is served at this path".into()),
-        Refusal::ScopeForbidden(KeyScope::Test) => (StatusCode::FORBIDDEN, "this API accepts live keys only; a test key cannot call it".into()),
-        Refusal::ScopeForbidden(KeyScope::Live) => (StatusCode::FORBIDDEN, "this API accepts test keys only".into()),
-        Refusal::NoTier => (StatusCode::INTERNAL_SERVER_ERROR, "no rate-limit tier applies to this key; the gateway operator must set one".into()),
-        Refusal::CredentialUnavailable { byok: true } => (StatusCode::SERVICE_UNAVAILABLE, "your org's own upstream credential (BYOK) for this API cannot be used: it could not be read, or the API's upstream moved to another server since it was written; write it again in the console, which shows where it will be sent".into()),
-        Refusal::CredentialUnavailable { byok: false } => (StatusCode::SERVICE_UNAVAILABLE, "this API's upstream credential cannot be loaded; its seller must write it again (the gateway's log says why)".into()),
-        Refusal::NoCredential => (StatusCode::FORBIDDEN, "this API needs an upstream credential and none is set for your org; add your own (BYOK)".into()),
-        Refusal::RateLimited(d) => {
-            let (s, w) = d.blocked.unwrap_or((super::ratelimit::Subject::Key, super::ratelimit::Window::Burst10s));
-            (StatusCode::TOO_MANY_REQUESTS, format!("rate limit exceeded: the {} {} limit; retry after {}s", s.label(), w.label(), d.retry_after_secs))
-        }
-        Refusal::BreakerOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "the upstream API is failing and calls to it are paused; retry later".into()),
-        Refusal::UpstreamTimeout(t) => (StatusCode::GATEWAY_TIMEOUT, format!("the upstream API did not answer within {}ms", t.as_millis())),
-        Refusal::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "the upstream API could not be reached".into()),
-        Refusal::UpstreamBadResponse => (StatusCode::BAD_GATEWAY, "the upstream API sent a response that is not valid HTTP/1.1".into()),
-        Refusal::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large for this API".into()),
-        Refusal::MethodNotAllowed(allow) => (StatusCode::METHOD_NOT_ALLOWED, format!("this method is not forwarded here; use one of: {}", allow.to_str().unwrap_or_default())),
-        Refusal::BadTarget(e) => (StatusCode::BAD_REQUEST, e.to_string()),
-        Refusal::BadHost(e) => (StatusCode::BAD_REQUEST, e.to_string()),
-        Refusal::ClientBody(BodyFault::Malformed) => (StatusCode::BAD_REQUEST, "the request body is not validly framed (chunked encoding)".into()),
-        Refusal::ClientBody(BodyFault::TimedOut) => (StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving; send it without long pauses".into()),
-        Refusal::ClientBody(BodyFault::Closed) => (CLIENT_CLOSED_REQUEST, "the client closed the connection before the request body ended".into()),
-        Refusal::Internal(what) => (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {what}")),
-    };
-    let body =
-        serde_json::json!({"error": message, "code": refusal.code(), "request_id": request_id});
-    let mut resp = Response::new(full(body.to_string()));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    match refusal {
-        r if r.is_auth() => {
-            h.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"apitree\""),
-            );
-        }
-        Refusal::RateLimited(d) => {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
-            insert_str(h, RATELIMIT_POLICY, &d.policy_header());
-            insert_str(h, RATELIMIT, &d.ratelimit_header());
-        }
-        Refusal::MethodNotAllowed(allow) => {
-            h.insert(header::ALLOW, allow.clone());
-        }
-        Refusal::BreakerOpen { retry_after_ms } => {
-            h.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)),
-            );
-        }
-        _ => {}
-    }
-    resp
-}
-
-fn insert_str(h: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        h.insert(name, v);
-    }
-}
-
-fn full(text: impl Into<Bytes>) -> Body {
-    Full::new(text.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
 /// nginx's code for a request whose client went away before it was answered (logged only).
-const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+pub(crate) const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
     Ok(s) => s,
     Err(_) => StatusCode::BAD_REQUEST,
 };
@@ -380,8 +209,8 @@ impl Drop for Exchange<'_> {
     }
 }
 
-const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub(crate) const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub(crate) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const X_APITREE_PII: HeaderName = HeaderName::from_static("x-apitree-pii");
 
 /// The request id as a header value for the upstream request and the response: the client's
@@ -686,7 +515,7 @@ impl Gateway {
             Some(&forwarding),
             route.egress.as_ref(),
         );
-        let result = super::timer::timeout(route.timeout, sent).await;
+        let result = super::transport::timer::timeout(route.timeout, sent).await;
         // Whatever the upstream did, a failed client body makes this the client's request to
         // answer for: the permit goes back unreported.
         if let Some(fault) = client_fault() {
@@ -806,594 +635,6 @@ impl Gateway {
         self.draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
-
-    /// The admin endpoints: /metrics, /healthz, /readyz.
-    pub fn admin(&self, req: &Request<Incoming>) -> Response<Body> {
-        let json = |status: StatusCode, v: serde_json::Value| {
-            let mut r = Response::new(full(v.to_string()));
-            *r.status_mut() = status;
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        };
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/metrics") => {
-                let skipped = self.state.current().skipped;
-                for (kind, n) in skipped.by_kind() {
-                    self.metrics
-                        .database_rows_skipped
-                        .with_label_values(&[kind])
-                        .set(n as i64);
-                }
-                let mut r = Response::new(full(self.metrics.render()));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                r
-            }
-            (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-            (&Method::GET, "/readyz") => {
-                let state = self.state.current();
-                let database = *self.database.lock().unwrap_or_else(|p| p.into_inner());
-                let limiter = self.limiter.backend_status();
-                let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
-                let tls = self
-                    .tls
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .map(|c| c.status());
-                let status = if draining {
-                    "draining"
-                } else if limiter == "degraded" || database == DependencyStatus::Degraded {
-                    "degraded"
-                } else {
-                    "ready"
-                };
-                let code = if draining {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::OK
-                };
-                json(
-                    code,
-                    serde_json::json!({
-                        "status": status,
-                        "config": {"source": state.source, "routes": state.routes.len(), "keys": state.keys.len(), "skipped": state.skipped},
-                        "rateLimitStore": limiter,
-                        "database": database.label(),
-                        "tls": tls,
-                    }),
-                )
-            }
-            _ => json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found; try /metrics, /healthz or /readyz", "code": "no_route"}),
-            ),
-        }
-    }
-}
-
-/// What a caller makes of a proxy's `/readyz` answer (`code` and its JSON `doc`): ready, or
-/// what it says instead, e.g. `degraded (database ok, rate-limit store degraded)`.
-pub fn readyz_verdict(code: u16, doc: &serde_json::Value) -> Result<(), String> {
-    let status = doc["status"].as_str().unwrap_or("unknown");
-    if (200..300).contains(&code) && status == "ready" {
-        Ok(())
-    } else {
-        Err(format!(
-            "{status} (database {}, rate-limit store {})",
-            doc["database"].as_str().unwrap_or("?"),
-            doc["rateLimitStore"].as_str().unwrap_or("?")
-        ))
-    }
-}
-
-/// The whole body, or None when it fails or runs past `limit` bytes. (Not `Limited`: over a
-/// boxed body its error bound makes the request future impossible to prove `Send`.)
-async fn collect_limited(mut body: Body, limit: usize) -> Option<Bytes> {
-    let mut all = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.ok()?.into_data() {
-            if all.len() + data.len() > limit {
-                return None;
-            }
-            all.extend_from_slice(&data);
-        }
-    }
-    Some(all.freeze())
-}
-
-/// Reads frames until `limit` bytes: what was read, and how the body goes on.
-async fn collect_up_to(mut body: UpstreamBody, limit: usize) -> PrefixedBody {
-    let mut head = VecDeque::new();
-    let mut size = 0;
-    loop {
-        let rest = match body.frame().await {
-            None => Rest::Ended,
-            Some(Err(e)) => Rest::Failed(Some(e)),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    size += data.len();
-                    head.push_back(data);
-                }
-                if size <= limit {
-                    continue;
-                }
-                Rest::Body(body)
-            }
-        };
-        return PrefixedBody { head, rest };
-    }
-}
-
-/// Already-read chunks followed by the rest of a body: more of it, its end, or its failure,
-/// which reaches the client as a failure (a cut-off body must never look whole).
-struct PrefixedBody {
-    head: VecDeque<Bytes>,
-    rest: Rest,
-}
-
-enum Rest {
-    Body(UpstreamBody),
-    Ended,
-    /// Taken when it is passed on.
-    Failed(Option<upstream::UpstreamError>),
-}
-
-impl PrefixedBody {
-    /// The whole body was read without failing.
-    fn complete(&self) -> bool {
-        matches!(self.rest, Rest::Ended)
-    }
-}
-
-impl HttpBody for PrefixedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(chunk) = self.head.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        match &mut self.rest {
-            Rest::Ended => Poll::Ready(None),
-            Rest::Failed(e) => match e.take() {
-                Some(e) => Poll::Ready(Some(Err(Box::new(e)))),
-                None => Poll::Ready(None),
-            },
-            Rest::Body(rest) => Pin::new(rest)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-        }
-    }
-}
-
-/// Masks PII while streaming, with bounded memory; same length in and out.
-struct MaskingBody {
-    inner: UpstreamBody,
-    masker: StreamMasker,
-    done: bool,
-    counters: [IntCounter; 3],
-}
-
-impl MaskingBody {
-    fn new(inner: UpstreamBody, counters: [IntCounter; 3]) -> Self {
-        Self {
-            inner,
-            masker: StreamMasker::new(),
-            done: false,
-            counters,
-        }
-    }
-}
-
-impl HttpBody for MaskingBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        loop {
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        let out = self.masker.push(&data);
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
-                        }
-                    }
-                }
-                Poll::Ready(None) => {
-                    self.done = true;
-                    let out = self.masker.finish();
-                    let counts = self.masker.counts;
-                    for (i, c) in self.counters.iter().enumerate() {
-                        c.inc_by(counts.0[i]);
-                    }
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
-                    }
-                }
-            }
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Worker threads for the public listener: `APITREE_WORKERS`, else one per CPU.
-pub fn default_workers() -> usize {
-    std::env::var("APITREE_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n: &usize| *n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-}
-
-/// How the public listener treats its clients: how long it waits on them (and on in-flight
-/// requests at shutdown), which HTTP/1.1 loop serves them, how many accepted connections may
-/// wait for a worker.
-#[derive(Clone, Debug)]
-pub struct ServerSettings {
-    /// A request head must be whole this long after the connection's start (the first head)
-    /// or after its first byte (later heads).
-    pub header_read: Duration,
-    /// A kept-alive connection idle this long between requests is closed.
-    pub keep_alive: Duration,
-    /// A response the client takes nothing of for this long closes its connection.
-    pub send: Duration,
-    /// How long shutdown waits for in-flight requests.
-    pub shutdown_grace: Duration,
-    /// Plain requests on the gateway's own loop (`front`); false: hyper's server only.
-    pub client_fast_path: bool,
-    /// Accepted connections that may wait for each worker; more are shed with a 503.
-    pub accept_queue: usize,
-    /// Whether workers are bound to CPUs of their own (`workerCpuAffinity`).
-    pub cpu_affinity: super::config::CpuAffinity,
-    /// TLS on the public listener (`tls:`); None: plain HTTP.
-    pub tls: Option<Arc<super::tls::ServerTls>>,
-    /// TLS on the admin port (`adminTls`): HTTP/1.1 with the listener's certificate.
-    pub admin_tls: bool,
-}
-
-impl ServerSettings {
-    /// The config's `headerReadTimeout`, `keepAliveTimeout`, `sendTimeout`, `shutdownGrace`,
-    /// `clientFastPath` and `acceptQueue`.
-    pub fn of(cfg: &super::config::ProxyConfig) -> Self {
-        Self {
-            header_read: cfg.header_read_timeout.as_std(),
-            keep_alive: cfg.keep_alive_timeout.as_std(),
-            send: cfg.send_timeout.as_std(),
-            shutdown_grace: cfg.shutdown_grace.as_std(),
-            client_fast_path: cfg.client_fast_path,
-            accept_queue: cfg.accept_queue.max(1),
-            cpu_affinity: cfg.worker_cpu_affinity,
-            tls: None,
-            admin_tls: cfg.admin_tls,
-        }
-    }
-}
-
-/// Hands accepted connections to the workers, round-robin, through bounded queues. When every
-/// worker's queue is full the connection is shed: answered 503 with `Retry-After` and closed,
-/// and counted, instead of queued without limit (linkerd2-proxy's load shedding).
-pub struct Dispatch {
-    queues: Vec<tokio::sync::mpsc::Sender<Accepted>>,
-    next: usize,
-    shed: IntCounter,
-    /// Plain HTTP: a shed connection is told 503 (over TLS it is only closed: a plaintext
-    /// answer would reach the client as a broken handshake).
-    answer_shed: bool,
-}
-
-/// What a shed connection is told. Written without reading the request: nothing was read.
-const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 94\r\n\r\n{\"error\":\"the gateway is overloaded; retry in a second\",\"code\":\"overloaded\",\"request_id\":null}";
-
-impl Dispatch {
-    pub fn new(queues: Vec<tokio::sync::mpsc::Sender<Accepted>>, shed: IntCounter) -> Self {
-        Self {
-            queues,
-            next: 0,
-            shed,
-            answer_shed: true,
-        }
-    }
-
-    /// Sheds by closing only (the listener speaks TLS).
-    pub fn closing_only(mut self) -> Self {
-        self.answer_shed = false;
-        self
-    }
-
-    /// Queues the connection for the next worker with room; sheds it when none has any.
-    pub fn hand_out(&mut self, mut conn: Accepted) {
-        let n = self.queues.len();
-        for i in 0..n {
-            let queue = &self.queues[(self.next + i) % n];
-            match queue.try_send(conn) {
-                Ok(()) => {
-                    self.next = (self.next + i + 1) % n;
-                    return;
-                }
-                Err(e) => conn = e.into_inner(),
-            }
-        }
-        self.shed.inc();
-        if self.answer_shed {
-            // Best effort on a non-blocking socket: a full send buffer only loses the courtesy.
-            let _ = std::io::Write::write(&mut conn.0, SHED_RESPONSE);
-        }
-        let _ = conn.0.shutdown(std::net::Shutdown::Write);
-    }
-}
-
-/// Runs the public and admin listeners until `shutdown` resolves, then drains in-flight
-/// requests for up to `settings.shutdown_grace`.
-/// What every accept loop does when `accept` fails: the process is out of file descriptors
-/// (or memory, or the kernel's connection table is full), and the listener stays readable, so
-/// trying again at once would spin a core and starve everything else. It waits a little,
-/// and says so — once per [`ACCEPT_FAILED_LOG_EVERY`].
-pub async fn accept_failed(e: &std::io::Error) {
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    {
-        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= ACCEPT_FAILED_LOG_EVERY) {
-            tracing::error!("cannot accept connections: {e}; waiting {ACCEPT_PAUSE:?} between tries (raise the open-files limit if it is too low)");
-            *last = Some(std::time::Instant::now());
-        }
-    }
-    tokio::time::sleep(ACCEPT_PAUSE).await;
-}
-
-/// How long an accept loop waits after `accept` failed.
-pub const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
-/// At most one log line per this long about failed accepts.
-const ACCEPT_FAILED_LOG_EVERY: Duration = Duration::from_secs(10);
-
-pub async fn run(
-    gateway: Arc<Gateway>,
-    listener: TcpListener,
-    admin: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    settings: ServerSettings,
-) {
-    run_with_workers(
-        gateway,
-        listener,
-        admin,
-        shutdown,
-        settings,
-        default_workers(),
-    )
-    .await
-}
-
-pub type Accepted = (std::net::TcpStream, SocketAddr);
-
-/// Like [`run`] with an explicit number of workers. Each worker is a thread with its own
-/// single-threaded runtime and upstream connection pool (like nginx's worker processes): a
-/// connection, its requests and their upstream calls stay on one thread, bound to a CPU of its
-/// own when [`super::affinity::plan`] says so. This task accepts and hands connections out
-/// round-robin, and serves the admin port itself.
-pub async fn run_with_workers(
-    gateway: Arc<Gateway>,
-    listener: TcpListener,
-    admin: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    settings: ServerSettings,
-    workers: usize,
-) {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = workers.max(1);
-    let mut senders = Vec::with_capacity(workers);
-    let mut finished = Vec::with_capacity(workers);
-    let cpus = super::affinity::plan(
-        settings.cpu_affinity,
-        &super::affinity::allowed_cpus(),
-        workers,
-    );
-    match &cpus {
-        Some(cpus) => tracing::info!(?cpus, "proxy workers bound one per CPU"),
-        None => tracing::info!(
-            workers,
-            "proxy workers placed by the kernel (workerCpuAffinity off, or not one worker per CPU the process may use)"
-        ),
-    }
-    for i in 0..workers {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(settings.accept_queue.max(1));
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let gw = gateway.clone();
-        let stop = stop_rx.clone();
-        let settings = settings.clone();
-        let cpu = cpus.as_ref().map(|cpus| cpus[i]);
-        let spawned = std::thread::Builder::new()
-            .name(format!("proxy-worker-{i}"))
-            .spawn(move || {
-                if let Some(cpu) = cpu {
-                    if let Err(e) = super::affinity::bind_current_thread(cpu) {
-                        tracing::warn!(
-                            "proxy worker {i} stays unbound: cannot bind it to CPU {cpu}: {e}"
-                        );
-                    }
-                }
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(worker(gw, rx, stop, settings)),
-                    Err(e) => tracing::error!("cannot start proxy worker {i}: {e}"),
-                }
-                let _ = done_tx.send(());
-            });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start proxy worker thread {i}: {e}");
-            continue;
-        }
-        senders.push(tx);
-        finished.push(done_rx);
-    }
-
-    let admin_graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let admin_tls = settings
-        .tls
-        .clone()
-        .filter(|_| settings.admin_tls)
-        .map(|tls| (tls.http1_acceptor(), tls));
-    let http = http1_builder(settings.header_read);
-    tokio::pin!(shutdown);
-    let has_workers = !senders.is_empty();
-    let mut dispatch = Dispatch::new(senders, gateway.metrics.connections_shed.clone());
-    if settings.tls.is_some() {
-        dispatch = dispatch.closing_only();
-    }
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        accept_failed(&e).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let Ok(std_stream) = stream.into_std() else { continue };
-                if has_workers {
-                    dispatch.hand_out((std_stream, peer));
-                }
-            }
-            accepted = admin.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        accept_failed(&e).await;
-                        continue;
-                    }
-                };
-                let gw = gateway.clone();
-                let hsts = admin_tls.as_ref().map(|(_, tls)| tls.hsts.clone());
-                let service = hyper::service::service_fn(move |req| {
-                    let gw = gw.clone();
-                    let mut resp = gw.admin(&req);
-                    if let Some(hsts) = &hsts {
-                        resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
-                    }
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                match admin_tls.clone() {
-                    None => {
-                        let conn = admin_graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                        tokio::spawn(async move { let _ = conn.await; });
-                    }
-                    Some((acceptor, tls)) => {
-                        let (http, header_read) = (http.clone(), settings.header_read);
-                        tokio::spawn(async move {
-                            let handshake = tokio::time::timeout(header_read, acceptor.accept(stream)).await;
-                            if let Some(stream) = tls.accepted(handshake) {
-                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                            }
-                        });
-                    }
-                }
-            }
-        }
-    }
-    drop(listener);
-    gateway.start_draining();
-    tracing::info!(
-        grace_secs = settings.shutdown_grace.as_secs(),
-        "shutting down: draining in-flight requests"
-    );
-    let _ = stop_tx.send(true);
-    drop(dispatch);
-    for done in finished {
-        let _ = done.await;
-    }
-    let _ = tokio::time::timeout(Duration::from_millis(100), admin_graceful.shutdown()).await;
-}
-
-/// hyper's HTTP/1 server as the gateway's listeners use it; `header_read`: hyper's own
-/// header-read timeout (None where the caller keeps that deadline itself).
-pub(super) fn http1_builder(
-    header_read: impl Into<Option<Duration>>,
-) -> hyper::server::conn::http1::Builder {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true)
-        .writev(false)
-        // The worker's own deadline table on worker threads; tokio's timer elsewhere.
-        .timer(super::timer::WorkerTimer)
-        .header_read_timeout(header_read)
-        // One head-size limit on both client paths: the fast path hands longer heads here,
-        // and hyper answers them 431 (its buffer limit alone lets a head that arrives in a
-        // few large reads through).
-        .max_header_size(super::front::MAX_HEAD_BYTES)
-        // A client that half-closes after its request still gets the response.
-        .half_close(true);
-    http
-}
-
-/// One worker: serves the connections it is handed until told to stop, then drains.
-async fn worker(
-    gateway: Arc<Gateway>,
-    mut conns: tokio::sync::mpsc::Receiver<Accepted>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    settings: ServerSettings,
-) {
-    let drain = super::drain::Drain::new();
-    tokio::spawn(super::timer::install());
-    tokio::spawn(super::upstream::close_idle_periodically());
-    loop {
-        tokio::select! {
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    break;
-                }
-            }
-            next = conns.recv() => {
-                let Some((std_stream, peer)) = next else { break };
-                let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else { continue };
-                let forwarded_for = HeaderValue::from_str(&peer.ip().to_string()).ok();
-                let settings = settings.clone();
-                match settings.tls.clone() {
-                    Some(tls) => {
-                        let conn = super::front::serve_tls(stream, tls, gateway.clone(), forwarded_for, drain.clone(), settings);
-                        tokio::spawn(drain.watch(conn));
-                    }
-                    None => {
-                        let conn = super::front::serve(stream, gateway.clone(), forwarded_for, drain.clone(), settings);
-                        tokio::spawn(drain.watch(conn));
-                    }
-                }
-            }
-        }
-    }
-    if tokio::time::timeout(settings.shutdown_grace, drain.drain())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain period ended with requests still in flight");
-    }
 }
 
 #[cfg(test)]
@@ -1461,58 +702,6 @@ mod tests {
             }
         }
         assert_eq!(cases, (n + 1).pow(3));
-    }
-
-    /// A connected pair: the gateway's accepted end and the client's end.
-    fn pair(listener: &std::net::TcpListener) -> (Accepted, std::net::TcpStream) {
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, peer) = listener.accept().unwrap();
-        server.set_nonblocking(true).unwrap();
-        ((server, peer), client)
-    }
-
-    #[test]
-    fn connections_wait_in_bounded_queues_and_are_shed_with_503_when_all_are_full() {
-        use std::io::Read;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (tx_a, mut rx_a) = tokio::sync::mpsc::channel::<Accepted>(1);
-        let (tx_b, rx_b) = tokio::sync::mpsc::channel::<Accepted>(2);
-        let shed = IntCounter::new("shed", "shed").unwrap();
-        let mut dispatch = Dispatch::new(vec![tx_a, tx_b], shed.clone());
-        // Round-robin while there is room: a, b, then b again (a is full), then b is full.
-        let mut clients = Vec::new();
-        for _ in 0..3 {
-            let (conn, client) = pair(&listener);
-            dispatch.hand_out(conn);
-            clients.push(client);
-        }
-        assert_eq!(shed.get(), 0);
-        assert_eq!(rx_a.len(), 1);
-        assert_eq!(rx_b.len(), 2);
-        // Every queue full: the fourth is answered 503 and closed, not queued.
-        let (conn, mut client) = pair(&listener);
-        dispatch.hand_out(conn);
-        assert_eq!(shed.get(), 1);
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
-        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
-        assert!(head.contains("retry-after: 1"));
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(body.len(), length);
-        let body: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(body["code"], "overloaded");
-        // A worker takes one: room again, no shedding.
-        assert!(rx_a.try_recv().is_ok());
-        let (conn, _client) = pair(&listener);
-        dispatch.hand_out(conn);
-        assert_eq!(shed.get(), 1);
-        assert_eq!(rx_a.len(), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::{
 use apitree::crd::gateway::KeyScope;
 use apitree::entities::keys::{ApiKey, Pepper};
 use apitree::entities::vault::MasterKeys;
+use apitree::proxy::transport::workers;
 use apitree::proxy::{
     accesslog::AccessLog,
     config::ProxyConfig,
@@ -375,7 +376,7 @@ pub fn credential_entry(name: &str, org: &str, api: &str, kind: &str, secret: &s
 
 /// Starts a gateway from YAML (secrets are supplied here, not from files).
 pub async fn start_gateway(yaml: &str, limiter: Option<Limiter>) -> TestGateway {
-    start_gateway_with_workers(yaml, limiter, server::default_workers()).await
+    start_gateway_with_workers(yaml, limiter, workers::default_workers()).await
 }
 
 /// [`start_gateway`] with `workers` worker threads.
@@ -413,14 +414,14 @@ pub async fn start_gateway_with_workers(
     let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let gw = gateway.clone();
-    let settings = server::ServerSettings::of(&cfg);
-    let settings = server::ServerSettings {
+    let settings = workers::ServerSettings::of(&cfg);
+    let settings = workers::ServerSettings {
         // At most 5 s in tests (the default is 30 s).
         shutdown_grace: settings.shutdown_grace.min(Duration::from_secs(5)),
         ..settings
     };
     let done = tokio::spawn(async move {
-        server::run_with_workers(
+        workers::run_with_workers(
             gw,
             listener,
             admin,

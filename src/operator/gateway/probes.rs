@@ -76,7 +76,7 @@ async fn health(t: &ProbeTarget<'_>) -> ProbeResult {
             Ok(r) => {
                 let code = r.status().as_u16();
                 let doc: serde_json::Value = r.json().await.unwrap_or_default();
-                match crate::proxy::server::readyz_verdict(code, &doc) {
+                match crate::proxy::admin::readyz_verdict(code, &doc) {
                     Ok(()) => good += 1,
                     Err(why) => problems.push(format!("{url}: {why}")),
                 }

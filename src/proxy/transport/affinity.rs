@@ -17,7 +17,7 @@
 //! binding is made once, at start (CPUs taken offline later, or a cpuset changed later, are
 //! not followed).
 
-use super::config::CpuAffinity;
+use crate::proxy::config::CpuAffinity;
 
 /// The CPU each worker is bound to, in worker order, or None when nothing is bound: `auto`
 /// binds when the process may run on exactly as many CPUs (`allowed`, ascending) as it has

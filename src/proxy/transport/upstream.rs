@@ -41,11 +41,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use super::egress::EgressPolicy;
-use super::fasthash::FastMap;
-use super::forward::{strip_hop_by_hop, Forwarding};
 use super::h1::{self, Chunked, Decoded, Framing, H1Error};
-use super::server::Body;
+use crate::proxy::egress::EgressPolicy;
+use crate::proxy::fasthash::FastMap;
+use crate::proxy::forward::{strip_hop_by_hop, Forwarding};
+use crate::proxy::server::Body;
 
 /// Idle connections older than this are closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -286,7 +286,7 @@ async fn connect_tcp(key: &Key) -> Result<TcpStream, UpstreamError> {
                 // of its own interfaces, which no fixed range names).
                 let (near, far) = (stream.local_addr()?.ip(), stream.peer_addr()?.ip());
                 if near == far && !policy.allowed(far) {
-                    return Err(denied(super::egress::EgressError::Denied {
+                    return Err(denied(crate::proxy::egress::EgressError::Denied {
                         host: authority.host().to_string(),
                         addr: far,
                     }));

@@ -40,7 +40,8 @@ use tokio::net::TcpStream;
 use super::drain::{self, Drain};
 // Heads with more fields go to hyper, which answers 431: the same limit as for upstream heads.
 use super::h1::MAX_HEADERS;
-use super::server::{Body, BoxError, Gateway, ServerSettings};
+use super::workers::ServerSettings;
+use crate::proxy::server::{Body, BoxError, Gateway};
 /// Heads longer than this go to hyper, which reads on and applies its own limit.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Room kept free in the read buffer before each read.
@@ -638,7 +639,7 @@ async fn hand_to_hyper(
     // Both deadlines are kept by `close_when_idle`: hyper's own header-read timer also runs
     // while a kept-alive connection waits for its next request, which would cut idle
     // connections at `header_read` instead of `keep_alive`.
-    let conn = super::server::http1_builder(None).serve_connection(TokioIo::new(io), service);
+    let conn = super::workers::http1_builder(None).serve_connection(TokioIo::new(io), service);
     close_when_idle(drain::graceful(drain, conn), &activity, &settings).await;
 }
 
@@ -646,7 +647,7 @@ async fn hand_to_hyper(
 /// then HTTP/2 or HTTP/1.1 as ALPN chose, every response carrying `Strict-Transport-Security`.
 pub async fn serve_tls(
     io: TcpStream,
-    tls: Arc<super::tls::ServerTls>,
+    tls: Arc<crate::proxy::tls::ServerTls>,
     gateway: Arc<Gateway>,
     forwarded_for: Option<HeaderValue>,
     drain: Arc<Drain>,
@@ -681,7 +682,7 @@ pub async fn serve_tls(
         let conn = http.serve_connection(io, service);
         close_when_idle(drain::graceful(drain, conn), &activity, &settings).await;
     } else {
-        let conn = super::server::http1_builder(None).serve_connection(io, service);
+        let conn = super::workers::http1_builder(None).serve_connection(io, service);
         close_when_idle(drain::graceful(drain, conn), &activity, &settings).await;
     }
 }
@@ -725,7 +726,7 @@ fn hyper_service(
         async move {
             let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
             if hsts.is_some() {
-                req.extensions_mut().insert(super::server::OverTls);
+                req.extensions_mut().insert(crate::proxy::server::OverTls);
             }
             let mut resp = gw.handle(req, forwarded_for).await;
             if let Some(hsts) = hsts {
@@ -1332,8 +1333,8 @@ mod tests {
     /// connection. 10,000 idle connections cost 6.9 KB each in this future before.
     #[tokio::test]
     async fn an_idle_connection_keeps_a_small_future() {
-        use super::super::{accesslog, config, limiter, metrics, state};
         use crate::entities::keys;
+        use crate::proxy::{accesslog, config, limiter, metrics, state};
         let cfg = config::ProxyConfig::default();
         let built = state::GatewayState::build_of(
             &cfg,
@@ -1351,7 +1352,7 @@ mod tests {
             limiter::Limiter::local(metrics.clone()),
             metrics.clone(),
             accesslog::AccessLog::disabled(metrics.access_log_dropped.clone()),
-            super::super::server::system_clock(),
+            crate::proxy::server::system_clock(),
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())
