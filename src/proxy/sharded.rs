@@ -8,6 +8,7 @@
 //! sees every completed update (relaxed atomic adds, no staleness window). Threads beyond the
 //! slot count share slots, which stays correct (the adds are atomic) and only costs speed.
 
+use crossbeam_utils::CachePadded;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,19 +34,6 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Histogram slots: one per bound, and one for latencies above the largest.
 const BUCKET_SLOTS: usize = BUCKETS.len() + 1;
 
-/// A value alone on its cache lines (128 bytes: adjacent-line prefetch pairs 64-byte lines), so
-/// writes to its neighbours from other cores do not slow it.
-#[repr(align(128))]
-#[derive(Debug, Default)]
-pub struct CachePadded<T>(pub T);
-
-impl<T> std::ops::Deref for CachePadded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
 /// One `T` per thread slot, each on its own cache lines.
 struct PerThread<T>(Box<[CachePadded<T>]>);
 
@@ -62,7 +50,7 @@ impl<T> PerThread<T> {
     }
 
     fn all(&self) -> impl Iterator<Item = &T> {
-        self.0.iter().map(|slot| &slot.0)
+        self.0.iter().map(|slot| &**slot)
     }
 }
 

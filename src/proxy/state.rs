@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use super::fasthash::FastMap;
+use super::FastMap;
 use http::{uri::Authority, uri::Scheme, HeaderName, HeaderValue};
 
 use super::breaker::{Breaker, BreakerSettings};

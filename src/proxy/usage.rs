@@ -17,8 +17,10 @@ use std::sync::{Mutex, MutexGuard};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::fasthash::FastMap;
-use super::sharded::{slot_count, thread_slot, CachePadded};
+use super::FastMap;
+use crossbeam_utils::CachePadded;
+
+use super::sharded::{slot_count, thread_slot};
 use crate::db::DbError;
 
 /// Milliseconds in a day.
@@ -80,7 +82,7 @@ impl UsageMeter {
     /// Counts one admitted call of the key `key_id` on `route` at `now_ms`.
     pub fn record(&self, key_id: &str, route: &str, now_ms: u64, error: bool, bytes: u64) {
         let day = (now_ms / DAY_MS) as u32;
-        let mut slot = lock(&self.slots[thread_slot()].0);
+        let mut slot = lock(&self.slots[thread_slot()]);
         if !slot.cells.contains_key(key_id) {
             slot.cells.insert(key_id.to_string(), FastMap::default());
         }
@@ -106,7 +108,7 @@ impl UsageMeter {
     fn take(&self) -> HashMap<Cell, Counts> {
         let mut all: HashMap<Cell, Counts> = HashMap::new();
         for slot in self.slots.iter() {
-            let cells = std::mem::take(&mut lock(&slot.0).cells);
+            let cells = std::mem::take(&mut lock(slot).cells);
             for (key, routes) in cells {
                 for (route, days) in routes {
                     for (day, c) in days {
@@ -168,7 +170,7 @@ impl UsageMeter {
             .slots
             .iter()
             .map(|s| {
-                lock(&s.0)
+                lock(s)
                     .cells
                     .values()
                     .flat_map(|r| r.values())

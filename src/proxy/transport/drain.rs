@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::Notify;
 
-use crate::proxy::fasthash::FastMap;
+use crate::proxy::FastMap;
 
 /// One worker's open connections and whether they are being drained.
 #[derive(Default)]

@@ -43,9 +43,9 @@ use tower_service::Service;
 
 use super::h1::{self, Chunked, Decoded, Framing, H1Error};
 use crate::proxy::egress::EgressPolicy;
-use crate::proxy::fasthash::FastMap;
 use crate::proxy::forward::{strip_hop_by_hop, Forwarding};
 use crate::proxy::server::Body;
+use crate::proxy::FastMap;
 
 /// Idle connections older than this are closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
