@@ -2210,3 +2210,36 @@ async fn rotate_now_from_slack_puts_the_new_key_in_the_secret_and_keeps_the_old_
     .await;
     assert_eq!(keys_in_db().await, 2);
 }
+
+/// A pass that stops on an API fault says so: the controller looks again in 2 s, as during a
+/// gate, not after the steady state's detection window (the status and an Event already say
+/// what failed).
+#[tokio::test]
+async fn a_pass_stopped_by_an_api_fault_is_retried_sooner_than_a_quiet_one() {
+    let h = Harness::new().await;
+    let fx = Fixture::new();
+    let rev = revision_of(&fx.gw.spec);
+    let fx = fx.with_status(ApiGatewayStatus {
+        phase: Some(GatewayPhase::Stable),
+        active_color: Some(Color::Blue),
+        active_revision: Some(rev.clone()),
+        ..ApiGatewayStatus::default()
+    });
+    let mut calls = observe_both(Some(&rev), None);
+    calls.extend([
+        call("GET", &pods_of("blue")).reply(200, pod_list("blue")),
+        status_patch().has("\"phase\":\"Stable\""),
+    ]);
+    let (quiet, _) = h.pass(&fx.gw, calls).await;
+    assert!(
+        quiet != Action::requeue(Duration::from_secs(2)),
+        "a quiet steady pass waits for its detection window: {quiet:?}"
+    );
+    let calls = vec![
+        call("GET", &deployments("shop-blue")).reply(500, api_error(500, "InternalError")),
+        event("KubeApiError").has("injected 500"),
+        status_patch(),
+    ];
+    let (action, _) = h.pass(&fx.gw, calls).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+}

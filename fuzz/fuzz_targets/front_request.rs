@@ -1,4 +1,4 @@
-//! `apitree::proxy::front::parse_request`: the client-facing fast path's request heads.
+//! `apitree::proxy::transport::front::parse_request`: the client-facing fast path's request heads.
 //!
 //! Input: `[flags][split: u16 LE][pos: u16 LE][delta: u16 LE]` then the bytes a client sent.
 //! `flags >> 4 == 0xA`: inflate the wire (repeat the byte at `pos`) so the head straddles
@@ -20,8 +20,8 @@
 
 mod common;
 
-use apitree::proxy::front::{parse_request, Parsed, MAX_HEAD_BYTES};
-use apitree::proxy::h1::MAX_HEADERS;
+use apitree::proxy::transport::front::{parse_request, Parsed, MAX_HEAD_BYTES};
+use apitree::proxy::transport::h1::MAX_HEADERS;
 use bytes::BytesMut;
 use common::{control, inflate, lists, named, point, show, u16_at, INFLATE};
 use http::{Method, Version};

@@ -1,4 +1,4 @@
-//! `apitree::proxy::h1::parse_response` and `h1::Chunked::decode`: the upstream fast path's
+//! `apitree::proxy::transport::h1::parse_response` and `h1::Chunked::decode`: the upstream fast path's
 //! response heads and chunked bodies.
 //!
 //! Input: `[flags][split1: u16 LE][split2: u16 LE][pos: u16 LE][delta: u16 LE]` then the
@@ -26,7 +26,7 @@
 
 mod common;
 
-use apitree::proxy::h1::{
+use apitree::proxy::transport::h1::{
     parse_response, Chunked, Decoded, Framing, H1Error, Head, HOP_BY_HOP, MAX_HEADERS,
     MAX_HEAD_BYTES,
 };

@@ -267,7 +267,9 @@ impl Tour {
 
     /// One reconcile pass now; publishes the preview URL while a gate runs.
     pub async fn tick(&mut self) {
-        reconcile(&mut self.m, &self.ctx, Timestamp::now()).await;
+        if let Err(e) = reconcile(&mut self.m, &self.ctx, Timestamp::now()).await {
+            tracing::debug!("pass stopped early: {e}");
+        }
         let gating = matches!(
             self.m.status.phase,
             Some(GatewayPhase::Gating | GatewayPhase::AwaitingApproval)

@@ -519,7 +519,10 @@ pub async fn run(
         metrics.phases.reset();
         let mut views = Vec::new();
         for m in gateways.values_mut() {
-            reconcile(m, &ctx, now).await;
+            // A pass that stopped early recorded why in the status; the next tick retries.
+            if let Err(e) = reconcile(m, &ctx, now).await {
+                tracing::debug!(gateway = %m.name, "pass stopped early: {e}");
+            }
             let phase = m.status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
             metrics.phases.with_label_values(&[phase.as_str()]).inc();
             views.push(m.view(platform.active_url(&m.name).await));

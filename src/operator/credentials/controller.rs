@@ -86,6 +86,8 @@ pub enum CredentialsError {
     NoRotatedKeysSecret { ns: String },
     #[error("{0}")]
     Database(#[from] crate::db::DbError),
+    #[error("cannot start a database transaction: {0}")]
+    Begin(#[source] sqlx::Error),
     #[error("{0}")]
     Reencrypt(#[from] crate::db::credentials::ReencryptError),
     #[error("the key was already rotated or revoked (or is not in this gateway's database); nothing changed")]
@@ -119,6 +121,7 @@ impl CredentialsError {
             Self::NoApiKeys { .. } => "NoApiKeys",
             Self::NoRotatedKeysSecret { .. } => "NoRotatedKeysSecret",
             Self::Database(_) => "Database",
+            Self::Begin(_) => "Database",
             Self::Reencrypt(_) => "Reencrypt",
             Self::AlreadyRotated => "AlreadyRotated",
             Self::StoreKey { .. } => "StoreKey",
@@ -356,10 +359,7 @@ impl Rotations {
         let grace = chrono::Duration::from_std(policy.spec.grace_period.as_std())
             .unwrap_or(chrono::Duration::days(1));
         let result = async {
-            let mut tx = pool
-                .begin()
-                .await
-                .map_err(crate::db::DbError::query("start a transaction"))?;
+            let mut tx = pool.begin().await.map_err(CredentialsError::Begin)?;
             let r = crate::db::keys::rotate_key_in(
                 &mut tx,
                 &pepper,

@@ -541,6 +541,9 @@ async fn secrets(
 }
 
 /// How soon to look again: gate timers need seconds; a quiet gateway its detection window.
+/// When to look again after a pass that stopped on a platform fault.
+const FAULT_RETRY: Duration = Duration::from_secs(2);
+
 fn requeue_after(m: &Managed) -> Action {
     match m.status.phase {
         Some(GatewayPhase::Degraded) if m.status.active_revision.is_none() => {
@@ -645,7 +648,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     // Presses for other gateways wait for theirs.
     let mut presses = std::mem::take(&mut m.answered);
     presses.extend(op.presses_for(m, (op.clock)()).await);
-    rollout::reconcile(m, &ctx, (op.clock)()).await;
+    let pass = rollout::reconcile(m, &ctx, (op.clock)()).await;
     rollout::probe_endpoints(m, &ctx).await;
     m.apply_sweep((op.clock)()).await;
     // Events of this pass.
@@ -687,7 +690,14 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
             source,
         });
     }
-    let action = requeue_after(m);
+    let action = match &pass {
+        Ok(()) => requeue_after(m),
+        // Recorded in the status and Events already; look again as soon as a gate would.
+        Err(e) => {
+            tracing::debug!(gateway = %name, "pass stopped early: {e}");
+            Action::requeue(FAULT_RETRY)
+        }
+    };
     op.publish(m);
     Ok(action)
 }

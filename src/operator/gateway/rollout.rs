@@ -698,8 +698,42 @@ fn api_fault<P: Platform>(
     );
 }
 
-/// One pass of one gateway's loop.
-pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) {
+/// Why a pass stopped before the gate could finish stepping. The loop has already recorded it
+/// (a warning Event, once per kind, and `apitree_operator_errors_total`); it is returned so a
+/// caller can look again sooner than it would after a good pass.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("cannot see the colors of {gateway}: {source}")]
+    Observe {
+        gateway: String,
+        #[source]
+        source: crate::platform::PlatformError,
+    },
+    #[error("the switch of {gateway} to {color} did not happen: {source}")]
+    Switch {
+        gateway: String,
+        color: &'static str,
+        #[source]
+        source: crate::platform::PlatformError,
+    },
+}
+
+impl PassError {
+    /// The metric label and Event reason of the platform error behind it.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Observe { source, .. } | Self::Switch { source, .. } => source.category(),
+        }
+    }
+}
+
+/// One pass of one gateway's loop. A spec that cannot run is not an error of the pass: it is
+/// refused in the status (`SpecValid=False`) and the pass ends `Ok`.
+pub async fn reconcile<P: Platform>(
+    m: &mut Managed,
+    ctx: &Context<P>,
+    now: Timestamp,
+) -> Result<(), PassError> {
     let timer = ctx.metrics.reconcile_duration.start_timer();
     let (desired, rendered) = match m.desired(ctx) {
         Ok(d) => d,
@@ -715,7 +749,7 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
                 hub.retain_previews(&m.name, &[]);
                 connector_status(m, &hub, &[], now).await;
             }
-            return;
+            return Ok(());
         }
     };
     let generation = Some(m.generation);
@@ -765,10 +799,13 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
         };
         (obs.blue, obs.green) = match observed {
             Ok(colors) => colors,
-            Err(e) => {
+            Err(source) => {
                 // Not "nothing runs": the gate steps on what it can see, next pass.
-                api_fault(m, ctx, &e, now);
-                return;
+                api_fault(m, ctx, &source, now);
+                return Err(PassError::Observe {
+                    gateway: m.name.clone(),
+                    source,
+                });
             }
         };
         let before = m.status.phase;
@@ -781,11 +818,11 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
             match perform(m, ctx, &mut obs, action, &desired, &rendered, now).await {
                 Step::Done => {}
                 Step::Again => again = true,
-                Step::Undone => {
+                Step::Undone(why) => {
                     // The step's decision did not take effect (traffic did not move): none of
                     // it stands, and the next pass decides again from the same state.
                     m.status = prior;
-                    return;
+                    return Err(why);
                 }
             }
         }
@@ -815,6 +852,7 @@ pub async fn reconcile<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Time
     detect(m, ctx, now).await;
     timer.observe_duration();
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    Ok(())
 }
 
 fn refuse_spec(m: &mut Managed, problems: Vec<String>, now: Timestamp) {
@@ -1385,7 +1423,6 @@ async fn analysis_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Opti
     })
 }
 
-/// Carries out one action; true when the gate should step again at once.
 /// What performing one action of a gate step leaves.
 enum Step {
     Done,
@@ -1393,7 +1430,7 @@ enum Step {
     Again,
     /// It failed in a way that leaves the step's decision untrue (a switch that did not
     /// happen): the step is undone.
-    Undone,
+    Undone(PassError),
 }
 
 async fn perform<P: Platform>(
@@ -1530,7 +1567,11 @@ async fn perform<P: Platform>(
                     ),
                     now,
                 );
-                return Step::Undone;
+                return Step::Undone(PassError::Switch {
+                    gateway: m.name.clone(),
+                    color: to.as_str(),
+                    source: e,
+                });
             }
             // Unknown after an operator restart: empty, so re-encryption waits for a switch.
             m.status.master_key_versions =

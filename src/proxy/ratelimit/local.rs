@@ -61,20 +61,21 @@ impl<V: Default> Shards<V> {
         org_id: &str,
         f: impl FnOnce(&mut V, &mut V) -> R,
     ) -> R {
-        let shard = |shards: &[Shard<V>], id: &str| {
-            // The map's hash of the id, from its high bits (the map uses the low ones).
-            let hash = foldhash::fast::FixedState::default().hash_one(id);
-            ((hash >> 32) as usize) % shards.len()
-        };
         // Lock order is always key shard, then org shard: no deadlock.
-        let mut keys = self.keys[shard(&self.keys, key_id)]
+        let mut keys = self.keys[shard_of(key_id)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let mut orgs = self.orgs[shard(&self.orgs, org_id)]
+        let mut orgs = self.orgs[shard_of(org_id)]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         f(entry(&mut keys, key_id), entry(&mut orgs, org_id))
     }
+}
+
+/// The shard of an id: the map's hash of it, from its high bits (the map uses the low ones).
+fn shard_of(id: &str) -> usize {
+    let hash = foldhash::fast::FixedState::default().hash_one(id);
+    ((hash >> 32) as usize) % SHARDS
 }
 
 pub(super) fn entry<'a, V: Default>(map: &'a mut FastMap<Arc<str>, V>, id: &str) -> &'a mut V {
@@ -166,5 +167,31 @@ impl LocalLimiter {
             }
         }
         decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shards are picked from the map hash's high bits: distinct ids spread over all of them,
+    /// and the same id always lands on the same one.
+    #[test]
+    fn ids_spread_over_every_shard_and_an_id_keeps_its_shard() {
+        let mut counts = [0usize; SHARDS];
+        for i in 0..10_000 {
+            counts[shard_of(&format!("org-{i}"))] += 1;
+        }
+        // 10,000 ids over 64 shards: about 156 each; none empty, none holding a double share.
+        assert!(
+            counts.iter().all(|&n| n > 0 && n < 2 * 10_000 / SHARDS),
+            "{counts:?}"
+        );
+        assert_eq!(shard_of("org-7"), shard_of(&String::from("org-7")));
+        let build = foldhash::fast::FixedState::default();
+        let ids: std::collections::HashSet<u64> = (0..10_000)
+            .map(|i| build.hash_one(format!("key-{i}")))
+            .collect();
+        assert_eq!(ids.len(), 10_000, "no two ids hash alike");
     }
 }
