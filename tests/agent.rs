@@ -17,6 +17,7 @@ use apitree::crd::gateway::KeyScope;
 use apitree::entities::KeyEntry;
 use common::gateway::*;
 use common::pki::Pki;
+use common::until;
 use http_body_util::BodyExt;
 
 /// The gateway the agents file binds pool `bank-a` to.
@@ -276,17 +277,6 @@ async fn get(agent: &RunningAgent, path: &str, key: Option<&str>) -> (u16, Strin
     }
     let resp = req.send().await.unwrap();
     (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
-/// Waits until `check` holds (5 s at most).
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..250 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 #[tokio::test]

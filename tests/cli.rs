@@ -1079,6 +1079,22 @@ fn out_of_file_descriptors_the_accept_loop_waits_instead_of_spinning() {
         std::net::TcpStream::connect(admin).is_ok()
     });
     assert!(up, "the proxy did not start");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (log, mut stderr) = (log.clone(), child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
     // More connections than the limit lets it accept; held open.
     let held: Vec<_> = (0..200)
         .filter_map(|_| std::net::TcpStream::connect(listen).ok())
@@ -1095,13 +1111,24 @@ fn out_of_file_descriptors_the_accept_loop_waits_instead_of_spinning() {
         // utime and stime, in clock ticks (fields 14 and 15; 12 and 13 after the name).
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // Out of descriptors from here on (the limit is the process's): every accept backs off.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !log.lock().unwrap().contains("cannot accept connections") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never said it cannot accept: {}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // "Does not spin" is CPU over a stretch of wall time: this window stays a fixed one.
     let before = cpu();
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu() - before;
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let _ = child.wait();
+    reader.join().unwrap();
+    let log = log.lock().unwrap().clone();
     assert!(
         used < 50,
         "the proxy used {used} ticks of CPU in 2 s (of 200) with nothing to do but wait for descriptors:\n{log}"

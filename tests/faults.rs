@@ -498,7 +498,12 @@ async fn redis_stopping_under_load_falls_back_alerts_and_recovers() {
         }
     };
     assert!(wait_for("ok").await, "shared limits before the outage");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A hundred decisions with Redis up: none falls back.
+    let start = answered.load(Ordering::Relaxed);
+    common::until_within("100 requests answered", Duration::from_secs(10), || {
+        answered.load(Ordering::Relaxed) >= start + 100
+    })
+    .await;
     assert_eq!(metrics.limiter_fallbacks.get(), 0);
     let before = answered.load(Ordering::Relaxed);
 
@@ -507,7 +512,12 @@ async fn redis_stopping_under_load_falls_back_alerts_and_recovers() {
         wait_for("degraded").await,
         "readiness says degraded while Redis is down"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::until_within(
+        "requests served and fallbacks counted during the outage",
+        Duration::from_secs(10),
+        || answered.load(Ordering::Relaxed) > before + 20 && metrics.limiter_fallbacks.get() > 0,
+    )
+    .await;
     let during = answered.load(Ordering::Relaxed);
     assert!(
         during > before + 20,
@@ -523,9 +533,30 @@ async fn redis_stopping_under_load_falls_back_alerts_and_recovers() {
         wait_for("ok").await,
         "readiness recovers once Redis is back"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let settled = metrics.limiter_fallbacks.get();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Decisions that were waiting on Redis when it came back may still fall back: settled once
+    // 200 more requests are answered without a new fallback.
+    let settled = loop {
+        let (fallbacks, at) = (
+            metrics.limiter_fallbacks.get(),
+            answered.load(Ordering::Relaxed),
+        );
+        common::until_within(
+            "200 more requests answered",
+            Duration::from_secs(10),
+            || answered.load(Ordering::Relaxed) >= at + 200,
+        )
+        .await;
+        if metrics.limiter_fallbacks.get() == fallbacks {
+            break fallbacks;
+        }
+    };
+    let at = answered.load(Ordering::Relaxed);
+    common::until_within(
+        "200 more requests answered",
+        Duration::from_secs(10),
+        || answered.load(Ordering::Relaxed) >= at + 200,
+    )
+    .await;
     let after = answered.load(Ordering::Relaxed);
     assert_eq!(
         metrics.limiter_fallbacks.get(),

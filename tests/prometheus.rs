@@ -97,6 +97,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The proxy's own count of requests on route `shop`, all series summed.
+fn shop_requests(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("apitree_proxy_requests_total{") && l.contains("route=\"shop\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn promql_windows_from_a_real_prometheus_server() {
     let (gw, key) = proxy_with_traffic_source().await;
@@ -157,12 +166,32 @@ async fn promql_windows_from_a_real_prometheus_server() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(scraped, "prometheus never scraped the proxy");
-    // Traffic spread over several scrapes.
-    for _ in 0..4 {
+    // Traffic spread over several scrapes: each batch waits until Prometheus has scraped it.
+    for batch in 0..4 {
         traffic(&gw, &key, 10, 5).await;
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let sent = shop_requests(&gw.metrics_text().await);
+        common::eventually(&format!("prometheus scraped batch {batch}"), || {
+            let (c, base) = (c.clone(), base.clone());
+            async move {
+                let v: serde_json::Value = c
+                    // sum(apitree_proxy_requests_total{route="shop"})
+                    .get(format!(
+                        "{base}/api/v1/query?query=sum(apitree_proxy_requests_total%7Broute%3D%22shop%22%7D)"
+                    ))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|n| n.parse::<f64>().ok())
+                    == Some(sent)
+            }
+        })
+        .await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let source = PrometheusSource::new(&base, "gateway=\"test\"");
     let w = source.window(Duration::from_secs(60)).await.unwrap();
     let shop = &w.routes["shop"];

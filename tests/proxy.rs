@@ -451,7 +451,11 @@ async fn access_log_holds_metadata_and_never_secrets() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     get(&s.gw.url("/api/x"), Some("at_live_not-a-real-key")).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The writer thread flushes on its own schedule: wait for the three lines.
+    common::until("three access-log lines", || {
+        s.gw.log_text().lines().count() >= 3
+    })
+    .await;
     let log = s.gw.log_text();
     let lines: Vec<Value> = log
         .lines()
@@ -523,6 +527,7 @@ async fn shutdown_drains_in_flight_requests() {
     let mut s = setup("").await;
     let url = s.gw.url("/live-only/slow");
     let key = s.live.clone();
+    let before = s.up.hits.load(std::sync::atomic::Ordering::SeqCst);
     let slow = tokio::spawn(async move {
         client()
             .get(url)
@@ -531,7 +536,12 @@ async fn shutdown_drains_in_flight_requests() {
             .await
             .map(|r| r.status().as_u16())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight once the upstream has its head (it answers /slow 2 s later).
+    let hits = s.up.hits.clone();
+    common::until("the slow request reached the upstream", || {
+        hits.load(std::sync::atomic::Ordering::SeqCst) > before
+    })
+    .await;
     s.gw.shutdown().await;
     assert_eq!(
         slow.await.unwrap().unwrap(),
@@ -1104,11 +1114,16 @@ async fn shutdown_closes_idle_connections_and_answers_the_one_in_flight() {
         .await
         .unwrap();
     assert_eq!(read_raw(&mut idle, &[false]).await[0].status, 200);
+    let before = s.up.hits.load(std::sync::atomic::Ordering::SeqCst);
     let mut busy = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
     busy.write_all(raw_get("/live-only/slow", &k, "").as_bytes())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hits = s.up.hits.clone();
+    common::until("the slow request reached the upstream", || {
+        hits.load(std::sync::atomic::Ordering::SeqCst) > before
+    })
+    .await;
     s.gw.shutdown().await;
     let answer = read_raw(&mut busy, &[false]).await;
     assert_eq!(answer[0].status, 200, "{}", answer[0].body);

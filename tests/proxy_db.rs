@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use apitree::crd::gateway::KeyScope;
 use apitree::db::keys as dbkeys;
+use common::eventually;
 use common::gateway::*;
 use common::TestDb;
 use serde_json::Value;
@@ -113,17 +114,6 @@ async fn status(gw: &DbGateway, key: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-/// Polls until `f` holds (reloads are asynchronous), failing after 5 s.
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
-    for _ in 0..100 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting until {what}");
 }
 
 async fn readiness(gw: &DbGateway) -> Value {

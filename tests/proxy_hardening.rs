@@ -368,12 +368,16 @@ async fn a_cancelled_probe_gives_its_permit_back() {
         assert_eq!(r.status, 503, "open");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         // The probe: a call the upstream answers after 2 s, cut off by shutdown at 300 ms.
+        let before = up.hits.load(std::sync::atomic::Ordering::SeqCst);
         let mut stream = TcpStream::connect(h.gw.addr).await.unwrap();
         stream
             .write_all(get("/fragile/slow", &h.live).as_bytes())
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        common::until("the probe reached the upstream", || {
+            up.hits.load(std::sync::atomic::Ordering::SeqCst) > before
+        })
+        .await;
         let state = h.gw.gateway.state.current();
         let route = state.routes.iter().find(|r| r.name == "fragile").unwrap();
         let gateway = h.gw.gateway.clone();
@@ -421,7 +425,16 @@ async fn a_slow_body_cannot_hold_a_half_open_breaker() {
         let head = post_head("/fragile/echo-body", &h.live, "Content-Length: 100\r\n");
         slow.write_all(head.as_bytes()).await.unwrap();
         slow.write_all(b"0").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The attacker's request is in the gateway (its head parsed) before anyone else's.
+        let gateway = h.gw.gateway.clone();
+        common::until("the slow request is in flight", || {
+            metric(
+                &gateway.metrics.render(),
+                "apitree_proxy_in_flight_requests",
+                &[],
+            ) == 1.0
+        })
+        .await;
         // Everyone else: served, and the breaker closes.
         for _ in 0..3 {
             let r = send_raw(h.gw.addr, get("/fragile/ok", &h.live).as_bytes()).await;
@@ -563,7 +576,11 @@ async fn a_client_that_never_lets_its_socket_empty_cannot_hold_its_worker() {
                 }
             })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The flood is being answered on the single worker.
+        common::until("the flood is being answered", || {
+            answered.load(Ordering::Relaxed) > 64 * 1024
+        })
+        .await;
         for i in 0..5 {
             let started = Instant::now();
             let req = format!(

@@ -19,6 +19,8 @@ struct TlsGateway {
     live: String,
     /// The upstream's `/big` bodies being sent now.
     big_open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests the upstream has received.
+    hits: Arc<std::sync::atomic::AtomicUsize>,
     /// Two more keys, each used on the rate-limited route by one protocol only.
     spare: [String; 2],
 }
@@ -47,7 +49,7 @@ async fn start_full(
 ) -> TlsGateway {
     install_crypto();
     let up = start_upstream().await;
-    let (upstream, big_open) = (up.addr.unwrap(), up.big_open.clone());
+    let (upstream, big_open, hits) = (up.addr.unwrap(), up.big_open.clone(), up.hits.clone());
     let (live, live_entry) = key_entry(KeyScope::Live, "acme", "");
     let (spare_a, spare_a_entry) = key_entry(KeyScope::Live, "acme", "");
     let (spare_b, spare_b_entry) = key_entry(KeyScope::Live, "acme", "");
@@ -95,6 +97,7 @@ keys:
         admin,
         live: live.expose_secret().to_string(),
         big_open,
+        hits,
         spare: [spare_a, spare_b].map(|k| k.expose_secret().to_string()),
     }
 }
@@ -421,16 +424,30 @@ async fn the_answers_hyper_makes_itself_carry_hsts_and_nothing_else_is_altered()
 async fn tls_12_clients_are_refused_unless_min_version_allows_them() {
     let pki = Pki::serving();
     let strict = start(&pki, "").await;
-    // A TCP health check (connect, close) is not a failed handshake.
-    drop(tokio::net::TcpStream::connect(strict.addr).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A TCP health check (connect, close) is not a failed handshake. The gateway has dealt with
+    // it once it closes its end too.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut probe = tokio::net::TcpStream::connect(strict.addr).await.unwrap();
+        probe.shutdown().await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), probe.read(&mut [0u8; 1])).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the gateway closed the probe: {read:?}"
+        );
+    }
     let old_client = handshake(&pki, strict.addr, &[&rustls::version::TLS12]).await;
     assert!(old_client.is_err(), "TLS 1.2 accepted by default");
     let (_, version) = handshake(&pki, strict.addr, &[&rustls::version::TLS13])
         .await
         .unwrap();
     assert_eq!(version, rustls::ProtocolVersion::TLSv1_3);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let failures = "apitree_proxy_tls_handshake_failures_total ";
+    common::eventually("the refused handshake counted", || {
+        let strict = &strict;
+        async move { metric(&metrics(strict).await, failures) == Some(1.0) }
+    })
+    .await;
     let m = metrics(&strict).await;
     assert_eq!(
         metric(&m, "apitree_proxy_tls_handshake_failures_total "),
@@ -999,6 +1016,7 @@ async fn a_renewed_certificate_reaches_new_connections_and_a_bad_one_never_repla
     );
 
     // A slow request in flight on a connection made with the old certificate.
+    let hits_before = gw.hits.load(std::sync::atomic::Ordering::SeqCst);
     let c = https_client(&pki, false);
     let url = format!("https://127.0.0.1:{}/api/slow", gw.addr.port());
     let in_flight = tokio::spawn({
@@ -1011,7 +1029,11 @@ async fn a_renewed_certificate_reaches_new_connections_and_a_bad_one_never_repla
                 .map(|r| r.status().as_u16())
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hits = gw.hits.clone();
+    common::until("the slow request reached the upstream", || {
+        hits.load(std::sync::atomic::Ordering::SeqCst) > hits_before
+    })
+    .await;
     pki.install("b.crt", "b.key");
     let mut served = Vec::new();
     for _ in 0..50 {

@@ -1194,7 +1194,8 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
     }
 
-    #[tokio::test]
+    // On a paused clock: a sleep returns only once every spawned poll is parked.
+    #[tokio::test(start_paused = true)]
     async fn a_long_poll_wakes_for_a_new_generation_and_for_a_revocation() {
         let (hub, good, _) = hub();
         let g1 = publish(&hub, AgentConfig::default());
@@ -1366,7 +1367,8 @@ mod tests {
 
     /// One agent holds at most a few config requests open; more are answered 429 and the
     /// slots come back when the requests end.
-    #[tokio::test]
+    // On a paused clock: a sleep returns only once every spawned poll is parked.
+    #[tokio::test(start_paused = true)]
     async fn an_agent_holds_a_bounded_number_of_long_polls() {
         let (hub, good, _) = hub();
         let hub = Arc::new(Hub {

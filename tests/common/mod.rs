@@ -8,6 +8,43 @@ pub mod slack;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
+/// Waits until `check` holds, polling every 20 ms; fails naming `what` after 5 s. Tests wait
+/// on a condition, never for a fixed time.
+pub async fn until(what: &str, check: impl FnMut() -> bool) {
+    until_within(what, std::time::Duration::from_secs(5), check).await
+}
+
+/// [`until`] with a limit of its own.
+pub async fn until_within(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// [`until`] for a check that has to wait on something itself (a request, a query).
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Server the tests use; `scripts/test` makes sure it is up. Override with APITREE_TEST_PG.
 pub fn server_url() -> String {
     std::env::var("APITREE_TEST_PG")

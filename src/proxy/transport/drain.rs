@@ -173,32 +173,42 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A server whose handler takes 200 ms; returns its address and its drain.
-    async fn slow_server() -> (std::net::SocketAddr, Arc<Drain>) {
+    /// A server whose handler takes 200 ms; returns its address, its drain, and a channel
+    /// that says each time a request has reached the handler.
+    async fn slow_server() -> (
+        std::net::SocketAddr,
+        Arc<Drain>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let drain = Drain::new();
         let d = drain.clone();
+        let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                let svc = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(b"done"),
-                    )))
+                let arrived = arrived.clone();
+                let svc = hyper::service::service_fn(move |_req| {
+                    let _ = arrived.send(());
+                    async {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"done"),
+                        )))
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::spawn(d.watch(graceful(d.clone(), conn)));
             }
         });
-        (addr, drain)
+        (addr, drain, arrivals)
     }
 
     #[tokio::test]
     async fn draining_finishes_the_request_in_flight_and_closes_idle_connections() {
-        let (addr, drain) = slow_server().await;
+        let (addr, drain, mut arrivals) = slow_server().await;
         // One idle keep-alive connection (answered once), then one with a request in flight.
         let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
         idle.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -211,7 +221,9 @@ mod tests {
         busy.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Both requests reached the handler: the second one is in flight, not merely accepted.
+        arrivals.recv().await.unwrap();
+        arrivals.recv().await.unwrap();
         assert_eq!(drain.open(), 2);
 
         tokio::time::timeout(Duration::from_secs(2), drain.drain())

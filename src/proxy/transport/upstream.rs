@@ -811,7 +811,7 @@ mod tests {
         let (up, accepted) = upstream(true, Some(Duration::from_millis(50))).await;
         let resp = request(get(&up, "/first")).await.unwrap();
         assert_eq!(text(resp).await, "you asked for /first");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        until_closed_by_upstream(&up).await;
         let resp = request(get(&up, "/second")).await.unwrap();
         assert_eq!(text(resp).await, "you asked for /second");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -874,6 +874,19 @@ mod tests {
     }
 
     /// Idle connections this worker holds to `authority` (http), open or not.
+    /// Waits until the upstream has closed every pooled connection to it (the pool sees the
+    /// socket's readiness through the runtime, so this yields between looks).
+    async fn until_closed_by_upstream(authority: &Authority) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while idle_count(&Scheme::HTTP, authority) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the upstream never closed its connection"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn held(authority: &Authority) -> usize {
         fn len<C>(lists: &IdleLists<C>, key: &Key) -> usize {
             lists.borrow().get(key).map_or(0, VecDeque::len)
@@ -925,7 +938,6 @@ mod tests {
         assert_eq!(held(&up), 2);
 
         close_idle(Instant::now());
-        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(held(&up), 2, "fresh open connections are kept");
         assert_eq!(closed.load(Ordering::SeqCst), 0);
 
@@ -948,7 +960,7 @@ mod tests {
         let (up, _) = upstream(true, Some(Duration::from_millis(50))).await;
         let resp = request(get(&up, "/c")).await.unwrap();
         assert_eq!(text(resp).await, "you asked for /c");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        until_closed_by_upstream(&up).await;
         assert_eq!(held(&up), 1);
         close_idle(Instant::now());
         assert_eq!(held(&up), 0);
