@@ -1,8 +1,11 @@
 //! apitree: a self-healing operator and gateway for API marketplaces.
 //!
-//! The binary (`src/bin/apitree/`) only parses the command line and dispatches here. Dependency
-//! directions: `crd` depends on nothing of ours, and only the operator's kube layer writes to
-//! the Kubernetes API.
+//! The binary (`src/bin/apitree/`) only parses the command line and dispatches here.
+//! Dependencies run one way, from the operator down to `crd`, which depends on nothing of ours;
+//! Kubernetes writes happen only in `platform::kube` (a gateway's children), in each
+//! controller's `apply` module (status, Events, Secrets), in `operator::lease`, and through
+//! kube-runtime's finalizer helper, which the gateway controller wraps each pass in.
+//! `docs/architecture.md` draws the parts and lists every direction.
 //!
 //! No `unsafe` anywhere in the crate: the proxy parses untrusted bytes, and the few places
 //! that would have wanted it (buffers, timers) are written without.

@@ -697,13 +697,14 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
         stop.clone(),
     );
     tour.until("a baseline of agent traffic", limit, |m| {
-        m.error_ratios.len() >= 6
+        m.runtime.error_ratios.len() >= 6
     })
     .await
     .unwrap();
     failing.store(true, std::sync::atomic::Ordering::Relaxed);
     tour.until("an incident on the agents' route", limit, |m| {
-        m.incidents
+        m.runtime
+            .incidents
             .iter()
             .any(|i| i.route == "accounts" && i.signal == "error ratio")
     })
@@ -713,9 +714,14 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
     let _ = traffic.await;
     rogue.await.unwrap();
     assert!(
-        !tour.m.incidents.iter().any(|i| i.route == "weather"),
+        !tour
+            .m
+            .runtime
+            .incidents
+            .iter()
+            .any(|i| i.route == "weather"),
         "an agent's report raised an incident on a route it does not serve: {:?}",
-        tour.m.incidents
+        tour.m.runtime.incidents
     );
 
     // Someone saves a spec that cannot run; then agent 2 goes silent: lost, an incident,
@@ -729,7 +735,8 @@ async fn a_gateway_publishes_to_its_pool_lists_its_agents_and_escalates_their_fa
             .connectors
             .iter()
             .any(|c| c.name == "bank-a-2" && c.state == "Lost")
-            && m.incidents
+            && m.runtime
+                .incidents
                 .iter()
                 .any(|i| i.signal == "agent lost" && i.route == "bank-a-2")
     })
@@ -904,7 +911,7 @@ async fn a_rollback_inside_the_window_rolls_the_agents_back_too() {
         traffic.stop.clone(),
     ));
     let limit = Duration::from_secs(60);
-    tour.until("a baseline", limit, |m| m.error_ratios.len() >= 6)
+    tour.until("a baseline", limit, |m| m.runtime.error_ratios.len() >= 6)
         .await
         .unwrap();
     let old_revision = tour.m.status.active_revision.clone();
@@ -1022,22 +1029,29 @@ async fn an_agent_that_cannot_verify_backs_off() {
     let mut opts = cp.agent("bank-a-1", dir.path(), &up, &["accounts"]);
     let other = Signer::parse(&Signer::generate_text()).unwrap();
     opts.config_key = *other.public_key();
+    let asked = || {
+        cp.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.starts_with("GET /agent/v1/config"))
+            .count()
+    };
+    let started = std::time::Instant::now();
     let starting = tokio::spawn(start(opts));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    common::until_within("six asks", Duration::from_secs(10), || asked() >= 6).await;
+    let took = started.elapsed();
     assert!(
         !starting.is_finished(),
         "an agent served what it could not verify"
     );
     starting.abort();
-    let asked = cp
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r.starts_with("GET /agent/v1/config"))
-        .count();
-    // 50 ms doubling to 400 ms: about 6 in 1.5 s; without back-off, hundreds.
-    assert!(asked <= 15, "asked {asked} times in 1.5 s");
+    // Waits of 50 ms doubling to 400 ms, each at least half its size: five of them take at
+    // least 25 + 50 + 100 + 200 + 200 ms. Without back-off, six asks take a few milliseconds.
+    assert!(
+        took >= Duration::from_millis(575),
+        "six asks in {took:?}: no back-off"
+    );
 }
 
 /// A revision that changes what the agents serve is checked on them before traffic switches:

@@ -752,7 +752,7 @@ async fn an_upstream_down_incident_of_a_route_removed_meanwhile_resolves_after_a
         )
     };
     let mut before = process(Arc::new(Notifier::recording()));
-    before.sweep = Some(sweep(
+    before.runtime.sweep = Some(sweep(
         "legacy",
         Some("GET http://legacy.svc/: cannot connect"),
     ));
@@ -776,7 +776,7 @@ async fn an_upstream_down_incident_of_a_route_removed_meanwhile_resolves_after_a
 
     let notifier = Arc::new(Notifier::recording());
     let mut after = process(notifier.clone());
-    after.sweep = Some(sweep("current", None));
+    after.runtime.sweep = Some(sweep("current", None));
     after.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     let told: Vec<_> = notifier
         .recorded()

@@ -377,7 +377,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         retention: Default::default(),
     };
     switch_off_tenant_isolation(&pool).await;
-    m.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);
+    m.runtime.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);
     m.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     let seen = m
         .status
@@ -386,11 +386,11 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         .expect("a completed check is in status");
     assert!(seen.security > 0);
     let open = |m: &apitree::operator::gateway::rollout::Managed| {
-        m.incidents.iter().filter(|i| !i.resolved).count()
+        m.runtime.incidents.iter().filter(|i| !i.resolved).count()
     };
     assert_eq!(open(&m), 1, "security drift is an incident");
     proxy.down();
-    m.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);
+    m.runtime.sweep = Some(sweep_gateway(&target, &http, chrono::Utc::now()).await);
     m.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     assert_eq!(
         m.status.drift.as_ref(),
@@ -398,13 +398,17 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         "the last completed check stays"
     );
     assert_eq!(open(&m), 1, "a failed sweep resolves nothing");
-    assert!(m.events.iter().any(|e| e.reason == "HealthSweepFailed"));
+    assert!(m
+        .runtime
+        .events
+        .iter()
+        .any(|e| e.reason == "HealthSweepFailed"));
     proxy.up();
     let fixing = SweepTarget {
         policy: DriftPolicy::Auto,
         ..target
     };
-    m.sweep = Some(sweep_gateway(&fixing, &http, chrono::Utc::now()).await);
+    m.runtime.sweep = Some(sweep_gateway(&fixing, &http, chrono::Utc::now()).await);
     m.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     assert_eq!(m.status.drift.as_ref().map(|d| d.security), Some(0));
     assert_eq!(open(&m), 0, "fixed drift resolves the incident");
@@ -422,7 +426,7 @@ async fn postgres_going_away_at_any_point_of_a_sweep_never_reports_a_false_state
         None,
     );
     switch_off_tenant_isolation(&pool).await;
-    fresh.sweep = Some(sweep_gateway(&fixing, &http, chrono::Utc::now()).await);
+    fresh.runtime.sweep = Some(sweep_gateway(&fixing, &http, chrono::Utc::now()).await);
     for _ in 0..2 {
         fresh.apply_sweep(k8s_openapi::jiff::Timestamp::now()).await;
     }

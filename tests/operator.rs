@@ -91,7 +91,7 @@ impl Run {
             panic!(
                 "{e}\nstatus: {}\nevents: {:#?}",
                 serde_json::to_string_pretty(&self.tour.m.status).unwrap(),
-                self.tour.m.events
+                self.tour.m.runtime.events
             );
         }
     }
@@ -253,8 +253,8 @@ async fn a_revision_with_a_broken_upstream_is_refused_and_blue_keeps_serving() {
         .filter(|k| *k == "GateStarted")
         .count();
     assert_eq!(started, 1);
-    assert_eq!(run.tour.m.runs.len(), 1);
-    assert_eq!(run.tour.m.runs[0].outcome.as_str(), "rejected");
+    assert_eq!(run.tour.m.runtime.runs.len(), 1);
+    assert_eq!(run.tour.m.runtime.runs[0].outcome.as_str(), "rejected");
     run.finish().await;
 }
 
@@ -264,7 +264,7 @@ async fn a_critical_incident_inside_the_rollback_window_switches_back_to_blue() 
     let mut run = Run::serving(|_| {}).await;
     let first = run.tour.m.status.active_revision.clone().unwrap();
     // Let the detector learn what normal looks like on blue.
-    run.until("baseline", 30, |m| m.error_ratios.len() >= 5)
+    run.until("baseline", 30, |m| m.runtime.error_ratios.len() >= 5)
         .await;
     let upstream = run.upstream.clone();
     run.edit(|s| s.proxy.routes[0].upstream = format!("{upstream}/v2/weather/"));
@@ -306,7 +306,14 @@ async fn a_critical_incident_inside_the_rollback_window_switches_back_to_blue() 
         .await
         .unwrap()
         .is_empty());
-    let outcomes: Vec<&str> = run.tour.m.runs.iter().map(|r| r.outcome.as_str()).collect();
+    let outcomes: Vec<&str> = run
+        .tour
+        .m
+        .runtime
+        .runs
+        .iter()
+        .map(|r| r.outcome.as_str())
+        .collect();
     assert_eq!(outcomes, ["promoted", "rolled_back"]);
     assert!(run.notice_kinds().contains(&"RolledBack".to_string()));
     run.finish().await;
@@ -338,7 +345,7 @@ async fn refused_with_one_event(
         "{}",
         spec_valid.message
     );
-    let events: Vec<_> = run.tour.m.events.iter().collect();
+    let events: Vec<_> = run.tour.m.runtime.events.iter().collect();
     assert_eq!(
         events.len(),
         1,

@@ -116,6 +116,7 @@ pub enum DemoError {
 /// The JSON summary `apitree demo --format json` prints.
 pub fn summary(m: &Managed) -> Value {
     let runs: Vec<Value> = m
+        .runtime
         .runs
         .iter()
         .map(|r| {
@@ -135,8 +136,8 @@ pub fn summary(m: &Managed) -> Value {
         .collect();
     json!({
         "gate_runs": runs,
-        "incidents": m.incidents,
-        "notifications": m.notifications,
+        "incidents": m.runtime.incidents,
+        "notifications": m.runtime.notifications,
         "drift": m.status.drift,
     })
 }
@@ -514,16 +515,16 @@ async fn tour_steps(
     good.proxy.routes[1].timeout = Some(crate::crd::duration::KubeDuration::from_secs(10));
     tour.set_spec(good.clone());
     tour.until("good revision", Duration::from_secs(40), |m| {
-        m.runs.len() == 1 && m.status.phase == Some(GatewayPhase::Stable)
+        m.runtime.runs.len() == 1 && m.status.phase == Some(GatewayPhase::Stable)
     })
     .await?;
 
     stage("an error burst on route weather: 5.5% → 9% → 20% failures, then back to normal");
     // The detector needs quiet windows of green to know what normal is (the switch restarted
     // its scrape); a ramp into a thin baseline would drag the baseline up with it.
-    let learned = tour.m.error_ratios.len() + 6;
+    let learned = tour.m.runtime.error_ratios.len() + 6;
     tour.until("baseline", Duration::from_secs(30), |m| {
-        m.error_ratios.len() >= learned
+        m.runtime.error_ratios.len() >= learned
     })
     .await?;
     for (share, windows) in [(55, 2), (90, 2), (200, 2)] {
@@ -537,7 +538,7 @@ async fn tour_steps(
     }
     api.weather_failure_per_mille.store(15, Ordering::Relaxed);
     tour.until("incident resolution", Duration::from_secs(40), |m| {
-        !m.incidents.is_empty() && m.incidents.iter().all(|i| i.resolved)
+        !m.runtime.incidents.is_empty() && m.runtime.incidents.iter().all(|i| i.resolved)
     })
     .await?;
 
@@ -552,7 +553,7 @@ async fn tour_steps(
     broken.proxy.routes[0].upstream = format!("http://127.0.0.1:{port}/weather/");
     tour.set_spec(broken);
     tour.until("broken revision", Duration::from_secs(30), |m| {
-        m.runs.len() == 2
+        m.runtime.runs.len() == 2
     })
     .await?;
 
@@ -561,7 +562,7 @@ async fn tour_steps(
     flaky.proxy.routes[1].upstream = format!("{upstream}/flaky/");
     tour.set_spec(flaky);
     tour.until("flaky revision", Duration::from_secs(40), |m| {
-        m.runs.len() == 3
+        m.runtime.runs.len() == 3
     })
     .await?;
 
@@ -575,7 +576,7 @@ async fn tour_steps(
             let _ = t.await;
         }
     }
-    for run in &tour.m.runs {
+    for run in &tour.m.runtime.runs {
         eprintln!(
             "gate run {}: {} ({})",
             run.revision, run.outcome, run.reason
@@ -616,7 +617,7 @@ async fn security_drift(tour: &mut Tour, db: &DemoDatabase) -> Result<(), DemoEr
             reason: outcome.problems.join("; "),
         });
     }
-    tour.m.sweep = Some(outcome);
+    tour.m.runtime.sweep = Some(outcome);
     tour.m.apply_sweep(Timestamp::now()).await;
     let audited: Vec<(String, String, String)> =
         sqlx::query_as("SELECT actor, action, target FROM audit_log WHERE id > $1 ORDER BY id")
@@ -629,6 +630,7 @@ async fn security_drift(tour: &mut Tour, db: &DemoDatabase) -> Result<(), DemoEr
     }
     let resolved = tour
         .m
+        .runtime
         .incidents
         .iter()
         .any(|i| i.signal == crate::detect::engine::SECURITY_DRIFT && i.resolved);

@@ -356,14 +356,14 @@ impl Operator {
                     continue;
                 };
                 if m.accept(&p, now).await {
-                    m.answered.push(p);
+                    m.runtime.answered.push(p);
                     return;
                 }
             }
             for slot in busy {
                 let mut m = slot.lock().await;
                 if m.accept(&p, now).await {
-                    m.answered.push(p);
+                    m.runtime.answered.push(p);
                     return;
                 }
             }
@@ -616,7 +616,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         .unwrap_or_else(|e| e.into_inner())
         .remove(&name)
     {
-        m.sweep = Some(sweep);
+        m.runtime.sweep = Some(sweep);
     }
     if m.spec != obj.spec || m.generation != generation {
         m.update_spec(obj.spec.clone(), generation);
@@ -629,7 +629,7 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     }
     // The object's status is the truth: a restarted operator resumes from it. Only a status
     // this process decided and could not write is newer.
-    m.status = match m.unwritten.take() {
+    m.status = match m.runtime.unwritten.take() {
         Some(decided) => decided,
         None => obj.status.clone().unwrap_or_default(),
     };
@@ -642,20 +642,21 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
     m.promote = annotation(PROMOTE_ANNOTATION);
     m.rollback = annotation(ROLLBACK_ANNOTATION);
     // Presses answered since the last pass changed incidents the object's status predates.
-    if !m.answered.is_empty() {
+    if !m.runtime.answered.is_empty() {
         m.refresh_incidents();
     }
     // Presses for other gateways wait for theirs.
-    let mut presses = std::mem::take(&mut m.answered);
+    let mut presses = std::mem::take(&mut m.runtime.answered);
     presses.extend(op.presses_for(m, (op.clock)()).await);
     let pass = rollout::reconcile(m, &ctx, (op.clock)()).await;
     rollout::probe_endpoints(m, &ctx).await;
     m.apply_sweep((op.clock)()).await;
     // Events of this pass.
     let fresh: Vec<_> = m
+        .runtime
         .events
         .iter()
-        .filter(|e| e.seq > m.events_published)
+        .filter(|e| e.seq > m.runtime.events_published)
         .cloned()
         .collect();
     // Who pressed what, then what the gate did.
@@ -680,11 +681,11 @@ async fn apply(obj: Arc<ApiGateway>, op: &Operator) -> Result<Action, Controller
         op.audit(&name, &url, audited).await;
     }
     if let Some(last) = fresh.last() {
-        m.events_published = last.seq;
+        m.runtime.events_published = last.seq;
     }
     apply::publish_events(&op.client, &op.reporter, &obj, fresh).await;
     if let Err(source) = apply::write_status(&op.client, &obj, &m.status).await {
-        m.unwritten = Some(m.status.clone());
+        m.runtime.unwritten = Some(m.status.clone());
         return Err(ControllerError::PatchStatus {
             name: name.clone(),
             source,

@@ -131,7 +131,9 @@ impl PoolCounters {
 const SPARKLINE: usize = 60;
 const EVENTS_KEPT: usize = 50;
 
-/// One gateway under management.
+/// One gateway under management: the resource as last read (its spec, and the status that is
+/// persisted on it and read back after a restart), the requests people made, and what this
+/// process keeps about it between passes ([`Runtime`], lost on restart).
 pub struct Managed {
     pub name: String,
     pub spec: ApiGatewaySpec,
@@ -140,6 +142,18 @@ pub struct Managed {
     /// Pending human requests (annotation or Slack).
     pub promote: Option<Request>,
     pub rollback: Option<Request>,
+    /// uid of the resource in a cluster (owner references of its children).
+    pub uid: Option<String>,
+    /// The gateway database's URL, when the spec names one (for the health sweep).
+    pub database_url: Option<String>,
+    pub runtime: Runtime,
+}
+
+/// What this process keeps about one gateway between passes: the history the status page and
+/// the demo show, the detector and the analysis counters, what the agents were sent, and the
+/// cluster controller's bookkeeping. None of it is persisted; a restarted process starts it
+/// afresh from the status.
+pub struct Runtime {
     pub runs: Vec<GateRun>,
     pub events: VecDeque<GatewayEvent>,
     /// Gateway-wide error ratio per detection window, oldest first.
@@ -156,10 +170,6 @@ pub struct Managed {
     open: BTreeMap<(String, String), usize>,
     /// Why the latest edit of the resource could not be read; the last good spec keeps running.
     manifest_error: Option<String>,
-    /// uid of the resource in a cluster (owner references of its children).
-    pub uid: Option<String>,
-    /// The gateway database's URL, when the spec names one (for the health sweep).
-    pub database_url: Option<String>,
     /// Where this gateway's audit log was last read (credential changes page people).
     audit: Option<AuditCursor>,
     /// The last health sweep of this gateway.
@@ -208,9 +218,10 @@ impl Managed {
                 .as_ref()
                 .map(|r| format!("{}: {}", r.revision, r.reason)),
             incidents: s.incidents.clone(),
-            error_ratios: self.error_ratios.iter().copied().collect(),
-            runs: self.runs.iter().rev().take(10).cloned().collect(),
+            error_ratios: self.runtime.error_ratios.iter().copied().collect(),
+            runs: self.runtime.runs.iter().rev().take(10).cloned().collect(),
             events: self
+                .runtime
                 .events
                 .iter()
                 .rev()
@@ -259,37 +270,39 @@ impl Managed {
             status: ApiGatewayStatus::default(),
             promote: None,
             rollback: None,
-            runs: Vec::new(),
-            events: VecDeque::new(),
-            error_ratios: VecDeque::new(),
-            incidents: Vec::new(),
-            notifications: 0,
-            analysis: None,
-            detector,
-            detect_source: None,
-            next_detect: None,
-            critical: None,
-            open: BTreeMap::new(),
-            manifest_error: None,
             uid: None,
             database_url: None,
-            audit: None,
-            sweep: None,
-            deployed_keys: BTreeMap::new(),
-            answered: Vec::new(),
-            events_published: 0,
-            unwritten: None,
-            agent_configs: BTreeMap::new(),
-            agent_snapshots: BTreeMap::new(),
-            agent_db: None,
+            runtime: Runtime {
+                runs: Vec::new(),
+                events: VecDeque::new(),
+                error_ratios: VecDeque::new(),
+                incidents: Vec::new(),
+                notifications: 0,
+                analysis: None,
+                detector,
+                detect_source: None,
+                next_detect: None,
+                critical: None,
+                open: BTreeMap::new(),
+                manifest_error: None,
+                audit: None,
+                sweep: None,
+                deployed_keys: BTreeMap::new(),
+                answered: Vec::new(),
+                events_published: 0,
+                unwritten: None,
+                agent_configs: BTreeMap::new(),
+                agent_snapshots: BTreeMap::new(),
+                agent_db: None,
+            },
         }
     }
 
     /// The resource was edited into something that does not parse: keep running the last good
     /// spec, say so in `SpecValid` and an Event (once per distinct problem).
     pub fn manifest_problem(&mut self, problem: &str, now: Timestamp) {
-        if self.manifest_error.as_deref() != Some(problem) {
-            self.manifest_error = Some(problem.to_string());
+        if self.runtime.manifest_error.as_deref() != Some(problem) {
+            self.runtime.manifest_error = Some(problem.to_string());
             self.event(
                 now,
                 "InvalidManifest",
@@ -301,7 +314,7 @@ impl Managed {
 
     /// The resource reads again as the spec that runs: the problem is over.
     pub fn manifest_fixed(&mut self) {
-        self.manifest_error = None;
+        self.runtime.manifest_error = None;
     }
 
     /// A warning Event, once until its message changes (a setting that stays wrong must not
@@ -313,6 +326,7 @@ impl Managed {
     /// An Event, once until its message changes.
     pub fn event_once(&mut self, reason: &str, message: &str, warning: bool, now: Timestamp) {
         let repeated = self
+            .runtime
             .events
             .iter()
             .rev()
@@ -357,7 +371,7 @@ impl Managed {
     /// `security drift` incident while drift weakens tenant isolation or the audit trail (opened
     /// and resolved by the same sweep when it fixed that drift under `driftPolicy: auto`).
     pub async fn apply_sweep(&mut self, now: Timestamp) {
-        let Some(o) = self.sweep.clone() else {
+        let Some(o) = self.runtime.sweep.clone() else {
             return;
         };
         // A sweep that could not finish its check (the database went away mid-sweep) says so
@@ -399,7 +413,7 @@ impl Managed {
         // Security drift the sweep found and fixed (`driftPolicy: auto`) still pages: someone
         // or something switched tenant isolation or the audit trail off. Taken once; the
         // check after the fix resolves it below.
-        let found = self.sweep.as_mut().and_then(|s| s.found.take());
+        let found = self.runtime.sweep.as_mut().and_then(|s| s.found.take());
         if let Some(f) = found.filter(|f| f.security > 0) {
             let msg = f.message.clone().unwrap_or_default();
             self.warn_once("SchemaDrift", &msg, now);
@@ -457,7 +471,7 @@ impl Managed {
         if o.problems.is_empty() {
             // Open incidents as the detector knows them (taken up from the state database
             // after a restart), not only those this process opened.
-            let open = match self.detector.open_routes(UPSTREAM_DOWN).await {
+            let open = match self.runtime.detector.open_routes(UPSTREAM_DOWN).await {
                 Ok(routes) => routes,
                 Err(e) => {
                     tracing::error!(gateway = %self.name, "cannot read open incidents: {e}");
@@ -485,6 +499,7 @@ impl Managed {
         severity: Severity,
     ) {
         match self
+            .runtime
             .detector
             .event_signal_on(at, route, signal, active, severity)
             .await
@@ -531,6 +546,7 @@ impl Managed {
             (None, None) => return false,
         };
         match self
+            .runtime
             .detector
             .respond(p.incident, &p.user_id, response)
             .await
@@ -576,14 +592,14 @@ impl Managed {
 
     /// Where this gateway's detector notices go from now on.
     pub fn set_notifier(&mut self, notifier: Arc<Notifier>) {
-        self.detector.set_notifier(notifier);
+        self.runtime.detector.set_notifier(notifier);
     }
 
     /// A new spec (file edited, resource updated). The gate notices the new revision.
     pub fn update_spec(&mut self, spec: ApiGatewaySpec, generation: i64) {
         self.spec = spec;
         self.generation = generation;
-        self.manifest_error = None;
+        self.runtime.manifest_error = None;
     }
 
     fn event(&mut self, now: Timestamp, reason: &str, message: String, warning: bool) {
@@ -592,8 +608,8 @@ impl Managed {
         } else {
             tracing::info!(gateway = %self.name, reason, "{message}");
         }
-        let seq = self.events.back().map_or(1, |e| e.seq + 1);
-        self.events.push_back(GatewayEvent {
+        let seq = self.runtime.events.back().map_or(1, |e| e.seq + 1);
+        self.runtime.events.push_back(GatewayEvent {
             seq,
             // Whole seconds: what a person reads on the status page (RFC 3339).
             at: now
@@ -604,8 +620,8 @@ impl Managed {
             message,
             warning,
         });
-        while self.events.len() > EVENTS_KEPT {
-            self.events.pop_front();
+        while self.runtime.events.len() > EVENTS_KEPT {
+            self.runtime.events.pop_front();
         }
     }
 
@@ -753,7 +769,7 @@ pub async fn reconcile<P: Platform>(
         }
     };
     let generation = Some(m.generation);
-    let (valid, reason, message) = match &m.manifest_error {
+    let (valid, reason, message) = match &m.runtime.manifest_error {
         Some(problem) => (
             ConditionStatus::False,
             "InvalidManifest",
@@ -780,7 +796,7 @@ pub async fn reconcile<P: Platform>(
         replicas: m.spec.replicas,
         promote: m.promote.clone(),
         rollback: m.rollback.clone(),
-        critical_incident: m.critical.clone(),
+        critical_incident: m.runtime.critical.clone(),
         ..Observations::default()
     };
     let entities = pass_entities(m, ctx, now).await;
@@ -838,7 +854,7 @@ pub async fn reconcile<P: Platform>(
         }
     }
     if m.status.phase != Some(GatewayPhase::Promoting) {
-        m.critical = None;
+        m.runtime.critical = None;
     }
     update_conditions(m, now);
     if m.status.preview_revision.is_none() {
@@ -978,7 +994,7 @@ async fn pass_entities<P: Platform>(
     let Some(url) = m.database_url.clone() else {
         return Some(None);
     };
-    match agent_entities(&mut m.agent_db, &url).await {
+    match agent_entities(&mut m.runtime.agent_db, &url).await {
         Ok(e) => Some(Some(e)),
         Err(e) => {
             m.warn_once(
@@ -1035,7 +1051,7 @@ fn candidates<P: Platform>(
         .status
         .active_revision
         .as_ref()
-        .and_then(|a| m.agent_configs.get(a));
+        .and_then(|a| m.runtime.agent_configs.get(a));
     let mut offered = Vec::new();
     let mut unasked = Vec::new();
     for c in &m.spec.connectors {
@@ -1152,14 +1168,15 @@ async fn connectors<P: Platform>(
         }
         return;
     };
-    m.agent_configs.insert(desired.to_string(), configs);
+    m.runtime.agent_configs.insert(desired.to_string(), configs);
     let keep = [
         Some(desired),
         m.status.active_revision.as_deref(),
         m.status.previous_revision.as_deref(),
         m.status.preview_revision.as_deref(),
     ];
-    m.agent_configs
+    m.runtime
+        .agent_configs
         .retain(|rev, _| keep.contains(&Some(rev.as_str())));
     // Only a revision this process rendered is published: after a restart, until the active
     // revision is rendered again, the agents keep what they run.
@@ -1167,7 +1184,7 @@ async fn connectors<P: Platform>(
         .status
         .active_revision
         .as_ref()
-        .and_then(|a| m.agent_configs.get(a))
+        .and_then(|a| m.runtime.agent_configs.get(a))
         .cloned();
     let mut unbound = Vec::new();
     if let (Some(configs), Some(entities)) = (active, entities) {
@@ -1345,7 +1362,7 @@ async fn agent_entities(
 /// `/readyz`, asked as the gate's health check asks (over TLS with `spec.tls`). Once per sweep;
 /// an API fault listing the replicas leaves the endpoints out of that sweep.
 pub async fn probe_endpoints<P: Platform>(m: &mut Managed, ctx: &Context<P>) {
-    let Some(sweep) = m.sweep.as_ref() else {
+    let Some(sweep) = m.runtime.sweep.as_ref() else {
         return;
     };
     if sweep.probed.iter().any(|p| p.route.is_none()) || m.status.active_revision.is_none() {
@@ -1376,7 +1393,7 @@ pub async fn probe_endpoints<P: Platform>(m: &mut Managed, ctx: &Context<P>) {
         down: (r.phase != crate::crd::gateway::CheckPhase::Passed)
             .then(|| format!("{} ({})", r.observed.as_deref().unwrap_or("?"), r.reason)),
     };
-    if let Some(s) = m.sweep.as_mut() {
+    if let Some(s) = m.runtime.sweep.as_mut() {
         s.probed.push(probed);
     }
 }
@@ -1386,6 +1403,7 @@ pub async fn probe_endpoints<P: Platform>(m: &mut Managed, ctx: &Context<P>) {
 async fn analysis_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<AnalysisWindow> {
     let gate_revision = m.status.gate.as_ref().map(|g| g.revision.clone())?;
     let counters = m
+        .runtime
         .analysis
         .as_ref()
         .filter(|a| a.revision == gate_revision)?;
@@ -1396,7 +1414,7 @@ async fn analysis_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Opti
         (Ok(a), Ok(p)) => (a, p),
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(gateway = %m.name, "analysis counters lost, the window restarts: {e}");
-            m.analysis = None;
+            m.runtime.analysis = None;
             return None;
         }
     };
@@ -1462,7 +1480,7 @@ async fn perform<P: Platform>(
                 return Step::Done;
             }
             let keys = master_key_versions(&m.spec, ctx);
-            m.deployed_keys.insert(revision.clone(), keys);
+            m.runtime.deployed_keys.insert(revision.clone(), keys);
             match platform.deploy(color, &d).await {
                 Ok(()) => Step::Again,
                 Err(e) => {
@@ -1539,7 +1557,7 @@ async fn perform<P: Platform>(
             }
             match (active_src.snapshot().await, preview_src.snapshot().await) {
                 (Ok(active_start), Ok(preview_start)) => {
-                    m.analysis = Some(AnalysisCounters {
+                    m.runtime.analysis = Some(AnalysisCounters {
                         revision: desired.to_string(),
                         active: active_src,
                         preview: preview_src,
@@ -1574,9 +1592,13 @@ async fn perform<P: Platform>(
                 });
             }
             // Unknown after an operator restart: empty, so re-encryption waits for a switch.
-            m.status.master_key_versions =
-                m.deployed_keys.get(&revision).cloned().unwrap_or_default();
-            m.detect_source = None;
+            m.status.master_key_versions = m
+                .runtime
+                .deployed_keys
+                .get(&revision)
+                .cloned()
+                .unwrap_or_default();
+            m.runtime.detect_source = None;
             m.event(
                 now,
                 "Switched",
@@ -1595,8 +1617,8 @@ async fn perform<P: Platform>(
                     true,
                 );
             }
-            if m.analysis.is_some() {
-                m.analysis = None;
+            if m.runtime.analysis.is_some() {
+                m.runtime.analysis = None;
             }
             Step::Done
         }
@@ -1625,7 +1647,7 @@ async fn announce<P: Platform>(
             .gate_results
             .with_label_values(&[outcome.as_str()])
             .inc();
-        m.runs.push(GateRun {
+        m.runtime.runs.push(GateRun {
             revision: n.revision.clone(),
             outcome,
             reason: n.reason.clone(),
@@ -1655,7 +1677,7 @@ async fn announce<P: Platform>(
         promote_button: n.kind == NoticeKind::AwaitingApproval,
         rollback_button: matches!(n.kind, NoticeKind::AwaitingApproval | NoticeKind::Promoted),
     };
-    m.notifications += 1;
+    m.runtime.notifications += 1;
     if let Err(e) = ctx.notifier.rollout(&notice).await {
         tracing::error!(gateway = %m.name, "cannot queue the rollout notification: {e}");
     }
@@ -1663,11 +1685,11 @@ async fn announce<P: Platform>(
 
 /// Scores the active color's last window when one is due.
 async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) {
-    if m.next_detect.is_some_and(|t| now < t) {
+    if m.runtime.next_detect.is_some_and(|t| now < t) {
         return;
     }
     let window = m.spec.detection.window.as_std();
-    m.next_detect = now.checked_add(window).ok();
+    m.runtime.next_detect = now.checked_add(window).ok();
     let at = now.as_second() - window.as_secs() as i64;
     // First, so an incident opened in this window carries the changes that preceded it.
     credential_changes(m, ctx, at).await;
@@ -1685,7 +1707,11 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
             return;
         }
     };
-    if m.detect_source.as_ref().is_none_or(|(t, _)| *t != admins) {
+    if m.runtime
+        .detect_source
+        .as_ref()
+        .is_none_or(|(t, _)| *t != admins)
+    {
         let targets = match metric_targets(m, ctx, &admins).await {
             Ok(t) => t,
             Err(e) => {
@@ -1695,9 +1721,9 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         };
         let selector = prometheus_selector(&m.name, active);
         let source = MetricSource::from_spec(&m.spec.detection.source, targets, &selector);
-        m.detect_source = Some((admins, source));
+        m.runtime.detect_source = Some((admins, source));
     }
-    let Some((_, source)) = m.detect_source.as_mut() else {
+    let Some((_, source)) = m.runtime.detect_source.as_mut() else {
         return;
     };
     let mut w = match source.window(window).await {
@@ -1705,7 +1731,7 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         Ok(None) => return,
         Err(e) => {
             tracing::warn!(gateway = %m.name, "cannot read the active color's metrics: {e}");
-            m.detect_source = None;
+            m.runtime.detect_source = None;
             return;
         }
     };
@@ -1713,15 +1739,15 @@ async fn detect<P: Platform>(m: &mut Managed, ctx: &Context<P>, now: Timestamp) 
         w.absorb_agents(agents);
     }
     let t = traffic(&w);
-    m.error_ratios.push_back(if t.requests > 0 {
+    m.runtime.error_ratios.push_back(if t.requests > 0 {
         t.errors as f64 / t.requests as f64
     } else {
         0.0
     });
-    while m.error_ratios.len() > SPARKLINE {
-        m.error_ratios.pop_front();
+    while m.runtime.error_ratios.len() > SPARKLINE {
+        m.runtime.error_ratios.pop_front();
     }
-    let notices = match m.detector.observe(at, &w).await {
+    let notices = match m.runtime.detector.observe(at, &w).await {
         Ok(n) => n,
         Err(e) => {
             tracing::error!(gateway = %m.name, "cannot record incidents: {e}");
@@ -1748,7 +1774,11 @@ fn agent_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<Gatewa
                 continue;
             }
         };
-        let Some(before) = m.agent_snapshots.insert(c.pool.clone(), now.clone()) else {
+        let Some(before) = m
+            .runtime
+            .agent_snapshots
+            .insert(c.pool.clone(), now.clone())
+        else {
             continue;
         };
         let mut w = window_between(&before, &now);
@@ -1759,7 +1789,8 @@ fn agent_window<P: Platform>(m: &mut Managed, ctx: &Context<P>) -> Option<Gatewa
             .absorb_agents(w);
     }
     let pools: Vec<&str> = m.spec.connectors.iter().map(|c| c.pool.as_str()).collect();
-    m.agent_snapshots
+    m.runtime
+        .agent_snapshots
         .retain(|pool, _| pools.contains(&pool.as_str()));
     total
 }
@@ -1778,17 +1809,17 @@ struct AuditCursor {
 /// restarts; without one (or the first time) the first look starts at the end of the log.
 async fn credential_changes<P: Platform>(m: &mut Managed, ctx: &Context<P>, at: i64) {
     let Some(url) = m.database_url.clone() else {
-        m.audit = None;
+        m.runtime.audit = None;
         return;
     };
-    let rows = match read_audit(&mut m.audit, &url, &m.name, &ctx.store).await {
+    let rows = match read_audit(&mut m.runtime.audit, &url, &m.name, &ctx.store).await {
         Ok(rows) => rows,
         Err(e) => {
             tracing::warn!(gateway = %m.name, "cannot read the audit log for credential changes: {e}");
             return;
         }
     };
-    match m.detector.credential_changes(at, &rows).await {
+    match m.runtime.detector.credential_changes(at, &rows).await {
         Ok(notice) => record_notices(m, notice.into_iter().collect()),
         Err(e) => tracing::error!(gateway = %m.name, "cannot record incidents: {e}"),
     }
@@ -1848,19 +1879,19 @@ fn master_key_versions<P: Platform>(spec: &ApiGatewaySpec, ctx: &Context<P>) -> 
 /// Keeps the incident records and `status.incidents` up to date with the detector's notices.
 fn record_notices(m: &mut Managed, notices: Vec<crate::detect::IncidentNotice>) {
     for n in notices {
-        m.notifications += 1;
+        m.runtime.notifications += 1;
         let key = (n.route.clone(), n.signal.clone());
         if n.remark.is_some() {
             // A person's response: the incident's state is unchanged.
-            if let Some(&i) = m.open.get(&key) {
-                m.incidents[i].acknowledged_by = n.acknowledged_by.clone();
+            if let Some(&i) = m.runtime.open.get(&key) {
+                m.runtime.incidents[i].acknowledged_by = n.acknowledged_by.clone();
             }
             continue;
         }
         match n.event {
             IncidentEvent::Open => {
-                m.open.insert(key, m.incidents.len());
-                m.incidents.push(IncidentRecord {
+                m.runtime.open.insert(key, m.runtime.incidents.len());
+                m.runtime.incidents.push(IncidentRecord {
                     signal: n.signal.clone(),
                     route: n.route.clone(),
                     max_severity: n.severity,
@@ -1872,14 +1903,14 @@ fn record_notices(m: &mut Managed, notices: Vec<crate::detect::IncidentNotice>) 
                 });
             }
             IncidentEvent::Resolve => {
-                if let Some(i) = m.open.remove(&key) {
-                    m.incidents[i].resolved = true;
-                    m.incidents[i].severity = Severity::None;
+                if let Some(i) = m.runtime.open.remove(&key) {
+                    m.runtime.incidents[i].resolved = true;
+                    m.runtime.incidents[i].severity = Severity::None;
                 }
             }
             _ => {
-                if let Some(&i) = m.open.get(&key) {
-                    let r = &mut m.incidents[i];
+                if let Some(&i) = m.runtime.open.get(&key) {
+                    let r = &mut m.runtime.incidents[i];
                     r.severity = n.severity;
                     r.max_severity = r.max_severity.max(n.severity);
                     r.ratio = n.ratio;
@@ -1892,7 +1923,7 @@ fn record_notices(m: &mut Managed, notices: Vec<crate::detect::IncidentNotice>) 
             && n.event != IncidentEvent::Resolve
             && n.signal != crate::detect::engine::SECURITY_DRIFT
         {
-            m.critical = Some(crate::notify::message::summary(&n));
+            m.runtime.critical = Some(crate::notify::message::summary(&n));
         }
     }
     summarize_incidents(m);
@@ -1901,10 +1932,11 @@ fn record_notices(m: &mut Managed, notices: Vec<crate::detect::IncidentNotice>) 
 /// Puts the open incidents, most severe first, in status.
 fn summarize_incidents(m: &mut Managed) {
     let mut open: Vec<IncidentSummary> = m
+        .runtime
         .open
         .values()
         .map(|&i| {
-            let r = &m.incidents[i];
+            let r = &m.runtime.incidents[i];
             IncidentSummary {
                 id: if r.route.is_empty() {
                     r.signal.clone()
@@ -2012,6 +2044,6 @@ mod tests {
             "first revision serving on blue".into(),
             false,
         );
-        assert_eq!(m.events[0].at, "2026-12-04T18:38:24Z");
+        assert_eq!(m.runtime.events[0].at, "2026-12-04T18:38:24Z");
     }
 }

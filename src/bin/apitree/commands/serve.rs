@@ -90,9 +90,9 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         OutputFormat::Text => {
             eprintln!(
                 "\ndemo finished: {} gate run(s), {} incident(s), {} notification(s)",
-                gateway.runs.len(),
-                gateway.incidents.len(),
-                gateway.notifications
+                gateway.runtime.runs.len(),
+                gateway.runtime.incidents.len(),
+                gateway.runtime.notifications
             );
         }
     }
