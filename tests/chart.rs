@@ -1033,21 +1033,13 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 /// Every `apitree_*` metric name the code registers.
 fn exported_metrics() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let mut stack = vec![repo().join("src")];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                let text = std::fs::read_to_string(&p).unwrap();
-                for part in text.split('"').skip(1).step_by(2) {
-                    if part.starts_with("apitree_")
-                        && part.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                    {
-                        out.insert(part.to_string());
-                    }
-                }
+    for p in common::files_under(&repo().join("src"), &["rs"]) {
+        let text = std::fs::read_to_string(&p).unwrap();
+        for part in text.split('"').skip(1).step_by(2) {
+            if part.starts_with("apitree_")
+                && part.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            {
+                out.insert(part.to_string());
             }
         }
     }

@@ -856,33 +856,10 @@ fn every_apitree_command_in_the_docs_parses() {
         root.join("charts/apitree/README.md"),
         root.join("charts/apitree/templates/NOTES.txt"),
     ];
-    // Every Markdown file under docs/, in a stable order.
-    let mut docs = Vec::new();
-    let mut doc_dirs = vec![root.join("docs")];
-    while let Some(d) = doc_dirs.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                doc_dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "md") {
-                docs.push(p);
-            }
-        }
-    }
+    let docs = common::files_under(&root.join("docs"), &["md"]);
     assert!(!docs.is_empty(), "docs/ holds the documentation");
-    docs.sort();
     files.extend(docs);
-    let mut dirs = vec![root.join("examples")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "yaml" || x == "md") {
-                files.push(p);
-            }
-        }
-    }
+    files.extend(common::files_under(&root.join("examples"), &["yaml", "md"]));
     // (where, command text, complete?)
     let mut found: Vec<(String, String, bool)> = Vec::new();
     for f in &files {

@@ -26,13 +26,7 @@ fn root() -> &'static Path {
 /// order.
 fn marked_blocks() -> Vec<String> {
     let mut files = vec![root().join("README.md")];
-    let mut docs: Vec<_> = std::fs::read_dir(root().join("docs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "md"))
-        .collect();
-    docs.sort();
-    files.extend(docs);
+    files.extend(common::files_under(&root().join("docs"), &["md"]));
     let mut blocks = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();

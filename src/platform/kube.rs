@@ -26,6 +26,39 @@ use crate::gate::ColorObservation;
 
 /// The one field manager of everything the operator writes.
 pub const FIELD_MANAGER: &str = "apitree-operator";
+
+/// Writes the whole status of one of our resources with server-side apply, as the one field
+/// manager (forced: the operator owns its resources' status).
+pub async fn apply_status<K>(
+    client: &Client,
+    obj: &K,
+    status: &impl serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let ns = obj
+        .meta()
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    Api::<K>::namespaced(client.clone(), &ns)
+        .patch_status(
+            obj.meta().name.as_deref().unwrap_or_default(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map(|_| ())
+}
 /// Label naming the ApiGateway a child belongs to.
 pub const GATEWAY_LABEL: &str = "apitree.io/gateway";
 /// Label naming the color of a Deployment or pod.

@@ -45,6 +45,27 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
     }
 }
 
+/// Every file under `dir` (recursively) whose extension is one of `extensions`, sorted.
+pub fn files_under(dir: &std::path::Path, extensions: &[&str]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p
+                .extension()
+                .is_some_and(|x| extensions.iter().any(|want| x == *want))
+            {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Server the tests use; `scripts/test` makes sure it is up. Override with APITREE_TEST_PG.
 pub fn server_url() -> String {
     std::env::var("APITREE_TEST_PG")

@@ -5,11 +5,11 @@
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::{Client, ResourceExt};
+use kube::Client;
 
 use crate::crd::credential_policy::ROTATED_KEYS_SECRET;
 use crate::crd::credential_policy::{CredentialPolicy, CredentialPolicyStatus};
-use crate::platform::kube::FIELD_MANAGER;
+use crate::platform::kube::apply_status;
 
 /// Publishes Events on a policy, each note cut to what the API accepts. A failed publication is
 /// logged, never fatal: the status and Slack carry the same facts.
@@ -66,18 +66,5 @@ pub async fn write_status(
     policy: &CredentialPolicy,
     status: &CredentialPolicyStatus,
 ) -> Result<(), kube::Error> {
-    let ns = policy.namespace().unwrap_or_else(|| "default".into());
-    let patch = serde_json::json!({
-        "apiVersion": "apitree.io/v1alpha1",
-        "kind": "CredentialPolicy",
-        "status": status,
-    });
-    Api::<CredentialPolicy>::namespaced(client.clone(), &ns)
-        .patch_status(
-            &policy.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map(|_| ())
+    apply_status(client, policy, status).await
 }

@@ -306,16 +306,15 @@ impl Rotations {
     ) -> Result<SlackRotation, CredentialsError> {
         let (ns, name) = (&t.namespace, &t.policy);
         let policy_name = format!("{ns}/{name}");
-        let policy = Api::<CredentialPolicy>::namespaced(self.client.clone(), ns)
-            .get_opt(name)
-            .await
-            .map_err(|source| CredentialsError::Read {
-                what: format!("CredentialPolicy {policy_name}"),
-                source,
-            })?
-            .ok_or_else(|| CredentialsError::PolicyGone {
-                policy: policy_name.clone(),
-            })?;
+        let policy = read(
+            &Api::<CredentialPolicy>::namespaced(self.client.clone(), ns),
+            name,
+            || format!("CredentialPolicy {policy_name}"),
+        )
+        .await?
+        .ok_or_else(|| CredentialsError::PolicyGone {
+            policy: policy_name.clone(),
+        })?;
         if !policy.spec.notify.allow_rotate_from_slack {
             return Err(CredentialsError::RotationNotAllowed {
                 policy: policy_name,
@@ -409,6 +408,23 @@ impl Rotations {
     }
 }
 
+/// Reads one object (None when it does not exist), naming it in the error.
+async fn read<K>(
+    api: &Api<K>,
+    name: &str,
+    what: impl FnOnce() -> String,
+) -> Result<Option<K>, CredentialsError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.get_opt(name)
+        .await
+        .map_err(|source| CredentialsError::Read {
+            what: what(),
+            source,
+        })
+}
+
 /// A Kubernetes API error as the API server's reason, without the request.
 fn kube_reason(e: &kube::Error) -> String {
     match e {
@@ -479,16 +495,15 @@ async fn secret_value(
     ns: &str,
     r: &SecretKeyRef,
 ) -> Result<String, CredentialsError> {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(&r.name)
-        .await
-        .map_err(|source| CredentialsError::Read {
-            what: format!("Secret {}", r.name),
-            source,
-        })?
-        .ok_or_else(|| CredentialsError::SecretMissing {
-            name: r.name.clone(),
-        })?;
+    let secret = read(
+        &Api::<Secret>::namespaced(client.clone(), ns),
+        &r.name,
+        || format!("Secret {}", r.name),
+    )
+    .await?
+    .ok_or_else(|| CredentialsError::SecretMissing {
+        name: r.name.clone(),
+    })?;
     secret
         .data
         .and_then(|d| d.get(&r.key).cloned())
@@ -506,17 +521,16 @@ async fn gateway_database(
     ns: &str,
     gateway: &str,
 ) -> Result<GatewayDatabase, CredentialsError> {
-    let gw = Api::<ApiGateway>::namespaced(client.clone(), ns)
-        .get_opt(gateway)
-        .await
-        .map_err(|source| CredentialsError::Read {
-            what: format!("ApiGateway {gateway}"),
-            source,
-        })?
-        .ok_or_else(|| CredentialsError::GatewayMissing {
-            gateway: gateway.to_string(),
-            ns: ns.to_string(),
-        })?;
+    let gw = read(
+        &Api::<ApiGateway>::namespaced(client.clone(), ns),
+        gateway,
+        || format!("ApiGateway {gateway}"),
+    )
+    .await?
+    .ok_or_else(|| CredentialsError::GatewayMissing {
+        gateway: gateway.to_string(),
+        ns: ns.to_string(),
+    })?;
     let db = gw
         .spec
         .database

@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 
 use super::rollout::GatewayEvent;
 use crate::crd::gateway::{ApiGateway, ApiGatewayStatus};
-use crate::platform::kube::FIELD_MANAGER;
+use crate::platform::kube::apply_status;
 
 /// Attempts at writing a pass's status (250 ms, then 1 s apart) before the pass fails.
 const STATUS_WRITE_ATTEMPTS: u32 = 3;
@@ -59,23 +58,9 @@ pub async fn write_status(
     obj: &ApiGateway,
     status: &ApiGatewayStatus,
 ) -> Result<(), kube::Error> {
-    let ns = obj.namespace().unwrap_or_else(|| "default".into());
-    let body = serde_json::json!({
-        "apiVersion": "apitree.io/v1alpha1",
-        "kind": "ApiGateway",
-        "status": status,
-    });
-    let api: Api<ApiGateway> = Api::namespaced(client.clone(), &ns);
     let mut attempt = 0;
     loop {
-        let Err(source) = api
-            .patch_status(
-                &obj.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-        else {
+        let Err(source) = apply_status(client, obj, status).await else {
             return Ok(());
         };
         attempt += 1;
