@@ -474,6 +474,10 @@ impl GatewayState {
 /// generation changes: the lock and the shared reference count are touched once per reload
 /// and thread, not on every request (where two worker cores would pass their cache lines back
 /// and forth).
+///
+/// Kept hand-made rather than `arc_swap::Cache`: a request holds the state across awaits, so
+/// it needs an owned `Arc`, and cloning the one a `Cache` hands out is exactly the shared
+/// count this avoids; the per-thread `Arc<LoadedState>` would still be needed on top.
 #[derive(Debug)]
 pub struct SharedState {
     id: u64,
