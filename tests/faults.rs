@@ -539,7 +539,13 @@ async fn redis_stopping_under_load_falls_back_alerts_and_recovers() {
     );
     // Decisions that were waiting on Redis when it came back may still fall back: settled once
     // 200 more requests are answered without a new fallback.
+    let mut rounds = 0;
     let settled = loop {
+        rounds += 1;
+        assert!(
+            rounds <= 10,
+            "decisions kept falling back after Redis came back"
+        );
         let (fallbacks, at) = (
             metrics.limiter_fallbacks.get(),
             answered.load(Ordering::Relaxed),

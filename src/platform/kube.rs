@@ -59,6 +59,7 @@ where
         .await
         .map(|_| ())
 }
+
 /// Label naming the ApiGateway a child belongs to.
 pub const GATEWAY_LABEL: &str = "apitree.io/gateway";
 /// Label naming the color of a Deployment or pod.

@@ -540,10 +540,10 @@ async fn secrets(
     (values, versions)
 }
 
-/// How soon to look again: gate timers need seconds; a quiet gateway its detection window.
 /// When to look again after a pass that stopped on a platform fault.
 const FAULT_RETRY: Duration = Duration::from_secs(2);
 
+/// How soon to look again: gate timers need seconds; a quiet gateway its detection window.
 fn requeue_after(m: &Managed) -> Action {
     match m.status.phase {
         Some(GatewayPhase::Degraded) if m.status.active_revision.is_none() => {

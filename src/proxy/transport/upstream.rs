@@ -873,7 +873,6 @@ mod tests {
         assert_eq!(idle_count(&Scheme::HTTP, &up), 1);
     }
 
-    /// Idle connections this worker holds to `authority` (http), open or not.
     /// Waits until the upstream has closed every pooled connection to it (the pool sees the
     /// socket's readiness through the runtime, so this yields between looks).
     async fn until_closed_by_upstream(authority: &Authority) {
@@ -887,6 +886,7 @@ mod tests {
         }
     }
 
+    /// Idle connections this worker holds to `authority` (http), open or not.
     fn held(authority: &Authority) -> usize {
         fn len<C>(lists: &IdleLists<C>, key: &Key) -> usize {
             lists.borrow().get(key).map_or(0, VecDeque::len)
