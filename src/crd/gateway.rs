@@ -1250,20 +1250,29 @@ pub struct SpecProblem {
     pub message: String,
 }
 
+impl SeverityThresholds {
+    /// What is wrong when the thresholds are not ordered warning < high < critical.
+    pub fn order_problem(&self) -> Option<String> {
+        (!(self.warning < self.high && self.high < self.critical)).then(|| {
+            format!(
+                "thresholds must be ordered warning < high < critical, got {} / {} / {}",
+                self.warning, self.high, self.critical
+            )
+        })
+    }
+}
+
 impl DetectionSpec {
     /// The detection rules that span fields, with paths relative to the detection spec. The
-    /// one place they are checked: `ApiGatewaySpec::problems` and `apitree detect replay` both
-    /// ask here (the CRD's CEL rules say the same to an API server).
+    /// one place they are checked: `ApiGatewaySpec::problems` asks here, and `apitree detect
+    /// replay` asks the thresholds' own check (the CRD's CEL rules say the same to an API
+    /// server).
     pub fn problems(&self) -> Vec<SpecProblem> {
         let mut out = Vec::new();
-        let t = &self.thresholds;
-        if !(t.warning < t.high && t.high < t.critical) {
+        if let Some(message) = self.thresholds.order_problem() {
             out.push(SpecProblem {
                 path: "thresholds".into(),
-                message: format!(
-                    "thresholds must be ordered warning < high < critical, got {} / {} / {}",
-                    t.warning, t.high, t.critical
-                ),
+                message,
             });
         }
         if self.source.type_ == MetricSourceType::Prometheus && self.source.prometheus_url.is_none()

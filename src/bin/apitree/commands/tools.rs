@@ -21,8 +21,8 @@ pub fn detect_replay(input: &Path, config: Option<&Path>, format: OutputFormat) 
         }
     };
     // The thresholds are what a replay uses; the source does not matter here.
-    if let Some(p) = spec.problems().iter().find(|p| p.path == "thresholds") {
-        return Err(anyhow!("{}", p.message));
+    if let Some(problem) = spec.thresholds.order_problem() {
+        return Err(anyhow!(problem));
     }
     // Streamed: each verdict is written as its row is read, in bounded memory.
     let reader: Box<dyn std::io::BufRead + 'static> = if input == Path::new("-") {
